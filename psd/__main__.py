@@ -1,0 +1,5 @@
+import sys
+
+from psd.cli.main import main
+
+sys.exit(main())

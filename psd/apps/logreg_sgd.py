@@ -1,0 +1,211 @@
+"""Quickstart app: sparse logistic regression trained by asynchronous minibatch SGD.
+
+Every worker generates the same seeded data set and trains on its own shards. Per
+minibatch it pulls the weights of the features present, computes the mean log-loss
+gradient and pushes it; the server applies ``w -= lr * g``. Workers never wait for
+each other; each keeps at most two pushes in flight so its view of ``w`` is at most
+one of its own steps stale. Rank 0 evaluates on the test set after every epoch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+
+from psd.apps.datasets import GENERATORS, SparseDataset, shard
+from psd.apps.metrics import auc, log_loss
+from psd.errors import ConfigError
+
+DEFAULTS: dict = {
+    "data": {
+        "generator": "sparse_logreg",
+        "seed": 42,
+        "examples": 100_000,
+        "features": 1_000_000,
+        "nnz": 20,
+        "noise": 0.05,
+        "test_fraction": 0.1,
+        "signal_fraction": 0.05,
+    },
+    "train": {
+        "epochs": 5,
+        "batch_size": 500,
+        "learning_rate": 0.5,
+    },
+}
+
+TABLE = "w"
+REPORT_EVERY = 20  # batches between progress reports
+
+
+# -- options ------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+# key -> (accepts the value, what was expected)
+_CHECKS: dict[str, dict[str, tuple]] = {
+    "data": {
+        "generator": (lambda v: v in GENERATORS, "one of " + ", ".join(repr(g) for g in GENERATORS)),
+        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+        "examples": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+        "features": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "nnz": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "noise": (lambda v: _is_num(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
+        "test_fraction": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+        "signal_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    },
+    "train": {
+        "epochs": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "learning_rate": (lambda v: _is_num(v) and v > 0 and math.isfinite(v), "a positive number"),
+    },
+}
+
+
+def validate(spec: dict, source: str) -> list[str]:
+    """Problems with the ``data`` and ``train`` sections, all at once, each naming file and key.
+
+    Unknown keys are reported too: a misspelt option would otherwise silently fall
+    back to its default.
+    """
+    problems: list[str] = []
+    for section, checks in _CHECKS.items():
+        given = spec.get(section)
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            problems.append(f"{source}: {section}: expected a mapping, got {given!r}")
+            continue
+        for key, value in given.items():
+            check = checks.get(key)
+            if check is None:
+                problems.append(f"{source}: {section}.{key}: unknown key; expected one of "
+                                f"{', '.join(checks)}")
+            elif not check[0](value):
+                problems.append(f"{source}: {section}.{key}: expected {check[1]}, got {value!r}")
+    if not problems:
+        data = options(spec)["data"]
+        if data["nnz"] > data["features"]:
+            problems.append(f"{source}: data.nnz: expected at most data.features "
+                            f"({data['features']}), got {data['nnz']!r}")
+        n_test = round(data["examples"] * data["test_fraction"])
+        if not 1 <= n_test < data["examples"]:
+            problems.append(f"{source}: data.test_fraction: leaves {n_test} of {data['examples']} "
+                            f"examples for testing; expected at least one for each of test and train")
+    return problems
+
+
+def options(spec: dict) -> dict:
+    """``DEFAULTS`` overlaid with the spec's ``data`` and ``train`` sections."""
+    merged = copy.deepcopy(DEFAULTS)
+    for section in merged:
+        merged[section].update(spec.get(section) or {})
+    return merged
+
+
+def make_data(data: dict) -> tuple[SparseDataset, SparseDataset]:
+    """The (train, test) sets a ``data`` section describes; identical on every worker."""
+    train, test, _ = GENERATORS[data["generator"]](
+        int(data["examples"]), int(data["features"]), int(data["nnz"]), int(data["seed"]),
+        noise=float(data["noise"]), signal_fraction=float(data["signal_fraction"]),
+        test_fraction=float(data["test_fraction"]))
+    return train, test
+
+
+# -- math ---------------------------------------------------------------------------
+def _margins(batch: SparseDataset, rows: np.ndarray, w_of_entry: np.ndarray) -> np.ndarray:
+    return np.bincount(rows, weights=w_of_entry * batch.values, minlength=len(batch))
+
+
+def _sigmoid(m: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -m))
+
+
+def gradient(batch: SparseDataset, keys_inverse: np.ndarray, w: np.ndarray,
+             num_keys: int) -> tuple[np.ndarray, float]:
+    """Gradient of the batch's mean log-loss w.r.t. the weights of its unique keys, and that loss.
+
+    ``keys_inverse`` maps each stored entry to its key's position in ``w``; everything
+    is a scatter-add, with no Python loop over examples.
+    """
+    rows = batch.row_ids()
+    m = _margins(batch, rows, w[keys_inverse].astype(np.float64))
+    y = batch.labels.astype(np.float64)
+    loss = float(np.mean(np.logaddexp(0.0, m) - y * m))
+    residual = (_sigmoid(m) - y) / len(batch)
+    g = np.bincount(keys_inverse, weights=residual[rows] * batch.values, minlength=num_keys)
+    return g.astype(np.float32).reshape(-1, 1), loss
+
+
+async def evaluate(table, test: SparseDataset, test_keys: np.ndarray,
+                   test_inverse: np.ndarray) -> dict:
+    """Test log-loss and AUC under the current weights, and how many of them are non-zero."""
+    w = (await table.pull(test_keys))[:, 0]
+    m = _margins(test, test.row_ids(), w[test_inverse].astype(np.float64))
+    return {"test_logloss": log_loss(test.labels, _sigmoid(m)),
+            "test_auc": auc(test.labels, m),
+            "nnz_weights": int(np.count_nonzero(w))}
+
+
+# -- the app ------------------------------------------------------------------------
+async def run(kv, ctx) -> dict:
+    """Train for ``train.epochs`` passes over this worker's shards; returns a summary."""
+    problems = validate(ctx.spec, "job spec")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    opts = options(ctx.spec)
+    train_opts = opts["train"]
+    epochs, batch_size = int(train_opts["epochs"]), int(train_opts["batch_size"])
+    start = time.perf_counter()
+
+    train, test = make_data(opts["data"])
+    mine = [shard(train, s, ctx.num_workers) for s in ctx.shards]
+    per_epoch = sum(math.ceil(len(d) / batch_size) for d in mine)
+    total = max(1, per_epoch * epochs)
+    if ctx.rank == 0:
+        test_keys, test_inverse = np.unique(test.indices, return_inverse=True)
+
+    table = await kv.table(TABLE, width=1, dtype="float32", updater="sgd",
+                           lr=float(train_opts["learning_rate"]))
+    pending = None
+    done = 0
+    summary: dict = {"rank": ctx.rank, "examples": sum(len(d) for d in mine)}
+    for epoch in range(1, epochs + 1):
+        loss_sum, seen = 0.0, 0
+        for part in mine:
+            for i0 in range(0, len(part), batch_size):
+                batch = part.rows(i0, i0 + batch_size)
+                keys, inverse = np.unique(batch.indices, return_inverse=True)
+                w = (await table.pull(keys))[:, 0]
+                grad, loss = gradient(batch, inverse, w, keys.size)
+                loss_sum += loss * len(batch)
+                seen += len(batch)
+                if pending is not None:
+                    await kv.wait(pending)  # bound staleness: one push of ours unapplied at most
+                pending = table.push(keys, grad) if keys.size else None
+                kv.clock()
+                done += 1
+                if done % REPORT_EVERY == 0:
+                    await ctx.report(progress=done / total)
+        if pending is not None:
+            await kv.wait(pending)
+            pending = None
+        train_loss = loss_sum / seen if seen else float("nan")
+        records = [{"epoch": epoch, "series": f"worker{ctx.rank}", "train_logloss": train_loss}]
+        summary["train_logloss"] = train_loss
+        if ctx.rank == 0:
+            result = await evaluate(table, test, test_keys, test_inverse)
+            records.append({"epoch": epoch, "time": time.perf_counter() - start, **result,
+                            "train_logloss": train_loss})
+            summary.update(result)
+        await ctx.report(progress=done / total, metrics=records)
+
+    summary.update(epochs=epochs, batches=done, seconds=time.perf_counter() - start)
+    return summary

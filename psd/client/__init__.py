@@ -1,0 +1,1 @@
+"""The worker-side API: tables, push, pull, timestamps (async core, sync facade)."""

@@ -1,0 +1,279 @@
+"""The asyncio worker API: ``kv = await psd.aio.connect(addr)``.
+
+Requests are sent the moment they are issued (so two pushes from one worker reach a
+server in issue order) and tracked by timestamp; ``wait(ts)`` awaits one. A request
+that reaches a server which no longer owns its keys is re-planned on a fresh ring
+and resent, once per ring change.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import numpy as np
+
+from psd.client.plan import Part, assemble, check_keys, check_span, check_values, plan
+from psd.cluster.assignment import Assignment
+from psd.codec import Limits, Message
+from psd.config import ClusterConfig
+from psd.errors import MessageTooLargeError, NotOwnerError, PsdError, PsdTimeoutError, StartupError
+from psd.store.table import TableSpec
+from psd.transport import RpcSocket, async_context, connect_dealer
+from psd.transport.rpc import raise_if_error
+
+log = logging.getLogger("psd.client")
+
+MAX_REROUTES = 5
+
+
+class AsyncKVWorker:
+    """A worker's connection to the cluster: one socket to the scheduler and one per server."""
+
+    def __init__(self, scheduler: str, config: ClusterConfig):
+        self.scheduler = scheduler
+        self.config = config
+        self.node_id = "W?"
+        self.ring = Assignment(version=0)
+        self.limits = config.limits
+        self._servers: dict[str, RpcSocket] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._ts = itertools.count(1)
+        self._inflight: dict[int, asyncio.Future] = {}
+        self.clock_value = 0
+        self.closed = False
+
+    # -- connection --------------------------------------------------------------
+    async def _connect(self, role: str = "worker") -> "AsyncKVWorker":
+        ctx = async_context()
+        self._link = RpcSocket(connect_dealer(ctx, self.scheduler), self.node_id, limits=self.limits)
+        self._tasks.append(asyncio.create_task(self._link.serve()))
+        try:
+            reply = await self._link.call(Message("register", meta={"role": role}),
+                                          timeout=self.config.request_timeout)
+        except PsdTimeoutError:
+            await self.close()
+            raise StartupError(f"no scheduler answered at {self.scheduler}; is `psd scheduler` running "
+                               f"there (or pass the right --scheduler)?") from None
+        self.node_id = self._link.node_id = reply.meta["node"]
+        lim = reply.meta.get("limits", {})
+        self.limits = Limits(max_message_bytes=lim.get("max_message_bytes", self.limits.max_message_bytes),
+                             max_keys=lim.get("max_keys", self.limits.max_keys))
+        self._use_ring(Assignment.from_wire(reply.meta["ring"]))
+        self._tasks.append(asyncio.create_task(self._heartbeat(reply.meta.get("heartbeat_interval", 0.5))))
+        return self
+
+    def _use_ring(self, ring: Assignment) -> None:
+        if ring.version < self.ring.version:
+            return
+        self.ring = ring
+        ctx = async_context()
+        for node, address in ring.addresses.items():
+            if node not in self._servers:
+                rpc = RpcSocket(connect_dealer(ctx, address), self.node_id, limits=self.limits,
+                                compression=self.config.compression)
+                self._servers[node] = rpc
+                self._tasks.append(asyncio.create_task(rpc.serve()))
+
+    async def refresh_ring(self) -> Assignment:
+        reply = await self._link.call(Message("get_ring"), timeout=self.config.request_timeout)
+        self._use_ring(Assignment.from_wire(reply.meta["ring"]))
+        return self.ring
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._link.call(Message("heartbeat", clock=self.clock_value), timeout=max(1.0, 4 * interval))
+            except PsdError as e:
+                log.debug("%s: heartbeat failed: %s", self.node_id, e)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.node_id != "W?":
+                await self._link.call(Message("leave"), timeout=1.0)
+        except PsdError:
+            pass
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for rpc in [self._link, *self._servers.values()]:
+            rpc.fail_pending(PsdError("connection closed"))
+            rpc.sock.close(0)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    # -- API ---------------------------------------------------------------------
+    async def table(self, name: str, width: int = 1, dtype: str = "float32", updater: str = "sum",
+                    **options) -> "AsyncTable":
+        """Create the table, or open it if it exists with the same settings."""
+        spec = TableSpec(name, width, dtype, updater, options).validate()
+        reply = await self._link.call(Message("create_table", meta={"spec": spec.to_wire()}),
+                                      timeout=self.config.request_timeout)
+        return AsyncTable(self, TableSpec.from_wire(reply.meta["spec"]))
+
+    def clock(self) -> int:
+        """Advance this worker's iteration count; returns the new clock."""
+        self.clock_value += 1
+        return self.clock_value
+
+    async def wait(self, ts: int) -> None:
+        fut = self._inflight.get(ts)
+        if fut is None:
+            return  # finished and collected already
+        try:
+            await fut
+        finally:
+            self._inflight.pop(ts, None)
+
+    async def wait_all(self) -> None:
+        for ts in list(self._inflight):
+            await self.wait(ts)
+
+    async def status(self) -> dict:
+        return (await self._link.call(Message("status"), timeout=self.config.request_timeout)).meta
+
+    async def call_scheduler(self, op: str, timeout: float | None = None, **meta) -> dict:
+        reply = await self._link.call(Message(op, meta=meta), timeout=timeout or self.config.request_timeout)
+        return reply.meta
+
+    # -- requests ------------------------------------------------------------------
+    def _send(self, parts: list[Part]) -> list[asyncio.Future]:
+        futs = []
+        for part in parts:
+            rpc = self._servers.get(part.server)
+            if rpc is None:
+                raise PsdError(f"no connection to {part.server}; ring v{self.ring.version} is inconsistent")
+            futs.append(rpc.request(part.msg))
+        return futs
+
+    async def _finish(self, parts: list[Part], futs: list[asyncio.Future], replan
+                      ) -> tuple[list[Part], list[Message]]:
+        """Await every part; re-plan and resend parts a server refused as not-owner.
+        Returns the final parts (re-planning may split them) with their replies."""
+        timeout = self.config.request_timeout
+        for _ in range(MAX_REROUTES):
+            results = await asyncio.gather(*(asyncio.wait_for(f, timeout) for f in futs),
+                                           return_exceptions=True)
+            replies: list[Message] = []
+            retry: list[int] = []
+            for i, r in enumerate(results):
+                if isinstance(r, asyncio.TimeoutError):
+                    raise PsdTimeoutError(f"{parts[i].server} did not answer {parts[i].msg.op} within {timeout} s",
+                                          node=parts[i].server)
+                if isinstance(r, BaseException):
+                    raise r
+                if r.op == "error" and r.meta.get("code") == NotOwnerError.code:
+                    retry.append(i)
+                replies.append(r)
+            for i, r in enumerate(replies):
+                if i not in retry:
+                    raise_if_error(r)
+            if not retry:
+                return parts, replies
+            await self.refresh_ring()
+            new_parts, new_futs = [], []
+            for i in range(len(parts)):
+                if i in retry:
+                    sub = replan(parts[i].i0, parts[i].i1)
+                    new_parts += sub
+                    new_futs += self._send(sub)
+                else:
+                    new_parts.append(parts[i])
+                    done = asyncio.get_running_loop().create_future()
+                    done.set_result(replies[i])
+                    new_futs.append(done)
+            parts, futs = new_parts, new_futs
+        raise NotOwnerError(f"request still misrouted after {MAX_REROUTES} ring refreshes")
+
+    def _track(self, coro) -> int:
+        ts = next(self._ts)
+        self._inflight[ts] = asyncio.ensure_future(coro)
+        return ts
+
+    def _issue(self, op: str, spec: TableSpec, keys, values, span, after) -> tuple[list[Part], list, callable]:
+        def replan(i0: int, i1: int) -> list[Part]:
+            if span is not None:
+                sub = plan(op, spec, self.ring, values=None if values is None else values[i0:i1],
+                           span=(span[0] + i0, i1 - i0), clock=self.clock_value)
+            else:
+                sub = plan(op, spec, self.ring, keys=keys[i0:i1],
+                           values=None if values is None else values[i0:i1], clock=self.clock_value)
+            for p in sub:
+                p.i0 += i0
+                p.i1 += i0
+            return sub
+        parts = plan(op, spec, self.ring, keys=keys, values=values, span=span, clock=self.clock_value)
+        return parts, self._send(parts), replan
+
+
+class AsyncTable:
+    """A handle on one table; all calls go through the worker that opened it."""
+
+    def __init__(self, kv: AsyncKVWorker, spec: TableSpec):
+        self.kv = kv
+        self.spec = spec
+        self.name = spec.name
+        self.width = spec.width
+        self.dtype = spec.np_dtype
+
+    def _prepare(self, keys, values=None):
+        keys = check_keys(keys, self.kv.limits.max_keys)
+        if values is not None:
+            values = check_values(self.spec, values, keys.size)
+            size = keys.nbytes + values.nbytes
+            if size > self.kv.limits.max_message_bytes:
+                raise_too_large(size, self.kv.limits.max_message_bytes)
+        return keys, values
+
+    def push(self, keys, values) -> int:
+        """Send a push now; returns its timestamp (``await kv.wait(ts)``)."""
+        keys, values = self._prepare(keys, values)
+        parts, futs, replan = self.kv._issue("push", self.spec, keys, values, None, None)
+        return self.kv._track(self.kv._finish(parts, futs, replan))
+
+    def push_span(self, lo: int, values) -> int:
+        """Push rows for the dense keys lo, lo+1, ... (no keys on the wire)."""
+        values = np.asarray(values)
+        check_span(lo, values.shape[0] if values.ndim else 0)
+        values = check_values(self.spec, values, values.shape[0])
+        parts, futs, replan = self.kv._issue("push", self.spec, None, values, (int(lo), values.shape[0]), None)
+        return self.kv._track(self.kv._finish(parts, futs, replan))
+
+    async def pull(self, keys) -> np.ndarray:
+        keys, _ = self._prepare(keys)
+        return await self._gather("pull", keys, None, None, keys.size)
+
+    async def pull_span(self, lo: int, count: int) -> np.ndarray:
+        check_span(lo, count)
+        return await self._gather("pull", None, None, (int(lo), int(count)), int(count))
+
+    async def pushpull(self, keys, values) -> np.ndarray:
+        """Push, then pull the same keys after the push is applied (one round trip)."""
+        keys, values = self._prepare(keys, values)
+        return await self._gather("pushpull", keys, values, None, keys.size)
+
+    async def _gather(self, op, keys, values, span, n) -> np.ndarray:
+        if n == 0:
+            return np.empty((0, self.width), dtype=self.dtype)
+        parts, futs, replan = self.kv._issue(op, self.spec, keys, values, span, None)
+        parts, replies = await self.kv._finish(parts, futs, replan)
+        return assemble(parts, replies, n, self.spec)
+
+
+def raise_too_large(size: int, limit: int):
+    raise MessageTooLargeError(f"request is {size} bytes, over the cluster's max_message_bytes {limit}; "
+                               f"push fewer keys at a time")
+
+
+async def connect(scheduler: str, config: ClusterConfig | None = None, *, role: str = "worker") -> AsyncKVWorker:
+    """Register with the scheduler at ``scheduler`` and return a connected worker."""
+    kv = AsyncKVWorker(scheduler, config or ClusterConfig())
+    return await kv._connect(role)

@@ -1,0 +1,1 @@
+"""Cluster logic with no I/O: key ranges, the range assignment, liveness."""

@@ -1,0 +1,64 @@
+"""Which server owns which key range, at which version.
+
+For the core this is equal-width ranges over the live servers; the consistent-hashing
+ring with replicas replaces :func:`equal_width` behind the same :class:`Assignment`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from psd.cluster.ranges import KEY_SPACE_END, Range
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A versioned list of (range, owners) covering the key space; owners[0] leads."""
+
+    version: int
+    ranges: tuple[Range, ...] = ()
+    owners: tuple[tuple[str, ...], ...] = ()
+    addresses: dict = field(default_factory=dict)  # node id -> tcp address
+
+    def ranges_of(self, node: str) -> list[Range]:
+        return [r for r, o in zip(self.ranges, self.owners) if node in o]
+
+    def primary_of(self, i: int) -> str:
+        return self.owners[i][0]
+
+    def find(self, key: int) -> int:
+        """Index of the range holding ``key``."""
+        lo, hi = 0, len(self.ranges)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.ranges[mid].end <= key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def to_wire(self) -> dict:
+        # range ends may be 2**64, which msgpack cannot carry: send begins only
+        return {"version": self.version, "begins": [r.begin for r in self.ranges],
+                "owners": [list(o) for o in self.owners], "addresses": dict(self.addresses)}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Assignment":
+        begins = list(d["begins"])
+        ends = begins[1:] + [KEY_SPACE_END]
+        return cls(version=int(d["version"]),
+                   ranges=tuple(Range(b, e) for b, e in zip(begins, ends)),
+                   owners=tuple(tuple(o) for o in d["owners"]),
+                   addresses=dict(d.get("addresses", {})))
+
+
+def equal_width(servers: list[str], version: int, addresses: dict | None = None) -> Assignment:
+    """Cut [0, 2**64) into len(servers) equal ranges, in server order."""
+    if not servers:
+        return Assignment(version=version, addresses=dict(addresses or {}))
+    n = len(servers)
+    begins = [(KEY_SPACE_END * i) // n for i in range(n)]
+    ends = begins[1:] + [KEY_SPACE_END]
+    return Assignment(version=version,
+                      ranges=tuple(Range(b, e) for b, e in zip(begins, ends)),
+                      owners=tuple((s,) for s in servers),
+                      addresses=dict(addresses or {}))

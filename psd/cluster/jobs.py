@@ -1,0 +1,76 @@
+"""The scheduler's book of jobs: who runs which shard, progress and metrics.
+
+Deterministic (no I/O, no clock): the scheduler feeds it requests and heartbeats.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    id: str
+    spec: dict
+    num_workers: int
+    num_shards: int
+    state: str = "waiting"  # waiting -> running -> done | failed
+    ranks: dict[int, str] = field(default_factory=dict)       # rank -> worker id
+    shards_done: set[int] = field(default_factory=set)
+    progress: dict[int, float] = field(default_factory=dict)  # rank -> fraction in [0, 1]
+    metrics: list[dict] = field(default_factory=list)
+    error: str | None = None
+    summary: dict = field(default_factory=dict)
+
+    def to_dict(self, metrics_from: int = 0) -> dict:
+        done = sum(self.progress.values()) / max(1, self.num_workers)
+        return {"id": self.id, "app": self.spec.get("app"), "state": self.state,
+                "num_workers": self.num_workers, "ranks": {str(k): v for k, v in self.ranks.items()},
+                "progress": min(1.0, done), "shards_done": sorted(self.shards_done),
+                "num_shards": self.num_shards, "error": self.error, "summary": self.summary,
+                "metrics": self.metrics[metrics_from:], "num_metrics": len(self.metrics)}
+
+
+class JobBook:
+    def __init__(self):
+        self.jobs: dict[str, Job] = {}
+        self._next = 1
+
+    def submit(self, spec: dict, num_workers: int) -> Job:
+        job = Job(id=f"J{self._next}", spec=spec, num_workers=num_workers, num_shards=num_workers)
+        self._next += 1
+        self.jobs[job.id] = job
+        return job
+
+    def poll(self, worker: str) -> tuple[Job, int] | None:
+        """Give ``worker`` a free rank of the oldest unfinished job, or None."""
+        for job in self.jobs.values():
+            if job.state in ("done", "failed"):
+                continue
+            for rank, w in job.ranks.items():
+                if w == worker:
+                    return job, rank
+            free = [r for r in range(job.num_workers) if r not in job.ranks]
+            if free:
+                job.ranks[free[0]] = worker
+                job.state = "running"
+                return job, free[0]
+        return None
+
+    def report(self, job_id: str, rank: int, progress: float | None = None,
+               metrics: list[dict] | None = None, done: bool = False,
+               error: str | None = None, summary: dict | None = None) -> Job:
+        job = self.jobs[job_id]
+        if progress is not None:
+            job.progress[rank] = float(progress)
+        if metrics:
+            job.metrics.extend(metrics)
+        if summary:
+            job.summary.update(summary)
+        if error:
+            job.state, job.error = "failed", error
+        if done:
+            job.shards_done.add(rank)
+            job.progress[rank] = 1.0
+            if len(job.shards_done) == job.num_shards and job.state != "failed":
+                job.state = "done"
+        return job

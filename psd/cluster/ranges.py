@@ -1,0 +1,90 @@
+"""Half-open key ranges over the uint64 key space and slicing sorted keys by them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from psd.errors import KeysError
+
+KEY_SPACE_END = 1 << 64  # one past the largest uint64 key
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Range:
+    """Keys ``begin <= k < end``; ``end`` may be 2**64."""
+
+    begin: int
+    end: int
+
+    def __post_init__(self):
+        if not 0 <= self.begin <= self.end <= KEY_SPACE_END:
+            raise ValueError(f"bad range [{self.begin}, {self.end})")
+
+    def __contains__(self, key: int) -> bool:
+        return self.begin <= key < self.end
+
+    def __len__(self) -> int:  # may exceed sys.maxsize for the whole space; use size
+        return self.size
+
+    @property
+    def size(self) -> int:
+        return self.end - self.begin
+
+    def __str__(self) -> str:
+        return f"[{self.begin:#x}, {self.end:#x})"
+
+
+def as_keys(keys) -> np.ndarray:
+    """Coerce user keys to a uint64 array and check they are sorted and unique."""
+    arr = np.asarray(keys)
+    if arr.ndim != 1:
+        raise KeysError(f"keys must be a 1-d array, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    if arr.dtype != np.uint64:
+        if arr.dtype.kind not in "iu":
+            raise KeysError(f"keys must be integers, got dtype {arr.dtype}")
+        if arr.dtype.kind == "i" and arr.min() < 0:
+            raise KeysError("keys must be non-negative (uint64)")
+        arr = arr.astype(np.uint64)
+    check_sorted_unique(arr)
+    return arr
+
+
+def check_sorted_unique(keys: np.ndarray) -> None:
+    if keys.size > 1:
+        bad = np.flatnonzero(keys[1:] <= keys[:-1])
+        if bad.size:
+            i = int(bad[0])
+            kind = "duplicate" if keys[i] == keys[i + 1] else "unsorted"
+            raise KeysError(f"keys must be sorted and unique: {kind} key at position {i + 1} "
+                            f"({int(keys[i])} then {int(keys[i + 1])}); sort with np.unique first")
+
+
+def split_sorted(keys: np.ndarray, ranges: Sequence[Range]) -> list[tuple[int, int]]:
+    """For sorted ``keys`` and sorted, disjoint ``ranges``, the slice [i0, i1) of keys
+    that falls into each range (empty slices included, one entry per range)."""
+    bounds = np.empty(2 * len(ranges), dtype=np.uint64)
+    ends_at_top = np.zeros(2 * len(ranges), dtype=bool)
+    for j, r in enumerate(ranges):
+        bounds[2 * j] = r.begin if r.begin < KEY_SPACE_END else 0
+        if r.end >= KEY_SPACE_END:
+            ends_at_top[2 * j + 1] = True
+            bounds[2 * j + 1] = 0
+        else:
+            bounds[2 * j + 1] = r.end
+    pos = np.searchsorted(keys, bounds, side="left")
+    pos[ends_at_top] = keys.size
+    return [(int(pos[2 * j]), int(pos[2 * j + 1])) for j in range(len(ranges))]
+
+
+def split_span(lo: int, n: int, ranges: Sequence[Range]) -> list[tuple[int, int]]:
+    """For the dense key span [lo, lo+n), the (offset, count) inside each range."""
+    hi = lo + n
+    out = []
+    for r in ranges:
+        a, b = max(lo, r.begin), min(hi, r.end)
+        out.append((a - lo, b - a) if a < b else (0, 0))
+    return out

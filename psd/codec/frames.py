@@ -1,0 +1,149 @@
+"""Encoding and decoding of the multipart wire format.
+
+Frame 0 is a msgpack map (the header); frames 1..n are raw little-endian array
+buffers described by ``header["frames"]`` as ``[dtype, shape, codec, raw_nbytes]``.
+Every size is checked against :class:`Limits` before anything is allocated, and a
+message either decodes completely or raises; there is no partial result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import msgpack
+import numpy as np
+import zstandard
+
+from psd.codec.message import DTYPES, PROTOCOL_VERSION, Message
+from psd.errors import MessageTooLargeError, ProtocolError
+
+CODECS = ("none", "zstd")
+#: payloads smaller than this are never compressed: zstd would cost more than it saves
+ZSTD_MIN_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Upper bounds enforced on every received message."""
+
+    max_header_bytes: int = 64 * 1024
+    max_frames: int = 16
+    max_message_bytes: int = 1 << 30
+    max_keys: int = 1 << 27
+
+
+_compressor = zstandard.ZstdCompressor(level=1)
+_decompressor = zstandard.ZstdDecompressor()
+
+
+def encode(msg: Message, compression: str = "none") -> list:
+    """Return the frames of ``msg``; arrays are passed as buffers (zero-copy)."""
+    descs = []
+    payloads = []
+    for a in msg.arrays:
+        a = np.ascontiguousarray(a)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        name = a.dtype.str
+        if name not in DTYPES:
+            raise ProtocolError(f"cannot send arrays of dtype {a.dtype}; use one of "
+                                f"uint64, float32, float64, int32, int64")
+        buf = memoryview(a).cast("B")
+        codec = "none"
+        if compression == "zstd" and a.nbytes >= ZSTD_MIN_BYTES:
+            packed = _compressor.compress(buf)
+            if len(packed) < a.nbytes:
+                buf, codec = packed, "zstd"
+        descs.append([name, list(a.shape), codec, a.nbytes])
+        payloads.append(buf)
+    header = {
+        "v": PROTOCOL_VERSION, "op": msg.op, "id": msg.id, "src": msg.sender,
+        "tbl": msg.table, "ring": msg.ring, "clk": msg.clock, "meta": msg.meta,
+        "frames": descs,
+    }
+    return [msgpack.packb(header, use_bin_type=True), *payloads]
+
+
+def _buffer(frame) -> memoryview:
+    """zmq.Frame (copy=False), bytes or memoryview -> memoryview of its bytes."""
+    buf = getattr(frame, "buffer", frame)
+    return memoryview(buf)
+
+
+def _expect(header: dict, key: str, types, what: str):
+    value = header.get(key)
+    if not isinstance(value, types) or (isinstance(value, bool) and types is int):
+        raise ProtocolError(f"header field {key!r} must be {what}, got {type(value).__name__}")
+    return value
+
+
+def decode(frames: Sequence, limits: Limits = Limits()) -> Message:
+    """Parse frames into a Message or raise ProtocolError naming what is wrong."""
+    if not frames:
+        raise ProtocolError("empty message: expected a msgpack header frame")
+    if len(frames) > limits.max_frames:
+        raise MessageTooLargeError(f"message has {len(frames)} frames, limit is {limits.max_frames}")
+    bufs = [_buffer(f) for f in frames]
+    total = sum(b.nbytes for b in bufs)
+    if total > limits.max_message_bytes:
+        raise MessageTooLargeError(f"message is {total} bytes, limit is {limits.max_message_bytes} "
+                                   f"(raise limits.max_message_bytes or send smaller batches)")
+    head = bufs[0]
+    if head.nbytes > limits.max_header_bytes:
+        raise MessageTooLargeError(f"header is {head.nbytes} bytes, limit is {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises many types on garbage
+        raise ProtocolError(f"header frame is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} not supported (this node speaks {PROTOCOL_VERSION})")
+    op = _expect(header, "op", str, "a string")
+    msg_id = _expect(header, "id", int, "an integer")
+    sender = _expect(header, "src", str, "a string")
+    table = header.get("tbl")
+    if table is not None and not isinstance(table, str):
+        raise ProtocolError("header field 'tbl' must be a string or nil")
+    ring = _expect(header, "ring", int, "an integer")
+    clock = _expect(header, "clk", int, "an integer")
+    meta = _expect(header, "meta", dict, "a map")
+    descs = _expect(header, "frames", list, "a list")
+    if len(descs) != len(bufs) - 1:
+        raise ProtocolError(f"header describes {len(descs)} payload frames but {len(bufs) - 1} arrived")
+    arrays = [_decode_array(i, d, b, limits) for i, (d, b) in enumerate(zip(descs, bufs[1:]))]
+    return Message(op=op, id=msg_id, sender=sender, table=table, ring=ring, clock=clock,
+                   meta=meta, arrays=arrays)
+
+
+def _decode_array(i: int, desc, buf: memoryview, limits: Limits) -> np.ndarray:
+    if not (isinstance(desc, list) and len(desc) == 4):
+        raise ProtocolError(f"frame {i + 1}: descriptor must be [dtype, shape, codec, nbytes]")
+    name, shape, codec, nbytes = desc
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise ProtocolError(f"frame {i + 1}: dtype {name!r} not allowed; use one of {sorted(DTYPES)}")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ProtocolError(f"frame {i + 1}: shape must be 1 or 2 non-negative integers, got {shape!r}")
+    count = 1
+    for d in shape:
+        count *= d
+    expected = count * dtype.itemsize
+    if shape[0] > limits.max_keys or expected > limits.max_message_bytes:
+        raise MessageTooLargeError(f"frame {i + 1}: declared shape {shape} is over the limits")
+    if nbytes != expected:
+        raise ProtocolError(f"frame {i + 1}: declared {nbytes} bytes but shape {shape} of {name} needs {expected}")
+    if codec == "none":
+        data = buf
+    elif codec == "zstd":
+        try:
+            data = _decompressor.decompress(buf, max_output_size=expected)
+        except zstandard.ZstdError as e:
+            raise ProtocolError(f"frame {i + 1}: zstd payload is corrupt ({e})") from None
+    else:
+        raise ProtocolError(f"frame {i + 1}: unknown codec {codec!r}; use one of {CODECS}")
+    if len(data) != expected:
+        raise ProtocolError(f"frame {i + 1}: {len(data)} bytes arrived but shape {shape} of {name} needs {expected}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

@@ -1,0 +1,50 @@
+"""The in-memory form of one psd message."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+#: dtypes allowed in payload frames (little-endian wire names -> numpy dtype)
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name) for name in ("<u8", "<f4", "<f8", "<i4", "<i8")
+}
+
+
+@dataclass(slots=True)
+class Message:
+    """One request or reply: a small header plus raw numpy payloads.
+
+    ``meta`` holds the op-specific header fields (documented per op in
+    docs/protocol.md); ``arrays`` travel as their own frames, never inside the header.
+    """
+
+    op: str
+    id: int = 0
+    sender: str = ""
+    table: str | None = None
+    ring: int = 0
+    clock: int = 0
+    meta: dict = field(default_factory=dict)
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+    def reply(self, op: str = "ok", *, sender: str = "", meta: dict | None = None,
+              arrays: list[np.ndarray] | None = None, ring: int = 0) -> "Message":
+        """A reply names its request by id and table."""
+        return Message(op=op, id=self.id, sender=sender, table=self.table, ring=ring,
+                       clock=self.clock, meta=meta or {}, arrays=arrays or [])
+
+    def __repr__(self) -> str:
+        arrays = ", ".join(describe_array(a) for a in self.arrays)
+        return (f"Message({self.op} id={self.id} from={self.sender or '-'} "
+                f"table={self.table} ring=v{self.ring} meta={self.meta} [{arrays}])")
+
+
+def describe_array(a: np.ndarray) -> str:
+    """Arrays in logs are shapes and sizes, never contents."""
+    n = a.nbytes
+    size = f"{n} B" if n < 1024 else f"{n / 1024:.0f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+    shape = "x".join(str(d) for d in a.shape)
+    return f"<{a.dtype.name}[{shape}] {size}>"

@@ -1,0 +1,120 @@
+"""The cluster configuration: one YAML file, read once into a frozen, validated object.
+
+Every problem in a file is reported together, each naming the file, the key and what
+was expected. Command-line flags override fields one to one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from psd.codec import Limits
+from psd.errors import ConfigError
+
+DEFAULT_SCHEDULER = "tcp://127.0.0.1:9300"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    scheduler: str = DEFAULT_SCHEDULER
+    #: address servers bind to; port 0 picks a free one
+    bind: str = "tcp://127.0.0.1:0"
+    heartbeat_interval: float = 0.5
+    #: missed heartbeats before a node is suspect; twice as many and it is dead
+    heartbeat_misses: int = 3
+    request_timeout: float = 30.0
+    compression: str = "none"
+    event_loop: str = "uvloop"
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+
+    def replace(self, **changes) -> "ClusterConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SCALARS = {
+    "scheduler": (str, "a tcp:// address"),
+    "bind": (str, "a tcp:// address"),
+    "heartbeat_interval": ((int, float), "a positive number of seconds"),
+    "heartbeat_misses": (int, "a positive integer"),
+    "request_timeout": ((int, float), "a positive number of seconds"),
+    "compression": (str, "'none' or 'zstd'"),
+    "event_loop": (str, "'uvloop' or 'asyncio'"),
+    "log_level": (str, "one of debug, info, warning, error"),
+}
+_CHOICES = {"compression": ("none", "zstd"), "event_loop": ("uvloop", "asyncio"),
+            "log_level": ("debug", "info", "warning", "error")}
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ClusterConfig:
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key == "limits":
+            values["limits"] = _limits(raw, source, problems)
+            continue
+        if key not in _SCALARS:
+            problems.append(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted([*_SCALARS, 'limits']))}")
+            continue
+        types, what = _SCALARS[key]
+        bad_type = not isinstance(raw, types) or isinstance(raw, bool)
+        if bad_type or (key in _CHOICES and raw not in _CHOICES[key]) or (
+                isinstance(raw, (int, float)) and raw <= 0):
+            problems.append(f"{source}: {key}: expected {what}, got {raw!r}")
+            continue
+        if key in ("scheduler", "bind") and not raw.startswith("tcp://"):
+            problems.append(f"{source}: {key}: expected a tcp:// address, got {raw!r}")
+            continue
+        values[key] = raw
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return ClusterConfig(**values)
+
+
+def _limits(raw, source: str, problems: list[str]) -> Limits:
+    if not isinstance(raw, dict):
+        problems.append(f"{source}: limits: expected a map, got {type(raw).__name__}")
+        return Limits()
+    known = {f.name for f in dataclasses.fields(Limits)}
+    values = {}
+    for key, v in raw.items():
+        if key not in known:
+            problems.append(f"{source}: limits.{key}: unknown limit; known: {', '.join(sorted(known))}")
+        elif not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            problems.append(f"{source}: limits.{key}: expected a positive integer, got {v!r}")
+        else:
+            values[key] = v
+    return Limits(**values)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file safely, turning every failure into a ConfigError naming it."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
+def load_config(path: str | Path | None) -> ClusterConfig:
+    if path is None:
+        return ClusterConfig()
+    data = load_yaml(path)
+    if data is None:
+        return ClusterConfig()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a map of settings at the top level")
+    return config_from_dict(data, str(path))

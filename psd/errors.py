@@ -1,0 +1,116 @@
+"""The PsdError family, typed by who has to act on the error.
+
+Every error travels on the wire as a ``code`` plus a message; the client turns the
+code back into the same class, so ``except psd.UnsortedKeysError`` works whether the
+problem was found locally or by a server.
+"""
+from __future__ import annotations
+
+
+class PsdError(Exception):
+    """Root of every error psd raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, node: str | None = None, **data):
+        super().__init__(message)
+        self.message = message
+        self.node = node
+        self.data = data
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.message}" if self.node else self.message
+
+
+# --- the operator must act -------------------------------------------------
+class ConfigError(PsdError):
+    """A config or job file is wrong; the message names the file and key."""
+
+    code = "config"
+
+
+class StartupError(PsdError):
+    """A daemon or local cluster could not start (port, child died, timeout)."""
+
+    code = "startup"
+
+
+# --- the peer sent something wrong; it gets an error reply -----------------
+class ProtocolError(PsdError):
+    """A message could not be decoded: not msgpack, bad frame lengths, unknown op."""
+
+    code = "protocol"
+
+
+class MessageTooLargeError(ProtocolError):
+    """A message or frame is over the configured limit; raise the limit or split it."""
+
+    code = "too_large"
+
+
+class AuthError(PsdError):
+    code = "auth"
+
+
+# --- the caller passed bad arguments ----------------------------------------
+class BadRequestError(PsdError):
+    """The request is well-formed but its content is invalid; nothing was applied."""
+
+    code = "bad_request"
+
+
+class KeysError(BadRequestError):
+    """Keys are not a sorted, duplicate-free uint64 array."""
+
+    code = "bad_keys"
+
+
+class ValuesError(BadRequestError):
+    """Values have the wrong shape or dtype for the table."""
+
+    code = "bad_values"
+
+
+class UnknownTableError(BadRequestError):
+    code = "unknown_table"
+
+
+class UnknownUpdaterError(BadRequestError):
+    code = "unknown_updater"
+
+
+class TableMismatchError(BadRequestError):
+    """A table was opened with a width/dtype/updater other than the one it has."""
+
+    code = "table_mismatch"
+
+
+# --- the client library retries ---------------------------------------------
+class NotOwnerError(PsdError):
+    """The server no longer owns these keys; the client refreshes the ring and resends."""
+
+    code = "not_owner"
+
+
+class PsdTimeoutError(PsdError):
+    """No reply in time; the peer may be dead or overloaded."""
+
+    code = "timeout"
+
+
+class RemoteError(PsdError):
+    """A peer failed in a way it could not classify (a bug on its side)."""
+
+    code = "remote"
+
+
+_BY_CODE = {cls.code: cls for cls in (
+    PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError,
+    BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
+    TableMismatchError, NotOwnerError, PsdTimeoutError, RemoteError)}
+
+
+def error_from_wire(code: str, message: str, node: str | None, data: dict | None = None) -> PsdError:
+    """Rebuild the typed error a peer reported."""
+    cls = _BY_CODE.get(code, RemoteError)
+    return cls(message, node=node, **(data or {}))

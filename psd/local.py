@@ -1,0 +1,196 @@
+"""LocalCluster: a real scheduler and real server daemons as child processes on loopback.
+
+Children bind free ports themselves and report them through ready files, so there is
+no port race. They are killed when the cluster is closed, when the interpreter exits,
+and (through PR_SET_PDEATHSIG and a parent watch) when the parent dies unexpectedly.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import yaml
+
+from psd.client import admin
+from psd.config import ClusterConfig, config_from_dict
+from psd.errors import StartupError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: get SIGKILL when the parent dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: the daemon's parent watch still ends it
+
+
+_live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for cluster in list(_live):
+        cluster.close()
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str], workdir: Path):
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self.ready_path = workdir / f"{name}.ready"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [*argv, "--ready-file", str(self.ready_path), "--parent-pid", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        self.address: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, deadline: float) -> str:
+        while time.monotonic() < deadline:
+            if self.ready_path.exists():
+                self.address = self.ready_path.read_text().strip()
+                return self.address
+            if self.proc.poll() is not None:
+                raise StartupError(f"{self.name} exited with code {self.proc.returncode} during start-up:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.02)
+        raise StartupError(f"{self.name} not ready in time:\n{self.log_tail()}")
+
+
+def daemon_argv(role: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "psd", role, *args]
+
+
+class LocalCluster:
+    """A whole cluster on 127.0.0.1; keyword arguments are cluster settings.
+
+    ``with psd.LocalCluster(servers=3) as cluster: kv = psd.connect(cluster.scheduler)``
+    """
+
+    def __init__(self, servers: int = 1, *, config: ClusterConfig | None = None,
+                 startup_timeout: float = 30.0, workdir: str | None = None,
+                 keep_workdir: bool = False, **settings):
+        if servers < 1:
+            raise StartupError("a LocalCluster needs at least one server")
+        self.num_servers = servers
+        base = (config or ClusterConfig()).to_dict()
+        base.update(settings)
+        base.pop("scheduler", None)
+        self.config = config_from_dict({k: v for k, v in base.items() if k != "limits"} |
+                                       {"limits": dict(base.get("limits") or {})}, "LocalCluster")
+        self.startup_timeout = startup_timeout
+        self._own_workdir = workdir is None
+        self.keep_workdir = keep_workdir
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="psd-cluster-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.scheduler_proc: Child | None = None
+        self.servers: list[Child] = []
+        self.others: list[Child] = []  # worker daemons started through spawn()
+        self.scheduler = ""
+        self._closed = False
+        _live.add(self)
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start-up --------------------------------------------------------------
+    def _write_config(self) -> Path:
+        data = self.config.to_dict()
+        data.pop("scheduler")
+        data["limits"] = dict(data["limits"])
+        path = self.workdir / "cluster.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def _start(self) -> None:
+        self.config_path = self._write_config()
+        deadline = time.monotonic() + self.startup_timeout
+        self.scheduler_proc = Child("scheduler", daemon_argv(
+            "scheduler", "--config", str(self.config_path), "--bind", "tcp://127.0.0.1:0"), self.workdir)
+        self.scheduler = self.scheduler_proc.wait_ready(deadline)
+        for _ in range(self.num_servers):
+            self.add_server(wait=False)
+        for child in self.servers:
+            child.wait_ready(deadline)
+
+    def add_server(self, wait: bool = True) -> Child:
+        """Start one more server daemon (live join of data comes with the replication work)."""
+        child = Child(f"server{len(self.servers)}", daemon_argv(
+            "server", "--config", str(self.config_path), "--scheduler", self.scheduler), self.workdir)
+        self.servers.append(child)
+        if wait:
+            child.wait_ready(time.monotonic() + self.startup_timeout)
+        return child
+
+    def spawn(self, name: str, argv: list[str]) -> Child:
+        """Start another child (a worker daemon) that is cleaned up with the cluster."""
+        child = Child(name, argv, self.workdir)
+        self.others.append(child)
+        return child
+
+    # -- faults and inspection -------------------------------------------------
+    def kill_server(self, i: int, sig: int = signal.SIGKILL) -> None:
+        self.servers[i].proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.servers[i].proc.wait(5)
+
+    def status(self) -> dict:
+        return admin.call(self.scheduler, "status")
+
+    # -- teardown --------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        children = [*self.others, *self.servers]
+        if self.scheduler_proc:
+            children.append(self.scheduler_proc)
+        for child in children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGCONT)
+                child.proc.terminate()
+        deadline = time.monotonic() + 3.0
+        for child in children:
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait(5)
+            child._log.close()
+        if self._own_workdir and not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,1 @@
+"""The three daemon roles: scheduler, server, worker."""

@@ -1,0 +1,219 @@
+"""The scheduler role: membership, heartbeats, the range assignment, tables, jobs, status.
+
+It holds no parameters. Servers and workers register on one ROUTER socket; the same
+connection carries the scheduler's own requests down to them (ring changes, new tables).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from psd.cluster.assignment import Assignment, equal_width
+from psd.cluster.jobs import JobBook
+from psd.cluster.liveness import Liveness, State
+from psd.codec import Message
+from psd.config import ClusterConfig
+from psd.errors import BadRequestError, ProtocolError, PsdError, TableMismatchError
+from psd.store import TableSpec
+from psd.transport import RpcSocket, Route, async_context, bind_router
+
+log = logging.getLogger("psd.scheduler")
+
+
+class Scheduler:
+    def __init__(self, config: ClusterConfig, bind: str | None = None):
+        self.config = config
+        self.bind = bind or config.scheduler
+        self.node_id = "H"
+        self.liveness = Liveness(config.heartbeat_interval, config.heartbeat_misses)
+        self.routes: dict[str, Route] = {}
+        self.addresses: dict[str, str] = {}
+        self.stats: dict[str, dict] = {}
+        self.counts = {"server": 0, "worker": 0}
+        self.ring = Assignment(version=0)
+        self.tables: dict[str, TableSpec] = {}
+        self.jobs = JobBook()
+        self.started = time.time()
+        self.handlers = {
+            "register": self.on_register, "heartbeat": self.on_heartbeat, "leave": self.on_leave,
+            "get_ring": self.on_get_ring, "create_table": self.on_create_table,
+            "status": self.on_status, "ping": self.on_ping,
+            "submit": self.on_submit, "job_poll": self.on_job_poll,
+            "job_report": self.on_job_report, "job_status": self.on_job_status,
+        }
+
+    async def run(self, stop: asyncio.Event, ready) -> None:
+        sock, self.address = bind_router(async_context(), self.bind, self.config.limits.max_message_bytes)
+        self.rpc = RpcSocket(sock, self.node_id, limits=self.config.limits, handler=self.handle,
+                             router=True, concurrent=True)
+        serve = asyncio.create_task(self.rpc.serve())
+        ticker = asyncio.create_task(self.tick_loop())
+        ready(self.address)
+        log.info("scheduler at %s", self.address)
+        try:
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({serve, ticker, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not waiter and t.exception():
+                    raise t.exception()
+        finally:
+            serve.cancel()
+            ticker.cancel()
+            sock.close(0)
+
+    async def handle(self, route: Route, msg: Message) -> Message | None:
+        handler = self.handlers.get(msg.op)
+        if handler is None:
+            raise ProtocolError(f"unknown op {msg.op!r}; expected one of {', '.join(sorted(self.handlers))}")
+        return await handler(route, msg)
+
+    # -- membership ------------------------------------------------------------
+    async def on_register(self, route: Route, msg: Message) -> Message:
+        role = msg.meta.get("role")
+        if role not in ("server", "worker"):
+            raise BadRequestError(f"register: role must be 'server' or 'worker', got {role!r}")
+        prefix = "S" if role == "server" else "W"
+        node = f"{prefix}{self.counts[role]}"
+        self.counts[role] += 1
+        now = time.monotonic()
+        self.liveness.join(node, role, now)
+        self.routes[node] = route
+        if role == "server":
+            address = msg.meta.get("address")
+            if not isinstance(address, str) or not address.startswith("tcp://"):
+                raise BadRequestError("register: a server must give its tcp:// address")
+            self.addresses[node] = address
+            self._reassign()
+        log.info("%s joined as %s%s, ring v%d", node, role,
+                 f" at {self.addresses[node]}" if role == "server" else "", self.ring.version)
+        if role == "server":
+            await self._broadcast_ring(exclude=node)  # every server knows the ring before the new one serves
+        return msg.reply(meta={"node": node, "ring": self.ring.to_wire(),
+                               "tables": [t.to_wire() for t in self.tables.values()],
+                               "heartbeat_interval": self.config.heartbeat_interval,
+                               "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
+                                          "max_keys": self.config.limits.max_keys}})
+
+    def _reassign(self) -> None:
+        servers = sorted(self.liveness.live("server"), key=lambda n: int(n[1:]))
+        self.ring = equal_width(servers, self.ring.version + 1,
+                                {s: self.addresses[s] for s in servers})
+
+    async def _broadcast_ring(self, exclude: str | None = None) -> None:
+        await self._to_servers(Message("ring", meta={"ring": self.ring.to_wire()}), exclude)
+
+    async def _to_servers(self, msg_factory, exclude: str | None = None) -> list:
+        calls = []
+        for node in self.liveness.live("server"):
+            if node == exclude:
+                continue
+            msg = msg_factory if isinstance(msg_factory, Message) else msg_factory()
+            calls.append(self.rpc.call(Message(msg.op, meta=msg.meta), self.routes[node],
+                                       timeout=self.config.request_timeout))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    async def on_heartbeat(self, route: Route, msg: Message) -> Message:
+        state = self.liveness.seen(msg.sender, time.monotonic())
+        if state is None:
+            return msg.reply(meta={"known": False})
+        self.routes[msg.sender] = route
+        stats = msg.meta.get("stats")
+        if isinstance(stats, dict):
+            self.stats[msg.sender] = stats
+        return msg.reply(meta={"known": True, "state": state.value, "ring": self.ring.version})
+
+    async def on_leave(self, route: Route, msg: Message) -> Message:
+        self.liveness.leave(msg.sender)
+        log.info("%s left", msg.sender)
+        return msg.reply()
+
+    async def tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval / 2)
+            for node, old, new in self.liveness.tick(time.monotonic()):
+                log.warning("%s: %s -> %s (ring v%d)", node, old.value, new.value, self.ring.version)
+
+    async def on_get_ring(self, route: Route, msg: Message) -> Message:
+        return msg.reply(meta={"ring": self.ring.to_wire()})
+
+    async def on_ping(self, route: Route, msg: Message) -> Message:
+        return msg.reply(meta={"node": self.node_id, "servers": len(self.liveness.live("server"))})
+
+    # -- tables ----------------------------------------------------------------
+    async def on_create_table(self, route: Route, msg: Message) -> Message:
+        spec = TableSpec.from_wire(msg.meta.get("spec"))
+        have = self.tables.get(spec.name)
+        if have is not None:
+            if have != spec:
+                raise TableMismatchError(
+                    f"table {spec.name!r} already exists with width={have.width}, dtype={have.dtype}, "
+                    f"updater={have.updater}, options={have.options}; open it with the same settings")
+            return msg.reply(meta={"spec": have.to_wire(), "created": False})
+        results = await self._to_servers(Message("create_table", meta={"spec": spec.to_wire()}))
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0] if isinstance(errors[0], PsdError) else BadRequestError(str(errors[0]))
+        self.tables[spec.name] = spec
+        log.info("table %r created: width %d, %s, updater %s", spec.name, spec.width, spec.dtype, spec.updater)
+        return msg.reply(meta={"spec": spec.to_wire(), "created": True})
+
+    # -- jobs --------------------------------------------------------------------
+    async def on_submit(self, route: Route, msg: Message) -> Message:
+        spec = msg.meta.get("job")
+        workers = msg.meta.get("workers")
+        if not isinstance(spec, dict) or not isinstance(workers, int) or workers < 1:
+            raise BadRequestError("submit: needs meta.job (a map) and meta.workers (an integer >= 1)")
+        job = self.jobs.submit(spec, workers)
+        log.info("job %s submitted: app %s on %d workers", job.id, spec.get("app"), workers)
+        return msg.reply(meta={"job": job.id})
+
+    async def on_job_poll(self, route: Route, msg: Message) -> Message:
+        got = self.jobs.poll(msg.sender)
+        if got is None:
+            return msg.reply(meta={"job": None})
+        job, rank = got
+        return msg.reply(meta={"job": job.id, "spec": job.spec, "rank": rank,
+                               "num_workers": job.num_workers, "shards": [rank]})
+
+    async def on_job_report(self, route: Route, msg: Message) -> Message:
+        m = msg.meta
+        if m.get("job") not in self.jobs.jobs or not isinstance(m.get("rank"), int):
+            raise BadRequestError(f"job_report: unknown job {m.get('job')!r} or missing rank")
+        job = self.jobs.report(m["job"], m["rank"], progress=m.get("progress"), metrics=m.get("metrics"),
+                               done=bool(m.get("done")), error=m.get("error"), summary=m.get("summary"))
+        if job.state in ("done", "failed"):
+            log.info("job %s %s", job.id, job.state)
+        return msg.reply()
+
+    async def on_job_status(self, route: Route, msg: Message) -> Message:
+        job = self.jobs.jobs.get(msg.meta.get("job"))
+        if job is None:
+            raise BadRequestError(f"unknown job {msg.meta.get('job')!r}")
+        return msg.reply(meta=job.to_dict(int(msg.meta.get("metrics_from", 0))))
+
+    # -- status ------------------------------------------------------------------
+    async def on_status(self, route: Route, msg: Message) -> Message:
+        return msg.reply(meta=self.status())
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        nodes = []
+        for p in self.liveness.peers.values():
+            stats = self.stats.get(p.node, {})
+            nodes.append({"id": p.node, "role": p.role, "address": self.addresses.get(p.node, ""),
+                          "state": p.state.value, "last_heartbeat": round(now - p.last_seen, 3),
+                          "counters": stats.get("counters", {}),
+                          "bytes_in": stats.get("bytes_in", 0), "bytes_out": stats.get("bytes_out", 0)})
+        tables = {}
+        for name, spec in self.tables.items():
+            per_server = {n: s.get("tables", {}).get(name, {}) for n, s in self.stats.items()}
+            tables[name] = {**spec.to_wire(),
+                            "keys": sum(v.get("keys", 0) for v in per_server.values()),
+                            "bytes": sum(v.get("bytes", 0) for v in per_server.values()),
+                            "per_server": per_server}
+        ranges = [{"begin": r.begin, "last": r.end - 1, "owners": list(o)}
+                  for r, o in zip(self.ring.ranges, self.ring.owners)]
+        return {"scheduler": self.address, "uptime": round(time.time() - self.started, 1),
+                "ring_version": self.ring.version, "nodes": nodes, "ranges": ranges, "tables": tables,
+                "jobs": [j.to_dict(len(j.metrics)) for j in self.jobs.jobs.values()]}

@@ -1,0 +1,163 @@
+"""One table's keys and values on one server.
+
+Storage is a sorted uint64 key array with a values array of shape (n, width) aligned
+to it. Lookups are binary searches; a run of keys that is contiguous in storage is
+updated through a slice (in place, no gather/scatter). New keys are merged in, which
+costs a copy of the table, so a table grows in few large steps in practice (first
+touch), not on every push.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from psd.errors import BadRequestError, ValuesError
+from psd.store.updaters import Updater, make_updater
+
+DTYPE_NAMES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    width: int
+    dtype: str
+    updater: str = "sum"
+    options: dict = field(default_factory=dict)
+
+    def validate(self) -> "TableSpec":
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 200:
+            raise BadRequestError(f"table name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
+            raise BadRequestError(f"table {self.name!r}: width must be an integer >= 1, got {self.width!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise BadRequestError(f"table {self.name!r}: dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
+        if not isinstance(self.options, dict):
+            raise BadRequestError(f"table {self.name!r}: options must be a map")
+        make_updater(self.updater, self.np_dtype, self.options)  # raises on a bad name/option
+        return self
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(DTYPE_NAMES[self.dtype])
+
+    def to_wire(self) -> dict:
+        return {"name": self.name, "width": self.width, "dtype": self.dtype,
+                "updater": self.updater, "options": self.options}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "TableSpec":
+        if not isinstance(d, dict):
+            raise BadRequestError("table spec must be a map")
+        try:
+            return cls(name=d["name"], width=d["width"], dtype=d["dtype"],
+                       updater=d.get("updater", "sum"), options=d.get("options") or {}).validate()
+        except KeyError as e:
+            raise BadRequestError(f"table spec is missing {e.args[0]!r}") from None
+
+
+class Table:
+    def __init__(self, spec: TableSpec):
+        self.spec = spec
+        self.dtype = spec.np_dtype
+        self.width = spec.width
+        self.updater: Updater = make_updater(spec.updater, self.dtype, spec.options)
+        self.keys = np.empty(0, dtype=np.uint64)
+        self.vals = np.empty((0, self.width), dtype=self.dtype)
+        self.state = {f: np.empty((0, self.width), dtype=self.dtype) for f in self.updater.state_fields}
+
+    # -- checks ------------------------------------------------------------
+    def check_values(self, values: np.ndarray, n: int) -> np.ndarray:
+        if values.dtype != self.dtype:
+            raise ValuesError(f"table {self.spec.name!r} holds {self.dtype.name}, values are {values.dtype.name}")
+        if values.ndim == 1 and self.width == 1:
+            values = values.reshape(-1, 1)
+        if values.shape != (n, self.width):
+            raise ValuesError(f"table {self.spec.name!r}: values must have shape ({n}, {self.width}), "
+                              f"got {values.shape}")
+        return values
+
+    # -- lookups -----------------------------------------------------------
+    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Storage positions of ``keys`` and a mask of which are present."""
+        idx = np.searchsorted(self.keys, keys)
+        n = self.keys.size
+        if n == 0:
+            return idx, np.zeros(keys.size, dtype=bool)
+        present = self.keys[np.minimum(idx, n - 1)] == keys
+        present &= idx < n
+        return idx, present
+
+    def _span(self, lo: int, count: int) -> int | None:
+        """Storage offset where keys lo..lo+count-1 all sit in a row, or None."""
+        i0 = int(np.searchsorted(self.keys, np.uint64(lo)))
+        last = i0 + count - 1
+        if last < self.keys.size and int(self.keys[i0]) == lo and int(self.keys[last]) == lo + count - 1:
+            return i0  # sorted unique integers: first and last match => all between do
+        return None
+
+    def _insert(self, new_keys: np.ndarray) -> None:
+        pos = np.searchsorted(self.keys, new_keys)
+        self.keys = np.insert(self.keys, pos, new_keys)
+        zeros = np.zeros((new_keys.size, self.width), dtype=self.dtype)
+        self.vals = np.insert(self.vals, pos, zeros, axis=0)
+        for f in self.state:
+            self.state[f] = np.insert(self.state[f], pos, zeros, axis=0)
+
+    def _selector(self, keys: np.ndarray, *, create: bool):
+        """A slice or index array into storage for ``keys`` (inserting if asked)."""
+        if keys.size == 0:
+            return slice(0, 0), None
+        i0 = self._span(int(keys[0]), keys.size) if int(keys[-1]) - int(keys[0]) == keys.size - 1 else None
+        if i0 is not None:
+            return slice(i0, i0 + keys.size), None
+        idx, present = self._locate(keys)
+        if not present.all():
+            if not create:
+                return idx, present
+            self._insert(keys[~present])
+            idx, _ = self._locate(keys)
+        if idx[-1] - idx[0] == keys.size - 1:
+            return slice(int(idx[0]), int(idx[-1]) + 1), None
+        return idx, None
+
+    # -- operations ----------------------------------------------------------
+    def push(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Apply ``values`` at sorted unique ``keys`` (checked by the caller)."""
+        values = self.check_values(values, keys.size)
+        sel, _ = self._selector(keys, create=True)
+        self.updater.apply(self.vals, self.state, sel, values)
+
+    def pull(self, keys: np.ndarray) -> np.ndarray:
+        sel, present = self._selector(keys, create=False)
+        if present is None:
+            return self.vals[sel].copy() if isinstance(sel, slice) else self.vals[sel]
+        out = np.zeros((keys.size, self.width), dtype=self.dtype)
+        out[present] = self.vals[sel[present]]
+        return out
+
+    def push_span(self, lo: int, values: np.ndarray) -> None:
+        """Apply ``values`` to the dense keys lo, lo+1, ..."""
+        count = values.shape[0] if values.ndim else 0
+        values = self.check_values(values, count)
+        i0 = self._span(lo, count) if count else 0
+        if i0 is None:
+            self.push(np.arange(lo, lo + count, dtype=np.uint64), values)
+        else:
+            self.updater.apply(self.vals, self.state, slice(i0, i0 + count), values)
+
+    def pull_span(self, lo: int, count: int) -> np.ndarray:
+        i0 = self._span(lo, count) if count else 0
+        if i0 is not None:
+            return self.vals[i0:i0 + count].copy()
+        return self.pull(np.arange(lo, lo + count, dtype=np.uint64))
+
+    # -- introspection -------------------------------------------------------
+    @property
+    def num_keys(self) -> int:
+        return int(self.keys.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.vals.nbytes + sum(a.nbytes for a in self.state.values()))

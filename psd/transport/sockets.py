@@ -1,0 +1,51 @@
+"""Socket construction: one place sets the options every psd socket shares."""
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+import zmq.asyncio
+
+
+def install_event_loop(name: str = "uvloop") -> str:
+    """Use uvloop when asked for and installed; return the loop actually used."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            return "asyncio"
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return "uvloop"
+    return "asyncio"
+
+
+def async_context() -> zmq.asyncio.Context:
+    return zmq.asyncio.Context.instance()
+
+
+def _common(sock: zmq.Socket, max_message_bytes: int | None) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)  # the client bounds its own in-flight requests
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if max_message_bytes:
+        # hard cap per frame, far above the soft limit that gets an error reply:
+        # a peer sending more than this is disconnected before we allocate it
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)
+
+
+def bind_router(ctx: zmq.Context, address: str, max_message_bytes: int | None = None) -> tuple[zmq.Socket, str]:
+    """Bind a ROUTER; ``address`` may end in ``:0`` or ``:*`` for a free port."""
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock, max_message_bytes)
+    if address.endswith(":0"):
+        address = address[:-2] + ":*"
+    sock.bind(address)
+    bound = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    return sock, bound
+
+
+def connect_dealer(ctx: zmq.Context, address: str, max_message_bytes: int | None = None) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock, max_message_bytes)
+    sock.connect(address)
+    return sock
