@@ -37,6 +37,12 @@ DEFAULTS: dict = {
 }
 
 TABLE = "w"
+#: plots `psd run` writes from the metrics records
+PLOTS = [
+    {"file": "loss.png", "x": "epoch", "ys": ["test_logloss", "train_logloss"],
+     "title": "logistic regression: log-loss per epoch"},
+    {"file": "auc.png", "x": "time", "ys": ["test_auc"], "title": "test AUC against time (s)"},
+]
 REPORT_EVERY = 20  # batches between progress reports
 
 
@@ -202,8 +208,7 @@ async def run(kv, ctx) -> dict:
         summary["train_logloss"] = train_loss
         if ctx.rank == 0:
             result = await evaluate(table, test, test_keys, test_inverse)
-            records.append({"epoch": epoch, "time": time.perf_counter() - start, **result,
-                            "train_logloss": train_loss})
+            records.append({"epoch": epoch, "time": time.perf_counter() - start, **result})
             summary.update(result)
         await ctx.report(progress=done / total, metrics=records)
 

@@ -19,7 +19,7 @@ class Job:
     progress: dict[int, float] = field(default_factory=dict)  # rank -> fraction in [0, 1]
     metrics: list[dict] = field(default_factory=list)
     error: str | None = None
-    summary: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)  # str(rank) -> that worker's summary
 
     def to_dict(self, metrics_from: int = 0) -> dict:
         done = sum(self.progress.values()) / max(1, self.num_workers)
@@ -65,7 +65,7 @@ class JobBook:
         if metrics:
             job.metrics.extend(metrics)
         if summary:
-            job.summary.update(summary)
+            job.summary[str(rank)] = summary
         if error:
             job.state, job.error = "failed", error
         if done:

@@ -1,0 +1,65 @@
+"""The worker role: asks the scheduler for a job, runs its app on the assigned shards,
+reports progress and metrics, and asks again."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+
+from psd.client import aio
+from psd.config import ClusterConfig
+from psd.jobs.context import JobContext
+
+log = logging.getLogger("psd.worker")
+
+POLL_INTERVAL = 0.2
+
+
+class Worker:
+    def __init__(self, config: ClusterConfig, one_job: bool = False):
+        self.config = config
+        self.one_job = one_job
+
+    async def run(self, stop: asyncio.Event, ready) -> None:
+        kv = await aio.connect(self.config.scheduler, self.config)
+        ready(kv.node_id)
+        log.info("%s connected to %s", kv.node_id, self.config.scheduler)
+        try:
+            while not stop.is_set():
+                got = await kv.call_scheduler("job_poll")
+                if got.get("job") is None:
+                    try:
+                        await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                await self.run_job(kv, got, stop)
+                if self.one_job:
+                    break
+        finally:
+            await kv.close()
+
+    async def run_job(self, kv, got: dict, stop: asyncio.Event) -> None:
+        from psd.apps import load_app
+
+        ctx = JobContext(job_id=got["job"], spec=got["spec"], rank=got["rank"],
+                         num_workers=got["num_workers"], shards=list(got["shards"]), kv=kv)
+        log.info("%s runs job %s (%s) as rank %d of %d", kv.node_id, ctx.job_id, ctx.spec.get("app"),
+                 ctx.rank, ctx.num_workers)
+        try:
+            app = load_app(ctx.spec["app"])
+            app_task = asyncio.create_task(app.run(kv, ctx))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({app_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not app_task.done():
+                app_task.cancel()
+                await ctx.report(error=f"{kv.node_id} was stopped during the job")
+                return
+            summary = app_task.result()
+            await kv.wait_all()
+            await ctx.report(done=True, summary=summary or {})
+            log.info("%s finished job %s", kv.node_id, ctx.job_id)
+        except Exception as e:
+            log.error("%s: job %s failed:\n%s", kv.node_id, ctx.job_id, traceback.format_exc())
+            await ctx.report(error=f"{kv.node_id}: {type(e).__name__}: {e}")

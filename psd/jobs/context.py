@@ -1,0 +1,44 @@
+"""What an app sees of its job: its spec, its rank and shards, and a way to report."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from psd.client.aio import AsyncKVWorker
+
+
+def plain(value):
+    """numpy scalars and arrays -> msgpack-friendly Python values."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+@dataclass
+class JobContext:
+    job_id: str
+    spec: dict
+    rank: int
+    num_workers: int
+    shards: list[int]
+    kv: AsyncKVWorker = field(repr=False)
+
+    async def report(self, progress: float | None = None, metrics: list[dict] | None = None,
+                     summary: dict | None = None, done: bool = False, error: str | None = None) -> None:
+        meta = {"job": self.job_id, "rank": self.rank, "done": done}
+        if progress is not None:
+            meta["progress"] = float(progress)
+        if metrics:
+            meta["metrics"] = [plain(m) | {"rank": self.rank} for m in metrics]
+        if summary:
+            meta["summary"] = plain(summary)
+        if error:
+            meta["error"] = error
+        await self.kv.call_scheduler("job_report", **meta)

@@ -1,0 +1,104 @@
+"""``psd run JOB.yaml``: a local cluster, the job's worker daemons, progress, results.
+
+It takes the same path as a job on a real cluster: the job is submitted to the
+scheduler and worker daemons ask for it, so the embedded default exercises the
+production code.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from psd.client import admin
+from psd.errors import PsdError, PsdTimeoutError
+from psd.jobs.spec import JobSpec, load_job
+from psd.local import LocalCluster, daemon_argv
+
+POLL = 0.2
+
+
+def run_job(path: str, output: str | None = None, quiet: bool = False) -> int:
+    job = load_job(path)
+    out = Path(output or job.output)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"psd run: job {job.name!r} ({job.app}) on {job.servers} server(s) and {job.workers} "
+          f"worker(s); output in {out}/", file=sys.stderr)
+    started = time.monotonic()
+    with LocalCluster(servers=job.servers, **job.cluster) as cluster:
+        job_id = admin.call(cluster.scheduler, "submit", job=job.spec, workers=job.workers)["job"]
+        workers = [cluster.spawn(f"worker{i}", daemon_argv(
+            "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
+            for i in range(job.workers)]
+        state = _follow(cluster, job, job_id, workers, out, quiet)
+    elapsed = time.monotonic() - started
+    _plot(job, state["metrics_all"], out)
+    _summarize(job, state, out, elapsed)
+    if state["state"] != "done":
+        print(f"psd run: job {job_id} {state['state']}: {state.get('error') or 'see the logs above'}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _follow(cluster: LocalCluster, job: JobSpec, job_id: str, workers, out: Path, quiet: bool) -> dict:
+    from tqdm import tqdm
+
+    metrics_path = out / "metrics.jsonl"
+    seen: list[dict] = []
+    deadline = time.monotonic() + job.timeout
+    bar = tqdm(total=100, unit="%", desc=job.name, disable=quiet, file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+    with open(metrics_path, "w") as metrics_file, bar:
+        while True:
+            st = admin.call(cluster.scheduler, "job_status", job=job_id, metrics_from=len(seen))
+            for record in st["metrics"]:
+                metrics_file.write(json.dumps(record) + "\n")
+                seen.append(record)
+                bar.set_postfix_str(_postfix(record), refresh=False)
+            metrics_file.flush()
+            bar.n = round(100 * st["progress"], 1)
+            bar.refresh()
+            if st["state"] in ("done", "failed"):
+                st["metrics_all"] = seen
+                return st
+            dead = [w for w in workers if w.proc.poll() not in (None, 0)]
+            if dead:
+                st.update(state="failed", metrics_all=seen,
+                          error=f"{dead[0].name} exited with code {dead[0].proc.returncode}:\n{dead[0].log_tail()}")
+                return st
+            if time.monotonic() > deadline:
+                st.update(state="timed out", metrics_all=seen, error=f"not finished within {job.timeout:.0f} s")
+                return st
+            time.sleep(POLL)
+
+
+def _postfix(record: dict) -> str:
+    keys = [k for k in record if k not in ("rank", "series", "time") and isinstance(record[k], float)]
+    return " ".join(f"{k}={record[k]:.4g}" for k in keys[:3])
+
+
+def _plot(job: JobSpec, metrics: list[dict], out: Path) -> None:
+    from psd.apps import load_app
+    from psd.apps.plots import plot_curves
+
+    for p in getattr(load_app(job.app), "PLOTS", []):
+        plot_curves(metrics, p["x"], p["ys"], out / p["file"], p.get("title", job.name))
+
+
+def _summarize(job: JobSpec, state: dict, out: Path, elapsed: float) -> None:
+    per_rank = state.get("summary") or {}
+    summary = dict(per_rank.get("0", {}))  # rank 0 evaluates; the others add their counts
+    for key in ("examples", "batches"):
+        if all(key in s for s in per_rank.values()) and per_rank:
+            summary[key] = sum(s[key] for s in per_rank.values())
+    summary.pop("rank", None)
+    summary.update(job=state.get("id"), app=job.app, state=state["state"], seconds=round(elapsed, 2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    width = max(len(k) for k in summary)
+    print(f"\n{job.name}: {state['state']} in {elapsed:.1f} s")
+    for k in sorted(summary):
+        v = summary[k]
+        print(f"  {k.ljust(width)}  {v:.4f}" if isinstance(v, float) else f"  {k.ljust(width)}  {v}")
+    print(f"  {'output'.ljust(width)}  {out}/ (metrics.jsonl, summary.json, plots)")
