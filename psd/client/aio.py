@@ -44,7 +44,7 @@ class AsyncKVWorker:
         self.closed = False
 
     # -- connection --------------------------------------------------------------
-    async def _connect(self, role: str = "worker") -> "AsyncKVWorker":
+    async def _connect(self, role: str = "worker", heartbeat: bool = True) -> "AsyncKVWorker":
         ctx = async_context()
         self._link = RpcSocket(connect_dealer(ctx, self.scheduler), self.node_id, limits=self.limits)
         self._tasks.append(asyncio.create_task(self._link.serve()))
@@ -60,7 +60,9 @@ class AsyncKVWorker:
         self.limits = Limits(max_message_bytes=lim.get("max_message_bytes", self.limits.max_message_bytes),
                              max_keys=lim.get("max_keys", self.limits.max_keys))
         self._use_ring(Assignment.from_wire(reply.meta["ring"]))
-        self._tasks.append(asyncio.create_task(self._heartbeat(reply.meta.get("heartbeat_interval", 0.5))))
+        self.heartbeat_interval = reply.meta.get("heartbeat_interval", 0.5)
+        if heartbeat:
+            self._tasks.append(asyncio.create_task(self._heartbeat(self.heartbeat_interval)))
         return self
 
     def _use_ring(self, ring: Assignment) -> None:
@@ -273,7 +275,9 @@ def raise_too_large(size: int, limit: int):
                                f"push fewer keys at a time")
 
 
-async def connect(scheduler: str, config: ClusterConfig | None = None, *, role: str = "worker") -> AsyncKVWorker:
-    """Register with the scheduler at ``scheduler`` and return a connected worker."""
+async def connect(scheduler: str, config: ClusterConfig | None = None, *, role: str = "worker",
+                  heartbeat: bool = True) -> AsyncKVWorker:
+    """Register with the scheduler at ``scheduler`` and return a connected worker.
+    ``heartbeat=False`` leaves heartbeats to the caller (the sync facade)."""
     kv = AsyncKVWorker(scheduler, config or ClusterConfig())
-    return await kv._connect(role)
+    return await kv._connect(role, heartbeat)

@@ -2,7 +2,8 @@
 
 It drives the asyncio client on a private event loop in the calling thread: each call
 runs the loop just long enough to send (push) or to get its answer (pull, wait).
-Replies that arrive in between wait in ZeroMQ's queues, so no thread is needed.
+Replies that arrive in between wait in ZeroMQ's queues. The one thread is the
+heartbeat (psd/client/heartbeat.py), which must tick while the caller computes.
 Inside a running event loop, use ``psd.aio`` instead.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import numpy as np
 
 from psd.client import aio
+from psd.client.heartbeat import HeartbeatThread
 from psd.config import ClusterConfig
 from psd.transport import install_event_loop
 
@@ -22,10 +24,13 @@ class KVWorker:
         install_event_loop(config.event_loop)
         self._loop = asyncio.new_event_loop()
         try:
-            self.aio: aio.AsyncKVWorker = self._run(aio.connect(scheduler, config, role=role))
+            self.aio: aio.AsyncKVWorker = self._run(aio.connect(scheduler, config, role=role, heartbeat=False))
         except BaseException:
             self._loop.close()
             raise
+        self._heartbeat = HeartbeatThread(self.aio.scheduler, self.aio.node_id, self.aio.heartbeat_interval,
+                                          lambda: self.aio.clock_value)
+        self._heartbeat.start()
 
     def _run(self, coro):
         return self._loop.run_until_complete(coro)
@@ -55,6 +60,7 @@ class KVWorker:
 
     def close(self) -> None:
         if not self._loop.is_closed():
+            self._heartbeat.stop()
             self._run(self.aio.close())
             self._loop.close()
 

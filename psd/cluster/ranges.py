@@ -39,6 +39,10 @@ class Range:
 def as_keys(keys) -> np.ndarray:
     """Coerce user keys to a uint64 array and check they are sorted and unique."""
     arr = np.asarray(keys)
+    if arr.dtype.kind in "fO" and isinstance(keys, (list, tuple)):
+        # numpy turns [0, 2**64 - 1] into float64 (int64 and uint64 promote to float):
+        # a list of Python integers is still a valid key list
+        arr = _int_list(keys, arr)
     if arr.ndim != 1:
         raise KeysError(f"keys must be a 1-d array, got shape {arr.shape}")
     if arr.size == 0:
@@ -51,6 +55,14 @@ def as_keys(keys) -> np.ndarray:
         arr = arr.astype(np.uint64)
     check_sorted_unique(arr)
     return arr
+
+
+def _int_list(keys, fallback: np.ndarray) -> np.ndarray:
+    if not all(isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)) for k in keys):
+        return fallback
+    if any(not 0 <= int(k) < KEY_SPACE_END for k in keys):
+        raise KeysError("keys must be integers in [0, 2**64)")
+    return np.array([int(k) for k in keys], dtype=np.uint64)
 
 
 def check_sorted_unique(keys: np.ndarray) -> None:
@@ -69,7 +81,11 @@ def split_sorted(keys: np.ndarray, ranges: Sequence[Range]) -> list[tuple[int, i
     bounds = np.empty(2 * len(ranges), dtype=np.uint64)
     ends_at_top = np.zeros(2 * len(ranges), dtype=bool)
     for j, r in enumerate(ranges):
-        bounds[2 * j] = r.begin if r.begin < KEY_SPACE_END else 0
+        if r.begin >= KEY_SPACE_END:  # the empty range [2**64, 2**64) holds nothing
+            ends_at_top[2 * j] = True
+            bounds[2 * j] = 0
+        else:
+            bounds[2 * j] = r.begin
         if r.end >= KEY_SPACE_END:
             ends_at_top[2 * j + 1] = True
             bounds[2 * j + 1] = 0

@@ -48,7 +48,8 @@ def encode(msg: Message, compression: str = "none") -> list:
         if name not in DTYPES:
             raise ProtocolError(f"cannot send arrays of dtype {a.dtype}; use one of "
                                 f"uint64, float32, float64, int32, int64")
-        buf = memoryview(a).cast("B")
+        # memoryview.cast refuses views with a zero in the shape, e.g. (0, width)
+        buf = memoryview(a).cast("B") if a.nbytes else b""
         codec = "none"
         if compression == "zstd" and a.nbytes >= ZSTD_MIN_BYTES:
             packed = _compressor.compress(buf)
@@ -131,7 +132,8 @@ def _decode_array(i: int, desc, buf: memoryview, limits: Limits) -> np.ndarray:
     for d in shape:
         count *= d
     expected = count * dtype.itemsize
-    if shape[0] > limits.max_keys or expected > limits.max_message_bytes:
+    if shape[0] > limits.max_keys or expected > limits.max_message_bytes or any(
+            d > limits.max_message_bytes for d in shape):  # (0, 2**62) is empty but unshapeable
         raise MessageTooLargeError(f"frame {i + 1}: declared shape {shape} is over the limits")
     if nbytes != expected:
         raise ProtocolError(f"frame {i + 1}: declared {nbytes} bytes but shape {shape} of {name} needs {expected}")
@@ -139,6 +141,12 @@ def _decode_array(i: int, desc, buf: memoryview, limits: Limits) -> np.ndarray:
         data = buf
     elif codec == "zstd":
         try:
+            # decompress() trusts a content size in the zstd frame over max_output_size:
+            # check it first so a forged size cannot make us allocate it
+            declared = zstandard.frame_content_size(buf)
+            if declared not in (-1, expected):
+                raise ProtocolError(f"frame {i + 1}: zstd payload holds {declared} bytes but shape "
+                                    f"{shape} of {name} needs {expected}")
             data = _decompressor.decompress(buf, max_output_size=expected)
         except zstandard.ZstdError as e:
             raise ProtocolError(f"frame {i + 1}: zstd payload is corrupt ({e})") from None

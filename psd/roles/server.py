@@ -16,7 +16,7 @@ from psd.cluster.assignment import Assignment
 from psd.cluster.ranges import check_sorted_unique
 from psd.codec import Message
 from psd.config import ClusterConfig
-from psd.errors import (BadRequestError, KeysError, NotOwnerError, ProtocolError,
+from psd.errors import (BadRequestError, KeysError, MessageTooLargeError, NotOwnerError, ProtocolError,
                         TableMismatchError, UnknownTableError)
 from psd.store import Table, TableSpec
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
@@ -143,6 +143,9 @@ class Server:
             lo, count = span
             if lo + count > 1 << 64:
                 raise KeysError(f"span [{lo}, {lo + count}) runs past the end of the key space")
+            if count > self.config.limits.max_keys:  # a span costs no bytes to ask for, only to answer
+                raise MessageTooLargeError(f"span of {count} keys, limit is {self.config.limits.max_keys}; "
+                                           f"split the request")
             if len(msg.arrays) != n_arrays:
                 raise ProtocolError(f"{msg.op} by span expects {n_arrays} payload frame(s), got {len(msg.arrays)}")
             self._check_owner(lo, lo + count - 1, count, msg)
@@ -180,6 +183,10 @@ class Server:
         return keys, lo, count
 
     def _read(self, table: Table, keys, lo: int, count: int) -> np.ndarray:
+        size = count * table.width * table.dtype.itemsize
+        if size > self.config.limits.max_message_bytes:
+            raise MessageTooLargeError(f"the reply would be {size} bytes, over max_message_bytes "
+                                       f"{self.config.limits.max_message_bytes}; pull fewer keys at a time")
         self.counters["keys_pulled"] += count
         return table.pull_span(lo, count) if keys is None else table.pull(keys)
 

@@ -15,7 +15,7 @@ import msgpack
 import zmq
 
 from psd.codec import Limits, Message, decode, encode
-from psd.errors import PsdError, PsdTimeoutError, RemoteError, error_from_wire
+from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, error_from_wire
 
 log = logging.getLogger("psd.transport")
 
@@ -142,6 +142,10 @@ class RpcSocket:
             except PsdError as err:
                 await self._reject(route, frames, err)
                 continue
+            except Exception as err:  # a decoder bug must not end the receive loop
+                log.exception("%s: decoding a message failed", self.node_id)
+                await self._reject(route, frames, ProtocolError(f"message could not be decoded: {err!r}"))
+                continue
             if is_reply(msg):
                 fut = self.pending.pop(msg.id, None)
                 if fut is not None and not fut.done():
@@ -166,7 +170,12 @@ class RpcSocket:
             log.exception("%s: %s from %s failed", self.node_id, msg.op, msg.sender or "?")
             out = error_reply(msg, RemoteError(f"internal error handling {msg.op}: {err!r}"), self.node_id)
         if out is not None:
-            await self.reply(route, out)
+            try:
+                await self.reply(route, out)
+            except Exception as err:  # e.g. a reply that cannot be encoded: say so, keep serving
+                log.exception("%s: could not send the reply to %s", self.node_id, msg.op)
+                await self.reply(route, error_reply(
+                    msg, RemoteError(f"internal error replying to {msg.op}: {err!r}"), self.node_id))
 
     async def _reject(self, route: Route, frames, err: PsdError) -> None:
         """Answer an undecodable message with an error naming the problem."""
@@ -176,7 +185,12 @@ class RpcSocket:
         stub = Message(op="?", id=0)
         head = _peek_header(frames, self.limits.max_header_bytes)
         if head.get("op") in REPLY_OPS:
-            return  # never answer a reply: two confused peers would echo errors forever
+            # never answer a reply (two confused peers would echo errors forever), but fail
+            # the request it answers now instead of letting it time out
+            fut = self.pending.pop(head.get("id"), None) if isinstance(head.get("id"), int) else None
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+            return
         if isinstance(head.get("id"), int):
             stub.id = head["id"]  # name the request in the reply when its id can be read
         await self.reply(route, error_reply(stub, err, self.node_id))

@@ -1,0 +1,37 @@
+"""Heartbeats for the blocking client.
+
+The sync facade runs its event loop only inside API calls, so a worker computing for
+a minute between calls would look dead. This thread keeps it alive with its own
+socket; it shares nothing with the event loop but the worker's clock value (an int).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import zmq
+
+from psd.codec import Message, encode
+
+
+class HeartbeatThread(threading.Thread):
+    def __init__(self, scheduler: str, node_id: str, interval: float, clock: Callable[[], int]):
+        super().__init__(name=f"psd-heartbeat-{node_id}", daemon=True)
+        self.scheduler, self.node_id, self.interval, self.clock = scheduler, node_id, interval, clock
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.scheduler)
+        try:
+            while not self._halt.wait(self.interval):
+                sock.send_multipart(encode(Message("heartbeat", sender=self.node_id, clock=self.clock())))
+                while sock.poll(0):
+                    sock.recv_multipart()  # replies only say "known"; drop them
+        finally:
+            sock.close(0)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=2 * self.interval + 1)

@@ -1,0 +1,110 @@
+"""The psd command as a user meets it: psd run, bad job files, psd status."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import psd
+
+PSD = [sys.executable, "-m", "psd"]
+
+
+def run_psd(*args, timeout=120, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*PSD, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+SMALL_JOB = {
+    "name": "small", "app": "logreg_sgd", "servers": 2, "workers": 2,
+    "data": {"generator": "sparse_logreg", "seed": 7, "examples": 20000, "features": 100000, "nnz": 15},
+    "train": {"epochs": 3, "batch_size": 250, "learning_rate": 0.5},
+}
+
+
+def write_job(tmp_path: Path, job: dict | str, name="job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(job if isinstance(job, str) else yaml.safe_dump(job))
+    return path
+
+
+def test_psd_run_trains_and_writes_outputs(tmp_path):
+    out = tmp_path / "out"
+    job = write_job(tmp_path, {**SMALL_JOB, "output": str(out)})
+    res = run_psd("run", str(job), "--quiet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "small: done" in res.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "test_logloss" in r]
+    assert [r["epoch"] for r in evals] == [1, 2, 3]
+    assert evals[-1]["test_logloss"] < evals[0]["test_logloss"] < 0.6931  # learns from zero weights
+    assert evals[-1]["test_auc"] > 0.7
+    workers = {r["series"] for r in records if "series" in r}
+    assert workers == {"worker0", "worker1"}  # both ranks trained and reported
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["state"] == "done" and summary["examples"] == 18000  # both shards counted
+    for png in ("loss.png", "auc.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.parametrize("job, expect", [
+    ({k: v for k, v in SMALL_JOB.items() if k != "app"}, "app: missing"),
+    ({**SMALL_JOB, "workers": "two"}, "workers: expected a positive integer, got 'two'"),
+    ({**SMALL_JOB, "app": "nosuchapp"}, "app: unknown app 'nosuchapp'"),
+    ({**SMALL_JOB, "train": {"epochs": 0}}, "train.epochs: expected a positive integer"),
+    ({**SMALL_JOB, "colour": "red"}, "unknown key 'colour'"),
+    ({**SMALL_JOB, "cluster": {"heartbeat_interval": -1}}, "heartbeat_interval: expected a positive number"),
+    ("app: [unclosed\n", "not valid YAML at line"),
+    ("- just\n- a list\n", "expected a map at the top level"),
+])
+def test_bad_job_file_exits_2_with_one_clear_line(tmp_path, job, expect):
+    path = write_job(tmp_path, job)
+    res = run_psd("run", str(path), timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0] and expect in lines[0]
+
+
+def test_unreadable_job_file_exits_2(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    res = run_psd("run", str(missing), timeout=60)
+    assert res.returncode == 2
+    assert str(missing) in res.stderr and "cannot read" in res.stderr
+
+
+def test_status_cli_human_and_json():
+    with psd.LocalCluster(servers=2, heartbeat_interval=0.1) as cluster:
+        with psd.connect(cluster.scheduler) as kv:
+            w = kv.table("emb", width=4, dtype="float64", updater="sum")
+            keys = np.arange(0, 2**64 - 2**59, 2**59, dtype=np.uint64)  # spans both ranges
+            kv.wait(w.push(keys, np.ones((keys.size, 4))))
+            deadline = time.monotonic() + 10
+            while cluster.status()["tables"]["emb"]["keys"] != keys.size:  # carried on heartbeats
+                assert time.monotonic() < deadline, cluster.status()["tables"]
+                time.sleep(0.05)
+            res = run_psd("status", "--scheduler", cluster.scheduler, "--json", timeout=30)
+            assert res.returncode == 0, res.stderr
+            st = json.loads(res.stdout)
+            servers = [n for n in st["nodes"] if n["role"] == "server"]
+            assert len(servers) == 2 and all(n["state"] == "active" for n in servers)
+            assert st["tables"]["emb"]["keys"] == keys.size
+            assert st["tables"]["emb"]["bytes"] >= keys.size * (8 + 32)
+            assert [r["owners"] for r in st["ranges"]] == [["S0"], ["S1"]]
+            assert sum(n["counters"].get("push", 0) for n in servers) == 2  # one push cut in two
+            time.sleep(0.5)  # idle longer than 3 heartbeat intervals: still alive (heartbeat thread)
+            human = run_psd("status", "--scheduler", cluster.scheduler, timeout=30)
+            assert human.returncode == 0
+            assert "emb" in human.stdout and "S1" in human.stdout and "3/3 active" in human.stdout
+
+
+def test_status_without_scheduler_says_so():
+    res = run_psd("status", "--scheduler", "tcp://127.0.0.1:1", timeout=30)
+    assert res.returncode == 1
+    assert "no answer from the scheduler at tcp://127.0.0.1:1" in res.stderr
