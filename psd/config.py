@@ -28,6 +28,15 @@ class ClusterConfig:
     heartbeat_misses: int = 3
     request_timeout: float = 30.0
     compression: str = "none"
+    #: consistency model of every table unless a table overrides it (docs/consistency.md)
+    consistency: str = "eventual"
+    #: tau for bounded consistency: an integer >= 0, or "auto" (adapted within auto_delay_bounds)
+    max_delay: int | str = 2
+    auto_delay_bounds: tuple = (0, 8)
+    #: workers a sequential/bounded group waits for before they have all joined (0: whoever joined)
+    num_workers: int = 0
+    #: a worker whose clock lags the median by more than this is flagged as a straggler
+    straggler_lag: int = 3
     event_loop: str = "uvloop"
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
@@ -36,7 +45,8 @@ class ClusterConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain YAML/msgpack-friendly values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 _SCALARS = {
@@ -46,11 +56,24 @@ _SCALARS = {
     "heartbeat_misses": (int, "a positive integer"),
     "request_timeout": ((int, float), "a positive number of seconds"),
     "compression": (str, "'none' or 'zstd'"),
+    "consistency": (str, "one of sequential, bounded, eventual"),
+    "max_delay": ((int, str), "an integer >= 0 or 'auto'"),
+    "auto_delay_bounds": ((list, tuple), "[min, max] integers with 0 <= min <= max"),
+    "num_workers": (int, "an integer >= 0"),
+    "straggler_lag": (int, "a positive integer"),
     "event_loop": (str, "'uvloop' or 'asyncio'"),
     "log_level": (str, "one of debug, info, warning, error"),
 }
-_CHOICES = {"compression": ("none", "zstd"), "event_loop": ("uvloop", "asyncio"),
+_CHOICES = {"compression": ("none", "zstd"), "consistency": ("sequential", "bounded", "eventual"), "event_loop": ("uvloop", "asyncio"),
             "log_level": ("debug", "info", "warning", "error")}
+
+
+_SPECIAL = {  # fields whose valid values are not simply "positive"
+    "max_delay": lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+    "num_workers": lambda v: v >= 0,
+    "auto_delay_bounds": lambda v: (len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                         for x in v) and 0 <= v[0] <= v[1]),
+}
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ClusterConfig:
@@ -65,14 +88,17 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ClusterCon
             continue
         types, what = _SCALARS[key]
         bad_type = not isinstance(raw, types) or isinstance(raw, bool)
-        if bad_type or (key in _CHOICES and raw not in _CHOICES[key]) or (
-                isinstance(raw, (int, float)) and raw <= 0):
+        if not bad_type and key in _SPECIAL:
+            bad_type = not _SPECIAL[key](raw)
+        elif not bad_type and isinstance(raw, (int, float)) and raw <= 0:
+            bad_type = True
+        if bad_type or (key in _CHOICES and raw not in _CHOICES[key]):
             problems.append(f"{source}: {key}: expected {what}, got {raw!r}")
             continue
         if key in ("scheduler", "bind") and not raw.startswith("tcp://"):
             problems.append(f"{source}: {key}: expected a tcp:// address, got {raw!r}")
             continue
-        values[key] = raw
+        values[key] = tuple(raw) if isinstance(raw, list) else raw
     if problems:
         raise ConfigError("\n".join(problems))
     return ClusterConfig(**values)

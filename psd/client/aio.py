@@ -122,16 +122,23 @@ class AsyncKVWorker:
         return AsyncTable(self, TableSpec.from_wire(reply.meta["spec"]))
 
     def clock(self) -> int:
-        """Advance this worker's iteration count; returns the new clock."""
+        """Finish this worker's iteration: tell every server, after the iteration's pushes
+        (same connections, so they arrive first). Returns the new clock."""
         self.clock_value += 1
+        for node in self.ring.addresses:
+            rpc = self._servers.get(node)
+            if rpc is not None:
+                rpc.send_now(Message("clock", sender=self.node_id, clock=self.clock_value,
+                                     meta={"clock": self.clock_value}))
         return self.clock_value
 
-    async def wait(self, ts: int) -> None:
+    async def wait(self, ts: int):
+        """Block until request ``ts`` is done; returns a pull's values (None for a push)."""
         fut = self._inflight.get(ts)
         if fut is None:
-            return  # finished and collected already
+            return None  # finished and collected already
         try:
-            await fut
+            return await fut
         finally:
             self._inflight.pop(ts, None)
 
@@ -195,12 +202,34 @@ class AsyncKVWorker:
             parts, futs = new_parts, new_futs
         raise NotOwnerError(f"request still misrouted after {MAX_REROUTES} ring refreshes")
 
-    def _track(self, coro) -> int:
+    def _track(self, fut: asyncio.Future) -> int:
         ts = next(self._ts)
-        self._inflight[ts] = asyncio.ensure_future(coro)
+        self._inflight[ts] = fut
         return ts
 
-    def _issue(self, op: str, spec: TableSpec, keys, values, span, after) -> tuple[list[Part], list, callable]:
+    def _request(self, op: str, spec: TableSpec, *, keys=None, values=None, span=None, n: int = 0,
+                 after=None) -> asyncio.Future:
+        """Issue one request and return a future of its result (values for a pull, None
+        for a push). It is sent now, so requests leave in issue order, unless it names
+        timestamps in ``after``: then it is sent once those are done."""
+        deps = [self._inflight[t] for t in (after or ()) if t in self._inflight]
+        issued = None if deps else self._issue(op, spec, keys, values, span)
+
+        async def run():
+            nonlocal issued
+            if deps:
+                await asyncio.gather(*deps)
+                issued = self._issue(op, spec, keys, values, span)
+            parts, replies = await self._finish(*issued)
+            if op == "push":
+                return None
+            if n == 0:
+                return np.empty((0, spec.width), dtype=spec.np_dtype)
+            return assemble(parts, replies, n, spec)
+
+        return asyncio.ensure_future(run())
+
+    def _issue(self, op: str, spec: TableSpec, keys, values, span) -> tuple[list[Part], list, callable]:
         def replan(i0: int, i1: int) -> list[Part]:
             if span is not None:
                 sub = plan(op, spec, self.ring, values=None if values is None else values[i0:i1],
@@ -235,39 +264,43 @@ class AsyncTable:
                 raise_too_large(size, self.kv.limits.max_message_bytes)
         return keys, values
 
-    def push(self, keys, values) -> int:
-        """Send a push now; returns its timestamp (``await kv.wait(ts)``)."""
+    def push(self, keys, values, after: list[int] | None = None) -> int:
+        """Send a push now (or once the timestamps in ``after`` are done); returns its
+        timestamp (``await kv.wait(ts)``)."""
         keys, values = self._prepare(keys, values)
-        parts, futs, replan = self.kv._issue("push", self.spec, keys, values, None, None)
-        return self.kv._track(self.kv._finish(parts, futs, replan))
+        return self.kv._track(self.kv._request("push", self.spec, keys=keys, values=values, after=after))
 
-    def push_span(self, lo: int, values) -> int:
+    def push_span(self, lo: int, values, after: list[int] | None = None) -> int:
         """Push rows for the dense keys lo, lo+1, ... (no keys on the wire)."""
         values = np.asarray(values)
-        check_span(lo, values.shape[0] if values.ndim else 0)
-        values = check_values(self.spec, values, values.shape[0])
-        parts, futs, replan = self.kv._issue("push", self.spec, None, values, (int(lo), values.shape[0]), None)
-        return self.kv._track(self.kv._finish(parts, futs, replan))
+        count = values.shape[0] if values.ndim else 0
+        check_span(lo, count)
+        values = check_values(self.spec, values, count)  # a 0-d array is a ValuesError, not IndexError
+        if values.nbytes > self.kv.limits.max_message_bytes:
+            raise_too_large(values.nbytes, self.kv.limits.max_message_bytes)
+        return self.kv._track(self.kv._request("push", self.spec, values=values, span=(int(lo), count),
+                                               after=after))
 
-    async def pull(self, keys) -> np.ndarray:
+    def pull_async(self, keys, after: list[int] | None = None) -> int:
+        """Send a pull; returns its timestamp; ``await kv.wait(ts)`` returns the values."""
         keys, _ = self._prepare(keys)
-        return await self._gather("pull", keys, None, None, keys.size)
+        return self.kv._track(self.kv._request("pull", self.spec, keys=keys, n=keys.size, after=after))
+
+    async def pull(self, keys, after: list[int] | None = None) -> np.ndarray:
+        keys, _ = self._prepare(keys)
+        return await self.kv._request("pull", self.spec, keys=keys, n=keys.size, after=after)
 
     async def pull_span(self, lo: int, count: int) -> np.ndarray:
         check_span(lo, count)
-        return await self._gather("pull", None, None, (int(lo), int(count)), int(count))
+        if count > self.kv.limits.max_keys:
+            raise MessageTooLargeError(f"span of {count} keys, limit is {self.kv.limits.max_keys}; "
+                                       f"split the request")
+        return await self.kv._request("pull", self.spec, span=(int(lo), int(count)), n=int(count))
 
     async def pushpull(self, keys, values) -> np.ndarray:
         """Push, then pull the same keys after the push is applied (one round trip)."""
         keys, values = self._prepare(keys, values)
-        return await self._gather("pushpull", keys, values, None, keys.size)
-
-    async def _gather(self, op, keys, values, span, n) -> np.ndarray:
-        if n == 0:
-            return np.empty((0, self.width), dtype=self.dtype)
-        parts, futs, replan = self.kv._issue(op, self.spec, keys, values, span, None)
-        parts, replies = await self.kv._finish(parts, futs, replan)
-        return assemble(parts, replies, n, self.spec)
+        return await self.kv._request("pushpull", self.spec, keys=keys, values=values, n=keys.size)
 
 
 def raise_too_large(size: int, limit: int):

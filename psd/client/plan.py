@@ -44,6 +44,7 @@ def check_values(spec: TableSpec, values, n: int) -> np.ndarray:
 def check_span(lo: int, count: int) -> None:
     if not (isinstance(lo, (int, np.integer)) and isinstance(count, (int, np.integer))):
         raise KeysError("a span needs integer lo and count")
+    lo, count = int(lo), int(count)  # np.uint64 sums wrap around instead of passing 2**64
     if lo < 0 or count < 0 or lo + count > KEY_SPACE_END:
         raise KeysError(f"span [{lo}, {lo + count}) is outside the key space [0, 2**64)")
 

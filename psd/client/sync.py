@@ -46,14 +46,15 @@ class KVWorker:
               **options) -> "Table":
         return Table(self, self._run(self.aio.table(name, width, dtype, updater, **options)))
 
-    def wait(self, ts: int) -> None:
-        self._run(self.aio.wait(ts))
+    def wait(self, ts: int):
+        """Block until ``ts`` is done; returns a pull's values (None for a push)."""
+        return self._run(self.aio.wait(ts))
 
     def wait_all(self) -> None:
         self._run(self.aio.wait_all())
 
     def clock(self) -> int:
-        return self.aio.clock()
+        return self._run(self._now(self.aio.clock))
 
     def status(self) -> dict:
         return self._run(self.aio.status())
@@ -78,15 +79,19 @@ class Table:
         self.spec = table.spec
         self.name, self.width, self.dtype = table.name, table.width, table.dtype
 
-    def push(self, keys, values) -> int:
+    def push(self, keys, values, after: list[int] | None = None) -> int:
         """Send a push; returns its timestamp at once (``kv.wait(ts)`` to block)."""
-        return self._kv._run(self._kv._now(self._t.push, keys, values))
+        return self._kv._run(self._kv._now(self._t.push, keys, values, after))
 
-    def push_span(self, lo: int, values) -> int:
-        return self._kv._run(self._kv._now(self._t.push_span, lo, values))
+    def push_span(self, lo: int, values, after: list[int] | None = None) -> int:
+        return self._kv._run(self._kv._now(self._t.push_span, lo, values, after))
 
-    def pull(self, keys) -> np.ndarray:
-        return self._kv._run(self._t.pull(keys))
+    def pull_async(self, keys, after: list[int] | None = None) -> int:
+        """Send a pull; returns its timestamp; ``kv.wait(ts)`` returns the values."""
+        return self._kv._run(self._kv._now(self._t.pull_async, keys, after))
+
+    def pull(self, keys, after: list[int] | None = None) -> np.ndarray:
+        return self._kv._run(self._t.pull(keys, after))
 
     def pull_span(self, lo: int, count: int) -> np.ndarray:
         return self._kv._run(self._t.pull_span(lo, count))

@@ -9,7 +9,8 @@ from psd.config import config_from_dict, load_yaml
 from psd.errors import ConfigError
 
 #: top-level keys every job may have; the app checks its own sections (data, train, ...)
-COMMON_KEYS = {"name", "app", "servers", "workers", "output", "cluster", "timeout"}
+COMMON_KEYS = {"name", "app", "servers", "workers", "output", "cluster", "timeout",
+               "consistency", "max_delay"}
 APP_SECTIONS = {"data", "train", "tables", "filters", "model", "eval"}
 
 
@@ -62,6 +63,10 @@ def parse_job(data, source: str) -> JobSpec:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         problems.append(f"{source}: timeout: expected a positive number of seconds, got {timeout!r}")
     cluster = data.get("cluster", {}) or {}
+    if isinstance(cluster, dict):
+        # the job's consistency is a cluster setting; the group is the job's workers
+        cluster = {**cluster, **{k: data[k] for k in ("consistency", "max_delay") if k in data}}
+        cluster.setdefault("num_workers", workers)
     if not isinstance(cluster, dict):
         problems.append(f"{source}: cluster: expected a map of cluster settings, got {type(cluster).__name__}")
         cluster = {}

@@ -10,6 +10,7 @@ import logging
 import time
 
 from psd.cluster.assignment import Assignment, equal_width
+from psd.cluster.clocks import stragglers
 from psd.cluster.jobs import JobBook
 from psd.cluster.liveness import Liveness, State
 from psd.codec import Message
@@ -34,6 +35,8 @@ class Scheduler:
         self.ring = Assignment(version=0)
         self.tables: dict[str, TableSpec] = {}
         self.jobs = JobBook()
+        self.worker_clocks: dict[str, int] = {}
+        self.flagged: set[str] = set()  # workers currently flagged as stragglers
         self.started = time.time()
         self.handlers = {
             "register": self.on_register, "heartbeat": self.on_heartbeat, "leave": self.on_leave,
@@ -118,6 +121,8 @@ class Scheduler:
         if state is None:
             return msg.reply(meta={"known": False})
         self.routes[msg.sender] = route
+        if msg.sender.startswith("W"):
+            self.worker_clocks[msg.sender] = max(msg.clock, self.worker_clocks.get(msg.sender, 0))
         stats = msg.meta.get("stats")
         if isinstance(stats, dict):
             self.stats[msg.sender] = stats
@@ -126,13 +131,36 @@ class Scheduler:
     async def on_leave(self, route: Route, msg: Message) -> Message:
         self.liveness.leave(msg.sender)
         log.info("%s left", msg.sender)
+        if msg.sender.startswith("W"):
+            await self._worker_gone(msg.sender)
         return msg.reply()
+
+    async def _worker_gone(self, worker: str) -> None:
+        """Servers stop waiting for a worker that died or left."""
+        self.worker_clocks.pop(worker, None)
+        self.flagged.discard(worker)
+        await self._to_servers(Message("worker_left", meta={"worker": worker}))
 
     async def tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval / 2)
             for node, old, new in self.liveness.tick(time.monotonic()):
                 log.warning("%s: %s -> %s (ring v%d)", node, old.value, new.value, self.ring.version)
+                if new == State.DEAD and node.startswith("W"):
+                    await self._worker_gone(node)
+            self._flag_stragglers()
+
+    def _flag_stragglers(self) -> None:
+        live = {w: c for w, c in self.worker_clocks.items() if w in self.liveness.live("worker")}
+        now = set(stragglers(live, self.config.straggler_lag))
+        for worker in now - self.flagged:
+            lag = sorted(live.values())[len(live) // 2] - live[worker]
+            log.warning("%s is a straggler: clock %d, %d behind the median", worker, live[worker], lag)
+            for job in self.jobs.jobs.values():
+                if job.state == "running" and worker in job.ranks.values():
+                    job.metrics.append({"event": "straggler", "worker": worker, "clock": live[worker],
+                                        "lag": lag, "time": time.time()})
+        self.flagged = now
 
     async def on_get_ring(self, route: Route, msg: Message) -> Message:
         return msg.reply(meta={"ring": self.ring.to_wire()})
@@ -203,6 +231,9 @@ class Scheduler:
             stats = self.stats.get(p.node, {})
             nodes.append({"id": p.node, "role": p.role, "address": self.addresses.get(p.node, ""),
                           "state": p.state.value, "last_heartbeat": round(now - p.last_seen, 3),
+                          "clock": self.worker_clocks.get(p.node) if p.role == "worker" else None,
+                          "straggler": p.node in self.flagged,
+                          "consistency": stats.get("consistency", {}),
                           "counters": stats.get("counters", {}),
                           "bytes_in": stats.get("bytes_in", 0), "bytes_out": stats.get("bytes_out", 0)})
         tables = {}
@@ -214,6 +245,11 @@ class Scheduler:
                             "per_server": per_server}
         ranges = [{"begin": r.begin, "last": r.end - 1, "owners": list(o)}
                   for r, o in zip(self.ring.ranges, self.ring.owners)]
+        live = {w: c for w, c in self.worker_clocks.items() if w in self.liveness.live("worker")}
+        clocks = {"workers": live, "slowest": min(live.values()) if live else None,
+                  "fastest": max(live.values()) if live else None, "stragglers": sorted(self.flagged),
+                  "consistency": self.config.consistency, "max_delay": self.config.max_delay}
         return {"scheduler": self.address, "uptime": round(time.time() - self.started, 1),
+                "clocks": clocks,
                 "ring_version": self.ring.version, "nodes": nodes, "ranges": ranges, "tables": tables,
                 "jobs": [j.to_dict(len(j.metrics)) for j in self.jobs.jobs.values()]}

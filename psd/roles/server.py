@@ -18,6 +18,7 @@ from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.errors import (BadRequestError, KeysError, MessageTooLargeError, NotOwnerError, ProtocolError,
                         TableMismatchError, UnknownTableError)
+from psd.roles.consistency import Gate, Policy, Setting
 from psd.store import Table, TableSpec
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
 
@@ -34,10 +35,12 @@ class Server:
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0,
                          "keys_pushed": 0, "keys_pulled": 0}
         self.started = time.time()
+        self.gate = Gate(Setting(config.consistency, config.max_delay, config.num_workers,
+                                 tuple(config.auto_delay_bounds)))
         self.handlers = {"push": self.on_push, "pull": self.on_pull, "pushpull": self.on_pushpull,
-                         "status": self.on_status, "ping": self.on_ping}
+                         "clock": self.on_clock, "status": self.on_status, "ping": self.on_ping}
         self.control_handlers = {"create_table": self.on_create_table, "ring": self.on_ring,
-                                 "ping": self.on_ping}
+                                 "worker_left": self.on_worker_left, "ping": self.on_ping}
 
     # -- lifecycle -----------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready) -> None:
@@ -90,14 +93,23 @@ class Server:
         handler = self.control_handlers.get(msg.op)
         if handler is None:
             raise ProtocolError(f"unknown control op {msg.op!r}")
-        return handler(msg)
+        return handler(route, msg)
 
-    def on_create_table(self, msg: Message) -> Message:
+    def on_create_table(self, route: Route, msg: Message) -> Message:
         self._create(TableSpec.from_wire(msg.meta.get("spec")))
         return msg.reply()
 
-    def on_ring(self, msg: Message) -> Message:
+    def on_ring(self, route: Route, msg: Message) -> Message:
         self._set_ring(Assignment.from_wire(msg.meta["ring"]))
+        return msg.reply()
+
+    def on_worker_left(self, route: Route, msg: Message) -> Message:
+        """A worker died or left: it no longer holds back anyone's clock."""
+        worker = msg.meta.get("worker")
+        if not isinstance(worker, str):
+            raise BadRequestError("worker_left: meta.worker must be a worker id")
+        self.gate.leave(worker, time.monotonic())
+        log.info("%s: %s left the worker group", self.node_id, worker)
         return msg.reply()
 
     def _create(self, spec: TableSpec) -> None:
@@ -122,7 +134,7 @@ class Server:
             self.counters["errors"] += 1
             raise ProtocolError(f"unknown op {msg.op!r}; expected one of {', '.join(sorted(self.handlers))}")
         try:
-            return handler(msg)
+            return handler(route, msg)
         except Exception:
             self.counters["errors"] += 1
             raise
@@ -171,47 +183,65 @@ class Server:
         raise NotOwnerError(f"{self.node_id} does not own keys [{first}, {last}] at ring v{self.ring.version}",
                             ring=self.ring.version)
 
-    def _apply_push(self, msg: Message, table: Table, values_at: int) -> tuple[np.ndarray | None, int, int]:
-        keys, lo, count = self._keys(msg, table, values_at)
-        values = msg.arrays[values_at if keys is not None else values_at - 1]
-        values = table.check_values(values, count)  # checked before anything is applied
-        if keys is None:
-            table.push_span(lo, values)
-        else:
-            table.push(keys, values)
+    def _policy(self, table: Table) -> Policy:
+        return self.gate.policy(table.spec.consistency_override)
+
+    def _push_now_or_later(self, msg: Message, table: Table, policy: Policy
+                           ) -> tuple[np.ndarray | None, int, int]:
+        """Check everything first, then apply (or, under sequential, keep for the clock
+        boundary): a request is applied whole or not at all."""
+        keys, lo, count = self._keys(msg, table, 1)
+        values = table.check_values(msg.arrays[1 if keys is not None else 0], count)
+
+        def apply() -> None:
+            if keys is None:
+                table.push_span(lo, values)
+            else:
+                table.push(keys, values)
+
+        policy.push(msg.sender, msg.clock, apply)
         self.counters["keys_pushed"] += count
         return keys, lo, count
 
-    def _read(self, table: Table, keys, lo: int, count: int) -> np.ndarray:
-        size = count * table.width * table.dtype.itemsize
-        if size > self.config.limits.max_message_bytes:
-            raise MessageTooLargeError(f"the reply would be {size} bytes, over max_message_bytes "
-                                       f"{self.config.limits.max_message_bytes}; pull fewer keys at a time")
-        self.counters["keys_pulled"] += count
-        return table.pull_span(lo, count) if keys is None else table.pull(keys)
+    def _answer_pull(self, route: Route, msg: Message, table: Table, policy: Policy, keys, lo: int,
+                     count: int) -> None:
+        def run() -> None:
+            self.counters["keys_pulled"] += count
+            values = table.pull_span(lo, count) if keys is None else table.pull(keys)
+            self.data.reply_now(route, msg.reply(arrays=[values], ring=self.ring.version))
 
-    def on_push(self, msg: Message) -> Message:
+        policy.pull((msg.sender, msg.id), msg.sender, msg.clock, run, time.monotonic())
+
+    def on_push(self, route: Route, msg: Message) -> Message:
         table = self._table(msg)
-        self._apply_push(msg, table, 1)
+        self._push_now_or_later(msg, table, self._policy(table))
         self.counters["push"] += 1
         return msg.reply(ring=self.ring.version)
 
-    def on_pull(self, msg: Message) -> Message:
+    def on_pull(self, route: Route, msg: Message) -> None:
         table = self._table(msg)
         keys, lo, count = self._keys(msg, table, 0)
         self.counters["pull"] += 1
-        return msg.reply(arrays=[self._read(table, keys, lo, count)], ring=self.ring.version)
+        self._answer_pull(route, msg, table, self._policy(table), keys, lo, count)
 
-    def on_pushpull(self, msg: Message) -> Message:
+    def on_pushpull(self, route: Route, msg: Message) -> None:
         table = self._table(msg)
-        keys, lo, count = self._apply_push(msg, table, 1)
+        policy = self._policy(table)
+        keys, lo, count = self._push_now_or_later(msg, table, policy)
         self.counters["pushpull"] += 1
-        return msg.reply(arrays=[self._read(table, keys, lo, count)], ring=self.ring.version)
+        self._answer_pull(route, msg, table, policy, keys, lo, count)
 
-    def on_ping(self, msg: Message) -> Message:
+    def on_clock(self, route: Route, msg: Message) -> None:
+        """A worker finished an iteration; one-way (no reply), sent after its pushes."""
+        clock = msg.meta.get("clock")
+        if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0:
+            raise ProtocolError("clock: meta.clock must be a non-negative integer")
+        self.gate.clock(msg.sender, clock, time.monotonic())
+
+    def on_ping(self, route: Route, msg: Message) -> Message:
         return msg.reply(meta={"node": self.node_id})
 
-    def on_status(self, msg: Message) -> Message:
+    def on_status(self, route: Route, msg: Message) -> Message:
         return msg.reply(meta=self.stats())
 
     def stats(self) -> dict:
@@ -221,5 +251,6 @@ class Server:
             "bytes_in": self.data.bytes_in, "bytes_out": self.data.bytes_out,
             "messages_in": self.data.messages_in, "messages_out": self.data.messages_out,
             "ring": self.ring.version,
+            "consistency": self.gate.stats(),
             "uptime": time.time() - self.started,
         }

@@ -36,7 +36,21 @@ class TableSpec:
         if not isinstance(self.options, dict):
             raise BadRequestError(f"table {self.name!r}: options must be a map")
         make_updater(self.updater, self.np_dtype, self.options)  # raises on a bad name/option
+        consistency = self.options.get("consistency")
+        if consistency is not None and consistency not in ("sequential", "bounded", "eventual"):
+            raise BadRequestError(f"table {self.name!r}: consistency must be sequential, bounded or "
+                                  f"eventual, got {consistency!r}")
+        delay = self.options.get("max_delay")
+        if delay is not None and delay != "auto" and (not isinstance(delay, int) or isinstance(delay, bool)
+                                                      or delay < 0):
+            raise BadRequestError(f"table {self.name!r}: max_delay must be an integer >= 0 or 'auto', "
+                                  f"got {delay!r}")
         return self
+
+    @property
+    def consistency_override(self) -> dict:
+        """The table's own consistency setting, if it has one."""
+        return {k: self.options[k] for k in ("consistency", "max_delay") if k in self.options}
 
     @property
     def np_dtype(self) -> np.dtype:

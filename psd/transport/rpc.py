@@ -125,6 +125,11 @@ class RpcSocket:
         reply.sender = self.node_id
         await self.send(reply, route)
 
+    def reply_now(self, route: Route, reply: Message) -> None:
+        """Answer from plain code (a held request released by a later event)."""
+        reply.sender = self.node_id
+        self.send_now(reply, route)
+
     # -- receiving -----------------------------------------------------------
     async def serve(self) -> None:
         """Receive forever: resolve replies, hand requests to the handler."""

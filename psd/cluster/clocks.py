@@ -1,0 +1,342 @@
+"""Consistency models as deterministic classes: range vector clocks and held pulls.
+
+A worker's clock is its iteration count (how many times it has called ``clock()``); every
+pull carries the clock the worker had when issuing it. With a staleness bound ``tau``:
+
+- sequential (``tau = 0``): a pull at clock c runs once every group worker has clock >= c,
+  i.e. has finished iteration c-1. Each worker sends its clock advance after its pushes
+  on the same FIFO connection, so the pull then sees every push of clocks < c (BSP).
+- bounded (``tau > 0``): a pull at clock c runs once every live worker has clock >= c - tau.
+- eventual (``tau = None``): pulls never wait.
+
+The group has ``num_workers`` expected workers. Until that many have joined, each missing
+one counts as clock 0, so BSP waits for the whole group to arrive. A worker that leaves or
+dies stops counting, so one lost worker never blocks the others for ever.
+
+Nothing here reads a clock or touches I/O: the server feeds events in and drains
+``ready()``; durations for ``AutoDelay`` and ``WaitHistogram`` are passed in by the caller.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from collections import deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+from psd.errors import ConfigError
+
+DEFAULT_RANGE = "default"
+CONSISTENCIES = ("sequential", "bounded", "eventual")
+
+
+def tau_for(consistency: str, max_delay: int | None = None) -> int | None:
+    """The staleness bound of a named model: sequential 0, bounded ``max_delay``, eventual None.
+
+    ``max_delay: auto`` is not a number: build an ``AutoDelay`` and copy its ``tau`` instead.
+    """
+    if consistency == "sequential":
+        return 0
+    if consistency == "eventual":
+        return None
+    if consistency == "bounded":
+        if isinstance(max_delay, bool) or not isinstance(max_delay, int) or max_delay < 0:
+            raise ConfigError(f"bounded consistency needs an integer max_delay >= 0, "
+                              f"got {max_delay!r} (use AutoDelay for 'auto')")
+        return max_delay
+    raise ConfigError(f"unknown consistency {consistency!r}; choose one of "
+                      f"{', '.join(CONSISTENCIES)}")
+
+
+@dataclass(frozen=True)
+class _Pull:
+    worker: str
+    clock: int
+    ranges: tuple[Hashable, ...] | None   # None: every range the server holds
+
+
+class RangeClocks:
+    """One server's clocks: one per (key range, worker), plus the pulls they hold back.
+
+    Use one instance per consistency setting (a table with its own model gets its own).
+    The server calls ``join``/``leave`` when the scheduler reports membership, ``clock``
+    when a worker's clock message arrives, ``pull`` for each pull (True: run it now), and
+    after every event drains ``ready()`` for held pulls that may now run, in arrival order.
+
+    Ranges are opaque ids. ``clock`` and ``pull`` apply to every range unless given a
+    subset; per-range clocks only diverge if the caller clocks ranges separately or adds a
+    range with its own clocks (for example one taken over from a failed server).
+    """
+
+    def __init__(self, num_workers: int, tau: int | None = 0,
+                 ranges: Iterable[Hashable] = (DEFAULT_RANGE,)):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+        self._tau = _check_tau(tau)
+        self._clocks: dict[Hashable, dict[str, int]] = {r: {} for r in ranges}
+        self._joined: set[str] = set()     # ever joined: fills an expected slot for good
+        self._live: set[str] = set()
+        self._held: dict[Hashable, _Pull] = {}   # insertion order is arrival order
+        self._ready: list[Hashable] = []
+
+    # -- consistency setting ---------------------------------------------------------
+    @property
+    def tau(self) -> int | None:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: int | None) -> None:
+        """Change the bound at run time (``AutoDelay``); a looser bound releases pulls."""
+        self._tau = _check_tau(value)
+        self._release()
+
+    # -- events ----------------------------------------------------------------------
+    def join(self, worker: str, clock: int = 0) -> None:
+        """A worker joins (or rejoins, keeping its old clock if larger). Never releases."""
+        self._joined.add(worker)
+        self._live.add(worker)
+        for clocks in self._clocks.values():
+            clocks[worker] = max(clocks.get(worker, 0), clock)
+
+    def leave(self, worker: str) -> None:
+        """A worker left or died: it stops counting, which may release pulls."""
+        self._live.discard(worker)
+        self._release()
+
+    def clock(self, worker: str, clock: int,
+              ranges: Iterable[Hashable] | None = None) -> None:
+        """The worker's clock is now ``clock`` (a smaller value than known is ignored).
+
+        A clock from a never-seen worker joins it (its messages may beat the scheduler's
+        notice); one from a worker that left is recorded but does not bring it back.
+        """
+        if worker not in self._joined:
+            self.join(worker)
+        for r in self._range_ids(ranges):
+            clocks = self._clocks[r]
+            clocks[worker] = max(clocks.get(worker, 0), clock)
+        self._release()
+
+    def pull(self, request_id: Hashable, worker: str, clock: int,
+             ranges: Iterable[Hashable] | None = None) -> bool:
+        """True if a pull issued at ``clock`` may run now; otherwise it is held."""
+        if request_id in self._held:
+            raise ValueError(f"pull {request_id!r} is already held")
+        if worker not in self._joined:
+            self.join(worker)
+        pull = _Pull(worker, clock, None if ranges is None else tuple(ranges))
+        if self._may_run(pull, {}):
+            return True
+        self._held[request_id] = pull
+        return False
+
+    def cancel(self, request_id: Hashable) -> bool:
+        """Forget a held pull (its client went away); True if it was held."""
+        return self._held.pop(request_id, None) is not None
+
+    def ready(self) -> list[Hashable]:
+        """Held pulls released since the last call, in arrival order."""
+        out, self._ready = self._ready, []
+        return out
+
+    def add_range(self, range_id: Hashable, clocks: dict[str, int] | None = None) -> None:
+        """Start tracking a range, by default at the clocks every current range agrees on."""
+        if clocks is None:
+            workers = set().union(*(c.keys() for c in self._clocks.values()))
+            clocks = {w: min(c.get(w, 0) for c in self._clocks.values()) for w in workers}
+        self._clocks[range_id] = dict(clocks)
+
+    def drop_range(self, range_id: Hashable) -> None:
+        self._clocks.pop(range_id, None)
+        self._release()
+
+    # -- queries ---------------------------------------------------------------------
+    def min_clock(self, ranges: Iterable[Hashable] | None = None) -> int | None:
+        """The clock every group worker has reached (missing ones count 0); None if empty."""
+        return self._floor(None if ranges is None else tuple(ranges))
+
+    def clocks(self, range_id: Hashable | None = None) -> dict[str, int]:
+        """Live workers' clocks in one range, or (default) the minimum over all ranges."""
+        tables = [self._clocks[range_id]] if range_id is not None else list(self._clocks.values())
+        if not tables:
+            return {}
+        return {w: min(t.get(w, 0) for t in tables) for w in sorted(self._live)}
+
+    def held(self) -> int:
+        return len(self._held)
+
+    # -- internals -------------------------------------------------------------------
+    def _range_ids(self, ranges: Iterable[Hashable] | None) -> list[Hashable]:
+        if ranges is None:
+            return list(self._clocks)
+        return [r for r in ranges if r in self._clocks]   # ranges not held here don't bind
+
+    def _floor(self, ranges: tuple[Hashable, ...] | None) -> int | None:
+        lows = [min((self._clocks[r].get(w, 0) for w in self._live), default=None)
+                for r in self._range_ids(ranges)]
+        lows = [x for x in lows if x is not None]
+        if len(self._joined) < self.num_workers:
+            lows.append(0)
+        return min(lows, default=None)
+
+    def _may_run(self, pull: _Pull, floors: dict) -> bool:
+        if self._tau is None:
+            return True
+        if pull.ranges not in floors:
+            floors[pull.ranges] = self._floor(pull.ranges)
+        floor = floors[pull.ranges]
+        return floor is None or floor >= pull.clock - self._tau
+
+    def _release(self) -> None:
+        floors: dict = {}   # one floor per distinct range set, computed once per event
+        for request_id, pull in list(self._held.items()):
+            if self._may_run(pull, floors):
+                del self._held[request_id]
+                self._ready.append(request_id)
+
+
+def _check_tau(tau: int | None) -> int | None:
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, int) or tau < 0):
+        raise ValueError(f"tau must be None (eventual) or an integer >= 0, got {tau!r}")
+    return tau
+
+
+class AutoDelay:
+    """Adapts tau between ``tau_min`` and ``tau_max`` from how long pulls wait.
+
+    The caller reports durations: ``observe_wait(s)`` for each held pull's wait and
+    ``observe_iteration(s)`` once per worker iteration (waits and iterations from the
+    same workers). Rule, judged over the last ``window`` iterations:
+
+    - wait fraction ``f = sum(waits) / sum(iteration times)``;
+    - ``f > raise_above``: tau += 1 (workers idle at the barrier; let them run ahead);
+    - ``f < lower_below``: tau -= 1 (little waiting; tighten for fresher reads);
+    - otherwise tau stays (the dead band between the two thresholds is the hysteresis).
+
+    After each change the window is emptied, so the next decision sees only iterations
+    run under the new tau. If a change reverses the previous one, the next decision waits
+    twice as many windows (up to ``max_backoff``), so a workload that jumps across the
+    whole dead band between two adjacent taus settles into ever slower flips instead of
+    flapping every window; a window that lands in the dead band resets the backoff.
+    """
+
+    def __init__(self, tau_min: int = 0, tau_max: int = 8, *, initial: int | None = None,
+                 window: int = 20, raise_above: float = 0.20, lower_below: float = 0.05,
+                 max_backoff: int = 8):
+        if not 0 <= tau_min <= tau_max:
+            raise ConfigError(f"max_delay auto needs 0 <= tau_min <= tau_max, "
+                              f"got {tau_min}, {tau_max}")
+        if not 0 <= lower_below < raise_above:
+            raise ConfigError(f"auto delay needs 0 <= lower_below < raise_above, "
+                              f"got {lower_below}, {raise_above}")
+        if window < 1 or max_backoff < 1:
+            raise ConfigError("auto delay needs window >= 1 and max_backoff >= 1")
+        self.tau_min, self.tau_max = tau_min, tau_max
+        self.window, self.max_backoff = window, max_backoff
+        self.raise_above, self.lower_below = raise_above, lower_below
+        self._tau = tau_min if initial is None else min(max(initial, tau_min), tau_max)
+        self._iters: deque[tuple[float, float]] = deque(maxlen=window)  # (iteration, wait)
+        self._pending_wait = 0.0
+        self._skip = 0            # iterations left before the next judgement
+        self._backoff = 1
+        self._last_step = 0       # +1, -1, or 0 before any change
+
+    @property
+    def tau(self) -> int:
+        return self._tau
+
+    def observe_wait(self, seconds: float) -> None:
+        self._pending_wait += max(seconds, 0.0)
+
+    def observe_iteration(self, seconds: float) -> int:
+        """Record one iteration (with the waits seen since the last); returns tau."""
+        self._iters.append((max(seconds, 0.0), self._pending_wait))
+        self._pending_wait = 0.0
+        self._skip = max(self._skip - 1, 0)
+        if self._skip == 0 and len(self._iters) == self.window:
+            self._judge()
+        return self._tau
+
+    def wait_fraction(self) -> float | None:
+        """The current window's fraction of iteration time spent waiting, if any."""
+        total = sum(t for t, _ in self._iters)
+        return sum(w for _, w in self._iters) / total if total > 0 else None
+
+    def _judge(self) -> None:
+        f = self.wait_fraction()
+        if f is None:
+            return
+        step = 1 if f > self.raise_above else -1 if f < self.lower_below else 0
+        new = min(max(self._tau + step, self.tau_min), self.tau_max)
+        if step == 0:
+            self._backoff = 1
+        if new == self._tau:
+            return
+        if self._last_step and step != self._last_step:
+            self._backoff = min(self._backoff * 2, self.max_backoff)
+        self._tau, self._last_step = new, step
+        self._iters.clear()
+        self._skip = self._backoff * self.window
+
+
+def stragglers(clocks: dict[str, int], lag: int) -> list[str]:
+    """Workers whose clock is more than ``lag`` behind the median, slowest first."""
+    if not clocks:
+        return []
+    median = statistics.median(clocks.values())
+    return sorted((w for w, c in clocks.items() if median - c > lag),
+                  key=lambda w: (clocks[w], w))
+
+
+class WaitHistogram:
+    """How long pulls were held, in fixed log-spaced buckets (1-2-5 per decade).
+
+    Fixed buckets keep it cheap to record and to merge across servers; the quantiles
+    are estimates: the upper bound of the bucket holding the rank (the largest wait seen
+    for the open top bucket).
+    """
+
+    def __init__(self, lo: float = 1e-3, hi: float = 100.0):
+        bounds, decade = [], lo
+        while decade <= hi * (1 + 1e-9):
+            bounds += [b for b in (decade, 2 * decade, 5 * decade) if b <= hi * (1 + 1e-9)]
+            decade *= 10
+        self.bounds = [float(f"{b:.6g}") for b in bounds]
+        self.counts = [0] * (len(self.bounds) + 1)   # the last bucket is (hi, inf)
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+
+    def record(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.count += 1
+        self.total += seconds
+        self.max = max(self.max, seconds)
+
+    def merge(self, other: WaitHistogram) -> None:
+        if other.bounds != self.bounds:
+            raise ValueError("cannot merge histograms with different buckets")
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.count += other.count
+        self.total += other.total
+        self.max = max(self.max, other.max)
+
+    def quantile(self, q: float) -> float | None:
+        if self.count == 0:
+            return None
+        rank, seen = max(1, math.ceil(q * self.count)), 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                return min(self.bounds[i], self.max) if i < len(self.bounds) else self.max
+        return self.max
+
+    def to_dict(self) -> dict:
+        """For status output: ``le`` bound -> count (``+inf`` last), count, sum, p50, p99."""
+        keys = [f"{b:g}" for b in self.bounds] + ["+inf"]
+        return {"buckets": dict(zip(keys, self.counts)), "count": self.count,
+                "sum": self.total, "max": self.max,
+                "p50": self.quantile(0.50), "p99": self.quantile(0.99)}
