@@ -25,6 +25,26 @@ class Assignment:
     def primary_of(self, i: int) -> str:
         return self.owners[i][0]
 
+    def owners_of(self, i: int) -> tuple[str, ...]:
+        """Owners of range ``i``: the primary first, then its replicas in chain order."""
+        return self.owners[i]
+
+    def led_by(self, node: str) -> list[Range]:
+        """The ranges ``node`` is primary for."""
+        return [r for r, o in zip(self.ranges, self.owners) if o and o[0] == node]
+
+    def owners_at(self, key: int) -> tuple[str, ...]:
+        """Owners of the range holding ``key`` (empty if no range holds it)."""
+        i = self.find(key)
+        if i < len(self.ranges) and key in self.ranges[i]:
+            return self.owners[i]
+        return ()
+
+    @property
+    def servers(self) -> list[str]:
+        """Every node that owns some range, sorted."""
+        return sorted({n for o in self.owners for n in o})
+
     def find(self, key: int) -> int:
         """Index of the range holding ``key``."""
         lo, hi = 0, len(self.ranges)
