@@ -23,9 +23,13 @@ class ClusterConfig:
     scheduler: str = DEFAULT_SCHEDULER
     #: address servers bind to; port 0 picks a free one
     bind: str = "tcp://127.0.0.1:0"
-    heartbeat_interval: float = 0.5
+    heartbeat_interval: float = 0.1
     #: missed heartbeats before a node is suspect; twice as many and it is dead
-    heartbeat_misses: int = 3
+    heartbeat_misses: int = 4
+    #: copies of every key range (a primary and replication - 1 replicas)
+    replication: int = 1
+    #: points per server on the consistent-hashing ring
+    vnodes: int = 16
     request_timeout: float = 30.0
     compression: str = "none"
     #: consistency model of every table unless a table overrides it (docs/consistency.md)
@@ -54,6 +58,8 @@ _SCALARS = {
     "bind": (str, "a tcp:// address"),
     "heartbeat_interval": ((int, float), "a positive number of seconds"),
     "heartbeat_misses": (int, "a positive integer"),
+    "replication": (int, "a positive integer"),
+    "vnodes": (int, "a positive integer"),
     "request_timeout": ((int, float), "a positive number of seconds"),
     "compression": (str, "'none' or 'zstd'"),
     "consistency": (str, "one of sequential, bounded, eventual"),

@@ -135,14 +135,31 @@ class LocalCluster:
             self.add_server(wait=False)
         for child in self.servers:
             child.wait_ready(deadline)
+        self.wait_for_ring(self.num_servers, deadline)
+
+    def wait_for_ring(self, servers: int, deadline: float | None = None) -> dict:
+        """Until the ring spans ``servers`` servers and no ring change is under way."""
+        deadline = deadline or time.monotonic() + self.startup_timeout
+        while True:
+            st = self.status()
+            owners = {o for r in st["ranges"] for o in r["owners"]}
+            if len(owners) == servers and not st["ring_changing"]:
+                return st
+            if time.monotonic() > deadline:
+                raise StartupError(f"the ring did not settle on {servers} servers in time: "
+                                   f"{len(owners)} hold ranges at ring v{st['ring_version']}")
+            time.sleep(0.02)
 
     def add_server(self, wait: bool = True) -> Child:
-        """Start one more server daemon (live join of data comes with the replication work)."""
+        """Start one more server daemon; it copies its ranges in while the others serve
+        (with ``wait``, returns once the ring includes it)."""
         child = Child(f"server{len(self.servers)}", daemon_argv(
             "server", "--config", str(self.config_path), "--scheduler", self.scheduler), self.workdir)
         self.servers.append(child)
         if wait:
             child.wait_ready(time.monotonic() + self.startup_timeout)
+            live = sum(1 for c in self.servers if c.proc.poll() is None)
+            self.wait_for_ring(live)
         return child
 
     def spawn(self, name: str, argv: list[str]) -> Child:
@@ -152,10 +169,31 @@ class LocalCluster:
         return child
 
     # -- faults and inspection -------------------------------------------------
-    def kill_server(self, i: int, sig: int = signal.SIGKILL) -> None:
-        self.servers[i].proc.send_signal(sig)
+    def server(self, which: int | str) -> Child:
+        """A server child by start index, or by node id ("S1") as `psd status` shows it."""
+        if isinstance(which, int):
+            return self.servers[which]
+        for node in self.status()["nodes"]:
+            if node["id"] == which:
+                for child in self.servers:
+                    if child.address == node["address"]:
+                        return child
+        raise KeyError(f"no server {which!r} in this cluster")
+
+    def node_id(self, i: int) -> str:
+        """The node id the i-th started server registered as."""
+        address = self.servers[i].address
+        for node in self.status()["nodes"]:
+            if node["address"] == address:
+                return node["id"]
+        raise KeyError(f"server {i} has not registered")
+
+    def kill_server(self, which: int | str, sig: int = signal.SIGKILL) -> None:
+        """Signal a server (SIGKILL by default; SIGSTOP/SIGCONT freeze and thaw it)."""
+        child = self.server(which)
+        child.proc.send_signal(sig)
         if sig == signal.SIGKILL:
-            self.servers[i].proc.wait(5)
+            child.proc.wait(5)
 
     def status(self) -> dict:
         return admin.call(self.scheduler, "status")

@@ -38,12 +38,55 @@ def render(st: dict) -> str:
     out.append(_table(["name", "width", "dtype", "updater", "keys", "memory"], [
         [name, t["width"], t["dtype"], t["updater"], t["keys"], _size(t["bytes"])]
         for name, t in st["tables"].items()]))
+    out += _workers(st)
     if st.get("jobs"):
         out += ["", "jobs"]
         out.append(_table(["id", "app", "state", "progress", "workers"], [
             [j["id"], j["app"], j["state"], f"{100 * j['progress']:.0f}%", j["num_workers"]]
             for j in st["jobs"]]))
     return "\n".join(out)
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{1000 * s:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _workers(st: dict) -> list[str]:
+    """Each worker's clock and straggler flag, then each server's consistency gate."""
+    clocks = st.get("clocks") or {}
+    workers = clocks.get("workers") or {}
+    model = clocks.get("consistency", "?")
+    if model == "bounded":
+        model += f", max_delay {clocks.get('max_delay')}"
+    slowest, fastest = clocks.get("slowest"), clocks.get("fastest")
+    out = ["", f"workers ({model}): slowest clock {'-' if slowest is None else slowest}, "
+               f"fastest {'-' if fastest is None else fastest}"]
+    flagged = set(clocks.get("stragglers") or [])
+    if workers:
+        out.append(_table(["id", "clock", "straggler"], [
+            [w, c, "yes" if w in flagged else ""]
+            for w, c in sorted(workers.items(), key=lambda wc: (wc[1], wc[0]))]))
+    else:
+        out.append("(no live workers)")
+    rows = []
+    for n in st["nodes"]:
+        if n["role"] != "server":
+            continue
+        for name, p in sorted((n.get("consistency") or {}).items()):
+            waits = p.get("waits") or {}
+            rows.append([n["id"], name, "-" if p.get("tau") is None else p["tau"],
+                         "-" if p.get("min_clock") is None else p["min_clock"],
+                         "-" if p.get("max_clock") is None else p["max_clock"],
+                         p.get("held_pulls", 0), p.get("buffered_pushes", 0), waits.get("count", 0),
+                         _seconds(waits.get("p50")), _seconds(waits.get("p99")),
+                         _seconds(waits.get("max") if waits.get("count") else None)])
+    if rows:
+        out += ["", "consistency per server (pull wait: time a pull was held, over all pulls)"]
+        out.append(_table(["server", "policy", "tau", "min clock", "max clock", "held pulls",
+                           "buffered pushes", "pulls", "pull wait p50", "p99", "max"], rows))
+    return out
 
 
 def show_status(scheduler: str, as_json: bool = False) -> int:

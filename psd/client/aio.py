@@ -13,18 +13,23 @@ import logging
 
 import numpy as np
 
-from psd.client.plan import Part, assemble, check_keys, check_span, check_values, plan
+from psd.client.plan import Part, assemble, check_keys, check_span, check_values, plan, replan
+from psd.cluster.rows import Rows
 from psd.cluster.assignment import Assignment
 from psd.codec import Limits, Message
 from psd.config import ClusterConfig
-from psd.errors import MessageTooLargeError, NotOwnerError, PsdError, PsdTimeoutError, StartupError
+from psd.errors import (MessageTooLargeError, NotOwnerError, ProtocolError, PsdError, PsdTimeoutError,
+                        StartupError)
 from psd.store.table import TableSpec
 from psd.transport import RpcSocket, async_context, connect_dealer
 from psd.transport.rpc import raise_if_error
 
 log = logging.getLogger("psd.client")
 
-MAX_REROUTES = 5
+#: how often an unanswered request checks whether the ring moved its keys
+RETRY_TICK = 0.05
+#: how often a request unanswered for long asks the scheduler for the ring
+RING_POLL = 1.0
 
 
 class AsyncKVWorker:
@@ -46,7 +51,8 @@ class AsyncKVWorker:
     # -- connection --------------------------------------------------------------
     async def _connect(self, role: str = "worker", heartbeat: bool = True) -> "AsyncKVWorker":
         ctx = async_context()
-        self._link = RpcSocket(connect_dealer(ctx, self.scheduler), self.node_id, limits=self.limits)
+        self._link = RpcSocket(connect_dealer(ctx, self.scheduler), self.node_id, limits=self.limits,
+                               handler=self._on_scheduler)
         self._tasks.append(asyncio.create_task(self._link.serve()))
         try:
             reply = await self._link.call(Message("register", meta={"role": role}),
@@ -64,6 +70,13 @@ class AsyncKVWorker:
         if heartbeat:
             self._tasks.append(asyncio.create_task(self._heartbeat(self.heartbeat_interval)))
         return self
+
+    async def _on_scheduler(self, route, msg: Message) -> Message:
+        """The scheduler pushes ring changes so unanswered requests move at once."""
+        if msg.op != "ring":
+            raise ProtocolError(f"a worker does not handle {msg.op!r}")
+        self._use_ring(Assignment.from_wire(msg.meta["ring"]))
+        return msg.reply()
 
     def _use_ring(self, ring: Assignment) -> None:
         if ring.version < self.ring.version:
@@ -154,95 +167,88 @@ class AsyncKVWorker:
         return reply.meta
 
     # -- requests ------------------------------------------------------------------
-    def _send(self, parts: list[Part]) -> list[asyncio.Future]:
-        futs = []
-        for part in parts:
-            rpc = self._servers.get(part.server)
-            if rpc is None:
-                raise PsdError(f"no connection to {part.server}; ring v{self.ring.version} is inconsistent")
-            futs.append(rpc.request(part.msg))
-        return futs
+    def _send(self, part: Part) -> asyncio.Future:
+        rpc = self._servers.get(part.server)
+        if rpc is None:
+            raise PsdError(f"no connection to {part.server}; ring v{self.ring.version} has no address for it")
+        return rpc.request(part.msg)
 
-    async def _finish(self, parts: list[Part], futs: list[asyncio.Future], replan
-                      ) -> tuple[list[Part], list[Message]]:
-        """Await every part; re-plan and resend parts a server refused as not-owner.
+    async def _finish(self, spec: TableSpec, parts: list[Part]) -> tuple[list[Part], list[Message]]:
+        """Await every part. A part refused as not-owner, or still unanswered when the
+        ring changes (its server died or handed the range over), is re-cut by the new
+        ring and resent under the same request id, so it is applied exactly once.
         Returns the final parts (re-planning may split them) with their replies."""
-        timeout = self.config.request_timeout
-        for _ in range(MAX_REROUTES):
-            results = await asyncio.gather(*(asyncio.wait_for(f, timeout) for f in futs),
-                                           return_exceptions=True)
-            replies: list[Message] = []
-            retry: list[int] = []
-            for i, r in enumerate(results):
-                if isinstance(r, asyncio.TimeoutError):
-                    raise PsdTimeoutError(f"{parts[i].server} did not answer {parts[i].msg.op} within {timeout} s",
-                                          node=parts[i].server)
-                if isinstance(r, BaseException):
-                    raise r
-                if r.op == "error" and r.meta.get("code") == NotOwnerError.code:
-                    retry.append(i)
-                replies.append(r)
-            for i, r in enumerate(replies):
-                if i not in retry:
-                    raise_if_error(r)
-            if not retry:
-                return parts, replies
-            await self.refresh_ring()
-            new_parts, new_futs = [], []
-            for i in range(len(parts)):
-                if i in retry:
-                    sub = replan(parts[i].i0, parts[i].i1)
-                    new_parts += sub
-                    new_futs += self._send(sub)
-                else:
-                    new_parts.append(parts[i])
-                    done = asyncio.get_running_loop().create_future()
-                    done.set_result(replies[i])
-                    new_futs.append(done)
-            parts, futs = new_parts, new_futs
-        raise NotOwnerError(f"request still misrouted after {MAX_REROUTES} ring refreshes")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout
+        pending = {id(p): (p, self._send(p), self.ring.version) for p in parts}
+        done: list[tuple[Part, Message]] = []
+        next_refresh = loop.time() + RING_POLL
+        while pending:
+            await asyncio.wait([f for _, f, _ in pending.values()], timeout=RETRY_TICK,
+                               return_when=asyncio.FIRST_COMPLETED)
+            refused = []
+            for key, (part, fut, version) in list(pending.items()):
+                if fut.done():
+                    del pending[key]
+                    reply = fut.result()
+                    if reply.op == "error" and reply.meta.get("code") == NotOwnerError.code:
+                        refused.append(part)
+                    else:
+                        done.append((part, raise_if_error(reply)))
+                elif version != self.ring.version and self._moved(part):
+                    del pending[key]
+                    fut.cancel()
+                    refused.append(part)
+            if refused:
+                if loop.time() > deadline:
+                    raise NotOwnerError(f"{len(refused)} request part(s) still misrouted at ring "
+                                        f"v{self.ring.version} after {self.config.request_timeout} s")
+                if any(p.server in self.ring.addresses and not self._moved(p) for p in refused):
+                    await self.refresh_ring()  # a server knows a newer ring than we do
+                    await asyncio.sleep(RETRY_TICK / 4)
+                for part in refused:
+                    for sub in replan(part, spec, self.ring, self.clock_value):
+                        pending[id(sub)] = (sub, self._send(sub), self.ring.version)
+            elif pending and loop.time() > deadline:
+                part = next(iter(pending.values()))[0]
+                raise PsdTimeoutError(f"{part.server} did not answer {part.msg.op} within "
+                                      f"{self.config.request_timeout} s", node=part.server)
+            elif pending and loop.time() > next_refresh:
+                next_refresh = loop.time() + RING_POLL  # in case a ring notice was lost
+                await self.refresh_ring()
+        return [p for p, _ in done], [r for _, r in done]
+
+    def _moved(self, part: Part) -> bool:
+        """Whether the current ring sends any of the part's rows to another server."""
+        groups = part.rows.groups(self.ring)
+        return len(groups) != 1 or groups[0][0][0] != part.server
 
     def _track(self, fut: asyncio.Future) -> int:
         ts = next(self._ts)
         self._inflight[ts] = fut
         return ts
 
-    def _request(self, op: str, spec: TableSpec, *, keys=None, values=None, span=None, n: int = 0,
-                 after=None) -> asyncio.Future:
+    def _request(self, op: str, spec: TableSpec, rows: Rows, after=None) -> asyncio.Future:
         """Issue one request and return a future of its result (values for a pull, None
         for a push). It is sent now, so requests leave in issue order, unless it names
         timestamps in ``after``: then it is sent once those are done."""
         deps = [self._inflight[t] for t in (after or ()) if t in self._inflight]
-        issued = None if deps else self._issue(op, spec, keys, values, span)
+        n = rows.count
 
-        async def run():
-            nonlocal issued
+        async def run(parts):
             if deps:
                 await asyncio.gather(*deps)
-                issued = self._issue(op, spec, keys, values, span)
-            parts, replies = await self._finish(*issued)
+                parts = plan(op, spec, self.ring, rows, clock=self.clock_value)
+            parts, replies = await self._finish(spec, parts)
             if op == "push":
                 return None
             if n == 0:
                 return np.empty((0, spec.width), dtype=spec.np_dtype)
             return assemble(parts, replies, n, spec)
 
-        return asyncio.ensure_future(run())
-
-    def _issue(self, op: str, spec: TableSpec, keys, values, span) -> tuple[list[Part], list, callable]:
-        def replan(i0: int, i1: int) -> list[Part]:
-            if span is not None:
-                sub = plan(op, spec, self.ring, values=None if values is None else values[i0:i1],
-                           span=(span[0] + i0, i1 - i0), clock=self.clock_value)
-            else:
-                sub = plan(op, spec, self.ring, keys=keys[i0:i1],
-                           values=None if values is None else values[i0:i1], clock=self.clock_value)
-            for p in sub:
-                p.i0 += i0
-                p.i1 += i0
-            return sub
-        parts = plan(op, spec, self.ring, keys=keys, values=values, span=span, clock=self.clock_value)
-        return parts, self._send(parts), replan
+        # plan now (not in the task) so that the sends happen in call order
+        return asyncio.ensure_future(run(None if deps else plan(op, spec, self.ring, rows,
+                                                                 clock=self.clock_value)))
 
 
 class AsyncTable:
@@ -268,7 +274,7 @@ class AsyncTable:
         """Send a push now (or once the timestamps in ``after`` are done); returns its
         timestamp (``await kv.wait(ts)``)."""
         keys, values = self._prepare(keys, values)
-        return self.kv._track(self.kv._request("push", self.spec, keys=keys, values=values, after=after))
+        return self.kv._track(self.kv._request("push", self.spec, Rows(keys=keys, values=values), after))
 
     def push_span(self, lo: int, values, after: list[int] | None = None) -> int:
         """Push rows for the dense keys lo, lo+1, ... (no keys on the wire)."""
@@ -278,29 +284,29 @@ class AsyncTable:
         values = check_values(self.spec, values, count)  # a 0-d array is a ValuesError, not IndexError
         if values.nbytes > self.kv.limits.max_message_bytes:
             raise_too_large(values.nbytes, self.kv.limits.max_message_bytes)
-        return self.kv._track(self.kv._request("push", self.spec, values=values, span=(int(lo), count),
-                                               after=after))
+        rows = Rows(spans=[(int(lo), count)] if count else [], values=values)
+        return self.kv._track(self.kv._request("push", self.spec, rows, after))
 
     def pull_async(self, keys, after: list[int] | None = None) -> int:
         """Send a pull; returns its timestamp; ``await kv.wait(ts)`` returns the values."""
         keys, _ = self._prepare(keys)
-        return self.kv._track(self.kv._request("pull", self.spec, keys=keys, n=keys.size, after=after))
+        return self.kv._track(self.kv._request("pull", self.spec, Rows(keys=keys), after))
 
     async def pull(self, keys, after: list[int] | None = None) -> np.ndarray:
         keys, _ = self._prepare(keys)
-        return await self.kv._request("pull", self.spec, keys=keys, n=keys.size, after=after)
+        return await self.kv._request("pull", self.spec, Rows(keys=keys), after)
 
     async def pull_span(self, lo: int, count: int) -> np.ndarray:
         check_span(lo, count)
         if count > self.kv.limits.max_keys:
             raise MessageTooLargeError(f"span of {count} keys, limit is {self.kv.limits.max_keys}; "
                                        f"split the request")
-        return await self.kv._request("pull", self.spec, span=(int(lo), int(count)), n=int(count))
+        return await self.kv._request("pull", self.spec, Rows(spans=[(int(lo), int(count))] if count else []))
 
     async def pushpull(self, keys, values) -> np.ndarray:
         """Push, then pull the same keys after the push is applied (one round trip)."""
         keys, values = self._prepare(keys, values)
-        return await self.kv._request("pushpull", self.spec, keys=keys, values=values, n=keys.size)
+        return await self.kv._request("pushpull", self.spec, Rows(keys=keys, values=values))
 
 
 def raise_too_large(size: int, limit: int):

@@ -1,25 +1,31 @@
 """Cutting a request by key range and putting replies back in key order (no I/O)."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import KEY_SPACE_END, as_keys, split_sorted, split_span
+from psd.cluster.ranges import KEY_SPACE_END, as_keys
+from psd.cluster.routing import Slices
+from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.errors import KeysError, MessageTooLargeError, ValuesError
 from psd.store.table import TableSpec
 
 
+_rids = itertools.count(1)
+
+
 @dataclass
 class Part:
-    """The piece of a request bound for one server: rows [i0, i1) of the request."""
+    """The piece of a request bound for one server: the request's rows in ``slices``."""
 
     server: str
-    i0: int
-    i1: int
+    slices: Slices
     msg: Message
+    rows: Rows
 
 
 def check_keys(keys, max_keys: int) -> np.ndarray:
@@ -49,44 +55,57 @@ def check_span(lo: int, count: int) -> None:
         raise KeysError(f"span [{lo}, {lo + count}) is outside the key space [0, 2**64)")
 
 
-def plan(op: str, spec: TableSpec, ring: Assignment, *, keys: np.ndarray | None = None,
-         values: np.ndarray | None = None, span: tuple[int, int] | None = None,
-         clock: int = 0, meta: dict | None = None) -> list[Part]:
-    """One message per server whose range the request touches (empty pieces skipped)."""
+def plan(op: str, spec: TableSpec, ring: Assignment, rows: Rows, *, clock: int = 0,
+         rid=None) -> list[Part]:
+    """One message per owner group the request touches (the group's primary gets it).
+    ``rid`` names the request for exactly-once: resends and re-plans keep it."""
     parts = []
-    if span is not None:
-        lo, count = span
-        cuts = split_span(lo, count, ring.ranges)
-    else:
-        cuts = [(i0, i1 - i0) for i0, i1 in split_sorted(keys, ring.ranges)]
-    for j, (off, count) in enumerate(cuts):
-        if count == 0:
-            continue
-        arrays = []
-        m = dict(meta or {})
-        if span is not None:
-            m["span"] = [span[0] + off, count]
-        else:
-            arrays.append(keys[off:off + count])
-        if values is not None:
-            arrays.append(values[off:off + count])
-        msg = Message(op, table=spec.name, ring=ring.version, clock=clock, meta=m, arrays=arrays)
-        parts.append(Part(ring.primary_of(j), off, off + count, msg))
+    for owners, slices in rows.groups(ring):
+        sub = rows.take(slices)
+        msg = sub.to_message(op, table=spec.name, ring=ring.version, clock=clock,
+                             meta={"rid": rid if rid is not None else next(_rids)})
+        parts.append(Part(owners[0], slices, msg, sub))
     return parts
+
+
+def replan(part: Part, spec: TableSpec, ring: Assignment, clock: int) -> list[Part]:
+    """Re-cut a part by a newer ring; rows keep their place in the original request."""
+    subs = plan(part.msg.op, spec, ring, part.rows, clock=clock, rid=part.msg.meta["rid"])
+    for sub in subs:
+        sub.slices = compose(part.slices, sub.slices)
+    return subs
+
+
+def compose(outer: Slices, inner: Slices) -> Slices:
+    """Map row slices of a sub-request (``inner``) back to rows of the whole request."""
+    starts = np.cumsum([0] + [b - a for a, b in outer])
+    out = []
+    for i0, i1 in inner:
+        while i0 < i1:
+            k = int(np.searchsorted(starts, i0, side="right")) - 1
+            a, b = outer[k]
+            take = min(i1 - i0, (b - a) - (i0 - starts[k]))
+            out.append((a + i0 - starts[k], a + i0 - starts[k] + take))
+            i0 += take
+    return out
 
 
 def assemble(parts: list[Part], replies: list[Message], n: int, spec: TableSpec) -> np.ndarray:
     """Values of every part's reply, placed at its rows."""
-    if len(parts) == 1 and parts[0].i0 == 0 and parts[0].i1 == n:
+    if len(parts) == 1 and parts[0].slices == [(0, n)]:
         return _reply_values(replies[0], parts[0], spec)
     out = np.empty((n, spec.width), dtype=spec.np_dtype)
     for part, reply in zip(parts, replies):
-        out[part.i0:part.i1] = _reply_values(reply, part, spec)
+        values = _reply_values(reply, part, spec)
+        row = 0
+        for a, b in part.slices:
+            out[a:b] = values[row:row + b - a]
+            row += b - a
     return out
 
 
 def _reply_values(reply: Message, part: Part, spec: TableSpec) -> np.ndarray:
-    expect = (part.i1 - part.i0, spec.width)
+    expect = (part.rows.count, spec.width)
     if len(reply.arrays) != 1 or reply.arrays[0].shape != expect or reply.arrays[0].dtype != spec.np_dtype:
         raise ValuesError(f"{part.server} answered {reply.op} with an unexpected payload "
                           f"(wanted {spec.dtype}{list(expect)})", node=part.server)

@@ -36,6 +36,14 @@ class Range:
         return f"[{self.begin:#x}, {self.end:#x})"
 
 
+def range_to_wire(r: Range) -> list[int]:
+    return [r.begin, r.end - 1]  # msgpack cannot carry 2**64: send the last key
+
+
+def range_from_wire(w) -> Range:
+    return Range(int(w[0]), int(w[1]) + 1)
+
+
 def as_keys(keys) -> np.ndarray:
     """Coerce user keys to a uint64 array and check they are sorted and unique."""
     arr = np.asarray(keys)

@@ -246,3 +246,25 @@ def on_server_leave(current: Assignment, leaving: str, live: Iterable[str], *, v
     staying = set(live) - {leaving}
     return rebalance(current, staying, staying | {leaving}, vnodes=vnodes,
                      replication=replication, version=version)
+
+
+def joint(old: Assignment, new: Assignment, live: Iterable[str], version: int) -> Assignment:
+    """The transition ring used while data moves from ``old`` to ``new``: every piece is
+    held by its live old owners (the first of them leads, so a dead primary's first
+    live replica is promoted) followed by its new owners that did not hold it. Writes
+    therefore reach the servers still copying a range, and reads stay on servers that
+    have it whole."""
+    live_set = set(live)
+    ranges: list[Range] = []
+    owners: list[Owners] = []
+    for piece, was, will in overlay(old, new):
+        have = tuple(s for s in was if s in live_set)
+        own = have + tuple(s for s in will if s not in have)
+        if ranges and owners[-1] == own and ranges[-1].end == piece.begin:
+            ranges[-1] = Range(ranges[-1].begin, piece.end)
+        else:
+            ranges.append(piece)
+            owners.append(own)
+    addresses = {n: a for n, a in {**old.addresses, **new.addresses}.items()
+                 if any(n in o for o in owners)}
+    return Assignment(version=version, ranges=tuple(ranges), owners=tuple(owners), addresses=addresses)

@@ -9,13 +9,14 @@ import asyncio
 import logging
 import time
 
-from psd.cluster.assignment import Assignment, equal_width
+from psd.cluster.assignment import Assignment
 from psd.cluster.clocks import stragglers
 from psd.cluster.jobs import JobBook
 from psd.cluster.liveness import Liveness, State
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.errors import BadRequestError, ProtocolError, PsdError, TableMismatchError
+from psd.roles.ring_changes import RingChanges
 from psd.store import TableSpec
 from psd.transport import RpcSocket, Route, async_context, bind_router
 
@@ -35,11 +36,13 @@ class Scheduler:
         self.ring = Assignment(version=0)
         self.tables: dict[str, TableSpec] = {}
         self.jobs = JobBook()
+        self.ring_changes = RingChanges(self)
         self.worker_clocks: dict[str, int] = {}
         self.flagged: set[str] = set()  # workers currently flagged as stragglers
         self.started = time.time()
         self.handlers = {
             "register": self.on_register, "heartbeat": self.on_heartbeat, "leave": self.on_leave,
+            "drain": self.on_drain,
             "get_ring": self.on_get_ring, "create_table": self.on_create_table,
             "status": self.on_status, "ping": self.on_ping,
             "submit": self.on_submit, "job_poll": self.on_job_poll,
@@ -87,24 +90,15 @@ class Scheduler:
             if not isinstance(address, str) or not address.startswith("tcp://"):
                 raise BadRequestError("register: a server must give its tcp:// address")
             self.addresses[node] = address
-            self._reassign()
+            # the new server takes its ranges once it serves; joins queue behind other changes
+            asyncio.ensure_future(self.ring_changes.rebalance(f"{node} joined"))
         log.info("%s joined as %s%s, ring v%d", node, role,
                  f" at {self.addresses[node]}" if role == "server" else "", self.ring.version)
-        if role == "server":
-            await self._broadcast_ring(exclude=node)  # every server knows the ring before the new one serves
         return msg.reply(meta={"node": node, "ring": self.ring.to_wire(),
                                "tables": [t.to_wire() for t in self.tables.values()],
                                "heartbeat_interval": self.config.heartbeat_interval,
                                "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
                                           "max_keys": self.config.limits.max_keys}})
-
-    def _reassign(self) -> None:
-        servers = sorted(self.liveness.live("server"), key=lambda n: int(n[1:]))
-        self.ring = equal_width(servers, self.ring.version + 1,
-                                {s: self.addresses[s] for s in servers})
-
-    async def _broadcast_ring(self, exclude: str | None = None) -> None:
-        await self._to_servers(Message("ring", meta={"ring": self.ring.to_wire()}), exclude)
 
     async def _to_servers(self, msg_factory, exclude: str | None = None) -> list:
         calls = []
@@ -120,7 +114,6 @@ class Scheduler:
         state = self.liveness.seen(msg.sender, time.monotonic())
         if state is None:
             return msg.reply(meta={"known": False})
-        self.routes[msg.sender] = route
         if msg.sender.startswith("W"):
             self.worker_clocks[msg.sender] = max(msg.clock, self.worker_clocks.get(msg.sender, 0))
         stats = msg.meta.get("stats")
@@ -129,11 +122,23 @@ class Scheduler:
         return msg.reply(meta={"known": True, "state": state.value, "ring": self.ring.version})
 
     async def on_leave(self, route: Route, msg: Message) -> Message:
+        if msg.sender.startswith("S"):
+            await self.ring_changes.rebalance(f"{msg.sender} drains", exclude=msg.sender)
         self.liveness.leave(msg.sender)
         log.info("%s left", msg.sender)
         if msg.sender.startswith("W"):
             await self._worker_gone(msg.sender)
         return msg.reply()
+
+    async def on_drain(self, route: Route, msg: Message) -> Message:
+        """`psd drain NODE`: hand a server's ranges to the others, then stop it."""
+        node = msg.meta.get("node")
+        if node not in self.addresses or node not in self.liveness.live("server"):
+            raise BadRequestError(f"drain: {node!r} is not a live server; see `psd status`")
+        await self.ring_changes.rebalance(f"{node} drains", exclude=node)
+        self.liveness.leave(node)
+        await self.rpc.call(Message("shutdown"), self.routes[node], timeout=self.config.request_timeout)
+        return msg.reply(meta={"ring": self.ring.version})
 
     async def _worker_gone(self, worker: str) -> None:
         """Servers stop waiting for a worker that died or left."""
@@ -148,6 +153,8 @@ class Scheduler:
                 log.warning("%s: %s -> %s (ring v%d)", node, old.value, new.value, self.ring.version)
                 if new == State.DEAD and node.startswith("W"):
                     await self._worker_gone(node)
+                if new == State.DEAD and node.startswith("S"):
+                    asyncio.ensure_future(self.ring_changes.rebalance(f"{node} died"))
             self._flag_stragglers()
 
     def _flag_stragglers(self) -> None:
@@ -250,6 +257,7 @@ class Scheduler:
                   "fastest": max(live.values()) if live else None, "stragglers": sorted(self.flagged),
                   "consistency": self.config.consistency, "max_delay": self.config.max_delay}
         return {"scheduler": self.address, "uptime": round(time.time() - self.started, 1),
-                "clocks": clocks,
+                "clocks": clocks, "ring_changing": self.ring_changes.busy,
+                "replication": self.config.replication,
                 "ring_version": self.ring.version, "nodes": nodes, "ranges": ranges, "tables": tables,
                 "jobs": [j.to_dict(len(j.metrics)) for j in self.jobs.jobs.values()]}

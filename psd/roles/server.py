@@ -1,8 +1,12 @@
-"""The server role: owns key ranges of every table and applies pushes to them.
+"""The server role: leads some key ranges and replicates others, for every table.
 
 Requests are handled one at a time on the event loop, so pushes that arrive on one
-connection are applied in the order they were sent, and a pull sees every push
-acknowledged before it was sent.
+connection are applied in the order they were sent. A push is applied on the range's
+primary, forwarded as is to the range's replicas (one message per replica, in the
+primary's order, so every copy applies the same updates in the same order), and
+acknowledged to the worker only when every replica holds it. Requests carry
+(sender, rid) ids; a resend of something already applied is acknowledged, not
+applied again.
 """
 from __future__ import annotations
 
@@ -13,16 +17,22 @@ import time
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import check_sorted_unique
+from psd.cluster.ranges import Range, range_from_wire, range_to_wire
+from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
-from psd.errors import (BadRequestError, KeysError, MessageTooLargeError, NotOwnerError, ProtocolError,
+from psd.errors import (BadRequestError, MessageTooLargeError, NotOwnerError, ProtocolError,
                         TableMismatchError, UnknownTableError)
 from psd.roles.consistency import Gate, Policy, Setting
+from psd.roles.peers import Peers
+from psd.roles.seen import Seen
 from psd.store import Table, TableSpec
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
 
 log = logging.getLogger("psd.server")
+
+#: how often an unacknowledged forward checks whether its replica left the ring
+FORWARD_TICK = 0.05
 
 
 class Server:
@@ -31,19 +41,25 @@ class Server:
         self.node_id = "S?"
         self.tables: dict[str, Table] = {}
         self.ring = Assignment(version=0)
-        self.owned: list = []
-        self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0,
-                         "keys_pushed": 0, "keys_pulled": 0}
+        self.incoming: list[Range] = []      # ranges being copied to us: forwards wait for the copy
+        self.seen = Seen()
+        self.acks: dict[tuple[str, int], asyncio.Future] = {}  # pushes awaiting replica acks
+        self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
+                         "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0}
         self.started = time.time()
+        self.stop_event: asyncio.Event | None = None
         self.gate = Gate(Setting(config.consistency, config.max_delay, config.num_workers,
                                  tuple(config.auto_delay_bounds)))
         self.handlers = {"push": self.on_push, "pull": self.on_pull, "pushpull": self.on_pushpull,
-                         "clock": self.on_clock, "status": self.on_status, "ping": self.on_ping}
+                         "clock": self.on_clock, "replicate": self.on_replicate, "install": self.on_install,
+                         "status": self.on_status, "ping": self.on_data_ping}
         self.control_handlers = {"create_table": self.on_create_table, "ring": self.on_ring,
-                                 "worker_left": self.on_worker_left, "ping": self.on_ping}
+                                 "transfer": self.on_transfer, "worker_left": self.on_worker_left,
+                                 "shutdown": self.on_shutdown, "ping": self.on_ping}
 
     # -- lifecycle -----------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready) -> None:
+        self.stop_event = stop
         ctx = async_context()
         limits = self.config.limits
         sock, self.address = bind_router(ctx, self.config.bind, limits.max_message_bytes)
@@ -51,6 +67,7 @@ class Server:
                               handler=self.handle, router=True)
         self.link = RpcSocket(connect_dealer(ctx, self.config.scheduler), self.node_id,
                               limits=limits, handler=self.handle_control)
+        self.peers = Peers(self.node_id, limits, self.config.compression)
         link_task = asyncio.create_task(self.link.serve())
         try:
             await self.register()
@@ -60,6 +77,8 @@ class Server:
             log.info("%s serving at %s, ring v%d", self.node_id, self.address, self.ring.version)
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({serve, beat, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done and not self.draining:
+                await self.drain()
             for t in (serve, beat, waiter):
                 t.cancel()
             for t in done:
@@ -67,14 +86,28 @@ class Server:
                     raise t.exception()
         finally:
             link_task.cancel()
+            self.peers.close()
             self.data.sock.close(0)
             self.link.sock.close(0)
             log.info("%s stopped", self.node_id)
 
+    draining = False
+
+    async def drain(self) -> None:
+        """SIGTERM: hand our ranges to the others before exiting (bounded by the timeout)."""
+        self.draining = True
+        if len(self.ring.servers) <= 1:
+            return
+        log.info("%s draining: handing its ranges over", self.node_id)
+        try:
+            await self.link.call(Message("leave"), timeout=self.config.request_timeout)
+        except Exception as e:
+            log.warning("%s: drain failed (%s); exiting anyway", self.node_id, e)
+
     async def register(self) -> None:
         reply = await self.link.call(Message("register", meta={"role": "server", "address": self.address}),
                                      timeout=self.config.request_timeout)
-        self.node_id = self.data.node_id = self.link.node_id = reply.meta["node"]
+        self.node_id = self.data.node_id = self.link.node_id = self.peers.node_id = reply.meta["node"]
         for spec in reply.meta.get("tables", []):
             self._create(TableSpec.from_wire(spec))
         self._set_ring(Assignment.from_wire(reply.meta["ring"]))
@@ -83,27 +116,39 @@ class Server:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
             try:
-                await self.link.call(Message("heartbeat", meta={"stats": self.stats()}),
-                                     timeout=max(1.0, 4 * self.config.heartbeat_interval))
+                reply = await self.link.call(Message("heartbeat", meta={"stats": self.stats()}),
+                                             timeout=max(1.0, 4 * self.config.heartbeat_interval))
             except Exception as e:  # the scheduler may be restarting; keep serving
                 log.warning("%s: heartbeat failed: %s", self.node_id, e)
+                continue
+            if reply.meta.get("state") in ("dead", "left") or reply.meta.get("known") is False:
+                # we were frozen or cut off and the cluster moved on: our ranges are stale
+                log.error("%s was removed from the cluster (ring v%s); stopping without serving "
+                          "stale ranges", self.node_id, reply.meta.get("ring"))
+                self.ring = Assignment(version=self.ring.version)
+                self.draining = True
+                self.stop_event.set()
+                return
 
     # -- control plane (from the scheduler) ----------------------------------
     async def handle_control(self, route: Route, msg: Message) -> Message:
         handler = self.control_handlers.get(msg.op)
         if handler is None:
             raise ProtocolError(f"unknown control op {msg.op!r}")
-        return handler(route, msg)
+        return await handler(route, msg)
 
-    def on_create_table(self, route: Route, msg: Message) -> Message:
+    async def on_create_table(self, route: Route, msg: Message) -> Message:
         self._create(TableSpec.from_wire(msg.meta.get("spec")))
         return msg.reply()
 
-    def on_ring(self, route: Route, msg: Message) -> Message:
+    async def on_ring(self, route: Route, msg: Message) -> Message:
+        self.incoming = [range_from_wire(w) for w in msg.meta.get("incoming", [])]
         self._set_ring(Assignment.from_wire(msg.meta["ring"]))
+        if msg.meta.get("final"):
+            self._drop_unowned()
         return msg.reply()
 
-    def on_worker_left(self, route: Route, msg: Message) -> Message:
+    async def on_worker_left(self, route: Route, msg: Message) -> Message:
         """A worker died or left: it no longer holds back anyone's clock."""
         worker = msg.meta.get("worker")
         if not isinstance(worker, str):
@@ -111,6 +156,18 @@ class Server:
         self.gate.leave(worker, time.monotonic())
         log.info("%s: %s left the worker group", self.node_id, worker)
         return msg.reply()
+
+    async def on_shutdown(self, route: Route, msg: Message) -> Message:
+        log.info("%s: asked to shut down", self.node_id)
+        self.draining = True
+        self.stop_event.set()
+        return msg.reply()
+
+    async def on_ping(self, route: Route, msg: Message) -> Message:
+        return self.on_data_ping(route, msg)
+
+    def on_data_ping(self, route: Route, msg: Message) -> Message:
+        return msg.reply(meta={"node": self.node_id})
 
     def _create(self, spec: TableSpec) -> None:
         have = self.tables.get(spec.name)
@@ -123,12 +180,35 @@ class Server:
         if ring.version < self.ring.version:
             return
         self.ring = ring
-        self.owned = ring.ranges_of(self.node_id)
-        for r in self.owned:
-            log.info("%s owns %s at ring v%d", self.node_id, r, ring.version)
+        led = ring.led_by(self.node_id)
+        held = ring.ranges_of(self.node_id)
+        log.info("%s at ring v%d: leads %d range(s), holds %d, copying in %d", self.node_id, ring.version,
+                 len(led), len(held), len(self.incoming))
+        self._owners_begins = np.array([r.begin for r in ring.ranges], dtype=np.uint64)
+
+    def _drop_unowned(self) -> None:
+        held = self.ring.ranges_of(self.node_id)
+        for name, table in self.tables.items():
+            dropped = table.retain(held)
+            if dropped:
+                log.info("%s: dropped %d keys of %r it no longer holds (ring v%d)", self.node_id, dropped,
+                         name, self.ring.version)
+
+    # -- ownership -------------------------------------------------------------
+    def _owner_groups(self, rows: Rows):
+        return rows.groups(self.ring) if rows.count else []
+
+    def _check_primary(self, rows: Rows, msg: Message) -> list[tuple[tuple[str, ...], list]]:
+        groups = self._owner_groups(rows)
+        for owners, _ in groups:
+            if owners[0] != self.node_id:
+                first, last = rows.first_last()
+                raise NotOwnerError(f"{self.node_id} does not lead keys in [{first}, {last}] at ring "
+                                    f"v{self.ring.version}", ring=self.ring.version)
+        return groups
 
     # -- data plane ------------------------------------------------------------
-    async def handle(self, route: Route, msg: Message) -> Message:
+    async def handle(self, route: Route, msg: Message) -> Message | None:
         handler = self.handlers.get(msg.op)
         if handler is None:
             self.counters["errors"] += 1
@@ -145,91 +225,123 @@ class Server:
             raise UnknownTableError(f"unknown table {msg.table!r}; create it with kv.table(...) first")
         return table
 
-    def _keys(self, msg: Message, table: Table, n_arrays: int) -> tuple[np.ndarray | None, int, int]:
-        """(keys, lo, count) of a request: keys frame, or a dense span in the header."""
-        span = msg.meta.get("span")
-        if span is not None:
-            if (not isinstance(span, list) or len(span) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span)):
-                raise ProtocolError("meta.span must be [lo, count] of non-negative integers")
-            lo, count = span
-            if lo + count > 1 << 64:
-                raise KeysError(f"span [{lo}, {lo + count}) runs past the end of the key space")
-            if count > self.config.limits.max_keys:  # a span costs no bytes to ask for, only to answer
-                raise MessageTooLargeError(f"span of {count} keys, limit is {self.config.limits.max_keys}; "
-                                           f"split the request")
-            if len(msg.arrays) != n_arrays:
-                raise ProtocolError(f"{msg.op} by span expects {n_arrays} payload frame(s), got {len(msg.arrays)}")
-            self._check_owner(lo, lo + count - 1, count, msg)
-            return None, lo, count
-        if len(msg.arrays) != n_arrays + 1:
-            raise ProtocolError(f"{msg.op} expects {n_arrays + 1} payload frame(s) (keys first), got {len(msg.arrays)}")
-        keys = msg.arrays[0]
-        if keys.dtype != np.uint64 or keys.ndim != 1:
-            raise KeysError(f"keys frame must be 1-d uint64, got {keys.dtype.name} with shape {keys.shape}")
-        check_sorted_unique(keys)
-        if keys.size:
-            self._check_owner(int(keys[0]), int(keys[-1]), keys.size, msg)
-        return keys, 0, keys.size
-
-    def _check_owner(self, first: int, last: int, count: int, msg: Message) -> None:
-        if count == 0:
-            return
-        for r in self.owned:
-            if first in r:
-                if last in r:
-                    return
-                break
-        raise NotOwnerError(f"{self.node_id} does not own keys [{first}, {last}] at ring v{self.ring.version}",
-                            ring=self.ring.version)
+    def _rows(self, msg: Message, table: Table, with_values: bool) -> Rows:
+        """Parse and check everything before anything is applied."""
+        rows = Rows.from_message(msg, self.config.limits, with_values)
+        if with_values:
+            rows.values = table.check_values(rows.values, rows.count)
+        return rows
 
     def _policy(self, table: Table) -> Policy:
         return self.gate.policy(table.spec.consistency_override)
 
-    def _push_now_or_later(self, msg: Message, table: Table, policy: Policy
-                           ) -> tuple[np.ndarray | None, int, int]:
-        """Check everything first, then apply (or, under sequential, keep for the clock
-        boundary): a request is applied whole or not at all."""
-        keys, lo, count = self._keys(msg, table, 1)
-        values = table.check_values(msg.arrays[1 if keys is not None else 0], count)
+    def _rid(self, msg: Message) -> tuple[str, int] | None:
+        rid = msg.meta.get("rid")
+        return (msg.sender, rid) if isinstance(rid, int) and not isinstance(rid, bool) else None
 
-        def apply() -> None:
-            if keys is None:
-                table.push_span(lo, values)
-            else:
-                table.push(keys, values)
+    def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str) -> None:
+        """Apply now, or (sequential) at the clock boundary."""
+        self._policy(table).push(origin, msg.clock, lambda: rows.push_into(table))
+        self.counters["keys_pushed"] += rows.count
 
-        policy.push(msg.sender, msg.clock, apply)
-        self.counters["keys_pushed"] += count
-        return keys, lo, count
+    def _push(self, msg: Message, table: Table, rows: Rows) -> asyncio.Future | None:
+        """The primary's half of a push: apply, forward to replicas. Returns None when it
+        may be acknowledged now, else a future done when every replica holds it."""
+        groups = self._check_primary(rows, msg)
+        rid = self._rid(msg)
+        if rid is not None and rid in self.seen:
+            self.counters["duplicates"] += 1
+            return self.acks.get(rid)  # a resend: answer when the original is answered
+        self._apply_push(msg, table, rows, msg.sender)
+        if rid is not None:
+            self.seen.add(*rid)
+        forwards = self._forward(msg, table, rows, groups, rid)
+        if not forwards:
+            return None
+        done = asyncio.ensure_future(self._await_replicas(forwards))
+        if rid is not None:
+            self.acks[rid] = done
+            done.add_done_callback(lambda _: self.acks.pop(rid, None))
+        return done
 
-    def _answer_pull(self, route: Route, msg: Message, table: Table, policy: Policy, keys, lo: int,
-                     count: int) -> None:
-        def run() -> None:
-            self.counters["keys_pulled"] += count
-            values = table.pull_span(lo, count) if keys is None else table.pull(keys)
-            self.data.reply_now(route, msg.reply(arrays=[values], ring=self.ring.version))
+    def _forward(self, msg: Message, table: Table, rows: Rows, groups, rid) -> list:
+        """Send the push to every replica of its rows; one message per replica server."""
+        by_replica: dict[str, list] = {}
+        for owners, slices in groups:
+            for node in owners[1:]:
+                by_replica.setdefault(node, []).extend(slices)
+        out = []
+        for node, slices in by_replica.items():
+            sub = rows if len(by_replica) == 1 and len(groups) == 1 else rows.take(sorted(slices))
+            fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
+                                 meta={"origin": msg.sender, "rid": rid[1] if rid else None})
+            address = self.ring.addresses.get(node)
+            if address is None:
+                continue
+            out.append((node, self.peers.get(node, address).request(fwd)))
+            self.counters["replicated"] += 1
+        return out
 
-        policy.pull((msg.sender, msg.id), msg.sender, msg.clock, run, time.monotonic())
+    async def _await_replicas(self, forwards) -> None:
+        """Until every replica answered, or left the ring (its successor copies from us)."""
+        for node, fut in forwards:
+            while True:
+                try:
+                    reply = await asyncio.wait_for(asyncio.shield(fut), FORWARD_TICK)
+                    if reply.op == "error":
+                        log.warning("%s: replica %s refused a forward: %s", self.node_id, node,
+                                    reply.meta.get("message"))
+                    break
+                except asyncio.TimeoutError:
+                    if node not in self.ring.servers:
+                        fut.cancel()
+                        break
+                except Exception as e:
+                    log.warning("%s: forward to %s failed: %s", self.node_id, node, e)
+                    break
 
-    def on_push(self, route: Route, msg: Message) -> Message:
+    def on_push(self, route: Route, msg: Message) -> Message | None:
         table = self._table(msg)
-        self._push_now_or_later(msg, table, self._policy(table))
+        rows = self._rows(msg, table, with_values=True)
         self.counters["push"] += 1
-        return msg.reply(ring=self.ring.version)
+        reply = msg.reply(ring=self.ring.version)
+        replicated = self._push(msg, table, rows)
+        if replicated is None:
+            return reply
+        replicated.add_done_callback(lambda _: self.data.reply_now(route, reply))
+        return None
+
+    def _check_reply_size(self, table: Table, rows: Rows) -> None:
+        size = rows.count * table.width * table.dtype.itemsize
+        if size > self.config.limits.max_message_bytes:  # the client could not take the answer
+            raise MessageTooLargeError(f"the reply would be {size} bytes, over max_message_bytes "
+                                       f"{self.config.limits.max_message_bytes}; pull fewer keys at a time")
+
+    def _answer_pull(self, route: Route, msg: Message, table: Table, rows: Rows, after=None) -> None:
+        def run() -> None:
+            self.counters["keys_pulled"] += rows.count
+            values = rows.pull_from(table) if rows.count else np.empty((0, table.width), table.dtype)
+            reply = msg.reply(arrays=[values], ring=self.ring.version)
+            if after is None or after.done():
+                self.data.reply_now(route, reply)
+            else:  # pushpull: the pushed values must be on the replicas before we answer
+                after.add_done_callback(lambda _: self.data.reply_now(route, reply))
+
+        self._policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, time.monotonic())
 
     def on_pull(self, route: Route, msg: Message) -> None:
         table = self._table(msg)
-        keys, lo, count = self._keys(msg, table, 0)
+        rows = self._rows(msg, table, with_values=False)
+        self._check_reply_size(table, rows)
+        self._check_primary(rows, msg)
         self.counters["pull"] += 1
-        self._answer_pull(route, msg, table, self._policy(table), keys, lo, count)
+        self._answer_pull(route, msg, table, rows)
 
     def on_pushpull(self, route: Route, msg: Message) -> None:
         table = self._table(msg)
-        policy = self._policy(table)
-        keys, lo, count = self._push_now_or_later(msg, table, policy)
+        rows = self._rows(msg, table, with_values=True)
         self.counters["pushpull"] += 1
-        self._answer_pull(route, msg, table, policy, keys, lo, count)
+        self._answer_pull(route, msg, table, rows, after=self._push(msg, table, rows))
 
     def on_clock(self, route: Route, msg: Message) -> None:
         """A worker finished an iteration; one-way (no reply), sent after its pushes."""
@@ -238,9 +350,77 @@ class Server:
             raise ProtocolError("clock: meta.clock must be a non-negative integer")
         self.gate.clock(msg.sender, clock, time.monotonic())
 
-    def on_ping(self, route: Route, msg: Message) -> Message:
-        return msg.reply(meta={"node": self.node_id})
+    # -- replication -------------------------------------------------------------
+    def on_replicate(self, route: Route, msg: Message) -> Message:
+        """A primary forwards a push it applied; apply it the same way, once."""
+        table = self._table(msg)
+        rows = self._rows(msg, table, with_values=True)
+        origin, rid = msg.meta.get("origin"), msg.meta.get("rid")
+        if not isinstance(origin, str):
+            raise ProtocolError("replicate: meta.origin must name the worker that pushed")
+        if isinstance(rid, int):
+            if (origin, rid) in self.seen:
+                return msg.reply()
+            self.seen.add(origin, rid)
+        if self._copying_in(rows, msg):
+            return msg.reply()  # the range copy that follows on this connection includes it
+        for owners, _ in self._owner_groups(rows):
+            if self.node_id not in owners:
+                raise NotOwnerError(f"{self.node_id} holds no copy of these keys at ring v{self.ring.version}",
+                                    ring=self.ring.version)
+        self._apply_push(msg, table, rows, origin)
+        return msg.reply()
 
+    def _copying_in(self, rows: Rows, msg: Message) -> bool:
+        if msg.ring > self.ring.version:
+            return True  # the primary already knows a ring that gives us these keys
+        if not self.incoming or not rows.count:
+            return False
+        first, _ = rows.first_last()
+        return any(first in r for r in self.incoming)
+
+    # -- moving ranges -------------------------------------------------------------
+    async def on_transfer(self, route: Route, msg: Message) -> Message:
+        """Copy a range to another server. The copy is taken and queued in one step, on
+        the connection our forwards to that server use, so the receiver can tell which
+        forwards the copy already contains."""
+        r = range_from_wire(msg.meta["range"])
+        dst, address = msg.meta["dst"], msg.meta["address"]
+        peer = self.peers.get(dst, address)
+        sends = []
+        names = list(self.tables)
+        for i, name in enumerate(names):
+            keys, vals, state = self.tables[name].snapshot(r.begin, r.end)
+            meta = {"range": range_to_wire(r), "state_fields": list(state), "final": i == len(names) - 1}
+            if meta["final"]:
+                meta["seen"] = self.seen.to_wire()
+            sends.append(peer.request(Message("install", table=name, ring=self.ring.version, meta=meta,
+                                              arrays=[keys, vals, *state.values()])))
+        if not names:
+            sends.append(peer.request(Message("install", ring=self.ring.version,
+                                              meta={"range": range_to_wire(r), "final": True,
+                                                    "seen": self.seen.to_wire()})))
+        replies = await asyncio.wait_for(asyncio.gather(*sends), self.config.request_timeout)
+        for reply in replies:
+            if reply.op == "error":
+                raise BadRequestError(f"{dst} refused the copy of {r}: {reply.meta.get('message')}")
+        log.info("%s copied %s to %s (%d table(s))", self.node_id, r, dst, len(names))
+        return msg.reply()
+
+    def on_install(self, route: Route, msg: Message) -> Message:
+        r = range_from_wire(msg.meta["range"])
+        if msg.table is not None:
+            table = self._table(msg)
+            fields = msg.meta.get("state_fields", [])
+            keys, vals, *state = msg.arrays
+            table.install(keys, vals, dict(zip(fields, state)))
+        if msg.meta.get("final"):
+            self.seen.merge(msg.meta.get("seen", []))
+            self.incoming = [x for x in self.incoming if x != r]
+            log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
+        return msg.reply()
+
+    # -- introspection -------------------------------------------------------------
     def on_status(self, route: Route, msg: Message) -> Message:
         return msg.reply(meta=self.stats())
 
@@ -251,6 +431,8 @@ class Server:
             "bytes_in": self.data.bytes_in, "bytes_out": self.data.bytes_out,
             "messages_in": self.data.messages_in, "messages_out": self.data.messages_out,
             "ring": self.ring.version,
+            "leads": len(self.ring.led_by(self.node_id)), "holds": len(self.ring.ranges_of(self.node_id)),
+            "pending_acks": len(self.acks), "copying_in": len(self.incoming),
             "consistency": self.gate.stats(),
             "uptime": time.time() - self.started,
         }

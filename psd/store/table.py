@@ -175,3 +175,37 @@ class Table:
     @property
     def nbytes(self) -> int:
         return int(self.keys.nbytes + self.vals.nbytes + sum(a.nbytes for a in self.state.values()))
+
+    # -- moving ranges between servers -----------------------------------------------
+    def _bounds(self, begin: int, end: int) -> tuple[int, int]:
+        i0 = int(np.searchsorted(self.keys, np.uint64(begin)))
+        i1 = self.keys.size if end >= 1 << 64 else int(np.searchsorted(self.keys, np.uint64(end)))
+        return i0, i1
+
+    def snapshot(self, begin: int, end: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Copies of the keys, values and updater state in [begin, end)."""
+        i0, i1 = self._bounds(begin, end)
+        return (self.keys[i0:i1].copy(), self.vals[i0:i1].copy(),
+                {f: a[i0:i1].copy() for f, a in self.state.items()})
+
+    def install(self, keys: np.ndarray, vals: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Take over rows copied from another server: they replace what is stored."""
+        if keys.size == 0:
+            return
+        sel, _ = self._selector(keys, create=True)
+        self.vals[sel] = vals
+        for f, a in state.items():
+            if f in self.state:
+                self.state[f][sel] = a
+
+    def retain(self, ranges) -> int:
+        """Drop every key outside ``ranges`` (sorted Range list); returns keys dropped."""
+        keep = np.zeros(self.keys.size, dtype=bool)
+        for r in ranges:
+            i0, i1 = self._bounds(r.begin, r.end)
+            keep[i0:i1] = True
+        dropped = int(self.keys.size - keep.sum())
+        if dropped:
+            self.keys, self.vals = self.keys[keep], self.vals[keep]
+            self.state = {f: a[keep] for f, a in self.state.items()}
+        return dropped
