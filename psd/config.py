@@ -41,6 +41,10 @@ class ClusterConfig:
     num_workers: int = 0
     #: a worker whose clock lags the median by more than this is flagged as a straggler
     straggler_lag: int = 3
+    #: folder for checkpoints (shared by the servers); restarting on it restores the newest
+    checkpoint_dir: str | None = None
+    #: seconds between automatic checkpoints; 0 takes them only on `psd checkpoint`
+    checkpoint_interval: float = 0
     event_loop: str = "uvloop"
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
@@ -67,6 +71,8 @@ _SCALARS = {
     "auto_delay_bounds": ((list, tuple), "[min, max] integers with 0 <= min <= max"),
     "num_workers": (int, "an integer >= 0"),
     "straggler_lag": (int, "a positive integer"),
+    "checkpoint_dir": (str, "a folder path"),
+    "checkpoint_interval": ((int, float), "a number of seconds >= 0"),
     "event_loop": (str, "'uvloop' or 'asyncio'"),
     "log_level": (str, "one of debug, info, warning, error"),
 }
@@ -77,6 +83,8 @@ _CHOICES = {"compression": ("none", "zstd"), "consistency": ("sequential", "boun
 _SPECIAL = {  # fields whose valid values are not simply "positive"
     "max_delay": lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
     "num_workers": lambda v: v >= 0,
+    "checkpoint_interval": lambda v: v >= 0,
+    "checkpoint_dir": lambda v: bool(v),
     "auto_delay_bounds": lambda v: (len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                          for x in v) and 0 <= v[0] <= v[1]),
 }

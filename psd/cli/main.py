@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", help=f"scheduler address (default {DEFAULT_SCHEDULER} or the config's)")
     s.add_argument("--config", help="cluster YAML file (for the scheduler address)")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
+    d = sub.add_parser("drain", help="hand a server's ranges to the others, then stop it")
+    d.add_argument("node", help="server id as `psd status` shows it, e.g. S2")
+    d.add_argument("--scheduler", help="scheduler address")
+    d.add_argument("--config", help="cluster YAML file (for the scheduler address)")
+    c = sub.add_parser("checkpoint", help="write a consistent checkpoint of every table now")
+    c.add_argument("--scheduler", help="scheduler address")
+    c.add_argument("--config", help="cluster YAML file (for the scheduler address)")
     r = sub.add_parser("run", help="run a job on a local cluster started for it")
     r.add_argument("job", help="job YAML file")
     r.add_argument("--output", help="output folder (overrides the job's)")
@@ -84,6 +91,19 @@ def _dispatch(args) -> int:
         from psd.cli.status import show_status
         config = _config(args)
         return show_status(config.scheduler, as_json=args.json)
+    if args.command == "drain":
+        from psd.client import admin
+        config = _config(args)
+        reply = admin.call(config.scheduler, "drain", timeout=config.request_timeout + 5, node=args.node)
+        print(f"{args.node} drained; ring v{reply['ring']}")
+        return 0
+    if args.command == "checkpoint":
+        from psd.client import admin
+        config = _config(args)
+        info = admin.call(config.scheduler, "checkpoint", timeout=config.request_timeout + 70)
+        print(f"checkpoint {info['id']} in {info['folder']}: cut at clock {info['cut']}, "
+              f"{info['keys']} keys, {info['bytes']} bytes")
+        return 0
     if args.command == "run":
         from psd.jobs.runner import run_job
         return run_job(args.job, output=args.output, quiet=args.quiet)

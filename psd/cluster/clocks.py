@@ -101,7 +101,12 @@ class RangeClocks:
             clocks[worker] = max(clocks.get(worker, 0), clock)
 
     def leave(self, worker: str) -> None:
-        """A worker left or died: it stops counting, which may release pulls."""
+        """A worker left or died: it stops counting, which may release pulls.
+
+        One that never joined (it died before its first pull or clock reached this
+        server) still takes its slot of the group, so nobody waits for it as missing.
+        """
+        self._joined.add(worker)
         self._live.discard(worker)
         self._release()
 
@@ -166,6 +171,13 @@ class RangeClocks:
 
     def held(self) -> int:
         return len(self._held)
+
+    def members(self) -> tuple[dict[str, int], set[str]]:
+        """Every worker that ever joined with its clock (the minimum over ranges), and the
+        live ones; enough to start another instance with the same group."""
+        tables = list(self._clocks.values())
+        joined = {w: min((t.get(w, 0) for t in tables), default=0) for w in self._joined}
+        return joined, set(self._live)
 
     # -- internals -------------------------------------------------------------------
     def _range_ids(self, ranges: Iterable[Hashable] | None) -> list[Hashable]:

@@ -104,6 +104,13 @@ def split_sorted(keys: np.ndarray, ranges: Sequence[Range]) -> list[tuple[int, i
     return [(int(pos[2 * j]), int(pos[2 * j + 1])) for j in range(len(ranges))]
 
 
+def bounds(keys: np.ndarray, begin: int, end: int) -> tuple[int, int]:
+    """The slice [i0, i1) of sorted ``keys`` inside [begin, end) (``end`` may be 2**64)."""
+    i0 = int(np.searchsorted(keys, np.uint64(begin)))
+    i1 = keys.size if end >= KEY_SPACE_END else int(np.searchsorted(keys, np.uint64(end)))
+    return i0, i1
+
+
 def split_span(lo: int, n: int, ranges: Sequence[Range]) -> list[tuple[int, int]]:
     """For the dense key span [lo, lo+n), the (offset, count) inside each range."""
     hi = lo + n

@@ -42,6 +42,9 @@ class Policy:
     _held: dict = field(default_factory=dict)       # request id -> (run, since)
     _pushes: list = field(default_factory=list)     # (clock, apply) awaiting the clock boundary
     _last_clock_at: dict = field(default_factory=dict)
+    #: a checkpoint in progress: pushes at clocks >= cut wait until the snapshot is written
+    cut: int | None = None
+    _past_cut: list = field(default_factory=list)
 
     def __post_init__(self):
         s = self.setting
@@ -72,10 +75,14 @@ class Policy:
         return False
 
     def push(self, worker: str, clock: int, apply: Callable[[], None]) -> bool:
-        """Apply now, or keep for the clock boundary (sequential); True when applied now."""
+        """Apply now, or keep for the clock boundary (sequential); True when applied now.
+
+        With no live worker left (``min_clock()`` is None) nobody can be mid-iteration,
+        so pushes are applied at once, and any still kept are applied when the last
+        worker leaves: an acknowledged push is never left unapplied."""
         if self.buffers_pushes:
             floor = self.clocks.min_clock()
-            if floor is None or clock >= floor:
+            if floor is not None and clock >= floor:
                 self._pushes.append((clock, apply))
                 return False
         apply()
@@ -100,7 +107,7 @@ class Policy:
             floor = self.clocks.min_clock()
             keep = []
             for clock, apply in self._pushes:
-                if self.buffers_pushes and (floor is None or clock >= floor):
+                if self.buffers_pushes and floor is not None and clock >= floor:
                     keep.append((clock, apply))
                 else:
                     apply()
@@ -113,6 +120,13 @@ class Policy:
                 self.auto.observe_wait(waited)
             run()
 
+    def set_cut(self, cut: int | None) -> None:
+        """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead."""
+        self.cut = cut
+        waiting, self._past_cut = self._past_cut, []
+        for worker, clock, apply in waiting:
+            self.push(worker, clock, apply)
+
     def stats(self) -> dict:
         clocks = self.clocks.clocks()
         return {"consistency": self.setting.consistency, "tau": self.tau,
@@ -123,12 +137,20 @@ class Policy:
                 "waits": self.waits.to_dict()}
 
 
+#: a cut above every clock: hold every push until the real cut is known
+HOLD_ALL = 1 << 62
+
+
 class Gate:
-    """Every policy a server runs: the cluster default plus per-table overrides."""
+    """Every policy a server runs: the cluster default plus per-table overrides, and the
+    checkpoint cut they share."""
 
     def __init__(self, default: Setting):
         self.default = default
         self.policies: dict[Setting, Policy] = {default: Policy(default)}
+        self.left: set[str] = set()
+        self._cut_wait: tuple[int, set[str], Callable[[], None]] | None = None
+        self.max_push_clock = -1
 
     def policy(self, override: dict | None) -> Policy:
         setting = self.default
@@ -137,16 +159,75 @@ class Gate:
                               override.get("max_delay", self.default.max_delay),
                               self.default.num_workers, self.default.auto_bounds)
         if setting not in self.policies:
-            self.policies[setting] = Policy(setting)
+            self.policies[setting] = self._seeded(Policy(setting))
+            self.policies[setting].cut = self.policies[self.default].cut
         return self.policies[setting]
+
+    # -- checkpoint cuts ---------------------------------------------------------
+    def hold_all(self) -> int:
+        """Phase 1 of a cut: apply nothing new; return the highest push clock seen."""
+        for p in self.policies.values():
+            p.set_cut(HOLD_ALL)
+        return self.max_push_clock
+
+    def cut(self, cut: int, workers: set[str], on_ready: Callable[[], None]) -> None:
+        """Phase 2: hold pushes at clocks >= ``cut``; once every listed worker still in
+        the group has clock >= ``cut`` (so all its earlier pushes have arrived), call
+        ``on_ready`` (the snapshot), then let the held pushes through."""
+        for p in self.policies.values():
+            p.set_cut(cut)
+        self._cut_wait = (cut, set(workers), on_ready)
+        self._check_cut()
+
+    def release_cut(self) -> None:
+        self._cut_wait = None
+        for p in self.policies.values():
+            p.set_cut(None)
+
+    def _check_cut(self) -> None:
+        if self._cut_wait is None:
+            return
+        cut, workers, on_ready = self._cut_wait
+        clocks = self.policies[self.default].clocks.clocks()
+        if all(w in self.left or clocks.get(w, 0) >= cut for w in workers):
+            self._cut_wait = None
+            try:
+                on_ready()
+            finally:
+                self.release_cut()
+
+    def note_push(self, clock: int) -> None:
+        self.max_push_clock = max(self.max_push_clock, clock)
+
+    def _seeded(self, policy: Policy) -> Policy:
+        """A policy made after the group started (a table's override, on its first
+        request) starts with the group as the existing policies know it: the workers'
+        clocks, and who has left. Otherwise a worker that left or died before it existed
+        would count as missing (clock 0) in it for ever."""
+        clocks: dict[str, int] = {}
+        gone: set[str] = set()
+        for p in self.policies.values():
+            joined, live = p.clocks.members()
+            for w, c in joined.items():
+                clocks[w] = max(clocks.get(w, 0), c)
+                if w not in live:
+                    gone.add(w)
+        for w, c in clocks.items():
+            policy.clocks.join(w, c)
+        for w in gone:
+            policy.clocks.leave(w)
+        return policy
 
     def clock(self, worker: str, clock: int, now: float) -> None:
         for p in self.policies.values():
             p.clock(worker, clock, now)
+        self._check_cut()
 
     def leave(self, worker: str, now: float) -> None:
+        self.left.add(worker)
         for p in self.policies.values():
             p.leave(worker, now)
+        self._check_cut()
 
     def stats(self) -> dict:
         return {f"{s.consistency}/{s.max_delay}": p.stats() for s, p in self.policies.items()}

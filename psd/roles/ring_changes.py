@@ -73,6 +73,8 @@ class RingChanges:
             version += 1
         final = dataclasses.replace(change.ring, version=version)
         await self.publish(final, {}, final=True)
+        if final.ranges:
+            await s.checkpoints.restore_if_pending()
         log.info("ring v%d (%s): %d server(s), %d range(s)", final.version, reason, len(final.servers),
                  len(final.ranges))
         return final

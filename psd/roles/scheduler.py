@@ -16,6 +16,7 @@ from psd.cluster.liveness import Liveness, State
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.errors import BadRequestError, ProtocolError, PsdError, TableMismatchError
+from psd.roles.checkpoints import Checkpoints
 from psd.roles.ring_changes import RingChanges
 from psd.store import TableSpec
 from psd.transport import RpcSocket, Route, async_context, bind_router
@@ -37,12 +38,15 @@ class Scheduler:
         self.tables: dict[str, TableSpec] = {}
         self.jobs = JobBook()
         self.ring_changes = RingChanges(self)
+        self.checkpoints = Checkpoints(self)
+        for spec in self.checkpoints.tables_to_restore():
+            self.tables[spec["name"]] = TableSpec.from_wire(spec)
         self.worker_clocks: dict[str, int] = {}
         self.flagged: set[str] = set()  # workers currently flagged as stragglers
         self.started = time.time()
         self.handlers = {
             "register": self.on_register, "heartbeat": self.on_heartbeat, "leave": self.on_leave,
-            "drain": self.on_drain,
+            "drain": self.on_drain, "checkpoint": self.on_checkpoint,
             "get_ring": self.on_get_ring, "create_table": self.on_create_table,
             "status": self.on_status, "ping": self.on_ping,
             "submit": self.on_submit, "job_poll": self.on_job_poll,
@@ -55,6 +59,8 @@ class Scheduler:
                              router=True, concurrent=True)
         serve = asyncio.create_task(self.rpc.serve())
         ticker = asyncio.create_task(self.tick_loop())
+        periodic = (asyncio.create_task(self.checkpoints.periodic(self.config.checkpoint_interval))
+                    if self.config.checkpoint_interval and self.config.checkpoint_dir else None)
         ready(self.address)
         log.info("scheduler at %s", self.address)
         try:
@@ -66,6 +72,8 @@ class Scheduler:
         finally:
             serve.cancel()
             ticker.cancel()
+            if periodic:
+                periodic.cancel()
             sock.close(0)
 
     async def handle(self, route: Route, msg: Message) -> Message | None:
@@ -129,6 +137,10 @@ class Scheduler:
         if msg.sender.startswith("W"):
             await self._worker_gone(msg.sender)
         return msg.reply()
+
+    async def on_checkpoint(self, route: Route, msg: Message) -> Message:
+        """`psd checkpoint`: a consistent cut of every table, written by the servers."""
+        return msg.reply(meta=await self.checkpoints.take())
 
     async def on_drain(self, route: Route, msg: Message) -> Message:
         """`psd drain NODE`: hand a server's ranges to the others, then stop it."""
@@ -258,6 +270,7 @@ class Scheduler:
                   "consistency": self.config.consistency, "max_delay": self.config.max_delay}
         return {"scheduler": self.address, "uptime": round(time.time() - self.started, 1),
                 "clocks": clocks, "ring_changing": self.ring_changes.busy,
+                "checkpoints": self.checkpoints.status(),
                 "replication": self.config.replication,
                 "ring_version": self.ring.version, "nodes": nodes, "ranges": ranges, "tables": tables,
                 "jobs": [j.to_dict(len(j.metrics)) for j in self.jobs.jobs.values()]}

@@ -13,20 +13,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import Range, range_from_wire, range_to_wire
+from psd.cluster.ranges import Range, bounds, range_from_wire, range_to_wire
 from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.errors import (BadRequestError, MessageTooLargeError, NotOwnerError, ProtocolError,
-                        TableMismatchError, UnknownTableError)
+                        PsdTimeoutError, TableMismatchError, UnknownTableError)
 from psd.roles.consistency import Gate, Policy, Setting
 from psd.roles.peers import Peers
 from psd.roles.seen import Seen
 from psd.store import Table, TableSpec
+from psd.store.checkpoint import read_server_file, write_server_file
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
 
 log = logging.getLogger("psd.server")
@@ -55,7 +57,9 @@ class Server:
                          "status": self.on_status, "ping": self.on_data_ping}
         self.control_handlers = {"create_table": self.on_create_table, "ring": self.on_ring,
                                  "transfer": self.on_transfer, "worker_left": self.on_worker_left,
-                                 "shutdown": self.on_shutdown, "ping": self.on_ping}
+                                 "shutdown": self.on_shutdown, "ping": self.on_ping,
+                                 "ckpt_hold": self.on_ckpt_hold, "ckpt_cut": self.on_ckpt_cut,
+                                 "ckpt_release": self.on_ckpt_release, "restore": self.on_restore}
 
     # -- lifecycle -----------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready) -> None:
@@ -65,8 +69,10 @@ class Server:
         sock, self.address = bind_router(ctx, self.config.bind, limits.max_message_bytes)
         self.data = RpcSocket(sock, self.node_id, limits=limits, compression=self.config.compression,
                               handler=self.handle, router=True)
+        # concurrent: a checkpoint waits on the control link for worker clocks, and the
+        # news that a worker died must still get through meanwhile
         self.link = RpcSocket(connect_dealer(ctx, self.config.scheduler), self.node_id,
-                              limits=limits, handler=self.handle_control)
+                              limits=limits, handler=self.handle_control, concurrent=True)
         self.peers = Peers(self.node_id, limits, self.config.compression)
         link_task = asyncio.create_task(self.link.serve())
         try:
@@ -240,7 +246,8 @@ class Server:
         return (msg.sender, rid) if isinstance(rid, int) and not isinstance(rid, bool) else None
 
     def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str) -> None:
-        """Apply now, or (sequential) at the clock boundary."""
+        """Apply now, or (sequential) at the clock boundary, or after a checkpoint cut."""
+        self.gate.note_push(msg.clock)
         self._policy(table).push(origin, msg.clock, lambda: rows.push_into(table))
         self.counters["keys_pushed"] += rows.count
 
@@ -419,6 +426,71 @@ class Server:
             self.incoming = [x for x in self.incoming if x != r]
             log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
         return msg.reply()
+
+    # -- checkpoints -------------------------------------------------------------------
+    async def on_ckpt_hold(self, route: Route, msg: Message) -> Message:
+        """Phase 1: from now on apply nothing new; say the highest clock pushed so far."""
+        return msg.reply(meta={"max_push_clock": self.gate.hold_all()})
+
+    async def on_ckpt_cut(self, route: Route, msg: Message) -> Message:
+        """Phase 2: write the ranges we lead as of the cut, once every worker's pushes of
+        earlier clocks have arrived. Pushes at later clocks wait until the file is written."""
+        m = msg.meta
+        written = asyncio.get_running_loop().create_future()
+
+        def snapshot() -> None:
+            try:
+                written.set_result(self._write_checkpoint(Path(m["folder"]), m["cut"]))
+            except Exception as e:  # reported to the scheduler, which fails the checkpoint
+                written.set_exception(e)
+
+        self.gate.cut(int(m["cut"]), set(m.get("workers", [])), snapshot)
+        try:
+            info = await asyncio.wait_for(written, float(m.get("timeout", 60)))
+        except asyncio.TimeoutError:
+            self.gate.release_cut()
+            lagging = m.get("workers", [])
+            raise PsdTimeoutError(f"{self.node_id}: workers {lagging} did not all reach clock {m['cut']} "
+                                  f"in time; a consistent checkpoint needs workers to call kv.clock()") from None
+        return msg.reply(meta=info)
+
+    async def on_ckpt_release(self, route: Route, msg: Message) -> Message:
+        self.gate.release_cut()
+        return msg.reply()
+
+    def _write_checkpoint(self, folder: Path, cut: int) -> dict:
+        led = self.ring.led_by(self.node_id)
+        tables, keys_total = {}, 0
+        for name, table in self.tables.items():
+            pieces = [table.snapshot(r.begin, r.end) for r in led]
+            keys = np.concatenate([p[0] for p in pieces]) if pieces else np.empty(0, np.uint64)
+            vals = (np.concatenate([p[1] for p in pieces]) if pieces
+                    else np.empty((0, table.width), table.dtype))
+            state = {f: np.concatenate([p[2][f] for p in pieces]) if pieces
+                     else np.empty((0, table.width), table.dtype) for f in table.state}
+            tables[name] = (table.spec.to_wire(), keys, vals, state)
+            keys_total += int(keys.size)
+        path = folder / f"{self.node_id}.psd"
+        size = write_server_file(path, self.node_id, self.ring.version, cut, tables)
+        log.info("%s wrote checkpoint %s: %d keys, %d bytes (cut at clock %d)", self.node_id, path,
+                 keys_total, size, cut)
+        return {"file": path.name, "bytes": size, "keys": keys_total}
+
+    async def on_restore(self, route: Route, msg: Message) -> Message:
+        """Load the keys we hold (lead or replicate) from every file of a checkpoint."""
+        folder = Path(msg.meta["folder"])
+        held = self.ring.ranges_of(self.node_id)
+        restored = 0
+        for name in msg.meta["files"]:
+            for tname, (spec, keys, vals, state) in read_server_file(folder / name).items():
+                self._create(TableSpec.from_wire(spec))
+                table = self.tables[tname]
+                for r in held:
+                    i0, i1 = bounds(keys, r.begin, r.end)
+                    table.install(keys[i0:i1], vals[i0:i1], {f: a[i0:i1] for f, a in state.items()})
+                    restored += int(i1 - i0)
+        log.info("%s restored %d keys from %s", self.node_id, restored, folder)
+        return msg.reply(meta={"keys": restored})
 
     # -- introspection -------------------------------------------------------------
     def on_status(self, route: Route, msg: Message) -> Message:

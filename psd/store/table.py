@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from psd.cluster.ranges import bounds
 from psd.errors import BadRequestError, ValuesError
 from psd.store.updaters import Updater, make_updater
 
@@ -178,9 +179,7 @@ class Table:
 
     # -- moving ranges between servers -----------------------------------------------
     def _bounds(self, begin: int, end: int) -> tuple[int, int]:
-        i0 = int(np.searchsorted(self.keys, np.uint64(begin)))
-        i1 = self.keys.size if end >= 1 << 64 else int(np.searchsorted(self.keys, np.uint64(end)))
-        return i0, i1
+        return bounds(self.keys, begin, end)
 
     def snapshot(self, begin: int, end: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Copies of the keys, values and updater state in [begin, end)."""
