@@ -45,6 +45,8 @@ class ClusterConfig:
     checkpoint_dir: str | None = None
     #: seconds between automatic checkpoints; 0 takes them only on `psd checkpoint`
     checkpoint_interval: float = 0
+    #: where the scheduler keeps its state; a scheduler restarted on it resumes the cluster
+    state_dir: str | None = None
     event_loop: str = "uvloop"
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
@@ -72,6 +74,7 @@ _SCALARS = {
     "num_workers": (int, "an integer >= 0"),
     "straggler_lag": (int, "a positive integer"),
     "checkpoint_dir": (str, "a folder path"),
+    "state_dir": (str, "a folder path"),
     "checkpoint_interval": ((int, float), "a number of seconds >= 0"),
     "event_loop": (str, "'uvloop' or 'asyncio'"),
     "log_level": (str, "one of debug, info, warning, error"),
@@ -80,11 +83,13 @@ _CHOICES = {"compression": ("none", "zstd"), "consistency": ("sequential", "boun
             "log_level": ("debug", "info", "warning", "error")}
 
 
+_OPTIONAL = {"checkpoint_dir", "state_dir"}  # None (the default) turns the feature off
 _SPECIAL = {  # fields whose valid values are not simply "positive"
     "max_delay": lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
     "num_workers": lambda v: v >= 0,
     "checkpoint_interval": lambda v: v >= 0,
     "checkpoint_dir": lambda v: bool(v),
+    "state_dir": lambda v: bool(v),
     "auto_delay_bounds": lambda v: (len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                          for x in v) and 0 <= v[0] <= v[1]),
 }
@@ -99,6 +104,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ClusterCon
             continue
         if key not in _SCALARS:
             problems.append(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted([*_SCALARS, 'limits']))}")
+            continue
+        if raw is None and key in _OPTIONAL:
             continue
         types, what = _SCALARS[key]
         bad_type = not isinstance(raw, types) or isinstance(raw, bool)

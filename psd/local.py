@@ -118,6 +118,8 @@ class LocalCluster:
 
     # -- start-up --------------------------------------------------------------
     def _write_config(self) -> Path:
+        if self.config.state_dir is None:  # so restart_scheduler() resumes the cluster
+            self.config = self.config.replace(state_dir=str(self.workdir / "scheduler-state"))
         data = self.config.to_dict()
         data.pop("scheduler")
         data["limits"] = dict(data["limits"])
@@ -128,9 +130,7 @@ class LocalCluster:
     def _start(self) -> None:
         self.config_path = self._write_config()
         deadline = time.monotonic() + self.startup_timeout
-        self.scheduler_proc = Child("scheduler", daemon_argv(
-            "scheduler", "--config", str(self.config_path), "--bind", "tcp://127.0.0.1:0"), self.workdir)
-        self.scheduler = self.scheduler_proc.wait_ready(deadline)
+        self._start_scheduler("tcp://127.0.0.1:0", deadline)
         for _ in range(self.num_servers):
             self.add_server(wait=False)
         for child in self.servers:
@@ -149,6 +149,20 @@ class LocalCluster:
                 raise StartupError(f"the ring did not settle on {servers} servers in time: "
                                    f"{len(owners)} hold ranges at ring v{st['ring_version']}")
             time.sleep(0.02)
+
+    def _start_scheduler(self, bind: str, deadline: float) -> None:
+        name = "scheduler" if self.scheduler_proc is None else f"scheduler-{time.monotonic_ns()}"
+        self.scheduler_proc = Child(name, daemon_argv(
+            "scheduler", "--config", str(self.config_path), "--bind", bind), self.workdir)
+        self.scheduler = self.scheduler_proc.wait_ready(deadline)
+
+    def restart_scheduler(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the scheduler and start a new one on the same address and state folder."""
+        old = self.scheduler_proc
+        old.proc.send_signal(sig)
+        old.proc.wait(10)
+        old._log.close()
+        self._start_scheduler(self.scheduler, time.monotonic() + self.startup_timeout)
 
     def add_server(self, wait: bool = True) -> Child:
         """Start one more server daemon; it copies its ranges in while the others serve

@@ -3,11 +3,18 @@
 Every worker generates the same seeded data set and trains on its own shards. Per
 minibatch it pulls the weights of the features present, computes the mean log-loss
 gradient and pushes it; the server applies ``w -= lr * g``. Workers never wait for
-each other; each keeps at most two pushes in flight so its view of ``w`` is at most
-one of its own steps stale. Rank 0 evaluates on the test set after every epoch.
+each other (beyond what the job's consistency model imposes on pulls); each keeps at
+most two pushes in flight so its view of ``w`` is at most one of its own steps stale,
+and calls ``kv.clock()`` after every minibatch. Rank 0 evaluates on the test set after
+every epoch, and also every ``train.eval_every`` minibatches when that is set.
+
+For experiments with stragglers, ``train.slow_rank`` names a rank that sleeps
+``train.slow_seconds`` after computing each minibatch's gradient (by default no rank is
+slowed).
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
 import time
@@ -33,6 +40,9 @@ DEFAULTS: dict = {
         "epochs": 5,
         "batch_size": 500,
         "learning_rate": 0.5,
+        "eval_every": 0,        # minibatches between rank 0's extra evaluations; 0: per epoch only
+        "slow_rank": -1,        # the rank that sleeps slow_seconds per minibatch; -1: none
+        "slow_seconds": 0.0,
     },
 }
 
@@ -71,6 +81,9 @@ _CHECKS: dict[str, dict[str, tuple]] = {
         "epochs": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
         "batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
         "learning_rate": (lambda v: _is_num(v) and v > 0 and math.isfinite(v), "a positive number"),
+        "eval_every": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (0: once per epoch)"),
+        "slow_rank": (lambda v: _is_int(v) and v >= -1, "a rank (an integer >= 0), or -1 for none"),
+        "slow_seconds": (lambda v: _is_num(v) and 0 <= v <= 60, "a number of seconds in [0, 60]"),
     },
 }
 
@@ -169,9 +182,12 @@ async def run(kv, ctx) -> dict:
     opts = options(ctx.spec)
     train_opts = opts["train"]
     epochs, batch_size = int(train_opts["epochs"]), int(train_opts["batch_size"])
+    eval_every = int(train_opts["eval_every"])
+    slow = float(train_opts["slow_seconds"]) if ctx.rank == int(train_opts["slow_rank"]) else 0.0
     start = time.perf_counter()
 
-    train, test = make_data(opts["data"])
+    # seconds of numpy work: off the event loop, so the worker's heartbeats keep flowing
+    train, test = await asyncio.to_thread(make_data, opts["data"])
     mine = [shard(train, s, ctx.num_workers) for s in ctx.shards]
     per_epoch = sum(math.ceil(len(d) / batch_size) for d in mine)
     total = max(1, per_epoch * epochs)
@@ -191,6 +207,8 @@ async def run(kv, ctx) -> dict:
                 keys, inverse = np.unique(batch.indices, return_inverse=True)
                 w = (await table.pull(keys))[:, 0]
                 grad, loss = gradient(batch, inverse, w, keys.size)
+                if slow:
+                    await asyncio.sleep(slow)   # a deliberate straggler
                 loss_sum += loss * len(batch)
                 seen += len(batch)
                 if pending is not None:
@@ -198,7 +216,11 @@ async def run(kv, ctx) -> dict:
                 pending = table.push(keys, grad) if keys.size else None
                 kv.clock()
                 done += 1
-                if done % REPORT_EVERY == 0:
+                if ctx.rank == 0 and eval_every and done % eval_every == 0 and done % per_epoch:
+                    result = await evaluate(table, test, test_keys, test_inverse)
+                    await ctx.report(progress=done / total, metrics=[
+                        {"batch": done, "time": time.perf_counter() - start, **result}])
+                elif done % REPORT_EVERY == 0:
                     await ctx.report(progress=done / total)
         if pending is not None:
             await kv.wait(pending)
@@ -208,7 +230,7 @@ async def run(kv, ctx) -> dict:
         summary["train_logloss"] = train_loss
         if ctx.rank == 0:
             result = await evaluate(table, test, test_keys, test_inverse)
-            records.append({"epoch": epoch, "time": time.perf_counter() - start, **result})
+            records.append({"epoch": epoch, "batch": done, "time": time.perf_counter() - start, **result})
             summary.update(result)
         await ctx.report(progress=done / total, metrics=records)
 

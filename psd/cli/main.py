@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("checkpoint", help="write a consistent checkpoint of every table now")
     c.add_argument("--scheduler", help="scheduler address")
     c.add_argument("--config", help="cluster YAML file (for the scheduler address)")
+    c.add_argument("--wait", type=float, default=30.0,
+                   help="seconds to wait for every worker to reach the cut (default 30)")
     r = sub.add_parser("run", help="run a job on a local cluster started for it")
     r.add_argument("job", help="job YAML file")
     r.add_argument("--output", help="output folder (overrides the job's)")
@@ -100,7 +102,7 @@ def _dispatch(args) -> int:
     if args.command == "checkpoint":
         from psd.client import admin
         config = _config(args)
-        info = admin.call(config.scheduler, "checkpoint", timeout=config.request_timeout + 70)
+        info = admin.call(config.scheduler, "checkpoint", timeout=args.wait + 15, wait=args.wait)
         print(f"checkpoint {info['id']} in {info['folder']}: cut at clock {info['cut']}, "
               f"{info['keys']} keys, {info['bytes']} bytes")
         return 0

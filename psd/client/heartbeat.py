@@ -26,7 +26,8 @@ class HeartbeatThread(threading.Thread):
         sock.connect(self.scheduler)
         try:
             while not self._halt.wait(self.interval):
-                sock.send_multipart(encode(Message("heartbeat", sender=self.node_id, clock=self.clock())))
+                sock.send_multipart(encode(Message("heartbeat", sender=self.node_id, clock=self.clock(),
+                                                      meta={"link": False})))
                 while sock.poll(0):
                     sock.recv_multipart()  # replies only say "known"; drop them
         finally:

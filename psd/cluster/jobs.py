@@ -25,7 +25,7 @@ class Job:
         done = sum(self.progress.values()) / max(1, self.num_workers)
         return {"id": self.id, "app": self.spec.get("app"), "state": self.state,
                 "num_workers": self.num_workers, "ranks": {str(k): v for k, v in self.ranks.items()},
-                "progress": min(1.0, done), "shards_done": sorted(self.shards_done),
+                "progress": min(1.0, done), "per_rank": {str(k): v for k, v in self.progress.items()}, "shards_done": sorted(self.shards_done),
                 "num_shards": self.num_shards, "error": self.error, "summary": self.summary,
                 "metrics": self.metrics[metrics_from:], "num_metrics": len(self.metrics)}
 
@@ -47,7 +47,7 @@ class JobBook:
             if job.state in ("done", "failed"):
                 continue
             for rank, w in job.ranks.items():
-                if w == worker:
+                if w == worker and rank not in job.shards_done:
                     return job, rank
             free = [r for r in range(job.num_workers) if r not in job.ranks]
             if free:
@@ -55,6 +55,20 @@ class JobBook:
                 job.state = "running"
                 return job, free[0]
         return None
+
+    def release(self, worker: str) -> list[tuple[str, int]]:
+        """A worker died: its unfinished shards go back to the pool for live workers."""
+        freed = []
+        for job in self.jobs.values():
+            if job.state in ("done", "failed"):
+                continue
+            for rank, w in list(job.ranks.items()):
+                if w == worker and rank not in job.shards_done:
+                    del job.ranks[rank]
+                    job.progress[rank] = 0.0
+                    job.metrics.append({"event": "shard_released", "rank": rank, "worker": worker})
+                    freed.append((job.id, rank))
+        return freed
 
     def report(self, job_id: str, rank: int, progress: float | None = None,
                metrics: list[dict] | None = None, done: bool = False,

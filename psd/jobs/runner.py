@@ -47,6 +47,7 @@ def _follow(cluster: LocalCluster, job: JobSpec, job_id: str, workers, out: Path
 
     metrics_path = out / "metrics.jsonl"
     seen: list[dict] = []
+    reported: set = set()
     deadline = time.monotonic() + job.timeout
     bar = tqdm(total=100, unit="%", desc=job.name, disable=quiet, file=sys.stderr,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
@@ -64,9 +65,14 @@ def _follow(cluster: LocalCluster, job: JobSpec, job_id: str, workers, out: Path
                 st["metrics_all"] = seen
                 return st
             dead = [w for w in workers if w.proc.poll() not in (None, 0)]
-            if dead:
+            for w in dead:
+                if w not in reported:  # its shards go to the others; the job goes on
+                    reported.add(w)
+                    bar.write(f"psd run: {w.name} exited with code {w.proc.returncode}; "
+                              f"its shards go to the other workers")
+            if len(dead) == len(workers):
                 st.update(state="failed", metrics_all=seen,
-                          error=f"{dead[0].name} exited with code {dead[0].proc.returncode}:\n{dead[0].log_tail()}")
+                          error=f"every worker died; last: {dead[-1].name}:\n{dead[-1].log_tail()}")
                 return st
             if time.monotonic() > deadline:
                 st.update(state="timed out", metrics_all=seen, error=f"not finished within {job.timeout:.0f} s")

@@ -79,7 +79,11 @@ class Policy:
 
         With no live worker left (``min_clock()`` is None) nobody can be mid-iteration,
         so pushes are applied at once, and any still kept are applied when the last
-        worker leaves: an acknowledged push is never left unapplied."""
+        worker leaves: an acknowledged push is never left unapplied. A checkpoint cut
+        in progress holds pushes at clocks >= the cut until the snapshot is written."""
+        if self.cut is not None and clock >= self.cut:
+            self._past_cut.append((worker, clock, apply))
+            return False
         if self.buffers_pushes:
             floor = self.clocks.min_clock()
             if floor is not None and clock >= floor:

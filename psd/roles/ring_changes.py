@@ -83,6 +83,7 @@ class RingChanges:
         """Servers acknowledge a ring before the change goes on; workers are told too."""
         s = self.s
         s.ring = ring
+        s.save()
         wire = ring.to_wire()
         calls = []
         for node in s.liveness.live("server"):

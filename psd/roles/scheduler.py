@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 from psd.cluster.assignment import Assignment
 from psd.cluster.clocks import stragglers
@@ -16,6 +17,7 @@ from psd.cluster.liveness import Liveness, State
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.errors import BadRequestError, ProtocolError, PsdError, TableMismatchError
+from psd.roles import scheduler_state
 from psd.roles.checkpoints import Checkpoints
 from psd.roles.ring_changes import RingChanges
 from psd.store import TableSpec
@@ -39,8 +41,16 @@ class Scheduler:
         self.jobs = JobBook()
         self.ring_changes = RingChanges(self)
         self.checkpoints = Checkpoints(self)
-        for spec in self.checkpoints.tables_to_restore():
-            self.tables[spec["name"]] = TableSpec.from_wire(spec)
+        self.state_dir = Path(config.state_dir) if config.state_dir else None
+        self.resumed = bool(self.state_dir and scheduler_state.load(self, self.state_dir, time.monotonic()))
+        if self.resumed:
+            self.checkpoints.pending_restore = None  # the servers still hold the data
+            log.info("resumed from %s: ring v%d, %d table(s), %d job(s)", self.state_dir, self.ring.version,
+                     len(self.tables), len(self.jobs.jobs))
+        else:
+            for spec in self.checkpoints.tables_to_restore():
+                self.tables[spec["name"]] = TableSpec.from_wire(spec)
+        self._dirty = False
         self.worker_clocks: dict[str, int] = {}
         self.flagged: set[str] = set()  # workers currently flagged as stragglers
         self.started = time.time()
@@ -76,6 +86,16 @@ class Scheduler:
                 periodic.cancel()
             sock.close(0)
 
+    def save(self) -> None:
+        """Persist now (ring and table changes)."""
+        if self.state_dir is not None:
+            scheduler_state.save(self, self.state_dir)
+            self._dirty = False
+
+    def touch(self) -> None:
+        """Persist soon (job progress, membership): the tick loop writes it."""
+        self._dirty = True
+
     async def handle(self, route: Route, msg: Message) -> Message | None:
         handler = self.handlers.get(msg.op)
         if handler is None:
@@ -98,6 +118,7 @@ class Scheduler:
             if not isinstance(address, str) or not address.startswith("tcp://"):
                 raise BadRequestError("register: a server must give its tcp:// address")
             self.addresses[node] = address
+            self.save()
             # the new server takes its ranges once it serves; joins queue behind other changes
             asyncio.ensure_future(self.ring_changes.rebalance(f"{node} joined"))
         log.info("%s joined as %s%s, ring v%d", node, role,
@@ -122,6 +143,11 @@ class Scheduler:
         state = self.liveness.seen(msg.sender, time.monotonic())
         if state is None:
             return msg.reply(meta={"known": False})
+        if msg.meta.get("link", True):
+            # heartbeats on a node's registration connection renew its route (after a
+            # scheduler restart ZeroMQ reconnects it under a new identity); the sync
+            # client's heartbeat thread has its own socket and says link=False
+            self.routes[msg.sender] = route
         if msg.sender.startswith("W"):
             self.worker_clocks[msg.sender] = max(msg.clock, self.worker_clocks.get(msg.sender, 0))
         stats = msg.meta.get("stats")
@@ -140,7 +166,10 @@ class Scheduler:
 
     async def on_checkpoint(self, route: Route, msg: Message) -> Message:
         """`psd checkpoint`: a consistent cut of every table, written by the servers."""
-        return msg.reply(meta=await self.checkpoints.take())
+        wait = msg.meta.get("wait", self.config.request_timeout)
+        if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait <= 0:
+            raise BadRequestError("checkpoint: meta.wait must be a positive number of seconds")
+        return msg.reply(meta=await self.checkpoints.take(timeout=float(wait)))
 
     async def on_drain(self, route: Route, msg: Message) -> Message:
         """`psd drain NODE`: hand a server's ranges to the others, then stop it."""
@@ -153,7 +182,10 @@ class Scheduler:
         return msg.reply(meta={"ring": self.ring.version})
 
     async def _worker_gone(self, worker: str) -> None:
-        """Servers stop waiting for a worker that died or left."""
+        """Servers stop waiting for a worker that died or left; its shards go to others."""
+        for job_id, rank in self.jobs.release(worker):
+            log.warning("job %s: shard %d of %s goes back to the pool", job_id, rank, worker)
+        self.touch()
         self.worker_clocks.pop(worker, None)
         self.flagged.discard(worker)
         await self._to_servers(Message("worker_left", meta={"worker": worker}))
@@ -167,7 +199,10 @@ class Scheduler:
                     await self._worker_gone(node)
                 if new == State.DEAD and node.startswith("S"):
                     asyncio.ensure_future(self.ring_changes.rebalance(f"{node} died"))
+                self.touch()
             self._flag_stragglers()
+            if self._dirty:
+                self.save()
 
     def _flag_stragglers(self) -> None:
         live = {w: c for w, c in self.worker_clocks.items() if w in self.liveness.live("worker")}
@@ -202,6 +237,7 @@ class Scheduler:
         if errors:
             raise errors[0] if isinstance(errors[0], PsdError) else BadRequestError(str(errors[0]))
         self.tables[spec.name] = spec
+        self.save()
         log.info("table %r created: width %d, %s, updater %s", spec.name, spec.width, spec.dtype, spec.updater)
         return msg.reply(meta={"spec": spec.to_wire(), "created": True})
 
@@ -212,6 +248,7 @@ class Scheduler:
         if not isinstance(spec, dict) or not isinstance(workers, int) or workers < 1:
             raise BadRequestError("submit: needs meta.job (a map) and meta.workers (an integer >= 1)")
         job = self.jobs.submit(spec, workers)
+        self.save()
         log.info("job %s submitted: app %s on %d workers", job.id, spec.get("app"), workers)
         return msg.reply(meta={"job": job.id})
 
@@ -227,6 +264,7 @@ class Scheduler:
         m = msg.meta
         if m.get("job") not in self.jobs.jobs or not isinstance(m.get("rank"), int):
             raise BadRequestError(f"job_report: unknown job {m.get('job')!r} or missing rank")
+        self.touch()
         job = self.jobs.report(m["job"], m["rank"], progress=m.get("progress"), metrics=m.get("metrics"),
                                done=bool(m.get("done")), error=m.get("error"), summary=m.get("summary"))
         if job.state in ("done", "failed"):

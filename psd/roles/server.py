@@ -19,6 +19,7 @@ import numpy as np
 
 from psd.cluster.assignment import Assignment
 from psd.cluster.ranges import Range, bounds, range_from_wire, range_to_wire
+from psd.cluster.ring import overlay
 from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
@@ -258,7 +259,13 @@ class Server:
         rid = self._rid(msg)
         if rid is not None and rid in self.seen:
             self.counters["duplicates"] += 1
-            return self.acks.get(rid)  # a resend: answer when the original is answered
+            pending = self.acks.get(rid)
+            if pending is not None:
+                return pending  # a resend: answer when the original is answered
+            # applied here before, perhaps as a replica of a primary that died before
+            # forwarding to every replica: forward it again (replicas apply it once)
+            forwards = self._forward(msg, table, rows, groups, rid)
+            return asyncio.ensure_future(self._await_replicas(forwards)) if forwards else None
         self._apply_push(msg, table, rows, msg.sender)
         if rid is not None:
             self.seen.add(*rid)
@@ -369,22 +376,37 @@ class Server:
             if (origin, rid) in self.seen:
                 return msg.reply()
             self.seen.add(origin, rid)
-        if self._copying_in(rows, msg):
-            return msg.reply()  # the range copy that follows on this connection includes it
-        for owners, _ in self._owner_groups(rows):
-            if self.node_id not in owners:
-                raise NotOwnerError(f"{self.node_id} holds no copy of these keys at ring v{self.ring.version}",
-                                    ring=self.ring.version)
-        self._apply_push(msg, table, rows, origin)
+        mine = self._replica_rows(rows, msg)
+        if mine is not None:
+            self._apply_push(msg, table, mine, origin)
         return msg.reply()
 
-    def _copying_in(self, rows: Rows, msg: Message) -> bool:
-        if msg.ring > self.ring.version:
-            return True  # the primary already knows a ring that gives us these keys
-        if not self.incoming or not rows.count:
-            return False
-        first, _ = rows.first_last()
-        return any(first in r for r in self.incoming)
+    def _replica_rows(self, rows: Rows, msg: Message) -> Rows | None:
+        """The rows of a forward this replica applies, judged row by row (one forward can
+        span ranges we hold and ranges being copied in): rows of ranges we hold at our
+        ring, minus those of ranges being copied in (the copy, which follows on this
+        connection, already includes them). Rows of ranges we do not hold are skipped:
+        either the primary knows a newer ring that gives them to us (their copy follows)
+        or the ring moved them away from us."""
+        if not rows.count:
+            return None
+        if not self.incoming and msg.ring <= self.ring.version:
+            if all(self.node_id in owners for owners, _ in self._owner_groups(rows)):
+                return rows  # the common case: we hold every row
+        incoming = sorted(self.incoming)
+        copying = Assignment(version=0, ranges=tuple(incoming), owners=tuple(("in",) for _ in incoming))
+        ranges: list[Range] = []
+        labels: list[tuple[str]] = []
+        for piece, held, copied in overlay(self.ring, copying):
+            label = ("apply",) if self.node_id in held and not copied else ("skip",)
+            if labels and labels[-1] == label:
+                ranges[-1] = Range(ranges[-1].begin, piece.end)
+            else:
+                ranges.append(piece)
+                labels.append(label)
+        view = Assignment(version=0, ranges=tuple(ranges), owners=tuple(labels))
+        slices = sorted(s for label, group in rows.groups(view) if label == ("apply",) for s in group)
+        return rows.take(slices) if slices else None
 
     # -- moving ranges -------------------------------------------------------------
     async def on_transfer(self, route: Route, msg: Message) -> Message:
@@ -449,9 +471,11 @@ class Server:
             info = await asyncio.wait_for(written, float(m.get("timeout", 60)))
         except asyncio.TimeoutError:
             self.gate.release_cut()
-            lagging = m.get("workers", [])
-            raise PsdTimeoutError(f"{self.node_id}: workers {lagging} did not all reach clock {m['cut']} "
-                                  f"in time; a consistent checkpoint needs workers to call kv.clock()") from None
+            clocks = self.gate.policies[self.gate.default].clocks.clocks()
+            lagging = [w for w in m.get("workers", []) if w not in self.gate.left and clocks.get(w, 0) < m["cut"]]
+            raise PsdTimeoutError(f"{self.node_id}: worker(s) {', '.join(lagging)} did not reach clock {m['cut']} "
+                                  f"in time; a checkpoint cuts at a clock boundary, so every worker must "
+                                  f"call kv.clock() after its pushes") from None
         return msg.reply(meta=info)
 
     async def on_ckpt_release(self, route: Route, msg: Message) -> Message:

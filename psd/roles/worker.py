@@ -17,6 +17,8 @@ POLL_INTERVAL = 0.2
 
 class Worker:
     def __init__(self, config: ClusterConfig, one_job: bool = False):
+        """``one_job``: exit once the first job this worker took part in has ended
+        (staying until then to pick up shards of workers that die)."""
         self.config = config
         self.one_job = one_job
 
@@ -24,18 +26,22 @@ class Worker:
         kv = await aio.connect(self.config.scheduler, self.config)
         ready(kv.node_id)
         log.info("%s connected to %s", kv.node_id, self.config.scheduler)
+        job_id = None
         try:
             while not stop.is_set():
                 got = await kv.call_scheduler("job_poll")
-                if got.get("job") is None:
-                    try:
-                        await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
-                    except asyncio.TimeoutError:
-                        pass
-                    continue
-                await self.run_job(kv, got, stop)
-                if self.one_job:
-                    break
+                if got.get("job") is not None:
+                    job_id = got["job"]
+                    await self.run_job(kv, got, stop)
+                    continue  # take another shard if one is free (a dead worker's)
+                if self.one_job and job_id is not None:
+                    st = await kv.call_scheduler("job_status", job=job_id, metrics_from=1 << 30)
+                    if st["state"] in ("done", "failed"):
+                        break
+                try:
+                    await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+                except asyncio.TimeoutError:
+                    pass
         finally:
             await kv.close()
 

@@ -1,0 +1,64 @@
+"""Worker failure: a SIGKILLed worker's shards go to live workers and the job completes."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+import psd
+from psd.client import admin
+from psd.local import daemon_argv
+
+JOB = {
+    "name": "wf", "app": "logreg_sgd",
+    "data": {"generator": "sparse_logreg", "seed": 3, "examples": 30000, "features": 50000, "nnz": 10},
+    "train": {"epochs": 4, "batch_size": 100, "learning_rate": 0.5},
+}
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_killed_worker_shards_are_processed_by_the_others():
+    with psd.LocalCluster(servers=2, heartbeat_interval=0.1) as cluster:
+        job = admin.call(cluster.scheduler, "submit", job=JOB, workers=3)["job"]
+        workers = [cluster.spawn(f"worker{i}", daemon_argv(
+            "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
+            for i in range(3)]
+
+        def status():
+            return admin.call(cluster.scheduler, "job_status", job=job)
+
+        # wait until every rank is taken and rank 2 has made some progress, then kill its worker
+        st = wait_for(lambda: (lambda s: s if len(s["ranks"]) == 3 else None)(status()), 60, "ranks assigned")
+        victim_id = st["ranks"]["2"]
+        wait_for(lambda: status()["state"] == "running" and 0.1 < _rank_progress(cluster, job, 2) < 0.9,
+                 60, "rank 2 to be under way")
+        victim = next(w for w in workers if w.ready_path.read_text().strip() == victim_id)
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(5)
+
+        final = wait_for(lambda: (lambda s: s if s["state"] in ("done", "failed") else None)(status()), 120,
+                         "the job to end")
+        assert final["state"] == "done", final.get("error")
+        assert final["shards_done"] == [0, 1, 2]  # every shard processed
+        assert final["ranks"]["2"] != victim_id  # by someone else
+        events = [m for m in final["metrics"] if m.get("event") == "shard_released"]
+        assert events and events[0]["rank"] == 2 and events[0]["worker"] == victim_id
+        for w in workers:
+            if w is not victim:
+                assert w.proc.wait(30) == 0  # the others exit cleanly once the job is done
+
+
+def _rank_progress(cluster, job, rank) -> float:
+    per_rank = admin.call(cluster.scheduler, "job_status", job=job)["per_rank"]
+    return per_rank.get(str(rank), 0.0)
