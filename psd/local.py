@@ -220,10 +220,10 @@ class LocalCluster:
         children = [*self.others, *self.servers]
         if self.scheduler_proc:
             children.append(self.scheduler_proc)
-        for child in children:
+        for child in children:  # SIGINT: the whole cluster stops, no server drains
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGCONT)
-                child.proc.terminate()
+                child.proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + 3.0
         for child in children:
             try:

@@ -59,8 +59,15 @@ def run_daemon(role_main: RoleMain, *, event_loop: str = "uvloop", ready_file: s
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        # SIGTERM (systemd stop, `kill`): a server first hands its ranges over;
+        # SIGINT (Ctrl-C, a whole LocalCluster shutting down): stop at once
+        def on_signal(drain: bool) -> None:
+            stop.drain = drain
+            stop.set()
+
+        stop.drain = True
+        loop.add_signal_handler(signal.SIGTERM, on_signal, True)
+        loop.add_signal_handler(signal.SIGINT, on_signal, False)
         watch = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
         try:
             await role_main(stop, lambda addr: write_ready(ready_file, addr))

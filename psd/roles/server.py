@@ -50,6 +50,11 @@ class Server:
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
                          "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0}
         self.started = time.time()
+        #: when the event loop last ran on time, and when we noticed it had stalled (frozen
+        #: by SIGSTOP, say) for so long that the scheduler may have declared us dead: from
+        #: then on we serve no request until a heartbeat sent after it is answered "active"
+        self.awake_at = time.monotonic()
+        self.stalled_at: float | None = None
         self.stop_event: asyncio.Event | None = None
         self.gate = Gate(Setting(config.consistency, config.max_delay, config.num_workers,
                                  tuple(config.auto_delay_bounds)))
@@ -84,7 +89,7 @@ class Server:
             log.info("%s serving at %s, ring v%d", self.node_id, self.address, self.ring.version)
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({serve, beat, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter in done and not self.draining:
+            if waiter in done and not self.draining and getattr(stop, "drain", True):
                 await self.drain()
             for t in (serve, beat, waiter):
                 t.cancel()
@@ -118,16 +123,45 @@ class Server:
         for spec in reply.meta.get("tables", []):
             self._create(TableSpec.from_wire(spec))
         self._set_ring(Assignment.from_wire(reply.meta["ring"]))
+        self.awake_at = time.monotonic()
 
     async def heartbeat_loop(self) -> None:
+        watch = asyncio.ensure_future(self._watch_stalls())
+        try:
+            await self._heartbeats()
+        finally:
+            watch.cancel()
+
+    def _stall_check(self) -> None:
+        """Notice an event-loop stall longer than the scheduler's suspect time: we may
+        have been declared dead meanwhile, so our ranges may be stale."""
+        now = time.monotonic()
+        silent = now - self.awake_at
+        if self.stalled_at is None and silent > self.config.heartbeat_misses * self.config.heartbeat_interval:
+            self.stalled_at = now
+            log.warning("%s: its event loop stalled for %.2f s (frozen?); serving nothing until the "
+                        "scheduler confirms it is still a member", self.node_id, silent)
+
+    async def _watch_stalls(self) -> None:
+        while True:
+            self._stall_check()
+            self.awake_at = time.monotonic()
+            await asyncio.sleep(self.config.heartbeat_interval / 2)
+
+    async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
+            sent = time.monotonic()
             try:
                 reply = await self.link.call(Message("heartbeat", meta={"stats": self.stats()}),
                                              timeout=max(1.0, 4 * self.config.heartbeat_interval))
             except Exception as e:  # the scheduler may be restarting; keep serving
                 log.warning("%s: heartbeat failed: %s", self.node_id, e)
                 continue
+            if (self.stalled_at is not None and sent > self.stalled_at and reply.meta.get("known")
+                    and reply.meta.get("state") in ("active", "suspect")):
+                log.info("%s: the scheduler still counts it as a member; serving again", self.node_id)
+                self.stalled_at = None
             if reply.meta.get("state") in ("dead", "left") or reply.meta.get("known") is False:
                 # we were frozen or cut off and the cluster moved on: our ranges are stale
                 log.error("%s was removed from the cluster (ring v%s); stopping without serving "
@@ -206,6 +240,10 @@ class Server:
         return rows.groups(self.ring) if rows.count else []
 
     def _check_primary(self, rows: Rows, msg: Message) -> list[tuple[tuple[str, ...], list]]:
+        self._stall_check()
+        if self.stalled_at is not None:
+            raise NotOwnerError(f"{self.node_id} was stalled and may have been removed from the ring; "
+                                f"it serves again once the scheduler confirms it", ring=self.ring.version)
         groups = self._owner_groups(rows)
         for owners, _ in groups:
             if owners[0] != self.node_id:
