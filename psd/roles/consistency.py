@@ -141,8 +141,8 @@ class Policy:
                 "waits": self.waits.to_dict()}
 
 
-#: a cut above every clock: hold every push until the real cut is known
-HOLD_ALL = 1 << 62
+#: a cut below every clock: hold every push until the real cut is known
+HOLD_ALL = 0
 
 
 class Gate:

@@ -490,7 +490,9 @@ class Server:
     # -- checkpoints -------------------------------------------------------------------
     async def on_ckpt_hold(self, route: Route, msg: Message) -> Message:
         """Phase 1: from now on apply nothing new; say the highest clock pushed so far."""
-        return msg.reply(meta={"max_push_clock": self.gate.hold_all()})
+        highest = self.gate.hold_all()
+        log.info("%s holds new pushes for a checkpoint (highest push clock so far: %d)", self.node_id, highest)
+        return msg.reply(meta={"max_push_clock": highest})
 
     async def on_ckpt_cut(self, route: Route, msg: Message) -> Message:
         """Phase 2: write the ranges we lead as of the cut, once every worker's pushes of
