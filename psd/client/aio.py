@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from psd.client.plan import Part, assemble, check_keys, check_span, check_values, plan, replan
+from psd.client.plan import Part, _rids, assemble, check_keys, check_span, check_values, plan, replan
 from psd.cluster.rows import Rows
 from psd.cluster.assignment import Assignment
 from psd.codec import Limits, Message
@@ -207,7 +207,7 @@ class AsyncKVWorker:
                     await self.refresh_ring()  # a server knows a newer ring than we do
                     await asyncio.sleep(RETRY_TICK / 4)
                 for part in refused:
-                    for sub in replan(part, spec, self.ring, self.clock_value):
+                    for sub in self._recut(part, spec):
                         pending[id(sub)] = (sub, self._send(sub), self.ring.version)
             elif pending and loop.time() > deadline:
                 part = next(iter(pending.values()))[0]
@@ -217,6 +217,22 @@ class AsyncKVWorker:
                 next_refresh = loop.time() + RING_POLL  # in case a ring notice was lost
                 await self.refresh_ring()
         return [p for p, _ in done], [r for _, r in done]
+
+    def _recut(self, part: Part, spec: TableSpec) -> list[Part]:
+        """Re-plan a part by the current ring. Sent whole, it keeps its request id (a
+        resend); cut into pieces, each piece gets a fresh id and names the ids it was cut
+        from (meta.orig): a server that applied the original then answers a piece as a
+        resend, but never mistakes one piece for another piece of the same request."""
+        subs = replan(part, spec, self.ring, self.clock_value)
+        orig = part.msg.meta.get("orig")
+        if len(subs) > 1:
+            orig = [*(orig or []), part.msg.meta["rid"]][-64:]
+            for sub in subs:
+                sub.msg.meta["rid"] = next(_rids)
+        if orig:
+            for sub in subs:
+                sub.msg.meta["orig"] = orig
+        return subs
 
     def _moved(self, part: Part) -> bool:
         """Whether the current ring sends any of the part's rows to another server."""

@@ -107,16 +107,15 @@ class Scheduler:
         role = msg.meta.get("role")
         if role not in ("server", "worker"):
             raise BadRequestError(f"register: role must be 'server' or 'worker', got {role!r}")
+        address = msg.meta.get("address")
+        if role == "server" and (not isinstance(address, str) or not address.startswith("tcp://")):
+            raise BadRequestError("register: a server must give its tcp:// address")
         prefix = "S" if role == "server" else "W"
         node = f"{prefix}{self.counts[role]}"
         self.counts[role] += 1
-        now = time.monotonic()
-        self.liveness.join(node, role, now)
+        self.liveness.join(node, role, time.monotonic())
         self.routes[node] = route
         if role == "server":
-            address = msg.meta.get("address")
-            if not isinstance(address, str) or not address.startswith("tcp://"):
-                raise BadRequestError("register: a server must give its tcp:// address")
             self.addresses[node] = address
             self.save()
             # the new server takes its ranges once it serves; joins queue behind other changes

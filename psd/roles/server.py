@@ -284,6 +284,23 @@ class Server:
         rid = msg.meta.get("rid")
         return (msg.sender, rid) if isinstance(rid, int) and not isinstance(rid, bool) else None
 
+    @staticmethod
+    def _cut_from(msg: Message, sender: str) -> list[tuple[str, int]]:
+        """Ids of the requests this one was cut from (meta.orig): a worker that re-cuts an
+        unanswered request by a newer ring gives each piece a fresh id and names the
+        original, so a server that applied the original treats the piece as a resend,
+        while two pieces of one request stay two requests."""
+        orig = msg.meta.get("orig")
+        if orig is None:
+            return []
+        if (not isinstance(orig, list) or len(orig) > 64
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in orig)):
+            raise ProtocolError("meta.orig must be a list of at most 64 request ids")
+        return [(sender, o) for o in orig]
+
+    def _seen_before(self, rid: tuple[str, int], cut_from: list[tuple[str, int]]) -> bool:
+        return rid in self.seen or any(o in self.seen for o in cut_from)
+
     def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str) -> None:
         """Apply now, or (sequential) at the clock boundary, or after a checkpoint cut."""
         self.gate.note_push(msg.clock)
@@ -295,9 +312,10 @@ class Server:
         may be acknowledged now, else a future done when every replica holds it."""
         groups = self._check_primary(rows, msg)
         rid = self._rid(msg)
-        if rid is not None and rid in self.seen:
+        cut_from = self._cut_from(msg, msg.sender)
+        if rid is not None and self._seen_before(rid, cut_from):
             self.counters["duplicates"] += 1
-            pending = self.acks.get(rid)
+            pending = next((self.acks[r] for r in (rid, *cut_from) if r in self.acks), None)
             if pending is not None:
                 return pending  # a resend: answer when the original is answered
             # applied here before, perhaps as a replica of a primary that died before
@@ -325,8 +343,11 @@ class Server:
         out = []
         for node, slices in by_replica.items():
             sub = rows if len(by_replica) == 1 and len(groups) == 1 else rows.take(sorted(slices))
+            meta = {"origin": msg.sender, "rid": rid[1] if rid else None}
+            if msg.meta.get("orig"):
+                meta["orig"] = msg.meta["orig"]
             fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
-                                 meta={"origin": msg.sender, "rid": rid[1] if rid else None})
+                                 meta=meta)
             address = self.ring.addresses.get(node)
             if address is None:
                 continue
@@ -411,7 +432,7 @@ class Server:
         if not isinstance(origin, str):
             raise ProtocolError("replicate: meta.origin must name the worker that pushed")
         if isinstance(rid, int):
-            if (origin, rid) in self.seen:
+            if self._seen_before((origin, rid), self._cut_from(msg, origin)):
                 return msg.reply()
             self.seen.add(origin, rid)
         mine = self._replica_rows(rows, msg)

@@ -1,0 +1,159 @@
+"""Shared fixtures: real daemons on loopback and a raw ZeroMQ client for hand-made frames.
+
+Clusters are module-scoped (one start-up per test module) and are closed by their
+``with`` block even when a test or the fixture itself fails.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import psd
+from psd.codec import Limits, Message, decode, encode
+
+#: how long a raw socket waits for a reply before the test fails (never unbounded)
+RAW_TIMEOUT = 5.0
+
+
+@pytest.fixture(scope="module")
+def cluster3():
+    with psd.LocalCluster(servers=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def kv3(cluster3):
+    """A blocking worker connected to ``cluster3`` (one per module)."""
+    kv = psd.connect(cluster3)
+    try:
+        yield kv
+    finally:
+        kv.close()
+
+
+# -- where the keys live ------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerRange:
+    node: str
+    address: str
+    begin: int
+    last: int  # inclusive; may be 2**64 - 1
+
+    def __contains__(self, key: int) -> bool:
+        return self.begin <= key <= self.last
+
+
+def server_ranges(cluster, timeout: float = 10.0) -> list[ServerRange]:
+    """The key ranges and their primaries, in key order, from ``cluster.status()``
+    (once no ring change is in progress)."""
+    deadline = time.monotonic() + timeout
+    status = cluster.status()
+    while status.get("ring_changing") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = cluster.status()
+    assert not status.get("ring_changing"), "the ring is still changing"
+    addresses = {n["id"]: n["address"] for n in status["nodes"] if n["role"] == "server"}
+    out = [ServerRange(r["owners"][0], addresses[r["owners"][0]], r["begin"], r["last"])
+           for r in status["ranges"]]
+    assert out and out[0].begin == 0 and out[-1].last == 2**64 - 1, status["ranges"]
+    return out
+
+
+def owner_changes(ranges: list[ServerRange]) -> list[int]:
+    """Keys where the primary changes: the first key of a range led by another server
+    than the range before it."""
+    return [b.begin for a, b in zip(ranges, ranges[1:]) if a.node != b.node]
+
+
+def server_addresses(cluster) -> list[str]:
+    return [n["address"] for n in cluster.status()["nodes"] if n["role"] == "server"]
+
+
+# -- a raw DEALER for hand-made frames ------------------------------------------------
+class RawDealer:
+    """A bare pyzmq DEALER (LINGER 0): sends exactly the frames it is given."""
+
+    _ids = itertools.count(10_000)
+
+    def __init__(self, address: str):
+        self.address = address
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def send_frames(self, frames: list) -> None:
+        self.sock.send_multipart(frames)
+
+    def recv_frames(self, timeout: float = RAW_TIMEOUT) -> list[bytes] | None:
+        """The next reply's frames, or None if nothing came within ``timeout`` seconds."""
+        if not self.sock.poll(int(timeout * 1000), zmq.POLLIN):
+            return None
+        return self.sock.recv_multipart()
+
+    def recv(self, timeout: float = RAW_TIMEOUT) -> Message:
+        frames = self.recv_frames(timeout)
+        assert frames is not None, f"no reply from {self.address} within {timeout} s"
+        return decode(frames, Limits(max_message_bytes=1 << 31))
+
+    def exchange(self, frames: list, timeout: float = RAW_TIMEOUT) -> Message:
+        self.send_frames(frames)
+        return self.recv(timeout)
+
+    def request(self, msg: Message, timeout: float = RAW_TIMEOUT) -> Message:
+        """Send a well-formed message (fresh id unless one is set) and return the reply."""
+        if not msg.id:
+            msg.id = next(self._ids)
+        if not msg.sender:
+            msg.sender = "raw-test"
+        reply = self.exchange(encode(msg), timeout)
+        assert reply.id == msg.id, f"reply {reply} does not answer request id {msg.id}"
+        return reply
+
+    def ping(self) -> Message:
+        reply = self.request(Message("ping"))
+        assert reply.op == "ok", reply
+        return reply
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+@pytest.fixture
+def raw_dealer():
+    """``raw_dealer(address)`` opens a RawDealer that is closed after the test."""
+    opened: list[RawDealer] = []
+
+    def open_(address: str) -> RawDealer:
+        d = RawDealer(address)
+        opened.append(d)
+        return d
+
+    try:
+        yield open_
+    finally:
+        for d in opened:
+            d.close()
+
+
+def header(op: str, *, id: int = 1, table: str | None = None, meta: dict | None = None,
+           frames: list | None = None, **override) -> dict:
+    """A wire header as a dict, for tests that build msgpack by hand."""
+    h = {"v": psd.codec.PROTOCOL_VERSION, "op": op, "id": id, "src": "raw-test", "tbl": table,
+         "ring": 0, "clk": 0, "meta": meta or {}, "frames": frames or []}
+    h.update(override)
+    return h
+
+
+def pack(h) -> bytes:
+    return msgpack.packb(h, use_bin_type=True)
+
+
+def desc(a: np.ndarray) -> list:
+    """The frame descriptor ``encode`` would write for ``a`` (uncompressed)."""
+    return [a.dtype.str, list(a.shape), "none", a.nbytes]
