@@ -26,6 +26,8 @@ class ClusterConfig:
     heartbeat_interval: float = 0.1
     #: missed heartbeats before a node is suspect; twice as many and it is dead
     heartbeat_misses: int = 4
+    #: seconds of silence before a worker is dead (its clocks and shards are released)
+    worker_timeout: float = 5.0
     #: copies of every key range (a primary and replication - 1 replicas)
     replication: int = 1
     #: points per server on the consistent-hashing ring
@@ -65,6 +67,7 @@ _SCALARS = {
     "heartbeat_interval": ((int, float), "a positive number of seconds"),
     "heartbeat_misses": (int, "a positive integer"),
     "replication": (int, "a positive integer"),
+    "worker_timeout": ((int, float), "a positive number of seconds"),
     "vnodes": (int, "a positive integer"),
     "request_timeout": ((int, float), "a positive number of seconds"),
     "compression": (str, "'none' or 'zstd'"),

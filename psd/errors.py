@@ -1,7 +1,7 @@
 """The PsdError family, typed by who has to act on the error.
 
 Every error travels on the wire as a ``code`` plus a message; the client turns the
-code back into the same class, so ``except psd.UnsortedKeysError`` works whether the
+code back into the same class, so ``except psd.KeysError`` works whether the
 problem was found locally or by a server.
 """
 from __future__ import annotations

@@ -468,3 +468,12 @@ def test_table_matches_a_dict_model(dtype, width, updater, seed, ops):
     assert [int(k) for k in t.keys] == sorted(model)
     np.testing.assert_array_equal(t.pull(np.array(sorted(model), np.uint64)),
                                   _model_pull(model, sorted(model), width, dtype))
+
+
+def test_compressed_frames_cannot_expand_past_the_message_limit_together():
+    from psd.codec import Limits, Message, decode, encode
+    a = np.zeros(1000, np.float64)  # 8000 bytes each, compressed to a few dozen
+    frames = encode(Message("push", arrays=[a, a]), compression="zstd")
+    assert sum(len(f) for f in frames) < 1000
+    with pytest.raises(psd.MessageTooLargeError, match="in all"):
+        decode(frames, Limits(max_message_bytes=10_000))

@@ -29,7 +29,7 @@ def wait_for(cond, timeout, what):
 
 
 def test_killed_worker_shards_are_processed_by_the_others():
-    with psd.LocalCluster(servers=2, heartbeat_interval=0.1) as cluster:
+    with psd.LocalCluster(servers=2, heartbeat_interval=0.1, worker_timeout=1.0) as cluster:
         job = admin.call(cluster.scheduler, "submit", job=JOB, workers=3)["job"]
         workers = [cluster.spawn(f"worker{i}", daemon_argv(
             "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))

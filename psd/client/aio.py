@@ -223,7 +223,7 @@ class AsyncKVWorker:
         resend); cut into pieces, each piece gets a fresh id and names the ids it was cut
         from (meta.orig): a server that applied the original then answers a piece as a
         resend, but never mistakes one piece for another piece of the same request."""
-        subs = replan(part, spec, self.ring, self.clock_value)
+        subs = replan(part, spec, self.ring, part.msg.clock)  # the clock it was issued at
         orig = part.msg.meta.get("orig")
         if len(subs) > 1:
             orig = [*(orig or []), part.msg.meta["rid"]][-64:]
@@ -239,9 +239,14 @@ class AsyncKVWorker:
         groups = part.rows.groups(self.ring)
         return len(groups) != 1 or groups[0][0][0] != part.server
 
-    def _track(self, fut: asyncio.Future) -> int:
+    def _track(self, fut: asyncio.Future, keeps_result: bool = False) -> int:
+        """Name a request by timestamp. A push that succeeds is forgotten at once (waiting
+        on it later returns at once), so fire-and-forget pushes do not pile up; a failed
+        push, and a pull's values, stay until ``wait(ts)`` collects them."""
         ts = next(self._ts)
         self._inflight[ts] = fut
+        if not keeps_result:
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self._inflight.pop(ts, None))
         return ts
 
     def _request(self, op: str, spec: TableSpec, rows: Rows, after=None) -> asyncio.Future:
@@ -306,7 +311,7 @@ class AsyncTable:
     def pull_async(self, keys, after: list[int] | None = None) -> int:
         """Send a pull; returns its timestamp; ``await kv.wait(ts)`` returns the values."""
         keys, _ = self._prepare(keys)
-        return self.kv._track(self.kv._request("pull", self.spec, Rows(keys=keys), after))
+        return self.kv._track(self.kv._request("pull", self.spec, Rows(keys=keys), after), keeps_result=True)
 
     async def pull(self, keys, after: list[int] | None = None) -> np.ndarray:
         keys, _ = self._prepare(keys)

@@ -11,7 +11,7 @@ from psd.cluster.ranges import KEY_SPACE_END, as_keys
 from psd.cluster.routing import Slices
 from psd.cluster.rows import Rows
 from psd.codec import Message
-from psd.errors import KeysError, MessageTooLargeError, ValuesError
+from psd.errors import KeysError, MessageTooLargeError, PsdError, ValuesError
 from psd.store.table import TableSpec
 
 
@@ -59,6 +59,9 @@ def plan(op: str, spec: TableSpec, ring: Assignment, rows: Rows, *, clock: int =
          rid=None) -> list[Part]:
     """One message per owner group the request touches (the group's primary gets it).
     ``rid`` names the request for exactly-once: resends and re-plans keep it."""
+    if rows.count and not ring.ranges:
+        raise PsdError(f"the cluster has no live servers at ring v{ring.version}; start a server "
+                       f"(psd server) and retry")
     parts = []
     for owners, slices in rows.groups(ring):
         sub = rows.take(slices)

@@ -13,7 +13,7 @@ import asyncio
 import numpy as np
 
 from psd.client import aio
-from psd.client.heartbeat import HeartbeatThread
+from psd.transport.heartbeat import HeartbeatThread
 from psd.config import ClusterConfig
 from psd.transport import install_event_loop
 

@@ -1,7 +1,7 @@
 """Which server owns which key range, at which version.
 
-For the core this is equal-width ranges over the live servers; the consistent-hashing
-ring with replicas replaces :func:`equal_width` behind the same :class:`Assignment`.
+The scheduler builds it by consistent hashing (psd.cluster.ring); :func:`equal_width`
+is the simplest assignment, kept for tests and tools.
 """
 from __future__ import annotations
 

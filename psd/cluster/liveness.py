@@ -25,12 +25,23 @@ class Peer:
 
 
 class Liveness:
-    """A node is suspect after ``misses`` missed heartbeats and dead after twice that."""
+    """A server is suspect after ``misses`` missed heartbeats and dead after twice that.
 
-    def __init__(self, interval: float, misses: int):
+    Workers get their own, longer ``worker_timeout`` (suspect at half of it): a worker's
+    death only releases its clocks and shards, while a server's stalls writes, and a
+    worker deep in one long numpy call can starve even a heartbeat thread of the GIL.
+    """
+
+    def __init__(self, interval: float, misses: int, worker_timeout: float | None = None):
         self.interval = interval
         self.misses = misses
+        self.worker_timeout = worker_timeout or 2 * misses * interval
         self.peers: dict[str, Peer] = {}
+
+    def _limits(self, role: str) -> tuple[float, float]:
+        if role == "worker":
+            return self.worker_timeout / 2, self.worker_timeout
+        return self.misses * self.interval, 2 * self.misses * self.interval
 
     def join(self, node: str, role: str, now: float) -> None:
         self.peers[node] = Peer(node, role, State.ACTIVE, now, now)
@@ -57,8 +68,9 @@ class Liveness:
             if peer.state in (State.DEAD, State.LEFT):
                 continue
             silent = now - peer.last_seen
-            new = (State.DEAD if silent > 2 * self.misses * self.interval
-                   else State.SUSPECT if silent > self.misses * self.interval else State.ACTIVE)
+            suspect_after, dead_after = self._limits(peer.role)
+            new = (State.DEAD if silent > dead_after
+                   else State.SUSPECT if silent > suspect_after else State.ACTIVE)
             if new != peer.state:
                 changes.append((peer.node, peer.state, new))
                 peer.state = new

@@ -113,9 +113,20 @@ def decode(frames: Sequence, limits: Limits = Limits()) -> Message:
     descs = _expect(header, "frames", list, "a list")
     if len(descs) != len(bufs) - 1:
         raise ProtocolError(f"header describes {len(descs)} payload frames but {len(bufs) - 1} arrived")
+    declared = sum(_declared_bytes(d) for d in descs)
+    if declared > limits.max_message_bytes:  # compressed frames may expand: bound the sum too
+        raise MessageTooLargeError(f"frames declare {declared} bytes in all, over the limits "
+                                   f"(max_message_bytes {limits.max_message_bytes})")
     arrays = [_decode_array(i, d, b, limits) for i, (d, b) in enumerate(zip(descs, bufs[1:]))]
     return Message(op=op, id=msg_id, sender=sender, table=table, ring=ring, clock=clock,
                    meta=meta, arrays=arrays)
+
+
+def _declared_bytes(desc) -> int:
+    """A descriptor's raw size if it is well formed (malformed ones fail in _decode_array)."""
+    if isinstance(desc, list) and len(desc) == 4 and isinstance(desc[3], int) and not isinstance(desc[3], bool):
+        return max(0, desc[3])
+    return 0
 
 
 def _decode_array(i: int, desc, buf: memoryview, limits: Limits) -> np.ndarray:

@@ -31,7 +31,7 @@ class Scheduler:
         self.config = config
         self.bind = bind or config.scheduler
         self.node_id = "H"
-        self.liveness = Liveness(config.heartbeat_interval, config.heartbeat_misses)
+        self.liveness = Liveness(config.heartbeat_interval, config.heartbeat_misses, config.worker_timeout)
         self.routes: dict[str, Route] = {}
         self.addresses: dict[str, str] = {}
         self.stats: dict[str, dict] = {}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
+
 WINDOW = 1 << 16
 
 
@@ -28,13 +30,23 @@ class Seen:
         if len(ids) > self.window:
             ids.popitem(last=False)
 
-    def to_wire(self) -> list:
-        return [[sender, list(ids)] for sender, ids in self._by_sender.items()]
+    def to_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(senders, how many ids each, all ids): the memory as frames, not header, since
+        it can be far larger than a header may be."""
+        senders = list(self._by_sender)
+        counts = np.array([len(self._by_sender[s]) for s in senders], dtype=np.uint64)
+        rids = np.fromiter((r for s in senders for r in self._by_sender[s]), dtype=np.uint64,
+                           count=int(counts.sum()))
+        return senders, counts, rids
 
-    def merge(self, wire) -> None:
-        for sender, rids in wire:
-            for rid in rids:
+    def merge_arrays(self, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
+        if len(senders) != counts.size or int(counts.sum()) != rids.size:
+            raise ValueError("seen memory: sender, count and id arrays disagree")
+        start = 0
+        for sender, n in zip(senders, counts.tolist()):
+            for rid in rids[start:start + n].tolist():
                 self.add(sender, rid)
+            start += n
 
     def __len__(self) -> int:
         return sum(len(ids) for ids in self._by_sender.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,56 @@ from psd.roles.seen import Seen
 from psd.store import Table, TableSpec
 from psd.store.checkpoint import read_server_file, write_server_file
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
+from psd.transport.heartbeat import HeartbeatThread
 
 log = logging.getLogger("psd.server")
 
 #: how often an unacknowledged forward checks whether its replica left the ring
 FORWARD_TICK = 0.05
+
+
+class Pieces:
+    """The keys each request's pieces covered here, per id of the request they were cut
+    from. A worker re-cuts an unanswered request when the ring changes; a piece can then
+    reach a server before the forward of the original does (they travel on different
+    connections), and the forward must then apply only the rows no piece covered."""
+
+    #: how many original requests are remembered (pieces exist only around ring changes)
+    KEPT = 4096
+
+    def __init__(self) -> None:
+        self._keys: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
+
+    @staticmethod
+    def _row_keys(rows: Rows) -> np.ndarray:
+        if rows.keys is not None:
+            return rows.keys
+        return np.concatenate([np.arange(lo, lo + n, dtype=np.uint64) for lo, n in rows.spans])
+
+    def note(self, rows: Rows, cut_from: list[tuple[str, int]]) -> None:
+        if not cut_from or not rows.count:
+            return
+        keys = self._row_keys(rows)
+        for ident in cut_from:
+            self._keys.setdefault(ident, []).append(keys)
+            self._keys.move_to_end(ident)
+        while len(self._keys) > self.KEPT:
+            self._keys.popitem(last=False)
+
+    def not_applied(self, rows: Rows, ids) -> Rows | None:
+        """``rows`` minus those a piece of one of ``ids`` already covered here (None if all)."""
+        done = [k for ident in ids for k in self._keys.get(ident, ())]
+        if not done or not rows.count:
+            return rows if rows.count else None
+        keys = self._row_keys(rows)
+        keep = ~np.isin(keys, np.concatenate(done))
+        if keep.all():
+            return rows
+        if not keep.any():
+            return None
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.astype(np.int8), [0]))))
+        slices = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+        return Rows(keys=keys, values=rows.values).take(slices)
 
 
 class Server:
@@ -46,6 +92,7 @@ class Server:
         self.ring = Assignment(version=0)
         self.incoming: list[Range] = []      # ranges being copied to us: forwards wait for the copy
         self.seen = Seen()
+        self.pieces = Pieces()
         self.acks: dict[tuple[str, int], asyncio.Future] = {}  # pushes awaiting replica acks
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
                          "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0}
@@ -81,8 +128,12 @@ class Server:
                               limits=limits, handler=self.handle_control, concurrent=True)
         self.peers = Peers(self.node_id, limits, self.config.compression)
         link_task = asyncio.create_task(self.link.serve())
+        keepalive = None
         try:
             await self.register()
+            keepalive = HeartbeatThread(self.config.scheduler, self.node_id, self.config.heartbeat_interval,
+                                        lambda: 0)
+            keepalive.start()
             serve = asyncio.create_task(self.data.serve())
             beat = asyncio.create_task(self.heartbeat_loop())
             ready(self.address)
@@ -97,6 +148,8 @@ class Server:
                 if t is not waiter and not t.cancelled() and t.exception():
                     raise t.exception()
         finally:
+            if keepalive is not None:
+                keepalive.stop()
             link_task.cancel()
             self.peers.close()
             self.data.sock.close(0)
@@ -322,9 +375,12 @@ class Server:
             # forwarding to every replica: forward it again (replicas apply it once)
             forwards = self._forward(msg, table, rows, groups, rid)
             return asyncio.ensure_future(self._await_replicas(forwards)) if forwards else None
-        self._apply_push(msg, table, rows, msg.sender)
+        todo = self.pieces.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
+        if todo is not None:
+            self._apply_push(msg, table, todo, msg.sender)
         if rid is not None:
             self.seen.add(*rid)
+            self.pieces.note(rows, cut_from)
         forwards = self._forward(msg, table, rows, groups, rid)
         if not forwards:
             return None
@@ -431,11 +487,15 @@ class Server:
         origin, rid = msg.meta.get("origin"), msg.meta.get("rid")
         if not isinstance(origin, str):
             raise ProtocolError("replicate: meta.origin must name the worker that pushed")
+        mine = self._replica_rows(rows, msg)
         if isinstance(rid, int):
-            if self._seen_before((origin, rid), self._cut_from(msg, origin)):
+            cut_from = self._cut_from(msg, origin)
+            if self._seen_before((origin, rid), cut_from):
                 return msg.reply()
             self.seen.add(origin, rid)
-        mine = self._replica_rows(rows, msg)
+            if mine is not None:
+                mine = self.pieces.not_applied(mine, [(origin, rid), *cut_from])
+            self.pieces.note(rows, cut_from)
         if mine is not None:
             self._apply_push(msg, table, mine, origin)
         return msg.reply()
@@ -476,23 +536,19 @@ class Server:
         dst, address = msg.meta["dst"], msg.meta["address"]
         peer = self.peers.get(dst, address)
         sends = []
-        names = list(self.tables)
-        for i, name in enumerate(names):
-            keys, vals, state = self.tables[name].snapshot(r.begin, r.end)
-            meta = {"range": range_to_wire(r), "state_fields": list(state), "final": i == len(names) - 1}
-            if meta["final"]:
-                meta["seen"] = self.seen.to_wire()
+        for name, table in self.tables.items():
+            keys, vals, state = table.snapshot(r.begin, r.end)
+            meta = {"range": range_to_wire(r), "state_fields": list(state)}
             sends.append(peer.request(Message("install", table=name, ring=self.ring.version, meta=meta,
                                               arrays=[keys, vals, *state.values()])))
-        if not names:
-            sends.append(peer.request(Message("install", ring=self.ring.version,
-                                              meta={"range": range_to_wire(r), "final": True,
-                                                    "seen": self.seen.to_wire()})))
+        senders, counts, rids = self.seen.to_arrays()  # last: marks the range complete
+        sends.append(peer.request(Message("install", ring=self.ring.version, arrays=[counts, rids],
+                                          meta={"range": range_to_wire(r), "final": True, "senders": senders})))
         replies = await asyncio.wait_for(asyncio.gather(*sends), self.config.request_timeout)
         for reply in replies:
             if reply.op == "error":
                 raise BadRequestError(f"{dst} refused the copy of {r}: {reply.meta.get('message')}")
-        log.info("%s copied %s to %s (%d table(s))", self.node_id, r, dst, len(names))
+        log.info("%s copied %s to %s (%d table(s))", self.node_id, r, dst, len(self.tables))
         return msg.reply()
 
     def on_install(self, route: Route, msg: Message) -> Message:
@@ -503,7 +559,8 @@ class Server:
             keys, vals, *state = msg.arrays
             table.install(keys, vals, dict(zip(fields, state)))
         if msg.meta.get("final"):
-            self.seen.merge(msg.meta.get("seen", []))
+            counts, rids = msg.arrays
+            self.seen.merge_arrays(list(msg.meta.get("senders", [])), counts, rids)
             self.incoming = [x for x in self.incoming if x != r]
             log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
         return msg.reply()

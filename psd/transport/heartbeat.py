@@ -1,8 +1,11 @@
-"""Heartbeats for the blocking client.
+"""Heartbeats from a thread, for processes whose event loop may be busy for a while.
 
-The sync facade runs its event loop only inside API calls, so a worker computing for
-a minute between calls would look dead. This thread keeps it alive with its own
-socket; it shares nothing with the event loop but the worker's clock value (an int).
+The sync client runs its event loop only inside API calls, so a worker computing for a
+minute between calls would look dead; a server applying one huge first-touch push can
+hold its loop for longer than the failure timeout. This thread keeps them alive with its
+own socket; it shares nothing with the event loop but a clock value (an int). It proves
+the process is alive and reachable, not that its loop is responsive: the loop's own
+heartbeats carry the statistics and learn whether the node was declared dead.
 """
 from __future__ import annotations
 
