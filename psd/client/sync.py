@@ -16,12 +16,14 @@ from psd.client import aio
 from psd.transport.heartbeat import HeartbeatThread
 from psd.config import ClusterConfig
 from psd.transport import install_event_loop
+from psd.transport.sockets import tune_malloc
 
 
 class KVWorker:
     def __init__(self, scheduler: str, config: ClusterConfig | None = None, *, role: str = "worker"):
         config = config or ClusterConfig()
         install_event_loop(config.event_loop)
+        tune_malloc()
         self._loop = asyncio.new_event_loop()
         try:
             self.aio: aio.AsyncKVWorker = self._run(aio.connect(scheduler, config, role=role, heartbeat=False))

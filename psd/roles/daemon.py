@@ -19,6 +19,7 @@ import zmq
 
 from psd.errors import ConfigError, PsdError, StartupError
 from psd.transport import install_event_loop
+from psd.transport.sockets import tune_malloc
 
 log = logging.getLogger("psd.daemon")
 
@@ -55,6 +56,7 @@ def run_daemon(role_main: RoleMain, *, event_loop: str = "uvloop", ready_file: s
     """Run ``role_main(stop, ready)`` until it returns or SIGTERM/SIGINT; map errors
     to the exit codes systemd acts on (0 clean, 2 config, 3 start-up)."""
     install_event_loop(event_loop)
+    tune_malloc()
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -36,7 +36,7 @@ class TableSpec:
             raise BadRequestError(f"table {self.name!r}: dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
         if not isinstance(self.options, dict):
             raise BadRequestError(f"table {self.name!r}: options must be a map")
-        make_updater(self.updater, self.np_dtype, self.options)  # raises on a bad name/option
+        make_updater(self.updater, self.np_dtype, self.options, self.width)  # raises on a bad name/option/width
         consistency = self.options.get("consistency")
         if consistency is not None and consistency not in ("sequential", "bounded", "eventual"):
             raise BadRequestError(f"table {self.name!r}: consistency must be sequential, bounded or "
@@ -77,8 +77,9 @@ class Table:
         self.spec = spec
         self.dtype = spec.np_dtype
         self.width = spec.width
-        self.updater: Updater = make_updater(spec.updater, self.dtype, spec.options)
+        self.updater: Updater = make_updater(spec.updater, self.dtype, spec.options, spec.width)
         self.keys = np.empty(0, dtype=np.uint64)
+        self._runs_of: np.ndarray | None = None
         self.vals = np.empty((0, self.width), dtype=self.dtype)
         self.state = {f: np.empty((0, self.width), dtype=self.dtype) for f in self.updater.state_fields}
 
@@ -94,10 +95,34 @@ class Table:
         return values
 
     # -- lookups -----------------------------------------------------------
+    def _runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Runs of consecutive keys in storage: (first key, position, length) of each.
+        Rebuilt only when the key array is replaced (every insert makes a new one)."""
+        if self._runs_of is not self.keys:
+            k = self.keys
+            starts = np.concatenate(([0], np.flatnonzero(np.diff(k) != 1) + 1)) if k.size else np.empty(0, np.int64)
+            self._run_index = (k[starts], starts, np.diff(np.append(starts, k.size)).astype(np.uint64))
+            self._runs_of = k
+        return self._run_index
+
     def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Storage positions of ``keys`` and a mask of which are present."""
-        idx = np.searchsorted(self.keys, keys)
+        """Storage positions of ``keys`` and a mask of which are present.
+
+        Tables are often dense in places (embeddings, dense spans): when storage is
+        made of few runs of consecutive keys, a key is found by a binary search over
+        the runs plus an offset, which is far cheaper than searching every key. For
+        absent keys only the mask matters."""
         n = self.keys.size
+        if n and keys.size >= 64:
+            first, pos, length = self._runs()
+            if first.size * 16 <= n:
+                r = np.searchsorted(first, keys, side="right") - 1
+                rc = np.maximum(r, 0)
+                off = keys - first[rc]  # wraps around (huge) below the first run: absent
+                present = (r >= 0) & (off < length[rc])
+                idx = np.where(present, pos[rc] + np.minimum(off, length[rc]).astype(np.int64), 0)
+                return idx, present
+        idx = np.searchsorted(self.keys, keys)
         if n == 0:
             return idx, np.zeros(keys.size, dtype=bool)
         present = self.keys[np.minimum(idx, n - 1)] == keys

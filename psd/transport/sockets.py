@@ -49,3 +49,21 @@ def connect_dealer(ctx: zmq.Context, address: str, max_message_bytes: int | None
     _common(sock, max_message_bytes)
     sock.connect(address)
     return sock
+
+
+def tune_malloc() -> None:
+    """Keep large message buffers on the heap. glibc maps every block over 32 MiB with
+    mmap and unmaps it on free, so each large message costs a page fault per 4 KiB
+    (measured: most of a 1e7-key dense push+pull). Freed memory then stays with the
+    process (up to 1 GiB) instead of going back to the system: a fair trade for a
+    daemon whose working set is its tables."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)        # M_MMAP_MAX: never use mmap for allocations
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    except (OSError, AttributeError):
+        pass

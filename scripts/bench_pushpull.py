@@ -1,0 +1,635 @@
+#!/usr/bin/env python
+"""Push/pull benchmark of psd against a bare pyzmq baseline moving the same bytes.
+
+    .venv/bin/python scripts/bench_pushpull.py            # full run, a few minutes at most
+    .venv/bin/python scripts/bench_pushpull.py --quick    # smaller sizes, under a minute
+
+For each configuration (1 server / 1 worker, then 2 servers / 2 workers) it starts a
+``psd.LocalCluster`` and measures, through the blocking API ``psd.connect``:
+
+* dense push+pull: ``kv.wait(t.push_span(lo, v))`` then ``t.pull_span(lo, n)`` of
+  float32 vectors (MB/s counts bytes pushed plus bytes pulled, 1 MB = 1e6 B; one op
+  is one push+wait+pull round);
+* sparse push then pull of random sorted unique uint64 keys drawn from a table
+  pre-filled with ``push_span`` (keys/s; "push+pull" counts keys pushed plus keys pulled);
+* round-trip latency of a small pull (10 keys; also a 10-key ``pull_span``).
+
+Then it repeats the same traffic against a bare pyzmq ROUTER echo server running in
+its own process (one per psd server), from plain blocking DEALER sockets, zero-copy:
+a push is acked with one byte, a pull is answered with a same-size payload.
+
+Layout: worker w uses its own table, and its dense spans, its pre-filled range and its
+sparse keys are centred on 2**63, which is the boundary between the two servers'
+ranges when there are two; so with 2 servers every dense/sparse request is split in
+half between them, as a parameter server's traffic is. Small pulls of worker w go to
+server w % S only. The bare client splits its bytes the same way.
+
+Throughput figures are the median over repetitions (the best is in the JSON too); with
+2 workers, a repetition's rate is all workers' work over the span from the earliest
+start to the latest end (workers start each repetition together behind a barrier).
+Latency percentiles pool every sample of every worker after warm-up.
+
+Before timing, each psd test checks that the values it pulls back are the values it
+pushed (a psd that silently drops requests fails the run instead of looking fast).
+The whole run is bounded (``--budget``; 90 s quick, 600 s full): at the deadline a
+watchdog stops every child process, reports what finished and exits with code 3.
+Only 127.0.0.1 is used; Ctrl-C and errors also stop every child.
+
+Results: a table on stdout, plus ``results.json`` and ``throughput.png`` in ``--out``.
+The 1-minute load average is printed: this benchmark is only meaningful on an idle
+machine (figures from a machine running other work are flagged as noisy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc  # noqa: E402
+
+MID = 1 << 63  # workers' regions are centred here (the 2-server range boundary)
+
+TARGET_DENSE_RATIO = 0.7
+TARGET_LAT_P50_US = 300.0
+TARGET_SPARSE_PER_SERVER = 5e6
+
+
+#: every child this run has started and not yet stopped, so that the watchdog (time
+#: budget) can stop them from its own thread while the main thread is blocked
+_LIVE_CLUSTERS: set = set()
+_LIVE_PROCS: set = set()
+_REPORT_LOCK = threading.Lock()
+
+
+class Watchdog:
+    """Bounds the whole run: at the deadline it stops every child we started, reports
+    what finished, and exits (the main thread may be blocked inside a psd call)."""
+
+    def __init__(self, budget: float, on_expire):
+        self.budget = budget
+        self.on_expire = on_expire
+        self._timer = threading.Timer(budget, self._fire)
+        self._timer.daemon = True
+
+    def start(self) -> "Watchdog":
+        self._timer.start()
+        return self
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        print(f"\n!! benchmark exceeded its {self.budget:.0f} s budget; stopping", file=sys.stderr, flush=True)
+        code = 3
+        try:
+            stop_children()
+            self.on_expire(f"exceeded its {self.budget:.0f} s budget")
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+
+def stop_children() -> None:
+    for cluster in list(_LIVE_CLUSTERS):
+        try:
+            cluster.close()
+        except Exception:
+            pass
+        _LIVE_CLUSTERS.discard(cluster)
+    for proc in list(_LIVE_PROCS):
+        bc.stop_process(proc, 2.0)
+        _LIVE_PROCS.discard(proc)
+
+
+def make_plan(quick: bool) -> dict:
+    if quick:
+        return {"mode": "quick", "dense_sizes": [1000, 100_000, 1_000_000],
+                "dense_iters": {1000: 100, 100_000: 20, 1_000_000: 4}, "reps": 3,
+                "fill": 1_000_000, "sparse_keys": 10_000, "lat_warmup": 200, "lat_samples": 1500,
+                "lat_keys": 10, "barrier_timeout": 60.0, "budget": 90.0}
+    return {"mode": "full", "dense_sizes": [1000, 100_000, 10_000_000],
+            "dense_iters": {1000: 200, 100_000: 50, 10_000_000: 3}, "reps": 5,
+            "fill": 10_000_000, "sparse_keys": 100_000, "lat_warmup": 500, "lat_samples": 5000,
+            "lat_keys": 10, "barrier_timeout": 180.0, "budget": 600.0}
+
+
+# -- the two clients, behind one interface ---------------------------------------
+class PsdOps:
+    def __init__(self, scheduler: str, w: int, num_servers: int):
+        import psd
+
+        self.kv = psd.connect(scheduler)
+        self.t = self.kv.table(f"bench_w{w}", width=1, dtype="float32", updater="sum")
+
+    def prefill(self, lo: int, n: int) -> None:
+        self.kv.wait(self.t.push_span(lo, np.zeros(n, dtype=np.float32)))
+
+    def dense(self, lo: int, v: np.ndarray):
+        kv, t, n = self.kv, self.t, v.shape[0]
+
+        def op():
+            kv.wait(t.push_span(lo, v))
+            return t.pull_span(lo, n)
+        return op
+
+    def sparse(self, keys: np.ndarray, vals: np.ndarray):
+        kv, t = self.kv, self.t
+        return (lambda: kv.wait(t.push(keys, vals))), (lambda: t.pull(keys))
+
+    def small_pull(self, keys: np.ndarray):
+        return lambda: self.t.pull(keys)
+
+    def small_pull_span(self, lo: int, n: int):
+        return lambda: self.t.pull_span(lo, n)
+
+    # sanity checks, run once before timing: a psd that silently did nothing (or sent
+    # nothing) must fail the run instead of reporting impossible figures
+    def check_dense(self, lo: int, v: np.ndarray, op) -> None:
+        before = self.t.pull_span(lo, v.shape[0]).ravel().copy()
+        after = np.asarray(op()).ravel()
+        _expect(after, before + v, f"dense push_span/pull_span of {v.shape[0]} keys")
+
+    def check_sparse(self, keys: np.ndarray, vals: np.ndarray, push, pull) -> None:
+        before = self.t.pull(keys).ravel().copy()
+        push()
+        _expect(np.asarray(pull()).ravel(), before + vals, f"sparse push/pull of {keys.size} keys")
+
+    def check_small(self, keys: np.ndarray, pull, lo: int, pull_span) -> None:
+        bump = np.arange(1, keys.size + 1, dtype=np.float32)
+        before = self.t.pull(keys).ravel().copy()
+        self.kv.wait(self.t.push(keys, bump))
+        _expect(np.asarray(pull()).ravel(), before + bump, "small pull")
+        span = self.t.pull_span(lo, int(keys[-1] - keys[0]) + 1).ravel()
+        _expect(span[(keys - keys[0]).astype(np.int64)], before + bump, "pull_span against pull")
+        _expect(np.asarray(pull_span()).ravel(), span[:keys.size], "small pull_span")
+
+    def close(self) -> None:
+        self.kv.close()
+
+
+def _expect(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    if got.shape != want.shape or not np.array_equal(got, want):
+        raise AssertionError(f"psd returned wrong values for {what}: got {got[:5]}..., expected {want[:5]}...")
+
+
+class BareOps:
+    """Same bytes as psd on the wire (header aside), precomputed frames, no checks."""
+
+    def __init__(self, addresses: list[str], w: int, num_servers: int):
+        self.c = bc.BareClient(addresses)
+        self.S = num_servers
+
+    def prefill(self, lo: int, n: int) -> None:
+        pass
+
+    def dense(self, lo: int, v: np.ndarray):
+        pieces = bc.split_span(lo, v.shape[0], self.S)
+        push = [(s, [memoryview(v[off:off + cnt])], 0) for s, off, cnt in pieces]
+        pull = [(s, [], cnt * v.itemsize) for s, off, cnt in pieces]
+        rt = self.c.roundtrip
+
+        def op():
+            rt(push)
+            return [np.frombuffer(f.buffer, dtype=np.float32) for f in rt(pull)]
+        return op
+
+    def sparse(self, keys: np.ndarray, vals: np.ndarray):
+        pieces = bc.split_keys(keys, self.S)
+        push = [(s, [memoryview(keys[i0:i1]), memoryview(vals[i0:i1])], 0) for s, i0, i1 in pieces]
+        pull = [(s, [memoryview(keys[i0:i1])], (i1 - i0) * 4) for s, i0, i1 in pieces]
+        rt = self.c.roundtrip
+        return (lambda: rt(push)), (lambda: [np.frombuffer(f.buffer, np.float32) for f in rt(pull)])
+
+    def small_pull(self, keys: np.ndarray):
+        (s, i0, i1), = bc.split_keys(keys, self.S)
+        req = [(s, [memoryview(keys)], keys.size * 4)]
+        return lambda: np.frombuffer(self.c.roundtrip(req)[0].buffer, np.float32)
+
+    def small_pull_span(self, lo: int, n: int):
+        (s, _, _), = bc.split_span(lo, n, self.S)
+        req = [(s, [], n * 4)]
+        return lambda: np.frombuffer(self.c.roundtrip(req)[0].buffer, np.float32)
+
+    def check_dense(self, lo, v, op) -> None:
+        got = sum(a.size for a in op())
+        assert got == v.shape[0], f"bare echo returned {got} values, expected {v.shape[0]}"
+
+    def check_sparse(self, keys, vals, push, pull) -> None:
+        push()
+        pull()
+
+    def check_small(self, keys, pull, lo, pull_span) -> None:
+        pull()
+        pull_span()
+
+    def close(self) -> None:
+        self.c.close()
+
+
+# -- one worker's whole run ------------------------------------------------------
+def run_worker(kind: str, w: int, num_workers: int, num_servers: int, address, plan: dict,
+               barrier) -> dict:
+    timeout = plan["barrier_timeout"]
+
+    def sync():
+        if barrier is not None:
+            barrier.wait(timeout)
+
+    ops = PsdOps(address, w, num_servers) if kind == "psd" else BareOps(address, w, num_servers)
+    tests: dict[str, list] = {}
+    lat: dict[str, list] = {}
+
+    def record(name, t0, t1, **units):
+        tests.setdefault(name, []).append({"t0": t0, "t1": t1, "units": units})
+
+    try:
+        fill = plan["fill"]
+        fill_lo = MID - fill // 2
+        sync()
+        t0 = time.perf_counter()
+        ops.prefill(fill_lo, fill)
+        prefill_s = time.perf_counter() - t0
+        sync()
+
+        for n in plan["dense_sizes"]:
+            v = np.ones(n, dtype=np.float32)
+            op = ops.dense(MID - n // 2, v)
+            iters = plan["dense_iters"][n]
+            ops.check_dense(MID - n // 2, v, op)  # warm-up, and values come back right
+            for _ in range(plan["reps"]):
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    op()
+                t1 = time.perf_counter()
+                record(f"dense {n}", t0, t1, bytes=2 * v.nbytes * iters, ops=iters)
+
+        rng = np.random.default_rng(1234 + w)
+        k = plan["sparse_keys"]
+        vals = np.ones(k, dtype=np.float32)
+        key_sets = [np.sort(rng.choice(fill, size=k, replace=False)).astype(np.uint64) + np.uint64(fill_lo)
+                    for _ in range(plan["reps"] + 1)]
+        for r, keys in enumerate(key_sets):
+            push, pull = ops.sparse(keys, vals)
+            if r == 0:
+                ops.check_sparse(keys, vals, push, pull)  # warm-up, and values come back right
+                continue
+            sync()
+            t0 = time.perf_counter()
+            push()
+            tm = time.perf_counter()
+            pull()
+            t1 = time.perf_counter()
+            record("sparse push", t0, tm, keys=k)
+            record("sparse pull", tm, t1, keys=k)
+            record("sparse push+pull", t0, t1, keys=2 * k, rounds=1)
+
+        s = w % num_servers
+        lo = max(fill_lo, bc.server_begins(num_servers)[s])
+        nk = plan["lat_keys"]
+        small_keys = (np.arange(nk, dtype=np.uint64) * np.uint64(3)) + np.uint64(lo)
+        small_pull, small_span = ops.small_pull(small_keys), ops.small_pull_span(lo, nk)
+        ops.check_small(small_keys, small_pull, lo, small_span)
+        for name, op in (("small pull", small_pull), ("small pull_span", small_span)):
+            sync()
+            for _ in range(plan["lat_warmup"]):
+                op()
+            samples = np.empty(plan["lat_samples"], dtype=np.float64)
+            clock = time.perf_counter_ns
+            for i in range(samples.size):
+                a = clock()
+                op()
+                samples[i] = clock() - a
+            lat[name] = (samples / 1e3).tolist()
+        sync()
+    finally:
+        ops.close()
+    return {"w": w, "tests": tests, "lat": lat, "prefill_s": prefill_s}
+
+
+def worker_entry(kind, w, num_workers, num_servers, address, plan, barrier, queue, parent_pid):
+    """Body of a spawned worker process: run, put the result (or the error) on ``queue``."""
+    bc.die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    try:
+        queue.put(run_worker(kind, w, num_workers, num_servers, address, plan, barrier))
+    except BaseException:
+        if barrier is not None:
+            barrier.abort()
+        queue.put({"w": w, "error": traceback.format_exc()})
+
+
+# -- one configuration -----------------------------------------------------------
+def run_workers(kind: str, num_servers: int, num_workers: int, address, plan: dict) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(num_workers) if num_workers > 1 else None
+    queue = ctx.Queue()
+    procs = []
+    try:
+        for w in range(1, num_workers):
+            p = ctx.Process(target=worker_entry, daemon=True, name=f"bench-worker{w}",
+                            args=(kind, w, num_workers, num_servers, address, plan, barrier, queue,
+                                  os.getpid()))
+            p.start()
+            procs.append(p)
+            _LIVE_PROCS.add(p)
+        try:
+            results = [run_worker(kind, 0, num_workers, num_servers, address, plan, barrier)]
+        except BaseException:
+            if barrier is not None:
+                barrier.abort()
+            raise
+        for _ in procs:
+            r = queue.get(timeout=plan["barrier_timeout"])
+            if "error" in r:
+                raise RuntimeError(f"worker {r['w']} failed:\n{r['error']}")
+            results.append(r)
+        return results
+    finally:
+        for p in procs:
+            p.join(5)
+            bc.stop_process(p)
+            _LIVE_PROCS.discard(p)
+        queue.close()
+        queue.join_thread()
+
+
+def run_psd(num_servers: int, num_workers: int, plan: dict) -> list[dict]:
+    import psd
+
+    with psd.LocalCluster(servers=num_servers) as cluster:
+        _LIVE_CLUSTERS.add(cluster)
+        try:
+            return run_workers("psd", num_servers, num_workers, cluster.scheduler, plan)
+        finally:
+            _LIVE_CLUSTERS.discard(cluster)
+
+
+def run_bare(num_servers: int, num_workers: int, plan: dict) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    servers, addresses = [], []
+    try:
+        for i in range(num_servers):
+            here, there = ctx.Pipe()
+            p = ctx.Process(target=bc.bare_server_main, args=(there, os.getpid()), daemon=True,
+                            name=f"bare-echo{i}")
+            p.start()
+            servers.append(p)
+            _LIVE_PROCS.add(p)
+            if not here.poll(30):
+                raise RuntimeError("bare echo server did not start")
+            addresses.append(here.recv())
+        return run_workers("bare", num_servers, num_workers, addresses, plan)
+    finally:
+        for a in addresses:
+            try:
+                bc.stop_bare_server(a)
+            except Exception:
+                pass
+        for p in servers:
+            p.join(2)
+            bc.stop_process(p)
+            _LIVE_PROCS.discard(p)
+
+
+# -- reporting -----------------------------------------------------------------------
+def summarize(kind_results: dict, plan: dict, num_servers: int) -> dict:
+    """{test: {"psd": value, "bare": value, "unit": ..., ...}} for one configuration."""
+    rows = {}
+
+    def rate(kind, name, unit):
+        ws = kind_results.get(kind)
+        if not ws:
+            return None
+        r = bc.aggregate_rates(ws, name)
+        return r[unit]["median"] if unit in r else None
+
+    for n in plan["dense_sizes"]:
+        rows[f"dense {n:.0e} push+pull"] = {
+            "unit": "MB/s", "psd": _mb(rate("psd", f"dense {n}", "bytes")),
+            "bare": _mb(rate("bare", f"dense {n}", "bytes"))}
+        rows[f"dense {n:.0e} push+pull ops"] = {
+            "unit": "ops/s", "psd": rate("psd", f"dense {n}", "ops"), "bare": rate("bare", f"dense {n}", "ops")}
+    k = plan["sparse_keys"]
+    for name in ("sparse push", "sparse pull", "sparse push+pull"):
+        rows[f"{name} {k:.0e} keys"] = {"unit": "keys/s", "psd": rate("psd", name, "keys"),
+                                        "bare": rate("bare", name, "keys")}
+    per = {kind: rate(kind, "sparse push+pull", "keys") for kind in ("psd", "bare")}
+    rows["sparse push+pull per server"] = {
+        "unit": "keys/s", **{kind: (v / num_servers if v is not None else None) for kind, v in per.items()}}
+    for name in ("small pull", "small pull_span"):
+        for p in ("p50", "p99"):
+            row = {"unit": "us"}
+            for kind in ("psd", "bare"):
+                ws = kind_results.get(kind)
+                row[kind] = bc.latency_summary(ws, name)[f"{p}_us"] if ws else None
+            rows[f"{name} {plan['lat_keys']} keys latency {p}"] = row
+    for row in rows.values():
+        row["ratio"] = (row["psd"] / row["bare"]) if row["psd"] and row["bare"] else None
+    return rows
+
+
+def _mb(x):
+    return None if x is None else x / 1e6
+
+
+def print_table(report: dict) -> None:
+    header = ("config", "test", "unit", "psd", "bare", "psd/bare")
+    lines = []
+    for cfg in report["configs"]:
+        for test, row in cfg["rows"].items():
+            lines.append((cfg["name"], test, row["unit"], bc.fmt_num(row["psd"]), bc.fmt_num(row["bare"]),
+                          "-" if row["ratio"] is None else f"{row['ratio']:.2f}"))
+        if cfg.get("errors"):
+            for kind, err in cfg["errors"].items():
+                lines.append((cfg["name"], f"{kind} FAILED: {err.splitlines()[-1][:60]}", "", "", "", ""))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
+    print(fmt.format(*header))
+    print("  ".join("-" * w for w in widths))
+    last = None
+    for line in lines:
+        if last is not None and line[0] != last:
+            print()
+        last = line[0]
+        print(fmt.format(*line))
+
+
+def check_targets(report: dict, plan: dict) -> list[dict]:
+    n = max(plan["dense_sizes"])
+    checks = []
+    for cfg in report["configs"]:
+        rows, name, S = cfg["rows"], cfg["name"], cfg["servers"]
+        dense = rows.get(f"dense {n:.0e} push+pull", {})
+        lat = rows.get(f"small pull {plan['lat_keys']} keys latency p50", {})
+        sparse = rows.get("sparse push+pull per server", {})
+        checks.append({"config": name, "target": f"dense {n:.0e} push+pull >= {TARGET_DENSE_RATIO} x bare",
+                       "value": dense.get("ratio"), "pass": (dense.get("ratio") or 0) >= TARGET_DENSE_RATIO,
+                       "shown": f"{dense['ratio']:.2f} x bare" if dense.get("ratio") else "n/a"})
+        p50 = lat.get("psd")
+        checks.append({"config": name, "target": f"small pull p50 < {TARGET_LAT_P50_US:.0f} us",
+                       "value": p50, "pass": p50 is not None and p50 < TARGET_LAT_P50_US,
+                       "shown": f"{p50:.0f} us" if p50 else "n/a"})
+        v = sparse.get("psd")
+        checks.append({"config": name, "target": f"sparse push+pull >= {TARGET_SPARSE_PER_SERVER / 1e6:.0f} M keys/s "
+                                                  f"per server ({S} server{'s' if S > 1 else ''})",
+                       "value": v, "pass": v is not None and v >= TARGET_SPARSE_PER_SERVER,
+                       "shown": f"{v / 1e6:.2f} M keys/s" if v else "n/a"})
+    return checks
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfgs = report["configs"]
+    plan = report["plan"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    groups = [(f"dense {n:.0e} push+pull", f"dense {n:.0e}") for n in plan["dense_sizes"]]
+    panels = [
+        (axes[0], groups, "MB/s (pushed + pulled)", "dense push+pull throughput", True),
+        (axes[1], [(f"{t} {plan['sparse_keys']:.0e} keys", t.replace("sparse ", ""))
+                   for t in ("sparse push", "sparse pull", "sparse push+pull")],
+         "keys/s", f"sparse, {plan['sparse_keys']:.0e} random keys of {plan['fill']:.0e}", True),
+        (axes[2], [(f"small pull {plan['lat_keys']} keys latency p50", "pull p50"),
+                   (f"small pull {plan['lat_keys']} keys latency p99", "pull p99"),
+                   (f"small pull_span {plan['lat_keys']} keys latency p50", "span p50")],
+         "microseconds (lower is better)", "small-pull round trip", True),
+    ]
+    series = [(c["name"], kind) for c in cfgs for kind in ("psd", "bare")]
+    colors = {"psd": ["#1f77b4", "#2ca02c"], "bare": ["#aec7e8", "#98df8a"]}
+    width = 0.8 / max(1, len(series))
+    for ax, tests, ylabel, title, log in panels:
+        x = np.arange(len(tests))
+        for i, (cname, kind) in enumerate(series):
+            cfg = next(c for c in cfgs if c["name"] == cname)
+            ys = [cfg["rows"].get(t, {}).get(kind) or 0 for t, _ in tests]
+            ci = [c["name"] for c in cfgs].index(cname) % 2
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, ys, width, label=f"{kind} {cname}",
+                   color=colors[kind][ci], edgecolor="black", linewidth=0.4)
+        ax.set_xticks(x, [label for _, label in tests])
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    if plan["lat_keys"]:
+        axes[2].axhline(TARGET_LAT_P50_US, color="red", linestyle="--", linewidth=1, label="p50 target")
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"psd vs bare pyzmq on loopback ({plan['mode']} run; medians of {plan['reps']} reps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main ---------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (< 60 s)")
+    ap.add_argument("--out", default="runs/bench_pushpull", help="output directory (JSON and PNG)")
+    ap.add_argument("--configs", default="1x1,2x2",
+                    help="comma-separated SERVERSxWORKERS configurations (default 1x1,2x2)")
+    ap.add_argument("--budget", type=float, default=None, help="hard time limit in seconds for the whole run")
+    args = ap.parse_args(argv)
+
+    plan = make_plan(args.quick)
+    budget = args.budget or plan["budget"]
+    configs = [tuple(int(x) for x in c.lower().split("x")) for c in args.configs.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.monotonic()
+    report = {"plan": plan, "configs": [], "host": {
+        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg()}}
+
+    def on_expire(reason: str) -> None:
+        report["aborted"] = reason
+        finish(report, plan, out, started)
+
+    watchdog = Watchdog(budget, on_expire).start()
+    try:
+        import zmq
+        report["host"]["pyzmq"] = zmq.__version__
+        report["host"]["libzmq"] = zmq.zmq_version()
+        for S, W in configs:
+            name = f"{S}s/{W}w"
+            kind_results, errors, timings = {}, {}, {}
+            for kind, fn in (("psd", run_psd), ("bare", run_bare)):
+                t0 = time.monotonic()
+                print(f"[{time.monotonic() - started:6.1f} s] {name}: {kind} ...", file=sys.stderr, flush=True)
+                try:
+                    kind_results[kind] = fn(S, W, plan)
+                except KeyboardInterrupt:
+                    raise
+                except Exception:
+                    errors[kind] = traceback.format_exc()
+                    print(errors[kind], file=sys.stderr)
+                timings[kind] = time.monotonic() - t0
+            rows = summarize(kind_results, plan, S)
+            prefill = {k: max(w["prefill_s"] for w in v) for k, v in kind_results.items()}
+            report["configs"].append({"name": name, "servers": S, "workers": W, "rows": rows,
+                                      "errors": errors, "seconds": timings, "prefill_s": prefill,
+                                      "raw": {k: [{"w": w["w"], "tests": w["tests"]} for w in v]
+                                              for k, v in kind_results.items()}})
+    finally:
+        watchdog.cancel()
+        stop_children()
+    finish(report, plan, out, started)
+    return 1 if report.get("aborted") or any(c.get("errors") for c in report["configs"]) else 0
+
+
+def finish(report: dict, plan: dict, out: Path, started: float) -> None:
+    """Print the table and the target checks; write results.json and throughput.png."""
+    with _REPORT_LOCK:
+        report["seconds"] = time.monotonic() - started
+        report["host"]["loadavg_after"] = os.getloadavg()
+        print()
+        print(f"psd push/pull benchmark, {plan['mode']} mode, {report['host']['cpus']} CPUs, "
+              f"pyzmq {report['host'].get('pyzmq')} / libzmq {report['host'].get('libzmq')}; "
+              f"throughput = median of {plan['reps']} reps; MB = 1e6 B (pushed + pulled); "
+              f"op = push+wait+pull; psd/bare > 1 is better for rates, worse for latency")
+        before = report["host"]["loadavg_before"][0]
+        print(f"load average (1 min) before the run: {before:.2f}, after: {report['host']['loadavg_after'][0]:.2f}"
+              + ("  -- WARNING: something else was using the CPUs; figures are noisy" if before > 0.5 else ""))
+        if report.get("aborted"):
+            print(f"!! run aborted ({report['aborted']}): only the configurations that finished are shown")
+        print()
+        print_table(report)
+        print()
+        checks = check_targets(report, plan)
+        report["targets"] = checks
+        for c in checks:
+            print(f"{'PASS' if c['pass'] else 'FAIL'}  [{c['config']}] {c['target']}: {c['shown']}")
+        for cfg in report["configs"]:
+            pf = ", ".join(f"{k} {v:.2f} s" for k, v in cfg["prefill_s"].items())
+            print(f"({cfg['name']}: pre-fill of {plan['fill']:.0e} keys took {pf})")
+        (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
+        if report["configs"]:
+            plot(report, out / "throughput.png")
+        print(f"\nwrote {out / 'results.json'}"
+              + (f" and {out / 'throughput.png'}" if report["configs"] else "")
+              + f" in {report['seconds']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; child processes stopped", file=sys.stderr)
+        sys.exit(130)
