@@ -18,11 +18,14 @@ def _lines(records: list[dict], x: str, ys: list[str]) -> dict[tuple, tuple[list
     return lines
 
 
-def plot_curves(records: list[dict], x: str, ys: list[str], path, title: str = "") -> Path:
+def plot_curves(records: list[dict], x: str, ys: list[str], path, title: str = "",
+                kind: str = "line", xscale: str = "linear", yscale: str = "linear") -> Path:
     """Write a PNG with one line per y key, and per ``series`` when records carry one.
 
     Records missing ``x`` or a y key are skipped for that line, so mixed records (a
     global evaluation next to per-worker ones) can be passed in as they were reported.
+    ``kind="scatter"`` draws points instead of lines; ``xscale``/``yscale`` are
+    matplotlib scales (``"log"``; ``"symlog"`` is linear within 1 of zero, so zeros show).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -34,7 +37,14 @@ def plot_curves(records: list[dict], x: str, ys: list[str], path, title: str = "
     for (series, y), (xs, vs) in sorted(lines.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         pts = sorted(zip(xs, vs), key=lambda p: p[0])
         label = y if series is None else (str(series) if len(ys) == 1 else f"{series} {y}")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
+        if kind == "scatter":
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, alpha=0.5, label=label)
+        else:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
+    if xscale != "linear":
+        ax.set_xscale(xscale, **({"linthresh": 1.0} if xscale == "symlog" else {}))
+    if yscale != "linear":
+        ax.set_yscale(yscale, **({"linthresh": 1.0} if yscale == "symlog" else {}))
     ax.set_xlabel(x)
     ax.set_ylabel(ys[0] if len(ys) == 1 else "value")
     ax.set_title(title)

@@ -7,6 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+#: bytes of metric records (by ``repr``) one job status reply carries at most
+METRICS_REPLY_BUDGET = 24_000
+
+
 @dataclass
 class Job:
     id: str
@@ -21,13 +25,22 @@ class Job:
     error: str | None = None
     summary: dict = field(default_factory=dict)  # str(rank) -> that worker's summary
 
-    def to_dict(self, metrics_from: int = 0) -> dict:
+    def to_dict(self, metrics_from: int = 0, budget: int = METRICS_REPLY_BUDGET) -> dict:
+        """The job as a status reply, with the metric records from ``metrics_from`` on, at
+        most about ``budget`` bytes of them (at least one): a reply travels in one msgpack
+        header, capped at 64 KiB, so a caller pages on while ``len(seen) < num_metrics``."""
         done = sum(self.progress.values()) / max(1, self.num_workers)
+        metrics, size = [], 0
+        for record in self.metrics[metrics_from:]:
+            size += len(repr(record))  # over msgpack's size for these plain records
+            if metrics and size > budget:
+                break
+            metrics.append(record)
         return {"id": self.id, "app": self.spec.get("app"), "state": self.state,
                 "num_workers": self.num_workers, "ranks": {str(k): v for k, v in self.ranks.items()},
                 "progress": min(1.0, done), "per_rank": {str(k): v for k, v in self.progress.items()}, "shards_done": sorted(self.shards_done),
                 "num_shards": self.num_shards, "error": self.error, "summary": self.summary,
-                "metrics": self.metrics[metrics_from:], "num_metrics": len(self.metrics)}
+                "metrics": metrics, "num_metrics": len(self.metrics)}
 
 
 class JobBook:

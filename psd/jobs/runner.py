@@ -59,6 +59,8 @@ def _follow(cluster: LocalCluster, job: JobSpec, job_id: str, workers, out: Path
                 seen.append(record)
                 bar.set_postfix_str(_postfix(record), refresh=False)
             metrics_file.flush()
+            if len(seen) < st.get("num_metrics", 0):
+                continue  # the reply was one page of the records: fetch the rest first
             bar.n = round(100 * st["progress"], 1)
             bar.refresh()
             if st["state"] in ("done", "failed"):
@@ -90,7 +92,8 @@ def _plot(job: JobSpec, metrics: list[dict], out: Path) -> None:
     from psd.apps.plots import plot_curves
 
     for p in getattr(load_app(job.app), "PLOTS", []):
-        plot_curves(metrics, p["x"], p["ys"], out / p["file"], p.get("title", job.name))
+        style = {k: p[k] for k in ("kind", "xscale", "yscale") if k in p}
+        plot_curves(metrics, p["x"], p["ys"], out / p["file"], p.get("title", job.name), **style)
 
 
 def _summarize(job: JobSpec, state: dict, out: Path, elapsed: float) -> None:

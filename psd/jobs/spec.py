@@ -11,7 +11,7 @@ from psd.errors import ConfigError
 #: top-level keys every job may have; the app checks its own sections (data, train, ...)
 COMMON_KEYS = {"name", "app", "servers", "workers", "output", "cluster", "timeout",
                "consistency", "max_delay"}
-APP_SECTIONS = {"data", "train", "tables", "filters", "model", "eval"}
+APP_SECTIONS = {"data", "train", "tables", "filters", "model", "eval", "sketch"}
 
 
 @dataclass(frozen=True)

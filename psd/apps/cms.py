@@ -1,0 +1,508 @@
+"""Count-min sketch: workers stream items and push counter increments; queries take the
+minimum of an item's counters.
+
+The sketch is ``depth`` rows of ``width`` int64 counters, kept on the servers in one
+table (width 1, updater ``sum``). Counter ``(row, column)`` is key
+``row * STRIDE(depth) + column`` with ``STRIDE = (2**64 - 1) // depth``: each row is a
+dense key range of its own, and the rows sit far apart on the key ring, so with several
+servers they land on different servers. ``width = ceil(e / epsilon)`` and
+``depth = ceil(ln(1 / delta))`` (or given directly); then for every item x
+``estimate(x) >= count(x)`` always, and ``estimate(x) - count(x) > epsilon * N`` with
+probability at most ``delta`` (N: the stream length; Cormode & Muthukrishnan 2005).
+
+Workers. Each worker streams its shard in batches of ``train.batch_size`` items: it
+counts the batch's items locally (``np.bincount`` over the id space for the generator,
+``np.unique`` for hashed text tokens), hashes each *distinct* item with the ``depth``
+functions of :class:`psd.apps.hashing.MultiplyShift`, adds the counts into a dense
+``depth * width`` array with one weighted ``np.bincount``, and pushes that array (one
+dense span per row; a sparse push when the batch touched under a quarter of the
+counters). At most ``train.in_flight`` pushes are outstanding. The sketch table is
+always ``eventual`` (a table option): nothing reads it while streaming, and pushes then
+apply on arrival, so the final queries see every acknowledged push whatever the job's
+consistency model.
+
+Data. ``data.generator: zipf`` (the default): a seeded Zipf-like stream of ids in
+[0, vocabulary), made in blocks of 65,536 items, block j from
+``default_rng([seed, j])`` by inverse-CDF sampling of a continuous power law in float32
+(ids whose probability is under about 2**-24 are quantized: the extreme tail is not
+exactly Zipf). Blocks are dealt out to workers as contiguous ranges, so the stream is
+the same for any number of workers. Or ``data.files``: text files (plain, or gzip
+``.gz``/``.dz``) cut into shards by bytes (see :mod:`psd.apps.datasets.text`); the
+items are the whitespace-separated tokens, as 64-bit ids from
+:func:`psd.apps.hashing.token_ids`.
+
+Measuring. Every worker times its insert path (local counting, hashing, the bincount,
+issuing pushes, and waiting for push acknowledgements) apart from producing the items
+(generating or reading and tokenising), and reports items per second of both:
+``inserts_per_s`` (insert path only) and ``items_per_s`` (end to end, wall clock).
+
+Queries. When every rank is done (each writes a row to a small ``ranks`` table and
+rank 0 waits for all of them), rank 0 recomputes the exact counts of the whole stream
+(the same seeded blocks, or the same file shards), queries ``eval.queries`` distinct
+items (the ``eval.heavy`` most frequent and a seeded uniform sample of the rest), pulls
+their counters and reports, per item, the true count, the estimate and the error as
+metric records (``series: query``) next to the bound ``epsilon * N``, plus a summary:
+underestimates (must be 0), the fraction of queries over the bound (at most ``delta``
+with high probability), mean and max error.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import time
+from collections import deque
+
+import numpy as np
+
+from psd.apps.datasets.text import check_files, expand_files, iter_shard_token_ids, plan_shards
+from psd.apps.hashing import MultiplyShift
+from psd.apps.rendezvous import wait_for_ranks
+from psd.errors import ConfigError
+
+DEFAULTS: dict = {
+    "data": {
+        "generator": "zipf",
+        "seed": 42,
+        "items": 20_000_000,      # stream length, all workers together
+        "vocabulary": 1_000_000,  # distinct ids the generator draws from
+        "exponent": 1.1,          # Zipf exponent
+        "files": None,            # text files instead of the generator
+    },
+    "sketch": {
+        "epsilon": 0.001,         # width = ceil(e / epsilon)
+        "delta": 0.01,            # depth = ceil(ln(1 / delta))
+        "width": None,            # explicit width (instead of epsilon)
+        "depth": None,            # explicit depth (instead of delta)
+        "seed": 1,                # seed of the hash functions
+    },
+    "train": {
+        "batch_size": 1 << 21,    # items counted locally before one push
+        "in_flight": 2,           # pushes outstanding before the worker waits
+        "report_every": 8,        # batches between progress reports
+    },
+    "eval": {
+        "queries": 2000,          # distinct items queried at the end
+        "heavy": 100,             # of which the most frequent ones
+    },
+}
+
+GEN_BLOCK = 1 << 16
+MAX_WIDTH = 1 << 27
+#: plots `psd run` writes from the metrics records
+PLOTS = [
+    {"file": "error.png", "x": "true", "ys": ["error", "bound"], "kind": "scatter",
+     "xscale": "log", "yscale": "symlog",
+     "title": "count-min: overestimate against true frequency (bound: epsilon * N)"},
+    {"file": "throughput.png", "x": "time", "ys": ["inserts_per_s"],
+     "title": "count-min: inserts/s per worker (insert path) against time (s)"},
+]
+QUERY_CHUNK = 500   # query records per report
+
+
+# -- options ------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+_CHECKS: dict[str, dict[str, tuple]] = {
+    "data": {
+        "generator": (lambda v: v == "zipf", "'zipf' (or give data.files instead)"),
+        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+        "items": (lambda v: _is_int(v) and 1 <= v <= 1 << 40, "an integer in [1, 2**40]"),
+        "vocabulary": (lambda v: _is_int(v) and 1 <= v <= 1 << 28, "an integer in [1, 2**28]"),
+        "exponent": (lambda v: _is_num(v) and 0 < v <= 5, "a number in (0, 5]"),
+        "files": (lambda v: True, ""),   # checked by check_files
+    },
+    "sketch": {
+        "epsilon": (lambda v: _is_num(v) and math.e / MAX_WIDTH <= v < 1,
+                    f"a number in [{math.e / MAX_WIDTH:.3g}, 1)"),
+        "delta": (lambda v: _is_num(v) and 1e-20 <= v < 1, "a number in [1e-20, 1)"),
+        "width": (lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_WIDTH), f"an integer in [1, {MAX_WIDTH}]"),
+        "depth": (lambda v: v is None or (_is_int(v) and 1 <= v <= 64), "an integer in [1, 64]"),
+        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    },
+    "train": {
+        "batch_size": (lambda v: _is_int(v) and 1 <= v <= 1 << 26, "an integer in [1, 2**26]"),
+        "in_flight": (lambda v: _is_int(v) and 1 <= v <= 64, "an integer in [1, 64]"),
+        "report_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    },
+    "eval": {
+        "queries": (lambda v: _is_int(v) and 1 <= v <= 1_000_000, "an integer in [1, 1000000]"),
+        "heavy": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    },
+}
+_GENERATOR_KEYS = ("generator", "items", "vocabulary", "exponent")
+
+
+def validate(spec: dict, source: str) -> list[str]:
+    """Problems with the ``data``, ``sketch``, ``train`` and ``eval`` sections, each naming
+    file and key; unknown keys too (a misspelt option would silently fall back)."""
+    problems: list[str] = []
+    for section, checks in _CHECKS.items():
+        given = spec.get(section)
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            problems.append(f"{source}: {section}: expected a mapping, got {given!r}")
+            continue
+        for key, value in given.items():
+            check = checks.get(key)
+            if check is None:
+                problems.append(f"{source}: {section}.{key}: unknown key; expected one of "
+                                f"{', '.join(checks)}")
+            elif key == "files":
+                if value is not None:
+                    problems.extend(check_files(value, source, "data.files"))
+            elif not check[0](value):
+                problems.append(f"{source}: {section}.{key}: expected {check[1]}, got {value!r}")
+    for section in ("tables", "model", "filters"):
+        if section in spec:
+            problems.append(f"{source}: {section}: not used by app 'cms'; its sections are "
+                            f"data, sketch, train, eval")
+    if problems:
+        return problems
+    data = spec.get("data") or {}
+    if data.get("files") is not None:
+        for key in _GENERATOR_KEYS:
+            if key in data:
+                problems.append(f"{source}: data.{key}: only for the zipf generator; this job "
+                                f"reads data.files (give one or the other)")
+    sketch = spec.get("sketch") or {}
+    for explicit, derived in (("width", "epsilon"), ("depth", "delta")):
+        if sketch.get(explicit) is not None and derived in sketch:
+            problems.append(f"{source}: sketch.{explicit}: give sketch.{explicit} or "
+                            f"sketch.{derived}, not both")
+    ev = options(spec)["eval"]
+    if ev["heavy"] > ev["queries"]:
+        problems.append(f"{source}: eval.heavy: expected at most eval.queries ({ev['queries']}), "
+                        f"got {ev['heavy']!r}")
+    if not problems:
+        width, _ = sketch_shape(options(spec)["sketch"])
+        if width > MAX_WIDTH:
+            problems.append(f"{source}: sketch.epsilon: gives width {width}, over {MAX_WIDTH}")
+    return problems
+
+
+def options(spec: dict) -> dict:
+    """``DEFAULTS`` overlaid with the spec's sections."""
+    merged = copy.deepcopy(DEFAULTS)
+    for section in merged:
+        merged[section].update(spec.get(section) or {})
+    return merged
+
+
+def sketch_shape(sketch: dict) -> tuple[int, int]:
+    """(width, depth) from explicit values, else from epsilon and delta."""
+    width = sketch.get("width") or math.ceil(math.e / float(sketch["epsilon"]))
+    depth = sketch.get("depth") or max(1, math.ceil(math.log(1.0 / float(sketch["delta"]))))
+    return int(width), int(depth)
+
+
+def stride(depth: int) -> int:
+    """Key distance between two rows of the sketch table."""
+    return ((1 << 64) - 1) // depth
+
+
+def counter_keys(flat: np.ndarray, width: int, depth: int) -> np.ndarray:
+    """Table keys of counters given as ``row * width + column`` (int64): uint64, same order."""
+    flat = np.asarray(flat, dtype=np.int64)
+    return ((flat // width).astype(np.uint64) * np.uint64(stride(depth))
+            + (flat % width).astype(np.uint64))
+
+
+# -- the sketch math ----------------------------------------------------------------
+class CountMin:
+    """A count-min sketch in one process: the math the app runs, and the single-machine
+    baseline the benchmark compares against."""
+
+    def __init__(self, width: int, depth: int, seed: int = 1):
+        self.width, self.depth = int(width), int(depth)
+        self.family = MultiplyShift(self.depth, self.width, seed)
+        self.counts = np.zeros(self.depth * self.width, dtype=np.int64)
+
+    def batch_counters(self, ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The ``depth * width`` counter increments of distinct ``ids`` seen ``counts`` times."""
+        if ids.size == 0:
+            return np.zeros(self.depth * self.width, dtype=np.int64)
+        flat = self.family.flat_columns(ids).ravel()
+        weights = np.tile(np.asarray(counts, dtype=np.float64), self.depth)
+        out = np.bincount(flat, weights=weights, minlength=self.depth * self.width)
+        return out.astype(np.int64)   # exact: float64 sums of integers below 2**53
+
+    def add(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        self.counts += self.batch_counters(ids, counts)
+
+    def query(self, ids) -> np.ndarray:
+        flat = self.family.flat_columns(np.asarray(ids, dtype=np.uint64))
+        return self.counts[flat].min(axis=0)
+
+
+def aggregate_dense(items: np.ndarray, vocabulary: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids of a batch of small ids (in [0, vocabulary)) and their counts."""
+    c = np.bincount(items, minlength=vocabulary)
+    ids = np.flatnonzero(c)
+    return ids.astype(np.uint64), c[ids]
+
+
+def aggregate_sparse(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids of a batch of arbitrary 64-bit ids and their counts."""
+    ids, counts = np.unique(items, return_counts=True)
+    return ids.astype(np.uint64, copy=False), counts
+
+
+# -- the data -----------------------------------------------------------------------
+def zipf_block(seed: int, j: int, size: int, vocabulary: int, exponent: float) -> np.ndarray:
+    """Block ``j`` of the seeded stream: ``size`` ids in [0, vocabulary), P(id r) roughly
+    proportional to (r + 1) ** -exponent (continuous inverse CDF in float32, floored)."""
+    u = np.random.default_rng([int(seed), int(j)]).random(size, dtype=np.float32)
+    if abs(exponent - 1.0) < 1e-9:
+        u *= np.float32(math.log(vocabulary + 1.0))
+        x = np.exp(u)
+    else:
+        s = 1.0 - exponent
+        u *= np.float32((vocabulary + 1.0) ** s - 1.0)
+        u += np.float32(1.0)
+        x = np.power(u, np.float32(1.0 / s))
+    ids = x.astype(np.int64)
+    ids -= 1
+    np.clip(ids, 0, vocabulary - 1, out=ids)
+    return ids
+
+
+def num_blocks(items: int) -> int:
+    return -(-int(items) // GEN_BLOCK)
+
+
+def _block_size(items: int, j: int) -> int:
+    return min(GEN_BLOCK, int(items) - j * GEN_BLOCK)
+
+
+def zipf_batches(data: dict, blocks: range, batch_size: int):
+    """Batches (int64 id arrays) of the generated stream's blocks ``blocks``: whole
+    blocks, ``batch_size`` rounded up to a multiple of the block size."""
+    per = max(1, -(-batch_size // GEN_BLOCK))
+    seed, n, vocab, s = int(data["seed"]), int(data["items"]), int(data["vocabulary"]), float(data["exponent"])
+    for b0 in range(blocks.start, blocks.stop, per):
+        parts = [zipf_block(seed, j, _block_size(n, j), vocab, s) for j in range(b0, min(b0 + per, blocks.stop))]
+        yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def file_batches(pieces, batch_size: int):
+    """Batches (uint64 token-id arrays) of at least ``batch_size`` tokens (except the last)."""
+    buf: list[np.ndarray] = []
+    have = 0
+    for ids in iter_shard_token_ids(pieces):
+        buf.append(ids)
+        have += ids.size
+        if have >= batch_size:
+            yield np.concatenate(buf)
+            buf, have = [], 0
+    if have:
+        yield np.concatenate(buf)
+
+
+class Stream:
+    """One shard of the job's item stream, in batches, with the matching local counting."""
+
+    def __init__(self, data: dict, shard: int, num_shards: int, batch_size: int):
+        self.files = data.get("files")
+        if self.files is not None:
+            self.paths = expand_files(self.files)
+            plan = plan_shards(self.paths, num_shards)
+            self.pieces = plan[shard]
+            self.total = None   # unknown until read
+            self._batches = file_batches(self.pieces, batch_size)
+            self.vocabulary = None
+        else:
+            nb = num_blocks(data["items"])
+            lo, hi = nb * shard // num_shards, nb * (shard + 1) // num_shards
+            self.total = sum(_block_size(data["items"], j) for j in range(lo, hi))
+            self._batches = zipf_batches(data, range(lo, hi), batch_size)
+            self.vocabulary = int(data["vocabulary"])
+
+    def next_batch(self) -> np.ndarray | None:
+        return next(self._batches, None)
+
+    def aggregate(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.vocabulary is not None:
+            return aggregate_dense(items, self.vocabulary)
+        return aggregate_sparse(items)
+
+
+def exact_counts(data: dict, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct items of the whole stream (every shard) and their exact counts."""
+    if data.get("files") is not None:
+        pieces = [p for shard in plan_shards(expand_files(data["files"]), num_shards) for p in shard]
+        ids = [a for a in iter_shard_token_ids(pieces)]
+        return aggregate_sparse(np.concatenate(ids) if ids else np.empty(0, np.uint64))
+    vocab = int(data["vocabulary"])
+    counts = np.zeros(vocab, dtype=np.int64)
+    for items in zipf_batches(data, range(num_blocks(data["items"])), 1 << 22):
+        counts += np.bincount(items, minlength=vocab)
+    ids = np.flatnonzero(counts)
+    return ids.astype(np.uint64), counts[ids]
+
+
+def pick_queries(ids: np.ndarray, counts: np.ndarray, queries: int, heavy: int,
+                 seed: int) -> np.ndarray:
+    """Positions (into ``ids``) of the ``heavy`` most frequent items and a seeded uniform
+    sample of the others, ``queries`` in all (fewer if there are fewer distinct items)."""
+    n = ids.size
+    heavy = min(heavy, n)
+    top = np.argsort(-counts, kind="stable")[:heavy] if heavy else np.empty(0, np.int64)
+    rest = np.setdiff1d(np.arange(n), top, assume_unique=True)
+    take = min(queries - heavy, rest.size)
+    rng = np.random.default_rng([int(seed), 0x51])
+    sample = rng.choice(rest, size=take, replace=False) if take > 0 else np.empty(0, np.int64)
+    return np.concatenate([top, np.sort(sample)]).astype(np.int64)
+
+
+# -- the app ------------------------------------------------------------------------
+def push_counters(table, counters: np.ndarray, width: int, depth: int) -> list[int]:
+    """Push one batch's counter increments: dense spans per row, or sparse keys when the
+    batch touched under a quarter of the counters. Returns the timestamps."""
+    nz = np.flatnonzero(counters)
+    if nz.size == 0:
+        return []
+    if nz.size * 4 < counters.size:
+        return [table.push(counter_keys(nz, width, depth), counters[nz].reshape(-1, 1))]
+    rows = counters.reshape(depth, width, 1)
+    return [table.push_span(r * stride(depth), rows[r]) for r in range(depth)]
+
+
+async def query(table, family: MultiplyShift, ids: np.ndarray, max_keys: int) -> np.ndarray:
+    """Count-min estimates of ``ids``: pull every row's counter, take the minimum."""
+    if ids.size == 0:
+        return np.empty(0, np.int64)
+    flat = family.flat_columns(ids)
+    keys = counter_keys(flat.ravel(), family.width, family.depth)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    step = max(1, min(max_keys, 1 << 20))
+    vals = np.concatenate([(await table.pull(uniq[i:i + step]))[:, 0] for i in range(0, uniq.size, step)])
+    return vals[inverse].reshape(family.depth, -1).min(axis=0)
+
+
+async def run(kv, ctx) -> dict:
+    """Stream this worker's shard into the sketch; rank 0 then measures the error."""
+    problems = validate(ctx.spec, "job spec")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    opts = options(ctx.spec)
+    data, tr, ev = opts["data"], opts["train"], opts["eval"]
+    width, depth = sketch_shape(opts["sketch"])
+    sketch = CountMin(width, depth, int(opts["sketch"]["seed"]))
+    batch_size, in_flight = int(tr["batch_size"]), int(tr["in_flight"])
+
+    table = await kv.table(f"cms.{ctx.job_id}.sketch", width=1, dtype="int64", updater="sum",
+                           consistency="eventual")
+    ranks = await kv.table(f"cms.{ctx.job_id}.ranks", width=7, dtype="float64", updater="assign",
+                           consistency="eventual")
+    stream = await asyncio.to_thread(Stream, data, ctx.shards[0], ctx.num_workers, batch_size)
+
+    def step():
+        """Make the next batch and its counter increments (off the event loop)."""
+        t0 = time.perf_counter()
+        items = stream.next_batch()
+        t1 = time.perf_counter()
+        if items is None:
+            return None
+        c1 = time.thread_time()
+        counters = sketch.batch_counters(*stream.aggregate(items))
+        return items.size, counters, t1 - t0, time.perf_counter() - t1, time.thread_time() - c1
+
+    pending: deque[list[int]] = deque()
+    n_items = n_batches = 0
+    t_make = t_insert = cpu_insert = 0.0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    while True:
+        got = await asyncio.to_thread(step)
+        if got is None:
+            break
+        size, counters, dt_make, dt_count, cpu_count = got
+        t0, c0 = time.perf_counter(), time.thread_time()
+        pending.append(push_counters(table, counters, width, depth))
+        cpu_insert += cpu_count + time.thread_time() - c0
+        while len(pending) > in_flight:   # bound the batches in flight
+            for ts in pending.popleft():
+                await kv.wait(ts)
+        t_make += dt_make
+        t_insert += dt_count + time.perf_counter() - t0
+        n_items += size
+        n_batches += 1
+        kv.clock()
+        if n_batches % int(tr["report_every"]) == 0:
+            now = time.perf_counter() - start
+            await ctx.report(progress=_progress(stream, n_items), metrics=[{
+                "series": f"worker{ctx.rank}", "time": now, "items": n_items,
+                "inserts_per_s": n_items / max(t_insert, 1e-9), "items_per_s": n_items / max(now, 1e-9)}])
+    t0 = time.perf_counter()
+    while pending:
+        for ts in pending.popleft():
+            await kv.wait(ts)
+    t_insert += time.perf_counter() - t0
+    t_stream = time.perf_counter() - start
+    cpu_stream = time.process_time() - cpu_start
+    mine = {"rank": ctx.rank, "items": n_items, "batches": n_batches, "width": width, "depth": depth,
+            "inserts_per_s": n_items / max(t_insert, 1e-9), "items_per_s": n_items / max(t_stream, 1e-9),
+            "inserts_per_cpu_s": n_items / max(cpu_insert, 1e-9), "items_per_cpu_s": n_items / max(cpu_stream, 1e-9),
+            "insert_seconds": t_insert, "make_seconds": t_make, "stream_seconds": t_stream,
+            "insert_cpu_seconds": cpu_insert, "stream_cpu_seconds": cpu_stream}
+    await ctx.report(progress=0.98 if ctx.rank == 0 else 1.0, metrics=[{
+        "series": f"worker{ctx.rank}", "time": t_stream, "items": n_items,
+        "inserts_per_s": mine["inserts_per_s"], "items_per_s": mine["items_per_s"]}])
+    await kv.wait(ranks.push(np.array([ctx.rank], np.uint64),
+                             np.array([[1.0, n_items, t_insert, t_stream, n_batches, cpu_insert, cpu_stream]])))
+    if ctx.rank != 0:
+        return mine
+
+    # rank 0: every shard is in the sketch once every rank has written its row
+    rows = await wait_for_ranks(ranks, ctx.num_workers)
+    t_eval = time.perf_counter()
+    ids, counts = await asyncio.to_thread(exact_counts, data, ctx.num_workers)
+    total = int(counts.sum())
+    pick = pick_queries(ids, counts, int(ev["queries"]), int(ev["heavy"]), int(data.get("seed", 0)))
+    q_ids, q_true = ids[pick], counts[pick]
+    q_est = await query(table, sketch.family, q_ids, kv.limits.max_keys)
+    err = q_est - q_true
+    eps, delta = math.e / width, math.exp(-depth)
+    bound = eps * total
+    for i in range(0, pick.size, QUERY_CHUNK):
+        sl = slice(i, i + QUERY_CHUNK)
+        await ctx.report(metrics=[
+            {"series": "query", "item": int(x), "true": int(t), "estimate": int(e), "error": int(e - t),
+             "bound": bound} for x, t, e in zip(q_ids[sl], q_true[sl], q_est[sl])])
+    rates = rows[:, 1] / np.maximum(rows[:, 2], 1e-9)
+    e2e = rows[:, 1] / np.maximum(rows[:, 3], 1e-9)
+    over = int(np.count_nonzero(err > bound))
+    summary = {
+        "rank": 0, "batches": n_batches, "items_total": total, "items_in_sketch": int(rows[:, 1].sum()),
+        "distinct_items": int(ids.size), "width": width, "depth": depth,
+        "epsilon": eps, "delta": delta, "bound_eps_n": bound,
+        "queries": int(pick.size), "underestimates": int(np.count_nonzero(err < 0)),
+        "over_bound": over, "frac_over_bound": over / max(1, pick.size),
+        "mean_error": float(err.mean()) if err.size else 0.0, "max_error": int(err.max()) if err.size else 0,
+        "mean_error_over_n": float(err.mean() / max(total, 1)) if err.size else 0.0,
+        "inserts_per_s_worker_min": round(float(rates.min())),
+        "inserts_per_s_worker_mean": round(float(rates.mean())),
+        "items_per_s_worker_mean": round(float(e2e.mean())),
+        # the same per CPU second of the worker (insert path: CPU of counting, hashing and
+        # issuing pushes; end to end: the whole worker process while streaming), which
+        # does not count time the worker spent waiting for a core
+        "inserts_per_cpu_s_worker_mean": round(float(np.mean(rows[:, 1] / np.maximum(rows[:, 5], 1e-9)))),
+        "items_per_cpu_s_worker_mean": round(float(np.mean(rows[:, 1] / np.maximum(rows[:, 6], 1e-9)))),
+        "items_per_s_total": round(float(rows[:, 1].sum() / max(rows[:, 3].max(), 1e-9))),
+        "stream_seconds": float(rows[:, 3].max()), "eval_seconds": time.perf_counter() - t_eval,
+    }
+    await ctx.report(progress=1.0)
+    return summary
+
+
+def _progress(stream: Stream, n_items: int) -> float:
+    if stream.total:
+        return min(0.97, 0.97 * n_items / stream.total)
+    return 0.5
