@@ -192,8 +192,10 @@ class Model:
             self.joined.add(args[0])
             self.live.add(args[0])
             self.clock.setdefault(args[0], 0)
-        elif kind == "leave":
+        elif kind == "leave":   # a worker that never joined still takes its slot
+            self.joined.add(args[0])
             self.live.discard(args[0])
+            self.clock.setdefault(args[0], 0)
         elif kind == "clock":
             w, c = args
             if w not in self.joined:

@@ -38,6 +38,7 @@ class Scheduler:
         self.counts = {"server": 0, "worker": 0}
         self.ring = Assignment(version=0)
         self.tables: dict[str, TableSpec] = {}
+        self._creating: dict[str, asyncio.Future] = {}  # tables the servers are being told about
         self.jobs = JobBook()
         self.ring_changes = RingChanges(self)
         self.checkpoints = Checkpoints(self)
@@ -224,6 +225,9 @@ class Scheduler:
     # -- tables ----------------------------------------------------------------
     async def on_create_table(self, route: Route, msg: Message) -> Message:
         spec = TableSpec.from_wire(msg.meta.get("spec"))
+        creating = self._creating.get(spec.name)
+        if creating is not None:  # another worker is creating it: answer when the servers have it
+            await asyncio.shield(creating)
         have = self.tables.get(spec.name)
         if have is not None:
             if have != spec:
@@ -231,11 +235,18 @@ class Scheduler:
                     f"table {spec.name!r} already exists with width={have.width}, dtype={have.dtype}, "
                     f"updater={have.updater}, options={have.options}; open it with the same settings")
             return msg.reply(meta={"spec": have.to_wire(), "created": False})
-        results = await self._to_servers(Message("create_table", meta={"spec": spec.to_wire()}))
-        errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            raise errors[0] if isinstance(errors[0], PsdError) else BadRequestError(str(errors[0]))
+        # listed before the servers are told, so a server registering meanwhile gets it too
         self.tables[spec.name] = spec
+        done = self._creating[spec.name] = asyncio.get_running_loop().create_future()
+        try:
+            results = await self._to_servers(Message("create_table", meta={"spec": spec.to_wire()}))
+            errors = [r for r in results if isinstance(r, Exception)]
+            if errors:
+                del self.tables[spec.name]
+                raise errors[0] if isinstance(errors[0], PsdError) else BadRequestError(str(errors[0]))
+        finally:
+            del self._creating[spec.name]
+            done.set_result(None)
         self.save()
         log.info("table %r created: width %d, %s, updater %s", spec.name, spec.width, spec.dtype, spec.updater)
         return msg.reply(meta={"spec": spec.to_wire(), "created": True})

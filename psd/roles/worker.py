@@ -9,6 +9,7 @@ import traceback
 from psd.client import aio
 from psd.config import ClusterConfig
 from psd.jobs.context import JobContext
+from psd.transport.heartbeat import HeartbeatThread
 
 log = logging.getLogger("psd.worker")
 
@@ -24,6 +25,10 @@ class Worker:
 
     async def run(self, stop: asyncio.Event, ready) -> None:
         kv = await aio.connect(self.config.scheduler, self.config)
+        # an app's numpy work can hold this loop for seconds: stay alive from a thread
+        keepalive = HeartbeatThread(self.config.scheduler, kv.node_id, self.config.heartbeat_interval,
+                                    lambda: kv.clock_value)
+        keepalive.start()
         ready(kv.node_id)
         log.info("%s connected to %s", kv.node_id, self.config.scheduler)
         job_id = None
@@ -43,6 +48,7 @@ class Worker:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            keepalive.stop()
             await kv.close()
 
     async def run_job(self, kv, got: dict, stop: asyncio.Event) -> None:
