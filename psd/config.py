@@ -1,14 +1,21 @@
 """The cluster configuration: one YAML file, read once into a frozen, validated object.
 
-Every problem in a file is reported together, each naming the file, the key and what
-was expected. Command-line flags override fields one to one.
+Every problem is reported together, each naming where the value came from (file and
+line, environment variable or flag), the key and what was expected. Settings are
+layered one to one: the file, then ``PSD_`` environment variables
+(``PSD_HEARTBEAT_INTERVAL=0.2``, ``PSD_LIMITS_MAX_MESSAGE_BYTES=...``), then
+command-line flags (``--heartbeat-interval 0.2``). Only the command-line layer reads
+the environment, once, and passes it here as a plain mapping.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -16,6 +23,7 @@ from psd.codec import Limits
 from psd.errors import ConfigError
 
 DEFAULT_SCHEDULER = "tcp://127.0.0.1:9300"
+ENV_PREFIX = "PSD_"
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,8 @@ class ClusterConfig:
     #: points per server on the consistent-hashing ring
     vnodes: int = 16
     request_timeout: float = 30.0
+    #: seconds a daemon may take to bind and join the cluster before it exits with code 3
+    startup_timeout: float = 60.0
     compression: str = "none"
     #: consistency model of every table unless a table overrides it (docs/consistency.md)
     consistency: str = "eventual"
@@ -51,6 +61,8 @@ class ClusterConfig:
     state_dir: str | None = None
     event_loop: str = "uvloop"
     log_level: str = "info"
+    #: "human" (one line per record) or "json" (one JSON object per line)
+    log_format: str = "human"
     limits: Limits = field(default_factory=Limits)
 
     def replace(self, **changes) -> "ClusterConfig":
@@ -61,110 +73,305 @@ class ClusterConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-_SCALARS = {
-    "scheduler": (str, "a tcp:// address"),
-    "bind": (str, "a tcp:// address"),
-    "heartbeat_interval": ((int, float), "a positive number of seconds"),
-    "heartbeat_misses": (int, "a positive integer"),
-    "replication": (int, "a positive integer"),
-    "worker_timeout": ((int, float), "a positive number of seconds"),
-    "vnodes": (int, "a positive integer"),
-    "request_timeout": ((int, float), "a positive number of seconds"),
-    "compression": (str, "'none' or 'zstd'"),
-    "consistency": (str, "one of sequential, bounded, eventual"),
-    "max_delay": ((int, str), "an integer >= 0 or 'auto'"),
-    "auto_delay_bounds": ((list, tuple), "[min, max] integers with 0 <= min <= max"),
-    "num_workers": (int, "an integer >= 0"),
-    "straggler_lag": (int, "a positive integer"),
-    "checkpoint_dir": (str, "a folder path"),
-    "state_dir": (str, "a folder path"),
-    "checkpoint_interval": ((int, float), "a number of seconds >= 0"),
-    "event_loop": (str, "'uvloop' or 'asyncio'"),
-    "log_level": (str, "one of debug, info, warning, error"),
+# -- the rules: one per setting ---------------------------------------------------------
+_ADDRESS = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.*-]+):(?P<port>\d+|\*)$")
+_WILDCARD_HOSTS = {"*", "0.0.0.0", "[::]"}
+
+
+def _address(v: str) -> bool:
+    m = _ADDRESS.match(v)
+    return bool(m) and (m["port"] == "*" or int(m["port"]) <= 65535)
+
+
+def _reachable_address(v: str) -> bool:
+    """An address others connect to: a concrete host (servers announce what they bind)."""
+    return _address(v) and _ADDRESS.match(v)["host"] not in _WILDCARD_HOSTS
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _text_number(s: str) -> float:
+    return float(s)
+
+
+def _text_int(s: str) -> int:
+    return int(s, 10)
+
+
+def _text_int_or_word(s: str) -> int | str:
+    s = s.strip()
+    return int(s, 10) if re.fullmatch(r"[+-]?\d+", s) else s
+
+
+def _text_pair(s: str) -> list:
+    """``0,8`` or ``[0, 8]``."""
+    parts = [p.strip() for p in s.strip().strip("[]()").split(",")]
+    return [int(p, 10) for p in parts if p != ""]
+
+
+def _text_optional(s: str) -> str | None:
+    """An empty value turns an optional folder off."""
+    return s or None
+
+
+@dataclass(frozen=True)
+class Rule:
+    ok: Callable[[Any], bool]
+    expected: str
+    parse: Callable[[str], Any]  # from the text of an environment variable or flag
+    optional: bool = False       # None (the default) turns the feature off
+    choices: tuple = ()
+
+
+def _positive_seconds() -> Rule:
+    return Rule(lambda v: _number(v) and v > 0, "a positive number of seconds", _text_number)
+
+
+def _positive_int() -> Rule:
+    return Rule(lambda v: _integer(v) and v > 0, "a positive integer", _text_int)
+
+
+def _choice(*names: str) -> Rule:
+    return Rule(lambda v: v in names, "one of " + ", ".join(names), str, choices=names)
+
+
+def _folder() -> Rule:
+    return Rule(lambda v: isinstance(v, str) and bool(v), "a folder path (or null for none)",
+                _text_optional, optional=True)
+
+
+RULES: dict[str, Rule] = {
+    "scheduler": Rule(lambda v: isinstance(v, str) and _reachable_address(v),
+                      "a tcp://HOST:PORT address other hosts can reach (not a wildcard host)", str),
+    "bind": Rule(lambda v: isinstance(v, str) and _reachable_address(v),
+                 "a tcp://HOST:PORT address (port 0 picks a free one) other hosts can reach: servers "
+                 "announce the address they bind, so not a wildcard host", str),
+    "heartbeat_interval": _positive_seconds(),
+    "heartbeat_misses": _positive_int(),
+    "worker_timeout": _positive_seconds(),
+    "replication": _positive_int(),
+    "vnodes": _positive_int(),
+    "request_timeout": _positive_seconds(),
+    "startup_timeout": _positive_seconds(),
+    "compression": _choice("none", "zstd"),
+    "consistency": _choice("sequential", "bounded", "eventual"),
+    "max_delay": Rule(lambda v: v == "auto" or (_integer(v) and v >= 0), "an integer >= 0 or 'auto'",
+                      _text_int_or_word),
+    "auto_delay_bounds": Rule(lambda v: (isinstance(v, (list, tuple)) and len(v) == 2 and all(_integer(x) for x in v)
+                                         and 0 <= v[0] <= v[1]),
+                              "[min, max] integers with 0 <= min <= max", _text_pair),
+    "num_workers": Rule(lambda v: _integer(v) and v >= 0, "an integer >= 0", _text_int),
+    "straggler_lag": _positive_int(),
+    "checkpoint_dir": _folder(),
+    "checkpoint_interval": Rule(lambda v: _number(v) and v >= 0, "a number of seconds >= 0", _text_number),
+    "state_dir": _folder(),
+    "event_loop": _choice("uvloop", "asyncio"),
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "log_format": _choice("human", "json"),
 }
-_CHOICES = {"compression": ("none", "zstd"), "consistency": ("sequential", "bounded", "eventual"), "event_loop": ("uvloop", "asyncio"),
-            "log_level": ("debug", "info", "warning", "error")}
+LIMIT_RULE = _positive_int()
+LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(Limits))
+
+assert set(RULES) | {"limits"} == {f.name for f in dataclasses.fields(ClusterConfig)}, "every setting needs a rule"
 
 
-_OPTIONAL = {"checkpoint_dir", "state_dir"}  # None (the default) turns the feature off
-_SPECIAL = {  # fields whose valid values are not simply "positive"
-    "max_delay": lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
-    "num_workers": lambda v: v >= 0,
-    "checkpoint_interval": lambda v: v >= 0,
-    "checkpoint_dir": lambda v: bool(v),
-    "state_dir": lambda v: bool(v),
-    "auto_delay_bounds": lambda v: (len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                         for x in v) and 0 <= v[0] <= v[1]),
-}
+def setting_keys() -> list[str]:
+    """Every overridable setting, limits as ``limits.NAME``."""
+    return [*RULES, *(f"limits.{k}" for k in LIMIT_KEYS)]
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ClusterConfig:
+def env_var(key: str) -> str:
+    """``limits.max_keys`` -> ``PSD_LIMITS_MAX_KEYS``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def flag(key: str) -> str:
+    """``limits.max_keys`` -> ``--limits-max-keys``."""
+    return "--" + key.replace(".", "-").replace("_", "-")
+
+
+def rule(key: str) -> Rule:
+    return LIMIT_RULE if key.startswith("limits.") else RULES[key]
+
+
+# -- validation -----------------------------------------------------------------------------
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", *,
+                     origins: Mapping[str, str] | None = None,
+                     earlier_problems: list[str] | None = None) -> ClusterConfig:
+    """Validate ``data`` and build the config, or raise one ConfigError listing every
+    problem, ``earlier_problems`` (found while reading overrides) last. ``origins``
+    names where a key's value came from (``file:3``, an environment variable, a flag);
+    keys without one are named as ``source: key``."""
+    origins = origins or {}
     problems: list[str] = []
+
+    def where(key: str) -> str:
+        return origins.get(key) or f"{source}: {key}"
+
     values: dict[str, Any] = {}
     for key, raw in data.items():
         if key == "limits":
-            values["limits"] = _limits(raw, source, problems)
+            values["limits"] = _limits(raw, where, problems)
             continue
-        if key not in _SCALARS:
-            problems.append(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted([*_SCALARS, 'limits']))}")
+        if key not in RULES:
+            problems.append(f"{where(key)}: unknown key; {_known(str(key), [*RULES, 'limits'])}")
             continue
-        if raw is None and key in _OPTIONAL:
+        r = RULES[key]
+        if raw is None and r.optional:
+            values[key] = None
             continue
-        types, what = _SCALARS[key]
-        bad_type = not isinstance(raw, types) or isinstance(raw, bool)
-        if not bad_type and key in _SPECIAL:
-            bad_type = not _SPECIAL[key](raw)
-        elif not bad_type and isinstance(raw, (int, float)) and raw <= 0:
-            bad_type = True
-        if bad_type or (key in _CHOICES and raw not in _CHOICES[key]):
-            problems.append(f"{source}: {key}: expected {what}, got {raw!r}")
-            continue
-        if key in ("scheduler", "bind") and not raw.startswith("tcp://"):
-            problems.append(f"{source}: {key}: expected a tcp:// address, got {raw!r}")
+        if not r.ok(raw):
+            problems.append(f"{where(key)}: expected {r.expected}, got {raw!r}")
             continue
         values[key] = tuple(raw) if isinstance(raw, list) else raw
+    _cross_checks(values, where, problems)
+    problems += earlier_problems or []
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError("\n".join(problems), problems=problems)
     return ClusterConfig(**values)
 
 
-def _limits(raw, source: str, problems: list[str]) -> Limits:
+def _known(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"known: {', '.join(sorted(known))}"
+
+
+def _cross_checks(values: dict, where, problems: list[str]) -> None:
+    """Rules between settings (only between values that passed their own rule)."""
+    get = lambda k: values.get(k, getattr(ClusterConfig, k, None))  # noqa: E731
+    if (values.get("checkpoint_interval") or 0) > 0 and not get("checkpoint_dir"):
+        problems.append(f"{where('checkpoint_interval')}: expected 0 unless checkpoint_dir is set "
+                        f"(automatic checkpoints need a folder), got {values['checkpoint_interval']!r}")
+    if ("worker_timeout" in values or "heartbeat_interval" in values) and \
+            get("worker_timeout") <= get("heartbeat_interval"):
+        key = "worker_timeout" if "worker_timeout" in values else "heartbeat_interval"
+        problems.append(f"{where(key)}: expected worker_timeout ({get('worker_timeout')!r} s) above "
+                        f"heartbeat_interval ({get('heartbeat_interval')!r} s), or every worker looks dead "
+                        f"between two heartbeats")
+
+
+def _limits(raw, where, problems: list[str]) -> Limits:
     if not isinstance(raw, dict):
-        problems.append(f"{source}: limits: expected a map, got {type(raw).__name__}")
+        problems.append(f"{where('limits')}: expected a map of limits ({', '.join(LIMIT_KEYS)}), "
+                        f"got {type(raw).__name__}")
         return Limits()
-    known = {f.name for f in dataclasses.fields(Limits)}
     values = {}
     for key, v in raw.items():
-        if key not in known:
-            problems.append(f"{source}: limits.{key}: unknown limit; known: {', '.join(sorted(known))}")
-        elif not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            problems.append(f"{source}: limits.{key}: expected a positive integer, got {v!r}")
+        dotted = f"limits.{key}"
+        if key not in LIMIT_KEYS:
+            problems.append(f"{where(dotted)}: unknown limit; {_known(str(key), LIMIT_KEYS)}")
+        elif not LIMIT_RULE.ok(v):
+            problems.append(f"{where(dotted)}: expected {LIMIT_RULE.expected}, got {v!r}")
         else:
             values[key] = v
     return Limits(**values)
 
 
+# -- files ------------------------------------------------------------------------------
 def load_yaml(path: str | Path) -> Any:
     """Read a YAML file safely, turning every failure into a ConfigError naming it."""
+    return _read_yaml(path)[0]
+
+
+def _read_yaml(path: str | Path) -> tuple[Any, str]:
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file: {e.reason} at byte {e.start}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.safe_load(text), text
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
 
 
+def _key_lines(text: str) -> dict[str, int]:
+    """Line of every top-level key and every ``limits.*`` key (for messages)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[str, int] = {}
+    if isinstance(root, yaml.MappingNode):
+        for k, v in root.value:
+            if isinstance(k, yaml.ScalarNode):
+                lines[k.value] = k.start_mark.line + 1
+                if k.value == "limits" and isinstance(v, yaml.MappingNode):
+                    for lk, _ in v.value:
+                        if isinstance(lk, yaml.ScalarNode):
+                            lines[f"limits.{lk.value}"] = lk.start_mark.line + 1
+    return lines
+
+
+def _file_settings(path: str | Path) -> tuple[dict, dict[str, str]]:
+    data, text = _read_yaml(path)
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a map of settings at the top level, got {type(data).__name__}")
+    origins = {key: f"{path}:{line}: {key}" for key, line in _key_lines(text).items()}
+    return data, origins
+
+
 def load_config(path: str | Path | None) -> ClusterConfig:
     if path is None:
         return ClusterConfig()
-    data = load_yaml(path)
-    if data is None:
-        return ClusterConfig()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a map of settings at the top level")
-    return config_from_dict(data, str(path))
+    data, origins = _file_settings(path)
+    return config_from_dict(data, str(path), origins=origins)
+
+
+# -- layering: file, environment, flags ---------------------------------------------------
+def env_overrides(env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The ``PSD_`` variables of ``env`` as {setting key: text}, and problems for
+    ``PSD_`` variables that name no setting."""
+    by_name = {env_var(k): k for k in setting_keys()}
+    found, problems = {}, []
+    for name, text in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name in by_name:
+            found[by_name[name]] = text
+        else:
+            problems.append(f"environment variable {name}: not a psd setting; {_known(name, by_name)}")
+    return found, problems
+
+
+def resolve_config(path: str | Path | None, env: Mapping[str, str] | None = None,
+                   flags: Mapping[str, str] | None = None) -> ClusterConfig:
+    """The config a daemon runs with: ``path`` (or the defaults), then ``PSD_`` variables
+    from ``env``, then ``flags`` ({setting key: text}); every problem in one ConfigError."""
+    data, origins = _file_settings(path) if path is not None else ({}, {})
+    source = str(path) if path is not None else "<defaults>"
+    data = dict(data)
+    if isinstance(data.get("limits"), dict):
+        data["limits"] = dict(data["limits"])
+    found, problems = env_overrides(env or {})
+    layers = [(found, lambda k: f"environment variable {env_var(k)}"),
+              ({k: v for k, v in (flags or {}).items() if v is not None}, lambda k: f"flag {flag(k)}")]
+    for texts, name in layers:
+        for key, text in texts.items():
+            try:
+                value = rule(key).parse(text)
+            except ValueError:
+                problems.append(f"{name(key)}: expected {rule(key).expected}, got {text!r}")
+                continue
+            if key.startswith("limits."):
+                limits = data.setdefault("limits", {})
+                if isinstance(limits, dict):
+                    limits[key.split(".", 1)[1]] = value
+            else:
+                data[key] = value
+            origins[key] = name(key)
+    return config_from_dict(data, source, origins=origins, earlier_problems=problems)

@@ -50,9 +50,12 @@ class Child:
         self.log_path = workdir / f"{name}.log"
         self.ready_path = workdir / f"{name}.ready"
         self._log = open(self.log_path, "wb")
+        # the children's settings come from the cluster's config file alone: PSD_ variables
+        # of the caller (PSD_BIND, say) must not reach every daemon
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PSD_")}
         self.proc = subprocess.Popen(
             [*argv, "--ready-file", str(self.ready_path), "--parent-pid", str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         self.address: str | None = None
 

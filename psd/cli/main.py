@@ -2,28 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from psd.config import DEFAULT_SCHEDULER, ClusterConfig, load_config
+from psd.config import (DEFAULT_SCHEDULER, ClusterConfig, env_overrides, env_var, flag, resolve_config, rule,
+                        setting_keys)
 from psd.errors import ConfigError, PsdError
 
 EXIT_CONFIG = 2
 
+_FLAG_HELP = {
+    "scheduler": "scheduler address, e.g. tcp://10.0.0.1:9300",
+    "bind": "address to bind (port 0 picks a free port); for the scheduler, its own address",
+}
 
-def _daemon_args(p: argparse.ArgumentParser, scheduler: bool = True) -> None:
+
+def _dest(key: str) -> str:
+    return key.replace(".", "_")
+
+
+def _setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per cluster setting (``--heartbeat-interval``, ``--limits-max-keys``...),
+    parsed and validated with the config so a bad value names the flag."""
+    g = p.add_argument_group("cluster settings", "each overrides the config file and its PSD_ variable "
+                                                 "(e.g. --heartbeat-interval and PSD_HEARTBEAT_INTERVAL)")
+    for key in setting_keys():
+        g.add_argument(flag(key), dest=_dest(key), metavar="VALUE",
+                       help=_FLAG_HELP.get(key, rule(key).expected))
+
+
+def _daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="cluster YAML file")
-    if scheduler:
-        p.add_argument("--scheduler", help="scheduler address, e.g. tcp://10.0.0.1:9300")
-    p.add_argument("--bind", help="address to bind; port 0 picks a free port")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--ready-file", help="write the bound address here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    _setting_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="psd", description="psd parameter server")
     sub = parser.add_subparsers(dest="command", required=True)
-    _daemon_args(sub.add_parser("scheduler", help="run the scheduler daemon"), scheduler=False)
+    _daemon_args(sub.add_parser("scheduler", help="run the scheduler daemon"))
     _daemon_args(sub.add_parser("server", help="run a server daemon"))
     w = sub.add_parser("worker", help="run a worker daemon that executes jobs")
     _daemon_args(w)
@@ -41,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="cluster YAML file (for the scheduler address)")
     c.add_argument("--wait", type=float, default=30.0,
                    help="seconds to wait for every worker to reach the cut (default 30)")
+    cfg = sub.add_parser("config", help="work with cluster config files")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    chk = cfg_sub.add_parser("check", help="validate a cluster YAML (with PSD_ variables and flags) "
+                                           "without starting anything; exit 0 if valid, 2 if not")
+    chk.add_argument("config", metavar="FILE", help="cluster YAML file")
+    _setting_flags(chk)
     r = sub.add_parser("run", help="run a job on a local cluster started for it")
     r.add_argument("job", help="job YAML file")
     r.add_argument("--output", help="output folder (overrides the job's)")
@@ -48,60 +72,95 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args) -> ClusterConfig:
-    config = load_config(args.config)
-    changes = {}
-    if getattr(args, "scheduler", None):
-        changes["scheduler"] = args.scheduler
-    if getattr(args, "log_level", None):
-        changes["log_level"] = args.log_level
-    if getattr(args, "bind", None) and args.command != "scheduler":
-        changes["bind"] = args.bind
-    return config.replace(**changes)
+def _flags(args) -> dict[str, str]:
+    """The setting flags given on the command line, as {setting key: text}."""
+    return {key: getattr(args, _dest(key)) for key in setting_keys()
+            if getattr(args, _dest(key), None) is not None}
+
+
+def _config(args, env: dict[str, str]) -> ClusterConfig:
+    """The config file, then PSD_ variables from ``env``, then flags."""
+    return resolve_config(getattr(args, "config", None), env, _flags(args))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    env = dict(os.environ)  # the only place psd reads the environment
     try:
-        return _dispatch(args)
+        return _dispatch(args, env)
     except ConfigError as e:
-        print(f"psd: config error: {e}", file=sys.stderr)
+        problems = e.data.get("problems") or [str(e)]
+        if len(problems) == 1:
+            print(f"psd: config error: {problems[0]}", file=sys.stderr)
+        else:
+            print(f"psd: config error: {len(problems)} problems:", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
         return EXIT_CONFIG
     except PsdError as e:
         print(f"psd: {e}", file=sys.stderr)
         return 1
 
 
-def _dispatch(args) -> int:
-    from psd.roles.daemon import run_daemon, setup_logging
+def _check_config(args, env: dict[str, str]) -> int:
+    config = _config(args, env)
+    overrides = [env_var(k) for k in env_overrides(env)[0]] + [flag(k) for k in _flags(args)]
+    print(f"OK {args.config}: scheduler {config.scheduler}, replication {config.replication}, "
+          f"consistency {config.consistency}, checkpoint_dir {config.checkpoint_dir or '-'}, "
+          f"state_dir {config.state_dir or '-'}"
+          + (f" (with {', '.join(overrides)})" if overrides else ""))
+    return 0
 
-    if args.command in ("scheduler", "server", "worker"):
-        config = _config(args)
-        setup_logging(config.log_level)
-        if args.command == "scheduler":
-            from psd.roles.scheduler import Scheduler
-            role = Scheduler(config, bind=args.bind or config.scheduler)
-        elif args.command == "server":
+
+def _run_role(args, env: dict[str, str]) -> int:
+    import logging
+
+    from psd.roles.daemon import LogIdentity, Notifier, run_daemon, setup_logging
+
+    config = _config(args, env)
+    identity = setup_logging(config.log_level, fmt=config.log_format, identity=LogIdentity(args.command))
+    notify = Notifier.from_env(env)
+    if args.command == "scheduler":
+        from psd.roles.scheduler import Scheduler
+        # --bind names the scheduler's own address; otherwise it binds the configured one
+        role = Scheduler(config, bind=config.bind if args.bind else config.scheduler)
+        hint = ""
+    else:
+        hint = f"is the scheduler at {config.scheduler} running and reachable?"
+        if args.command == "server":
             from psd.roles.server import Server
             role = Server(config)
         else:
             from psd.roles.worker import Worker
             role = Worker(config, one_job=args.one_job)
-        return run_daemon(role.run, event_loop=config.event_loop, ready_file=args.ready_file,
-                          parent_pid=args.parent_pid)
+    identity.source = role
+    logging.getLogger("psd.daemon").info(
+        "starting %s (config %s%s)", args.command, args.config or "defaults",
+        "".join(f", {n}" for n in [*(env_var(k) for k in env_overrides(env)[0]),
+                                   *(flag(k) for k in _flags(args))]))
+    return run_daemon(role.run, event_loop=config.event_loop, ready_file=args.ready_file,
+                      parent_pid=args.parent_pid, notify=notify, startup_timeout=config.startup_timeout,
+                      startup_hint=hint, identity=identity)
+
+
+def _dispatch(args, env: dict[str, str]) -> int:
+    if args.command in ("scheduler", "server", "worker"):
+        return _run_role(args, env)
+    if args.command == "config":
+        return _check_config(args, env)
     if args.command == "status":
         from psd.cli.status import show_status
-        config = _config(args)
+        config = _config(args, env)
         return show_status(config.scheduler, as_json=args.json)
     if args.command == "drain":
         from psd.client import admin
-        config = _config(args)
+        config = _config(args, env)
         reply = admin.call(config.scheduler, "drain", timeout=config.request_timeout + 5, node=args.node)
         print(f"{args.node} drained; ring v{reply['ring']}")
         return 0
     if args.command == "checkpoint":
         from psd.client import admin
-        config = _config(args)
+        config = _config(args, env)
         info = admin.call(config.scheduler, "checkpoint", timeout=args.wait + 15, wait=args.wait)
         print(f"checkpoint {info['id']} in {info['folder']}: cut at clock {info['cut']}, "
               f"{info['keys']} keys, {info['bytes']} bytes")

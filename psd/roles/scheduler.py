@@ -81,6 +81,7 @@ class Scheduler:
                 if t is not waiter and t.exception():
                     raise t.exception()
         finally:
+            self.save()  # job progress and membership are otherwise saved on the next tick
             serve.cancel()
             ticker.cancel()
             if periodic:

@@ -65,8 +65,11 @@ class Worker:
             await asyncio.wait({app_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
             if not app_task.done():
+                # stopped (SIGTERM, a rolling restart): leaving hands our shard back to the
+                # pool, so another worker redoes it and the job goes on
                 app_task.cancel()
-                await ctx.report(error=f"{kv.node_id} was stopped during the job")
+                log.warning("%s stopped during job %s; shard %d goes back to the pool", kv.node_id,
+                            ctx.job_id, ctx.rank)
                 return
             summary = app_task.result()
             await kv.wait_all()
