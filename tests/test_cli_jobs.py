@@ -110,3 +110,23 @@ def test_status_without_scheduler_says_so():
     res = run_psd("status", "--scheduler", "tcp://127.0.0.1:1", timeout=30)
     assert res.returncode == 1
     assert "no answer from the scheduler at tcp://127.0.0.1:1" in res.stderr
+
+
+def test_submit_to_a_running_cluster_of_daemons(tmp_path):
+    """`psd submit` takes the path `psd run` takes, on daemons already running: worker
+    daemons (not started for the job) pick up its shards."""
+    from psd.local import daemon_argv
+    out = tmp_path / "out"
+    job = write_job(tmp_path, {**SMALL_JOB, "output": str(out), "workers": 2})
+    with psd.LocalCluster(servers=2) as cluster:
+        workers = [cluster.spawn(f"w{i}", daemon_argv("worker", "--config", str(cluster.config_path),
+                                                      "--scheduler", cluster.scheduler)) for i in range(2)]
+        res = run_psd("submit", str(job), "--scheduler", cluster.scheduler, "--follow", "--quiet")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "submitted to" in res.stdout and "small: done" in res.stdout
+        st = cluster.status()
+        assert st["jobs"][0]["state"] == "done" and st["jobs"][0]["shards_done"] == [0, 1]
+        ranks = set(st["jobs"][0]["ranks"].values())
+        assert ranks == {w.ready_path.read_text().strip() for w in workers}  # both daemons worked
+        assert all(w.proc.poll() is None for w in workers)  # and stay up for the next job
+        assert (out / "loss.png").exists() and (out / "metrics.jsonl").read_text()

@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("node", help="server id as `psd status` shows it, e.g. S2")
     d.add_argument("--scheduler", help="scheduler address")
     d.add_argument("--config", help="cluster YAML file (for the scheduler address)")
+    sb = sub.add_parser("submit", help="hand a job to a running cluster's worker daemons")
+    sb.add_argument("job", help="job YAML file")
+    sb.add_argument("--scheduler", help="scheduler address")
+    sb.add_argument("--config", help="cluster YAML file (for the scheduler address)")
+    sb.add_argument("--follow", action="store_true",
+                    help="show progress and write metrics and plots, as `psd run` does")
+    sb.add_argument("--output", help="output folder for --follow (overrides the job's)")
+    sb.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("checkpoint", help="write a consistent checkpoint of every table now")
     c.add_argument("--scheduler", help="scheduler address")
     c.add_argument("--config", help="cluster YAML file (for the scheduler address)")
@@ -165,6 +173,10 @@ def _dispatch(args, env: dict[str, str]) -> int:
         print(f"checkpoint {info['id']} in {info['folder']}: cut at clock {info['cut']}, "
               f"{info['keys']} keys, {info['bytes']} bytes")
         return 0
+    if args.command == "submit":
+        from psd.jobs.runner import submit_job
+        config = _config(args, env)
+        return submit_job(args.job, config.scheduler, output=args.output, follow=args.follow, quiet=args.quiet)
     if args.command == "run":
         from psd.jobs.runner import run_job
         return run_job(args.job, output=args.output, quiet=args.quiet)

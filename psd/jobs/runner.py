@@ -31,18 +31,38 @@ def run_job(path: str, output: str | None = None, quiet: bool = False) -> int:
         workers = [cluster.spawn(f"worker{i}", daemon_argv(
             "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
             for i in range(job.workers)]
-        state = _follow(cluster, job, job_id, workers, out, quiet)
-    elapsed = time.monotonic() - started
+        state = _follow(cluster.scheduler, job, job_id, workers, out, quiet)
+    return _finish(job, job_id, state, out, time.monotonic() - started)
+
+
+def submit_job(path: str, scheduler: str, output: str | None = None, follow: bool = False,
+               quiet: bool = False) -> int:
+    """``psd submit``: hand a job to a running cluster; its worker daemons take the shards.
+    With ``follow``, show progress and write the outputs as ``psd run`` does."""
+    job = load_job(path)
+    job_id = admin.call(scheduler, "submit", job=job.spec, workers=job.workers)["job"]
+    print(f"psd submit: job {job_id} ({job.app}, {job.workers} shard(s)) submitted to {scheduler}")
+    if not follow:
+        print(f"follow it with: psd status --scheduler {scheduler}")
+        return 0
+    out = Path(output or job.output)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    state = _follow(scheduler, job, job_id, [], out, quiet)
+    return _finish(job, job_id, state, out, time.monotonic() - started)
+
+
+def _finish(job: JobSpec, job_id: str, state: dict, out: Path, elapsed: float) -> int:
     _plot(job, state["metrics_all"], out)
     _summarize(job, state, out, elapsed)
     if state["state"] != "done":
-        print(f"psd run: job {job_id} {state['state']}: {state.get('error') or 'see the logs above'}",
+        print(f"psd: job {job_id} {state['state']}: {state.get('error') or 'see the logs above'}",
               file=sys.stderr)
         return 1
     return 0
 
 
-def _follow(cluster: LocalCluster, job: JobSpec, job_id: str, workers, out: Path, quiet: bool) -> dict:
+def _follow(scheduler: str, job: JobSpec, job_id: str, workers, out: Path, quiet: bool) -> dict:
     from tqdm import tqdm
 
     metrics_path = out / "metrics.jsonl"
@@ -53,7 +73,7 @@ def _follow(cluster: LocalCluster, job: JobSpec, job_id: str, workers, out: Path
                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
     with open(metrics_path, "w") as metrics_file, bar:
         while True:
-            st = admin.call(cluster.scheduler, "job_status", job=job_id, metrics_from=len(seen))
+            st = admin.call(scheduler, "job_status", job=job_id, metrics_from=len(seen))
             for record in st["metrics"]:
                 metrics_file.write(json.dumps(record) + "\n")
                 seen.append(record)
@@ -72,7 +92,7 @@ def _follow(cluster: LocalCluster, job: JobSpec, job_id: str, workers, out: Path
                     reported.add(w)
                     bar.write(f"psd run: {w.name} exited with code {w.proc.returncode}; "
                               f"its shards go to the other workers")
-            if len(dead) == len(workers):
+            if workers and len(dead) == len(workers):
                 st.update(state="failed", metrics_all=seen,
                           error=f"every worker died; last: {dead[-1].name}:\n{dead[-1].log_tail()}")
                 return st
