@@ -11,6 +11,9 @@ from psd.errors import ConfigError
 
 APPS: dict[str, str] = {
     "logreg_sgd": "psd.apps.logreg_sgd",
+    "logreg": "psd.apps.logreg",
+    "cms": "psd.apps.cms",
+    "lda": "psd.apps.lda",
 }
 
 

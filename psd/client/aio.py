@@ -96,7 +96,9 @@ class AsyncKVWorker:
         return self.ring
 
     async def _heartbeat(self, interval: float) -> None:
-        while True:
+        # not `while True`: on Python 3.11 asyncio.wait_for returns the reply instead of
+        # raising when a cancel coincides with it, so close() could wait on us forever
+        while not self.closed:
             await asyncio.sleep(interval)
             try:
                 await self._link.call(Message("heartbeat", clock=self.clock_value), timeout=max(1.0, 4 * interval))
@@ -173,14 +175,17 @@ class AsyncKVWorker:
             raise PsdError(f"no connection to {part.server}; ring v{self.ring.version} has no address for it")
         return rpc.request(part.msg)
 
-    async def _finish(self, spec: TableSpec, parts: list[Part]) -> tuple[list[Part], list[Message]]:
+    def _send_all(self, parts: list[Part]) -> dict:
+        """Send every part now; the pending table ``_finish`` works from."""
+        return {id(p): (p, self._send(p), self.ring.version) for p in parts}
+
+    async def _finish(self, spec: TableSpec, pending: dict) -> tuple[list[Part], list[Message]]:
         """Await every part. A part refused as not-owner, or still unanswered when the
         ring changes (its server died or handed the range over), is re-cut by the new
         ring and resent under the same request id, so it is applied exactly once.
         Returns the final parts (re-planning may split them) with their replies."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout
-        pending = {id(p): (p, self._send(p), self.ring.version) for p in parts}
         done: list[tuple[Part, Message]] = []
         next_refresh = loop.time() + RING_POLL
         while pending:
@@ -256,20 +261,20 @@ class AsyncKVWorker:
         deps = [self._inflight[t] for t in (after or ()) if t in self._inflight]
         n = rows.count
 
-        async def run(parts):
+        async def run(pending):
             if deps:
                 await asyncio.gather(*deps)
-                parts = plan(op, spec, self.ring, rows, clock=self.clock_value)
-            parts, replies = await self._finish(spec, parts)
+                pending = self._send_all(plan(op, spec, self.ring, rows, clock=self.clock_value))
+            parts, replies = await self._finish(spec, pending)
             if op == "push":
                 return None
             if n == 0:
                 return np.empty((0, spec.width), dtype=spec.np_dtype)
             return assemble(parts, replies, n, spec)
 
-        # plan now (not in the task) so that the sends happen in call order
-        return asyncio.ensure_future(run(None if deps else plan(op, spec, self.ring, rows,
-                                                                 clock=self.clock_value)))
+        # send now, not in the task: a later request or clock() must not overtake this one
+        return asyncio.ensure_future(run(None if deps else self._send_all(
+            plan(op, spec, self.ring, rows, clock=self.clock_value))))
 
 
 class AsyncTable:

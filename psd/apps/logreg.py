@@ -1,0 +1,674 @@
+"""Sparse logistic regression with L1 (and L2) regularisation, as in the paper.
+
+The objective, over the ``N`` training examples of all workers together::
+
+    F(w) = 1/N sum_i log(1 + exp(-y_i x_i.w)) + l1 * |w|_1 + l2 / 2 * |w|^2
+
+Solver ``prox`` (the default) is delayed block proximal gradient (Li et al., OSDI
+2014, algorithm 2). The key space is cut into ``train.blocks`` ranges; iteration
+``t`` works on block ``t mod blocks``. Every worker computes, on its own shard, its
+part of the block's gradient and of its diagonal curvature (both summed over its
+examples and divided by ``N``, so the parts add up to the whole objective's) and
+pushes them. The servers' ``prox_l1`` updater (``aggregate: true``) adds up the
+parts of each key and, when the last arrives, takes one proximal step with step
+size ``learning_rate / curvature``: workers push gradients only, never weights.
+Every push carries how many workers hold the key, which the workers learn once at
+start-up, so the server knows when a key's step is complete without any worker
+waiting for another.
+
+Workers keep the margins ``x_i.w`` of their examples and update them from the
+weights they pull. Each iteration pulls the current block and the block stepped
+``max_delay + 1`` iterations before, whose step the bounded-delay gate guarantees
+has been applied, and calls ``kv.clock()``. The job's ``consistency``/``max_delay``
+set how far workers may run ahead of each other; the block count must exceed the
+delay so a block's previous step has landed before its next gradient.
+
+Solvers ``ftrl`` and ``adagrad`` run minibatch SGD against the ``ftrl`` and
+``adagrad`` updaters instead (every push is a step), evaluated once per epoch.
+
+Evaluation is distributed: each worker adds its examples' log-loss and its keys'
+share of the regulariser (each key counted once over all workers) to a small
+``sum`` table under sequential consistency, and rank 0 reads the total one clock
+later without holding anyone back. Rank 0 also keeps the margins of the test set
+and reports test log-loss, AUC and the number of non-zero weights. After the last
+iteration all workers meet at a barrier, pull the final weights and report the
+exact final objective.
+
+Data: the seeded generator of :mod:`psd.apps.datasets.synthetic`, or LIBSVM files
+(``data.files``, streamed in chunks, several files as shards, feature ids used as
+keys or hashed). ``model.save`` names a folder where every worker writes the
+weights of its keys (``part-RANK.npz``, arrays ``keys`` and ``w``).
+
+Known limit: the step of a key waits for the parts of every worker that holds it,
+so a worker that dies mid-run leaves its keys unstepped; rerun the job.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from psd.apps.datasets import GENERATORS, SparseDataset, shard
+from psd.apps.datasets.libsvm import CHUNK_ROWS, concat, expand_files, load_shard, read_chunks
+from psd.apps.metrics import auc, log_loss
+from psd.errors import ConfigError
+
+SOLVERS = ("prox", "ftrl", "adagrad")
+#: train.learning_rate when the job does not set it: prox's eta, adagrad's lr, ftrl's alpha
+DEFAULT_RATE = {"prox": 0.5, "ftrl": 0.5, "adagrad": 0.1}
+
+DEFAULTS: dict = {
+    "data": {
+        # generated data (the default) ...
+        "generator": "sparse_logreg",
+        "seed": 42,
+        "examples": 50_000,
+        "features": 100_000,
+        "nnz": 20,
+        "noise": 0.05,
+        "test_fraction": 0.1,
+        "signal_fraction": 0.05,
+        # ... or LIBSVM files
+        "files": None,
+        "test_files": None,
+        "hash_features": False,
+        "chunk_rows": CHUNK_ROWS,
+    },
+    "train": {
+        "solver": "prox",
+        "l1": 1e-4,
+        "l2": 0.0,
+        "learning_rate": None,  # DEFAULT_RATE[solver]
+        # prox
+        "passes": 10,           # sweeps over all blocks; iterations = passes * blocks
+        "blocks": 16,
+        "curvature": True,      # per-key step lr / curvature (the paper); false: a fixed step lr
+        "eval_every": 1,        # iterations between objective reports (prox)
+        # ftrl / adagrad
+        "epochs": 5,
+        "batch_size": 500,
+        "beta": 1.0,            # ftrl
+    },
+    "model": {
+        "save": None,           # folder for the final weights (one part-RANK.npz per worker)
+    },
+}
+
+GENERATOR_KEYS = ("generator", "seed", "examples", "features", "nnz", "noise", "test_fraction",
+                  "signal_fraction")
+FILE_KEYS = ("files", "test_files", "hash_features", "chunk_rows")
+#: train keys that only one kind of solver reads
+SOLVER_KEYS = {"passes": ("prox",), "blocks": ("prox",), "curvature": ("prox",), "eval_every": ("prox",),
+               "epochs": ("ftrl", "adagrad"), "batch_size": ("ftrl", "adagrad"), "beta": ("ftrl",)}
+
+#: plots `psd run` writes from the metrics records
+PLOTS = [
+    {"file": "objective.png", "x": "time", "ys": ["objective"],
+     "title": "L1 logistic regression: objective against time (s)"},
+    {"file": "nnz.png", "x": "iteration", "ys": ["nnz_weights"], "title": "non-zero weights per iteration"},
+    {"file": "test.png", "x": "time", "ys": ["test_logloss", "test_auc"], "title": "test log-loss and AUC"},
+]
+REPORT_SECONDS = 0.5  # at most this long between progress reports
+
+
+# -- options ------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            and math.isfinite(v))
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+_FILES_OK = (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+             "a file path or glob, or a list of them")
+
+_CHECKS: dict[str, dict[str, tuple]] = {
+    "data": {
+        "generator": (lambda v: v in GENERATORS, "one of " + ", ".join(repr(g) for g in GENERATORS)),
+        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+        "examples": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+        "features": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "nnz": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "noise": (lambda v: _is_num(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
+        "test_fraction": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+        "signal_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "files": _FILES_OK,
+        "test_files": _FILES_OK,
+        "hash_features": (_is_bool, "true or false"),
+        "chunk_rows": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    },
+    "train": {
+        "solver": (lambda v: v in SOLVERS, "one of " + ", ".join(SOLVERS)),
+        "l1": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+        "l2": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+        "learning_rate": (lambda v: _is_num(v) and v > 0, "a positive number"),
+        "passes": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "blocks": (lambda v: _is_int(v) and 1 <= v <= 1 << 20, "an integer in [1, 1048576]"),
+        "curvature": (_is_bool, "true or false"),
+        "eval_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "epochs": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "beta": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    },
+    "model": {
+        "save": (lambda v: isinstance(v, str) and bool(v), "a folder path"),
+    },
+}
+
+
+def delay_of(spec: dict) -> int:
+    """How many iterations a worker may run ahead, from the job's consistency settings
+    (top level, else ``cluster:``): 0 for sequential and eventual (no bound to rely
+    on: refresh the block just stepped), ``max_delay`` for bounded (the upper auto
+    bound for ``auto``)."""
+    cluster = spec.get("cluster") if isinstance(spec.get("cluster"), dict) else {}
+    consistency = spec.get("consistency", cluster.get("consistency", "eventual"))
+    if consistency != "bounded":
+        return 0
+    delay = spec.get("max_delay", cluster.get("max_delay", 2))
+    if delay == "auto":
+        bounds = cluster.get("auto_delay_bounds", (0, 8))
+        return int(bounds[1]) if isinstance(bounds, (list, tuple)) and len(bounds) == 2 else 8
+    return int(delay) if _is_int(delay) else 0
+
+
+def validate(spec: dict, source: str) -> list[str]:
+    """Problems with the ``data``, ``train`` and ``model`` sections, each naming the
+    file, the key and what was expected; data files must be readable."""
+    problems: list[str] = []
+    for section in ("tables", "filters", "eval"):  # sections other apps read
+        if section in spec:
+            problems.append(f"{source}: {section}: not used by app 'logreg' (it reads data, train and model; "
+                            f"there is no KKT filter yet)")
+    for section, checks in _CHECKS.items():
+        given = spec.get(section)
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            problems.append(f"{source}: {section}: expected a mapping, got {given!r}")
+            continue
+        for key, value in given.items():
+            check = checks.get(key)
+            if check is None:
+                problems.append(f"{source}: {section}.{key}: unknown key; expected one of {', '.join(checks)}")
+            elif not check[0](value):
+                problems.append(f"{source}: {section}.{key}: expected {check[1]}, got {value!r}")
+    if problems:
+        return problems
+
+    data_given = spec.get("data") or {}
+    from_files = [k for k in FILE_KEYS if k in data_given]
+    generated = [k for k in GENERATOR_KEYS if k in data_given]
+    if from_files and "files" not in data_given:
+        problems.append(f"{source}: data.files: missing; expected the LIBSVM training file(s) that "
+                        f"data.{from_files[0]} applies to")
+    elif "files" in data_given and generated:
+        problems.append(f"{source}: data.{generated[0]}: applies to generated data, but data.files names "
+                        f"LIBSVM files; expected one or the other")
+    opts = options(spec)
+    data, train = opts["data"], opts["train"]
+    if "files" in data_given:
+        for key in ("files", "test_files"):
+            if data[key] is not None:
+                problems.extend(expand_files(data[key], f"data.{key}", source)[1])
+    elif not problems:
+        if data["nnz"] > data["features"]:
+            problems.append(f"{source}: data.nnz: expected at most data.features ({data['features']}), "
+                            f"got {data['nnz']!r}")
+        n_test = round(data["examples"] * data["test_fraction"])
+        if not 1 <= n_test < data["examples"]:
+            problems.append(f"{source}: data.test_fraction: leaves {n_test} of {data['examples']} examples "
+                            f"for testing; expected at least one for each of test and train")
+
+    for key in spec.get("train") or {}:
+        solvers = SOLVER_KEYS.get(key)
+        if solvers and train["solver"] not in solvers:
+            problems.append(f"{source}: train.{key}: applies to solver {' and '.join(solvers)}, "
+                            f"not {train['solver']!r}")
+    if train["solver"] == "prox":
+        tau = delay_of(spec)
+        if train["blocks"] <= tau:
+            problems.append(f"{source}: train.blocks: expected more blocks than the job's max_delay ({tau}), "
+                            f"so a block's last step has landed before its next gradient; got {train['blocks']}")
+    return problems
+
+
+def options(spec: dict) -> dict:
+    """``DEFAULTS`` overlaid with the spec's sections, the learning rate resolved."""
+    merged = copy.deepcopy(DEFAULTS)
+    for section in merged:
+        merged[section].update(spec.get(section) or {})
+    train = merged["train"]
+    if train["learning_rate"] is None:
+        train["learning_rate"] = DEFAULT_RATE.get(train["solver"], 0.1)
+    return merged
+
+
+# -- the math, shared with tests and benchmarks -----------------------------------------
+def _sigmoid(m: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -m))
+
+
+def _losses(m: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-example log-loss at margins ``m`` for labels ``y`` in {0, 1}."""
+    return np.logaddexp(0.0, m) - y * m
+
+
+def objective(data: SparseDataset, keys: np.ndarray, w: np.ndarray, l1: float, l2: float = 0.0) -> float:
+    """``F(w)``: mean log-loss over ``data`` plus ``l1 * |w|_1 + l2 / 2 * |w|^2``.
+
+    ``w[i]`` is the weight of ``keys[i]`` (sorted, unique); features not in ``keys``
+    have weight 0. Every worker's view and the reference solvers are scored with this."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    w = np.asarray(w, dtype=np.float64).ravel()
+    pos = np.searchsorted(keys, data.indices)
+    pos = np.minimum(pos, max(keys.size - 1, 0))
+    found = keys[pos] == data.indices if keys.size else np.zeros(data.nnz, dtype=bool)
+    wx = np.where(found, w[pos] if keys.size else 0.0, 0.0) * data.values
+    m = np.bincount(data.row_ids(), weights=wx, minlength=len(data))
+    loss = float(np.mean(_losses(m, data.labels.astype(np.float64)))) if len(data) else 0.0
+    return loss + l1 * float(np.abs(w).sum()) + 0.5 * l2 * float(np.sum(w * w))
+
+
+@dataclass
+class Design:
+    """One data set's entries against a worker's sorted key list, with the margins
+    ``x_i.w`` of its examples under the worker's current view of ``w``, and its entries
+    grouped by block (a block is a contiguous run of the key list)."""
+
+    rows: np.ndarray      # entry -> example
+    cols: np.ndarray      # entry -> position in the key list
+    vals: np.ndarray      # float64
+    labels: np.ndarray    # float64 in {0, 1}
+    margins: np.ndarray   # float64, one per example
+    blocks: list = field(default_factory=list)  # per block: (rows, cols - block start, vals)
+
+    @classmethod
+    def of(cls, data: SparseDataset, keys: np.ndarray) -> "Design":
+        cols = np.searchsorted(keys, data.indices).astype(np.int64)
+        return cls(data.row_ids(), cols, data.values.astype(np.float64), data.labels.astype(np.float64),
+                   np.zeros(len(data)))
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    def split(self, key_bounds: np.ndarray) -> None:
+        """Group entries by block; ``key_bounds[b]:key_bounds[b + 1]`` are block b's key positions."""
+        order = np.argsort(self.cols, kind="stable")
+        ends = np.searchsorted(self.cols[order], key_bounds)
+        self.blocks = []
+        for b in range(key_bounds.size - 1):
+            e = order[ends[b]:ends[b + 1]]
+            self.blocks.append((self.rows[e], self.cols[e] - key_bounds[b], self.vals[e]))
+
+    def shift(self, b: int, delta: np.ndarray) -> None:
+        """Block b's weights moved by ``delta`` (one per key position in the block)."""
+        rows, cols, vals = self.blocks[b]
+        if rows.size:
+            self.margins += np.bincount(rows, weights=delta[cols] * vals, minlength=len(self))
+
+    def recompute(self, w: np.ndarray) -> None:
+        self.margins = np.bincount(self.rows, weights=w[self.cols] * self.vals, minlength=len(self))
+
+    def block_gradient(self, b: int, num_keys: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """``scale`` times the block's log-loss gradient and diagonal curvature, summed over
+        this design's examples."""
+        rows, cols, vals = self.blocks[b]
+        p = _sigmoid(self.margins[rows])
+        g = np.bincount(cols, weights=(p - self.labels[rows]) * vals, minlength=num_keys)
+        h = np.bincount(cols, weights=p * (1.0 - p) * vals * vals, minlength=num_keys)
+        return g * scale, h * scale
+
+    def loss_sum(self) -> float:
+        return float(_losses(self.margins, self.labels).sum())
+
+
+def _take(data: SparseDataset, idx: np.ndarray) -> SparseDataset:
+    """The rows ``idx`` of ``data``, in that order."""
+    lengths = np.diff(data.indptr)[idx]
+    indptr = np.zeros(idx.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    starts = np.repeat(data.indptr[idx], lengths)
+    entry = starts + (np.arange(indptr[-1]) - np.repeat(indptr[:-1], lengths))
+    return SparseDataset(indptr, data.indices[entry], data.values[entry], data.labels[idx])
+
+
+# -- data ------------------------------------------------------------------------------
+def load_data(data: dict, shards: list[int], num_shards: int, with_test: bool
+              ) -> tuple[SparseDataset, SparseDataset | None]:
+    """This worker's training rows (its shards, concatenated) and, if asked, the test set."""
+    if data["files"] is None:
+        train, test, _ = GENERATORS[data["generator"]](
+            int(data["examples"]), int(data["features"]), int(data["nnz"]), int(data["seed"]),
+            noise=float(data["noise"]), signal_fraction=float(data["signal_fraction"]),
+            test_fraction=float(data["test_fraction"]))
+        mine = concat(shard(train, s, num_shards) for s in shards)
+        return mine, (test if with_test else None)
+    files, problems = expand_files(data["files"], "data.files", "job spec")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    hashed, chunk = bool(data["hash_features"]), int(data["chunk_rows"])
+    mine = concat(load_shard(files, s, num_shards, hash_features=hashed, chunk_rows=chunk) for s in shards)
+    test = None
+    if with_test and data["test_files"] is not None:
+        test_paths, problems = expand_files(data["test_files"], "data.test_files", "job spec")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        test = concat(read_chunks(test_paths, hash_features=hashed, chunk_rows=chunk))
+    return mine, test
+
+
+# -- the worker's side of the job -----------------------------------------------------------
+class Trainer:
+    """What one worker holds: its examples, its keys and its view of their weights."""
+
+    STATS = 5  # loss sum, |w|_1 share, |w|^2 share, non-zero share, examples
+
+    def __init__(self, kv, ctx, opts: dict, train: SparseDataset, test: SparseDataset | None):
+        self.kv, self.ctx, self.opts = kv, ctx, opts
+        self.t = opts["train"]
+        self.l1, self.l2 = float(self.t["l1"]), float(self.t["l2"])
+        self.train_data = train
+        self.test_data = test
+        train_keys = np.unique(train.indices)
+        self.keys = np.union1d(train_keys, test.indices) if test is not None else train_keys
+        self.trained = np.isin(self.keys, train_keys, assume_unique=True)  # keys this worker pushes
+        self.w = np.zeros(self.keys.size)
+        self.train = Design.of(train, self.keys)
+        self.test = Design.of(test, self.keys) if test is not None and len(test) else None
+        self.users = np.zeros(self.keys.size)  # workers that push each key (0: test-only)
+        self.prefix = f"logreg.{ctx.job_id}"
+        self.inflight: deque = deque()
+        self.unread: list = []            # rank 0: (clock, record) whose sums are not asked for yet
+        self.evals: deque = deque()       # rank 0: (stats pull task, record), in clock order
+        self.records: list[dict] = []
+        self.last_report = time.monotonic()
+        self.started = time.perf_counter()
+        self.final: dict = {}
+
+    # -- plumbing ----------------------------------------------------------------------
+    async def _track(self, ts: int, limit: int = 8) -> None:
+        """Remember a push; keep at most ``limit`` unacknowledged."""
+        self.inflight.append(ts)
+        while len(self.inflight) > limit:
+            await self.kv.wait(self.inflight.popleft())
+
+    async def _drain(self) -> None:
+        while self.inflight:
+            await self.kv.wait(self.inflight.popleft())
+
+    async def clock(self) -> None:
+        """End this worker's iteration once the servers have its pushes.
+
+        ``kv.clock()`` is documented to reach every server after the iteration's pushes,
+        but psd.client.aio sends a push from a task that runs only after the caller
+        yields, while the clock goes out at once, so it can overtake the push and a
+        sequential pull at the next clock may miss it. Waiting for the acknowledgements
+        first costs one round trip per iteration and keeps the barrier exact."""
+        await self._drain()
+        self.kv.clock()
+
+    async def _report(self, progress: float, force: bool = False) -> None:
+        await self._collect(block=force)
+        now = time.monotonic()
+        if force or now - self.last_report >= REPORT_SECONDS:
+            records, self.records = self.records, []
+            await self.ctx.report(progress=progress, metrics=records or None)
+            self.last_report = now
+
+    async def setup(self) -> dict:
+        """Learn from the other workers, through two sequential ``sum`` tables, how many
+        of them hold each key, the number of training examples, the largest key and the
+        most minibatches any worker runs per epoch."""
+        kv, ctx = self.kv, self.ctx
+        self.users_table = await kv.table(f"{self.prefix}.users", 1, "float32", "sum", consistency="sequential")
+        info = await kv.table(f"{self.prefix}.info", 4, "int64", "sum", consistency="sequential")
+        self.stats = await kv.table(f"{self.prefix}.stats", self.STATS, "float64", "sum",
+                                    consistency="sequential")
+        own = self.keys[self.trained]
+        top = int(own[-1]) if own.size else -1
+        batches = math.ceil(len(self.train) / int(self.t["batch_size"]))
+        row = np.array([[len(self.train), min(top, 2**63 - 1), batches, 1]], dtype=np.int64)
+        if own.size:
+            await self._track(self.users_table.push(own, np.ones((own.size, 1), np.float32)))
+        await self._track(info.push(np.array([ctx.rank], np.uint64), row))
+        await self.clock()
+        rows = await info.pull(np.arange(ctx.num_workers, dtype=np.uint64))  # waits for everyone
+        self.users[self.trained] = (await self.users_table.pull(own))[:, 0] if own.size else 0.0
+        self.total = int(rows[:, 0].sum())
+        if self.total == 0:
+            raise ConfigError("the training data has no examples")
+        top = int(rows[:, 1].max())
+        self.key_end = 2**64 if top >= 2**63 - 1 else top + 1
+        self.max_batches = int(rows[:, 2].max())
+        self.share = np.zeros(self.keys.size)  # 1 / parts: each key counts once over all workers
+        self.share[self.trained] = 1.0 / self.users[self.trained]
+        return {"examples": self.total, "workers": int(rows[:, 3].sum())}
+
+    # -- evaluation ------------------------------------------------------------------------
+    def partial_stats(self) -> np.ndarray:
+        """This worker's share of the objective: every key counted once over all workers.
+
+        Sums of products rather than ``@``: a 1-d BLAS dot hands work to OpenBLAS's
+        threads, which on a small machine shared with the other daemons made every
+        call about 100 times slower than a plain numpy reduction."""
+        w, share = self.w, self.share
+        return np.array([[self.train.loss_sum(), np.sum(share * np.abs(w)), np.sum(share * w * w),
+                          np.sum(share[w != 0]), len(self.train)]])
+
+    def test_metrics(self) -> dict:
+        if self.test is None:
+            return {}
+        m = self.test.margins
+        return {"test_logloss": log_loss(self.test.labels, _sigmoid(m)), "test_auc": auc(self.test.labels, m)}
+
+    async def evaluate(self, record: dict) -> None:
+        """Push this worker's share of the objective under the current clock; rank 0 reads
+        the sum after its next ``kv.clock()`` (call :meth:`after_clock`)."""
+        clock = self.kv.clock_value
+        await self._track(self.stats.push(np.array([clock], np.uint64), self.partial_stats()))
+        if self.ctx.rank == 0:
+            record = {**record, "time": round(time.perf_counter() - self.started, 4), **self.test_metrics()}
+            self.unread.append((clock, record))
+
+    def after_clock(self) -> None:
+        """Rank 0, after ``kv.clock()``: ask for the sums pushed before it. A pull at this
+        clock of a sequential table is answered once every worker has passed the clock
+        the sum was pushed at, so it runs as a task and nobody waits for it."""
+        for clock, record in self.unread:
+            task = asyncio.ensure_future(self.stats.pull(np.array([clock], np.uint64)))
+            self.evals.append((task, record))
+        self.unread = []
+
+    async def _collect(self, block: bool = False) -> None:
+        """Rank 0: turn answered stats pulls into metric records, in order."""
+        while self.evals:
+            task, record = self.evals[0]
+            if not task.done() and not block:
+                break
+            self.evals.popleft()
+            s = (await task)[0]
+            loss = s[0] / self.total
+            record.update(objective=loss + self.l1 * s[1] + 0.5 * self.l2 * s[2], train_logloss=loss,
+                          l1_norm=s[1], nnz_weights=int(round(s[3])))
+            self.records.append(record)
+            self.final = record
+
+    async def barrier(self) -> None:
+        """Return once every worker has reached this clock with all its pushes applied."""
+        await self._drain()
+        await self.stats.pull(np.array([2**64 - 1], np.uint64))
+
+    async def finish(self, table, record: dict) -> dict:
+        """The exact final objective: barrier, pull every weight, recompute the margins."""
+        self.after_clock()
+        await self._collect(block=True)
+        await self.barrier()
+        if self.keys.size:
+            self.w = (await table.pull(self.keys))[:, 0].astype(np.float64)  # the weight column
+        self.train.recompute(self.w)
+        if self.test is not None:
+            self.test.recompute(self.w)
+        await self.evaluate(record)
+        await self.clock()
+        self.after_clock()
+        await self._collect(block=True)
+        await self._drain()
+        self.save()
+        return self.final
+
+    def save(self) -> None:
+        folder = self.opts["model"]["save"]
+        if folder is None:
+            return
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".part-{self.ctx.rank:05d}.npz"
+        with open(tmp, "wb") as f:
+            np.savez(f, keys=self.keys[self.trained], w=self.w[self.trained].astype(np.float32))
+        tmp.replace(path / f"part-{self.ctx.rank:05d}.npz")
+
+    # -- solvers ---------------------------------------------------------------------------
+    async def run_prox(self) -> dict:
+        t, kv = self.t, self.kv
+        blocks, passes = int(t["blocks"]), int(t["passes"])
+        iterations = blocks * passes
+        eval_every = int(t["eval_every"])
+        tau = delay_of(self.ctx.spec)
+        table = await kv.table(f"{self.prefix}.w", 3, "float32", "prox_l1", lr=float(t["learning_rate"]),
+                               l1=self.l1, l2=self.l2, aggregate=True)
+        edges = [self.key_end * b // blocks for b in range(blocks + 1)]  # Python ints: no uint64 wrap
+        bounds = np.array([np.searchsorted(self.keys, np.uint64(e)) if e < 2**64 else self.keys.size
+                           for e in edges], dtype=np.int64)
+        self.train.split(bounds)
+        if self.test is not None:
+            self.test.split(bounds)
+        designs = [d for d in (self.train, self.test) if d is not None]
+        scale = 1.0 / self.total
+        use_curvature = bool(t["curvature"])
+
+        async def refresh(bs: list[int]) -> None:
+            spans = [(int(bounds[b]), int(bounds[b + 1])) for b in bs]
+            pos = np.concatenate([np.arange(lo, hi) for lo, hi in spans]) if spans else np.empty(0, np.int64)
+            if not pos.size:
+                return
+            new = (await table.pull(self.keys[pos]))[:, 0].astype(np.float64)
+            offset = 0
+            for b, (lo, hi) in zip(bs, spans):
+                delta = new[offset:offset + hi - lo] - self.w[lo:hi]
+                offset += hi - lo
+                if delta.any():
+                    self.w[lo:hi] += delta
+                    for d in designs:
+                        d.shift(b, delta)
+
+        await refresh(list(range(blocks)))  # a table left by an earlier run need not be zero
+        for it in range(iterations):
+            b = it % blocks
+            stale = it - 1 - tau
+            await refresh(sorted({b} | ({stale % blocks} if stale >= 0 else set())))
+            if it % eval_every == 0:
+                await self.evaluate({"iteration": it, "pass": round(it / blocks, 4)})
+            lo, hi = int(bounds[b]), int(bounds[b + 1])
+            g, h = self.train.block_gradient(b, hi - lo, scale)
+            mine = self.trained[lo:hi]
+            if mine.any():
+                parts = self.users[lo:hi][mine]
+                curv = h[mine] if use_curvature else 1.0 / parts
+                rows = np.stack([g[mine], curv, parts], axis=1).astype(np.float32)
+                await self._track(table.push(self.keys[lo:hi][mine], rows))
+            await self.clock()
+            if self.ctx.rank == 0:
+                self.after_clock()
+            await self._report((it + 1) / iterations)
+        final = await self.finish(table, {"iteration": iterations, "pass": passes})
+        return {"iterations": iterations, "passes": passes, "blocks": blocks, **final}
+
+    async def run_sgd(self) -> dict:
+        t, kv = self.t, self.kv
+        solver = t["solver"]
+        epochs, batch_size = int(t["epochs"]), int(t["batch_size"])
+        rate = float(t["learning_rate"])
+        if solver == "ftrl":
+            # FTRL's l1/l2 weigh the sum of all pushed gradients; a push is a minibatch mean,
+            # so one epoch adds up about N / batch_size of them
+            rounds = math.ceil(self.total / batch_size)
+            table = await kv.table(f"{self.prefix}.w", 1, "float32", "ftrl", alpha=rate, beta=float(t["beta"]),
+                                   l1=self.l1 * rounds, l2=self.l2 * rounds)
+        else:
+            table = await kv.table(f"{self.prefix}.w", 1, "float32", "adagrad", lr=rate, l1=self.l1)
+        rng = np.random.default_rng([int(self.opts["data"].get("seed", 0)), self.ctx.rank])
+        n = len(self.train_data)
+        done = 0
+        total_steps = epochs * self.max_batches
+        for epoch in range(1, epochs + 1):
+            order = rng.permutation(n)
+            for i in range(self.max_batches):
+                rows = order[i * batch_size:(i + 1) * batch_size]
+                if rows.size:
+                    batch = _take(self.train_data, np.sort(rows))
+                    keys, inverse = np.unique(batch.indices, return_inverse=True)
+                    w = (await table.pull(keys))[:, 0].astype(np.float64)
+                    m = np.bincount(batch.row_ids(), weights=w[inverse] * batch.values, minlength=len(batch))
+                    r = (_sigmoid(m) - batch.labels) / len(batch)
+                    g = np.bincount(inverse, weights=r[batch.row_ids()] * batch.values, minlength=keys.size)
+                    if solver == "adagrad" and self.l2:
+                        g += self.l2 * w
+                    await self._track(table.push(keys, g.astype(np.float32).reshape(-1, 1)))
+                await self.clock()
+                done += 1
+                await self._report(done / total_steps)
+            record = {"epoch": epoch, "iteration": done}
+            if epoch < epochs:
+                await self.barrier()
+                if self.keys.size:
+                    self.w = (await table.pull(self.keys))[:, 0].astype(np.float64)
+                self.train.recompute(self.w)
+                if self.test is not None:
+                    self.test.recompute(self.w)
+                await self.evaluate(record)
+                await self.clock()
+                if self.ctx.rank == 0:
+                    self.after_clock()
+                await self._report(done / total_steps)
+        final = await self.finish(table, {"epoch": epochs, "iteration": done})
+        return {"epochs": epochs, "batches": done, **final}
+
+
+async def run(kv, ctx) -> dict:
+    """Train on this worker's shards; rank 0's summary carries the final objective."""
+    problems = validate(ctx.spec, "job spec")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    opts = options(ctx.spec)
+    start = time.perf_counter()
+    # seconds of parsing or generating: off the event loop, so heartbeats keep flowing
+    train, test = await asyncio.to_thread(load_data, opts["data"], ctx.shards, ctx.num_workers, ctx.rank == 0)
+    trainer = Trainer(kv, ctx, opts, train, test)
+    info = await trainer.setup()
+    trainer.started = time.perf_counter()
+    if opts["train"]["solver"] == "prox":
+        result = await trainer.run_prox()
+    else:
+        result = await trainer.run_sgd()
+    await trainer._report(1.0, force=True)
+    summary = {"rank": ctx.rank, "examples": len(train),
+               "train_seconds": round(time.perf_counter() - trainer.started, 3),
+               "load_seconds": round(trainer.started - start, 3)}
+    if ctx.rank == 0:
+        summary.update({k: v for k, v in result.items() if k not in ("time", "iteration", "pass", "epoch")},
+                       solver=opts["train"]["solver"], l1=trainer.l1, l2=trainer.l2,
+                       total_examples=info["examples"])
+    return summary
