@@ -40,17 +40,29 @@ log = logging.getLogger("psd.server")
 FORWARD_TICK = 0.05
 
 
-class Pieces:
-    """The keys each request's pieces covered here, per id of the request they were cut
-    from. A worker re-cuts an unanswered request when the ring changes; a piece can then
-    reach a server before the forward of the original does (they travel on different
-    connections), and the forward must then apply only the rows no piece covered."""
+class Covered:
+    """Rows of requests applied here that the request ids alone do not account for.
 
-    #: how many original requests are remembered (pieces exist only around ring changes)
-    KEPT = 4096
+    * Pieces: a worker re-cuts an unanswered request when the ring changes; each piece
+      gets a fresh id and names the original's (meta.orig). A piece can reach a server
+      before the forward of the original does (they travel on different connections):
+      the forward must then apply only the rows no piece covered. Kept as the keys of
+      each piece, per original id.
+    * Copies: a range copied in carries the ids its source had applied; those ids count
+      as applied here only for rows inside that range (the source's id memory is
+      global, so taking it whole would make a forward still on its way to us, with rows
+      of another range, look like a resend). Kept as ranges, per id.
+    """
+
+    #: how many original requests with pieces are remembered (pieces exist only around
+    #: ring changes)
+    PIECES_KEPT = 4096
+    #: how many copied-in ids are remembered
+    COPIED_KEPT = 1 << 16
 
     def __init__(self) -> None:
-        self._keys: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
+        self._pieces: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
+        self._copied: OrderedDict[tuple[str, int], list[Range]] = OrderedDict()
 
     @staticmethod
     def _row_keys(rows: Rows) -> np.ndarray:
@@ -58,23 +70,48 @@ class Pieces:
             return rows.keys
         return np.concatenate([np.arange(lo, lo + n, dtype=np.uint64) for lo, n in rows.spans])
 
-    def note(self, rows: Rows, cut_from: list[tuple[str, int]]) -> None:
+    def note_piece(self, rows: Rows, cut_from: list[tuple[str, int]]) -> None:
         if not cut_from or not rows.count:
             return
         keys = self._row_keys(rows)
         for ident in cut_from:
-            self._keys.setdefault(ident, []).append(keys)
-            self._keys.move_to_end(ident)
-        while len(self._keys) > self.KEPT:
-            self._keys.popitem(last=False)
+            self._pieces.setdefault(ident, []).append(keys)
+            self._pieces.move_to_end(ident)
+        while len(self._pieces) > self.PIECES_KEPT:
+            self._pieces.popitem(last=False)
+
+    def note_copy(self, r: Range, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
+        if len(senders) != counts.size or int(counts.sum()) != rids.size:
+            raise ValueError("seen memory: sender, count and id arrays disagree")
+        start = 0
+        for sender, n in zip(senders, counts.tolist()):
+            for rid in rids[start:start + n].tolist():
+                ident = (sender, rid)
+                self._copied.setdefault(ident, []).append(r)
+                self._copied.move_to_end(ident)
+            start += n
+        while len(self._copied) > self.COPIED_KEPT:
+            self._copied.popitem(last=False)
+
+    def copied_into(self, r: Range) -> list[tuple[str, int]]:
+        """Ids copied in for rows that overlap ``r`` (passed on when we copy ``r`` out)."""
+        return [ident for ident, ranges in self._copied.items()
+                if any(c.begin < r.end and r.begin < c.end for c in ranges)]
 
     def not_applied(self, rows: Rows, ids) -> Rows | None:
-        """``rows`` minus those a piece of one of ``ids`` already covered here (None if all)."""
-        done = [k for ident in ids for k in self._keys.get(ident, ())]
-        if not done or not rows.count:
-            return rows if rows.count else None
+        """``rows`` minus those already applied here under one of ``ids`` by a piece or
+        a copy (None if none is left)."""
+        if not rows.count:
+            return rows  # an empty push still counts for the consistency bookkeeping
+        pieces = [k for ident in ids for k in self._pieces.get(ident, ())]
+        copied = [c for ident in ids for c in self._copied.get(ident, ())]
+        if not pieces and not copied:
+            return rows
         keys = self._row_keys(rows)
-        keep = ~np.isin(keys, np.concatenate(done))
+        keep = ~np.isin(keys, np.concatenate(pieces)) if pieces else np.ones(keys.size, dtype=bool)
+        for c in copied:
+            i0, i1 = bounds(keys, c.begin, c.end)
+            keep[i0:i1] = False
         if keep.all():
             return rows
         if not keep.any():
@@ -92,7 +129,7 @@ class Server:
         self.ring = Assignment(version=0)
         self.incoming: list[Range] = []      # ranges being copied to us: forwards wait for the copy
         self.seen = Seen()
-        self.pieces = Pieces()
+        self.covered = Covered()
         self.acks: dict[tuple[str, int], asyncio.Future] = {}  # pushes awaiting replica acks
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
                          "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0}
@@ -186,11 +223,13 @@ class Server:
             watch.cancel()
 
     def _stall_check(self) -> None:
-        """Notice an event-loop stall longer than the scheduler's suspect time: we may
-        have been declared dead meanwhile, so our ranges may be stale."""
+        """Notice an event-loop stall long enough (the scheduler's dead time less one
+        heartbeat interval) that we may have been declared dead meanwhile: our ranges
+        may be stale. A shorter stall (a busy loop on a loaded machine) is no sign."""
         now = time.monotonic()
         silent = now - self.awake_at
-        if self.stalled_at is None and silent > self.config.heartbeat_misses * self.config.heartbeat_interval:
+        cfg = self.config
+        if self.stalled_at is None and silent > (2 * cfg.heartbeat_misses - 1) * cfg.heartbeat_interval:
             self.stalled_at = now
             log.warning("%s: its event loop stalled for %.2f s (frozen?); serving nothing until the "
                         "scheduler confirms it is still a member", self.node_id, silent)
@@ -375,12 +414,12 @@ class Server:
             # forwarding to every replica: forward it again (replicas apply it once)
             forwards = self._forward(msg, table, rows, groups, rid)
             return asyncio.ensure_future(self._await_replicas(forwards)) if forwards else None
-        todo = self.pieces.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
+        todo = self.covered.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
         if todo is not None:
             self._apply_push(msg, table, todo, msg.sender)
         if rid is not None:
             self.seen.add(*rid)
-            self.pieces.note(rows, cut_from)
+            self.covered.note_piece(rows, cut_from)
         forwards = self._forward(msg, table, rows, groups, rid)
         if not forwards:
             return None
@@ -494,8 +533,8 @@ class Server:
                 return msg.reply()
             self.seen.add(origin, rid)
             if mine is not None:
-                mine = self.pieces.not_applied(mine, [(origin, rid), *cut_from])
-            self.pieces.note(rows, cut_from)
+                mine = self.covered.not_applied(mine, [(origin, rid), *cut_from])
+            self.covered.note_piece(rows, cut_from)
         if mine is not None:
             self._apply_push(msg, table, mine, origin)
         return msg.reply()
@@ -541,7 +580,7 @@ class Server:
             meta = {"range": range_to_wire(r), "state_fields": list(state)}
             sends.append(peer.request(Message("install", table=name, ring=self.ring.version, meta=meta,
                                               arrays=[keys, vals, *state.values()])))
-        senders, counts, rids = self.seen.to_arrays()  # last: marks the range complete
+        senders, counts, rids = self._seen_for_copy(r)  # last: marks the range complete
         sends.append(peer.request(Message("install", ring=self.ring.version, arrays=[counts, rids],
                                           meta={"range": range_to_wire(r), "final": True, "senders": senders})))
         replies = await asyncio.wait_for(asyncio.gather(*sends), self.config.request_timeout)
@@ -550,6 +589,18 @@ class Server:
                 raise BadRequestError(f"{dst} refused the copy of {r}: {reply.meta.get('message')}")
         log.info("%s copied %s to %s (%d table(s))", self.node_id, r, dst, len(self.tables))
         return msg.reply()
+
+    def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The ids a copy of ``r`` carries: every id applied here, and those copied in
+        with rows in ``r``."""
+        extra = self.covered.copied_into(r)
+        if not extra:
+            return self.seen.to_arrays()
+        both = Seen(window=1 << 62)
+        both.merge_arrays(*self.seen.to_arrays())
+        for sender, rid in extra:
+            both.add(sender, rid)
+        return both.to_arrays()
 
     def on_install(self, route: Route, msg: Message) -> Message:
         r = range_from_wire(msg.meta["range"])
@@ -560,7 +611,7 @@ class Server:
             table.install(keys, vals, dict(zip(fields, state)))
         if msg.meta.get("final"):
             counts, rids = msg.arrays
-            self.seen.merge_arrays(list(msg.meta.get("senders", [])), counts, rids)
+            self.covered.note_copy(r, list(msg.meta.get("senders", [])), counts, rids)
             self.incoming = [x for x in self.incoming if x != r]
             log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
         return msg.reply()
