@@ -30,6 +30,8 @@ log = logging.getLogger("psd.client")
 RETRY_TICK = 0.05
 #: how often a request unanswered for long asks the scheduler for the ring
 RING_POLL = 1.0
+#: seconds one attempt of a scheduler request waits before asking again
+SCHEDULER_ATTEMPT = 2.0
 
 
 class AsyncKVWorker:
@@ -165,8 +167,20 @@ class AsyncKVWorker:
         return (await self._link.call(Message("status"), timeout=self.config.request_timeout)).meta
 
     async def call_scheduler(self, op: str, timeout: float | None = None, **meta) -> dict:
-        reply = await self._link.call(Message(op, meta=meta), timeout=timeout or self.config.request_timeout)
-        return reply.meta
+        """Ask the scheduler, re-asking every few seconds until ``timeout``: a request sent
+        while the scheduler restarts can be lost with its old connection. Callers make
+        their requests safe to repeat (job reports carry a sequence number)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.config.request_timeout)
+        while True:
+            attempt = min(SCHEDULER_ATTEMPT, max(0.1, deadline - loop.time()))
+            try:
+                return (await self._link.call(Message(op, meta=meta), timeout=attempt)).meta
+            except PsdTimeoutError:
+                if loop.time() >= deadline:
+                    raise PsdTimeoutError(f"the scheduler at {self.scheduler} did not answer {op} within "
+                                          f"{timeout or self.config.request_timeout} s") from None
+                log.info("%s: no answer to %s yet; asking the scheduler again", self.node_id, op)
 
     # -- requests ------------------------------------------------------------------
     def _send(self, part: Part) -> asyncio.Future:

@@ -24,6 +24,7 @@ class Job:
     metrics: list[dict] = field(default_factory=list)
     error: str | None = None
     summary: dict = field(default_factory=dict)  # str(rank) -> that worker's summary
+    report_seq: dict = field(default_factory=dict)  # "rank/worker" -> last report applied
 
     def to_dict(self, metrics_from: int = 0, budget: int = METRICS_REPLY_BUDGET) -> dict:
         """The job as a status reply, with the metric records from ``metrics_from`` on, at
@@ -85,8 +86,14 @@ class JobBook:
 
     def report(self, job_id: str, rank: int, progress: float | None = None,
                metrics: list[dict] | None = None, done: bool = False,
-               error: str | None = None, summary: dict | None = None) -> Job:
+               error: str | None = None, summary: dict | None = None, seq: int | None = None,
+               reporter: str = "") -> Job:
         job = self.jobs[job_id]
+        if seq is not None:  # reports are re-sent when an answer is lost: apply each once
+            key = f"{rank}/{reporter}"
+            if seq <= job.report_seq.get(key, 0):
+                return job
+            job.report_seq[key] = seq
         if progress is not None:
             job.progress[rank] = float(progress)
         if metrics:

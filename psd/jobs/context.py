@@ -29,10 +29,12 @@ class JobContext:
     num_workers: int
     shards: list[int]
     kv: AsyncKVWorker = field(repr=False)
+    _seq: int = field(default=0, repr=False)
 
     async def report(self, progress: float | None = None, metrics: list[dict] | None = None,
                      summary: dict | None = None, done: bool = False, error: str | None = None) -> None:
-        meta = {"job": self.job_id, "rank": self.rank, "done": done}
+        self._seq += 1  # lets the scheduler drop a report it already has (a re-sent one)
+        meta = {"job": self.job_id, "rank": self.rank, "done": done, "seq": self._seq}
         if progress is not None:
             meta["progress"] = float(progress)
         if metrics:

@@ -277,7 +277,9 @@ class Scheduler:
             raise BadRequestError(f"job_report: unknown job {m.get('job')!r} or missing rank")
         self.touch()
         job = self.jobs.report(m["job"], m["rank"], progress=m.get("progress"), metrics=m.get("metrics"),
-                               done=bool(m.get("done")), error=m.get("error"), summary=m.get("summary"))
+                               done=bool(m.get("done")), error=m.get("error"), summary=m.get("summary"),
+                               seq=m.get("seq") if isinstance(m.get("seq"), int) else None,
+                               reporter=msg.sender)
         if job.state in ("done", "failed"):
             log.info("job %s %s", job.id, job.state)
         return msg.reply()
