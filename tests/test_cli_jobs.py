@@ -130,3 +130,18 @@ def test_submit_to_a_running_cluster_of_daemons(tmp_path):
         assert ranks == {w.ready_path.read_text().strip() for w in workers}  # both daemons worked
         assert all(w.proc.poll() is None for w in workers)  # and stay up for the next job
         assert (out / "loss.png").exists() and (out / "metrics.jsonl").read_text()
+
+
+def test_a_straggling_worker_is_named_in_the_jobs_metrics(tmp_path):
+    out = tmp_path / "out"
+    job = write_job(tmp_path, {
+        **SMALL_JOB, "output": str(out), "workers": 3, "consistency": "eventual",
+        "cluster": {"straggler_lag": 3},
+        "train": {**SMALL_JOB["train"], "slow_rank": 2, "slow_seconds": 0.03}})
+    res = run_psd("run", str(job), "--quiet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in records if r.get("event") == "straggler"]
+    assert events, "no straggler event in metrics.jsonl"
+    assert all(e["lag"] > 3 for e in events)
+    assert {e["rank"] for e in events} == {2}  # the slowed rank, and only it

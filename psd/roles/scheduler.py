@@ -212,9 +212,10 @@ class Scheduler:
             lag = sorted(live.values())[len(live) // 2] - live[worker]
             log.warning("%s is a straggler: clock %d, %d behind the median", worker, live[worker], lag)
             for job in self.jobs.jobs.values():
-                if job.state == "running" and worker in job.ranks.values():
-                    job.metrics.append({"event": "straggler", "worker": worker, "clock": live[worker],
-                                        "lag": lag, "time": time.time()})
+                ranks = [r for r, w in job.ranks.items() if w == worker]
+                if job.state == "running" and ranks:
+                    job.metrics.append({"event": "straggler", "worker": worker, "rank": ranks[0],
+                                        "clock": live[worker], "lag": lag, "time": time.time()})
         self.flagged = now
 
     async def on_get_ring(self, route: Route, msg: Message) -> Message:
