@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from psd.apps.datasets import GENERATORS, SparseDataset, shard
+from psd.apps.datasets.arrays import check_npz, from_arrays, load_npz, write_npz
 from psd.apps.datasets.libsvm import CHUNK_ROWS, concat, expand_files, load_shard, read_chunks
 from psd.apps.metrics import auc, log_loss
 from psd.errors import ConfigError
@@ -79,6 +80,9 @@ DEFAULTS: dict = {
         "test_files": None,
         "hash_features": False,
         "chunk_rows": CHUNK_ROWS,
+        # ... or arrays in an .npz file (what fit() writes)
+        "npz": None,
+        "test_npz": None,
     },
     "train": {
         "solver": "prox",
@@ -103,6 +107,7 @@ DEFAULTS: dict = {
 GENERATOR_KEYS = ("generator", "seed", "examples", "features", "nnz", "noise", "test_fraction",
                   "signal_fraction")
 FILE_KEYS = ("files", "test_files", "hash_features", "chunk_rows")
+NPZ_KEYS = ("npz", "test_npz")
 #: train keys that only one kind of solver reads
 SOLVER_KEYS = {"passes": ("prox",), "blocks": ("prox",), "curvature": ("prox",), "eval_every": ("prox",),
                "epochs": ("ftrl", "adagrad"), "batch_size": ("ftrl", "adagrad"), "beta": ("ftrl",)}
@@ -148,6 +153,8 @@ _CHECKS: dict[str, dict[str, tuple]] = {
         "test_files": _FILES_OK,
         "hash_features": (_is_bool, "true or false"),
         "chunk_rows": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "npz": (lambda v: isinstance(v, str) and bool(v), "an .npz file path"),
+        "test_npz": (lambda v: isinstance(v, str) and bool(v), "an .npz file path"),
     },
     "train": {
         "solver": (lambda v: v in SOLVERS, "one of " + ", ".join(SOLVERS)),
@@ -211,7 +218,15 @@ def validate(spec: dict, source: str) -> list[str]:
     data_given = spec.get("data") or {}
     from_files = [k for k in FILE_KEYS if k in data_given]
     generated = [k for k in GENERATOR_KEYS if k in data_given]
-    if from_files and "files" not in data_given:
+    from_npz = [k for k in NPZ_KEYS if k in data_given]
+    if from_npz and "npz" not in data_given:
+        problems.append(f"{source}: data.npz: missing; expected the .npz training arrays that "
+                        f"data.{from_npz[0]} applies to")
+    elif from_npz and (from_files or generated):
+        other = (from_files or generated)[0]
+        problems.append(f"{source}: data.{other}: applies to {'LIBSVM files' if from_files else 'generated data'}, "
+                        f"but data.npz names arrays; expected one or the other")
+    elif from_files and "files" not in data_given:
         problems.append(f"{source}: data.files: missing; expected the LIBSVM training file(s) that "
                         f"data.{from_files[0]} applies to")
     elif "files" in data_given and generated:
@@ -219,7 +234,11 @@ def validate(spec: dict, source: str) -> list[str]:
                         f"LIBSVM files; expected one or the other")
     opts = options(spec)
     data, train = opts["data"], opts["train"]
-    if "files" in data_given:
+    if from_npz:
+        for key in NPZ_KEYS:
+            if data[key] is not None:
+                problems.extend(check_npz(data[key], f"data.{key}", source))
+    elif "files" in data_given:
         for key in ("files", "test_files"):
             if data[key] is not None:
                 problems.extend(expand_files(data[key], f"data.{key}", source)[1])
@@ -349,6 +368,11 @@ def _take(data: SparseDataset, idx: np.ndarray) -> SparseDataset:
 def load_data(data: dict, shards: list[int], num_shards: int, with_test: bool
               ) -> tuple[SparseDataset, SparseDataset | None]:
     """This worker's training rows (its shards, concatenated) and, if asked, the test set."""
+    if data["npz"] is not None:  # every worker reads the arrays and keeps its shards
+        full = load_npz(data["npz"])
+        mine = concat(shard(full, s, num_shards) for s in shards)
+        test = load_npz(data["test_npz"]) if with_test and data["test_npz"] is not None else None
+        return mine, test
     if data["files"] is None:
         train, test, _ = GENERATORS[data["generator"]](
             int(data["examples"]), int(data["features"]), int(data["nnz"]), int(data["seed"]),
@@ -412,11 +436,9 @@ class Trainer:
     async def clock(self) -> None:
         """End this worker's iteration once the servers have its pushes.
 
-        ``kv.clock()`` is documented to reach every server after the iteration's pushes,
-        but psd.client.aio sends a push from a task that runs only after the caller
-        yields, while the clock goes out at once, so it can overtake the push and a
-        sequential pull at the next clock may miss it. Waiting for the acknowledgements
-        first costs one round trip per iteration and keeps the barrier exact."""
+        The clock message cannot overtake the pushes (they leave before ``push()``
+        returns); waiting for their acknowledgements as well bounds this worker to one
+        unapplied iteration, at one round trip per iteration."""
         await self._drain()
         self.kv.clock()
 
@@ -672,3 +694,145 @@ async def run(kv, ctx) -> dict:
                        solver=opts["train"]["solver"], l1=trainer.l1, l2=trainer.l2,
                        total_examples=info["examples"])
     return summary
+
+
+# -- the Python API: train on in-memory arrays ------------------------------------------------
+#: fit() options that go to the top level of the job (the rest of **options are train keys)
+FIT_JOB_KEYS = ("name", "consistency", "max_delay", "cluster", "timeout")
+
+
+def load_model(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The weights the workers saved with ``model.save`` (``part-RANK.npz``), merged:
+    sorted keys and their weights (workers that share a key wrote the same value)."""
+    parts = []
+    for path in sorted(Path(folder).glob("part-*.npz")):
+        with np.load(path) as z:
+            parts.append((z["keys"], z["w"]))
+    if not parts:
+        raise ConfigError(f"{folder}: no model parts (part-RANK.npz) found")
+    keys = np.concatenate([k for k, _ in parts])
+    w = np.concatenate([v for _, v in parts])
+    keys, first = np.unique(keys, return_index=True)
+    return keys, w[first].astype(np.float64)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` learned: ``coef[j]`` is the weight of column ``j`` of ``X``."""
+
+    coef: np.ndarray                      # float64, one per column of X
+    summary: dict                         # as summary.json: objective, nnz_weights, train_logloss, ...
+    metrics: list[dict] = field(repr=False)  # as metrics.jsonl: one record per evaluated iteration
+    output: Path | None                   # the job's folder, or None when it was temporary
+    job_id: str = ""
+    seconds: float = 0.0                  # the whole run, cluster start-up included
+
+    @property
+    def objective(self) -> float:
+        """F(coef) on the training data, as the workers computed it at the end."""
+        return float(self.summary["objective"])
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The columns with a non-zero weight (uint64, sorted)."""
+        return np.flatnonzero(self.coef).astype(np.uint64)
+
+    @property
+    def values(self) -> np.ndarray:
+        """Their weights."""
+        return self.coef[self.coef != 0]
+
+    def decision_function(self, X) -> np.ndarray:
+        """Margins ``X @ coef`` (X sparse or dense, with at most ``coef.size`` columns)."""
+        return np.asarray(X @ self.coef[:X.shape[1]]).ravel()
+
+    def predict_proba(self, X) -> np.ndarray:
+        """P(y = 1 | x) per row of ``X``."""
+        return _sigmoid(self.decision_function(X))
+
+
+def _columns(X) -> int:
+    return int(X.shape[1] if hasattr(X, "shape") else np.asarray(X).shape[1])
+
+
+def fit(X, y, *, servers: int = 2, workers: int = 2, l1: float = 1e-4, l2: float = 0.0,
+        output: str | Path | None = None, X_test=None, y_test=None, verbose: bool = False,
+        **options) -> FitResult:
+    """Train this app on in-memory data and return the weights: ``psd run`` from Python.
+
+    ``X``: a scipy.sparse matrix (any format) or a dense 2-d numpy array, one row per
+    example; ``y``: its labels, 0/1 or -1/+1. The column index is the feature's key. The
+    arrays are written as a compressed ``.npz`` (``data.npz`` in the job), and the job
+    runs on a fresh local cluster of ``servers`` server and ``workers`` worker daemons
+    exactly as ``psd run`` runs a job file; the workers save their weights and they are
+    merged into ``FitResult.coef``. ``options``: the job's ``consistency``,
+    ``max_delay`` (default ``bounded`` with 1, as the shipped job), ``cluster``,
+    ``timeout``, ``name``, and any ``train`` key (``solver``, ``passes``, ``blocks``,
+    ``learning_rate``, ...). ``output``: a folder that keeps the arrays, the model
+    parts, metrics.jsonl, summary.json and the plots; by default a temporary folder,
+    deleted at the end (and no plots are drawn). ``X_test``/``y_test``: optional test data (test log-loss and AUC
+    in the metrics). ``verbose``: show the progress bar and summary table.
+
+    Bad arrays raise ``psd.BadRequestError``, bad options ``psd.ConfigError`` (both
+    naming the problem); a job that fails raises ``psd.PsdError`` with its error.
+    """
+    import shutil
+    import tempfile
+
+    from psd.errors import BadRequestError, PsdError, PsdTimeoutError
+    from psd.jobs.runner import run_spec
+
+    data = from_arrays(X, y)
+    n_features = _columns(X)
+    if (X_test is None) != (y_test is None):
+        raise BadRequestError("X_test and y_test: give both or neither")
+    test = None
+    if X_test is not None:
+        test = from_arrays(X_test, y_test, "X_test")
+        if _columns(X_test) != n_features:
+            raise BadRequestError(f"X_test has {_columns(X_test)} columns but X has {n_features}; "
+                                  f"expected the same features")
+    job: dict = {"name": "logreg_fit", "app": "logreg", "servers": servers, "workers": workers,
+                 "consistency": "bounded"}
+    train: dict = {"l1": l1, "l2": l2}
+    for key, value in options.items():
+        if key in FIT_JOB_KEYS:
+            job[key] = value
+        elif key in _CHECKS["train"]:
+            train[key] = value
+        else:
+            raise BadRequestError(f"fit(): unknown option {key!r}; expected one of "
+                                  f"{', '.join(FIT_JOB_KEYS + tuple(_CHECKS['train']))}")
+    if job["consistency"] == "bounded":
+        job.setdefault("max_delay", 1)
+    job["train"] = train
+
+    tmp = None
+    if output is None:
+        tmp = tempfile.mkdtemp(prefix="psd-logreg-fit-")
+        folder = Path(tmp)
+    else:
+        folder = Path(output).expanduser().resolve()
+    try:
+        job["data"] = {"npz": str(write_npz(folder / "data" / "train.npz", data))}
+        if test is not None:
+            job["data"]["test_npz"] = str(write_npz(folder / "data" / "test.npz", test))
+        model = folder / "model"
+        if model.is_dir():  # parts of an earlier run (with more workers, say) must not mix in
+            for old in model.glob("part-*.npz"):
+                old.unlink()
+        job["model"] = {"save": str(model)}
+        job["output"] = str(folder)
+        run = run_spec(job, source="logreg.fit", output=folder, quiet=not verbose, echo=verbose,
+                       plots=tmp is None)
+        if run.state != "done":
+            cls = PsdTimeoutError if run.state == "timed out" else PsdError
+            raise cls(f"logreg.fit: job {run.job_id} {run.state}: {run.error or 'see the worker logs'}")
+        keys, w = load_model(model)
+        coef = np.zeros(n_features)
+        coef[keys.astype(np.int64)] = w
+        return FitResult(coef=coef, summary=run.summary, metrics=run.metrics,
+                         output=None if tmp else folder, job_id=run.job_id, seconds=run.seconds)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,7 @@
 It drives the asyncio client on a private event loop in the calling thread: each call
 runs the loop just long enough to send (push) or to get its answer (pull, wait).
 Replies that arrive in between wait in ZeroMQ's queues. The one thread is the
-heartbeat (psd/client/heartbeat.py), which must tick while the caller computes.
+heartbeat (psd/transport/heartbeat.py), which must tick while the caller computes.
 Inside a running event loop, use ``psd.aio`` instead.
 """
 from __future__ import annotations

@@ -38,6 +38,7 @@ import zmq
 from psd.codec.message import describe_array
 from psd.errors import ConfigError, PsdError, StartupError
 from psd.transport import install_event_loop
+from psd.transport.sockets import tune_malloc
 
 log = logging.getLogger("psd.daemon")
 
@@ -262,6 +263,7 @@ def run_daemon(role_main: RoleMain, *, event_loop: str = "uvloop", ready_file: s
     READY/STOPPING/WATCHDOG go (systemd). ``identity``: the log identity; a ready
     value that is not an address is the node id (a worker reports its id)."""
     install_event_loop(event_loop)
+    tune_malloc()
     notify = notify or Notifier()
     state = {"ready": False, "stopping": False}
 

@@ -40,6 +40,7 @@ class Scheduler:
         self.tables: dict[str, TableSpec] = {}
         self._creating: dict[str, asyncio.Future] = {}  # tables the servers are being told about
         self.jobs = JobBook()
+        self.worker_clocks: dict[str, int] = {}
         self.ring_changes = RingChanges(self)
         self.checkpoints = Checkpoints(self)
         self.state_dir = Path(config.state_dir) if config.state_dir else None
@@ -52,7 +53,6 @@ class Scheduler:
             for spec in self.checkpoints.tables_to_restore():
                 self.tables[spec["name"]] = TableSpec.from_wire(spec)
         self._dirty = False
-        self.worker_clocks: dict[str, int] = {}
         self.flagged: set[str] = set()  # workers currently flagged as stragglers
         self.started = time.time()
         self.handlers = {
