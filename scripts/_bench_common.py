@@ -82,6 +82,8 @@ def bare_server_main(conn, parent_pid: int) -> None:
 
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    from psd.transport.sockets import tune_malloc
+    tune_malloc()  # the same allocator settings as psd's daemons: compare transports, not malloc
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     for opt, val in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):

@@ -6,10 +6,26 @@ machine, on the same data, in one run.
     .venv/bin/python scripts/bench_apps.py --quick     # smaller data, under 2 minutes
     .venv/bin/python scripts/bench_apps.py --apps lda --workers 2
 
-One function per app (``bench_cms``, ``bench_lda``; add more to ``BENCHES``) returns
+One function per app (``bench_logreg``, ``bench_cms``, ``bench_lda``; add more to ``BENCHES``) returns
 table rows; ``print_table`` prints them. Every psd row is one ``psd run`` of a job file
 written for it, on its own local cluster (2 servers), in a subprocess; the numbers come
 from the run's summary.json and metrics.jsonl.
+
+logistic regression (app ``logreg``, solver ``prox``: delayed block proximal gradient,
+``bounded`` consistency with ``max_delay: 1`` as the shipped job): the seeded sparse
+generator. Baselines: scikit-learn's ``LogisticRegression`` with the same objective
+(``penalty="l1"``, ``C = 1 / (N l1)``, no intercept) on the same training rows, solver
+liblinear (tol 1e-6: the reference objective) and saga (run from scratch with
+max_iter 1, 2, 4, ... so its objective can be plotted against time). Every objective is
+computed by ``psd.apps.logreg.objective`` (psd's own reports use the same formula).
+Columns: wall = whole ``psd run`` (cluster start-up, generation, shutdown included;
+sklearn: the fit); load = generating the worker's shard; train = rank 0's training
+time; to 1% = seconds of training until the objective is within 1% of the reference
+(psd: rank 0's clock since training started; saga: the fit time of the first run that
+got there; liblinear: its fit); objective and its gap to the reference; non-zero
+weights; examples/s = examples processed per second of training (psd: N x passes /
+train; sklearn: N x ``n_iter_`` / fit, for liblinear ``n_iter_`` counts its outer
+Newton iterations) and per worker.
 
 count-min (app ``cms``): a seeded Zipf stream. Baseline: the same sketch in plain numpy
 in this process (``psd.apps.cms.CountMin``: the same hash functions and local
@@ -34,7 +50,7 @@ started) at which psd's global log-likelihood first reached scikit-learn's final
 
 The machine's core count and load average are printed with the tables: workers and
 servers of one local cluster share those cores.
-Writes results.json, cms.png and lda.png to --out (runs/bench_apps/ by default).
+Writes results.json, logreg.png, cms.png and lda.png to --out (runs/bench_apps/ by default).
 """
 from __future__ import annotations
 
@@ -45,6 +61,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +70,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from psd.apps import cms, lda  # noqa: E402
+from psd.apps import cms, lda, logreg  # noqa: E402
+from psd.apps.datasets import make_sparse_logreg  # noqa: E402
 from psd.apps.datasets.topics import make_planted_corpus  # noqa: E402
 
 
@@ -94,6 +112,136 @@ def print_table(title: str, columns: list[tuple[str, str]], rows: list[dict]) ->
     text = "\n".join(lines)
     print(text + "\n", flush=True)
     return text
+
+
+# -- logistic regression ----------------------------------------------------------------
+def _sklearn_l1(X, y, l1: float, solver: str, **options):
+    """scikit-learn's minimiser of mean log-loss + l1 |w|_1 (no intercept) and its fit seconds."""
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn >= 1.8 deprecates `penalty`; saga's ConvergenceWarning
+        clf = LogisticRegression(penalty="l1", solver=solver, C=1.0 / (X.shape[0] * l1), fit_intercept=False,
+                                 **options)
+        t0 = time.perf_counter()
+        clf.fit(X, y)
+        return clf, time.perf_counter() - t0
+
+
+def bench_logreg(args, out: Path) -> tuple[str, list[tuple[str, str]], list[dict]]:
+    import scipy.sparse as sp
+
+    data = {"generator": "sparse_logreg", "seed": 42, "examples": 50_000 if args.quick else 500_000,
+            "features": 100_000 if args.quick else 1_000_000, "nnz": 20, "noise": 0.05, "test_fraction": 0.1}
+    train_opts = {"solver": "prox", "l1": 1e-4, "l2": 0.0, "blocks": 16, "passes": 10, "learning_rate": 0.5}
+    l1 = train_opts["l1"]
+    within = 0.01
+    train, _, _ = make_sparse_logreg(data["examples"], data["features"], data["nnz"], data["seed"],
+                                     noise=data["noise"], test_fraction=data["test_fraction"])
+    n = len(train)
+    X = sp.csr_matrix((train.values.astype(np.float64), train.indices.astype(np.int64), train.indptr),
+                      shape=(n, data["features"]))
+    y = train.labels
+    keys = np.arange(data["features"], dtype=np.uint64)
+
+    def score(coef) -> float:
+        return logreg.objective(train, keys, coef.ravel(), l1)
+
+    # the reference: liblinear to a tight tolerance
+    clf, fit = _sklearn_l1(X, y, l1, "liblinear", tol=1e-6, max_iter=1000)
+    ref, ref_time = score(clf.coef_), fit
+    target = ref * (1 + within)
+    rows = [{"system": "sklearn liblinear", "workers": 1, "wall_s": fit, "train_s": fit, "to_target_s": fit,
+             "objective": ref, "gap": 0.0, "nnz": int(np.count_nonzero(clf.coef_)),
+             "examples_per_s": n * int(np.max(clf.n_iter_)) / fit,
+             "examples_per_s_worker": n * int(np.max(clf.n_iter_)) / fit}]
+
+    # saga, from scratch with doubling max_iter: its objective against time
+    saga_curve, reached = [], None
+    max_iter = 1
+    while True:
+        clf, fit = _sklearn_l1(X, y, l1, "saga", tol=1e-4, max_iter=max_iter)
+        obj, done = score(clf.coef_), int(np.max(clf.n_iter_)) < max_iter
+        saga_curve.append((fit, obj))
+        if reached is None and obj <= target:
+            reached = fit
+        if done or max_iter >= (32 if args.quick else 64):
+            break
+        max_iter *= 2
+    epochs = int(np.max(clf.n_iter_))
+    rows.append({"system": "sklearn saga", "workers": 1, "wall_s": fit, "train_s": fit, "to_target_s": reached,
+                 "objective": obj, "gap": obj / ref - 1, "nnz": int(np.count_nonzero(clf.coef_)),
+                 "examples_per_s": n * epochs / fit, "examples_per_s_worker": n * epochs / fit})
+
+    curves = {}
+    for w in args.workers:
+        job = {"name": f"bench_logreg_w{w}", "app": "logreg", "servers": 2, "workers": w,
+               "consistency": "bounded", "max_delay": 1, "data": data, "train": train_opts,
+               "model": {"save": str(out / f"logreg_w{w}" / "model")}}
+        s, recs, wall = run_psd_job(job, out / f"logreg_w{w}")
+        evals = sorted(((r["time"], r["objective"]) for r in recs if "objective" in r and "series" not in r))
+        curves[w] = evals
+        final = score(_dense(logreg.load_model(out / f"logreg_w{w}" / "model"), data["features"]))
+        hit = [t for t, obj in evals if obj <= target]
+        passes = s["passes"]
+        rows.append({"system": "psd prox", "workers": w, "wall_s": wall, "load_s": s["load_seconds"],
+                     "train_s": s["train_seconds"], "to_target_s": hit[0] if hit else None,
+                     "objective": final, "gap": final / ref - 1, "nnz": int(s["nnz_weights"]),
+                     "examples_per_s": n * passes / s["train_seconds"],
+                     "examples_per_s_worker": n * passes / s["train_seconds"] / w})
+    _plot_logreg(curves, saga_curve, ref, ref_time, within, out / "logreg.png")
+    columns = [("system", "system"), ("workers", "workers"), ("wall_s", "wall s"), ("load_s", "load s"),
+               ("train_s", "train s"), ("to_target_s", "to 1% s"), ("objective", "objective"),
+               ("gap", "vs ref"), ("nnz", "nnz w"), ("examples_per_s", "examples/s"),
+               ("examples_per_s_worker", "examples/s/worker")]
+    title = (f"L1 logistic regression: {n:,} training examples, {data['features']:,} features, "
+             f"~{data['nnz']} non-zeros per row, l1 = {l1:g}; psd: {train_opts['blocks']} blocks x "
+             f"{train_opts['passes']} passes, bounded delay 1, 2 servers; reference objective "
+             f"{ref:.6f} (liblinear, tol 1e-6)")
+    return title, columns, rows
+
+
+def _dense(model: tuple[np.ndarray, np.ndarray], features: int) -> np.ndarray:
+    keys, w = model
+    coef = np.zeros(features)
+    coef[keys.astype(np.int64)] = w
+    return coef
+
+
+def _plot_logreg(curves, saga_curve, ref, ref_time, within, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=100)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    def gap(v):  # on the log axis: no point at or below zero
+        return max(v / ref - 1, 1e-6)
+
+    for w, pts in sorted(curves.items()):
+        for ax, f in ((left, lambda v: v), (right, gap)):
+            ax.plot([p[0] for p in pts], [f(p[1]) for p in pts], marker="o", markersize=2, lw=1,
+                    label=f"psd prox, {w} worker(s)")
+    for ax, f in ((left, lambda v: v), (right, gap)):
+        ax.plot([p[0] for p in saga_curve], [f(p[1]) for p in saga_curve], marker="s", markersize=4, lw=1,
+                color="gray", label="sklearn saga (max_iter 1, 2, 4, ...)")
+    left.axhline(ref, color="black", lw=1, label="sklearn liblinear (reference)")
+    left.scatter([ref_time], [ref], color="black", marker="*", s=120, zorder=5, label="liblinear's fit time")
+    left.axhline(ref * (1 + within), color="black", ls=":", lw=1, label=f"reference + {within:.0%}")
+    right.axhline(within, color="black", ls=":", lw=1, label=f"{within:.0%}")
+    top = max([p[1] for pts in curves.values() for p in pts[1:]] + [ref * 1.05])
+    left.set_ylim(ref * 0.995, min(top, ref * 1.3))
+    left.set_ylabel("objective F(w)")
+    right.set_yscale("log")
+    right.set_ylabel("F(w) / reference - 1")
+    for ax in (left, right):
+        ax.set_xlabel("seconds of training")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    left.set_title("L1 logistic regression: objective against time")
+    right.set_title("gap to the reference (log scale)")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
 
 
 # -- count-min ----------------------------------------------------------------------------
@@ -256,7 +404,7 @@ def _plot_lda(curves, sk_time, sk_ll, planted_ll, path, K):
     fig.savefig(path, format="png")
 
 
-BENCHES = {"cms": bench_cms, "lda": bench_lda}
+BENCHES = {"logreg": bench_logreg, "cms": bench_cms, "lda": bench_lda}
 
 
 def main(argv=None) -> int:

@@ -323,6 +323,8 @@ def worker_entry(kind, w, num_workers, num_servers, address, plan, barrier, queu
     """Body of a spawned worker process: run, put the result (or the error) on ``queue``."""
     bc.die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    from psd.transport.sockets import tune_malloc
+    tune_malloc()  # bare and psd workers alike (psd.connect does it too)
     try:
         queue.put(run_worker(kind, w, num_workers, num_servers, address, plan, barrier))
     except BaseException:
@@ -546,6 +548,8 @@ def main(argv=None) -> int:
                     help="comma-separated SERVERSxWORKERS configurations (default 1x1,2x2)")
     ap.add_argument("--budget", type=float, default=None, help="hard time limit in seconds for the whole run")
     args = ap.parse_args(argv)
+    from psd.transport.sockets import tune_malloc
+    tune_malloc()  # this process is worker 0 of both kinds: tune it before either runs
 
     plan = make_plan(args.quick)
     budget = args.budget or plan["budget"]

@@ -2,29 +2,66 @@
 
 It takes the same path as a job on a real cluster: the job is submitted to the
 scheduler and worker daemons ask for it, so the embedded default exercises the
-production code.
+production code. :func:`run_spec` runs a job given as a dict the same way (the Python
+API, e.g. ``psd.apps.logreg.fit``) and returns what it produced.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from psd.client import admin
 from psd.errors import PsdError, PsdTimeoutError
-from psd.jobs.spec import JobSpec, load_job
+from psd.jobs.spec import JobSpec, load_job, parse_job
 from psd.local import LocalCluster, daemon_argv
 
 POLL = 0.2
 
 
+@dataclass
+class JobRun:
+    """What a job run through :func:`run_spec` produced (also written to ``output``)."""
+
+    job: JobSpec
+    job_id: str
+    state: str                  # "done", "failed" or "timed out"
+    error: str | None
+    summary: dict               # as in summary.json
+    metrics: list[dict] = field(repr=False)  # as in metrics.jsonl
+    output: Path
+    seconds: float
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.state == "done" else 1
+
+
 def run_job(path: str, output: str | None = None, quiet: bool = False) -> int:
-    job = load_job(path)
+    return _run_local(load_job(path), output, quiet, echo=True).exit_code
+
+
+def run_spec(spec: dict, source: str = "<python>", output: str | Path | None = None, quiet: bool = True,
+             echo: bool = False, plots: bool = True) -> JobRun:
+    """Run the job ``spec`` (a job file's contents as a dict) on a local cluster, as
+    ``psd run`` does: checked by :func:`psd.jobs.spec.parse_job` (problems raise
+    ``ConfigError`` naming ``source``), then submitted to the scheduler of a fresh
+    local cluster and run by its worker daemons. ``quiet`` hides the progress bar,
+    ``echo`` prints the start line and the summary table as ``psd run`` does. The job's
+    outputs are written to ``output`` (default: the spec's ``output``); ``plots=False``
+    skips the PNGs. A job that fails is not an exception here: look at ``state`` and
+    ``error``."""
+    return _run_local(parse_job(spec, source), None if output is None else str(output), quiet, echo, plots)
+
+
+def _run_local(job: JobSpec, output: str | None, quiet: bool, echo: bool, plots: bool = True) -> JobRun:
     out = Path(output or job.output)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"psd run: job {job.name!r} ({job.app}) on {job.servers} server(s) and {job.workers} "
-          f"worker(s); output in {out}/", file=sys.stderr)
+    if echo:
+        print(f"psd run: job {job.name!r} ({job.app}) on {job.servers} server(s) and {job.workers} "
+              f"worker(s); output in {out}/", file=sys.stderr)
     started = time.monotonic()
     with LocalCluster(servers=job.servers, **job.cluster) as cluster:
         job_id = admin.call(cluster.scheduler, "submit", job=job.spec, workers=job.workers)["job"]
@@ -32,7 +69,10 @@ def run_job(path: str, output: str | None = None, quiet: bool = False) -> int:
             "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
             for i in range(job.workers)]
         state = _follow(cluster.scheduler, job, job_id, workers, out, quiet)
-    return _finish(job, job_id, state, out, time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    summary = _complete(job, job_id, state, out, elapsed, echo, plots)
+    return JobRun(job=job, job_id=job_id, state=state["state"], error=state.get("error"), summary=summary,
+                  metrics=state["metrics_all"], output=out, seconds=elapsed)
 
 
 def submit_job(path: str, scheduler: str, output: str | None = None, follow: bool = False,
@@ -53,13 +93,20 @@ def submit_job(path: str, scheduler: str, output: str | None = None, follow: boo
 
 
 def _finish(job: JobSpec, job_id: str, state: dict, out: Path, elapsed: float) -> int:
-    _plot(job, state["metrics_all"], out)
-    _summarize(job, state, out, elapsed)
-    if state["state"] != "done":
+    _complete(job, job_id, state, out, elapsed, echo=True)
+    return 0 if state["state"] == "done" else 1
+
+
+def _complete(job: JobSpec, job_id: str, state: dict, out: Path, elapsed: float, echo: bool,
+              plots: bool = True) -> dict:
+    """Plots, summary.json and (with ``echo``) the summary table and any failure line."""
+    if plots:
+        _plot(job, state["metrics_all"], out)
+    summary = _summarize(job, state, out, elapsed, echo)
+    if echo and state["state"] != "done":
         print(f"psd: job {job_id} {state['state']}: {state.get('error') or 'see the logs above'}",
               file=sys.stderr)
-        return 1
-    return 0
+    return summary
 
 
 def _follow(scheduler: str, job: JobSpec, job_id: str, workers, out: Path, quiet: bool) -> dict:
@@ -116,7 +163,7 @@ def _plot(job: JobSpec, metrics: list[dict], out: Path) -> None:
         plot_curves(metrics, p["x"], p["ys"], out / p["file"], p.get("title", job.name), **style)
 
 
-def _summarize(job: JobSpec, state: dict, out: Path, elapsed: float) -> None:
+def _summarize(job: JobSpec, state: dict, out: Path, elapsed: float, echo: bool = True) -> dict:
     per_rank = state.get("summary") or {}
     summary = dict(per_rank.get("0", {}))  # rank 0 evaluates; the others add their counts
     for key in ("examples", "batches"):
@@ -125,9 +172,12 @@ def _summarize(job: JobSpec, state: dict, out: Path, elapsed: float) -> None:
     summary.pop("rank", None)
     summary.update(job=state.get("id"), app=job.app, state=state["state"], seconds=round(elapsed, 2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    if not echo:
+        return summary
     width = max(len(k) for k in summary)
     print(f"\n{job.name}: {state['state']} in {elapsed:.1f} s")
     for k in sorted(summary):
         v = summary[k]
         print(f"  {k.ljust(width)}  {v:.4f}" if isinstance(v, float) else f"  {k.ljust(width)}  {v}")
     print(f"  {'output'.ljust(width)}  {out}/ (metrics.jsonl, summary.json, plots)")
+    return summary
