@@ -305,6 +305,25 @@ def test_add_and_drain_during_stream_exact(make_cluster, streams, tmp_path):
     check_exact(cluster, stream.stop())
 
 
+def test_sigterm_drains_a_server_during_stream_exact(make_cluster, streams, tmp_path):
+    """SIGTERM (systemctl stop) hands the server's ranges over before it exits."""
+    cluster = make_cluster()
+    st0 = cluster.status()
+    servers = live_servers(st0)
+    stream = streams(cluster.scheduler, [8], tmp_path)
+    stream.go()
+    time.sleep(0.8)
+    leaving = cluster.node_id(1)
+    child = cluster.server(1)
+    cluster.kill_server(1, sig=signal.SIGTERM)
+    assert wait_exit(child.proc, 30.0) == 0, f"{leaving} did not exit cleanly after SIGTERM"
+    st1 = wait_until(cluster, lambda st: settled(st, servers - {leaving}), f"{leaving} drained")
+    assert node_state(st1, leaving) == "left"  # it left; it was not declared dead
+    assert st1["ring_version"] > st0["ring_version"]
+    time.sleep(0.5)
+    check_exact(cluster, stream.stop())
+
+
 def test_status_json_shows_owners_and_ring_versions(make_cluster):
     cluster = make_cluster()
     versions = []
