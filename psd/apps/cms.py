@@ -48,7 +48,6 @@ with high probability), mean and max error.
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 import time
 from collections import deque
@@ -57,6 +56,7 @@ import numpy as np
 
 from psd.apps.datasets.text import check_files, expand_files, iter_shard_token_ids, plan_shards
 from psd.apps.hashing import MultiplyShift
+from psd.apps.options import Check, check_sections, is_int, is_num, merge_defaults
 from psd.apps.rendezvous import wait_for_ranks
 from psd.errors import ConfigError
 
@@ -101,39 +101,31 @@ QUERY_CHUNK = 500   # query records per report
 
 
 # -- options ------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-_CHECKS: dict[str, dict[str, tuple]] = {
+_CHECKS: dict[str, dict[str, Check]] = {
     "data": {
         "generator": (lambda v: v == "zipf", "'zipf' (or give data.files instead)"),
-        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-        "items": (lambda v: _is_int(v) and 1 <= v <= 1 << 40, "an integer in [1, 2**40]"),
-        "vocabulary": (lambda v: _is_int(v) and 1 <= v <= 1 << 28, "an integer in [1, 2**28]"),
-        "exponent": (lambda v: _is_num(v) and 0 < v <= 5, "a number in (0, 5]"),
-        "files": (lambda v: True, ""),   # checked by check_files
+        "seed": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+        "items": (lambda v: is_int(v) and 1 <= v <= 1 << 40, "an integer in [1, 2**40]"),
+        "vocabulary": (lambda v: is_int(v) and 1 <= v <= 1 << 28, "an integer in [1, 2**28]"),
+        "exponent": (lambda v: is_num(v) and 0 < v <= 5, "a number in (0, 5]"),
+        "files": (lambda v: True, ""),   # checked by check_files (see validate)
     },
     "sketch": {
-        "epsilon": (lambda v: _is_num(v) and math.e / MAX_WIDTH <= v < 1,
+        "epsilon": (lambda v: is_num(v) and math.e / MAX_WIDTH <= v < 1,
                     f"a number in [{math.e / MAX_WIDTH:.3g}, 1)"),
-        "delta": (lambda v: _is_num(v) and 1e-20 <= v < 1, "a number in [1e-20, 1)"),
-        "width": (lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_WIDTH), f"an integer in [1, {MAX_WIDTH}]"),
-        "depth": (lambda v: v is None or (_is_int(v) and 1 <= v <= 64), "an integer in [1, 64]"),
-        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+        "delta": (lambda v: is_num(v) and 1e-20 <= v < 1, "a number in [1e-20, 1)"),
+        "width": (lambda v: v is None or (is_int(v) and 1 <= v <= MAX_WIDTH), f"an integer in [1, {MAX_WIDTH}]"),
+        "depth": (lambda v: v is None or (is_int(v) and 1 <= v <= 64), "an integer in [1, 64]"),
+        "seed": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
     },
     "train": {
-        "batch_size": (lambda v: _is_int(v) and 1 <= v <= 1 << 26, "an integer in [1, 2**26]"),
-        "in_flight": (lambda v: _is_int(v) and 1 <= v <= 64, "an integer in [1, 64]"),
-        "report_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "batch_size": (lambda v: is_int(v) and 1 <= v <= 1 << 26, "an integer in [1, 2**26]"),
+        "in_flight": (lambda v: is_int(v) and 1 <= v <= 64, "an integer in [1, 64]"),
+        "report_every": (lambda v: is_int(v) and v >= 1, "a positive integer"),
     },
     "eval": {
-        "queries": (lambda v: _is_int(v) and 1 <= v <= 1_000_000, "an integer in [1, 1000000]"),
-        "heavy": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+        "queries": (lambda v: is_int(v) and 1 <= v <= 1_000_000, "an integer in [1, 1000000]"),
+        "heavy": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
     },
 }
 _GENERATOR_KEYS = ("generator", "items", "vocabulary", "exponent")
@@ -142,28 +134,9 @@ _GENERATOR_KEYS = ("generator", "items", "vocabulary", "exponent")
 def validate(spec: dict, source: str) -> list[str]:
     """Problems with the ``data``, ``sketch``, ``train`` and ``eval`` sections, each naming
     file and key; unknown keys too (a misspelt option would silently fall back)."""
-    problems: list[str] = []
-    for section, checks in _CHECKS.items():
-        given = spec.get(section)
-        if given is None:
-            continue
-        if not isinstance(given, dict):
-            problems.append(f"{source}: {section}: expected a mapping, got {given!r}")
-            continue
-        for key, value in given.items():
-            check = checks.get(key)
-            if check is None:
-                problems.append(f"{source}: {section}.{key}: unknown key; expected one of "
-                                f"{', '.join(checks)}")
-            elif key == "files":
-                if value is not None:
-                    problems.extend(check_files(value, source, "data.files"))
-            elif not check[0](value):
-                problems.append(f"{source}: {section}.{key}: expected {check[1]}, got {value!r}")
-    for section in ("tables", "model", "filters"):
-        if section in spec:
-            problems.append(f"{source}: {section}: not used by app 'cms'; its sections are "
-                            f"data, sketch, train, eval")
+    problems = check_sections(
+        spec, source, _CHECKS, app="cms", unused_sections=("tables", "model", "filters"),
+        special={("data", "files"): lambda v: [] if v is None else check_files(v, source, "data.files")})
     if problems:
         return problems
     data = spec.get("data") or {}
@@ -190,10 +163,7 @@ def validate(spec: dict, source: str) -> list[str]:
 
 def options(spec: dict) -> dict:
     """``DEFAULTS`` overlaid with the spec's sections."""
-    merged = copy.deepcopy(DEFAULTS)
-    for section in merged:
-        merged[section].update(spec.get(section) or {})
-    return merged
+    return merge_defaults(DEFAULTS, spec)
 
 
 def sketch_shape(sketch: dict) -> tuple[int, int]:

@@ -46,7 +46,6 @@ million tokens), then keeps its shard of the documents.
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 import time
 
@@ -56,6 +55,7 @@ from psd.apps.datasets import shard_bounds
 from psd.apps.datasets.text import check_files, expand_files, read_documents, vocabulary
 from psd.apps.datasets.topics import Corpus, corpus_from_documents, make_planted_corpus, match_topics
 from psd.apps.hashing import mix64
+from psd.apps.options import Check, check_sections, is_int, is_num, merge_defaults
 from psd.apps.rendezvous import wait_for_ranks
 from psd.errors import ConfigError
 
@@ -101,69 +101,42 @@ _FILE_KEYS = ("per", "min_count", "max_df")
 
 
 # -- options ------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-_CHECKS: dict[str, dict[str, tuple]] = {
+_CHECKS: dict[str, dict[str, Check]] = {
     "data": {
         "generator": (lambda v: v == "planted", "'planted' (or give data.files instead)"),
-        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-        "documents": (lambda v: _is_int(v) and 1 <= v <= 10_000_000, "an integer in [1, 10000000]"),
-        "vocabulary": (lambda v: _is_int(v) and 2 <= v <= 10_000_000, "an integer in [2, 10000000]"),
-        "topics": (lambda v: v is None or (_is_int(v) and 1 <= v <= 10_000), "an integer in [1, 10000]"),
-        "doc_length": (lambda v: _is_num(v) and 1 <= v <= 100_000, "a number in [1, 100000]"),
-        "dominant_words": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "dominant_mass": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "doc_alpha": (lambda v: _is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
-        "files": (lambda v: True, ""),   # checked by check_files
+        "seed": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+        "documents": (lambda v: is_int(v) and 1 <= v <= 10_000_000, "an integer in [1, 10000000]"),
+        "vocabulary": (lambda v: is_int(v) and 2 <= v <= 10_000_000, "an integer in [2, 10000000]"),
+        "topics": (lambda v: v is None or (is_int(v) and 1 <= v <= 10_000), "an integer in [1, 10000]"),
+        "doc_length": (lambda v: is_num(v) and 1 <= v <= 100_000, "a number in [1, 100000]"),
+        "dominant_words": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "dominant_mass": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "doc_alpha": (lambda v: is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
+        "files": (lambda v: True, ""),   # checked by check_files (see validate)
         "per": (lambda v: v in ("line", "file"), "'line' or 'file'"),
-        "min_count": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "max_df": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "min_count": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "max_df": (lambda v: is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     },
     "model": {
-        "topics": (lambda v: _is_int(v) and 2 <= v <= 10_000, "an integer in [2, 10000]"),
-        "alpha": (lambda v: _is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
-        "beta": (lambda v: _is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
+        "topics": (lambda v: is_int(v) and 2 <= v <= 10_000, "an integer in [2, 10000]"),
+        "alpha": (lambda v: is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
+        "beta": (lambda v: is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
         "dtype": (lambda v: v in ("int32", "int64"), "'int32' or 'int64'"),
     },
     "train": {
-        "iterations": (lambda v: _is_int(v) and 1 <= v <= 100_000, "an integer in [1, 100000]"),
-        "blocks": (lambda v: _is_int(v) and 1 <= v <= 100_000, "an integer in [1, 100000]"),
-        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-        "top_words": (lambda v: _is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
+        "iterations": (lambda v: is_int(v) and 1 <= v <= 100_000, "an integer in [1, 100000]"),
+        "blocks": (lambda v: is_int(v) and 1 <= v <= 100_000, "an integer in [1, 100000]"),
+        "seed": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+        "top_words": (lambda v: is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
     },
 }
 
 
 def validate(spec: dict, source: str) -> list[str]:
     """Problems with the ``data``, ``model`` and ``train`` sections, each naming file and key."""
-    problems: list[str] = []
-    for section, checks in _CHECKS.items():
-        given = spec.get(section)
-        if given is None:
-            continue
-        if not isinstance(given, dict):
-            problems.append(f"{source}: {section}: expected a mapping, got {given!r}")
-            continue
-        for key, value in given.items():
-            check = checks.get(key)
-            if check is None:
-                problems.append(f"{source}: {section}.{key}: unknown key; expected one of "
-                                f"{', '.join(checks)}")
-            elif key == "files":
-                if value is not None:
-                    problems.extend(check_files(value, source, "data.files"))
-            elif not check[0](value):
-                problems.append(f"{source}: {section}.{key}: expected {check[1]}, got {value!r}")
-    for section in ("tables", "filters", "eval", "sketch"):
-        if section in spec:
-            problems.append(f"{source}: {section}: not used by app 'lda'; its sections are "
-                            f"data, model, train")
+    problems = check_sections(
+        spec, source, _CHECKS, app="lda", unused_sections=("tables", "filters", "eval", "sketch"),
+        special={("data", "files"): lambda v: [] if v is None else check_files(v, source, "data.files")})
     if problems:
         return problems
     data = spec.get("data") or {}
@@ -184,10 +157,7 @@ def validate(spec: dict, source: str) -> list[str]:
 
 def options(spec: dict) -> dict:
     """``DEFAULTS`` overlaid with the spec's sections."""
-    merged = copy.deepcopy(DEFAULTS)
-    for section in merged:
-        merged[section].update(spec.get(section) or {})
-    return merged
+    return merge_defaults(DEFAULTS, spec)
 
 
 def make_corpus(data: dict, topics: int) -> Corpus:

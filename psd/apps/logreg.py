@@ -45,7 +45,6 @@ so a worker that dies mid-run leaves its keys unstepped; rerun the job.
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 import time
 from collections import deque
@@ -58,6 +57,8 @@ from psd.apps.datasets import GENERATORS, SparseDataset, shard
 from psd.apps.datasets.arrays import check_npz, from_arrays, load_npz, write_npz
 from psd.apps.datasets.libsvm import CHUNK_ROWS, concat, expand_files, load_shard, read_chunks
 from psd.apps.metrics import auc, log_loss
+from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check_sparse_logreg, is_bool,
+                              is_finite_num, is_int, merge_defaults)
 from psd.errors import ConfigError
 
 SOLVERS = ("prox", "ftrl", "adagrad")
@@ -123,51 +124,31 @@ REPORT_SECONDS = 0.5  # at most this long between progress reports
 
 
 # -- options ------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-            and math.isfinite(v))
-
-
-def _is_bool(v) -> bool:
-    return isinstance(v, bool)
-
-
 _FILES_OK = (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
              "a file path or glob, or a list of them")
 
-_CHECKS: dict[str, dict[str, tuple]] = {
+_CHECKS: dict[str, dict[str, Check]] = {
     "data": {
-        "generator": (lambda v: v in GENERATORS, "one of " + ", ".join(repr(g) for g in GENERATORS)),
-        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-        "examples": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-        "features": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "nnz": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "noise": (lambda v: _is_num(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
-        "test_fraction": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
-        "signal_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+        **SPARSE_LOGREG_CHECKS,
         "files": _FILES_OK,
         "test_files": _FILES_OK,
-        "hash_features": (_is_bool, "true or false"),
-        "chunk_rows": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        "hash_features": (is_bool, "true or false"),
+        "chunk_rows": (lambda v: is_int(v) and v >= 1, "a positive integer"),
         "npz": (lambda v: isinstance(v, str) and bool(v), "an .npz file path"),
         "test_npz": (lambda v: isinstance(v, str) and bool(v), "an .npz file path"),
     },
     "train": {
         "solver": (lambda v: v in SOLVERS, "one of " + ", ".join(SOLVERS)),
-        "l1": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-        "l2": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-        "learning_rate": (lambda v: _is_num(v) and v > 0, "a positive number"),
-        "passes": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "blocks": (lambda v: _is_int(v) and 1 <= v <= 1 << 20, "an integer in [1, 1048576]"),
-        "curvature": (_is_bool, "true or false"),
-        "eval_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "epochs": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "beta": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+        "l1": (lambda v: is_finite_num(v) and v >= 0, "a number >= 0"),
+        "l2": (lambda v: is_finite_num(v) and v >= 0, "a number >= 0"),
+        "learning_rate": (lambda v: is_finite_num(v) and v > 0, "a positive number"),
+        "passes": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "blocks": (lambda v: is_int(v) and 1 <= v <= 1 << 20, "an integer in [1, 1048576]"),
+        "curvature": (is_bool, "true or false"),
+        "eval_every": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "epochs": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "batch_size": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "beta": (lambda v: is_finite_num(v) and v >= 0, "a number >= 0"),
     },
     "model": {
         "save": (lambda v: isinstance(v, str) and bool(v), "a folder path"),
@@ -188,30 +169,14 @@ def delay_of(spec: dict) -> int:
     if delay == "auto":
         bounds = cluster.get("auto_delay_bounds", (0, 8))
         return int(bounds[1]) if isinstance(bounds, (list, tuple)) and len(bounds) == 2 else 8
-    return int(delay) if _is_int(delay) else 0
+    return int(delay) if is_int(delay) else 0
 
 
 def validate(spec: dict, source: str) -> list[str]:
     """Problems with the ``data``, ``train`` and ``model`` sections, each naming the
     file, the key and what was expected; data files must be readable."""
-    problems: list[str] = []
-    for section in ("tables", "filters", "eval"):  # sections other apps read
-        if section in spec:
-            problems.append(f"{source}: {section}: not used by app 'logreg' (it reads data, train and model; "
-                            f"there is no KKT filter yet)")
-    for section, checks in _CHECKS.items():
-        given = spec.get(section)
-        if given is None:
-            continue
-        if not isinstance(given, dict):
-            problems.append(f"{source}: {section}: expected a mapping, got {given!r}")
-            continue
-        for key, value in given.items():
-            check = checks.get(key)
-            if check is None:
-                problems.append(f"{source}: {section}.{key}: unknown key; expected one of {', '.join(checks)}")
-            elif not check[0](value):
-                problems.append(f"{source}: {section}.{key}: expected {check[1]}, got {value!r}")
+    problems = check_sections(spec, source, _CHECKS, app="logreg", unused_sections=("tables", "filters", "eval"),
+                              unused_note="there is no KKT filter yet")
     if problems:
         return problems
 
@@ -243,13 +208,7 @@ def validate(spec: dict, source: str) -> list[str]:
             if data[key] is not None:
                 problems.extend(expand_files(data[key], f"data.{key}", source)[1])
     elif not problems:
-        if data["nnz"] > data["features"]:
-            problems.append(f"{source}: data.nnz: expected at most data.features ({data['features']}), "
-                            f"got {data['nnz']!r}")
-        n_test = round(data["examples"] * data["test_fraction"])
-        if not 1 <= n_test < data["examples"]:
-            problems.append(f"{source}: data.test_fraction: leaves {n_test} of {data['examples']} examples "
-                            f"for testing; expected at least one for each of test and train")
+        problems.extend(check_sparse_logreg(data, source))
 
     for key in spec.get("train") or {}:
         solvers = SOLVER_KEYS.get(key)
@@ -266,9 +225,7 @@ def validate(spec: dict, source: str) -> list[str]:
 
 def options(spec: dict) -> dict:
     """``DEFAULTS`` overlaid with the spec's sections, the learning rate resolved."""
-    merged = copy.deepcopy(DEFAULTS)
-    for section in merged:
-        merged[section].update(spec.get(section) or {})
+    merged = merge_defaults(DEFAULTS, spec)
     train = merged["train"]
     if train["learning_rate"] is None:
         train["learning_rate"] = DEFAULT_RATE.get(train["solver"], 0.1)

@@ -15,7 +15,6 @@ slowed).
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 import time
 
@@ -23,6 +22,8 @@ import numpy as np
 
 from psd.apps.datasets import GENERATORS, SparseDataset, shard
 from psd.apps.metrics import auc, log_loss
+from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check_sparse_logreg, is_finite_num,
+                              is_int, is_num, merge_defaults)
 from psd.errors import ConfigError
 
 DEFAULTS: dict = {
@@ -57,33 +58,16 @@ REPORT_EVERY = 20  # batches between progress reports
 
 
 # -- options ------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
 # key -> (accepts the value, what was expected)
-_CHECKS: dict[str, dict[str, tuple]] = {
-    "data": {
-        "generator": (lambda v: v in GENERATORS, "one of " + ", ".join(repr(g) for g in GENERATORS)),
-        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-        "examples": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-        "features": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "nnz": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "noise": (lambda v: _is_num(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
-        "test_fraction": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
-        "signal_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
-    },
+_CHECKS: dict[str, dict[str, Check]] = {
+    "data": SPARSE_LOGREG_CHECKS,
     "train": {
-        "epochs": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        "learning_rate": (lambda v: _is_num(v) and v > 0 and math.isfinite(v), "a positive number"),
-        "eval_every": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (0: once per epoch)"),
-        "slow_rank": (lambda v: _is_int(v) and v >= -1, "a rank (an integer >= 0), or -1 for none"),
-        "slow_seconds": (lambda v: _is_num(v) and 0 <= v <= 60, "a number of seconds in [0, 60]"),
+        "epochs": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "batch_size": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "learning_rate": (lambda v: is_finite_num(v) and v > 0, "a positive number"),
+        "eval_every": (lambda v: is_int(v) and v >= 0, "a non-negative integer (0: once per epoch)"),
+        "slow_rank": (lambda v: is_int(v) and v >= -1, "a rank (an integer >= 0), or -1 for none"),
+        "slow_seconds": (lambda v: is_num(v) and 0 <= v <= 60, "a number of seconds in [0, 60]"),
     },
 }
 
@@ -94,39 +78,15 @@ def validate(spec: dict, source: str) -> list[str]:
     Unknown keys are reported too: a misspelt option would otherwise silently fall
     back to its default.
     """
-    problems: list[str] = []
-    for section, checks in _CHECKS.items():
-        given = spec.get(section)
-        if given is None:
-            continue
-        if not isinstance(given, dict):
-            problems.append(f"{source}: {section}: expected a mapping, got {given!r}")
-            continue
-        for key, value in given.items():
-            check = checks.get(key)
-            if check is None:
-                problems.append(f"{source}: {section}.{key}: unknown key; expected one of "
-                                f"{', '.join(checks)}")
-            elif not check[0](value):
-                problems.append(f"{source}: {section}.{key}: expected {check[1]}, got {value!r}")
+    problems = check_sections(spec, source, _CHECKS, app="logreg_sgd")
     if not problems:
-        data = options(spec)["data"]
-        if data["nnz"] > data["features"]:
-            problems.append(f"{source}: data.nnz: expected at most data.features "
-                            f"({data['features']}), got {data['nnz']!r}")
-        n_test = round(data["examples"] * data["test_fraction"])
-        if not 1 <= n_test < data["examples"]:
-            problems.append(f"{source}: data.test_fraction: leaves {n_test} of {data['examples']} "
-                            f"examples for testing; expected at least one for each of test and train")
+        problems.extend(check_sparse_logreg(options(spec)["data"], source))
     return problems
 
 
 def options(spec: dict) -> dict:
     """``DEFAULTS`` overlaid with the spec's ``data`` and ``train`` sections."""
-    merged = copy.deepcopy(DEFAULTS)
-    for section in merged:
-        merged[section].update(spec.get(section) or {})
-    return merged
+    return merge_defaults(DEFAULTS, spec)
 
 
 def make_data(data: dict) -> tuple[SparseDataset, SparseDataset]:
