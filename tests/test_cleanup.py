@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,7 +91,8 @@ PARENT = textwrap.dedent("""
     import psd
     cluster = psd.LocalCluster(servers=2)
     print(json.dumps({"pids": [cluster.scheduler_proc.pid, *(s.pid for s in cluster.servers)],
-                      "addresses": [cluster.scheduler, *(s.address for s in cluster.servers)]}), flush=True)
+                      "addresses": [cluster.scheduler, *(s.address for s in cluster.servers)],
+                      "workdir": str(cluster.workdir)}), flush=True)
     time.sleep(120)
 """)
 
@@ -99,6 +101,7 @@ PARENT = textwrap.dedent("""
 def test_children_die_with_their_parent(sig):
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     pids: list[int] = []
+    info: dict = {}
     try:
         ready, _, _ = select.select([parent.stdout], [], [], 30)
         assert ready, "the parent did not start its cluster in time"
@@ -120,6 +123,8 @@ def test_children_die_with_their_parent(sig):
             parent.kill()
             parent.wait(5)
         _kill_leftovers([p for p in pids if not _gone(p)])
+        if info.get("workdir"):  # a killed parent cannot remove its cluster's folder: we do
+            shutil.rmtree(info["workdir"], ignore_errors=True)
 
 
 def test_close_is_prompt():
