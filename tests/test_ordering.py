@@ -8,8 +8,11 @@ import pytest
 import psd
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def seq_cluster():
+    """A fresh group per test: a worker counts at a server from its first request, and
+    until num_workers have joined the missing ones count as clock 0. With departed workers
+    of an earlier test filling the group's slots, a newcomer could be passed by."""
     with psd.LocalCluster(servers=2, consistency="sequential", num_workers=2) as cluster:
         yield cluster
 
