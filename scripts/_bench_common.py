@@ -48,7 +48,7 @@ def stop_process(proc, timeout: float = 3.0) -> None:
 
 # -- key layout ----------------------------------------------------------------
 def server_begins(num_servers: int) -> list[int]:
-    """Range starts of psd's equal-width assignment (psd.cluster.assignment.equal_width)."""
+    """Equal-width range starts: how the bare baseline splits its bytes across servers."""
     return [(KEY_SPACE_END * i) // num_servers for i in range(num_servers)]
 
 

@@ -1,7 +1,6 @@
 """Which server owns which key range, at which version.
 
-The scheduler builds it by consistent hashing (psd.cluster.ring); :func:`equal_width`
-is the simplest assignment, kept for tests and tools.
+The scheduler builds it by consistent hashing (psd.cluster.ring).
 """
 from __future__ import annotations
 
@@ -70,15 +69,3 @@ class Assignment:
                    owners=tuple(tuple(o) for o in d["owners"]),
                    addresses=dict(d.get("addresses", {})))
 
-
-def equal_width(servers: list[str], version: int, addresses: dict | None = None) -> Assignment:
-    """Cut [0, 2**64) into len(servers) equal ranges, in server order."""
-    if not servers:
-        return Assignment(version=version, addresses=dict(addresses or {}))
-    n = len(servers)
-    begins = [(KEY_SPACE_END * i) // n for i in range(n)]
-    ends = begins[1:] + [KEY_SPACE_END]
-    return Assignment(version=version,
-                      ranges=tuple(Range(b, e) for b, e in zip(begins, ends)),
-                      owners=tuple((s,) for s in servers),
-                      addresses=dict(addresses or {}))

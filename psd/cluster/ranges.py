@@ -25,9 +25,6 @@ class Range:
     def __contains__(self, key: int) -> bool:
         return self.begin <= key < self.end
 
-    def __len__(self) -> int:  # may exceed sys.maxsize for the whole space; use size
-        return self.size
-
     @property
     def size(self) -> int:
         return self.end - self.begin

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from psd.client import admin
-from psd.errors import PsdError, PsdTimeoutError
 from psd.jobs.spec import JobSpec, load_job, parse_job
 from psd.local import LocalCluster, daemon_argv
 

@@ -8,10 +8,22 @@ are forgotten, which is safe because a worker resends only its recent requests.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Iterator
 
 import numpy as np
 
 WINDOW = 1 << 16
+
+
+def ids_of_arrays(senders: list[str], counts: np.ndarray, rids: np.ndarray) -> Iterator[tuple[str, int]]:
+    """The (sender, rid) pairs of the frame form :meth:`Seen.to_arrays` writes."""
+    if len(senders) != counts.size or int(counts.sum()) != rids.size:
+        raise ValueError("seen memory: sender, count and id arrays disagree")
+    start = 0
+    for sender, n in zip(senders, counts.tolist()):
+        for rid in rids[start:start + n].tolist():
+            yield sender, rid
+        start += n
 
 
 class Seen:
@@ -40,13 +52,8 @@ class Seen:
         return senders, counts, rids
 
     def merge_arrays(self, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
-        if len(senders) != counts.size or int(counts.sum()) != rids.size:
-            raise ValueError("seen memory: sender, count and id arrays disagree")
-        start = 0
-        for sender, n in zip(senders, counts.tolist()):
-            for rid in rids[start:start + n].tolist():
-                self.add(sender, rid)
-            start += n
+        for sender, rid in ids_of_arrays(senders, counts, rids):
+            self.add(sender, rid)
 
     def __len__(self) -> int:
         return sum(len(ids) for ids in self._by_sender.values())

@@ -28,7 +28,7 @@ from psd.errors import (BadRequestError, MessageTooLargeError, NotOwnerError, Pr
                         PsdTimeoutError, TableMismatchError, UnknownTableError)
 from psd.roles.consistency import Gate, Policy, Setting
 from psd.roles.peers import Peers
-from psd.roles.seen import Seen
+from psd.roles.seen import Seen, ids_of_arrays
 from psd.store import Table, TableSpec
 from psd.store.checkpoint import read_server_file, write_server_file
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
@@ -81,15 +81,9 @@ class Covered:
             self._pieces.popitem(last=False)
 
     def note_copy(self, r: Range, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
-        if len(senders) != counts.size or int(counts.sum()) != rids.size:
-            raise ValueError("seen memory: sender, count and id arrays disagree")
-        start = 0
-        for sender, n in zip(senders, counts.tolist()):
-            for rid in rids[start:start + n].tolist():
-                ident = (sender, rid)
-                self._copied.setdefault(ident, []).append(r)
-                self._copied.move_to_end(ident)
-            start += n
+        for ident in ids_of_arrays(senders, counts, rids):
+            self._copied.setdefault(ident, []).append(r)
+            self._copied.move_to_end(ident)
         while len(self._copied) > self.COPIED_KEPT:
             self._copied.popitem(last=False)
 
@@ -317,7 +311,6 @@ class Server:
         held = ring.ranges_of(self.node_id)
         log.info("%s at ring v%d: leads %d range(s), holds %d, copying in %d", self.node_id, ring.version,
                  len(led), len(held), len(self.incoming))
-        self._owners_begins = np.array([r.begin for r in ring.ranges], dtype=np.uint64)
 
     def _drop_unowned(self) -> None:
         held = self.ring.ranges_of(self.node_id)
