@@ -137,7 +137,7 @@ def test_a_straggling_worker_is_named_in_the_jobs_metrics(tmp_path):
     job = write_job(tmp_path, {
         **SMALL_JOB, "output": str(out), "workers": 3, "consistency": "eventual",
         "cluster": {"straggler_lag": 3},
-        "train": {**SMALL_JOB["train"], "slow_rank": 2, "slow_seconds": 0.03}})
+        "train": {**SMALL_JOB["train"], "slow_rank": 2, "slow_seconds": 0.06}})
     res = run_psd("run", str(job), "--quiet")
     assert res.returncode == 0, res.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
