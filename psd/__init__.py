@@ -10,7 +10,7 @@
 from psd import aio
 from psd.client.sync import KVWorker, Table, connect
 from psd.config import ClusterConfig, load_config
-from psd.errors import (AuthError, BadRequestError, ConfigError, KeysError, MessageTooLargeError,
+from psd.errors import (AuthError, BadRequestError, ConfigError, KeysError, LimitError, MessageTooLargeError,
                         NotOwnerError, ProtocolError, PsdError, PsdTimeoutError, RemoteError,
                         StartupError, TableMismatchError, UnknownTableError, UnknownUpdaterError,
                         ValuesError)
@@ -22,5 +22,5 @@ __all__ = [
     "aio", "connect", "KVWorker", "Table", "LocalCluster", "ClusterConfig", "load_config",
     "PsdError", "ConfigError", "StartupError", "ProtocolError", "MessageTooLargeError", "AuthError",
     "BadRequestError", "KeysError", "ValuesError", "UnknownTableError", "UnknownUpdaterError",
-    "TableMismatchError", "NotOwnerError", "PsdTimeoutError", "RemoteError",
+    "TableMismatchError", "NotOwnerError", "PsdTimeoutError", "RemoteError", "LimitError",
 ]

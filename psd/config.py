@@ -26,6 +26,17 @@ DEFAULT_SCHEDULER = "tcp://127.0.0.1:9300"
 ENV_PREFIX = "PSD_"
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterLimits(Limits):
+    """The ``limits:`` section: the codec's per-message bounds, plus the cluster's."""
+
+    #: tables in the cluster, every namespace together (the scheduler enforces it)
+    max_tables: int = 1024
+    #: bytes of table storage one server may hold, replicas included (each server
+    #: enforces its own); None: no limit
+    max_memory_bytes: int | None = None
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     scheduler: str = DEFAULT_SCHEDULER
@@ -63,7 +74,14 @@ class ClusterConfig:
     log_level: str = "info"
     #: "human" (one line per record) or "json" (one JSON object per line)
     log_format: str = "human"
-    limits: Limits = field(default_factory=Limits)
+    #: HOST:PORT of the Prometheus endpoint (GET /metrics); port 0 picks a free one; None: off
+    metrics: str | None = None
+    #: "curve": CurveZMQ encryption and key allow-lists on every socket; "none": plaintext
+    #: (trusted test networks only; daemons warn at start)
+    security: str = "curve"
+    #: the key folder `psd keygen` wrote (PSD_KEYS); daemons need it under security: curve
+    keys: str | None = None
+    limits: ClusterLimits = field(default_factory=ClusterLimits)
 
     def replace(self, **changes) -> "ClusterConfig":
         return dataclasses.replace(self, **changes)
@@ -81,6 +99,15 @@ _WILDCARD_HOSTS = {"*", "0.0.0.0", "[::]"}
 def _address(v: str) -> bool:
     m = _ADDRESS.match(v)
     return bool(m) and (m["port"] == "*" or int(m["port"]) <= 65535)
+
+
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+def _host_port(v: str) -> bool:
+    """``HOST:PORT`` without a scheme (the metrics endpoint: plain HTTP, not ZeroMQ)."""
+    m = _HOST_PORT.match(v)
+    return bool(m) and int(m["port"]) <= 65535
 
 
 def _reachable_address(v: str) -> bool:
@@ -118,6 +145,11 @@ def _text_pair(s: str) -> list:
 def _text_optional(s: str) -> str | None:
     """An empty value turns an optional folder off."""
     return s or None
+
+
+def _text_optional_int(s: str) -> int | None:
+    """An empty value (or ``null``) turns an optional limit off."""
+    return None if s.strip() in ("", "null", "none") else _text_int(s)
 
 
 @dataclass(frozen=True)
@@ -171,12 +203,22 @@ RULES: dict[str, Rule] = {
     "checkpoint_dir": _folder(),
     "checkpoint_interval": Rule(lambda v: _number(v) and v >= 0, "a number of seconds >= 0", _text_number),
     "state_dir": _folder(),
+    "security": _choice("curve", "none"),
+    "keys": _folder(),
     "event_loop": _choice("uvloop", "asyncio"),
     "log_level": _choice("debug", "info", "warning", "error"),
     "log_format": _choice("human", "json"),
+    "metrics": Rule(lambda v: isinstance(v, str) and _host_port(v),
+                    "HOST:PORT to serve Prometheus metrics on, e.g. 127.0.0.1:9400 (port 0 picks a free "
+                    "one), or null for none", _text_optional, optional=True),
 }
 LIMIT_RULE = _positive_int()
-LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(Limits))
+LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(ClusterLimits))
+LIMIT_RULES: dict[str, Rule] = {key: LIMIT_RULE for key in LIMIT_KEYS} | {
+    "max_memory_bytes": Rule(lambda v: v is None or (_integer(v) and v > 0),
+                             "a positive integer (bytes), or null for no limit", _text_optional_int,
+                             optional=True),
+}
 
 assert set(RULES) | {"limits"} == {f.name for f in dataclasses.fields(ClusterConfig)}, "every setting needs a rule"
 
@@ -197,7 +239,7 @@ def flag(key: str) -> str:
 
 
 def rule(key: str) -> Rule:
-    return LIMIT_RULE if key.startswith("limits.") else RULES[key]
+    return LIMIT_RULES[key.split(".", 1)[1]] if key.startswith("limits.") else RULES[key]
 
 
 # -- validation -----------------------------------------------------------------------------
@@ -258,21 +300,21 @@ def _cross_checks(values: dict, where, problems: list[str]) -> None:
                         f"between two heartbeats")
 
 
-def _limits(raw, where, problems: list[str]) -> Limits:
+def _limits(raw, where, problems: list[str]) -> ClusterLimits:
     if not isinstance(raw, dict):
         problems.append(f"{where('limits')}: expected a map of limits ({', '.join(LIMIT_KEYS)}), "
                         f"got {type(raw).__name__}")
-        return Limits()
+        return ClusterLimits()
     values = {}
     for key, v in raw.items():
         dotted = f"limits.{key}"
         if key not in LIMIT_KEYS:
             problems.append(f"{where(dotted)}: unknown limit; {_known(str(key), LIMIT_KEYS)}")
-        elif not LIMIT_RULE.ok(v):
-            problems.append(f"{where(dotted)}: expected {LIMIT_RULE.expected}, got {v!r}")
+        elif not LIMIT_RULES[key].ok(v):
+            problems.append(f"{where(dotted)}: expected {LIMIT_RULES[key].expected}, got {v!r}")
         else:
             values[key] = v
-    return Limits(**values)
+    return ClusterLimits(**values)
 
 
 # -- files ------------------------------------------------------------------------------

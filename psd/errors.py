@@ -85,6 +85,15 @@ class TableMismatchError(BadRequestError):
     code = "table_mismatch"
 
 
+# --- a configured resource limit would be exceeded -------------------------
+class LimitError(PsdError):
+    """A cluster limit (``limits.max_tables``, ``limits.max_memory_bytes``) would be
+    exceeded; nothing was applied. Drop tables, add servers, or raise the limit. ``data``
+    names the limit and holds the numbers."""
+
+    code = "limit"
+
+
 # --- the client library retries ---------------------------------------------
 class NotOwnerError(PsdError):
     """The server no longer owns these keys; the client refreshes the ring and resends."""
@@ -107,7 +116,7 @@ class RemoteError(PsdError):
 _BY_CODE = {cls.code: cls for cls in (
     PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError,
     BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
-    TableMismatchError, NotOwnerError, PsdTimeoutError, RemoteError)}
+    TableMismatchError, LimitError, NotOwnerError, PsdTimeoutError, RemoteError)}
 
 
 def error_from_wire(code: str, message: str, node: str | None, data: dict | None = None) -> PsdError:

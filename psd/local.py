@@ -23,6 +23,7 @@ import yaml
 from psd.client import admin
 from psd.config import ClusterConfig, config_from_dict
 from psd.errors import StartupError
+from psd.transport import security
 
 _PR_SET_PDEATHSIG = 1
 
@@ -37,6 +38,37 @@ def _die_with_parent() -> None:
 
 _live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
+#: open curve clusters' key folders, oldest first, and the caller's own PSD_KEYS: while
+#: a cluster is open PSD_KEYS names its keys, so worker processes a test starts with
+#: ``subprocess`` find them (``psd.connect(address)`` reads PSD_KEYS)
+_exported: list[tuple[int, str]] = []
+_callers_keys: list[str | None] = []
+
+
+def _set_keys_env(value: str | None) -> str | None:
+    """Set (or with None, remove) PSD_KEYS in this process; returns what it was."""
+    env = os.environ
+    old = env.get("PSD_KEYS")
+    if value is None:
+        env.pop("PSD_KEYS", None)
+    else:
+        env["PSD_KEYS"] = value
+    return old
+
+
+def _export_keys(owner: object, folder: str) -> None:
+    old = _set_keys_env(folder)
+    if not _exported:
+        _callers_keys[:] = [old]
+    _exported.append((id(owner), folder))
+
+
+def _unexport_keys(owner: object) -> None:
+    if not any(i == id(owner) for i, _ in _exported):
+        return
+    _exported[:] = [(i, f) for i, f in _exported if i != id(owner)]
+    _set_keys_env(_exported[-1][1] if _exported else (_callers_keys or [None])[0])
+
 
 @atexit.register
 def _close_all() -> None:
@@ -45,7 +77,7 @@ def _close_all() -> None:
 
 
 class Child:
-    def __init__(self, name: str, argv: list[str], workdir: Path):
+    def __init__(self, name: str, argv: list[str], workdir: Path, extra_env: dict[str, str] | None = None):
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self.ready_path = workdir / f"{name}.ready"
@@ -57,6 +89,7 @@ class Child:
         # (measured: a 67k-float dot took 7 ms with OpenBLAS's threads, 0.07 ms without)
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, "1")
+        env.update(extra_env or {})  # the cluster's own: PSD_KEYS, so any child finds its keys
         self.proc = subprocess.Popen(
             [*argv, "--ready-file", str(self.ready_path), "--parent-pid", str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
@@ -93,6 +126,10 @@ class LocalCluster:
     """A whole cluster on 127.0.0.1; keyword arguments are cluster settings.
 
     ``with psd.LocalCluster(servers=3) as cluster: kv = psd.connect(cluster.scheduler)``
+
+    CurveZMQ is on, with throwaway keys in the work folder (``cluster.keys``), unless
+    ``security="none"`` or ``keys=FOLDER``. While open, ``PSD_KEYS`` names the keys in
+    this process and its children, and ``psd.connect(cluster.scheduler)`` finds them.
     """
 
     def __init__(self, servers: int = 1, *, config: ClusterConfig | None = None,
@@ -115,6 +152,11 @@ class LocalCluster:
         self.servers: list[Child] = []
         self.others: list[Child] = []  # worker daemons started through spawn()
         self.scheduler = ""
+        #: the cluster's CurveZMQ key folder (throwaway keys in the work folder unless the
+        #: settings name one); None under security="none"
+        self.keys: Path | None = None
+        self._client_keys = None
+        self._env: dict[str, str] = {}  # for every child: PSD_KEYS
         self._closed = False
         _live.add(self)
         try:
@@ -134,7 +176,24 @@ class LocalCluster:
         path.write_text(yaml.safe_dump(data))
         return path
 
+    def _make_keys(self) -> None:
+        """Throwaway CurveZMQ keys in the work folder (reused if a kept folder has them),
+        unless the settings name a key folder or say security: none."""
+        if self.config.security == "none":
+            return
+        if self.config.keys is None:
+            folder = self.workdir / "keys"
+            if not (folder / (security.SERVER + security.SECRET)).exists():
+                security.keygen(folder)
+            self.config = self.config.replace(keys=str(folder))
+        self.keys = Path(self.config.keys)
+        security.load_daemon(self.keys)  # fail here, not in every child, if they are unusable
+        self._client_keys = security.load_client(self.keys)
+        self._env = {"PSD_KEYS": str(self.keys)}
+        _export_keys(self, str(self.keys))
+
     def _start(self) -> None:
+        self._make_keys()
         self.config_path = self._write_config()
         deadline = time.monotonic() + self.startup_timeout
         self._start_scheduler("tcp://127.0.0.1:0", deadline)
@@ -160,8 +219,9 @@ class LocalCluster:
     def _start_scheduler(self, bind: str, deadline: float) -> None:
         name = "scheduler" if self.scheduler_proc is None else f"scheduler-{time.monotonic_ns()}"
         self.scheduler_proc = Child(name, daemon_argv(
-            "scheduler", "--config", str(self.config_path), "--bind", bind), self.workdir)
+            "scheduler", "--config", str(self.config_path), "--bind", bind), self.workdir, self._env)
         self.scheduler = self.scheduler_proc.wait_ready(deadline)
+        security.register_local(self.scheduler, self._client_keys)
 
     def restart_scheduler(self, sig: int = signal.SIGKILL) -> None:
         """Kill the scheduler and start a new one on the same address and state folder."""
@@ -175,7 +235,7 @@ class LocalCluster:
         """Start one more server daemon; it copies its ranges in while the others serve
         (with ``wait``, returns once the ring includes it)."""
         child = Child(f"server{len(self.servers)}", daemon_argv(
-            "server", "--config", str(self.config_path), "--scheduler", self.scheduler), self.workdir)
+            "server", "--config", str(self.config_path), "--scheduler", self.scheduler), self.workdir, self._env)
         self.servers.append(child)
         if wait:
             child.wait_ready(time.monotonic() + self.startup_timeout)
@@ -185,7 +245,7 @@ class LocalCluster:
 
     def spawn(self, name: str, argv: list[str]) -> Child:
         """Start another child (a worker daemon) that is cleaned up with the cluster."""
-        child = Child(name, argv, self.workdir)
+        child = Child(name, argv, self.workdir, self._env)
         self.others.append(child)
         return child
 
@@ -239,6 +299,9 @@ class LocalCluster:
                 child.proc.kill()
                 child.proc.wait(5)
             child._log.close()
+        if self.scheduler:
+            security.unregister_local(self.scheduler)
+        _unexport_keys(self)
         if self._own_workdir and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -14,6 +14,9 @@ For each configuration (1 server / 1 worker, then 2 servers / 2 workers) it star
   pre-filled with ``push_span`` (keys/s; "push+pull" counts keys pushed plus keys pulled);
 * round-trip latency of a small pull (10 keys; also a 10-key ``pull_span``).
 
+psd runs with ``security: none`` here (plaintext, like the baseline); CurveZMQ, which is
+on by default, is measured against it by ``scripts/bench_security.py``.
+
 Then it repeats the same traffic against a bare pyzmq ROUTER echo server running in
 its own process (one per psd server), from plain blocking DEALER sockets, zero-copy:
 a push is acked with one byte, a pull is answered with a same-size payload.
@@ -130,7 +133,9 @@ class PsdOps:
     def __init__(self, scheduler: str, w: int, num_servers: int):
         import psd
 
-        self.kv = psd.connect(scheduler)
+        # the cluster runs with security: none (the baseline is plaintext pyzmq), and
+        # this worker process is told so (a client is CurveZMQ unless its config says none)
+        self.kv = psd.connect(scheduler, psd.ClusterConfig(security="none"))
         self.t = self.kv.table(f"bench_w{w}", width=1, dtype="float32", updater="sum")
 
     def prefill(self, lo: int, n: int) -> None:
@@ -371,7 +376,8 @@ def run_workers(kind: str, num_servers: int, num_workers: int, address, plan: di
 def run_psd(num_servers: int, num_workers: int, plan: dict) -> list[dict]:
     import psd
 
-    with psd.LocalCluster(servers=num_servers) as cluster:
+    # plaintext, like the bare pyzmq baseline: the cost of CurveZMQ is scripts/bench_security.py's
+    with psd.LocalCluster(servers=num_servers, security="none") as cluster:
         _LIVE_CLUSTERS.add(cluster)
         try:
             return run_workers("psd", num_servers, num_workers, cluster.scheduler, plan)
@@ -608,6 +614,8 @@ def finish(report: dict, plan: dict, out: Path, started: float) -> None:
               f"pyzmq {report['host'].get('pyzmq')} / libzmq {report['host'].get('libzmq')}; "
               f"throughput = median of {plan['reps']} reps; MB = 1e6 B (pushed + pulled); "
               f"op = push+wait+pull; psd/bare > 1 is better for rates, worse for latency")
+        print("psd runs with security: none here, as plaintext as the bare pyzmq baseline; "
+              "the cost of CurveZMQ (on by default) is measured by scripts/bench_security.py")
         before = report["host"]["loadavg_before"][0]
         print(f"load average (1 min) before the run: {before:.2f}, after: {report['host']['loadavg_after'][0]:.2f}"
               + ("  -- WARNING: something else was using the CPUs; figures are noisy" if before > 0.5 else ""))

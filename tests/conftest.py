@@ -6,6 +6,7 @@ Clusters are module-scoped (one start-up per test module) and are closed by thei
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import zmq
 
 import psd
 from psd.codec import Limits, Message, decode, encode
+from psd.transport import security
 
 #: how long a raw socket waits for a reply before the test fails (never unbounded)
 RAW_TIMEOUT = 5.0
@@ -76,15 +78,44 @@ def server_addresses(cluster) -> list[str]:
 
 
 # -- a raw DEALER for hand-made frames ------------------------------------------------
+_shared_keys: list[str] = []
+
+
+def shared_keys() -> str:
+    """A key folder (``psd keygen``) for daemons a test starts by hand, made once per
+    test process and removed at exit."""
+    if not _shared_keys:
+        import atexit
+        import shutil
+        import tempfile
+        folder = tempfile.mkdtemp(prefix="psd-test-keys-")
+        security.keygen(folder)
+        atexit.register(shutil.rmtree, folder, True)
+        _shared_keys.append(folder)
+    return _shared_keys[0]
+
+
+def cluster_keys():
+    """The CurveZMQ client keys of the LocalCluster open in this process (it exports
+    PSD_KEYS while open), or None when none is (plaintext)."""
+    folder = os.environ.get("PSD_KEYS")
+    return security.load_client(folder) if folder else None
+
+
 class RawDealer:
-    """A bare pyzmq DEALER (LINGER 0): sends exactly the frames it is given."""
+    """A bare pyzmq DEALER (LINGER 0): sends exactly the frames it is given. It speaks
+    CurveZMQ with ``curve`` (default: the open LocalCluster's client keys; None for
+    plaintext), through the same function every psd socket uses."""
 
     _ids = itertools.count(10_000)
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, curve="cluster"):
         self.address = address
+        self.curve = cluster_keys() if curve == "cluster" else curve
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            security.apply_client(self.sock, self.curve)
         self.sock.connect(address)
 
     def send_frames(self, frames: list) -> None:
@@ -129,8 +160,8 @@ def raw_dealer():
     """``raw_dealer(address)`` opens a RawDealer that is closed after the test."""
     opened: list[RawDealer] = []
 
-    def open_(address: str) -> RawDealer:
-        d = RawDealer(address)
+    def open_(address: str, **kw) -> RawDealer:
+        d = RawDealer(address, **kw)
         opened.append(d)
         return d
 

@@ -410,7 +410,8 @@ async def test_an_undecodable_reply_fails_its_request_at_once(answer):
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
-    rpc = RpcSocket(connect_dealer(ctx, f"tcp://127.0.0.1:{port}"), "W-test", limits=Limits(max_message_bytes=1 << 16))
+    rpc = RpcSocket(connect_dealer(ctx, f"tcp://127.0.0.1:{port}", security=None), "W-test",  # a plaintext fake
+                    limits=Limits(max_message_bytes=1 << 16))
     serve = asyncio.create_task(rpc.serve())
     try:
         call = asyncio.create_task(rpc.call(Message("ping"), timeout=20))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -107,9 +108,14 @@ def test_status_cli_human_and_json():
 
 
 def test_status_without_scheduler_says_so():
-    res = run_psd("status", "--scheduler", "tcp://127.0.0.1:1", timeout=30)
+    res = run_psd("status", "--scheduler", "tcp://127.0.0.1:1", "--security", "none", timeout=30)
     assert res.returncode == 1
     assert "no answer from the scheduler at tcp://127.0.0.1:1" in res.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PSD_KEYS"}
+    keyless = subprocess.run([*PSD, "status", "--scheduler", "tcp://127.0.0.1:1"], capture_output=True, text=True,
+                             timeout=30, env=env)
+    assert keyless.returncode == 1
+    assert "no CurveZMQ keys for the cluster at tcp://127.0.0.1:1: set PSD_KEYS" in keyless.stderr
 
 
 def test_submit_to_a_running_cluster_of_daemons(tmp_path):

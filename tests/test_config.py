@@ -11,8 +11,8 @@ import pytest
 
 from psd.cli.main import build_parser
 from psd.codec import Limits
-from psd.config import (LIMIT_KEYS, RULES, ClusterConfig, config_from_dict, env_var, flag, load_config,
-                        load_yaml, resolve_config, setting_keys)
+from psd.config import (LIMIT_KEYS, RULES, ClusterConfig, ClusterLimits, config_from_dict, env_var, flag,
+                        load_config, load_yaml, resolve_config, setting_keys)
 from psd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,10 @@ BAD = {
     "event_loop": ["trio"],
     "log_level": ["verbose", "INFO"],
     "log_format": ["xml", "text"],
+    "metrics": ["tcp://127.0.0.1:9400", "http://h:9400/metrics", "127.0.0.1", ":9400", "h:99999", "h:port",
+                "", 9400, ["h", 1]],
+    "security": ["off", "CURVE", "plain", True, None],
+    "keys": ["", 5, ["/etc/psd/keys"]],
     **{f"limits.{k}": [0, -1, "1M", True, 1.5] for k in LIMIT_KEYS},
 }
 
@@ -66,6 +70,11 @@ GOOD = {
     "event_loop": [("asyncio", "asyncio")],
     "log_level": [("debug", "debug")],
     "log_format": [("json", "json"), ("human", "human")],
+    "metrics": [("127.0.0.1:9400", "127.0.0.1:9400"), ("127.0.0.1:0", "127.0.0.1:0"),
+                ("0.0.0.0:9400", "0.0.0.0:9400"), ("[::1]:9400", "[::1]:9400"),
+                ("node-3.cluster:9401", "node-3.cluster:9401"), (None, None)],
+    "security": [("curve", "curve"), ("none", "none")],
+    "keys": [("/etc/psd/keys", "/etc/psd/keys"), (None, None)],
     **{f"limits.{k}": [(1024, 1024)] for k in LIMIT_KEYS},
 }
 
@@ -92,14 +101,17 @@ TEXT = {
     "event_loop": ("asyncio", "asyncio"),
     "log_level": ("warning", "warning"),
     "log_format": ("json", "json"),
+    "metrics": ("10.0.0.2:9400", "10.0.0.2:9400"),
+    "security": ("none", "none"),
+    "keys": ("/etc/psd/keys", "/etc/psd/keys"),
     **{f"limits.{k}": ("4096", 4096) for k in LIMIT_KEYS},
 }
 
 #: text an environment variable or flag of that setting cannot hold
 #: (any text is a valid folder path, and an empty one turns the folder off: tested below)
-BAD_TEXT = {key: "x1" for key in setting_keys() if key not in ("checkpoint_dir", "state_dir")} | {
+BAD_TEXT = {key: "x1" for key in setting_keys() if key not in ("checkpoint_dir", "state_dir", "keys")} | {
     "scheduler": "10.0.0.1:9300", "bind": "tcp://*:0", "compression": "gzip",
-    "max_delay": "-2", "auto_delay_bounds": "3,1",
+    "max_delay": "-2", "auto_delay_bounds": "3,1", "metrics": "tcp://10.0.0.2:9400",
 }
 
 
@@ -119,7 +131,8 @@ def test_every_setting_has_a_rule_and_tests():
     fields = {f.name for f in dataclasses.fields(ClusterConfig)} - {"limits"}
     assert set(RULES) == fields
     keys = set(setting_keys())
-    assert keys == fields | {f"limits.{f.name}" for f in dataclasses.fields(Limits)}
+    assert keys == fields | {f"limits.{f.name}" for f in dataclasses.fields(ClusterLimits)}
+    assert {f.name for f in dataclasses.fields(Limits)} < set(LIMIT_KEYS)  # the codec's, and the cluster's
     for table in (BAD, GOOD, TEXT):
         assert set(table) == keys, sorted(keys ^ set(table))
 
@@ -259,6 +272,26 @@ def test_layers_file_then_env_then_flags(tmp_path):
     assert c.limits.max_frames == Limits().max_frames
 
 
+def test_metrics_are_off_by_default_and_an_empty_value_turns_them_off(tmp_path):
+    assert ClusterConfig().metrics is None
+    path = tmp_path / "cluster.yaml"
+    path.write_text("metrics: 127.0.0.1:9400\n")
+    assert resolve_config(path).metrics == "127.0.0.1:9400"
+    assert resolve_config(path, {"PSD_METRICS": ""}).metrics is None
+    assert resolve_config(path, {"PSD_METRICS": "127.0.0.1:9500"}, {"metrics": "127.0.0.1:0"}).metrics == "127.0.0.1:0"
+
+
+def test_security_is_on_by_default_and_keys_come_from_psd_keys(tmp_path):
+    assert (ClusterConfig().security, ClusterConfig().keys) == ("curve", None)
+    path = tmp_path / "cluster.yaml"
+    path.write_text("keys: /etc/psd/keys\n")
+    assert resolve_config(path).keys == "/etc/psd/keys"
+    assert resolve_config(path, {"PSD_KEYS": "/srv/keys"}).keys == "/srv/keys"
+    assert resolve_config(path, {"PSD_KEYS": "/srv/keys"}, {"keys": "/k"}).keys == "/k"
+    assert resolve_config(path, {"PSD_KEYS": ""}).keys is None
+    assert resolve_config(path, {"PSD_SECURITY": "none"}).security == "none"
+
+
 def test_empty_env_value_turns_an_optional_folder_off(tmp_path):
     path = tmp_path / "cluster.yaml"
     path.write_text("checkpoint_dir: /srv/c\nstate_dir: /srv/s\n")
@@ -309,13 +342,40 @@ def test_only_the_cli_reads_the_environment():
             if name in ("environ", "getenv", "environb"):
                 readers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     # LocalCluster also touches it, to hand its children the caller's environment minus
-    # PSD_ variables (their settings come from the cluster file alone): not a read of config
-    allowed = ("psd/cli/main.py:", "psd/local.py:")
+    # PSD_ variables (their settings come from the cluster file alone), and to export its
+    # PSD_KEYS while open: not a read of config. The Python API's connect is an entry point
+    # like the command line: it reads PSD_KEYS, once (docs/operations.md, "Security").
+    allowed = ("psd/cli/main.py:", "psd/local.py:", "psd/client/aio.py:")
     assert readers and all(r.startswith(allowed) for r in readers), readers
-    assert sum(r.startswith("psd/local.py:") for r in readers) == 1, readers
+    assert sum(r.startswith("psd/local.py:") for r in readers) == 2, readers
+    assert sum(r.startswith("psd/client/aio.py:") for r in readers) == 1, readers
 
 
 @pytest.mark.parametrize("name", ["cluster.yaml", "local.yaml"])
 def test_example_configs_are_valid(name):
     config = resolve_config(ROOT / "configs" / name)
     assert config.scheduler.startswith("tcp://")
+
+
+def test_cluster_limits_max_tables_and_max_memory_bytes(tmp_path):
+    """The cluster's limits beside the codec's: max_tables (default 1024, enforced by the
+    scheduler) and max_memory_bytes (default none; null or an empty override turns it off)."""
+    c = ClusterConfig()
+    assert (c.limits.max_tables, c.limits.max_memory_bytes) == (1024, None)
+    assert isinstance(c.limits, Limits)  # the codec reads the same object
+    assert config_from_dict({"limits": {"max_memory_bytes": None}}).limits.max_memory_bytes is None
+    assert config_from_dict({"limits": {"max_memory_bytes": 1 << 34}}).limits.max_memory_bytes == 1 << 34
+    path = tmp_path / "cluster.yaml"
+    path.write_text("limits:\n  max_tables: 0\n  max_memory_bytes: -5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.data["problems"] == [
+        f"{path}:2: limits.max_tables: expected a positive integer, got 0",
+        f"{path}:3: limits.max_memory_bytes: expected a positive integer (bytes), or null for no limit, got -5",
+    ]
+    path.write_text("limits:\n  max_memory_bytes: 4096\n")
+    assert resolve_config(path, {"PSD_LIMITS_MAX_MEMORY_BYTES": ""}).limits.max_memory_bytes is None
+    assert resolve_config(path, {}, {"limits.max_memory_bytes": "null"}).limits.max_memory_bytes is None
+    assert resolve_config(path, {"PSD_LIMITS_MAX_TABLES": "7"}).limits.max_tables == 7
+    with pytest.raises(ConfigError, match=r"flag --limits-max-memory-bytes: expected a positive integer \(bytes\)"):
+        resolve_config(path, {}, {"limits.max_memory_bytes": "0"})

@@ -28,9 +28,12 @@ import numpy as np
 import pytest
 
 from psd.client import admin
+from psd.config import ClusterConfig
 from psd.errors import ConfigError, StartupError
 from psd.roles.daemon import (EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_STARTUP, IdentityFilter, JsonFormatter,
                               LogIdentity, Notifier, run_daemon)
+
+from conftest import shared_keys
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,6 +48,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PSD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     return env | extra
+
+
+def daemon_env(**extra: str) -> dict[str, str]:
+    """``clean_env`` plus the CurveZMQ keys daemons need (security is on by default)."""
+    return clean_env(PSD_KEYS=shared_keys(), **extra)
 
 
 class NotifySocket:
@@ -134,7 +142,7 @@ class Proc:
         self.out_path, self.err_path = workdir / f"{name}.out", workdir / f"{name}.err"
         self.started = time.monotonic()
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "psd", *args], env=env or clean_env(),
+            self.proc = subprocess.Popen([sys.executable, "-m", "psd", *args], env=env or daemon_env(),
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=ROOT)
 
     def wait(self, timeout: float = SLOW) -> int:
@@ -210,7 +218,7 @@ def test_daemons_exit_2_on_config_errors(psd_proc, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("scheduler: tcp://127.0.0.1:1\nlimits:\n  max_frames: -1\n")
     server = psd_proc(["server", "--config", str(bad)], "server")
-    scheduler = psd_proc(["scheduler"], "scheduler", env=clean_env(PSD_LIMITS_MAX_MESSAGE_BYTES="1 GiB"))
+    scheduler = psd_proc(["scheduler"], "scheduler", env=daemon_env(PSD_LIMITS_MAX_MESSAGE_BYTES="1 GiB"))
     worker = psd_proc(["worker", "--log-format", "xml"], "worker")
     assert server.wait() == 2
     assert f"{bad}:3: limits.max_frames: expected a positive integer, got -1" in server.stderr
@@ -247,11 +255,11 @@ def test_daemons_exit_3_on_start_up_failures(psd_proc):
 def test_scheduler_notifies_ready_feeds_the_watchdog_and_says_stopping(psd_proc, notify_socket):
     n = notify_socket()
     p = psd_proc(["scheduler", "--bind", "tcp://127.0.0.1:0"], "scheduler",
-                 env=clean_env(NOTIFY_SOCKET=n.address, WATCHDOG_USEC="200000"))
+                 env=daemon_env(NOTIFY_SOCKET=n.address, WATCHDOG_USEC="200000"))
     ready = n.wait_for("READY=1")
     address = re.search(r"^STATUS=ready: (tcp://\S+)$", ready, re.M).group(1)
     # READY=1 came once it was bound and serving: it answers at once
-    assert admin.call(address, "ping", timeout=5) is not None
+    assert admin.call(address, "ping", timeout=5, config=ClusterConfig(keys=shared_keys())) is not None
     assert "STOPPING=1" not in [t for _, t in n.got]
     beats = [t for t, text in n.collect(0.8) if text == "WATCHDOG=1"]
     assert len(beats) >= 3, n.got                       # every 0.1 s: half of WATCHDOG_USEC
@@ -338,10 +346,10 @@ def json_lines(text: str) -> list[dict]:
 def test_json_logs_name_node_and_role(psd_proc, notify_socket):
     ns, nv = notify_socket(), notify_socket()
     sched = psd_proc(["scheduler", "--bind", "tcp://127.0.0.1:0", "--log-format", "json"], "scheduler",
-                     env=clean_env(NOTIFY_SOCKET=ns.address))
+                     env=daemon_env(NOTIFY_SOCKET=ns.address))
     address = re.search(r"STATUS=ready: (tcp://\S+)", ns.wait_for("READY=1")).group(1)
     server = psd_proc(["server", "--scheduler", address], "server",
-                      env=clean_env(NOTIFY_SOCKET=nv.address, PSD_LOG_FORMAT="json"))
+                      env=daemon_env(NOTIFY_SOCKET=nv.address, PSD_LOG_FORMAT="json"))
     nv.wait_for("READY=1")
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait() == 0, server.stderr

@@ -50,10 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", help=f"scheduler address (default {DEFAULT_SCHEDULER} or the config's)")
     s.add_argument("--config", help="cluster YAML file (for the scheduler address)")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
+    s.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line each")
+    s.add_argument("--count", type=int, metavar="N", help="stop after N refreshes (implies --watch)")
     d = sub.add_parser("drain", help="hand a server's ranges to the others, then stop it")
     d.add_argument("node", help="server id as `psd status` shows it, e.g. S2")
     d.add_argument("--scheduler", help="scheduler address")
     d.add_argument("--config", help="cluster YAML file (for the scheduler address)")
+    dr = sub.add_parser("drop", help="drop tables on every server: a namespace (a job's id) or named tables")
+    dr.add_argument("tables", nargs="*", metavar="TABLE", help="full table names, e.g. w or J3/w")
+    dr.add_argument("--namespace", help="drop every table of this namespace, e.g. J3")
+    dr.add_argument("--scheduler", help="scheduler address")
+    dr.add_argument("--config", help="cluster YAML file (for the scheduler address)")
     sb = sub.add_parser("submit", help="hand a job to a running cluster's worker daemons")
     sb.add_argument("job", help="job YAML file")
     sb.add_argument("--scheduler", help="scheduler address")
@@ -77,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML file")
     r.add_argument("--output", help="output folder (overrides the job's)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    k = sub.add_parser("keygen", help="write CurveZMQ key pairs and the allow-list for a cluster")
+    k.add_argument("dir", metavar="DIR", help="key folder (created if missing)")
+    k.add_argument("--client", action="append", metavar="NAME",
+                   help="a client key pair to create and list (repeatable; default: one named 'client')")
+    k.add_argument("--add", action="store_true",
+                   help="add the --client pairs to the existing set in DIR (its server pair stays)")
+    k.add_argument("--force", action="store_true", help="replace keys that exist")
+    for name in ("status", "drain", "drop", "submit", "checkpoint"):
+        if name in sub.choices:
+            sub.choices[name].add_argument(
+                "--keys", metavar="DIR", help="the cluster's key folder (`psd keygen`; or PSD_KEYS, or keys: in "
+                                              "--config)")
+            sub.choices[name].add_argument("--security", metavar="MODE",
+                                           help="curve (default) or none, for a plaintext cluster")
     return parser
 
 
@@ -112,11 +134,58 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_config(args, env: dict[str, str]) -> int:
     config = _config(args, env)
+    if config.security == "curve" and not config.keys:  # the folder itself may live on another host
+        raise ConfigError(f"{_origin(args, env, 'keys')}: expected the key folder `psd keygen DIR` writes "
+                          f"(security: curve needs it; security: none turns CurveZMQ off), got None")
     overrides = [env_var(k) for k in env_overrides(env)[0]] + [flag(k) for k in _flags(args)]
     print(f"OK {args.config}: scheduler {config.scheduler}, replication {config.replication}, "
           f"consistency {config.consistency}, checkpoint_dir {config.checkpoint_dir or '-'}, "
-          f"state_dir {config.state_dir or '-'}"
+          f"state_dir {config.state_dir or '-'}, security {config.security}"
+          + (f" (keys {config.keys})" if config.security == "curve" else "")
           + (f" (with {', '.join(overrides)})" if overrides else ""))
+    return 0
+
+
+def _origin(args, env: dict[str, str], key: str) -> str:
+    """Where the value of setting ``key`` came from, as config errors name it."""
+    if _flags(args).get(key) is not None:
+        return f"flag {flag(key)}"
+    if env_var(key) in env:
+        return f"environment variable {env_var(key)}"
+    return f"{args.config}: {key}" if getattr(args, "config", None) else key
+
+
+def _daemon_keys(args, env: dict[str, str], config: ClusterConfig):
+    """The daemon's CurveZMQ keys (None under security: none); an unusable key folder is
+    a config error (exit 2) naming the ``keys`` setting."""
+    from psd.errors import AuthError
+    from psd.transport import security
+
+    if config.security == "none":
+        return None
+    where = _origin(args, env, "keys")
+    if not config.keys:
+        raise ConfigError(f"{where}: expected the key folder `psd keygen DIR` writes (security: curve needs it; "
+                          f"security: none turns CurveZMQ off), got None")
+    try:
+        if args.command in ("scheduler", "server"):
+            return security.load_daemon(config.keys)
+        return security.load_client(config.keys)
+    except AuthError as e:
+        raise ConfigError(f"{where}: expected a usable key folder, got {config.keys!r}: {e.message}") from None
+
+
+def _keygen(args) -> int:
+    from psd.transport import security
+
+    written = security.keygen(args.dir, args.client or [security.DEFAULT_CLIENT], add=args.add, force=args.force)
+    for path in written:
+        print(path)
+    clients = args.client or [security.DEFAULT_CLIENT]
+    print(f"psd keygen: {'added' if args.add else 'wrote'} {len(written)} files. Daemon hosts need "
+          f"{security.SERVER}.key_secret and authorized/; a client host needs {security.SERVER}.key and its "
+          f"own pair ({', '.join(c + '.key_secret' for c in clients)}). Point keys: (or PSD_KEYS, --keys) "
+          f"at the folder.", file=sys.stderr)
     return 0
 
 
@@ -126,29 +195,38 @@ def _run_role(args, env: dict[str, str]) -> int:
     from psd.roles.daemon import LogIdentity, Notifier, run_daemon, setup_logging
 
     config = _config(args, env)
+    curve = _daemon_keys(args, env, config)
     identity = setup_logging(config.log_level, fmt=config.log_format, identity=LogIdentity(args.command))
+    if curve is None:
+        logging.getLogger("psd.security").warning(
+            "security: none: CurveZMQ is off. Traffic is plaintext and anyone who can reach this %s can "
+            "read and change every table; use it only on a trusted test network", args.command)
     notify = Notifier.from_env(env)
     if args.command == "scheduler":
         from psd.roles.scheduler import Scheduler
         # --bind names the scheduler's own address; otherwise it binds the configured one
-        role = Scheduler(config, bind=config.bind if args.bind else config.scheduler)
+        role = Scheduler(config, bind=config.bind if args.bind else config.scheduler, curve=curve)
         hint = ""
     else:
         hint = f"is the scheduler at {config.scheduler} running and reachable?"
         if args.command == "server":
             from psd.roles.server import Server
-            role = Server(config)
+            role = Server(config, curve=curve)
         else:
             from psd.roles.worker import Worker
             role = Worker(config, one_job=args.one_job)
     identity.source = role
+    endpoint = None
+    if config.metrics:
+        from psd.roles.metrics import attach
+        endpoint = attach(role, config.metrics)
     logging.getLogger("psd.daemon").info(
         "starting %s (config %s%s)", args.command, args.config or "defaults",
         "".join(f", {n}" for n in [*(env_var(k) for k in env_overrides(env)[0]),
                                    *(flag(k) for k in _flags(args))]))
     return run_daemon(role.run, event_loop=config.event_loop, ready_file=args.ready_file,
                       parent_pid=args.parent_pid, notify=notify, startup_timeout=config.startup_timeout,
-                      startup_hint=hint, identity=identity)
+                      startup_hint=hint, identity=identity, metrics=endpoint)
 
 
 def _dispatch(args, env: dict[str, str]) -> int:
@@ -159,24 +237,40 @@ def _dispatch(args, env: dict[str, str]) -> int:
     if args.command == "status":
         from psd.cli.status import show_status
         config = _config(args, env)
-        return show_status(config.scheduler, as_json=args.json)
+        return show_status(config.scheduler, as_json=args.json, watch=args.watch, count=args.count, config=config)
     if args.command == "drain":
         from psd.client import admin
         config = _config(args, env)
-        reply = admin.call(config.scheduler, "drain", timeout=config.request_timeout + 5, node=args.node)
+        reply = admin.call(config.scheduler, "drain", timeout=config.request_timeout + 5, config=config,
+                           node=args.node)
         print(f"{args.node} drained; ring v{reply['ring']}")
+        return 0
+    if args.command == "drop":
+        from psd.client import admin
+        from psd.errors import BadRequestError
+        if bool(args.namespace) == bool(args.tables):
+            raise BadRequestError("psd drop: name tables, or give --namespace NS; not both")
+        config = _config(args, env)
+        which = {"namespace": args.namespace} if args.namespace else {"tables": args.tables}
+        reply = admin.call(config.scheduler, "drop_tables", timeout=config.request_timeout + 5, config=config,
+                           **which)
+        print(f"dropped {len(reply['dropped'])} table(s)" + (f": {', '.join(reply['dropped'])}"
+                                                               if reply["dropped"] else ""))
         return 0
     if args.command == "checkpoint":
         from psd.client import admin
         config = _config(args, env)
-        info = admin.call(config.scheduler, "checkpoint", timeout=args.wait + 15, wait=args.wait)
+        info = admin.call(config.scheduler, "checkpoint", timeout=args.wait + 15, config=config, wait=args.wait)
         print(f"checkpoint {info['id']} in {info['folder']}: cut at clock {info['cut']}, "
               f"{info['keys']} keys, {info['bytes']} bytes")
         return 0
     if args.command == "submit":
         from psd.jobs.runner import submit_job
         config = _config(args, env)
-        return submit_job(args.job, config.scheduler, output=args.output, follow=args.follow, quiet=args.quiet)
+        return submit_job(args.job, config.scheduler, output=args.output, follow=args.follow, quiet=args.quiet,
+                          config=config)
+    if args.command == "keygen":
+        return _keygen(args)
     if args.command == "run":
         from psd.jobs.runner import run_job
         return run_job(args.job, output=args.output, quiet=args.quiet)

@@ -5,27 +5,48 @@ These do not register as a worker, so asking for status never changes what it re
 from __future__ import annotations
 
 import itertools
+import time
 
 import zmq
 
 from psd.codec import Message, decode, encode
+from psd.config import ClusterConfig
 from psd.errors import PsdTimeoutError
+from psd.transport import security
 from psd.transport.rpc import raise_if_error
+from psd.transport.security import refusal_error
+from psd.transport.sockets import connect_watched
 
 _ids = itertools.count(1)
 
 
-def call(scheduler: str, op: str, timeout: float = 5.0, **meta) -> dict:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+def call(scheduler: str, op: str, timeout: float = 5.0, *, config: ClusterConfig | None = None, **meta) -> dict:
+    """Send ``op`` with ``meta`` and return the reply's meta. Keys come from ``config``
+    (``security``, ``keys``: the command line puts PSD_KEYS and --keys there), else
+    from a LocalCluster of this process for this address. A refused handshake raises
+    AuthError at once."""
+    config = config or ClusterConfig()
+    curve = security.for_client(scheduler, security=config.security, keys=config.keys)
+    sock, watch = connect_watched(zmq.Context.instance(), scheduler, security=curve)
     try:
-        sock.connect(scheduler)
         msg = Message(op, id=next(_ids), sender="admin", meta=meta)
         sock.send_multipart(encode(msg))
-        if not sock.poll(int(timeout * 1000)):
-            raise PsdTimeoutError(f"no answer from the scheduler at {scheduler} within {timeout} s; "
-                                  f"is it running? (pass --scheduler ADDR)")
-        return raise_if_error(decode(sock.recv_multipart(copy=False))).meta
+        deadline = time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(watch.monitor, zmq.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PsdTimeoutError(f"no answer from the scheduler at {scheduler} within {timeout} s; "
+                                      f"is it running? (pass --scheduler ADDR)")
+            ready = dict(poller.poll(int(left * 1000) + 1))
+            if sock in ready:
+                return raise_if_error(decode(sock.recv_multipart(copy=False))).meta
+            if watch.monitor in ready:
+                reason = watch.poll(0)
+                if reason:
+                    raise refusal_error(reason, scheduler, curve)
     finally:
+        watch.close()
         sock.close(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 
 import numpy as np
 
@@ -18,10 +19,12 @@ from psd.cluster.rows import Rows
 from psd.cluster.assignment import Assignment
 from psd.codec import Limits, Message
 from psd.config import ClusterConfig
-from psd.errors import (MessageTooLargeError, NotOwnerError, ProtocolError, PsdError, PsdTimeoutError,
-                        StartupError)
-from psd.store.table import TableSpec
-from psd.transport import RpcSocket, async_context, connect_dealer
+from psd.errors import (AuthError, MessageTooLargeError, NotOwnerError, ProtocolError, PsdError,
+                        PsdTimeoutError, StartupError)
+from psd.store.table import TableSpec, check_namespace, qualified
+from psd.transport import RpcSocket, async_context, connect_dealer, security
+from psd.transport.security import Curve, HandshakeWatch, refusal_error
+from psd.transport.sockets import connect_watched
 from psd.transport.rpc import raise_if_error
 
 log = logging.getLogger("psd.client")
@@ -49,20 +52,30 @@ class AsyncKVWorker:
         self._inflight: dict[int, asyncio.Future] = {}
         self.clock_value = 0
         self.closed = False
+        #: tables opened by ``table(name)`` are ``<namespace>/<name>`` (a job's worker runs its
+        #: app in the job's namespace); None: the default namespace, names as given
+        self.namespace: str | None = None
+        #: this process's CurveZMQ keys for the cluster (None: plaintext); set by connect()
+        self.curve: Curve | None = None
 
     # -- connection --------------------------------------------------------------
     async def _connect(self, role: str = "worker", heartbeat: bool = True) -> "AsyncKVWorker":
+        self._loop = asyncio.get_running_loop()
         ctx = async_context()
-        self._link = RpcSocket(connect_dealer(ctx, self.scheduler), self.node_id, limits=self.limits,
-                               handler=self._on_scheduler)
+        sock, watch = connect_watched(ctx, self.scheduler, security=self.curve)
+        self._link = RpcSocket(sock, self.node_id, limits=self.limits, handler=self._on_scheduler)
         self._tasks.append(asyncio.create_task(self._link.serve()))
         try:
-            reply = await self._link.call(Message("register", meta={"role": role}),
-                                          timeout=self.config.request_timeout)
+            reply = await self._register(role, watch)
         except PsdTimeoutError:
             await self.close()
             raise StartupError(f"no scheduler answered at {self.scheduler}; is `psd scheduler` running "
                                f"there (or pass the right --scheduler)?") from None
+        except AuthError:
+            await self.close()
+            raise
+        finally:
+            watch.close()  # the data path carries no monitor
         self.node_id = self._link.node_id = reply.meta["node"]
         lim = reply.meta.get("limits", {})
         self.limits = Limits(max_message_bytes=lim.get("max_message_bytes", self.limits.max_message_bytes),
@@ -72,6 +85,22 @@ class AsyncKVWorker:
         if heartbeat:
             self._tasks.append(asyncio.create_task(self._heartbeat(self.heartbeat_interval)))
         return self
+
+    async def _register(self, role: str, watch: HandshakeWatch) -> Message:
+        """``register``, raising AuthError as soon as the scheduler refuses our handshake
+        (no keys, an unlisted key, the wrong server key) rather than timing out."""
+        register = asyncio.ensure_future(self._link.call(Message("register", meta={"role": role}),
+                                                         timeout=self.config.request_timeout))
+        refused = asyncio.ensure_future(watch.failure())
+        try:
+            await asyncio.wait({register, refused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+            if not register.done():
+                register.cancel()
+        if register.done() and not register.cancelled():
+            return register.result()
+        raise refusal_error(refused.result(), self.scheduler, self.curve)
 
     async def _on_scheduler(self, route, msg: Message) -> Message:
         """The scheduler pushes ring changes so unanswered requests move at once."""
@@ -87,7 +116,7 @@ class AsyncKVWorker:
         ctx = async_context()
         for node, address in ring.addresses.items():
             if node not in self._servers:
-                rpc = RpcSocket(connect_dealer(ctx, address), self.node_id, limits=self.limits,
+                rpc = RpcSocket(connect_dealer(ctx, address, security=self.curve), self.node_id, limits=self.limits,
                                 compression=self.config.compression)
                 self._servers[node] = rpc
                 self._tasks.append(asyncio.create_task(rpc.serve()))
@@ -121,7 +150,7 @@ class AsyncKVWorker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for rpc in [self._link, *self._servers.values()]:
             rpc.fail_pending(PsdError("connection closed"))
-            rpc.sock.close(0)
+            rpc.close()
 
     async def __aenter__(self):
         return self
@@ -133,7 +162,7 @@ class AsyncKVWorker:
     async def table(self, name: str, width: int = 1, dtype: str = "float32", updater: str = "sum",
                     **options) -> "AsyncTable":
         """Create the table, or open it if it exists with the same settings."""
-        spec = TableSpec(name, width, dtype, updater, options).validate()
+        spec = TableSpec(qualified(self.namespace, name), width, dtype, updater, options).validate()
         reply = await self._link.call(Message("create_table", meta={"spec": spec.to_wire()}),
                                       timeout=self.config.request_timeout)
         return AsyncTable(self, TableSpec.from_wire(reply.meta["spec"]))
@@ -268,27 +297,48 @@ class AsyncKVWorker:
             fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self._inflight.pop(ts, None))
         return ts
 
+    def _issue(self, op: str, spec: TableSpec, rows: Rows) -> dict:
+        """Cut a request by the ring and send every part now."""
+        return self._send_all(plan(op, spec, self.ring, rows, clock=self.clock_value))
+
+    async def _complete(self, op: str, spec: TableSpec, n: int, pending: dict):
+        parts, replies = await self._finish(spec, pending)
+        return _result(op, spec, n, parts, replies)
+
+    def _collect(self, op: str, spec: TableSpec, n: int, pending: dict) -> tuple[bool, object]:
+        """The result, if every part already has its final answer: ``(True, result)``;
+        else ``(False, None)`` and ``_complete`` takes over (re-routing, errors, timeouts)."""
+        parts, replies = [], []
+        for part, fut, _ in pending.values():
+            if not fut.done() or fut.cancelled() or fut.exception() is not None:
+                return False, None
+            reply = fut.result()
+            if reply.op == "error":
+                return False, None
+            parts.append(part)
+            replies.append(reply)
+        return True, _result(op, spec, n, parts, replies)
+
     def _request(self, op: str, spec: TableSpec, rows: Rows, after=None) -> asyncio.Future:
         """Issue one request and return a future of its result (values for a pull, None
         for a push). It is sent now, so requests leave in issue order, unless it names
         timestamps in ``after``: then it is sent once those are done."""
         deps = [self._inflight[t] for t in (after or ()) if t in self._inflight]
-        n = rows.count
+        if not deps:  # send now, not in the task: a later request or clock() must not overtake it
+            return self._loop.create_task(self._complete(op, spec, rows.count, self._issue(op, spec, rows)))
 
-        async def run(pending):
-            if deps:
-                await asyncio.gather(*deps)
-                pending = self._send_all(plan(op, spec, self.ring, rows, clock=self.clock_value))
-            parts, replies = await self._finish(spec, pending)
-            if op == "push":
-                return None
-            if n == 0:
-                return np.empty((0, spec.width), dtype=spec.np_dtype)
-            return assemble(parts, replies, n, spec)
+        async def run():
+            await asyncio.gather(*deps)
+            return await self._complete(op, spec, rows.count, self._issue(op, spec, rows))
+        return self._loop.create_task(run())
 
-        # send now, not in the task: a later request or clock() must not overtake this one
-        return asyncio.ensure_future(run(None if deps else self._send_all(
-            plan(op, spec, self.ring, rows, clock=self.clock_value))))
+
+def _result(op: str, spec: TableSpec, n: int, parts: list[Part], replies: list[Message]):
+    if op == "push":
+        return None
+    if n == 0:
+        return np.empty((0, spec.width), dtype=spec.np_dtype)
+    return assemble(parts, replies, n, spec)
 
 
 class AsyncTable:
@@ -329,24 +379,33 @@ class AsyncTable:
 
     def pull_async(self, keys, after: list[int] | None = None) -> int:
         """Send a pull; returns its timestamp; ``await kv.wait(ts)`` returns the values."""
-        keys, _ = self._prepare(keys)
-        return self.kv._track(self.kv._request("pull", self.spec, Rows(keys=keys), after), keeps_result=True)
+        return self.kv._track(self.kv._request("pull", self.spec, self.pull_rows(keys), after), keeps_result=True)
 
     async def pull(self, keys, after: list[int] | None = None) -> np.ndarray:
-        keys, _ = self._prepare(keys)
-        return await self.kv._request("pull", self.spec, Rows(keys=keys), after)
+        return await self.kv._request("pull", self.spec, self.pull_rows(keys), after)
 
     async def pull_span(self, lo: int, count: int) -> np.ndarray:
+        return await self.kv._request("pull", self.spec, self.span_rows(lo, count))
+
+    async def pushpull(self, keys, values) -> np.ndarray:
+        """Push, then pull the same keys after the push is applied (one round trip)."""
+        return await self.kv._request("pushpull", self.spec, self.pushpull_rows(keys, values))
+
+    # checked rows of each kind of request (shared with the blocking client)
+    def pull_rows(self, keys) -> Rows:
+        keys, _ = self._prepare(keys)
+        return Rows(keys=keys)
+
+    def span_rows(self, lo: int, count: int) -> Rows:
         check_span(lo, count)
         if count > self.kv.limits.max_keys:
             raise MessageTooLargeError(f"span of {count} keys, limit is {self.kv.limits.max_keys}; "
                                        f"split the request")
-        return await self.kv._request("pull", self.spec, Rows(spans=[(int(lo), int(count))] if count else []))
+        return Rows(spans=[(int(lo), int(count))] if count else [])
 
-    async def pushpull(self, keys, values) -> np.ndarray:
-        """Push, then pull the same keys after the push is applied (one round trip)."""
+    def pushpull_rows(self, keys, values) -> Rows:
         keys, values = self._prepare(keys, values)
-        return await self.kv._request("pushpull", self.spec, Rows(keys=keys, values=values))
+        return Rows(keys=keys, values=values)
 
 
 def raise_too_large(size: int, limit: int):
@@ -355,8 +414,14 @@ def raise_too_large(size: int, limit: int):
 
 
 async def connect(scheduler: str, config: ClusterConfig | None = None, *, role: str = "worker",
-                  heartbeat: bool = True) -> AsyncKVWorker:
+                  heartbeat: bool = True, namespace: str | None = None) -> AsyncKVWorker:
     """Register with the scheduler at ``scheduler`` and return a connected worker.
-    ``heartbeat=False`` leaves heartbeats to the caller (the sync facade)."""
-    kv = AsyncKVWorker(scheduler, config or ClusterConfig())
+    ``heartbeat=False`` leaves heartbeats to the caller (the sync facade); ``namespace``:
+    open tables in that namespace (docs/jobs.md, "Namespaces")."""
+    config = config or ClusterConfig()
+    kv = AsyncKVWorker(scheduler, config)
+    kv.namespace = None if namespace is None else check_namespace(namespace)
+    # the public API is an entry point like the command line: it alone reads PSD_KEYS here
+    kv.curve = security.for_client(scheduler, security=config.security, keys=config.keys,
+                                   env_keys=os.environ.get("PSD_KEYS"))
     return await kv._connect(role, heartbeat)

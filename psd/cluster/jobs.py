@@ -25,6 +25,13 @@ class Job:
     error: str | None = None
     summary: dict = field(default_factory=dict)  # str(rank) -> that worker's summary
     report_seq: dict = field(default_factory=dict)  # "rank/worker" -> last report applied
+    #: the job's tables live in namespace ``<id>``; kept or dropped when it ends (done or failed)
+    keep_tables: bool = False
+    tables_dropped: bool = False
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("done", "failed")
 
     def to_dict(self, metrics_from: int = 0, budget: int = METRICS_REPLY_BUDGET) -> dict:
         """The job as a status reply, with the metric records from ``metrics_from`` on, at
@@ -37,7 +44,8 @@ class Job:
             if metrics and size > budget:
                 break
             metrics.append(record)
-        return {"id": self.id, "app": self.spec.get("app"), "state": self.state,
+        return {"id": self.id, "app": self.spec.get("app"), "name": self.spec.get("name"), "state": self.state,
+                "namespace": self.id, "keep_tables": self.keep_tables, "tables_dropped": self.tables_dropped,
                 "num_workers": self.num_workers, "ranks": {str(k): v for k, v in self.ranks.items()},
                 "progress": min(1.0, done), "per_rank": {str(k): v for k, v in self.progress.items()}, "shards_done": sorted(self.shards_done),
                 "num_shards": self.num_shards, "error": self.error, "summary": self.summary,
@@ -50,7 +58,8 @@ class JobBook:
         self._next = 1
 
     def submit(self, spec: dict, num_workers: int) -> Job:
-        job = Job(id=f"J{self._next}", spec=spec, num_workers=num_workers, num_shards=num_workers)
+        job = Job(id=f"J{self._next}", spec=spec, num_workers=num_workers, num_shards=num_workers,
+                  keep_tables=spec.get("keep_tables") is True)
         self._next += 1
         self.jobs[job.id] = job
         return job

@@ -63,7 +63,7 @@ def _run_local(job: JobSpec, output: str | None, quiet: bool, echo: bool, plots:
               f"worker(s); output in {out}/", file=sys.stderr)
     started = time.monotonic()
     with LocalCluster(servers=job.servers, **job.cluster) as cluster:
-        job_id = admin.call(cluster.scheduler, "submit", job=job.spec, workers=job.workers)["job"]
+        job_id = admin.call(cluster.scheduler, "submit", job=_submitted(job), workers=job.workers)["job"]
         workers = [cluster.spawn(f"worker{i}", daemon_argv(
             "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
             for i in range(job.workers)]
@@ -75,11 +75,12 @@ def _run_local(job: JobSpec, output: str | None, quiet: bool, echo: bool, plots:
 
 
 def submit_job(path: str, scheduler: str, output: str | None = None, follow: bool = False,
-               quiet: bool = False) -> int:
+               quiet: bool = False, config=None) -> int:
     """``psd submit``: hand a job to a running cluster; its worker daemons take the shards.
-    With ``follow``, show progress and write the outputs as ``psd run`` does."""
+    With ``follow``, show progress and write the outputs as ``psd run`` does. ``config``
+    (a ClusterConfig): where the keys are (``keys``, ``security``)."""
     job = load_job(path)
-    job_id = admin.call(scheduler, "submit", job=job.spec, workers=job.workers)["job"]
+    job_id = admin.call(scheduler, "submit", config=config, job=_submitted(job), workers=job.workers)["job"]
     print(f"psd submit: job {job_id} ({job.app}, {job.workers} shard(s)) submitted to {scheduler}")
     if not follow:
         print(f"follow it with: psd status --scheduler {scheduler}")
@@ -87,8 +88,14 @@ def submit_job(path: str, scheduler: str, output: str | None = None, follow: boo
     out = Path(output or job.output)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    state = _follow(scheduler, job, job_id, [], out, quiet)
+    state = _follow(scheduler, job, job_id, [], out, quiet, config)
     return _finish(job, job_id, state, out, time.monotonic() - started)
+
+
+def _submitted(job: JobSpec) -> dict:
+    """The job as the scheduler keeps it: the file's map, with its name (the file's stem
+    unless the file names it), which `psd status` shows."""
+    return {**job.spec, "name": job.name}
 
 
 def _finish(job: JobSpec, job_id: str, state: dict, out: Path, elapsed: float) -> int:
@@ -108,7 +115,9 @@ def _complete(job: JobSpec, job_id: str, state: dict, out: Path, elapsed: float,
     return summary
 
 
-def _follow(scheduler: str, job: JobSpec, job_id: str, workers, out: Path, quiet: bool) -> dict:
+def _follow(scheduler: str, job: JobSpec, job_id: str, workers, out: Path, quiet: bool, config=None) -> dict:
+    """Page through job_status until the job ends; ``config``: keys for admin calls
+    (None: those of the LocalCluster serving ``scheduler``)."""
     from tqdm import tqdm
 
     metrics_path = out / "metrics.jsonl"
@@ -119,7 +128,7 @@ def _follow(scheduler: str, job: JobSpec, job_id: str, workers, out: Path, quiet
                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
     with open(metrics_path, "w") as metrics_file, bar:
         while True:
-            st = admin.call(scheduler, "job_status", job=job_id, metrics_from=len(seen))
+            st = admin.call(scheduler, "job_status", config=config, job=job_id, metrics_from=len(seen))
             for record in st["metrics"]:
                 metrics_file.write(json.dumps(record) + "\n")
                 seen.append(record)

@@ -10,7 +10,7 @@ from psd.errors import ConfigError
 
 #: top-level keys every job may have; the app checks its own sections (data, train, ...)
 COMMON_KEYS = {"name", "app", "servers", "workers", "output", "cluster", "timeout",
-               "consistency", "max_delay"}
+               "consistency", "max_delay", "keep_tables"}
 APP_SECTIONS = {"data", "train", "tables", "filters", "model", "eval", "sketch"}
 
 
@@ -25,6 +25,8 @@ class JobSpec:
     output: str
     cluster: dict
     timeout: float
+    #: keep the job's tables (its namespace) when it ends; by default they are dropped
+    keep_tables: bool = False
 
 
 def _positive_int(spec: dict, key: str, default: int, source: str, problems: list[str]) -> int:
@@ -59,6 +61,11 @@ def parse_job(data, source: str) -> JobSpec:
     output = data.get("output", f"runs/{name}")
     if not isinstance(output, str) or not output:
         problems.append(f"{source}: output: expected a folder path, got {output!r}")
+    keep_tables = data.get("keep_tables", False)
+    if not isinstance(keep_tables, bool):
+        problems.append(f"{source}: keep_tables: expected true (keep the job's tables when it ends) or false "
+                        f"(drop them, the default), got {keep_tables!r}")
+        keep_tables = False
     timeout = data.get("timeout", 3600)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         problems.append(f"{source}: timeout: expected a positive number of seconds, got {timeout!r}")
@@ -80,7 +87,7 @@ def parse_job(data, source: str) -> JobSpec:
     if problems:
         raise ConfigError("\n".join(problems))
     return JobSpec(source=source, spec=data, name=name, app=app, servers=servers, workers=workers,
-                   output=output, cluster=cluster, timeout=float(timeout))
+                   output=output, cluster=cluster, timeout=float(timeout), keep_tables=keep_tables)
 
 
 def load_job(path: str | Path) -> JobSpec:

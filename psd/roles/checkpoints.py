@@ -35,6 +35,7 @@ class Checkpoints:
         self.next_id = 1
         self.restored_from: str | None = None
         self.last: dict | None = None
+        self.taken = self.failed = 0  # by this process, for /metrics
         if self.root is not None:
             found = latest(self.root)
             if found is not None:
@@ -67,6 +68,7 @@ class Checkpoints:
                     "cut": cut, "workers": workers, "folder": str(folder), "timeout": timeout}),
                     timeout=timeout + 5)
             except BaseException:
+                self.failed += 1
                 await self._all(servers, lambda: Message("ckpt_release"), raise_errors=False)
                 raise
             manifest = {
@@ -77,6 +79,7 @@ class Checkpoints:
                 "consistency": s.config.consistency,
             }
             write_manifest(self.root, ckpt_id, manifest)
+            self.taken += 1
             self.last = {k: manifest[k] for k in ("id", "cut", "time", "keys", "bytes")} | {"folder": str(folder)}
             log.info("checkpoint %d written to %s: cut at clock %d, %d keys, %.2f s", ckpt_id, folder, cut,
                      manifest["keys"], time.monotonic() - started)

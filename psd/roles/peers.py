@@ -5,11 +5,14 @@ import asyncio
 
 from psd.codec import Limits
 from psd.transport import RpcSocket, async_context, connect_dealer
+from psd.transport.security import Curve
 
 
 class Peers:
-    def __init__(self, node_id: str, limits: Limits, compression: str):
+    def __init__(self, node_id: str, limits: Limits, compression: str, curve: Curve | None):
+        """``curve``: the daemons' keys; peers present the server pair to each other."""
         self.node_id = node_id
+        self.curve = curve
         self.limits = limits
         self.compression = compression
         self._rpc: dict[str, RpcSocket] = {}
@@ -20,7 +23,8 @@ class Peers:
         everything sent to it (forwards, then a range copy) in order."""
         rpc = self._rpc.get(node)
         if rpc is None:
-            rpc = RpcSocket(connect_dealer(async_context(), address, self.limits.max_message_bytes),
+            rpc = RpcSocket(connect_dealer(async_context(), address, self.limits.max_message_bytes,
+                                           security=self.curve),
                             self.node_id, limits=self.limits, compression=self.compression)
             self._rpc[node] = rpc
             self._tasks.append(asyncio.ensure_future(rpc.serve()))
@@ -31,4 +35,4 @@ class Peers:
         for t in self._tasks:
             t.cancel()
         for rpc in self._rpc.values():
-            rpc.sock.close(0)
+            rpc.close()

@@ -12,23 +12,33 @@ from pathlib import Path
 
 from psd.cluster.assignment import Assignment
 from psd.cluster.clocks import stragglers
+from psd.cluster.health import assess
 from psd.cluster.jobs import JobBook
 from psd.cluster.liveness import Liveness, State
 from psd.codec import Message
 from psd.config import ClusterConfig
-from psd.errors import BadRequestError, ProtocolError, PsdError, TableMismatchError
+from psd.errors import (BadRequestError, LimitError, ProtocolError, PsdError, TableMismatchError,
+                        UnknownTableError)
 from psd.roles import scheduler_state
 from psd.roles.checkpoints import Checkpoints
 from psd.roles.ring_changes import RingChanges
 from psd.store import TableSpec
+from psd.store.table import check_namespace, namespace_of
 from psd.transport import RpcSocket, Route, async_context, bind_router
+from psd.transport.security import Curve
+from psd.transport.metrics import Timings
 
 log = logging.getLogger("psd.scheduler")
 
 
 class Scheduler:
-    def __init__(self, config: ClusterConfig, bind: str | None = None):
+    #: where GET /metrics is served (config `metrics`), once bound
+    metrics_address: str | None = None
+
+    def __init__(self, config: ClusterConfig, bind: str | None = None, *, curve: Curve | None):
+        """``curve``: the daemons' keys (security: curve), or None for plaintext."""
         self.config = config
+        self.curve = curve
         self.bind = bind or config.scheduler
         self.node_id = "H"
         self.liveness = Liveness(config.heartbeat_interval, config.heartbeat_misses, config.worker_timeout)
@@ -39,6 +49,7 @@ class Scheduler:
         self.ring = Assignment(version=0)
         self.tables: dict[str, TableSpec] = {}
         self._creating: dict[str, asyncio.Future] = {}  # tables the servers are being told about
+        self._tidying: set[str] = set()  # servers being told to drop tables they should not hold
         self.jobs = JobBook()
         self.worker_clocks: dict[str, int] = {}
         self.ring_changes = RingChanges(self)
@@ -55,17 +66,23 @@ class Scheduler:
         self._dirty = False
         self.flagged: set[str] = set()  # workers currently flagged as stragglers
         self.started = time.time()
+        self.timings = Timings(("op", "outcome"))  # requests and their latency, for /metrics
+        self.metrics_at: dict[str, str] = {}  # metrics endpoints workers announced (meta.metrics)
+        #: dead servers a server registered since has made up for (health: not DEGRADED for them)
+        self.replaced: set[str] = set()
         self.handlers = {
             "register": self.on_register, "heartbeat": self.on_heartbeat, "leave": self.on_leave,
             "drain": self.on_drain, "checkpoint": self.on_checkpoint,
             "get_ring": self.on_get_ring, "create_table": self.on_create_table,
             "status": self.on_status, "ping": self.on_ping,
+            "drop_tables": self.on_drop_tables,
             "submit": self.on_submit, "job_poll": self.on_job_poll,
             "job_report": self.on_job_report, "job_status": self.on_job_status,
         }
 
     async def run(self, stop: asyncio.Event, ready) -> None:
-        sock, self.address = bind_router(async_context(), self.bind, self.config.limits.max_message_bytes)
+        sock, self.address = bind_router(async_context(), self.bind, self.config.limits.max_message_bytes,
+                                         security=self.curve)
         self.rpc = RpcSocket(sock, self.node_id, limits=self.config.limits, handler=self.handle,
                              router=True, concurrent=True)
         serve = asyncio.create_task(self.rpc.serve())
@@ -74,6 +91,9 @@ class Scheduler:
                     if self.config.checkpoint_interval and self.config.checkpoint_dir else None)
         ready(self.address)
         log.info("scheduler at %s", self.address)
+        for job in self.jobs.jobs.values():  # a job that ended while we were down
+            if job.ended:
+                asyncio.ensure_future(self._job_ended(job))
         try:
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({serve, ticker, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -86,7 +106,7 @@ class Scheduler:
             ticker.cancel()
             if periodic:
                 periodic.cancel()
-            sock.close(0)
+            self.rpc.close()
 
     def save(self) -> None:
         """Persist now (ring and table changes)."""
@@ -102,7 +122,22 @@ class Scheduler:
         handler = self.handlers.get(msg.op)
         if handler is None:
             raise ProtocolError(f"unknown op {msg.op!r}; expected one of {', '.join(sorted(self.handlers))}")
-        return await handler(route, msg)
+        started = time.perf_counter()
+        outcome = "internal"
+        try:
+            out = await handler(route, msg)
+            outcome = "ok"
+            return out
+        except PsdError as e:
+            outcome = e.code
+            raise
+        finally:
+            self.timings.observe((msg.op, outcome), time.perf_counter() - started)
+
+    def log_clock(self) -> int | None:
+        """For log records: the slowest live worker's clock."""
+        live = set(self.liveness.live("worker"))
+        return min((c for w, c in self.worker_clocks.items() if w in live), default=None)
 
     # -- membership ------------------------------------------------------------
     async def on_register(self, route: Route, msg: Message) -> Message:
@@ -119,6 +154,10 @@ class Scheduler:
         self.routes[node] = route
         if role == "server":
             self.addresses[node] = address
+            dead = [p.node for p in self.liveness.peers.values()
+                    if p.role == "server" and p.state == State.DEAD and p.node not in self.replaced]
+            if dead:
+                self.replaced.add(dead[0])
             self.save()
             # the new server takes its ranges once it serves; joins queue behind other changes
             asyncio.ensure_future(self.ring_changes.rebalance(f"{node} joined"))
@@ -154,6 +193,9 @@ class Scheduler:
         stats = msg.meta.get("stats")
         if isinstance(stats, dict):
             self.stats[msg.sender] = stats
+        if isinstance(msg.meta.get("metrics"), str):
+            self.metrics_at[msg.sender] = msg.meta["metrics"][:256]
+            self._tidy(msg.sender, stats.get("tables"))
         return msg.reply(meta={"known": True, "state": state.value, "ring": self.ring.version})
 
     async def on_leave(self, route: Route, msg: Message) -> Message:
@@ -175,7 +217,7 @@ class Scheduler:
     async def on_drain(self, route: Route, msg: Message) -> Message:
         """`psd drain NODE`: hand a server's ranges to the others, then stop it."""
         node = msg.meta.get("node")
-        if node not in self.addresses or node not in self.liveness.live("server"):
+        if not isinstance(node, str) or node not in self.addresses or node not in self.liveness.live("server"):
             raise BadRequestError(f"drain: {node!r} is not a live server; see `psd status`")
         await self.ring_changes.rebalance(f"{node} drains", exclude=node)
         self.liveness.leave(node)
@@ -225,6 +267,20 @@ class Scheduler:
         return msg.reply(meta={"node": self.node_id, "servers": len(self.liveness.live("server"))})
 
     # -- tables ----------------------------------------------------------------
+    def _check_new_table(self, name: str) -> None:
+        """Before a table is added: limits.max_tables, and no table in the namespace of a
+        job whose tables were dropped when it ended."""
+        job = self.jobs.jobs.get(namespace_of(name) or "")
+        if job is not None and job.tables_dropped:
+            raise BadRequestError(f"cannot create table {name!r}: job {job.id} has ended and its tables "
+                                  f"were dropped (set keep_tables: true in the job file to keep them)")
+        limit = self.config.limits.max_tables
+        if len(self.tables) >= limit:
+            raise LimitError(f"cannot create table {name!r}: the cluster has {len(self.tables)} tables and "
+                             f"limits.max_tables is {limit}; drop tables no longer needed (psd drop) or raise "
+                             f"limits.max_tables in the scheduler's config", limit="max_tables", max=limit,
+                             used=len(self.tables))
+
     async def on_create_table(self, route: Route, msg: Message) -> Message:
         spec = TableSpec.from_wire(msg.meta.get("spec"))
         creating = self._creating.get(spec.name)
@@ -237,6 +293,7 @@ class Scheduler:
                     f"table {spec.name!r} already exists with width={have.width}, dtype={have.dtype}, "
                     f"updater={have.updater}, options={have.options}; open it with the same settings")
             return msg.reply(meta={"spec": have.to_wire(), "created": False})
+        self._check_new_table(spec.name)
         # listed before the servers are told, so a server registering meanwhile gets it too
         self.tables[spec.name] = spec
         done = self._creating[spec.name] = asyncio.get_running_loop().create_future()
@@ -244,7 +301,7 @@ class Scheduler:
             results = await self._to_servers(Message("create_table", meta={"spec": spec.to_wire()}))
             errors = [r for r in results if isinstance(r, Exception)]
             if errors:
-                del self.tables[spec.name]
+                self.tables.pop(spec.name, None)  # (or dropped meanwhile)
                 raise errors[0] if isinstance(errors[0], PsdError) else BadRequestError(str(errors[0]))
         finally:
             del self._creating[spec.name]
@@ -253,12 +310,81 @@ class Scheduler:
         log.info("table %r created: width %d, %s, updater %s", spec.name, spec.width, spec.dtype, spec.updater)
         return msg.reply(meta={"spec": spec.to_wire(), "created": True})
 
+    async def on_drop_tables(self, route: Route, msg: Message) -> Message:
+        """`psd drop`: forget the tables of a namespace, or the named ones, on every server."""
+        namespace, names = msg.meta.get("namespace"), msg.meta.get("tables")
+        if (namespace is None) == (names is None):
+            raise BadRequestError("drop_tables: give meta.namespace or meta.tables (a list of names), not both")
+        if namespace is not None:
+            check_namespace(namespace)
+            names = [n for n in self.tables if namespace_of(n) == namespace]
+        elif not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadRequestError("drop_tables: meta.tables must be a list of table names")
+        else:
+            unknown = [n for n in names if n not in self.tables]
+            if unknown:
+                raise UnknownTableError(f"drop_tables: no table {', '.join(map(repr, unknown))}; "
+                                        f"nothing was dropped")
+        return msg.reply(meta={"dropped": await self._drop(names, f"asked by {msg.sender}")})
+
+    async def _drop(self, names: list[str], why: str) -> list[str]:
+        """Forget ``names`` and tell every live server to free them (a server that does not
+        answer is told again after its next heartbeat lists them: ``_tidy``)."""
+        for name in names:
+            self.tables.pop(name, None)
+        self.save()
+        if names:
+            log.info("dropping %d table(s) (%s): %s", len(names), why,
+                     ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
+            try:
+                results = await self._to_servers(Message("drop_tables", meta={"names": names}))
+            except Exception as e:  # no route to a server yet (just resumed): _tidy tells it later
+                results = [e]
+            for result in results:
+                if isinstance(result, Exception):
+                    log.warning("a server did not drop %d table(s) now (%s); it is told again", len(names), result)
+        return names
+
+    def _tidy(self, node: str, held) -> None:
+        """A server's heartbeat lists a table the cluster does not have (dropped while the
+        server did not answer, or a create that failed elsewhere): tell it to drop it."""
+        if not isinstance(held, dict) or node in self._tidying:
+            return
+        stale = lambda: [n for n in held if n not in self.tables and n not in self._creating]  # noqa: E731
+        if not stale() or node not in self.routes:
+            return
+        self._tidying.add(node)
+
+        async def tell() -> None:
+            try:
+                extra = stale()  # again, just before sending: a create of one of them may have begun
+                if not extra:
+                    return
+                await self.rpc.call(Message("drop_tables", meta={"names": extra}), self.routes[node],
+                                    timeout=self.config.request_timeout)
+                log.info("%s told to drop %d table(s) the cluster no longer has", node, len(extra))
+            except Exception as e:
+                log.warning("%s: could not drop stale tables: %s", node, e)
+            finally:
+                self._tidying.discard(node)
+
+        asyncio.ensure_future(tell())
+
+    async def _job_ended(self, job) -> None:
+        """A job is done or failed: drop its namespace unless its file says keep_tables."""
+        if job.keep_tables or job.tables_dropped:
+            return
+        job.tables_dropped = True
+        await self._drop([n for n in self.tables if namespace_of(n) == job.id], f"job {job.id} {job.state}")
+
     # -- jobs --------------------------------------------------------------------
     async def on_submit(self, route: Route, msg: Message) -> Message:
         spec = msg.meta.get("job")
         workers = msg.meta.get("workers")
         if not isinstance(spec, dict) or not isinstance(workers, int) or workers < 1:
             raise BadRequestError("submit: needs meta.job (a map) and meta.workers (an integer >= 1)")
+        if not isinstance(spec.get("keep_tables", False), bool):
+            raise BadRequestError(f"submit: keep_tables must be true or false, got {spec['keep_tables']!r}")
         job = self.jobs.submit(spec, workers)
         self.save()
         log.info("job %s submitted: app %s on %d workers", job.id, spec.get("app"), workers)
@@ -274,26 +400,32 @@ class Scheduler:
 
     async def on_job_report(self, route: Route, msg: Message) -> Message:
         m = msg.meta
-        if m.get("job") not in self.jobs.jobs or not isinstance(m.get("rank"), int):
+        if not isinstance(m.get("job"), str) or m.get("job") not in self.jobs.jobs or not isinstance(m.get("rank"), int):
             raise BadRequestError(f"job_report: unknown job {m.get('job')!r} or missing rank")
         self.touch()
         job = self.jobs.report(m["job"], m["rank"], progress=m.get("progress"), metrics=m.get("metrics"),
                                done=bool(m.get("done")), error=m.get("error"), summary=m.get("summary"),
                                seq=m.get("seq") if isinstance(m.get("seq"), int) else None,
                                reporter=msg.sender)
-        if job.state in ("done", "failed"):
+        if job.ended:
             log.info("job %s %s", job.id, job.state)
+            await self._job_ended(job)
         return msg.reply()
 
     async def on_job_status(self, route: Route, msg: Message) -> Message:
-        job = self.jobs.jobs.get(msg.meta.get("job"))
+        job_id, start = msg.meta.get("job"), msg.meta.get("metrics_from", 0)
+        job = self.jobs.jobs.get(job_id) if isinstance(job_id, str) else None  # a list is unhashable
         if job is None:
-            raise BadRequestError(f"unknown job {msg.meta.get('job')!r}")
-        return msg.reply(meta=job.to_dict(int(msg.meta.get("metrics_from", 0))))
+            raise BadRequestError(f"unknown job {job_id!r:.80}")
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise BadRequestError(f"job_status: metrics_from must be an integer >= 0, got {start!r:.80}")
+        return msg.reply(meta=job.to_dict(start))
 
     # -- status ------------------------------------------------------------------
     async def on_status(self, route: Route, msg: Message) -> Message:
-        return msg.reply(meta=self.status())
+        st = self.status()
+        st["health"] = assess(st)
+        return msg.reply(meta=st)
 
     def status(self) -> dict:
         now = time.monotonic()
@@ -302,18 +434,23 @@ class Scheduler:
             stats = self.stats.get(p.node, {})
             nodes.append({"id": p.node, "role": p.role, "address": self.addresses.get(p.node, ""),
                           "state": p.state.value, "last_heartbeat": round(now - p.last_seen, 3),
+                          "replaced": p.node in self.replaced,
                           "clock": self.worker_clocks.get(p.node) if p.role == "worker" else None,
                           "straggler": p.node in self.flagged,
                           "consistency": stats.get("consistency", {}),
-                          "counters": stats.get("counters", {}),
-                          "bytes_in": stats.get("bytes_in", 0), "bytes_out": stats.get("bytes_out", 0)})
+                          "counters": stats.get("counters", {}), "memory": stats.get("memory", {}),
+                          "bytes_in": stats.get("bytes_in", 0), "bytes_out": stats.get("bytes_out", 0),
+                          "metrics": stats.get("metrics") or self.metrics_at.get(p.node)})
         tables = {}
+        by_namespace: dict[str, dict] = {}
         for name, spec in self.tables.items():
             per_server = {n: s.get("tables", {}).get(name, {}) for n, s in self.stats.items()}
-            tables[name] = {**spec.to_wire(),
+            tables[name] = {**spec.to_wire(), "namespace": namespace_of(name),
                             "keys": sum(v.get("keys", 0) for v in per_server.values()),
                             "bytes": sum(v.get("bytes", 0) for v in per_server.values()),
                             "per_server": per_server}
+            by_namespace.setdefault(namespace_of(name) or "", {})[name] = {
+                "keys": tables[name]["keys"], "bytes": tables[name]["bytes"]}
         ranges = [{"begin": r.begin, "last": r.end - 1, "owners": list(o)}
                   for r, o in zip(self.ring.ranges, self.ring.owners)]
         live = {w: c for w, c in self.worker_clocks.items() if w in self.liveness.live("worker")}
@@ -323,6 +460,7 @@ class Scheduler:
         return {"scheduler": self.address, "uptime": round(time.time() - self.started, 1),
                 "clocks": clocks, "ring_changing": self.ring_changes.busy,
                 "checkpoints": self.checkpoints.status(),
-                "replication": self.config.replication,
+                "replication": self.config.replication, "metrics": self.metrics_address,
                 "ring_version": self.ring.version, "nodes": nodes, "ranges": ranges, "tables": tables,
-                "jobs": [j.to_dict(len(j.metrics)) for j in self.jobs.jobs.values()]}
+                "jobs": [{**j.to_dict(len(j.metrics)), "tables": by_namespace.get(j.id, {})}
+                         for j in self.jobs.jobs.values()]}

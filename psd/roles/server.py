@@ -19,25 +19,83 @@ from pathlib import Path
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import Range, bounds, range_from_wire, range_to_wire
+from psd.cluster.ranges import KEY_SPACE_END, Range, bounds, check_sorted_unique, range_from_wire, range_to_wire
 from psd.cluster.ring import overlay
 from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
-from psd.errors import (BadRequestError, MessageTooLargeError, NotOwnerError, ProtocolError,
+from psd.errors import (BadRequestError, KeysError, LimitError, MessageTooLargeError, NotOwnerError, ProtocolError,
                         PsdTimeoutError, TableMismatchError, UnknownTableError)
 from psd.roles.consistency import Gate, Policy, Setting
 from psd.roles.peers import Peers
 from psd.roles.seen import Seen, ids_of_arrays
 from psd.store import Table, TableSpec
+from psd.store.table import Usage
 from psd.store.checkpoint import read_server_file, write_server_file
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
 from psd.transport.heartbeat import HeartbeatThread
+from psd.transport.security import Curve
+from psd.transport.metrics import Timings
 
 log = logging.getLogger("psd.server")
 
 #: how often an unacknowledged forward checks whether its replica left the ring
 FORWARD_TICK = 0.05
+#: names of dropped tables remembered, so a range copy still on its way for one is skipped
+DROPPED_KEPT = 4096
+#: request ids are copied with a range as uint64 frames (Seen.to_arrays): larger or
+#: negative ones would make every later copy of this server's ranges fail
+MAX_RID = (1 << 64) - 1
+
+
+def _request_id(value, what: str) -> int | None:
+    """``meta.rid``: nil, or an integer in [0, 2**64)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_RID:
+        raise ProtocolError(f"{what} must be nil or a request id, an integer in [0, 2**64); got {value!r:.60}")
+    return value
+
+
+def _install_range(w) -> Range:
+    """``meta.range`` of an install: [begin, last] with 0 <= begin <= last < 2**64."""
+    if (not isinstance(w, list) or len(w) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in w)
+            or not 0 <= w[0] <= w[1] < KEY_SPACE_END):
+        raise ProtocolError(f"install: meta.range must be [begin, last] with 0 <= begin <= last < 2**64; got {w!r:.80}")
+    return Range(w[0], w[1] + 1)
+
+
+def _install_rows(msg: Message, table: Table, r: Range) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The keys, values and updater state of a range copy, checked whole before any of it
+    is stored (a half-checked copy could leave the table unsorted or half-written)."""
+    fields = msg.meta.get("state_fields", [])
+    if (not isinstance(fields, list) or not all(isinstance(f, str) and f in table.state for f in fields)
+            or len(set(fields)) != len(fields)):
+        raise ProtocolError(f"install: meta.state_fields must name distinct state fields of table "
+                            f"{table.spec.name!r} ({sorted(table.state)}); got {fields!r:.80}")
+    if len(msg.arrays) != 2 + len(fields):
+        raise ProtocolError(f"install: expected keys, values and {len(fields)} state frame(s), "
+                            f"got {len(msg.arrays)} frame(s)")
+    keys, vals, *state = msg.arrays
+    if keys.dtype != np.uint64 or keys.ndim != 1:
+        raise KeysError(f"install: keys must be 1-d uint64, got {keys.dtype.name} with shape {keys.shape}")
+    check_sorted_unique(keys)
+    if keys.size and (int(keys[0]) < r.begin or int(keys[-1]) >= r.end):
+        raise KeysError(f"install: keys [{int(keys[0])}, {int(keys[-1])}] fall outside the range {r}")
+    vals = table.check_values(vals, keys.size)
+    return keys, vals, {f: table.check_values(a, keys.size) for f, a in zip(fields, state)}
+
+
+def _install_ids(msg: Message) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The request ids a range copy carries: senders, how many ids each, the ids."""
+    senders = msg.meta.get("senders", [])
+    if len(msg.arrays) != 2 or not isinstance(senders, list) or not all(isinstance(s, str) for s in senders):
+        raise ProtocolError("install: the final message carries meta.senders (names) and two frames, counts and ids")
+    counts, rids = msg.arrays
+    if (counts.dtype != np.uint64 or rids.dtype != np.uint64 or counts.ndim != 1 or rids.ndim != 1
+            or counts.size != len(senders) or int(counts.sum()) != rids.size):
+        raise ProtocolError("install: counts must be uint64[len(senders)] summing to the length of the uint64 ids")
+    return senders, counts, rids
 
 
 class Covered:
@@ -116,8 +174,10 @@ class Covered:
 
 
 class Server:
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, *, curve: Curve | None):
+        """``curve``: the daemons' keys (security: curve), or None for plaintext."""
         self.config = config
+        self.curve = curve
         self.node_id = "S?"
         self.tables: dict[str, Table] = {}
         self.ring = Assignment(version=0)
@@ -126,8 +186,15 @@ class Server:
         self.covered = Covered()
         self.acks: dict[tuple[str, int], asyncio.Future] = {}  # pushes awaiting replica acks
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
-                         "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0}
+                         "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0, "limit_refusals": 0}
+        #: bytes of table storage held here (limits.max_memory_bytes), plus those that pushes
+        #: the consistency gate holds may still add; replicas that said they are full
+        self.usage = Usage()
+        self.reserved = 0
+        self.full_replicas: dict[str, int] = {}
+        self.dropped: OrderedDict[str, None] = OrderedDict()
         self.started = time.time()
+        self.timings = Timings(("op", "outcome"))  # requests and their handling time, for /metrics
         #: when the event loop last ran on time, and when we noticed it had stalled (frozen
         #: by SIGSTOP, say) for so long that the scheduler may have declared us dead: from
         #: then on we serve no request until a heartbeat sent after it is answered "active"
@@ -143,27 +210,28 @@ class Server:
                                  "transfer": self.on_transfer, "worker_left": self.on_worker_left,
                                  "shutdown": self.on_shutdown, "ping": self.on_ping,
                                  "ckpt_hold": self.on_ckpt_hold, "ckpt_cut": self.on_ckpt_cut,
-                                 "ckpt_release": self.on_ckpt_release, "restore": self.on_restore}
+                                 "ckpt_release": self.on_ckpt_release, "restore": self.on_restore,
+                                 "drop_tables": self.on_drop_tables}
 
     # -- lifecycle -----------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready) -> None:
         self.stop_event = stop
         ctx = async_context()
         limits = self.config.limits
-        sock, self.address = bind_router(ctx, self.config.bind, limits.max_message_bytes)
+        sock, self.address = bind_router(ctx, self.config.bind, limits.max_message_bytes, security=self.curve)
         self.data = RpcSocket(sock, self.node_id, limits=limits, compression=self.config.compression,
                               handler=self.handle, router=True)
         # concurrent: a checkpoint waits on the control link for worker clocks, and the
         # news that a worker died must still get through meanwhile
-        self.link = RpcSocket(connect_dealer(ctx, self.config.scheduler), self.node_id,
+        self.link = RpcSocket(connect_dealer(ctx, self.config.scheduler, security=self.curve), self.node_id,
                               limits=limits, handler=self.handle_control, concurrent=True)
-        self.peers = Peers(self.node_id, limits, self.config.compression)
+        self.peers = Peers(self.node_id, limits, self.config.compression, self.curve)
         link_task = asyncio.create_task(self.link.serve())
         keepalive = None
         try:
             await self.register()
             keepalive = HeartbeatThread(self.config.scheduler, self.node_id, self.config.heartbeat_interval,
-                                        lambda: 0)
+                                        lambda: 0, security=self.curve)
             keepalive.start()
             serve = asyncio.create_task(self.data.serve())
             beat = asyncio.create_task(self.heartbeat_loop())
@@ -183,11 +251,13 @@ class Server:
                 keepalive.stop()
             link_task.cancel()
             self.peers.close()
-            self.data.sock.close(0)
-            self.link.sock.close(0)
+            self.data.close()
+            self.link.close()
             log.info("%s stopped", self.node_id)
 
     draining = False
+    #: where GET /metrics is served (config `metrics`), once bound; announced in stats()
+    metrics_address: str | None = None
 
     async def drain(self) -> None:
         """SIGTERM: hand our ranges to the others before exiting (bounded by the timeout)."""
@@ -271,9 +341,34 @@ class Server:
     async def on_ring(self, route: Route, msg: Message) -> Message:
         self.incoming = [range_from_wire(w) for w in msg.meta.get("incoming", [])]
         self._set_ring(Assignment.from_wire(msg.meta["ring"]))
+        self.full_replicas.clear()  # ranges move: every replica says again whether it is full
         if msg.meta.get("final"):
             self._drop_unowned()
         return msg.reply()
+
+    async def on_drop_tables(self, route: Route, msg: Message) -> Message:
+        """Forget tables (a namespace dropped, a job's tables at its end): their memory is
+        freed here; a range copy of one still on its way is skipped."""
+        names = msg.meta.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadRequestError("drop_tables: meta.names must be a list of table names")
+        dropped, freed = [], 0
+        for name in names:
+            table = self.tables.pop(name, None)
+            self.dropped[name] = None
+            self.dropped.move_to_end(name)
+            if table is not None:
+                freed += table.nbytes
+                table.detach()
+                dropped.append(name)
+        while len(self.dropped) > DROPPED_KEPT:
+            self.dropped.popitem(last=False)
+        self.full_replicas.clear()  # they may have freed memory too
+        if dropped:
+            log.info("%s dropped %d table(s) (%s), freeing %d bytes; it holds %d bytes", self.node_id,
+                     len(dropped), ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""), freed,
+                     self.usage.bytes)
+        return msg.reply(meta={"dropped": dropped, "freed": freed})
 
     async def on_worker_left(self, route: Route, msg: Message) -> Message:
         """A worker died or left: it no longer holds back anyone's clock."""
@@ -299,7 +394,8 @@ class Server:
     def _create(self, spec: TableSpec) -> None:
         have = self.tables.get(spec.name)
         if have is None:
-            self.tables[spec.name] = Table(spec)
+            self.tables[spec.name] = Table(spec, self.usage)
+            self.dropped.pop(spec.name, None)
         elif have.spec != spec:
             raise TableMismatchError(f"table {spec.name!r} exists as {have.spec}, not {spec}")
 
@@ -338,16 +434,22 @@ class Server:
         return groups
 
     # -- data plane ------------------------------------------------------------
-    async def handle(self, route: Route, msg: Message) -> Message | None:
+    def handle(self, route: Route, msg: Message) -> Message | None:
+        """Every data-plane handler is plain code, so the transport answers a request
+        inside its read callback, without a task."""
         handler = self.handlers.get(msg.op)
         if handler is None:
             self.counters["errors"] += 1
             raise ProtocolError(f"unknown op {msg.op!r}; expected one of {', '.join(sorted(self.handlers))}")
+        started = time.perf_counter()
         try:
-            return handler(route, msg)
-        except Exception:
+            out = handler(route, msg)
+        except Exception as e:
             self.counters["errors"] += 1
+            self.timings.observe((msg.op, getattr(e, "code", "internal")), time.perf_counter() - started)
             raise
+        self.timings.observe((msg.op, "ok"), time.perf_counter() - started)
+        return out
 
     def _table(self, msg: Message) -> Table:
         table = self.tables.get(msg.table) if msg.table is not None else None
@@ -366,8 +468,8 @@ class Server:
         return self.gate.policy(table.spec.consistency_override)
 
     def _rid(self, msg: Message) -> tuple[str, int] | None:
-        rid = msg.meta.get("rid")
-        return (msg.sender, rid) if isinstance(rid, int) and not isinstance(rid, bool) else None
+        rid = _request_id(msg.meta.get("rid"), "meta.rid")
+        return None if rid is None else (msg.sender, rid)
 
     @staticmethod
     def _cut_from(msg: Message, sender: str) -> list[tuple[str, int]]:
@@ -379,18 +481,79 @@ class Server:
         if orig is None:
             return []
         if (not isinstance(orig, list) or len(orig) > 64
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in orig)):
+                or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= MAX_RID for o in orig)):
             raise ProtocolError("meta.orig must be a list of at most 64 request ids")
         return [(sender, o) for o in orig]
 
     def _seen_before(self, rid: tuple[str, int], cut_from: list[tuple[str, int]]) -> bool:
         return rid in self.seen or any(o in self.seen for o in cut_from)
 
-    def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str) -> None:
-        """Apply now, or (sequential) at the clock boundary, or after a checkpoint cut."""
+    def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str, reserve: int = 0) -> None:
+        """Apply now, or (sequential) at the clock boundary, or after a checkpoint cut.
+        ``reserve``: bytes the push may add, counted against the memory limit until it
+        is applied."""
         self.gate.note_push(msg.clock)
-        self._policy(table).push(origin, msg.clock, lambda: rows.push_into(table))
+        if reserve:
+            self.reserved += reserve
+
+            def apply() -> None:
+                self.reserved -= reserve
+                rows.push_into(table)
+        else:
+            def apply() -> None:
+                rows.push_into(table)
+        self._policy(table).push(origin, msg.clock, apply)
         self.counters["keys_pushed"] += rows.count
+
+    # -- the memory limit ------------------------------------------------------------
+    @staticmethod
+    def _count_new(table: Table, rows: Rows) -> int:
+        """Rows whose keys ``table`` does not hold yet (a push would insert them)."""
+        if rows.keys is not None:
+            present = table.count_present(rows.keys)
+        else:
+            present = sum(table.count_present_span(lo, n) for lo, n in rows.spans)
+        return rows.count - present
+
+    def _check_memory(self, table: Table, todo: Rows, rows: Rows, groups) -> int:
+        """Refuse, before anything is applied or forwarded, a push that would add keys
+        beyond limits.max_memory_bytes here, or to ranges whose replica said it is full.
+        Returns the bytes to reserve for it. O(1) unless the server is near its limit
+        (then one lookup of the pushed keys); pushes to stored keys always pass."""
+        limit = self.config.limits.max_memory_bytes
+        if limit is None and not self.full_replicas:
+            return 0
+        most = todo.count * table.row_bytes
+        if not self.full_replicas and self.usage.bytes + self.reserved + most <= limit:
+            return most
+        new = self._count_new(table, todo) * table.row_bytes
+        if new and limit is not None and self.usage.bytes + self.reserved + new > limit:
+            self.counters["limit_refusals"] += 1
+            raise LimitError(
+                f"push to table {table.spec.name!r} refused: its {new // table.row_bytes} new "
+                f"key(s) would add {new} bytes to the {self.usage.bytes + self.reserved} it holds, over its "
+                f"limits.max_memory_bytes {limit}; nothing was applied. Push to keys that exist, drop tables "
+                f"(psd drop), add servers, or raise limits.max_memory_bytes on the servers",
+                limit="max_memory_bytes", max=limit, used=self.usage.bytes + self.reserved, requested=new)
+        for owners, slices in groups if new and self.full_replicas else ():
+            full = [n for n in owners[1:] if n in self.full_replicas]
+            if full and self._count_new(table, rows.take(slices)):
+                self.counters["limit_refusals"] += 1
+                raise LimitError(
+                    f"push to table {table.spec.name!r} refused: it adds keys to ranges "
+                    f"replicated on {', '.join(full)}, which reached its limits.max_memory_bytes "
+                    f"({self.full_replicas[full[0]]} bytes held); nothing was applied. Drop tables (psd drop), "
+                    f"add servers, or raise limits.max_memory_bytes on the servers",
+                    limit="max_memory_bytes", replica=full[0], used=self.full_replicas[full[0]])
+        return new
+
+    def _replica_full(self) -> dict:
+        """What a replica tells the primary in its answer to a forward: whether it can
+        take no new key (the primary then refuses pushes that add keys to its ranges)."""
+        limit = self.config.limits.max_memory_bytes
+        if limit is None or self.usage.bytes < limit:
+            return {}
+        return {"full": True, "bytes": self.usage.bytes}
 
     def _push(self, msg: Message, table: Table, rows: Rows) -> asyncio.Future | None:
         """The primary's half of a push: apply, forward to replicas. Returns None when it
@@ -409,7 +572,8 @@ class Server:
             return asyncio.ensure_future(self._await_replicas(forwards)) if forwards else None
         todo = self.covered.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
         if todo is not None:
-            self._apply_push(msg, table, todo, msg.sender)
+            reserve = self._check_memory(table, todo, rows, groups)
+            self._apply_push(msg, table, todo, msg.sender, reserve)
         if rid is not None:
             self.seen.add(*rid)
             self.covered.note_piece(rows, cut_from)
@@ -452,6 +616,14 @@ class Server:
                     if reply.op == "error":
                         log.warning("%s: replica %s refused a forward: %s", self.node_id, node,
                                     reply.meta.get("message"))
+                    elif reply.meta.get("full"):
+                        if node not in self.full_replicas:
+                            log.warning("%s: replica %s reached its memory limit (%s bytes): pushes that add "
+                                        "keys to its ranges are refused", self.node_id, node,
+                                        reply.meta.get("bytes"))
+                        self.full_replicas[node] = int(reply.meta.get("bytes") or 0)
+                    else:
+                        self.full_replicas.pop(node, None)
                     break
                 except asyncio.TimeoutError:
                     if node not in self.ring.servers:
@@ -516,21 +688,24 @@ class Server:
         """A primary forwards a push it applied; apply it the same way, once."""
         table = self._table(msg)
         rows = self._rows(msg, table, with_values=True)
-        origin, rid = msg.meta.get("origin"), msg.meta.get("rid")
+        origin, rid = msg.meta.get("origin"), _request_id(msg.meta.get("rid"), "replicate: meta.rid")
         if not isinstance(origin, str):
             raise ProtocolError("replicate: meta.origin must name the worker that pushed")
         mine = self._replica_rows(rows, msg)
-        if isinstance(rid, int):
+        if rid is not None:
             cut_from = self._cut_from(msg, origin)
             if self._seen_before((origin, rid), cut_from):
-                return msg.reply()
+                return msg.reply(meta=self._replica_full())
             self.seen.add(origin, rid)
             if mine is not None:
                 mine = self.covered.not_applied(mine, [(origin, rid), *cut_from])
             self.covered.note_piece(rows, cut_from)
         if mine is not None:
-            self._apply_push(msg, table, mine, origin)
-        return msg.reply()
+            # a replica never refuses a forward (copies would differ); near its limit it says
+            # so, and its primaries refuse pushes that add keys to its ranges from then on
+            limit = self.config.limits.max_memory_bytes
+            self._apply_push(msg, table, mine, origin, 0 if limit is None else mine.count * table.row_bytes)
+        return msg.reply(meta=self._replica_full())
 
     def _replica_rows(self, rows: Rows, msg: Message) -> Rows | None:
         """The rows of a forward this replica applies, judged row by row (one forward can
@@ -596,17 +771,17 @@ class Server:
         return both.to_arrays()
 
     def on_install(self, route: Route, msg: Message) -> Message:
-        r = range_from_wire(msg.meta["range"])
-        if msg.table is not None:
+        r = _install_range(msg.meta.get("range"))
+        if msg.table is not None and (msg.table in self.tables or msg.table not in self.dropped):
+            # never refused for memory: the ring moves this range here whatever we answer,
+            # so a refusal would lose it; over the limit, new keys are refused instead
             table = self._table(msg)
-            fields = msg.meta.get("state_fields", [])
-            keys, vals, *state = msg.arrays
-            table.install(keys, vals, dict(zip(fields, state)))
+            table.install(*_install_rows(msg, table, r))  # checked whole before anything changes
         if msg.meta.get("final"):
-            counts, rids = msg.arrays
-            self.covered.note_copy(r, list(msg.meta.get("senders", [])), counts, rids)
+            self.covered.note_copy(r, *_install_ids(msg))
             self.incoming = [x for x in self.incoming if x != r]
             log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
+            self._warn_over_limit(f"taking {r}")
         return msg.reply()
 
     # -- checkpoints -------------------------------------------------------------------
@@ -676,11 +851,19 @@ class Server:
                     table.install(keys[i0:i1], vals[i0:i1], {f: a[i0:i1] for f, a in state.items()})
                     restored += int(i1 - i0)
         log.info("%s restored %d keys from %s", self.node_id, restored, folder)
+        self._warn_over_limit(f"restoring {folder}")
         return msg.reply(meta={"keys": restored})
 
     # -- introspection -------------------------------------------------------------
     def on_status(self, route: Route, msg: Message) -> Message:
         return msg.reply(meta=self.stats())
+
+    def _warn_over_limit(self, why: str) -> None:
+        limit = self.config.limits.max_memory_bytes
+        if limit is not None and self.usage.bytes > limit:
+            log.warning("%s holds %d bytes after %s, over its limits.max_memory_bytes %d: pushes that add "
+                        "keys are refused until tables are dropped or servers added", self.node_id,
+                        self.usage.bytes, why, limit)
 
     def stats(self) -> dict:
         return {
@@ -691,6 +874,13 @@ class Server:
             "ring": self.ring.version,
             "leads": len(self.ring.led_by(self.node_id)), "holds": len(self.ring.ranges_of(self.node_id)),
             "pending_acks": len(self.acks), "copying_in": len(self.incoming),
+            "memory": {"bytes": self.usage.bytes, "limit": self.config.limits.max_memory_bytes,
+                       "reserved": self.reserved, "full_replicas": sorted(self.full_replicas)},
             "consistency": self.gate.stats(),
             "uptime": time.time() - self.started,
+            "metrics": self.metrics_address,
         }
+
+    def log_clock(self) -> int | None:
+        """For log records: the slowest worker clock the consistency gate knows."""
+        return self.gate.policies[self.gate.default].clocks.min_clock()

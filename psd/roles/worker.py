@@ -3,6 +3,7 @@ reports progress and metrics, and asks again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import traceback
 
@@ -14,20 +15,49 @@ from psd.transport.heartbeat import HeartbeatThread
 log = logging.getLogger("psd.worker")
 
 POLL_INTERVAL = 0.2
+#: how often a worker daemon with a metrics endpoint tells the scheduler where it is
+#: (again and again, so a restarted scheduler learns it too)
+ANNOUNCE_INTERVAL = 5.0
 
 
 class Worker:
+    kv = None
+    #: where GET /metrics is served (config `metrics`), once bound
+    metrics_address: str | None = None
+    #: shards (job ranks) run so far, and the (job, rank) running now
+    shards_run = 0
+    current: tuple[str, int] | None = None
+
     def __init__(self, config: ClusterConfig, one_job: bool = False):
         """``one_job``: exit once the first job this worker took part in has ended
         (staying until then to pick up shards of workers that die)."""
         self.config = config
         self.one_job = one_job
 
+    # what log records and metrics name: read from the connection once there is one
+    @property
+    def node_id(self) -> str | None:
+        return self.kv.node_id if self.kv is not None else None
+
+    @property
+    def ring(self):
+        return self.kv.ring if self.kv is not None else None
+
+    def log_clock(self) -> int | None:
+        return self.kv.clock_value if self.kv is not None else None
+
+    async def _announce_metrics(self, kv) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await kv.call_scheduler("heartbeat", timeout=ANNOUNCE_INTERVAL, metrics=self.metrics_address)
+            await asyncio.sleep(ANNOUNCE_INTERVAL)
+
     async def run(self, stop: asyncio.Event, ready) -> None:
-        kv = await aio.connect(self.config.scheduler, self.config)
+        kv = self.kv = await aio.connect(self.config.scheduler, self.config)
+        announce = (asyncio.create_task(self._announce_metrics(kv)) if self.metrics_address else None)
         # an app's numpy work can hold this loop for seconds: stay alive from a thread
         keepalive = HeartbeatThread(self.config.scheduler, kv.node_id, self.config.heartbeat_interval,
-                                    lambda: kv.clock_value)
+                                    lambda: kv.clock_value, security=kv.curve)
         keepalive.start()
         ready(kv.node_id)
         log.info("%s connected to %s", kv.node_id, self.config.scheduler)
@@ -37,7 +67,11 @@ class Worker:
                 got = await kv.call_scheduler("job_poll")
                 if got.get("job") is not None:
                     job_id = got["job"]
-                    await self.run_job(kv, got, stop)
+                    self.current, self.shards_run = (job_id, got["rank"]), self.shards_run + 1
+                    try:
+                        await self.run_job(kv, got, stop)
+                    finally:
+                        self.current = None
                     continue  # take another shard if one is free (a dead worker's)
                 if self.one_job and job_id is not None:
                     st = await kv.call_scheduler("job_status", job=job_id, metrics_from=1 << 30)
@@ -48,6 +82,8 @@ class Worker:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            if announce is not None:
+                announce.cancel()
             keepalive.stop()
             await kv.close()
 
@@ -58,6 +94,7 @@ class Worker:
                          num_workers=got["num_workers"], shards=list(got["shards"]), kv=kv)
         log.info("%s runs job %s (%s) as rank %d of %d", kv.node_id, ctx.job_id, ctx.spec.get("app"),
                  ctx.rank, ctx.num_workers)
+        kv.namespace = ctx.job_id  # the app's tables are the job's: kv.table("w") opens "<job>/w"
         try:
             app = load_app(ctx.spec["app"])
             app_task = asyncio.create_task(app.run(kv, ctx))
@@ -78,3 +115,5 @@ class Worker:
         except Exception as e:
             log.error("%s: job %s failed:\n%s", kv.node_id, ctx.job_id, traceback.format_exc())
             await ctx.report(error=f"{kv.node_id}: {type(e).__name__}: {e}")
+        finally:
+            kv.namespace = None

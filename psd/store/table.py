@@ -17,6 +17,37 @@ from psd.errors import BadRequestError, ValuesError
 from psd.store.updaters import Updater, make_updater
 
 DTYPE_NAMES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
+#: a table named ``NS/NAME`` is in namespace ``NS``; a name without it is in the default one
+NAMESPACE_SEP = "/"
+
+
+def namespace_of(name: str) -> str | None:
+    """The namespace of a table name (None: the default namespace)."""
+    ns, sep, _ = name.partition(NAMESPACE_SEP)
+    return ns if sep else None
+
+
+def qualified(namespace: str | None, name: str) -> str:
+    """``name`` in ``namespace`` (unchanged in the default namespace)."""
+    return f"{namespace}{NAMESPACE_SEP}{name}" if namespace else name
+
+
+def check_namespace(namespace) -> str:
+    if (not isinstance(namespace, str) or not namespace or NAMESPACE_SEP in namespace
+            or len(namespace) > 64):
+        raise BadRequestError(f"a namespace must be 1 to 64 characters without {NAMESPACE_SEP!r}, "
+                              f"got {namespace!r}")
+    return namespace
+
+
+class Usage:
+    """Bytes of table storage one server holds, shared by its tables, so that checking
+    a limit costs O(1) (``Table`` adds and subtracts as it inserts and drops keys)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
 
 
 @dataclass(frozen=True)
@@ -32,7 +63,7 @@ class TableSpec:
             raise BadRequestError(f"table name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
             raise BadRequestError(f"table {self.name!r}: width must be an integer >= 1, got {self.width!r}")
-        if self.dtype not in DTYPE_NAMES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_NAMES:
             raise BadRequestError(f"table {self.name!r}: dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
         if not isinstance(self.options, dict):
             raise BadRequestError(f"table {self.name!r}: options must be a map")
@@ -73,8 +104,9 @@ class TableSpec:
 
 
 class Table:
-    def __init__(self, spec: TableSpec):
+    def __init__(self, spec: TableSpec, usage: Usage | None = None):
         self.spec = spec
+        self.usage = usage if usage is not None else Usage()
         self.dtype = spec.np_dtype
         self.width = spec.width
         self.updater: Updater = make_updater(spec.updater, self.dtype, spec.options, spec.width)
@@ -82,6 +114,8 @@ class Table:
         self._runs_of: np.ndarray | None = None
         self.vals = np.empty((0, self.width), dtype=self.dtype)
         self.state = {f: np.empty((0, self.width), dtype=self.dtype) for f in self.updater.state_fields}
+        #: storage bytes per key: the key, its values and the updater's state rows
+        self.row_bytes = 8 + self.width * self.dtype.itemsize * (1 + len(self.state))
 
     # -- checks ------------------------------------------------------------
     def check_values(self, values: np.ndarray, n: int) -> np.ndarray:
@@ -138,6 +172,7 @@ class Table:
         return None
 
     def _insert(self, new_keys: np.ndarray) -> None:
+        self.usage.bytes += new_keys.size * self.row_bytes
         pos = np.searchsorted(self.keys, new_keys)
         self.keys = np.insert(self.keys, pos, new_keys)
         zeros = np.zeros((new_keys.size, self.width), dtype=self.dtype)
@@ -202,6 +237,23 @@ class Table:
     def nbytes(self) -> int:
         return int(self.keys.nbytes + self.vals.nbytes + sum(a.nbytes for a in self.state.values()))
 
+    def count_present(self, keys: np.ndarray) -> int:
+        """How many of the sorted unique ``keys`` are stored (a push adds the others)."""
+        if keys.size == 0 or self.keys.size == 0:
+            return 0
+        return int(np.count_nonzero(self._locate(keys)[1]))
+
+    def count_present_span(self, lo: int, count: int) -> int:
+        """How many of the keys lo .. lo+count-1 are stored."""
+        i0, i1 = self._bounds(lo, lo + count)
+        return int(i1 - i0)
+
+    def detach(self) -> None:
+        """The table was dropped: stop counting it (a push held by the consistency gate
+        may still write into it, uncounted, before it is garbage)."""
+        self.usage.bytes -= self.nbytes
+        self.usage = Usage()
+
     # -- moving ranges between servers -----------------------------------------------
     def _bounds(self, begin: int, end: int) -> tuple[int, int]:
         return bounds(self.keys, begin, end)
@@ -229,6 +281,7 @@ class Table:
             i0, i1 = self._bounds(r.begin, r.end)
             keep[i0:i1] = True
         dropped = int(self.keys.size - keep.sum())
+        self.usage.bytes -= dropped * self.row_bytes
         if dropped:
             self.keys, self.vals = self.keys[keep], self.vals[keep]
             self.state = {f: a[keep] for f, a in self.state.items()}

@@ -48,7 +48,7 @@ def register_updater(name: str) -> Callable[[type[Updater]], type[Updater]]:
 
 def make_updater(name: str, dtype: np.dtype, options: dict | None = None,
                  width: int | None = None) -> Updater:
-    cls = UPDATERS.get(name)
+    cls = UPDATERS.get(name) if isinstance(name, str) else None  # a list from the wire is no name
     if cls is None:
         raise UnknownUpdaterError(f"unknown updater {name!r}; known: {', '.join(sorted(UPDATERS))}")
     if not cls.integer_ok and np.dtype(dtype).kind != "f":

@@ -15,17 +15,22 @@ from typing import Callable
 import zmq
 
 from psd.codec import Message, encode
+from psd.transport.security import Curve, apply_client
 
 
 class HeartbeatThread(threading.Thread):
-    def __init__(self, scheduler: str, node_id: str, interval: float, clock: Callable[[], int]):
+    def __init__(self, scheduler: str, node_id: str, interval: float, clock: Callable[[], int], *,
+                 security: Curve | None):
         super().__init__(name=f"psd-heartbeat-{node_id}", daemon=True)
         self.scheduler, self.node_id, self.interval, self.clock = scheduler, node_id, interval, clock
+        self.security = security
         self._halt = threading.Event()
 
     def run(self) -> None:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.security is not None:
+            apply_client(sock, self.security)
         sock.connect(self.scheduler)
         try:
             while not self._halt.wait(self.interval):

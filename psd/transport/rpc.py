@@ -73,6 +73,13 @@ class RpcSocket:
         #: to other nodes); otherwise one at a time, in arrival order (servers)
         self.concurrent = concurrent
         self._running: set[asyncio.Task] = set()
+        #: the same socket without zmq.asyncio's wrapper: read from a loop callback
+        self.raw = zmq.Socket.shadow(sock.underlying)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
+        self._paused = False
+        self._draining = False
+        self._recheck_due = False
         self.pending: dict[int, asyncio.Future] = {}
         self.bytes_in = 0
         self.bytes_out = 0
@@ -80,35 +87,37 @@ class RpcSocket:
         self.messages_out = 0
 
     # -- sending -------------------------------------------------------------
-    def send_now(self, msg: Message, route: Route = None) -> asyncio.Future:
-        """Hand ``msg`` to ZeroMQ at once (send queues are unbounded, so this never
-        waits); messages on one socket therefore leave in call order."""
+    def send_now(self, msg: Message, route: Route = None) -> None:
+        """Hand ``msg`` to ZeroMQ at once. Send queues are unbounded (SNDHWM 0), so this
+        never waits, and messages on one socket leave in call order."""
         frames = encode(msg, self.compression)
         self.bytes_out += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         self.messages_out += 1
         if self.router:
             frames = [route, *frames]
-        return self.sock.send_multipart(frames, copy=False)
+        try:
+            self.raw.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise PsdError(f"{self.node_id}: the send queue is full; the peer is not reading") from None
+        finally:
+            self._recheck()
 
     async def send(self, msg: Message, route: Route = None) -> None:
-        await self.send_now(msg, route)
+        self.send_now(msg, route)
 
     def request(self, msg: Message, route: Route = None) -> asyncio.Future:
-        """Send ``msg`` with a fresh id; the returned future gets the reply."""
+        """Send ``msg`` with a fresh id; the returned future gets the reply (or the send
+        error)."""
         msg.id = next(self._ids)
         msg.sender = self.node_id
-        fut = asyncio.get_running_loop().create_future()
+        fut = (self._loop or asyncio.get_running_loop()).create_future()
         self.pending[msg.id] = fut
-        send = self.send_now(msg, route)
-        send.add_done_callback(lambda s, i=msg.id: self._send_done(s, i))
+        try:
+            self.send_now(msg, route)
+        except Exception as err:
+            self.pending.pop(msg.id, None)
+            fut.set_exception(err)
         return fut
-
-    def _send_done(self, send: asyncio.Future, msg_id: int) -> None:
-        if send.cancelled() or send.exception() is None:
-            return
-        fut = self.pending.pop(msg_id, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(send.exception())
 
     async def call(self, msg: Message, route: Route = None, timeout: float | None = 10.0) -> Message:
         fut = self.request(msg, route)
@@ -122,8 +131,7 @@ class RpcSocket:
         return raise_if_error(reply)
 
     async def reply(self, route: Route, reply: Message) -> None:
-        reply.sender = self.node_id
-        await self.send(reply, route)
+        self.reply_now(route, reply)
 
     def reply_now(self, route: Route, reply: Message) -> None:
         """Answer from plain code (a held request released by a later event)."""
@@ -132,57 +140,128 @@ class RpcSocket:
 
     # -- receiving -----------------------------------------------------------
     async def serve(self) -> None:
-        """Receive forever: resolve replies, hand requests to the handler."""
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            route = None
-            if self.router:
-                if not frames:
-                    continue
-                route, frames = frames[0].bytes, frames[1:]
-            self.messages_in += 1
-            self.bytes_in += sum(len(f) for f in frames)
-            try:
-                msg = decode(frames, self.limits)
-            except PsdError as err:
-                await self._reject(route, frames, err)
-                continue
-            except Exception as err:  # a decoder bug must not end the receive loop
-                log.exception("%s: decoding a message failed", self.node_id)
-                await self._reject(route, frames, ProtocolError(f"message could not be decoded: {err!r}"))
-                continue
-            if is_reply(msg):
-                fut = self.pending.pop(msg.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-                continue
-            if self.handler is None:
-                continue
-            if self.concurrent:
-                task = asyncio.ensure_future(self._answer(route, msg))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-            else:
-                await self._answer(route, msg)
+        """Receive until cancelled: resolve replies, hand requests to the handler.
 
-    async def _answer(self, route: Route, msg: Message) -> None:
+        The socket is read from the event loop's reader callback, without zmq.asyncio's
+        futures: a request whose handler does not suspend is answered inside the
+        callback (measured: about half of a small pull's server time went to the
+        future machinery). ZeroMQ's descriptor only signals new arrivals, so every read
+        drains the queue and every send re-checks it (``_recheck``)."""
+        self._loop = asyncio.get_running_loop()
+        fd = self.raw.getsockopt(zmq.FD)
+        self._loop.add_reader(fd, self.drain)
         try:
-            out = await self.handler(route, msg)
-        except PsdError as err:
-            log.warning("%s: %s from %s rejected: %s", self.node_id, msg.op, msg.sender or "?", err.message)
-            out = error_reply(msg, err, self.node_id)
-        except Exception as err:  # a bug on our side: answer, log, keep serving
-            log.exception("%s: %s from %s failed", self.node_id, msg.op, msg.sender or "?")
-            out = error_reply(msg, RemoteError(f"internal error handling {msg.op}: {err!r}"), self.node_id)
-        if out is not None:
-            try:
-                await self.reply(route, out)
-            except Exception as err:  # e.g. a reply that cannot be encoded: say so, keep serving
-                log.exception("%s: could not send the reply to %s", self.node_id, msg.op)
-                await self.reply(route, error_reply(
-                    msg, RemoteError(f"internal error replying to {msg.op}: {err!r}"), self.node_id))
+            self.drain()
+            await self._loop.create_future()  # until cancelled
+        finally:
+            self._loop.remove_reader(fd)
+            self._reading = False
 
-    async def _reject(self, route: Route, frames, err: PsdError) -> None:
+    def drain(self) -> None:
+        """Handle every message waiting on the socket (also callable outside the loop,
+        by a blocking caller that polled the socket itself)."""
+        self._reading = True
+        self._draining = True  # sends in here need no re-check: the loop reads on to EAGAIN
+        try:
+            while not self._paused:
+                try:
+                    frames = self.raw.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
+                except zmq.ZMQError:  # closed under us
+                    return
+                self._dispatch(frames)
+        finally:
+            self._draining = False
+
+    def _recheck(self) -> None:
+        """After a send, look for arrivals the descriptor will not announce."""
+        if self._reading and not self._draining and not self._recheck_due and self._loop is not None:
+            self._recheck_due = True
+            self._loop.call_soon(self._recheck_now)
+
+    def _recheck_now(self) -> None:
+        self._recheck_due = False
+        try:
+            waiting = self.raw.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        except zmq.ZMQError:
+            return
+        if waiting:
+            self.drain()
+
+    def _dispatch(self, frames) -> None:
+        route = None
+        if self.router:
+            if not frames:
+                return
+            route, frames = frames[0].bytes, frames[1:]
+        self.messages_in += 1
+        self.bytes_in += sum(len(f) for f in frames)
+        try:
+            msg = decode(frames, self.limits)
+        except PsdError as err:
+            self._reject(route, frames, err)
+            return
+        except Exception as err:  # a decoder bug must not end the receive loop
+            log.exception("%s: decoding a message failed", self.node_id)
+            self._reject(route, frames, ProtocolError(f"message could not be decoded: {err!r}"))
+            return
+        if msg.op in REPLY_OPS:
+            fut = self.pending.pop(msg.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        if self.handler is None:
+            return
+        try:
+            out = self.handler(route, msg)
+        except Exception as err:
+            self._answer_error(route, msg, err)
+            return
+        if out is None or type(out) is Message:
+            if out is not None:
+                self._send_reply(route, msg, out)
+            return
+        # the handler suspends: finish it as a task; a sequential socket reads no
+        # further message until it is done, so requests are handled in arrival order
+        task = asyncio.ensure_future(self._finish(route, msg, out))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        if not self.concurrent:
+            self._paused = True
+            task.add_done_callback(self._resume)
+
+    def _resume(self, _task) -> None:
+        self._paused = False
+        if self._reading:
+            self.drain()
+
+    async def _finish(self, route: Route, msg: Message, pending) -> None:
+        try:
+            out = await pending
+        except Exception as err:
+            self._answer_error(route, msg, err)
+            return
+        if out is not None:
+            self._send_reply(route, msg, out)
+
+    def _answer_error(self, route: Route, msg: Message, err: Exception) -> None:
+        if isinstance(err, PsdError):
+            log.warning("%s: %s from %s rejected: %s", self.node_id, msg.op, msg.sender or "?", err.message)
+        else:  # a bug on our side: answer, log, keep serving
+            log.error("%s: %s from %s failed", self.node_id, msg.op, msg.sender or "?", exc_info=err)
+            err = RemoteError(f"internal error handling {msg.op}: {err!r}")
+        self._send_reply(route, msg, error_reply(msg, err, self.node_id))
+
+    def _send_reply(self, route: Route, msg: Message, out: Message) -> None:
+        try:
+            self.reply_now(route, out)
+        except Exception as err:  # e.g. a reply that cannot be encoded: say so, keep serving
+            log.exception("%s: could not send the reply to %s", self.node_id, msg.op)
+            self.reply_now(route, error_reply(
+                msg, RemoteError(f"internal error replying to {msg.op}: {err!r}"), self.node_id))
+
+    def _reject(self, route: Route, frames, err: PsdError) -> None:
         """Answer an undecodable message with an error naming the problem."""
         log.warning("%s: dropped a malformed message: %s", self.node_id, err.message)
         if self.router and route is None:
@@ -196,12 +275,22 @@ class RpcSocket:
             if fut is not None and not fut.done():
                 fut.set_exception(err)
             return
-        if isinstance(head.get("id"), int):
+        if isinstance(head.get("id"), int) and not isinstance(head["id"], bool):  # true is no id: decode refuses it
             stub.id = head["id"]  # name the request in the reply when its id can be read
-        await self.reply(route, error_reply(stub, err, self.node_id))
+        self.reply_now(route, error_reply(stub, err, self.node_id))
 
     def fail_pending(self, err: Exception) -> None:
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(err)
         self.pending.clear()
+
+    def close(self) -> None:
+        """Stop reading and close the socket (pending requests are failed by the caller)."""
+        if self._reading and self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self.raw.getsockopt(zmq.FD))
+            except Exception:
+                pass
+        self._reading = False
+        self.sock.close(0)

@@ -6,6 +6,8 @@ import asyncio
 import zmq
 import zmq.asyncio
 
+from psd.transport.security import Curve, HandshakeWatch, apply_client, apply_server, authenticator
+
 
 def install_event_loop(name: str = "uvloop") -> str:
     """Use uvloop when asked for and installed; return the loop actually used."""
@@ -33,22 +35,49 @@ def _common(sock: zmq.Socket, max_message_bytes: int | None) -> None:
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)
 
 
-def bind_router(ctx: zmq.Context, address: str, max_message_bytes: int | None = None) -> tuple[zmq.Socket, str]:
-    """Bind a ROUTER; ``address`` may end in ``:0`` or ``:*`` for a free port."""
+def bind_router(ctx: zmq.Context, address: str, max_message_bytes: int | None = None, *,
+                security: Curve | None) -> tuple[zmq.Socket, str]:
+    """Bind a ROUTER; ``address`` may end in ``:0`` or ``:*`` for a free port.
+    ``security``: the daemon's keys (a CURVE server whose peers the context's ZAP handler
+    checks against the allow-list), or None for plaintext (``security: none``). An
+    asyncio context is needed for CURVE (the ZAP handler is a task on its loop)."""
+    auth = authenticator(ctx, security) if security is not None else None
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, max_message_bytes)
+    if security is not None:
+        apply_server(sock, security)
     if address.endswith(":0"):
         address = address[:-2] + ":*"
     sock.bind(address)
     bound = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    if auth is not None:
+        auth.watch(sock, bound)
     return sock, bound
 
 
-def connect_dealer(ctx: zmq.Context, address: str, max_message_bytes: int | None = None) -> zmq.Socket:
+def connect_dealer(ctx: zmq.Context, address: str, max_message_bytes: int | None = None, *,
+                   security: Curve | None) -> zmq.Socket:
+    """A DEALER connected to ``address``; ``security``: this process's keys (a CURVE
+    client of the cluster's server key), or None for plaintext."""
+    return _dealer(ctx, address, max_message_bytes, security)[0]
+
+
+def connect_watched(ctx: zmq.Context, address: str, max_message_bytes: int | None = None, *,
+                    security: Curve | None) -> tuple[zmq.Socket, HandshakeWatch]:
+    """``connect_dealer`` with a monitor on its handshake (attached before connecting),
+    for a first exchange that should fail fast with AuthError when refused. Close the
+    watch once answered."""
+    return _dealer(ctx, address, max_message_bytes, security, watch=True)
+
+
+def _dealer(ctx, address, max_message_bytes, security, watch=False):
     sock = ctx.socket(zmq.DEALER)
     _common(sock, max_message_bytes)
+    if security is not None:
+        apply_client(sock, security)
+    watcher = HandshakeWatch(sock) if watch else None
     sock.connect(address)
-    return sock
+    return sock, watcher
 
 
 def tune_malloc() -> None:

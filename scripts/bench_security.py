@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""What CurveZMQ costs: psd with ``security: none`` and with ``security: curve`` (the
+default), side by side in one run.
+
+    .venv/bin/python scripts/bench_security.py            # about a minute
+    .venv/bin/python scripts/bench_security.py --quick    # a few seconds, for a smoke test
+
+Two ``psd.LocalCluster(servers=1)`` run at once, one per mode; one blocking client
+(``psd.connect``) per cluster lives in this process. Repetitions alternate between the
+modes (none, curve, curve, none, ...), so a machine that gets busier or quieter during
+the run affects both alike. Per repetition and mode:
+
+* dense push+pull of float32 vectors of 1e3, 1e5 and 1e6 keys:
+  ``kv.wait(t.push_span(lo, v))`` then ``t.pull_span(lo, n)``; MB/s counts bytes pushed
+  plus bytes pulled (1 MB = 1e6 B); the figure is the median over repetitions;
+* the round trip of a small pull (10 keys): p50 and p99 over every sample;
+* ``psd.connect`` + ``close`` (registration, including the CurveZMQ handshake);
+* for reference, a bare pyzmq DEALER/ROUTER echo of the 1e6-key payload (4 MB) in this
+  process, with and without CURVE: the ceiling libzmq's CURVE itself reaches here.
+
+Before timing, each client checks that it pulls back what it pushed. Output: a table
+with curve/none ratios on stdout, ``results.json`` and ``security.png`` in ``--out``
+(default runs/bench_security/). Loopback only; the load average is printed because the
+figures mean little on a busy machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bc  # noqa: E402
+
+MODES = ("none", "curve")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_plan(quick: bool) -> dict:
+    if quick:
+        return {"mode": "quick", "dense_sizes": [1000, 100_000, 1_000_000],
+                "dense_iters": {1000: 50, 100_000: 8, 1_000_000: 2}, "reps": 2,
+                "lat_keys": 10, "lat_samples": 300, "lat_warmup": 50, "connects": 2}
+    return {"mode": "full", "dense_sizes": [1000, 100_000, 1_000_000],
+            "dense_iters": {1000: 300, 100_000: 40, 1_000_000: 8}, "reps": 7,
+            "lat_keys": 10, "lat_samples": 2000, "lat_warmup": 200, "connects": 5}
+
+
+class Client:
+    """One mode's cluster and its blocking client."""
+
+    def __init__(self, mode: str):
+        import psd
+
+        self.mode = mode
+        self.cluster = psd.LocalCluster(servers=1, security=mode)
+        self.kv = psd.connect(self.cluster.scheduler)
+        self.t = self.kv.table("bench", width=1, dtype="float32", updater="assign")
+
+    def check(self, plan: dict) -> None:
+        """The values come back: a client that silently did nothing fails the run."""
+        for n in plan["dense_sizes"]:
+            v = np.arange(n, dtype=np.float32)
+            self.kv.wait(self.t.push_span(0, v))
+            got = self.t.pull_span(0, n).ravel()
+            if not np.array_equal(got, v):
+                raise AssertionError(f"{self.mode}: dense {n}: got {got[:4]}..., expected {v[:4]}...")
+
+    def dense(self, n: int, iters: int) -> float:
+        """MB/s of ``iters`` push+pull rounds of ``n`` float32 keys."""
+        v = np.ones(n, dtype=np.float32)
+        kv, t = self.kv, self.t
+        kv.wait(t.push_span(0, v))  # warm: first touch, connection
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            kv.wait(t.push_span(0, v))
+            t.pull_span(0, n)
+        return 2 * v.nbytes * iters / (time.perf_counter() - t0) / 1e6
+
+    def latency(self, keys: np.ndarray, samples: int, warmup: int) -> list[float]:
+        pull = self.t.pull
+        for _ in range(warmup):
+            pull(keys)
+        out = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            pull(keys)
+            out.append((time.perf_counter() - t0) * 1e6)
+        return out
+
+    def connect_ms(self) -> float:
+        import psd
+
+        t0 = time.perf_counter()
+        psd.connect(self.cluster.scheduler).close()
+        return (time.perf_counter() - t0) * 1e3
+
+    def close(self) -> None:
+        try:
+            self.kv.close()
+        finally:
+            self.cluster.close()
+
+
+def bare_echo(curve: bool, size: int, n: int) -> float:
+    """MB/s of a bare pyzmq DEALER -> ROUTER echo of ``size`` bytes in this process (the
+    ceiling libzmq itself reaches, with or without CURVE; no psd code)."""
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        if curve:
+            server_public, server_secret = zmq.curve_keypair()
+            client_public, client_secret = zmq.curve_keypair()
+            router.curve_server, router.curve_secretkey = True, server_secret
+            dealer.curve_serverkey, dealer.curve_publickey, dealer.curve_secretkey = \
+                server_public, client_public, client_secret
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        payload = np.ones(size // 4, dtype=np.float32)
+
+        def echo():
+            for _ in range(n + 1):
+                router.send_multipart(router.recv_multipart(copy=False), copy=False)
+        th = threading.Thread(target=echo, daemon=True)
+        th.start()
+        dealer.send(payload, copy=False)
+        dealer.recv(copy=False)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            dealer.send(payload, copy=False)
+            dealer.recv(copy=False)
+        rate = 2 * payload.nbytes * n / (time.perf_counter() - t0) / 1e6
+        th.join(5)
+        return rate
+    finally:
+        dealer.close(0)
+        router.close(0)
+        ctx.term()
+
+
+def run(plan: dict) -> dict:
+    clients = {m: Client(m) for m in MODES}
+    try:
+        for c in clients.values():
+            c.check(plan)
+        dense = {m: {n: [] for n in plan["dense_sizes"]} for m in MODES}
+        lat = {m: [] for m in MODES}
+        conn = {m: [] for m in MODES}
+        bare = {m: [] for m in MODES}
+        keys = np.arange(0, plan["lat_keys"] * 1000, 1000, dtype=np.uint64)
+        for rep in range(plan["reps"]):
+            order = MODES if rep % 2 == 0 else MODES[::-1]
+            for m in order:
+                c = clients[m]
+                for n in plan["dense_sizes"]:
+                    dense[m][n].append(c.dense(n, plan["dense_iters"][n]))
+                lat[m] += c.latency(keys, plan["lat_samples"] // plan["reps"] + 1,
+                                    plan["lat_warmup"] if rep == 0 else 20)
+                if rep < plan["connects"]:
+                    conn[m].append(c.connect_ms())
+                bare[m].append(bare_echo(m == "curve", 4 * max(plan["dense_sizes"]),
+                                         plan["dense_iters"][max(plan["dense_sizes"])]))
+            print(f"  repetition {rep + 1}/{plan['reps']} done", file=sys.stderr, flush=True)
+    finally:
+        for c in clients.values():
+            c.close()
+    rows = []
+    for n in plan["dense_sizes"]:
+        vals = {m: statistics.median(dense[m][n]) for m in MODES}
+        rows.append({"test": f"dense {n:.0e} push+pull", "unit": "MB/s", **vals,
+                     "ratio": vals["curve"] / vals["none"], "reps": {m: dense[m][n] for m in MODES}})
+    for q in (50, 99):
+        vals = {m: float(np.percentile(lat[m], q)) for m in MODES}
+        rows.append({"test": f"small pull {plan['lat_keys']} keys p{q}", "unit": "us", **vals,
+                     "ratio": vals["curve"] / vals["none"], "n": {m: len(lat[m]) for m in MODES}})
+    vals = {m: statistics.median(bare[m]) for m in MODES}
+    rows.append({"test": f"bare pyzmq echo {4 * max(plan['dense_sizes']) / 1e6:g} MB", "unit": "MB/s", **vals,
+                 "ratio": vals["curve"] / vals["none"], "reps": bare})
+    vals = {m: statistics.median(conn[m]) for m in MODES}
+    rows.append({"test": "connect + close", "unit": "ms", **vals, "ratio": vals["curve"] / vals["none"]})
+    return {"rows": rows}
+
+
+def print_table(report: dict) -> None:
+    head = ["test", "unit", "none", "curve", "curve/none"]
+    body = [[r["test"], r["unit"], bc.fmt_num(r["none"]), bc.fmt_num(r["curve"]), f"{r['ratio']:.2f}"]
+            for r in report["rows"]]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
+    for line in [head, ["-" * w for w in widths], *body]:
+        print("  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w) for i, (x, w) in enumerate(zip(line, widths))))
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    panels = [([r for r in rows if r["unit"] == "MB/s"], "MB/s (pushed + pulled), higher is better",
+               "dense push+pull throughput", lambda t: t.replace(" push+pull", "").replace("bare pyzmq echo", "bare")),
+              ([r for r in rows if r["unit"] in ("us",)], "microseconds, lower is better",
+               f"small-pull round trip ({report['plan']['lat_keys']} keys)", lambda t: t.split()[-1]),
+              ([r for r in rows if r["unit"] == "ms"], "milliseconds, lower is better", "psd.connect + close",
+               lambda t: "connect")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 2, 1]})
+    colors = {"none": "#aec7e8", "curve": "#1f77b4"}
+    for ax, (sub, ylabel, title, label) in zip(axes, panels):
+        x = np.arange(len(sub))
+        for i, m in enumerate(MODES):
+            ys = [r[m] for r in sub]
+            bars = ax.bar(x + (i - 0.5) * 0.4, ys, 0.4, label=f"security: {m}", color=colors[m],
+                          edgecolor="black", linewidth=0.4)
+            if m == "curve":
+                for b, r in zip(bars, sub):
+                    ax.annotate(f"x{r['ratio']:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, [label(r["test"]) for r in sub])
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"CurveZMQ vs plaintext, 1 server, 1 client, loopback ({report['plan']['mode']} run; "
+                 f"x = curve/none)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke test)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_security"), help="output folder")
+    args = ap.parse_args()
+    plan = make_plan(args.quick)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import zmq
+
+    report = {"plan": {**plan, "dense_iters": {str(k): v for k, v in plan["dense_iters"].items()}},
+              "host": {"python": platform.python_version(), "cpus": os.cpu_count(), "pyzmq": zmq.__version__,
+                       "libzmq": zmq.zmq_version(), "curve": zmq.has("curve"),
+                       "loadavg_before": os.getloadavg()}}
+    started = time.monotonic()
+    report.update(run(plan))
+    report["seconds"] = time.monotonic() - started
+    report["host"]["loadavg_after"] = os.getloadavg()
+    before = report["host"]["loadavg_before"][0]
+    print()
+    print(f"psd security benchmark, {plan['mode']} mode, {report['host']['cpus']} CPUs, pyzmq "
+          f"{zmq.__version__} / libzmq {zmq.zmq_version()}; 1 server, 1 client (psd.connect), loopback; "
+          f"security none vs curve alternating over {plan['reps']} repetitions; throughput = median, "
+          f"MB = 1e6 B pushed + pulled; curve/none > 1 is better for MB/s, worse for us and ms")
+    print(f"load average (1 min) before the run: {before:.2f}, after: {report['host']['loadavg_after'][0]:.2f}"
+          + ("  -- WARNING: something else was using the CPUs; figures are noisy" if before > 0.5 else ""))
+    print()
+    print_table(report)
+    (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
+    plot(report, out / "security.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'security.png'} in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
