@@ -5,6 +5,9 @@ The scheduler builds it by consistent hashing (psd.cluster.ring).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
 
 from psd.cluster.ranges import KEY_SPACE_END, Range
 
@@ -17,6 +20,16 @@ class Assignment:
     ranges: tuple[Range, ...] = ()
     owners: tuple[tuple[str, ...], ...] = ()
     addresses: dict = field(default_factory=dict)  # node id -> tcp address
+
+    @cached_property
+    def inner_begins(self) -> np.ndarray | None:
+        """Starts of every range but the first, as uint64, when the ranges cover the key
+        space in order (they always do once built by the ring); else None."""
+        r = self.ranges
+        if not r or r[0].begin != 0 or r[-1].end != KEY_SPACE_END or any(
+                a.end != b.begin for a, b in zip(r, r[1:])):
+            return None
+        return np.array([x.begin for x in r[1:]], dtype=np.uint64)
 
     def ranges_of(self, node: str) -> list[Range]:
         return [r for r, o in zip(self.ranges, self.owners) if node in o]

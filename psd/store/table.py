@@ -5,9 +5,16 @@ to it. Lookups are binary searches; a run of keys that is contiguous in storage 
 updated through a slice (in place, no gather/scatter). New keys are merged in, which
 costs a copy of the table, so a table grows in few large steps in practice (first
 touch), not on every push.
+
+A pull of keys that sit in a row in storage returns a read-only view, not a copy: the
+reply is sent zero-copy, so ZeroMQ reads the table itself (a 1e7-key pull spent as long
+copying as the push spent adding). The table remembers the views it lent; a write while
+one is still alive (ZeroMQ still sending it, or a reply waiting for its push to be
+replicated) first moves the table to a fresh copy, so what was lent never changes.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,6 +121,7 @@ class Table:
         self._runs_of: np.ndarray | None = None
         self.vals = np.empty((0, self.width), dtype=self.dtype)
         self.state = {f: np.empty((0, self.width), dtype=self.dtype) for f in self.updater.state_fields}
+        self._lent: list[weakref.ref] = []  # views of vals handed out without a copy
         #: storage bytes per key: the key, its values and the updater's state rows
         self.row_bytes = 8 + self.width * self.dtype.itemsize * (1 + len(self.state))
 
@@ -127,6 +135,21 @@ class Table:
             raise ValuesError(f"table {self.spec.name!r}: values must have shape ({n}, {self.width}), "
                               f"got {values.shape}")
         return values
+
+    # -- lending views (copy on write) ---------------------------------------------
+    def _lend(self, view: np.ndarray) -> np.ndarray:
+        view.flags.writeable = False
+        if len(self._lent) >= 64:
+            self._lent = [r for r in self._lent if r() is not None]
+        self._lent.append(weakref.ref(view))
+        return view
+
+    def _own_vals(self) -> None:
+        """Call before writing into ``vals`` in place."""
+        if self._lent:
+            if any(r() is not None for r in self._lent):
+                self.vals = self.vals.copy()
+            self._lent.clear()
 
     # -- lookups -----------------------------------------------------------
     def _runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,12 +225,13 @@ class Table:
         """Apply ``values`` at sorted unique ``keys`` (checked by the caller)."""
         values = self.check_values(values, keys.size)
         sel, _ = self._selector(keys, create=True)
+        self._own_vals()
         self.updater.apply(self.vals, self.state, sel, values)
 
     def pull(self, keys: np.ndarray) -> np.ndarray:
         sel, present = self._selector(keys, create=False)
         if present is None:
-            return self.vals[sel].copy() if isinstance(sel, slice) else self.vals[sel]
+            return self._lend(self.vals[sel]) if isinstance(sel, slice) else self.vals[sel]
         out = np.zeros((keys.size, self.width), dtype=self.dtype)
         out[present] = self.vals[sel[present]]
         return out
@@ -220,12 +244,13 @@ class Table:
         if i0 is None:
             self.push(np.arange(lo, lo + count, dtype=np.uint64), values)
         else:
+            self._own_vals()
             self.updater.apply(self.vals, self.state, slice(i0, i0 + count), values)
 
     def pull_span(self, lo: int, count: int) -> np.ndarray:
         i0 = self._span(lo, count) if count else 0
         if i0 is not None:
-            return self.vals[i0:i0 + count].copy()
+            return self._lend(self.vals[i0:i0 + count])
         return self.pull(np.arange(lo, lo + count, dtype=np.uint64))
 
     # -- introspection -------------------------------------------------------
@@ -269,6 +294,7 @@ class Table:
         if keys.size == 0:
             return
         sel, _ = self._selector(keys, create=True)
+        self._own_vals()
         self.vals[sel] = vals
         for f, a in state.items():
             if f in self.state:
