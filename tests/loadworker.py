@@ -62,8 +62,8 @@ def expected(counts: dict[int, int], k: int) -> np.ndarray:
 
 # -- one client (a forked process) ------------------------------------------------------------
 def client_main(scheduler: str, seed: int, k: int, think_ms: float, seconds: float, keys_env: str | None,
-                ready, go, results, parent_pid: int) -> None:
-    """Body of one client process: connect, open the table, meet the others at ``ready``,
+                go, results) -> None:
+    """Body of one client process: connect, open the table, say ``ready`` on ``results``,
     wait for ``go``, then push/pull for ``seconds`` and put its record on ``results``."""
     import ctypes
     import signal
@@ -84,8 +84,8 @@ def client_main(scheduler: str, seed: int, k: int, think_ms: float, seconds: flo
         with psd.connect(scheduler) as kv:
             name, dtype, width = TABLE
             t = kv.table(name, width=width, dtype=dtype, updater="sum")
-            ready.wait(START_TIMEOUT)
-            if not go.wait(START_TIMEOUT) or os.getppid() == 1:
+            results.put({"seed": seed, "ready": True})
+            if not go.wait(START_TIMEOUT):
                 raise RuntimeError("no go from the driver")
             push_us, pull_us, errors = [], [], []
             acked = 0
@@ -112,22 +112,23 @@ def client_main(scheduler: str, seed: int, k: int, think_ms: float, seconds: flo
                       "finished": time.time(), "push_us": push_us, "pull_us": pull_us, "errors": errors}
         results.put(record)
     except BaseException:
-        try:
-            ready.abort()
-        except Exception:
-            pass
         results.put({"seed": seed, "fatal": traceback.format_exc()})
 
 
 # -- the driver ------------------------------------------------------------------------------
 def sample(pid: int) -> dict:
-    """Resident memory (bytes) and open file descriptors of one process, from /proc."""
+    """Resident memory (bytes) and open file descriptors of one process, from /proc
+    (zeros and ``gone`` when it has exited)."""
     rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    return {"rss": rss, "fds": len(os.listdir(f"/proc/{pid}/fd")), "t": time.time()}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return {"rss": 0, "fds": 0, "t": time.time(), "gone": True}
+    return {"rss": rss, "fds": fds, "t": time.time()}
 
 
 def daemons(cluster) -> dict[str, int]:
@@ -146,53 +147,45 @@ class Clients:
 
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["numpy", "psd", "loadworker"])
-        self.ready = ctx.Barrier(n + 1)
         self.go = ctx.Event()
         self.results = ctx.Queue()
         self.n = n
         keys_env = os.environ.get("PSD_KEYS")
         self.procs = [ctx.Process(target=client_main, name=f"load-client-{s}", daemon=True,
-                                  args=(scheduler, s, keys, think_ms, seconds, keys_env, self.ready, self.go,
-                                        self.results, os.getpid()))
+                                  args=(scheduler, s, keys, think_ms, seconds, keys_env, self.go, self.results))
                       for s in range(n)]
         for p in self.procs:
             p.start()
 
-    def wait_ready(self, timeout: float) -> None:
-        import threading
-
-        try:
-            self.ready.wait(timeout)
-        except threading.BrokenBarrierError:
-            fatal = self._fatal()
-            raise RuntimeError(f"the load clients did not all connect within {timeout} s"
-                               + (f":\n{fatal}" if fatal else "")) from None
-
-    def _fatal(self) -> str:
-        import queue
-        try:
-            r = self.results.get(timeout=1.0)
-        except queue.Empty:
-            return ""
-        return r.get("fatal", "")
-
-    def start(self) -> None:
-        self.go.set()
-
-    def collect(self, timeout: float) -> list[dict]:
+    def _gather(self, what: str, timeout: float) -> list[dict]:
+        """``n`` messages from the clients (fails fast if one dies or reports a failure)."""
         import queue
 
         out, deadline = [], time.monotonic() + timeout
         while len(out) < self.n:
             try:
-                r = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+                r = self.results.get(timeout=0.5)
             except queue.Empty:
-                raise RuntimeError(f"only {len(out)} of {self.n} load clients reported within {timeout} s") from None
+                dead = [p.name for p in self.procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"only {len(out)} of {self.n} load clients {what} within {timeout} s"
+                                       + (f"; {', '.join(dead)} died" if dead else "")) from None
+                continue
             if "fatal" in r:
                 raise RuntimeError(f"load client {r['seed']} failed:\n{r['fatal']}")
             out.append(r)
+        return out
+
+    def wait_ready(self, timeout: float) -> None:
+        self._gather("connected", timeout)
+
+    def start(self) -> None:
+        self.go.set()
+
+    def collect(self, timeout: float) -> list[dict]:
+        out = self._gather("reported", timeout)
         for p in self.procs:
-            p.join(max(0.1, deadline - time.monotonic()))
+            p.join(timeout)
         return sorted(out, key=lambda r: r["seed"])
 
     def close(self) -> None:
@@ -217,8 +210,10 @@ def percentiles(samples_us: list[float]) -> dict:
 def run_load(clients: int = 32, seconds: float = 10.0, *, servers: int = 2, keys: int = 16, think_ms: float = 0.0,
              warmup: float = 2.0, every: float = 1.0, log=None, **settings) -> dict:
     """Run ``clients`` load clients for ``seconds`` against a fresh ``servers``-server
-    cluster; return the report (see the module docstring). Raises on any client error or
-    wrong sum. ``settings`` go to the LocalCluster."""
+    cluster and return the report (see the module docstring). A client that cannot
+    start or report raises; request errors and wrong sums are in the report
+    (``errors``, ``wrong_keys``) for the caller to judge. ``settings`` go to the
+    LocalCluster."""
     import psd
 
     log = log or (lambda msg: None)
@@ -236,6 +231,7 @@ def run_load(clients: int = 32, seconds: float = 10.0, *, servers: int = 2, keys
         name, dtype, width = TABLE
         with psd.connect(cluster) as kv:
             kv.table(name, width=width, dtype=dtype, updater="sum")
+        report["ring_version_start"] = cluster.status()["ring_version"]
         snap("idle")
         log(f"cluster up in {time.monotonic() - t_start:.1f} s; starting {clients} clients")
         pool = Clients(cluster.scheduler, clients, keys, think_ms, seconds)
@@ -266,11 +262,19 @@ def run_load(clients: int = 32, seconds: float = 10.0, *, servers: int = 2, keys
             time.sleep(0.2)
         errors = [(r["seed"], e) for r in results for e in r["errors"]]
         counts = {r["seed"]: r["acked"] for r in results}
-        with psd.connect(cluster) as kv:
-            got = kv.table(name, width=width, dtype=dtype, updater="sum").pull(POOL)
+        status = cluster.status()
+        children = {"scheduler": cluster.scheduler_proc, **{f"server{i}": c for i, c in enumerate(cluster.servers)}}
+        if errors or any(n["state"] != "active" for n in status["nodes"] if n["role"] == "server"):
+            # what went wrong is in the daemons' logs, which go with the cluster's folder
+            report["log_tails"] = {n: c.log_tail(40) for n, c in children.items()}
+        try:
+            with psd.connect(cluster) as kv:
+                got = kv.table(name, width=width, dtype=dtype, updater="sum").pull(POOL)
+        except psd.PsdError as e:
+            tails = "\n".join(f"--- {n}:\n{c.log_tail(40)}" for n, c in children.items())
+            raise RuntimeError(f"the final pull failed ({e}); client errors {errors[:3]}; logs:\n{tails}") from e
         want = expected(counts, keys)
         bad = np.flatnonzero((got != want).any(axis=1))
-        status = cluster.status()
     span = max(r["finished"] for r in results) - min(r["started"] for r in results)
     report.update({
         "errors": errors,

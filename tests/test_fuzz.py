@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import socket
 import struct
 import time
 
@@ -55,7 +56,7 @@ from psd.codec import DTYPES, Limits, Message, decode, encode
 from psd.roles.scheduler import Scheduler
 from psd.store import TableSpec
 
-from conftest import server_addresses
+from conftest import RawDealer, server_addresses
 
 TOP = 2**64 - 1
 MAX_MESSAGE = 4 << 20
@@ -767,16 +768,7 @@ def test_hand_made_hostile_frames_to_a_server(fuzz_cluster, raw_dealer):
     [address] = server_addresses(cluster)
     prober = Prober(raw_dealer(address))
     pid = cluster.servers[0].pid
-    model = Model()
-    stats: dict[str, int] = {}
-    # what the earlier test left in the tables: read it back so the model starts there
-    for name, t in tables.items():
-        got = t.pull(POOL)
-        for k, row in zip(POOL.tolist(), got):
-            if row.any():
-                model.rows[name][k] = row.copy()
-    model.rows["fz"].update({k: v for k, v in zip(range(1000, 1700), tables["fz"].pull(np.arange(1000, 1700,
-                                                                                         dtype=np.uint64)))})
+    model = _model_from(tables)  # what the earlier test left in the tables
     rss_before = rss_bytes(pid)
     for name, frames in _hand_made_cases():
         msg = local_decode(frames)
@@ -796,6 +788,52 @@ def test_hand_made_hostile_frames_to_a_server(fuzz_cluster, raw_dealer):
     grown = rss_bytes(pid) - rss_before
     assert grown < RSS_BOUND, f"the server grew by {grown >> 20} MiB"
     check_tables(kv, tables, model)
+
+
+def test_garbage_below_the_message_layer_is_dropped(fuzz_cluster, raw_dealer):
+    """Bytes that are not ZeroMQ at all (random, a truncated or forged greeting), and a
+    client that does not speak the cluster's CurveZMQ: the connection is dropped, no
+    reply, and both daemons serve on."""
+    cluster, kv, tables = fuzz_cluster
+    rng = np.random.default_rng(11)
+    targets = [server_addresses(cluster)[0], cluster.scheduler]
+    pids = [cluster.servers[0].pid, cluster.scheduler_proc.pid]
+    rss_before = [rss_bytes(pid) for pid in pids]
+    greeting = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\0" * 16 + b"\0" + b"\0" * 31
+    for address in targets:
+        host, port = address.removeprefix("tcp://").rsplit(":", 1)
+        for payload in (rng.bytes(4096), greeting[:7], greeting, greeting + rng.bytes(512),
+                        b"\xff" + b"\xff" * 8 + b"\x7f" + rng.bytes(100)):
+            with socket.create_connection((host, int(port)), timeout=2.0) as s:
+                s.sendall(payload)
+                s.settimeout(0.3)
+                try:
+                    s.recv(4096)  # a greeting back, or nothing; never a psd reply
+                except (TimeoutError, ConnectionError):
+                    pass
+        if cluster.config.security != "none":  # a plaintext client of a CurveZMQ daemon gets nothing
+            plain = RawDealer(address, curve=None)
+            try:
+                plain.send_frames(encode(Message("ping", id=5, sender="fz-plain")))
+                assert plain.recv_frames(timeout=0.5) is None
+            finally:
+                plain.close()
+        Prober(raw_dealer(address)).probe(encode(Message("ping", id=6)), True)
+    for pid, before in zip(pids, rss_before):
+        assert rss_bytes(pid) - before < RSS_BOUND
+    check_tables(kv, tables, _model_from(tables))
+
+
+def _model_from(tables: dict) -> Model:
+    """A model holding what the tables hold now for POOL and the big-push keys."""
+    model = Model()
+    for name, t in tables.items():
+        for k, row in zip(POOL.tolist(), t.pull(POOL)):
+            if row.any():
+                model.rows[name][k] = row.copy()
+    big = np.arange(1000, 1700, dtype=np.uint64)
+    model.rows["fz"].update({k: v for k, v in zip(big.tolist(), tables["fz"].pull(big)) if v.any()})
+    return model
 
 
 def test_negative_rid_cannot_break_later_range_copies(raw_dealer):

@@ -199,6 +199,24 @@ def test_pushpull_returns_the_updated_values(cluster3, kv3):
 
 
 # -- updaters --------------------------------------------------------------------------
+def test_pulls_in_flight_see_exactly_the_pushes_before_them(kv3):
+    """Servers answer a pull of consecutive keys with a view of the table, sent
+    zero-copy; the push right behind it must not change the reply while ZeroMQ is still
+    sending it (the table copies on write). Each pull must see exactly the pushes
+    issued before it, whole."""
+    t = kv3.table("cow_in_flight", width=1, dtype="int64")
+    n = 1_000_000
+    keys = np.arange(n, dtype=np.uint64) * 3  # spread over every server of cluster3
+    ones = np.ones((n, 1), dtype=np.int64)
+    pulls = []
+    for _ in range(6):
+        t.push(keys, ones)
+        pulls.append(t.pull_async(keys))
+    for i, ts in enumerate(pulls):
+        got = kv3.wait(ts)
+        assert (got == i + 1).all(), f"pull {i} saw {np.unique(got)[:5]}, wanted only {i + 1}"
+
+
 def test_assign_keeps_the_last_value_in_push_order(cluster3, kv3):
     begins = [0, *owner_changes(server_ranges(cluster3))]
     t = kv3.table("assign", width=2, dtype="int32", updater="assign")

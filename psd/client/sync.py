@@ -61,25 +61,26 @@ class KVWorker:
         finishes whatever the shortcut cannot."""
         kv = self.aio
         pending = kv._issue(op, spec, rows)
-        rpcs = {part.server: kv._servers[part.server] for part, _, _ in pending.values()}
-        deadline = time.monotonic() + aio.RETRY_TICK
         futs = [fut for _, fut, _ in pending.values()]
+        rpcs = list({part.server: kv._servers[part.server] for part, _, _ in pending.values()}.values())
+        deadline = time.monotonic() + aio.RETRY_TICK
         poller = None
-        while not all(f.done() for f in futs):
+        while True:
+            for rpc in rpcs:
+                rpc.drain()
+            if all(f.done() for f in futs):
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            if poller is None:
-                poller = zmq.Poller()
-                for rpc in rpcs.values():
-                    poller.register(rpc.raw, zmq.POLLIN)
-                for rpc in rpcs.values():  # what came before the poller existed
-                    rpc.drain()
-                continue
-            for _ in poller.poll(left * 1000):
-                pass
-            for rpc in rpcs.values():
-                rpc.drain()
+            if len(rpcs) == 1:
+                rpcs[0].raw.poll(left * 1000)
+            else:
+                if poller is None:
+                    poller = zmq.Poller()
+                    for rpc in rpcs:
+                        poller.register(rpc.raw, zmq.POLLIN)
+                poller.poll(left * 1000)
         done, result = kv._collect(op, spec, rows.count, pending)
         if done:
             self._tick()

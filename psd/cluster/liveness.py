@@ -61,6 +61,17 @@ class Liveness:
         if node in self.peers:
             self.peers[node].state = State.LEFT
 
+    def excuse(self, seconds: float) -> None:
+        """The observer itself did not run for ``seconds`` (its event loop stalled: frozen,
+        starved of CPU): the heartbeats sent meanwhile wait unread in its socket, so that
+        time is nobody's silence. Without this, an observer that wakes from a stall longer
+        than the dead time declares every peer dead at once, before reading their beats."""
+        if seconds <= 0:
+            return
+        for peer in self.peers.values():
+            if peer.state not in (State.DEAD, State.LEFT):
+                peer.last_seen += seconds
+
     def tick(self, now: float) -> list[tuple[str, State, State]]:
         """Advance states; return the (node, old, new) transitions."""
         changes = []

@@ -234,9 +234,19 @@ class Scheduler:
         await self._to_servers(Message("worker_left", meta={"worker": worker}))
 
     async def tick_loop(self) -> None:
+        step = self.config.heartbeat_interval / 2
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval / 2)
-            for node, old, new in self.liveness.tick(time.monotonic()):
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            late, last = now - last - step, now
+            if late > self.config.heartbeat_interval:
+                # our own loop stalled (frozen, starved of CPU): the beats sent meanwhile
+                # are still unread in the socket, so that time counts against nobody
+                log.warning("the scheduler's event loop stalled for %.2f s; that time does not count as "
+                            "anyone's missed heartbeats", late)
+                self.liveness.excuse(late)
+            for node, old, new in self.liveness.tick(now):
                 log.warning("%s: %s -> %s (ring v%d)", node, old.value, new.value, self.ring.version)
                 if new == State.DEAD and node.startswith("W"):
                     await self._worker_gone(node)

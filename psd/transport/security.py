@@ -116,7 +116,7 @@ def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (DEFAULT_C
     if taken and not force:
         raise PsdError(f"{folder} already holds keys ({', '.join(taken)}); refusing to overwrite them. "
                        f"Pass --force to replace them (every daemon and client then needs the new files)"
-                       + ("" if add else f", or --add --client NAME to add a client to this set"))
+                       + ("" if add else ", or --add --client NAME to add a client to this set"))
     folder.mkdir(parents=True, exist_ok=True)
     authorized.mkdir(exist_ok=True)
     written: list[Path] = []
