@@ -109,7 +109,7 @@ def plot(reports: list[dict], path: Path) -> None:
         ax.bar(x + (i - len(bars) / 2 + 0.5) * width, ys, width, label=f"{what} {p}",
                color=("#1f77b4", "#6baed6", "#c6dbef", "#d62728", "#fc9272", "#fee0d2")[i], edgecolor="black",
                linewidth=0.4)
-    ax.set_xticks(x, [f"{c} clients" for c in counts])
+    ax.set_xticks(x, [f"{c} client{'s' if c != 1 else ''}" for c in counts])
     ax.set_ylabel("ms (lower is better)")
     ax.set_yscale("log")
     ax.set_title("latency percentiles (in the clients)")
@@ -169,8 +169,8 @@ def main(argv=None) -> int:
     reports = []
     try:
         for n in counts:
-            print(f"[{time.monotonic() - started:6.1f} s] {n} clients x {args.seconds:g} s on {args.servers} servers ...",
-                  file=sys.stderr, flush=True)
+            print(f"[{time.monotonic() - started:6.1f} s] {n} clients x {args.seconds:g} s on {args.servers} "
+                  f"servers ...", file=sys.stderr, flush=True)
             reports.append(loadworker.run_load(
                 n, args.seconds, servers=args.servers, keys=args.keys, think_ms=args.think, warmup=args.warmup,
                 log=lambda m: print(f"[{time.monotonic() - started:6.1f} s]   {m}", file=sys.stderr, flush=True)))

@@ -32,7 +32,14 @@ else changed (the scheduler's ring, members, tables, jobs), and the daemon's res
 memory grew by less than ``RSS_BOUND``.
 
 The cluster runs with small limits (4 MiB messages, 65,536 keys) so that the largest
-request a limit allows is small, and a memory bound means something.
+request a limit allows is small, and a memory bound means something. Hand-made cases
+cover the extremes a random search rarely reaches (deep nesting, headers at the size
+limit, zstd bombs, ids at the ends of the integer range, bytes that are not ZeroMQ).
+
+Regression tests for what the fuzzing found: a negative ``meta.rid`` that broke every
+later range copy of its server; range copies (``install``) that stored half-checked
+rows; scheduler handlers that failed (``remote``) on a list where a name was expected;
+an error reply whose id was ``true``; a 74-byte pull that cost six times its reply.
 """
 from __future__ import annotations
 
@@ -756,6 +763,9 @@ def _hand_made_cases() -> list[tuple[str, list[bytes]]]:
                                                                                "senders": ["fw0"]},
                                                     frames=[["<f8", [1], "none", 8], ["<u8", [1], "none", 8]]),
                                               np.ones(1).tobytes(), u64(5).tobytes()]),
+        ("install, final with counts whose sum wraps around", [
+            _head("install", tbl=None, meta={"range": [0, TOP], "final": True, "senders": ["fw0", "fw1"]},
+                  frames=[["<u8", [2], "none", 16], ["<u8", [1], "none", 8]]), u64(TOP, 2).tobytes(), u64(5).tobytes()]),
         ("install, final with a sender that is a list", [
             _head("install", tbl=None, meta={"range": [0, TOP], "final": True, "senders": [["x"]]},
                   frames=[["<u8", [1], "none", 8], ["<u8", [1], "none", 8]]), u64(1).tobytes(), u64(5).tobytes()]),
@@ -799,6 +809,7 @@ def test_garbage_below_the_message_layer_is_dropped(fuzz_cluster, raw_dealer):
     targets = [server_addresses(cluster)[0], cluster.scheduler]
     pids = [cluster.servers[0].pid, cluster.scheduler_proc.pid]
     rss_before = [rss_bytes(pid) for pid in pids]
+    model = _model_from(tables)
     greeting = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL" + b"\0" * 16 + b"\0" + b"\0" * 31
     for address in targets:
         host, port = address.removeprefix("tcp://").rsplit(":", 1)
@@ -821,7 +832,7 @@ def test_garbage_below_the_message_layer_is_dropped(fuzz_cluster, raw_dealer):
         Prober(raw_dealer(address)).probe(encode(Message("ping", id=6)), True)
     for pid, before in zip(pids, rss_before):
         assert rss_bytes(pid) - before < RSS_BOUND
-    check_tables(kv, tables, _model_from(tables))
+    check_tables(kv, tables, model)  # unchanged
 
 
 def _model_from(tables: dict) -> Model:
@@ -834,6 +845,41 @@ def _model_from(tables: dict) -> Model:
     big = np.arange(1000, 1700, dtype=np.uint64)
     model.rows["fz"].update({k: v for k, v in zip(big.tolist(), tables["fz"].pull(big)) if v.any()})
     return model
+
+
+def peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def test_a_tiny_pull_of_a_huge_span_costs_about_its_reply(raw_dealer):
+    """Regression: a pull by spans of keys mostly never pushed looked up
+    ``arange(lo, lo + count)`` key by key, so a 74-byte request for 2**26 keys made the
+    server allocate six times the 512 MiB reply (3.1 GiB peak, 11 s of a server that
+    answers one request at a time). Now the stored rows are scattered into the reply:
+    its size, plus a copy on the wire (CurveZMQ encrypts into a new buffer)."""
+    count = 1 << 23  # 64 MiB of int64
+    with psd.LocalCluster(servers=1, limits={"max_keys": count, "max_message_bytes": 256 << 20}) as cluster:
+        with psd.connect(cluster) as kv:
+            t = kv.table("span", width=1, dtype="int64", updater="sum")
+            lo = 2**40
+            stored = np.array([lo, lo + 7, lo + count // 2, lo + count - 1], dtype=np.uint64)
+            kv.wait(t.push(stored, np.array([1, 2, 3, 4], np.int64)))
+            pid = cluster.servers[0].pid
+            before = peak_rss_bytes(pid)
+            d = raw_dealer(server_addresses(cluster)[0])
+            frames = encode(Message("pull", table="span", id=9, meta={"spans": [[lo, count]]}))
+            assert sum(len(bytes(f)) for f in frames) < 100
+            reply = d.exchange(frames, timeout=60)
+            assert reply.op == "ok", reply.meta
+            got = reply.arrays[0]
+            assert got.shape == (count, 1) and int(got.sum()) == 10
+            assert got[[0, 7, count // 2, count - 1], 0].tolist() == [1, 2, 3, 4]
+            grown = peak_rss_bytes(pid) - before
+            assert grown < 3.5 * count * 8, f"peak memory grew by {grown >> 20} MiB for a {count * 8 >> 20} MiB reply"
 
 
 def test_negative_rid_cannot_break_later_range_copies(raw_dealer):

@@ -59,8 +59,9 @@ def test_32_clients_push_and_pull_without_errors_or_leaks(request, capsys):
         assert left <= idle + 2, f"{name}: {left - idle} file descriptors left open after the clients left"
 
     pull, push = r["pull"], r["push"]
-    lines = [f"load: {CLIENTS} clients x {LOAD_SECONDS:g} s on {r['servers']} servers, {r['keys_per_request']} keys per "
-             f"request: {r['requests']} requests, {r['throughput_rps']:.0f} req/s, load average {r['loadavg'][0]:.1f}",
+    lines = [f"load: {CLIENTS} clients x {LOAD_SECONDS:g} s on {r['servers']} servers, "
+             f"{r['keys_per_request']} keys per request: {r['requests']} requests, {r['throughput_rps']:.0f} req/s, "
+             f"load average {r['loadavg'][0]:.1f}",
              *(f"  {what:4} latency: p50 {x['p50_us'] / 1e3:6.2f} ms  p95 {x['p95_us'] / 1e3:6.2f} ms  "
                f"p99 {x['p99_us'] / 1e3:6.2f} ms  max {x['max_us'] / 1e3:6.1f} ms  (n={x['n']})"
                for what, x in (("pull", pull), ("push", push))),

@@ -71,7 +71,7 @@ def _int_list(keys, fallback: np.ndarray) -> np.ndarray:
 
 
 def check_sorted_unique(keys: np.ndarray) -> None:
-    if keys.size > 1:
+    if keys.size > 1 and not (keys[1:] > keys[:-1]).all():  # the common case: one pass
         bad = np.flatnonzero(keys[1:] <= keys[:-1])
         if bad.size:
             i = int(bad[0])

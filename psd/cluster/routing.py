@@ -28,6 +28,9 @@ def group_keys(ring: Assignment, keys: np.ndarray) -> list[tuple[Owners, Slices]
     n = keys.size
     if n == 0 or not ring.ranges:
         return []
+    first = int(inner.searchsorted(keys[0], side="right"))
+    if first == int(inner.searchsorted(keys[-1], side="right")):  # all in one range
+        return [(ring.owners[first], [(0, n)])]
     edges = np.empty(len(ring.ranges) + 1, dtype=np.int64)
     edges[0], edges[-1] = 0, n
     edges[1:-1] = np.searchsorted(keys, inner)

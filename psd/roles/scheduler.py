@@ -410,7 +410,8 @@ class Scheduler:
 
     async def on_job_report(self, route: Route, msg: Message) -> Message:
         m = msg.meta
-        if not isinstance(m.get("job"), str) or m.get("job") not in self.jobs.jobs or not isinstance(m.get("rank"), int):
+        if (not isinstance(m.get("job"), str) or m.get("job") not in self.jobs.jobs  # a list is unhashable
+                or not isinstance(m.get("rank"), int)):
             raise BadRequestError(f"job_report: unknown job {m.get('job')!r} or missing rank")
         self.touch()
         job = self.jobs.report(m["job"], m["rank"], progress=m.get("progress"), metrics=m.get("metrics"),

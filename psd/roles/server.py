@@ -93,7 +93,8 @@ def _install_ids(msg: Message) -> tuple[list[str], np.ndarray, np.ndarray]:
         raise ProtocolError("install: the final message carries meta.senders (names) and two frames, counts and ids")
     counts, rids = msg.arrays
     if (counts.dtype != np.uint64 or rids.dtype != np.uint64 or counts.ndim != 1 or rids.ndim != 1
-            or counts.size != len(senders) or int(counts.sum()) != rids.size):
+            or counts.size != len(senders) or (counts > rids.size).any()  # the sum must not wrap around
+            or int(counts.sum()) != rids.size):
         raise ProtocolError("install: counts must be uint64[len(senders)] summing to the length of the uint64 ids")
     return senders, counts, rids
 

@@ -122,6 +122,7 @@ class Table:
         self.vals = np.empty((0, self.width), dtype=self.dtype)
         self.state = {f: np.empty((0, self.width), dtype=self.dtype) for f in self.updater.state_fields}
         self._lent: list[weakref.ref] = []  # views of vals handed out without a copy
+        self._prune_at = 64
         #: storage bytes per key: the key, its values and the updater's state rows
         self.row_bytes = 8 + self.width * self.dtype.itemsize * (1 + len(self.state))
 
@@ -139,8 +140,9 @@ class Table:
     # -- lending views (copy on write) ---------------------------------------------
     def _lend(self, view: np.ndarray) -> np.ndarray:
         view.flags.writeable = False
-        if len(self._lent) >= 64:
+        if len(self._lent) >= self._prune_at:  # amortised: many replies may be queued at once
             self._lent = [r for r in self._lent if r() is not None]
+            self._prune_at = max(64, 2 * len(self._lent))
         self._lent.append(weakref.ref(view))
         return view
 
@@ -251,7 +253,13 @@ class Table:
         i0 = self._span(lo, count) if count else 0
         if i0 is not None:
             return self._lend(self.vals[i0:i0 + count])
-        return self.pull(np.arange(lo, lo + count, dtype=np.uint64))
+        # scatter the stored keys inside the span into zeros: memory is the reply plus the
+        # rows stored there, not (as looking up arange(lo, lo + count) cost) six times the
+        # reply, which a 74-byte request spanning max_keys keys could ask for
+        k0, k1 = bounds(self.keys, lo, lo + count)
+        out = np.zeros((count, self.width), dtype=self.dtype)
+        out[(self.keys[k0:k1] - np.uint64(lo)).astype(np.intp)] = self.vals[k0:k1]
+        return out
 
     # -- introspection -------------------------------------------------------
     @property
