@@ -12,7 +12,6 @@ even when an assertion fails.
 from __future__ import annotations
 
 import json
-import select
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import psd
 from psd.codec import Message, decode, encode
 
 from streamworker import POOL, TABLES, expected
+from workerprocs import WorkerProcs, closing
 
 WORKER = Path(__file__).with_name("streamworker.py")
 REPLICATION = 2
@@ -37,68 +37,12 @@ MAX_STALL = 3.0
 
 
 # -- worker processes ------------------------------------------------------------------
-class Stream:
+class Stream(WorkerProcs):
     """Worker processes pushing from ``go()`` until ``stop()``; ``stop`` returns their
     records (acked indices per seed, ack times, failures)."""
 
     def __init__(self, scheduler: str, seeds: list[int], tmp_path: Path, window: int = 8):
-        self.seeds = seeds
-        self.outs = {s: tmp_path / f"stream-{s}.json" for s in seeds}
-        self.procs = {s: subprocess.Popen([sys.executable, str(WORKER), scheduler, str(s),
-                                           str(self.outs[s]), str(window)],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE)
-                      for s in seeds}
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        for s, p in self.procs.items():
-            line = self._readline(p, deadline)
-            assert line == "ready", f"worker {s} said {line!r}: {self._stderr(p)}"
-
-    @staticmethod
-    def _readline(p: subprocess.Popen, deadline: float) -> str:
-        ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            return "<nothing in time>"
-        return p.stdout.readline().decode().strip()
-
-    @staticmethod
-    def _stderr(p: subprocess.Popen) -> str:
-        if p.poll() is None:
-            p.kill()
-        try:
-            return p.communicate(timeout=5)[1].decode()[-3000:]
-        except Exception as e:
-            return f"<no stderr: {e}>"
-
-    def _say(self, word: str) -> None:
-        for p in self.procs.values():
-            p.stdin.write(f"{word}\n".encode())
-            p.stdin.flush()
-
-    def go(self) -> float:
-        self._say("go")
-        return time.time()
-
-    def stop(self, timeout: float = 60.0) -> list[dict]:
-        self._say("stop")
-        deadline = time.monotonic() + timeout
-        records = []
-        for s, p in self.procs.items():
-            line = self._readline(p, deadline)
-            assert line == "done", f"worker {s} said {line!r}: {self._stderr(p)}"
-            p.wait(max(1.0, deadline - time.monotonic()))
-            assert p.returncode == 0, f"worker {s} exited {p.returncode}: {self._stderr(p)}"
-            records.append(json.loads(self.outs[s].read_text()))
-        return records
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-            try:
-                p.communicate(timeout=5)
-            except Exception:
-                pass
+        super().__init__(WORKER, scheduler, seeds, tmp_path, window, ready_timeout=SETTLE_TIMEOUT)
 
 
 def check_exact(cluster: psd.LocalCluster, records: list[dict], min_acked: int = 50) -> None:
@@ -167,38 +111,16 @@ def max_gap(times: list[float], lo: float, hi: float) -> float:
 @pytest.fixture
 def make_cluster():
     """``make_cluster(**settings)``: a LocalCluster closed after the test, whatever happens."""
-    made: list[psd.LocalCluster] = []
-
-    def make(servers: int = 3, **settings) -> psd.LocalCluster:
-        c = psd.LocalCluster(servers=servers, replication=REPLICATION, **settings)
-        made.append(c)
-        return c
-
-    try:
-        yield make
-    finally:
-        for c in made:
-            c.close()
+    yield from closing(lambda servers=3, **settings: psd.LocalCluster(servers=servers, replication=REPLICATION,
+                                                                       **settings))
 
 
 @pytest.fixture
 def streams():
     """``streams(scheduler, seeds, tmp_path)``: worker processes killed after the test."""
-    made: list[Stream] = []
-
-    def make(*args, **kw) -> Stream:
-        s = Stream(*args, **kw)
-        made.append(s)
-        return s
-
-    try:
-        yield make
-    finally:
-        for s in made:
-            s.close()
+    yield from closing(Stream)
 
 
-# -- the tests ------------------------------------------------------------------------------
 def test_sigkill_mid_stream_then_second_kill_exact(make_cluster, streams, tmp_path):
     cluster = make_cluster()
     st0 = cluster.status()

@@ -23,11 +23,8 @@ Every wait is bounded; clusters and workers are cleaned up by fixtures even on f
 """
 from __future__ import annotations
 
-import json
-import select
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,6 +34,7 @@ import pytest
 import psd
 
 from inflightworker import POOL, TABLE, expected
+from workerprocs import WorkerProcs, closing
 
 WORKER = Path(__file__).with_name("inflightworker.py")
 #: request_timeout of these clusters: it bounds a server's drain, so it is the grace period
@@ -57,94 +55,22 @@ def _psd_errors(cls=psd.PsdError) -> set[str]:
 PSD_ERRORS = _psd_errors()
 
 
-class Workers:
+class Workers(WorkerProcs):
     """Worker processes pushing from ``go()`` until ``stop()``."""
 
     def __init__(self, scheduler: str, seeds: list[int], tmp_path: Path):
-        self.outs = {s: tmp_path / f"inflight-{s}.json" for s in seeds}
-        self.procs = {s: subprocess.Popen([sys.executable, str(WORKER), scheduler, str(s), str(self.outs[s]),
-                                           str(WINDOW), str(KEYS_PER_PUSH)],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                      for s in seeds}
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        for s, p in self.procs.items():
-            line = self._readline(p, deadline)
-            assert line == "ready", f"worker {s} said {line!r}: {self._stderr(p)}"
-
-    @staticmethod
-    def _readline(p: subprocess.Popen, deadline: float) -> str:
-        ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        return p.stdout.readline().decode().strip() if ready else "<nothing in time>"
-
-    @staticmethod
-    def _stderr(p: subprocess.Popen) -> str:
-        if p.poll() is None:
-            p.kill()
-        try:
-            return p.communicate(timeout=5)[1].decode()[-3000:]
-        except Exception as e:
-            return f"<no stderr: {e}>"
-
-    def _say(self, word: str) -> None:
-        for p in self.procs.values():
-            p.stdin.write(f"{word}\n".encode())
-            p.stdin.flush()
-
-    def go(self) -> None:
-        self._say("go")
-
-    def stop(self, timeout: float = 60.0) -> list[dict]:
-        self._say("stop")
-        deadline = time.monotonic() + timeout
-        records = []
-        for s, p in self.procs.items():
-            line = self._readline(p, deadline)
-            assert line == "done", f"worker {s} said {line!r}: {self._stderr(p)}"
-            p.wait(max(1.0, deadline - time.monotonic()))
-            assert p.returncode == 0, f"worker {s} exited {p.returncode}: {self._stderr(p)}"
-            records.append(json.loads(self.outs[s].read_text()))
-        return records
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-            try:
-                p.communicate(timeout=5)
-            except Exception:
-                pass
+        super().__init__(WORKER, scheduler, seeds, tmp_path, WINDOW, KEYS_PER_PUSH, ready_timeout=SETTLE_TIMEOUT)
 
 
 @pytest.fixture
 def make_cluster():
-    made: list[psd.LocalCluster] = []
-
-    def make(**settings) -> psd.LocalCluster:
-        c = psd.LocalCluster(**({"servers": 2, "replication": 2, "request_timeout": GRACE} | settings))
-        made.append(c)
-        return c
-
-    try:
-        yield make
-    finally:
-        for c in made:
-            c.close()
+    yield from closing(lambda **settings: psd.LocalCluster(
+        **({"servers": 2, "replication": 2, "request_timeout": GRACE} | settings)))
 
 
 @pytest.fixture
 def workers():
-    made: list[Workers] = []
-
-    def make(*args) -> Workers:
-        w = Workers(*args)
-        made.append(w)
-        return w
-
-    try:
-        yield make
-    finally:
-        for w in made:
-            w.close()
+    yield from closing(Workers)
 
 
 def wait_for(cluster: psd.LocalCluster, pred, what: str, timeout: float = SETTLE_TIMEOUT) -> dict:
