@@ -63,7 +63,8 @@ class AsyncKVWorker:
         self._loop = asyncio.get_running_loop()
         ctx = async_context()
         sock, watch = connect_watched(ctx, self.scheduler, security=self.curve)
-        self._link = RpcSocket(sock, self.node_id, limits=self.limits, handler=self._on_scheduler)
+        self._link = RpcSocket(sock, self.node_id, limits=self.limits, handler=self._on_scheduler,
+                               loop=self._loop)
         self._tasks.append(asyncio.create_task(self._link.serve()))
         try:
             reply = await self._register(role, watch)
@@ -117,9 +118,9 @@ class AsyncKVWorker:
         for node, address in ring.addresses.items():
             if node not in self._servers:
                 rpc = RpcSocket(connect_dealer(ctx, address, security=self.curve), self.node_id, limits=self.limits,
-                                compression=self.config.compression)
+                                compression=self.config.compression, loop=self._loop)
                 self._servers[node] = rpc
-                self._tasks.append(asyncio.create_task(rpc.serve()))
+                self._tasks.append(self._loop.create_task(rpc.serve()))
 
     async def refresh_ring(self) -> Assignment:
         reply = await self._link.call(Message("get_ring"), timeout=self.config.request_timeout)

@@ -655,10 +655,11 @@ class Server:
         def run() -> None:
             self.counters["keys_pulled"] += rows.count
             values = rows.pull_from(table) if rows.count else np.empty((0, table.width), table.dtype)
-            reply = msg.reply(arrays=[values], ring=self.ring.version)
             if after is None or after.done():
-                self.data.reply_now(route, reply)
-            else:  # pushpull: the pushed values must be on the replicas before we answer
+                self.data.reply_now(route, msg.reply(arrays=[values], ring=self.ring.version))
+            else:  # pushpull: the pushed values must be on the replicas before we answer;
+                # a copy, so that no lent view of the table waits that long (copy on write)
+                reply = msg.reply(arrays=[np.array(values)], ring=self.ring.version)
                 after.add_done_callback(lambda _: self.data.reply_now(route, reply))
 
         self._policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, time.monotonic())

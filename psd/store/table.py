@@ -26,6 +26,10 @@ from psd.store.updaters import Updater, make_updater
 DTYPE_NAMES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
 #: a table named ``NS/NAME`` is in namespace ``NS``; a name without it is in the default one
 NAMESPACE_SEP = "/"
+#: a pulled run of rows smaller than this is copied, not lent: the copy is cheap, and a
+#: lent view still alive at the next write costs a copy of the whole table (the
+#: transport copies messages this small into ZeroMQ anyway)
+LEND_MIN_BYTES = 64 * 1024
 
 
 def namespace_of(name: str) -> str | None:
@@ -139,6 +143,8 @@ class Table:
 
     # -- lending views (copy on write) ---------------------------------------------
     def _lend(self, view: np.ndarray) -> np.ndarray:
+        if view.nbytes < LEND_MIN_BYTES:
+            return view.copy()
         view.flags.writeable = False
         if len(self._lent) >= self._prune_at:  # amortised: many replies may be queued at once
             self._lent = [r for r in self._lent if r() is not None]
@@ -199,6 +205,7 @@ class Table:
     def _insert(self, new_keys: np.ndarray) -> None:
         self.usage.bytes += new_keys.size * self.row_bytes
         pos = np.searchsorted(self.keys, new_keys)
+        self._lent.clear()  # new arrays: what was lent stays with the old ones
         self.keys = np.insert(self.keys, pos, new_keys)
         zeros = np.zeros((new_keys.size, self.width), dtype=self.dtype)
         self.vals = np.insert(self.vals, pos, zeros, axis=0)
@@ -317,6 +324,7 @@ class Table:
         dropped = int(self.keys.size - keep.sum())
         self.usage.bytes -= dropped * self.row_bytes
         if dropped:
+            self._lent.clear()
             self.keys, self.vals = self.keys[keep], self.vals[keep]
             self.state = {f: a[keep] for f, a in self.state.items()}
         return dropped

@@ -23,6 +23,10 @@ Route = Optional[bytes]  # ROUTER identity of the peer; None on a DEALER
 Handler = Callable[[Route, Message], Awaitable[Optional[Message]]]
 
 REPLY_OPS = ("ok", "error")
+#: messages one pass of ``drain`` handles before the loop runs its other work (timers,
+#: heartbeats, acks of forwards): a server under closed-loop load never finds its queue
+#: empty, and must not starve its own heartbeats
+DRAIN_BATCH = 64
 #: messages smaller than this are copied into ZeroMQ rather than lent (measured faster)
 ZERO_COPY_BYTES = 64 * 1024
 
@@ -64,7 +68,8 @@ class RpcSocket:
 
     def __init__(self, sock: zmq.Socket, node_id: str, *, limits: Limits = Limits(),
                  compression: str = "none", handler: Handler | None = None,
-                 router: bool = False, concurrent: bool = False):
+                 router: bool = False, concurrent: bool = False,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.sock = sock
         self.node_id = node_id
         self.limits = limits
@@ -77,11 +82,15 @@ class RpcSocket:
         self._running: set[asyncio.Task] = set()
         #: the same socket without zmq.asyncio's wrapper: read from a loop callback
         self.raw = zmq.Socket.shadow(sock.underlying)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._reading = False
+        #: the loop that reads it (known before ``serve`` runs when given: a client may
+        #: send on a new connection before its reading task has started)
+        self._loop = loop
+        self._fd: int | None = None  # registered with the loop while serving
+        self._closed = False
         self._paused = False
         self._draining = False
         self._recheck_due = False
+        self._again_due = False
         self.pending: dict[int, asyncio.Future] = {}
         self.bytes_in = 0
         self.bytes_out = 0
@@ -92,6 +101,8 @@ class RpcSocket:
     def send_now(self, msg: Message, route: Route = None) -> None:
         """Hand ``msg`` to ZeroMQ at once. Send queues are unbounded (SNDHWM 0), so this
         never waits, and messages on one socket leave in call order."""
+        if self._closed:
+            raise PsdError(f"{self.node_id}: the connection is closed")
         frames = encode(msg, self.compression)
         size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         self.bytes_out += size
@@ -139,7 +150,10 @@ class RpcSocket:
         self.reply_now(route, reply)
 
     def reply_now(self, route: Route, reply: Message) -> None:
-        """Answer from plain code (a held request released by a later event)."""
+        """Answer from plain code (a held request released by a later event). After
+        ``close`` there is no one to answer: the reply is dropped."""
+        if self._closed:
+            return
         reply.sender = self.node_id
         self.send_now(reply, route)
 
@@ -150,42 +164,74 @@ class RpcSocket:
         The socket is read from the event loop's reader callback, without zmq.asyncio's
         futures: a request whose handler does not suspend is answered inside the
         callback (measured: about half of a small pull's server time went to the
-        future machinery). ZeroMQ's descriptor only signals new arrivals, so every read
-        drains the queue and every send re-checks it (``_recheck``)."""
+        future machinery). ZeroMQ's descriptor only signals new arrivals, so a pass
+        reads until the queue is empty (or comes back for the rest, ``DRAIN_BATCH``),
+        and a send made outside a pass re-checks the queue (``_recheck``)."""
         self._loop = asyncio.get_running_loop()
-        fd = self.raw.getsockopt(zmq.FD)
-        self._loop.add_reader(fd, self.drain)
+        self._fd = self.raw.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self.drain)
         try:
             self.drain()
             await self._loop.create_future()  # until cancelled
         finally:
-            self._loop.remove_reader(fd)
-            self._reading = False
+            self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self._fd is not None and self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self._fd)
+            except Exception:
+                pass
+        self._fd = None
 
     def drain(self) -> None:
-        """Handle every message waiting on the socket (also callable outside the loop,
-        by a blocking caller that polled the socket itself)."""
-        self._reading = True
-        self._draining = True  # sends in here need no re-check: the loop reads on until the queue is empty
+        """Handle the messages waiting on the socket, up to ``DRAIN_BATCH`` of them (also
+        callable outside the loop, by a blocking caller that polled the socket itself)."""
+        if self._closed or self._paused:
+            return
+        self._draining = True  # sends in here need no re-check: the pass reads on
+        raw = self.raw
         try:
-            raw = self.raw
-            # ZMQ_EVENTS, not a NOBLOCK recv that ends in EAGAIN: as cheap a check and no
-            # exception to build each time the queue runs dry
-            while not self._paused and raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._dispatch(raw.recv_multipart(zmq.NOBLOCK, copy=False))
-        except zmq.ZMQError:  # closed under us
-            pass
+            for _ in range(DRAIN_BATCH):
+                try:
+                    # ZMQ_EVENTS, not a NOBLOCK recv that ends in EAGAIN: as cheap, and
+                    # no exception to build each time the queue runs dry
+                    if not raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        return
+                    frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError as err:
+                    if err.errno not in (zmq.ENOTSOCK, zmq.ETERM):  # not merely closed under us
+                        log.error("%s: reading the socket failed: %s", self.node_id, err)
+                    return
+                try:
+                    self._dispatch(frames)
+                except Exception:  # e.g. an error reply that could not be sent either
+                    log.exception("%s: handling a message failed", self.node_id)
+                if self._paused or self._closed:
+                    return
+            self._drain_soon()  # more may wait, and the descriptor will not say so again
         finally:
             self._draining = False
 
+    def _drain_soon(self) -> None:
+        if self._loop is not None and not self._again_due and not self._loop.is_closed():
+            self._again_due = True
+            self._loop.call_soon(self._drain_again)
+
+    def _drain_again(self) -> None:
+        self._again_due = False
+        self.drain()
+
     def _recheck(self) -> None:
         """After a send, look for arrivals the descriptor will not announce."""
-        if self._reading and not self._draining and not self._recheck_due and self._loop is not None:
+        if self._fd is not None and not self._draining and not self._recheck_due:
             self._recheck_due = True
             self._loop.call_soon(self._recheck_now)
 
     def _recheck_now(self) -> None:
         self._recheck_due = False
+        if self._closed:
+            return
         try:
             waiting = self.raw.getsockopt(zmq.EVENTS) & zmq.POLLIN
         except zmq.ZMQError:
@@ -232,12 +278,15 @@ class RpcSocket:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         if not self.concurrent:
-            self._paused = True
+            self._paused = True  # and not readable meanwhile, or the loop would spin on it
+            if self._fd is not None:
+                self._loop.remove_reader(self._fd)
             task.add_done_callback(self._resume)
 
     def _resume(self, _task) -> None:
         self._paused = False
-        if self._reading:
+        if self._fd is not None and not self._closed:
+            self._loop.add_reader(self._fd, self.drain)
             self.drain()
 
     async def _finish(self, route: Route, msg: Message, pending) -> None:
@@ -290,11 +339,10 @@ class RpcSocket:
         self.pending.clear()
 
     def close(self) -> None:
-        """Stop reading and close the socket (pending requests are failed by the caller)."""
-        if self._reading and self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.remove_reader(self.raw.getsockopt(zmq.FD))
-            except Exception:
-                pass
-        self._reading = False
+        """Stop reading and close the socket (pending requests are failed by the caller;
+        handlers still running are cancelled, and later sends raise PsdError)."""
+        self._closed = True
+        self._stop_reading()
+        for task in list(self._running):
+            task.cancel()
         self.sock.close(0)

@@ -1,0 +1,110 @@
+"""RpcSocket's reading, against real ZeroMQ sockets on loopback: a busy socket must not
+starve the rest of its event loop, and a socket paused behind a slow handler must not
+spin."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from psd.codec import Message, decode, encode
+from psd.transport import RpcSocket
+
+
+def _pair(ctx: zmq.asyncio.Context) -> tuple[zmq.Socket, zmq.Socket]:
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    return router, dealer
+
+
+def _replies(dealer: zmq.Socket, n: int, timeout: float) -> int:
+    got, deadline = 0, time.monotonic() + timeout
+    while got < n and dealer.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        assert decode(dealer.recv_multipart()).op == "ok"
+        got += 1
+    return got
+
+
+@pytest.mark.asyncio
+async def test_a_busy_socket_leaves_the_loop_time_for_its_timers():
+    """3000 queued requests at 0.3 ms each are a second of work: the loop's timers (a
+    server's heartbeats) must still run on time meanwhile."""
+    ctx = zmq.asyncio.Context()
+    router, dealer = _pair(ctx)
+
+    def slow(route, msg):
+        end = time.perf_counter() + 0.0003
+        while time.perf_counter() < end:
+            pass
+        return msg.reply()
+
+    rpc = RpcSocket(router, "S-test", handler=slow, router=True)
+    n = 3000
+    try:
+        for i in range(n):
+            dealer.send_multipart(encode(Message("ping", id=i + 1, sender="W-test")))
+        await asyncio.sleep(0.3)  # all of them queued before reading starts
+        late = []
+
+        async def ticker():
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.01)
+                late.append(time.perf_counter() - t - 0.01)
+
+        serving = asyncio.ensure_future(rpc.serve())
+        ticking = asyncio.ensure_future(ticker())
+        got = await asyncio.get_running_loop().run_in_executor(None, _replies, dealer, n, 30.0)
+        serving.cancel()
+        ticking.cancel()
+        assert got == n
+        assert late and max(late) < 0.25, f"a timer ran {max(late):.2f} s late while the socket was busy"
+    finally:
+        rpc.close()
+        dealer.close(0)
+        ctx.term()
+
+
+@pytest.mark.asyncio
+async def test_a_socket_paused_behind_a_slow_handler_does_not_spin():
+    """A sequential socket reads nothing while a handler that suspends is running; the
+    messages waiting meanwhile must not make the loop call it again and again."""
+    ctx = zmq.asyncio.Context()
+    router, dealer = _pair(ctx)
+
+    async def slow(msg):
+        await asyncio.sleep(1.0)
+        return msg.reply()
+
+    rpc = RpcSocket(router, "S-test", handler=lambda route, msg: slow(msg), router=True)
+    serving = asyncio.ensure_future(rpc.serve())
+    other = None
+    try:
+        dealer.send_multipart(encode(Message("ping", id=1, sender="W-test")))
+        await asyncio.sleep(0.2)  # the first one is being handled: reading is paused
+        # a second peer: its connection wakes the socket's descriptor
+        other = zmq.Context.instance().socket(zmq.DEALER)
+        other.setsockopt(zmq.LINGER, 0)
+        other.connect(router.getsockopt(zmq.LAST_ENDPOINT).decode())
+        other.send_multipart(encode(Message("ping", id=2, sender="W-other")))
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(0.6)
+        cpu = time.process_time() - cpu0
+        assert cpu < 0.3, f"the loop burnt {cpu:.2f} s of CPU in {time.perf_counter() - t0:.2f} s while paused"
+        run = asyncio.get_running_loop().run_in_executor
+        assert await run(None, _replies, dealer, 1, 10.0) == 1  # both are answered once the
+        assert await run(None, _replies, other, 1, 10.0) == 1  # first handler is done
+    finally:
+        serving.cancel()
+        rpc.close()
+        dealer.close(0)
+        if other is not None:
+            other.close(0)
+        ctx.term()
