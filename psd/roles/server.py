@@ -533,7 +533,8 @@ class Server:
             raise LimitError(
                 f"push to table {table.spec.name!r} refused: its {new // table.row_bytes} new "
                 f"key(s) would add {new} bytes to the {self.usage.bytes + self.reserved} it holds, over its "
-                f"limits.max_memory_bytes {limit}; nothing was applied. Push to keys that exist, drop tables "
+                f"limits.max_memory_bytes {limit}; nothing was applied on {self.node_id} (parts of the "
+                f"same push led by other servers may have been). Push to keys that exist, drop tables "
                 f"(psd drop), add servers, or raise limits.max_memory_bytes on the servers",
                 limit="max_memory_bytes", max=limit, used=self.usage.bytes + self.reserved, requested=new)
         for owners, slices in groups if new and self.full_replicas else ():
@@ -543,7 +544,8 @@ class Server:
                 raise LimitError(
                     f"push to table {table.spec.name!r} refused: it adds keys to ranges "
                     f"replicated on {', '.join(full)}, which reached its limits.max_memory_bytes "
-                    f"({self.full_replicas[full[0]]} bytes held); nothing was applied. Drop tables (psd drop), "
+                    f"({self.full_replicas[full[0]]} bytes held); nothing was applied on {self.node_id} "
+                    f"(parts led by other servers may have been). Drop tables (psd drop), "
                     f"add servers, or raise limits.max_memory_bytes on the servers",
                     limit="max_memory_bytes", replica=full[0], used=self.full_replicas[full[0]])
         return new

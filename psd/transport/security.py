@@ -30,7 +30,7 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -145,7 +145,7 @@ class Curve:
     the allow-list folder its ZAP handler reads."""
 
     public: bytes
-    secret: bytes
+    secret: bytes = field(repr=False)  # never in a log line or a traceback
     server_public: bytes
     folder: Path
     name: str
