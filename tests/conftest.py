@@ -39,6 +39,17 @@ def kv3(cluster3):
         kv.close()
 
 
+def wait_for(cond, timeout: float, what: str):
+    """Poll ``cond`` until it returns something true, and return that; fail the test
+    after ``timeout`` seconds naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
 # -- where the keys live ------------------------------------------------------------
 @dataclass(frozen=True)
 class ServerRange:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,20 +16,10 @@ from psd.client import admin
 from psd.errors import ConfigError
 from psd.jobs.spec import parse_job
 from psd.local import daemon_argv
+from conftest import wait_for
 
 TOP = 2**64 - 1
 KEYS = np.array([0, 17, 2**63, TOP], dtype=np.uint64)
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def server_memory(st: dict) -> int:
@@ -121,9 +110,12 @@ def test_psd_drop_cli(cluster):
 
 # -- jobs -------------------------------------------------------------------------------------
 def job(name: str, seed: int, **extra) -> dict:
+    """A small logreg_sgd job; its 14 minibatches sleep 20 ms each, so that it lasts several
+    of the tests' status polls (about 70 ms without: a poll could miss its table)."""
     return {"name": name, "app": "logreg_sgd", "workers": 1,
             "data": {"generator": "sparse_logreg", "seed": seed, "examples": 3000, "features": 2000, "nnz": 8},
-            "train": {"epochs": 1, "batch_size": 200, "learning_rate": 0.5}, **extra}
+            "train": {"epochs": 1, "batch_size": 200, "learning_rate": 0.5, "slow_rank": 0, "slow_seconds": 0.02},
+            **extra}
 
 
 def test_the_job_book_keeps_the_choice():
@@ -196,3 +188,33 @@ def test_two_jobs_on_one_cluster_keep_or_drop_their_tables():
         admin.call(cluster.scheduler, "drop_tables", namespace=kept)
         wait_for(lambda: server_memory(cluster.status()) == 0, 10, "the servers to free the kept job")
         assert all(w.proc.poll() is None for w in workers)
+
+
+def test_bundled_apps_name_their_tables_plainly_in_the_job_namespace():
+    """The apps no longer put the job id into their table names: the namespace does it,
+    so job J<n> of app logreg writes ``J<n>/w``, not ``J<n>/logreg.J<n>.w``."""
+    small = {
+        "logreg": {"data": {"examples": 2000, "features": 2000, "nnz": 8}, "train": {"blocks": 4, "passes": 1}},
+        "cms": {"data": {"items": 100_000, "vocabulary": 3000}, "sketch": {"width": 50, "depth": 3},
+                "eval": {"queries": 100, "heavy": 10}},
+        "lda": {"data": {"documents": 40, "vocabulary": 60, "doc_length": 10, "dominant_words": 3},
+                "model": {"topics": 3}, "train": {"iterations": 2}},
+    }
+    want = {"logreg": {"w", "users", "info", "stats"}, "cms": {"sketch", "ranks"}, "lda": {"nwk", "stats", "ranks"}}
+    with psd.LocalCluster(servers=1) as cluster:
+        cluster.spawn("w0", daemon_argv("worker", "--config", str(cluster.config_path),
+                                        "--scheduler", cluster.scheduler))
+        ids = {app: admin.call(cluster.scheduler, "submit", workers=1,
+                               job={"name": app, "app": app, "workers": 1, "keep_tables": True, **spec})["job"]
+               for app, spec in small.items()}
+
+        def all_done():
+            st = cluster.status()
+            jobs = {j["id"]: j for j in st["jobs"]}
+            assert not [j for j in jobs.values() if j["state"] == "failed"], jobs
+            return st if all(jobs[i]["state"] == "done" for i in ids.values()) else None
+
+        st = wait_for(all_done, 120, "the three jobs to finish")
+        assert set(st["tables"]) == {f"{ids[app]}/{name}" for app, names in want.items() for name in names}
+        for app, job_id in ids.items():
+            assert all(st["tables"][f"{job_id}/{name}"]["namespace"] == job_id for name in want[app])

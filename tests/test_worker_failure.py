@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import signal
-import time
 
-import pytest
+from conftest import wait_for
 
 import psd
 from psd.client import admin
@@ -15,17 +14,6 @@ JOB = {
     "data": {"generator": "sparse_logreg", "seed": 3, "examples": 30000, "features": 50000, "nnz": 10},
     "train": {"epochs": 4, "batch_size": 100, "learning_rate": 0.5},
 }
-
-
-def wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_killed_worker_shards_are_processed_by_the_others():
