@@ -123,3 +123,13 @@ def error_from_wire(code: str, message: str, node: str | None, data: dict | None
     """Rebuild the typed error a peer reported."""
     cls = _BY_CODE.get(code, RemoteError)
     return cls(message, node=node, **(data or {}))
+
+
+def describe(value, limit: int = 60) -> str:
+    """A bad value as an error message shows it: the repr of a scalar, cut to ``limit``
+    characters; only the type and size of a map or list (a peer's could be huge or deeply
+    nested, and its repr would be as large, or fail)."""
+    if isinstance(value, (dict, list, tuple, set)):
+        return f"a {type(value).__name__} of {len(value)} item(s)"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -39,15 +39,21 @@ limit, zstd bombs, ids at the ends of the integer range, bytes that are not Zero
 Regression tests for what the fuzzing found: a negative ``meta.rid`` that broke every
 later range copy of its server; range copies (``install``) that stored half-checked
 rows; scheduler handlers that failed (``remote``) on a list where a name was expected;
-an error reply whose id was ``true``; a 74-byte pull that cost six times its reply.
+an error reply whose id was ``true``; a 74-byte pull that cost six times its reply;
+garbage ``meta.stats`` in a (dead) server's heartbeat that broke every later ``psd
+status``; a NaN checkpoint wait; ``submit`` of ``workers: 2**63``; job reports for ranks
+a job does not have.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import msgpack
@@ -59,6 +65,7 @@ from hypothesis import strategies as st
 
 import psd
 import psd.errors
+from psd.client import admin
 from psd.codec import DTYPES, Limits, Message, decode, encode
 from psd.roles.scheduler import Scheduler
 from psd.store import TableSpec
@@ -1080,6 +1087,241 @@ def test_scheduler_names_bad_fields_instead_of_failing(fuzz_cluster, raw_dealer)
         assert reply.op == "error" and reply.meta["code"] == code, (op, meta, reply.meta)
         assert words in reply.meta["message"], (op, meta, reply.meta)
     assert "x" not in cluster.status()["tables"]
+
+
+def _paths(tree, prefix=()):
+    """Every (path of keys) into a nested map, the maps themselves included."""
+    yield prefix
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _paths(v, (*prefix, k))
+
+
+def _replaced(tree, path, value):
+    if not path:
+        return value
+    return {**tree, path[0]: _replaced(tree[path[0]], path[1:], value)}
+
+
+#: values a forged stats field may take: any msgpack junk, plus the huge and the non-finite
+stat_junk = (garbage | st.sampled_from([float("nan"), float("inf"), -1.0, -1, TOP, -(2**63), 2**63, 0, "", True])
+             | st.integers(100, 6000).map(lambda n: list(range(n)))
+             | st.integers(100, 5000).map(lambda n: {f"W{i}": i for i in range(n)})
+             | st.integers(1, 60).map(lambda d: _nested(d)))
+
+
+def _nested(depth: int):
+    v: object = 1
+    for _ in range(depth):
+        v = {"x": [v]}
+    return v
+
+
+def _status_renders(cluster) -> dict:
+    """``psd status`` works: the scheduler answers, and the reply renders as text and JSON
+    with a health verdict."""
+    from psd.cli.status import health_line, render
+    from psd.cluster.health import assess
+    st_ = cluster.status()
+    render(st_)
+    health_line(st_)
+    json.dumps(st_)
+    assert st_["health"] == assess(st_)
+    return st_
+
+
+def test_garbage_stats_in_any_servers_name_never_break_status(raw_dealer):
+    """Regression: a heartbeat's ``meta.stats`` was kept as sent, from any sender the
+    scheduler knew, even a dead server, so one in a server's name with a list where a
+    map goes, a string count or a zero memory limit made every later ``psd status`` fail
+    (``remote``, an internal error). Now stats are checked whole at the door: a bad
+    field is refused with ``bad_request`` naming it, and nothing of that heartbeat is
+    kept; a dead server's stats are not kept at all. Hand-made cases, then hypothesis
+    mutations of a real server's stats, each followed by a status that must render."""
+    with psd.LocalCluster(servers=2, replication=2) as cluster:
+        with psd.connect(cluster) as kv:
+            kv.wait(kv.table("t", width=1, dtype="int64").push(u64(1, 2, 3), np.ones((3, 1), np.int64)))
+        live, dead = cluster.node_id(0), cluster.node_id(1)
+        real = raw_dealer(cluster.servers[0].address).request(Message("status")).meta
+        cluster.kill_server(1)
+        deadline = time.monotonic() + 15
+        while {n["id"]: n["state"] for n in cluster.status()["nodes"]}[dead] != "dead":
+            assert time.monotonic() < deadline, "the killed server was not declared dead"
+            time.sleep(0.05)
+        d = raw_dealer(cluster.scheduler)
+
+        def beat(sender: str, meta: dict, clock: int = 0) -> Message:
+            return d.request(Message("heartbeat", sender=sender, clock=clock, meta={"link": False, **meta}))
+
+        cases = [
+            ("junk", "meta.stats"), (5, "meta.stats"), ([real], "meta.stats"),
+            ({"tables": ["t"]}, "meta.stats.tables"),
+            ({"tables": {"t": {"keys": "many"}}}, "meta.stats.tables.t.keys"),
+            ({"tables": {"t": {"keys": 1, "bytes": -8}}}, "meta.stats.tables.t.bytes"),
+            ({"tables": {"t" * 500: {"keys": 1}}}, "meta.stats.tables (a key)"),
+            ({"counters": {"push": float("nan")}}, "meta.stats.counters.push"),
+            ({"counters": {f"c{i}": i for i in range(500)}}, "meta.stats.counters"),
+            ({"bytes_in": 2**64 - 1}, "meta.stats.bytes_in"), ({"ring": [1]}, "meta.stats.ring"),
+            ({"memory": {"bytes": 10, "limit": 0}}, "meta.stats.memory.limit"),
+            ({"memory": {"bytes": float("inf"), "limit": 1}}, "meta.stats.memory.bytes"),
+            ({"memory": [[[[]]]]}, "meta.stats.memory"),
+            ({"memory": {"full_replicas": list(range(2000))}}, "meta.stats.memory.full_replicas"),
+            ({"memory": {"full_replicas": [[1]]}}, "meta.stats.memory.full_replicas[0]"),
+            ({"consistency": {"p": {"clocks": {f"W{i}": i for i in range(5000)}}}}, "meta.stats.consistency.p.clocks"),
+            ({"consistency": {"p": {"waits": {"p99": {"x": [[1]]}}}}}, "meta.stats.consistency.p.waits.p99"),
+            ({"consistency": {"p": {"tau": "auto"}}}, "meta.stats.consistency.p.tau"),
+            ({"uptime": float("nan")}, "meta.stats.uptime"), ({"uptime": float("inf")}, "meta.stats.uptime"),
+            ({"metrics": {"host": 1}}, "meta.stats.metrics"),
+            (_replaced(real, ("consistency",), _nested(40)), "meta.stats.consistency.x"),
+        ]
+        for stats, field in cases:
+            for sender in (dead, live):
+                reply = beat(sender, {"stats": stats})
+                assert reply.op == "error" and reply.meta["code"] == "bad_request", (sender, field, reply.meta)
+                assert f"{field}:" in reply.meta["message"], (field, reply.meta["message"])
+            _status_renders(cluster)
+        for meta, clock, words in [({"metrics": [1]}, 0, "meta.metrics"), ({"metrics": "x" * 300}, 0, "meta.metrics"),
+                                   ({}, -1, "clk")]:
+            reply = beat(live, meta, clock)
+            assert reply.op == "error" and reply.meta["code"] == "bad_request" and words in reply.meta["message"]
+
+        # well-formed stats in a dead server's name are answered but not kept
+        before = next(n for n in cluster.status()["nodes"] if n["id"] == dead)
+        reply = beat(dead, {"stats": {**real, "memory": {"bytes": 10**9, "limit": 1, "full_replicas": ["S9"]}}})
+        assert reply.op == "ok" and reply.meta["state"] == "dead", reply.meta
+        st_ = _status_renders(cluster)
+        after = next(n for n in st_["nodes"] if n["id"] == dead)
+        assert after["memory"] == before["memory"] and "memory limit" not in " ".join(st_["health"]["reasons"])
+
+        tree = list(_paths(real))
+        outcomes: dict[str, int] = {}
+
+        @settings(max_examples=300, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(sender=st.sampled_from([dead, live]),
+               changes=st.lists(st.tuples(st.sampled_from(tree), stat_junk), min_size=1, max_size=3))
+        def forged(sender, changes):
+            stats = real
+            for path, value in changes:
+                try:
+                    stats = _replaced(stats, path, value)
+                except (TypeError, KeyError):  # an earlier change replaced a map on the path
+                    pass
+            try:
+                frames = encode(Message("heartbeat", id=next(RawDealer._ids), sender=sender,
+                                        meta={"link": False, "stats": stats}))
+            except (OverflowError, ValueError, TypeError):
+                return  # not msgpack (ints past 64 bits): cannot be sent
+            reply = decode(_exchange(d, frames), REPLY_LIMITS)
+            code = reply.op if reply.op == "ok" else reply.meta["code"]
+            outcomes[code] = outcomes.get(code, 0) + 1
+            assert code in ("ok", "bad_request", "too_large", "protocol"), reply.meta  # the last two: the codec
+            _status_renders(cluster)
+
+        forged()
+        print(f"forged stats: outcomes {outcomes}")
+        assert outcomes.get("bad_request", 0) > 50, outcomes
+        # the live server's next real heartbeats put its own numbers back
+        deadline = time.monotonic() + 10
+        while True:
+            node = next(n for n in _status_renders(cluster)["nodes"] if n["id"] == live)
+            if node["counters"] == raw_dealer(cluster.servers[0].address).request(Message("status")).meta["counters"]:
+                break
+            assert time.monotonic() < deadline, node
+            time.sleep(0.1)
+        reasons = _status_renders(cluster)["health"]["reasons"]
+        assert f"server {dead} dead and not replaced" in reasons and not [r for r in reasons if "memory" in r]
+
+
+def _exchange(d, frames: list) -> list:
+    d.send_frames(frames)
+    raw = d.recv_frames()
+    assert raw is not None, "the scheduler did not answer a heartbeat"
+    return raw
+
+
+def test_checkpoint_wait_must_be_a_finite_positive_number(fuzz_cluster, raw_dealer):
+    """Regression: ``meta.wait`` NaN or infinite passed the check (NaN <= 0 is false)
+    and reached the servers as their cut timeout."""
+    cluster, _, _ = fuzz_cluster
+    d = raw_dealer(cluster.scheduler)
+    for wait in (float("nan"), float("inf"), -float("inf"), -1, 0, 1e12, "5", True, None, [1], {"s": 1}):
+        reply = d.request(Message("checkpoint", meta={"wait": wait}))
+        assert reply.op == "error" and reply.meta["code"] == "bad_request", (wait, reply.meta)
+        assert "checkpoint: meta.wait: expected a number of seconds" in reply.meta["message"], reply.meta
+    reply = d.request(Message("checkpoint", meta={"wait": 2.5}))  # a good wait gets to the next check
+    assert reply.meta["code"] == "bad_request" and "checkpoint_dir" in reply.meta["message"], reply.meta
+    for wait in ("nan", "inf", "-1"):  # `psd checkpoint --wait` says so itself, exit 2
+        res = subprocess.run([sys.executable, "-m", "psd", "checkpoint", "--wait", wait, "--scheduler",
+                              cluster.scheduler], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "--wait needs a number of seconds above 0" in res.stderr, res
+
+
+def test_submit_refuses_absurd_workers_and_bad_jobs(fuzz_cluster, raw_dealer):
+    """Regression: ``workers: 2**63`` was accepted, and the next ``job_poll`` listed that
+    many ranks (the scheduler hung, allocating). ``submit`` now checks what a job file's
+    top level must be (psd/jobs/spec.py: workers and servers from 1 to MAX_NODES, a
+    known app, a short name, ...), naming the field, and refuses a job map too large to
+    reach a worker in one header. Nothing is created."""
+    from psd.jobs.spec import MAX_NODES
+    cluster, _, _ = fuzz_cluster
+    d = raw_dealer(cluster.scheduler)
+    good = {"app": "logreg_sgd", "name": "ok"}
+    cases = [
+        (good, 2**63, "submit: meta.workers: expected at most"), (good, MAX_NODES + 1, "meta.workers"),
+        (good, 0, "submit: meta.workers: expected a positive integer"), (good, -5, "meta.workers"),
+        (good, "2", "meta.workers"), (good, 1.5, "meta.workers"), (good, True, "meta.workers"),
+        (good, None, "meta.workers"), (good, [1], "meta.workers"),
+        ("logreg", 1, "submit: meta.job: expected a map"), ([good], 1, "meta.job"), (None, 1, "meta.job"),
+        ({**good, "workers": 2**63}, 1, "submit: meta.job: workers: expected at most"),
+        ({**good, "servers": 0}, 1, "submit: meta.job: servers"),
+        ({**good, "app": ["logreg"]}, 1, "submit: meta.job: app: unknown app a list"),
+        ({**good, "app": "nope"}, 1, "submit: meta.job: app: unknown app 'nope'"),
+        ({"name": "x"}, 1, "submit: meta.job: app: missing"),
+        ({**good, "name": "n" * 1000}, 1, "submit: meta.job: name"),
+        ({**good, "name": {"a": 1}}, 1, "submit: meta.job: name"),
+        ({**good, "timeout": float("nan")}, 1, "submit: meta.job: timeout"),
+        ({**good, "keep_tables": "yes"}, 1, "submit: meta.job: keep_tables"),
+        ({**good, "frobnicate": 1}, 1, "submit: meta.job: unknown key 'frobnicate'"),
+        ({**good, "data": {"files": ["x" * 100] * 400}}, 1, "submit: meta.job: expected a job map of at most"),
+    ]
+    for job, workers, words in cases:
+        reply = d.request(Message("submit", meta={"job": job, "workers": workers}))
+        assert reply.op == "error" and reply.meta["code"] == "bad_request", (job, workers, reply.meta)
+        assert words in reply.meta["message"], (words, reply.meta["message"])
+    assert cluster.status()["jobs"] == []
+    assert d.request(Message("job_poll")).meta == {"job": None}
+
+
+def test_job_reports_are_checked_field_by_field(raw_dealer):
+    """Regression: a report's rank was any integer (a rank the job does not have counted
+    towards its end), and progress, metrics, summary and error were kept as sent (a
+    string progress failed inside the scheduler). Each is now checked before anything
+    is applied."""
+    with psd.LocalCluster(servers=1) as cluster:
+        d = raw_dealer(cluster.scheduler)
+        job = admin.call(cluster.scheduler, "submit", job={"app": "logreg_sgd", "name": "r"}, workers=2)["job"]
+        cases = [
+            ({"rank": 2}, "job_report: rank: expected a rank of job"), ({"rank": -1}, "rank"),
+            ({"rank": 2**63}, "rank"), ({"rank": True}, "rank"), ({"rank": "0"}, "rank"), ({}, "rank"),
+            ({"rank": 0, "progress": "half"}, "job_report: progress"),
+            ({"rank": 0, "progress": float("nan")}, "progress"),
+            ({"rank": 0, "metrics": "abc"}, "job_report: metrics"), ({"rank": 0, "metrics": [1, 2]}, "metrics"),
+            ({"rank": 0, "summary": [1]}, "job_report: summary"), ({"rank": 0, "error": {"x": 1}}, "job_report: error"),
+        ]
+        for meta, words in cases:
+            reply = d.request(Message("job_report", sender="W0", meta={"job": job, "done": True, **meta}))
+            assert reply.op == "error" and reply.meta["code"] == "bad_request", (meta, reply.meta)
+            assert words in reply.meta["message"], (words, reply.meta["message"])
+        st_ = admin.call(cluster.scheduler, "job_status", job=job)
+        assert st_["state"] == "waiting" and st_["shards_done"] == [] and st_["num_metrics"] == 0, st_
+        # a progress past 1 is held to 1; a long error text is cut
+        d.request(Message("job_report", sender="W0", meta={"job": job, "rank": 1, "progress": 7.5, "seq": 1}))
+        assert admin.call(cluster.scheduler, "job_status", job=job)["per_rank"] == {"1": 1.0}
+        d.request(Message("job_report", sender="W0", meta={"job": job, "rank": 0, "error": "e" * 10_000, "seq": 2}))
+        st_ = admin.call(cluster.scheduler, "job_status", job=job)
+        assert st_["state"] == "failed" and len(st_["error"]) == 4000
+        _status_renders(cluster)
 
 
 # -- the codec alone -------------------------------------------------------------------------

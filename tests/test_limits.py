@@ -208,6 +208,30 @@ def test_max_memory_bytes_on_one_server(raw_dealer):
             assert server_memory(cluster, raw_dealer) == {"S0": ROW}
 
 
+def test_a_server_at_its_memory_limit_makes_the_cluster_degraded():
+    """Health (the first line of `psd status`) says DEGRADED, and why, while a server holds
+    its whole limits.max_memory_bytes: it refuses every push that adds keys. Dropping
+    tables brings it back to OK."""
+    from psd.cli.status import health_line
+
+    def health(state: str):
+        return wait_for(lambda: (lambda st: st if st["health"]["state"] == state else None)(cluster.status()),
+                        f"health {state} (on heartbeats)")
+
+    with psd.LocalCluster(servers=1, security=RAW, limits={"max_memory_bytes": MEMORY}) as cluster:
+        with psd.connect(cluster) as kv:
+            t = kv.table("m", dtype="float64")
+            kv.wait(t.push(np.arange(999, dtype=np.uint64), np.ones(999)))  # one key short of the limit
+            assert health("ok")["health"]["reasons"] == []
+            kv.wait(t.push(u64(999), np.ones(1)))
+            st = health("degraded")
+            reason = f"server S0 at its memory limit ({MEMORY} of {MEMORY} bytes, limits.max_memory_bytes)"
+            assert st["health"]["reasons"] == [f"{reason}: pushes that add keys are refused"], st["health"]
+            assert health_line(st).startswith(f"DEGRADED: {reason}")
+            admin.call(cluster.scheduler, "drop_tables", tables=["m"])
+            health("ok")
+
+
 def test_pushes_the_gate_holds_count_against_the_limit(raw_dealer):
     """Under sequential consistency a push is acknowledged at once but applied at the
     clock boundary: until then the bytes it may add are reserved, so two held pushes

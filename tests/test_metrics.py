@@ -247,6 +247,22 @@ def test_health_rules():
     assert assess(_status({}, []))["state"] == "down"
     assert health_line(_status({}, [])) == "DOWN: no live server"
 
+    full = _status({"S0": "active", "S1": "active", "S2": "dead/replaced"}, [["S0", "S1"]])
+    memory = {"S0": {"bytes": 100, "limit": 100}, "S1": {"bytes": 99, "limit": 100}, "S2": {"bytes": 9, "limit": 1}}
+    for n in full["nodes"]:
+        n["memory"] = memory[n["id"]]
+    assert assess(full) == {"state": "degraded", "reasons": [
+        "server S0 at its memory limit (100 of 100 bytes, limits.max_memory_bytes): pushes that add keys "
+        "are refused"]}  # S1 is below its limit; S2 is dead
+    full["nodes"][1]["memory"] = {"bytes": 150, "limit": 100}
+    assert assess(full)["reasons"] == ["servers S0, S1 at their memory limit (limits.max_memory_bytes): "
+                                       "pushes that add keys are refused"]
+    for junk in ({"bytes": 100, "limit": None}, {"bytes": 100, "limit": 0}, {"bytes": float("nan"), "limit": 1},
+                 {"bytes": "100", "limit": 1}, {"bytes": True, "limit": 1}, [], None):
+        for n in full["nodes"][:2]:
+            n["memory"] = junk
+        assert assess(full)["state"] == "ok", junk
+
 
 # -- the HTTP endpoint, in process ---------------------------------------------------------
 async def _http(port: int, raw: bytes) -> bytes:

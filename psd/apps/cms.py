@@ -368,10 +368,8 @@ async def run(kv, ctx) -> dict:
     sketch = CountMin(width, depth, int(opts["sketch"]["seed"]))
     batch_size, in_flight = int(tr["batch_size"]), int(tr["in_flight"])
 
-    table = await kv.table(f"cms.{ctx.job_id}.sketch", width=1, dtype="int64", updater="sum",
-                           consistency="eventual")
-    ranks = await kv.table(f"cms.{ctx.job_id}.ranks", width=7, dtype="float64", updater="assign",
-                           consistency="eventual")
+    table = await kv.table("sketch", width=1, dtype="int64", updater="sum", consistency="eventual")
+    ranks = await kv.table("ranks", width=7, dtype="float64", updater="assign", consistency="eventual")
     stream = await asyncio.to_thread(Stream, data, ctx.shards[0], ctx.num_workers, batch_size)
 
     def step():

@@ -1,16 +1,17 @@
 """LDA topic model by collapsed Gibbs sampling, with the word-topic counts on the servers.
 
-Tables (names carry the job id, so jobs on one cluster never share them):
+Tables (in the job's namespace, so ``nwk`` is ``J3/nwk`` for job J3 and jobs on one cluster
+never share them):
 
-- ``lda.<job>.nwk``: width K (``model.topics``), ``model.dtype`` int32 or int64,
+- ``nwk``: width K (``model.topics``), ``model.dtype`` int32 or int64,
   updater ``sum``. Row ``mix64(word id)`` holds the word's topic counts (the mixer
   spreads the ids over the whole key ring, so every server gets a share); the reserved
   key ``2**64 - 1`` holds the topic totals. It follows the job's consistency model:
   ``sequential`` gives bulk-synchronous AD-LDA, ``bounded``/``eventual`` let workers
   sample on staler counts.
-- ``lda.<job>.stats`` (float64, ``assign``, always eventual): per iteration and rank,
+- ``stats`` (float64, ``assign``, always eventual): per iteration and rank,
   the log-likelihood sum and token count, which rank 0 adds up at the end.
-- ``lda.<job>.ranks`` (float64, ``assign``, eventual): one row per rank, set when the
+- ``ranks`` (float64, ``assign``, eventual): one row per rank, set when the
   rank is done (:mod:`psd.apps.rendezvous`).
 
 Workers. Each worker holds its documents (a contiguous shard) and their topic
@@ -324,11 +325,9 @@ async def run(kv, ctx) -> dict:
                                       float(model["alpha"]), float(model["beta"]), int(tr["blocks"]),
                                       int(tr["seed"]) * 1_000_003 + ctx.shards[0])
     dtype = np.dtype(model["dtype"])
-    nwk = await kv.table(f"lda.{ctx.job_id}.nwk", width=K, dtype=model["dtype"], updater="sum")
-    stats = await kv.table(f"lda.{ctx.job_id}.stats", width=2, dtype="float64", updater="assign",
-                           consistency="eventual")
-    ranks = await kv.table(f"lda.{ctx.job_id}.ranks", width=4, dtype="float64", updater="assign",
-                           consistency="eventual")
+    nwk = await kv.table("nwk", width=K, dtype=model["dtype"], updater="sum")
+    stats = await kv.table("stats", width=2, dtype="float64", updater="assign", consistency="eventual")
+    ranks = await kv.table("ranks", width=4, dtype="float64", updater="assign", consistency="eventual")
 
     await kv.wait(nwk.push(sampler.keys, sampler.initial_counts().astype(dtype)))
     kv.clock()

@@ -370,7 +370,6 @@ class Trainer:
         self.train = Design.of(train, self.keys)
         self.test = Design.of(test, self.keys) if test is not None and len(test) else None
         self.users = np.zeros(self.keys.size)  # workers that push each key (0: test-only)
-        self.prefix = f"logreg.{ctx.job_id}"
         self.inflight: deque = deque()
         self.unread: list = []            # rank 0: (clock, record) whose sums are not asked for yet
         self.evals: deque = deque()       # rank 0: (stats pull task, record), in clock order
@@ -412,10 +411,9 @@ class Trainer:
         of them hold each key, the number of training examples, the largest key and the
         most minibatches any worker runs per epoch."""
         kv, ctx = self.kv, self.ctx
-        self.users_table = await kv.table(f"{self.prefix}.users", 1, "float32", "sum", consistency="sequential")
-        info = await kv.table(f"{self.prefix}.info", 4, "int64", "sum", consistency="sequential")
-        self.stats = await kv.table(f"{self.prefix}.stats", self.STATS, "float64", "sum",
-                                    consistency="sequential")
+        self.users_table = await kv.table("users", 1, "float32", "sum", consistency="sequential")
+        info = await kv.table("info", 4, "int64", "sum", consistency="sequential")
+        self.stats = await kv.table("stats", self.STATS, "float64", "sum", consistency="sequential")
         own = self.keys[self.trained]
         top = int(own[-1]) if own.size else -1
         batches = math.ceil(len(self.train) / int(self.t["batch_size"]))
@@ -526,7 +524,7 @@ class Trainer:
         iterations = blocks * passes
         eval_every = int(t["eval_every"])
         tau = delay_of(self.ctx.spec)
-        table = await kv.table(f"{self.prefix}.w", 3, "float32", "prox_l1", lr=float(t["learning_rate"]),
+        table = await kv.table("w", 3, "float32", "prox_l1", lr=float(t["learning_rate"]),
                                l1=self.l1, l2=self.l2, aggregate=True)
         edges = [self.key_end * b // blocks for b in range(blocks + 1)]  # Python ints: no uint64 wrap
         bounds = np.array([np.searchsorted(self.keys, np.uint64(e)) if e < 2**64 else self.keys.size
@@ -584,10 +582,10 @@ class Trainer:
             # FTRL's l1/l2 weigh the sum of all pushed gradients; a push is a minibatch mean,
             # so one epoch adds up about N / batch_size of them
             rounds = math.ceil(self.total / batch_size)
-            table = await kv.table(f"{self.prefix}.w", 1, "float32", "ftrl", alpha=rate, beta=float(t["beta"]),
+            table = await kv.table("w", 1, "float32", "ftrl", alpha=rate, beta=float(t["beta"]),
                                    l1=self.l1 * rounds, l2=self.l2 * rounds)
         else:
-            table = await kv.table(f"{self.prefix}.w", 1, "float32", "adagrad", lr=rate, l1=self.l1)
+            table = await kv.table("w", 1, "float32", "adagrad", lr=rate, l1=self.l1)
         rng = np.random.default_rng([int(self.opts["data"].get("seed", 0)), self.ctx.rank])
         n = len(self.train_data)
         done = 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -259,6 +260,9 @@ def _dispatch(args, env: dict[str, str]) -> int:
         return 0
     if args.command == "checkpoint":
         from psd.client import admin
+        if not (math.isfinite(args.wait) and args.wait > 0):
+            print(f"psd: checkpoint: --wait needs a number of seconds above 0, got {args.wait:g}", file=sys.stderr)
+            return 2
         config = _config(args, env)
         info = admin.call(config.scheduler, "checkpoint", timeout=args.wait + 15, config=config, wait=args.wait)
         print(f"checkpoint {info['id']} in {info['folder']}: cut at clock {info['cut']}, "

@@ -9,7 +9,7 @@ import time
 
 import zmq
 
-from psd.codec import Message, decode, encode
+from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message, decode, encode
 from psd.config import ClusterConfig
 from psd.errors import PsdTimeoutError
 from psd.transport import security
@@ -42,7 +42,8 @@ def call(scheduler: str, op: str, timeout: float = 5.0, *, config: ClusterConfig
                                       f"is it running? (pass --scheduler ADDR)")
             ready = dict(poller.poll(int(left * 1000) + 1))
             if sock in ready:
-                return raise_if_error(decode(sock.recv_multipart(copy=False))).meta
+                reply = decode(sock.recv_multipart(copy=False), Limits(max_header_bytes=SCHEDULER_REPLY_HEADER_BYTES))
+                return raise_if_error(reply).meta
             if watch.monitor in ready:
                 reason = watch.poll(0)
                 if reason:

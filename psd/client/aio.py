@@ -8,6 +8,7 @@ and resent, once per ring change.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -17,7 +18,7 @@ import numpy as np
 from psd.client.plan import Part, _rids, assemble, check_keys, check_span, check_values, plan, replan
 from psd.cluster.rows import Rows
 from psd.cluster.assignment import Assignment
-from psd.codec import Limits, Message
+from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message
 from psd.config import ClusterConfig
 from psd.errors import (AuthError, MessageTooLargeError, NotOwnerError, ProtocolError, PsdError,
                         PsdTimeoutError, StartupError)
@@ -63,8 +64,8 @@ class AsyncKVWorker:
         self._loop = asyncio.get_running_loop()
         ctx = async_context()
         sock, watch = connect_watched(ctx, self.scheduler, security=self.curve)
-        self._link = RpcSocket(sock, self.node_id, limits=self.limits, handler=self._on_scheduler,
-                               loop=self._loop)
+        self._link = RpcSocket(sock, self.node_id, handler=self._on_scheduler, loop=self._loop,
+                               limits=dataclasses.replace(self.limits, max_header_bytes=SCHEDULER_REPLY_HEADER_BYTES))
         self._tasks.append(asyncio.create_task(self._link.serve()))
         try:
             reply = await self._register(role, watch)

@@ -5,8 +5,10 @@ scheduler (for ``status`` and its metrics) and the CLI (for an older scheduler) 
 
 * DOWN: no live server, or some key range has no live copy (its keys cannot be served).
 * DEGRADED: a suspect server; a dead server no newer server has replaced; key ranges with
-  fewer live copies than ``replication``; a ring change under way; stragglers; suspect
-  workers. Each reason is one short sentence.
+  fewer live copies than ``replication``; a live server at or over its
+  ``limits.max_memory_bytes`` (it refuses pushes that add keys, and so do the primaries
+  of the ranges it replicates); a ring change under way; stragglers; suspect workers.
+  Each reason is one short sentence.
 * OK otherwise.
 
 A dead server stays listed (node ids are never reused) until the scheduler restarts. Each
@@ -50,6 +52,22 @@ def unreplaced_dead(servers: list[dict]) -> list[str]:
     return sorted(left, key=_number)
 
 
+def _number_or_none(v) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def at_memory_limit(node: dict) -> tuple[float, float] | None:
+    """``(bytes held, limit)`` of a server holding at least its ``limits.max_memory_bytes``
+    of table storage (its status ``memory`` map), else None."""
+    memory = node.get("memory")
+    if not isinstance(memory, dict):
+        return None
+    held, limit = _number_or_none(memory.get("bytes")), _number_or_none(memory.get("limit"))
+    if held is None or limit is None or limit <= 0 or not held >= limit:
+        return None
+    return held, limit
+
+
 def assess(st: dict) -> dict:
     """``{"state": "ok" | "degraded" | "down", "reasons": [...]}`` for a status dict."""
     nodes = st.get("nodes") or []
@@ -76,6 +94,14 @@ def assess(st: dict) -> dict:
     gone = unreplaced_dead(servers)
     if gone:
         degraded.append(f"server{'s' if len(gone) > 1 else ''} {_names(gone)} dead and not replaced")
+    full = [(n["id"], *at) for n in servers if n["state"] in LIVE and (at := at_memory_limit(n))]
+    if len(full) == 1:
+        node, held, limit = full[0]
+        degraded.append(f"server {node} at its memory limit ({held:.0f} of {limit:.0f} bytes, "
+                        f"limits.max_memory_bytes): pushes that add keys are refused")
+    elif full:
+        degraded.append(f"servers {_names([node for node, _, _ in full])} at their memory limit "
+                        f"(limits.max_memory_bytes): pushes that add keys are refused")
     if st.get("ring_changing"):
         degraded.append("ring change under way (ranges moving)")
     stragglers = list((st.get("clocks") or {}).get("stragglers") or [])

@@ -4,11 +4,16 @@ Deterministic (no I/O, no clock): the scheduler feeds it requests and heartbeats
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from psd.errors import BadRequestError, describe
 
 
 #: bytes of metric records (by ``repr``) one job status reply carries at most
 METRICS_REPLY_BUDGET = 24_000
+#: the longest failure text a report may carry (the rest is cut)
+MAX_ERROR = 4000
 
 
 @dataclass
@@ -50,6 +55,36 @@ class Job:
                 "progress": min(1.0, done), "per_rank": {str(k): v for k, v in self.progress.items()}, "shards_done": sorted(self.shards_done),
                 "num_shards": self.num_shards, "error": self.error, "summary": self.summary,
                 "metrics": metrics, "num_metrics": len(self.metrics)}
+
+
+def check_report(job: Job, meta: dict) -> dict:
+    """The keyword arguments for :meth:`JobBook.report` from a ``job_report``'s meta,
+    checked: ``rank`` one of the job's, ``progress`` a finite number (held to [0, 1]),
+    ``metrics`` a list of maps, ``summary`` a map, ``error`` a text (cut to
+    ``MAX_ERROR``); a ``BadRequestError`` naming the field otherwise, before anything
+    is applied."""
+    def bad(field: str, expected: str):
+        raise BadRequestError(f"job_report: {field}: expected {expected}, got {describe(meta.get(field))}",
+                              field=f"meta.{field}")
+
+    rank, progress, metrics = meta.get("rank"), meta.get("progress"), meta.get("metrics")
+    summary, error, seq = meta.get("summary"), meta.get("error"), meta.get("seq")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < job.num_shards:
+        bad("rank", f"a rank of job {job.id}, 0 to {job.num_shards - 1}")
+    if progress is not None:
+        if (not isinstance(progress, (int, float)) or isinstance(progress, bool)
+                or not math.isfinite(progress)):
+            bad("progress", "a fraction from 0 to 1")
+        progress = min(1.0, max(0.0, float(progress)))
+    if metrics is not None and (not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics)):
+        bad("metrics", "a list of maps (metric records)")
+    if summary is not None and not isinstance(summary, dict):
+        bad("summary", "a map")
+    if error is not None and not isinstance(error, str):
+        bad("error", "a text")
+    return {"rank": rank, "progress": progress, "metrics": metrics, "summary": summary,
+            "error": error[:MAX_ERROR] if error else None, "done": bool(meta.get("done")),
+            "seq": seq if isinstance(seq, int) and not isinstance(seq, bool) else None}
 
 
 class JobBook:

@@ -32,6 +32,11 @@ class Limits:
     max_keys: int = 1 << 27
 
 
+#: the header a client accepts in a reply from the scheduler it connected to: status
+#: replies grow with the jobs, tables and servers of a long-lived cluster (daemons keep
+#: the small default for what they receive from anyone)
+SCHEDULER_REPLY_HEADER_BYTES = 16 << 20
+
 _compressor = zstandard.ZstdCompressor(level=1)
 _decompressor = zstandard.ZstdDecompressor()
 

@@ -2,16 +2,22 @@
 together with the file, the key and what was expected."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from psd.config import config_from_dict, load_yaml
-from psd.errors import ConfigError
+from psd.errors import ConfigError, describe
 
 #: top-level keys every job may have; the app checks its own sections (data, train, ...)
 COMMON_KEYS = {"name", "app", "servers", "workers", "output", "cluster", "timeout",
                "consistency", "max_delay", "keep_tables"}
 APP_SECTIONS = {"data", "train", "tables", "filters", "model", "eval", "sketch"}
+#: the most servers or workers (ranks) a job may ask for: ranks are handed out one by one
+#: and ``psd run`` starts a process for each
+MAX_NODES = 10_000
+#: the longest job name (``psd status`` shows it)
+MAX_NAME = 200
 
 
 @dataclass(frozen=True)
@@ -29,12 +35,70 @@ class JobSpec:
     keep_tables: bool = False
 
 
+def check_count(value, label: str, problems: list[str]) -> bool:
+    """Whether ``value`` is a number of servers or workers (an integer from 1 to
+    ``MAX_NODES``); if not, a problem naming ``label`` is added."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        problems.append(f"{label}: expected a positive integer, got {describe(value)}")
+    elif value > MAX_NODES:
+        problems.append(f"{label}: expected at most {MAX_NODES}, got {value}")
+    else:
+        return True
+    return False
+
+
 def _positive_int(spec: dict, key: str, default: int, source: str, problems: list[str]) -> int:
     value = spec.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        problems.append(f"{source}: {key}: expected a positive integer, got {value!r}")
-        return default
-    return value
+    return value if check_count(value, f"{source}: {key}", problems) else default
+
+
+def _top_level(data: dict, source: str, problems: list[str]) -> dict:
+    """The keys every job has, checked without the app's code or the job's data files:
+    what :func:`parse_job` and the scheduler's ``submit`` (:func:`check_submitted`) share."""
+    from psd.apps import APPS
+
+    for key in data:
+        if key not in COMMON_KEYS | APP_SECTIONS:
+            problems.append(f"{source}: unknown key {describe(key)}; known keys: "
+                            f"{', '.join(sorted(COMMON_KEYS | APP_SECTIONS))}")
+    app = data.get("app")
+    if app is None:
+        problems.append(f"{source}: app: missing; expected one of {', '.join(sorted(APPS))}")
+    elif not isinstance(app, str) or app not in APPS:
+        problems.append(f"{source}: app: unknown app {describe(app)}; expected one of {', '.join(sorted(APPS))}")
+    servers = _positive_int(data, "servers", 1, source, problems)
+    workers = _positive_int(data, "workers", 1, source, problems)
+    name = data.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        problems.append(f"{source}: name: expected a non-empty string of at most {MAX_NAME} characters, "
+                        f"got {describe(name)}")
+    output = data.get("output", f"runs/{name}")
+    if not isinstance(output, str) or not output:
+        problems.append(f"{source}: output: expected a folder path, got {describe(output)}")
+    keep_tables = data.get("keep_tables", False)
+    if not isinstance(keep_tables, bool):
+        problems.append(f"{source}: keep_tables: expected true (keep the job's tables when it ends) or false "
+                        f"(drop them, the default), got {describe(keep_tables)}")
+        keep_tables = False
+    timeout = data.get("timeout", 3600)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or math.isnan(timeout) or timeout <= 0:
+        problems.append(f"{source}: timeout: expected a positive number of seconds, got {describe(timeout)}")
+    return {"app": app, "servers": servers, "workers": workers, "name": name, "output": output,
+            "keep_tables": keep_tables, "timeout": timeout}
+
+
+def check_submitted(job, workers, source: str = "submit") -> list[str]:
+    """The problems of a job handed to the scheduler (``submit``: ``meta.job``, the
+    job file's map, and ``meta.workers``), each naming the field: the top-level keys as
+    :func:`parse_job` checks them. Not the app's own sections, which need the job's data
+    files: the workers check those when they run it."""
+    problems: list[str] = []
+    check_count(workers, f"{source}: meta.workers", problems)
+    if not isinstance(job, dict):
+        problems.append(f"{source}: meta.job: expected a map (a job file's contents), got {describe(job)}")
+    else:
+        _top_level(job, f"{source}: meta.job", problems)
+    return problems
 
 
 def parse_job(data, source: str) -> JobSpec:
@@ -44,31 +108,9 @@ def parse_job(data, source: str) -> JobSpec:
         raise ConfigError(f"{source}: expected a map at the top level (app:, data:, ...), "
                           f"got {type(data).__name__}")
     problems: list[str] = []
-    for key in data:
-        if key not in COMMON_KEYS | APP_SECTIONS:
-            problems.append(f"{source}: unknown key {key!r}; known keys: "
-                            f"{', '.join(sorted(COMMON_KEYS | APP_SECTIONS))}")
-    app = data.get("app")
-    if app is None:
-        problems.append(f"{source}: app: missing; expected one of {', '.join(sorted(APPS))}")
-    elif app not in APPS:
-        problems.append(f"{source}: app: unknown app {app!r}; expected one of {', '.join(sorted(APPS))}")
-    servers = _positive_int(data, "servers", 1, source, problems)
-    workers = _positive_int(data, "workers", 1, source, problems)
-    name = data.get("name", Path(source).stem)
-    if not isinstance(name, str) or not name:
-        problems.append(f"{source}: name: expected a non-empty string, got {name!r}")
-    output = data.get("output", f"runs/{name}")
-    if not isinstance(output, str) or not output:
-        problems.append(f"{source}: output: expected a folder path, got {output!r}")
-    keep_tables = data.get("keep_tables", False)
-    if not isinstance(keep_tables, bool):
-        problems.append(f"{source}: keep_tables: expected true (keep the job's tables when it ends) or false "
-                        f"(drop them, the default), got {keep_tables!r}")
-        keep_tables = False
-    timeout = data.get("timeout", 3600)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-        problems.append(f"{source}: timeout: expected a positive number of seconds, got {timeout!r}")
+    top = _top_level(data, source, problems)
+    app, servers, workers, name, output, keep_tables, timeout = (
+        top[k] for k in ("app", "servers", "workers", "name", "output", "keep_tables", "timeout"))
     cluster = data.get("cluster", {}) or {}
     if isinstance(cluster, dict):
         # the job's consistency is a cluster setting; the group is the job's workers
@@ -82,7 +124,7 @@ def parse_job(data, source: str) -> JobSpec:
             config_from_dict(cluster, f"{source}: cluster")
         except ConfigError as e:
             problems.extend(str(e).splitlines())
-    if app in APPS:
+    if isinstance(app, str) and app in APPS:
         problems.extend(load_app(app).validate(data, source))
     if problems:
         raise ConfigError("\n".join(problems))

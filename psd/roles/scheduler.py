@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from pathlib import Path
+
+import msgpack
 
 from psd.cluster.assignment import Assignment
 from psd.cluster.clocks import stragglers
 from psd.cluster.health import assess
-from psd.cluster.jobs import JobBook
+from psd.cluster.jobs import JobBook, check_report
 from psd.cluster.liveness import Liveness, State
+from psd.cluster.stats import MAX_ADDRESS, check_stats
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.errors import (BadRequestError, LimitError, ProtocolError, PsdError, TableMismatchError,
-                        UnknownTableError)
+                        UnknownTableError, describe)
+from psd.jobs.spec import check_submitted
 from psd.roles import scheduler_state
 from psd.roles.checkpoints import Checkpoints
 from psd.roles.ring_changes import RingChanges
@@ -29,6 +34,14 @@ from psd.transport.security import Curve
 from psd.transport.metrics import Timings
 
 log = logging.getLogger("psd.scheduler")
+
+#: the longest ``checkpoint`` wait (``meta.wait``, seconds) accepted (or request_timeout, if longer)
+MAX_CHECKPOINT_WAIT = 24 * 3600.0
+#: the largest job map ``submit`` keeps (msgpack bytes): every ``job_poll`` answer to a
+#: worker carries it, and an answer must fit the 64 KiB header limit (codec ``Limits``)
+MAX_JOB_BYTES = 32 * 1024
+#: worker clocks (a heartbeat's ``clk``) are iteration counts: 0 to 2**63 - 1
+MAX_CLOCK = 2**63 - 1
 
 
 class Scheduler:
@@ -145,8 +158,10 @@ class Scheduler:
         if role not in ("server", "worker"):
             raise BadRequestError(f"register: role must be 'server' or 'worker', got {role!r}")
         address = msg.meta.get("address")
-        if role == "server" and (not isinstance(address, str) or not address.startswith("tcp://")):
-            raise BadRequestError("register: a server must give its tcp:// address")
+        if role == "server" and (not isinstance(address, str) or not address.startswith("tcp://")
+                                 or len(address) > MAX_ADDRESS):
+            raise BadRequestError(f"register: a server must give its tcp:// address (at most {MAX_ADDRESS} "
+                                  f"characters), got {describe(address)}", field="meta.address")
         prefix = "S" if role == "server" else "W"
         node = f"{prefix}{self.counts[role]}"
         self.counts[role] += 1
@@ -180,6 +195,18 @@ class Scheduler:
         return await asyncio.gather(*calls, return_exceptions=True)
 
     async def on_heartbeat(self, route: Route, msg: Message) -> Message:
+        # checked whole before anything is recorded: anyone with a client key can send a
+        # heartbeat in any node's name, and what is kept shows in every later status
+        stats = msg.meta.get("stats")
+        if stats is not None:
+            stats = check_stats(stats)
+        metrics = msg.meta.get("metrics")
+        if metrics is not None and (not isinstance(metrics, str) or not metrics or len(metrics) > MAX_ADDRESS):
+            raise BadRequestError(f"heartbeat: meta.metrics: expected the HOST:PORT of a metrics endpoint (at most "
+                                  f"{MAX_ADDRESS} characters), got {describe(metrics)}", field="meta.metrics")
+        if not 0 <= msg.clock <= MAX_CLOCK:
+            raise BadRequestError(f"heartbeat: clk: expected a worker clock from 0 to 2**63 - 1, got {msg.clock}",
+                                  field="clk")
         state = self.liveness.seen(msg.sender, time.monotonic())
         if state is None:
             return msg.reply(meta={"known": False})
@@ -188,14 +215,15 @@ class Scheduler:
             # scheduler restart ZeroMQ reconnects it under a new identity); the sync
             # client's heartbeat thread has its own socket and says link=False
             self.routes[msg.sender] = route
-        if msg.sender.startswith("W"):
+        # only a live member's numbers are kept: a dead or departed node's stay as they were
+        role = self.liveness.peers[msg.sender].role if state == State.ACTIVE else None
+        if role == "worker":
             self.worker_clocks[msg.sender] = max(msg.clock, self.worker_clocks.get(msg.sender, 0))
-        stats = msg.meta.get("stats")
-        if isinstance(stats, dict):
+        if role == "server" and stats is not None:
             self.stats[msg.sender] = stats
-        if isinstance(msg.meta.get("metrics"), str):
-            self.metrics_at[msg.sender] = msg.meta["metrics"][:256]
             self._tidy(msg.sender, stats.get("tables"))
+        if metrics is not None:
+            self.metrics_at[msg.sender] = metrics
         return msg.reply(meta={"known": True, "state": state.value, "ring": self.ring.version})
 
     async def on_leave(self, route: Route, msg: Message) -> Message:
@@ -210,8 +238,11 @@ class Scheduler:
     async def on_checkpoint(self, route: Route, msg: Message) -> Message:
         """`psd checkpoint`: a consistent cut of every table, written by the servers."""
         wait = msg.meta.get("wait", self.config.request_timeout)
-        if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait <= 0:
-            raise BadRequestError("checkpoint: meta.wait must be a positive number of seconds")
+        longest = max(MAX_CHECKPOINT_WAIT, self.config.request_timeout)
+        if (not isinstance(wait, (int, float)) or isinstance(wait, bool) or not math.isfinite(wait)
+                or not 0 < wait <= longest):
+            raise BadRequestError(f"checkpoint: meta.wait: expected a number of seconds above 0 and at most "
+                                  f"{longest:.0f}, got {describe(wait)}", field="meta.wait")
         return msg.reply(meta=await self.checkpoints.take(timeout=float(wait)))
 
     async def on_drain(self, route: Route, msg: Message) -> Message:
@@ -391,10 +422,14 @@ class Scheduler:
     async def on_submit(self, route: Route, msg: Message) -> Message:
         spec = msg.meta.get("job")
         workers = msg.meta.get("workers")
-        if not isinstance(spec, dict) or not isinstance(workers, int) or workers < 1:
-            raise BadRequestError("submit: needs meta.job (a map) and meta.workers (an integer >= 1)")
-        if not isinstance(spec.get("keep_tables", False), bool):
-            raise BadRequestError(f"submit: keep_tables must be true or false, got {spec['keep_tables']!r}")
+        problems = check_submitted(spec, workers)  # the job file's top-level rules (psd/jobs/spec.py)
+        if problems:
+            raise BadRequestError("; ".join(problems))
+        size = len(msgpack.packb(spec, use_bin_type=True))
+        if size > MAX_JOB_BYTES:
+            raise BadRequestError(f"submit: meta.job: expected a job map of at most {MAX_JOB_BYTES} bytes (msgpack), "
+                                  f"got {size}: it travels to every worker in one header; name data files "
+                                  f"with a glob rather than one by one", field="meta.job")
         job = self.jobs.submit(spec, workers)
         self.save()
         log.info("job %s submitted: app %s on %d workers", job.id, spec.get("app"), workers)
@@ -410,14 +445,11 @@ class Scheduler:
 
     async def on_job_report(self, route: Route, msg: Message) -> Message:
         m = msg.meta
-        if (not isinstance(m.get("job"), str) or m.get("job") not in self.jobs.jobs  # a list is unhashable
-                or not isinstance(m.get("rank"), int)):
-            raise BadRequestError(f"job_report: unknown job {m.get('job')!r} or missing rank")
+        if not isinstance(m.get("job"), str) or m.get("job") not in self.jobs.jobs:  # a list is unhashable
+            raise BadRequestError(f"job_report: unknown job {describe(m.get('job'))}", field="meta.job")
+        report = check_report(self.jobs.jobs[m["job"]], m)
         self.touch()
-        job = self.jobs.report(m["job"], m["rank"], progress=m.get("progress"), metrics=m.get("metrics"),
-                               done=bool(m.get("done")), error=m.get("error"), summary=m.get("summary"),
-                               seq=m.get("seq") if isinstance(m.get("seq"), int) else None,
-                               reporter=msg.sender)
+        job = self.jobs.report(m["job"], reporter=msg.sender, **report)
         if job.ended:
             log.info("job %s %s", job.id, job.state)
             await self._job_ended(job)
