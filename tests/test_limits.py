@@ -9,7 +9,6 @@ a replicated cluster whose replica fills up first.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import psd
 from psd.client import admin
 from psd.codec import Message, encode
 
-from conftest import desc, header, pack
+from conftest import desc, header, pack, wait_for
 
 TOP = 2**64 - 1
 #: clusters a raw test socket talks to speak plaintext (the socket says curve=None), so
@@ -29,15 +28,6 @@ RAW = "none"
 
 def u64(*keys) -> np.ndarray:
     return np.array(keys, dtype=np.uint64)
-
-
-def wait_for(cond, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def only_server(cluster) -> str:
@@ -198,7 +188,7 @@ def test_max_memory_bytes_on_one_server(raw_dealer):
                 kv.wait(other.push(u64(1), np.ones(1)))
             assert server_memory(cluster, raw_dealer) == {"S0": MEMORY}
             node = wait_for(lambda: next((n for n in cluster.status()["nodes"] if n["role"] == "server"
-                                          and n["counters"].get("limit_refusals", 0) >= 5), None),
+                                          and n["counters"].get("limit_refusals", 0) >= 5), None), 10,
                             "the refusals to reach status (on heartbeats)")
             assert node["memory"] == {"bytes": MEMORY, "limit": MEMORY, "reserved": 0, "full_replicas": []}
             # dropping the table frees the memory: new keys fit again
@@ -215,7 +205,7 @@ def test_a_server_at_its_memory_limit_makes_the_cluster_degraded():
     from psd.cli.status import health_line
 
     def health(state: str):
-        return wait_for(lambda: (lambda st: st if st["health"]["state"] == state else None)(cluster.status()),
+        return wait_for(lambda: (lambda st: st if st["health"]["state"] == state else None)(cluster.status()), 10,
                         f"health {state} (on heartbeats)")
 
     with psd.LocalCluster(servers=1, security=RAW, limits={"max_memory_bytes": MEMORY}) as cluster:
