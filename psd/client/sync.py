@@ -21,7 +21,6 @@ import zmq
 from psd.client import aio
 from psd.transport.heartbeat import HeartbeatThread
 from psd.config import ClusterConfig
-from psd.transport import install_event_loop
 from psd.transport.sockets import tune_malloc
 
 
@@ -29,7 +28,6 @@ class KVWorker:
     def __init__(self, scheduler: str, config: ClusterConfig | None = None, *, role: str = "worker",
                  namespace: str | None = None):
         config = config or ClusterConfig()
-        install_event_loop(config.event_loop)
         tune_malloc()
         self._loop = asyncio.SelectorEventLoop()
         try:
