@@ -28,7 +28,7 @@ from psd.errors import (BadRequestError, KeysError, LimitError, MessageTooLargeE
                         PsdTimeoutError, TableMismatchError, UnknownTableError)
 from psd.roles.consistency import Gate, Policy, Setting
 from psd.roles.peers import Peers
-from psd.roles.seen import Seen, ids_of_arrays
+from psd.roles.seen import Covered, Seen
 from psd.store import Table, TableSpec
 from psd.store.table import Usage
 from psd.store.checkpoint import read_server_file, write_server_file
@@ -97,81 +97,6 @@ def _install_ids(msg: Message) -> tuple[list[str], np.ndarray, np.ndarray]:
             or int(counts.sum()) != rids.size):
         raise ProtocolError("install: counts must be uint64[len(senders)] summing to the length of the uint64 ids")
     return senders, counts, rids
-
-
-class Covered:
-    """Rows of requests applied here that the request ids alone do not account for.
-
-    * Pieces: a worker re-cuts an unanswered request when the ring changes; each piece
-      gets a fresh id and names the original's (meta.orig). A piece can reach a server
-      before the forward of the original does (they travel on different connections):
-      the forward must then apply only the rows no piece covered. Kept as the keys of
-      each piece, per original id.
-    * Copies: a range copied in carries the ids its source had applied; those ids count
-      as applied here only for rows inside that range (the source's id memory is
-      global, so taking it whole would make a forward still on its way to us, with rows
-      of another range, look like a resend). Kept as ranges, per id.
-    """
-
-    #: how many original requests with pieces are remembered (pieces exist only around
-    #: ring changes)
-    PIECES_KEPT = 4096
-    #: how many copied-in ids are remembered
-    COPIED_KEPT = 1 << 16
-
-    def __init__(self) -> None:
-        self._pieces: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
-        self._copied: OrderedDict[tuple[str, int], list[Range]] = OrderedDict()
-
-    @staticmethod
-    def _row_keys(rows: Rows) -> np.ndarray:
-        if rows.keys is not None:
-            return rows.keys
-        return np.concatenate([np.arange(lo, lo + n, dtype=np.uint64) for lo, n in rows.spans])
-
-    def note_piece(self, rows: Rows, cut_from: list[tuple[str, int]]) -> None:
-        if not cut_from or not rows.count:
-            return
-        keys = self._row_keys(rows)
-        for ident in cut_from:
-            self._pieces.setdefault(ident, []).append(keys)
-            self._pieces.move_to_end(ident)
-        while len(self._pieces) > self.PIECES_KEPT:
-            self._pieces.popitem(last=False)
-
-    def note_copy(self, r: Range, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
-        for ident in ids_of_arrays(senders, counts, rids):
-            self._copied.setdefault(ident, []).append(r)
-            self._copied.move_to_end(ident)
-        while len(self._copied) > self.COPIED_KEPT:
-            self._copied.popitem(last=False)
-
-    def copied_into(self, r: Range) -> list[tuple[str, int]]:
-        """Ids copied in for rows that overlap ``r`` (passed on when we copy ``r`` out)."""
-        return [ident for ident, ranges in self._copied.items()
-                if any(c.begin < r.end and r.begin < c.end for c in ranges)]
-
-    def not_applied(self, rows: Rows, ids) -> Rows | None:
-        """``rows`` minus those already applied here under one of ``ids`` by a piece or
-        a copy (None if none is left)."""
-        if not rows.count:
-            return rows  # an empty push still counts for the consistency bookkeeping
-        pieces = [k for ident in ids for k in self._pieces.get(ident, ())]
-        copied = [c for ident in ids for c in self._copied.get(ident, ())]
-        if not pieces and not copied:
-            return rows
-        keys = self._row_keys(rows)
-        keep = ~np.isin(keys, np.concatenate(pieces)) if pieces else np.ones(keys.size, dtype=bool)
-        for c in copied:
-            i0, i1 = bounds(keys, c.begin, c.end)
-            keep[i0:i1] = False
-        if keep.all():
-            return rows
-        if not keep.any():
-            return None
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.astype(np.int8), [0]))))
-        slices = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
-        return Rows(keys=keys, values=rows.values).take(slices)
 
 
 class Server:
