@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
 
 import numpy as np
+
+from workerprocs import stdin_go_stop
 
 #: (name, dtype, width), updater "sum"
 TABLE = ("sg_i64_w4", "int64", 4)
@@ -61,20 +62,7 @@ async def stream(scheduler: str, seed: int, out_path: str, window: int, k: int) 
     try:
         name, dtype, width = TABLE
         table = await kv.table(name, width=width, dtype=dtype, updater="sum")
-        loop = asyncio.get_running_loop()
-        go, stop = asyncio.Event(), asyncio.Event()
-
-        def read_stdin() -> None:
-            for line in sys.stdin:
-                word = line.strip()
-                if word == "go":
-                    loop.call_soon_threadsafe(go.set)
-                elif word == "stop":
-                    loop.call_soon_threadsafe(stop.set)
-                    return
-            loop.call_soon_threadsafe(stop.set)  # stdin closed: the test is gone
-
-        threading.Thread(target=read_stdin, daemon=True).start()
+        go, stop = stdin_go_stop()
         print("ready", flush=True)
         await go.wait()
         records: dict[int, list] = {}  # i -> [issued, finished, outcome]

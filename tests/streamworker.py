@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
 
 import numpy as np
+
+from workerprocs import stdin_go_stop
 
 #: (name, dtype, width); every table uses updater "sum"
 TABLES = [("fo_i64_w1", "int64", 1), ("fo_i64_w3", "int64", 3)]
@@ -66,20 +67,7 @@ async def stream(scheduler: str, seed: int, out_path: str, window: int) -> int:
     try:
         tables = [await kv.table(name, width=width, dtype=dtype, updater="sum")
                   for name, dtype, width in TABLES]
-        loop = asyncio.get_running_loop()
-        go, stop = asyncio.Event(), asyncio.Event()
-
-        def read_stdin() -> None:
-            for line in sys.stdin:
-                word = line.strip()
-                if word == "go":
-                    loop.call_soon_threadsafe(go.set)
-                elif word == "stop":
-                    loop.call_soon_threadsafe(stop.set)
-                    return
-            loop.call_soon_threadsafe(stop.set)  # stdin closed: the test is gone
-
-        threading.Thread(target=read_stdin, daemon=True).start()
+        go, stop = stdin_go_stop()
         print("ready", flush=True)
         await go.wait()
         acked: list[tuple[int, float]] = []

@@ -1,11 +1,14 @@
 """Worker processes a test drives through stdin (``go`` / ``stop``) and that report
-through a JSON file, plus a fixture helper that closes whatever a test made."""
+through a JSON file: the test's side (``WorkerProcs``), the worker's side
+(``stdin_go_stop``), and a fixture helper that closes whatever a test made."""
 from __future__ import annotations
 
+import asyncio
 import json
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -88,3 +91,22 @@ def closing(make: Callable) -> Iterator[Callable]:
     finally:
         for thing in made:
             thing.close()
+
+
+def stdin_go_stop() -> tuple[asyncio.Event, asyncio.Event]:
+    """The worker's side, inside its running loop: events set when the test writes
+    ``go`` and ``stop`` (a closed stdin means stop: the test is gone)."""
+    loop = asyncio.get_running_loop()
+    go, stop = asyncio.Event(), asyncio.Event()
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            word = line.strip()
+            if word == "go":
+                loop.call_soon_threadsafe(go.set)
+            elif word == "stop":
+                break
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    return go, stop
