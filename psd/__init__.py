@@ -10,8 +10,8 @@
 from psd import aio
 from psd.client.sync import KVWorker, Table, connect
 from psd.config import ClusterConfig, load_config
-from psd.errors import (AuthError, BadRequestError, ConfigError, KeysError, LimitError, MessageTooLargeError,
-                        NotOwnerError, ProtocolError, PsdError, PsdTimeoutError, RemoteError,
+from psd.errors import (AuthError, BadRequestError, ConfigError, ForbiddenError, KeysError, LimitError,
+                        MessageTooLargeError, NotOwnerError, ProtocolError, PsdError, PsdTimeoutError, RemoteError,
                         StartupError, TableMismatchError, UnknownTableError, UnknownUpdaterError,
                         ValuesError)
 from psd.local import LocalCluster
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "aio", "connect", "KVWorker", "Table", "LocalCluster", "ClusterConfig", "load_config",
     "PsdError", "ConfigError", "StartupError", "ProtocolError", "MessageTooLargeError", "AuthError",
-    "BadRequestError", "KeysError", "ValuesError", "UnknownTableError", "UnknownUpdaterError",
+    "ForbiddenError", "BadRequestError", "KeysError", "ValuesError", "UnknownTableError", "UnknownUpdaterError",
     "TableMismatchError", "NotOwnerError", "PsdTimeoutError", "RemoteError", "LimitError",
 ]

@@ -52,6 +52,14 @@ class AuthError(PsdError):
     code = "auth"
 
 
+class ForbiddenError(PsdError):
+    """The sender's key is listed, but its role may not do this (a client key sending
+    what only the daemons send, or a request in the name of a node another key
+    registered). Nothing was applied. ``data``: ``{op, needs}``."""
+
+    code = "forbidden"
+
+
 # --- the caller passed bad arguments ----------------------------------------
 class BadRequestError(PsdError):
     """The request is well-formed but its content is invalid; nothing was applied."""
@@ -114,7 +122,7 @@ class RemoteError(PsdError):
 
 
 _BY_CODE = {cls.code: cls for cls in (
-    PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError,
+    PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError, ForbiddenError,
     BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
     TableMismatchError, LimitError, NotOwnerError, PsdTimeoutError, RemoteError)}
 

@@ -113,6 +113,14 @@ def cluster_keys():
     return security.load_client(folder) if folder else None
 
 
+def daemon_keys():
+    """The server key pair of the LocalCluster open in this process, for a RawDealer that
+    sends what only daemons may send (``replicate``, ``install``, ``register`` as a
+    server, ...: a client key is refused with ``forbidden``), or None when none is open."""
+    folder = os.environ.get("PSD_KEYS")
+    return security.load_daemon(folder) if folder else None
+
+
 class RawDealer:
     """A bare pyzmq DEALER (LINGER 0): sends exactly the frames it is given. It speaks
     CurveZMQ with ``curve`` (default: the open LocalCluster's client keys; None for

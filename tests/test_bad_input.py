@@ -19,7 +19,7 @@ from psd.codec import Limits, Message, decode, encode
 from psd.store.table import TableSpec
 from psd.transport import RpcSocket, async_context, connect_dealer
 
-from conftest import desc, header, pack, server_ranges
+from conftest import daemon_keys, desc, header, pack, server_ranges
 
 TOP = 2**64 - 1
 NAME = "bad"
@@ -319,7 +319,7 @@ def test_scheduler_rejects_raw_table_specs(cluster3, seeded, raw_dealer):
 
 def test_a_rejected_register_leaves_no_node_behind(cluster3, seeded, raw_dealer):
     before = {n["id"] for n in cluster3.status()["nodes"]}
-    d = raw_dealer(cluster3.scheduler)
+    d = raw_dealer(cluster3.scheduler, curve=daemon_keys())  # a client key may not register a server
     reply = d.request(Message("register", meta={"role": "server"}))  # no address
     assert reply.op == "error" and reply.meta["code"] == "bad_request" and "address" in reply.meta["message"]
     assert {n["id"] for n in cluster3.status()["nodes"]} == before

@@ -70,7 +70,7 @@ from psd.codec import DTYPES, Limits, Message, decode, encode
 from psd.roles.scheduler import Scheduler
 from psd.store import TableSpec
 
-from conftest import RawDealer, server_addresses
+from conftest import RawDealer, daemon_keys, server_addresses
 
 TOP = 2**64 - 1
 MAX_MESSAGE = 4 << 20
@@ -663,7 +663,7 @@ def check_tables(kv, tables: dict, model: Model) -> None:
 def test_fuzzed_frames_to_a_server(fuzz_cluster, raw_dealer):
     cluster, kv, tables = fuzz_cluster
     [address] = server_addresses(cluster)
-    prober = Prober(raw_dealer(address))
+    prober = Prober(raw_dealer(address, curve=daemon_keys()))  # replicate and install need the server key
     pid = cluster.servers[0].pid
     model = Model()
     stats: dict[str, int] = {}
@@ -783,7 +783,7 @@ def test_hand_made_hostile_frames_to_a_server(fuzz_cluster, raw_dealer):
     """The extremes a random search rarely reaches, one by one, with the same checks."""
     cluster, kv, tables = fuzz_cluster
     [address] = server_addresses(cluster)
-    prober = Prober(raw_dealer(address))
+    prober = Prober(raw_dealer(address, curve=daemon_keys()))  # replicate and install need the server key
     pid = cluster.servers[0].pid
     model = _model_from(tables)  # what the earlier test left in the tables
     rss_before = rss_bytes(pid)
@@ -898,7 +898,7 @@ def test_negative_rid_cannot_break_later_range_copies(raw_dealer):
             t = kv.table("negrid", width=1, dtype="int64", updater="sum")
             keys = np.sort(np.random.default_rng(3).integers(0, TOP, size=400, dtype=np.uint64))
             kv.wait(t.push(keys, np.ones(keys.size, np.int64)))
-            d = raw_dealer(server_addresses(cluster)[0])
+            d = raw_dealer(server_addresses(cluster)[0], curve=daemon_keys())  # replicate: the server key
             for rid in (-1, -(2**63), 2.0, "7", [1]):
                 reply = d.request(Message("push", table="negrid", meta={"rid": rid},
                                           arrays=[keys[:1], np.ones(1, np.int64)]))
@@ -924,7 +924,7 @@ def test_a_malformed_range_copy_changes_nothing(raw_dealer):
             t = kv.table("inst", width=2, dtype="int64", updater="sum")
             keys = np.arange(10, dtype=np.uint64)
             kv.wait(t.push(keys, np.ones((10, 2), np.int64)))
-            d = raw_dealer(server_addresses(cluster)[0])
+            d = raw_dealer(server_addresses(cluster)[0], curve=daemon_keys())  # install: the server key
             whole = [0, TOP]
             cases = [
                 ("unsorted keys", whole, [u64(50, 3, 40), np.full((3, 2), 7, np.int64)], "bad_keys"),
@@ -1148,7 +1148,9 @@ def test_garbage_stats_in_any_servers_name_never_break_status(raw_dealer):
         while {n["id"]: n["state"] for n in cluster.status()["nodes"]}[dead] != "dead":
             assert time.monotonic() < deadline, "the killed server was not declared dead"
             time.sleep(0.05)
-        d = raw_dealer(cluster.scheduler)
+        # stats in a server's name need the server key (a client key gets `forbidden`,
+        # test_security.py); what the key sends is still checked
+        d = raw_dealer(cluster.scheduler, curve=daemon_keys())
 
         def beat(sender: str, meta: dict, clock: int = 0) -> Message:
             return d.request(Message("heartbeat", sender=sender, clock=clock, meta={"link": False, **meta}))

@@ -11,6 +11,7 @@ import zmq
 import zmq.asyncio
 
 from psd.codec import Message, decode, encode
+from psd.errors import ProtocolError
 from psd.transport import RpcSocket
 
 
@@ -108,3 +109,39 @@ async def test_a_socket_paused_behind_a_slow_handler_does_not_spin():
         if other is not None:
             other.close(0)
         ctx.term()
+
+
+@pytest.mark.asyncio
+async def test_repeated_rejections_are_logged_once_then_counted(caplog):
+    """Every bad request gets its error reply, but a peer repeating one must not flood
+    the daemon's log: one line per sender, op and error, then a count."""
+    ctx = zmq.asyncio.Context()
+    router, dealer = _pair(ctx)
+
+    def refuse(route, msg):
+        raise ProtocolError(f"{msg.op} is not served here")
+
+    rpc = RpcSocket(router, "S-test", handler=refuse, router=True)
+    serving = asyncio.ensure_future(rpc.serve())
+    try:
+        with caplog.at_level("WARNING", logger="psd.transport"):
+            for i in range(50):
+                dealer.send_multipart(encode(Message("bogus", id=i + 1, sender="W-test")))
+            dealer.send_multipart(encode(Message("other", id=99, sender="W-test")))
+            replies = await asyncio.get_running_loop().run_in_executor(None, _errors, dealer, 51, 10.0)
+        assert replies == 51  # every one was answered
+        lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+        assert len(lines) == 2, lines  # one for "bogus", one for "other"
+    finally:
+        serving.cancel()
+        rpc.close()
+        dealer.close(0)
+        ctx.term()
+
+
+def _errors(dealer: zmq.Socket, n: int, timeout: float) -> int:
+    got, deadline = 0, time.monotonic() + timeout
+    while got < n and dealer.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        assert decode(dealer.recv_multipart()).op == "error"
+        got += 1
+    return got

@@ -280,6 +280,242 @@ def test_keys_reach_subprocesses_and_the_cli(cluster, seeded):
     assert status.returncode == 0, status.stderr
 
 
+# -- authorization by key role -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair():
+    """Two servers that both hold every range (replication 2), a client connected with the
+    cluster's client key, and a table with known values."""
+    with psd.LocalCluster(servers=2, replication=2) as c:
+        kv = psd.connect(c.scheduler)
+        t = kv.table("roles", dtype="int64")
+        keys = u64(1, 2, 3, 2**40, 2**63)
+        kv.wait(t.push(keys, np.arange(1, 6, dtype=np.int64).reshape(-1, 1)))
+        try:
+            yield c, kv, t, keys
+        finally:
+            kv.close()
+
+
+def cluster_view(c) -> dict:
+    """What a refused request must not change: the ring, the members, the tables."""
+    st = c.status()
+    return {"ring": st["ring_version"], "ranges": st["ranges"], "tables": sorted(st["tables"]),
+            "nodes": sorted((n["id"], n["role"], n["state"], n["address"]) for n in st["nodes"])}
+
+
+def addresses_by_id(c) -> dict[str, str]:
+    return {n["id"]: n["address"] for n in c.status()["nodes"] if n["role"] == "server"}
+
+
+def server_tables(address: str, curve) -> dict:
+    d = RawDealer(address, curve=curve)
+    try:
+        return d.request(Message("status")).meta["tables"]
+    finally:
+        d.close()
+
+
+def forbidden_reply(reply: Message, op: str, needs: str, *words: str) -> None:
+    assert reply.op == "error" and reply.meta["code"] == "forbidden", (op, reply.meta)
+    assert reply.meta["data"] == {"op": op, "needs": needs}, reply.meta
+    message = reply.meta["message"]
+    assert all(w in message for w in words) and "Nothing was changed" in message, message
+    err = psd.errors.error_from_wire("forbidden", message, "H", reply.meta["data"])
+    assert isinstance(err, psd.ForbiddenError) and err.data["op"] == op
+
+
+#: stats no real server sends: if the scheduler kept them, status would show them
+FORGED_STATS = {"counters": {"push": 10**15}, "memory": {"bytes": 10**15, "limit": 1, "full_replicas": ["S0"]}}
+
+
+def test_a_client_key_cannot_do_what_only_the_daemons_do(pair):
+    c, kv, t, keys = pair
+    client = security.load_client(c.keys)
+    assert client.name == "client"                     # the key tests, the CLI and LocalCluster use
+    servers = addresses_by_id(c)
+    before = cluster_view(c)
+    held_before = {node: server_tables(a, client)["roles"]["keys"] for node, a in servers.items()}
+    assert held_before == {"S0": 5, "S1": 5}
+    rejected = {p: len(log_lines(p, "rejected: ")) for p in c.workdir.glob("*.log")}
+    worth = np.full((len(keys), 1), 1000, np.int64)
+    cases = [  # (where, request, words of the refusal)
+        (c.scheduler, Message("leave", sender="S0"), "leave in the name of server S0"),
+        (c.scheduler, Message("register", sender="S?", meta={"role": "server", "address": "tcp://127.0.0.1:9"}),
+         "register as a server"),
+        (c.scheduler, Message("heartbeat", sender="S1", meta={"link": False, "stats": FORGED_STATS}),
+         "a heartbeat carrying server stats"),
+        (c.scheduler, Message("heartbeat", sender="W77", meta={"stats": FORGED_STATS}),
+         "a heartbeat carrying server stats"),
+        # a plain heartbeat in a server's name would take over the route the scheduler uses to reach it
+        (c.scheduler, Message("heartbeat", sender="S1"), "heartbeat in the name of server S1"),
+        (servers["S0"], Message("replicate", table="roles", sender="S1", meta={"origin": "W9", "rid": 1},
+                                arrays=[keys, worth]), "replicate (a primary's copy of a push"),
+        (servers["S1"], Message("install", table="roles", sender="S0",
+                                meta={"range": [0, 2**64 - 1], "state_fields": []}, arrays=[keys, worth]),
+         "install (a range copy"),
+    ]
+    for address, msg, words in cases:
+        d = RawDealer(address, curve=client)
+        try:
+            reply = d.request(msg)
+        finally:
+            d.close()
+        forbidden_reply(reply, msg.op, "server", words, "needs the server key", "client key 'client'")
+    # nothing changed: ring, members, values on both copies, the stats status shows
+    time.sleep(0.5)                                    # a leave or a join would have moved the ring by now
+    assert cluster_view(c) == before
+    np.testing.assert_array_equal(t.pull(keys).ravel(), [1, 2, 3, 4, 5])
+    assert {node: server_tables(a, client)["roles"]["keys"] for node, a in servers.items()} == held_before
+    for n in c.status()["nodes"]:
+        assert n["counters"].get("push", 0) < 10**15 and n["memory"].get("limit") != 1, n
+    kv.table("roles-later", dtype="int64")             # told to every server over its route: not taken over
+    assert "roles-later" in c.status()["tables"]
+    # one log line per kind of refusal (sender, op, error), on the daemon that refused it:
+    # the two heartbeats in S1's name are one kind, so the second is counted, not logged
+    grown = {p.name: len(log_lines(p, "rejected: ")) - n for p, n in rejected.items()}
+    assert grown["scheduler.log"] == 4 and sum(grown.values()) == 6, grown
+
+
+def test_the_server_key_still_may(pair):
+    c, kv, t, keys = pair
+    daemon = security.load_daemon(c.keys)              # the pair the scheduler and the servers hold
+    servers = addresses_by_id(c)
+    kv.table("roles-scratch", dtype="int64")
+    d = RawDealer(c.scheduler, curve=daemon)
+    try:
+        reply = d.request(Message("heartbeat", sender="S0", meta={"link": False, "stats": {"counters": {"push": 1}}}))
+    finally:
+        d.close()
+    assert reply.op == "ok" and reply.meta["known"] and reply.meta["state"] == "active", reply.meta
+    for node, msg in (("S1", Message("replicate", table="roles-scratch", sender="S0", meta={"origin": "W9", "rid": 1},
+                                     arrays=[u64(10), np.array([[4]], np.int64)])),
+                      ("S0", Message("install", table="roles-scratch", sender="S1",
+                                     meta={"range": [100, 200], "state_fields": []},
+                                     arrays=[u64(150), np.array([[9]], np.int64)]))):
+        d = RawDealer(servers[node], curve=daemon)
+        try:
+            reply = d.request(msg)
+        finally:
+            d.close()
+        assert reply.op == "ok", (msg.op, reply.meta)
+        assert server_tables(servers[node], daemon)["roles-scratch"]["keys"] == 1
+
+
+def test_a_workers_name_belongs_to_the_key_that_registered_it(pair, tmp_path):
+    c, kv, t, keys = pair
+    security.keygen(c.keys, ["mallory"], add=True)
+    folder = tmp_path / "mallory"
+    folder.mkdir()
+    shutil.copy(c.keys / "server.key", folder)
+    shutil.copy(c.keys / "mallory.key_secret", folder)
+    mallory, client = security.load_client(folder), security.load_client(c.keys)
+    worker = kv.node_id
+    clock = c.status()["clocks"]["workers"][worker]
+    for msg in (Message("heartbeat", sender=worker, clock=10**9, meta={"link": False}),
+                Message("leave", sender=worker),
+                Message("job_poll", sender=worker),
+                Message("job_report", sender=worker, meta={"job": "J1", "rank": 0, "done": True})):
+        d = RawDealer(c.scheduler, curve=mallory)
+        try:
+            reply = d.request(msg)
+        finally:
+            d.close()
+        forbidden_reply(reply, msg.op, "registrant", f"{msg.op} in the name of worker {worker}",
+                        f"needs the key that registered {worker}", "client key 'mallory'")
+    st = c.status()
+    assert {n["id"]: n["state"] for n in st["nodes"]}[worker] == "active"
+    assert st["clocks"]["workers"][worker] == clock
+    d = RawDealer(c.scheduler, curve=client)           # the key that registered it may
+    try:
+        reply = d.request(Message("heartbeat", sender=worker, clock=clock, meta={"link": False}))
+    finally:
+        d.close()
+    assert reply.op == "ok" and reply.meta["state"] == "active", reply.meta
+    np.testing.assert_array_equal(t.pull(keys).ravel(), [1, 2, 3, 4, 5])
+
+
+def test_who_registered_a_node_survives_a_scheduler_restart(tmp_path):
+    """scheduler.json keeps the key role per member, so a resumed scheduler still knows
+    whose name is whose."""
+    from psd.roles.scheduler import Scheduler
+
+    config = ClusterConfig(security="none", state_dir=str(tmp_path / "state"))
+    first = Scheduler(config, curve=None)
+    for node, role, by in (("S0", "server", "server"), ("W0", "worker", "client:alice")):
+        first.liveness.join(node, role, 0.0)
+        first.registered_by[node] = by
+    first.save()
+    again = Scheduler(config, curve=None)
+    assert again.resumed and again.registered_by == {"S0": "server", "W0": "client:alice"}
+
+
+def test_without_security_every_op_stays_open():
+    """security: none has no key roles: a trusted network, as before."""
+    with psd.LocalCluster(servers=1, security="none") as c:
+        with psd.connect(c.scheduler) as kv:
+            t = kv.table("open", dtype="int64")
+            d = RawDealer(server_addresses(c)[0], curve=None)
+            h = RawDealer(c.scheduler, curve=None)
+            try:
+                reply = d.request(Message("replicate", table="open", sender="S9", meta={"origin": "W9", "rid": 1},
+                                          arrays=[u64(5), np.array([[3]], np.int64)]))
+                assert reply.op == "ok", reply.meta
+                reply = h.request(Message("heartbeat", sender="S0", meta={"link": False, "stats": {}}))
+                assert reply.op == "ok" and reply.meta["known"], reply.meta
+            finally:
+                d.close()
+                h.close()
+            np.testing.assert_array_equal(t.pull(u64(5)).ravel(), [3])
+
+
+def test_a_reply_counts_only_from_the_connection_its_request_went_to():
+    """The scheduler matches replies to its requests by id; a listed client that guesses
+    an id must not answer in a server's stead (a checkpoint's ckpt_cut, say)."""
+    import asyncio
+
+    import zmq
+    import zmq.asyncio
+
+    from psd.codec import decode
+    from psd.transport import RpcSocket, bind_router
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        sock, address = bind_router(ctx, "tcp://127.0.0.1:0", security=None)
+        routes: list[bytes] = []
+
+        async def handler(route, msg):
+            routes.append(route)
+            return msg.reply()
+
+        rpc = RpcSocket(sock, "H", handler=handler, router=True, concurrent=True)
+        serving = asyncio.create_task(rpc.serve())
+        server, intruder = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        try:
+            for s in (server, intruder):
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(address)
+            await server.send_multipart(encode(Message("ping", id=1, sender="S0")))
+            await asyncio.wait_for(server.recv_multipart(), 5)
+            fut = rpc.request(Message("ckpt_cut"), routes[0])
+            asked = decode(await asyncio.wait_for(server.recv_multipart(), 5))
+            await intruder.send_multipart(encode(Message("ok", id=asked.id, sender="S0", meta={"file": "forged"})))
+            await asyncio.sleep(0.3)
+            assert not fut.done(), "a reply from another connection resolved the request"
+            await server.send_multipart(encode(asked.reply(sender="S0", meta={"file": "real"})))
+            reply = await asyncio.wait_for(fut, 5)
+            assert reply.meta == {"file": "real"}
+            assert rpc.pending == {} and rpc._asked == {}
+        finally:
+            serving.cancel()
+            rpc.close()
+            server.close(0)
+            intruder.close(0)
+            ctx.term()
+
+    asyncio.run(main())
+
+
 # -- the wire ------------------------------------------------------------------------------------
 class Relay:
     """A TCP relay on 127.0.0.1 that forwards to ``target`` and keeps every byte it

@@ -1,7 +1,8 @@
 """A server's numbers as its loop heartbeats carry them (``meta.stats``, the map
 ``Server.stats()`` returns), checked before the scheduler keeps them.
 
-Any holder of a client key can send a heartbeat in any node's name, and what the
+Under ``security: none`` anyone can send a heartbeat in any node's name (under CurveZMQ
+only the server key may send stats: docs/design-decisions.md, decision 47), and what the
 scheduler keeps is shown by every later ``psd status`` and read by its health verdict
 and its metrics. So nothing in it is trusted: each field those read is checked for its
 type and range (integers within 64 bits, finite numbers, ``memory.limit`` above zero,

@@ -29,6 +29,10 @@ class Message:
     clock: int = 0
     meta: dict = field(default_factory=dict)
     arrays: list[np.ndarray] = field(default_factory=list)
+    #: not on the wire: who the receiving transport says sent it, when the socket was
+    #: asked to tell (the User-Id the ZAP handler gave the sender's connection, e.g.
+    #: "server" or "client:NAME"); None when not read, or on a plaintext connection
+    peer: str | None = field(default=None, compare=False, repr=False)
 
     def reply(self, op: str = "ok", *, sender: str = "", meta: dict | None = None,
               arrays: list[np.ndarray] | None = None, ring: int = 0) -> "Message":

@@ -95,8 +95,11 @@ class RingChanges:
                 log.warning("a server did not take ring v%d: %s", ring.version, r)
         for node in s.liveness.live("worker"):
             if node in s.routes:  # best effort: workers also learn rings from refusals
-                fut = s.rpc.request(Message("ring", meta={"ring": wire}), s.routes[node])
+                notice = Message("ring", meta={"ring": wire})
+                fut = s.rpc.request(notice, s.routes[node])
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+                # a worker that died meanwhile never answers: stop waiting in time
+                asyncio.get_running_loop().call_later(s.config.request_timeout, s.rpc.forget, notice.id)
 
     async def _copy(self, t: Transfer) -> bool:
         s = self.s
@@ -110,5 +113,5 @@ class RingChanges:
                 return reply.op == "ok"
             alive: Callable[[str], bool] = lambda n: n in s.liveness.live("server")
             if not (alive(t.src) and alive(t.dst)):
-                s.rpc.pending.pop(msg.id, None)
+                s.rpc.forget(msg.id)
                 return False

@@ -30,7 +30,7 @@ from psd.roles.ring_changes import RingChanges
 from psd.store import TableSpec
 from psd.store.table import check_namespace, namespace_of
 from psd.transport import RpcSocket, Route, async_context, bind_router
-from psd.transport.security import Curve
+from psd.transport.security import ROLE_SERVER, Curve, forbidden
 from psd.transport.metrics import Timings
 
 log = logging.getLogger("psd.scheduler")
@@ -56,6 +56,9 @@ class Scheduler:
         self.node_id = "H"
         self.liveness = Liveness(config.heartbeat_interval, config.heartbeat_misses, config.worker_timeout)
         self.routes: dict[str, Route] = {}
+        #: node -> the role of the key that registered it (``Message.peer``; None under
+        #: security: none): requests in a node's name must come with that key
+        self.registered_by: dict[str, str | None] = {}
         self.addresses: dict[str, str] = {}
         self.stats: dict[str, dict] = {}
         self.counts = {"server": 0, "worker": 0}
@@ -96,8 +99,10 @@ class Scheduler:
     async def run(self, stop: asyncio.Event, ready) -> None:
         sock, self.address = bind_router(async_context(), self.bind, self.config.limits.max_message_bytes,
                                          security=self.curve)
+        # identify: every request's key role (msg.peer), under CurveZMQ; the scheduler is
+        # not on the data path, and several of its checks depend on the request's content
         self.rpc = RpcSocket(sock, self.node_id, limits=self.config.limits, handler=self.handle,
-                             router=True, concurrent=True)
+                             router=True, concurrent=True, identify=self.curve is not None)
         serve = asyncio.create_task(self.rpc.serve())
         ticker = asyncio.create_task(self.tick_loop())
         periodic = (asyncio.create_task(self.checkpoints.periodic(self.config.checkpoint_interval))
@@ -152,11 +157,33 @@ class Scheduler:
         live = set(self.liveness.live("worker"))
         return min((c for w, c in self.worker_clocks.items() if w in live), default=None)
 
+    # -- who may ask --------------------------------------------------------------
+    def _check_sender(self, msg: Message) -> None:
+        """Under CurveZMQ, a request in a registered node's name (``src``) must come with
+        the key that registered it: the server key for a server, the registering
+        client's key for a worker. Another key could otherwise keep a node alive, take
+        over its route, feed it stats or clocks, make it leave or take its job ranks.
+        Names that are no node's are left to each handler."""
+        if self.curve is None:
+            return
+        peer = self.liveness.peers.get(msg.sender)
+        if peer is None:
+            return
+        need = ROLE_SERVER if peer.role == "server" else self.registered_by.get(msg.sender)
+        if need is None:  # a worker resumed from a scheduler.json that did not say who registered it
+            self.registered_by[msg.sender] = msg.peer
+            return
+        if msg.peer != need:
+            raise forbidden(msg.op, f"{msg.op} in the name of {peer.role} {msg.sender}", msg.peer,
+                            needs=ROLE_SERVER if need == ROLE_SERVER else f"the key that registered {msg.sender}")
+
     # -- membership ------------------------------------------------------------
     async def on_register(self, route: Route, msg: Message) -> Message:
         role = msg.meta.get("role")
         if role not in ("server", "worker"):
             raise BadRequestError(f"register: role must be 'server' or 'worker', got {role!r}")
+        if role == "server" and self.curve is not None and msg.peer != ROLE_SERVER:
+            raise forbidden("register", "register as a server", msg.peer)
         address = msg.meta.get("address")
         if role == "server" and (not isinstance(address, str) or not address.startswith("tcp://")
                                  or len(address) > MAX_ADDRESS):
@@ -167,6 +194,7 @@ class Scheduler:
         self.counts[role] += 1
         self.liveness.join(node, role, time.monotonic())
         self.routes[node] = route
+        self.registered_by[node] = msg.peer
         if role == "server":
             self.addresses[node] = address
             dead = [p.node for p in self.liveness.peers.values()
@@ -195,9 +223,12 @@ class Scheduler:
         return await asyncio.gather(*calls, return_exceptions=True)
 
     async def on_heartbeat(self, route: Route, msg: Message) -> Message:
-        # checked whole before anything is recorded: anyone with a client key can send a
-        # heartbeat in any node's name, and what is kept shows in every later status
         stats = msg.meta.get("stats")
+        if stats is not None and self.curve is not None and msg.peer != ROLE_SERVER:
+            raise forbidden("heartbeat", "a heartbeat carrying server stats", msg.peer)
+        self._check_sender(msg)
+        # checked whole before anything is recorded (with security: none, anyone can send a
+        # heartbeat in any node's name, and what is kept shows in every later status)
         if stats is not None:
             stats = check_stats(stats)
         metrics = msg.meta.get("metrics")
@@ -227,6 +258,9 @@ class Scheduler:
         return msg.reply(meta={"known": True, "state": state.value, "ring": self.ring.version})
 
     async def on_leave(self, route: Route, msg: Message) -> Message:
+        if msg.sender not in self.liveness.peers:
+            return msg.reply()  # not a member (never registered, or forgotten by a restart): nothing to do
+        self._check_sender(msg)
         if msg.sender.startswith("S"):
             await self.ring_changes.rebalance(f"{msg.sender} drains", exclude=msg.sender)
         self.liveness.leave(msg.sender)
@@ -436,6 +470,7 @@ class Scheduler:
         return msg.reply(meta={"job": job.id})
 
     async def on_job_poll(self, route: Route, msg: Message) -> Message:
+        self._check_sender(msg)
         got = self.jobs.poll(msg.sender)
         if got is None:
             return msg.reply(meta={"job": None})
@@ -444,6 +479,7 @@ class Scheduler:
                                "num_workers": job.num_workers, "shards": [rank]})
 
     async def on_job_report(self, route: Route, msg: Message) -> Message:
+        self._check_sender(msg)
         m = msg.meta
         if not isinstance(m.get("job"), str) or m.get("job") not in self.jobs.jobs:  # a list is unhashable
             raise BadRequestError(f"job_report: unknown job {describe(m.get('job'))}", field="meta.job")

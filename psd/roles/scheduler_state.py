@@ -1,10 +1,10 @@
 """The scheduler's durable state, so a restarted scheduler resumes its cluster.
 
-What is kept: the ring, server addresses, node id counters, tables, members and job
-progress. What is not: heartbeats and connections, which servers and workers renew on
-their own (ZeroMQ reconnects them to the same address). The file is JSON, replaced
-atomically; ring changes and table creation are saved at once, job progress at most a
-few times a second.
+What is kept: the ring, server addresses, node id counters, tables, members (with the
+role of the key that registered each) and job progress. What is not: heartbeats and
+connections, which servers and workers renew on their own (ZeroMQ reconnects them to
+the same address). The file is JSON, replaced atomically; ring changes and table
+creation are saved at once, job progress at most a few times a second.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def save(scheduler, folder: Path) -> None:
     state = {
         "ring": s.ring.to_wire(), "addresses": s.addresses, "counts": s.counts,
         "tables": [t.to_wire() for t in s.tables.values()],
-        "members": [{"node": p.node, "role": p.role, "state": p.state.value} for p in s.liveness.peers.values()],
+        "members": [{"node": p.node, "role": p.role, "state": p.state.value, "by": s.registered_by.get(p.node)}
+                    for p in s.liveness.peers.values()],
         "worker_clocks": s.worker_clocks,
         "jobs": [dict(asdict(j), shards_done=sorted(j.shards_done), ranks={str(k): v for k, v in j.ranks.items()},
                       progress={str(k): v for k, v in j.progress.items()}) for j in s.jobs.jobs.values()],
@@ -52,6 +53,7 @@ def load(scheduler, folder: Path, now: float) -> bool:
     for m in state["members"]:
         if m["state"] in ("active", "suspect"):  # they get a full timeout to heartbeat again
             s.liveness.join(m["node"], m["role"], now)
+            s.registered_by[m["node"]] = m.get("by")  # the key role that registered it (older files: none)
     s.worker_clocks = {w: int(c) for w, c in state["worker_clocks"].items()}
     for j in state["jobs"]:
         job = Job(**{**j, "ranks": {int(k): v for k, v in j["ranks"].items()},

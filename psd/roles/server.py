@@ -34,7 +34,7 @@ from psd.store.table import Usage
 from psd.store.checkpoint import read_server_file, write_server_file
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
 from psd.transport.heartbeat import HeartbeatThread
-from psd.transport.security import Curve
+from psd.transport.security import ROLE_SERVER, Curve, forbidden
 from psd.transport.metrics import Timings
 
 log = logging.getLogger("psd.server")
@@ -46,6 +46,12 @@ DROPPED_KEPT = 4096
 #: request ids are copied with a range as uint64 frames (Seen.to_arrays): larger or
 #: negative ones would make every later copy of this server's ranges fail
 MAX_RID = (1 << 64) - 1
+#: data-plane ops only another server sends (a push's copy to a replica, a range copy):
+#: under CurveZMQ they must come with the server key, or a client key could write any
+#: range past the ownership checks. The control ops need no check: they arrive on the
+#: link this server opened to the scheduler, whose server key the handshake verified.
+DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replicas)",
+              "install": "install (a range copy from another server)"}
 
 
 def _request_id(value, what: str) -> int | None:
@@ -132,6 +138,9 @@ class Server:
         self.handlers = {"push": self.on_push, "pull": self.on_pull, "pushpull": self.on_pushpull,
                          "clock": self.on_clock, "replicate": self.on_replicate, "install": self.on_install,
                          "status": self.on_status, "ping": self.on_data_ping}
+        if curve is not None:  # security: none has no key roles: everything stays open
+            for op in DAEMON_OPS:
+                self.handlers[op] = self._daemons_only(op, self.handlers[op])
         self.control_handlers = {"create_table": self.on_create_table, "ring": self.on_ring,
                                  "transfer": self.on_transfer, "worker_left": self.on_worker_left,
                                  "shutdown": self.on_shutdown, "ping": self.on_ping,
@@ -146,7 +155,8 @@ class Server:
         limits = self.config.limits
         sock, self.address = bind_router(ctx, self.config.bind, limits.max_message_bytes, security=self.curve)
         self.data = RpcSocket(sock, self.node_id, limits=limits, compression=self.config.compression,
-                              handler=self.handle, router=True)
+                              handler=self.handle, router=True,
+                              identify=frozenset(DAEMON_OPS) if self.curve else False)
         # concurrent: a checkpoint waits on the control link for worker clocks, and the
         # news that a worker died must still get through meanwhile
         self.link = RpcSocket(connect_dealer(ctx, self.config.scheduler, security=self.curve), self.node_id,
@@ -376,6 +386,16 @@ class Server:
             raise
         self.timings.observe((msg.op, "ok"), time.perf_counter() - started)
         return out
+
+    @staticmethod
+    def _daemons_only(op: str, handler):
+        """``handler``, refusing (ForbiddenError) a request that did not come with the
+        server key. Only the ops of DAEMON_OPS are wrapped: push and pull pay nothing."""
+        def guarded(route: Route, msg: Message):
+            if msg.peer != ROLE_SERVER:
+                raise forbidden(op, DAEMON_OPS[op], msg.peer)
+            return handler(route, msg)
+        return guarded
 
     def _table(self, msg: Message) -> Table:
         table = self.tables.get(msg.table) if msg.table is not None else None

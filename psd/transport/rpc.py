@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Awaitable, Callable, Optional
 
 import msgpack
@@ -16,6 +17,7 @@ import zmq
 
 from psd.codec import Limits, Message, decode, encode
 from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, error_from_wire
+from psd.transport.refusals import RefusalLog
 
 log = logging.getLogger("psd.transport")
 
@@ -49,6 +51,16 @@ def raise_if_error(msg: Message) -> Message:
     return msg
 
 
+def peer_of(frame) -> str | None:
+    """The User-Id libzmq attached to a received frame (``copy=False``): the role the
+    ZAP handler gave the sender's connection. None on a plaintext connection, or on a
+    DEALER (whose peer is the CURVE server it connected to, checked by the handshake)."""
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        return None
+
+
 def _peek_header(frames, max_bytes: int) -> dict:
     """Best-effort read of a header that failed full decoding."""
     try:
@@ -69,7 +81,8 @@ class RpcSocket:
     def __init__(self, sock: zmq.Socket, node_id: str, *, limits: Limits = Limits(),
                  compression: str = "none", handler: Handler | None = None,
                  router: bool = False, concurrent: bool = False,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 identify: bool | frozenset[str] = False):
         self.sock = sock
         self.node_id = node_id
         self.limits = limits
@@ -79,6 +92,10 @@ class RpcSocket:
         #: run each request as its own task (the scheduler, whose handlers call out
         #: to other nodes); otherwise one at a time, in arrival order (servers)
         self.concurrent = concurrent
+        #: requests whose sender the handler needs (``msg.peer``, the connection's role):
+        #: True for every one, or a set of ops (the others cost one set lookup); only a
+        #: CurveZMQ ROUTER has it to read
+        self.identify = identify
         self._running: set[asyncio.Task] = set()
         #: the same socket without zmq.asyncio's wrapper: read from a loop callback
         self.raw = zmq.Socket.shadow(sock.underlying)
@@ -92,6 +109,10 @@ class RpcSocket:
         self._recheck_due = False
         self._again_due = False
         self.pending: dict[int, asyncio.Future] = {}
+        self._refusals = RefusalLog()  # rejected requests: one log line per kind a minute
+        #: on a ROUTER: request id -> the connection it went to; a reply from any other
+        #: connection is dropped (a peer guessing ids must not answer for another node)
+        self._asked: dict[int, bytes] = {}
         self.bytes_in = 0
         self.bytes_out = 0
         self.messages_in = 0
@@ -128,12 +149,19 @@ class RpcSocket:
         msg.sender = self.node_id
         fut = (self._loop or asyncio.get_running_loop()).create_future()
         self.pending[msg.id] = fut
+        if self.router:
+            self._asked[msg.id] = route
         try:
             self.send_now(msg, route)
         except Exception as err:
-            self.pending.pop(msg.id, None)
+            self.forget(msg.id)
             fut.set_exception(err)
         return fut
+
+    def forget(self, msg_id: int) -> None:
+        """Stop waiting for the reply to request ``msg_id``."""
+        self.pending.pop(msg_id, None)
+        self._asked.pop(msg_id, None)
 
     async def call(self, msg: Message, route: Route = None, timeout: float | None = 10.0) -> Message:
         fut = self.request(msg, route)
@@ -143,7 +171,7 @@ class RpcSocket:
         except asyncio.TimeoutError:
             raise PsdTimeoutError(f"no reply to {msg.op} within {timeout} s", node=self.node_id) from None
         finally:
-            self.pending.pop(msg_id, None)
+            self.forget(msg_id)
         return raise_if_error(reply)
 
     async def reply(self, route: Route, reply: Message) -> None:
@@ -257,12 +285,17 @@ class RpcSocket:
             self._reject(route, frames, ProtocolError(f"message could not be decoded: {err!r}"))
             return
         if msg.op in REPLY_OPS:
+            if self.router and not self._from_asked(msg.id, route):
+                return
             fut = self.pending.pop(msg.id, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
             return
         if self.handler is None:
             return
+        identify = self.identify
+        if identify and (identify is True or msg.op in identify):
+            msg.peer = peer_of(frames[0])
         try:
             out = self.handler(route, msg)
         except Exception as err:
@@ -283,6 +316,19 @@ class RpcSocket:
                 self._loop.remove_reader(self._fd)
             task.add_done_callback(self._resume)
 
+    def _from_asked(self, msg_id, route: Route) -> bool:
+        """A reply on a ROUTER: True if it came from the connection its request went to
+        (and then forget that request's route)."""
+        asked = self._asked.get(msg_id, False) if isinstance(msg_id, int) else False
+        if asked is False:
+            return True  # no such request (any more): nothing to resolve
+        if asked != route:
+            log.warning("%s: dropped a reply to request %d from a connection the request was not sent to",
+                        self.node_id, msg_id)
+            return False
+        del self._asked[msg_id]
+        return True
+
     def _resume(self, _task) -> None:
         self._paused = False
         if self._fd is not None and not self._closed:
@@ -300,7 +346,10 @@ class RpcSocket:
 
     def _answer_error(self, route: Route, msg: Message, err: Exception) -> None:
         if isinstance(err, PsdError):
-            log.warning("%s: %s from %s rejected: %s", self.node_id, msg.op, msg.sender or "?", err.message)
+            repeats = self._refusals.note(f"{msg.sender}/{msg.op}/{err.code}", time.monotonic())
+            if repeats is not None:  # one line per sender, op and error; repeats are counted
+                log.warning("%s: %s from %s rejected: %s%s", self.node_id, msg.op, msg.sender or "?", err.message,
+                            f" ({repeats} more like it not logged)" if repeats else "")
         else:  # a bug on our side: answer, log, keep serving
             log.error("%s: %s from %s failed", self.node_id, msg.op, msg.sender or "?", exc_info=err)
             err = RemoteError(f"internal error handling {msg.op}: {err!r}")
@@ -316,7 +365,10 @@ class RpcSocket:
 
     def _reject(self, route: Route, frames, err: PsdError) -> None:
         """Answer an undecodable message with an error naming the problem."""
-        log.warning("%s: dropped a malformed message: %s", self.node_id, err.message)
+        repeats = self._refusals.note(f"malformed/{route!r}/{err.code}", time.monotonic())
+        if repeats is not None:
+            log.warning("%s: dropped a malformed message: %s%s", self.node_id, err.message,
+                        f" ({repeats} more like it not logged)" if repeats else "")
         if self.router and route is None:
             return
         stub = Message(op="?", id=0)
@@ -324,6 +376,8 @@ class RpcSocket:
         if head.get("op") in REPLY_OPS:
             # never answer a reply (two confused peers would echo errors forever), but fail
             # the request it answers now instead of letting it time out
+            if self.router and not self._from_asked(head.get("id"), route):
+                return
             fut = self.pending.pop(head.get("id"), None) if isinstance(head.get("id"), int) else None
             if fut is not None and not fut.done():
                 fut.set_exception(err)
@@ -337,6 +391,7 @@ class RpcSocket:
             if not fut.done():
                 fut.set_exception(err)
         self.pending.clear()
+        self._asked.clear()
 
     def close(self) -> None:
         """Stop reading and close the socket (pending requests are failed by the caller;

@@ -14,7 +14,9 @@ Files are ZeroMQ's ZPL certificates (``zmq.auth.load_certificate`` reads them);
 secret files are mode 0600.
 
 Bound ROUTERs are CURVE servers; a ZAP handler (RFC 27) on the daemon's context admits
-only keys of the allow-list. Connecting DEALERs are CURVE clients with their own pair
+only keys of the allow-list, and gives each connection its key's role as User-Id
+(``server`` or ``client:NAME``), which the daemons check before the ops only daemons
+send (:func:`forbidden` builds the refusal). Connecting DEALERs are CURVE clients with their own pair
 and the server's public key. A refused peer gets nothing, not even an error reply; the
 daemon logs one line per refused key (repeats are counted, not logged). A client sees
 the refusal through a socket monitor while it registers (:class:`HandshakeWatch`) and
@@ -29,7 +31,6 @@ import os
 import re
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,8 @@ import zmq.asyncio
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
-from psd.errors import AuthError, PsdError
+from psd.errors import AuthError, ForbiddenError, PsdError
+from psd.transport.refusals import RefusalLog
 
 log = logging.getLogger("psd.security")
 
@@ -48,6 +50,12 @@ AUTHORIZED = "authorized"
 PUBLIC, SECRET = ".key", ".key_secret"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"psd"
+#: the role the ZAP handler gives an admitted connection, as its User-Id (RFC 27), which
+#: libzmq attaches to every message of that connection: the daemons' key is "server"
+#: (told by the key itself, not by its file name); a client key is "client:" + the name
+#: of its file in authorized/. Daemons check it before ops only daemons send.
+ROLE_SERVER = SERVER
+ROLE_CLIENT = "client:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -264,28 +272,23 @@ def apply_client(sock: zmq.Socket, curve: Curve) -> None:
     sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
 
 
-# -- refusals: one line per refused key ------------------------------------------------------
-class RefusalLog:
-    """Decides which refusals get a log line: the first of each key (or kind), then at
-    most one per ``window`` seconds per key, counting the ones not logged. Remembers at
-    most ``size`` keys (the oldest are forgotten). Pure: the caller passes the time."""
+# -- authorization by key role ----------------------------------------------------------------
+def describe_role(peer: str | None) -> str:
+    """A connection's role (``Message.peer``) as a message names it."""
+    if peer == ROLE_SERVER:
+        return "the server key"
+    if peer and peer.startswith(ROLE_CLIENT):
+        return f"client key {peer[len(ROLE_CLIENT):]!r}"
+    return "no known key"
 
-    def __init__(self, window: float = 60.0, size: int = 1024):
-        self.window, self.size = window, size
-        self._seen: OrderedDict[str, list] = OrderedDict()  # key -> [last logged at, repeats since]
 
-    def note(self, key: str, now: float) -> int | None:
-        """None: do not log; else the number of repeats not logged since the last line."""
-        entry = self._seen.get(key)
-        if entry is not None and now - entry[0] < self.window:
-            entry[1] += 1
-            return None
-        repeats = entry[1] if entry else 0
-        self._seen[key] = [now, 0]
-        self._seen.move_to_end(key)
-        while len(self._seen) > self.size:
-            self._seen.popitem(last=False)
-        return repeats
+def forbidden(op: str, what: str, peer: str | None, needs: str = ROLE_SERVER) -> ForbiddenError:
+    """The refusal of a request whose key may not do ``what``; ``needs``: the role that
+    may (``server``), or a phrase naming the key that may."""
+    wanted = ("the server key (only the scheduler and the servers send it)" if needs == ROLE_SERVER
+              else needs)
+    return ForbiddenError(f"{what} needs {wanted}; this request came with {describe_role(peer)}. "
+                          f"Nothing was changed", op=op, needs=needs if needs == ROLE_SERVER else "registrant")
 
 
 class AllowList:
@@ -317,12 +320,15 @@ class AllowList:
 
 class Authenticator:
     """The ZAP handler of one daemon's context: admits CURVE clients whose public key is
-    in the allow-list, and logs refusals (its own and those the sockets' monitors see)."""
+    in the allow-list, with their role as User-Id (``server`` for the daemons' own key,
+    ``client:NAME`` for ``authorized/NAME.key``), and logs refusals (its own and those
+    the sockets' monitors see)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, curve: Curve):
         self.ctx = ctx
         self.curve = curve
         self.allow = AllowList(curve.authorized)
+        self._server_key = z85.decode(curve.public)  # raw 32 bytes, as ZAP names the peer's key
         self.refusals = RefusalLog()
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -356,7 +362,8 @@ class Authenticator:
             name = self.allow.load().get(creds[0])
         if name is not None:
             self.admitted += 1
-            return [route, b"", version, request_id, b"200", b"OK", name.encode(), b""]
+            role = ROLE_SERVER if creds[0] == self._server_key else ROLE_CLIENT + name
+            return [route, b"", version, request_id, b"200", b"OK", role.encode(), b""]
         self.refused += 1
         key = z85.encode(creds[0]).decode() if creds and len(creds[0]) == 32 else f"<{mechanism.decode('ascii', 'replace')}>"
         self.note(f"key {key[:12]}", f"refused client key {key[:12]}... from {address.decode('ascii', 'replace') or '?'}"
