@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import KEY_SPACE_END, Range, bounds, check_sorted_unique, range_from_wire, range_to_wire
+from psd.cluster.ranges import Range, bounds, range_from_wire, range_to_wire
 from psd.cluster.ring import overlay
 from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
-from psd.errors import (BadRequestError, KeysError, LimitError, MessageTooLargeError, NotOwnerError, ProtocolError,
+from psd.errors import (BadRequestError, LimitError, MessageTooLargeError, NotOwnerError, ProtocolError,
                         PsdTimeoutError, TableMismatchError, UnknownTableError)
 from psd.roles.consistency import Gate, Policy, Setting
 from psd.roles.peers import Peers
+from psd.roles.range_copy import copy_ids, copy_range, copy_rows, id_pieces
 from psd.roles.seen import Covered, Seen
 from psd.store import Table, TableSpec
 from psd.store.table import Usage
@@ -61,48 +62,6 @@ def _request_id(value, what: str) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_RID:
         raise ProtocolError(f"{what} must be nil or a request id, an integer in [0, 2**64); got {value!r:.60}")
     return value
-
-
-def _install_range(w) -> Range:
-    """``meta.range`` of an install: [begin, last] with 0 <= begin <= last < 2**64."""
-    if (not isinstance(w, list) or len(w) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in w)
-            or not 0 <= w[0] <= w[1] < KEY_SPACE_END):
-        raise ProtocolError(f"install: meta.range must be [begin, last] with 0 <= begin <= last < 2**64; got {w!r:.80}")
-    return Range(w[0], w[1] + 1)
-
-
-def _install_rows(msg: Message, table: Table, r: Range) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The keys, values and updater state of a range copy, checked whole before any of it
-    is stored (a half-checked copy could leave the table unsorted or half-written)."""
-    fields = msg.meta.get("state_fields", [])
-    if (not isinstance(fields, list) or not all(isinstance(f, str) and f in table.state for f in fields)
-            or len(set(fields)) != len(fields)):
-        raise ProtocolError(f"install: meta.state_fields must name distinct state fields of table "
-                            f"{table.spec.name!r} ({sorted(table.state)}); got {fields!r:.80}")
-    if len(msg.arrays) != 2 + len(fields):
-        raise ProtocolError(f"install: expected keys, values and {len(fields)} state frame(s), "
-                            f"got {len(msg.arrays)} frame(s)")
-    keys, vals, *state = msg.arrays
-    if keys.dtype != np.uint64 or keys.ndim != 1:
-        raise KeysError(f"install: keys must be 1-d uint64, got {keys.dtype.name} with shape {keys.shape}")
-    check_sorted_unique(keys)
-    if keys.size and (int(keys[0]) < r.begin or int(keys[-1]) >= r.end):
-        raise KeysError(f"install: keys [{int(keys[0])}, {int(keys[-1])}] fall outside the range {r}")
-    vals = table.check_values(vals, keys.size)
-    return keys, vals, {f: table.check_values(a, keys.size) for f, a in zip(fields, state)}
-
-
-def _install_ids(msg: Message) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The request ids a range copy carries: senders, how many ids each, the ids."""
-    senders = msg.meta.get("senders", [])
-    if len(msg.arrays) != 2 or not isinstance(senders, list) or not all(isinstance(s, str) for s in senders):
-        raise ProtocolError("install: the final message carries meta.senders (names) and two frames, counts and ids")
-    counts, rids = msg.arrays
-    if (counts.dtype != np.uint64 or rids.dtype != np.uint64 or counts.ndim != 1 or rids.ndim != 1
-            or counts.size != len(senders) or (counts > rids.size).any()  # the sum must not wrap around
-            or int(counts.sum()) != rids.size):
-        raise ProtocolError("install: counts must be uint64[len(senders)] summing to the length of the uint64 ids")
-    return senders, counts, rids
 
 
 class Server:
@@ -691,20 +650,33 @@ class Server:
         r = range_from_wire(msg.meta["range"])
         dst, address = msg.meta["dst"], msg.meta["address"]
         peer = self.peers.get(dst, address)
+        # every message of the copy is at most half of max_message_bytes of frames (and
+        # holds at least one row), so a range of any size can move; all are taken and
+        # queued in this one step, in order, on the connection our forwards use
+        budget = max(1, self.config.limits.max_message_bytes // 2)
         sends = []
         for name, table in self.tables.items():
             keys, vals, state = table.snapshot(r.begin, r.end)
             meta = {"range": range_to_wire(r), "state_fields": list(state)}
-            sends.append(peer.request(Message("install", table=name, ring=self.ring.version, meta=meta,
-                                              arrays=[keys, vals, *state.values()])))
-        senders, counts, rids = self._seen_for_copy(r)  # last: marks the range complete
-        sends.append(peer.request(Message("install", ring=self.ring.version, arrays=[counts, rids],
-                                          meta={"range": range_to_wire(r), "final": True, "senders": senders})))
+            row_bytes = keys.itemsize + vals.itemsize * table.width * (1 + len(state))
+            step = max(1, budget // row_bytes)
+            for i in range(0, max(keys.size, 1), step):  # an empty range still sends one
+                sends.append(peer.request(Message(
+                    "install", table=name, ring=self.ring.version, meta=meta,
+                    arrays=[keys[i:i + step], vals[i:i + step], *(a[i:i + step] for a in state.values())])))
+        # last: the ids the copy carries, the last message marks the range complete
+        pieces = id_pieces(*self._seen_for_copy(r), budget)
+        for j, (senders, counts, rids) in enumerate(pieces):
+            meta = {"range": range_to_wire(r), "senders": senders}
+            if j == len(pieces) - 1:
+                meta["final"] = True
+            sends.append(peer.request(Message("install", ring=self.ring.version, arrays=[counts, rids], meta=meta)))
         replies = await asyncio.wait_for(asyncio.gather(*sends), self.config.request_timeout)
         for reply in replies:
             if reply.op == "error":
                 raise BadRequestError(f"{dst} refused the copy of {r}: {reply.meta.get('message')}")
-        log.info("%s copied %s to %s (%d table(s))", self.node_id, r, dst, len(self.tables))
+        log.info("%s copied %s to %s (%d table(s), %d message(s))", self.node_id, r, dst, len(self.tables),
+                 len(sends))
         return msg.reply()
 
     def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -720,14 +692,21 @@ class Server:
         return both.to_arrays()
 
     def on_install(self, route: Route, msg: Message) -> Message:
-        r = _install_range(msg.meta.get("range"))
-        if msg.table is not None and (msg.table in self.tables or msg.table not in self.dropped):
-            # never refused for memory: the ring moves this range here whatever we answer,
-            # so a refusal would lose it; over the limit, new keys are refused instead
-            table = self._table(msg)
-            table.install(*_install_rows(msg, table, r))  # checked whole before anything changes
+        r = copy_range(msg.meta.get("range"))
+        if msg.table is not None:
+            if msg.table in self.tables or msg.table not in self.dropped:
+                # never refused for memory: the ring moves this range here whatever we answer,
+                # so a refusal would lose it; over the limit, new keys are refused instead.
+                # A chunk of the copy: rows are upserted, so chunks add up to the whole range
+                table = self._table(msg)
+                table.install(*copy_rows(msg, table, r))  # checked whole before anything changes
+            return msg.reply()
+        if "senders" not in msg.meta and not msg.meta.get("final"):
+            return msg.reply()  # neither rows nor ids: nothing to do
+        # the ids the copy carries (in one or more messages, the last one final); they count
+        # only for rows in ``r``, which we neither lead nor apply forwards for until the final one
+        self.covered.note_copy(r, *copy_ids(msg))
         if msg.meta.get("final"):
-            self.covered.note_copy(r, *_install_ids(msg))
             self.incoming = [x for x in self.incoming if x != r]
             log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
             self._warn_over_limit(f"taking {r}")
