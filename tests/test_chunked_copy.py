@@ -201,3 +201,20 @@ def test_copy_ids_in_several_messages_count_for_the_range_only(raw_dealer):
         replicate("Wx", 1, 10)              # in the refused message only: applied
         replicate("Wx", 8, 10)              # never seen: applied
         assert t.pull(u8(10, 5000)).ravel().tolist() == [2, 1]
+
+
+def test_a_copy_respects_max_keys_as_well_as_max_message_bytes():
+    """Chunks are cut to the receiver's limits.max_keys too: a chunk of more rows than
+    that is refused whatever its bytes, and the range would be lost."""
+    n = 20000
+    keys = np.arange(n, dtype=np.uint64) * np.uint64(2**64 // n)  # spread over the key space
+    with psd.LocalCluster(servers=1, vnodes=2, limits={"max_keys": 2000}) as cluster:
+        with psd.connect(cluster) as kv:
+            t = kv.table("cc_keys", dtype="int64")
+            for i in range(0, n, 1000):
+                kv.wait(t.push(keys[i:i + 1000], np.arange(i, i + 1000, dtype=np.int64)))
+            cluster.add_server()
+            wait_until(cluster, lambda st: not st["ring_changing"]
+                       and {o for r in st["ranges"] for o in r["owners"]} == {"S0", "S1"}, "the join to settle")
+            got = np.concatenate([t.pull(keys[i:i + 1000]).ravel() for i in range(0, n, 1000)])
+            np.testing.assert_array_equal(got, np.arange(n))

@@ -61,10 +61,12 @@ def copy_ids(msg: Message) -> tuple[list[str], np.ndarray, np.ndarray]:
 ID_PIECE_SENDERS = 256
 
 
-def id_pieces(senders: list[str], counts: np.ndarray, rids: np.ndarray,
-               budget: int) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+def id_pieces(senders: list[str], counts: np.ndarray, rids: np.ndarray, budget: int,
+              max_ids: int | None = None) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
     """Cut the (senders, counts, rids) frames of a copy's ids into pieces of at most
-    ``budget`` bytes of frames (at least one id each; one empty piece if there are none)."""
+    ``budget`` bytes of frames and at most ``max_ids`` ids (the receiver's max_keys
+    bounds every frame's length), at least one id each; one empty piece if there are none."""
+    cap = max_ids if max_ids is not None else rids.size + 1
     out, cur_s, cur_c, cur_r = [], [], [], []
     size = 0
     start = 0
@@ -72,10 +74,11 @@ def id_pieces(senders: list[str], counts: np.ndarray, rids: np.ndarray,
         ids = rids[start:start + n]
         start += n
         while ids.size:
-            if cur_s and (size + 16 > budget or len(cur_s) >= ID_PIECE_SENDERS):
+            held = sum(cur_c)
+            if cur_s and (size + 16 > budget or len(cur_s) >= ID_PIECE_SENDERS or held >= cap):
                 out.append((cur_s, np.array(cur_c, dtype=np.uint64), np.concatenate(cur_r)))
-                cur_s, cur_c, cur_r, size = [], [], [], 0
-            take = max(1, min(ids.size, (budget - size - 8) // 8))
+                cur_s, cur_c, cur_r, size, held = [], [], [], 0, 0
+            take = max(1, min(ids.size, (budget - size - 8) // 8, cap - held))
             cur_s.append(sender)
             cur_c.append(take)
             cur_r.append(ids[:take])

@@ -110,6 +110,9 @@ class RingChanges:
             done, _ = await asyncio.wait({fut}, timeout=TRANSFER_TICK)
             if done:
                 reply = fut.result()
+                if reply.op != "ok":  # the reason, which the source logs only once a minute per kind
+                    log.warning("copying %s from %s to %s failed: %s", t.range, t.src, t.dst,
+                                reply.meta.get("message"))
                 return reply.op == "ok"
             alive: Callable[[str], bool] = lambda n: n in s.liveness.live("server")
             if not (alive(t.src) and alive(t.dst)):

@@ -659,20 +659,22 @@ class Server:
             keys, vals, state = table.snapshot(r.begin, r.end)
             meta = {"range": range_to_wire(r), "state_fields": list(state)}
             row_bytes = keys.itemsize + vals.itemsize * table.width * (1 + len(state))
-            step = max(1, budget // row_bytes)
+            step = max(1, min(budget // row_bytes, self.config.limits.max_keys))  # frames: <= max_keys rows
             for i in range(0, max(keys.size, 1), step):  # an empty range still sends one
                 sends.append(peer.request(Message(
                     "install", table=name, ring=self.ring.version, meta=meta,
                     arrays=[keys[i:i + step], vals[i:i + step], *(a[i:i + step] for a in state.values())])))
         # last: the ids the copy carries, the last message marks the range complete
-        pieces = id_pieces(*self._seen_for_copy(r), budget)
+        pieces = id_pieces(*self._seen_for_copy(r), budget, self.config.limits.max_keys)
         for j, (senders, counts, rids) in enumerate(pieces):
             meta = {"range": range_to_wire(r), "senders": senders}
             if j == len(pieces) - 1:
                 meta["final"] = True
             sends.append(peer.request(Message("install", ring=self.ring.version, arrays=[counts, rids], meta=meta)))
-        replies = await asyncio.wait_for(asyncio.gather(*sends), self.config.request_timeout)
-        for reply in replies:
+        # answers come in order: a copy may take as long as it needs while it progresses,
+        # but each message must be answered within request_timeout of the one before
+        for send in sends:
+            reply = await asyncio.wait_for(send, self.config.request_timeout)
             if reply.op == "error":
                 raise BadRequestError(f"{dst} refused the copy of {r}: {reply.meta.get('message')}")
         log.info("%s copied %s to %s (%d table(s), %d message(s))", self.node_id, r, dst, len(self.tables),

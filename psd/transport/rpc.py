@@ -346,7 +346,9 @@ class RpcSocket:
 
     def _answer_error(self, route: Route, msg: Message, err: Exception) -> None:
         if isinstance(err, PsdError):
-            repeats = self._refusals.note(f"{msg.sender}/{msg.op}/{err.code}", time.monotonic())
+            # keyed by connection where there is one: a sender's name is its own claim
+            who = route if route is not None else msg.sender
+            repeats = self._refusals.note(f"{who!r}/{msg.op}/{err.code}", time.monotonic())
             if repeats is not None:  # one line per sender, op and error; repeats are counted
                 log.warning("%s: %s from %s rejected: %s%s", self.node_id, msg.op, msg.sender or "?", err.message,
                             f" ({repeats} more like it not logged)" if repeats else "")
