@@ -25,10 +25,11 @@ def _pair(ctx: zmq.asyncio.Context) -> tuple[zmq.Socket, zmq.Socket]:
     return router, dealer
 
 
-def _replies(dealer: zmq.Socket, n: int, timeout: float) -> int:
+def _replies(dealer: zmq.Socket, n: int, timeout: float, op: str = "ok") -> int:
+    """How many of ``n`` answers (each must be ``op``) came within ``timeout``."""
     got, deadline = 0, time.monotonic() + timeout
     while got < n and dealer.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-        assert decode(dealer.recv_multipart()).op == "ok"
+        assert decode(dealer.recv_multipart()).op == op
         got += 1
     return got
 
@@ -128,7 +129,7 @@ async def test_repeated_rejections_are_logged_once_then_counted(caplog):
             for i in range(50):
                 dealer.send_multipart(encode(Message("bogus", id=i + 1, sender="W-test")))
             dealer.send_multipart(encode(Message("other", id=99, sender="W-test")))
-            replies = await asyncio.get_running_loop().run_in_executor(None, _errors, dealer, 51, 10.0)
+            replies = await asyncio.get_running_loop().run_in_executor(None, _replies, dealer, 51, 10.0, "error")
         assert replies == 51  # every one was answered
         lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
         assert len(lines) == 2, lines  # one for "bogus", one for "other"
@@ -137,11 +138,3 @@ async def test_repeated_rejections_are_logged_once_then_counted(caplog):
         rpc.close()
         dealer.close(0)
         ctx.term()
-
-
-def _errors(dealer: zmq.Socket, n: int, timeout: float) -> int:
-    got, deadline = 0, time.monotonic() + timeout
-    while got < n and dealer.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-        assert decode(dealer.recv_multipart()).op == "error"
-        got += 1
-    return got
