@@ -139,9 +139,6 @@ class RpcSocket:
         finally:
             self._recheck()
 
-    async def send(self, msg: Message, route: Route = None) -> None:
-        self.send_now(msg, route)
-
     def request(self, msg: Message, route: Route = None) -> asyncio.Future:
         """Send ``msg`` with a fresh id; the returned future gets the reply (or the send
         error)."""
@@ -173,9 +170,6 @@ class RpcSocket:
         finally:
             self.forget(msg_id)
         return raise_if_error(reply)
-
-    async def reply(self, route: Route, reply: Message) -> None:
-        self.reply_now(route, reply)
 
     def reply_now(self, route: Route, reply: Message) -> None:
         """Answer from plain code (a held request released by a later event). After
