@@ -110,6 +110,21 @@ def test_refusal_log_is_rate_limited():
 
 
 # -- configuration: daemons need keys -----------------------------------------------------------
+def test_a_daemon_refuses_a_secret_key_others_can_read(tmp_path):
+    folder = tmp_path / "keys"
+    security.keygen(folder)
+    secret = folder / "server.key_secret"
+    security.load_daemon(folder)  # 0600 as written
+    secret.chmod(0o640)
+    security.load_daemon(folder)  # a service group may read it
+    for mode in (0o644, 0o660, 0o604):
+        secret.chmod(mode)
+        with pytest.raises(psd.AuthError, match=f"mode {mode:04o}.*chmod 600"):
+            security.load_daemon(folder)
+    out = psd_cli("scheduler", "--bind", "tcp://127.0.0.1:0", "--keys", str(folder))
+    assert out.returncode == 2 and "chmod 600" in out.stderr, out.stderr
+
+
 def test_daemons_without_usable_keys_exit_2_naming_the_key(tmp_path):
     nobody = "tcp://127.0.0.1:1"
     missing = psd_cli("scheduler", "--bind", "tcp://127.0.0.1:0")

@@ -174,6 +174,10 @@ def load_daemon(folder: str | Path) -> Curve:
     if not secret_file.exists():
         raise AuthError(f"{folder} has no {SERVER}{SECRET} (the daemons' key pair); "
                         f"create the keys with `psd keygen {folder}`")
+    mode = secret_file.stat().st_mode & 0o777
+    if mode & 0o027:  # like ssh: a secret others can read (or the group can change) is no secret
+        raise AuthError(f"{secret_file} is readable or writable by others (mode {mode:04o}); the daemons' "
+                        f"secret key must be private: chmod 600 (or 640 for a service group) {secret_file}")
     public, secret = _read_cert(secret_file)
     if secret is None:
         raise AuthError(f"{secret_file} holds no secret key")
