@@ -12,7 +12,6 @@ import pytest
 
 import psd
 from psd.client import admin
-from psd.local import daemon_argv
 
 HERE = Path(__file__).parent
 
