@@ -52,6 +52,11 @@ class ClusterConfig:
     #: points per server on the consistent-hashing ring
     vnodes: int = 16
     request_timeout: float = 30.0
+    #: microseconds a blocking client call spins, checking for its reply, before it sleeps
+    #: (0: sleep at once). Waking a sleeping thread costs tens of microseconds, a good part
+    #: of a small pull's round trip; spinning costs a core meanwhile, so leave it 0 when
+    #: workers share cores with servers (docs/operations.md, "Latency")
+    busy_poll_us: int = 0
     #: seconds a daemon may take to bind and join the cluster before it exits with code 3
     startup_timeout: float = 60.0
     compression: str = "none"
@@ -190,6 +195,8 @@ RULES: dict[str, Rule] = {
     "replication": _positive_int(),
     "vnodes": _positive_int(),
     "request_timeout": _positive_seconds(),
+    "busy_poll_us": Rule(lambda v: _integer(v) and 0 <= v <= 1_000_000, "an integer number of microseconds "
+                         "from 0 (sleep at once) to 1000000", _text_int),
     "startup_timeout": _positive_seconds(),
     "compression": _choice("none", "zstd"),
     "consistency": _choice("sequential", "bounded", "eventual"),

@@ -18,6 +18,11 @@ from psd.store.table import TableSpec
 _rids = itertools.count(1)
 
 
+def next_rid() -> int:
+    """A fresh request id (exactly-once is per sender and rid)."""
+    return next(_rids)
+
+
 @dataclass
 class Part:
     """The piece of a request bound for one server: the request's rows in ``slices``."""

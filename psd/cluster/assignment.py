@@ -31,6 +31,12 @@ class Assignment:
             return None
         return np.array([x.begin for x in r[1:]], dtype=np.uint64)
 
+    @cached_property
+    def inner_begin_list(self) -> list[int] | None:
+        """``inner_begins`` as Python ints: a bisect for one key beats numpy's search."""
+        inner = self.inner_begins
+        return None if inner is None else inner.tolist()
+
     def ranges_of(self, node: str) -> list[Range]:
         return [r for r, o in zip(self.ranges, self.owners) if node in o]
 

@@ -131,6 +131,8 @@ class RangeClocks:
             raise ValueError(f"pull {request_id!r} is already held")
         if worker not in self._joined:
             self.join(worker)
+        if self._tau is None:  # eventual: never held
+            return True
         pull = _Pull(worker, clock, None if ranges is None else tuple(ranges))
         if self._may_run(pull, {}):
             return True

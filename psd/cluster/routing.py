@@ -5,6 +5,7 @@ and the server checks (and forwards to replicas) by the same groups.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Sequence
 
 import numpy as np
@@ -28,8 +29,9 @@ def group_keys(ring: Assignment, keys: np.ndarray) -> list[tuple[Owners, Slices]
     n = keys.size
     if n == 0 or not ring.ranges:
         return []
-    first = int(inner.searchsorted(keys[0], side="right"))
-    if first == int(inner.searchsorted(keys[-1], side="right")):  # all in one range
+    begins = ring.inner_begin_list
+    first = bisect_right(begins, int(keys[0]))
+    if first == bisect_right(begins, int(keys[-1])):  # all in one range
         return [(ring.owners[first], [(0, n)])]
     edges = np.empty(len(ring.ranges) + 1, dtype=np.int64)
     edges[0], edges[-1] = 0, n

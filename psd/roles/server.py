@@ -27,6 +27,7 @@ from psd.config import ClusterConfig
 from psd.errors import (BadRequestError, LimitError, MessageTooLargeError, NotOwnerError, ProtocolError,
                         PsdTimeoutError, TableMismatchError, UnknownTableError)
 from psd.roles.consistency import Gate, Policy, Setting
+from psd.roles.fast_pull import FastPull
 from psd.roles.peers import Peers
 from psd.roles.range_copy import copy_ids, copy_range, copy_rows, id_pieces
 from psd.roles.seen import Covered, Seen
@@ -114,7 +115,8 @@ class Server:
         limits = self.config.limits
         sock, self.address = bind_router(ctx, self.config.bind, limits.max_message_bytes, security=self.curve)
         self.data = RpcSocket(sock, self.node_id, limits=limits, compression=self.config.compression,
-                              handler=self.handle, router=True,
+                              handler=self.handle, router=True, fast=FastPull(self),
+                              busy_poll=self.config.busy_poll_us * 1e-6,
                               identify=frozenset(DAEMON_OPS) if self.curve else False)
         # concurrent: a checkpoint waits on the control link for worker clocks, and the
         # news that a worker died must still get through meanwhile

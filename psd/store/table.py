@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -50,6 +51,9 @@ def check_namespace(namespace) -> str:
                               f"got {namespace!r}")
     return namespace
 
+
+#: pulls of fewer keys than this take the direct lookup (Table.pull)
+SMALL_PULL = 64
 
 class Usage:
     """Bytes of table storage one server holds, shared by its tables, so that checking
@@ -90,7 +94,7 @@ class TableSpec:
                                   f"got {delay!r}")
         return self
 
-    @property
+    @cached_property  # (asked on every request; a spec never changes)
     def consistency_override(self) -> dict:
         """The table's own consistency setting, if it has one."""
         return {k: self.options[k] for k in ("consistency", "max_delay") if k in self.options}
@@ -238,6 +242,16 @@ class Table:
         self.updater.apply(self.vals, self.state, sel, values)
 
     def pull(self, keys: np.ndarray) -> np.ndarray:
+        n = self.keys.size
+        if 0 < keys.size < SMALL_PULL and n:
+            # a few keys: one search and one gather beat the slice and run detection
+            idx = self.keys.searchsorted(keys)
+            found = self.keys.take(idx, mode="clip") == keys
+            if np.count_nonzero(found) == keys.size:
+                return self.vals.take(idx, axis=0)
+            out = np.zeros((keys.size, self.width), dtype=self.dtype)
+            out[found] = self.vals.take(idx[found], axis=0)
+            return out
         sel, present = self._selector(keys, create=False)
         if present is None:
             return self._lend(self.vals[sel]) if isinstance(sel, slice) else self.vals[sel]

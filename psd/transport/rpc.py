@@ -14,6 +14,7 @@ from typing import Awaitable, Callable, Optional
 
 import msgpack
 import zmq
+from zmq.backend import Socket as _Backend
 
 from psd.codec import Limits, Message, decode, encode
 from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, error_from_wire
@@ -23,14 +24,50 @@ log = logging.getLogger("psd.transport")
 
 Route = Optional[bytes]  # ROUTER identity of the peer; None on a DEALER
 Handler = Callable[[Route, Message], Awaitable[Optional[Message]]]
+#: answers some requests from their raw frames, before decoding (True), or leaves
+#: them to the handler untouched (False): psd/roles/fast_pull.py
+FastHandler = Callable[[Route, list], bool]
 
 REPLY_OPS = ("ok", "error")
 #: messages one pass of ``drain`` handles before the loop runs its other work (timers,
 #: heartbeats, acks of forwards): a server under closed-loop load never finds its queue
 #: empty, and must not starve its own heartbeats
 DRAIN_BATCH = 64
-#: messages smaller than this are copied into ZeroMQ rather than lent (measured faster)
+#: frames smaller than this are copied into ZeroMQ rather than lent (measured faster)
 ZERO_COPY_BYTES = 64 * 1024
+
+# The small-message path calls pyzmq's compiled socket methods with plain int flags:
+# its Python layer (send_multipart, recv_multipart, getsockopt with enum options) cost
+# about 15 us of a 10-key pull's server time (scripts/bench_pushpull.py, small pull)
+_send, _recv, _get = _Backend.send, _Backend.recv, _Backend.get
+_NOBLOCK, _SNDMORE, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """A message waits on ``sock`` (ZMQ_EVENTS: also processes its pending commands)."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)
+
+
+def send_frames(sock: zmq.Socket, frames: list) -> None:
+    """Send a multipart message without blocking (raises zmq.Again when the queue is
+    full). Frames of ``ZERO_COPY_BYTES`` or more are lent to ZeroMQ, not copied."""
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        big = (len(f) if isinstance(f, bytes) else f.nbytes) >= ZERO_COPY_BYTES
+        _send(sock, f, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, not big)
+
+
+def recv_frames(sock: zmq.Socket, copied: int) -> list:
+    """Receive one multipart message without blocking: its first ``copied`` frames as
+    bytes (identity and header: small, and read at once), the rest as zmq.Frame, so a
+    payload is never copied (``np.frombuffer`` reads it in place)."""
+    parts = [_recv(sock, _NOBLOCK, copied > 0)]
+    i = 1
+    while _get(sock, _RCVMORE):
+        parts.append(_recv(sock, _NOBLOCK, i < copied))
+        i += 1
+    return parts
 
 
 def is_reply(msg: Message) -> bool:
@@ -64,7 +101,7 @@ def peer_of(frame) -> str | None:
 def _peek_header(frames, max_bytes: int) -> dict:
     """Best-effort read of a header that failed full decoding."""
     try:
-        buf = frames[0].buffer if frames else b""
+        buf = getattr(frames[0], "buffer", frames[0]) if frames else b""
         if len(buf) > max_bytes:
             return {}
         head = msgpack.unpackb(buf, raw=False)
@@ -82,7 +119,8 @@ class RpcSocket:
                  compression: str = "none", handler: Handler | None = None,
                  router: bool = False, concurrent: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 identify: bool | frozenset[str] = False):
+                 identify: bool | frozenset[str] = False, fast: FastHandler | None = None,
+                 busy_poll: float = 0.0):
         self.sock = sock
         self.node_id = node_id
         self.limits = limits
@@ -96,6 +134,10 @@ class RpcSocket:
         #: True for every one, or a set of ops (the others cost one set lookup); only a
         #: CurveZMQ ROUTER has it to read
         self.identify = identify
+        self.fast = fast
+        #: seconds to keep checking for the next message after handling one, before
+        #: the loop may sleep (config busy_poll_us); 0: sleep at once
+        self.busy_poll = busy_poll
         self._running: set[asyncio.Task] = set()
         #: the same socket without zmq.asyncio's wrapper: read from a loop callback
         self.raw = zmq.Socket.shadow(sock.underlying)
@@ -124,16 +166,20 @@ class RpcSocket:
         never waits, and messages on one socket leave in call order."""
         if self._closed:
             raise PsdError(f"{self.node_id}: the connection is closed")
-        frames = encode(msg, self.compression)
-        size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
-        self.bytes_out += size
+        self._put(route, encode(msg, self.compression))
+
+    def send_raw(self, route: Route, frames: list) -> None:
+        """Send frames already encoded (a fast handler's reply); dropped after ``close``."""
+        if not self._closed:
+            self._put(route, frames)
+
+    def _put(self, route: Route, frames: list) -> None:
+        self.bytes_out += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         self.messages_out += 1
         if self.router:
             frames = [route, *frames]
         try:
-            # zero-copy only pays for large payloads: pyzmq wraps each buffer in a Frame
-            # whose release goes through its garbage-collector thread
-            self.raw.send_multipart(frames, zmq.NOBLOCK, copy=size < ZERO_COPY_BYTES)
+            send_frames(self.raw, frames)
         except zmq.Again:
             raise PsdError(f"{self.node_id}: the send queue is full; the peer is not reading") from None
         finally:
@@ -213,14 +259,17 @@ class RpcSocket:
             return
         self._draining = True  # sends in here need no re-check: the pass reads on
         raw = self.raw
+        # identity and header come as bytes, unless the handler reads the sender's role
+        # from the header frame (User-Id is a property of a zmq.Frame)
+        copied = (1 if self.router else 0) + (0 if self.identify else 1)
         try:
-            for _ in range(DRAIN_BATCH):
+            for handled in range(DRAIN_BATCH):
                 try:
                     # ZMQ_EVENTS, not a NOBLOCK recv that ends in EAGAIN: as cheap, and
                     # no exception to build each time the queue runs dry
-                    if not raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if not _get(raw, _EVENTS) & _POLLIN and not (handled and self.busy_poll and self._spin()):
                         return
-                    frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = recv_frames(raw, copied)
                 except zmq.ZMQError as err:
                     if err.errno not in (zmq.ENOTSOCK, zmq.ETERM):  # not merely closed under us
                         log.error("%s: reading the socket failed: %s", self.node_id, err)
@@ -234,6 +283,16 @@ class RpcSocket:
             self._drain_soon()  # more may wait, and the descriptor will not say so again
         finally:
             self._draining = False
+
+    def _spin(self) -> bool:
+        """Check for a message for up to ``busy_poll`` seconds: True once one waits. A
+        client's next request often follows within a round trip, and waking from the
+        loop's sleep costs tens of microseconds of it (docs/operations.md, Latency)."""
+        raw, until = self.raw, time.perf_counter() + self.busy_poll
+        while time.perf_counter() < until:
+            if _get(raw, _EVENTS) & _POLLIN:
+                return True
+        return False
 
     def _drain_soon(self) -> None:
         if self._loop is not None and not self._again_due and not self._loop.is_closed():
@@ -255,7 +314,7 @@ class RpcSocket:
         if self._closed:
             return
         try:
-            waiting = self.raw.getsockopt(zmq.EVENTS) & zmq.POLLIN
+            waiting = readable(self.raw)
         except zmq.ZMQError:
             return
         if waiting:
@@ -266,9 +325,15 @@ class RpcSocket:
         if self.router:
             if not frames:
                 return
-            route, frames = frames[0].bytes, frames[1:]
+            route, frames = frames[0], frames[1:]
         self.messages_in += 1
         self.bytes_in += sum(len(f) for f in frames)
+        if self.fast is not None:
+            try:
+                if self.fast(route, frames):
+                    return
+            except Exception:  # a bug in the fast path: the general one still answers
+                log.exception("%s: the fast path failed on a message; handling it the general way", self.node_id)
         try:
             msg = decode(frames, self.limits)
         except PsdError as err:

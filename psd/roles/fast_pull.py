@@ -1,0 +1,107 @@
+"""The small pull, answered in one function.
+
+A pull of a few keys is the request whose round trip a worker waits on, and on a
+small request the general path's many small steps (decode to a Message, cut into
+Rows, group by owners, build a reply Message, encode it) cost several times the
+lookup itself. This path takes only the common case: a well-formed, uncompressed
+pull of fewer than ``SMALL_PULL`` sorted unique keys, all in one range this server
+leads, with the server awake. For it, it makes the same checks as the general path
+and answers with the same bytes. Anything else, including every request that would
+fail, goes to the general path (``Server.on_pull``), which names the problem.
+``tests/test_fast_pull.py`` sends the same requests down both paths and compares
+the replies byte for byte.
+"""
+from __future__ import annotations
+
+import time
+from bisect import bisect_right
+from typing import TYPE_CHECKING
+
+import msgpack
+import numpy as np
+
+from psd.codec.frames import ZSTD_MIN_BYTES
+from psd.codec.message import PROTOCOL_VERSION
+from psd.store.table import SMALL_PULL
+
+if TYPE_CHECKING:
+    from psd.roles.server import Server
+
+_unpackb = msgpack.unpackb
+_packb = msgpack.packb
+
+
+def _buf(frame):
+    return getattr(frame, "buffer", frame)
+
+
+class FastPull:
+    """``__call__(route, frames)`` answers a small pull and returns True, or returns
+    False having changed nothing (the general path then takes the request)."""
+
+    def __init__(self, server: "Server"):
+        self.server = server
+
+    def __call__(self, route, frames) -> bool:
+        srv = self.server
+        limits = srv.config.limits
+        if len(frames) != 2 or limits.max_frames < 2:
+            return False
+        head, body = _buf(frames[0]), _buf(frames[1])
+        if len(head) > 512 or len(head) > limits.max_header_bytes or len(head) + len(body) > limits.max_message_bytes:
+            return False  # (a pull's header is small)
+        try:
+            h = _unpackb(head, raw=False, strict_map_key=True)
+        except Exception:
+            return False
+        if type(h) is not dict or h.get("op") != "pull" or h.get("v") != PROTOCOL_VERSION:
+            return False
+        g = h.get
+        msg_id, sender, name, clock, meta, descs = g("id"), g("src"), g("tbl"), g("clk"), g("meta"), g("frames")
+        if not (type(msg_id) is int and type(sender) is str and type(name) is str and type(g("ring")) is int
+                and type(clock) is int and type(meta) is dict and type(descs) is list and len(descs) == 1):
+            return False
+        if meta and (len(meta) > 1 or "rid" not in meta):  # spans, or anything we do not expect
+            return False
+        n, desc = len(body) // 8, descs[0]
+        if not (type(desc) is list and len(desc) == 4 and desc[0] == "<u8" and desc[2] == "none"
+                and type(desc[1]) is list and len(desc[1]) == 1 and type(desc[1][0]) is int and desc[1][0] == n
+                and type(desc[3]) is int and desc[3] == 8 * n == len(body) and 0 < n < SMALL_PULL
+                and n <= limits.max_keys):
+            return False
+        table = srv.tables.get(name)
+        if table is None:
+            return False
+        size = n * table.width * table.dtype.itemsize
+        if size > limits.max_message_bytes or (size >= ZSTD_MIN_BYTES and srv.config.compression != "none"):
+            return False  # (the general path compresses a reply this big)
+        keys = np.frombuffer(body, dtype=np.uint64)
+        if n > 1 and np.count_nonzero(keys[1:] <= keys[:-1]):
+            return False
+        ring = srv.ring  # (the reply names the ring of when it is sent, as on_pull's does)
+        begins = ring.inner_begin_list
+        if begins is None or not ring.ranges:
+            return False
+        i = bisect_right(begins, int(keys[0]))
+        if i != bisect_right(begins, int(keys[-1])) or ring.owners[i][0] != srv.node_id:
+            return False
+        srv._stall_check()
+        if srv.stalled_at is not None:
+            return False
+        # checked: from here on the request is ours, as in Server.on_pull
+        started = time.perf_counter()
+        srv.counters["pull"] += 1
+        data = srv.data
+
+        def run() -> None:
+            srv.counters["keys_pulled"] += n
+            values = table.pull(keys)
+            reply = _packb({"v": PROTOCOL_VERSION, "op": "ok", "id": msg_id, "src": srv.node_id, "tbl": name,
+                            "ring": srv.ring.version, "clk": clock, "meta": {},
+                            "frames": [[values.dtype.str, [n, table.width], "none", values.nbytes]]},
+                           use_bin_type=True)
+            data.send_raw(route, [reply, values])
+
+        srv._policy(table).pull((sender, msg_id), sender, clock, run, time.monotonic())
+        srv.timings.observe(("pull", "ok"), time.perf_counter() - started)
+        return True

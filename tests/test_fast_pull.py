@@ -1,0 +1,172 @@
+"""The server's small-pull fast path (psd/roles/fast_pull.py) against its general path.
+
+Two in-process servers with the same tables and ring, each behind a real ROUTER socket
+on loopback: one answers with the fast path on, one with it off. Every request, well
+formed or not, goes to both, and the replies must be the same bytes; the fast one must
+have taken every request it is meant for (or the comparison would prove nothing).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from psd.cluster.assignment import Assignment
+from psd.cluster.ranges import KEY_SPACE_END, Range
+from psd.codec import Message, encode
+from psd.config import ClusterConfig
+from psd.roles.fast_pull import FastPull
+from psd.roles.server import Server
+from psd.store.table import SMALL_PULL, TableSpec
+from psd.transport.rpc import RpcSocket
+
+MID = 1 << 63
+TABLES = {"f32": (1, "float32"), "f64": (3, "float64"), "i32": (2, "int32"), "i64": (1, "int64")}
+STORED = np.array([0, 1, 2, 5, 9, 1000, MID - 1, MID, MID + 7, KEY_SPACE_END - 1], dtype=np.uint64)
+
+
+class Counted(FastPull):
+    def __init__(self, server):
+        super().__init__(server)
+        self.taken = 0
+
+    def __call__(self, route, frames) -> bool:
+        took = super().__call__(route, frames)
+        self.taken += took
+        return took
+
+
+def _server(ctx: zmq.Context, fast: bool, loop) -> tuple[Server, zmq.Socket, Counted | None]:
+    s = Server(ClusterConfig(security="none"), curve=None)
+    s.node_id = "S1"
+    # S1 leads the lower half and is only a replica of the upper half
+    s.ring = Assignment(version=3, ranges=(Range(0, MID), Range(MID, KEY_SPACE_END)),
+                        owners=(("S1", "S2"), ("S2", "S1")))
+    for name, (width, dtype) in TABLES.items():
+        s._create(TableSpec(name, width, dtype))
+        t = s.tables[name]
+        t.push(STORED, (np.arange(STORED.size * width).reshape(-1, width) + 1).astype(dtype))
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    fastpath = Counted(s) if fast else None
+    s.data = RpcSocket(router, "S1", router=True, handler=s.handle, fast=fastpath, loop=loop)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    return s, dealer, fastpath
+
+
+def _ask(server: Server, dealer: zmq.Socket, frames: list) -> list[bytes]:
+    dealer.send_multipart(frames)
+    deadline = time.monotonic() + 5
+    while not dealer.poll(1):
+        server.awake_at = time.monotonic()  # (no heartbeat loop here to say we are awake)
+        server.data.drain()
+        assert time.monotonic() < deadline, "no reply"
+    return dealer.recv_multipart()
+
+
+def _pull(table: str, keys: np.ndarray, *, id_: int = 7, meta: dict | None = None, clock: int = 0) -> list:
+    msg = Message("pull", id=id_, sender="W9", table=table, ring=3, clock=clock,
+                  meta={"rid": 11} if meta is None else meta, arrays=[keys])
+    return [bytes(f) if not isinstance(f, bytes) else f for f in encode(msg)]
+
+
+@pytest.fixture
+def pair():
+    loop = asyncio.new_event_loop()
+    ctx = zmq.Context()
+    fast_srv, fast_dealer, fastpath = _server(ctx, True, loop)
+    gen_srv, gen_dealer, _ = _server(ctx, False, loop)
+
+    def both(frames: list) -> tuple[list[bytes], list[bytes]]:
+        return _ask(fast_srv, fast_dealer, frames), _ask(gen_srv, gen_dealer, frames)
+
+    try:
+        yield both, fastpath, fast_srv, gen_srv
+    finally:
+        for sock in (fast_dealer, gen_dealer):
+            sock.close(0)
+        fast_srv.data.close()
+        gen_srv.data.close()
+        ctx.term()
+        loop.close()
+
+
+def _same(a: list[bytes], b: list[bytes]) -> None:
+    assert [msgpack.unpackb(a[0]), *a[1:]] == [msgpack.unpackb(b[0]), *b[1:]]
+
+
+def test_small_pulls_are_answered_by_the_fast_path_with_the_general_paths_bytes(pair):
+    both, fastpath, fast_srv, gen_srv = pair
+    requests = [
+        ("f32", [0, 1, 2]),                    # stored, in a row
+        ("f64", [3, 5, 1000]),                 # one absent
+        ("i32", [4, 6, 8, 10]),                # none stored
+        ("i64", [MID - 1]),                    # last key of the range this server leads
+        ("f32", list(range(0, SMALL_PULL * 7, 7))[:SMALL_PULL - 1]),  # the largest it takes
+    ]
+    for i, (table, keys) in enumerate(requests):
+        a, b = both(_pull(table, np.array(keys, dtype=np.uint64), id_=100 + i))
+        _same(a, b)
+        assert msgpack.unpackb(a[0])["op"] == "ok"
+    assert fastpath.taken == len(requests)
+    for key in ("pull", "keys_pulled", "errors"):
+        assert fast_srv.counters[key] == gen_srv.counters[key], key
+    assert fast_srv.timings.counts() == gen_srv.timings.counts()
+
+
+def test_everything_else_is_left_to_the_general_path(pair):
+    both, fastpath, *_ = pair
+    k = np.array([1, 2, 3], dtype=np.uint64)
+    cases = [
+        _pull("nope", k),                                            # unknown table
+        _pull("f32", np.array([3, 2], dtype=np.uint64)),             # unsorted
+        _pull("f32", np.array([2, 2], dtype=np.uint64)),             # duplicate
+        _pull("f32", np.array([MID + 7], dtype=np.uint64)),          # a range S1 does not lead
+        _pull("f32", np.array([5, MID + 7], dtype=np.uint64)),       # two ranges
+        _pull("f32", k, meta={"spans": [[0, 3]]}),                   # spans and keys
+        _pull("f32", k)[:1],                                         # no keys frame
+        _pull("f32", k) + [b"x"],                                    # a frame too many
+        [msgpack.packb({"v": 1, "op": "pull", "id": True, "src": "W9", "tbl": "f32", "ring": 3, "clk": 0,
+                        "meta": {}, "frames": [["<u8", [3], "none", 24]]}), k.tobytes()],
+        [msgpack.packb({"v": 1, "op": "pull", "id": 5, "src": "W9", "tbl": "f32", "ring": 3, "clk": 0,
+                        "meta": {}, "frames": [["<u8", [3], "none", 32]]}), k.tobytes()],  # bytes disagree
+        [msgpack.packb({"v": 1, "op": "pull", "id": 5, "src": "W9", "tbl": "f32", "ring": 3, "clk": 0,
+                        "meta": {}, "frames": [["<i8", [3], "none", 24]]}), k.tobytes()],  # keys not uint64
+        [b"\xc1 not msgpack", k.tobytes()],
+    ]
+    for frames in cases:
+        a, b = both(frames)
+        _same(a, b)
+        assert msgpack.unpackb(a[0])["op"] == "error"
+    for frames in (_pull("f32", np.arange(SMALL_PULL, dtype=np.uint64)),  # not small
+                   _pull("f32", np.empty(0, dtype=np.uint64))):          # empty
+        a, b = both(frames)
+        _same(a, b)
+        assert msgpack.unpackb(a[0])["op"] == "ok"
+    assert fastpath.taken == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.sampled_from([*TABLES, "other"]),
+       keys=st.lists(st.sampled_from([*STORED.tolist(), 3, 4, 77, MID - 2, MID + 1, KEY_SPACE_END - 2]),
+                     max_size=12),
+       keep_order=st.booleans(), clock=st.integers(0, 5))
+def test_any_pull_gets_the_same_answer_either_way(pair, table, keys, keep_order, clock):
+    both, fastpath, fast_srv, gen_srv = pair
+    arr = np.array(keys if keep_order else sorted(set(keys)), dtype=np.uint64)
+    a, b = both(_pull(table, arr, clock=clock))
+    _same(a, b)
+    small = table in TABLES and 0 < arr.size and (np.diff(arr.astype(object)) > 0).all() and (arr < MID).all()
+    before = fastpath.taken
+    a, b = both(_pull(table, arr, clock=clock))
+    assert fastpath.taken - before == int(bool(small))
+    assert fast_srv.counters == gen_srv.counters

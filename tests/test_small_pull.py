@@ -1,0 +1,108 @@
+"""The blocking client's small pull (psd/client/small_pull.py) against real daemons.
+
+A pull of a few keys in one range goes as one message to that range's primary; every
+other pull, and every small pull that gets no plain answer, goes the general way. The
+tests check both routes read what was pushed, that the small route was really taken
+(or really left), and that a small pull to a server SIGKILLed a moment ago still gets
+the right values from its replica.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from bisect import bisect_right
+
+import numpy as np
+import pytest
+
+import psd
+from psd.client import admin, small_pull
+from psd.store.table import SMALL_PULL
+
+KEYS = np.unique(np.random.default_rng(5).integers(0, 2**64 - 1, 400, dtype=np.uint64, endpoint=True))
+
+
+class Taken:
+    """Counts small pulls answered the short way and those handed back."""
+
+    def __init__(self, monkeypatch):
+        self.short = self.handed_back = self.not_sent = 0
+        send, values = small_pull.send, small_pull.values
+
+        def counted_send(*args):
+            sent = send(*args)
+            self.not_sent += sent is None
+            return sent
+
+        def counted_values(*args):
+            out = values(*args)
+            self.short += out is not None
+            self.handed_back += out is None
+            return out
+
+        monkeypatch.setattr(small_pull, "send", counted_send)
+        monkeypatch.setattr(small_pull, "values", counted_values)
+
+
+def _by_range(ring, keys: np.ndarray) -> dict[int, np.ndarray]:
+    idx = np.array([bisect_right(ring.inner_begin_list, int(k)) for k in keys])
+    return {int(i): keys[idx == i] for i in np.unique(idx)}
+
+
+def _reference(width: int) -> np.ndarray:
+    return (np.arange(KEYS.size * width, dtype=np.int64).reshape(-1, width) * 3 + 1)
+
+
+def test_small_pulls_go_as_one_message_and_read_what_was_pushed(monkeypatch):
+    ref = _reference(2)
+    with psd.LocalCluster(servers=3) as cluster, psd.connect(cluster) as kv:
+        t = kv.table("ints", width=2, dtype="int64")
+        kv.wait(t.push(KEYS, ref))
+        taken = Taken(monkeypatch)
+        ranges = _by_range(kv.aio.ring, KEYS)
+        assert len(ranges) > 3, "the keys should spread over many ranges"
+        for keys in ranges.values():
+            pick = keys[: SMALL_PULL - 1]
+            got = t.pull(pick)
+            np.testing.assert_array_equal(got, ref[np.searchsorted(KEYS, pick)])
+        assert taken.short == len(ranges) and taken.handed_back == 0 and taken.not_sent == 0
+        # not small: many keys, keys of two ranges, no keys
+        first, second = list(ranges.values())[:2]
+        for keys in (KEYS, np.concatenate([first[:2], second[:2]]), KEYS[:0]):
+            np.testing.assert_array_equal(t.pull(keys), ref[np.searchsorted(KEYS, keys)])
+        assert taken.short == len(ranges) and taken.not_sent == 3
+        # a strided view of the keys is sent as its values
+        view = ranges[max(ranges, key=lambda i: ranges[i].size)][::2][:5]
+        np.testing.assert_array_equal(t.pull(view), ref[np.searchsorted(KEYS, view)])
+        assert taken.short == len(ranges) + 1
+
+
+def test_an_error_on_the_short_way_is_raised_by_the_general_one(monkeypatch):
+    with psd.LocalCluster(servers=1) as cluster, psd.connect(cluster) as kv:
+        t = kv.table("gone", width=1, dtype="int32")
+        kv.wait(t.push(KEYS[:3], np.ones((3, 1), np.int32)))
+        admin.call(cluster.scheduler, "drop_tables", tables=[t.name])
+        taken = Taken(monkeypatch)
+        with pytest.raises(psd.UnknownTableError, match="gone"):
+            t.pull(KEYS[:3])
+        assert taken.handed_back == 1
+
+
+def test_a_small_pull_to_a_killed_server_is_answered_by_its_replica(monkeypatch):
+    ref = _reference(1)
+    with psd.LocalCluster(servers=3, replication=2) as cluster, psd.connect(cluster) as kv:
+        t = kv.table("ints", width=1, dtype="int64")
+        kv.wait(t.push(KEYS, ref))
+        ring = kv.aio.ring
+        first = bisect_right(ring.inner_begin_list, int(KEYS[0]))
+        victim, theirs = ring.owners[first][0], _by_range(ring, KEYS)[first][:10]
+        np.testing.assert_array_equal(t.pull(theirs), ref[np.searchsorted(KEYS, theirs)])
+        taken = Taken(monkeypatch)
+        cluster.kill_server(victim, sig=signal.SIGKILL)
+        started = time.monotonic()
+        got = t.pull(theirs)
+        assert time.monotonic() - started < 20
+        np.testing.assert_array_equal(got, ref[np.searchsorted(KEYS, theirs)])
+        assert taken.handed_back == 1  # the short way got no answer: the general way re-routed
+        np.testing.assert_array_equal(t.pull(theirs), ref[np.searchsorted(KEYS, theirs)])
+        assert taken.short == 1  # and the next small pull goes to the new primary
