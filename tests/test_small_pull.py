@@ -23,25 +23,30 @@ KEYS = np.unique(np.random.default_rng(5).integers(0, 2**64 - 1, 400, dtype=np.u
 
 
 class Taken:
-    """Counts small pulls answered the short way and those handed back."""
+    """The small pulls sent the short way (answered there or handed back) and the
+    pulls that were not."""
 
     def __init__(self, monkeypatch):
-        self.short = self.handed_back = self.not_sent = 0
-        send, values = small_pull.send, small_pull.values
+        self.sent, self.not_sent = [], 0
+        send = small_pull.send
 
         def counted_send(*args):
-            sent = send(*args)
-            self.not_sent += sent is None
-            return sent
-
-        def counted_values(*args):
-            out = values(*args)
-            self.short += out is not None
-            self.handed_back += out is None
-            return out
+            pull = send(*args)
+            if pull is None:
+                self.not_sent += 1
+            else:
+                self.sent.append(pull)
+            return pull
 
         monkeypatch.setattr(small_pull, "send", counted_send)
-        monkeypatch.setattr(small_pull, "values", counted_values)
+
+    @property
+    def short(self) -> int:
+        return sum(p.values is not None for p in self.sent)
+
+    @property
+    def handed_back(self) -> int:
+        return sum(p.values is None for p in self.sent)
 
 
 def _by_range(ring, keys: np.ndarray) -> dict[int, np.ndarray]:

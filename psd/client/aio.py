@@ -214,6 +214,10 @@ class AsyncKVWorker:
                 log.info("%s: no answer to %s yet; asking the scheduler again", self.node_id, op)
 
     # -- requests ------------------------------------------------------------------
+    def server_socket(self, node: str) -> RpcSocket | None:
+        """The connection to server ``node``, if the ring has given us its address."""
+        return self._servers.get(node)
+
     def _send(self, part: Part) -> asyncio.Future:
         rpc = self._servers.get(part.server)
         if rpc is None:

@@ -28,7 +28,7 @@ from psd.transport.sockets import tune_malloc
 #: only handles what the call itself did not (push acknowledgements, ring notices), and
 #: costs about 25 us, a tenth of a small pull; a call the shortcut cannot finish, and
 #: every other call, runs the loop anyway
-TICK_EVERY = 0.002
+TICK_EVERY = 0.005
 
 
 class KVWorker:
@@ -73,8 +73,10 @@ class KVWorker:
             if values is not None:
                 return values
         pending = kv._issue(op, spec, rows)
-        self._await_replies({part.server: kv._servers[part.server] for part, _, _ in pending.values()},
-                            [fut for _, fut, _ in pending.values()])
+        futs = [fut for _, fut, _ in pending.values()]
+        rpcs = {part.server: kv.server_socket(part.server) for part, _, _ in pending.values()}
+        self._await([rpc.raw for rpc in rpcs.values()], lambda: all(f.done() for f in futs),
+                    lambda: [rpc.drain() for rpc in rpcs.values()])
         done, result = kv._collect(op, spec, rows.count, pending)
         if done:
             self._tick_now_and_then()
@@ -84,35 +86,28 @@ class KVWorker:
     def _small_pull(self, spec, keys: np.ndarray) -> np.ndarray | None:
         """A small pull to one server (psd/client/small_pull.py), or None: then the
         general path asks again."""
-        sent = small_pull.send(self.aio, spec, keys)
-        if sent is None:
+        pull = small_pull.send(self.aio, spec, keys)
+        if pull is None:
             return None
-        rpc, msg_id, fut = sent
-        try:
-            self._await_replies({rpc.node_id: rpc}, [fut])
-        finally:
-            rpc.forget(msg_id)
-        values = small_pull.values(fut, spec, keys.size)
-        if values is not None:
+        self._await([pull.rpc.raw], lambda: pull.answered, pull.read)
+        if pull.values is not None:
             self._tick_now_and_then()
-        return values
+        return pull.values
 
     def _tick_now_and_then(self) -> None:
         if time.monotonic() >= self._tick_due:
             self._tick()
 
-    def _await_replies(self, rpcs: dict, futs: list) -> None:
-        """Read ``rpcs`` until every one of ``futs`` is done, for up to RETRY_TICK. With
+    def _await(self, socks: list, done, read) -> None:
+        """``read()`` the sockets ``socks`` until ``done()``, for up to RETRY_TICK. With
         ``busy_poll_us`` set, first spin that long checking for the answer, before
         sleeping in poll: waking a sleeping thread costs tens of microseconds."""
-        rpcs = list(rpcs.values())
         deadline = time.monotonic() + aio.RETRY_TICK
         spin = self._busy_poll
         poller = None
         while True:
-            for rpc in rpcs:
-                rpc.drain()
-            if all(f.done() for f in futs):
+            read()
+            if done():
                 return
             left = deadline - time.monotonic()
             if left <= 0:
@@ -120,16 +115,16 @@ class KVWorker:
             if spin:
                 until, spin = time.perf_counter() + min(spin, left), 0.0
                 while time.perf_counter() < until:
-                    if any(readable(rpc.raw) for rpc in rpcs):
+                    if any(readable(sock) for sock in socks):
                         break
                 continue
-            if len(rpcs) == 1:
-                rpcs[0].raw.poll(left * 1000)
+            if len(socks) == 1:
+                socks[0].poll(left * 1000)
             else:
                 if poller is None:
                     poller = zmq.Poller()
-                    for rpc in rpcs:
-                        poller.register(rpc.raw, zmq.POLLIN)
+                    for sock in socks:
+                        poller.register(sock, zmq.POLLIN)
                 poller.poll(left * 1000)
 
     @property

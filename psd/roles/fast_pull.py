@@ -85,8 +85,7 @@ class FastPull:
         i = bisect_right(begins, int(keys[0]))
         if i != bisect_right(begins, int(keys[-1])) or ring.owners[i][0] != srv.node_id:
             return False
-        srv._stall_check()
-        if srv.stalled_at is not None:
+        if not srv.awake():
             return False
         # checked: from here on the request is ours, as in Server.on_pull
         started = time.perf_counter()
@@ -102,6 +101,6 @@ class FastPull:
                            use_bin_type=True)
             data.send_raw(route, [reply, values])
 
-        srv._policy(table).pull((sender, msg_id), sender, clock, run, time.monotonic())
+        srv.policy(table).pull((sender, msg_id), sender, clock, run, time.monotonic())
         srv.timings.observe(("pull", "ok"), time.perf_counter() - started)
         return True

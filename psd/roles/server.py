@@ -317,9 +317,14 @@ class Server:
     def _owner_groups(self, rows: Rows):
         return rows.groups(self.ring) if rows.count else []
 
-    def _check_primary(self, rows: Rows, msg: Message) -> list[tuple[tuple[str, ...], list]]:
+    def awake(self) -> bool:
+        """False while we serve nothing: after a stall the scheduler may have declared
+        us dead (``_stall_check``), until a heartbeat is answered "active"."""
         self._stall_check()
-        if self.stalled_at is not None:
+        return self.stalled_at is None
+
+    def _check_primary(self, rows: Rows, msg: Message) -> list[tuple[tuple[str, ...], list]]:
+        if not self.awake():
             raise NotOwnerError(f"{self.node_id} was stalled and may have been removed from the ring; "
                                 f"it serves again once the scheduler confirms it", ring=self.ring.version)
         groups = self._owner_groups(rows)
@@ -371,7 +376,8 @@ class Server:
             rows.values = table.check_values(rows.values, rows.count)
         return rows
 
-    def _policy(self, table: Table) -> Policy:
+    def policy(self, table: Table) -> Policy:
+        """The consistency policy that gates ``table``'s requests."""
         return self.gate.policy(table.spec.consistency_override)
 
     def _rid(self, msg: Message) -> tuple[str, int] | None:
@@ -409,7 +415,7 @@ class Server:
         else:
             def apply() -> None:
                 rows.push_into(table)
-        self._policy(table).push(origin, msg.clock, apply)
+        self.policy(table).push(origin, msg.clock, apply)
         self.counters["keys_pushed"] += rows.count
 
     # -- the memory limit ------------------------------------------------------------
@@ -570,7 +576,7 @@ class Server:
                 reply = msg.reply(arrays=[np.array(values)], ring=self.ring.version)
                 after.add_done_callback(lambda _: self.data.reply_now(route, reply))
 
-        self._policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, time.monotonic())
+        self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, time.monotonic())
 
     def on_pull(self, route: Route, msg: Message) -> None:
         table = self._table(msg)

@@ -185,10 +185,15 @@ class RpcSocket:
         finally:
             self._recheck()
 
+    @classmethod
+    def next_id(cls) -> int:
+        """A request id no other request of this process has."""
+        return next(cls._ids)
+
     def request(self, msg: Message, route: Route = None) -> asyncio.Future:
         """Send ``msg`` with a fresh id; the returned future gets the reply (or the send
         error)."""
-        msg.id = next(self._ids)
+        msg.id = self.next_id()
         msg.sender = self.node_id
         fut = (self._loop or asyncio.get_running_loop()).create_future()
         self.pending[msg.id] = fut
@@ -320,14 +325,22 @@ class RpcSocket:
         if waiting:
             self.drain()
 
+    def note_received(self, frames: list) -> None:
+        self.messages_in += 1
+        self.bytes_in += sum(len(f) for f in frames)
+
+    def receive(self, frames: list) -> None:
+        """Handle a message read off the socket by someone else (the blocking client's
+        small pull reads its answer itself and hands over whatever else it finds)."""
+        self._dispatch(frames)
+
     def _dispatch(self, frames) -> None:
         route = None
         if self.router:
             if not frames:
                 return
             route, frames = frames[0], frames[1:]
-        self.messages_in += 1
-        self.bytes_in += sum(len(f) for f in frames)
+        self.note_received(frames)
         if self.fast is not None:
             try:
                 if self.fast(route, frames):
