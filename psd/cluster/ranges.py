@@ -76,10 +76,22 @@ def _int_list(keys, fallback: np.ndarray) -> np.ndarray:
     return np.array([int(k) for k in keys], dtype=np.uint64)
 
 
+def is_sorted_unique(keys: np.ndarray) -> bool:
+    """Strictly ascending. A few keys are compared in Python (three times faster than
+    numpy's calls at ten keys); more in one compiled pass (count_nonzero, not .all(),
+    which goes through numpy's Python layer)."""
+    if keys.size < 32:
+        last = -1
+        for k in keys.tolist():
+            if k <= last:
+                return False
+            last = k
+        return True
+    return not np.count_nonzero(keys[1:] <= keys[:-1])
+
+
 def check_sorted_unique(keys: np.ndarray) -> None:
-    # count_nonzero, not .all(): the common case in one compiled call (ndarray.all goes
-    # through numpy's Python layer, a tenth of a small request's server time)
-    if keys.size > 1 and np.count_nonzero(keys[1:] <= keys[:-1]):
+    if not is_sorted_unique(keys):
         bad = np.flatnonzero(keys[1:] <= keys[:-1])
         if bad.size:
             i = int(bad[0])

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import msgpack
 import numpy as np
 
+from psd.cluster.ranges import is_sorted_unique
 from psd.codec.frames import ZSTD_MIN_BYTES
 from psd.codec.message import PROTOCOL_VERSION
 from psd.store.table import SMALL_PULL
@@ -76,7 +77,7 @@ class FastPull:
         if size > limits.max_message_bytes or (size >= ZSTD_MIN_BYTES and srv.config.compression != "none"):
             return False  # (the general path compresses a reply this big)
         keys = np.frombuffer(body, dtype=np.uint64)
-        if n > 1 and np.count_nonzero(keys[1:] <= keys[:-1]):
+        if not is_sorted_unique(keys):
             return False
         ring = srv.ring  # (the reply names the ring of when it is sent, as on_pull's does)
         begins = ring.inner_begin_list
