@@ -52,10 +52,11 @@ class ClusterConfig:
     #: points per server on the consistent-hashing ring
     vnodes: int = 16
     request_timeout: float = 30.0
-    #: microseconds a blocking client call spins, checking for its reply, before it sleeps
-    #: (0: sleep at once). Waking a sleeping thread costs tens of microseconds, a good part
-    #: of a small pull's round trip; spinning costs a core meanwhile, so leave it 0 when
-    #: workers share cores with servers (docs/operations.md, "Latency")
+    #: microseconds a server keeps checking for the next request after answering one, and
+    #: a blocking client call checks for its reply, before sleeping (0: sleep at once; at
+    #: most heartbeat_interval / 4). Waking a sleeping thread costs tens of microseconds,
+    #: a good part of a small pull's round trip; spinning costs a core meanwhile, so leave
+    #: it 0 when workers share cores with servers (docs/operations.md, "Latency")
     busy_poll_us: int = 0
     #: seconds a daemon may take to bind and join the cluster before it exits with code 3
     startup_timeout: float = 60.0
@@ -305,6 +306,12 @@ def _cross_checks(values: dict, where, problems: list[str]) -> None:
         problems.append(f"{where(key)}: expected worker_timeout ({get('worker_timeout')!r} s) above "
                         f"heartbeat_interval ({get('heartbeat_interval')!r} s), or every worker looks dead "
                         f"between two heartbeats")
+    if ("busy_poll_us" in values or "heartbeat_interval" in values) and \
+            get("busy_poll_us") * 1e-6 > get("heartbeat_interval") / 4:
+        key = "busy_poll_us" if "busy_poll_us" in values else "heartbeat_interval"
+        problems.append(f"{where(key)}: expected busy_poll_us ({get('busy_poll_us')!r}) at most a quarter of "
+                        f"heartbeat_interval ({get('heartbeat_interval')!r} s), or a spinning server holds "
+                        f"back its own heartbeats")
 
 
 def _limits(raw, where, problems: list[str]) -> ClusterLimits:

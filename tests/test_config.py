@@ -165,6 +165,10 @@ def test_cross_rules():
         config_from_dict({"worker_timeout": 0.5, "heartbeat_interval": 1})
     with pytest.raises(ConfigError, match=r"heartbeat_interval: expected worker_timeout \(5.0 s\) above"):
         config_from_dict({"heartbeat_interval": 5})
+    with pytest.raises(ConfigError, match=r"busy_poll_us: expected busy_poll_us \(30000\) at most a quarter of "
+                                          r"heartbeat_interval \(0.1 s\)"):
+        config_from_dict({"busy_poll_us": 30000})
+    assert config_from_dict({"busy_poll_us": 30000, "heartbeat_interval": 0.2}).busy_poll_us == 30000
 
 
 def test_every_problem_of_a_file_reported_together_with_line_and_key(tmp_path):

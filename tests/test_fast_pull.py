@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from psd.cluster.assignment import Assignment
 from psd.cluster.ranges import KEY_SPACE_END, Range
 from psd.codec import Message, encode
-from psd.config import ClusterConfig
+from psd.config import ClusterConfig, ClusterLimits
 from psd.roles.fast_pull import FastPull
 from psd.roles.server import Server
 from psd.store.table import SMALL_PULL, TableSpec
@@ -42,8 +42,8 @@ class Counted(FastPull):
         return took
 
 
-def _server(ctx: zmq.Context, fast: bool, loop) -> tuple[Server, zmq.Socket, Counted | None]:
-    s = Server(ClusterConfig(security="none"), curve=None)
+def _server(ctx: zmq.Context, fast: bool, loop, config: ClusterConfig) -> tuple[Server, zmq.Socket, Counted | None]:
+    s = Server(config, curve=None)
     s.node_id = "S1"
     # S1 leads the lower half and is only a replica of the upper half
     s.ring = Assignment(version=3, ranges=(Range(0, MID), Range(MID, KEY_SPACE_END)),
@@ -56,21 +56,35 @@ def _server(ctx: zmq.Context, fast: bool, loop) -> tuple[Server, zmq.Socket, Cou
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     fastpath = Counted(s) if fast else None
-    s.data = RpcSocket(router, "S1", router=True, handler=s.handle, fast=fastpath, loop=loop)
+    s.data = RpcSocket(router, "S1", router=True, handler=s.handle, fast=fastpath, loop=loop,
+                       limits=config.limits, compression=config.compression)
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(f"tcp://127.0.0.1:{port}")
     return s, dealer, fastpath
 
 
-def _ask(server: Server, dealer: zmq.Socket, frames: list) -> list[bytes]:
+def _send(server: Server, dealer: zmq.Socket, frames: list) -> None:
     dealer.send_multipart(frames)
-    deadline = time.monotonic() + 5
-    while not dealer.poll(1):
-        server.awake_at = time.monotonic()  # (no heartbeat loop here to say we are awake)
+    time.sleep(0.002)
+    server.awake_at = time.monotonic()  # (no heartbeat loop here to say we are awake)
+    server.data.drain()
+
+
+def _replies(server: Server, dealer: zmq.Socket, count: int, timeout: float = 5.0) -> list[list[bytes]]:
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < count:
+        server.awake_at = time.monotonic()
         server.data.drain()
-        assert time.monotonic() < deadline, "no reply"
-    return dealer.recv_multipart()
+        if dealer.poll(1):
+            out.append(dealer.recv_multipart())
+        assert time.monotonic() < deadline, f"{len(out)} of {count} replies"
+    return out
+
+
+def _ask(server: Server, dealer: zmq.Socket, frames: list) -> list[bytes]:
+    _send(server, dealer, frames)
+    return _replies(server, dealer, 1)[0]
 
 
 def _pull(table: str, keys: np.ndarray, *, id_: int = 7, meta: dict | None = None, clock: int = 0) -> list:
@@ -79,29 +93,67 @@ def _pull(table: str, keys: np.ndarray, *, id_: int = 7, meta: dict | None = Non
     return [bytes(f) if not isinstance(f, bytes) else f for f in encode(msg)]
 
 
-@pytest.fixture
-def pair():
-    loop = asyncio.new_event_loop()
-    ctx = zmq.Context()
-    fast_srv, fast_dealer, fastpath = _server(ctx, True, loop)
-    gen_srv, gen_dealer, _ = _server(ctx, False, loop)
+class Pair:
+    """The same server twice, one with the fast path and one without."""
 
-    def both(frames: list) -> tuple[list[bytes], list[bytes]]:
-        return _ask(fast_srv, fast_dealer, frames), _ask(gen_srv, gen_dealer, frames)
+    def __init__(self, config: ClusterConfig):
+        self.loop = asyncio.new_event_loop()
+        self.ctx = zmq.Context()
+        self.fast, self.fast_dealer, self.fastpath = _server(self.ctx, True, self.loop, config)
+        self.gen, self.gen_dealer, _ = _server(self.ctx, False, self.loop, config)
+        self.sides = ((self.fast, self.fast_dealer), (self.gen, self.gen_dealer))
+
+    def both(self, frames: list) -> tuple[list[bytes], list[bytes]]:
+        a, b = (_ask(s, d, frames) for s, d in self.sides)
+        return a, b
+
+    def send(self, frames: list) -> None:
+        for s, d in self.sides:
+            _send(s, d, frames)
+
+    def replies(self, count: int) -> tuple[list, list]:
+        a, b = (_replies(s, d, count) for s, d in self.sides)
+        return a, b
+
+    def silent(self) -> bool:
+        """No reply is waiting on either side (after letting both servers read)."""
+        for s, _ in self.sides:
+            s.awake_at = time.monotonic()
+            s.data.drain()
+        return not any(d.poll(50) for _, d in self.sides)
+
+    def close(self) -> None:
+        for sock in (self.fast_dealer, self.gen_dealer):
+            sock.close(0)
+        self.fast.data.close()
+        self.gen.data.close()
+        self.ctx.term()
+        self.loop.close()
+
+
+@pytest.fixture
+def pairs():
+    made = []
+
+    def make(**settings) -> Pair:
+        made.append(Pair(ClusterConfig(security="none", **settings)))
+        return made[-1]
 
     try:
-        yield both, fastpath, fast_srv, gen_srv
+        yield make
     finally:
-        for sock in (fast_dealer, gen_dealer):
-            sock.close(0)
-        fast_srv.data.close()
-        gen_srv.data.close()
-        ctx.term()
-        loop.close()
+        for p in made:
+            p.close()
+
+
+@pytest.fixture
+def pair(pairs):
+    p = pairs()
+    return p.both, p.fastpath, p.fast, p.gen
 
 
 def _same(a: list[bytes], b: list[bytes]) -> None:
-    assert [msgpack.unpackb(a[0]), *a[1:]] == [msgpack.unpackb(b[0]), *b[1:]]
+    assert a == b, ([msgpack.unpackb(a[0]), *a[1:]], [msgpack.unpackb(b[0]), *b[1:]])
 
 
 def test_small_pulls_are_answered_by_the_fast_path_with_the_general_paths_bytes(pair):
@@ -170,3 +222,50 @@ def test_any_pull_gets_the_same_answer_either_way(pair, table, keys, keep_order,
     a, b = both(_pull(table, arr, clock=clock))
     assert fastpath.taken - before == int(bool(small))
     assert fast_srv.counters == gen_srv.counters
+
+
+def test_held_pulls_and_a_repeated_id_go_the_same_way(pairs):
+    """Sequential consistency holds a pull until every worker reached its clock; a
+    second pull under the id of a held one is an error; the release answers both
+    servers' held pulls alike."""
+    p = pairs(consistency="sequential", num_workers=2)
+    k = np.array([1, 2, 5], dtype=np.uint64)
+    p.send(_pull("f32", k, id_=20, clock=1))  # W9 at clock 1, W8 (below) still at 0
+    assert p.silent(), "the pull should be held"
+    _same(*p.both(_pull("f32", k, id_=20, clock=1)))  # the same id again: refused alike
+    for worker in ("W9", "W8"):  # both reach clock 1: the pull may run
+        p.send([bytes(f) for f in encode(Message("clock", id=0, sender=worker, clock=1, meta={"clock": 1}))])
+    a, b = p.replies(1)
+    _same(a[0], b[0])
+    assert msgpack.unpackb(a[0][0])["op"] == "ok"
+    assert p.fastpath.taken == 2
+    assert p.fast.counters == p.gen.counters
+    assert p.fast.timings.counts() == p.gen.timings.counts()
+
+
+def test_a_stalled_server_refuses_alike(pairs):
+    p = pairs()
+    for s in (p.fast, p.gen):
+        s.stalled_at = time.monotonic()
+    a, b = p.both(_pull("f32", np.array([1, 2], dtype=np.uint64)))
+    _same(a, b)
+    assert msgpack.unpackb(a[0])["meta"]["code"] == "not_owner"
+    assert p.fastpath.taken == 0
+
+
+def test_compressed_replies_and_small_message_limits_are_left_to_the_general_path(pairs):
+    p = pairs(compression="zstd")
+    _same(*p.both(_pull("f64", np.arange(0, 1000, 50, dtype=np.uint64))))  # 20 x 3 float64: not compressed
+    assert p.fastpath.taken == 1
+    keys = np.arange(20, dtype=np.uint64)
+    for s in (p.fast, p.gen):
+        s._create(TableSpec("wide", 64, "float32"))
+        s.tables["wide"].push(keys, np.tile(np.arange(64, dtype=np.float32), (keys.size, 1)))
+    a, b = p.both(_pull("wide", keys))  # 5 KiB that compress: the general path compresses them
+    _same(a, b)
+    assert msgpack.unpackb(a[0])["frames"][0][2] == "zstd"
+    assert p.fastpath.taken == 1
+    small = pairs(limits=ClusterLimits(max_message_bytes=120))
+    a, b = small.both(_pull("i32", np.arange(10, dtype=np.uint64)))  # 80 B of keys + the header
+    _same(a, b)
+    assert msgpack.unpackb(a[0])["op"] == "error" and small.fastpath.taken == 0

@@ -9,6 +9,7 @@ the right values from its replica.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from bisect import bisect_right
 
@@ -18,6 +19,9 @@ import pytest
 import psd
 from psd.client import admin, small_pull
 from psd.store.table import SMALL_PULL
+from psd.transport.rpc import RpcSocket
+
+from conftest import wait_for
 
 KEYS = np.unique(np.random.default_rng(5).integers(0, 2**64 - 1, 400, dtype=np.uint64, endpoint=True))
 
@@ -111,3 +115,63 @@ def test_a_small_pull_to_a_killed_server_is_answered_by_its_replica(monkeypatch)
         assert taken.handed_back == 1  # the short way got no answer: the general way re-routed
         np.testing.assert_array_equal(t.pull(theirs), ref[np.searchsorted(KEYS, theirs)])
         assert taken.short == 1  # and the next small pull goes to the new primary
+
+
+def _server_pulls(cluster: psd.LocalCluster) -> int:
+    return sum(n["counters"].get("pull", 0) for n in cluster.status()["nodes"] if n["role"] == "server")
+
+
+def test_a_compressed_answer_is_read_not_asked_for_again(monkeypatch):
+    """Under zstd a server compresses replies of 4 KiB and more: the short way hands
+    such an answer to the codec instead of sending the pull a second time."""
+    with psd.LocalCluster(servers=1, compression="zstd") as cluster, \
+            psd.connect(cluster, psd.ClusterConfig(compression="zstd")) as kv:
+        t = kv.table("wide", width=64, dtype="float32")
+        keys = KEYS[:20]
+        vals = np.tile(np.arange(64, dtype=np.float32), (keys.size, 1))  # compresses well
+        kv.wait(t.push(keys, vals))
+        taken = Taken(monkeypatch)
+        for _ in range(10):
+            np.testing.assert_array_equal(t.pull(keys), vals)
+        assert len(taken.sent) == 10 and taken.handed_back == 10  # (compressed: the codec read them)
+        wait_for(lambda: _server_pulls(cluster) >= 10, 10, "the server's pull counter")
+        time.sleep(0.3)  # a pull asked twice would show by now
+        assert _server_pulls(cluster) == 10
+
+
+def test_a_held_small_pull_is_waited_for_not_asked_for_again(monkeypatch):
+    """Sequential consistency holds a worker's pull until the others reach its clock:
+    the short way's 50 ms pass without an answer, and the pull is then waited for under
+    its own id, not sent again (the server would hold and answer both)."""
+    with psd.LocalCluster(servers=1, consistency="sequential", num_workers=2) as cluster, \
+            psd.connect(cluster) as a, psd.connect(cluster) as b:
+        ta, tb = a.table("seq", width=1, dtype="int64"), b.table("seq", width=1, dtype="int64")
+        keys = KEYS[:5]
+        a.clock()
+        threading.Timer(0.4, b.clock).start()  # b reaches clock 1 only later
+        started = time.monotonic()
+        taken = Taken(monkeypatch)
+        np.testing.assert_array_equal(ta.pull(keys), np.zeros((5, 1), np.int64))
+        assert time.monotonic() - started >= 0.3, "the pull was not held"
+        assert taken.handed_back == 1
+        tb.pull(keys)
+        wait_for(lambda: _server_pulls(cluster) >= 2, 10, "the server's pull counter")
+        time.sleep(0.3)
+        assert _server_pulls(cluster) == 2
+
+
+def test_other_answers_read_on_the_short_way_reach_their_requests(monkeypatch):
+    """A push's acknowledgement that arrives while a small pull reads the same socket
+    is handed to the socket's usual handling: the push's wait returns."""
+    handed = []
+    receive = RpcSocket.receive
+    monkeypatch.setattr(RpcSocket, "receive", lambda self, frames: (handed.append(1), receive(self, frames)))
+    with psd.LocalCluster(servers=1) as cluster, \
+            psd.connect(cluster, psd.ClusterConfig(request_timeout=3)) as kv:
+        t = kv.table("ints", width=1, dtype="int64")
+        keys = KEYS[:6]
+        for i in range(1, 21):
+            ts = t.push(keys, np.ones((6, 1), np.int64))
+            np.testing.assert_array_equal(t.pull(keys), np.full((6, 1), i))
+            kv.wait(ts)
+    assert handed, "no acknowledgement came in during a small pull: the test proves nothing"

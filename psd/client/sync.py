@@ -68,31 +68,24 @@ class KVWorker:
         """Send a request and wait for it by polling its sockets (the shortcut); the loop
         finishes whatever the shortcut cannot."""
         kv = self.aio
-        if op == "pull" and rows.keys is not None:
-            values = self._small_pull(spec, rows.keys)
-            if values is not None:
-                return values
-        pending = kv._issue(op, spec, rows)
-        futs = [fut for _, fut, _ in pending.values()]
-        rpcs = {part.server: kv.server_socket(part.server) for part, _, _ in pending.values()}
-        self._await([rpc.raw for rpc in rpcs.values()], lambda: all(f.done() for f in futs),
-                    lambda: [rpc.drain() for rpc in rpcs.values()])
+        pull = small_pull.send(kv, spec, rows.keys) if op == "pull" and rows.keys is not None else None
+        if pull is not None:  # one message, its answer read off the socket (client/small_pull.py)
+            self._await([pull.rpc.raw], lambda: pull.answered, pull.read)
+            if pull.values is not None:
+                self._tick_now_and_then()
+                return pull.values
+            pending = pull.adopt(kv)
+        else:
+            pending = kv._issue(op, spec, rows)
+            futs = [fut for _, fut, _ in pending.values()]
+            rpcs = {part.server: kv.server_socket(part.server) for part, _, _ in pending.values()}
+            self._await([rpc.raw for rpc in rpcs.values()], lambda: all(f.done() for f in futs),
+                        lambda: [rpc.drain() for rpc in rpcs.values()])
         done, result = kv._collect(op, spec, rows.count, pending)
         if done:
             self._tick_now_and_then()
             return result
         return self._run(kv._complete(op, spec, rows.count, pending))
-
-    def _small_pull(self, spec, keys: np.ndarray) -> np.ndarray | None:
-        """A small pull to one server (psd/client/small_pull.py), or None: then the
-        general path asks again."""
-        pull = small_pull.send(self.aio, spec, keys)
-        if pull is None:
-            return None
-        self._await([pull.rpc.raw], lambda: pull.answered, pull.read)
-        if pull.values is not None:
-            self._tick_now_and_then()
-        return pull.values
 
     def _tick_now_and_then(self) -> None:
         if time.monotonic() >= self._tick_due:

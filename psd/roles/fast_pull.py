@@ -22,7 +22,7 @@ import numpy as np
 
 from psd.cluster.ranges import is_sorted_unique
 from psd.codec.frames import ZSTD_MIN_BYTES
-from psd.codec.message import PROTOCOL_VERSION
+from psd.codec.message import PROTOCOL_VERSION, Message
 from psd.store.table import SMALL_PULL
 
 if TYPE_CHECKING:
@@ -44,54 +44,68 @@ class FastPull:
         self.server = server
 
     def __call__(self, route, frames) -> bool:
+        request = self._check(frames)
+        if request is None:
+            return False
+        self._answer(route, *request)
+        return True
+
+    def _check(self, frames) -> tuple | None:
+        """The request's parts if it is ours to answer, else None; changes nothing."""
         srv = self.server
         limits = srv.config.limits
         if len(frames) != 2 or limits.max_frames < 2:
-            return False
+            return None
         head, body = _buf(frames[0]), _buf(frames[1])
         if len(head) > 512 or len(head) > limits.max_header_bytes or len(head) + len(body) > limits.max_message_bytes:
-            return False  # (a pull's header is small)
+            return None  # (a pull's header is small)
         try:
             h = _unpackb(head, raw=False, strict_map_key=True)
         except Exception:
-            return False
+            return None
         if type(h) is not dict or h.get("op") != "pull" or h.get("v") != PROTOCOL_VERSION:
-            return False
+            return None
         g = h.get
         msg_id, sender, name, clock, meta, descs = g("id"), g("src"), g("tbl"), g("clk"), g("meta"), g("frames")
         if not (type(msg_id) is int and type(sender) is str and type(name) is str and type(g("ring")) is int
                 and type(clock) is int and type(meta) is dict and type(descs) is list and len(descs) == 1):
-            return False
+            return None
         if meta and (len(meta) > 1 or "rid" not in meta):  # spans, or anything we do not expect
-            return False
+            return None
         n, desc = len(body) // 8, descs[0]
         if not (type(desc) is list and len(desc) == 4 and desc[0] == "<u8" and desc[2] == "none"
                 and type(desc[1]) is list and len(desc[1]) == 1 and type(desc[1][0]) is int and desc[1][0] == n
                 and type(desc[3]) is int and desc[3] == 8 * n == len(body) and 0 < n < SMALL_PULL
                 and n <= limits.max_keys):
-            return False
+            return None
         table = srv.tables.get(name)
         if table is None:
-            return False
+            return None
         size = n * table.width * table.dtype.itemsize
         if size > limits.max_message_bytes or (size >= ZSTD_MIN_BYTES and srv.config.compression != "none"):
-            return False  # (the general path compresses a reply this big)
+            return None  # (the general path compresses a reply this big)
         keys = np.frombuffer(body, dtype=np.uint64)
         if not is_sorted_unique(keys):
-            return False
+            return None
         ring = srv.ring  # (the reply names the ring of when it is sent, as on_pull's does)
         begins = ring.inner_begin_list
         if begins is None or not ring.ranges:
-            return False
+            return None
         i = bisect_right(begins, int(keys[0]))
         if i != bisect_right(begins, int(keys[-1])) or ring.owners[i][0] != srv.node_id:
-            return False
+            return None
         if not srv.awake():
-            return False
-        # checked: from here on the request is ours, as in Server.on_pull
+            return None
+        return table, keys, msg_id, sender, name, clock
+
+    def _answer(self, route, table, keys: np.ndarray, msg_id: int, sender: str, name: str, clock: int) -> None:
+        """As Server.on_pull from its counter on: ask the gate, answer now or when it
+        releases the pull; an error is counted, timed and answered as Server.handle
+        and the transport do it."""
+        srv = self.server
         started = time.perf_counter()
         srv.counters["pull"] += 1
-        data = srv.data
+        data, n = srv.data, keys.size
 
         def run() -> None:
             srv.counters["keys_pulled"] += n
@@ -102,6 +116,12 @@ class FastPull:
                            use_bin_type=True)
             data.send_raw(route, [reply, values])
 
-        srv.policy(table).pull((sender, msg_id), sender, clock, run, time.monotonic())
+        try:
+            srv.policy(table).pull((sender, msg_id), sender, clock, run, time.monotonic())
+        except Exception as err:
+            srv.counters["errors"] += 1
+            srv.timings.observe(("pull", getattr(err, "code", "internal")), time.perf_counter() - started)
+            data.answer_error(route, Message("pull", id=msg_id, sender=sender, table=name, ring=srv.ring.version,
+                                             clock=clock), err)
+            return
         srv.timings.observe(("pull", "ok"), time.perf_counter() - started)
-        return True

@@ -60,8 +60,8 @@ def send_frames(sock: zmq.Socket, frames: list) -> None:
 
 def recv_frames(sock: zmq.Socket, copied: int) -> list:
     """Receive one multipart message without blocking: its first ``copied`` frames as
-    bytes (identity and header: small, and read at once), the rest as zmq.Frame, so a
-    payload is never copied (``np.frombuffer`` reads it in place)."""
+    bytes (a ROUTER's identity), the rest as zmq.Frame, so neither a payload nor an
+    oversized header is copied (``np.frombuffer`` reads them in place)."""
     parts = [_recv(sock, _NOBLOCK, copied > 0)]
     i = 1
     while _get(sock, _RCVMORE):
@@ -120,7 +120,7 @@ class RpcSocket:
                  router: bool = False, concurrent: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None,
                  identify: bool | frozenset[str] = False, fast: FastHandler | None = None,
-                 busy_poll: float = 0.0):
+                 busy_poll: float = 0.0, spin_ok: Callable[[], bool] | None = None):
         self.sock = sock
         self.node_id = node_id
         self.limits = limits
@@ -138,6 +138,7 @@ class RpcSocket:
         #: seconds to keep checking for the next message after handling one, before
         #: the loop may sleep (config busy_poll_us); 0: sleep at once
         self.busy_poll = busy_poll
+        self.spin_ok = spin_ok
         self._running: set[asyncio.Task] = set()
         #: the same socket without zmq.asyncio's wrapper: read from a loop callback
         self.raw = zmq.Socket.shadow(sock.underlying)
@@ -264,16 +265,23 @@ class RpcSocket:
             return
         self._draining = True  # sends in here need no re-check: the pass reads on
         raw = self.raw
-        # identity and header come as bytes, unless the handler reads the sender's role
-        # from the header frame (User-Id is a property of a zmq.Frame)
-        copied = (1 if self.router else 0) + (0 if self.identify else 1)
+        # a ROUTER's identity frame (at most 255 bytes) as bytes; the header stays a
+        # zmq.Frame: a peer may send one far over max_header_bytes, and decode refuses
+        # it before anything copies it (User-Id, the sender's role, is read off it too)
+        copied = 1 if self.router else 0
         try:
+            until = None  # busy polling: the pass spins for next messages until then
             for handled in range(DRAIN_BATCH):
                 try:
                     # ZMQ_EVENTS, not a NOBLOCK recv that ends in EAGAIN: as cheap, and
                     # no exception to build each time the queue runs dry
-                    if not _get(raw, _EVENTS) & _POLLIN and not (handled and self.busy_poll and self._spin()):
-                        return
+                    if not _get(raw, _EVENTS) & _POLLIN:
+                        if not (handled and self.busy_poll):
+                            return
+                        if until is None:  # one budget a pass: the loop's other work waits no longer
+                            until = time.perf_counter() + self.busy_poll
+                        if not self._spin(until):
+                            return
                     frames = recv_frames(raw, copied)
                 except zmq.ZMQError as err:
                     if err.errno not in (zmq.ENOTSOCK, zmq.ETERM):  # not merely closed under us
@@ -289,11 +297,14 @@ class RpcSocket:
         finally:
             self._draining = False
 
-    def _spin(self) -> bool:
-        """Check for a message for up to ``busy_poll`` seconds: True once one waits. A
+    def _spin(self, until: float) -> bool:
+        """Check for a message until ``until`` (perf_counter): True once one waits. A
         client's next request often follows within a round trip, and waking from the
-        loop's sleep costs tens of microseconds of it (docs/operations.md, Latency)."""
-        raw, until = self.raw, time.perf_counter() + self.busy_poll
+        loop's sleep costs tens of microseconds of it (docs/operations.md, Latency).
+        Not while ``spin_ok()`` says other work waits (a server's replica acks)."""
+        if self.spin_ok is not None and not self.spin_ok():
+            return False
+        raw = self.raw
         while time.perf_counter() < until:
             if _get(raw, _EVENTS) & _POLLIN:
                 return True
@@ -345,8 +356,9 @@ class RpcSocket:
             try:
                 if self.fast(route, frames):
                     return
-            except Exception:  # a bug in the fast path: the general one still answers
-                log.exception("%s: the fast path failed on a message; handling it the general way", self.node_id)
+            except Exception as err:  # a bug in the fast path's checks: the general one still answers
+                if self._refusals.note(f"fast/{type(err).__name__}", time.monotonic()) is not None:
+                    log.exception("%s: the fast path failed on a message; handling it the general way", self.node_id)
         try:
             msg = decode(frames, self.limits)
         except PsdError as err:
@@ -371,7 +383,7 @@ class RpcSocket:
         try:
             out = self.handler(route, msg)
         except Exception as err:
-            self._answer_error(route, msg, err)
+            self.answer_error(route, msg, err)
             return
         if out is None or type(out) is Message:
             if out is not None:
@@ -411,12 +423,14 @@ class RpcSocket:
         try:
             out = await pending
         except Exception as err:
-            self._answer_error(route, msg, err)
+            self.answer_error(route, msg, err)
             return
         if out is not None:
             self._send_reply(route, msg, out)
 
-    def _answer_error(self, route: Route, msg: Message, err: Exception) -> None:
+    def answer_error(self, route: Route, msg: Message, err: Exception) -> None:
+        """Reply to ``msg`` with the error (a PsdError as it is, anything else as an
+        internal error), and log it once per kind (RefusalLog)."""
         if isinstance(err, PsdError):
             # keyed by connection where there is one: a sender's name is its own claim
             who = route if route is not None else msg.sender
