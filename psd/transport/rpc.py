@@ -139,6 +139,7 @@ class RpcSocket:
         #: the loop may sleep (config busy_poll_us); 0: sleep at once
         self.busy_poll = busy_poll
         self.spin_ok = spin_ok
+        self._spin_on = False  # the last pass ended spinning with requests still coming
         self._running: set[asyncio.Task] = set()
         #: the same socket without zmq.asyncio's wrapper: read from a loop callback
         self.raw = zmq.Socket.shadow(sock.underlying)
@@ -276,12 +277,18 @@ class RpcSocket:
                     # ZMQ_EVENTS, not a NOBLOCK recv that ends in EAGAIN: as cheap, and
                     # no exception to build each time the queue runs dry
                     if not _get(raw, _EVENTS) & _POLLIN:
-                        if not (handled and self.busy_poll):
+                        if not (self.busy_poll and (handled or self._spin_on)):
                             return
                         if until is None:  # one budget a pass: the loop's other work waits no longer
-                            until = time.perf_counter() + self.busy_poll
+                            until, caught = time.perf_counter() + self.busy_poll, False
                         if not self._spin(until):
+                            # requests still coming when the budget ran out: spin on in
+                            # another pass, once the loop has run its other work
+                            self._spin_on = caught and time.perf_counter() >= until
+                            if self._spin_on:
+                                self._drain_soon()
                             return
+                        caught = True
                     frames = recv_frames(raw, copied)
                 except zmq.ZMQError as err:
                     if err.errno not in (zmq.ENOTSOCK, zmq.ETERM):  # not merely closed under us
