@@ -161,7 +161,8 @@ def _decode_array(i: int, desc, buf: memoryview, limits: Limits) -> np.ndarray:
         # the common case (uncompressed, well formed) with the fewest checks that cover it
         name, shape, _, nbytes = desc
         dtype = DTYPES.get(name) if type(name) is str else None
-        if dtype is not None and 1 <= len(shape) <= 2 and type(shape[0]) is int and 0 <= shape[0] <= limits.max_keys:
+        if (dtype is not None and 1 <= len(shape) <= 2 and type(shape[0]) is int
+                and 0 <= shape[0] <= min(limits.max_keys, limits.max_message_bytes)):
             width = shape[1] if len(shape) == 2 else 1
             if (type(width) is int and 0 <= width <= limits.max_message_bytes
                     and nbytes == shape[0] * width * dtype.itemsize == buf.nbytes <= limits.max_message_bytes):
