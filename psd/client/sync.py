@@ -17,12 +17,15 @@ import time
 
 import numpy as np
 import zmq
+from zmq.backend import zmq_poll
 
 from psd.client import aio, small_pull
-from psd.transport.heartbeat import HeartbeatThread
 from psd.config import ClusterConfig
+from psd.transport.heartbeat import HeartbeatThread
 from psd.transport.rpc import readable
 from psd.transport.sockets import tune_malloc
+
+_POLLIN = int(zmq.POLLIN)
 
 #: after a blocking call the loop runs one pass at most this often (seconds): the pass
 #: only handles what the call itself did not (push acknowledgements, ring notices), and
@@ -92,33 +95,28 @@ class KVWorker:
             self._tick()
 
     def _await(self, socks: list, done, read) -> None:
-        """``read()`` the sockets ``socks`` until ``done()``, for up to RETRY_TICK. With
+        """Wait for the sockets ``socks`` and ``read()`` them until ``done()``, for up to
+        RETRY_TICK (the request was just sent: no answer can be there yet). With
         ``busy_poll_us`` set, first spin that long checking for the answer, before
         sleeping in poll: waking a sleeping thread costs tens of microseconds."""
         deadline = time.monotonic() + aio.RETRY_TICK
         spin = self._busy_poll
-        poller = None
+        items = [(sock, _POLLIN) for sock in socks]
         while True:
-            read()
-            if done():
-                return
             left = deadline - time.monotonic()
             if left <= 0:
+                read()  # (whatever came at the last moment)
                 return
             if spin:
                 until, spin = time.perf_counter() + min(spin, left), 0.0
                 while time.perf_counter() < until:
                     if any(readable(sock) for sock in socks):
                         break
-                continue
-            if len(socks) == 1:
-                socks[0].poll(left * 1000)
             else:
-                if poller is None:
-                    poller = zmq.Poller()
-                    for sock in socks:
-                        poller.register(sock, zmq.POLLIN)
-                poller.poll(left * 1000)
+                zmq_poll(items, int(left * 1000) + 1)  # (pyzmq's Socket.poll builds a Poller each call)
+            read()
+            if done():
+                return
 
     @property
     def node_id(self) -> str:
