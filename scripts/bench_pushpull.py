@@ -30,8 +30,10 @@ ranges when there are two; so with 2 servers every dense/sparse request is split
 half between them, as a parameter server's traffic is. Small pulls of worker w go to
 server w % S only. The bare client splits its bytes the same way.
 
-Throughput figures are the median over repetitions (the best is in the JSON too); with
-2 workers, a repetition's rate is all workers' work over the span from the earliest
+A full run makes three rounds of psd, psd with busy polling and bare, in alternating
+order (``--rounds``), so that a machine whose speed drifts during the run favours
+neither side. Throughput figures are the median over the repetitions of every round
+(the best is in the JSON too); with 2 workers, a repetition's rate is all workers' work over the span from the earliest
 start to the latest end (workers start each repetition together behind a barrier).
 Latency percentiles pool every sample of every worker after warm-up.
 
@@ -127,11 +129,11 @@ def make_plan(quick: bool) -> dict:
         return {"mode": "quick", "dense_sizes": [1000, 100_000, 1_000_000],
                 "dense_iters": {1000: 100, 100_000: 20, 1_000_000: 4}, "reps": 3,
                 "fill": 1_000_000, "sparse_keys": 10_000, "lat_warmup": 200, "lat_samples": 1500,
-                "lat_keys": 10, "barrier_timeout": 60.0, "budget": 90.0}
+                "lat_keys": 10, "barrier_timeout": 60.0, "budget": 90.0, "rounds": 1}
     return {"mode": "full", "dense_sizes": [1000, 100_000, 10_000_000],
             "dense_iters": {1000: 200, 100_000: 50, 10_000_000: 3}, "reps": 5,
             "fill": 10_000_000, "sparse_keys": 100_000, "lat_warmup": 500, "lat_samples": 5000,
-            "lat_keys": 10, "barrier_timeout": 180.0, "budget": 600.0}
+            "lat_keys": 10, "barrier_timeout": 180.0, "budget": 600.0, "rounds": 3}
 
 
 # -- the two clients, behind one interface ---------------------------------------
@@ -427,6 +429,22 @@ def run_bare(num_servers: int, num_workers: int, plan: dict) -> list[dict]:
             _LIVE_PROCS.discard(p)
 
 
+def merge_rounds(before: list[dict] | None, now: list[dict]) -> list[dict]:
+    """Each worker's repetitions and latency samples of every round so far, as if one
+    round had run them all (a repetition still pools the workers of its own round)."""
+    if before is None:
+        return now
+    by_w = {w["w"]: w for w in now}
+    for w in before:
+        new = by_w[w["w"]]
+        for name, recs in new["tests"].items():
+            w["tests"].setdefault(name, []).extend(recs)
+        for name, samples in new["lat"].items():
+            w["lat"].setdefault(name, []).extend(samples)
+        w["prefill_s"] = max(w["prefill_s"], new["prefill_s"])
+    return before
+
+
 # -- reporting -----------------------------------------------------------------------
 def summarize(kind_results: dict, plan: dict, num_servers: int) -> dict:
     """{test: {"psd": value, "bare": value, "unit": ..., ...}} for one configuration."""
@@ -557,7 +575,8 @@ def plot(report: dict, path: Path) -> None:
         axes[2].axhline(TARGET_LAT_P50_US, color="red", linestyle="--", linewidth=1, label="p50 target")
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"psd vs bare pyzmq on loopback ({plan['mode']} run; medians of {plan['reps']} reps)")
+    fig.suptitle(f"psd vs bare pyzmq on loopback ({plan['mode']} run; medians of {plan.get('rounds', 1)} rounds "
+                 f"x {plan['reps']} reps, psd and bare alternating)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -571,11 +590,15 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="1x1,2x2",
                     help="comma-separated SERVERSxWORKERS configurations (default 1x1,2x2)")
     ap.add_argument("--budget", type=float, default=None, help="hard time limit in seconds for the whole run")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of psd, psd busy poll and bare, alternating order (default: 3 full, 1 quick)")
     args = ap.parse_args(argv)
     from psd.transport.sockets import tune_malloc
     tune_malloc()  # this process is worker 0 of both kinds: tune it before either runs
 
     plan = make_plan(args.quick)
+    if args.rounds:
+        plan["rounds"] = args.rounds
     budget = args.budget or plan["budget"]
     configs = [tuple(int(x) for x in c.lower().split("x")) for c in args.configs.split(",")]
     out = Path(args.out)
@@ -598,17 +621,24 @@ def main(argv=None) -> int:
         for S, W in configs:
             name = f"{S}s/{W}w"
             kind_results, errors, timings = {}, {}, {}
-            for kind, fn in (("psd", run_psd), (f"psd {BUSY}", run_psd_busy), ("bare", run_bare)):
-                t0 = time.monotonic()
-                print(f"[{time.monotonic() - started:6.1f} s] {name}: {kind} ...", file=sys.stderr, flush=True)
-                try:
-                    kind_results[kind] = fn(S, W, plan)
-                except KeyboardInterrupt:
-                    raise
-                except Exception:
-                    errors[kind] = traceback.format_exc()
-                    print(errors[kind], file=sys.stderr)
-                timings[kind] = time.monotonic() - t0
+            runs = (("psd", run_psd), (f"psd {BUSY}", run_psd_busy), ("bare", run_bare))
+            for rnd in range(plan["rounds"]):
+                # rounds alternate the order: a machine whose speed drifts during the run
+                # favours neither side
+                for kind, fn in (runs if rnd % 2 == 0 else runs[::-1]):
+                    if kind in errors:
+                        continue
+                    t0 = time.monotonic()
+                    print(f"[{time.monotonic() - started:6.1f} s] {name}: {kind}, round {rnd + 1} of "
+                          f"{plan['rounds']} ...", file=sys.stderr, flush=True)
+                    try:
+                        kind_results[kind] = merge_rounds(kind_results.get(kind), fn(S, W, plan))
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception:
+                        errors[kind] = traceback.format_exc()
+                        print(errors[kind], file=sys.stderr)
+                    timings[kind] = timings.get(kind, 0.0) + time.monotonic() - t0
             rows = summarize(kind_results, plan, S)
             prefill = {k: max(w["prefill_s"] for w in v) for k, v in kind_results.items()}
             report["configs"].append({"name": name, "servers": S, "workers": W, "rows": rows,
@@ -630,7 +660,8 @@ def finish(report: dict, plan: dict, out: Path, started: float) -> None:
         print()
         print(f"psd push/pull benchmark, {plan['mode']} mode, {report['host']['cpus']} CPUs, "
               f"pyzmq {report['host'].get('pyzmq')} / libzmq {report['host'].get('libzmq')}; "
-              f"throughput = median of {plan['reps']} reps; MB = 1e6 B (pushed + pulled); "
+              f"throughput = median of {plan['rounds']} rounds x {plan['reps']} reps, psd and bare "
+              f"alternating; MB = 1e6 B (pushed + pulled); "
               f"op = push+wait+pull; psd/bare > 1 is better for rates, worse for latency")
         print("psd runs with security: none here, as plaintext as the bare pyzmq baseline; "
               "the cost of CurveZMQ (on by default) is measured by scripts/bench_security.py")
