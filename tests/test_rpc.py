@@ -138,3 +138,50 @@ async def test_repeated_rejections_are_logged_once_then_counted(caplog):
         rpc.close()
         dealer.close(0)
         ctx.term()
+
+
+def _dealer(endpoint: str, identity: bytes) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.connect(endpoint)
+    return sock
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("reroute_first", [False, True])
+async def test_a_reply_from_a_peers_new_connection_reaches_its_request(reroute_first):
+    """A peer whose connection ZeroMQ re-made (a new identity) answers a request sent to
+    the old one: once the owner of the socket says both are the same peer (the scheduler
+    does on the node's next heartbeat), the reply is delivered, whichever came first. A
+    reply from any other connection is still never taken for it."""
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    rpc = RpcSocket(router, "sched-test", router=True)
+    serving = asyncio.ensure_future(rpc.serve())
+    old, new, other = _dealer(endpoint, b"old"), _dealer(endpoint, b"new"), _dealer(endpoint, b"other")
+    try:
+        await asyncio.sleep(0.2)  # connected
+        fut = rpc.request(Message("transfer"), b"old")
+        got = await asyncio.get_running_loop().run_in_executor(None, lambda: old.poll(3000) and old.recv_multipart())
+        request = decode(got)
+        other.send_multipart(encode(request.reply(sender="intruder")))
+        await asyncio.sleep(0.2)
+        assert not fut.done(), "a reply from an unrelated connection was taken"
+        if reroute_first:
+            rpc.reroute(b"old", b"new")
+        new.send_multipart(encode(request.reply(sender="S1", meta={"copied": 7})))
+        await asyncio.sleep(0.2)
+        assert not fut.done() or reroute_first
+        if not reroute_first:
+            rpc.reroute(b"old", b"new")
+        reply = await asyncio.wait_for(fut, 2)
+        assert reply.meta == {"copied": 7} and reply.sender == "S1"
+    finally:
+        serving.cancel()
+        rpc.close()
+        for sock in (old, new, other):
+            sock.close(0)
+        ctx.term()

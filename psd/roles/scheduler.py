@@ -244,8 +244,10 @@ class Scheduler:
         if msg.meta.get("link", True):
             # heartbeats on a node's registration connection renew its route (after a
             # scheduler restart ZeroMQ reconnects it under a new identity); the sync
-            # client's heartbeat thread has its own socket and says link=False
-            self.routes[msg.sender] = route
+            # client's heartbeat thread has its own socket and says link=False;
+            # what we asked it on the old connection is answered on the new one
+            old, self.routes[msg.sender] = self.routes.get(msg.sender), route
+            self.rpc.reroute(old, route)
         # only a live member's numbers are kept: a dead or departed node's stay as they were
         role = self.liveness.peers[msg.sender].role if state == State.ACTIVE else None
         if role == "worker":

@@ -157,6 +157,10 @@ class RpcSocket:
         #: on a ROUTER: request id -> the connection it went to; a reply from any other
         #: connection is dropped (a peer guessing ids must not answer for another node)
         self._asked: dict[int, bytes] = {}
+        #: replies that came from another connection than their request went to, kept
+        #: until ``reroute`` says that connection is now the same peer (ZeroMQ gave a
+        #: reconnected peer a new identity): request id -> (connection, reply)
+        self._strays: dict[int, tuple[bytes, Message]] = {}
         self.bytes_in = 0
         self.bytes_out = 0
         self.messages_in = 0
@@ -212,6 +216,21 @@ class RpcSocket:
         """Stop waiting for the reply to request ``msg_id``."""
         self.pending.pop(msg_id, None)
         self._asked.pop(msg_id, None)
+        self._strays.pop(msg_id, None)
+
+    def reroute(self, old: Route, new: Route) -> None:
+        """The peer that spoke from connection ``old`` now speaks from ``new`` (the
+        caller knows it is the same node: it authenticated itself there). Requests
+        sent to it are answered from ``new`` from now on, and a reply that already
+        came from there is delivered."""
+        if old is None or old == new:
+            return
+        for msg_id, asked in list(self._asked.items()):
+            if asked == old:
+                self._asked[msg_id] = new
+                stray = self._strays.pop(msg_id, None)
+                if stray is not None and stray[0] == new:
+                    self._resolve(stray[1], new)
 
     async def call(self, msg: Message, route: Route = None, timeout: float | None = 10.0) -> Message:
         fut = self.request(msg, route)
@@ -376,11 +395,7 @@ class RpcSocket:
             self._reject(route, frames, ProtocolError(f"message could not be decoded: {err!r}"))
             return
         if msg.op in REPLY_OPS:
-            if self.router and not self._from_asked(msg.id, route):
-                return
-            fut = self.pending.pop(msg.id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+            self._resolve(msg, route)
             return
         if self.handler is None:
             return
@@ -407,6 +422,14 @@ class RpcSocket:
                 self._loop.remove_reader(self._fd)
             task.add_done_callback(self._resume)
 
+    def _resolve(self, reply: Message, route: Route) -> None:
+        if self.router and not self._from_asked(reply.id, route):
+            self._strays[reply.id] = (route, reply)  # (one per request: bounded by _asked)
+            return
+        fut = self.pending.pop(reply.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+
     def _from_asked(self, msg_id, route: Route) -> bool:
         """A reply on a ROUTER: True if it came from the connection its request went to
         (and then forget that request's route)."""
@@ -414,10 +437,11 @@ class RpcSocket:
         if asked is False:
             return True  # no such request (any more): nothing to resolve
         if asked != route:
-            log.warning("%s: dropped a reply to request %d from a connection the request was not sent to",
-                        self.node_id, msg_id)
+            log.warning("%s: a reply to request %d came from a connection the request was not sent to; "
+                        "kept until that connection is known to be the same peer", self.node_id, msg_id)
             return False
         del self._asked[msg_id]
+        self._strays.pop(msg_id, None)
         return True
 
     def _resume(self, _task) -> None:
@@ -487,6 +511,7 @@ class RpcSocket:
                 fut.set_exception(err)
         self.pending.clear()
         self._asked.clear()
+        self._strays.clear()
 
     def close(self) -> None:
         """Stop reading and close the socket (pending requests are failed by the caller;
