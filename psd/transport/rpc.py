@@ -155,7 +155,8 @@ class RpcSocket:
         self.pending: dict[int, asyncio.Future] = {}
         self._refusals = RefusalLog()  # rejected requests: one log line per kind a minute
         #: on a ROUTER: request id -> the connection it went to; a reply from any other
-        #: connection is dropped (a peer guessing ids must not answer for another node)
+        #: connection never resolves it (a peer guessing ids must not answer for another
+        #: node), unless ``reroute`` says that connection is the same peer
         self._asked: dict[int, bytes] = {}
         #: replies that came from another connection than their request went to, kept
         #: until ``reroute`` says that connection is now the same peer (ZeroMQ gave a
@@ -437,8 +438,11 @@ class RpcSocket:
         if asked is False:
             return True  # no such request (any more): nothing to resolve
         if asked != route:
-            log.warning("%s: a reply to request %d came from a connection the request was not sent to; "
-                        "kept until that connection is known to be the same peer", self.node_id, msg_id)
+            repeats = self._refusals.note(f"stray/{route!r}", time.monotonic())
+            if repeats is not None:  # (one line per connection a minute: ids can be guessed)
+                log.warning("%s: a reply to request %d came from a connection the request was not sent to; "
+                            "kept until that connection is known to be the same peer%s", self.node_id, msg_id,
+                            f" ({repeats} more like it not logged)" if repeats else "")
             return False
         del self._asked[msg_id]
         self._strays.pop(msg_id, None)
