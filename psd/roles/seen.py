@@ -81,12 +81,13 @@ class Covered:
     #: how many original requests with pieces are remembered (pieces exist only around
     #: ring changes)
     PIECES_KEPT = 4096
-    #: how many copied-in ids are remembered
-    COPIED_KEPT = 1 << 16
-
-    def __init__(self) -> None:
+    def __init__(self, window: int = WINDOW) -> None:
         self._pieces: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
-        self._copied: OrderedDict[tuple[str, int], list[Range]] = OrderedDict()
+        #: copied-in ids per sender, the newest ``window`` of each (as Seen keeps them:
+        #: one bound for all senders let a copy carrying many senders' ids push out
+        #: the recent ids of the first, whose resends would then apply twice)
+        self.window = window
+        self._copied: dict[str, OrderedDict[int, list[Range]]] = {}
 
     @staticmethod
     def _row_keys(rows: Rows) -> np.ndarray:
@@ -105,16 +106,23 @@ class Covered:
             self._pieces.popitem(last=False)
 
     def note_copy(self, r: Range, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
-        for ident in ids_of_arrays(senders, counts, rids):
-            self._copied.setdefault(ident, []).append(r)
-            self._copied.move_to_end(ident)
-        while len(self._copied) > self.COPIED_KEPT:
-            self._copied.popitem(last=False)
+        for sender, rid in ids_of_arrays(senders, counts, rids):
+            ids = self._copied.setdefault(sender, OrderedDict())
+            ranges = ids.setdefault(rid, [])
+            if r not in ranges:
+                ranges.append(r)
+            ids.move_to_end(rid)
+            if len(ids) > self.window:
+                ids.popitem(last=False)
 
     def copied_into(self, r: Range) -> list[tuple[str, int]]:
         """Ids copied in for rows that overlap ``r`` (passed on when we copy ``r`` out)."""
-        return [ident for ident, ranges in self._copied.items()
+        return [(sender, rid) for sender, ids in self._copied.items() for rid, ranges in ids.items()
                 if any(c.begin < r.end and r.begin < c.end for c in ranges)]
+
+    def _copies_of(self, ident: tuple[str, int]) -> list[Range]:
+        ids = self._copied.get(ident[0])
+        return ids.get(ident[1], []) if ids is not None else []
 
     def not_applied(self, rows: Rows, ids) -> Rows | None:
         """``rows`` minus those already applied here under one of ``ids`` by a piece or
@@ -122,7 +130,7 @@ class Covered:
         if not rows.count:
             return rows  # an empty push still counts for the consistency bookkeeping
         pieces = [k for ident in ids for k in self._pieces.get(ident, ())]
-        copied = [c for ident in ids for c in self._copied.get(ident, ())]
+        copied = [c for ident in ids for c in self._copies_of(ident)]
         if not pieces and not copied:
             return rows
         keys = self._row_keys(rows)

@@ -1,0 +1,46 @@
+"""Covered's memory of copied-in request ids (psd/roles/seen.py), as pure logic: a
+resend of a recent request must not apply the rows a range copy already brought in,
+however many senders' ids that copy carried."""
+from __future__ import annotations
+
+import numpy as np
+
+from psd.cluster.ranges import Range
+from psd.cluster.rows import Rows
+from psd.roles.seen import WINDOW, Covered
+
+
+def _copy_arrays(ids_per_sender: dict[str, range]):
+    senders = list(ids_per_sender)
+    counts = np.array([len(ids_per_sender[s]) for s in senders], dtype=np.uint64)
+    rids = np.concatenate([np.array(ids_per_sender[s], dtype=np.uint64) for s in senders])
+    return senders, counts, rids
+
+
+def test_a_copy_of_many_senders_keeps_each_senders_recent_ids():
+    """Two workers with more ids each than one window: the copy comes in sender by
+    sender. A single bound for all senders kept only the second one's ids, so a resend
+    of W1's newest request applied the copied rows a second time."""
+    covered = Covered()
+    r = Range(100, 200)
+    n = WINDOW + 5000
+    covered.note_copy(r, *_copy_arrays({"W1": range(n), "W2": range(n)}))
+    rows = Rows(keys=np.array([150, 250], dtype=np.uint64), values=np.ones((2, 1), np.float32))
+    for sender in ("W1", "W2"):
+        left = covered.not_applied(rows, [(sender, n - 1)])  # the newest: may still be resent
+        assert left is not None and left.keys.tolist() == [250], sender  # the copied row is not applied again
+        # the oldest ids, beyond each sender's window, are forgotten (they are never resent)
+        assert covered.not_applied(rows, [(sender, 0)]) is rows
+    assert len(covered.copied_into(Range(0, 300))) == 2 * WINDOW
+    assert covered.copied_into(Range(300, 400)) == []
+
+
+def test_a_range_copied_in_twice_is_remembered_once_per_id():
+    covered = Covered(window=8)
+    for _ in range(3):
+        covered.note_copy(Range(0, 10), *_copy_arrays({"W1": range(4)}))
+    covered.note_copy(Range(10, 20), *_copy_arrays({"W1": range(2, 6)}))
+    rows = Rows(keys=np.array([5, 15, 25], dtype=np.uint64), values=np.ones((3, 1), np.float32))
+    assert covered.not_applied(rows, [("W1", 3)]).keys.tolist() == [25]  # in both copies
+    assert covered.not_applied(rows, [("W1", 1)]).keys.tolist() == [15, 25]
+    assert covered.not_applied(rows, [("W1", 5)]).keys.tolist() == [5, 25]
