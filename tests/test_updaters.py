@@ -222,3 +222,18 @@ def test_float_tables_only(updater):
 def test_table_level_options_are_not_updater_options():
     spec = TableSpec("w", 1, "float32", "ftrl", {"consistency": "sequential", "alpha": 0.2}).validate()
     assert Table(spec).updater.alpha == 0.2
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({f"o{i}": i for i in range(17)}, "at most 16 options, got 17"),
+    ({"x" * 65: 1}, "option names must be strings of 1 to 64 characters"),
+    ({"note": "y" * 65}, "option 'note' must be a number, true/false or a string of at most 64"),
+    ({"nested": {"a": [1, 2, 3]}}, "option 'nested' must be a number, true/false or a string"),
+    ({"blob": b"\x00" * 10}, "option 'blob' must be a number"),
+])
+def test_table_options_are_a_few_named_scalars(options, needle):
+    """Any updater: a spec is in every status reply and every server's memory, so what a
+    client may put in its options is bounded before anything is created."""
+    with pytest.raises(psd.BadRequestError, match=needle):
+        TableSpec("w", 1, "float32", "sum", options).validate()
+    assert TableSpec("w", 1, "float32", "sum", {f"o{i}": "z" * 64 for i in range(16)}).validate()

@@ -54,6 +54,9 @@ def check_namespace(namespace) -> str:
 
 #: pulls of fewer keys than this take the direct lookup (Table.pull)
 SMALL_PULL = 64
+#: bounds of a table's options (TableSpec.validate)
+MAX_OPTIONS = 16
+MAX_OPTION_TEXT = 64
 
 class Usage:
     """Bytes of table storage one server holds, shared by its tables, so that checking
@@ -82,6 +85,7 @@ class TableSpec:
             raise BadRequestError(f"table {self.name!r}: dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
         if not isinstance(self.options, dict):
             raise BadRequestError(f"table {self.name!r}: options must be a map")
+        self._check_option_sizes()
         make_updater(self.updater, self.np_dtype, self.options, self.width)  # raises on a bad name/option/width
         consistency = self.options.get("consistency")
         if consistency is not None and consistency not in ("sequential", "bounded", "eventual"):
@@ -93,6 +97,21 @@ class TableSpec:
             raise BadRequestError(f"table {self.name!r}: max_delay must be an integer >= 0 or 'auto', "
                                   f"got {delay!r}")
         return self
+
+    def _check_option_sizes(self) -> None:
+        """Options are a few named scalars: a spec is in every status reply and every
+        server's memory, so its size is bounded whatever the updater accepts."""
+        if len(self.options) > MAX_OPTIONS:
+            raise BadRequestError(f"table {self.name!r}: at most {MAX_OPTIONS} options, got {len(self.options)}")
+        for key, value in self.options.items():
+            if not isinstance(key, str) or not 0 < len(key) <= MAX_OPTION_TEXT:
+                raise BadRequestError(f"table {self.name!r}: option names must be strings of 1 to "
+                                      f"{MAX_OPTION_TEXT} characters, got {key!r:.80}")
+            if not (value is None or isinstance(value, (bool, int, float))
+                    or (isinstance(value, str) and len(value) <= MAX_OPTION_TEXT)):
+                raise BadRequestError(f"table {self.name!r}: option {key!r} must be a number, true/false or a "
+                                      f"string of at most {MAX_OPTION_TEXT} characters, got {type(value).__name__} "
+                                      f"{value!r:.80}")
 
     @cached_property  # (asked on every request; a spec never changes)
     def consistency_override(self) -> dict:
