@@ -333,7 +333,7 @@ class RpcSocket:
             return False
         raw = self.raw
         while time.perf_counter() < until:
-            if _get(raw, _EVENTS) & _POLLIN:
+            if readable(raw):
                 return True
         return False
 
