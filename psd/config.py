@@ -58,6 +58,11 @@ class ClusterConfig:
     #: a good part of a small pull's round trip; spinning costs a core meanwhile, so leave
     #: it 0 when workers share cores with servers (docs/operations.md, "Latency")
     busy_poll_us: int = 0
+    #: microseconds a server keeps checking for the next request after answering one,
+    #: only while its requests come within that long of each other (a client in a
+    #: request-reply loop): an idle server, or one whose clients compute between
+    #: requests, sleeps at once (0: never; at most heartbeat_interval / 4)
+    adaptive_poll_us: int = 300
     #: seconds a daemon may take to bind and join the cluster before it exits with code 3
     startup_timeout: float = 60.0
     compression: str = "none"
@@ -198,6 +203,8 @@ RULES: dict[str, Rule] = {
     "request_timeout": _positive_seconds(),
     "busy_poll_us": Rule(lambda v: _integer(v) and 0 <= v <= 1_000_000, "an integer number of microseconds "
                          "from 0 (sleep at once) to 1000000", _text_int),
+    "adaptive_poll_us": Rule(lambda v: _integer(v) and 0 <= v <= 1_000_000, "an integer number of "
+                             "microseconds from 0 (never spin) to 1000000", _text_int),
     "startup_timeout": _positive_seconds(),
     "compression": _choice("none", "zstd"),
     "consistency": _choice("sequential", "bounded", "eventual"),
@@ -306,12 +313,13 @@ def _cross_checks(values: dict, where, problems: list[str]) -> None:
         problems.append(f"{where(key)}: expected worker_timeout ({get('worker_timeout')!r} s) above "
                         f"heartbeat_interval ({get('heartbeat_interval')!r} s), or every worker looks dead "
                         f"between two heartbeats")
-    if ("busy_poll_us" in values or "heartbeat_interval" in values) and \
-            get("busy_poll_us") * 1e-6 > get("heartbeat_interval") / 4:
-        key = "busy_poll_us" if "busy_poll_us" in values else "heartbeat_interval"
-        problems.append(f"{where(key)}: expected busy_poll_us ({get('busy_poll_us')!r}) at most a quarter of "
-                        f"heartbeat_interval ({get('heartbeat_interval')!r} s), or a spinning server holds "
-                        f"back its own heartbeats")
+    for spin in ("busy_poll_us", "adaptive_poll_us"):
+        if (spin in values or "heartbeat_interval" in values) and \
+                get(spin) * 1e-6 > get("heartbeat_interval") / 4:
+            key = spin if spin in values else "heartbeat_interval"
+            problems.append(f"{where(key)}: expected {spin} ({get(spin)!r}) at most a quarter of "
+                            f"heartbeat_interval ({get('heartbeat_interval')!r} s), or a spinning server "
+                            f"holds back its own heartbeats")
 
 
 def _limits(raw, where, problems: list[str]) -> ClusterLimits:

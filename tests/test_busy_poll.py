@@ -1,7 +1,9 @@
-"""``busy_poll_us``: spin instead of sleeping for a while, on a real server and a real
-client. The spinning is seen where it costs: CPU time that a sleeping process would
-not use. Off (the default) nothing spins, a spin always ends, and a server that spins
-under steady traffic still runs its heartbeats and never takes itself for stalled.
+"""``busy_poll_us`` and ``adaptive_poll_us``: spin instead of sleeping for a while, on a
+real server and a real client. The spinning is seen where it costs: CPU time that a
+sleeping process would not use. ``busy_poll_us`` off (the default) nothing spins but
+the adaptive server spin, which follows only requests that come close together; a spin
+always ends, and a server that spins under steady traffic still runs its heartbeats and
+never takes itself for stalled.
 
 The first two tests use a 1 s heartbeat so that a spin may last long enough (up to a
 quarter of it) to be measured in CPU time."""
@@ -104,3 +106,35 @@ def test_a_server_under_steady_traffic_spins_in_bounded_passes():
         log = cluster.servers[0].log_path.read_text()
     assert "stalled" not in log, log[-2000:]
     assert slowest < 0.5, f"a pull took {slowest:.2f} s"
+
+
+def _server_cpu_after_bursts(adaptive_us: int) -> tuple[float, float]:
+    """CPU the server spends in the 0.6 s after the last of 30 back-to-back pulls, and
+    over four pulls 0.3 s apart."""
+    with psd.LocalCluster(servers=1, adaptive_poll_us=adaptive_us, heartbeat_interval=1.0) as cluster, \
+            psd.connect(cluster) as kv:
+        t = kv.table("w", width=1, dtype="int64")
+        kv.wait(t.push(KEYS, np.arange(KEYS.size, dtype=np.int64).reshape(-1, 1)))
+        pid = cluster.servers[0].pid
+        time.sleep(0.6)
+        for _ in range(30):  # each request follows the last answer within a round trip
+            np.testing.assert_array_equal(t.pull(KEYS).ravel(), np.arange(KEYS.size))
+        before = _cpu(pid)
+        time.sleep(0.6)
+        burst = _cpu(pid) - before
+        before = _cpu(pid)
+        for _ in range(4):  # further apart than the 0.2 s budget
+            np.testing.assert_array_equal(t.pull(KEYS).ravel(), np.arange(KEYS.size))
+            time.sleep(0.3)
+        return burst, _cpu(pid) - before
+
+
+def test_a_server_spins_adaptively_only_while_requests_come_close_together():
+    burst, spaced = _server_cpu_after_bursts(200_000)
+    plain_burst, plain_spaced = _server_cpu_after_bursts(0)
+    # after a burst the server checks for a next request for the whole 0.2 s budget
+    # (0.2 s of CPU alone, less on a loaded machine); requests 0.3 s apart never make it
+    # spin, nor does anything with adaptive_poll_us 0
+    assert burst >= 0.08, f"adaptive_poll_us=200000: the server used {burst:.2f} s of CPU after a burst"
+    assert spaced < 0.06, f"adaptive_poll_us=200000: {spaced:.2f} s of CPU over pulls 0.3 s apart"
+    assert plain_burst < 0.06 and plain_spaced < 0.06, (plain_burst, plain_spaced)

@@ -28,6 +28,7 @@ BAD = {
     "vnodes": [-3, 0, [16]],
     "request_timeout": ["30s", 0, None],
     "busy_poll_us": [-1, 1.5, True, 2_000_000, "100"],
+    "adaptive_poll_us": [-1, 0.5, False, 1_000_001, "300"],
     "startup_timeout": [0, -1, False],
     "compression": ["gzip", 1],
     "consistency": ["strong", "BSP"],
@@ -59,6 +60,7 @@ GOOD = {
     "vnodes": [(64, 64)],
     "request_timeout": [(5, 5)],
     "busy_poll_us": [(0, 0), (500, 500)],
+    "adaptive_poll_us": [(0, 0), (1000, 1000)],
     "startup_timeout": [(0.5, 0.5)],
     "compression": [("zstd", "zstd"), ("none", "none")],
     "consistency": [("sequential", "sequential"), ("bounded", "bounded")],
@@ -91,6 +93,7 @@ TEXT = {
     "vnodes": ("32", 32),
     "request_timeout": ("12", 12.0),
     "busy_poll_us": ("250", 250),
+    "adaptive_poll_us": ("0", 0),
     "startup_timeout": ("3", 3.0),
     "compression": ("zstd", "zstd"),
     "consistency": ("bounded", "bounded"),
@@ -169,6 +172,12 @@ def test_cross_rules():
                                           r"heartbeat_interval \(0.1 s\)"):
         config_from_dict({"busy_poll_us": 30000})
     assert config_from_dict({"busy_poll_us": 30000, "heartbeat_interval": 0.2}).busy_poll_us == 30000
+    with pytest.raises(ConfigError, match=r"adaptive_poll_us: expected adaptive_poll_us \(30000\) at most a quarter"):
+        config_from_dict({"adaptive_poll_us": 30000})
+    # the default (300 us) holds a heartbeat_interval down to 1.2 ms, and names it below that
+    assert config_from_dict({"heartbeat_interval": 0.0012}).adaptive_poll_us == 300
+    with pytest.raises(ConfigError, match=r"heartbeat_interval: expected adaptive_poll_us \(300\) at most a quarter"):
+        config_from_dict({"heartbeat_interval": 0.001})
 
 
 def test_every_problem_of_a_file_reported_together_with_line_and_key(tmp_path):
@@ -196,7 +205,7 @@ def test_every_problem_of_a_file_reported_together_with_line_and_key(tmp_path):
 
 
 def test_unknown_key_without_a_near_match_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"<dict>: zzz: unknown key; known: auto_delay_bounds, bind, "):
+    with pytest.raises(ConfigError, match=r"<dict>: zzz: unknown key; known: adaptive_poll_us, auto_delay_bounds, bind, "):
         config_from_dict({"zzz": 1})
     with pytest.raises(ConfigError, match=r"limits.zzz: unknown limit; known: max_frames"):
         config_from_dict({"limits": {"zzz": 1}})

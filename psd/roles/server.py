@@ -117,6 +117,7 @@ class Server:
         self.data = RpcSocket(sock, self.node_id, limits=limits, compression=self.config.compression,
                               handler=self.handle, router=True, fast=FastPull(self),
                               busy_poll=self.config.busy_poll_us * 1e-6,
+                              adaptive_poll=self.config.adaptive_poll_us * 1e-6,
                               # not while a push waits for its replicas' acks (on the peers'
                               # sockets, which the loop reads only once the spin is over)
                               spin_ok=lambda: not self.acks,

@@ -19,6 +19,7 @@ from zmq.backend import Socket as _Backend
 from psd.codec import Limits, Message, decode, encode
 from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, error_from_wire
 from psd.transport.refusals import RefusalLog
+from psd.transport.spin import Spin
 
 log = logging.getLogger("psd.transport")
 
@@ -120,7 +121,8 @@ class RpcSocket:
                  router: bool = False, concurrent: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None,
                  identify: bool | frozenset[str] = False, fast: FastHandler | None = None,
-                 busy_poll: float = 0.0, spin_ok: Callable[[], bool] | None = None):
+                 busy_poll: float = 0.0, adaptive_poll: float = 0.0,
+                 spin_ok: Callable[[], bool] | None = None):
         self.sock = sock
         self.node_id = node_id
         self.limits = limits
@@ -135,9 +137,9 @@ class RpcSocket:
         #: CurveZMQ ROUTER has it to read
         self.identify = identify
         self.fast = fast
-        #: seconds to keep checking for the next message after handling one, before
-        #: the loop may sleep (config busy_poll_us); 0: sleep at once
-        self.busy_poll = busy_poll
+        #: how long to keep checking for the next message after handling one, before
+        #: the loop may sleep (config busy_poll_us and adaptive_poll_us, in seconds)
+        self.spin = Spin(busy_poll, adaptive_poll)
         self.spin_ok = spin_ok
         self._spin_on = False  # the last pass ended spinning with requests still coming
         self._running: set[asyncio.Task] = set()
@@ -290,6 +292,7 @@ class RpcSocket:
         # zmq.Frame: a peer may send one far over max_header_bytes, and decode refuses
         # it before anything copies it (User-Id, the sender's role, is read off it too)
         copied = 1 if self.router else 0
+        spin = self.spin
         try:
             until = None  # busy polling: the pass spins for next messages until then
             for handled in range(DRAIN_BATCH):
@@ -297,10 +300,14 @@ class RpcSocket:
                     # ZMQ_EVENTS, not a NOBLOCK recv that ends in EAGAIN: as cheap, and
                     # no exception to build each time the queue runs dry
                     if not _get(raw, _EVENTS) & _POLLIN:
-                        if not (self.busy_poll and (handled or self._spin_on)):
+                        if not (spin and (handled or self._spin_on)):
                             return
+                        now = time.perf_counter()
+                        budget = spin.budget(now)  # (also notes when the queue ran dry)
                         if until is None:  # one budget a pass: the loop's other work waits no longer
-                            until, caught = time.perf_counter() + self.busy_poll, False
+                            if not budget:
+                                return
+                            until, caught = now + budget, False
                         if not self._spin(until):
                             # requests still coming when the budget ran out: spin on in
                             # another pass, once the loop has run its other work
@@ -309,6 +316,8 @@ class RpcSocket:
                                 self._drain_soon()
                             return
                         caught = True
+                    if spin.dry_at is not None:
+                        spin.arrived(time.perf_counter())
                     frames = recv_frames(raw, copied)
                 except zmq.ZMQError as err:
                     if err.errno not in (zmq.ENOTSOCK, zmq.ETERM):  # not merely closed under us
