@@ -11,7 +11,7 @@ from psd import aio
 from psd.client.sync import KVWorker, Table, connect
 from psd.config import ClusterConfig, load_config
 from psd.errors import (AuthError, BadRequestError, ConfigError, ForbiddenError, KeysError, LimitError,
-                        MessageTooLargeError, NotOwnerError, ProtocolError, PsdError, PsdTimeoutError, RemoteError,
+                        MessageTooLargeError, NotOwnerError, NotReplicatedError, ProtocolError, PsdError, PsdTimeoutError, RemoteError,
                         StartupError, TableMismatchError, UnknownTableError, UnknownUpdaterError,
                         ValuesError)
 from psd.local import LocalCluster
@@ -22,5 +22,5 @@ __all__ = [
     "aio", "connect", "KVWorker", "Table", "LocalCluster", "ClusterConfig", "load_config",
     "PsdError", "ConfigError", "StartupError", "ProtocolError", "MessageTooLargeError", "AuthError",
     "ForbiddenError", "BadRequestError", "KeysError", "ValuesError", "UnknownTableError", "UnknownUpdaterError",
-    "TableMismatchError", "NotOwnerError", "PsdTimeoutError", "RemoteError", "LimitError",
+    "TableMismatchError", "NotOwnerError", "NotReplicatedError", "PsdTimeoutError", "RemoteError", "LimitError",
 ]

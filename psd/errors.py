@@ -109,6 +109,14 @@ class NotOwnerError(PsdError):
     code = "not_owner"
 
 
+class NotReplicatedError(PsdError):
+    """A replica refused a push its primary applied: the push is not durable. The client
+    resends it under the same request id (applied once) until ``request_timeout``; raised
+    after that, naming the replica and its reason."""
+
+    code = "not_replicated"
+
+
 class PsdTimeoutError(PsdError):
     """No reply in time; the peer may be dead or overloaded."""
 
@@ -124,7 +132,7 @@ class RemoteError(PsdError):
 _BY_CODE = {cls.code: cls for cls in (
     PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError, ForbiddenError,
     BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
-    TableMismatchError, LimitError, NotOwnerError, PsdTimeoutError, RemoteError)}
+    TableMismatchError, LimitError, NotOwnerError, NotReplicatedError, PsdTimeoutError, RemoteError)}
 
 
 def error_from_wire(code: str, message: str, node: str | None, data: dict | None = None) -> PsdError:

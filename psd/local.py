@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -231,11 +232,13 @@ class LocalCluster:
         old._log.close()
         self._start_scheduler(self.scheduler, time.monotonic() + self.startup_timeout)
 
-    def add_server(self, wait: bool = True) -> Child:
+    def add_server(self, wait: bool = True, args: Sequence[str] = ()) -> Child:
         """Start one more server daemon; it copies its ranges in while the others serve
-        (with ``wait``, returns once the ring includes it)."""
+        (with ``wait``, returns once the ring includes it). ``args``: more flags for it
+        alone, e.g. ``("--limits-max-keys", "100")``."""
         child = Child(f"server{len(self.servers)}", daemon_argv(
-            "server", "--config", str(self.config_path), "--scheduler", self.scheduler), self.workdir, self._env)
+            "server", "--config", str(self.config_path), "--scheduler", self.scheduler, *args),
+            self.workdir, self._env)
         self.servers.append(child)
         if wait:
             child.wait_ready(time.monotonic() + self.startup_timeout)

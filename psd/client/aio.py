@@ -20,8 +20,8 @@ from psd.cluster.rows import Rows
 from psd.cluster.assignment import Assignment
 from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message
 from psd.config import ClusterConfig
-from psd.errors import (AuthError, MessageTooLargeError, NotOwnerError, ProtocolError, PsdError,
-                        PsdTimeoutError, StartupError)
+from psd.errors import (AuthError, MessageTooLargeError, NotOwnerError, NotReplicatedError, ProtocolError,
+                        PsdError, PsdTimeoutError, StartupError)
 from psd.store.table import TableSpec, check_namespace, qualified
 from psd.transport import RpcSocket, async_context, connect_dealer, security
 from psd.transport.security import Curve, HandshakeWatch, refusal_error
@@ -231,28 +231,42 @@ class AsyncKVWorker:
     async def _finish(self, spec: TableSpec, pending: dict) -> tuple[list[Part], list[Message]]:
         """Await every part. A part refused as not-owner, or still unanswered when the
         ring changes (its server died or handed the range over), is re-cut by the new
-        ring and resent under the same request id, so it is applied exactly once.
-        Returns the final parts (re-planning may split them) with their replies."""
+        ring and resent under the same request id, so it is applied exactly once. A push
+        answered not_replicated (a replica refused it) is resent the same way until
+        ``request_timeout``, then raised. Returns the final parts (re-planning may split
+        them) with their replies."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout
         done: list[tuple[Part, Message]] = []
         next_refresh = loop.time() + RING_POLL
+        unreplicated_reply = None  # the last not_replicated answer, raised at the deadline
         while pending:
             await asyncio.wait([f for _, f, _ in pending.values()], timeout=RETRY_TICK,
                                return_when=asyncio.FIRST_COMPLETED)
-            refused = []
+            refused, unreplicated = [], []
             for key, (part, fut, version) in list(pending.items()):
                 if fut.done():
                     del pending[key]
                     reply = fut.result()
-                    if reply.op == "error" and reply.meta.get("code") == NotOwnerError.code:
+                    code = reply.meta.get("code") if reply.op == "error" else None
+                    if code == NotOwnerError.code:
                         refused.append(part)
+                    elif code == NotReplicatedError.code and loop.time() < deadline:
+                        unreplicated.append(part)  # applied on the primary, not yet on a replica
+                        unreplicated_reply = reply
                     else:
                         done.append((part, raise_if_error(reply)))
                 elif version != self.ring.version and self._moved(part):
                     del pending[key]
                     fut.cancel()
                     refused.append(part)
+            if unreplicated:
+                # the same request again, after a pause: the primary answers a resend by
+                # forwarding it again, and each server applies it once
+                await asyncio.sleep(RETRY_TICK)
+                for part in unreplicated:
+                    for sub in self._recut(part, spec):
+                        pending[id(sub)] = (sub, self._send(sub), self.ring.version)
             if refused:
                 if loop.time() > deadline:
                     raise NotOwnerError(f"{len(refused)} request part(s) still misrouted at ring "
@@ -264,6 +278,8 @@ class AsyncKVWorker:
                     for sub in self._recut(part, spec):
                         pending[id(sub)] = (sub, self._send(sub), self.ring.version)
             elif pending and loop.time() > deadline:
+                if unreplicated_reply is not None:
+                    raise_if_error(unreplicated_reply)
                 part = next(iter(pending.values()))[0]
                 raise PsdTimeoutError(f"{part.server} did not answer {part.msg.op} within "
                                       f"{self.config.request_timeout} s", node=part.server)

@@ -180,9 +180,13 @@ def _decode_array(i: int, desc, buf: memoryview, limits: Limits) -> np.ndarray:
     for d in shape:
         count *= d
     expected = count * dtype.itemsize
-    if shape[0] > limits.max_keys or expected > limits.max_message_bytes or any(
+    if shape[0] > limits.max_keys:
+        raise MessageTooLargeError(f"frame {i + 1}: declared shape {shape} has more rows than limits.max_keys "
+                                   f"{limits.max_keys}; send fewer keys at a time")
+    if expected > limits.max_message_bytes or any(
             d > limits.max_message_bytes for d in shape):  # (0, 2**62) is empty but unshapeable
-        raise MessageTooLargeError(f"frame {i + 1}: declared shape {shape} is over the limits")
+        raise MessageTooLargeError(f"frame {i + 1}: declared shape {shape} is over limits.max_message_bytes "
+                                   f"{limits.max_message_bytes}")
     if nbytes != expected:
         raise ProtocolError(f"frame {i + 1}: declared {nbytes} bytes but shape {shape} of {name} needs {expected}")
     if codec == "none":

@@ -141,6 +141,10 @@ def server_families(server) -> list[Family]:
     if "limit_refusals" in c:
         out.append(counter("psd_server_limit_refusals_total", "Requests refused by a limit (memory per server)")
                    .add(c["limit_refusals"]))
+    if "not_replicated" in c:
+        out.append(counter("psd_server_not_replicated_total", "Pushes applied here but refused by a replica, "
+                                                              "answered not_replicated (not durable)")
+                   .add(c["not_replicated"]))
     out += _gate(st["consistency"])
     return out
 

@@ -24,8 +24,8 @@ from psd.cluster.ring import overlay
 from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
-from psd.errors import (BadRequestError, LimitError, MessageTooLargeError, NotOwnerError, ProtocolError,
-                        PsdTimeoutError, TableMismatchError, UnknownTableError)
+from psd.errors import (BadRequestError, LimitError, MessageTooLargeError, NotOwnerError, NotReplicatedError,
+                        ProtocolError, PsdTimeoutError, TableMismatchError, UnknownTableError)
 from psd.roles.consistency import Gate, Policy, Setting
 from psd.roles.fast_pull import FastPull
 from psd.roles.peers import Peers
@@ -36,6 +36,7 @@ from psd.store.table import Usage
 from psd.store.checkpoint import read_server_file, write_server_file
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
 from psd.transport.heartbeat import HeartbeatThread
+from psd.transport.refusals import RefusalLog
 from psd.transport.security import ROLE_SERVER, Curve, forbidden
 from psd.transport.metrics import Timings
 
@@ -78,12 +79,14 @@ class Server:
         self.covered = Covered()
         self.acks: dict[tuple[str, int], asyncio.Future] = {}  # pushes awaiting replica acks
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
-                         "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0, "limit_refusals": 0}
+                         "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0, "limit_refusals": 0,
+                         "not_replicated": 0}
         #: bytes of table storage held here (limits.max_memory_bytes), plus those that pushes
         #: the consistency gate holds may still add; replicas that said they are full
         self.usage = Usage()
         self.reserved = 0
         self.full_replicas: dict[str, int] = {}
+        self.forward_refusals = RefusalLog()  # one log line per replica and reason a minute
         self.dropped: OrderedDict[str, None] = OrderedDict()
         self.started = time.time()
         self.timings = Timings(("op", "outcome"))  # requests and their handling time, for /metrics
@@ -527,14 +530,22 @@ class Server:
         return out
 
     async def _await_replicas(self, forwards) -> None:
-        """Until every replica answered, or left the ring (its successor copies from us)."""
+        """Until every replica answered, or left the ring (its successor copies from us).
+        Raises NotReplicatedError when one refused: the push must not be acknowledged
+        (this primary's death would lose it); the client resends it, and a resend forwards
+        it again (replicas apply it once)."""
+        refused = None
         for node, fut in forwards:
             while True:
                 try:
                     reply = await asyncio.wait_for(asyncio.shield(fut), FORWARD_TICK)
                     if reply.op == "error":
-                        log.warning("%s: replica %s refused a forward: %s", self.node_id, node,
-                                    reply.meta.get("message"))
+                        refused = refused or (node, reply.meta.get("code"), reply.meta.get("message"))
+                        repeats = self.forward_refusals.note(f"{node}/{reply.meta.get('code')}", time.monotonic())
+                        if repeats is not None:
+                            log.warning("%s: replica %s refused a forward: %s%s", self.node_id, node,
+                                        reply.meta.get("message"),
+                                        f" ({repeats} more like it not logged)" if repeats else "")
                     elif reply.meta.get("full"):
                         if node not in self.full_replicas:
                             log.warning("%s: replica %s reached its memory limit (%s bytes): pushes that add "
@@ -551,6 +562,27 @@ class Server:
                 except Exception as e:
                     log.warning("%s: forward to %s failed: %s", self.node_id, node, e)
                     break
+        if refused is not None:
+            node, code, message = refused
+            self.counters["not_replicated"] += 1
+            raise NotReplicatedError(
+                f"the push was applied on {self.node_id}, but its replica {node} refused it ({code}: "
+                f"{message}), so it is not durable: it would be lost with {self.node_id}. The client "
+                f"resends it (each server applies it once) until request_timeout; fix what {node} "
+                f"names (a limits setting that differs between servers?)", replica=node, reason=str(code))
+
+    def _when_replicated(self, route: Route, msg: Message, replicated: asyncio.Future, reply: Message) -> None:
+        """Send ``reply`` once every replica holds the push, or the refusal if one did not."""
+        def send(fut: asyncio.Future) -> None:
+            err = None if fut.cancelled() else fut.exception()
+            if err is None:
+                self.data.reply_now(route, reply)
+            else:
+                self.data.answer_error(route, msg, err)
+        if replicated.done():
+            send(replicated)
+        else:
+            replicated.add_done_callback(send)
 
     def on_push(self, route: Route, msg: Message) -> Message | None:
         table = self._table(msg)
@@ -560,7 +592,7 @@ class Server:
         replicated = self._push(msg, table, rows)
         if replicated is None:
             return reply
-        replicated.add_done_callback(lambda _: self.data.reply_now(route, reply))
+        self._when_replicated(route, msg, replicated, reply)
         return None
 
     def _check_reply_size(self, table: Table, rows: Rows) -> None:
@@ -573,12 +605,12 @@ class Server:
         def run() -> None:
             self.counters["keys_pulled"] += rows.count
             values = rows.pull_from(table) if rows.count else np.empty((0, table.width), table.dtype)
-            if after is None or after.done():
+            if after is None or (after.done() and not after.cancelled() and after.exception() is None):
                 self.data.reply_now(route, msg.reply(arrays=[values], ring=self.ring.version))
             else:  # pushpull: the pushed values must be on the replicas before we answer;
                 # a copy, so that no lent view of the table waits that long (copy on write)
                 reply = msg.reply(arrays=[np.array(values)], ring=self.ring.version)
-                after.add_done_callback(lambda _: self.data.reply_now(route, reply))
+                self._when_replicated(route, msg, after, reply)
 
         self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, time.monotonic())
 

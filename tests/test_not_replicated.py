@@ -1,0 +1,79 @@
+"""A push a replica refuses is never acknowledged (real processes, replication 2).
+
+S1 runs with a lower ``limits.max_keys`` than S0, so it refuses the forward of a push
+of 500 keys that S0 leads and applied. The old primary acknowledged such a push anyway;
+a SIGKILL of S0 then lost an acknowledged update. Now S0 answers ``not_replicated``,
+the client resends the push under its request id until ``request_timeout`` and then
+raises ``NotReplicatedError`` naming the replica; pushes the replica takes are
+acknowledged and survive the primary's death."""
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import psd
+
+TIMEOUT = 2.0  # the client's request_timeout: how long it resends a refused push
+
+
+def _range_led_by(kv: psd.KVWorker, leader: str, follower: str) -> tuple[int, int]:
+    ring = kv.aio.ring
+    for r, owners in zip(ring.ranges, ring.owners):
+        if owners[0] == leader and follower in owners and r.end - r.begin > 1000:
+            return r.begin, r.end
+    raise AssertionError(f"no range led by {leader} with a replica on {follower}: {ring}")
+
+
+def _counters(cluster: psd.LocalCluster, node: str) -> dict:
+    return next(n for n in cluster.status()["nodes"] if n["id"] == node)["counters"]
+
+
+def _wait_for_ring_over(cluster: psd.LocalCluster, servers: set[str], timeout: float = 20.0) -> None:
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        st = cluster.status()
+        if not st["ring_changing"] and {o for r in st["ranges"] for o in r["owners"]} == servers:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the ring did not come to be over {servers} within {timeout} s")
+
+
+def test_a_push_a_replica_refuses_is_not_acknowledged_and_acked_pushes_survive():
+    with psd.LocalCluster(servers=1, replication=2) as cluster:
+        cluster.add_server(args=("--limits-max-keys", "100"))
+        s0, s1 = cluster.node_id(0), cluster.node_id(1)
+        with psd.connect(cluster, psd.ClusterConfig(request_timeout=TIMEOUT)) as kv:
+            t = kv.table("w", width=1, dtype="int64")
+            begin, _ = _range_led_by(kv, s0, s1)
+            big = np.arange(begin, begin + 500, dtype=np.uint64)  # over S1's max_keys
+            small = np.arange(begin + 600, begin + 650, dtype=np.uint64)
+            ones = np.ones((big.size, 1), np.int64)
+
+            started = time.monotonic()
+            with pytest.raises(psd.NotReplicatedError) as err:
+                kv.wait(t.push(big, ones))
+            assert time.monotonic() - started >= TIMEOUT * 0.9  # resent until the timeout
+            assert err.value.data.get("replica") == s1, err.value.data
+            assert s1 in str(err.value) and "max_keys" in str(err.value), str(err.value)
+            with pytest.raises(psd.NotReplicatedError):
+                t.pushpull(big, ones)
+            # refused again at every resend, each applied once on S0
+            assert _counters(cluster, s0)["not_replicated"] >= 4
+            np.testing.assert_array_equal(t.pull(big).ravel(), np.full(big.size, 2))
+
+            # S0 still serves, and a push S1 takes is acknowledged
+            kv.wait(t.push(small, np.arange(small.size, dtype=np.int64).reshape(-1, 1)))
+            np.testing.assert_array_equal(t.pushpull(small, np.ones((small.size, 1), np.int64)).ravel(),
+                                          np.arange(small.size) + 1)
+
+        cluster.kill_server(0, signal.SIGKILL)
+        _wait_for_ring_over(cluster, {s1})
+        with psd.connect(cluster) as kv:
+            t = kv.table("w", width=1, dtype="int64")
+            # what was acknowledged survived S0; what was refused never reached S1
+            np.testing.assert_array_equal(t.pull(small).ravel(), np.arange(small.size) + 1)
+            for i in range(0, big.size, 100):  # (S1 takes at most 100 keys a request)
+                np.testing.assert_array_equal(t.pull(big[i:i + 100]).ravel(), np.zeros(100))
