@@ -83,6 +83,8 @@ class SmallPull:
             frames = recv_frames(raw, 0)  # in place: the payload, and a header of any size
             if not self._take(frames):
                 rpc.receive(frames)
+        if self.answered:
+            rpc.recheck()  # messages behind the answer: the loop's next pass reads them
 
     def _take(self, frames: list) -> bool:
         if len(frames[0]) > self.rpc.limits.max_header_bytes:

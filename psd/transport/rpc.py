@@ -192,7 +192,7 @@ class RpcSocket:
         except zmq.Again:
             raise PsdError(f"{self.node_id}: the send queue is full; the peer is not reading") from None
         finally:
-            self._recheck()
+            self.recheck()
 
     @classmethod
     def next_id(cls) -> int:
@@ -263,7 +263,7 @@ class RpcSocket:
         callback (measured: about half of a small pull's server time went to the
         future machinery). ZeroMQ's descriptor only signals new arrivals, so a pass
         reads until the queue is empty (or comes back for the rest, ``DRAIN_BATCH``),
-        and a send made outside a pass re-checks the queue (``_recheck``)."""
+        and a send made outside a pass re-checks the queue (``recheck``)."""
         self._loop = asyncio.get_running_loop()
         self._fd = self.raw.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self.drain)
@@ -355,8 +355,9 @@ class RpcSocket:
         self._again_due = False
         self.drain()
 
-    def _recheck(self) -> None:
-        """After a send, look for arrivals the descriptor will not announce."""
+    def recheck(self) -> None:
+        """After a send, or a read outside a pass that may have left messages behind,
+        look at the next loop pass for arrivals the descriptor will not announce."""
         if self._fd is not None and not self._draining and not self._recheck_due:
             self._recheck_due = True
             self._loop.call_soon(self._recheck_now)
