@@ -110,7 +110,7 @@ def test_a_server_under_steady_traffic_spins_in_bounded_passes():
 
 def _server_cpu_after_bursts(adaptive_us: int) -> tuple[float, float]:
     """CPU the server spends in the 0.6 s after the last of 30 back-to-back pulls, and
-    over four pulls 0.3 s apart."""
+    over four pulls 0.3 s apart plus four iterations (pull, push, clock) 0.3 s apart."""
     with psd.LocalCluster(servers=1, adaptive_poll_us=adaptive_us, heartbeat_interval=1.0) as cluster, \
             psd.connect(cluster) as kv:
         t = kv.table("w", width=1, dtype="int64")
@@ -126,7 +126,14 @@ def _server_cpu_after_bursts(adaptive_us: int) -> tuple[float, float]:
         for _ in range(4):  # further apart than the 0.2 s budget
             np.testing.assert_array_equal(t.pull(KEYS).ravel(), np.arange(KEYS.size))
             time.sleep(0.3)
-        return burst, _cpu(pid) - before
+        spaced = _cpu(pid) - before
+        before = _cpu(pid)
+        for _ in range(4):  # an iteration: a pull, a push and the one-way clock behind it
+            t.pull(KEYS)
+            t.push(KEYS, np.zeros((KEYS.size, 1), np.int64))
+            kv.clock()
+            time.sleep(0.3)
+        return burst, spaced + _cpu(pid) - before
 
 
 def test_a_server_spins_adaptively_only_while_requests_come_close_together():
@@ -134,7 +141,8 @@ def test_a_server_spins_adaptively_only_while_requests_come_close_together():
     plain_burst, plain_spaced = _server_cpu_after_bursts(0)
     # after a burst the server checks for a next request for the whole 0.2 s budget
     # (0.2 s of CPU alone, less on a loaded machine); requests 0.3 s apart never make it
-    # spin, nor does anything with adaptive_poll_us 0
+    # spin, nor does a push with a clock right behind it, nor anything with
+    # adaptive_poll_us 0
     assert burst >= 0.08, f"adaptive_poll_us=200000: the server used {burst:.2f} s of CPU after a burst"
-    assert spaced < 0.06, f"adaptive_poll_us=200000: {spaced:.2f} s of CPU over pulls 0.3 s apart"
+    assert spaced < 0.06, f"adaptive_poll_us=200000: {spaced:.2f} s of CPU over requests 0.3 s apart"
     assert plain_burst < 0.06 and plain_spaced < 0.06, (plain_burst, plain_spaced)

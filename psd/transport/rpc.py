@@ -300,10 +300,12 @@ class RpcSocket:
                     # ZMQ_EVENTS, not a NOBLOCK recv that ends in EAGAIN: as cheap, and
                     # no exception to build each time the queue runs dry
                     if not _get(raw, _EVENTS) & _POLLIN:
-                        if not (spin and (handled or self._spin_on)):
+                        if not spin:
                             return
                         now = time.perf_counter()
                         budget = spin.budget(now)  # (also notes when the queue ran dry)
+                        if not (handled or self._spin_on):
+                            return
                         if until is None:  # one budget a pass: the loop's other work waits no longer
                             if not budget:
                                 return
