@@ -77,3 +77,26 @@ def test_a_push_a_replica_refuses_is_not_acknowledged_and_acked_pushes_survive()
             np.testing.assert_array_equal(t.pull(small).ravel(), np.arange(small.size) + 1)
             for i in range(0, big.size, 100):  # (S1 takes at most 100 keys a request)
                 np.testing.assert_array_equal(t.pull(big[i:i + 100]).ravel(), np.zeros(100))
+
+
+def test_a_forward_a_replica_never_answers_is_not_acknowledged_either():
+    """S1 takes messages of at most 200 kB (twice its max_message_bytes): ZeroMQ drops
+    the 640 kB forward and the connection with it, so S1 never answers. The primary
+    gives up after its request_timeout (1.5 s) and answers not_replicated; it used to
+    wait as long as S1 stayed in the ring, and its pending acks never emptied."""
+    with psd.LocalCluster(servers=1, replication=2, request_timeout=1.5) as cluster:
+        cluster.add_server(args=("--limits-max-message-bytes", "100000"))
+        s0, s1 = cluster.node_id(0), cluster.node_id(1)
+        with psd.connect(cluster, psd.ClusterConfig(request_timeout=5.0)) as kv:
+            t = kv.table("w", width=1, dtype="int64")
+            ring = kv.aio.ring
+            begin = next(r.begin for r, o in zip(ring.ranges, ring.owners)
+                         if o[0] == s0 and s1 in o and r.end - r.begin > 100_000)
+            big = np.arange(begin, begin + 40_000, dtype=np.uint64)  # 320 kB keys + 320 kB values
+            with pytest.raises(psd.NotReplicatedError) as err:
+                kv.wait(t.push(big, np.ones((big.size, 1), np.int64)))
+            assert err.value.data.get("replica") == s1 and err.value.data.get("reason") == "timeout", err.value.data
+            small = np.arange(begin + 50_000, begin + 50_010, dtype=np.uint64)
+            kv.wait(t.push(small, np.ones((small.size, 1), np.int64)))  # S0 and S1 still serve
+        node = next(n for n in cluster.status()["nodes"] if n["id"] == s0)
+        assert node["counters"]["not_replicated"] >= 1

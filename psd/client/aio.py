@@ -239,7 +239,9 @@ class AsyncKVWorker:
         deadline = loop.time() + self.config.request_timeout
         done: list[tuple[Part, Message]] = []
         next_refresh = loop.time() + RING_POLL
-        unreplicated_reply = None  # the last not_replicated answer, raised at the deadline
+        #: request id -> its last not_replicated answer, raised if still unacked at the deadline
+        not_replicated: dict[int, Message] = {}
+        resends = 0  # rounds of not_replicated resends: the pause before each doubles
         while pending:
             await asyncio.wait([f for _, f, _ in pending.values()], timeout=RETRY_TICK,
                                return_when=asyncio.FIRST_COMPLETED)
@@ -253,8 +255,9 @@ class AsyncKVWorker:
                         refused.append(part)
                     elif code == NotReplicatedError.code and loop.time() < deadline:
                         unreplicated.append(part)  # applied on the primary, not yet on a replica
-                        unreplicated_reply = reply
+                        not_replicated[part.msg.meta.get("rid")] = reply
                     else:
+                        not_replicated.pop(part.msg.meta.get("rid"), None)
                         done.append((part, raise_if_error(reply)))
                 elif version != self.ring.version and self._moved(part):
                     del pending[key]
@@ -263,7 +266,8 @@ class AsyncKVWorker:
             if unreplicated:
                 # the same request again, after a pause: the primary answers a resend by
                 # forwarding it again, and each server applies it once
-                await asyncio.sleep(RETRY_TICK)
+                await asyncio.sleep(min(1.0, RETRY_TICK * 2 ** resends))
+                resends += 1
                 for part in unreplicated:
                     for sub in self._recut(part, spec):
                         pending[id(sub)] = (sub, self._send(sub), self.ring.version)
@@ -278,8 +282,9 @@ class AsyncKVWorker:
                     for sub in self._recut(part, spec):
                         pending[id(sub)] = (sub, self._send(sub), self.ring.version)
             elif pending and loop.time() > deadline:
-                if unreplicated_reply is not None:
-                    raise_if_error(unreplicated_reply)
+                for part, _, _ in pending.values():
+                    if part.msg.meta.get("rid") in not_replicated:
+                        raise_if_error(not_replicated[part.msg.meta["rid"]])
                 part = next(iter(pending.values()))[0]
                 raise PsdTimeoutError(f"{part.server} did not answer {part.msg.op} within "
                                       f"{self.config.request_timeout} s", node=part.server)

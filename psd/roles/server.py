@@ -489,9 +489,10 @@ class Server:
             if pending is not None:
                 return pending  # a resend: answer when the original is answered
             # applied here before, perhaps as a replica of a primary that died before
-            # forwarding to every replica: forward it again (replicas apply it once)
+            # forwarding to every replica, or refused by one: forward it again (replicas
+            # apply it once)
             forwards = self._forward(msg, table, rows, groups, rid)
-            return asyncio.ensure_future(self._await_replicas(forwards)) if forwards else None
+            return self._track_acks(rid, forwards) if forwards else None
         todo = self.covered.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
         if todo is not None:
             reserve = self._check_memory(table, todo, rows, groups)
@@ -502,7 +503,15 @@ class Server:
         forwards = self._forward(msg, table, rows, groups, rid)
         if not forwards:
             return None
+        return self._track_acks(rid, forwards)
+
+    def _track_acks(self, rid: tuple[str, int] | None, forwards: list) -> asyncio.Future:
+        """A future done when every replica holds the push: listed in ``acks`` meanwhile
+        (a resend waits for it; the reader does not spin while any waits)."""
         done = asyncio.ensure_future(self._await_replicas(forwards))
+        # read here, so that a refusal nobody awaits (a held pull's push, at shutdown) is
+        # not reported as never retrieved
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
         if rid is not None:
             self.acks[rid] = done
             done.add_done_callback(lambda _: self.acks.pop(rid, None))
@@ -535,6 +544,8 @@ class Server:
         (this primary's death would lose it); the client resends it, and a resend forwards
         it again (replicas apply it once)."""
         refused = None
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.config.request_timeout
         for node, fut in forwards:
             while True:
                 try:
@@ -559,8 +570,14 @@ class Server:
                     if node not in self.ring.servers:
                         fut.cancel()
                         break
+                    if loop.time() > give_up:  # (e.g. it dropped a message over its own limits)
+                        fut.cancel()
+                        refused = refused or (node, "timeout", f"no answer within {self.config.request_timeout} s")
+                        break
                 except Exception as e:
                     log.warning("%s: forward to %s failed: %s", self.node_id, node, e)
+                    if node in self.ring.servers:  # (one that left is copied to by its successor)
+                        refused = refused or (node, "failed", str(e))
                     break
         if refused is not None:
             node, code, message = refused
