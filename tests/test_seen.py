@@ -7,7 +7,7 @@ import numpy as np
 
 from psd.cluster.ranges import Range
 from psd.cluster.rows import Rows
-from psd.roles.seen import WINDOW, Covered
+from psd.roles.seen import WINDOW, Covered, Seen
 
 
 def _copy_arrays(ids_per_sender: dict[str, range]):
@@ -44,3 +44,21 @@ def test_a_range_copied_in_twice_is_remembered_once_per_id():
     assert covered.not_applied(rows, [("W1", 3)]).keys.tolist() == [25]  # in both copies
     assert covered.not_applied(rows, [("W1", 1)]).keys.tolist() == [15, 25]
     assert covered.not_applied(rows, [("W1", 5)]).keys.tolist() == [5, 25]
+
+
+def test_a_resent_id_stays_among_the_newest():
+    """A push refused by a replica is resent for up to request_timeout while its worker
+    keeps pushing: each resend makes its id the newest again, so it is not forgotten
+    (and then applied a second time) after WINDOW other pushes."""
+    seen = Seen(window=4)
+    seen.add("w", 1)
+    for rid in range(2, 20):
+        seen.touch("w", 1)  # resent between every two new pushes
+        seen.add("w", rid)
+    assert ("w", 1) in seen and len(seen) == 4
+    seen.touch("w", 99)  # (an id it does not hold: nothing changes)
+    assert ("w", 99) not in seen
+    plain = Seen(window=4)
+    for rid in range(1, 20):
+        plain.add("w", rid)
+    assert ("w", 1) not in plain

@@ -229,6 +229,16 @@ class AsyncKVWorker:
         return {id(p): (p, self._send(p), self.ring.version) for p in parts}
 
     async def _finish(self, spec: TableSpec, pending: dict) -> tuple[list[Part], list[Message]]:
+        try:
+            return await self._await_parts(spec, pending)
+        finally:  # given up (an error, a timeout): the parts still out are awaited no more
+            for part, fut, _ in pending.values():
+                fut.cancel()
+                rpc = self._servers.get(part.server)
+                if rpc is not None:
+                    rpc.forget(part.msg.id)
+
+    async def _await_parts(self, spec: TableSpec, pending: dict) -> tuple[list[Part], list[Message]]:
         """Await every part. A part refused as not-owner, or still unanswered when the
         ring changes (its server died or handed the range over), is re-cut by the new
         ring and resent under the same request id, so it is applied exactly once. A push

@@ -47,6 +47,12 @@ class Seen:
         if len(ids) > self.window:
             ids.popitem(last=False)
 
+    def touch(self, sender: str, rid: int) -> None:
+        """Make a remembered id the sender's newest (it was just resent)."""
+        ids = self._by_sender.get(sender)
+        if ids is not None and rid in ids:
+            ids.move_to_end(rid)
+
     def to_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(senders, how many ids each, all ids): the memory as frames, not header, since
         it can be far larger than a header may be."""

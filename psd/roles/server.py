@@ -406,7 +406,13 @@ class Server:
         return [(sender, o) for o in orig]
 
     def _seen_before(self, rid: tuple[str, int], cut_from: list[tuple[str, int]]) -> bool:
-        return rid in self.seen or any(o in self.seen for o in cut_from)
+        """Whether this request (or the one it was cut from) was applied here; a resend
+        keeps its id among the sender's newest, however long it is resent for."""
+        for key in (rid, *cut_from):
+            if key in self.seen:
+                self.seen.touch(*key)
+                return True
+        return False
 
     def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str, reserve: int = 0) -> None:
         """Apply now, or (sequential) at the clock boundary, or after a checkpoint cut.
