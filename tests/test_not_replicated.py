@@ -100,3 +100,24 @@ def test_a_forward_a_replica_never_answers_is_not_acknowledged_either():
             kv.wait(t.push(small, np.ones((small.size, 1), np.int64)))  # S0 and S1 still serve
         node = next(n for n in cluster.status()["nodes"] if n["id"] == s0)
         assert node["counters"]["not_replicated"] >= 1
+
+
+def test_a_request_given_up_leaves_nothing_waiting():
+    """A push whose server is frozen past request_timeout raises PsdTimeoutError, and
+    its part is no longer awaited on the connection (it was left there, and failed at
+    close: 'Future exception was never retrieved')."""
+    with psd.LocalCluster(servers=1, heartbeat_interval=1.0) as cluster, \
+            psd.connect(cluster, psd.ClusterConfig(request_timeout=0.5, heartbeat_interval=1.0)) as kv:
+        t = kv.table("w", width=1, dtype="int64")
+        keys = np.arange(5, dtype=np.uint64)
+        kv.wait(t.push(keys, np.ones((5, 1), np.int64)))
+        node = cluster.node_id(0)
+        server = cluster.servers[0]
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(psd.PsdTimeoutError):
+                kv.wait(t.push(keys, np.ones((5, 1), np.int64)))
+            assert kv.aio.server_socket(node).pending == {}
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        np.testing.assert_array_equal(t.pull(keys).ravel(), np.full(5, 2))  # applied once, when thawed
