@@ -54,3 +54,48 @@ def test_scheduler_killed_mid_job_resumes_tables_ring_and_job():
             time.sleep(0.05)
         with psd.connect(cluster.scheduler) as kv:
             assert (kv.table("side", dtype="int64").pull(keys) == 7).all()
+
+
+PUSH_ONCE = """
+import os, sys, numpy as np, psd
+kv = psd.connect(sys.argv[1])
+t = kv.table("once", dtype="int64")
+kv.wait(t.push(np.array([5], np.uint64), np.array([[1]], np.int64)))
+print(kv.node_id, flush=True)
+os._exit(0)  # gone without leaving, as a crash would
+"""
+
+
+def test_a_worker_registered_before_a_scheduler_crash_is_not_reused_nor_its_request_ids():
+    """Two worker processes one after the other, each gone without leaving, the
+    scheduler SIGKILLed between them: each push is applied. The restarted scheduler used to hand the second worker the
+    first one's node id (worker registrations were saved only with the next other
+    change), and the servers then took its first request ids for resends of the first
+    worker's and acknowledged its push without applying it."""
+    import subprocess
+    import sys
+    with psd.LocalCluster(servers=1) as cluster:
+        def push_once() -> str:
+            out = subprocess.run([sys.executable, "-c", PUSH_ONCE, cluster.scheduler], capture_output=True,
+                                 text=True, timeout=60)
+            assert out.returncode == 0, out.stderr[-2000:]
+            return out.stdout.strip()
+
+        with psd.connect(cluster.scheduler) as kv:
+            kv.table("once", dtype="int64")  # (created here: creating it saves the scheduler's state)
+        first = push_once()
+        cluster.restart_scheduler()
+        second = push_once()
+        assert first != second
+        with psd.connect(cluster.scheduler) as kv:
+            assert kv.table("once", dtype="int64").pull(np.array([5], np.uint64)).item() == 2
+
+
+def test_request_ids_start_apart_in_every_process():
+    """The second line of defence: even a node id handed out twice does not make a new
+    process's request ids look like resends of an old one's."""
+    import subprocess
+    import sys
+    first = [int(subprocess.run([sys.executable, "-c", "from psd.client.plan import next_rid; print(next_rid())"],
+                                capture_output=True, text=True, timeout=60, check=True).stdout) for _ in range(2)]
+    assert first[0] != first[1] and min(first) > 1 << 20, first

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,11 @@ from psd.errors import KeysError, MessageTooLargeError, PsdError, ValuesError
 from psd.store.table import TableSpec
 
 
-_rids = itertools.count(1)
+#: request ids of this process, from a random start: servers remember ids per sender
+#: name, and a name can come back (a scheduler that crashed before saving a registration
+#: hands it out again); ids counted from 1 again would be taken for resends, and the
+#: pushes acknowledged without being applied
+_rids = itertools.count(secrets.randbits(62) + 1)
 
 
 def next_rid() -> int:

@@ -201,7 +201,11 @@ class Scheduler:
                     if p.role == "server" and p.state == State.DEAD and p.node not in self.replaced]
             if dead:
                 self.replaced.add(dead[0])
-            self.save()
+        # saved before the node hears its id: a scheduler that crashed before saving it
+        # handed the same id to the next node, whose first pushes the servers then took
+        # for resends of the old node's
+        self.save()
+        if role == "server":
             # the new server takes its ranges once it serves; joins queue behind other changes
             asyncio.ensure_future(self.ring_changes.rebalance(f"{node} joined"))
         log.info("%s joined as %s%s, ring v%d", node, role,
