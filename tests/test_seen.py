@@ -62,3 +62,17 @@ def test_a_resent_id_stays_among_the_newest():
     for rid in range(1, 20):
         plain.add("w", rid)
     assert ("w", 1) not in plain
+
+
+def test_forgetting_a_sender_drops_its_ids_pieces_and_copies_only():
+    seen, covered = Seen(), Covered()
+    seen.add("w1", 1)
+    seen.add("w2", 1)
+    rows = Rows(keys=np.array([1, 2], dtype=np.uint64), values=np.ones((2, 1)))
+    covered.note_piece(rows, [("w1", 7), ("w2", 7)])
+    covered.note_copy(Range(0, 10), ["w1", "w2"], np.array([1, 1], np.uint64), np.array([9, 9], np.uint64))
+    seen.forget("w1")
+    covered.forget("w1")
+    assert ("w1", 1) not in seen and ("w2", 1) in seen and seen.senders() == 1
+    assert covered.not_applied(rows, [("w1", 7)]) is rows and covered.not_applied(rows, [("w1", 9)]) is rows
+    assert covered.not_applied(rows, [("w2", 7)]) is None and covered.not_applied(rows, [("w2", 9)]) is None

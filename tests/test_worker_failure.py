@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import signal
+import time
+
+import numpy as np
 
 from conftest import wait_for
 
@@ -50,3 +53,26 @@ def test_killed_worker_shards_are_processed_by_the_others():
 def _rank_progress(cluster, job, rank) -> float:
     per_rank = admin.call(cluster.scheduler, "job_status", job=job)["per_rank"]
     return per_rank.get(str(rank), 0.0)
+
+
+def test_a_departed_workers_request_ids_are_forgotten_after_a_while(raw_dealer):
+    """A server keeps up to 65,536 request ids per worker for exactly-once; a cluster
+    that outlives many jobs must not keep them for every worker it ever served. Ten
+    request_timeouts after a worker left (here 10 x 0.3 s) its ids are dropped; a
+    worker still there keeps its own."""
+    from psd.codec import Message
+    keys = np.arange(4, dtype=np.uint64)
+    with psd.LocalCluster(servers=1, request_timeout=0.3) as cluster, psd.connect(cluster) as stays:
+        status = raw_dealer(cluster.servers[0].address).request
+        t = stays.table("w", dtype="int64")
+        stays.wait(t.push(keys, np.ones((4, 1), np.int64)))
+        with psd.connect(cluster) as leaves:
+            leaves.wait(leaves.table("w", dtype="int64").push(keys, np.ones((4, 1), np.int64)))
+        assert status(Message("status")).meta["seen_senders"] == 2
+        deadline = time.monotonic() + 20
+        while status(Message("status")).meta["seen_senders"] != 1:
+            assert time.monotonic() < deadline, "the departed worker's ids are still kept"
+            time.sleep(0.2)
+        np.testing.assert_array_equal(t.pull(keys).ravel(), np.full(4, 2))
+        stays.wait(t.push(keys, np.ones((4, 1), np.int64)))
+        np.testing.assert_array_equal(t.pull(keys).ravel(), np.full(4, 3))

@@ -38,7 +38,7 @@ MAX_ADDRESS = 256
 _INT64 = 2**63
 
 COUNTS = ("bytes_in", "bytes_out", "messages_in", "messages_out", "ring", "leads", "holds", "pending_acks",
-          "copying_in")
+          "copying_in", "seen_senders")
 
 
 def _fail(path: str, expected: str, value):

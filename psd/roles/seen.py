@@ -47,6 +47,13 @@ class Seen:
         if len(ids) > self.window:
             ids.popitem(last=False)
 
+    def forget(self, sender: str) -> None:
+        """Drop a sender's ids (it left long enough ago that it resends nothing)."""
+        self._by_sender.pop(sender, None)
+
+    def senders(self) -> int:
+        return len(self._by_sender)
+
     def touch(self, sender: str, rid: int) -> None:
         """Make a remembered id the sender's newest (it was just resent)."""
         ids = self._by_sender.get(sender)
@@ -120,6 +127,12 @@ class Covered:
             ids.move_to_end(rid)
             if len(ids) > self.window:
                 ids.popitem(last=False)
+
+    def forget(self, sender: str) -> None:
+        """Drop what is kept for a sender's ids (see ``Seen.forget``)."""
+        self._copied.pop(sender, None)
+        for ident in [i for i in self._pieces if i[0] == sender]:
+            del self._pieces[ident]
 
     def copied_into(self, r: Range) -> list[tuple[str, int]]:
         """Ids copied in for rows that overlap ``r`` (passed on when we copy ``r`` out)."""

@@ -42,6 +42,8 @@ from psd.transport.metrics import Timings
 
 log = logging.getLogger("psd.server")
 
+#: request_timeouts after a worker left before its request ids are forgotten
+FORGET_AFTER = 10
 #: how often an unacknowledged forward checks whether its replica left the ring
 FORWARD_TICK = 0.05
 #: names of dropped tables remembered, so a range copy still on its way for one is skipped
@@ -281,7 +283,15 @@ class Server:
             raise BadRequestError("worker_left: meta.worker must be a worker id")
         self.gate.leave(worker, time.monotonic())
         log.info("%s: %s left the worker group", self.node_id, worker)
+        # its request ids, kept for exactly-once (up to 65,536 of them), once it can no
+        # longer resend any: a client gives up on a request request_timeout after sending
+        # it, and FORGET_AFTER of those leaves room for a longer one of its own
+        asyncio.get_running_loop().call_later(FORGET_AFTER * self.config.request_timeout, self._forget, worker)
         return msg.reply()
+
+    def _forget(self, worker: str) -> None:
+        self.seen.forget(worker)
+        self.covered.forget(worker)
 
     async def on_shutdown(self, route: Route, msg: Message) -> Message:
         log.info("%s: asked to shut down", self.node_id)
@@ -871,6 +881,7 @@ class Server:
             "ring": self.ring.version,
             "leads": len(self.ring.led_by(self.node_id)), "holds": len(self.ring.ranges_of(self.node_id)),
             "pending_acks": len(self.acks), "copying_in": len(self.incoming),
+            "seen_senders": self.seen.senders(),
             "memory": {"bytes": self.usage.bytes, "limit": self.config.limits.max_memory_bytes,
                        "reserved": self.reserved, "full_replicas": sorted(self.full_replicas)},
             "consistency": self.gate.stats(),
