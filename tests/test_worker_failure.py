@@ -76,3 +76,36 @@ def test_a_departed_workers_request_ids_are_forgotten_after_a_while(raw_dealer):
         np.testing.assert_array_equal(t.pull(keys).ravel(), np.full(4, 2))
         stays.wait(t.push(keys, np.ones((4, 1), np.int64)))
         np.testing.assert_array_equal(t.pull(keys).ravel(), np.full(4, 3))
+
+
+def test_liveness_forgets_the_oldest_gone_peers_of_a_role_only():
+    from psd.cluster.liveness import Liveness
+    live = Liveness(interval=0.1, misses=4)
+    for i in range(5):
+        live.join(f"W{i}", "worker", 0.0)
+    live.join("S0", "server", 0.0)
+    for node in ("W0", "W1", "W3", "S0"):
+        live.leave(node)
+    assert live.forget_gone("worker", 1) == ["W0", "W1"]
+    assert sorted(live.peers) == ["S0", "W2", "W3", "W4"]  # live ones, the newest gone one, servers
+    assert live.forget_gone("worker", 1) == []
+
+
+def test_the_scheduler_lists_only_the_newest_gone_workers(raw_dealer):
+    """300 workers register and leave: status lists the 256 newest of them and no more
+    (it kept every worker ever seen, in status, in its saved state and in every tick)."""
+    from psd.codec import Message
+    from psd.roles.scheduler import KEEP_GONE_WORKERS
+    with psd.LocalCluster(servers=1, security="none") as cluster:
+        d = raw_dealer(cluster.scheduler, curve=None)
+        names = []
+        for _ in range(KEEP_GONE_WORKERS + 44):
+            node = d.request(Message("register", meta={"role": "worker"})).meta["node"]
+            d.request(Message("leave", sender=node))
+            names.append(node)
+        listed = [n["id"] for n in cluster.status()["nodes"] if n["role"] == "worker"]
+        assert listed == names[-KEEP_GONE_WORKERS:]
+        with psd.connect(cluster) as kv:  # and the cluster still works
+            t = kv.table("w", dtype="int64")
+            kv.wait(t.push(np.arange(3, dtype=np.uint64), np.ones((3, 1), np.int64)))
+            np.testing.assert_array_equal(t.pull(np.arange(3, dtype=np.uint64)).ravel(), np.ones(3))

@@ -61,6 +61,15 @@ class Liveness:
         if node in self.peers:
             self.peers[node].state = State.LEFT
 
+    def forget_gone(self, role: str, keep: int) -> list[str]:
+        """Forget all but the ``keep`` newest dead or departed peers of ``role`` (in
+        joining order); returns the nodes forgotten."""
+        gone = [p.node for p in self.peers.values() if p.role == role and p.state in (State.DEAD, State.LEFT)]
+        drop = gone[:max(0, len(gone) - keep)]
+        for node in drop:
+            del self.peers[node]
+        return drop
+
     def excuse(self, seconds: float) -> None:
         """The observer itself did not run for ``seconds`` (its event loop stalled: frozen,
         starved of CPU): the heartbeats sent meanwhile wait unread in its socket, so that

@@ -42,6 +42,8 @@ MAX_CHECKPOINT_WAIT = 24 * 3600.0
 MAX_JOB_BYTES = 32 * 1024
 #: worker clocks (a heartbeat's ``clk``) are iteration counts: 0 to 2**63 - 1
 MAX_CLOCK = 2**63 - 1
+#: dead or departed workers still listed (status, saved state); older ones are forgotten
+KEEP_GONE_WORKERS = 256
 
 
 class Scheduler:
@@ -302,6 +304,12 @@ class Scheduler:
         self.touch()
         self.worker_clocks.pop(worker, None)
         self.flagged.discard(worker)
+        # a long-lived cluster sees workers come and go with every job: only the newest
+        # gone ones stay listed (status, saved state); the rest are forgotten everywhere
+        for node in self.liveness.forget_gone("worker", KEEP_GONE_WORKERS):
+            for kept in (self.routes, self.registered_by, self.stats, self.metrics_at, self.worker_clocks):
+                kept.pop(node, None)
+            self.flagged.discard(node)
         await self._to_servers(Message("worker_left", meta={"worker": worker}))
 
     async def tick_loop(self) -> None:
