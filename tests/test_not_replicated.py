@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_a_forward_a_replica_never_answers_is_not_acknowledged_either():
     the 640 kB forward and the connection with it, so S1 never answers. The primary
     gives up after its request_timeout (1.5 s) and answers not_replicated; it used to
     wait as long as S1 stayed in the ring, and its pending acks never emptied."""
-    with psd.LocalCluster(servers=1, replication=2, request_timeout=1.5) as cluster:
+    with psd.LocalCluster(servers=1, replication=2, request_timeout=1.5, metrics="127.0.0.1:0") as cluster:
         cluster.add_server(args=("--limits-max-message-bytes", "100000"))
         s0, s1 = cluster.node_id(0), cluster.node_id(1)
         with psd.connect(cluster, psd.ClusterConfig(request_timeout=5.0)) as kv:
@@ -100,6 +101,20 @@ def test_a_forward_a_replica_never_answers_is_not_acknowledged_either():
             kv.wait(t.push(small, np.ones((small.size, 1), np.int64)))  # S0 and S1 still serve
         node = next(n for n in cluster.status()["nodes"] if n["id"] == s0)
         assert node["counters"]["not_replicated"] >= 1
+        # each forward given up on is no longer awaited (it was, forever: one entry a
+        # resend); the last one gives up request_timeout after it was sent
+        deadline = time.monotonic() + 10
+        while (waiting := _pending_forwards(node["metrics"], s1)) != 0:
+            assert time.monotonic() < deadline, f"{waiting} forward(s) to {s1} still awaited"
+            time.sleep(0.2)
+
+
+def _pending_forwards(metrics: str, replica: str) -> float:
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    line = next(x for x in text.splitlines()
+                if x.startswith(f'psd_server_replica_pending_forwards{{replica="{replica}"}}'))
+    return float(line.split()[-1])
 
 
 def test_a_request_given_up_leaves_nothing_waiting():

@@ -76,3 +76,20 @@ def test_forgetting_a_sender_drops_its_ids_pieces_and_copies_only():
     assert ("w1", 1) not in seen and ("w2", 1) in seen and seen.senders() == 1
     assert covered.not_applied(rows, [("w1", 7)]) is rows and covered.not_applied(rows, [("w1", 9)]) is rows
     assert covered.not_applied(rows, [("w2", 7)]) is None and covered.not_applied(rows, [("w2", 9)]) is None
+
+
+def test_activity_moves_with_every_new_or_resent_id_only():
+    """(what a server watches before it forgets a departed worker's ids)"""
+    seen = Seen()
+    assert seen.activity("w") == 0
+    seen.add("w", 1)
+    a = seen.activity("w")
+    assert ("w", 1) in seen and seen.activity("w") == a  # looking is not activity
+    seen.touch("w", 1)
+    assert seen.activity("w") > a
+    b = seen.activity("w")
+    seen.add("v", 1)
+    seen.touch("w", 2)  # an id it does not hold
+    assert seen.activity("w") == b
+    seen.forget("w")
+    assert seen.activity("w") == 0 and seen.senders() == 1

@@ -57,19 +57,19 @@ def _rank_progress(cluster, job, rank) -> float:
 
 def test_a_departed_workers_request_ids_are_forgotten_after_a_while(raw_dealer):
     """A server keeps up to 65,536 request ids per worker for exactly-once; a cluster
-    that outlives many jobs must not keep them for every worker it ever served. Ten
-    request_timeouts after a worker left (here 10 x 0.3 s) its ids are dropped; a
-    worker still there keeps its own."""
+    that outlives many jobs must not keep them for every worker it ever served. Once a
+    worker has left and nothing of it arrived for ten request_timeouts (here 10 x 1 s),
+    its ids are dropped; a worker still there keeps its own."""
     from psd.codec import Message
     keys = np.arange(4, dtype=np.uint64)
-    with psd.LocalCluster(servers=1, request_timeout=0.3) as cluster, psd.connect(cluster) as stays:
+    with psd.LocalCluster(servers=1, request_timeout=1.0) as cluster, psd.connect(cluster) as stays:
         status = raw_dealer(cluster.servers[0].address).request
         t = stays.table("w", dtype="int64")
         stays.wait(t.push(keys, np.ones((4, 1), np.int64)))
         with psd.connect(cluster) as leaves:
             leaves.wait(leaves.table("w", dtype="int64").push(keys, np.ones((4, 1), np.int64)))
         assert status(Message("status")).meta["seen_senders"] == 2
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 40
         while status(Message("status")).meta["seen_senders"] != 1:
             assert time.monotonic() < deadline, "the departed worker's ids are still kept"
             time.sleep(0.2)
@@ -109,3 +109,39 @@ def test_the_scheduler_lists_only_the_newest_gone_workers(raw_dealer):
             t = kv.table("w", dtype="int64")
             kv.wait(t.push(np.arange(3, dtype=np.uint64), np.ones((3, 1), np.int64)))
             np.testing.assert_array_equal(t.pull(np.arange(3, dtype=np.uint64)).ravel(), np.ones(3))
+
+
+def test_a_worker_declared_dead_that_still_pushes_keeps_its_request_ids(raw_dealer):
+    """A worker that sends no heartbeats is declared dead after worker_timeout (1 s) and
+    the servers are told it left; it keeps pushing for longer than the ten
+    request_timeouts (10 x 0.3 s) a server waits before forgetting a departed worker's
+    ids: they are kept while it pushes (a timer alone would have dropped them while its
+    resends could still come), and dropped once it has been quiet that long."""
+    import asyncio
+
+    from psd.client.aio import connect
+    from psd.codec import Message
+    keys = np.arange(4, dtype=np.uint64)
+    with psd.LocalCluster(servers=1, request_timeout=0.3, worker_timeout=1.0) as cluster:
+        status = raw_dealer(cluster.servers[0].address).request
+
+        async def push_unheard(seconds: float) -> str:
+            kv = await connect(cluster.scheduler, heartbeat=False)  # (the internal form)
+            try:
+                t = await kv.table("w", dtype="int64")
+                until = time.monotonic() + seconds
+                while time.monotonic() < until:
+                    await kv.wait(t.push(keys, np.ones((4, 1), np.int64)))
+                    await asyncio.sleep(0.05)
+                    assert status(Message("status")).meta["seen_senders"] == 1, "forgotten while pushing"
+                return kv.node_id
+            finally:
+                await kv.close()
+
+        worker = asyncio.run(push_unheard(6.0))
+        st = cluster.status()
+        assert next(n["state"] for n in st["nodes"] if n["id"] == worker) in ("dead", "left"), st["nodes"]
+        deadline = time.monotonic() + 30
+        while status(Message("status")).meta["seen_senders"] != 0:
+            assert time.monotonic() < deadline, "a quiet departed worker's ids are still kept"
+            time.sleep(0.2)

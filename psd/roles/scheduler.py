@@ -42,6 +42,8 @@ MAX_CHECKPOINT_WAIT = 24 * 3600.0
 MAX_JOB_BYTES = 32 * 1024
 #: worker clocks (a heartbeat's ``clk``) are iteration counts: 0 to 2**63 - 1
 MAX_CLOCK = 2**63 - 1
+#: worker numbers reserved with each save of the state: one save per this many joins
+ID_BLOCK = 64
 #: dead or departed workers still listed (status, saved state); older ones are forgotten
 KEEP_GONE_WORKERS = 256
 
@@ -64,6 +66,9 @@ class Scheduler:
         self.addresses: dict[str, str] = {}
         self.stats: dict[str, dict] = {}
         self.counts = {"server": 0, "worker": 0}
+        #: node numbers saved as handed out already (blocks of ID_BLOCK): a restart after
+        #: a crash resumes above them, so a name is never handed out twice
+        self.ids_saved = {"server": 0, "worker": 0}
         self.ring = Assignment(version=0)
         self.tables: dict[str, TableSpec] = {}
         self._creating: dict[str, asyncio.Future] = {}  # tables the servers are being told about
@@ -203,10 +208,13 @@ class Scheduler:
                     if p.role == "server" and p.state == State.DEAD and p.node not in self.replaced]
             if dead:
                 self.replaced.add(dead[0])
-        # saved before the node hears its id: a scheduler that crashed before saving it
-        # handed the same id to the next node, whose first pushes the servers then took
-        # for resends of the old node's
-        self.save()
+            self.save()
+        elif self.counts[role] > self.ids_saved[role]:
+            # saved before the node hears its id, a block at a time: a scheduler that
+            # crashed before saving it handed the same id to the next node, whose first
+            # pushes the servers then took for resends of the old node's
+            self.ids_saved[role] = self.counts[role] + ID_BLOCK
+            self.save()
         if role == "server":
             # the new server takes its ranges once it serves; joins queue behind other changes
             asyncio.ensure_future(self.ring_changes.rebalance(f"{node} joined"))

@@ -23,7 +23,9 @@ FILE = "scheduler.json"
 def save(scheduler, folder: Path) -> None:
     s = scheduler
     state = {
-        "ring": s.ring.to_wire(), "addresses": s.addresses, "counts": s.counts,
+        "ring": s.ring.to_wire(), "addresses": s.addresses,
+        # numbers reserved count as handed out: a restart resumes above them
+        "counts": {role: max(n, s.ids_saved.get(role, 0)) for role, n in s.counts.items()},
         "tables": [t.to_wire() for t in s.tables.values()],
         "members": [{"node": p.node, "role": p.role, "state": p.state.value, "by": s.registered_by.get(p.node)}
                     for p in s.liveness.peers.values()],

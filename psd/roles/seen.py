@@ -35,6 +35,8 @@ class Seen:
     def __init__(self, window: int = WINDOW):
         self.window = window
         self._by_sender: dict[str, OrderedDict] = {}
+        #: per sender, how many ids were added or resent: a sender that moves it is active
+        self._activity: dict[str, int] = {}
 
     def __contains__(self, key: tuple[str, int]) -> bool:
         sender, rid = key
@@ -44,12 +46,19 @@ class Seen:
     def add(self, sender: str, rid: int) -> None:
         ids = self._by_sender.setdefault(sender, OrderedDict())
         ids[rid] = None
+        self._activity[sender] = self._activity.get(sender, 0) + 1
         if len(ids) > self.window:
             ids.popitem(last=False)
 
     def forget(self, sender: str) -> None:
-        """Drop a sender's ids (it left long enough ago that it resends nothing)."""
+        """Drop a sender's ids (it left, and has sent nothing here for long enough that
+        it resends nothing)."""
         self._by_sender.pop(sender, None)
+        self._activity.pop(sender, None)
+
+    def activity(self, sender: str) -> int:
+        """Changes whenever an id of ``sender`` is added or resent."""
+        return self._activity.get(sender, 0)
 
     def senders(self) -> int:
         return len(self._by_sender)
@@ -59,6 +68,7 @@ class Seen:
         ids = self._by_sender.get(sender)
         if ids is not None and rid in ids:
             ids.move_to_end(rid)
+            self._activity[sender] = self._activity.get(sender, 0) + 1
 
     def to_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(senders, how many ids each, all ids): the memory as frames, not header, since

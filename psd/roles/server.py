@@ -283,15 +283,21 @@ class Server:
             raise BadRequestError("worker_left: meta.worker must be a worker id")
         self.gate.leave(worker, time.monotonic())
         log.info("%s: %s left the worker group", self.node_id, worker)
-        # its request ids, kept for exactly-once (up to 65,536 of them), once it can no
-        # longer resend any: a client gives up on a request request_timeout after sending
-        # it, and FORGET_AFTER of those leaves room for a longer one of its own
-        asyncio.get_running_loop().call_later(FORGET_AFTER * self.config.request_timeout, self._forget, worker)
+        self._forget_when_quiet(worker, -1)
         return msg.reply()
 
-    def _forget(self, worker: str) -> None:
-        self.seen.forget(worker)
-        self.covered.forget(worker)
+    def _forget_when_quiet(self, worker: str, seen_then: int) -> None:
+        """Forget a departed worker's request ids (up to 65,536, kept for exactly-once)
+        once nothing of it has arrived here for FORGET_AFTER request_timeouts: a worker
+        resends a request only while it keeps trying (every second at most), so a quiet
+        one resends nothing; one declared dead that still pushes stays remembered."""
+        now = self.seen.activity(worker)
+        if now == seen_then:
+            self.seen.forget(worker)
+            self.covered.forget(worker)
+            return
+        asyncio.get_running_loop().call_later(FORGET_AFTER * self.config.request_timeout,
+                                              self._forget_when_quiet, worker, now)
 
     async def on_shutdown(self, route: Route, msg: Message) -> Message:
         log.info("%s: asked to shut down", self.node_id)
@@ -550,7 +556,8 @@ class Server:
             address = self.ring.addresses.get(node)
             if address is None:
                 continue
-            out.append((node, self.peers.get(node, address).request(fwd)))
+            peer = self.peers.get(node, address)
+            out.append((node, peer.request(fwd), lambda peer=peer, i=fwd.id: peer.forget(i)))
             self.counters["replicated"] += 1
         return out
 
@@ -562,7 +569,7 @@ class Server:
         refused = None
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.config.request_timeout
-        for node, fut in forwards:
+        for node, fut, forget in forwards:
             while True:
                 try:
                     reply = await asyncio.wait_for(asyncio.shield(fut), FORWARD_TICK)
@@ -585,9 +592,11 @@ class Server:
                 except asyncio.TimeoutError:
                     if node not in self.ring.servers:
                         fut.cancel()
+                        forget()
                         break
                     if loop.time() > give_up:  # (e.g. it dropped a message over its own limits)
                         fut.cancel()
+                        forget()
                         refused = refused or (node, "timeout", f"no answer within {self.config.request_timeout} s")
                         break
                 except Exception as e:
