@@ -91,5 +91,7 @@ def test_activity_moves_with_every_new_or_resent_id_only():
     seen.add("v", 1)
     seen.touch("w", 2)  # an id it does not hold
     assert seen.activity("w") == b
+    seen.stir("w")  # its ids arrived with a range copy
+    assert seen.activity("w") > b
     seen.forget("w")
     assert seen.activity("w") == 0 and seen.senders() == 1

@@ -278,7 +278,7 @@ class AsyncKVWorker:
                 # forwarding it again, and each server applies it once
                 await asyncio.sleep(max(0.0, min(1.0, RETRY_TICK * 2 ** resends, deadline - loop.time())))
                 resends += 1
-                if loop.time() > deadline:  # (never resend past it: servers forget quiet senders)
+                if loop.time() >= deadline:  # (never resend past it: servers forget quiet senders)
                     raise_if_error(not_replicated[unreplicated[0].msg.meta.get("rid")])
                 for part in unreplicated:
                     for sub in self._recut(part, spec):
@@ -290,7 +290,7 @@ class AsyncKVWorker:
                 if any(p.server in self.ring.addresses and not self._moved(p) for p in refused):
                     await self.refresh_ring()  # a server knows a newer ring than we do
                     await asyncio.sleep(RETRY_TICK / 4)
-                    if loop.time() > deadline:
+                    if loop.time() >= deadline:
                         raise NotOwnerError(f"{len(refused)} request part(s) still misrouted at ring "
                                             f"v{self.ring.version} after {self.config.request_timeout} s")
                 for part in refused:

@@ -213,8 +213,12 @@ class Scheduler:
             # saved before the node hears its id, a block at a time: a scheduler that
             # crashed before saving it handed the same id to the next node, whose first
             # pushes the servers then took for resends of the old node's
-            self.ids_saved[role] = self.counts[role] + ID_BLOCK
-            self.save()
+            before, self.ids_saved[role] = self.ids_saved[role], self.counts[role] + ID_BLOCK
+            try:
+                self.save()
+            except Exception:
+                self.ids_saved[role] = before  # (the next registration tries again)
+                raise
         if role == "server":
             # the new server takes its ranges once it serves; joins queue behind other changes
             asyncio.ensure_future(self.ring_changes.rebalance(f"{node} joined"))

@@ -56,6 +56,10 @@ class Seen:
         self._by_sender.pop(sender, None)
         self._activity.pop(sender, None)
 
+    def stir(self, sender: str) -> None:
+        """Count ids of ``sender`` that arrived otherwise (with a range copy) as activity."""
+        self._activity[sender] = self._activity.get(sender, 0) + 1
+
     def activity(self, sender: str) -> int:
         """Changes whenever an id of ``sender`` is added or resent."""
         return self._activity.get(sender, 0)

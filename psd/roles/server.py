@@ -89,6 +89,7 @@ class Server:
         self.reserved = 0
         self.full_replicas: dict[str, int] = {}
         self.forward_refusals = RefusalLog()  # one log line per replica and reason a minute
+        self.forgetting: set[str] = set()  # departed workers whose request ids go once they are quiet
         self.dropped: OrderedDict[str, None] = OrderedDict()
         self.started = time.time()
         self.timings = Timings(("op", "outcome"))  # requests and their handling time, for /metrics
@@ -283,7 +284,9 @@ class Server:
             raise BadRequestError("worker_left: meta.worker must be a worker id")
         self.gate.leave(worker, time.monotonic())
         log.info("%s: %s left the worker group", self.node_id, worker)
-        self._forget_when_quiet(worker, -1)
+        if worker not in self.forgetting:  # (told twice: a death, then a leave)
+            self.forgetting.add(worker)
+            self._forget_when_quiet(worker, -1)
         return msg.reply()
 
     def _forget_when_quiet(self, worker: str, seen_then: int) -> None:
@@ -295,6 +298,7 @@ class Server:
         if now == seen_then:
             self.seen.forget(worker)
             self.covered.forget(worker)
+            self.forgetting.discard(worker)
             return
         asyncio.get_running_loop().call_later(FORGET_AFTER * self.config.request_timeout,
                                               self._forget_when_quiet, worker, now)
@@ -793,7 +797,10 @@ class Server:
             return msg.reply()  # neither rows nor ids: nothing to do
         # the ids the copy carries (in one or more messages, the last one final); they count
         # only for rows in ``r``, which we neither lead nor apply forwards for until the final one
-        self.covered.note_copy(r, *copy_ids(msg))
+        senders, counts, rids = copy_ids(msg)
+        self.covered.note_copy(r, senders, counts, rids)
+        for sender in senders:  # (ids arriving count as the sender's activity here)
+            self.seen.stir(sender)
         if msg.meta.get("final"):
             self.incoming = [x for x in self.incoming if x != r]
             log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
