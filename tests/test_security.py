@@ -96,7 +96,15 @@ def test_keygen_cli(tmp_path):
     added = psd_cli("keygen", str(folder), "--add", "--client", "w3")
     assert added.returncode == 0, added.stderr
     assert (folder / "authorized" / "w3.key").exists()
+    worker = psd_cli("keygen", str(folder), "--add", "--worker", "w4")  # a worker key, and nothing else
+    assert worker.returncode == 0, worker.stderr
+    assert (folder / "authorized" / "workers" / "w4.key").exists() and not (folder / "authorized" / "w4.key").exists()
+    assert str(folder / "w4.key_secret") in worker.stdout and "client.key" not in worker.stdout
+    moved = psd_cli("keygen", str(folder), "--add", "--force", "--client", "w4")  # listed anew as a client
+    assert moved.returncode == 0, moved.stderr
+    assert (folder / "authorized" / "w4.key").exists() and not (folder / "authorized" / "workers" / "w4.key").exists()
     assert psd_cli("keygen", str(folder), "--force").returncode == 0
+    assert not list((folder / "authorized" / "workers").glob("*.key"))  # a new set lists only its keys
 
 
 def test_refusal_log_is_rate_limited():
@@ -616,3 +624,42 @@ def test_the_wire_carries_no_plaintext(mode):
         else:
             assert found == {"table": True, "values": True}, "the capture missed the traffic"
             assert "security: none" in (c.workdir / "scheduler.log").read_text()
+
+
+def test_a_worker_key_works_as_a_worker_but_may_not_do_what_operators_do(pair, tmp_path):
+    """A key listed in authorized/workers/ pushes, pulls, creates tables, registers and
+    runs job ranks, but drain, drop_tables, checkpoint and submit are refused, naming
+    the key they need; nothing changes. The cluster's client key still may."""
+    c, kv, t, keys = pair
+    security.keygen(c.keys, workers=["w1"], add=True)
+    assert (c.keys / "authorized" / "workers" / "w1.key").exists()
+    folder = tmp_path / "w1"
+    folder.mkdir()
+    shutil.copy(c.keys / "server.key", folder)
+    shutil.copy(c.keys / "w1.key_secret", folder)
+    with psd.connect(c.scheduler, ClusterConfig(keys=str(folder))) as worker:
+        mine = worker.table("worker_made", dtype="int64")
+        worker.wait(mine.push(keys, np.ones((keys.size, 1), np.int64)))
+        np.testing.assert_array_equal(worker.table("roles", dtype="int64").pull(keys).ravel(), [1, 2, 3, 4, 5])
+    before = cluster_view(c)
+    w1 = security.load_client(folder)
+    server = sorted(addresses_by_id(c))[0]
+    for msg, what in ((Message("drain", meta={"node": server}), "drain"),
+                      (Message("drop_tables", meta={"tables": ["roles"]}), "drop_tables"),
+                      (Message("checkpoint", meta={"wait": 5}), "checkpoint"),
+                      (Message("submit", meta={"job": {"name": "x", "app": "logreg_sgd"}, "workers": 1}), "submit")):
+        d = RawDealer(c.scheduler, curve=w1)
+        try:
+            reply = d.request(msg)
+        finally:
+            d.close()
+        forbidden_reply(reply, msg.op, "operator", what, "an operator key", "worker key 'w1'", "authorized/workers/")
+    assert cluster_view(c) == before
+    np.testing.assert_array_equal(t.pull(keys).ravel(), [1, 2, 3, 4, 5])
+    d = RawDealer(c.scheduler, curve=security.load_client(c.keys))  # the client key may
+    try:
+        reply = d.request(Message("drop_tables", meta={"tables": ["worker_made"]}))
+    finally:
+        d.close()
+    assert reply.op == "ok", reply.meta
+    assert "worker_made" not in c.status()["tables"]

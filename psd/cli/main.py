@@ -90,8 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("dir", metavar="DIR", help="key folder (created if missing)")
     k.add_argument("--client", action="append", metavar="NAME",
                    help="a client key pair to create and list (repeatable; default: one named 'client')")
+    k.add_argument("--worker", action="append", metavar="NAME",
+                   help="a worker key pair to create and list in authorized/workers/ (repeatable): it may do "
+                        "what workers do, not drain, drop, checkpoint or submit")
     k.add_argument("--add", action="store_true",
-                   help="add the --client pairs to the existing set in DIR (its server pair stays)")
+                   help="add the --client/--worker pairs to the existing set in DIR (its server pair stays)")
     k.add_argument("--force", action="store_true", help="replace keys that exist")
     for name in ("status", "drain", "drop", "submit", "checkpoint"):
         if name in sub.choices:
@@ -179,10 +182,12 @@ def _daemon_keys(args, env: dict[str, str], config: ClusterConfig):
 def _keygen(args) -> int:
     from psd.transport import security
 
-    written = security.keygen(args.dir, args.client or [security.DEFAULT_CLIENT], add=args.add, force=args.force)
+    # a new set always gets an operator key; --add --worker adds only the workers
+    clients = args.client or ([] if args.add and args.worker else [security.DEFAULT_CLIENT])
+    written = security.keygen(args.dir, clients, add=args.add, force=args.force, workers=args.worker or [])
     for path in written:
         print(path)
-    clients = args.client or [security.DEFAULT_CLIENT]
+    clients = clients + (args.worker or [])
     print(f"psd keygen: {'added' if args.add else 'wrote'} {len(written)} files. Daemon hosts need "
           f"{security.SERVER}.key_secret and authorized/; a client host needs {security.SERVER}.key and its "
           f"own pair ({', '.join(c + '.key_secret' for c in clients)}). Point keys: (or PSD_KEYS, --keys) "

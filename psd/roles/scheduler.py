@@ -30,7 +30,7 @@ from psd.roles.ring_changes import RingChanges
 from psd.store import TableSpec
 from psd.store.table import check_namespace, namespace_of
 from psd.transport import RpcSocket, Route, async_context, bind_router
-from psd.transport.security import ROLE_SERVER, Curve, forbidden
+from psd.transport.security import OPERATOR, ROLE_SERVER, ROLE_WORKER, Curve, forbidden
 from psd.transport.metrics import Timings
 
 log = logging.getLogger("psd.scheduler")
@@ -42,11 +42,25 @@ MAX_CHECKPOINT_WAIT = 24 * 3600.0
 MAX_JOB_BYTES = 32 * 1024
 #: worker clocks (a heartbeat's ``clk``) are iteration counts: 0 to 2**63 - 1
 MAX_CLOCK = 2**63 - 1
+#: what a worker key (authorized/workers/) may not do: an operator's ops
+OPERATOR_OPS = {"drain": "drain (moving a server's ranges away and stopping it)",
+                "drop_tables": "drop_tables (dropping tables)",
+                "checkpoint": "checkpoint (writing every table to disk)",
+                "submit": "submit (starting a job)"}
 #: worker numbers reserved with each save of the state: one save per this many joins
 ID_BLOCK = 64
 #: dead or departed workers still listed (status, saved state); older ones are forgotten
 KEEP_GONE_WORKERS = 256
 
+
+
+def _operators_only(op: str, what: str, handler):
+    """``handler``, refusing (ForbiddenError) a request that came with a worker key."""
+    async def guarded(route: Route, msg: Message):
+        if msg.peer is not None and msg.peer.startswith(ROLE_WORKER):
+            raise forbidden(op, what, msg.peer, needs=OPERATOR)
+        return await handler(route, msg)
+    return guarded
 
 class Scheduler:
     #: where GET /metrics is served (config `metrics`), once bound
@@ -102,6 +116,8 @@ class Scheduler:
             "submit": self.on_submit, "job_poll": self.on_job_poll,
             "job_report": self.on_job_report, "job_status": self.on_job_status,
         }
+        for op, what in OPERATOR_OPS.items():
+            self.handlers[op] = _operators_only(op, what, self.handlers[op])
 
     async def run(self, stop: asyncio.Event, ready) -> None:
         sock, self.address = bind_router(async_context(), self.bind, self.config.limits.max_message_bytes,

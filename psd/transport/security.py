@@ -8,14 +8,16 @@ A cluster's key folder (``psd keygen DIR``) holds:
 * ``NAME.key`` / ``NAME.key_secret``: one pair per client (``--client NAME``; the
   default is one named ``client``).
 * ``authorized/``: the allow-list the daemons check: a public key file per identity
-  that may connect (the server key and every client key).
+  that may connect (the server key and every client key). A client key listed in
+  ``authorized/workers/`` instead (``--worker NAME``) is a worker key: it may do what
+  a worker does, not what an operator does (drain, drop, checkpoint, submit).
 
 Files are ZeroMQ's ZPL certificates (``zmq.auth.load_certificate`` reads them);
 secret files are mode 0600.
 
 Bound ROUTERs are CURVE servers; a ZAP handler (RFC 27) on the daemon's context admits
 only keys of the allow-list, and gives each connection its key's role as User-Id
-(``server`` or ``client:NAME``), which the daemons check before the ops only daemons
+(``server``, ``client:NAME`` or ``worker:NAME``), which the daemons check before the ops only daemons
 send (:func:`forbidden` builds the refusal). Connecting DEALERs are CURVE clients with their own pair
 and the server's public key. A refused peer gets nothing, not even an error reply; the
 daemon logs one line per refused key (repeats are counted, not logged). A client sees
@@ -47,6 +49,8 @@ log = logging.getLogger("psd.security")
 SERVER = "server"
 DEFAULT_CLIENT = "client"
 AUTHORIZED = "authorized"
+#: the subfolder of ``authorized/`` that lists worker keys
+WORKERS = "workers"
 PUBLIC, SECRET = ".key", ".key_secret"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"psd"
@@ -56,6 +60,10 @@ ZAP_DOMAIN = b"psd"
 #: of its file in authorized/. Daemons check it before ops only daemons send.
 ROLE_SERVER = SERVER
 ROLE_CLIENT = "client:"
+#: a client key listed in authorized/workers/: no operator ops
+ROLE_WORKER = "worker:"
+#: what ``forbidden`` names as needed for an operator's op: a client key (not a worker key)
+OPERATOR = "operator"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -96,16 +104,18 @@ def _read_cert(path: Path) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
-def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (DEFAULT_CLIENT,), *,
-           add: bool = False, force: bool = False) -> list[Path]:
+def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (), *,
+           add: bool = False, force: bool = False, workers: list[str] | tuple[str, ...] = ()) -> list[Path]:
     """Write a cluster key set into ``folder`` and return the files written.
 
     Without ``add``: a new set (the server pair and one pair per client), refused if
     the folder already holds psd keys unless ``force`` (which replaces them and leaves
     only the new keys in ``authorized/``). With ``add``: new client pairs for the
-    existing set (its server pair stays); an existing name is refused unless ``force``."""
+    existing set (its server pair stays); an existing name is refused unless ``force``.
+    ``workers``: pairs listed as worker keys (``authorized/workers/``). Neither
+    clients nor workers: one client pair named ``client``."""
     folder = Path(folder)
-    names = list(clients) or [DEFAULT_CLIENT]
+    names = list(clients) + list(workers) if (clients or workers) else [DEFAULT_CLIENT]
     for name in names:
         if not _NAME.match(name) or name == SERVER:
             raise PsdError(f"client name {name!r}: expected letters, digits, '_', '.' or '-' "
@@ -117,7 +127,8 @@ def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (DEFAULT_C
     if add:
         if not server_secret.exists():
             raise PsdError(f"{folder} has no {SERVER}{SECRET}: create the key set first with `psd keygen {folder}`")
-        taken = [n for n in names if (folder / (n + SECRET)).exists() or (authorized / (n + PUBLIC)).exists()]
+        taken = [n for n in names if (folder / (n + SECRET)).exists() or (authorized / (n + PUBLIC)).exists()
+                 or (authorized / WORKERS / (n + PUBLIC)).exists()]
     else:
         existing = sorted(p.name for p in folder.glob("*" + SECRET)) if folder.is_dir() else []
         taken = existing
@@ -129,19 +140,24 @@ def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (DEFAULT_C
     authorized.mkdir(exist_ok=True)
     written: list[Path] = []
 
-    def pair(name: str) -> None:
+    def pair(name: str, listed: Path) -> None:
         public, secret = zmq.curve_keypair()
         for path, sec in ((folder / (name + PUBLIC), None), (folder / (name + SECRET), secret),
-                          (authorized / (name + PUBLIC), None)):
+                          (listed / (name + PUBLIC), None)):
             _write_cert(path, public, sec)
             written.append(path)
 
+    if workers:
+        (authorized / WORKERS).mkdir(exist_ok=True)
+    for old in ((authorized / (n + PUBLIC), authorized / WORKERS / (n + PUBLIC)) for n in names):
+        for path in old:  # (--force: a name listed anew, as what it is now)
+            path.unlink(missing_ok=True)
     if not add:
-        for old in authorized.glob("*" + PUBLIC):  # a new set trusts only its own keys
-            old.unlink()
-        pair(SERVER)
+        for old in [*authorized.glob("*" + PUBLIC), *authorized.glob(f"{WORKERS}/*" + PUBLIC)]:
+            old.unlink()  # a new set trusts only its own keys
+        pair(SERVER, authorized)
     for name in names:
-        pair(name)
+        pair(name, authorized / WORKERS if name in workers else authorized)
     return written
 
 
@@ -283,16 +299,18 @@ def describe_role(peer: str | None) -> str:
         return "the server key"
     if peer and peer.startswith(ROLE_CLIENT):
         return f"client key {peer[len(ROLE_CLIENT):]!r}"
+    if peer and peer.startswith(ROLE_WORKER):
+        return f"worker key {peer[len(ROLE_WORKER):]!r}"
     return "no known key"
 
 
 def forbidden(op: str, what: str, peer: str | None, needs: str = ROLE_SERVER) -> ForbiddenError:
     """The refusal of a request whose key may not do ``what``; ``needs``: the role that
-    may (``server``), or a phrase naming the key that may."""
-    wanted = ("the server key (only the scheduler and the servers send it)" if needs == ROLE_SERVER
-              else needs)
-    return ForbiddenError(f"{what} needs {wanted}; this request came with {describe_role(peer)}. "
-                          f"Nothing was changed", op=op, needs=needs if needs == ROLE_SERVER else "registrant")
+    may (``server``, ``operator``), or a phrase naming the key that may."""
+    wanted = {ROLE_SERVER: "the server key (only the scheduler and the servers send it)",
+              OPERATOR: f"an operator key (a client key listed in {AUTHORIZED}/, not in {AUTHORIZED}/{WORKERS}/)"}
+    return ForbiddenError(f"{what} needs {wanted.get(needs, needs)}; this request came with {describe_role(peer)}. "
+                          f"Nothing was changed", op=op, needs=needs if needs in wanted else "registrant")
 
 
 class AllowList:
@@ -306,18 +324,22 @@ class AllowList:
         self._keys: dict[bytes, str] = {}
 
     def load(self) -> dict[bytes, str]:
+        """Listed public keys (raw) -> their role: ``client:NAME``, or ``worker:NAME``
+        for a key in ``workers/``."""
         try:
-            stamp = self.folder.stat().st_mtime_ns
+            stamp = (self.folder.stat().st_mtime_ns,
+                     (self.folder / WORKERS).stat().st_mtime_ns if (self.folder / WORKERS).is_dir() else None)
         except OSError:
             stamp = None
         if stamp != self._stamp or stamp is None:
             keys = {}
-            for path in sorted(self.folder.glob("*" + PUBLIC)):
-                try:
-                    public, _ = _read_cert(path)
-                    keys[z85.decode(public)] = path.name[:-len(PUBLIC)]
-                except (AuthError, ValueError) as e:
-                    log.warning("allow-list: skipping %s: %s", path, e)
+            for role, folder in ((ROLE_CLIENT, self.folder), (ROLE_WORKER, self.folder / WORKERS)):
+                for path in sorted(folder.glob("*" + PUBLIC)):
+                    try:
+                        public, _ = _read_cert(path)
+                        keys[z85.decode(public)] = role + path.name[:-len(PUBLIC)]
+                    except (AuthError, ValueError) as e:
+                        log.warning("allow-list: skipping %s: %s", path, e)
             self._keys, self._stamp = keys, stamp
         return self._keys
 
@@ -361,12 +383,12 @@ class Authenticator:
             route, request_id = frames[0], (frames[3] if len(frames) > 3 else b"")
             return [route, b"", b"1.0", request_id, b"500", b"malformed ZAP request", b"", b""]
         route, _, version, request_id, domain, address, _identity, mechanism, *creds = frames
-        name = None
+        listed = None
         if mechanism == b"CURVE" and creds and len(creds[0]) == 32:
-            name = self.allow.load().get(creds[0])
-        if name is not None:
+            listed = self.allow.load().get(creds[0])
+        if listed is not None:
             self.admitted += 1
-            role = ROLE_SERVER if creds[0] == self._server_key else ROLE_CLIENT + name
+            role = ROLE_SERVER if creds[0] == self._server_key else listed
             return [route, b"", version, request_id, b"200", b"OK", role.encode(), b""]
         self.refused += 1
         key = z85.encode(creds[0]).decode() if creds and len(creds[0]) == 32 else f"<{mechanism.decode('ascii', 'replace')}>"
