@@ -24,3 +24,18 @@ def test_a_dead_workers_shard_goes_to_the_next_poller_and_only_done_ends_the_job
     book.report(job.id, 1, done=True, seq=1, reporter="W2")  # its own sequence, not W1's
     assert job.state == "done" and job.shards_done == {0, 1}
     assert book.poll("W0") is None  # nothing left to take
+
+
+def test_only_the_newest_ended_jobs_are_kept():
+    book = JobBook()
+    jobs = [book.submit({"app": "x"}, 1) for _ in range(5)]
+    for job in jobs[:4]:
+        book.poll("W0")
+        book.report(job.id, 0, done=True)
+    jobs[0].tables_dropped = jobs[1].tables_dropped = True
+    jobs[2].keep_tables = True
+    # J4 ended but its tables are not dropped yet: kept until they are; J5 still runs
+    assert book.prune_ended(1) == ["J1", "J2"]
+    assert sorted(book.jobs) == ["J3", "J4", "J5"]
+    assert book.forgotten("J1") and not book.forgotten("J3") and not book.forgotten("J6")
+    assert not book.forgotten("W1") and not book.forgotten("J") and not book.forgotten("Jx")

@@ -5,6 +5,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from conftest import wait_for
 
@@ -145,3 +146,32 @@ def test_a_worker_declared_dead_that_still_pushes_keeps_its_request_ids(raw_deal
         while status(Message("status")).meta["seen_senders"] != 0:
             assert time.monotonic() < deadline, "a quiet departed worker's ids are still kept"
             time.sleep(0.2)
+
+
+def test_the_scheduler_keeps_only_the_newest_ended_jobs(raw_dealer):
+    """70 one-rank jobs run to the end: status and job_status keep the 64 newest; the
+    older ones, metrics included, are forgotten, and their namespaces stay closed."""
+    from psd.codec import Message
+    from psd.roles.scheduler import KEEP_ENDED_JOBS
+    with psd.LocalCluster(servers=1, security="none") as cluster:
+        d = raw_dealer(cluster.scheduler, curve=None)
+        worker = d.request(Message("register", meta={"role": "worker"})).meta["node"]
+        ids = []
+        for i in range(KEEP_ENDED_JOBS + 6):
+            job = d.request(Message("submit", meta={"job": JOB, "workers": 1})).meta["job"]
+            got = d.request(Message("job_poll", sender=worker)).meta
+            assert got["job"] == job, got
+            reply = d.request(Message("job_report", sender=worker, meta={
+                "job": job, "rank": got["rank"], "done": True, "metrics": [{"step": i, "x": "y" * 100}]}))
+            assert reply.op == "ok", reply.meta
+            ids.append(job)
+        deadline = time.monotonic() + 10
+        while len(listed := [j["id"] for j in cluster.status()["jobs"]]) > KEEP_ENDED_JOBS:
+            assert time.monotonic() < deadline, listed  # (pruned once each job's tables are dropped)
+            time.sleep(0.05)
+        assert listed == ids[-KEEP_ENDED_JOBS:]
+        old = d.request(Message("job_status", meta={"job": ids[0]}))
+        assert old.op == "error" and "unknown job" in old.meta["message"], old.meta
+        with psd.connect(cluster, psd.ClusterConfig(security="none")) as kv:
+            with pytest.raises(psd.BadRequestError, match="ended long ago"):
+                kv.table(f"{ids[0]}/late", dtype="int64")

@@ -99,6 +99,20 @@ class JobBook:
         self.jobs[job.id] = job
         return job
 
+    def prune_ended(self, keep: int) -> list[str]:
+        """Forget all but the ``keep`` newest ended jobs whose tables are dropped or kept
+        (their metrics included); returns the ids forgotten."""
+        ended = [j.id for j in self.jobs.values() if j.ended and (j.tables_dropped or j.keep_tables)]
+        drop = ended[:max(0, len(ended) - keep)]
+        for job_id in drop:
+            del self.jobs[job_id]
+        return drop
+
+    def forgotten(self, job_id: str) -> bool:
+        """Whether ``job_id`` names a job this book had and has forgotten."""
+        return (job_id not in self.jobs and job_id.startswith("J") and job_id[1:].isdigit()
+                and 0 < int(job_id[1:]) < self._next)
+
     def poll(self, worker: str) -> tuple[Job, int] | None:
         """Give ``worker`` a free rank of the oldest unfinished job, or None."""
         for job in self.jobs.values():

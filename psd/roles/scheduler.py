@@ -49,6 +49,8 @@ OPERATOR_OPS = {"drain": "drain (moving a server's ranges away and stopping it)"
                 "submit": "submit (starting a job)"}
 #: worker numbers reserved with each save of the state: one save per this many joins
 ID_BLOCK = 64
+#: ended jobs still listed (status, job_status, saved state); older ones are forgotten
+KEEP_ENDED_JOBS = 64
 #: dead or departed workers still listed (status, saved state); older ones are forgotten
 KEEP_GONE_WORKERS = 256
 
@@ -387,10 +389,14 @@ class Scheduler:
     def _check_new_table(self, name: str) -> None:
         """Before a table is added: limits.max_tables, and no table in the namespace of a
         job whose tables were dropped when it ended."""
-        job = self.jobs.jobs.get(namespace_of(name) or "")
+        namespace = namespace_of(name) or ""
+        job = self.jobs.jobs.get(namespace)
         if job is not None and job.tables_dropped:
             raise BadRequestError(f"cannot create table {name!r}: job {job.id} has ended and its tables "
                                   f"were dropped (set keep_tables: true in the job file to keep them)")
+        if self.jobs.forgotten(namespace) and not any(namespace_of(n) == namespace for n in self.tables):
+            raise BadRequestError(f"cannot create table {name!r}: job {namespace} ended long ago and its tables "
+                                  f"are gone (set keep_tables: true in the job file to keep them)")
         limit = self.config.limits.max_tables
         if len(self.tables) >= limit:
             raise LimitError(f"cannot create table {name!r}: the cluster has {len(self.tables)} tables and "
@@ -489,10 +495,17 @@ class Scheduler:
 
     async def _job_ended(self, job) -> None:
         """A job is done or failed: drop its namespace unless its file says keep_tables."""
-        if job.keep_tables or job.tables_dropped:
-            return
-        job.tables_dropped = True
-        await self._drop([n for n in self.tables if namespace_of(n) == job.id], f"job {job.id} {job.state}")
+        if not (job.keep_tables or job.tables_dropped):
+            job.tables_dropped = True
+            await self._drop([n for n in self.tables if namespace_of(n) == job.id], f"job {job.id} {job.state}")
+        self._forget_old_jobs()
+
+    def _forget_old_jobs(self) -> None:
+        """A long-lived cluster runs job after job: the newest KEEP_ENDED_JOBS ended ones
+        stay (status, job_status, saved state), older ones and their metrics go."""
+        for job_id in self.jobs.prune_ended(KEEP_ENDED_JOBS):
+            log.info("job %s forgotten (ended; the newest %d ended jobs are kept)", job_id, KEEP_ENDED_JOBS)
+        self.touch()
 
     # -- jobs --------------------------------------------------------------------
     async def on_submit(self, route: Route, msg: Message) -> Message:
