@@ -175,3 +175,21 @@ def test_the_scheduler_keeps_only_the_newest_ended_jobs(raw_dealer):
         with psd.connect(cluster, psd.ClusterConfig(security="none")) as kv:
             with pytest.raises(psd.BadRequestError, match="ended long ago"):
                 kv.table(f"{ids[0]}/late", dtype="int64")
+
+
+def test_a_server_that_joins_later_forgets_departed_workers_too(raw_dealer):
+    """S0 is told W1 left; S1 joins afterwards and receives W1's ids with its range
+    copies. It was never told W1 left: the copy says so, and S1 forgets them once quiet
+    (it kept them forever)."""
+    from psd.codec import Message
+    keys = np.arange(0, 2**64 - 2**60, 2**60, dtype=np.uint64)  # in every range
+    with psd.LocalCluster(servers=1, replication=2, request_timeout=1.0) as cluster:
+        with psd.connect(cluster) as kv:
+            kv.wait(kv.table("w", dtype="int64").push(keys, np.ones((keys.size, 1), np.int64)))
+        cluster.add_server()
+        status = raw_dealer(cluster.servers[1].address).request
+        assert status(Message("status")).meta["seen_senders"] >= 1  # the ids came with the copy
+        deadline = time.monotonic() + 40
+        while status(Message("status")).meta["seen_senders"] != 0:
+            assert time.monotonic() < deadline, "the joined server keeps a departed worker's ids"
+            time.sleep(0.2)

@@ -64,8 +64,8 @@ class Seen:
         """Changes whenever an id of ``sender`` is added or resent."""
         return self._activity.get(sender, 0)
 
-    def senders(self) -> int:
-        return len(self._by_sender)
+    def senders(self) -> set[str]:
+        return set(self._by_sender)
 
     def touch(self, sender: str, rid: int) -> None:
         """Make a remembered id the sender's newest (it was just resent)."""
@@ -141,6 +141,10 @@ class Covered:
             ids.move_to_end(rid)
             if len(ids) > self.window:
                 ids.popitem(last=False)
+
+    def senders(self) -> set[str]:
+        """Senders whose copied-in ids are kept."""
+        return set(self._copied)
 
     def forget(self, sender: str) -> None:
         """Drop what is kept for a sender's ids (see ``Seen.forget``)."""

@@ -284,10 +284,13 @@ class Server:
             raise BadRequestError("worker_left: meta.worker must be a worker id")
         self.gate.leave(worker, time.monotonic())
         log.info("%s: %s left the worker group", self.node_id, worker)
-        if worker not in self.forgetting:  # (told twice: a death, then a leave)
+        self._watch_departed(worker)
+        return msg.reply()
+
+    def _watch_departed(self, worker: str) -> None:
+        if worker not in self.forgetting:  # (told twice: a death, then a leave; or by a copy)
             self.forgetting.add(worker)
             self._forget_when_quiet(worker, -1)
-        return msg.reply()
 
     def _forget_when_quiet(self, worker: str, seen_then: int) -> None:
         """Forget a departed worker's request ids (up to 65,536, kept for exactly-once)
@@ -758,6 +761,9 @@ class Server:
         pieces = id_pieces(*self._seen_for_copy(r), budget, self.config.limits.max_keys)
         for j, (senders, counts, rids) in enumerate(pieces):
             meta = {"range": range_to_wire(r), "senders": senders}
+            departed = [s for s in senders if s in self.forgetting]
+            if departed:  # the receiver was never told they left: it forgets them once quiet too
+                meta["departed"] = departed
             if j == len(pieces) - 1:
                 meta["final"] = True
             sends.append(peer.request(Message("install", ring=self.ring.version, arrays=[counts, rids], meta=meta)))
@@ -801,6 +807,11 @@ class Server:
         self.covered.note_copy(r, senders, counts, rids)
         for sender in senders:  # (ids arriving count as the sender's activity here)
             self.seen.stir(sender)
+        departed = msg.meta.get("departed", [])
+        if not isinstance(departed, list) or not all(isinstance(d, str) for d in departed):
+            raise ProtocolError("install: meta.departed must list senders of this message")
+        for worker in set(departed) & set(senders):
+            self._watch_departed(worker)
         if msg.meta.get("final"):
             self.incoming = [x for x in self.incoming if x != r]
             log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
@@ -897,7 +908,7 @@ class Server:
             "ring": self.ring.version,
             "leads": len(self.ring.led_by(self.node_id)), "holds": len(self.ring.ranges_of(self.node_id)),
             "pending_acks": len(self.acks), "copying_in": len(self.incoming),
-            "seen_senders": self.seen.senders(),
+            "seen_senders": len(self.seen.senders() | self.covered.senders()),
             "memory": {"bytes": self.usage.bytes, "limit": self.config.limits.max_memory_bytes,
                        "reserved": self.reserved, "full_replicas": sorted(self.full_replicas)},
             "consistency": self.gate.stats(),
