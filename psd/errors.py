@@ -54,8 +54,9 @@ class AuthError(PsdError):
 
 class ForbiddenError(PsdError):
     """The sender's key is listed, but its role may not do this (a client key sending
-    what only the daemons send, or a request in the name of a node another key
-    registered). Nothing was applied. ``data``: ``{op, needs}``."""
+    what only the daemons send, a worker key sending what only operators send, or a
+    request in the name of a node another key registered). Nothing was applied.
+    ``data``: ``{op, needs}`` (``server``, ``operator`` or ``registrant``)."""
 
     code = "forbidden"
 

@@ -39,3 +39,22 @@ def test_only_the_newest_ended_jobs_are_kept():
     assert sorted(book.jobs) == ["J3", "J4", "J5"]
     assert book.forgotten("J1") and not book.forgotten("J3") and not book.forgotten("J6")
     assert not book.forgotten("W1") and not book.forgotten("J") and not book.forgotten("Jx")
+
+
+def test_jobs_are_kept_by_when_they_ended():
+    """A long job submitted before many short ones is the newest ended when it ends."""
+    book = JobBook()
+    long = book.submit({"app": "x"}, 1)
+    book.poll("W0")
+    short = []
+    for _ in range(3):
+        job = book.submit({"app": "x"}, 1)
+        book.poll("W1")
+        book.report(job.id, 0, done=True)
+        job.tables_dropped = True
+        short.append(job)
+    book.report(long.id, 0, done=True)
+    long.tables_dropped = True
+    assert book.prune_ended(1) == [j.id for j in short]
+    assert list(book.jobs) == [long.id]
+    assert not book.forgotten("J05") and not book.forgotten("J²") and not book.forgotten("J0")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import psd
+from psd.client import admin
 from psd.codec import Message, encode
 from psd.config import ClusterConfig
 from psd.transport import security
@@ -656,6 +657,17 @@ def test_a_worker_key_works_as_a_worker_but_may_not_do_what_operators_do(pair, t
         forbidden_reply(reply, msg.op, "operator", what, "an operator key", "worker key 'w1'", "authorized/workers/")
     assert cluster_view(c) == before
     np.testing.assert_array_equal(t.pull(keys).ravel(), [1, 2, 3, 4, 5])
+    # nor by failing a job it holds no rank of (ending a job drops its tables)
+    job = admin.call(c.scheduler, "submit", job={"name": "x", "app": "logreg_sgd"}, workers=1)["job"]
+    kv.table(f"{job}/w", dtype="int64")
+    d = RawDealer(c.scheduler, curve=w1)
+    try:
+        node = d.request(Message("register", meta={"role": "worker"})).meta["node"]
+        reply = d.request(Message("job_report", sender=node, meta={"job": job, "rank": 0, "error": "no"}))
+    finally:
+        d.close()
+    assert reply.op == "error" and "held by no worker" in reply.meta["message"], reply.meta
+    assert f"{job}/w" in c.status()["tables"]
     d = RawDealer(c.scheduler, curve=security.load_client(c.keys))  # the client key may
     try:
         reply = d.request(Message("drop_tables", meta={"tables": ["worker_made"]}))

@@ -5,6 +5,7 @@ Deterministic (no I/O, no clock): the scheduler feeds it requests and heartbeats
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from psd.errors import BadRequestError, describe
@@ -14,6 +15,8 @@ from psd.errors import BadRequestError, describe
 METRICS_REPLY_BUDGET = 24_000
 #: the longest failure text a report may carry (the rest is cut)
 MAX_ERROR = 4000
+#: a job id as ``submit`` makes them
+_JOB_ID = re.compile(r"J[1-9][0-9]*")
 
 
 @dataclass
@@ -33,6 +36,8 @@ class Job:
     #: the job's tables live in namespace ``<id>``; kept or dropped when it ends (done or failed)
     keep_tables: bool = False
     tables_dropped: bool = False
+    #: the order in which jobs ended (0: not yet): the newest ended are the ones kept
+    ended_seq: int = 0
 
     @property
     def ended(self) -> bool:
@@ -102,16 +107,17 @@ class JobBook:
     def prune_ended(self, keep: int) -> list[str]:
         """Forget all but the ``keep`` newest ended jobs whose tables are dropped or kept
         (their metrics included); returns the ids forgotten."""
-        ended = [j.id for j in self.jobs.values() if j.ended and (j.tables_dropped or j.keep_tables)]
-        drop = ended[:max(0, len(ended) - keep)]
+        ended = sorted((j for j in self.jobs.values() if j.ended and (j.tables_dropped or j.keep_tables)),
+                       key=lambda j: j.ended_seq)
+        drop = [j.id for j in ended[:max(0, len(ended) - keep)]]
         for job_id in drop:
             del self.jobs[job_id]
         return drop
 
     def forgotten(self, job_id: str) -> bool:
         """Whether ``job_id`` names a job this book had and has forgotten."""
-        return (job_id not in self.jobs and job_id.startswith("J") and job_id[1:].isdigit()
-                and 0 < int(job_id[1:]) < self._next)
+        return (job_id not in self.jobs and _JOB_ID.fullmatch(job_id) is not None
+                and int(job_id[1:]) < self._next)
 
     def poll(self, worker: str) -> tuple[Job, int] | None:
         """Give ``worker`` a free rank of the oldest unfinished job, or None."""
@@ -158,6 +164,7 @@ class JobBook:
             job.metrics.extend(metrics)
         if summary:
             job.summary[str(rank)] = summary
+        was_ended = job.ended
         if error:
             job.state, job.error = "failed", error
         if done:
@@ -165,4 +172,6 @@ class JobBook:
             job.progress[rank] = 1.0
             if len(job.shards_done) == job.num_shards and job.state != "failed":
                 job.state = "done"
+        if job.ended and not was_ended:
+            job.ended_seq = 1 + max((j.ended_seq for j in self.jobs.values()), default=0)
         return job

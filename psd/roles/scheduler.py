@@ -536,9 +536,18 @@ class Scheduler:
     async def on_job_report(self, route: Route, msg: Message) -> Message:
         self._check_sender(msg)
         m = msg.meta
+        if isinstance(m.get("job"), str) and self.jobs.forgotten(m["job"]):
+            return msg.reply(meta={"ignored": f"job {m['job']} ended and was forgotten"})  # (a late resend)
         if not isinstance(m.get("job"), str) or m.get("job") not in self.jobs.jobs:  # a list is unhashable
             raise BadRequestError(f"job_report: unknown job {describe(m.get('job'))}", field="meta.job")
         report = check_report(self.jobs.jobs[m["job"]], m)
+        holder = self.jobs.jobs[m["job"]].ranks.get(report["rank"])
+        if holder != msg.sender:
+            # only the rank's worker reports on it: a report can fail or end the job, and
+            # ending it drops its tables (a worker key may not drop tables otherwise)
+            raise BadRequestError(f"job_report: rank {report['rank']} of job {m['job']} is held by "
+                                  f"{holder or 'no worker'}, not {msg.sender}; take a rank with job_poll first",
+                                  field="meta.rank")
         self.touch()
         job = self.jobs.report(m["job"], reporter=msg.sender, **report)
         if job.ended:

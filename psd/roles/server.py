@@ -804,12 +804,12 @@ class Server:
         # the ids the copy carries (in one or more messages, the last one final); they count
         # only for rows in ``r``, which we neither lead nor apply forwards for until the final one
         senders, counts, rids = copy_ids(msg)
-        self.covered.note_copy(r, senders, counts, rids)
-        for sender in senders:  # (ids arriving count as the sender's activity here)
-            self.seen.stir(sender)
         departed = msg.meta.get("departed", [])
         if not isinstance(departed, list) or not all(isinstance(d, str) for d in departed):
             raise ProtocolError("install: meta.departed must list senders of this message")
+        self.covered.note_copy(r, senders, counts, rids)
+        for sender in senders:  # (ids arriving count as the sender's activity here)
+            self.seen.stir(sender)
         for worker in set(departed) & set(senders):
             self._watch_departed(worker)
         if msg.meta.get("final"):

@@ -115,7 +115,10 @@ def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (), *,
     ``workers``: pairs listed as worker keys (``authorized/workers/``). Neither
     clients nor workers: one client pair named ``client``."""
     folder = Path(folder)
-    names = list(clients) + list(workers) if (clients or workers) else [DEFAULT_CLIENT]
+    # a new set always gets an operator key: the default client, unless clients are named
+    names = list(clients or ([] if add else [DEFAULT_CLIENT])) + list(workers)
+    if not names:
+        names = [DEFAULT_CLIENT]
     for name in names:
         if not _NAME.match(name) or name == SERVER:
             raise PsdError(f"client name {name!r}: expected letters, digits, '_', '.' or '-' "
