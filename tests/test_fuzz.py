@@ -1317,8 +1317,9 @@ def test_job_reports_are_checked_field_by_field(raw_dealer):
             assert words in reply.meta["message"], (words, reply.meta["message"])
         st_ = admin.call(cluster.scheduler, "job_status", job=job)
         assert st_["state"] == "waiting" and st_["shards_done"] == [] and st_["num_metrics"] == 0, st_
-        # a progress past 1 is held to 1; a long error text is cut
-        d.request(Message("job_report", sender="W0", meta={"job": job, "rank": 1, "progress": 7.5, "seq": 1}))
+        # a progress past 1 is held to 1; a long error text is cut (each from the rank's worker)
+        assert [d.request(Message("job_poll", sender=w)).meta["rank"] for w in ("W0", "W1")] == [0, 1]
+        d.request(Message("job_report", sender="W1", meta={"job": job, "rank": 1, "progress": 7.5, "seq": 1}))
         assert admin.call(cluster.scheduler, "job_status", job=job)["per_rank"] == {"1": 1.0}
         d.request(Message("job_report", sender="W0", meta={"job": job, "rank": 0, "error": "e" * 10_000, "seq": 2}))
         st_ = admin.call(cluster.scheduler, "job_status", job=job)
