@@ -182,12 +182,12 @@ def _daemon_keys(args, env: dict[str, str], config: ClusterConfig):
 def _keygen(args) -> int:
     from psd.transport import security
 
-    # a new set always gets an operator key; --add --worker adds only the workers
-    clients = args.client or ([] if args.add and args.worker else [security.DEFAULT_CLIENT])
-    written = security.keygen(args.dir, clients, add=args.add, force=args.force, workers=args.worker or [])
+    written = security.keygen(args.dir, args.client or (), add=args.add, force=args.force,
+                              workers=args.worker or ())
     for path in written:
         print(path)
-    clients = clients + (args.worker or [])
+    clients = [p.name[:-len(security.SECRET)] for p in written
+               if p.name.endswith(security.SECRET) and p.name != security.SERVER + security.SECRET]
     print(f"psd keygen: {'added' if args.add else 'wrote'} {len(written)} files. Daemon hosts need "
           f"{security.SERVER}.key_secret and authorized/; a client host needs {security.SERVER}.key and its "
           f"own pair ({', '.join(c + '.key_secret' for c in clients)}). Point keys: (or PSD_KEYS, --keys) "

@@ -285,14 +285,12 @@ class AsyncKVWorker:
                         pending[id(sub)] = (sub, self._send(sub), self.ring.version)
             if refused:
                 if loop.time() > deadline:
-                    raise NotOwnerError(f"{len(refused)} request part(s) still misrouted at ring "
-                                        f"v{self.ring.version} after {self.config.request_timeout} s")
+                    raise self._misrouted(refused)
                 if any(p.server in self.ring.addresses and not self._moved(p) for p in refused):
                     await self.refresh_ring()  # a server knows a newer ring than we do
                     await asyncio.sleep(RETRY_TICK / 4)
                     if loop.time() >= deadline:
-                        raise NotOwnerError(f"{len(refused)} request part(s) still misrouted at ring "
-                                            f"v{self.ring.version} after {self.config.request_timeout} s")
+                        raise self._misrouted(refused)
                 for part in refused:
                     for sub in self._recut(part, spec):
                         pending[id(sub)] = (sub, self._send(sub), self.ring.version)
@@ -307,6 +305,10 @@ class AsyncKVWorker:
                 next_refresh = loop.time() + RING_POLL  # in case a ring notice was lost
                 await self.refresh_ring()
         return [p for p, _ in done], [r for _, r in done]
+
+    def _misrouted(self, parts: list[Part]) -> NotOwnerError:
+        return NotOwnerError(f"{len(parts)} request part(s) still misrouted at ring v{self.ring.version} "
+                             f"after {self.config.request_timeout} s")
 
     def _recut(self, part: Part, spec: TableSpec) -> list[Part]:
         """Re-plan a part by the current ring. Sent whole, it keeps its request id (a

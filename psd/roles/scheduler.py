@@ -55,7 +55,6 @@ KEEP_ENDED_JOBS = 64
 KEEP_GONE_WORKERS = 256
 
 
-
 def _operators_only(op: str, what: str, handler):
     """``handler``, refusing (ForbiddenError) a request that came with a worker key."""
     async def guarded(route: Route, msg: Message):
@@ -63,6 +62,7 @@ def _operators_only(op: str, what: str, handler):
             raise forbidden(op, what, msg.peer, needs=OPERATOR)
         return await handler(route, msg)
     return guarded
+
 
 class Scheduler:
     #: where GET /metrics is served (config `metrics`), once bound
@@ -227,6 +227,8 @@ class Scheduler:
             if dead:
                 self.replaced.add(dead[0])
             self.save()
+            # the new server takes its ranges once it serves; joins queue behind other changes
+            asyncio.ensure_future(self.ring_changes.rebalance(f"{node} joined"))
         elif self.counts[role] > self.ids_saved[role]:
             # saved before the node hears its id, a block at a time: a scheduler that
             # crashed before saving it handed the same id to the next node, whose first
@@ -237,9 +239,6 @@ class Scheduler:
             except Exception:
                 self.ids_saved[role] = before  # (the next registration tries again)
                 raise
-        if role == "server":
-            # the new server takes its ranges once it serves; joins queue behind other changes
-            asyncio.ensure_future(self.ring_changes.rebalance(f"{node} joined"))
         log.info("%s joined as %s%s, ring v%d", node, role,
                  f" at {self.addresses[node]}" if role == "server" else "", self.ring.version)
         return msg.reply(meta={"node": node, "ring": self.ring.to_wire(),
@@ -505,7 +504,7 @@ class Scheduler:
         stay (status, job_status, saved state), older ones and their metrics go."""
         for job_id in self.jobs.prune_ended(KEEP_ENDED_JOBS):
             log.info("job %s forgotten (ended; the newest %d ended jobs are kept)", job_id, KEEP_ENDED_JOBS)
-        self.touch()
+            self.touch()
 
     # -- jobs --------------------------------------------------------------------
     async def on_submit(self, route: Route, msg: Message) -> Message:

@@ -46,7 +46,7 @@ class Seen:
     def add(self, sender: str, rid: int) -> None:
         ids = self._by_sender.setdefault(sender, OrderedDict())
         ids[rid] = None
-        self._activity[sender] = self._activity.get(sender, 0) + 1
+        self.stir(sender)
         if len(ids) > self.window:
             ids.popitem(last=False)
 
@@ -57,7 +57,7 @@ class Seen:
         self._activity.pop(sender, None)
 
     def stir(self, sender: str) -> None:
-        """Count ids of ``sender`` that arrived otherwise (with a range copy) as activity."""
+        """Count an id of ``sender`` arriving (pushed, resent, or with a range copy) as activity."""
         self._activity[sender] = self._activity.get(sender, 0) + 1
 
     def activity(self, sender: str) -> int:
@@ -72,7 +72,7 @@ class Seen:
         ids = self._by_sender.get(sender)
         if ids is not None and rid in ids:
             ids.move_to_end(rid)
-            self._activity[sender] = self._activity.get(sender, 0) + 1
+            self.stir(sender)
 
     def to_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(senders, how many ids each, all ids): the memory as frames, not header, since

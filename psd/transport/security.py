@@ -115,10 +115,9 @@ def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (), *,
     ``workers``: pairs listed as worker keys (``authorized/workers/``). Neither
     clients nor workers: one client pair named ``client``."""
     folder = Path(folder)
-    # a new set always gets an operator key: the default client, unless clients are named
-    names = list(clients or ([] if add else [DEFAULT_CLIENT])) + list(workers)
-    if not names:
-        names = [DEFAULT_CLIENT]
+    names = list(clients) + list(workers)
+    if not clients and not (add and workers):  # a new set always gets an operator key
+        names.insert(0, DEFAULT_CLIENT)
     for name in names:
         if not _NAME.match(name) or name == SERVER:
             raise PsdError(f"client name {name!r}: expected letters, digits, '_', '.' or '-' "
@@ -152,9 +151,9 @@ def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (), *,
 
     if workers:
         (authorized / WORKERS).mkdir(exist_ok=True)
-    for old in ((authorized / (n + PUBLIC), authorized / WORKERS / (n + PUBLIC)) for n in names):
-        for path in old:  # (--force: a name listed anew, as what it is now)
-            path.unlink(missing_ok=True)
+    for name in names:  # (--force: a name is listed anew, as what it is now)
+        for listed in (authorized, authorized / WORKERS):
+            (listed / (name + PUBLIC)).unlink(missing_ok=True)
     if not add:
         for old in [*authorized.glob("*" + PUBLIC), *authorized.glob(f"{WORKERS}/*" + PUBLIC)]:
             old.unlink()  # a new set trusts only its own keys
