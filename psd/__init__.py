@@ -10,9 +10,9 @@
 from psd import aio
 from psd.client.sync import KVWorker, Table, connect
 from psd.config import ClusterConfig, load_config
-from psd.errors import (AuthError, BadRequestError, ConfigError, ForbiddenError, KeysError, LimitError,
-                        MessageTooLargeError, NotOwnerError, NotReplicatedError, ProtocolError, PsdError, PsdTimeoutError, RemoteError,
-                        StartupError, TableMismatchError, UnknownTableError, UnknownUpdaterError,
+from psd.errors import (AuthError, BadRequestError, BusyError, ConfigError, ForbiddenError, KeysError, LimitError,
+                        MessageTooLargeError, NotOwnerError, NotReplicatedError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, RemoteError,
+                        StartupError, TableMismatchError, UnavailableError, UnknownTableError, UnknownUpdaterError,
                         ValuesError)
 from psd.local import LocalCluster
 
@@ -22,5 +22,5 @@ __all__ = [
     "aio", "connect", "KVWorker", "Table", "LocalCluster", "ClusterConfig", "load_config",
     "PsdError", "ConfigError", "StartupError", "ProtocolError", "MessageTooLargeError", "AuthError",
     "ForbiddenError", "BadRequestError", "KeysError", "ValuesError", "UnknownTableError", "UnknownUpdaterError",
-    "TableMismatchError", "NotOwnerError", "NotReplicatedError", "PsdTimeoutError", "RemoteError", "LimitError",
+    "TableMismatchError", "NotOwnerError", "NotReplicatedError", "PsdTimeoutError", "RemoteError", "LimitError", "OutOfOrderError", "UnavailableError", "BusyError",
 ]

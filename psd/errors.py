@@ -118,6 +118,32 @@ class NotReplicatedError(PsdError):
     code = "not_replicated"
 
 
+class OutOfOrderError(PsdError):
+    """A request reached a server out of the order it was sent in (an earlier one was
+    lost with its connection, or refused and is being sent again): it was not applied.
+    The client sends everything from the first unadmitted request again, in order.
+    ``data``: ``{epoch, from}``, the stream and the first sequence number to resend."""
+
+    code = "out_of_order"
+
+
+class UnavailableError(PsdError):
+    """No server can serve these keys now: the servers holding them are unreachable or
+    still confirming they are members. Nothing was applied; the client retries until
+    ``request_timeout``, and raises this after it. Retry later; ``psd status`` shows
+    which ranges are unavailable and why."""
+
+    code = "unavailable"
+
+
+class BusyError(PsdError):
+    """A server holds as much unanswered work from this connection as it allows
+    (``limits.max_inflight_bytes``); nothing was applied. The client waits and sends the
+    request again; raised only when that does not succeed within ``request_timeout``."""
+
+    code = "busy"
+
+
 class PsdTimeoutError(PsdError):
     """No reply in time; the peer may be dead or overloaded."""
 
@@ -133,7 +159,8 @@ class RemoteError(PsdError):
 _BY_CODE = {cls.code: cls for cls in (
     PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError, ForbiddenError,
     BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
-    TableMismatchError, LimitError, NotOwnerError, NotReplicatedError, PsdTimeoutError, RemoteError)}
+    TableMismatchError, LimitError, NotOwnerError, NotReplicatedError, OutOfOrderError, UnavailableError,
+    BusyError, PsdTimeoutError, RemoteError)}
 
 
 def error_from_wire(code: str, message: str, node: str | None, data: dict | None = None) -> PsdError:

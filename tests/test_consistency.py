@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import psd
 from psd.cli.status import render
-from psd.roles.consistency import Gate, Policy, Setting
+from psd.core.gate import Gate, Policy, Setting
 
 from clockworker import TABLE, spread_keys
 

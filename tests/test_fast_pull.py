@@ -44,13 +44,13 @@ class Counted(FastPull):
 
 def _server(ctx: zmq.Context, fast: bool, loop, config: ClusterConfig) -> tuple[Server, zmq.Socket, Counted | None]:
     s = Server(config, curve=None)
-    s.node_id = "S1"
+    s.core.node_id = "S1"
     # S1 leads the lower half and is only a replica of the upper half
-    s.ring = Assignment(version=3, ranges=(Range(0, MID), Range(MID, KEY_SPACE_END)),
+    s.core.ring = Assignment(version=3, ranges=(Range(0, MID), Range(MID, KEY_SPACE_END)),
                         owners=(("S1", "S2"), ("S2", "S1")))
     for name, (width, dtype) in TABLES.items():
-        s._create(TableSpec(name, width, dtype))
-        t = s.tables[name]
+        s.core._create(TableSpec(name, width, dtype))
+        t = s.core.tables[name]
         t.push(STORED, (np.arange(STORED.size * width).reshape(-1, width) + 1).astype(dtype))
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -64,17 +64,23 @@ def _server(ctx: zmq.Context, fast: bool, loop, config: ClusterConfig) -> tuple[
     return s, dealer, fastpath
 
 
+def _confirm(server: Server) -> None:
+    """The scheduler's word that the server is a member, unless the test took it away."""
+    if not getattr(server, "lapsed", False):
+        server.core.fence.confirmed(time.monotonic())
+
+
 def _send(server: Server, dealer: zmq.Socket, frames: list) -> None:
     dealer.send_multipart(frames)
     time.sleep(0.002)
-    server.awake_at = time.monotonic()  # (no heartbeat loop here to say we are awake)
+    _confirm(server)  # (no heartbeat loop here to say we are a member)
     server.data.drain()
 
 
 def _replies(server: Server, dealer: zmq.Socket, count: int, timeout: float = 5.0) -> list[list[bytes]]:
     out, deadline = [], time.monotonic() + timeout
     while len(out) < count:
-        server.awake_at = time.monotonic()
+        _confirm(server)
         server.data.drain()
         if dealer.poll(1):
             out.append(dealer.recv_multipart())
@@ -118,7 +124,7 @@ class Pair:
     def silent(self) -> bool:
         """No reply is waiting on either side (after letting both servers read)."""
         for s, _ in self.sides:
-            s.awake_at = time.monotonic()
+            _confirm(s)
             s.data.drain()
         return not any(d.poll(50) for _, d in self.sides)
 
@@ -171,7 +177,7 @@ def test_small_pulls_are_answered_by_the_fast_path_with_the_general_paths_bytes(
         assert msgpack.unpackb(a[0])["op"] == "ok"
     assert fastpath.taken == len(requests)
     for key in ("pull", "keys_pulled", "errors"):
-        assert fast_srv.counters[key] == gen_srv.counters[key], key
+        assert fast_srv.core.counters[key] == gen_srv.core.counters[key], key
     assert fast_srv.timings.counts() == gen_srv.timings.counts()
 
 
@@ -221,7 +227,7 @@ def test_any_pull_gets_the_same_answer_either_way(pair, table, keys, keep_order,
     before = fastpath.taken
     a, b = both(_pull(table, arr, clock=clock))
     assert fastpath.taken - before == int(bool(small))
-    assert fast_srv.counters == gen_srv.counters
+    assert fast_srv.core.counters == gen_srv.core.counters
 
 
 def test_held_pulls_and_a_repeated_id_go_the_same_way(pairs):
@@ -239,14 +245,17 @@ def test_held_pulls_and_a_repeated_id_go_the_same_way(pairs):
     _same(a[0], b[0])
     assert msgpack.unpackb(a[0][0])["op"] == "ok"
     assert p.fastpath.taken == 2
-    assert p.fast.counters == p.gen.counters
+    assert p.fast.core.counters == p.gen.core.counters
     assert p.fast.timings.counts() == p.gen.timings.counts()
 
 
-def test_a_stalled_server_refuses_alike(pairs):
+def test_a_server_whose_lease_lapsed_refuses_alike(pairs):
+    """Frozen or cut off for longer than its lease, with no peer to vouch for it: it may
+    have been declared dead, so it serves nothing it shares with a replica."""
     p = pairs()
     for s in (p.fast, p.gen):
-        s.stalled_at = time.monotonic()
+        s.lapsed = True
+        s.core.fence.scheduler_at = time.monotonic() - 10
     a, b = p.both(_pull("f32", np.array([1, 2], dtype=np.uint64)))
     _same(a, b)
     assert msgpack.unpackb(a[0])["meta"]["code"] == "not_owner"
@@ -259,8 +268,8 @@ def test_compressed_replies_and_small_message_limits_are_left_to_the_general_pat
     assert p.fastpath.taken == 1
     keys = np.arange(20, dtype=np.uint64)
     for s in (p.fast, p.gen):
-        s._create(TableSpec("wide", 64, "float32"))
-        s.tables["wide"].push(keys, np.tile(np.arange(64, dtype=np.float32), (keys.size, 1)))
+        s.core._create(TableSpec("wide", 64, "float32"))
+        s.core.tables["wide"].push(keys, np.tile(np.arange(64, dtype=np.float32), (keys.size, 1)))
     a, b = p.both(_pull("wide", keys))  # 5 KiB that compress: the general path compresses them
     _same(a, b)
     assert msgpack.unpackb(a[0])["frames"][0][2] == "zstd"

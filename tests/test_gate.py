@@ -1,5 +1,5 @@
 """The server's consistency gate as plain logic: checkpoint cuts and sequential pushes."""
-from psd.roles.consistency import Gate, Setting
+from psd.core.gate import Gate, Setting
 
 
 def make(consistency="eventual"):

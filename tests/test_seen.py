@@ -1,4 +1,4 @@
-"""Covered's memory of copied-in request ids (psd/roles/seen.py), as pure logic: a
+"""Covered's memory of copied-in request ids (psd/core/seen.py), as pure logic: a
 resend of a recent request must not apply the rows a range copy already brought in,
 however many senders' ids that copy carried."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 
 from psd.cluster.ranges import Range
 from psd.cluster.rows import Rows
-from psd.roles.seen import WINDOW, Covered, Seen
+from psd.core.seen import WINDOW, Covered, Seen
 
 
 def _copy_arrays(ids_per_sender: dict[str, range]):
@@ -92,7 +92,7 @@ def test_activity_moves_with_every_new_or_resent_id_only():
     seen.add("v", 1)
     seen.touch("w", 2)  # an id it does not hold
     assert seen.activity("w") == b
-    seen.stir("w")  # its ids arrived with a range copy
+    seen.note_activity("w")  # its ids arrived with a range copy
     assert seen.activity("w") > b
     seen.forget("w")
     assert seen.activity("w") == 0 and seen.senders() == {"v"}

@@ -18,7 +18,7 @@ import pytest
 
 import psd
 from psd.client import admin, small_pull
-from psd.store.table import SMALL_PULL
+from psd.schema import SMALL_PULL
 from psd.transport.rpc import RpcSocket
 
 from conftest import wait_for
@@ -46,11 +46,11 @@ class Taken:
 
     @property
     def short(self) -> int:
-        return sum(p.values is not None for p in self.sent)
+        return sum(p.short for p in self.sent)
 
     @property
     def handed_back(self) -> int:
-        return sum(p.values is None for p in self.sent)
+        return sum(not p.short for p in self.sent)
 
 
 def _by_range(ring, keys: np.ndarray) -> dict[int, np.ndarray]:

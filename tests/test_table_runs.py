@@ -31,27 +31,42 @@ def test_run_index_lookups_match_a_dict(runs, seed, n_query):
 
 
 def test_pulled_views_never_change_and_are_read_only():
-    """Large pulls of consecutive keys lend views (sent zero-copy); a later write must
-    not show through a view that is still alive, and must not copy when none is. Small
-    pulls are private copies."""
+    """Large pulls of consecutive keys lend views under a lease (sent zero-copy); a later
+    write must not show through a view whose lease is held, and must not copy once every
+    lease is released. Small pulls, and pulls that take no lease, are private copies."""
     t = Table(TableSpec("t", 2, "int64", "sum"))
     n = 20_000  # 320 KB of values: over LEND_MIN_BYTES
     t.push_span(100, np.ones((n, 2), dtype=np.int64))
-    span = t.pull_span(100, n)
+    leases: list = []
+    span = t.pull_span(100, n, leases)
     keys = np.arange(200, 200 + 5000, dtype=np.uint64)  # 80 KB
-    rows = t.pull(keys)
-    small = t.pull_span(100, 10)
+    rows = t.pull(keys, leases)
+    small = t.pull_span(100, 10, leases)
+    private = t.pull(keys)  # no lease asked for: a copy
+    assert len(leases) == 2 and t.lent() == 2
     assert not span.flags.writeable and not rows.flags.writeable
     assert np.shares_memory(span, t.vals) and not np.shares_memory(small, t.vals)  # lent / copied
+    assert not np.shares_memory(private, t.vals)
     storage = t.vals
     t.push_span(100, np.full((n, 2), 5, dtype=np.int64))
     t.push(keys, np.full((keys.size, 2), 7, dtype=np.int64))
     assert (span == 1).all() and (rows == 1).all() and (small == 1).all()  # what was lent stays
     assert t.vals is not storage  # the write went to a fresh copy
     assert (t.pull_span(100, 100) == 6).all() and (t.pull(keys) == 13).all()
-    del span, rows
-    t.pull_span(100, n)  # a view dropped at once: the next write is in place
+    leases = []
+    t.pull_span(100, n, leases)
+    for lease in leases:
+        lease.release()  # the transport is done with it: the next write is in place
     storage = t.vals
     t.push_span(100, np.ones((10, 2), dtype=np.int64))
     assert t.vals is storage
     assert (t.pull_span(100, 10) == 7).all()
+    done = [False]
+    leases = []
+    t.pull_span(100, n, leases)
+    leases[0].track(lambda: done[0])  # held until the transport's tracker says sent
+    t.push_span(100, np.ones((10, 2), dtype=np.int64))
+    assert t.vals is not storage
+    storage, done[0] = t.vals, True
+    t.push_span(100, np.ones((10, 2), dtype=np.int64))
+    assert t.vals is storage

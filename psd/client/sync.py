@@ -73,22 +73,19 @@ class KVWorker:
         kv = self.aio
         pull = small_pull.send(kv, spec, rows.keys) if op == "pull" and rows.keys is not None else None
         if pull is not None:  # one message, its answer read off the socket (client/small_pull.py)
-            self._await([pull.rpc.raw], lambda: pull.answered, pull.read)
-            if pull.values is not None:
-                self._tick_now_and_then()
-                return pull.values
-            pending = pull.adopt(kv)
+            fut = pull.fut
+            if not fut.done():
+                self._await([pull.rpc.raw], fut.done, pull.read)
         else:
-            pending = kv._issue(op, spec, rows)
-            futs = [fut for _, fut, _ in pending.values()]
-            rpcs = {part.server: kv.server_socket(part.server) for part, _, _ in pending.values()}
-            self._await([rpc.raw for rpc in rpcs.values()], lambda: all(f.done() for f in futs),
-                        lambda: [rpc.drain() for rpc in rpcs.values()])
-        done, result = kv._collect(op, spec, rows.count, pending)
-        if done:
+            ts, fut = kv.issue(op, spec, rows)
+            req = kv.core.requests.get(ts)
+            if req is not None and not fut.done():
+                rpcs = [rpc for rpc in {kv.server_socket(p.server) for p in req.parts} if rpc is not None]
+                self._await([rpc.raw for rpc in rpcs], fut.done, lambda: [rpc.drain() for rpc in rpcs])
+        if fut.done():
             self._tick_now_and_then()
-            return result
-        return self._run(kv._complete(op, spec, rows.count, pending))
+            return fut.result()
+        return self._run(fut)
 
     def _tick_now_and_then(self) -> None:
         if time.monotonic() >= self._tick_due:

@@ -101,11 +101,14 @@ class Rows:
             table.push_span(lo, self.values[row:row + n])
             row += n
 
-    def pull_from(self, table) -> np.ndarray:
+    def pull_from(self, table, leases: list | None = None) -> np.ndarray:
+        """The rows' values; with ``leases``, possibly lent views of the table (Table.pull)."""
         if self.keys is not None:
-            return table.pull(self.keys)
-        parts = [table.pull_span(lo, n) for lo, n in self.spans]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            return table.pull(self.keys, leases)
+        if len(self.spans) == 1:
+            lo, n = self.spans[0]
+            return table.pull_span(lo, n, leases)
+        return np.concatenate([table.pull_span(lo, n) for lo, n in self.spans])
 
 
 def _check_spans(spans, limits: Limits) -> list[tuple[int, int]]:

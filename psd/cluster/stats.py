@@ -167,6 +167,12 @@ def check_stats(stats) -> dict:
         out["consistency"] = _names_to(stats["consistency"], "consistency", MAX_POLICIES, _policy)
     if "uptime" in stats:
         out["uptime"] = _number(stats["uptime"], "uptime")
+    if "peers" in stats:  # seconds since the server last heard from each other server (liveness)
+        out["peers"] = _names_to(stats["peers"], "peers", MAX_REPLICAS, _number)
+    if "serving" in stats:
+        if not isinstance(stats["serving"], bool):
+            _fail("serving", "true or false", stats["serving"])
+        out["serving"] = stats["serving"]
     if "metrics" in stats:
         metrics = stats["metrics"]
         out["metrics"] = None if metrics is None else _name(metrics, "metrics", MAX_ADDRESS)

@@ -5,7 +5,7 @@ small request the general path's many small steps (decode to a Message, cut into
 Rows, group by owners, build a reply Message, encode it) cost several times the
 lookup itself. This path takes only the common case: a well-formed, uncompressed
 pull of fewer than ``SMALL_PULL`` sorted unique keys, all in one range this server
-leads, with the server awake. For it, it makes the same checks as the general path
+leads, next in its sender's stream, with the server serving (its lease holds). For it, it makes the same checks as the general path
 and answers with the same bytes. Anything else, including every request that would
 fail, goes to the general path (``Server.on_pull``), which names the problem.
 ``tests/test_fast_pull.py`` sends the same requests down both paths and compares
@@ -21,9 +21,10 @@ import msgpack
 import numpy as np
 
 from psd.cluster.ranges import is_sorted_unique
+from psd.core.stream import SEQ, parse
 from psd.codec.frames import ZSTD_MIN_BYTES
 from psd.codec.message import PROTOCOL_VERSION, Message
-from psd.store.table import SMALL_PULL
+from psd.schema import SMALL_PULL
 
 if TYPE_CHECKING:
     from psd.roles.server import Server
@@ -41,7 +42,7 @@ class FastPull:
     False having changed nothing (the general path then takes the request)."""
 
     def __init__(self, server: "Server"):
-        self.server = server
+        self.server = server  # the daemon: its core decides, its data socket answers
 
     def __call__(self, route, frames) -> bool:
         request = self._check(frames)
@@ -52,7 +53,7 @@ class FastPull:
 
     def _check(self, frames) -> tuple | None:
         """The request's parts if it is ours to answer, else None; changes nothing."""
-        srv = self.server
+        srv = self.server.core
         limits = srv.config.limits
         if len(frames) != 2 or limits.max_frames < 2:
             return None
@@ -70,8 +71,8 @@ class FastPull:
         if not (type(msg_id) is int and type(sender) is str and type(name) is str and type(g("ring")) is int
                 and type(clock) is int and type(meta) is dict and type(descs) is list and len(descs) == 1):
             return None
-        if meta and (len(meta) > 1 or "rid" not in meta):  # spans, or anything we do not expect
-            return None
+        if meta and (len(meta) > 2 or "rid" not in meta or (len(meta) == 2 and SEQ not in meta)):
+            return None  # spans, or anything we do not expect
         n, desc = len(body) // 8, descs[0]
         if not (type(desc) is list and len(desc) == 4 and desc[0] == "<u8" and desc[2] == "none"
                 and type(desc[1]) is list and len(desc[1]) == 1 and type(desc[1][0]) is int and desc[1][0] == n
@@ -94,18 +95,27 @@ class FastPull:
         i = bisect_right(begins, int(keys[0]))
         if i != bisect_right(begins, int(keys[-1])) or ring.owners[i][0] != srv.node_id:
             return None
-        if not srv.awake():
+        now = time.monotonic()
+        if len(ring.owners[i]) > 1 and not srv.serving(now):
             return None
-        return table, keys, msg_id, sender, name, clock
+        try:
+            sq = parse(meta.get(SEQ))
+        except Exception:
+            return None
+        if sq is not None and srv.streams.admit(sender, sq) is not None:
+            return None  # out of order: the general path refuses it, naming where to resume
+        return table, keys, msg_id, sender, name, clock, now
 
-    def _answer(self, route, table, keys: np.ndarray, msg_id: int, sender: str, name: str, clock: int) -> None:
+    def _answer(self, route, table, keys: np.ndarray, msg_id: int, sender: str, name: str, clock: int,
+                now: float) -> None:
         """As Server.on_pull from its counter on: ask the gate, answer now or when it
         releases the pull; an error is counted, timed and answered as Server.handle
         and the transport do it."""
-        srv = self.server
+        daemon = self.server
+        srv = daemon.core
         started = time.perf_counter()
         srv.counters["pull"] += 1
-        data, n = srv.data, keys.size
+        data, n = daemon.data, keys.size
 
         def run() -> None:
             srv.counters["keys_pulled"] += n
@@ -117,11 +127,11 @@ class FastPull:
             data.send_raw(route, [reply, values])
 
         try:
-            srv.policy(table).pull((sender, msg_id), sender, clock, run, time.monotonic())
+            srv.policy(table).pull((sender, msg_id), sender, clock, run, now)
         except Exception as err:
             srv.counters["errors"] += 1
-            srv.timings.observe(("pull", getattr(err, "code", "internal")), time.perf_counter() - started)
+            daemon.timings.observe(("pull", getattr(err, "code", "internal")), time.perf_counter() - started)
             data.answer_error(route, Message("pull", id=msg_id, sender=sender, table=name, ring=srv.ring.version,
                                              clock=clock), err)
             return
-        srv.timings.observe(("pull", "ok"), time.perf_counter() - started)
+        daemon.timings.observe(("pull", "ok"), time.perf_counter() - started)

@@ -27,8 +27,8 @@ from psd.jobs.spec import check_submitted
 from psd.roles import scheduler_state
 from psd.roles.checkpoints import Checkpoints
 from psd.roles.ring_changes import RingChanges
-from psd.store import TableSpec
-from psd.store.table import check_namespace, namespace_of
+from psd.schema import TableSpec
+from psd.schema import check_namespace, namespace_of
 from psd.transport import RpcSocket, Route, async_context, bind_router
 from psd.transport.security import OPERATOR, ROLE_SERVER, ROLE_WORKER, Curve, forbidden
 from psd.transport.metrics import Timings

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from psd.cluster.assignment import Assignment
 from psd.cluster.jobs import Job
-from psd.store import TableSpec
+from psd.schema import TableSpec
 
 FILE = "scheduler.json"
 

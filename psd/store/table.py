@@ -6,57 +6,54 @@ updated through a slice (in place, no gather/scatter). New keys are merged in, w
 costs a copy of the table, so a table grows in few large steps in practice (first
 touch), not on every push.
 
-A pull of keys that sit in a row in storage returns a read-only view, not a copy: the
-reply is sent zero-copy, so ZeroMQ reads the table itself (a 1e7-key pull spent as long
-copying as the push spent adding). The table remembers the views it lent; a write while
-one is still alive (ZeroMQ still sending it, or a reply waiting for its push to be
-replicated) first moves the table to a fresh copy, so what was lent never changes.
+A pull of keys that sit in a row in storage can return a read-only view, not a copy:
+the reply is sent zero-copy, so ZeroMQ reads the table itself (a 1e7-key pull spent as
+long copying as the push spent adding). Such a view is lent under a ``Lease``, which
+the transport releases only once ZeroMQ reports the send complete (a tracked send); a
+write while any lease is held first moves the table to a fresh copy, so what was lent
+never changes while it is read. What keeps a lease held is the transport's word, not
+the lifetime of a Python object: libzmq reads the memory through a pointer.
 """
 from __future__ import annotations
-
-import weakref
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 
 from psd.cluster.ranges import bounds
-from psd.errors import BadRequestError, ValuesError
+from psd.errors import ValuesError
+from psd.schema import (DTYPE_NAMES, NAMESPACE_SEP, SMALL_PULL, TableSpec,  # noqa: F401
+                         check_namespace, namespace_of, qualified)
 from psd.store.updaters import Updater, make_updater
 
-DTYPE_NAMES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
-#: a table named ``NS/NAME`` is in namespace ``NS``; a name without it is in the default one
-NAMESPACE_SEP = "/"
 #: a pulled run of rows smaller than this is copied, not lent: the copy is cheap, and a
 #: lent view still alive at the next write costs a copy of the whole table (the
 #: transport copies messages this small into ZeroMQ anyway)
 LEND_MIN_BYTES = 64 * 1024
 
 
-def namespace_of(name: str) -> str | None:
-    """The namespace of a table name (None: the default namespace)."""
-    ns, sep, _ = name.partition(NAMESPACE_SEP)
-    return ns if sep else None
+class Lease:
+    """A view of a table lent to the transport: held until ``track``'s function says the
+    send is complete, or ``release`` is called (the reply was dropped, or copied)."""
+
+    __slots__ = ("_done",)
+
+    def __init__(self) -> None:
+        self._done = None  # None: not yet handed to the transport, so held
+
+    def held(self) -> bool:
+        done = self._done
+        return done is None or not done()
+
+    def track(self, done) -> None:
+        """``done()`` turns true once the transport no longer reads the view."""
+        self._done = done
+
+    def release(self) -> None:
+        self._done = _sent
 
 
-def qualified(namespace: str | None, name: str) -> str:
-    """``name`` in ``namespace`` (unchanged in the default namespace)."""
-    return f"{namespace}{NAMESPACE_SEP}{name}" if namespace else name
+def _sent() -> bool:
+    return True
 
-
-def check_namespace(namespace) -> str:
-    if (not isinstance(namespace, str) or not namespace or NAMESPACE_SEP in namespace
-            or len(namespace) > 64):
-        raise BadRequestError(f"a namespace must be 1 to 64 characters without {NAMESPACE_SEP!r}, "
-                              f"got {namespace!r}")
-    return namespace
-
-
-#: pulls of fewer keys than this take the direct lookup (Table.pull)
-SMALL_PULL = 64
-#: bounds of a table's options (TableSpec.validate)
-MAX_OPTIONS = 16
-MAX_OPTION_TEXT = 64
 
 class Usage:
     """Bytes of table storage one server holds, shared by its tables, so that checking
@@ -66,75 +63,6 @@ class Usage:
 
     def __init__(self) -> None:
         self.bytes = 0
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    name: str
-    width: int
-    dtype: str
-    updater: str = "sum"
-    options: dict = field(default_factory=dict)
-
-    def validate(self) -> "TableSpec":
-        if not isinstance(self.name, str) or not self.name or len(self.name) > 200:
-            raise BadRequestError(f"table name must be a non-empty string, got {self.name!r}")
-        if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
-            raise BadRequestError(f"table {self.name!r}: width must be an integer >= 1, got {self.width!r}")
-        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_NAMES:
-            raise BadRequestError(f"table {self.name!r}: dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
-        if not isinstance(self.options, dict):
-            raise BadRequestError(f"table {self.name!r}: options must be a map")
-        self._check_option_sizes()
-        make_updater(self.updater, self.np_dtype, self.options, self.width)  # raises on a bad name/option/width
-        consistency = self.options.get("consistency")
-        if consistency is not None and consistency not in ("sequential", "bounded", "eventual"):
-            raise BadRequestError(f"table {self.name!r}: consistency must be sequential, bounded or "
-                                  f"eventual, got {consistency!r}")
-        delay = self.options.get("max_delay")
-        if delay is not None and delay != "auto" and (not isinstance(delay, int) or isinstance(delay, bool)
-                                                      or delay < 0):
-            raise BadRequestError(f"table {self.name!r}: max_delay must be an integer >= 0 or 'auto', "
-                                  f"got {delay!r}")
-        return self
-
-    def _check_option_sizes(self) -> None:
-        """Options are a few named scalars: a spec is in every status reply and every
-        server's memory, so its size is bounded whatever the updater accepts."""
-        if len(self.options) > MAX_OPTIONS:
-            raise BadRequestError(f"table {self.name!r}: at most {MAX_OPTIONS} options, got {len(self.options)}")
-        for key, value in self.options.items():
-            if not isinstance(key, str) or not 0 < len(key) <= MAX_OPTION_TEXT:
-                raise BadRequestError(f"table {self.name!r}: option names must be strings of 1 to "
-                                      f"{MAX_OPTION_TEXT} characters, got {key!r:.80}")
-            if not (value is None or isinstance(value, (bool, int, float))
-                    or (isinstance(value, str) and len(value) <= MAX_OPTION_TEXT)):
-                raise BadRequestError(f"table {self.name!r}: option {key!r} must be a number, true/false or a "
-                                      f"string of at most {MAX_OPTION_TEXT} characters, got {type(value).__name__} "
-                                      f"{value!r:.80}")
-
-    @cached_property  # (asked on every request; a spec never changes)
-    def consistency_override(self) -> dict:
-        """The table's own consistency setting, if it has one."""
-        return {k: self.options[k] for k in ("consistency", "max_delay") if k in self.options}
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        return np.dtype(DTYPE_NAMES[self.dtype])
-
-    def to_wire(self) -> dict:
-        return {"name": self.name, "width": self.width, "dtype": self.dtype,
-                "updater": self.updater, "options": self.options}
-
-    @classmethod
-    def from_wire(cls, d: dict) -> "TableSpec":
-        if not isinstance(d, dict):
-            raise BadRequestError("table spec must be a map")
-        try:
-            return cls(name=d["name"], width=d["width"], dtype=d["dtype"],
-                       updater=d.get("updater", "sum"), options=d.get("options") or {}).validate()
-        except KeyError as e:
-            raise BadRequestError(f"table spec is missing {e.args[0]!r}") from None
 
 
 class Table:
@@ -148,7 +76,7 @@ class Table:
         self._runs_of: np.ndarray | None = None
         self.vals = np.empty((0, self.width), dtype=self.dtype)
         self.state = {f: np.empty((0, self.width), dtype=self.dtype) for f in self.updater.state_fields}
-        self._lent: list[weakref.ref] = []  # views of vals handed out without a copy
+        self._leases: list[Lease] = []  # views of vals lent out (copy on write while any is held)
         self._prune_at = 64
         #: storage bytes per key: the key, its values and the updater's state rows
         self.row_bytes = 8 + self.width * self.dtype.itemsize * (1 + len(self.state))
@@ -165,22 +93,30 @@ class Table:
         return values
 
     # -- lending views (copy on write) ---------------------------------------------
-    def _lend(self, view: np.ndarray) -> np.ndarray:
-        if view.nbytes < LEND_MIN_BYTES:
+    def _lend(self, view: np.ndarray, leases: list | None) -> np.ndarray:
+        """``view`` itself when the caller takes a lease on it (appended to ``leases``),
+        else a copy: only a sender that reports its sends complete may hold a view."""
+        if leases is None or view.nbytes < LEND_MIN_BYTES:
             return view.copy()
         view.flags.writeable = False
-        if len(self._lent) >= self._prune_at:  # amortised: many replies may be queued at once
-            self._lent = [r for r in self._lent if r() is not None]
-            self._prune_at = max(64, 2 * len(self._lent))
-        self._lent.append(weakref.ref(view))
+        if len(self._leases) >= self._prune_at:  # amortised: many replies may be queued at once
+            self._leases = [lease for lease in self._leases if lease.held()]
+            self._prune_at = max(64, 2 * len(self._leases))
+        lease = Lease()
+        self._leases.append(lease)
+        leases.append(lease)
         return view
+
+    def lent(self) -> int:
+        """How many leases on this table's storage are still held."""
+        return sum(1 for lease in self._leases if lease.held())
 
     def _own_vals(self) -> None:
         """Call before writing into ``vals`` in place."""
-        if self._lent:
-            if any(r() is not None for r in self._lent):
+        if self._leases:
+            if any(lease.held() for lease in self._leases):
                 self.vals = self.vals.copy()
-            self._lent.clear()
+            self._leases.clear()
 
     # -- lookups -----------------------------------------------------------
     def _runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -228,7 +164,7 @@ class Table:
     def _insert(self, new_keys: np.ndarray) -> None:
         self.usage.bytes += new_keys.size * self.row_bytes
         pos = np.searchsorted(self.keys, new_keys)
-        self._lent.clear()  # new arrays: what was lent stays with the old ones
+        self._leases.clear()  # new arrays: what was lent stays with the old ones
         self.keys = np.insert(self.keys, pos, new_keys)
         zeros = np.zeros((new_keys.size, self.width), dtype=self.dtype)
         self.vals = np.insert(self.vals, pos, zeros, axis=0)
@@ -260,7 +196,9 @@ class Table:
         self._own_vals()
         self.updater.apply(self.vals, self.state, sel, values)
 
-    def pull(self, keys: np.ndarray) -> np.ndarray:
+    def pull(self, keys: np.ndarray, leases: list | None = None) -> np.ndarray:
+        """The rows of ``keys`` (zeros for keys never pushed). With ``leases``, rows that
+        sit in a row in storage may come back as a lent view (see ``_lend``)."""
         n = self.keys.size
         if 0 < keys.size < SMALL_PULL and n:
             # a few keys: one search and one gather beat the slice and run detection
@@ -273,7 +211,7 @@ class Table:
             return out
         sel, present = self._selector(keys, create=False)
         if present is None:
-            return self._lend(self.vals[sel]) if isinstance(sel, slice) else self.vals[sel]
+            return self._lend(self.vals[sel], leases) if isinstance(sel, slice) else self.vals[sel]
         out = np.zeros((keys.size, self.width), dtype=self.dtype)
         out[present] = self.vals[sel[present]]
         return out
@@ -289,10 +227,10 @@ class Table:
             self._own_vals()
             self.updater.apply(self.vals, self.state, slice(i0, i0 + count), values)
 
-    def pull_span(self, lo: int, count: int) -> np.ndarray:
+    def pull_span(self, lo: int, count: int, leases: list | None = None) -> np.ndarray:
         i0 = self._span(lo, count) if count else 0
         if i0 is not None:
-            return self._lend(self.vals[i0:i0 + count])
+            return self._lend(self.vals[i0:i0 + count], leases)
         # scatter the stored keys inside the span into zeros: memory is the reply plus the
         # rows stored there, not (as looking up arange(lo, lo + count) cost) six times the
         # reply, which a 74-byte request spanning max_keys keys could ask for
@@ -357,7 +295,7 @@ class Table:
         dropped = int(self.keys.size - keep.sum())
         self.usage.bytes -= dropped * self.row_bytes
         if dropped:
-            self._lent.clear()
+            self._leases.clear()
             self.keys, self.vals = self.keys[keep], self.vals[keep]
             self.state = {f: a[keep] for f, a in self.state.items()}
         return dropped

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import time
+from functools import partial
 from typing import Awaitable, Callable, Optional
 
 import msgpack
@@ -18,7 +19,7 @@ from zmq.backend import Socket as _Backend
 
 from psd.codec import Limits, Message, decode, encode
 from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, error_from_wire
-from psd.transport.refusals import RefusalLog
+from psd.refusals import RefusalLog
 from psd.transport.spin import Spin
 
 log = logging.getLogger("psd.transport")
@@ -50,13 +51,23 @@ def readable(sock: zmq.Socket) -> bool:
     return bool(_get(sock, _EVENTS) & _POLLIN)
 
 
-def send_frames(sock: zmq.Socket, frames: list) -> None:
+def send_frames(sock: zmq.Socket, frames: list, track: bool = False) -> list:
     """Send a multipart message without blocking (raises zmq.Again when the queue is
-    full). Frames of ``ZERO_COPY_BYTES`` or more are lent to ZeroMQ, not copied."""
+    full). Frames of ``ZERO_COPY_BYTES`` or more are lent to ZeroMQ, not copied; with
+    ``track``, returns a MessageTracker for each of those (done once ZeroMQ let go)."""
     last = len(frames) - 1
+    trackers = []
     for i, f in enumerate(frames):
         big = (len(f) if isinstance(f, bytes) else f.nbytes) >= ZERO_COPY_BYTES
-        _send(sock, f, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, not big)
+        if big and track:
+            trackers.append(_send(sock, f, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, False, True))
+        else:
+            _send(sock, f, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, not big)
+    return trackers
+
+
+def _all_done(trackers: list) -> bool:
+    return all(t.done for t in trackers)
 
 
 def recv_frames(sock: zmq.Socket, copied: int) -> list:
@@ -122,7 +133,8 @@ class RpcSocket:
                  loop: asyncio.AbstractEventLoop | None = None,
                  identify: bool | frozenset[str] = False, fast: FastHandler | None = None,
                  busy_poll: float = 0.0, adaptive_poll: float = 0.0,
-                 spin_ok: Callable[[], bool] | None = None):
+                 spin_ok: Callable[[], bool] | None = None,
+                 on_reply: Callable[[int, "Message | Exception"], None] | None = None):
         self.sock = sock
         self.node_id = node_id
         self.limits = limits
@@ -155,6 +167,9 @@ class RpcSocket:
         self._recheck_due = False
         self._again_due = False
         self.pending: dict[int, asyncio.Future] = {}
+        #: replies to requests sent by ``send_now`` with an id of the caller's (not
+        #: ``request``): ``on_reply(id, message)``, or ``(id, error)`` for one unreadable
+        self.on_reply = on_reply
         self._refusals = RefusalLog()  # rejected requests: one log line per kind a minute
         #: on a ROUTER: request id -> the connection it went to; a reply from any other
         #: connection never resolves it (a peer guessing ids must not answer for another
@@ -170,28 +185,37 @@ class RpcSocket:
         self.messages_out = 0
 
     # -- sending -------------------------------------------------------------
-    def send_now(self, msg: Message, route: Route = None) -> None:
+    def send_now(self, msg: Message, route: Route = None, leases: list | None = None) -> None:
         """Hand ``msg`` to ZeroMQ at once. Send queues are unbounded (SNDHWM 0), so this
-        never waits, and messages on one socket leave in call order."""
+        never waits, and messages on one socket leave in call order. ``leases``: lent
+        table views among its arrays (``psd.store.table.Lease``), released once ZeroMQ
+        has sent them (or at once, when nothing of them was lent to ZeroMQ)."""
         if self._closed:
             raise PsdError(f"{self.node_id}: the connection is closed")
-        self._put(route, encode(msg, self.compression))
+        self._put(route, encode(msg, self.compression), leases)
 
     def send_raw(self, route: Route, frames: list) -> None:
         """Send frames already encoded (a fast handler's reply); dropped after ``close``."""
         if not self._closed:
             self._put(route, frames)
 
-    def _put(self, route: Route, frames: list) -> None:
+    def _put(self, route: Route, frames: list, leases: list | None = None) -> None:
         self.bytes_out += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         self.messages_out += 1
         if self.router:
             frames = [route, *frames]
+        trackers = None
         try:
-            send_frames(self.raw, frames)
+            trackers = send_frames(self.raw, frames, track=bool(leases))
         except zmq.Again:
             raise PsdError(f"{self.node_id}: the send queue is full; the peer is not reading") from None
         finally:
+            if leases:
+                for lease in leases:
+                    if trackers:
+                        lease.track(partial(_all_done, trackers))
+                    else:  # not sent, or nothing lent to ZeroMQ (compressed, say)
+                        lease.release()
             self.recheck()
 
     @classmethod
@@ -246,13 +270,20 @@ class RpcSocket:
             self.forget(msg_id)
         return raise_if_error(reply)
 
-    def reply_now(self, route: Route, reply: Message) -> None:
+    def reply_now(self, route: Route, reply: Message, leases: list | None = None) -> None:
         """Answer from plain code (a held request released by a later event). After
         ``close`` there is no one to answer: the reply is dropped."""
         if self._closed:
+            for lease in leases or ():
+                lease.release()
             return
         reply.sender = self.node_id
-        self.send_now(reply, route)
+        try:
+            self.send_now(reply, route, leases)
+        except Exception:
+            for lease in leases or ():
+                lease.release()
+            raise
 
     # -- receiving -----------------------------------------------------------
     async def serve(self) -> None:
@@ -440,7 +471,10 @@ class RpcSocket:
             self._strays[reply.id] = (route, reply)  # (one per request: bounded by _asked)
             return
         fut = self.pending.pop(reply.id, None)
-        if fut is not None and not fut.done():
+        if fut is None:
+            if self.on_reply is not None:
+                self.on_reply(reply.id, reply)
+        elif not fut.done():
             fut.set_result(reply)
 
     def _from_asked(self, msg_id, route: Route) -> bool:
@@ -516,6 +550,8 @@ class RpcSocket:
             fut = self.pending.pop(head.get("id"), None) if isinstance(head.get("id"), int) else None
             if fut is not None and not fut.done():
                 fut.set_exception(err)
+            elif fut is None and self.on_reply is not None and isinstance(head.get("id"), int):
+                self.on_reply(head["id"], err)
             return
         if isinstance(head.get("id"), int) and not isinstance(head["id"], bool):  # true is no id: decode refuses it
             stub.id = head["id"]  # name the request in the reply when its id can be read

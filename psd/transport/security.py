@@ -41,8 +41,9 @@ import zmq.asyncio
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
-from psd.errors import AuthError, ForbiddenError, PsdError
-from psd.transport.refusals import RefusalLog
+from psd.errors import AuthError, PsdError
+from psd.keyroles import OPERATOR, ROLE_CLIENT, ROLE_SERVER, ROLE_WORKER, describe_role, forbidden  # noqa: F401
+from psd.refusals import RefusalLog
 
 log = logging.getLogger("psd.security")
 
@@ -54,16 +55,6 @@ WORKERS = "workers"
 PUBLIC, SECRET = ".key", ".key_secret"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"psd"
-#: the role the ZAP handler gives an admitted connection, as its User-Id (RFC 27), which
-#: libzmq attaches to every message of that connection: the daemons' key is "server"
-#: (told by the key itself, not by its file name); a client key is "client:" + the name
-#: of its file in authorized/. Daemons check it before ops only daemons send.
-ROLE_SERVER = SERVER
-ROLE_CLIENT = "client:"
-#: a client key listed in authorized/workers/: no operator ops
-ROLE_WORKER = "worker:"
-#: what ``forbidden`` names as needed for an operator's op: a client key (not a worker key)
-OPERATOR = "operator"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -295,26 +286,6 @@ def apply_client(sock: zmq.Socket, curve: Curve) -> None:
 
 
 # -- authorization by key role ----------------------------------------------------------------
-def describe_role(peer: str | None) -> str:
-    """A connection's role (``Message.peer``) as a message names it."""
-    if peer == ROLE_SERVER:
-        return "the server key"
-    if peer and peer.startswith(ROLE_CLIENT):
-        return f"client key {peer[len(ROLE_CLIENT):]!r}"
-    if peer and peer.startswith(ROLE_WORKER):
-        return f"worker key {peer[len(ROLE_WORKER):]!r}"
-    return "no known key"
-
-
-def forbidden(op: str, what: str, peer: str | None, needs: str = ROLE_SERVER) -> ForbiddenError:
-    """The refusal of a request whose key may not do ``what``; ``needs``: the role that
-    may (``server``, ``operator``), or a phrase naming the key that may."""
-    wanted = {ROLE_SERVER: "the server key (only the scheduler and the servers send it)",
-              OPERATOR: f"an operator key (a client key listed in {AUTHORIZED}/, not in {AUTHORIZED}/{WORKERS}/)"}
-    return ForbiddenError(f"{what} needs {wanted.get(needs, needs)}; this request came with {describe_role(peer)}. "
-                          f"Nothing was changed", op=op, needs=needs if needs in wanted else "registrant")
-
-
 class AllowList:
     """The public keys in ``authorized/`` (raw 32 bytes -> file name), re-read when
     a file is added or removed there (the folder's mtime changes), so a new client can be

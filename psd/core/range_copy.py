@@ -13,7 +13,7 @@ import numpy as np
 from psd.cluster.ranges import KEY_SPACE_END, Range, check_sorted_unique
 from psd.codec import Message
 from psd.errors import KeysError, ProtocolError
-from psd.store import Table
+from psd.store.table import Table
 
 def copy_range(w) -> Range:
     """``meta.range`` of an install: [begin, last] with 0 <= begin <= last < 2**64."""

@@ -46,7 +46,7 @@ class Seen:
     def add(self, sender: str, rid: int) -> None:
         ids = self._by_sender.setdefault(sender, OrderedDict())
         ids[rid] = None
-        self.stir(sender)
+        self.note_activity(sender)
         if len(ids) > self.window:
             ids.popitem(last=False)
 
@@ -56,7 +56,7 @@ class Seen:
         self._by_sender.pop(sender, None)
         self._activity.pop(sender, None)
 
-    def stir(self, sender: str) -> None:
+    def note_activity(self, sender: str) -> None:
         """Count an id of ``sender`` arriving (pushed, resent, or with a range copy) as activity."""
         self._activity[sender] = self._activity.get(sender, 0) + 1
 
@@ -72,7 +72,7 @@ class Seen:
         ids = self._by_sender.get(sender)
         if ids is not None and rid in ids:
             ids.move_to_end(rid)
-            self.stir(sender)
+            self.note_activity(sender)
 
     def to_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(senders, how many ids each, all ids): the memory as frames, not header, since

@@ -1,0 +1,510 @@
+"""A worker's request logic, as a state machine with no I/O.
+
+``ClientCore`` cuts each request by the ring into one part per primary, numbers the
+parts in each server's stream (``psd.core.stream``), and decides, for every answer,
+whether the request is done, must be sent again, or has failed. It never touches a
+socket or reads the clock: calls take the time and return effects (``Send``, ``Done``,
+``AskRing``), which ``psd.client.aio`` (or the simulation) carries out.
+
+Order is the point. Parts leave in the order their requests were issued, and a part that
+must be sent again (refused, or moved by a ring change) goes out again *before* anything
+issued after it: every later part waits behind it (``queue``). A server admits a
+stream's parts only in order, and after refusing one it admits nothing more of that
+stream until the worker starts a new epoch, so a pull never overtakes a push issued
+before it, even when the push had to be sent twice. Pushes keep their request id when
+sent again (each server applies a request once); a part cut into pieces by a newer ring
+gives each piece a fresh id naming the original (``meta.orig``).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from psd.cluster.assignment import Assignment
+from psd.cluster.routing import Slices
+from psd.cluster.rows import Rows
+from psd.codec import Message
+from psd.core.stream import SEQ, Outbound, parse
+from psd.errors import (BusyError, NotOwnerError, NotReplicatedError, OutOfOrderError, PsdError,
+                        PsdTimeoutError, UnavailableError, ValuesError, error_from_wire)
+from psd.schema import TableSpec
+
+log = logging.getLogger("psd.client")
+
+#: how often an unanswered request checks whether the ring moved its keys
+RETRY_TICK = 0.05
+#: how often a request unanswered for long asks the scheduler for the ring
+RING_POLL = 1.0
+#: the longest pause between two sends of a part a server keeps refusing
+MAX_BACKOFF = 0.5
+#: errors after which the server expects the part again: the stream broke there
+RESEND = (NotOwnerError.code, UnavailableError.code, BusyError.code, OutOfOrderError.code)
+
+#: request ids of this process, from a random start: servers remember ids per sender
+#: name, and a name can come back (a scheduler that crashed before saving a registration
+#: hands it out again); ids counted from 1 again would be taken for resends, and the
+#: pushes acknowledged without being applied
+_rids = itertools.count(secrets.randbits(62) + 1)
+
+
+def next_rid() -> int:
+    """A fresh request id (exactly-once is per sender and rid)."""
+    return next(_rids)
+
+
+# -- effects -----------------------------------------------------------------------------
+@dataclass(slots=True)
+class Send:
+    """Send ``msg`` (id, sender and stream place set) to server ``server``."""
+
+    server: str
+    msg: Message
+
+
+@dataclass(slots=True)
+class Done:
+    """Request ``ts`` finished: ``result`` (a pull's values; None for a push) or ``error``."""
+
+    ts: int
+    result: object
+    error: PsdError | None
+
+
+@dataclass(slots=True)
+class AskRing:
+    """Ask the scheduler for the current ring (``use_ring`` when it arrives)."""
+
+
+# -- requests ------------------------------------------------------------------------------
+class Part:
+    """The piece of a request bound for one server: the request's rows in ``slices``."""
+
+    __slots__ = ("request", "server", "slices", "msg", "rows", "sent_ring", "sent_at", "reply", "order")
+
+    def __init__(self, request: "Request | None", server: str, slices: Slices, msg: Message, rows: Rows | None,
+                 order: tuple) -> None:
+        self.request, self.server, self.slices, self.msg, self.rows = request, server, slices, msg, rows
+        self.sent_ring = 0
+        self.sent_at = 0.0
+        self.reply: Message | None = None
+        self.order = order  # (issue number, index): where it goes in the send queue
+
+
+class Request:
+    __slots__ = ("ts", "op", "spec", "n", "rows", "parts", "deadline", "not_replicated", "misrouted",
+                 "backoff", "finished", "clock", "issue")
+
+    def __init__(self, ts: int, op: str, spec: TableSpec, rows: Rows, deadline: float, clock: int, issue: int):
+        self.ts, self.op, self.spec, self.rows, self.n = ts, op, spec, rows, rows.count
+        self.parts: list[Part] = []
+        self.deadline = deadline
+        self.not_replicated: Message | None = None  # the last such answer (raised at the deadline)
+        self.misrouted = False
+        self.backoff = RETRY_TICK / 4
+        self.finished = False
+        self.clock = clock
+        self.issue = issue
+
+
+class ClientCore:
+    def __init__(self, node_id: str, request_timeout: float, ring: Assignment | None = None):
+        self.node_id = node_id
+        self.request_timeout = request_timeout
+        self.ring = ring or Assignment(version=0)
+        self.clock_value = 0
+        self.outbox: list = []
+        self.requests: dict[int, Request] = {}  # unfinished, in issue order
+        self.streams: dict[str, Outbound[Part]] = {}
+        self.sent: dict[int, Part] = {}  # message id -> part awaiting its answer
+        #: parts waiting to be sent, in issue order: nothing leaves before the head
+        self.queue: list[Part] = []
+        self.hold_until = 0.0  # the queue waits until then (a refusal's pause, a ring to come)
+        self.awaiting_ring = False
+        self.retries: list[tuple[float, Part]] = []  # not_replicated parts: (when, part)
+        self._ts = itertools.count(1)
+        self._issue = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._next_poll = 0.0
+        self.resent = 0  # parts sent again (refused, moved, out of order)
+
+    def _take(self) -> list:
+        out = self.outbox[:]
+        self.outbox.clear()
+        return out
+
+    # -- issuing -----------------------------------------------------------------------
+    def issue(self, op: str, spec: TableSpec, rows: Rows, now: float) -> tuple[int, list]:
+        """Issue a request: cut it by the ring and send (or queue) its parts. Returns its
+        timestamp and the effects."""
+        ts = next(self._ts)
+        req = Request(ts, op, spec, rows, now + self.request_timeout, self.clock_value, next(self._issue))
+        self.requests[ts] = req
+        if rows.count == 0:
+            self._finish(req, _result(req, [], []), None)
+            return ts, self._take()
+        self.queue.extend(self._plan(req, rows, [(0, rows.count)], None, None))
+        self._flush(now)
+        return ts, self._take()
+
+    def clock(self, now: float) -> list:
+        """Finish this worker's iteration: tell every server, after the iteration's pushes
+        (same streams, so they are admitted first)."""
+        self.clock_value += 1
+        issue = next(self._issue)
+        for i, node in enumerate(self.ring.addresses):
+            msg = Message("clock", clock=self.clock_value, meta={"clock": self.clock_value})
+            self.queue.append(Part(None, node, [], msg, None, (issue, i)))
+        self._flush(now)
+        return self._take()
+
+    def _plan(self, req: Request, rows: Rows, slices: Slices, rid, orig) -> list[Part]:
+        """One part per owner group of ``rows`` (the request's rows at ``slices``) by the
+        current ring, or one unplanned part (server "") when the ring has no servers."""
+        if not self.ring.ranges:
+            part = Part(req, "", slices, Message(req.op), rows, (req.issue, len(req.parts)))
+            req.parts.append(part)
+            return [part]
+        groups = rows.groups(self.ring)
+        if rid is not None and len(groups) > 1:
+            orig = [*(orig or []), rid][-64:]  # pieces: fresh ids, naming the one they were cut from
+        parts = []
+        for owners, sub_slices in groups:
+            sub = rows.take(sub_slices)
+            meta = {"rid": rid if rid is not None and len(groups) == 1 else next_rid()}
+            if orig:
+                meta["orig"] = orig
+            msg = sub.to_message(req.op, table=req.spec.name, ring=self.ring.version, clock=req.clock, meta=meta)
+            part = Part(req, owners[0], _compose(slices, sub_slices), msg, sub, (req.issue, len(req.parts)))
+            req.parts.append(part)
+            parts.append(part)
+        return parts
+
+    # -- sending -------------------------------------------------------------------------
+    def _flush(self, now: float) -> None:
+        """Send queued parts, in order, until one cannot go yet."""
+        if now < self.hold_until:
+            return
+        while self.queue:
+            part = self.queue[0]
+            req = part.request
+            if req is not None and req.finished:
+                self.queue.pop(0)
+                continue
+            if part.server == "":  # planned while the ring had no servers
+                if not self.ring.ranges:
+                    self._want_ring(now)
+                    return
+                self.queue.pop(0)
+                req.parts.remove(part)
+                self.queue[0:0] = self._plan(req, part.rows, part.slices, None, None)
+                continue
+            if part.server not in self.ring.addresses:
+                if req is None:  # a clock for a server that left: no longer needed
+                    self.queue.pop(0)
+                    continue
+                self._want_ring(now)  # (a ring without its address: a newer one names it)
+                return
+            self.queue.pop(0)
+            self._send(part, now)
+
+    def _send(self, part: Part, now: float) -> None:
+        stream = self.streams.get(part.server)
+        if stream is None:
+            stream = self.streams[part.server] = Outbound()
+        msg = part.msg
+        msg.id = next(self._ids)
+        msg.sender = self.node_id
+        msg.meta[SEQ] = stream.stamp(part)
+        part.sent_ring = self.ring.version
+        part.sent_at = now
+        self.sent[msg.id] = part  # (a clock is answered only when refused; it goes once admitted)
+        self.outbox.append(Send(part.server, msg))
+
+    def _want_ring(self, now: float) -> None:
+        if not self.awaiting_ring:
+            self.awaiting_ring = True
+            self.outbox.append(AskRing())
+
+    def _requeue(self, parts: list[Part], now: float) -> None:
+        """Put parts back in the queue in their issue order (re-planned by the ring when
+        their rows moved), ahead of everything issued after them."""
+        fresh: list[Part] = []
+        for part in parts:
+            req = part.request
+            if req is not None and req.finished:
+                continue
+            self.resent += 1
+            if req is None:  # a clock: the same server, the newest clock
+                if part.server in self.ring.addresses:
+                    part.msg = Message("clock", clock=self.clock_value, meta={"clock": self.clock_value})
+                    fresh.append(part)
+                continue
+            if self._moved(part):
+                req.parts.remove(part)
+                fresh.extend(self._plan(req, part.rows, part.slices, part.msg.meta.get("rid"),
+                                        part.msg.meta.get("orig")))
+            else:
+                part.msg = Message(part.msg.op, table=part.msg.table, ring=self.ring.version, clock=part.msg.clock,
+                                   meta={k: v for k, v in part.msg.meta.items() if k != SEQ},
+                                   arrays=part.msg.arrays)
+                fresh.append(part)
+        self.queue.extend(fresh)
+        self.queue.sort(key=lambda p: p.order)
+
+    def _moved(self, part: Part) -> bool:
+        """Whether the current ring sends any of the part's rows elsewhere."""
+        if part.rows is None or not self.ring.ranges:
+            return False
+        groups = part.rows.groups(self.ring)
+        return len(groups) != 1 or groups[0][0][0] != part.server
+
+    # -- answers ---------------------------------------------------------------------------
+    def answered(self, server: str, reply: Message | Exception, msg_id: int, now: float) -> list:
+        """The answer to message ``msg_id`` (a decoded reply, or why it could not be read)."""
+        part = self.sent.pop(msg_id, None)
+        if part is None or part.server != server:
+            if part is not None:
+                self.sent[msg_id] = part
+            return self._take()
+        sq = parse(part.msg.meta.get(SEQ))
+        stream = self.streams.get(server)
+        if isinstance(reply, Exception):
+            self._admitted(stream, sq)
+            if part.request is not None:
+                self._finish(part.request, None, reply if isinstance(reply, PsdError) else PsdError(str(reply)))
+            self._flush(now)
+            return self._take()
+        code = reply.meta.get("code") if reply.op == "error" else None
+        if code in RESEND:
+            if code == OutOfOrderError.code:
+                resume = (reply.meta.get("data") or {}).get("from", 0)
+                resume = resume if isinstance(resume, int) else 0
+            else:
+                resume = sq[1]
+            # the stream hands back what it had not seen admitted; the refused part goes
+            # again whatever the stream says (a refusal that came after its epoch was over
+            # is still a refusal of this part, which is not in that epoch's list any more)
+            back = (stream.refused(sq, resume) if stream is not None else None) or []
+            for p in back:
+                if p is not part:
+                    self.sent.pop(p.msg.id, None)
+            if part not in back:
+                back.insert(0, part)
+            self._hold(part, reply, code, now)
+            self._requeue(back, now)
+        else:
+            self._admitted(stream, sq)
+            if part.request is not None:
+                self._settle(part, reply, code, now)
+        self._flush(now)
+        return self._take()
+
+    def _admitted(self, stream: Outbound | None, sq) -> None:
+        """Everything up to ``sq`` was admitted: clocks among it need no answer."""
+        if stream is None or sq is None:
+            return
+        for p in stream.admitted(sq):
+            if p.request is None and self.sent.get(p.msg.id) is p:
+                del self.sent[p.msg.id]
+
+    def _hold(self, part: Part, reply: Message, code: str, now: float) -> None:
+        """A refusal: the queue waits a moment (growing while the same request keeps being
+        refused), and for the ring when the server knows a newer one."""
+        if code == OutOfOrderError.code:
+            return  # a lost message: send again at once
+        req = part.request
+        pause = RETRY_TICK / 4
+        if req is not None:
+            pause = req.backoff
+            req.backoff = min(MAX_BACKOFF, req.backoff * 2)
+            if code == NotOwnerError.code:
+                req.misrouted = True
+        ring = (reply.meta.get("data") or {}).get("ring")
+        if code == NotOwnerError.code and (not isinstance(ring, int) or ring >= self.ring.version):
+            self._want_ring(now)
+        self.hold_until = max(self.hold_until, now + pause)
+
+    def _settle(self, part: Part, reply: Message, code: str | None, now: float) -> None:
+        req = part.request
+        if req.finished:
+            return
+        if code == NotReplicatedError.code:
+            if now < req.deadline:  # applied on the primary, not yet on a replica: the same again
+                req.not_replicated = reply
+                pause = max(0.0, min(1.0, req.backoff * 4, req.deadline - now))
+                req.backoff = min(MAX_BACKOFF, req.backoff * 2)
+                self.retries.append((now + pause, part))
+                return
+            self._finish(req, None, _error(reply))
+            return
+        if code is not None:
+            self._finish(req, None, _error(reply))
+            return
+        part.reply = reply
+        if all(p.reply is not None for p in req.parts):
+            try:
+                result = _result(req, req.parts, [p.reply for p in req.parts])
+            except PsdError as err:
+                self._finish(req, None, err)
+                return
+            self._finish(req, result, None)
+
+    def _finish(self, req: Request, result, error: PsdError | None) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        self.requests.pop(req.ts, None)
+        for p in req.parts:
+            if p.msg.id in self.sent and self.sent[p.msg.id] is p:
+                del self.sent[p.msg.id]  # an answer still to come is ignored
+        self.outbox.append(Done(req.ts, result, error))
+
+    # -- the ring and time ------------------------------------------------------------------
+    def use_ring(self, ring: Assignment, now: float) -> list:
+        """A ring from the scheduler (or learnt otherwise): unanswered parts whose rows it
+        moves are sent again to the new owners, ahead of anything issued later."""
+        self.awaiting_ring = False
+        if ring.version > self.ring.version:
+            self.ring = ring
+            moved = [p for p in self.sent.values() if p.request is not None and p.sent_ring != ring.version
+                     and self._moved(p)]
+            for p in moved:
+                del self.sent[p.msg.id]
+                stream = self.streams.get(p.server)
+                if stream is not None:
+                    stream.drop(p)
+            queued = [p for p in self.queue if p.request is not None and self._moved(p)]
+            if queued:
+                self.queue = [p for p in self.queue if p not in queued]
+            if moved or queued:
+                self._requeue(moved + queued, now)
+            self.hold_until = min(self.hold_until, now)
+        elif ring.version == self.ring.version:
+            self.hold_until = min(self.hold_until, now)
+        self._flush(now)
+        return self._take()
+
+    def connection_lost(self, server: str, now: float) -> list:
+        """The connection to ``server`` dropped: what it had not admitted may be lost;
+        send it again on a new epoch (a push is applied once, whatever arrives twice)."""
+        stream = self.streams.get(server)
+        if stream is not None:
+            back = stream.restart()
+            for p in back:
+                self.sent.pop(p.msg.id, None)
+            self._requeue(back, now)
+            self._flush(now)
+        return self._take()
+
+    def tick(self, now: float) -> list:
+        """Deadlines, resends after a pause, ring polls."""
+        if self.retries:
+            due = [p for at, p in self.retries if at <= now]
+            self.retries = [(at, p) for at, p in self.retries if at > now]
+            for part in due:
+                if part.request.finished:
+                    continue
+                if self._moved(part):
+                    self._requeue([part], now)  # (to its new owners, in order)
+                    continue
+                part.msg = Message(part.msg.op, table=part.msg.table, ring=self.ring.version, clock=part.msg.clock,
+                                   meta={k: v for k, v in part.msg.meta.items() if k != SEQ}, arrays=part.msg.arrays)
+                self._send(part, now)
+        for req in list(self.requests.values()):
+            if now >= req.deadline and not req.finished:
+                self._finish(req, None, self._timeout(req))
+        if self.requests and now >= self._next_poll:
+            oldest = min((p.sent_at for p in self.sent.values() if p.request is not None), default=now)
+            if now - oldest >= RING_POLL or (self.queue and now >= self.hold_until):
+                self._next_poll = now + RING_POLL
+                self.awaiting_ring = False  # (a ring answer may have been lost)
+                self._want_ring(now)
+        self._flush(now)
+        return self._take()
+
+    def _timeout(self, req: Request) -> PsdError:
+        if req.not_replicated is not None:
+            return _error(req.not_replicated)
+        unsent = [p for p in self.queue if p.request is req]
+        if unsent and not self.ring.ranges:
+            return UnavailableError(f"the cluster has no live servers at ring v{self.ring.version}; start a "
+                                    f"server (psd server) and retry")
+        waiting = next((p for p in req.parts if p.reply is None), None)
+        where = ""
+        if waiting is not None:
+            state = ("queued" if waiting in self.queue else "sent" if self.sent.get(waiting.msg.id) is waiting
+                     else "waiting to be sent again" if any(p is waiting for _, p in self.retries) else "lost")
+            where = f" (a part {state}, last sent at ring v{waiting.sent_ring}; this worker is at v{self.ring.version})"
+        if req.misrouted:
+            return NotOwnerError(f"{len([p for p in req.parts if p.reply is None])} request part(s) still "
+                                 f"misrouted after {self.request_timeout} s{where}")
+        who = waiting.server if waiting is not None and waiting.server else "the cluster"
+        return PsdTimeoutError(f"{who} did not answer {req.op} within {self.request_timeout} s{where}",
+                               node=who or None)
+
+    def next_wakeup(self) -> float | None:
+        """When ``tick`` next has something to do (None: nothing is waiting)."""
+        times = [req.deadline for req in self.requests.values()]
+        times += [at for at, _ in self.retries]
+        if self.queue:
+            times.append(self.hold_until)
+        if self.requests:
+            times.append(self._next_poll)
+        return min(times) if times else None
+
+
+def _compose(outer: Slices, inner: Slices) -> Slices:
+    """Map row slices of a sub-request (``inner``) back to rows of the whole request."""
+    if len(outer) == 1 and outer[0][0] == 0:
+        return list(inner)
+    starts = np.cumsum([0] + [b - a for a, b in outer])
+    out = []
+    for i0, i1 in inner:
+        while i0 < i1:
+            k = int(np.searchsorted(starts, i0, side="right")) - 1
+            a, b = outer[k]
+            take = min(i1 - i0, (b - a) - (i0 - starts[k]))
+            out.append((a + i0 - starts[k], a + i0 - starts[k] + take))
+            i0 += take
+    return out
+
+
+def _error(reply: Message) -> PsdError:
+    m = reply.meta
+    return error_from_wire(str(m.get("code", "remote")), str(m.get("message", "")), reply.sender or None,
+                           m.get("data") if isinstance(m.get("data"), dict) else None)
+
+
+def _result(req: Request, parts: list[Part], replies: list[Message]):
+    if req.op == "push":
+        return None
+    spec = req.spec
+    if req.n == 0:
+        return np.empty((0, spec.width), dtype=spec.np_dtype)
+    return assemble(parts, replies, req.n, spec)
+
+
+def assemble(parts: list[Part], replies: list[Message], n: int, spec: TableSpec) -> np.ndarray:
+    """Values of every part's reply, placed at its rows."""
+    if len(parts) == 1 and parts[0].slices == [(0, n)]:
+        return _reply_values(replies[0], parts[0], spec)
+    out = np.empty((n, spec.width), dtype=spec.np_dtype)
+    for part, reply in zip(parts, replies):
+        values = _reply_values(reply, part, spec)
+        row = 0
+        for a, b in part.slices:
+            out[a:b] = values[row:row + b - a]
+            row += b - a
+    return out
+
+
+def _reply_values(reply: Message, part: Part, spec: TableSpec) -> np.ndarray:
+    expect = (part.rows.count, spec.width)
+    if len(reply.arrays) != 1 or reply.arrays[0].shape != expect or reply.arrays[0].dtype != spec.np_dtype:
+        raise ValuesError(f"{part.server} answered {reply.op} with an unexpected payload "
+                          f"(wanted {spec.dtype}{list(expect)})", node=part.server)
+    return reply.arrays[0]

@@ -1,0 +1,95 @@
+"""Requests a server sends to other servers: forwards to replicas, range copies, pings.
+
+Forwards and copies travel on one ordered stream per destination (``psd.core.stream``):
+a replica must apply a primary's forwards in the primary's order, and a range copy must
+arrive after the forwards it already contains. When a destination reports a gap
+(``out_of_order``: a message lost with its connection), every call not yet admitted is
+sent again, in order, on a new epoch. Answers come back by token through
+``answered``; each call's owner gets ``on_answer(call, reply, error, now)``.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+from psd.codec import Message
+from psd.core.effects import Ask, Forget
+from psd.core.stream import SEQ, Outbound, parse
+from psd.errors import OutOfOrderError
+
+#: on_answer(call, reply or None, error or None, now)
+OnAnswer = Callable[["Call", Message | None, Exception | None, float], None]
+
+
+class Call:
+    __slots__ = ("token", "node", "address", "msg", "on_answer", "sent_at", "ordered")
+
+    def __init__(self, node: str, address: str, msg: Message, on_answer: OnAnswer, sent_at: float,
+                 ordered: bool) -> None:
+        self.token = 0
+        self.node, self.address, self.msg = node, address, msg
+        self.on_answer, self.sent_at, self.ordered = on_answer, sent_at, ordered
+
+
+class PeerCalls:
+    def __init__(self, outbox: list) -> None:
+        self.outbox = outbox
+        self._calls: dict[int, Call] = {}
+        self._streams: dict[str, Outbound[Call]] = {}
+        self._tokens = itertools.count(1)
+        self.resent = 0  # calls sent again after a gap (a lost message)
+
+    def ask(self, node: str, address: str, msg: Message, on_answer: OnAnswer, now: float,
+            ordered: bool = True) -> Call:
+        call = Call(node, address, msg, on_answer, now, ordered)
+        self._send(call)
+        return call
+
+    def _send(self, call: Call) -> None:
+        call.token = next(self._tokens)
+        self._calls[call.token] = call
+        if call.ordered:
+            stream = self._streams.get(call.node)
+            if stream is None:
+                stream = self._streams[call.node] = Outbound()
+            call.msg.meta[SEQ] = stream.stamp(call)
+        self.outbox.append(Ask(call.node, call.address, call.msg, call.token))
+
+    def forget(self, call: Call) -> None:
+        """Stop waiting for ``call``'s answer (its owner gave up, or the node left)."""
+        if self._calls.pop(call.token, None) is not None:
+            self.outbox.append(Forget(call.node, call.token))
+        stream = self._streams.get(call.node)
+        if stream is not None and call.ordered:
+            stream.drop(call)
+
+    def answered(self, token: int, reply: Message | None, error: Exception | None, now: float) -> None:
+        call = self._calls.pop(token, None)
+        if call is None:
+            return  # forgotten meanwhile
+        sq = parse(call.msg.meta.get(SEQ)) if call.ordered else None
+        if sq is not None and reply is not None:
+            if reply.op == "error" and reply.meta.get("code") == OutOfOrderError.code:
+                resume = (reply.meta.get("data") or {}).get("from", 0)
+                stream = self._streams.get(call.node)
+                again = (stream.refused(sq, resume if isinstance(resume, int) else 0) if stream else None) or []
+                if call not in again:
+                    again.insert(0, call)  # (refused after its epoch was handed back: still to resend)
+                for c in again:
+                    if c is not call:
+                        self._calls.pop(c.token, None)
+                        self.outbox.append(Forget(c.node, c.token))
+                    self.resent += 1
+                    self._send(c)
+                return
+            stream = self._streams.get(call.node)
+            if stream is not None:
+                stream.admitted(sq)
+        call.on_answer(call, reply, error, now)
+
+    def drop_node(self, node: str) -> None:
+        """``node`` left the ring: its stream starts afresh if it ever comes back."""
+        self._streams.pop(node, None)
+
+    def outstanding(self) -> int:
+        return len(self._calls)

@@ -1,0 +1,1006 @@
+"""A server's decisions, as a state machine with no I/O.
+
+``ServerCore`` holds a server's tables, ring, request memory, consistency gate and
+pending replications, and decides what each message leads to: apply, hold, forward,
+acknowledge, refuse. It never touches a socket or reads the clock: every call takes the
+time, and returns effects (``psd.core.effects``) that the daemon (``psd.roles.server``)
+or the simulation (``psd.sim``) carries out. Answers to what it asked of other servers
+come back through ``answered``; ``tick`` moves its timers.
+
+Requests are handled one at a time in the order they are admitted, so pushes that
+arrive on one stream are applied in the order they were sent (``psd.core.stream``). A
+push is applied on the range's primary, forwarded as is to the range's replicas (one
+message per replica, in the primary's order, so every copy applies the same updates in
+the same order), and acknowledged to the worker only when every replica holds it
+(``psd.core.acks``). Requests carry (sender, rid) ids; a resend of something already
+applied is acknowledged, not applied again.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from psd.cluster.assignment import Assignment
+from psd.cluster.ranges import Range, bounds, range_from_wire, range_to_wire
+from psd.cluster.ring import overlay
+from psd.cluster.rows import Rows
+from psd.codec import Message
+from psd.config import ClusterConfig
+from psd.core.acks import Acks, Pending
+from psd.core.effects import LINK, Refuse, Rejoin, Reply, Stop, Write
+from psd.core.fence import Fence
+from psd.core.gate import Gate, Policy, Setting
+from psd.core.peers import Call, PeerCalls
+from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
+from psd.core.seen import Covered, Seen
+from psd.core.stream import SEQ, Inbound, parse
+from psd.errors import (BadRequestError, BusyError, LimitError, MessageTooLargeError,
+                        NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError,
+                        TableMismatchError, UnavailableError, UnknownTableError)
+from psd.keyroles import ROLE_SERVER, forbidden
+from psd.refusals import RefusalLog
+from psd.schema import TableSpec
+from psd.store.table import Table, Usage
+from psd.store.checkpoint import write_server_file
+
+log = logging.getLogger("psd.server")
+
+#: request_timeouts after a worker left before its request ids are forgotten
+FORGET_AFTER = 10
+#: names of dropped tables remembered, so a range copy still on its way for one is skipped
+DROPPED_KEPT = 4096
+#: request ids are copied with a range as uint64 frames (Seen.to_arrays): larger or
+#: negative ones would make every later copy of this server's ranges fail
+MAX_RID = (1 << 64) - 1
+#: data-plane ops only another server sends (a push's copy to a replica, a range copy,
+#: the liveness ping): under CurveZMQ they must come with the server key, or a client key
+#: could write any range past the ownership checks. The control ops need no check: they
+#: arrive on the link this server opened to the scheduler, whose key the handshake verified.
+DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replicas)",
+              "install": "install (a range copy from another server)",
+              "peer_ping": "peer_ping (a server's liveness ping)"}
+#: refusals after which the sender sends the request again: nothing it sent after the
+#: refused request may be admitted before that (the stream breaks there)
+BREAKING = (NotOwnerError, UnavailableError, BusyError)
+
+
+def _request_id(value, what: str) -> int | None:
+    """``meta.rid``: nil, or an integer in [0, 2**64)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_RID:
+        raise ProtocolError(f"{what} must be nil or a request id, an integer in [0, 2**64); got {value!r:.60}")
+    return value
+
+
+class ServerCore:
+    def __init__(self, config: ClusterConfig, *, secure: bool):
+        """``secure``: under CurveZMQ, where ``msg.peer`` names the sender's key role."""
+        self.config = config
+        self.secure = secure
+        self.node_id = "S?"
+        self.tables: dict[str, Table] = {}
+        self.ring = Assignment(version=0)
+        self.incoming: list[Range] = []  # ranges being copied to us: forwards wait for the copy
+        self.seen = Seen()
+        self.covered = Covered()
+        self.streams = Inbound()
+        self.outbox: list = []
+        self.calls = PeerCalls(self.outbox)
+        self.acks = Acks(lambda: self.node_id)
+        cfg = config
+        self.fence = Fence((2 * cfg.heartbeat_misses - 1) * cfg.heartbeat_interval)
+        self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
+                         "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0, "limit_refusals": 0,
+                         "not_replicated": 0, "out_of_order": 0, "fenced": 0}
+        #: bytes of table storage held here (limits.max_memory_bytes), plus those that pushes
+        #: the consistency gate holds may still add; replicas that said they are full
+        self.usage = Usage()
+        self.reserved = 0
+        self.full_replicas: dict[str, int] = {}
+        self.forward_refusals = RefusalLog()  # one log line per replica and reason a minute
+        #: departed workers whose request ids go once they are quiet: worker -> (activity, check at)
+        self.forgetting: dict[str, tuple[int, float]] = {}
+        self.dropped: OrderedDict[str, None] = OrderedDict()
+        self.gate = Gate(Setting(cfg.consistency, cfg.max_delay, cfg.num_workers, tuple(cfg.auto_delay_bounds)))
+        self.draining = False
+        self.rejoining = False
+        #: ranges copies of which we are sending (transfer): each tracked to its end
+        self._copies: set[_Copy] = set()
+        self._checkpoint: _Cut | None = None
+        self._pinged: dict[str, tuple[Call, float]] = {}  # peer -> (its ping, sent at)
+        self._next_ping = 0.0
+        self._sq: tuple[int, int] | None = None  # the stream place of the request being handled
+        self.handlers = {"push": self.on_push, "pull": self.on_pull, "pushpull": self.on_pushpull,
+                         "clock": self.on_clock, "replicate": self.on_replicate, "install": self.on_install,
+                         "ping": self.on_ping, "peer_ping": self.on_peer_ping}
+        self.control_handlers = {"create_table": self.on_create_table, "ring": self.on_ring,
+                                 "transfer": self.on_transfer, "worker_left": self.on_worker_left,
+                                 "shutdown": self.on_shutdown, "ping": self.on_control_ping,
+                                 "ckpt_hold": self.on_ckpt_hold, "ckpt_cut": self.on_ckpt_cut,
+                                 "ckpt_release": self.on_ckpt_release, "drop_tables": self.on_drop_tables}
+
+    # -- driving -------------------------------------------------------------------
+    def _take(self) -> list:
+        out = self.outbox[:]
+        self.outbox.clear()
+        return out
+
+    def handle(self, route, msg: Message, now: float) -> list:
+        """A request on the data socket; returns what to do."""
+        handler = self.handlers.get(msg.op)
+        if handler is None:
+            self.counters["errors"] += 1
+            self.outbox.append(Refuse(route, msg, ProtocolError(
+                f"unknown op {msg.op!r}; expected one of {', '.join(sorted(self.handlers))}")))
+            return self._take()
+        self._sq = None
+        try:
+            handler(route, msg, now)
+        except Exception as err:
+            self.counters["errors"] += 1
+            if isinstance(err, BREAKING) and self._sq is not None:
+                self.streams.break_at(msg.sender, self._sq)
+            self.outbox.append(Refuse(route, msg, err))
+        return self._take()
+
+    def control(self, msg: Message, now: float) -> list:
+        """A request from the scheduler on the link; returns what to do."""
+        handler = self.control_handlers.get(msg.op)
+        try:
+            if handler is None:
+                raise ProtocolError(f"unknown control op {msg.op!r}")
+            handler(msg, now)
+        except Exception as err:
+            self.outbox.append(Refuse(None, msg, err, LINK))
+        return self._take()
+
+    def answered(self, token: int, reply: Message | None, error: Exception | None, now: float) -> list:
+        """The answer (or the failure) of a request this server sent another server."""
+        self.calls.answered(token, reply, error, now)
+        return self._take()
+
+    def tick(self, now: float) -> list:
+        """Timers: replicas that do not answer, copies that stall, a checkpoint that
+        waits too long, departed workers to forget, liveness pings to other servers."""
+        for p in list(self.acks.pending):
+            for call in list(p.calls):
+                if call.node not in self.ring.servers:  # it left: its successor copies from us
+                    self.calls.forget(call)
+                    self.acks.answered(p, call, None)
+                elif now >= p.give_up_at:  # (it dropped a message over its own limits, say)
+                    self.calls.forget(call)
+                    self.acks.answered(p, call, (call.node, "timeout",
+                                                 f"no answer within {self.config.request_timeout} s", 0))
+        for copy in list(self._copies):
+            copy.check(now)
+        if self._checkpoint is not None and now >= self._checkpoint.give_up_at:
+            self._checkpoint.time_out()
+        for worker, (then, at) in list(self.forgetting.items()):
+            if now >= at:
+                self._forget_when_quiet(worker, then, now)
+        if now >= self._next_ping:
+            self._ping_peers(now)
+        return self._take()
+
+    # -- membership (the driver's heartbeat and registration) ---------------------------
+    def registered(self, meta: dict, now: float) -> list:
+        """The scheduler's answer to ``register``: our node id, the tables, the ring."""
+        rejoin = self.rejoining
+        self.node_id = meta["node"]
+        self.rejoining = False
+        for spec in meta.get("tables", []):
+            self._create(TableSpec.from_wire(spec))
+        ring = Assignment.from_wire(meta["ring"])
+        if rejoin:
+            self.streams = Inbound()  # under a new name: senders open new streams to it
+            if ring.version >= self.ring.version:
+                self.ring = Assignment(version=0)
+                self._set_ring(ring)
+                self._drop_unowned()  # keep what the ring still gives us; the rest went to others
+            else:
+                log.error("%s: the scheduler knows an older ring (v%d) than this server (v%d): it lost its "
+                          "state; the data is kept, serving its ranges when a ring gives them back",
+                          self.node_id, ring.version, self.ring.version)
+                self.ring = Assignment(version=0)
+                self._set_ring(ring)
+        else:
+            self._set_ring(ring)
+        return self._take()
+
+    def heartbeat_meta(self, now: float) -> dict:
+        return {"stats": self.stats(now)}
+
+    def heartbeat_answered(self, meta: dict, sent_at: float, now: float) -> list:
+        state, known = meta.get("state"), meta.get("known")
+        if known and state in ("active", "suspect"):
+            self.fence.confirmed(sent_at)
+        elif (state in ("dead", "left") or known is False) and not self.draining and not self.rejoining:
+            # we were frozen or cut off and the cluster moved on (or a scheduler without
+            # saved state forgot us): register again, keeping what the ring still needs
+            log.error("%s was removed from the cluster (ring v%s); registering again, keeping only what "
+                      "the current ring gives it", self.node_id, meta.get("ring"))
+            self.rejoining = True
+            self.outbox.append(Rejoin(self.node_id, self.ring.version))
+        return self._take()
+
+    def _ping_peers(self, now: float) -> None:
+        """Liveness pings to every other server of the ring: answered ones keep our lease
+        (``Fence``), and their ages go to the scheduler with each heartbeat."""
+        interval = self.config.heartbeat_interval
+        self._next_ping = now + interval
+        for node in self.ring.servers:
+            address = self.ring.addresses.get(node)
+            if node == self.node_id or address is None:
+                continue
+            old = self._pinged.get(node)
+            if old is not None:
+                if now - old[1] < 4 * interval:
+                    continue  # still waiting for its answer
+                self.calls.forget(old[0])
+            msg = Message("peer_ping", meta={"ring": self.ring.version})
+            call = self.calls.ask(node, address, msg, self._ping_answered, now, ordered=False)
+            self._pinged[node] = (call, now)
+
+    def _ping_answered(self, call: Call, reply: Message | None, error: Exception | None, now: float) -> None:
+        if self._pinged.get(call.node, (None,))[0] is call:
+            del self._pinged[call.node]
+        if reply is None or reply.op != "ok":
+            return
+        if reply.meta.get("member", True):
+            self.fence.peer_answered(call.node, call.sent_at, now)
+        else:
+            self.fence.heard(call.node, now)  # it knows a ring without us: no vouching
+
+    def on_peer_ping(self, route, msg: Message, now: float) -> None:
+        self._daemons_only(msg)
+        self.fence.heard(msg.sender, now)
+        self.outbox.append(Reply(route, msg.reply(meta={"ring": self.ring.version,
+                                                        "member": msg.sender in self.ring.servers})))
+
+    def serving(self, now: float) -> bool:
+        """Whether our lease lets us serve ranges we share with other servers."""
+        return self.fence.ok(self.node_id, self.ring.servers, now)
+
+    # -- control plane (from the scheduler) ----------------------------------
+    def on_create_table(self, msg: Message, now: float) -> None:
+        self._create(TableSpec.from_wire(msg.meta.get("spec")))
+        self.outbox.append(Reply(None, msg.reply(), LINK))
+
+    def on_ring(self, msg: Message, now: float) -> None:
+        self.incoming = [range_from_wire(w) for w in msg.meta.get("incoming", [])]
+        self._set_ring(Assignment.from_wire(msg.meta["ring"]))
+        self.full_replicas.clear()  # ranges move: every replica says again whether it is full
+        if msg.meta.get("final"):
+            self._drop_unowned()
+        self.outbox.append(Reply(None, msg.reply(), LINK))
+
+    def on_drop_tables(self, msg: Message, now: float) -> None:
+        """Forget tables (a namespace dropped, a job's tables at its end): their memory is
+        freed here; a range copy of one still on its way is skipped."""
+        names = msg.meta.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadRequestError("drop_tables: meta.names must be a list of table names")
+        dropped, freed = [], 0
+        for name in names:
+            table = self.tables.pop(name, None)
+            self.dropped[name] = None
+            self.dropped.move_to_end(name)
+            if table is not None:
+                freed += table.nbytes
+                table.detach()
+                dropped.append(name)
+        while len(self.dropped) > DROPPED_KEPT:
+            self.dropped.popitem(last=False)
+        self.full_replicas.clear()  # they may have freed memory too
+        if dropped:
+            log.info("%s dropped %d table(s) (%s), freeing %d bytes; it holds %d bytes", self.node_id,
+                     len(dropped), ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""), freed,
+                     self.usage.bytes)
+        self.outbox.append(Reply(None, msg.reply(meta={"dropped": dropped, "freed": freed}), LINK))
+
+    def on_worker_left(self, msg: Message, now: float) -> None:
+        """A worker died or left: it no longer holds back anyone's clock."""
+        worker = msg.meta.get("worker")
+        if not isinstance(worker, str):
+            raise BadRequestError("worker_left: meta.worker must be a worker id")
+        self.gate.leave(worker, now)
+        log.info("%s: %s left the worker group", self.node_id, worker)
+        self._watch_departed(worker, now)
+        self.outbox.append(Reply(None, msg.reply(), LINK))
+
+    def _watch_departed(self, worker: str, now: float) -> None:
+        if worker not in self.forgetting:  # (told twice: a death, then a leave; or by a copy)
+            self.forgetting[worker] = (-1, now)
+
+    def _forget_when_quiet(self, worker: str, then: int, now: float) -> None:
+        """Forget a departed worker's request ids (up to 65,536, kept for exactly-once) and
+        its stream once nothing of it has arrived here for FORGET_AFTER request_timeouts:
+        a worker resends a request only while it keeps trying (every second at most), so a
+        quiet one resends nothing; one declared dead that still pushes stays remembered."""
+        activity = self.seen.activity(worker)
+        if activity == then:
+            self.seen.forget(worker)
+            self.covered.forget(worker)
+            self.streams.forget(worker)
+            del self.forgetting[worker]
+            return
+        self.forgetting[worker] = (activity, now + FORGET_AFTER * self.config.request_timeout)
+
+    def on_shutdown(self, msg: Message, now: float) -> None:
+        log.info("%s: asked to shut down", self.node_id)
+        self.draining = True
+        self.outbox.append(Reply(None, msg.reply(), LINK))
+        self.outbox.append(Stop("asked to shut down"))
+
+    def on_ping(self, route, msg: Message, now: float) -> None:
+        self.outbox.append(Reply(route, msg.reply(meta={"node": self.node_id})))
+
+    def on_control_ping(self, msg: Message, now: float) -> None:
+        self.outbox.append(Reply(None, msg.reply(meta={"node": self.node_id}), LINK))
+
+    def _create(self, spec: TableSpec) -> None:
+        have = self.tables.get(spec.name)
+        if have is None:
+            self.tables[spec.name] = Table(spec, self.usage)
+            self.dropped.pop(spec.name, None)
+        elif have.spec != spec:
+            raise TableMismatchError(f"table {spec.name!r} exists as {have.spec}, not {spec}")
+
+    def _set_ring(self, ring: Assignment) -> None:
+        if ring.version < self.ring.version:
+            return
+        gone = set(self.ring.servers) - set(ring.servers)
+        self.ring = ring
+        self.fence.forget(ring.servers)
+        for node in gone:
+            self.calls.drop_node(node)
+        for p in list(self.acks.pending):  # a replica that left: its successor copies from us
+            for call in list(p.calls):
+                if call.node not in ring.servers:
+                    self.calls.forget(call)
+                    self.acks.answered(p, call, None)
+        led = ring.led_by(self.node_id)
+        held = ring.ranges_of(self.node_id)
+        log.info("%s at ring v%d: leads %d range(s), holds %d, copying in %d", self.node_id, ring.version,
+                 len(led), len(held), len(self.incoming))
+
+    def _drop_unowned(self) -> None:
+        held = self.ring.ranges_of(self.node_id)
+        for name, table in self.tables.items():
+            dropped = table.retain(held)
+            if dropped:
+                log.info("%s: dropped %d keys of %r it no longer holds (ring v%d)", self.node_id, dropped,
+                         name, self.ring.version)
+
+    # -- admission and ownership ---------------------------------------------------------
+    def _admit(self, msg: Message) -> None:
+        """Admit the request into its sender's stream, or refuse it as out of order."""
+        sq = parse(msg.meta.get(SEQ))
+        if sq is None:
+            return
+        resume = self.streams.admit(msg.sender, sq)
+        if resume is not None:
+            self.counters["out_of_order"] += 1
+            raise OutOfOrderError(f"{msg.op} {sq[1]} of stream {sq[0]} from {msg.sender} came before request "
+                                  f"{resume} of it, which was lost or refused; send again from there",
+                                  **{"epoch": sq[0], "from": resume})
+        self._sq = sq
+
+    def _daemons_only(self, msg: Message) -> None:
+        """Refuse (ForbiddenError) a request of DAEMON_OPS that did not come with the server key."""
+        if self.secure and msg.peer != ROLE_SERVER:
+            raise forbidden(msg.op, DAEMON_OPS[msg.op], msg.peer)
+
+    def _owner_groups(self, rows: Rows):
+        return rows.groups(self.ring) if rows.count else []
+
+    def _check_primary(self, rows: Rows, now: float) -> list[tuple[tuple[str, ...], list]]:
+        groups = self._owner_groups(rows)
+        for owners, _ in groups:
+            if owners[0] != self.node_id:
+                first, last = rows.first_last()
+                raise NotOwnerError(f"{self.node_id} does not lead keys in [{first}, {last}] at ring "
+                                    f"v{self.ring.version}", ring=self.ring.version)
+        if any(len(owners) > 1 for owners, _ in groups) and not self.serving(now):
+            self.counters["fenced"] += 1
+            raise NotOwnerError(f"{self.node_id} cannot confirm it is still a member (no answer from the "
+                                f"scheduler or from a majority of the servers lately) and may have been removed "
+                                f"from the ring; it serves again once confirmed", ring=self.ring.version)
+        return groups
+
+    # -- data plane ------------------------------------------------------------
+    def _table(self, msg: Message) -> Table:
+        table = self.tables.get(msg.table) if msg.table is not None else None
+        if table is None:
+            raise UnknownTableError(f"unknown table {msg.table!r}; create it with kv.table(...) first")
+        return table
+
+    def _rows(self, msg: Message, table: Table, with_values: bool) -> Rows:
+        """Parse and check everything before anything is applied."""
+        rows = Rows.from_message(msg, self.config.limits, with_values)
+        if with_values:
+            rows.values = table.check_values(rows.values, rows.count)
+        return rows
+
+    def policy(self, table: Table) -> Policy:
+        """The consistency policy that gates ``table``'s requests."""
+        return self.gate.policy(table.spec.consistency_override)
+
+    def _rid(self, msg: Message) -> tuple[str, int] | None:
+        rid = _request_id(msg.meta.get("rid"), "meta.rid")
+        return None if rid is None else (msg.sender, rid)
+
+    @staticmethod
+    def _cut_from(msg: Message, sender: str) -> list[tuple[str, int]]:
+        """Ids of the requests this one was cut from (meta.orig): a worker that re-cuts an
+        unanswered request by a newer ring gives each piece a fresh id and names the
+        original, so a server that applied the original treats the piece as a resend,
+        while two pieces of one request stay two requests."""
+        orig = msg.meta.get("orig")
+        if orig is None:
+            return []
+        if (not isinstance(orig, list) or len(orig) > 64
+                or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= MAX_RID for o in orig)):
+            raise ProtocolError("meta.orig must be a list of at most 64 request ids")
+        return [(sender, o) for o in orig]
+
+    def _seen_before(self, rid: tuple[str, int], cut_from: list[tuple[str, int]]) -> bool:
+        """Whether this request (or the one it was cut from) was applied here; a resend
+        keeps its id among the sender's newest, however long it is resent for."""
+        for key in (rid, *cut_from):
+            if key in self.seen:
+                self.seen.touch(*key)
+                return True
+        return False
+
+    def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str, reserve: int = 0) -> None:
+        """Apply now, or (sequential) at the clock boundary, or after a checkpoint cut.
+        ``reserve``: bytes the push may add, counted against the memory limit until it
+        is applied."""
+        self.gate.note_push(msg.clock)
+        if reserve:
+            self.reserved += reserve
+
+            def apply() -> None:
+                self.reserved -= reserve
+                rows.push_into(table)
+        else:
+            def apply() -> None:
+                rows.push_into(table)
+        self.policy(table).push(origin, msg.clock, apply)
+        self.counters["keys_pushed"] += rows.count
+
+    # -- the memory limit ------------------------------------------------------------
+    @staticmethod
+    def _count_new(table: Table, rows: Rows) -> int:
+        """Rows whose keys ``table`` does not hold yet (a push would insert them)."""
+        if rows.keys is not None:
+            present = table.count_present(rows.keys)
+        else:
+            present = sum(table.count_present_span(lo, n) for lo, n in rows.spans)
+        return rows.count - present
+
+    def _check_memory(self, table: Table, todo: Rows, rows: Rows, groups) -> int:
+        """Refuse, before anything is applied or forwarded, a push that would add keys
+        beyond limits.max_memory_bytes here, or to ranges whose replica said it is full.
+        Returns the bytes to reserve for it. O(1) unless the server is near its limit
+        (then one lookup of the pushed keys); pushes to stored keys always pass."""
+        limit = self.config.limits.max_memory_bytes
+        if limit is None and not self.full_replicas:
+            return 0
+        most = todo.count * table.row_bytes
+        if not self.full_replicas and self.usage.bytes + self.reserved + most <= limit:
+            return most
+        new = self._count_new(table, todo) * table.row_bytes
+        if new and limit is not None and self.usage.bytes + self.reserved + new > limit:
+            self.counters["limit_refusals"] += 1
+            raise LimitError(
+                f"push to table {table.spec.name!r} refused: its {new // table.row_bytes} new "
+                f"key(s) would add {new} bytes to the {self.usage.bytes + self.reserved} it holds, over its "
+                f"limits.max_memory_bytes {limit}; nothing was applied on {self.node_id} (parts of the "
+                f"same push led by other servers may have been). Push to keys that exist, drop tables "
+                f"(psd drop), add servers, or raise limits.max_memory_bytes on the servers",
+                limit="max_memory_bytes", max=limit, used=self.usage.bytes + self.reserved, requested=new)
+        for owners, slices in groups if new and self.full_replicas else ():
+            full = [n for n in owners[1:] if n in self.full_replicas]
+            if full and self._count_new(table, rows.take(slices)):
+                self.counters["limit_refusals"] += 1
+                raise LimitError(
+                    f"push to table {table.spec.name!r} refused: it adds keys to ranges "
+                    f"replicated on {', '.join(full)}, which reached its limits.max_memory_bytes "
+                    f"({self.full_replicas[full[0]]} bytes held); nothing was applied on {self.node_id} "
+                    f"(parts led by other servers may have been). Drop tables (psd drop), "
+                    f"add servers, or raise limits.max_memory_bytes on the servers",
+                    limit="max_memory_bytes", replica=full[0], used=self.full_replicas[full[0]])
+        return new
+
+    def _replica_full(self) -> dict:
+        """What a replica tells the primary in its answer to a forward: whether it can
+        take no new key (the primary then refuses pushes that add keys to its ranges)."""
+        limit = self.config.limits.max_memory_bytes
+        if limit is None or self.usage.bytes < limit:
+            return {}
+        return {"full": True, "bytes": self.usage.bytes}
+
+    # -- push ---------------------------------------------------------------------------
+    def _push(self, msg: Message, table: Table, rows: Rows, now: float) -> Pending | None:
+        """The primary's half of a push: apply, forward to replicas. Returns None when it
+        may be acknowledged now, else the replications it waits for."""
+        groups = self._check_primary(rows, now)
+        rid = self._rid(msg)
+        cut_from = self._cut_from(msg, msg.sender)
+        if rid is not None and self._seen_before(rid, cut_from):
+            self.counters["duplicates"] += 1
+            pending = self.acks.of([rid, *cut_from])
+            if pending is not None:
+                return pending  # a resend: answer when the original is answered
+            # applied here before, perhaps as a replica of a primary that died before
+            # forwarding to every replica, or refused by one: forward it again (replicas
+            # apply it once)
+            return self._forward(msg, table, rows, groups, rid, now)
+        todo = self.covered.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
+        if todo is not None:
+            reserve = self._check_memory(table, todo, rows, groups)
+            self._apply_push(msg, table, todo, msg.sender, reserve)
+        if rid is not None:
+            self.seen.add(*rid)
+            self.covered.note_piece(rows, cut_from)
+        return self._forward(msg, table, rows, groups, rid, now)
+
+    def _forward(self, msg: Message, table: Table, rows: Rows, groups, rid, now: float) -> Pending | None:
+        """Send the push to every replica of its rows; one message per replica server."""
+        by_replica: dict[str, list] = {}
+        for owners, slices in groups:
+            for node in owners[1:]:
+                by_replica.setdefault(node, []).extend(slices)
+        if not by_replica:
+            return None
+        pending = self.acks.start(rid, now + self.config.request_timeout)
+        for node, slices in by_replica.items():
+            address = self.ring.addresses.get(node)
+            if address is None:
+                continue
+            sub = rows if len(by_replica) == 1 and len(groups) == 1 else rows.take(sorted(slices))
+            meta = {"origin": msg.sender, "rid": rid[1] if rid else None}
+            if msg.meta.get("orig"):
+                meta["orig"] = msg.meta["orig"]
+            fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
+                                 meta=meta)
+            call = self.calls.ask(node, address, fwd, partial(self._forward_answered, pending), now)
+            pending.calls.add(call)
+            self.counters["replicated"] += 1
+        if not pending.calls:
+            self.acks.settle(pending)
+            return None
+        return pending
+
+    def _forward_answered(self, pending: Pending, call: Call, reply: Message | None, error: Exception | None,
+                          now: float) -> None:
+        node = call.node
+        if error is not None:
+            log.warning("%s: forward to %s failed: %s", self.node_id, node, error)
+            gone = node not in self.ring.servers  # (one that left is copied to by its successor)
+            self.acks.answered(pending, call, None if gone else (node, "failed", str(error), 0))
+            return
+        self.fence.heard(node, now)
+        if reply.op == "error":
+            code, message = reply.meta.get("code"), reply.meta.get("message")
+            repeats = self.forward_refusals.note(f"{node}/{code}", now)
+            if repeats is not None:
+                log.warning("%s: replica %s refused a forward: %s%s", self.node_id, node, message,
+                            f" ({repeats} more like it not logged)" if repeats else "")
+            ring = (reply.meta.get("data") or {}).get("ring", 0)
+            self.acks.answered(pending, call, (node, str(code), str(message), ring if isinstance(ring, int) else 0))
+            self.counters["not_replicated"] = self.acks.not_replicated
+            return
+        if reply.meta.get("full"):
+            if node not in self.full_replicas:
+                log.warning("%s: replica %s reached its memory limit (%s bytes): pushes that add keys to its "
+                            "ranges are refused", self.node_id, node, reply.meta.get("bytes"))
+            self.full_replicas[node] = int(reply.meta.get("bytes") or 0)
+        else:
+            self.full_replicas.pop(node, None)
+        self.acks.answered(pending, call, None)
+
+    def _answer_when(self, pending: Pending | None, route, msg: Message, reply: Message, leases=None) -> None:
+        """Send ``reply`` once every replica holds the push, or the refusal if one did not."""
+        def done(err) -> None:
+            self.counters["not_replicated"] = self.acks.not_replicated
+            if err is None:
+                self.outbox.append(Reply(route, reply, leases=leases or []))
+            else:
+                self.outbox.append(Refuse(route, msg, err))
+        if pending is None:
+            done(None)
+        else:
+            self.acks.wait(pending, done)
+
+    def on_push(self, route, msg: Message, now: float) -> None:
+        self._admit(msg)
+        table = self._table(msg)
+        rows = self._rows(msg, table, with_values=True)
+        self.counters["push"] += 1
+        self._answer_when(self._push(msg, table, rows, now), route, msg, msg.reply(ring=self.ring.version))
+
+    def _check_reply_size(self, table: Table, rows: Rows) -> None:
+        size = rows.count * table.width * table.dtype.itemsize
+        if size > self.config.limits.max_message_bytes:  # the client could not take the answer
+            raise MessageTooLargeError(f"the reply would be {size} bytes, over max_message_bytes "
+                                       f"{self.config.limits.max_message_bytes}; pull fewer keys at a time")
+
+    def _answer_pull(self, route, msg: Message, table: Table, rows: Rows, now: float,
+                     after: Pending | None = None) -> None:
+        def run() -> None:
+            self.counters["keys_pulled"] += rows.count
+            if after is None or after.settled:
+                leases: list = []
+                values = rows.pull_from(table, leases) if rows.count else np.empty((0, table.width), table.dtype)
+                if after is not None and after.error is not None:
+                    self.outbox.append(Refuse(route, msg, after.error))
+                    for lease in leases:
+                        lease.release()
+                    return
+                self.outbox.append(Reply(route, msg.reply(arrays=[values], ring=self.ring.version), leases=leases))
+            else:  # pushpull: the pushed values must be on the replicas before we answer;
+                # a copy, so that no lent view of the table waits that long (copy on write)
+                values = rows.pull_from(table) if rows.count else np.empty((0, table.width), table.dtype)
+                self._answer_when(after, route, msg, msg.reply(arrays=[values], ring=self.ring.version))
+
+        self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, now)
+
+    def on_pull(self, route, msg: Message, now: float) -> None:
+        self._admit(msg)
+        table = self._table(msg)
+        rows = self._rows(msg, table, with_values=False)
+        self._check_reply_size(table, rows)
+        self._check_primary(rows, now)
+        self.counters["pull"] += 1
+        self._answer_pull(route, msg, table, rows, now)
+
+    def on_pushpull(self, route, msg: Message, now: float) -> None:
+        self._admit(msg)
+        table = self._table(msg)
+        rows = self._rows(msg, table, with_values=True)
+        self.counters["pushpull"] += 1
+        self._answer_pull(route, msg, table, rows, now, after=self._push(msg, table, rows, now))
+
+    def on_clock(self, route, msg: Message, now: float) -> None:
+        """A worker finished an iteration; one-way (no reply), sent after its pushes."""
+        self._admit(msg)
+        clock = msg.meta.get("clock")
+        if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0:
+            raise ProtocolError("clock: meta.clock must be a non-negative integer")
+        self.gate.clock(msg.sender, clock, now)
+
+    # -- replication -------------------------------------------------------------
+    def on_replicate(self, route, msg: Message, now: float) -> None:
+        """A primary forwards a push it applied; apply it the same way, once."""
+        self._daemons_only(msg)
+        self._admit(msg)
+        self.fence.heard(msg.sender, now)
+        table = self._table(msg)
+        rows = self._rows(msg, table, with_values=True)
+        origin, rid = msg.meta.get("origin"), _request_id(msg.meta.get("rid"), "replicate: meta.rid")
+        if not isinstance(origin, str):
+            raise ProtocolError("replicate: meta.origin must name the worker that pushed")
+        self._check_forwarder(msg, rows)
+        mine = self._replica_rows(rows, msg)
+        if rid is not None:
+            cut_from = self._cut_from(msg, origin)
+            if self._seen_before((origin, rid), cut_from):
+                self.outbox.append(Reply(route, msg.reply(meta=self._replica_full())))
+                return
+            self.seen.add(origin, rid)
+            if mine is not None:
+                mine = self.covered.not_applied(mine, [(origin, rid), *cut_from])
+            self.covered.note_piece(rows, cut_from)
+        if mine is not None:
+            # a replica never refuses a forward (copies would differ); near its limit it says
+            # so, and its primaries refuse pushes that add keys to its ranges from then on
+            limit = self.config.limits.max_memory_bytes
+            self._apply_push(msg, table, mine, origin, 0 if limit is None else mine.count * table.row_bytes)
+        self.outbox.append(Reply(route, msg.reply(meta=self._replica_full())))
+
+    def _check_forwarder(self, msg: Message, rows: Rows) -> None:
+        """Refuse a forward from a server that, at our newer ring, no longer leads its rows:
+        we took them over (or another did), and what we acknowledged for it would not be
+        on our own replicas. The primary then tells its worker ``not_owner``."""
+        if msg.ring >= self.ring.version or not rows.count:
+            return
+        for owners, _ in rows.groups(self.ring):
+            if owners[0] != msg.sender and self.node_id in owners:
+                first, last = rows.first_last()
+                raise NotOwnerError(f"{msg.sender} does not lead keys in [{first}, {last}] at ring "
+                                    f"v{self.ring.version} ({owners[0]} does); its forward was not applied",
+                                    ring=self.ring.version)
+
+    def _replica_rows(self, rows: Rows, msg: Message) -> Rows | None:
+        """The rows of a forward this replica applies, judged row by row (one forward can
+        span ranges we hold and ranges being copied in): rows of ranges we hold at our
+        ring, minus those of ranges being copied in (the copy, which follows on this
+        connection, already includes them). Rows of ranges we do not hold are skipped:
+        either the primary knows a newer ring that gives them to us (their copy follows)
+        or the ring moved them away from us."""
+        if not rows.count:
+            return None
+        if not self.incoming and msg.ring <= self.ring.version:
+            if all(self.node_id in owners for owners, _ in self._owner_groups(rows)):
+                return rows  # the common case: we hold every row
+        incoming = sorted(self.incoming)
+        copying = Assignment(version=0, ranges=tuple(incoming), owners=tuple(("in",) for _ in incoming))
+        ranges: list[Range] = []
+        labels: list[tuple[str]] = []
+        for piece, held, copied in overlay(self.ring, copying):
+            label = ("apply",) if self.node_id in held and not copied else ("skip",)
+            if labels and labels[-1] == label:
+                ranges[-1] = Range(ranges[-1].begin, piece.end)
+            else:
+                ranges.append(piece)
+                labels.append(label)
+        view = Assignment(version=0, ranges=tuple(ranges), owners=tuple(labels))
+        slices = sorted(s for label, group in rows.groups(view) if label == ("apply",) for s in group)
+        return rows.take(slices) if slices else None
+
+    # -- moving ranges -------------------------------------------------------------
+    def on_transfer(self, msg: Message, now: float) -> None:
+        """Copy a range to another server. The copy is taken and queued in one step, on
+        the stream our forwards to that server use, so the receiver can tell which
+        forwards the copy already contains."""
+        r = range_from_wire(msg.meta["range"])
+        dst, address = msg.meta["dst"], msg.meta["address"]
+        # every message of the copy is at most half of max_message_bytes of frames (and
+        # holds at least one row), so a range of any size can move; all are taken and
+        # queued in this one step, in order, on the stream our forwards use
+        budget = max(1, self.config.limits.max_message_bytes // 2)
+        sends = []
+        for name, table in self.tables.items():
+            keys, vals, state = table.snapshot(r.begin, r.end)
+            meta = {"range": range_to_wire(r), "state_fields": list(state)}
+            row_bytes = keys.itemsize + vals.itemsize * table.width * (1 + len(state))
+            step = max(1, min(budget // row_bytes, self.config.limits.max_keys))  # frames: <= max_keys rows
+            for i in range(0, max(keys.size, 1), step):  # an empty range still sends one
+                sends.append(Message("install", table=name, ring=self.ring.version, meta=dict(meta),
+                                     arrays=[keys[i:i + step], vals[i:i + step],
+                                             *(a[i:i + step] for a in state.values())]))
+        # last: the ids the copy carries, the last message marks the range complete
+        pieces = id_pieces(*self._seen_for_copy(r), budget, self.config.limits.max_keys)
+        for j, (senders, counts, rids) in enumerate(pieces):
+            meta = {"range": range_to_wire(r), "senders": senders}
+            departed = [s for s in senders if s in self.forgetting]
+            if departed:  # the receiver was never told they left: it forgets them once quiet too
+                meta["departed"] = departed
+            if j == len(pieces) - 1:
+                meta["final"] = True
+            sends.append(Message("install", ring=self.ring.version, arrays=[counts, rids], meta=meta))
+        copy = _Copy(self, msg, r, dst, len(sends), now)
+        self._copies.add(copy)
+        for m in sends:
+            copy.calls.append(self.calls.ask(dst, address, m, copy.answered, now))
+
+    def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The ids a copy of ``r`` carries: every id applied here, and those copied in
+        with rows in ``r``."""
+        extra = self.covered.copied_into(r)
+        if not extra:
+            return self.seen.to_arrays()
+        both = Seen(window=1 << 62)
+        both.merge_arrays(*self.seen.to_arrays())
+        for sender, rid in extra:
+            both.add(sender, rid)
+        return both.to_arrays()
+
+    def on_install(self, route, msg: Message, now: float) -> None:
+        self._daemons_only(msg)
+        self._admit(msg)
+        self.fence.heard(msg.sender, now)
+        r = copy_range(msg.meta.get("range"))
+        if msg.table is not None:
+            if msg.table in self.tables or msg.table not in self.dropped:
+                # never refused for memory: the ring moves this range here whatever we answer,
+                # so a refusal would lose it; over the limit, new keys are refused instead.
+                # A chunk of the copy: rows are upserted, so chunks add up to the whole range
+                table = self._table(msg)
+                table.install(*copy_rows(msg, table, r))  # checked whole before anything changes
+            self.outbox.append(Reply(route, msg.reply()))
+            return
+        if "senders" not in msg.meta and not msg.meta.get("final"):
+            self.outbox.append(Reply(route, msg.reply()))  # neither rows nor ids: nothing to do
+            return
+        # the ids the copy carries (in one or more messages, the last one final); they count
+        # only for rows in ``r``, which we neither lead nor apply forwards for until the final one
+        senders, counts, rids = copy_ids(msg)
+        departed = msg.meta.get("departed", [])
+        if not isinstance(departed, list) or not all(isinstance(d, str) for d in departed):
+            raise ProtocolError("install: meta.departed must list senders of this message")
+        self.covered.note_copy(r, senders, counts, rids)
+        for sender in senders:  # (ids arriving count as the sender's activity here)
+            self.seen.note_activity(sender)
+        for worker in set(departed) & set(senders):
+            self._watch_departed(worker, now)
+        if msg.meta.get("final"):
+            self.incoming = [x for x in self.incoming if x != r]
+            log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
+            self._warn_over_limit(f"taking {r}")
+        self.outbox.append(Reply(route, msg.reply()))
+
+    # -- checkpoints -------------------------------------------------------------------
+    def on_ckpt_hold(self, msg: Message, now: float) -> None:
+        """Phase 1: from now on apply nothing new; say the highest clock pushed so far."""
+        highest = self.gate.hold_all()
+        log.info("%s holds new pushes for a checkpoint (highest push clock so far: %d)", self.node_id, highest)
+        self.outbox.append(Reply(None, msg.reply(meta={"max_push_clock": highest}), LINK))
+
+    def on_ckpt_cut(self, msg: Message, now: float) -> None:
+        """Phase 2: write the ranges we lead as of the cut, once every worker's pushes of
+        earlier clocks have arrived. Pushes at later clocks wait until the file is written."""
+        m = msg.meta
+        cut = _Cut(self, msg, now + float(m.get("timeout", 60)))
+        self._checkpoint = cut
+        self.gate.cut(int(m["cut"]), set(m.get("workers", [])), cut.snapshot)
+
+    def on_ckpt_release(self, msg: Message, now: float) -> None:
+        self.gate.release_cut()
+        self.outbox.append(Reply(None, msg.reply(), LINK))
+
+    def written(self, token: int, result, error: Exception | None, now: float) -> list:
+        """A file the core asked for (``Write``) was written, or failed."""
+        cut = self._checkpoint
+        if cut is not None and cut.token == token:
+            cut.written(result, error)
+        return self._take()
+
+    def _checkpoint_tables(self) -> tuple[dict, int]:
+        led = self.ring.led_by(self.node_id)
+        tables, keys_total = {}, 0
+        for name, table in self.tables.items():
+            pieces = [table.snapshot(r.begin, r.end) for r in led]
+            keys = np.concatenate([p[0] for p in pieces]) if pieces else np.empty(0, np.uint64)
+            vals = (np.concatenate([p[1] for p in pieces]) if pieces
+                    else np.empty((0, table.width), table.dtype))
+            state = {f: np.concatenate([p[2][f] for p in pieces]) if pieces
+                     else np.empty((0, table.width), table.dtype) for f in table.state}
+            tables[name] = (table.spec.to_wire(), keys, vals, state)
+            keys_total += int(keys.size)
+        return tables, keys_total
+
+    def restore(self, msg: Message, files: list[dict], now: float) -> list:
+        """Load the keys we hold (lead or replicate) from a checkpoint's files (read by
+        the driver: ``read_server_file`` of each)."""
+        held = self.ring.ranges_of(self.node_id)
+        restored = 0
+        try:
+            for loaded in files:
+                for tname, (spec, keys, vals, state) in loaded.items():
+                    self._create(TableSpec.from_wire(spec))
+                    table = self.tables[tname]
+                    for r in held:
+                        i0, i1 = bounds(keys, r.begin, r.end)
+                        table.install(keys[i0:i1], vals[i0:i1], {f: a[i0:i1] for f, a in state.items()})
+                        restored += int(i1 - i0)
+        except Exception as err:
+            self.outbox.append(Refuse(None, msg, err, LINK))
+            return self._take()
+        log.info("%s restored %d keys from %s", self.node_id, restored, msg.meta.get("folder"))
+        self._warn_over_limit(f"restoring {msg.meta.get('folder')}")
+        self.outbox.append(Reply(None, msg.reply(meta={"keys": restored}), LINK))
+        return self._take()
+
+    # -- introspection -------------------------------------------------------------
+    def _warn_over_limit(self, why: str) -> None:
+        limit = self.config.limits.max_memory_bytes
+        if limit is not None and self.usage.bytes > limit:
+            log.warning("%s holds %d bytes after %s, over its limits.max_memory_bytes %d: pushes that add "
+                        "keys are refused until tables are dropped or servers added", self.node_id,
+                        self.usage.bytes, why, limit)
+
+    def stats(self, now: float) -> dict:
+        """What ``psd status`` shows of this server (the daemon adds its transport's counts)."""
+        return {
+            "tables": {name: {"keys": t.num_keys, "bytes": t.nbytes} for name, t in self.tables.items()},
+            "counters": dict(self.counters),
+            "ring": self.ring.version,
+            "leads": len(self.ring.led_by(self.node_id)), "holds": len(self.ring.ranges_of(self.node_id)),
+            "pending_acks": len(self.acks), "copying_in": len(self.incoming),
+            "seen_senders": len(self.seen.senders() | self.covered.senders()),
+            "memory": {"bytes": self.usage.bytes, "limit": self.config.limits.max_memory_bytes,
+                       "reserved": self.reserved, "full_replicas": sorted(self.full_replicas)},
+            "consistency": self.gate.stats(),
+            "peers": self.fence.report(self.ring.servers, self.node_id, now),
+            "serving": self.serving(now),
+        }
+
+    def log_clock(self) -> int | None:
+        """For log records: the slowest worker clock the consistency gate knows."""
+        return self.gate.policies[self.gate.default].clocks.min_clock()
+
+
+class _Copy:
+    """A range copy this server sends (``transfer``): answered to the scheduler when every
+    message of it was answered; failed when one is refused, or when one is not answered
+    within request_timeout of the one before (a copy may take as long as it needs while
+    it progresses)."""
+
+    def __init__(self, core: ServerCore, request: Message, r: Range, dst: str, count: int, now: float):
+        self.core, self.request, self.r, self.dst = core, request, r, dst
+        self.calls: list[Call] = []
+        self.left = count
+        self.deadline = now + core.config.request_timeout
+
+    def answered(self, call: Call, reply: Message | None, error: Exception | None, now: float) -> None:
+        if self not in self.core._copies:
+            return
+        if error is not None or reply.op == "error":
+            why = str(error) if error is not None else reply.meta.get("message")
+            self._end(BadRequestError(f"{self.dst} refused the copy of {self.r}: {why}"))
+            return
+        self.left -= 1
+        self.deadline = now + self.core.config.request_timeout
+        if self.left == 0:
+            log.info("%s copied %s to %s (%d table(s), %d message(s))", self.core.node_id, self.r, self.dst,
+                     len(self.core.tables), len(self.calls))
+            self._end(None)
+
+    def check(self, now: float) -> None:
+        if now >= self.deadline:
+            self._end(PsdTimeoutError(f"{self.dst} did not answer a message of the copy of {self.r} within "
+                                      f"{self.core.config.request_timeout} s"))
+
+    def _end(self, err: PsdError | None) -> None:
+        core = self.core
+        core._copies.discard(self)
+        for call in self.calls:
+            core.calls.forget(call)
+        if err is None:
+            core.outbox.append(Reply(None, self.request.reply(), LINK))
+        else:
+            core.outbox.append(Refuse(None, self.request, err, LINK))
+
+
+class _Cut:
+    """A checkpoint cut in progress: the gate calls ``snapshot`` once every worker passed
+    the cut; the file is written by the driver (``Write``) and answered when done."""
+
+    _tokens = 0
+
+    def __init__(self, core: ServerCore, request: Message, give_up_at: float):
+        self.core, self.request, self.give_up_at = core, request, give_up_at
+        _Cut._tokens += 1
+        self.token = _Cut._tokens
+        self.done = False
+
+    def snapshot(self) -> None:
+        core, m = self.core, self.request.meta
+        self.give_up_at = float("inf")  # taken: only the write is left
+        tables, keys = core._checkpoint_tables()
+        path = Path(m["folder"]) / f"{core.node_id}.psd"
+        node, ring, cut = core.node_id, core.ring.version, m["cut"]
+
+        def write(path=path) -> dict:
+            size = write_server_file(path, node, ring, cut, tables)
+            log.info("%s wrote checkpoint %s: %d keys, %d bytes (cut at clock %d)", node, path, keys, size, cut)
+            return {"file": path.name, "bytes": size, "keys": keys}
+
+        core.outbox.append(Write(self.token, str(path), write))
+
+    def written(self, result, error: Exception | None) -> None:
+        core = self.core
+        core._checkpoint = None
+        if error is None:
+            core.outbox.append(Reply(None, self.request.reply(meta=result), LINK))
+        else:  # reported to the scheduler, which fails the checkpoint
+            core.outbox.append(Refuse(None, self.request, error, LINK))
+
+    def time_out(self) -> None:
+        core, m = self.core, self.request.meta
+        core._checkpoint = None
+        core.gate.release_cut()
+        clocks = core.gate.policies[core.gate.default].clocks.clocks()
+        lagging = [w for w in m.get("workers", []) if w not in core.gate.left and clocks.get(w, 0) < m["cut"]]
+        core.outbox.append(Refuse(None, self.request, PsdTimeoutError(
+            f"{core.node_id}: worker(s) {', '.join(lagging)} did not reach clock {m['cut']} in time; a checkpoint "
+            f"cuts at a clock boundary, so every worker must call kv.clock() after its pushes"), LINK))

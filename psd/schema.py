@@ -1,0 +1,145 @@
+"""What a client and a server agree on before any message: table specs, namespaces, and
+the checks of a request's keys and values. The client, the scheduler and every server
+validate with the same code, so a bad table or request is refused the same way
+everywhere, before anything is sent or stored."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from psd.cluster.ranges import KEY_SPACE_END, as_keys
+from psd.errors import BadRequestError, KeysError, MessageTooLargeError, ValuesError
+from psd.store.updaters import make_updater
+
+DTYPE_NAMES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
+#: a table named ``NS/NAME`` is in namespace ``NS``; a name without it is in the default one
+NAMESPACE_SEP = "/"
+
+
+def namespace_of(name: str) -> str | None:
+    """The namespace of a table name (None: the default namespace)."""
+    ns, sep, _ = name.partition(NAMESPACE_SEP)
+    return ns if sep else None
+
+
+def qualified(namespace: str | None, name: str) -> str:
+    """``name`` in ``namespace`` (unchanged in the default namespace)."""
+    return f"{namespace}{NAMESPACE_SEP}{name}" if namespace else name
+
+
+def check_namespace(namespace) -> str:
+    if (not isinstance(namespace, str) or not namespace or NAMESPACE_SEP in namespace
+            or len(namespace) > 64):
+        raise BadRequestError(f"a namespace must be 1 to 64 characters without {NAMESPACE_SEP!r}, "
+                              f"got {namespace!r}")
+    return namespace
+
+
+#: pulls of fewer keys than this take the direct lookup (Table.pull)
+SMALL_PULL = 64
+#: bounds of a table's options (TableSpec.validate)
+MAX_OPTIONS = 16
+MAX_OPTION_TEXT = 64
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    width: int
+    dtype: str
+    updater: str = "sum"
+    options: dict = field(default_factory=dict)
+
+    def validate(self) -> "TableSpec":
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 200:
+            raise BadRequestError(f"table name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
+            raise BadRequestError(f"table {self.name!r}: width must be an integer >= 1, got {self.width!r}")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_NAMES:
+            raise BadRequestError(f"table {self.name!r}: dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
+        if not isinstance(self.options, dict):
+            raise BadRequestError(f"table {self.name!r}: options must be a map")
+        self._check_option_sizes()
+        make_updater(self.updater, self.np_dtype, self.options, self.width)  # raises on a bad name/option/width
+        consistency = self.options.get("consistency")
+        if consistency is not None and consistency not in ("sequential", "bounded", "eventual"):
+            raise BadRequestError(f"table {self.name!r}: consistency must be sequential, bounded or "
+                                  f"eventual, got {consistency!r}")
+        delay = self.options.get("max_delay")
+        if delay is not None and delay != "auto" and (not isinstance(delay, int) or isinstance(delay, bool)
+                                                      or delay < 0):
+            raise BadRequestError(f"table {self.name!r}: max_delay must be an integer >= 0 or 'auto', "
+                                  f"got {delay!r}")
+        return self
+
+    def _check_option_sizes(self) -> None:
+        """Options are a few named scalars: a spec is in every status reply and every
+        server's memory, so its size is bounded whatever the updater accepts."""
+        if len(self.options) > MAX_OPTIONS:
+            raise BadRequestError(f"table {self.name!r}: at most {MAX_OPTIONS} options, got {len(self.options)}")
+        for key, value in self.options.items():
+            if not isinstance(key, str) or not 0 < len(key) <= MAX_OPTION_TEXT:
+                raise BadRequestError(f"table {self.name!r}: option names must be strings of 1 to "
+                                      f"{MAX_OPTION_TEXT} characters, got {key!r:.80}")
+            if not (value is None or isinstance(value, (bool, int, float))
+                    or (isinstance(value, str) and len(value) <= MAX_OPTION_TEXT)):
+                raise BadRequestError(f"table {self.name!r}: option {key!r} must be a number, true/false or a "
+                                      f"string of at most {MAX_OPTION_TEXT} characters, got {type(value).__name__} "
+                                      f"{value!r:.80}")
+
+    @cached_property  # (asked on every request; a spec never changes)
+    def consistency_override(self) -> dict:
+        """The table's own consistency setting, if it has one."""
+        return {k: self.options[k] for k in ("consistency", "max_delay") if k in self.options}
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(DTYPE_NAMES[self.dtype])
+
+    def to_wire(self) -> dict:
+        return {"name": self.name, "width": self.width, "dtype": self.dtype,
+                "updater": self.updater, "options": self.options}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "TableSpec":
+        if not isinstance(d, dict):
+            raise BadRequestError("table spec must be a map")
+        try:
+            return cls(name=d["name"], width=d["width"], dtype=d["dtype"],
+                       updater=d.get("updater", "sum"), options=d.get("options") or {}).validate()
+        except KeyError as e:
+            raise BadRequestError(f"table spec is missing {e.args[0]!r}") from None
+
+
+
+def check_keys(keys, max_keys: int) -> np.ndarray:
+    keys = as_keys(keys)
+    if keys.size > max_keys:
+        raise MessageTooLargeError(f"{keys.size} keys in one request, limit is {max_keys}; split the request")
+    return keys
+
+
+def check_values(spec: TableSpec, values, n: int) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype != spec.np_dtype:
+        raise ValuesError(f"table {spec.name!r} holds {spec.dtype}, values are {values.dtype.name}; "
+                          f"convert with values.astype(np.{spec.dtype})")
+    if values.ndim == 1 and spec.width == 1:
+        values = values.reshape(-1, 1)
+    if values.shape != (n, spec.width):
+        raise ValuesError(f"table {spec.name!r}: values must have shape ({n}, {spec.width}), got {values.shape}")
+    return values
+
+
+def check_span(lo: int, count: int) -> None:
+    if not (isinstance(lo, (int, np.integer)) and isinstance(count, (int, np.integer))):
+        raise KeysError("a span needs integer lo and count")
+    lo, count = int(lo), int(count)  # np.uint64 sums wrap around instead of passing 2**64
+    if lo < 0 or count < 0 or lo + count > KEY_SPACE_END:
+        raise KeysError(f"span [{lo}, {lo + count}) is outside the key space [0, 2**64)")
+
+
+def too_large(size: int, limit: int) -> MessageTooLargeError:
+    return MessageTooLargeError(f"request is {size} bytes, over the cluster's max_message_bytes {limit}; "
+                                f"push fewer keys at a time")
