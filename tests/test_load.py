@@ -91,6 +91,8 @@ def test_liveness_does_not_count_the_observers_own_stall():
     assert live.tick(1.8) == []  # S1 silent for 0.35 s of the observer's running time
     assert [(n, new) for n, _, new in live.tick(2.0)] == [("S1", State.SUSPECT)]
     live.seen("S0", 2.2)
+    assert live.tick(2.3) == []  # the scheduler alone is no quorum: it may be the one cut off
+    live.report("S0", {"S1": 0.9}, 2.3)  # S0 has not heard from S1 either
     assert [(n, new) for n, _, new in live.tick(2.3)] == [("S1", State.DEAD)]
     assert live.live("server") == ["S0"]
     live.excuse(5.0)  # nothing brings back the dead

@@ -58,10 +58,10 @@ class Assignment:
             return self.owners[i]
         return ()
 
-    @property
-    def servers(self) -> list[str]:
-        """Every node that owns some range, sorted."""
-        return sorted({n for o in self.owners for n in o})
+    @cached_property
+    def servers(self) -> tuple[str, ...]:
+        """Every node that owns some range, sorted (computed once: asked on every request)."""
+        return tuple(sorted({n for o in self.owners for n in o}))
 
     def find(self, key: int) -> int:
         """Index of the range holding ``key``."""

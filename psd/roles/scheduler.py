@@ -289,6 +289,8 @@ class Scheduler:
             self.worker_clocks[msg.sender] = max(msg.clock, self.worker_clocks.get(msg.sender, 0))
         if role == "server" and stats is not None:
             self.stats[msg.sender] = stats
+            if "peers" in stats:  # its word on the other servers: the failure detector's evidence
+                self.liveness.report(msg.sender, stats["peers"], time.monotonic())
             self._tidy(msg.sender, stats.get("tables"))
         if metrics is not None:
             self.metrics_at[msg.sender] = metrics
