@@ -67,7 +67,7 @@ import psd
 import psd.errors
 from psd.client import admin
 from psd.codec import DTYPES, Limits, Message, decode, encode
-from psd.roles.scheduler import Scheduler
+from psd.core.scheduler import SchedulerCore
 from psd.store import TableSpec
 
 from conftest import RawDealer, daemon_keys, server_addresses
@@ -953,7 +953,7 @@ def test_a_malformed_range_copy_changes_nothing(raw_dealer):
 
 
 # -- the scheduler ---------------------------------------------------------------------------
-SCHEDULER_OPS = sorted(n[3:] for n in dir(Scheduler) if n.startswith("on_"))
+SCHEDULER_OPS = sorted(n[3:] for n in dir(SchedulerCore) if n.startswith("on_"))
 #: ops fuzzed on the scheduler: those that cannot change the cluster when their request is
 #: well formed as generated here (register, leave, drain, submit, create_table, drop ...
 #: are sent only with arguments that must be refused, see ``harmless``)

@@ -108,7 +108,7 @@ def test_structure(servers, vnodes, replication):
     a = consistent_hash(sorted(servers), 7, vnodes=vnodes, replication=replication)
     assert a.version == 7
     check_structure(a, servers, replication)
-    assert a.servers == sorted(servers)  # every server owns something at these sizes
+    assert a.servers == tuple(sorted(servers))  # every server owns something at these sizes
     if replication >= len(servers):
         assert all(set(o) == servers for o in a.owners)
 

@@ -466,11 +466,11 @@ def test_who_registered_a_node_survives_a_scheduler_restart(tmp_path):
     config = ClusterConfig(security="none", state_dir=str(tmp_path / "state"))
     first = Scheduler(config, curve=None)
     for node, role, by in (("S0", "server", "server"), ("W0", "worker", "client:alice")):
-        first.liveness.join(node, role, 0.0)
-        first.registered_by[node] = by
+        first.core.state.liveness.join(node, role, 0.0)
+        first.core.state.registered_by[node] = by
     first.save()
     again = Scheduler(config, curve=None)
-    assert again.resumed and again.registered_by == {"S0": "server", "W0": "client:alice"}
+    assert again.resumed and again.core.state.registered_by == {"S0": "server", "W0": "client:alice"}
 
 
 def test_without_security_every_op_stays_open():

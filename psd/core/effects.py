@@ -91,3 +91,36 @@ class Rejoin:
 
     previous: str
     ring: int
+
+
+@dataclass(slots=True)
+class Notify:
+    """Send ``msg`` to node ``node`` as a request whose answer nobody waits for (a ring
+    notice to a worker); the driver stops listening after a while."""
+
+    node: str
+    msg: Message
+
+
+@dataclass(slots=True)
+class Save:
+    """Persist the scheduler's durable state (``ClusterState.to_dict``) now."""
+
+    state: dict
+
+
+@dataclass(slots=True)
+class Run:
+    """Run ``fn()`` (file I/O a procedure needs) and report its result, or its exception,
+    as ``answered(token, result, error, now)``."""
+
+    token: int
+    what: str
+    fn: Any
+
+
+@dataclass(slots=True)
+class DropRoute:
+    """Forget how to reach ``node`` (a departed worker the scheduler no longer lists)."""
+
+    node: str

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
 from psd.codec import Message
-from psd.errors import PsdTimeoutError
+from psd.errors import PsdError, PsdTimeoutError, error_from_wire
 
 log = logging.getLogger("psd.scheduler")
 
@@ -32,15 +32,40 @@ Procedure = Generator[Any, Any, Any]
 @dataclass(slots=True)
 class Calls:
     """Ask ``asks`` ((node, message) pairs) and resume with their answers, in order; an
-    answer missing after ``timeout`` seconds is a PsdTimeoutError."""
+    answer missing after ``timeout`` seconds is a PsdTimeoutError, and so is one whose
+    node (or, with ``watch``, one of the nodes listed for that call) is declared gone."""
 
     asks: list[tuple[str, Message]]
     timeout: float
+    watch: list[tuple[str, ...]] | None = None
+
+
+def failure(answer) -> PsdError | None:
+    """The error an answer of ``Calls`` stands for (a refusal, a failure, a timeout), or
+    None for a plain reply."""
+    if isinstance(answer, PsdError):
+        return answer
+    if isinstance(answer, BaseException):
+        return PsdError(str(answer))
+    if isinstance(answer, Message) and answer.op == "error":
+        m = answer.meta
+        return error_from_wire(str(m.get("code", "remote")), str(m.get("message", "")), answer.sender or None,
+                               m.get("data") if isinstance(m.get("data"), dict) else None)
+    return None
 
 
 @dataclass(slots=True)
 class Sleep:
     seconds: float
+
+
+@dataclass(slots=True)
+class Do:
+    """Have the driver run ``fn()`` (file I/O: a manifest, a folder); resumed with its
+    result, or its exception thrown in."""
+
+    what: str
+    fn: Callable[[], Any]
 
 
 @dataclass(slots=True)
@@ -53,13 +78,15 @@ class Release:
     lock: str
 
 
-@dataclass
+@dataclass(eq=False)
 class _Running:
     gen: Procedure
     done: Callable[[Any, BaseException | None], None] | None
     tokens: dict[int, int] = field(default_factory=dict)  # token -> index in the answers
     answers: list = field(default_factory=list)
     nodes: list = field(default_factory=list)
+    watched: list = field(default_factory=list)  # per call: the nodes whose loss fails it
+    doing: int | None = None  # the token of a Do the driver is running
     deadline: float | None = None
     wake_at: float | None = None
 
@@ -69,8 +96,9 @@ class Runner:
     turns into an effect, carried out after the core's call returns: an answer never
     arrives from inside ``ask``); ``forget(node, token)`` when it is no longer awaited."""
 
-    def __init__(self, ask: Callable[[str, Message, int], None], forget: Callable[[str, int], None]):
-        self._ask, self._forget = ask, forget
+    def __init__(self, ask: Callable[[str, Message, int], None], forget: Callable[[str, int], None],
+                 do: Callable[[Do, int], None]):
+        self._ask, self._forget, self._do = ask, forget, do
         self._running: set[_Running] = set()
         self._by_token: dict[int, _Running] = {}
         self._tokens = itertools.count(1)
@@ -92,11 +120,29 @@ class Runner:
         run = self._by_token.pop(token, None)
         if run is None:
             return False
+        if run.doing == token:  # the driver ran a Do: its result (or error) resumes the procedure
+            run.doing = None
+            self._step(run, reply, error, now)
+            return True
         i = run.tokens.pop(token)
         run.answers[i] = error if error is not None else reply
         if not run.tokens:
             self._step(run, run.answers, None, now)
         return True
+
+    def node_gone(self, node: str, now: float) -> None:
+        """``node`` died or left: calls that depend on it fail now, not at their timeout."""
+        for run in list(self._running):
+            hit = [(t, i) for t, i in run.tokens.items() if node in run.watched[i]]
+            if not hit:
+                continue
+            for token, i in hit:
+                del run.tokens[token]
+                self._by_token.pop(token, None)
+                self._forget(run.nodes[i], token)
+                run.answers[i] = PsdTimeoutError(f"{node} is gone", node=node)
+            if not run.tokens:
+                self._step(run, run.answers, None, now)
 
     def tick(self, now: float) -> None:
         for run in list(self._running):
@@ -129,6 +175,7 @@ class Runner:
                     continue
                 run.answers = [None] * len(wait.asks)
                 run.nodes = [node for node, _ in wait.asks]
+                run.watched = [set(w) for w in wait.watch] if wait.watch else [{n} for n in run.nodes]
                 run.deadline = now + wait.timeout
                 for i, (node, msg) in enumerate(wait.asks):
                     token = next(self._tokens)
@@ -140,6 +187,12 @@ class Runner:
                 return
             if kind is Sleep:
                 run.wake_at = now + wait.seconds
+                return
+            if kind is Do:
+                token = next(self._tokens)
+                run.doing = token
+                self._by_token[token] = run
+                self._do(wait, token)
                 return
             if kind is Acquire:
                 if wait.lock not in self._holders:

@@ -1,0 +1,113 @@
+"""The scheduler's side of checkpoints: a consistent cut across all servers, and restore.
+
+A checkpoint is a vector-clock cut: it holds, on every server, exactly the pushes made
+at worker clocks below the cut c, whatever the consistency model. Two phases:
+
+1. *hold*: every server stops applying new pushes and reports the highest clock it
+   has seen a push for. c = 1 + the highest of those and of the workers' clocks, so no
+   push at a clock >= c has been applied anywhere.
+2. *cut c*: servers apply the held pushes below c, keep holding those at c or later,
+   and when every live worker has reached clock c (its earlier pushes have all arrived,
+   since clock messages follow pushes on each stream) write the ranges they lead.
+   Then the held pushes go ahead.
+
+The scheduler writes the manifest last; a checkpoint without one does not exist.
+Ring changes wait while a checkpoint runs (``RING_LOCK``), so each range is written by
+one primary. Procedures (``psd.core.procedures``); the manifest is written by the
+daemon (``WriteFile``), so nothing here touches a disk.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from psd.codec import Message
+from psd.core.cluster_state import ClusterState
+from psd.core.procedures import Acquire, Calls, Do, Release, failure
+from psd.core.ring_changes import RING_LOCK
+from psd.errors import BadRequestError
+from psd.store.checkpoint import checkpoint_dir, write_manifest
+
+log = logging.getLogger("psd.checkpoint")
+
+
+class Checkpoints:
+    def __init__(self, state: ClusterState, wall: Callable[[float], float],
+                 pending_restore: tuple[Path, dict] | None = None):
+        """``wall(now)``: the wall-clock time, for a manifest; ``pending_restore``: the
+        newest checkpoint found at start (folder, manifest), loaded after the first ring."""
+        self.state = state
+        cfg = state.config
+        self.root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        self._wall = wall
+        self.restored_from: str | None = None
+        self.last: dict | None = None
+        self.taken = self.failed = 0  # by this process, for /metrics
+        self.pending_restore = pending_restore
+        if pending_restore is not None:
+            state.next_checkpoint = max(state.next_checkpoint, int(pending_restore[1]["id"]) + 1)
+
+    def tables_to_restore(self) -> list[dict]:
+        return self.pending_restore[1]["tables"] if self.pending_restore else []
+
+    def take(self, now: float, timeout: float = 60.0):
+        """A procedure: the checkpoint, returning what ``status`` shows of it."""
+        s = self.state
+        if self.root is None:
+            raise BadRequestError("no checkpoint_dir is configured; set it in the cluster config")
+        yield Acquire(RING_LOCK)
+        try:
+            servers, workers = s.live("server"), s.live("worker")
+            ckpt_id = s.next_checkpoint
+            s.next_checkpoint += 1
+            folder = checkpoint_dir(self.root, ckpt_id)
+            try:
+                yield Do(f"mkdir {folder}", lambda: folder.mkdir(parents=True, exist_ok=True))
+                held = yield from _all(servers, lambda: Message("ckpt_hold"), s.config.request_timeout)
+                cut = 1 + max([r.meta["max_push_clock"] for r in held] +
+                              [s.worker_clocks.get(w, 0) - 1 for w in workers] + [-1])
+                done = yield from _all(servers, lambda: Message("ckpt_cut", meta={
+                    "cut": cut, "workers": workers, "folder": str(folder), "timeout": timeout}), timeout + 5)
+            except BaseException:
+                self.failed += 1
+                yield from _all(servers, lambda: Message("ckpt_release"), s.config.request_timeout, raise_errors=False)
+                raise
+            manifest = {
+                "id": ckpt_id, "cut": cut, "time": self._wall(now), "ring": s.ring.to_wire(),
+                "tables": [t.to_wire() for t in s.tables.values()],
+                "files": [r.meta["file"] for r in done],
+                "keys": sum(r.meta["keys"] for r in done), "bytes": sum(r.meta["bytes"] for r in done),
+                "consistency": s.config.consistency,
+            }
+            yield Do(f"manifest of {folder}", lambda: write_manifest(self.root, ckpt_id, manifest))
+            self.taken += 1
+            self.last = {k: manifest[k] for k in ("id", "cut", "time", "keys", "bytes")} | {"folder": str(folder)}
+            log.info("checkpoint %d written to %s: cut at clock %d, %d keys", ckpt_id, folder, cut, manifest["keys"])
+            return self.last
+        finally:
+            yield Release(RING_LOCK)
+
+    def restore_if_pending(self):
+        """A procedure, after the first ring: the servers load the newest checkpoint (once)."""
+        if self.pending_restore is None:
+            return
+        folder, manifest = self.pending_restore
+        self.pending_restore = None
+        results = yield from _all(self.state.live("server"), lambda: Message(
+            "restore", meta={"folder": str(folder), "files": manifest["files"]}), self.state.config.request_timeout)
+        self.restored_from = str(folder)
+        log.info("restored checkpoint %s (%d keys loaded)", folder, sum(r.meta["keys"] for r in results))
+
+    def status(self) -> dict:
+        return {"dir": str(self.root) if self.root else None, "last": self.last,
+                "restored_from": self.restored_from}
+
+
+def _all(servers: list[str], make, timeout: float, raise_errors: bool = True):
+    """Ask every server; raise the first error (a refusal, a failure, a timeout)."""
+    results = yield Calls([(n, make()) for n in servers], timeout=timeout)
+    errors = [e for e in map(failure, results) if e is not None]
+    if errors and raise_errors:
+        raise errors[0]
+    return results
