@@ -166,6 +166,12 @@ class LocalCluster:
             self.close()
             raise
 
+    @classmethod
+    def for_job(cls, job) -> "LocalCluster":
+        """A cluster as a job file asks for it (a ``psd.jobs.spec.JobSpec``: its
+        ``servers`` and ``cluster`` settings), for ``psd run``."""
+        return cls(servers=job.servers, **job.cluster)
+
     # -- start-up --------------------------------------------------------------
     def _write_config(self) -> Path:
         if self.config.state_dir is None:  # so restart_scheduler() resumes the cluster
@@ -245,6 +251,14 @@ class LocalCluster:
             live = sum(1 for c in self.servers if c.proc.poll() is None)
             self.wait_for_ring(live)
         return child
+
+    def add_worker(self, name: str | None = None, one_job: bool = False, args: Sequence[str] = ()) -> Child:
+        """Start a worker daemon, cleaned up with the cluster; it runs the shards of
+        submitted jobs (``one_job``: it exits once the first job it took part in has
+        ended). ``args``: more flags for it alone."""
+        argv = daemon_argv("worker", "--config", str(self.config_path), "--scheduler", self.scheduler,
+                           *(["--one-job"] if one_job else []), *args)
+        return self.spawn(name or f"worker{len(self.others)}", argv)
 
     def spawn(self, name: str, argv: list[str]) -> Child:
         """Start another child (a worker daemon) that is cleaned up with the cluster."""

@@ -16,7 +16,7 @@ from psd.apps import APPS, load_app
 from psd.apps import logreg_sgd
 from psd.apps.datasets import SparseDataset, make_sparse_logreg, shard
 from psd.apps.metrics import auc, log_loss
-from psd.apps.plots import plot_curves
+from psd.jobs.plots import plot_curves
 from psd.errors import ConfigError
 
 

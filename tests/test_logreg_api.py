@@ -1,4 +1,4 @@
-"""``psd.apps.logreg.fit``: the L1 logistic regression app on numpy / scipy.sparse arrays
+"""``psd.estimators.fit_logreg``: the L1 logistic regression app on numpy / scipy.sparse arrays
 from Python, through the same path as ``psd run`` (a local cluster, worker daemons, the
 job's ``data.npz`` input), and the ``.npz`` input a job file can name itself.
 
@@ -17,9 +17,10 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 
 import psd
-from psd.apps import logreg
+from psd.apps import APPS, logreg
 from psd.apps.datasets import make_sparse_logreg
 from psd.apps.datasets.arrays import check_npz, from_arrays, load_npz, write_npz
+from psd.estimators import fit_logreg
 from psd.jobs.spec import parse_job
 
 L1 = 1e-3
@@ -52,7 +53,7 @@ def problem():
 # -- end to end ---------------------------------------------------------------------------
 def test_fit_sparse_matches_sklearn(problem):
     X, y, Xt, yt = problem
-    result = logreg.fit(X.tocsc(), 2 * y - 1, servers=2, workers=2, l1=L1, blocks=8, passes=12,
+    result = fit_logreg(X.tocsc(), 2 * y - 1, servers=2, workers=2, l1=L1, blocks=8, passes=12,
                         X_test=Xt, y_test=yt)  # any sparse format, -1/+1 labels
     ours = score(X, y, result.coef, L1)
     theirs = sklearn_objective(X, y, L1)
@@ -73,7 +74,7 @@ def test_fit_dense_numpy_keeps_its_outputs(tmp_path):
     train, _, _ = make_sparse_logreg(1500, 60, 8, seed=7, test_fraction=0.0)
     X = as_matrix(train, 60).toarray()
     y = train.labels.astype(bool)
-    result = logreg.fit(X, y, servers=1, workers=1, l1=L1, blocks=4, passes=15, output=tmp_path / "fit",
+    result = fit_logreg(X, y, servers=1, workers=1, l1=L1, blocks=4, passes=15, output=tmp_path / "fit",
                         consistency="sequential")
     ours = score(X, y, result.coef, L1)
     theirs = sklearn_objective(X, y, L1)
@@ -104,16 +105,16 @@ def _float_indices():
     (np.array([["1", "0"]]), [1], {}, psd.BadRequestError, "X: expected numeric values"),
     (np.ones(3), [0, 1, 0], {}, psd.BadRequestError, "X: expected a 2-d array"),
     (np.array([[np.nan, 1.0]]), [1], {}, psd.BadRequestError, "NaN or infinite"),
-    (np.eye(3), [0, 1, 0], {"bloks": 4}, psd.BadRequestError, "fit(): unknown option 'bloks'"),
+    (np.eye(3), [0, 1, 0], {"bloks": 4}, psd.BadRequestError, "fit_logreg(): unknown option 'bloks'"),
     (np.eye(3), [0, 1, 0], {"X_test": np.eye(3)}, psd.BadRequestError, "give both or neither"),
     (np.eye(3), [0, 1, 0], {"X_test": np.eye(2), "y_test": [0, 1]}, psd.BadRequestError,
      "X_test has 2 columns but X has 3"),
-    (np.eye(3), [0, 1, 0], {"blocks": 0}, psd.ConfigError, "logreg.fit: train.blocks: expected an integer"),
-    (np.eye(3), [0, 1, 0], {"l1": -1.0}, psd.ConfigError, "logreg.fit: train.l1: expected a number >= 0"),
+    (np.eye(3), [0, 1, 0], {"blocks": 0}, psd.ConfigError, "fit_logreg: train.blocks: expected an integer"),
+    (np.eye(3), [0, 1, 0], {"l1": -1.0}, psd.ConfigError, "fit_logreg: train.l1: expected a number >= 0"),
 ])
 def test_bad_input_raises_a_named_error(X, y, kwargs, error, needle):
     with pytest.raises(error) as info:
-        logreg.fit(X, y, **kwargs)
+        fit_logreg(X, y, **kwargs)
     assert isinstance(info.value, psd.PsdError)
     assert needle in str(info.value), str(info.value)
 
@@ -125,7 +126,7 @@ def npz_job(path, **data) -> dict:
 
 def test_npz_job_validates(tmp_path):
     good = write_npz(tmp_path / "good.npz", from_arrays(np.eye(4), [0, 1, 1, 0]))
-    assert parse_job(npz_job(good), "job.yaml").spec["data"]["npz"] == str(good)
+    assert parse_job(npz_job(good), "job.yaml", APPS).spec["data"]["npz"] == str(good)
 
     np.savez(tmp_path / "floats.npz", indptr=np.array([0, 1]), indices=np.array([0.0]), values=np.ones(1),
              labels=np.ones(1))
@@ -147,7 +148,7 @@ def test_npz_job_validates(tmp_path):
     ]
     for job, needle in cases:
         with pytest.raises(psd.ConfigError) as info:
-            parse_job(job, "job.yaml")
+            parse_job(job, "job.yaml", APPS)
         lines = str(info.value).splitlines()
         assert len(lines) == 1 and lines[0].startswith("job.yaml: data.") and needle in lines[0], (needle, lines)
 

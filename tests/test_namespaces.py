@@ -14,6 +14,7 @@ import pytest
 import psd
 from psd.client import admin
 from psd.errors import ConfigError
+from psd.apps import APPS
 from psd.jobs.spec import parse_job
 from psd.local import daemon_argv
 from conftest import wait_for
@@ -130,10 +131,10 @@ def test_the_job_book_keeps_the_choice():
 
 
 def test_keep_tables_is_checked(cluster):
-    assert parse_job(job("k", 1), "job.yaml").keep_tables is False
-    assert parse_job(job("k", 1, keep_tables=True), "job.yaml").keep_tables is True
+    assert parse_job(job("k", 1), "job.yaml", APPS).keep_tables is False
+    assert parse_job(job("k", 1, keep_tables=True), "job.yaml", APPS).keep_tables is True
     with pytest.raises(ConfigError) as e:
-        parse_job(job("k", 1, keep_tables="yes"), "job.yaml")
+        parse_job(job("k", 1, keep_tables="yes"), "job.yaml", APPS)
     assert str(e.value) == ("job.yaml: keep_tables: expected true (keep the job's tables when it ends) "
                             "or false (drop them, the default), got 'yes'")
     with pytest.raises(psd.BadRequestError, match="keep_tables"):

@@ -59,7 +59,7 @@ from psd.apps.datasets.libsvm import CHUNK_ROWS, concat, expand_files, load_shar
 from psd.apps.metrics import auc, log_loss
 from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check_sparse_logreg, is_bool,
                               is_finite_num, is_int, merge_defaults)
-from psd.errors import ConfigError
+from psd.errors import BadRequestError, ConfigError
 
 SOLVERS = ("prox", "ftrl", "adagrad")
 #: train.learning_rate when the job does not set it: prox's eta, adagrad's lr, ftrl's alpha
@@ -81,7 +81,7 @@ DEFAULTS: dict = {
         "test_files": None,
         "hash_features": False,
         "chunk_rows": CHUNK_ROWS,
-        # ... or arrays in an .npz file (what fit() writes)
+        # ... or arrays in an .npz file (what fit_job() writes)
         "npz": None,
         "test_npz": None,
     },
@@ -652,7 +652,7 @@ async def run(kv, ctx) -> dict:
 
 
 # -- the Python API: train on in-memory arrays ------------------------------------------------
-#: fit() options that go to the top level of the job (the rest of **options are train keys)
+#: fit_job() options that go to the top level of the job (the rest of **options are train keys)
 FIT_JOB_KEYS = ("name", "consistency", "max_delay", "cluster", "timeout")
 
 
@@ -673,7 +673,8 @@ def load_model(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class FitResult:
-    """What :func:`fit` learned: ``coef[j]`` is the weight of column ``j`` of ``X``."""
+    """What ``psd.estimators.fit_logreg`` learned: ``coef[j]`` is the weight of column
+    ``j`` of ``X``."""
 
     coef: np.ndarray                      # float64, one per column of X
     summary: dict                         # as summary.json: objective, nnz_weights, train_logloss, ...
@@ -710,33 +711,21 @@ def _columns(X) -> int:
     return int(X.shape[1] if hasattr(X, "shape") else np.asarray(X).shape[1])
 
 
-def fit(X, y, *, servers: int = 2, workers: int = 2, l1: float = 1e-4, l2: float = 0.0,
-        output: str | Path | None = None, X_test=None, y_test=None, verbose: bool = False,
-        **options) -> FitResult:
-    """Train this app on in-memory data and return the weights: ``psd run`` from Python.
+def fit_job(X, y, folder: Path, *, servers: int = 2, workers: int = 2, l1: float = 1e-4, l2: float = 0.0,
+            X_test=None, y_test=None, caller: str = "fit_job", **options) -> dict:
+    """The job that trains this app on in-memory data (``psd.estimators.fit_logreg``
+    runs it): the arrays checked and written to ``folder/data`` as compressed ``.npz``
+    (``data.npz`` in the job), the model saved to ``folder/model`` (earlier parts there
+    removed), the outputs in ``folder``.
 
     ``X``: a scipy.sparse matrix (any format) or a dense 2-d numpy array, one row per
-    example; ``y``: its labels, 0/1 or -1/+1. The column index is the feature's key. The
-    arrays are written as a compressed ``.npz`` (``data.npz`` in the job), and the job
-    runs on a fresh local cluster of ``servers`` server and ``workers`` worker daemons
-    exactly as ``psd run`` runs a job file; the workers save their weights and they are
-    merged into ``FitResult.coef``. ``options``: the job's ``consistency``,
-    ``max_delay`` (default ``bounded`` with 1, as the shipped job), ``cluster``,
-    ``timeout``, ``name``, and any ``train`` key (``solver``, ``passes``, ``blocks``,
-    ``learning_rate``, ...). ``output``: a folder that keeps the arrays, the model
-    parts, metrics.jsonl, summary.json and the plots; by default a temporary folder,
-    deleted at the end (and no plots are drawn). ``X_test``/``y_test``: optional test data (test log-loss and AUC
-    in the metrics). ``verbose``: show the progress bar and summary table.
-
-    Bad arrays raise ``psd.BadRequestError``, bad options ``psd.ConfigError`` (both
-    naming the problem); a job that fails raises ``psd.PsdError`` with its error.
+    example; ``y``: its labels, 0/1 or -1/+1. The column index is the feature's key.
+    ``options``: the job's ``consistency``, ``max_delay`` (default ``bounded`` with 1,
+    as the shipped job), ``cluster``, ``timeout``, ``name``, and any ``train`` key
+    (``solver``, ``passes``, ``blocks``, ``learning_rate``, ...). ``X_test``/``y_test``:
+    optional test data (test log-loss and AUC in the metrics). Bad arrays or an unknown
+    option raise ``psd.BadRequestError`` naming ``caller``, before anything is written.
     """
-    import shutil
-    import tempfile
-
-    from psd.errors import BadRequestError, PsdError, PsdTimeoutError
-    from psd.jobs.runner import run_spec
-
     data = from_arrays(X, y)
     n_features = _columns(X)
     if (X_test is None) != (y_test is None):
@@ -756,38 +745,29 @@ def fit(X, y, *, servers: int = 2, workers: int = 2, l1: float = 1e-4, l2: float
         elif key in _CHECKS["train"]:
             train[key] = value
         else:
-            raise BadRequestError(f"fit(): unknown option {key!r}; expected one of "
+            raise BadRequestError(f"{caller}(): unknown option {key!r}; expected one of "
                                   f"{', '.join(FIT_JOB_KEYS + tuple(_CHECKS['train']))}")
     if job["consistency"] == "bounded":
         job.setdefault("max_delay", 1)
     job["train"] = train
+    job["data"] = {"npz": str(write_npz(folder / "data" / "train.npz", data))}
+    if test is not None:
+        job["data"]["test_npz"] = str(write_npz(folder / "data" / "test.npz", test))
+    model = folder / "model"
+    if model.is_dir():  # parts of an earlier run (with more workers, say) must not mix in
+        for old in model.glob("part-*.npz"):
+            old.unlink()
+    job["model"] = {"save": str(model)}
+    job["output"] = str(folder)
+    return job
 
-    tmp = None
-    if output is None:
-        tmp = tempfile.mkdtemp(prefix="psd-logreg-fit-")
-        folder = Path(tmp)
-    else:
-        folder = Path(output).expanduser().resolve()
-    try:
-        job["data"] = {"npz": str(write_npz(folder / "data" / "train.npz", data))}
-        if test is not None:
-            job["data"]["test_npz"] = str(write_npz(folder / "data" / "test.npz", test))
-        model = folder / "model"
-        if model.is_dir():  # parts of an earlier run (with more workers, say) must not mix in
-            for old in model.glob("part-*.npz"):
-                old.unlink()
-        job["model"] = {"save": str(model)}
-        job["output"] = str(folder)
-        run = run_spec(job, source="logreg.fit", output=folder, quiet=not verbose, echo=verbose,
-                       plots=tmp is None)
-        if run.state != "done":
-            cls = PsdTimeoutError if run.state == "timed out" else PsdError
-            raise cls(f"logreg.fit: job {run.job_id} {run.state}: {run.error or 'see the worker logs'}")
-        keys, w = load_model(model)
-        coef = np.zeros(n_features)
-        coef[keys.astype(np.int64)] = w
-        return FitResult(coef=coef, summary=run.summary, metrics=run.metrics,
-                         output=None if tmp else folder, job_id=run.job_id, seconds=run.seconds)
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+def fit_result(X, job: dict, run, output: Path | None) -> FitResult:
+    """What the finished :func:`fit_job` ``job`` on ``X`` learned: the weights its
+    workers saved, one per column of ``X``. ``run``: the job's ``psd.jobs.runner.JobRun``;
+    ``output``: the folder the result names (None when it was temporary)."""
+    keys, w = load_model(job["model"]["save"])
+    coef = np.zeros(_columns(X))
+    coef[keys.astype(np.int64)] = w
+    return FitResult(coef=coef, summary=run.summary, metrics=run.metrics, output=output, job_id=run.job_id,
+                     seconds=run.seconds)

@@ -209,9 +209,14 @@ def _run_role(args, env: dict[str, str]) -> int:
             "read and change every table; use it only on a trusted test network", args.command)
     notify = Notifier.from_env(env)
     if args.command == "scheduler":
+        from functools import partial
+
+        from psd.apps import APPS
+        from psd.jobs.spec import check_submitted
         from psd.roles.scheduler import Scheduler
         # --bind names the scheduler's own address; otherwise it binds the configured one
-        role = Scheduler(config, bind=config.bind if args.bind else config.scheduler, curve=curve)
+        role = Scheduler(config, bind=config.bind if args.bind else config.scheduler, curve=curve,
+                         check_job=partial(check_submitted, apps=APPS))
         hint = ""
     else:
         hint = f"is the scheduler at {config.scheduler} running and reachable?"
@@ -274,13 +279,16 @@ def _dispatch(args, env: dict[str, str]) -> int:
               f"{info['keys']} keys, {info['bytes']} bytes")
         return 0
     if args.command == "submit":
+        from psd.apps import APPS
         from psd.jobs.runner import submit_job
         config = _config(args, env)
-        return submit_job(args.job, config.scheduler, output=args.output, follow=args.follow, quiet=args.quiet,
-                          config=config)
+        return submit_job(args.job, config.scheduler, APPS, output=args.output, follow=args.follow,
+                          quiet=args.quiet, config=config)
     if args.command == "keygen":
         return _keygen(args)
     if args.command == "run":
+        from psd.apps import APPS
         from psd.jobs.runner import run_job
-        return run_job(args.job, output=args.output, quiet=args.quiet)
+        from psd.local import LocalCluster
+        return run_job(args.job, APPS, LocalCluster.for_job, output=args.output, quiet=args.quiet)
     raise AssertionError(args.command)

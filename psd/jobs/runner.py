@@ -1,28 +1,39 @@
-"""``psd run JOB.yaml``: a local cluster, the job's worker daemons, progress, results.
+"""Running a job and following it to the end: the core of ``psd run`` and ``psd submit``.
 
-It takes the same path as a job on a real cluster: the job is submitted to the
-scheduler and worker daemons ask for it, so the embedded default exercises the
-production code. :func:`run_spec` runs a job given as a dict the same way (the Python
-API, e.g. ``psd.apps.logreg.fit``) and returns what it produced.
+A job takes the same path here as on a real cluster: it is submitted to the scheduler
+and worker daemons ask for it, so the embedded default exercises the production code.
+The caller chooses the apps (an :class:`~psd.jobs.registry.AppRegistry`, e.g.
+``psd.apps.APPS``) and, for :func:`run_job` and :func:`run_parsed`, how a cluster is
+started for the job (e.g. ``psd.local.LocalCluster.for_job``): this module imports
+neither an app nor the local cluster.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from psd.client import admin
-from psd.jobs.spec import JobSpec, load_job, parse_job
-from psd.local import LocalCluster, daemon_argv
+from psd.jobs.plots import plot_curves
+from psd.jobs.registry import AppRegistry
+from psd.jobs.spec import JobSpec, load_job
 
 POLL = 0.2
+
+#: starts a cluster for a job and stops it on exit: ``start(job)`` is a context manager
+#: whose value has ``scheduler`` (its address) and ``add_worker(name, one_job=True)``
+#: (a worker daemon process with ``name``, ``proc`` and ``log_tail()``), as
+#: ``psd.local.LocalCluster.for_job`` does
+StartCluster = Callable[[JobSpec], AbstractContextManager]
 
 
 @dataclass
 class JobRun:
-    """What a job run through :func:`run_spec` produced (also written to ``output``)."""
+    """What a job run through :func:`run_parsed` produced (also written to ``output``)."""
 
     job: JobSpec
     job_id: str
@@ -38,48 +49,45 @@ class JobRun:
         return 0 if self.state == "done" else 1
 
 
-def run_job(path: str, output: str | None = None, quiet: bool = False) -> int:
-    return _run_local(load_job(path), output, quiet, echo=True).exit_code
+def run_job(path: str, apps: AppRegistry, start: StartCluster, output: str | None = None,
+            quiet: bool = False) -> int:
+    """``psd run``: the job file at ``path`` (its app found in ``apps``) on a cluster
+    ``start`` starts for it; progress, outputs and the summary table as the CLI shows
+    them. Returns the exit code."""
+    return run_parsed(load_job(path, apps), apps, start, output, quiet, echo=True).exit_code
 
 
-def run_spec(spec: dict, source: str = "<python>", output: str | Path | None = None, quiet: bool = True,
-             echo: bool = False, plots: bool = True) -> JobRun:
-    """Run the job ``spec`` (a job file's contents as a dict) on a local cluster, as
-    ``psd run`` does: checked by :func:`psd.jobs.spec.parse_job` (problems raise
-    ``ConfigError`` naming ``source``), then submitted to the scheduler of a fresh
-    local cluster and run by its worker daemons. ``quiet`` hides the progress bar,
-    ``echo`` prints the start line and the summary table as ``psd run`` does. The job's
-    outputs are written to ``output`` (default: the spec's ``output``); ``plots=False``
-    skips the PNGs. A job that fails is not an exception here: look at ``state`` and
-    ``error``."""
-    return _run_local(parse_job(spec, source), None if output is None else str(output), quiet, echo, plots)
-
-
-def _run_local(job: JobSpec, output: str | None, quiet: bool, echo: bool, plots: bool = True) -> JobRun:
+def run_parsed(job: JobSpec, apps: AppRegistry, start: StartCluster, output: str | Path | None = None,
+               quiet: bool = True, echo: bool = False, plots: bool = True) -> JobRun:
+    """Run the checked ``job`` on a fresh cluster from ``start``: submitted to its
+    scheduler and run by ``job.workers`` worker daemons started for it. ``quiet`` hides
+    the progress bar, ``echo`` prints the start line and the summary table as ``psd run``
+    does. The outputs are written to ``output`` (default: the job's ``output``);
+    ``plots=False`` skips the PNGs. A job that fails is not an exception here: look at
+    ``state`` and ``error``."""
     out = Path(output or job.output)
     out.mkdir(parents=True, exist_ok=True)
     if echo:
         print(f"psd run: job {job.name!r} ({job.app}) on {job.servers} server(s) and {job.workers} "
               f"worker(s); output in {out}/", file=sys.stderr)
     started = time.monotonic()
-    with LocalCluster(servers=job.servers, **job.cluster) as cluster:
+    with start(job) as cluster:
         job_id = admin.call(cluster.scheduler, "submit", job=_submitted(job), workers=job.workers)["job"]
-        workers = [cluster.spawn(f"worker{i}", daemon_argv(
-            "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
-            for i in range(job.workers)]
+        workers = [cluster.add_worker(f"worker{i}", one_job=True) for i in range(job.workers)]
         state = _follow(cluster.scheduler, job, job_id, workers, out, quiet)
     elapsed = time.monotonic() - started
-    summary = _complete(job, job_id, state, out, elapsed, echo, plots)
+    summary = _complete(job, apps, job_id, state, out, elapsed, echo, plots)
     return JobRun(job=job, job_id=job_id, state=state["state"], error=state.get("error"), summary=summary,
                   metrics=state["metrics_all"], output=out, seconds=elapsed)
 
 
-def submit_job(path: str, scheduler: str, output: str | None = None, follow: bool = False,
+def submit_job(path: str, scheduler: str, apps: AppRegistry, output: str | None = None, follow: bool = False,
                quiet: bool = False, config=None) -> int:
     """``psd submit``: hand a job to a running cluster; its worker daemons take the shards.
-    With ``follow``, show progress and write the outputs as ``psd run`` does. ``config``
+    With ``follow``, show progress and write the outputs as ``psd run`` does. ``apps``:
+    where the job's app is found (to check the file and draw its plots here); ``config``
     (a ClusterConfig): where the keys are (``keys``, ``security``)."""
-    job = load_job(path)
+    job = load_job(path, apps)
     job_id = admin.call(scheduler, "submit", config=config, job=_submitted(job), workers=job.workers)["job"]
     print(f"psd submit: job {job_id} ({job.app}, {job.workers} shard(s)) submitted to {scheduler}")
     if not follow:
@@ -89,7 +97,7 @@ def submit_job(path: str, scheduler: str, output: str | None = None, follow: boo
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     state = _follow(scheduler, job, job_id, [], out, quiet, config)
-    return _finish(job, job_id, state, out, time.monotonic() - started)
+    return _finish(job, apps, job_id, state, out, time.monotonic() - started)
 
 
 def _submitted(job: JobSpec) -> dict:
@@ -98,16 +106,16 @@ def _submitted(job: JobSpec) -> dict:
     return {**job.spec, "name": job.name}
 
 
-def _finish(job: JobSpec, job_id: str, state: dict, out: Path, elapsed: float) -> int:
-    _complete(job, job_id, state, out, elapsed, echo=True)
+def _finish(job: JobSpec, apps: AppRegistry, job_id: str, state: dict, out: Path, elapsed: float) -> int:
+    _complete(job, apps, job_id, state, out, elapsed, echo=True)
     return 0 if state["state"] == "done" else 1
 
 
-def _complete(job: JobSpec, job_id: str, state: dict, out: Path, elapsed: float, echo: bool,
+def _complete(job: JobSpec, apps: AppRegistry, job_id: str, state: dict, out: Path, elapsed: float, echo: bool,
               plots: bool = True) -> dict:
     """Plots, summary.json and (with ``echo``) the summary table and any failure line."""
     if plots:
-        _plot(job, state["metrics_all"], out)
+        _plot(job, apps, state["metrics_all"], out)
     summary = _summarize(job, state, out, elapsed, echo)
     if echo and state["state"] != "done":
         print(f"psd: job {job_id} {state['state']}: {state.get('error') or 'see the logs above'}",
@@ -162,11 +170,8 @@ def _postfix(record: dict) -> str:
     return " ".join(f"{k}={record[k]:.4g}" for k in keys[:3])
 
 
-def _plot(job: JobSpec, metrics: list[dict], out: Path) -> None:
-    from psd.apps import load_app
-    from psd.apps.plots import plot_curves
-
-    for p in getattr(load_app(job.app), "PLOTS", []):
+def _plot(job: JobSpec, apps: AppRegistry, metrics: list[dict], out: Path) -> None:
+    for p in getattr(apps.load(job.app), "PLOTS", []):
         style = {k: p[k] for k in ("kind", "xscale", "yscale") if k in p}
         plot_curves(metrics, p["x"], p["ys"], out / p["file"], p.get("title", job.name), **style)
 

@@ -3,11 +3,13 @@ together with the file, the key and what was expected."""
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from psd.config import config_from_dict, load_yaml
 from psd.errors import ConfigError, describe
+from psd.jobs.registry import AppRegistry
 
 #: top-level keys every job may have; the app checks its own sections (data, train, ...)
 COMMON_KEYS = {"name", "app", "servers", "workers", "output", "cluster", "timeout",
@@ -52,20 +54,20 @@ def _positive_int(spec: dict, key: str, default: int, source: str, problems: lis
     return value if check_count(value, f"{source}: {key}", problems) else default
 
 
-def _top_level(data: dict, source: str, problems: list[str]) -> dict:
+def _top_level(data: dict, source: str, problems: list[str], apps: Collection[str]) -> dict:
     """The keys every job has, checked without the app's code or the job's data files:
-    what :func:`parse_job` and the scheduler's ``submit`` (:func:`check_submitted`) share."""
-    from psd.apps import APPS
-
+    what :func:`parse_job` and the scheduler's ``submit`` (:func:`check_submitted`) share.
+    ``apps``: the known app names."""
+    known = ", ".join(sorted(apps))
     for key in data:
         if key not in COMMON_KEYS | APP_SECTIONS:
             problems.append(f"{source}: unknown key {describe(key)}; known keys: "
                             f"{', '.join(sorted(COMMON_KEYS | APP_SECTIONS))}")
     app = data.get("app")
     if app is None:
-        problems.append(f"{source}: app: missing; expected one of {', '.join(sorted(APPS))}")
-    elif not isinstance(app, str) or app not in APPS:
-        problems.append(f"{source}: app: unknown app {describe(app)}; expected one of {', '.join(sorted(APPS))}")
+        problems.append(f"{source}: app: missing; expected one of {known}")
+    elif not isinstance(app, str) or app not in apps:
+        problems.append(f"{source}: app: unknown app {describe(app)}; expected one of {known}")
     servers = _positive_int(data, "servers", 1, source, problems)
     workers = _positive_int(data, "workers", 1, source, problems)
     name = data.get("name", Path(source).stem)
@@ -87,28 +89,30 @@ def _top_level(data: dict, source: str, problems: list[str]) -> dict:
             "keep_tables": keep_tables, "timeout": timeout}
 
 
-def check_submitted(job, workers, source: str = "submit") -> list[str]:
+def check_submitted(job, workers, source: str = "submit", *, apps: Collection[str]) -> list[str]:
     """The problems of a job handed to the scheduler (``submit``: ``meta.job``, the
     job file's map, and ``meta.workers``), each naming the field: the top-level keys as
-    :func:`parse_job` checks them. Not the app's own sections, which need the job's data
-    files: the workers check those when they run it."""
+    :func:`parse_job` checks them, ``app`` against the names in ``apps``. Not the app's
+    own sections, which need the job's data files: the workers check those when they run
+    it. ``psd scheduler`` hands it to the scheduler with ``apps`` bound."""
     problems: list[str] = []
     check_count(workers, f"{source}: meta.workers", problems)
     if not isinstance(job, dict):
         problems.append(f"{source}: meta.job: expected a map (a job file's contents), got {describe(job)}")
     else:
-        _top_level(job, f"{source}: meta.job", problems)
+        _top_level(job, f"{source}: meta.job", problems, apps)
     return problems
 
 
-def parse_job(data, source: str) -> JobSpec:
-    from psd.apps import APPS, load_app
-
+def parse_job(data, source: str, apps: AppRegistry) -> JobSpec:
+    """The job file's map ``data`` (read from ``source``) checked whole: the keys every
+    job has, the cluster settings, and the app's own sections by the app found in
+    ``apps``. Every problem is raised together in one ``ConfigError``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a map at the top level (app:, data:, ...), "
                           f"got {type(data).__name__}")
     problems: list[str] = []
-    top = _top_level(data, source, problems)
+    top = _top_level(data, source, problems, apps)
     app, servers, workers, name, output, keep_tables, timeout = (
         top[k] for k in ("app", "servers", "workers", "name", "output", "keep_tables", "timeout"))
     cluster = data.get("cluster", {}) or {}
@@ -124,13 +128,13 @@ def parse_job(data, source: str) -> JobSpec:
             config_from_dict(cluster, f"{source}: cluster")
         except ConfigError as e:
             problems.extend(str(e).splitlines())
-    if isinstance(app, str) and app in APPS:
-        problems.extend(load_app(app).validate(data, source))
+    if isinstance(app, str) and app in apps:
+        problems.extend(apps.load(app).validate(data, source))
     if problems:
         raise ConfigError("\n".join(problems))
     return JobSpec(source=source, spec=data, name=name, app=app, servers=servers, workers=workers,
                    output=output, cluster=cluster, timeout=float(timeout), keep_tables=keep_tables)
 
 
-def load_job(path: str | Path) -> JobSpec:
-    return parse_job(load_yaml(path), str(path))
+def load_job(path: str | Path, apps: AppRegistry) -> JobSpec:
+    return parse_job(load_yaml(path), str(path), apps)

@@ -6,7 +6,7 @@ array, one row per example) and ``y`` (binary labels, 0/1 or -1/+1) into a
 raising :class:`psd.BadRequestError` naming the problem.
 
 :func:`write_npz` stores a data set as a compressed ``.npz`` of CSR arrays, the file a
-job names in ``data.npz`` (``psd.apps.logreg.fit`` writes one and runs the job)::
+job names in ``data.npz`` (``psd.estimators.fit_logreg`` writes one and runs the job)::
 
     indptr   integer, rows + 1, from 0, non-decreasing, ends at nnz
     indices  integer, nnz, >= 0: column index = the feature's key
