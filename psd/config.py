@@ -42,6 +42,11 @@ class ClusterConfig:
     scheduler: str = DEFAULT_SCHEDULER
     #: address servers bind to; port 0 picks a free one
     bind: str = "tcp://127.0.0.1:0"
+    #: the address a server tells the scheduler, and so every peer and client, to reach it
+    #: at, when others must not use the one it binds: bind tcp://0.0.0.0:9401 and advertise
+    #: tcp://10.0.0.2:9401, advertise a name (peers resolve it again on every reconnect), or
+    #: an address forwarded to this host. Port 0: the port it bound. None: the bound address
+    advertise: str | None = None
     heartbeat_interval: float = 0.1
     #: missed heartbeats before a node is suspect; twice as many and it is dead
     heartbeat_misses: int = 4
@@ -93,6 +98,18 @@ class ClusterConfig:
     #: the key folder `psd keygen` wrote (PSD_KEYS); daemons need it under security: curve
     keys: str | None = None
     limits: ClusterLimits = field(default_factory=ClusterLimits)
+
+    def advertised(self, bound: str) -> str:
+        """The address a server bound at ``bound`` (``tcp://HOST:PORT`` as ZeroMQ reports
+        it) tells the scheduler: ``advertise`` with its port 0 replaced by the bound
+        port, or ``bound`` itself when nothing is advertised. Kept here, beside the
+        setting, so the server needs one expression and no parsing of its own."""
+        if self.advertise is None:
+            return bound
+        m = _ADDRESS.match(self.advertise)
+        if m is None or m["port"] != "0":
+            return self.advertise
+        return f"tcp://{m['host']}:{bound.rsplit(':', 1)[1]}"
 
     def replace(self, **changes) -> "ClusterConfig":
         return dataclasses.replace(self, **changes)
@@ -189,12 +206,18 @@ def _folder() -> Rule:
                 _text_optional, optional=True)
 
 
+BIND_EXPECTED = ("a tcp://HOST:PORT address (port 0 picks a free one) other hosts can reach: servers "
+                 "announce the address they bind, so not a wildcard host unless advertise is set")
+
 RULES: dict[str, Rule] = {
     "scheduler": Rule(lambda v: isinstance(v, str) and _reachable_address(v),
                       "a tcp://HOST:PORT address other hosts can reach (not a wildcard host)", str),
-    "bind": Rule(lambda v: isinstance(v, str) and _reachable_address(v),
-                 "a tcp://HOST:PORT address (port 0 picks a free one) other hosts can reach: servers "
-                 "announce the address they bind, so not a wildcard host", str),
+    # a wildcard bind is refused by _cross_checks unless advertise is set
+    "bind": Rule(lambda v: isinstance(v, str) and _address(v), BIND_EXPECTED, str),
+    "advertise": Rule(lambda v: isinstance(v, str) and _reachable_address(v) and not v.endswith(":*"),
+                      "a tcp://HOST:PORT address other hosts reach this server at (port 0: the port it "
+                      "binds), not a wildcard host, or null to announce the bound address",
+                      _text_optional, optional=True),
     "heartbeat_interval": _positive_seconds(),
     "heartbeat_misses": _positive_int(),
     "worker_timeout": _positive_seconds(),
@@ -304,6 +327,8 @@ def _known(name: str, known) -> str:
 def _cross_checks(values: dict, where, problems: list[str]) -> None:
     """Rules between settings (only between values that passed their own rule)."""
     get = lambda k: values.get(k, getattr(ClusterConfig, k, None))  # noqa: E731
+    if "bind" in values and not _reachable_address(values["bind"]) and not get("advertise"):
+        problems.append(f"{where('bind')}: expected {BIND_EXPECTED}, got {values['bind']!r}")
     if (values.get("checkpoint_interval") or 0) > 0 and not get("checkpoint_dir"):
         problems.append(f"{where('checkpoint_interval')}: expected 0 unless checkpoint_dir is set "
                         f"(automatic checkpoints need a folder), got {values['checkpoint_interval']!r}")
@@ -337,6 +362,61 @@ def _limits(raw, where, problems: list[str]) -> ClusterLimits:
         else:
             values[key] = v
     return ClusterLimits(**values)
+
+
+# -- what a server tells others ---------------------------------------------------------
+def address_host(address: str) -> str | None:
+    """The host part of ``tcp://HOST:PORT`` (IPv6 without brackets), or None."""
+    m = _ADDRESS.match(address)
+    return m["host"].strip("[]") if m else None
+
+
+def _loopback(host: str, resolve: Callable[[str], list[str]] | None) -> str | None:
+    """The loopback address ``host`` is or resolves to (every address it resolves to
+    must be loopback), else None. A name that does not resolve is not judged here."""
+    import ipaddress
+
+    def is_loopback(text: str) -> bool:
+        try:
+            return ipaddress.ip_address(text.split("%", 1)[0]).is_loopback
+        except ValueError:
+            return False
+
+    if is_loopback(host):
+        return host
+    if host == "localhost":
+        return "127.0.0.1"
+    found = resolve(host) if resolve is not None else []
+    return found[0] if found and all(is_loopback(a) for a in found) else None
+
+
+def advertised_address_problems(config: ClusterConfig, origin: Callable[[str], str],
+                                resolve: Callable[[str], list[str]] | None = None) -> list[str]:
+    """Why other hosts could not reach the address a server would advertise, checked
+    before it starts (so the unit fails once with exit 2 instead of joining the ring at
+    an address nobody else can use, where peers and workers would time out on it).
+
+    Today that is one case, found on an emulated multi-host cluster (psd/testing): the
+    address is loopback (the default bind ``tcp://127.0.0.1:0``, ``localhost``, or a
+    host name that resolves only to 127.0.1.1, as Debian maps the machine's own name)
+    while the scheduler is not. ``origin(key)`` names where a setting came from;
+    ``resolve(name)`` lists the addresses of a host name (none: names are not judged)."""
+    key = "advertise" if config.advertise else "bind"
+    address = getattr(config, key)
+    scheduler_host = address_host(config.scheduler)
+    host = address_host(address)
+    if host is None or scheduler_host is None or _loopback(scheduler_host, resolve):
+        return []
+    loop = _loopback(host, resolve)
+    if loop is None:
+        return []
+    seen = host if loop == host else f"{host}, which resolves to {loop},"
+    problem = (f"{origin(key)}: expected an address other hosts can reach this server at, got {address!r}: "
+               f"{seen} is a loopback address, but the scheduler is at {config.scheduler}, so other hosts "
+               f"could not reach this server at the address it would announce. Set {env_var('bind')}=tcp://"
+               f"THIS_HOST_ADDRESS:0 on this host (e.g. in /etc/psd/psd.env), or bind a wildcard and set "
+               f"{env_var('advertise')}=tcp://THIS_HOST_ADDRESS:0")
+    return [problem]
 
 
 # -- files ------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: values each rule must refuse (YAML-typed), one row per setting
 BAD = {
     "scheduler": ["10.0.0.1:9300", "tcp://*:9300", "tcp://0.0.0.0:9300", "tcp://h:99999", "tcp://h", 9300],
-    "bind": ["udp://h:1", "tcp://[::]:0", "tcp://h:port", None],
+    "bind": ["udp://h:1", "tcp://[::]:0", "tcp://0.0.0.0:0", "tcp://h:port", None],
+    "advertise": ["10.0.0.2:9401", "tcp://0.0.0.0:0", "tcp://*:0", "tcp://h:*", "tcp://h:70000", "", 9401],
     "heartbeat_interval": [0, -1, "fast", True, math.nan, math.inf],
     "heartbeat_misses": [0, 1.5, True, "4"],
     "worker_timeout": [0, -5, "5s"],
@@ -53,6 +54,8 @@ BAD = {
 GOOD = {
     "scheduler": [("tcp://10.0.0.1:9300", "tcp://10.0.0.1:9300"), ("tcp://[::1]:9300", "tcp://[::1]:9300")],
     "bind": [("tcp://127.0.0.1:0", "tcp://127.0.0.1:0"), ("tcp://node-3.cluster:9401", "tcp://node-3.cluster:9401")],
+    "advertise": [("tcp://10.0.0.2:0", "tcp://10.0.0.2:0"), ("tcp://node-3.cluster:9401", "tcp://node-3.cluster:9401"),
+                  (None, None)],
     "heartbeat_interval": [(0.2, 0.2), (1, 1)],
     "heartbeat_misses": [(1, 1)],
     "worker_timeout": [(2.5, 2.5)],
@@ -86,6 +89,7 @@ GOOD = {
 TEXT = {
     "scheduler": ("tcp://10.1.2.3:9300", "tcp://10.1.2.3:9300"),
     "bind": ("tcp://10.1.2.4:0", "tcp://10.1.2.4:0"),
+    "advertise": ("tcp://node-4.cluster:0", "tcp://node-4.cluster:0"),
     "heartbeat_interval": ("0.2", 0.2),
     "heartbeat_misses": ("6", 6),
     "worker_timeout": ("7.5", 7.5),
@@ -116,7 +120,7 @@ TEXT = {
 #: text an environment variable or flag of that setting cannot hold
 #: (any text is a valid folder path, and an empty one turns the folder off: tested below)
 BAD_TEXT = {key: "x1" for key in setting_keys() if key not in ("checkpoint_dir", "state_dir", "keys")} | {
-    "scheduler": "10.0.0.1:9300", "bind": "tcp://*:0", "compression": "gzip",
+    "scheduler": "10.0.0.1:9300", "bind": "tcp://*:0", "advertise": "tcp://0.0.0.0:0", "compression": "gzip",
     "max_delay": "-2", "auto_delay_bounds": "3,1", "metrics": "tcp://10.0.0.2:9400",
 }
 
@@ -180,6 +184,49 @@ def test_cross_rules():
         config_from_dict({"heartbeat_interval": 0.001})
 
 
+def test_a_wildcard_bind_needs_an_advertised_address():
+    """A server announces its address; bound to a wildcard it must be told what to announce."""
+    with pytest.raises(ConfigError, match=r"bind: expected .* not a wildcard host unless advertise is set, "
+                                          r"got 'tcp://0.0.0.0:0'"):
+        config_from_dict({"bind": "tcp://0.0.0.0:0"})
+    c = config_from_dict({"bind": "tcp://0.0.0.0:0", "advertise": "tcp://10.0.0.2:0"})
+    assert c.advertised("tcp://0.0.0.0:41235") == "tcp://10.0.0.2:41235"  # port 0: the bound port
+    assert c.replace(advertise="tcp://[fd00::2]:0").advertised("tcp://[::]:7") == "tcp://[fd00::2]:7"
+    assert c.replace(advertise="tcp://gw.example:9401").advertised("tcp://0.0.0.0:41235") == "tcp://gw.example:9401"
+    assert ClusterConfig().advertised("tcp://127.0.0.1:5") == "tcp://127.0.0.1:5"  # unset: what it bound
+    c = resolve_config(None, {"PSD_BIND": "tcp://*:0", "PSD_ADVERTISE": "tcp://s1.cluster:0"})
+    assert (c.bind, c.advertise) == ("tcp://*:0", "tcp://s1.cluster:0")
+    assert resolve_config(None, {"PSD_ADVERTISE": ""}).advertise is None
+
+
+def test_a_loopback_server_address_is_refused_when_the_scheduler_is_elsewhere():
+    """Found on an emulated multi-host cluster (psd/testing/netcluster.py): a server host
+    without PSD_BIND joined the ring at 127.0.0.1, where no other host reaches it."""
+    from psd.config import advertised_address_problems
+    origin = lambda key: f"origin of {key}"  # noqa: E731
+    remote = ClusterConfig(scheduler="tcp://10.0.0.1:9300")
+    [problem] = advertised_address_problems(remote, origin)
+    assert problem.startswith("origin of bind: expected an address other hosts can reach this server at, got "
+                              "'tcp://127.0.0.1:0': 127.0.0.1 is a loopback address, but the scheduler is at "
+                              "tcp://10.0.0.1:9300"), problem
+    assert "PSD_BIND=tcp://THIS_HOST_ADDRESS:0" in problem and "PSD_ADVERTISE" in problem
+    assert advertised_address_problems(remote.replace(bind="tcp://10.0.0.2:0"), origin) == []
+    assert advertised_address_problems(ClusterConfig(), origin) == []  # everything on one host
+    assert advertised_address_problems(remote.replace(bind="tcp://[::1]:0"), origin)
+    # a name resolving only to loopback (Debian maps the host's own name to 127.0.1.1)
+    hosts = {"node-2": ["127.0.1.1"], "node-3": ["10.0.0.3"], "sched": ["10.0.0.1"]}
+    resolve = lambda name: hosts.get(name, [])  # noqa: E731
+    [problem] = advertised_address_problems(remote.replace(bind="tcp://node-2:0"), origin, resolve)
+    assert "node-2, which resolves to 127.0.1.1, is a loopback address" in problem
+    assert advertised_address_problems(remote.replace(bind="tcp://node-3:0"), origin, resolve) == []
+    assert advertised_address_problems(remote.replace(bind="tcp://unknown:0"), origin, resolve) == []
+    # the advertised address is the one judged, not the bind
+    wild = remote.replace(bind="tcp://0.0.0.0:0", advertise="tcp://localhost:0")
+    [problem] = advertised_address_problems(wild, origin, resolve)
+    assert problem.startswith("origin of advertise: ")
+    assert advertised_address_problems(wild.replace(advertise="tcp://node-3:0"), origin, resolve) == []
+
+
 def test_every_problem_of_a_file_reported_together_with_line_and_key(tmp_path):
     path = tmp_path / "cluster.yaml"
     path.write_text("# a comment\n"
@@ -205,7 +252,7 @@ def test_every_problem_of_a_file_reported_together_with_line_and_key(tmp_path):
 
 
 def test_unknown_key_without_a_near_match_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"<dict>: zzz: unknown key; known: adaptive_poll_us, auto_delay_bounds, bind, "):
+    with pytest.raises(ConfigError, match=r"<dict>: zzz: unknown key; known: adaptive_poll_us, advertise, auto_delay_bounds, bind, "):
         config_from_dict({"zzz": 1})
     with pytest.raises(ConfigError, match=r"limits.zzz: unknown limit; known: max_frames"):
         config_from_dict({"limits": {"zzz": 1}})

@@ -6,8 +6,8 @@ import math
 import os
 import sys
 
-from psd.config import (DEFAULT_SCHEDULER, ClusterConfig, env_overrides, env_var, flag, resolve_config, rule,
-                        setting_keys)
+from psd.config import (DEFAULT_SCHEDULER, ClusterConfig, address_host, advertised_address_problems, env_overrides,
+                        env_var, flag, resolve_config, rule, setting_keys)
 from psd.errors import ConfigError, PsdError
 
 EXIT_CONFIG = 2
@@ -15,6 +15,7 @@ EXIT_CONFIG = 2
 _FLAG_HELP = {
     "scheduler": "scheduler address, e.g. tcp://10.0.0.1:9300",
     "bind": "address to bind (port 0 picks a free port); for the scheduler, its own address",
+    "advertise": "address a server tells others to reach it at, when not the one it binds (port 0: the bound port)",
 }
 
 
@@ -179,6 +180,58 @@ def _daemon_keys(args, env: dict[str, str], config: ClusterConfig):
         raise ConfigError(f"{where}: expected a usable key folder, got {config.keys!r}: {e.message}") from None
 
 
+def _resolve(host: str) -> list[str]:
+    """The addresses a host name resolves to here (none when it does not resolve)."""
+    import socket
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)})
+    except (OSError, UnicodeError):
+        return []
+
+
+def _is_local(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is an address of this machine: a socket
+    can bind it only then."""
+    import socket
+    for address in _resolve(host) or [host]:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind((address, 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _check_server_address(args, env: dict[str, str], config: ClusterConfig) -> None:
+    """Refuse (exit 2) to start a server others could not reach at the address it would
+    announce: loopback while the scheduler is on another host (found on an emulated
+    multi-host cluster: the default bind made every such server join the ring at
+    127.0.0.1, and workers elsewhere timed out on it)."""
+    def origin(key: str) -> str:
+        given = key in _flags(args) or env_var(key) in env
+        if not given and getattr(config, key) == getattr(ClusterConfig(), key):
+            return f"{key} (the default, {getattr(config, key)})"
+        return _origin(args, env, key)
+
+    problems = advertised_address_problems(config, origin, resolve=_resolve)
+    if problems:
+        raise ConfigError("\n".join(problems), problems=problems)
+
+
+def _warn_if_not_local(config: ClusterConfig) -> None:
+    """``advertise`` may rightly name an address of another machine (a NAT or a port
+    forward), so it is not refused; but a typo there makes the server unreachable while
+    it looks healthy to itself, so say it once at start."""
+    import logging
+    host = address_host(config.advertise) if config.advertise else None
+    if host is not None and not _is_local(host):
+        logging.getLogger("psd.daemon").warning(
+            "advertise %s: %s is not an address of this host; right behind a NAT or a port forward to this "
+            "server, otherwise peers and workers will time out on it (check PSD_ADVERTISE)", config.advertise, host)
+
+
 def _keygen(args) -> int:
     from psd.transport import security
 
@@ -201,6 +254,8 @@ def _run_role(args, env: dict[str, str]) -> int:
     from psd.roles.daemon import LogIdentity, Notifier, run_daemon, setup_logging
 
     config = _config(args, env)
+    if args.command == "server":
+        _check_server_address(args, env, config)
     curve = _daemon_keys(args, env, config)
     identity = setup_logging(config.log_level, fmt=config.log_format, identity=LogIdentity(args.command))
     if curve is None:
@@ -235,6 +290,8 @@ def _run_role(args, env: dict[str, str]) -> int:
         "starting %s (config %s%s)", args.command, args.config or "defaults",
         "".join(f", {n}" for n in [*(env_var(k) for k in env_overrides(env)[0]),
                                    *(flag(k) for k in _flags(args))]))
+    if args.command == "server":
+        _warn_if_not_local(config)
     return run_daemon(role.run, event_loop=config.event_loop, ready_file=args.ready_file,
                       parent_pid=args.parent_pid, notify=notify, startup_timeout=config.startup_timeout,
                       startup_hint=hint, identity=identity, metrics=endpoint)

@@ -119,7 +119,7 @@ class Server:
             log.warning("%s: drain failed (%s); exiting anyway", self.node_id, e)
 
     async def register(self, previous: str | None = None, ring: int | None = None) -> None:
-        meta = {"role": "server", "address": self.address}
+        meta = {"role": "server", "address": self.config.advertised(self.address)}
         if previous is not None:
             meta.update(previous=previous, ring=ring)
         reply = await self.link.call(Message("register", meta=meta), timeout=self.config.request_timeout)
