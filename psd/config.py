@@ -35,6 +35,10 @@ class ClusterLimits(Limits):
     #: bytes of table storage one server may hold, replicas included (each server
     #: enforces its own); None: no limit
     max_memory_bytes: int | None = None
+    #: bytes of requests (and the replies they ask for) a client keeps unanswered on one
+    #: server at most: beyond it, what it issues waits in its own queue (the server
+    #: refuses a sender over it with `busy`)
+    max_inflight_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)

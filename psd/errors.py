@@ -136,6 +136,14 @@ class UnavailableError(PsdError):
     code = "unavailable"
 
 
+class StaleRingError(PsdError):
+    """A message was sent at an older ring than one the receiver acted on (a worker's
+    clock, from before the ring that gave the server new ranges). It was recorded; the
+    sender asks the scheduler for the ring. ``data``: ``{ring}``, the receiver's."""
+
+    code = "stale_ring"
+
+
 class BusyError(PsdError):
     """A server holds as much unanswered work from this connection as it allows
     (``limits.max_inflight_bytes``); nothing was applied. The client waits and sends the
@@ -160,7 +168,7 @@ _BY_CODE = {cls.code: cls for cls in (
     PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError, ForbiddenError,
     BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
     TableMismatchError, LimitError, NotOwnerError, NotReplicatedError, OutOfOrderError, UnavailableError,
-    BusyError, PsdTimeoutError, RemoteError)}
+    BusyError, StaleRingError, PsdTimeoutError, RemoteError)}
 
 
 def error_from_wire(code: str, message: str, node: str | None, data: dict | None = None) -> PsdError:

@@ -207,3 +207,22 @@ def pack(h) -> bytes:
 def desc(a: np.ndarray) -> list:
     """The frame descriptor ``encode`` would write for ``a`` (uncompressed)."""
     return [a.dtype.str, list(a.shape), "none", a.nbytes]
+
+
+# -- the simulation's replay options -----------------------------------------------------
+def pytest_addoption(parser):
+    parser.addoption("--sim-seed", type=int, default=None,
+                     help="run tests/test_sim.py's schedules for this one seed only (replay a failure)")
+    parser.addoption("--sim-consistency", default=None, choices=["eventual", "bounded", "sequential"],
+                     help="with --sim-seed: the consistency model the failing schedule ran")
+
+
+@pytest.fixture
+def sim_seed(request):
+    """The seed to replay (``--sim-seed``), or None for the suite's seeds."""
+    seed = request.config.getoption("--sim-seed")
+    wanted = request.config.getoption("--sim-consistency")
+    consistency = request.node.callspec.params.get("consistency") if hasattr(request.node, "callspec") else None
+    if seed is not None and wanted is not None and consistency != wanted:
+        pytest.skip(f"replaying seed {seed} under {wanted} only")
+    return seed

@@ -31,7 +31,7 @@ from psd.cluster.liveness import Liveness, State
 from loadworker import growth, run_load
 
 CLIENTS = 32
-LOAD_SECONDS = 12.0
+LOAD_SECONDS = 8.0
 WARMUP = 3.0
 #: resident memory a daemon may gain between the warm-up point and the end of the run
 RSS_FLAT = 64 << 20

@@ -96,6 +96,6 @@ def test_request_ids_start_apart_in_every_process():
     process's request ids look like resends of an old one's."""
     import subprocess
     import sys
-    first = [int(subprocess.run([sys.executable, "-c", "from psd.core.client import next_rid; print(next_rid())"],
+    first = [int(subprocess.run([sys.executable, "-c", "from psd.core.ids import next_rid; print(next_rid())"],
                                 capture_output=True, text=True, timeout=60, check=True).stdout) for _ in range(2)]
     assert first[0] != first[1] and min(first) > 1 << 20, first

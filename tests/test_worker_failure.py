@@ -59,11 +59,11 @@ def _rank_progress(cluster, job, rank) -> float:
 def test_a_departed_workers_request_ids_are_forgotten_after_a_while(raw_dealer):
     """A server keeps up to 65,536 request ids per worker for exactly-once; a cluster
     that outlives many jobs must not keep them for every worker it ever served. Once a
-    worker has left and nothing of it arrived for ten request_timeouts (here 10 x 1 s),
+    worker has left and nothing of it arrived for ten request_timeouts (here 10 x 0.5 s),
     its ids are dropped; a worker still there keeps its own."""
     from psd.codec import Message
     keys = np.arange(4, dtype=np.uint64)
-    with psd.LocalCluster(servers=1, request_timeout=1.0) as cluster, psd.connect(cluster) as stays:
+    with psd.LocalCluster(servers=1, request_timeout=0.5) as cluster, psd.connect(cluster) as stays:
         status = raw_dealer(cluster.servers[0].address).request
         t = stays.table("w", dtype="int64")
         stays.wait(t.push(keys, np.ones((4, 1), np.int64)))
@@ -139,7 +139,7 @@ def test_a_worker_declared_dead_that_still_pushes_keeps_its_request_ids(raw_deal
             finally:
                 await kv.close()
 
-        worker = asyncio.run(push_unheard(6.0))
+        worker = asyncio.run(push_unheard(4.5))
         st = cluster.status()
         assert next(n["state"] for n in st["nodes"] if n["id"] == worker) in ("dead", "left"), st["nodes"]
         deadline = time.monotonic() + 30
@@ -183,7 +183,7 @@ def test_a_server_that_joins_later_forgets_departed_workers_too(raw_dealer):
     (it kept them forever)."""
     from psd.codec import Message
     keys = np.arange(0, 2**64 - 2**60, 2**60, dtype=np.uint64)  # in every range
-    with psd.LocalCluster(servers=1, replication=2, request_timeout=1.0) as cluster:
+    with psd.LocalCluster(servers=1, replication=2, request_timeout=0.5) as cluster:
         with psd.connect(cluster) as kv:
             kv.wait(kv.table("w", dtype="int64").push(keys, np.ones((keys.size, 1), np.int64)))
         cluster.add_server()

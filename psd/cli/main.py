@@ -279,8 +279,9 @@ def _run_role(args, env: dict[str, str]) -> int:
             from psd.roles.server import Server
             role = Server(config, curve=curve)
         else:
-            from psd.roles.worker import Worker
-            role = Worker(config, one_job=args.one_job)
+            from psd.apps import APPS
+            from psd.jobs.worker import Worker
+            role = Worker(config, APPS, one_job=args.one_job)
     identity.source = role
     endpoint = None
     if config.metrics:

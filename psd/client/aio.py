@@ -25,6 +25,7 @@ from psd.core.client import RETRY_TICK, AskRing, ClientCore, Done, Send
 from psd.errors import AuthError, MessageTooLargeError, ProtocolError, PsdError, PsdTimeoutError, StartupError
 from psd.schema import TableSpec, check_keys, check_namespace, check_span, check_values, qualified, too_large
 from psd.transport import RpcSocket, async_context, connect_dealer, security
+from psd.transport.heartbeat import HeartbeatThread
 from psd.transport.security import Curve, HandshakeWatch, refusal_error
 from psd.transport.sockets import connect_watched
 
@@ -90,6 +91,9 @@ class AsyncKVWorker:
         lim = reply.meta.get("limits", {})
         self.limits = Limits(max_message_bytes=lim.get("max_message_bytes", self.limits.max_message_bytes),
                              max_keys=lim.get("max_keys", self.limits.max_keys))
+        budget = lim.get("max_inflight_bytes")
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+            self.core.budget = budget
         self._use_ring(Assignment.from_wire(reply.meta["ring"]))
         self.heartbeat_interval = reply.meta.get("heartbeat_interval", 0.5)
         if heartbeat:
@@ -258,6 +262,14 @@ class AsyncKVWorker:
     async def wait_all(self) -> None:
         for ts in list(self._inflight):
             await self.wait(ts)
+
+    def keepalive(self) -> HeartbeatThread:
+        """Heartbeats from a thread, started now (``stop()`` it when done): for a process
+        whose event loop long numpy work may hold past the failure timeout."""
+        thread = HeartbeatThread(self.scheduler, self.node_id, self.heartbeat_interval, lambda: self.clock_value,
+                                 security=self.curve)
+        thread.start()
+        return thread
 
     async def status(self) -> dict:
         return (await self._link.call(Message("status"), timeout=self.config.request_timeout)).meta

@@ -80,6 +80,13 @@ class RangeClocks:
         self._live: set[str] = set()
         self._held: dict[Hashable, _Pull] = {}   # insertion order is arrival order
         self._ready: list[Hashable] = []
+        #: counts changes of the clocks and the group (a checker reads them only then)
+        self.changes = 0
+        #: live workers whose clocks do not vouch for ranges this server took over lately:
+        #: a clock says every push sent *here* before it has arrived, and a worker's pushes
+        #: to a range it thought another server led went there; until it clocks again
+        #: knowing the new ring (its pushes sent again come first), it holds the floor
+        self.unsynced: set[str] = set()
 
     # -- consistency setting ---------------------------------------------------------
     @property
@@ -97,6 +104,7 @@ class RangeClocks:
         """A worker joins (or rejoins, keeping its old clock if larger). Never releases."""
         self._joined.add(worker)
         self._live.add(worker)
+        self.changes += 1
         for clocks in self._clocks.values():
             clocks[worker] = max(clocks.get(worker, 0), clock)
 
@@ -108,17 +116,23 @@ class RangeClocks:
         """
         self._joined.add(worker)
         self._live.discard(worker)
+        self.unsynced.discard(worker)
+        self.changes += 1
         self._release()
 
     def clock(self, worker: str, clock: int,
-              ranges: Iterable[Hashable] | None = None) -> None:
+              ranges: Iterable[Hashable] | None = None, synced: bool = True) -> None:
         """The worker's clock is now ``clock`` (a smaller value than known is ignored).
+        ``synced``: it was sent knowing the ring of this server's last takeover.
 
         A clock from a never-seen worker joins it (its messages may beat the scheduler's
         notice); one from a worker that left is recorded but does not bring it back.
         """
         if worker not in self._joined:
             self.join(worker)
+        if synced:
+            self.unsynced.discard(worker)
+        self.changes += 1
         for r in self._range_ids(ranges):
             clocks = self._clocks[r]
             clocks[worker] = max(clocks.get(worker, 0), clock)
@@ -154,6 +168,12 @@ class RangeClocks:
             workers = set().union(*(c.keys() for c in self._clocks.values()))
             clocks = {w: min(c.get(w, 0) for c in self._clocks.values()) for w in workers}
         self._clocks[range_id] = dict(clocks)
+
+    def resync(self) -> None:
+        """This server took over ranges: every live worker's clock stops vouching for
+        them until it clocks again knowing the new ring (``clock(..., synced=True)``)."""
+        self.unsynced = set(self._live)
+        self.changes += 1
 
     def drop_range(self, range_id: Hashable) -> None:
         self._clocks.pop(range_id, None)
@@ -193,6 +213,8 @@ class RangeClocks:
         lows = [x for x in lows if x is not None]
         if len(self._joined) < self.num_workers:
             lows.append(0)
+        if self.unsynced:
+            lows.append(-1)  # below every clock: what it vouches for here is not known yet
         return min(lows, default=None)
 
     def _may_run(self, pull: _Pull, floors: dict) -> bool:

@@ -211,7 +211,7 @@ def rebalance(current: Assignment, servers: Iterable[str], live: Iterable[str], 
     ``current``'s (overridden by ``addresses``), kept for the new members only."""
     members = sorted(set(servers))
     addr = {**current.addresses, **(addresses or {})}
-    addr = {n: a for n, a in addr.items() if n in members}
+    addr = {n: addr[n] for n in members if n in addr}  # (in member order, whatever order they came in)
     ring = consistent_hash(members, current.version + 1 if version is None else version,
                            vnodes=vnodes, replication=replication, addresses=addr)
     live_set = set(live)

@@ -52,3 +52,10 @@ def describe_array(a: np.ndarray) -> str:
     size = f"{n} B" if n < 1024 else f"{n / 1024:.0f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
     shape = "x".join(str(d) for d in a.shape)
     return f"<{a.dtype.name}[{shape}] {size}>"
+
+
+def error_reply(request: Message, err, sender: str) -> Message:
+    """The ``error`` reply to ``request`` for a PsdError: its code, message and data (the
+    data's scalars only; a peer gets nothing it cannot decode)."""
+    data = err.data if all(isinstance(v, (int, str, float, bool)) for v in err.data.values()) else {}
+    return request.reply("error", sender=sender, meta={"code": err.code, "message": err.message, "data": data})

@@ -24,7 +24,9 @@ class Pending:
 
     def __init__(self, rid, give_up_at: float) -> None:
         self.rid = rid
-        self.calls: set = set()  # peer calls (psd.core.peers.Call) still unanswered
+        #: peer calls (psd.core.peers.Call) still unanswered; a dict, so their order is the
+        #: order they were made (a set of objects iterates in address order: not replayable)
+        self.calls: dict = {}
         self.refused: tuple[str, str, str, int] | None = None  # (node, code, message, ring) of the first refusal
         self.give_up_at = give_up_at
         self.waiters: list[Done] = []
@@ -36,7 +38,7 @@ class Acks:
     def __init__(self, node_id: Callable[[], str]) -> None:
         self._node_id = node_id
         self.by_rid: dict[tuple[str, int], Pending] = {}
-        self.pending: set[Pending] = set()
+        self.pending: dict[Pending, None] = {}  # (insertion order: replayable)
         self.not_replicated = 0
 
     def __len__(self) -> int:
@@ -44,7 +46,7 @@ class Acks:
 
     def start(self, rid, give_up_at: float) -> Pending:
         p = Pending(rid, give_up_at)
-        self.pending.add(p)
+        self.pending[p] = None
         if rid is not None:
             self.by_rid[rid] = p
         return p
@@ -67,7 +69,7 @@ class Acks:
 
     def answered(self, p: Pending, call, refused: tuple[str, str, str, int] | None) -> None:
         """One replica answered (``refused`` None: it holds the push), or is given up on."""
-        p.calls.discard(call)
+        p.calls.pop(call, None)
         if refused is not None and p.refused is None:
             p.refused = refused
         self.settle(p)
@@ -76,7 +78,7 @@ class Acks:
         if p.calls or p.settled:
             return
         p.settled = True
-        self.pending.discard(p)
+        self.pending.pop(p, None)
         if p.rid is not None and self.by_rid.get(p.rid) is p:
             del self.by_rid[p.rid]
         if p.refused is not None:

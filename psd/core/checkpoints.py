@@ -24,7 +24,7 @@ from typing import Callable
 
 from psd.codec import Message
 from psd.core.cluster_state import ClusterState
-from psd.core.procedures import Acquire, Calls, Do, Release, failure
+from psd.core.procedures import Acquire, Calls, Do, failure
 from psd.core.ring_changes import RING_LOCK
 from psd.errors import BadRequestError
 from psd.store.checkpoint import checkpoint_dir, write_manifest
@@ -56,37 +56,34 @@ class Checkpoints:
         s = self.state
         if self.root is None:
             raise BadRequestError("no checkpoint_dir is configured; set it in the cluster config")
-        yield Acquire(RING_LOCK)
+        yield Acquire(RING_LOCK)  # (released when the procedure ends, however it ends)
+        servers, workers = s.live("server"), s.live("worker")
+        ckpt_id = s.next_checkpoint
+        s.next_checkpoint += 1
+        folder = checkpoint_dir(self.root, ckpt_id)
         try:
-            servers, workers = s.live("server"), s.live("worker")
-            ckpt_id = s.next_checkpoint
-            s.next_checkpoint += 1
-            folder = checkpoint_dir(self.root, ckpt_id)
-            try:
-                yield Do(f"mkdir {folder}", lambda: folder.mkdir(parents=True, exist_ok=True))
-                held = yield from _all(servers, lambda: Message("ckpt_hold"), s.config.request_timeout)
-                cut = 1 + max([r.meta["max_push_clock"] for r in held] +
-                              [s.worker_clocks.get(w, 0) - 1 for w in workers] + [-1])
-                done = yield from _all(servers, lambda: Message("ckpt_cut", meta={
-                    "cut": cut, "workers": workers, "folder": str(folder), "timeout": timeout}), timeout + 5)
-            except BaseException:
-                self.failed += 1
-                yield from _all(servers, lambda: Message("ckpt_release"), s.config.request_timeout, raise_errors=False)
-                raise
-            manifest = {
-                "id": ckpt_id, "cut": cut, "time": self._wall(now), "ring": s.ring.to_wire(),
-                "tables": [t.to_wire() for t in s.tables.values()],
-                "files": [r.meta["file"] for r in done],
-                "keys": sum(r.meta["keys"] for r in done), "bytes": sum(r.meta["bytes"] for r in done),
-                "consistency": s.config.consistency,
-            }
-            yield Do(f"manifest of {folder}", lambda: write_manifest(self.root, ckpt_id, manifest))
-            self.taken += 1
-            self.last = {k: manifest[k] for k in ("id", "cut", "time", "keys", "bytes")} | {"folder": str(folder)}
-            log.info("checkpoint %d written to %s: cut at clock %d, %d keys", ckpt_id, folder, cut, manifest["keys"])
-            return self.last
-        finally:
-            yield Release(RING_LOCK)
+            yield Do(f"mkdir {folder}", lambda: folder.mkdir(parents=True, exist_ok=True))
+            held = yield from _all(servers, lambda: Message("ckpt_hold"), s.config.request_timeout)
+            cut = 1 + max([r.meta["max_push_clock"] for r in held] +
+                          [s.worker_clocks.get(w, 0) - 1 for w in workers] + [-1])
+            done = yield from _all(servers, lambda: Message("ckpt_cut", meta={
+                "cut": cut, "workers": workers, "folder": str(folder), "timeout": timeout}), timeout + 5)
+        except Exception:
+            self.failed += 1
+            yield from _all(servers, lambda: Message("ckpt_release"), s.config.request_timeout, raise_errors=False)
+            raise
+        manifest = {
+            "id": ckpt_id, "cut": cut, "time": self._wall(now), "ring": s.ring.to_wire(),
+            "tables": [t.to_wire() for t in s.tables.values()],
+            "files": [r.meta["file"] for r in done],
+            "keys": sum(r.meta["keys"] for r in done), "bytes": sum(r.meta["bytes"] for r in done),
+            "consistency": s.config.consistency,
+        }
+        yield Do(f"manifest of {folder}", lambda: write_manifest(self.root, ckpt_id, manifest))
+        self.taken += 1
+        self.last = {k: manifest[k] for k in ("id", "cut", "time", "keys", "bytes")} | {"folder": str(folder)}
+        log.info("checkpoint %d written to %s: cut at clock %d, %d keys", ckpt_id, folder, cut, manifest["keys"])
+        return self.last
 
     def restore_if_pending(self):
         """A procedure, after the first ring: the servers load the newest checkpoint (once)."""

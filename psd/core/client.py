@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +27,7 @@ from psd.cluster.assignment import Assignment
 from psd.cluster.routing import Slices
 from psd.cluster.rows import Rows
 from psd.codec import Message
+from psd.core.ids import next_rid
 from psd.core.stream import SEQ, Outbound, parse
 from psd.errors import (BusyError, NotOwnerError, NotReplicatedError, OutOfOrderError, PsdError,
                         PsdTimeoutError, UnavailableError, ValuesError, error_from_wire)
@@ -41,20 +41,10 @@ RETRY_TICK = 0.05
 RING_POLL = 1.0
 #: the longest pause between two sends of a part a server keeps refusing
 MAX_BACKOFF = 0.5
+#: a push is cut into messages of at most this many bytes of payload (see ``_chunked``)
+MAX_PUSH_BYTES = 2 << 20
 #: errors after which the server expects the part again: the stream broke there
 RESEND = (NotOwnerError.code, UnavailableError.code, BusyError.code, OutOfOrderError.code)
-
-#: request ids of this process, from a random start: servers remember ids per sender
-#: name, and a name can come back (a scheduler that crashed before saving a registration
-#: hands it out again); ids counted from 1 again would be taken for resends, and the
-#: pushes acknowledged without being applied
-_rids = itertools.count(secrets.randbits(62) + 1)
-
-
-def next_rid() -> int:
-    """A fresh request id (exactly-once is per sender and rid)."""
-    return next(_rids)
-
 
 # -- effects -----------------------------------------------------------------------------
 @dataclass(slots=True)
@@ -83,7 +73,7 @@ class AskRing:
 class Part:
     """The piece of a request bound for one server: the request's rows in ``slices``."""
 
-    __slots__ = ("request", "server", "slices", "msg", "rows", "sent_ring", "sent_at", "reply", "order")
+    __slots__ = ("request", "server", "slices", "msg", "rows", "sent_ring", "sent_at", "reply", "order", "cost")
 
     def __init__(self, request: "Request | None", server: str, slices: Slices, msg: Message, rows: Rows | None,
                  order: tuple) -> None:
@@ -92,6 +82,7 @@ class Part:
         self.sent_at = 0.0
         self.reply: Message | None = None
         self.order = order  # (issue number, index): where it goes in the send queue
+        self.cost = 0  # bytes it holds on its server while unanswered (0: not counted now)
 
 
 class Request:
@@ -130,6 +121,17 @@ class ClientCore:
         self._ids = itertools.count(1)
         self._next_poll = 0.0
         self.resent = 0  # parts sent again (refused, moved, out of order)
+        #: bytes a server may hold unanswered from us (limits.max_inflight_bytes), and what
+        #: each holds now: a part that would pass it waits at the head of the queue
+        self.budget = 64 << 20
+        self.inflight: dict[str, int] = {}
+        #: requests whose part may have been served already when it was sent again (its
+        #: answer lost with a dropped connection): a pull among them may see later pushes
+        self.reread: set[int] = set()
+        #: pulls sent again to another server (a ring change moved their keys): under
+        #: ``sequential`` such a pull may also see pushes of its own clock, which the new
+        #: owner applied as a replica before it (docs/consistency.md)
+        self.rerouted: set[int] = set()
 
     def _take(self) -> list:
         out = self.outbox[:]
@@ -156,7 +158,7 @@ class ClientCore:
         self.clock_value += 1
         issue = next(self._issue)
         for i, node in enumerate(self.ring.addresses):
-            msg = Message("clock", clock=self.clock_value, meta={"clock": self.clock_value})
+            msg = Message("clock", ring=self.ring.version, clock=self.clock_value, meta={"clock": self.clock_value})
             self.queue.append(Part(None, node, [], msg, None, (issue, i)))
         self._flush(now)
         return self._take()
@@ -168,7 +170,7 @@ class ClientCore:
             part = Part(req, "", slices, Message(req.op), rows, (req.issue, len(req.parts)))
             req.parts.append(part)
             return [part]
-        groups = rows.groups(self.ring)
+        groups = _chunked(req, rows, rows.groups(self.ring))
         if rid is not None and len(groups) > 1:
             orig = [*(orig or []), rid][-64:]  # pieces: fresh ids, naming the one they were cut from
         parts = []
@@ -208,6 +210,10 @@ class ClientCore:
                     continue
                 self._want_ring(now)  # (a ring without its address: a newer one names it)
                 return
+            cost = _cost(part)
+            held = self.inflight.get(part.server, 0)
+            if held and held + cost > self.budget:
+                return  # (waits for answers to free the budget: nothing overtakes it)
             self.queue.pop(0)
             self._send(part, now)
 
@@ -221,8 +227,21 @@ class ClientCore:
         msg.meta[SEQ] = stream.stamp(part)
         part.sent_ring = self.ring.version
         part.sent_at = now
+        self._unsent(part)
+        part.cost = _cost(part)
+        self.inflight[part.server] = self.inflight.get(part.server, 0) + part.cost
         self.sent[msg.id] = part  # (a clock is answered only when refused; it goes once admitted)
         self.outbox.append(Send(part.server, msg))
+
+    def _unsent(self, part: Part) -> None:
+        """``part`` no longer holds its server's budget (answered, given up, sent again)."""
+        if part.cost:
+            left = self.inflight.get(part.server, 0) - part.cost
+            if left > 0:
+                self.inflight[part.server] = left
+            else:
+                self.inflight.pop(part.server, None)
+            part.cost = 0
 
     def _want_ring(self, now: float) -> None:
         if not self.awaiting_ring:
@@ -238,12 +257,16 @@ class ClientCore:
             if req is not None and req.finished:
                 continue
             self.resent += 1
-            if req is None:  # a clock: the same server, the newest clock
+            if req is None:  # a clock: again to the same server, saying the same clock (it
+                # vouches for the pushes before it, and goes again in its place among them)
                 if part.server in self.ring.addresses:
-                    part.msg = Message("clock", clock=self.clock_value, meta={"clock": self.clock_value})
+                    value = part.msg.meta["clock"]
+                    part.msg = Message("clock", ring=self.ring.version, clock=value, meta={"clock": value})
                     fresh.append(part)
                 continue
             if self._moved(part):
+                if req.op != "push":
+                    self.rerouted.add(req.ts)
                 req.parts.remove(part)
                 fresh.extend(self._plan(req, part.rows, part.slices, part.msg.meta.get("rid"),
                                         part.msg.meta.get("orig")))
@@ -270,6 +293,7 @@ class ClientCore:
             if part is not None:
                 self.sent[msg_id] = part
             return self._take()
+        self._unsent(part)
         sq = parse(part.msg.meta.get(SEQ))
         stream = self.streams.get(server)
         if isinstance(reply, Exception):
@@ -279,6 +303,9 @@ class ClientCore:
             self._flush(now)
             return self._take()
         code = reply.meta.get("code") if reply.op == "error" else None
+        hint = (reply.meta.get("data") or {}).get("ring") if code is not None else None
+        if isinstance(hint, int) and hint > self.ring.version:
+            self._want_ring(now)  # the server acted on a newer ring than ours
         if code in RESEND:
             if code == OutOfOrderError.code:
                 resume = (reply.meta.get("data") or {}).get("from", 0)
@@ -292,6 +319,7 @@ class ClientCore:
             for p in back:
                 if p is not part:
                     self.sent.pop(p.msg.id, None)
+                    self._unsent(p)
             if part not in back:
                 back.insert(0, part)
             self._hold(part, reply, code, now)
@@ -310,6 +338,7 @@ class ClientCore:
         for p in stream.admitted(sq):
             if p.request is None and self.sent.get(p.msg.id) is p:
                 del self.sent[p.msg.id]
+                self._unsent(p)
 
     def _hold(self, part: Part, reply: Message, code: str, now: float) -> None:
         """A refusal: the queue waits a moment (growing while the same request keeps being
@@ -361,6 +390,7 @@ class ClientCore:
         for p in req.parts:
             if p.msg.id in self.sent and self.sent[p.msg.id] is p:
                 del self.sent[p.msg.id]  # an answer still to come is ignored
+                self._unsent(p)
         self.outbox.append(Done(req.ts, result, error))
 
     # -- the ring and time ------------------------------------------------------------------
@@ -374,6 +404,7 @@ class ClientCore:
                      and self._moved(p)]
             for p in moved:
                 del self.sent[p.msg.id]
+                self._unsent(p)
                 stream = self.streams.get(p.server)
                 if stream is not None:
                     stream.drop(p)
@@ -396,6 +427,9 @@ class ClientCore:
             back = stream.restart()
             for p in back:
                 self.sent.pop(p.msg.id, None)
+                self._unsent(p)
+                if p.request is not None and p.request.op != "push":
+                    self.reread.add(p.request.ts)
             self._requeue(back, now)
             self._flush(now)
         return self._take()
@@ -455,6 +489,36 @@ class ClientCore:
         if self.requests:
             times.append(self._next_poll)
         return min(times) if times else None
+
+
+def _chunked(req: Request, rows: Rows, groups: list) -> list:
+    """Owner groups of a push cut further into pieces of at most MAX_PUSH_BYTES: a server
+    handles one message at a time, and a request of a few MiB keeps other clients'
+    requests waiting for as long as it takes to apply (a 12 MB push of scattered keys:
+    40 ms); pieces let them in between."""
+    if req.op != "push" or rows.values is None:
+        return groups
+    row_bytes = rows.values.itemsize * (rows.values.shape[1] if rows.values.ndim == 2 else 1) + \
+        (8 if rows.keys is not None else 0)
+    if rows.count * row_bytes <= MAX_PUSH_BYTES:
+        return groups
+    per = max(1, MAX_PUSH_BYTES // row_bytes)
+    out = []
+    for owners, slices in groups:
+        for a, b in slices:
+            for lo in range(a, b, per):
+                out.append((owners, [(lo, min(b, lo + per))]))
+    return out
+
+
+def _cost(part: Part) -> int:
+    """The bytes a part holds on its server until answered: its own payload, and the
+    values a pull asks for."""
+    cost = sum(a.nbytes for a in part.msg.arrays)
+    req = part.request
+    if req is not None and req.op != "push" and part.rows is not None:
+        cost += part.rows.count * req.spec.width * req.spec.np_dtype.itemsize
+    return cost
 
 
 def _compose(outer: Slices, inner: Slices) -> Slices:

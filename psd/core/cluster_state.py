@@ -34,6 +34,12 @@ class ClusterState:
         #: a crash resumes above them, so a name is never handed out twice
         self.ids_saved = {"server": 0, "worker": 0}
         self.ring = Assignment(version=0)
+        #: the last final ring: where the data surely is (a joint ring's new owners may
+        #: still lack it; a ring change plans its copies from this one)
+        self.stable: Assignment | None = None
+        #: servers declared dead that registered again: old name -> new one (a range only
+        #: the old one held is the new one's: it still has the data)
+        self.rejoined: dict[str, str] = {}
         self.tables: dict[str, TableSpec] = {}
         self.jobs = JobBook()
         self.worker_clocks: dict[str, int] = {}
@@ -66,6 +72,7 @@ class ClusterState:
     def to_dict(self) -> dict:
         return {
             "ring": self.ring.to_wire(), "addresses": self.addresses,
+            "stable": self.stable.to_wire() if self.stable is not None else None, "rejoined": self.rejoined,
             # numbers reserved count as handed out: a restart resumes above them
             "counts": {role: max(n, self.ids_saved.get(role, 0)) for role, n in self.counts.items()},
             "tables": [t.to_wire() for t in self.tables.values()],
@@ -81,6 +88,9 @@ class ClusterState:
         """Resume from a saved ``to_dict``; members that were live get a full timeout to
         heartbeat again."""
         self.ring = Assignment.from_wire(state["ring"])
+        stable = state.get("stable")  # (older files: none; the ring was final then)
+        self.stable = Assignment.from_wire(stable) if stable else self.ring
+        self.rejoined = dict(state.get("rejoined") or {})
         self.addresses = dict(state["addresses"])
         self.counts = dict(state["counts"])
         for spec in state["tables"]:

@@ -39,8 +39,9 @@ class Policy:
     clocks: RangeClocks = field(init=False)
     auto: AutoDelay | None = field(init=False, default=None)
     waits: WaitHistogram = field(default_factory=WaitHistogram)
-    _held: dict = field(default_factory=dict)       # request id -> (run, since)
-    _pushes: list = field(default_factory=list)     # (clock, apply) awaiting the clock boundary
+    _held: dict = field(default_factory=dict)       # request id -> (run, since, clock)
+    _pushes: list = field(default_factory=list)     # (clock, seq, apply) awaiting the clock boundary
+    _seq: int = 0                                   # arrival order of kept pushes
     _last_clock_at: dict = field(default_factory=dict)
     #: a checkpoint in progress: pushes at clocks >= cut wait until the snapshot is written
     cut: int | None = None
@@ -71,10 +72,15 @@ class Policy:
             self.waits.record(0.0)
             run()
             return True
-        self._held[rid] = (run, now)
+        self._held[rid] = (run, now, clock)
         return False
 
-    def push(self, worker: str, clock: int, apply: Callable[[], None]) -> bool:
+    def kept(self) -> list[tuple[int, object]]:
+        """(clock, what) of every push kept for the clock boundary: a range copy carries
+        the ones of its range (``what`` is the caller's account of the push)."""
+        return [(clock, what) for clock, _seq, _apply, what in self._pushes]
+
+    def push(self, worker: str, clock: int, apply: Callable[[], None], what: object = None) -> bool:
         """Apply now, or keep for the clock boundary (sequential); True when applied now.
 
         With no live worker left (``min_clock()`` is None) nobody can be mid-iteration,
@@ -82,20 +88,21 @@ class Policy:
         worker leaves: an acknowledged push is never left unapplied. A checkpoint cut
         in progress holds pushes at clocks >= the cut until the snapshot is written."""
         if self.cut is not None and clock >= self.cut:
-            self._past_cut.append((worker, clock, apply))
+            self._past_cut.append((worker, clock, apply, what))
             return False
         if self.buffers_pushes:
             floor = self.clocks.min_clock()
             if floor is not None and clock >= floor:
-                self._pushes.append((clock, apply))
+                self._seq += 1
+                self._pushes.append((clock, self._seq, apply, what))
                 return False
         apply()
         return True
 
-    def clock(self, worker: str, clock: int, now: float) -> None:
+    def clock(self, worker: str, clock: int, now: float, synced: bool = True) -> None:
         last = self._last_clock_at.get(worker)
         self._last_clock_at[worker] = now
-        self.clocks.clock(worker, clock)
+        self.clocks.clock(worker, clock, synced=synced)
         if self.auto is not None and last is not None:
             self.clocks.tau = self.auto.observe_iteration(now - last)
         self._drain(now)
@@ -106,30 +113,45 @@ class Policy:
         self._drain(now)
 
     def _drain(self, now: float) -> None:
-        """Apply pushes whose clock has closed, then run the pulls now allowed."""
+        """Apply the kept pushes whose clock has closed and run the pulls now allowed, a
+        clock at a time: a pull at clock c sees exactly the pushes of clocks < c even when
+        the floor jumps past c at once (a departure, a late pull), because the pushes of
+        clock c are applied only after it. Kept pushes are applied in (clock, arrival)
+        order, which is the same on every copy whatever floors each passed through."""
+        released = sorted(((self._held[rid][2], i, rid) for i, rid in enumerate(self.clocks.ready())))
         if self._pushes:
+            self._pushes.sort(key=lambda p: (p[0], p[1]))
             floor = self.clocks.min_clock()
-            keep = []
-            for clock, apply in self._pushes:
-                if self.buffers_pushes and floor is not None and clock >= floor:
-                    keep.append((clock, apply))
-                else:
-                    apply()
-            self._pushes = keep
-        for rid in self.clocks.ready():
-            run, since = self._held.pop(rid)
-            waited = now - since
-            self.waits.record(waited)
-            if self.auto is not None:
-                self.auto.observe_wait(waited)
-            run()
+            limit = None if floor is None or not self.buffers_pushes else floor
+            done = 0
+            for clock, _i, rid in released:
+                while (done < len(self._pushes) and self._pushes[done][0] < clock
+                       and (limit is None or self._pushes[done][0] < limit)):
+                    self._pushes[done][2]()
+                    done += 1
+                self._run_held(rid, now)
+            while done < len(self._pushes) and (limit is None or self._pushes[done][0] < limit):
+                self._pushes[done][2]()
+                done += 1
+            del self._pushes[:done]
+            return
+        for _clock, _i, rid in released:
+            self._run_held(rid, now)
+
+    def _run_held(self, rid, now: float) -> None:
+        run, since, _clock = self._held.pop(rid)
+        waited = now - since
+        self.waits.record(waited)
+        if self.auto is not None:
+            self.auto.observe_wait(waited)
+        run()
 
     def set_cut(self, cut: int | None) -> None:
         """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead."""
         self.cut = cut
         waiting, self._past_cut = self._past_cut, []
-        for worker, clock, apply in waiting:
-            self.push(worker, clock, apply)
+        for worker, clock, apply, what in waiting:
+            self.push(worker, clock, apply, what)
 
     def stats(self) -> dict:
         clocks = self.clocks.clocks()
@@ -200,6 +222,10 @@ class Gate:
             finally:
                 self.release_cut()
 
+    def kept(self) -> list[tuple[int, object]]:
+        """Every policy's pushes kept for the clock boundary: (clock, what)."""
+        return [k for p in self.policies.values() for k in p.kept()]
+
     def note_push(self, clock: int) -> None:
         self.max_push_clock = max(self.max_push_clock, clock)
 
@@ -220,12 +246,20 @@ class Gate:
             policy.clocks.join(w, c)
         for w in gone:
             policy.clocks.leave(w)
+        policy.clocks.unsynced = set().union(*(p.clocks.unsynced for p in self.policies.values())) - gone
         return policy
 
-    def clock(self, worker: str, clock: int, now: float) -> None:
+    def clock(self, worker: str, clock: int, now: float, synced: bool = True) -> None:
+        """A worker's clock message; ``synced``: sent knowing the ring of our last takeover."""
         for p in self.policies.values():
-            p.clock(worker, clock, now)
+            p.clock(worker, clock, now, synced)
         self._check_cut()
+
+    def resync(self) -> None:
+        """We took over ranges: workers' clocks vouch for them only once they clock again
+        knowing the new ring (see ``RangeClocks.unsynced``)."""
+        for p in self.policies.values():
+            p.clocks.resync()
 
     def leave(self, worker: str, now: float) -> None:
         self.left.add(worker)

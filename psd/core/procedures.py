@@ -99,16 +99,17 @@ class Runner:
     def __init__(self, ask: Callable[[str, Message, int], None], forget: Callable[[str, int], None],
                  do: Callable[[Do, int], None]):
         self._ask, self._forget, self._do = ask, forget, do
-        self._running: set[_Running] = set()
+        self._running: dict[_Running, None] = {}  # (in start order: a replay runs them alike)
         self._by_token: dict[int, _Running] = {}
         self._tokens = itertools.count(1)
         self._holders: dict[str, _Running] = {}
         self._queues: dict[str, deque[_Running]] = {}
+        self._gone: set[str] = set()  # nodes declared gone: a call to one fails at once
 
     def start(self, gen: Procedure, now: float, done: Callable[[Any, BaseException | None], None] | None = None):
         """Run ``gen`` until it first waits; ``done(result, error)`` when it ends."""
         run = _Running(gen, done)
-        self._running.add(run)
+        self._running[run] = None
         self._step(run, None, None, now)
 
     def busy(self, lock: str) -> int:
@@ -131,7 +132,9 @@ class Runner:
         return True
 
     def node_gone(self, node: str, now: float) -> None:
-        """``node`` died or left: calls that depend on it fail now, not at their timeout."""
+        """``node`` died or left: calls that depend on it fail now, not at their timeout,
+        and so do later ones (node names are never reused)."""
+        self._gone.add(node)
         for run in list(self._running):
             hit = [(t, i) for t, i in run.tokens.items() if node in run.watched[i]]
             if not hit:
@@ -178,12 +181,18 @@ class Runner:
                 run.watched = [set(w) for w in wait.watch] if wait.watch else [{n} for n in run.nodes]
                 run.deadline = now + wait.timeout
                 for i, (node, msg) in enumerate(wait.asks):
+                    if run.watched[i] & self._gone:
+                        run.answers[i] = PsdTimeoutError(f"{node} is gone", node=node)
+                        continue
                     token = next(self._tokens)
                     run.tokens[token] = i
                     self._by_token[token] = run
+                if not run.tokens:
+                    value = run.answers
+                    continue
                 for token, i in list(run.tokens.items()):
                     node, msg = wait.asks[i]
-                    self._ask(node, msg, token)  # (an answer may come back at once: then we resume there)
+                    self._ask(node, msg, token)
                 return
             if kind is Sleep:
                 run.wake_at = now + wait.seconds
@@ -216,7 +225,7 @@ class Runner:
             self._step(nxt, None, None, now)
 
     def _end(self, run: _Running, result, error: BaseException | None, now: float) -> None:
-        self._running.discard(run)
+        self._running.pop(run, None)
         for lock, holder in list(self._holders.items()):  # a procedure that ended holding a lock
             if holder is run:
                 self._release(lock, run, now)

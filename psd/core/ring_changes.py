@@ -30,12 +30,15 @@ from psd.cluster.ranges import Range, range_to_wire
 from psd.cluster.ring import Transfer, joint, overlay, rebalance
 from psd.codec import Message
 from psd.core.cluster_state import ClusterState
-from psd.core.procedures import Acquire, Calls, Release
+from psd.core.procedures import Acquire, Calls
 
 log = logging.getLogger("psd.ring")
 
 #: the lock ring changes and checkpoints share: a range is written by one primary
 RING_LOCK = "ring"
+#: rounds of copies a ring change tries (planned again each time from the servers alive)
+#: before it leaves the joint ring in place for a later try
+COPY_ATTEMPTS = 3
 #: the longest a range copy may take (it is given up earlier if its source or
 #: destination dies, and its source gives up when the destination stops answering)
 COPY_TIMEOUT = 24 * 3600.0
@@ -61,6 +64,33 @@ def keep_orphans(old: Assignment, new: Assignment, live: set[str]) -> tuple[Assi
     return ring, orphans
 
 
+def take_back(ring: Assignment, rejoined: dict[str, str], live: set[str]) -> Assignment:
+    """``ring`` with each range that has no live owner given to the owners that came back
+    under new names (``rejoined``: old -> new): a server declared dead on silence and
+    registered again still holds what it held, the only copy of such a range."""
+    if not rejoined:
+        return ring
+
+    def current(node: str) -> str:
+        seen = set()
+        while node in rejoined and node not in seen:
+            seen.add(node)
+            node = rejoined[node]
+        return node
+    owners = []
+    changed = False
+    for o in ring.owners:
+        if o and not any(x in live for x in o):
+            back = tuple(dict.fromkeys(current(x) for x in o))
+            if back != o and any(x in live for x in back):
+                o, changed = back, True
+        owners.append(o)
+    if not changed:
+        return ring
+    addresses = dict(ring.addresses)
+    return Assignment(version=ring.version, ranges=ring.ranges, owners=tuple(owners), addresses=addresses)
+
+
 def unavailable(ring: Assignment, live: set[str]) -> list[tuple[Range, tuple[str, ...]]]:
     """Ranges of ``ring`` none of whose owners is live."""
     return [(r, o) for r, o in zip(ring.ranges, ring.owners) if not any(s in live for s in o)]
@@ -79,6 +109,8 @@ class RingChanges:
         self._after_final = after_final
         self._notify = notify
         self.running = 0
+        #: a change that could not copy what it had to: the scheduler tries it again
+        self.unfinished: str | None = None
 
     @property
     def busy(self) -> bool:
@@ -89,28 +121,29 @@ class RingChanges:
         drains). Returns the final ring."""
         self.running += 1
         try:
-            yield Acquire(RING_LOCK)
-            try:
-                return (yield from self._change(reason, exclude))
-            finally:
-                yield Release(RING_LOCK)
+            yield Acquire(RING_LOCK)  # (released when the procedure ends, however it ends)
+            return (yield from self._change(reason, exclude))
         finally:
             self.running -= 1
 
     def _change(self, reason: str, exclude: str | None):
         s = self.state
         cfg = s.config
-        live = set(s.live("server"))
-        members = live - {exclude} if exclude else live
-        change = rebalance(s.ring, members, live, vnodes=cfg.vnodes, replication=cfg.replication,
-                           addresses={n: s.addresses[n] for n in members})
-        target, orphans = keep_orphans(s.ring, change.ring, live)
-        for r in orphans:
-            log.error("no live copy of %s is left: it stays with its owners, unavailable, until one of them "
-                      "comes back (ring v%d, %s)", r, s.ring.version, reason)
-        version = s.ring.version + 1
-        if change.transfers:
-            mid = joint(s.ring, target, live, version)
+        for attempt in range(1, COPY_ATTEMPTS + 1):
+            live = set(s.live("server"))
+            # where the data surely is: the last final ring, where a range none of whose
+            # owners is live is its owners' that came back under new names
+            base = take_back(s.stable if s.stable is not None else s.ring, s.rejoined, live)
+            members = live - {exclude} if exclude else live
+            change = rebalance(base, members, live, vnodes=cfg.vnodes, replication=cfg.replication,
+                               addresses={n: s.addresses[n] for n in members})
+            target, orphans = keep_orphans(base, change.ring, live)
+            for r in orphans:
+                log.error("no live copy of %s is left: it stays with its owners, unavailable, until one of them "
+                          "comes back (ring v%d, %s)", r, s.ring.version, reason)
+            if not change.transfers:
+                break
+            mid = joint(base, target, live, s.ring.version + 1)
             incoming: dict[str, list] = {}
             for t in change.transfers:
                 incoming.setdefault(t.dst, []).append(range_to_wire(t.range))
@@ -120,14 +153,23 @@ class RingChanges:
             # the destination stops answering), or when its source or destination dies
             results = yield Calls([(t.src, _transfer(t, s.addresses)) for t in change.transfers],
                                   timeout=COPY_TIMEOUT, watch=[(t.src, t.dst) for t in change.transfers])
-            for t, r in zip(change.transfers, results):
-                if not isinstance(r, Message) or r.op != "ok":
-                    why = r.meta.get("message") if isinstance(r, Message) else r
-                    log.error("copy of %s from %s to %s failed (%s); that copy is missing", t.range, t.src, t.dst,
-                              why)
-            version += 1
-        final = dataclasses.replace(target, version=version)
+            failed = [(t, r) for t, r in zip(change.transfers, results) if not isinstance(r, Message) or r.op != "ok"]
+            if not failed:
+                break
+            for t, r in failed:
+                log.warning("copy of %s from %s to %s failed (%s); attempt %d of %d", t.range, t.src, t.dst,
+                            r.meta.get("message") if isinstance(r, Message) else r, attempt, COPY_ATTEMPTS)
+            # no new owner may lead what it did not receive: plan again from where the data
+            # is, with the servers alive now (another old owner may be the source)
+        else:
+            log.error("ring change (%s) left unfinished after %d attempts to copy; ring v%d (joint) stays until "
+                      "it is tried again", reason, COPY_ATTEMPTS, s.ring.version)
+            self.unfinished = reason
+            return s.ring
+        final = dataclasses.replace(target, version=s.ring.version + 1)
         yield from self.publish(final, {}, final=True)
+        s.stable = final
+        self.unfinished = None
         if final.ranges:
             yield from self._after_final()
         log.info("ring v%d (%s): %d server(s), %d range(s)", final.version, reason, len(final.servers),

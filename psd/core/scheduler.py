@@ -198,6 +198,8 @@ class SchedulerCore:
                 log.info("the scheduler hears from a majority of the servers again")
         self._flag_stragglers(now)
         self.runner.tick(now)
+        if self.ring_changes.unfinished and not self.ring_changes.busy and not self._isolated:
+            self._background(self.ring_changes.rebalance(f"{self.ring_changes.unfinished}, again"), now)
         if self._next_checkpoint is not None and now >= self._next_checkpoint:
             self._next_checkpoint = now + self.config.checkpoint_interval
             if self.config.checkpoint_dir and s.live("server"):
@@ -260,7 +262,12 @@ class SchedulerCore:
                     if p.role == "server" and p.state == State.DEAD and p.node not in s.replaced]
             if dead:
                 s.replaced.add(dead[0])
-            self._take_back(node, msg.meta.get("previous"), address)
+            previous = msg.meta.get("previous")
+            if isinstance(previous, str) and previous in s.ring.servers and previous not in s.live("server"):
+                # a server declared dead registers again: the ranges only it held come back
+                # to it under the new name (the next ring change plans from it)
+                s.rejoined[previous] = node
+                log.warning("%s is %s back", node, previous)
             self.save()
             # the new server takes its ranges once it serves; joins queue behind other changes
             self._background(self.ring_changes.rebalance(f"{node} joined"), now)
@@ -275,29 +282,8 @@ class SchedulerCore:
                                "tables": [t.to_wire() for t in s.tables.values()],
                                "heartbeat_interval": self.config.heartbeat_interval,
                                "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
-                                          "max_keys": self.config.limits.max_keys}})
-
-    def _take_back(self, node: str, previous, address: str) -> None:
-        """A server that registers again after being declared dead (``previous``: its old
-        name) keeps the ranges only it held, which the ring kept for it, unavailable: they
-        are its under the new name, with no copy needed."""
-        s = self.state
-        if not isinstance(previous, str) or previous not in s.ring.servers:
-            return
-        peer = s.liveness.peers.get(previous)
-        if peer is not None and peer.state not in (State.DEAD, State.LEFT):
-            return
-        live = set(s.live("server")) - {node}
-        orphaned = {i for i, (_r, o) in enumerate(zip(s.ring.ranges, s.ring.owners))
-                    if previous in o and not any(x in live for x in o)}
-        if not orphaned:
-            return
-        owners = tuple(tuple(node if (x == previous and i in orphaned) else x for x in o)
-                       for i, o in enumerate(s.ring.owners))
-        addresses = {**{n: a for n, a in s.ring.addresses.items() if any(n in o for o in owners)}, node: address}
-        s.ring = Assignment(version=s.ring.version + 1, ranges=s.ring.ranges, owners=owners, addresses=addresses)
-        log.warning("%s is %s back: it keeps the %d range(s) only it held (ring v%d)", node, previous, len(orphaned),
-                    s.ring.version)
+                                          "max_keys": self.config.limits.max_keys,
+                                          "max_inflight_bytes": self.config.limits.max_inflight_bytes}})
 
     def _to_servers(self, msg: Message, exclude: str | None = None):
         """A procedure step: ``msg`` to every live server; their answers."""
@@ -329,7 +315,10 @@ class SchedulerCore:
         if role == "worker":
             s.worker_clocks[msg.sender] = max(msg.clock, s.worker_clocks.get(msg.sender, 0))
         if role == "server" and stats is not None:
-            s.stats[msg.sender] = stats
+            if "counters" in stats or msg.sender not in s.stats:  # full stats; else only the peers' ages
+                s.stats[msg.sender] = stats
+            else:
+                s.stats[msg.sender].update(stats)
             if "peers" in stats:  # its word on the other servers: the failure detector's evidence
                 s.liveness.report(msg.sender, stats["peers"], now)
             self._tidy(msg.sender, stats.get("tables"), now)

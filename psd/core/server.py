@@ -39,7 +39,7 @@ from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
 from psd.core.seen import Covered, Seen
 from psd.core.stream import SEQ, Inbound, parse
 from psd.errors import (BadRequestError, BusyError, LimitError, MessageTooLargeError,
-                        NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError,
+                        NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
                         TableMismatchError, UnavailableError, UnknownTableError)
 from psd.keyroles import ROLE_SERVER, forbidden
 from psd.refusals import RefusalLog
@@ -63,6 +63,8 @@ MAX_RID = (1 << 64) - 1
 DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replicas)",
               "install": "install (a range copy from another server)",
               "peer_ping": "peer_ping (a server's liveness ping)"}
+#: one heartbeat in this many carries the full stats; the others only the peers' ages
+STATS_EVERY = 5
 #: refusals after which the sender sends the request again: nothing it sent after the
 #: refused request may be admitted before that (the stream breaks there)
 BREAKING = (NotOwnerError, UnavailableError, BusyError)
@@ -78,10 +80,12 @@ def _request_id(value, what: str) -> int | None:
 
 
 class ServerCore:
-    def __init__(self, config: ClusterConfig, *, secure: bool):
-        """``secure``: under CurveZMQ, where ``msg.peer`` names the sender's key role."""
+    def __init__(self, config: ClusterConfig, *, secure: bool, table_factory=Table):
+        """``secure``: under CurveZMQ, where ``msg.peer`` names the sender's key role;
+        ``table_factory(spec, usage)``: how a table is made (the simulation's lend every row)."""
         self.config = config
         self.secure = secure
+        self.table_factory = table_factory
         self.node_id = "S?"
         self.tables: dict[str, Table] = {}
         self.ring = Assignment(version=0)
@@ -96,7 +100,10 @@ class ServerCore:
         self.fence = Fence((2 * cfg.heartbeat_misses - 1) * cfg.heartbeat_interval)
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
                          "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0, "limit_refusals": 0,
-                         "not_replicated": 0, "out_of_order": 0, "fenced": 0}
+                         "not_replicated": 0, "out_of_order": 0, "fenced": 0, "busy": 0}
+        #: bytes of requests each sender has here unanswered (a held pull, a push waiting
+        #: for its replicas), bounded by limits.max_inflight_bytes
+        self.holding: dict[str, int] = {}
         #: bytes of table storage held here (limits.max_memory_bytes), plus those that pushes
         #: the consistency gate holds may still add; replicas that said they are full
         self.usage = Usage()
@@ -109,8 +116,15 @@ class ServerCore:
         self.gate = Gate(Setting(cfg.consistency, cfg.max_delay, cfg.num_workers, tuple(cfg.auto_delay_bounds)))
         self.draining = False
         self.rejoining = False
+        self.previous: set[str] = set()  # our names before we registered again
+        #: the ring at which we last took over ranges: clocks sent before it do not vouch for them
+        self.sync_version = 0
+        #: ranges a copy of which is arriving, and which copy (a failed one may be tried again)
+        self._copying_in: dict[Range, object] = {}
+        self._copies_sent = 0
+        self._beats = 0
         #: ranges copies of which we are sending (transfer): each tracked to its end
-        self._copies: set[_Copy] = set()
+        self._copies: dict[_Copy, None] = {}  # (a dict: iterated in the order made)
         self._checkpoint: _Cut | None = None
         self._pinged: dict[str, tuple[Call, float]] = {}  # peer -> (its ping, sent at)
         self._next_ping = 0.0
@@ -191,29 +205,37 @@ class ServerCore:
     def registered(self, meta: dict, now: float) -> list:
         """The scheduler's answer to ``register``: our node id, the tables, the ring."""
         rejoin = self.rejoining
+        if rejoin and self.node_id != meta["node"]:
+            self.previous.add(self.node_id)
         self.node_id = meta["node"]
         self.rejoining = False
         for spec in meta.get("tables", []):
             self._create(TableSpec.from_wire(spec))
         ring = Assignment.from_wire(meta["ring"])
         if rejoin:
-            self.streams = Inbound()  # under a new name: senders open new streams to it
-            if ring.version >= self.ring.version:
-                self.ring = Assignment(version=0)
-                self._set_ring(ring)
-                self._drop_unowned()  # keep what the ring still gives us; the rest went to others
-            else:
+            # under a new name: senders open new streams to it. Its data stays until the
+            # next final ring says what it holds: ranges only it had come back to it (under
+            # the new name) before its join's ring change; the rest is dropped then, never
+            # served meanwhile (the ring gives it nothing to lead)
+            self.streams = Inbound()
+            if ring.version < self.ring.version:
                 log.error("%s: the scheduler knows an older ring (v%d) than this server (v%d): it lost its "
-                          "state; the data is kept, serving its ranges when a ring gives them back",
+                          "state; the data is kept until a ring says what this server holds",
                           self.node_id, ring.version, self.ring.version)
-                self.ring = Assignment(version=0)
-                self._set_ring(ring)
+            self.ring = Assignment(version=0)
+            self._set_ring(ring)
         else:
             self._set_ring(ring)
         return self._take()
 
-    def heartbeat_meta(self, now: float) -> dict:
-        return {"stats": self.stats(now)}
+    def heartbeat_stats(self, now: float) -> dict | None:
+        """What a heartbeat carries besides liveness: every STATS_EVERY-th one the full
+        stats (what ``psd status`` shows); the others only what the failure detector
+        needs each time (None: send the full stats, and the daemon adds its own)."""
+        self._beats += 1
+        if self._beats % STATS_EVERY == 1:
+            return None
+        return {"peers": self.fence.report(self.ring.servers, self.node_id, now), "serving": self.serving(now)}
 
     def heartbeat_answered(self, meta: dict, sent_at: float, now: float) -> list:
         state, known = meta.get("state"), meta.get("known")
@@ -346,7 +368,7 @@ class ServerCore:
     def _create(self, spec: TableSpec) -> None:
         have = self.tables.get(spec.name)
         if have is None:
-            self.tables[spec.name] = Table(spec, self.usage)
+            self.tables[spec.name] = self.table_factory(spec, self.usage)
             self.dropped.pop(spec.name, None)
         elif have.spec != spec:
             raise TableMismatchError(f"table {spec.name!r} exists as {have.spec}, not {spec}")
@@ -355,6 +377,12 @@ class ServerCore:
         if ring.version < self.ring.version:
             return
         gone = set(self.ring.servers) - set(ring.servers)
+        if any(new and new[0] == self.node_id and (not old or old[0] != self.node_id)
+               for _piece, old, new in overlay(self.ring, ring)) and self.ring.ranges:
+            # we lead keys we did not: a worker's pushes to them may still be on their way to
+            # their old primary; its clocks vouch for them here once it knows this ring
+            self.sync_version = ring.version
+            self.gate.resync()
         self.ring = ring
         self.fence.forget(ring.servers)
         for node in gone:
@@ -370,7 +398,11 @@ class ServerCore:
                  len(led), len(held), len(self.incoming))
 
     def _drop_unowned(self) -> None:
-        held = self.ring.ranges_of(self.node_id)
+        self._narrow_kept(self._held_rows)  # (a range that comes back brings its own with its copy)
+        # what the ring still lists under our old names (declared dead, we registered again)
+        # stays: it may be the only copy, which the next ring change gives back to us
+        self.previous &= set(self.ring.servers)
+        held = sorted({r for node in (self.node_id, *self.previous) for r in self.ring.ranges_of(node)})
         for name, table in self.tables.items():
             dropped = table.retain(held)
             if dropped:
@@ -463,17 +495,43 @@ class ServerCore:
         ``reserve``: bytes the push may add, counted against the memory limit until it
         is applied."""
         self.gate.note_push(msg.clock)
+        self._keep_or_apply(table, rows, origin, msg.clock, reserve)
+        self.counters["keys_pushed"] += rows.count
+
+    def _keep_or_apply(self, table: Table, rows: Rows, origin: str, clock: int, reserve: int = 0) -> None:
+        """Apply now, or have the gate keep the push for the clock boundary. A kept push is
+        applied later only to the rows the ring still gives us then (a range copy takes
+        the kept pushes of its range along: ``on_transfer``)."""
         if reserve:
             self.reserved += reserve
+        ring_then = self.ring.version
+        kept = Kept(table.spec.name, rows, origin)
 
-            def apply() -> None:
-                self.reserved -= reserve
-                rows.push_into(table)
-        else:
-            def apply() -> None:
-                rows.push_into(table)
-        self.policy(table).push(origin, msg.clock, apply)
-        self.counters["keys_pushed"] += rows.count
+        def apply() -> None:
+            self.reserved -= reserve
+            rows = kept.rows
+            held = rows if rows is None or self.ring.version == ring_then else self._held_rows(rows)
+            if held is not None:
+                held.push_into(table)
+        self.policy(table).push(origin, clock, apply, kept)
+
+    def _narrow_kept(self, keep) -> None:
+        """Narrow every kept push to ``keep(rows)`` (None: nothing of it is left here)."""
+        for _clock, kept in self.gate.kept():
+            if kept.rows is not None:
+                kept.rows = keep(kept.rows)
+
+    def _held_rows(self, rows: Rows) -> Rows | None:
+        """The rows of ``rows`` in ranges we hold (lead or replicate) at our ring."""
+        if not rows.count:
+            return None
+        groups = self._owner_groups(rows)
+        names = (self.node_id, *self.previous)
+        mine = [any(n in owners for n in names) for owners, _ in groups]
+        if all(mine):
+            return rows
+        slices = sorted(s for ok, (_owners, group) in zip(mine, groups) if ok for s in group)
+        return rows.take(slices) if slices else None
 
     # -- the memory limit ------------------------------------------------------------
     @staticmethod
@@ -572,7 +630,7 @@ class ServerCore:
             fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
                                  meta=meta)
             call = self.calls.ask(node, address, fwd, partial(self._forward_answered, pending), now)
-            pending.calls.add(call)
+            pending.calls[call] = None
             self.counters["replicated"] += 1
         if not pending.calls:
             self.acks.settle(pending)
@@ -607,10 +665,34 @@ class ServerCore:
             self.full_replicas.pop(node, None)
         self.acks.answered(pending, call, None)
 
-    def _answer_when(self, pending: Pending | None, route, msg: Message, reply: Message, leases=None) -> None:
+    def _hold(self, msg: Message, reply_bytes: int = 0) -> int:
+        """The bytes ``msg`` holds here until answered (its payload, and the reply it asks
+        for), counted against its sender's budget (limits.max_inflight_bytes): a sender
+        holding that much already is refused ``busy`` (it sends again later, in order)."""
+        cost = sum(a.nbytes for a in msg.arrays) + reply_bytes
+        held = self.holding.get(msg.sender, 0)
+        limit = self.config.limits.max_inflight_bytes
+        if held and held + cost > limit:
+            self.counters["busy"] += 1
+            raise BusyError(f"{msg.sender} holds {held} bytes of unanswered requests on {self.node_id} and this "
+                            f"{msg.op} adds {cost}, over limits.max_inflight_bytes {limit}; nothing was applied: "
+                            f"send it again once earlier requests are answered", held=held, limit=limit)
+        self.holding[msg.sender] = held + cost
+        return cost
+
+    def _unhold(self, sender: str, cost: int) -> None:
+        left = self.holding.get(sender, 0) - cost
+        if left > 0:
+            self.holding[sender] = left
+        else:
+            self.holding.pop(sender, None)
+
+    def _answer_when(self, pending: Pending | None, route, msg: Message, reply: Message, leases=None,
+                     cost: int = 0) -> None:
         """Send ``reply`` once every replica holds the push, or the refusal if one did not."""
         def done(err) -> None:
             self.counters["not_replicated"] = self.acks.not_replicated
+            self._unhold(msg.sender, cost)
             if err is None:
                 self.outbox.append(Reply(route, reply, leases=leases or []))
             else:
@@ -625,7 +707,13 @@ class ServerCore:
         table = self._table(msg)
         rows = self._rows(msg, table, with_values=True)
         self.counters["push"] += 1
-        self._answer_when(self._push(msg, table, rows, now), route, msg, msg.reply(ring=self.ring.version))
+        cost = self._hold(msg)
+        try:
+            pending = self._push(msg, table, rows, now)
+        except Exception:
+            self._unhold(msg.sender, cost)
+            raise
+        self._answer_when(pending, route, msg, msg.reply(ring=self.ring.version), cost=cost)
 
     def _check_reply_size(self, table: Table, rows: Rows) -> None:
         size = rows.count * table.width * table.dtype.itemsize
@@ -634,10 +722,11 @@ class ServerCore:
                                        f"{self.config.limits.max_message_bytes}; pull fewer keys at a time")
 
     def _answer_pull(self, route, msg: Message, table: Table, rows: Rows, now: float,
-                     after: Pending | None = None) -> None:
+                     after: Pending | None = None, cost: int = 0) -> None:
         def run() -> None:
             self.counters["keys_pulled"] += rows.count
             if after is None or after.settled:
+                self._unhold(msg.sender, cost)
                 leases: list = []
                 values = rows.pull_from(table, leases) if rows.count else np.empty((0, table.width), table.dtype)
                 if after is not None and after.error is not None:
@@ -649,7 +738,7 @@ class ServerCore:
             else:  # pushpull: the pushed values must be on the replicas before we answer;
                 # a copy, so that no lent view of the table waits that long (copy on write)
                 values = rows.pull_from(table) if rows.count else np.empty((0, table.width), table.dtype)
-                self._answer_when(after, route, msg, msg.reply(arrays=[values], ring=self.ring.version))
+                self._answer_when(after, route, msg, msg.reply(arrays=[values], ring=self.ring.version), cost=cost)
 
         self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, now)
 
@@ -660,14 +749,21 @@ class ServerCore:
         self._check_reply_size(table, rows)
         self._check_primary(rows, now)
         self.counters["pull"] += 1
-        self._answer_pull(route, msg, table, rows, now)
+        cost = self._hold(msg, rows.count * table.width * table.dtype.itemsize)
+        self._answer_pull(route, msg, table, rows, now, cost=cost)
 
     def on_pushpull(self, route, msg: Message, now: float) -> None:
         self._admit(msg)
         table = self._table(msg)
         rows = self._rows(msg, table, with_values=True)
         self.counters["pushpull"] += 1
-        self._answer_pull(route, msg, table, rows, now, after=self._push(msg, table, rows, now))
+        cost = self._hold(msg, rows.count * table.width * table.dtype.itemsize)
+        try:
+            pending = self._push(msg, table, rows, now)
+        except Exception:
+            self._unhold(msg.sender, cost)
+            raise
+        self._answer_pull(route, msg, table, rows, now, after=pending, cost=cost)
 
     def on_clock(self, route, msg: Message, now: float) -> None:
         """A worker finished an iteration; one-way (no reply), sent after its pushes."""
@@ -675,7 +771,12 @@ class ServerCore:
         clock = msg.meta.get("clock")
         if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0:
             raise ProtocolError("clock: meta.clock must be a non-negative integer")
-        self.gate.clock(msg.sender, clock, now)
+        synced = msg.ring >= self.sync_version
+        self.gate.clock(msg.sender, clock, now, synced)
+        if not synced:  # (its clock counts once it knows the ring we took ranges over in)
+            raise StaleRingError(f"{msg.sender}'s clock {clock} was sent at ring v{msg.ring}, before ring "
+                                 f"v{self.sync_version} gave {self.node_id} ranges; ask the scheduler for the ring",
+                                 ring=self.ring.version)
 
     # -- replication -------------------------------------------------------------
     def on_replicate(self, route, msg: Message, now: float) -> None:
@@ -757,20 +858,31 @@ class ServerCore:
         # holds at least one row), so a range of any size can move; all are taken and
         # queued in this one step, in order, on the stream our forwards use
         budget = max(1, self.config.limits.max_message_bytes // 2)
+        self._copies_sent += 1
+        attempt = f"{self.node_id}.{self._copies_sent}"  # (the receiver tells two tries of one range apart)
         sends = []
         for name, table in self.tables.items():
             keys, vals, state = table.snapshot(r.begin, r.end)
-            meta = {"range": range_to_wire(r), "state_fields": list(state)}
+            meta = {"range": range_to_wire(r), "copy": attempt, "state_fields": list(state)}
             row_bytes = keys.itemsize + vals.itemsize * table.width * (1 + len(state))
             step = max(1, min(budget // row_bytes, self.config.limits.max_keys))  # frames: <= max_keys rows
             for i in range(0, max(keys.size, 1), step):  # an empty range still sends one
                 sends.append(Message("install", table=name, ring=self.ring.version, meta=dict(meta),
                                      arrays=[keys[i:i + step], vals[i:i + step],
                                              *(a[i:i + step] for a in state.values())]))
+        # then the pushes the consistency gate keeps for the clock boundary (sequential):
+        # not in the rows yet, they travel along and wait there for the same boundary
+        for clock, kept in self.gate.kept():
+            inside = _rows_in(kept.rows, r) if kept.rows is not None else None
+            if inside is not None:
+                sends.append(Message("install", table=kept.table, ring=self.ring.version,
+                                     meta={"range": range_to_wire(r), "copy": attempt, "kept": clock,
+                                           "origin": kept.origin},
+                                     arrays=[inside.keys, inside.values]))
         # last: the ids the copy carries, the last message marks the range complete
         pieces = id_pieces(*self._seen_for_copy(r), budget, self.config.limits.max_keys)
         for j, (senders, counts, rids) in enumerate(pieces):
-            meta = {"range": range_to_wire(r), "senders": senders}
+            meta = {"range": range_to_wire(r), "copy": attempt, "senders": senders}
             departed = [s for s in senders if s in self.forgetting]
             if departed:  # the receiver was never told they left: it forgets them once quiet too
                 meta["departed"] = departed
@@ -778,9 +890,24 @@ class ServerCore:
                 meta["final"] = True
             sends.append(Message("install", ring=self.ring.version, arrays=[counts, rids], meta=meta))
         copy = _Copy(self, msg, r, dst, len(sends), now)
-        self._copies.add(copy)
+        self._copies[copy] = None
         for m in sends:
             copy.calls.append(self.calls.ask(dst, address, m, copy.answered, now))
+
+    def _install_kept(self, msg: Message, r: Range) -> None:
+        """A push the copy's source kept for the clock boundary: keep it here for the same
+        boundary (checked whole first)."""
+        clock, origin = msg.meta.get("kept"), msg.meta.get("origin")
+        if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0 or not isinstance(origin, str):
+            raise ProtocolError("install: meta.kept must be a clock (an integer >= 0) and meta.origin a worker")
+        if msg.table not in self.tables and msg.table in self.dropped:
+            return
+        table = self._table(msg)
+        rows = Rows.from_message(msg, self.config.limits, with_values=True)
+        rows.values = table.check_values(rows.values, rows.count)
+        if rows.count and (int(rows.keys[0]) < r.begin or int(rows.keys[-1]) >= r.end):
+            raise ProtocolError(f"install: kept push rows fall outside the range {r}")
+        self._keep_or_apply(table, rows, origin, clock)
 
     def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids a copy of ``r`` carries: every id applied here, and those copied in
@@ -799,6 +926,16 @@ class ServerCore:
         self._admit(msg)
         self.fence.heard(msg.sender, now)
         r = copy_range(msg.meta.get("range"))
+        attempt = msg.meta.get("copy")
+        if self._copying_in.get(r, ()) != attempt:
+            # a copy of r begins (or begins again): what it brings (rows, and the pushes its
+            # source keeps for the clock boundary) replaces what we had of r, kept pushes too
+            self._copying_in[r] = attempt
+            self._narrow_kept(lambda rows: _rows_in(rows, r, outside=True))
+        if msg.table is not None and "kept" in msg.meta:
+            self._install_kept(msg, r)
+            self.outbox.append(Reply(route, msg.reply()))
+            return
         if msg.table is not None:
             if msg.table in self.tables or msg.table not in self.dropped:
                 # never refused for memory: the ring moves this range here whatever we answer,
@@ -820,9 +957,10 @@ class ServerCore:
         self.covered.note_copy(r, senders, counts, rids)
         for sender in senders:  # (ids arriving count as the sender's activity here)
             self.seen.note_activity(sender)
-        for worker in set(departed) & set(senders):
+        for worker in sorted(set(departed) & set(senders)):
             self._watch_departed(worker, now)
         if msg.meta.get("final"):
+            self._copying_in.pop(r, None)
             self.incoming = [x for x in self.incoming if x != r]
             log.info("%s now holds %s (copied in, ring v%d)", self.node_id, r, self.ring.version)
             self._warn_over_limit(f"taking {r}")
@@ -919,6 +1057,32 @@ class ServerCore:
         return self.gate.policies[self.gate.default].clocks.min_clock()
 
 
+class Kept:
+    """A push the consistency gate keeps for the clock boundary: the rows still to apply
+    here (narrowed when a range leaves, or a copy of it arrives)."""
+
+    __slots__ = ("table", "rows", "origin")
+
+    def __init__(self, table: str, rows: Rows | None, origin: str):
+        self.table, self.rows, self.origin = table, rows, origin
+
+
+def _rows_in(rows: Rows, r: Range, outside: bool = False) -> Rows | None:
+    """The rows of ``rows`` with keys in ``r`` (or, ``outside``, not in it), as keys and
+    values; None when there are none."""
+    keys = rows.keys if rows.keys is not None else np.concatenate(
+        [np.arange(lo, lo + n, dtype=np.uint64) for lo, n in rows.spans]) if rows.spans else np.empty(0, np.uint64)
+    i0, i1 = bounds(keys, r.begin, r.end)
+    if not outside:
+        return None if i0 == i1 else Rows(keys=keys[i0:i1], values=rows.values[i0:i1])
+    if i0 == 0 and i1 == keys.size:
+        return None
+    if i0 == i1:
+        return rows
+    return Rows(keys=np.concatenate([keys[:i0], keys[i1:]]), values=np.concatenate([rows.values[:i0],
+                                                                                    rows.values[i1:]]))
+
+
 class _Copy:
     """A range copy this server sends (``transfer``): answered to the scheduler when every
     message of it was answered; failed when one is refused, or when one is not answered
@@ -952,7 +1116,7 @@ class _Copy:
 
     def _end(self, err: PsdError | None) -> None:
         core = self.core
-        core._copies.discard(self)
+        core._copies.pop(self, None)
         for call in self.calls:
             core.calls.forget(call)
         if err is None:

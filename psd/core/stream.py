@@ -19,11 +19,10 @@ Nothing here reads the clock or touches a socket.
 """
 from __future__ import annotations
 
-import itertools
-import secrets
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from psd.core.ids import next_epoch
 from psd.errors import ProtocolError
 
 #: the header field (``meta``) that carries a request's place: [epoch, seq]
@@ -102,19 +101,14 @@ class Stamp(Generic[T]):
     item: T
 
 
-#: epochs of this process, from a random start, increasing: a receiver keys streams by
-#: sender name, and takes a higher epoch as the sender starting over, so every stream this
-#: process opens (to a server that came back under a new name, say) or restarts must
-#: outnumber the ones before it
-_epochs = itertools.count(secrets.randbits(40) + 1)
-
-
 class Outbound(Generic[T]):
     """The sending side of one stream: stamps requests in sending order and keeps those
     not yet known to be admitted (with the caller's ``item`` for each)."""
 
     def __init__(self, epoch: int | None = None) -> None:
-        self.epoch = next(_epochs) if epoch is None else epoch
+        # a receiver keys streams by sender name and takes a higher epoch as the sender
+        # starting over: every stream this process opens or restarts outnumbers the ones before
+        self.epoch = next_epoch() if epoch is None else epoch
         self.next = 0
         self._unconfirmed: list[Stamp[T]] = []
 
@@ -158,7 +152,7 @@ class Outbound(Generic[T]):
         to be admitted, in order. The first request of the new epoch has seq 0."""
         back = [s.item for s in self._unconfirmed]
         self._unconfirmed = []
-        self.epoch = max(self.epoch + 1, next(_epochs))
+        self.epoch = max(self.epoch + 1, next_epoch())
         self.next = 0
         return back
 

@@ -149,8 +149,9 @@ class Server:
             if self.core.rejoining:
                 continue
             sent = time.monotonic()
+            stats = self.core.heartbeat_stats(sent)
             try:
-                reply = await self.link.call(Message("heartbeat", meta={"stats": self.stats()}),
+                reply = await self.link.call(Message("heartbeat", meta={"stats": stats or self.stats()}),
                                              timeout=max(1.0, 4 * cfg.heartbeat_interval))
             except Exception as e:  # the scheduler may be restarting or cut off; keep serving
                 log.warning("%s: heartbeat failed: %s", self.node_id, e)

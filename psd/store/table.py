@@ -66,8 +66,14 @@ class Usage:
 
 
 class Table:
-    def __init__(self, spec: TableSpec, usage: Usage | None = None):
+    def __init__(self, spec: TableSpec, usage: Usage | None = None, lend_min_bytes: int = LEND_MIN_BYTES,
+                 small_pull: int = SMALL_PULL):
+        """``lend_min_bytes``: the smallest run of rows a pull lends instead of copying;
+        ``small_pull``: pulls of fewer keys take the direct lookup, a copy (the simulation
+        sets both to 0: every run of rows is lent, to exercise what lending must guarantee)."""
         self.spec = spec
+        self.lend_min_bytes = lend_min_bytes
+        self.small_pull = small_pull
         self.usage = usage if usage is not None else Usage()
         self.dtype = spec.np_dtype
         self.width = spec.width
@@ -96,7 +102,7 @@ class Table:
     def _lend(self, view: np.ndarray, leases: list | None) -> np.ndarray:
         """``view`` itself when the caller takes a lease on it (appended to ``leases``),
         else a copy: only a sender that reports its sends complete may hold a view."""
-        if leases is None or view.nbytes < LEND_MIN_BYTES:
+        if leases is None or view.nbytes < self.lend_min_bytes:
             return view.copy()
         view.flags.writeable = False
         if len(self._leases) >= self._prune_at:  # amortised: many replies may be queued at once
@@ -200,7 +206,7 @@ class Table:
         """The rows of ``keys`` (zeros for keys never pushed). With ``leases``, rows that
         sit in a row in storage may come back as a lent view (see ``_lend``)."""
         n = self.keys.size
-        if 0 < keys.size < SMALL_PULL and n:
+        if 0 < keys.size < self.small_pull and n:
             # a few keys: one search and one gather beat the slice and run detection
             idx = self.keys.searchsorted(keys)
             found = self.keys.take(idx, mode="clip") == keys

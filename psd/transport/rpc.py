@@ -18,6 +18,7 @@ import zmq
 from zmq.backend import Socket as _Backend
 
 from psd.codec import Limits, Message, decode, encode
+from psd.codec.message import error_reply
 from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, error_from_wire
 from psd.refusals import RefusalLog
 from psd.transport.spin import Spin
@@ -86,10 +87,6 @@ def is_reply(msg: Message) -> bool:
     return msg.op in REPLY_OPS
 
 
-def error_reply(request: Message, err: PsdError, sender: str) -> Message:
-    data = err.data if all(isinstance(v, (int, str, float, bool)) for v in err.data.values()) else {}
-    return request.reply("error", sender=sender,
-                         meta={"code": err.code, "message": err.message, "data": data})
 
 
 def raise_if_error(msg: Message) -> Message:

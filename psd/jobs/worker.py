@@ -1,5 +1,6 @@
-"""The worker role: asks the scheduler for a job, runs its app on the assigned shards,
-reports progress and metrics, and asks again."""
+"""The worker daemon (``psd worker``): asks the scheduler for a job, runs its app on the
+assigned shards, reports progress and metrics, and asks again. It sits with the jobs,
+not the roles: it runs apps, which it is handed by name (an ``AppRegistry``)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,7 @@ import traceback
 from psd.client import aio
 from psd.config import ClusterConfig
 from psd.jobs.context import JobContext
-from psd.transport.heartbeat import HeartbeatThread
+from psd.jobs.registry import AppRegistry
 
 log = logging.getLogger("psd.worker")
 
@@ -28,10 +29,12 @@ class Worker:
     shards_run = 0
     current: tuple[str, int] | None = None
 
-    def __init__(self, config: ClusterConfig, one_job: bool = False):
-        """``one_job``: exit once the first job this worker took part in has ended
-        (staying until then to pick up shards of workers that die)."""
+    def __init__(self, config: ClusterConfig, apps: AppRegistry, one_job: bool = False):
+        """``apps``: the apps it may run, by name; ``one_job``: exit once the first job
+        this worker took part in has ended (staying until then to pick up shards of
+        workers that die)."""
         self.config = config
+        self.apps = apps
         self.one_job = one_job
 
     # what log records and metrics name: read from the connection once there is one
@@ -56,9 +59,7 @@ class Worker:
         kv = self.kv = await aio.connect(self.config.scheduler, self.config)
         announce = (asyncio.create_task(self._announce_metrics(kv)) if self.metrics_address else None)
         # an app's numpy work can hold this loop for seconds: stay alive from a thread
-        keepalive = HeartbeatThread(self.config.scheduler, kv.node_id, self.config.heartbeat_interval,
-                                    lambda: kv.clock_value, security=kv.curve)
-        keepalive.start()
+        keepalive = kv.keepalive()
         ready(kv.node_id)
         log.info("%s connected to %s", kv.node_id, self.config.scheduler)
         job_id = None
@@ -88,15 +89,13 @@ class Worker:
             await kv.close()
 
     async def run_job(self, kv, got: dict, stop: asyncio.Event) -> None:
-        from psd.apps import load_app
-
         ctx = JobContext(job_id=got["job"], spec=got["spec"], rank=got["rank"],
                          num_workers=got["num_workers"], shards=list(got["shards"]), kv=kv)
         log.info("%s runs job %s (%s) as rank %d of %d", kv.node_id, ctx.job_id, ctx.spec.get("app"),
                  ctx.rank, ctx.num_workers)
         kv.namespace = ctx.job_id  # the app's tables are the job's: kv.table("w") opens "<job>/w"
         try:
-            app = load_app(ctx.spec["app"])
+            app = self.apps.load(ctx.spec["app"])
             app_task = asyncio.create_task(app.run(kv, ctx))
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({app_task, stopper}, return_when=asyncio.FIRST_COMPLETED)

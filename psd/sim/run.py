@@ -1,0 +1,459 @@
+"""One simulated run: a cluster built from the real cores, a workload, faults from the
+seed, and the invariants checked as it goes and at the end.
+
+``simulate(seed)`` returns an ``Outcome``; its ``violations`` are empty when every
+invariant held:
+
+* no acknowledged push lost, none applied twice (each push adds its own bit pattern to
+  its keys: ``1 << 2*slot``, so a key's value names exactly the pushes applied to it, and
+  a push applied twice shows as a carry into the slot's second bit);
+* the copies of every range agree once the run has settled (replicas converge);
+* every pull sees what the consistency model promises: under ``eventual`` a worker's pull
+  of its own keys sees exactly its pushes issued before it (all of them, and none after;
+  one whose answer was lost with its connection and asked again may see later ones);
+  under ``bounded`` (tau) it sees every push made at clocks < c - tau; under
+  ``sequential`` exactly the pushes made at clocks < c;
+* clocks and ring versions never go back on any node.
+
+The same seed gives the same run: a failing seed replays exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from psd.cluster.liveness import State
+from psd.cluster.rows import Rows
+from psd.codec import Message
+from psd.config import ClusterConfig
+from psd.core import ids
+from psd.schema import TableSpec
+from psd.sim.nodes import SCHEDULER, SimScheduler, SimServer, SimWorker
+from psd.sim.world import World
+
+TABLE = TableSpec("sim", 1, "int64", "sum")
+#: the faults a run draws from (drops twice as likely as the others)
+FAULTS = ("kill", "stall", "stall_long", "cut_scheduler", "cut_server_from_scheduler", "cut_server", "one_way",
+          "drop", "drop", "join", "stall_scheduler", "cut_worker")
+#: pushes to one key (each takes two bits of an int64: bits 2*slot and 2*slot + 1)
+SLOTS = 31
+
+
+@dataclass
+class Settings:
+    servers: int = 3
+    workers: int = 2
+    replication: int = 2
+    consistency: str = "eventual"
+    max_delay: int = 1
+    duration: float = 1.5       # seconds of workload (virtual)
+    settle: float = 4.0         # seconds after it, with every fault healed
+    keys_per_worker: int = 6
+    outstanding: int = 6        # requests a worker keeps in flight at most
+    faults: bool | tuple[str, ...] = True  # True: any kind (FAULTS); or only these kinds
+
+    def config(self) -> ClusterConfig:
+        return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
+                             request_timeout=8.0, replication=self.replication, vnodes=4,
+                             consistency=self.consistency, max_delay=self.max_delay,
+                             num_workers=self.workers if self.consistency != "eventual" else 0)
+
+
+@dataclass
+class PushRecord:
+    worker: int
+    keys: np.ndarray
+    slots: list[int]
+    clock: int
+    issued: float
+    order: int
+    outcome: str = "pending"    # acked | failed | pending
+
+
+@dataclass
+class PullRecord:
+    worker: int
+    keys: np.ndarray
+    clock: int
+    issued: float
+    order: int
+    values: np.ndarray | None = None
+    answered: float | None = None
+    error: str | None = None
+    reread: bool = False       # sent again after its connection dropped (may see later pushes)
+    rerouted: bool = False     # sent again to a new owner (sequential: may see its own clock's)
+
+
+@dataclass
+class Outcome:
+    seed: int
+    settings: Settings
+    violations: list[str] = field(default_factory=list)
+    pushes: int = 0
+    acked: int = 0
+    pulls: int = 0
+    messages: int = 0
+    faults: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def describe(self) -> str:
+        head = (f"seed {self.seed}: {len(self.violations)} violation(s); {self.pushes} pushes ({self.acked} acked), "
+                f"{self.pulls} pulls, {self.messages} messages; faults: {', '.join(self.faults) or 'none'}")
+        return "\n".join([head, *self.violations[:10]])
+
+
+class Run:
+    def __init__(self, seed: int, settings: Settings):
+        ids.reseed(seed)  # request ids and epochs too: the run replays exactly
+        self.seed = seed
+        self.s = settings
+        self.world = World(seed)
+        self.rng = self.world.rng
+        self.config = settings.config()
+        self.outcome = Outcome(seed, settings)
+        self.scheduler = SimScheduler(self.world, self.config)
+        self.servers: list[SimServer] = []
+        self.workers: list[SimWorker] = []
+        self.pushes: list[PushRecord] = []
+        self.pulls: list[PullRecord] = []
+        self.slots: dict[int, int] = {}  # key -> slots used
+        self.keys = [np.sort(np.unique(np.array([self.rng.getrandbits(64) for _ in range(settings.keys_per_worker)],
+                                                dtype=np.uint64))) for _ in range(settings.workers)]
+        self.owner = {int(k): w for w, ks in enumerate(self.keys) for k in ks.tolist()}
+        self._order = 0
+        self._inflight: dict[tuple[int, int], object] = {}
+        self._seen_rings: dict[str, int] = {}
+        self._seen_clocks: dict[tuple, int] = {}
+        self._clock_changes: dict[tuple, int] = {}
+        self.workload_on = True
+        self.dead_workers: set[str] = set()
+        self.killed = 0
+
+    # -- the cluster -----------------------------------------------------------------
+    def start(self) -> None:
+        self.scheduler.start()
+        for _ in range(self.s.servers):
+            self.add_server()
+        for w in range(self.s.workers):
+            worker = SimWorker(self.world, f"wrk-{w}", self.config)
+            self.workers.append(worker)
+            worker.on_done = lambda ts, result, error, w=w: self._done(w, ts, result, error)
+            worker.on_ready = lambda w=w: self._ready(w)
+            self.world.after(0.3 + 0.05 * w, worker.start, None)
+
+    def add_server(self) -> SimServer:
+        server = SimServer(self.world, f"srv-{len(self.servers)}", self.config)
+        self.servers.append(server)
+        server.start()
+        return server
+
+    # -- the workload ---------------------------------------------------------------
+    def _ready(self, w: int) -> None:
+        worker = self.workers[w]
+
+        def created(reply: Message) -> None:
+            if reply.op != "ok":  # (the servers were not all there yet)
+                self.world.after(0.2, lambda: self._ready(w), worker.name)
+                return
+            self.world.after(0.01, lambda: self._step(w), worker.name)
+        worker.caller.request(self.world, worker._link(), worker.name,
+                              Message("create_table", meta={"spec": TABLE.to_wire()}), created, worker.core.node_id)
+
+    def _step(self, w: int) -> None:
+        worker = self.workers[w]
+        if not self.workload_on or not worker.alive:
+            return
+        busy = sum(1 for (who, _) in self._inflight if who == w)
+        if busy < self.s.outstanding:
+            roll = self.rng.random()
+            if roll < 0.45:
+                self._push(w)
+            elif roll < 0.75:
+                self._pull(w, own=self.rng.random() < 0.5)
+            else:
+                worker.clock()
+                self._order += 1
+        self.world.after(self.rng.uniform(0.004, 0.05), lambda: self._step(w), worker.name)
+
+    def _push(self, w: int) -> None:
+        worker = self.workers[w]
+        mine = [int(k) for k in self.keys[w] if self.slots.get(int(k), 0) < SLOTS]
+        if not mine:
+            return
+        chosen = sorted(self.rng.sample(mine, self.rng.randint(1, min(3, len(mine)))))
+        slots = []
+        for k in chosen:
+            slots.append(self.slots.get(k, 0))
+            self.slots[k] = slots[-1] + 1
+        keys = np.array(chosen, dtype=np.uint64)
+        values = np.array([[1 << (2 * s)] for s in slots], dtype=np.int64)
+        self._order += 1
+        rec = PushRecord(w, keys, slots, worker.core.clock_value, self.world.now, self._order)
+        self.pushes.append(rec)
+        ts = worker.issue("push", TABLE, Rows(keys=keys, values=values))
+        self._inflight[(w, ts)] = rec
+
+    def _pull(self, w: int, own: bool) -> None:
+        worker = self.workers[w]
+        pool = self.keys[w] if own else np.concatenate(self.keys)
+        n = self.rng.randint(1, min(6, pool.size))
+        keys = np.unique(np.array(self.rng.sample(pool.tolist(), n), dtype=np.uint64))
+        self._order += 1
+        rec = PullRecord(w, keys, worker.core.clock_value, self.world.now, self._order)
+        self.pulls.append(rec)
+        ts = worker.issue("pull", TABLE, Rows(keys=keys))
+        self._inflight[(w, ts)] = rec
+
+    def _done(self, w: int, ts: int, result, error) -> None:
+        rec = self._inflight.pop((w, ts), None)
+        if rec is None:
+            return
+        if isinstance(rec, PushRecord):
+            rec.outcome = "acked" if error is None else "failed"
+        else:
+            rec.answered = self.world.now
+            if error is None:
+                rec.values = np.array(result).reshape(-1).copy()
+                core = self.workers[w].core
+                rec.reread = ts in core.reread
+                rec.rerouted = ts in core.rerouted
+            else:
+                rec.error = str(error)
+
+    # -- faults -----------------------------------------------------------------------
+    def plan_faults(self) -> None:
+        """A few faults at times the seed picks, healed before the run settles."""
+        if not self.s.faults:
+            return
+        rng, end = self.rng, self.s.duration
+        kinds = FAULTS if self.s.faults is True else tuple(self.s.faults)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.uniform(0.45, end - 0.1)
+            kind = rng.choice(kinds)
+            self.world.at(at, lambda kind=kind: self._fault(kind), None)
+        self.world.at(end, self.world.heal, None)
+
+    def _fault(self, kind: str) -> None:
+        w, rng = self.world, self.rng
+        live = [s for s in self.servers if s.alive and s.name in w.processes]
+        if not live:
+            return
+        victim = rng.choice(live)
+        self.outcome.faults.append(f"{kind}@{w.now:.2f}")
+        if kind == "kill":
+            if self.killed < self.s.replication - 1 and len(live) > 1:
+                self.killed += 1
+                w.kill(victim.name)
+                victim.alive = False
+                w.after(rng.uniform(0.5, 1.5), self.add_server, None)
+        elif kind == "stall":
+            w.stall(victim.name, rng.uniform(0.05, 0.6))
+        elif kind == "stall_long":
+            w.stall(victim.name, rng.uniform(1.0, 2.5))
+        elif kind == "stall_scheduler":
+            w.stall(SCHEDULER, rng.uniform(0.3, 2.0))
+        elif kind == "cut_scheduler":
+            for other in w.processes:
+                if other != SCHEDULER:
+                    w.partition(SCHEDULER, other)
+            w.after(rng.uniform(0.5, 3.0), w.heal, None)
+        elif kind == "cut_server_from_scheduler":
+            w.partition(victim.name, SCHEDULER)
+            w.after(rng.uniform(0.5, 3.0), w.heal, None)
+        elif kind == "cut_server":
+            for other in w.processes:
+                if other != victim.name:
+                    w.partition(victim.name, other)
+            w.after(rng.uniform(0.5, 3.0), w.heal, None)
+        elif kind == "one_way":
+            other = rng.choice([p for p in w.processes if p != victim.name])
+            w.partition(victim.name, other, both=False)
+            w.after(rng.uniform(0.3, 2.0), w.heal, None)
+        elif kind == "drop":
+            conns = [c for c in w.connections.values()]
+            if conns:
+                w.drop(rng.choice(conns))
+        elif kind == "join":
+            self.add_server()
+        elif kind == "cut_worker":
+            worker = rng.choice(self.workers)
+            w.partition(worker.name, SCHEDULER)
+            w.after(rng.uniform(0.5, 2.0), w.heal, None)
+
+    # -- invariants --------------------------------------------------------------------
+    def check_step(self, owner: str | None) -> None:
+        """What must hold after every step of the process that acted: its ring version and
+        the worker clocks it knows never go back."""
+        proc = self.world.processes.get(owner) if owner is not None else None
+        core = getattr(proc, "core", None)
+        ring = getattr(core, "ring", None)
+        if ring is None:
+            return
+        if ring.version < self._seen_rings.get(owner, 0):
+            self.violate(f"{owner} went from ring v{self._seen_rings[owner]} back to v{ring.version}")
+        self._seen_rings[owner] = ring.version
+        gate = getattr(core, "gate", None)
+        if gate is None:
+            return
+        for setting, policy in gate.policies.items():
+            mark = (owner, setting)
+            if self._clock_changes.get(mark) == policy.clocks.changes:
+                continue
+            self._clock_changes[mark] = policy.clocks.changes
+            for worker, clock in policy.clocks.clocks().items():
+                k = (owner, setting, worker)
+                seen = self._seen_clocks.get(k, 0)
+                if clock < seen:
+                    self.violate(f"{owner}: {worker}'s clock went from {seen} back to {clock}")
+                else:
+                    self._seen_clocks[k] = clock
+
+    def violate(self, what: str) -> None:
+        if len(self.outcome.violations) < 50:
+            self.outcome.violations.append(f"t={self.world.now:.4f}: {what}")
+
+    def check_end(self) -> None:
+        s = self.scheduler.core.state
+        ring = s.ring
+        servers = {srv.core.node_id: srv for srv in self.servers if srv.alive and srv.name in self.world.processes}
+        dead_workers = {w for w, p in s.liveness.peers.items() if p.role == "worker" and p.state == State.DEAD}
+        acked: dict[int, set[int]] = {}
+        issued: dict[int, set[int]] = {}
+        for p in self.pushes:
+            for k, slot in zip(p.keys.tolist(), p.slots):
+                issued.setdefault(k, set()).add(slot)
+                if p.outcome == "acked":
+                    acked.setdefault(k, set()).add(slot)
+        for k in sorted(issued):
+            owners = ring.owners_at(k)
+            copies = {}
+            for node in owners:
+                srv = servers.get(node)
+                if srv is None:
+                    continue
+                table = srv.core.tables.get(TABLE.name)
+                if table is None:
+                    self.violate(f"{node} owns key {k} but has no table")
+                    continue
+                if any(r.begin <= k < r.end for r in srv.core.incoming):
+                    continue  # still being copied in
+                copies[node] = int(table.pull(np.array([k], np.uint64))[0, 0])
+            if not copies:
+                if acked.get(k) and any(n in servers for n in owners):
+                    self.violate(f"key {k}: no live owner answered, though acked pushes went to it")
+                continue
+            for node, value in copies.items():
+                applied, doubled = _decode(value)
+                if doubled:
+                    self.violate(f"key {k} on {node}: push slot(s) {sorted(doubled)} applied more than once")
+                lost = acked.get(k, set()) - applied
+                if lost:
+                    self.violate(f"key {k} on {node}: acked push slot(s) {sorted(lost)} lost "
+                                 f"(owners {owners}, ring v{ring.version})")
+                extra = applied - issued.get(k, set())
+                if extra:
+                    self.violate(f"key {k} on {node}: slot(s) {sorted(extra)} applied but never pushed")
+            if len(set(copies.values())) > 1:
+                self.violate(f"key {k}: copies disagree: {copies}")
+        self._check_pulls(dead_workers)
+
+    def _check_pulls(self, dead_workers: set[str]) -> None:
+        cons, tau = self.s.consistency, self.s.max_delay
+        worker_id = {i: w.core.node_id for i, w in enumerate(self.workers)}
+        to_key: dict[int, list[PushRecord]] = {}
+        slot_at: dict[tuple[int, int], int] = {}
+        for p in self.pushes:
+            for k, s in zip(p.keys.tolist(), p.slots):
+                to_key.setdefault(k, []).append(p)
+                slot_at[(id(p), k)] = s
+        for pull in self.pulls:
+            if pull.values is None:
+                continue
+            for k, value in zip(pull.keys.tolist(), pull.values.tolist()):
+                applied, doubled = _decode(value)
+                if doubled:
+                    self.violate(f"a pull by worker {pull.worker} saw push slot(s) {sorted(doubled)} of key {k} "
+                                 f"applied more than once")
+                owner = self.owner[k]
+                pushes = to_key.get(k, [])
+                slot = {id(p): slot_at[(id(p), k)] for p in pushes}
+                must: set[int] = set()
+                may: set[int] = {slot[id(p)] for p in pushes if p.issued <= pull.answered}
+                if owner == pull.worker and cons != "sequential":  # (under it, own pushes as everyone's)
+                    before = [p for p in pushes if p.order < pull.order]
+                    must |= {slot[id(p)] for p in before if p.outcome == "acked"}
+                    if cons == "eventual" and not pull.reread:
+                        may = {slot[id(p)] for p in before}
+                if cons in ("bounded", "sequential") and worker_id[owner] not in dead_workers:
+                    bound = pull.clock - (tau if cons == "bounded" else 0)
+                    must |= {slot[id(p)] for p in pushes if p.clock < bound and p.outcome == "acked"}
+                    if cons == "sequential" and not pull.rerouted and not pull.reread:
+                        may &= {slot[id(p)] for p in pushes if p.clock < pull.clock}
+                if not must <= applied:
+                    self.violate(f"pull #{pull.order} by worker {pull.worker} at clock {pull.clock} ({cons}) missed "
+                                 f"push slot(s) {sorted(must - applied)} of key {k}: saw {sorted(applied)}")
+                if not applied <= may:
+                    self.violate(f"pull #{pull.order} by worker {pull.worker} at clock {pull.clock} ({cons}) saw "
+                                 f"push slot(s) {sorted(applied - may)} of key {k} it may not see: saw "
+                                 f"{sorted(applied)}, allowed {sorted(may)}")
+
+    def quiet(self) -> bool:
+        """Nothing left to happen but heartbeats: every request answered, no ring change
+        running or left to finish, every live server at the scheduler's ring."""
+        core = self.scheduler.core
+        if core.ring_changes.busy or core.ring_changes.unfinished or not self.scheduler.alive:
+            return False
+        if any(w.core.requests or w.core.queue for w in self.workers if w.alive):
+            return False
+        live = set(core.state.live("server"))
+        servers = [srv for srv in self.servers if srv.alive and srv.core.node_id in live]
+        return len(servers) == len(live) and all(srv.core.ring.version == core.ring.version and not srv.core.incoming
+                                                 for srv in servers)
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        self.start()
+        self.plan_faults()
+        end = self.s.duration + 0.5
+        self.world.run(end, self.check_step)
+        self.workload_on = False
+        self.world.heal()
+        settled = end + self.s.settle
+        t = end
+        while t < settled:  # (until every request is answered and the ring has settled)
+            t = min(settled, t + 0.25)
+            self.world.run(t, self.check_step)
+            if self.quiet():
+                break
+        for worker in self.workers:
+            if worker.alive:
+                worker.close()
+        self.world.run(self.world.now + 1.0, self.check_step)
+        self.check_end()
+        o = self.outcome
+        o.pushes, o.pulls = len(self.pushes), len(self.pulls)
+        o.acked = sum(p.outcome == "acked" for p in self.pushes)
+        o.messages = self.world.messages
+        return o
+
+
+def _decode(value: int) -> tuple[set[int], set[int]]:
+    """The push slots a key's value holds, and those it holds more than once."""
+    applied, doubled = set(), set()
+    v = value & ((1 << 64) - 1)
+    for slot in range(32):
+        n = (v >> (2 * slot)) & 3
+        if n:
+            applied.add(slot)
+        if n > 1:
+            doubled.add(slot)
+    return applied, doubled
+
+
+def simulate(seed: int, **settings) -> Outcome:
+    """One run of the simulation from ``seed`` (settings: see ``Settings``)."""
+    return Run(seed, Settings(**settings)).run()

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Run the deterministic simulation (psd/sim) for as long as asked, over fresh seeds, and
+print every failing seed with the command that replays it.
+
+    python scripts/sim_soak.py --minutes 30            # all three consistency models in turn
+    python scripts/sim_soak.py --seed 1234 --consistency bounded -v   # replay one, with its log
+
+It uses every core (one process each) and shows progress once a second.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from psd.sim import simulate  # noqa: E402
+
+MODELS = ("eventual", "bounded", "sequential")
+
+
+def settings_for(seed: int, consistency: str) -> dict:
+    """The same mix as tests/test_sim.py: some seeds run a larger cluster or more copies."""
+    kw = {"consistency": consistency}
+    if seed % 3 == 1:
+        kw.update(servers=4, workers=3)
+    if seed % 5 == 2:
+        kw.update(replication=3)
+    return kw
+
+
+def one(args: tuple[int, str]) -> tuple[int, str, str | None, int]:
+    seed, consistency = args
+    logging.disable(logging.CRITICAL)
+    outcome = simulate(seed, **settings_for(seed, consistency))
+    return seed, consistency, None if outcome.ok else outcome.describe(), outcome.messages
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=5.0, help="how long to run (default 5)")
+    ap.add_argument("--start", type=int, default=100_000, help="first seed (default 100000: past the suite's)")
+    ap.add_argument("--consistency", choices=MODELS, help="one model only (default: all three in turn)")
+    ap.add_argument("--seed", type=int, help="run this one seed and print its fault log")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("-v", "--verbose", action="store_true", help="with --seed: the cores' log lines too")
+    args = ap.parse_args()
+    if args.seed is not None:
+        if args.verbose:
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from psd.sim.run import Run, Settings
+        run = Run(args.seed, Settings(**settings_for(args.seed, args.consistency or "eventual")))
+        outcome = run.run()
+        print("\n".join(run.world.log))
+        print(outcome.describe())
+        return 0 if outcome.ok else 1
+    models = [args.consistency] if args.consistency else list(MODELS)
+    jobs = ((seed, models[i % len(models)]) for i, seed in enumerate(itertools.count(args.start)))
+    end = time.monotonic() + 60 * args.minutes
+    done = failed = messages = 0
+    last = 0.0
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        running = {pool.submit(one, next(jobs)) for _ in range(2 * args.workers)}
+        while running:
+            finished, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                seed, consistency, failure, sent = fut.result()
+                done, messages = done + 1, messages + sent
+                if failure:
+                    failed += 1
+                    print(f"\nFAILED {failure}\n  replay: python scripts/sim_soak.py --seed {seed} "
+                          f"--consistency {consistency} -v", flush=True)
+                if time.monotonic() < end:
+                    running.add(pool.submit(one, next(jobs)))
+            if time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                left = max(0.0, end - last)
+                print(f"\r{done} schedules, {failed} failed, {messages} messages simulated; {left:5.0f} s left",
+                      end="", flush=True)
+    print(f"\n{done} schedules, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
