@@ -1,4 +1,4 @@
-"""Covered's memory of copied-in request ids (psd/core/seen.py), as pure logic: a
+"""PartlyApplied's memory of copied-in request ids (psd/core/seen.py), as pure logic: a
 resend of a recent request must not apply the rows a range copy already brought in,
 however many senders' ids that copy carried."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 
 from psd.cluster.ranges import Range
 from psd.cluster.rows import Rows
-from psd.core.seen import WINDOW, Covered, Seen
+from psd.core.seen import WINDOW, PartlyApplied, Seen
 
 
 def _copy_arrays(ids_per_sender: dict[str, range]):
@@ -21,29 +21,29 @@ def test_a_copy_of_many_senders_keeps_each_senders_recent_ids():
     """Two workers with more ids each than one window: the copy comes in sender by
     sender. A single bound for all senders kept only the second one's ids, so a resend
     of W1's newest request applied the copied rows a second time."""
-    covered = Covered()
+    partly = PartlyApplied()
     r = Range(100, 200)
     n = WINDOW + 5000
-    covered.note_copy(r, *_copy_arrays({"W1": range(n), "W2": range(n)}))
+    partly.note_copy(r, *_copy_arrays({"W1": range(n), "W2": range(n)}))
     rows = Rows(keys=np.array([150, 250], dtype=np.uint64), values=np.ones((2, 1), np.float32))
     for sender in ("W1", "W2"):
-        left = covered.not_applied(rows, [(sender, n - 1)])  # the newest: may still be resent
+        left = partly.not_applied(rows, [(sender, n - 1)])  # the newest: may still be resent
         assert left is not None and left.keys.tolist() == [250], sender  # the copied row is not applied again
         # the oldest ids, beyond each sender's window, are forgotten (they are never resent)
-        assert covered.not_applied(rows, [(sender, 0)]) is rows
-    assert len(covered.copied_into(Range(0, 300))) == 2 * WINDOW
-    assert covered.copied_into(Range(300, 400)) == []
+        assert partly.not_applied(rows, [(sender, 0)]) is rows
+    assert len(partly.copied_into(Range(0, 300))) == 2 * WINDOW
+    assert partly.copied_into(Range(300, 400)) == []
 
 
 def test_a_range_copied_in_twice_is_remembered_once_per_id():
-    covered = Covered(window=8)
+    partly = PartlyApplied(window=8)
     for _ in range(3):
-        covered.note_copy(Range(0, 10), *_copy_arrays({"W1": range(4)}))
-    covered.note_copy(Range(10, 20), *_copy_arrays({"W1": range(2, 6)}))
+        partly.note_copy(Range(0, 10), *_copy_arrays({"W1": range(4)}))
+    partly.note_copy(Range(10, 20), *_copy_arrays({"W1": range(2, 6)}))
     rows = Rows(keys=np.array([5, 15, 25], dtype=np.uint64), values=np.ones((3, 1), np.float32))
-    assert covered.not_applied(rows, [("W1", 3)]).keys.tolist() == [25]  # in both copies
-    assert covered.not_applied(rows, [("W1", 1)]).keys.tolist() == [15, 25]
-    assert covered.not_applied(rows, [("W1", 5)]).keys.tolist() == [5, 25]
+    assert partly.not_applied(rows, [("W1", 3)]).keys.tolist() == [25]  # in both copies
+    assert partly.not_applied(rows, [("W1", 1)]).keys.tolist() == [15, 25]
+    assert partly.not_applied(rows, [("W1", 5)]).keys.tolist() == [5, 25]
 
 
 def test_a_resent_id_stays_among_the_newest():
@@ -65,18 +65,18 @@ def test_a_resent_id_stays_among_the_newest():
 
 
 def test_forgetting_a_sender_drops_its_ids_pieces_and_copies_only():
-    seen, covered = Seen(), Covered()
+    seen, partly = Seen(), PartlyApplied()
     seen.add("w1", 1)
     seen.add("w2", 1)
     rows = Rows(keys=np.array([1, 2], dtype=np.uint64), values=np.ones((2, 1)))
-    covered.note_piece(rows, [("w1", 7), ("w2", 7)])
-    covered.note_copy(Range(0, 10), ["w1", "w2"], np.array([1, 1], np.uint64), np.array([9, 9], np.uint64))
+    partly.note_piece(rows, [("w1", 7), ("w2", 7)])
+    partly.note_copy(Range(0, 10), ["w1", "w2"], np.array([1, 1], np.uint64), np.array([9, 9], np.uint64))
     seen.forget("w1")
-    covered.forget("w1")
+    partly.forget("w1")
     assert ("w1", 1) not in seen and ("w2", 1) in seen and seen.senders() == {"w2"}
-    assert covered.not_applied(rows, [("w1", 7)]) is rows and covered.not_applied(rows, [("w1", 9)]) is rows
-    assert covered.not_applied(rows, [("w2", 7)]) is None and covered.not_applied(rows, [("w2", 9)]) is None
-    assert covered.senders() == {"w2"}
+    assert partly.not_applied(rows, [("w1", 7)]) is rows and partly.not_applied(rows, [("w1", 9)]) is rows
+    assert partly.not_applied(rows, [("w2", 7)]) is None and partly.not_applied(rows, [("w2", 9)]) is None
+    assert partly.senders() == {"w2"}
 
 
 def test_activity_moves_with_every_new_or_resent_id_only():

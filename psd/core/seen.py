@@ -4,8 +4,8 @@
 after a timeout or a failover, and the server (or the replica promoted in its place,
 which saw the forward) answers it without applying it again. Memory is bounded per
 sender: ids older than the window are forgotten, which is safe because a worker resends
-only its recent requests. ``Covered`` holds the rows that ids alone do not account for
-(re-cut pieces, range copies).
+only its recent requests. ``PartlyApplied`` holds requests applied here only in part
+(re-cut pieces, range copies), where the id alone does not say which rows.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class Seen:
         return sum(len(ids) for ids in self._by_sender.values())
 
 
-class Covered:
+class PartlyApplied:
     """Rows of requests applied here that the request ids alone do not account for.
 
     * Pieces: a worker re-cuts an unanswered request when the ring changes; each piece

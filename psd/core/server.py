@@ -36,7 +36,7 @@ from psd.core.fence import Fence
 from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
 from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
-from psd.core.seen import Covered, Seen
+from psd.core.seen import PartlyApplied, Seen
 from psd.core.stream import SEQ, Inbound, parse
 from psd.errors import (BadRequestError, BusyError, LimitError, MessageTooLargeError,
                         NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
@@ -91,7 +91,7 @@ class ServerCore:
         self.ring = Assignment(version=0)
         self.incoming: list[Range] = []  # ranges being copied to us: forwards wait for the copy
         self.seen = Seen()
-        self.covered = Covered()
+        self.partly = PartlyApplied()
         self.streams = Inbound()
         self.outbox: list = []
         self.calls = PeerCalls(self.outbox)
@@ -347,7 +347,7 @@ class ServerCore:
         activity = self.seen.activity(worker)
         if activity == then:
             self.seen.forget(worker)
-            self.covered.forget(worker)
+            self.partly.forget(worker)
             self.streams.forget(worker)
             del self.forgetting[worker]
             return
@@ -601,13 +601,13 @@ class ServerCore:
             # forwarding to every replica, or refused by one: forward it again (replicas
             # apply it once)
             return self._forward(msg, table, rows, groups, rid, now)
-        todo = self.covered.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
+        todo = self.partly.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
         if todo is not None:
             reserve = self._check_memory(table, todo, rows, groups)
             self._apply_push(msg, table, todo, msg.sender, reserve)
         if rid is not None:
             self.seen.add(*rid)
-            self.covered.note_piece(rows, cut_from)
+            self.partly.note_piece(rows, cut_from)
         return self._forward(msg, table, rows, groups, rid, now)
 
     def _forward(self, msg: Message, table: Table, rows: Rows, groups, rid, now: float) -> Pending | None:
@@ -798,8 +798,8 @@ class ServerCore:
                 return
             self.seen.add(origin, rid)
             if mine is not None:
-                mine = self.covered.not_applied(mine, [(origin, rid), *cut_from])
-            self.covered.note_piece(rows, cut_from)
+                mine = self.partly.not_applied(mine, [(origin, rid), *cut_from])
+            self.partly.note_piece(rows, cut_from)
         if mine is not None:
             # a replica never refuses a forward (copies would differ); near its limit it says
             # so, and its primaries refuse pushes that add keys to its ranges from then on
@@ -912,7 +912,7 @@ class ServerCore:
     def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids a copy of ``r`` carries: every id applied here, and those copied in
         with rows in ``r``."""
-        extra = self.covered.copied_into(r)
+        extra = self.partly.copied_into(r)
         if not extra:
             return self.seen.to_arrays()
         both = Seen(window=1 << 62)
@@ -954,7 +954,7 @@ class ServerCore:
         departed = msg.meta.get("departed", [])
         if not isinstance(departed, list) or not all(isinstance(d, str) for d in departed):
             raise ProtocolError("install: meta.departed must list senders of this message")
-        self.covered.note_copy(r, senders, counts, rids)
+        self.partly.note_copy(r, senders, counts, rids)
         for sender in senders:  # (ids arriving count as the sender's activity here)
             self.seen.note_activity(sender)
         for worker in sorted(set(departed) & set(senders)):
@@ -1044,7 +1044,7 @@ class ServerCore:
             "ring": self.ring.version,
             "leads": len(self.ring.led_by(self.node_id)), "holds": len(self.ring.ranges_of(self.node_id)),
             "pending_acks": len(self.acks), "copying_in": len(self.incoming),
-            "seen_senders": len(self.seen.senders() | self.covered.senders()),
+            "seen_senders": len(self.seen.senders() | self.partly.senders()),
             "memory": {"bytes": self.usage.bytes, "limit": self.config.limits.max_memory_bytes,
                        "reserved": self.reserved, "full_replicas": sorted(self.full_replicas)},
             "consistency": self.gate.stats(),
