@@ -5,8 +5,8 @@ namespaces on a bridge, psd is deployed on them as docs/operations.md tells an o
 Root only (but for the supervisor's watchdog, checked on loopback): skipped, with the
 reason, where namespaces cannot be made. Every test removes
 every namespace, link, /etc/netns file and process it made, also when it fails, and
-checks that nothing is left. No test here asserts how psd behaves under partitions (that
-logic is being rewritten); the partition tools are checked at the network level only.
+checks that nothing is left. The partition tools are checked here at the network level
+only; how psd behaves under partitions is tests/test_partitions.py.
 """
 from __future__ import annotations
 

@@ -528,9 +528,12 @@ class NetCluster:
 
     def base_env(self) -> dict[str, str]:
         """A clean environment, as systemd gives a service: none of the caller's
-        variables (a PSD_ setting of the caller must not reach every host)."""
+        variables (a PSD_ setting of the caller must not reach every host) but its
+        PYTHONPATH, which is part of the installation (it is how a test runs another
+        checkout's psd, e.g. the code before a fix)."""
         bin_dir = str(Path(sys.executable).parent)
-        return {"PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        path = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+        return {**path, "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
                 # many daemons share the machine's cores: one BLAS thread each (as LocalCluster)
                 "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -669,14 +672,18 @@ class NetCluster:
         return proc
 
     # -- for partition tests: a client that logs what was acknowledged ---------------------------------
-    def start_pusher(self, host_name: str, seed: int, *, window: int = 8, started_timeout: float = 30.0) -> "Pusher":
+    def start_pusher(self, host_name: str, seed: int, *, window: int = 8, read_every: float = 0.0,
+                     started_timeout: float = 30.0) -> "Pusher":
         """A client on ``host_name`` pushing to its own keys until stopped, logging every
-        acknowledged push (psd/testing/pushlog.py); returns once it has its table."""
+        acknowledged push and, every ``read_every`` seconds, whether a read of its keys
+        showed its own acknowledged writes (psd/testing/pushlog.py); returns once it has
+        its table."""
         path = self.run_dir / "pushlogs" / f"{host_name}-{seed}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         proc = self.popen(host_name, [sys.executable, "-m", "psd.testing.pushlog", "push", self.scheduler,
-                                      str(seed), str(path), "--window", str(window)],
+                                      str(seed), str(path), "--window", str(window),
+                                      "--read-every", str(read_every)],
                           log=self.run_dir / "logs" / f"pusher-{host_name}-{seed}.log")
         pusher = Pusher(self, host_name, seed, path, proc)
         pusher.wait_started(started_timeout)

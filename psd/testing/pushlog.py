@@ -17,6 +17,11 @@ Values are positive, so :func:`expected` gives bounds per key: ``low`` (the ackn
 pushes, which must all be there) and ``high`` (those plus every push that may have been
 issued and not acknowledged). A correct cluster holds ``low <= value <= high``; with no
 failed or unfinished push, both are equal. ``verify`` pulls every key and checks that.
+
+While it pushes, the client also reads its keys back (``--read-every`` seconds): a read
+must show every push acknowledged before it was issued (read-your-writes) and nothing
+beyond what was issued before it was answered. Each read is a line; one that breaks
+either bound names the keys (``PushLog.stale_reads``), one that fails names the error.
 """
 from __future__ import annotations
 
@@ -73,6 +78,9 @@ class PushLog:
     failed: list = field(default_factory=list)   # (index, error text)
     issued: int | None = None
     done: bool = False
+    reads: list = field(default_factory=list)        # time.time() of each read answered
+    stale_reads: list = field(default_factory=list)  # (time, what was wrong)
+    failed_reads: list = field(default_factory=list)  # (time, error text)
 
     def acked_indices(self) -> set[int]:
         return {i for i, _ in self.acked}
@@ -106,6 +114,12 @@ def read_log(path: str | Path) -> PushLog:
             log.acked.append((line["acked"], line["t"]))
         elif "failed" in line:
             log.failed.append((line["failed"], line["error"]))
+        elif "read" in line:
+            log.reads.append(line["read"])
+            if line.get("wrong"):
+                log.stale_reads.append((line["read"], line["wrong"]))
+        elif "read_failed" in line:
+            log.failed_reads.append((line["read_failed"], line["error"]))
         elif line.get("done"):
             log.issued, log.done = line["issued"], True
     return log
@@ -158,7 +172,51 @@ async def _slot_unless(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
     return False
 
 
-async def push(scheduler: str, seed: int, path: str, window: int) -> int:
+class _Bounds:
+    """Per own key, the sums of the pushes acknowledged and of those issued so far."""
+
+    def __init__(self, seed: int, pool: np.ndarray):
+        self.seed, self.pool = seed, pool
+        self.acked = np.zeros((pool.size, WIDTH), dtype=np.int64)
+        self.issued = np.zeros_like(self.acked)
+
+    def add(self, table: np.ndarray, i: int) -> None:
+        keys, values = make_push(self.seed, i, self.pool)
+        table[np.searchsorted(self.pool, keys)] += values
+
+    def wrong(self, values: np.ndarray, low: np.ndarray, high: np.ndarray) -> str:
+        """What a read shows outside [low, high] ('' if nothing)."""
+        below = np.nonzero((values < low).any(axis=1))[0]
+        above = np.nonzero((values > high).any(axis=1))[0]
+        parts = []
+        if below.size:
+            r = int(below[0])
+            parts.append(f"{below.size} keys miss acknowledged pushes (key {int(self.pool[r]):#x}: "
+                         f"{values[r].tolist()} < {low[r].tolist()})")
+        if above.size:
+            r = int(above[0])
+            parts.append(f"{above.size} keys hold more than was issued (key {int(self.pool[r]):#x}: "
+                         f"{values[r].tolist()} > {high[r].tolist()})")
+        return "; ".join(parts)
+
+
+async def _read_back(table, bounds: _Bounds, every: float, stop: asyncio.Event, write) -> None:
+    """Read the own keys every ``every`` seconds until ``stop``; log each read."""
+    while not stop.is_set():
+        low = bounds.acked.copy()
+        try:
+            values = await table.pull(bounds.pool)
+        except Exception as e:  # a read may fail during a partition; it must not be wrong
+            write({"read_failed": time.time(), "error": f"{type(e).__name__}: {e}"})
+        else:
+            write({"read": time.time(), "wrong": bounds.wrong(values, low, bounds.issued)})
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def push(scheduler: str, seed: int, path: str, window: int, read_every: float = 0.0) -> int:
     import psd
 
     kv = await psd.aio.connect(scheduler)
@@ -175,12 +233,15 @@ async def push(scheduler: str, seed: int, path: str, window: int) -> int:
             loop.add_signal_handler(sig, stop.set)
         write({"seed": seed, "window": window, "node": kv.node_id, "started": time.time(), "pid": os.getpid()})
         pool = own_keys(seed)
+        bounds = _Bounds(seed, pool)
         slots = asyncio.Semaphore(window)
         running: set[asyncio.Task] = set()
+        reader = asyncio.ensure_future(_read_back(table, bounds, read_every, stop, write)) if read_every > 0 else None
 
         async def one(i: int, ts: int) -> None:
             try:
                 await kv.wait(ts)
+                bounds.add(bounds.acked, i)
                 write({"acked": i, "t": time.time()})
             except Exception as e:  # logged: the test decides whether that was allowed
                 write({"failed": i, "error": f"{type(e).__name__}: {e}"})
@@ -190,12 +251,15 @@ async def push(scheduler: str, seed: int, path: str, window: int) -> int:
         i = 0
         while await _slot_unless(slots, stop):
             keys, values = make_push(seed, i, pool)
+            bounds.add(bounds.issued, i)
             task = asyncio.ensure_future(one(i, table.push(keys, values)))
             running.add(task)
             task.add_done_callback(running.discard)
             i += 1
         if running:
             await asyncio.wait(set(running), timeout=DRAIN_TIMEOUT)
+        if reader is not None:
+            await asyncio.wait({reader}, timeout=DRAIN_TIMEOUT)
         write({"done": True, "issued": i})
         return 0
     finally:
@@ -227,13 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("seed", type=int)
     p.add_argument("log")
     p.add_argument("--window", type=int, default=8, help="pushes in flight at most (default 8)")
+    p.add_argument("--read-every", type=float, default=0.0,
+                   help="seconds between reads of the own keys, checked against the log (default 0: no reads)")
     v = sub.add_parser("verify", help="pull the clients' keys and check them against their logs (JSON out)")
     v.add_argument("scheduler")
     v.add_argument("logs", nargs="+")
     args = parser.parse_args(argv)
     if args.command == "push":
         own_keys(args.seed)  # a bad seed fails before connecting
-        return asyncio.run(push(args.scheduler, args.seed, args.log, args.window))
+        return asyncio.run(push(args.scheduler, args.seed, args.log, args.window, args.read_every))
     result = verify(args.scheduler, args.logs)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
