@@ -134,7 +134,7 @@ class AsyncKVWorker:
         self._use_ring(Assignment.from_wire(msg.meta["ring"]))
         return msg.reply()
 
-    def _use_ring(self, ring: Assignment) -> None:
+    def _use_ring(self, ring: Assignment, down: list[str] | None = None) -> None:
         ctx = async_context()
         for node, address in ring.addresses.items():
             if node not in self._servers:
@@ -143,18 +143,18 @@ class AsyncKVWorker:
                                 on_reply=lambda msg_id, reply, node=node: self._answered(node, msg_id, reply))
                 self._servers[node] = rpc
                 self._tasks.append(self._loop.create_task(rpc.serve()))
-        self._run(self.core.use_ring(ring, time.monotonic()))
+        self._run(self.core.use_ring(ring, time.monotonic(), down))
 
     async def refresh_ring(self) -> Assignment:
         reply = await self._link.call(Message("get_ring"), timeout=self.config.request_timeout)
-        self._use_ring(Assignment.from_wire(reply.meta["ring"]))
+        self._use_ring(Assignment.from_wire(reply.meta["ring"]), _down(reply))
         return self.ring
 
     async def _refresh(self) -> None:
         try:
             reply = await self._link.call(Message("get_ring"), timeout=min(SCHEDULER_ATTEMPT,
                                                                             self.config.request_timeout))
-            self._use_ring(Assignment.from_wire(reply.meta["ring"]))
+            self._use_ring(Assignment.from_wire(reply.meta["ring"]), _down(reply))
         except PsdError as e:  # the scheduler restarting or cut off: the core asks again later
             log.debug("%s: asking for the ring failed: %s", self.node_id, e)
             self._run(self.core.use_ring(self.core.ring, time.monotonic()))
@@ -325,6 +325,12 @@ class AsyncKVWorker:
             await asyncio.gather(*deps)
             return await self.issue(op, spec, rows)[1]
         return self._loop.create_task(run())
+
+
+def _down(reply: Message) -> list[str] | None:
+    """The ring's owners the scheduler says are down (None from an older scheduler)."""
+    down = reply.meta.get("down")
+    return [str(s) for s in down] if isinstance(down, list) else None
 
 
 def _no_connection(err: Exception) -> bool:

@@ -3,11 +3,13 @@
 Pure: it reads a status dict (``psd status --json``) and returns a verdict, so the
 scheduler (for ``status`` and its metrics) and the CLI (for an older scheduler) agree.
 
-* DOWN: no live server, or some key range has no live copy (its keys cannot be served).
+* DOWN: no live server, or some key range has no live copy (its keys cannot be served;
+  when its only copies are on servers declared dead, it waits for them: ``unavailable``).
 * DEGRADED: a suspect server; a dead server no newer server has replaced; key ranges with
   fewer live copies than ``replication``; a live server at or over its
   ``limits.max_memory_bytes`` (it refuses pushes that add keys, and so do the primaries
-  of the ranges it replicates); a ring change under way; stragglers; suspect workers.
+  of the ranges it replicates); a scheduler that hears too few servers (``isolated``); a
+  ring change under way; stragglers; suspect workers.
   Each reason is one short sentence.
 * OK otherwise.
 
@@ -83,7 +85,12 @@ def assess(st: dict) -> dict:
         degraded.append(f"no key ranges assigned yet (ring v{st.get('ring_version', 0)})")
     copies = [sum(o in live for o in r["owners"]) for r in ranges]
     lost = sum(c == 0 for c in copies)
-    if lost and live:
+    waiting = sorted({o for r in st.get("unavailable") or [] for o in r.get("waiting_for", [])}, key=_number)
+    if lost and live and waiting:
+        down.append(f"{lost} of {len(ranges)} key ranges unavailable: their only copies are on "
+                    f"{_names(waiting)}, declared dead; waiting for {'them' if len(waiting) > 1 else 'it'} "
+                    f"to come back (requests for those keys fail as 'unavailable' meanwhile)")
+    elif lost and live:
         down.append(f"{lost} of {len(ranges)} key ranges have no live copy")
     short = sum(0 < c < replication for c in copies)
     if short:
@@ -102,6 +109,9 @@ def assess(st: dict) -> dict:
     elif full:
         degraded.append(f"servers {_names([node for node, _, _ in full])} at their memory limit "
                         f"(limits.max_memory_bytes): pushes that add keys are refused")
+    if st.get("isolated"):
+        degraded.append("the scheduler hears from too few servers to tell a dead one from its own isolation: "
+                        "it changes no ring until it hears from a majority again")
     if st.get("ring_changing"):
         degraded.append("ring change under way (ranges moving)")
     stragglers = list((st.get("clocks") or {}).get("stragglers") or [])

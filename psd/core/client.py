@@ -132,6 +132,9 @@ class ClientCore:
         #: ``sequential`` such a pull may also see pushes of its own clock, which the new
         #: owner applied as a replica before it (docs/consistency.md)
         self.rerouted: set[int] = set()
+        #: servers declared dead that still hold the only copies of some ranges (the
+        #: scheduler's word, with the ring): a request waiting on one fails as unavailable
+        self.down: set[str] = set()
 
     def _take(self) -> list:
         out = self.outbox[:]
@@ -394,10 +397,13 @@ class ClientCore:
         self.outbox.append(Done(req.ts, result, error))
 
     # -- the ring and time ------------------------------------------------------------------
-    def use_ring(self, ring: Assignment, now: float) -> list:
+    def use_ring(self, ring: Assignment, now: float, down: list[str] | None = None) -> list:
         """A ring from the scheduler (or learnt otherwise): unanswered parts whose rows it
-        moves are sent again to the new owners, ahead of anything issued later."""
+        moves are sent again to the new owners, ahead of anything issued later. ``down``:
+        the owners in it the scheduler declared dead (None: not said)."""
         self.awaiting_ring = False
+        if down is not None and ring.version >= self.ring.version:
+            self.down = set(down)
         if ring.version > self.ring.version:
             self.ring = ring
             moved = [p for p in self.sent.values() if p.request is not None and p.sent_ring != ring.version
@@ -473,6 +479,11 @@ class ClientCore:
             state = ("queued" if waiting in self.queue else "sent" if self.sent.get(waiting.msg.id) is waiting
                      else "waiting to be sent again" if any(p is waiting for _, p in self.retries) else "lost")
             where = f" (a part {state}, last sent at ring v{waiting.sent_ring}; this worker is at v{self.ring.version})"
+        if waiting is not None and waiting.server in self.down:
+            return UnavailableError(
+                f"{waiting.server} holds the only copies of these keys and was declared dead (stalled or cut off); "
+                f"it has not come back within {self.request_timeout} s{where}. The keys are unavailable until it "
+                f"does (psd status lists them under 'unavailable'); retry later", server=waiting.server)
         if req.misrouted:
             return NotOwnerError(f"{len([p for p in req.parts if p.reply is None])} request part(s) still "
                                  f"misrouted after {self.request_timeout} s{where}")

@@ -405,7 +405,11 @@ class SchedulerCore:
         s.flagged = now_flagged
 
     def on_get_ring(self, msg: Message, now: float) -> Message:
-        return msg.reply(meta={"ring": self.state.ring.to_wire()})
+        """The ring, and which of its owners are down: servers declared dead that still
+        hold the only copies of some ranges (a client waiting on one can say so)."""
+        s = self.state
+        down = sorted({o for _, owners in unavailable(s.ring, set(s.live("server"))) for o in owners})
+        return msg.reply(meta={"ring": s.ring.to_wire(), "down": down})
 
     def on_ping(self, msg: Message, now: float) -> Message:
         return msg.reply(meta={"node": self.node_id, "servers": len(self.state.live("server"))})
