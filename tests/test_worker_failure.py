@@ -193,3 +193,41 @@ def test_a_server_that_joins_later_forgets_departed_workers_too(raw_dealer):
         while status(Message("status")).meta["seen_senders"] != 0:
             assert time.monotonic() < deadline, "the joined server keeps a departed worker's ids"
             time.sleep(0.2)
+
+
+def test_a_worker_stalled_past_the_timeout_gives_its_shard_up_and_registers_again():
+    """SIGSTOP (as a cut-off host) holds a worker daemon past worker_timeout: it is
+    declared dead and its shard goes to another worker. Woken up, it learns so from its
+    next heartbeat answer, drops the shard without reporting on it (its reports would
+    be refused: it no longer holds the rank) and registers again under a new id; the
+    job ends done and the woken worker exits cleanly like the others."""
+    with psd.LocalCluster(servers=2, heartbeat_interval=0.1, worker_timeout=1.0) as cluster:
+        job = admin.call(cluster.scheduler, "submit", job=JOB, workers=3)["job"]
+        workers = [cluster.spawn(f"worker{i}", daemon_argv(
+            "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
+            for i in range(3)]
+
+        def status():
+            return admin.call(cluster.scheduler, "job_status", job=job)
+
+        st = wait_for(lambda: (lambda s: s if len(s["ranks"]) == 3 else None)(status()), 60, "ranks assigned")
+        victim_id = st["ranks"]["1"]
+        wait_for(lambda: status()["state"] == "running" and 0.1 < _rank_progress(cluster, job, 1) < 0.7,
+                 60, "rank 1 to be under way")
+        victim = next(w for w in workers if w.ready_path.read_text().strip() == victim_id)
+        victim.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: status()["ranks"].get("1") not in (None, victim_id), 60, "rank 1 given to another")
+        finally:
+            victim.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: "registering again" in victim.log_path.read_text(), 30, "the woken worker to register again")
+        final = wait_for(lambda: (lambda s: s if s["state"] in ("done", "failed") else None)(status()), 120,
+                         "the job to end")
+        assert final["state"] == "done", final.get("error")
+        assert final["shards_done"] == [0, 1, 2] and final["ranks"]["1"] != victim_id
+        for w in workers:
+            assert w.proc.wait(30) == 0, w.log_path.read_text()[-3000:]
+        workers_known = [n["id"] for n in cluster.status()["nodes"] if n["role"] == "worker"]
+        assert victim_id in workers_known and len(workers_known) == 4  # the three and the victim again
+        log = victim.log_path.read_text()
+        assert "shard 1 was given to another worker" in log

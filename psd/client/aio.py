@@ -54,6 +54,10 @@ class AsyncKVWorker:
         self._results: dict[int, asyncio.Future] = {}  # the core's timestamp -> its request's future
         self._refreshing: asyncio.Task | None = None
         self.closed = False
+        #: set once the scheduler answers a heartbeat saying we were declared dead (cut
+        #: off or stalled past worker_timeout): a job's shard of ours went to another
+        #: worker; a worker daemon then gives it up and registers again
+        self.expelled = asyncio.Event()
         #: tables opened by ``table(name)`` are ``<namespace>/<name>`` (a job's worker runs its
         #: app in the job's namespace); None: the default namespace, names as given
         self.namespace: str | None = None
@@ -167,9 +171,16 @@ class AsyncKVWorker:
         while not self.closed:
             await asyncio.sleep(interval)
             try:
-                await self._link.call(Message("heartbeat", clock=self.clock_value), timeout=max(1.0, 4 * interval))
+                reply = await self._link.call(Message("heartbeat", clock=self.clock_value),
+                                              timeout=max(1.0, 4 * interval))
             except PsdError as e:
                 log.debug("%s: heartbeat failed: %s", self.node_id, e)
+                continue
+            if (reply.meta.get("state") in ("dead", "left") or reply.meta.get("known") is False) \
+                    and not self.expelled.is_set():
+                log.warning("%s: the scheduler declared this worker dead (cut off or stalled past "
+                            "worker_timeout)", self.node_id)
+                self.expelled.set()
 
     async def _ticks(self) -> None:
         while not self.closed:

@@ -56,37 +56,52 @@ class Worker:
             await asyncio.sleep(ANNOUNCE_INTERVAL)
 
     async def run(self, stop: asyncio.Event, ready) -> None:
-        kv = self.kv = await aio.connect(self.config.scheduler, self.config)
-        announce = (asyncio.create_task(self._announce_metrics(kv)) if self.metrics_address else None)
-        # an app's numpy work can hold this loop for seconds: stay alive from a thread
-        keepalive = kv.keepalive()
-        ready(kv.node_id)
-        log.info("%s connected to %s", kv.node_id, self.config.scheduler)
+        """Serve jobs until ``stop`` (or, with ``one_job``, the job's end). Declared dead
+        (cut off or stalled past worker_timeout), it gives up its shard, which the
+        scheduler gave to another worker, and registers again under a new id."""
         job_id = None
-        try:
-            while not stop.is_set():
-                got = await kv.call_scheduler("job_poll")
-                if got.get("job") is not None:
-                    job_id = got["job"]
-                    self.current, self.shards_run = (job_id, got["rank"]), self.shards_run + 1
-                    try:
-                        await self.run_job(kv, got, stop)
-                    finally:
-                        self.current = None
-                    continue  # take another shard if one is free (a dead worker's)
-                if self.one_job and job_id is not None:
-                    st = await kv.call_scheduler("job_status", job=job_id, metrics_from=1 << 30)
-                    if st["state"] in ("done", "failed"):
-                        break
+        while True:
+            kv = self.kv = await aio.connect(self.config.scheduler, self.config)
+            if ready is not None:
+                ready(kv.node_id)
+                ready = None
+            announce = (asyncio.create_task(self._announce_metrics(kv)) if self.metrics_address else None)
+            # an app's numpy work can hold this loop for seconds: stay alive from a thread
+            keepalive = kv.keepalive()
+            log.info("%s connected to %s", kv.node_id, self.config.scheduler)
+            try:
+                job_id = await self._serve(kv, stop, job_id)
+            finally:
+                if announce is not None:
+                    announce.cancel()
+                keepalive.stop()
+                await kv.close()
+            if stop.is_set() or not kv.expelled.is_set():
+                return
+            log.warning("%s was declared dead; registering again", kv.node_id)
+
+    async def _serve(self, kv, stop: asyncio.Event, job_id: str | None) -> str | None:
+        """Poll for shards and run them until stopped, expelled or (``one_job``) the
+        job ended; returns the job taken part in."""
+        while not stop.is_set() and not kv.expelled.is_set():
+            got = await kv.call_scheduler("job_poll")
+            if got.get("job") is not None:
+                job_id = got["job"]
+                self.current, self.shards_run = (job_id, got["rank"]), self.shards_run + 1
                 try:
-                    await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            if announce is not None:
-                announce.cancel()
-            keepalive.stop()
-            await kv.close()
+                    await self.run_job(kv, got, stop)
+                finally:
+                    self.current = None
+                continue  # take another shard if one is free (a dead worker's)
+            if self.one_job and job_id is not None:
+                st = await kv.call_scheduler("job_status", job=job_id, metrics_from=1 << 30)
+                if st["state"] in ("done", "failed"):
+                    break
+            try:
+                await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+        return job_id
 
     async def run_job(self, kv, got: dict, stop: asyncio.Event) -> None:
         ctx = JobContext(job_id=got["job"], spec=got["spec"], rank=got["rank"],
@@ -98,8 +113,18 @@ class Worker:
             app = self.apps.load(ctx.spec["app"])
             app_task = asyncio.create_task(app.run(kv, ctx))
             stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({app_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            expelled = asyncio.create_task(kv.expelled.wait())
+            await asyncio.wait({app_task, stopper, expelled}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
+            expelled.cancel()
+            if not app_task.done() and kv.expelled.is_set():
+                # the scheduler gave our shard to another worker: what we would still
+                # push or report is work done twice (our reports are refused anyway)
+                app_task.cancel()
+                await asyncio.wait({app_task}, timeout=5.0)
+                log.warning("%s was declared dead during job %s; shard %d was given to another worker",
+                            kv.node_id, ctx.job_id, ctx.rank)
+                return
             if not app_task.done():
                 # stopped (SIGTERM, a rolling restart): leaving hands our shard back to the
                 # pool, so another worker redoes it and the job goes on
