@@ -85,14 +85,26 @@ class Checkpoints:
         log.info("checkpoint %d written to %s: cut at clock %d, %d keys", ckpt_id, folder, cut, manifest["keys"])
         return self.last
 
+    @property
+    def restoring(self) -> bool:
+        """A restore is pending or under way: workers must not see a ring yet (they would
+        read zeros and write into tables the restore then overwrites)."""
+        return self.pending_restore is not None or self._loading
+
+    _loading = False
+
     def restore_if_pending(self):
         """A procedure, after the first ring: the servers load the newest checkpoint (once)."""
         if self.pending_restore is None:
             return
         folder, manifest = self.pending_restore
+        self._loading = True
         self.pending_restore = None
-        results = yield from _all(self.state.live("server"), lambda: Message(
-            "restore", meta={"folder": str(folder), "files": manifest["files"]}), self.state.config.request_timeout)
+        try:
+            results = yield from _all(self.state.live("server"), lambda: Message(
+                "restore", meta={"folder": str(folder), "files": manifest["files"]}), self.state.config.request_timeout)
+        finally:
+            self._loading = False
         self.restored_from = str(folder)
         log.info("restored checkpoint %s (%d keys loaded)", folder, sum(r.meta["keys"] for r in results))
 

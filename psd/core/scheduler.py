@@ -76,8 +76,8 @@ class SchedulerCore:
         self.outbox: list = []
         self.runner = Runner(self._ask, self._forget, self._do)
         self.checkpoints = Checkpoints(self.state, self.wall, checkpoint)
-        self.ring_changes = RingChanges(self.state, self._publish, self.checkpoints.restore_if_pending,
-                                        lambda node, msg: self.outbox.append(Notify(node, msg)))
+        self.ring_changes = RingChanges(self.state, self._publish, self._restore_then_tell_workers,
+                                        self._tell_worker)
         self.resumed = saved is not None
         if saved is not None:
             self.state.load(saved, now)
@@ -88,6 +88,8 @@ class SchedulerCore:
             for spec in self.checkpoints.tables_to_restore():
                 self.state.tables[spec["name"]] = TableSpec.from_wire(spec)
         self._creating: dict[str, list] = {}  # table -> requests waiting for its creation
+        #: procedures a handler started, to run once its answer is in the outbox
+        self._after_reply: list = []
         self._tidying: set[str] = set()  # servers being told to drop tables they should not hold
         self._last_tick = now
         self._next_checkpoint = now + config.checkpoint_interval if config.checkpoint_interval else None
@@ -128,12 +130,15 @@ class SchedulerCore:
                 raise forbidden(msg.op, OPERATOR_OPS[msg.op], msg.peer, needs=OPERATOR)
             out = handler(msg, now)
         except Exception as err:
+            self._after_reply.clear()
             self.outbox.append(Refuse(route, msg, err))
             return self._take()
         if isinstance(out, GeneratorType):
             self.runner.start(out, now, lambda result, err: self._answer(route, msg, result, err))
         elif out is not None:
             self.outbox.append(Reply(route, out))
+        while self._after_reply:
+            self._background(self._after_reply.pop(0), now)
         return self._take()
 
     def _answer(self, route, msg: Message, result, err) -> None:
@@ -269,8 +274,9 @@ class SchedulerCore:
                 s.rejoined[previous] = node
                 log.warning("%s is %s back", node, previous)
             self.save()
-            # the new server takes its ranges once it serves; joins queue behind other changes
-            self._background(self.ring_changes.rebalance(f"{node} joined"), now)
+            # the new server takes its ranges once it serves; joins queue behind other changes;
+            # started after the answer, so the server knows its id when the ring comes
+            self._after_reply.append(self.ring_changes.rebalance(f"{node} joined"))
         elif s.reserve_ids(role):
             # saved before the node hears its id, a block at a time: a scheduler that
             # crashed before saving it handed the same id to the next node, whose first
@@ -278,7 +284,7 @@ class SchedulerCore:
             self.save()
         log.info("%s joined as %s%s, ring v%d", node, role, f" at {address}" if role == "server" else "",
                  s.ring.version)
-        return msg.reply(meta={"node": node, "ring": s.ring.to_wire(),
+        return msg.reply(meta={"node": node, "ring": (s.ring if role == "server" else self._workers_ring()).to_wire(),
                                "tables": [t.to_wire() for t in s.tables.values()],
                                "heartbeat_interval": self.config.heartbeat_interval,
                                "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
@@ -409,7 +415,27 @@ class SchedulerCore:
         hold the only copies of some ranges (a client waiting on one can say so)."""
         s = self.state
         down = sorted({o for _, owners in unavailable(s.ring, set(s.live("server"))) for o in owners})
-        return msg.reply(meta={"ring": s.ring.to_wire(), "down": down})
+        return msg.reply(meta={"ring": self._workers_ring().to_wire(), "down": down})
+
+    def _workers_ring(self) -> Assignment:
+        """The ring as workers may see it: none while a checkpoint restore is pending or
+        under way (they wait, as for a cluster with no servers yet, and get the ring once
+        the tables hold what the checkpoint had)."""
+        return Assignment(version=0) if self.checkpoints.restoring else self.state.ring
+
+    def _tell_worker(self, node: str, msg: Message) -> None:
+        if not self.checkpoints.restoring:
+            self.outbox.append(Notify(node, msg))
+
+    def _restore_then_tell_workers(self):
+        """After a final ring: the pending restore, if any; then the workers, who were not
+        told of rings meanwhile, get this one."""
+        if not self.checkpoints.restoring:
+            return
+        yield from self.checkpoints.restore_if_pending()
+        wire = self.state.ring.to_wire()
+        for node in self.state.live("worker"):
+            self.outbox.append(Notify(node, Message("ring", meta={"ring": wire})))
 
     def on_ping(self, msg: Message, now: float) -> Message:
         return msg.reply(meta={"node": self.node_id, "servers": len(self.state.live("server"))})

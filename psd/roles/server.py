@@ -46,6 +46,9 @@ class Server:
         self.stop_event: asyncio.Event | None = None
         self._asks: dict[int, tuple[RpcSocket, int]] = {}  # core token -> (connection, message id)
         self.keepalive: HeartbeatThread | None = None
+        #: set once the first registration is answered: the scheduler may send the ring
+        #: (and a restore) right behind its answer, and both need our node id
+        self._registered = asyncio.Event()
 
     # what logs and /metrics read
     @property
@@ -125,6 +128,7 @@ class Server:
         reply = await self.link.call(Message("register", meta=meta), timeout=self.config.request_timeout)
         self._execute(self.core.registered(reply.meta, time.monotonic()))
         self.data.node_id = self.link.node_id = self.peers.node_id = self.node_id
+        self._registered.set()
         if self.keepalive is not None:
             self.keepalive.node_id = self.node_id
 
@@ -221,7 +225,9 @@ class Server:
         self.timings.observe((msg.op, outcome), time.perf_counter() - started)
         return None
 
-    def handle_control(self, route: Route, msg: Message) -> None:
+    def handle_control(self, route: Route, msg: Message):
+        if not self._registered.is_set():
+            return self._once_registered(route, msg)
         if msg.op == "restore":
             try:
                 folder = Path(msg.meta["folder"])
@@ -233,6 +239,12 @@ class Server:
             return None
         self._execute(self.core.control(msg, time.monotonic()))
         return None
+
+    async def _once_registered(self, route: Route, msg: Message) -> None:
+        """A control message that overtook the answer to our registration (the link
+        handles messages as they come; the answer's waiter runs later)."""
+        await self._registered.wait()
+        return self.handle_control(route, msg)
 
     # -- introspection -------------------------------------------------------------
     def stats(self) -> dict:
