@@ -3,7 +3,10 @@ of a request whose key may not send it. Pure: the daemons' cores check roles wit
 knowing anything of CurveZMQ."""
 from __future__ import annotations
 
-from psd.errors import ForbiddenError
+import re
+from fnmatch import fnmatchcase
+
+from psd.errors import ForbiddenError, PsdError
 
 #: where listed keys live (psd/transport/security.py writes and reads them)
 AUTHORIZED = "authorized"
@@ -19,6 +22,51 @@ ROLE_CLIENT = "client:"
 ROLE_WORKER = "worker:"
 #: what ``forbidden`` names as needed for an operator's op: a client key (not a worker key)
 OPERATOR = "operator"
+#: a worker key limited to some namespaces has them after its name in its User-Id:
+#: ``worker:NAME@J7,team-*`` (a key's name never holds "@")
+SCOPE_SEP = "@"
+#: a namespace pattern (fnmatch: ``*``, ``?``, ``[...]``); namespaces hold no "/"
+_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
+#: the most patterns one key may carry (they travel in every connection's User-Id)
+MAX_PATTERNS = 16
+
+
+def check_patterns(patterns) -> list[str]:
+    """Namespace patterns for a worker key, checked: each 1 to 64 characters of letters,
+    digits, ``_ . -`` and the wildcards ``* ? [ ] !``."""
+    patterns = list(patterns)
+    for p in patterns:
+        if not isinstance(p, str) or not _PATTERN.match(p):
+            raise PsdError(f"namespace pattern {p!r}: expected 1 to 64 letters, digits, '_', '.', '-' or the "
+                           f"wildcards '*', '?', '[...]' (e.g. J7 or team-a-*)")
+    if len(patterns) > MAX_PATTERNS:
+        raise PsdError(f"{len(patterns)} namespace patterns for one key; at most {MAX_PATTERNS}")
+    return patterns
+
+
+def scope_of(peer: str | None) -> tuple[str, ...] | None:
+    """The namespace patterns a connection's key is limited to (None: every namespace:
+    no security, the daemons' key, an operator key, an unlimited worker key)."""
+    if not peer or not peer.startswith(ROLE_WORKER):
+        return None
+    _, sep, patterns = peer.partition(SCOPE_SEP)
+    return tuple(patterns.split(",")) if sep else None
+
+
+def in_scope(scope: tuple[str, ...] | None, namespace: str | None) -> bool:
+    """Whether a key limited to ``scope`` may touch ``namespace`` (None: the default
+    namespace, which a limited key may not)."""
+    if scope is None:
+        return True
+    return namespace is not None and any(fnmatchcase(namespace, p) for p in scope)
+
+
+def outside_scope(op: str, what: str, namespace: str | None, peer: str | None) -> ForbiddenError:
+    """The refusal of a request of a limited worker key outside its namespaces."""
+    where = f"namespace {namespace!r}" if namespace else "the default namespace"
+    return ForbiddenError(f"{what} is in {where}, outside what {describe_role(peer)} may touch. Nothing was "
+                          f"changed; use a key for that namespace (psd keygen --add --worker NAME --namespace "
+                          f"PATTERN) or an operator key", op=op, needs="namespace")
 
 
 def describe_role(peer: str | None) -> str:
@@ -28,7 +76,8 @@ def describe_role(peer: str | None) -> str:
     if peer and peer.startswith(ROLE_CLIENT):
         return f"client key {peer[len(ROLE_CLIENT):]!r}"
     if peer and peer.startswith(ROLE_WORKER):
-        return f"worker key {peer[len(ROLE_WORKER):]!r}"
+        name, sep, patterns = peer[len(ROLE_WORKER):].partition(SCOPE_SEP)
+        return f"worker key {name!r}" + (f" (namespaces {patterns.replace(',', ', ')})" if sep else "")
     return "no known key"
 
 

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--worker", action="append", metavar="NAME",
                    help="a worker key pair to create and list in authorized/workers/ (repeatable): it may do "
                         "what workers do, not drain, drop, checkpoint or submit")
+    k.add_argument("--namespace", action="append", metavar="PATTERN",
+                   help="limit the --worker keys to the tables and jobs of these namespaces (repeatable; "
+                        "fnmatch patterns, e.g. J7 or team-a-*)")
     k.add_argument("--add", action="store_true",
                    help="add the --client/--worker pairs to the existing set in DIR (its server pair stays)")
     k.add_argument("--force", action="store_true", help="replace keys that exist")
@@ -236,7 +239,7 @@ def _keygen(args) -> int:
     from psd.transport import security
 
     written = security.keygen(args.dir, args.client or (), add=args.add, force=args.force,
-                              workers=args.worker or ())
+                              workers=args.worker or (), namespaces=args.namespace or ())
     for path in written:
         print(path)
     clients = [p.name[:-len(security.SECRET)] for p in written

@@ -119,10 +119,11 @@ class JobBook:
         return (job_id not in self.jobs and _JOB_ID.fullmatch(job_id) is not None
                 and int(job_id[1:]) < self._next)
 
-    def poll(self, worker: str) -> tuple[Job, int] | None:
-        """Give ``worker`` a free rank of the oldest unfinished job, or None."""
+    def poll(self, worker: str, may=lambda job_id: True) -> tuple[Job, int] | None:
+        """Give ``worker`` a free rank of the oldest unfinished job it ``may`` take part
+        in (its key may be limited to some jobs' namespaces), or None."""
         for job in self.jobs.values():
-            if job.state in ("done", "failed"):
+            if job.state in ("done", "failed") or not may(job.id):
                 continue
             for rank, w in job.ranks.items():
                 if w == worker and rank not in job.shards_done:

@@ -33,7 +33,7 @@ from psd.core.procedures import Calls, Runner, Sleep, failure
 from psd.core.ring_changes import RingChanges, unavailable
 from psd.errors import (BadRequestError, LimitError, ProtocolError, TableMismatchError,
                         UnknownTableError, describe)
-from psd.keyroles import OPERATOR, ROLE_SERVER, ROLE_WORKER, forbidden
+from psd.keyroles import OPERATOR, ROLE_SERVER, ROLE_WORKER, forbidden, in_scope, outside_scope, scope_of
 from psd.schema import TableSpec, check_namespace, namespace_of
 
 log = logging.getLogger("psd.scheduler")
@@ -462,7 +462,14 @@ class SchedulerCore:
 
     def on_create_table(self, msg: Message, now: float):
         spec = TableSpec.from_wire(msg.meta.get("spec"))
+        self._check_scope(msg, namespace_of(spec.name), f"table {spec.name!r}")
         return self._create_table(msg, spec)
+
+    @staticmethod
+    def _check_scope(msg: Message, namespace: str | None, what: str) -> None:
+        """A worker key limited to some namespaces touches only their tables and jobs."""
+        if not in_scope(scope_of(msg.peer), namespace):
+            raise outside_scope(msg.op, what, namespace, msg.peer)
 
     def _create_table(self, msg: Message, spec: TableSpec):
         s = self.state
@@ -589,7 +596,8 @@ class SchedulerCore:
 
     def on_job_poll(self, msg: Message, now: float) -> Message:
         self._check_sender(msg)
-        got = self.state.jobs.poll(msg.sender)
+        scope = scope_of(msg.peer)  # a job's tables live in the namespace named by its id
+        got = self.state.jobs.poll(msg.sender, may=lambda job_id: in_scope(scope, job_id))
         if got is None:
             return msg.reply(meta={"job": None})
         job, rank = got
@@ -604,6 +612,7 @@ class SchedulerCore:
             return msg.reply(meta={"ignored": f"job {m['job']} ended and was forgotten"})  # (a late resend)
         if not isinstance(m.get("job"), str) or m.get("job") not in s.jobs.jobs:  # a list is unhashable
             raise BadRequestError(f"job_report: unknown job {describe(m.get('job'))}", field="meta.job")
+        self._check_scope(msg, m["job"], f"job {m['job']}")
         report = check_report(s.jobs.jobs[m["job"]], m)
         holder = s.jobs.jobs[m["job"]].ranks.get(report["rank"])
         if holder != msg.sender:
@@ -628,6 +637,7 @@ class SchedulerCore:
         job = self.state.jobs.jobs.get(job_id) if isinstance(job_id, str) else None  # a list is unhashable
         if job is None:
             raise BadRequestError(f"unknown job {job_id!r:.80}")
+        self._check_scope(msg, job.id, f"job {job.id}")
         if not isinstance(start, int) or isinstance(start, bool) or start < 0:
             raise BadRequestError(f"job_status: metrics_from must be an integer >= 0, got {start!r:.80}")
         return msg.reply(meta=job.to_dict(start))

@@ -41,9 +41,9 @@ from psd.core.stream import SEQ, Inbound, parse
 from psd.errors import (BadRequestError, BusyError, LimitError, MessageTooLargeError,
                         NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
                         TableMismatchError, UnavailableError, UnknownTableError)
-from psd.keyroles import ROLE_SERVER, forbidden
+from psd.keyroles import ROLE_SERVER, ROLE_WORKER, forbidden, in_scope, outside_scope, scope_of
 from psd.refusals import RefusalLog
-from psd.schema import TableSpec
+from psd.schema import TableSpec, namespace_of
 from psd.store.table import Table, Usage
 from psd.store.checkpoint import write_server_file
 
@@ -92,6 +92,7 @@ class ServerCore:
         self.incoming: list[Range] = []  # ranges being copied to us: forwards wait for the copy
         self.seen = Seen()
         self.partly = PartlyApplied()
+        self._may: dict[tuple, bool] = {}  # (key role, table) -> may touch (may_touch)
         self.streams = Inbound()
         self.outbox: list = []
         self.calls = PeerCalls(self.outbox)
@@ -450,7 +451,20 @@ class ServerCore:
         table = self.tables.get(msg.table) if msg.table is not None else None
         if table is None:
             raise UnknownTableError(f"unknown table {msg.table!r}; create it with kv.table(...) first")
+        if msg.peer is not None and msg.peer.startswith(ROLE_WORKER) and not self.may_touch(msg.peer, msg.table):
+            raise outside_scope(msg.op, f"table {msg.table!r}", namespace_of(msg.table), msg.peer)
         return table
+
+    def may_touch(self, peer: str | None, table: str) -> bool:
+        """Whether a connection's key may read and write ``table`` (a worker key may be
+        limited to some namespaces); remembered per key and table."""
+        key = (peer, table)
+        ok = self._may.get(key)
+        if ok is None:
+            if len(self._may) > 4096:
+                self._may.clear()
+            ok = self._may[key] = in_scope(scope_of(peer), namespace_of(table))
+        return ok
 
     def _rows(self, msg: Message, table: Table, with_values: bool) -> Rows:
         """Parse and check everything before anything is applied."""

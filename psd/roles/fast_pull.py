@@ -24,7 +24,9 @@ from psd.cluster.ranges import is_sorted_unique
 from psd.core.stream import SEQ, parse
 from psd.codec.frames import ZSTD_MIN_BYTES
 from psd.codec.message import PROTOCOL_VERSION, Message
+from psd.keyroles import ROLE_WORKER
 from psd.schema import SMALL_PULL
+from psd.transport.rpc import peer_of
 
 if TYPE_CHECKING:
     from psd.roles.server import Server
@@ -82,6 +84,10 @@ class FastPull:
         table = srv.tables.get(name)
         if table is None:
             return None
+        if srv.secure:  # a worker key limited to other namespaces: the general path refuses it
+            peer = peer_of(frames[0])
+            if peer is not None and peer.startswith(ROLE_WORKER) and not srv.may_touch(peer, name):
+                return None
         size = n * table.width * table.dtype.itemsize
         if size > limits.max_message_bytes or (size >= ZSTD_MIN_BYTES and srv.config.compression != "none"):
             return None  # (the general path compresses a reply this big)

@@ -17,7 +17,7 @@ from pathlib import Path
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.effects import DATA, Ask, Forget, Refuse, Rejoin, Reply, Stop, Tell, Write
-from psd.core.server import DAEMON_OPS, ServerCore
+from psd.core.server import ServerCore
 from psd.roles.fast_pull import FastPull
 from psd.roles.peers import Peers
 from psd.store.checkpoint import read_server_file
@@ -75,7 +75,9 @@ class Server:
                               # not while a push waits for its replicas' acks (on the peers'
                               # sockets, which the loop reads only once the spin is over)
                               spin_ok=lambda: not self.core.acks,
-                              identify=frozenset(DAEMON_OPS) if self.curve else False)
+                              # every request's key role: daemons' ops need the server key,
+                              # and a worker key may be limited to some namespaces
+                              identify=self.curve is not None)
         # concurrent: control requests are answered by effects, some of them later (a copy,
         # a checkpoint), and the news that a worker died must get through meanwhile
         self.link = RpcSocket(connect_dealer(ctx, cfg.scheduler, security=self.curve), self.node_id,

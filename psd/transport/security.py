@@ -10,7 +10,9 @@ A cluster's key folder (``psd keygen DIR``) holds:
 * ``authorized/``: the allow-list the daemons check: a public key file per identity
   that may connect (the server key and every client key). A client key listed in
   ``authorized/workers/`` instead (``--worker NAME``) is a worker key: it may do what
-  a worker does, not what an operator does (drain, drop, checkpoint, submit).
+  a worker does, not what an operator does (drain, drop, checkpoint, submit). Beside
+  it, ``NAME.namespaces`` (``--namespace PATTERN``) limits it to the tables and jobs of
+  those namespaces (one fnmatch pattern a line), for a cluster shared by several teams.
 
 Files are ZeroMQ's ZPL certificates (``zmq.auth.load_certificate`` reads them);
 secret files are mode 0600.
@@ -42,7 +44,8 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from psd.errors import AuthError, PsdError
-from psd.keyroles import OPERATOR, ROLE_CLIENT, ROLE_SERVER, ROLE_WORKER, describe_role, forbidden  # noqa: F401
+from psd.keyroles import (OPERATOR, ROLE_CLIENT, ROLE_SERVER, ROLE_WORKER, SCOPE_SEP, check_patterns,  # noqa: F401
+                          describe_role, forbidden)
 from psd.refusals import RefusalLog
 
 log = logging.getLogger("psd.security")
@@ -53,6 +56,8 @@ AUTHORIZED = "authorized"
 #: the subfolder of ``authorized/`` that lists worker keys
 WORKERS = "workers"
 PUBLIC, SECRET = ".key", ".key_secret"
+#: beside a worker key in authorized/workers/: the namespace patterns it is limited to
+SCOPE = ".namespaces"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"psd"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -96,16 +101,22 @@ def _read_cert(path: Path) -> tuple[bytes, bytes | None]:
 
 
 def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (), *,
-           add: bool = False, force: bool = False, workers: list[str] | tuple[str, ...] = ()) -> list[Path]:
+           add: bool = False, force: bool = False, workers: list[str] | tuple[str, ...] = (),
+           namespaces: list[str] | tuple[str, ...] = ()) -> list[Path]:
     """Write a cluster key set into ``folder`` and return the files written.
 
     Without ``add``: a new set (the server pair and one pair per client), refused if
     the folder already holds psd keys unless ``force`` (which replaces them and leaves
     only the new keys in ``authorized/``). With ``add``: new client pairs for the
     existing set (its server pair stays); an existing name is refused unless ``force``.
-    ``workers``: pairs listed as worker keys (``authorized/workers/``). Neither
-    clients nor workers: one client pair named ``client``."""
+    ``workers``: pairs listed as worker keys (``authorized/workers/``), limited to the
+    ``namespaces`` patterns when given. Neither clients nor workers: one client pair
+    named ``client``."""
     folder = Path(folder)
+    namespaces = check_patterns(namespaces)
+    if namespaces and not workers:
+        raise PsdError("--namespace limits worker keys: name them with --worker NAME (client keys are "
+                       "operators' and touch every namespace)")
     names = list(clients) + list(workers)
     if not clients and not (add and workers):  # a new set always gets an operator key
         names.insert(0, DEFAULT_CLIENT)
@@ -145,12 +156,18 @@ def keygen(folder: str | Path, clients: list[str] | tuple[str, ...] = (), *,
     for name in names:  # (--force: a name is listed anew, as what it is now)
         for listed in (authorized, authorized / WORKERS):
             (listed / (name + PUBLIC)).unlink(missing_ok=True)
+        (authorized / WORKERS / (name + SCOPE)).unlink(missing_ok=True)
     if not add:
-        for old in [*authorized.glob("*" + PUBLIC), *authorized.glob(f"{WORKERS}/*" + PUBLIC)]:
+        for old in [*authorized.glob("*" + PUBLIC), *authorized.glob(f"{WORKERS}/*" + PUBLIC),
+                    *authorized.glob(f"{WORKERS}/*" + SCOPE)]:
             old.unlink()  # a new set trusts only its own keys
         pair(SERVER, authorized)
     for name in names:
         pair(name, authorized / WORKERS if name in workers else authorized)
+        if name in workers and namespaces:
+            scope = authorized / WORKERS / (name + SCOPE)
+            scope.write_text("".join(p + "\n" for p in namespaces))
+            written.append(scope)
     return written
 
 
@@ -288,8 +305,9 @@ def apply_client(sock: zmq.Socket, curve: Curve) -> None:
 # -- authorization by key role ----------------------------------------------------------------
 class AllowList:
     """The public keys in ``authorized/`` (raw 32 bytes -> file name), re-read when
-    a file is added or removed there (the folder's mtime changes), so a new client can be
-    listed without a restart."""
+    a file is added or removed there (the folder's mtime changes) or a ``.namespaces``
+    file changes, so a new client can be listed without a restart. A connection keeps
+    the rights its key had when it connected."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -298,10 +316,13 @@ class AllowList:
 
     def load(self) -> dict[bytes, str]:
         """Listed public keys (raw) -> their role: ``client:NAME``, or ``worker:NAME``
-        for a key in ``workers/``."""
+        for a key in ``workers/`` (``worker:NAME@PATTERN,...`` when a NAME.namespaces
+        file limits it)."""
+        workers = self.folder / WORKERS
         try:
             stamp = (self.folder.stat().st_mtime_ns,
-                     (self.folder / WORKERS).stat().st_mtime_ns if (self.folder / WORKERS).is_dir() else None)
+                     workers.stat().st_mtime_ns if workers.is_dir() else None,
+                     tuple(p.stat().st_mtime_ns for p in sorted(workers.glob("*" + SCOPE))))
         except OSError:
             stamp = None
         if stamp != self._stamp or stamp is None:
@@ -310,11 +331,23 @@ class AllowList:
                 for path in sorted(folder.glob("*" + PUBLIC)):
                     try:
                         public, _ = _read_cert(path)
-                        keys[z85.decode(public)] = role + path.name[:-len(PUBLIC)]
-                    except (AuthError, ValueError) as e:
+                        keys[z85.decode(public)] = role + path.name[:-len(PUBLIC)] + _scope(path, role)
+                    except (AuthError, PsdError, ValueError, OSError) as e:
                         log.warning("allow-list: skipping %s: %s", path, e)
             self._keys, self._stamp = keys, stamp
         return self._keys
+
+
+def _scope(key_path: Path, role: str) -> str:
+    """What follows a worker key's name in its role: its namespace patterns, if listed."""
+    scope = key_path.with_suffix(SCOPE)
+    if role != ROLE_WORKER or not scope.exists():
+        return ""
+    patterns = check_patterns([line.strip() for line in scope.read_text().splitlines() if line.strip()])
+    if not patterns:  # an empty file limits the key to nothing at all
+        raise PsdError(f"{scope} lists no namespace: remove the file to give the key every namespace, or "
+                       f"list the ones it may touch")
+    return SCOPE_SEP + ",".join(patterns)
 
 
 class Authenticator:
