@@ -71,6 +71,9 @@ class TableSpec:
                                                       or delay < 0):
             raise BadRequestError(f"table {self.name!r}: max_delay must be an integer >= 0 or 'auto', "
                                   f"got {delay!r}")
+        group = self.options.get("num_workers")
+        if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group < 0):
+            raise BadRequestError(f"table {self.name!r}: num_workers must be an integer >= 0, got {group!r}")
         return self
 
     def _check_option_sizes(self) -> None:
@@ -90,8 +93,9 @@ class TableSpec:
 
     @cached_property  # (asked on every request; a spec never changes)
     def consistency_override(self) -> dict:
-        """The table's own consistency setting, if it has one."""
-        return {k: self.options[k] for k in ("consistency", "max_delay") if k in self.options}
+        """The table's own consistency setting, if it has one (a job's: its model, and
+        how many workers its group waits for before the first clock)."""
+        return {k: self.options[k] for k in ("consistency", "max_delay", "num_workers") if k in self.options}
 
     @property
     def np_dtype(self) -> np.dtype:

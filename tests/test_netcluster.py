@@ -376,3 +376,41 @@ def test_the_watchdog_aborts_a_hung_daemon_and_it_is_restarted(tmp_path):
     finally:
         supervisor.close()
     assert unit.pid is None and unit.state == "inactive"
+
+
+# -- a job on the deployment, against the same job on one machine -------------------------------
+def _logreg_job(tmp_path: Path, name: str, workers: int) -> Path:
+    import yaml
+    job = yaml.safe_load((ROOT / "configs" / "jobs" / "logreg.yaml").read_text())
+    job.update(name=name, workers=workers, output=str(tmp_path / name))
+    job.pop("model", None)  # (no model files: the objective is what is compared)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+@needs_netns
+def test_a_job_submitted_to_the_hosts_reaches_the_objective_of_psd_run(tmp_path):
+    """The shipped logistic-regression job, submitted with `psd submit` from the operator
+    host to 1 scheduler host, 3 server hosts and 3 worker hosts (`psd worker` under the
+    supervisor, worker keys, replication 2, CurveZMQ), ends done with the objective
+    `psd run` reaches with the same number of workers on one machine, within 1%."""
+    net = NetCluster(servers=3, clients=3, rate="1gbit", replication=2, worker_daemons=True,
+                     run_dir=tmp_path / "net")
+    try:
+        net.up()
+        job = _logreg_job(tmp_path, "hosts", 3)
+        out = net.exec("operator", net.psd_argv("submit", str(job), "--config", str(net.config_path), "--follow",
+                                                "--quiet"), timeout=240)
+        assert "done" in out.stdout, out.stdout + out.stderr
+        hosts = json.loads((tmp_path / "hosts" / "summary.json").read_text())
+        workers = {n["id"] for n in net.status()["nodes"] if n["role"] == "worker"}
+        assert len(workers) == 3
+    finally:
+        _down_and_check(net)
+    local = subprocess.run([sys.executable, "-m", "psd", "run", str(_logreg_job(tmp_path, "local", 3)), "--quiet"],
+                           capture_output=True, text=True, timeout=240)
+    assert local.returncode == 0, local.stderr[-2000:]
+    alone = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert hosts["state"] == alone["state"] == "done"
+    assert abs(hosts["objective"] - alone["objective"]) <= 0.01 * alone["objective"], (hosts, alone)

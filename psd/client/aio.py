@@ -58,6 +58,10 @@ class AsyncKVWorker:
         #: off or stalled past worker_timeout): a job's shard of ours went to another
         #: worker; a worker daemon then gives it up and registers again
         self.expelled = asyncio.Event()
+        #: options every table opened here gets unless given (a job's consistency: the
+        #: worker daemon sets it while it runs the job, so a job submitted to a cluster of
+        #: another default runs under its own model)
+        self.table_defaults: dict = {}
         #: tables opened by ``table(name)`` are ``<namespace>/<name>`` (a job's worker runs its
         #: app in the job's namespace); None: the default namespace, names as given
         self.namespace: str | None = None
@@ -249,7 +253,8 @@ class AsyncKVWorker:
     async def table(self, name: str, width: int = 1, dtype: str = "float32", updater: str = "sum",
                     **options) -> "AsyncTable":
         """Create the table, or open it if it exists with the same settings."""
-        spec = TableSpec(qualified(self.namespace, name), width, dtype, updater, options).validate()
+        spec = TableSpec(qualified(self.namespace, name), width, dtype, updater,
+                         {**self.table_defaults, **options}).validate()
         reply = await self._link.call(Message("create_table", meta={"spec": spec.to_wire()}),
                                       timeout=self.config.request_timeout)
         return AsyncTable(self, TableSpec.from_wire(reply.meta["spec"]))

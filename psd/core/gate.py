@@ -183,7 +183,7 @@ class Gate:
         if override:
             setting = Setting(override.get("consistency", self.default.consistency),
                               override.get("max_delay", self.default.max_delay),
-                              self.default.num_workers, self.default.auto_bounds)
+                              override.get("num_workers", self.default.num_workers), self.default.auto_bounds)
         if setting not in self.policies:
             self.policies[setting] = self._seeded(Policy(setting))
             self.policies[setting].cut = self.policies[self.default].cut

@@ -109,6 +109,11 @@ class Worker:
         log.info("%s runs job %s (%s) as rank %d of %d", kv.node_id, ctx.job_id, ctx.spec.get("app"),
                  ctx.rank, ctx.num_workers)
         kv.namespace = ctx.job_id  # the app's tables are the job's: kv.table("w") opens "<job>/w"
+        # and gate under the job's consistency, whatever the cluster's default, waiting
+        # for the job's workers to join before the first clock passes
+        kv.table_defaults = {k: ctx.spec[k] for k in ("consistency", "max_delay") if k in ctx.spec}
+        if kv.table_defaults:
+            kv.table_defaults["num_workers"] = ctx.num_workers
         try:
             app = self.apps.load(ctx.spec["app"])
             app_task = asyncio.create_task(app.run(kv, ctx))
@@ -141,3 +146,4 @@ class Worker:
             await ctx.report(error=f"{kv.node_id}: {type(e).__name__}: {e}")
         finally:
             kv.namespace = None
+            kv.table_defaults = {}

@@ -98,7 +98,7 @@ class SGD(Updater):
 
 # -- regularised updaters (sparse logistic regression and friends) ---------------------
 #: table options that configure the table itself, not its updater
-TABLE_OPTIONS = frozenset({"consistency", "max_delay"})
+TABLE_OPTIONS = frozenset({"consistency", "max_delay", "num_workers"})
 
 
 def _number(v) -> bool:
