@@ -85,8 +85,12 @@ def test_fit_dense_numpy_keeps_its_outputs(tmp_path):
     assert (out / "objective.png").read_bytes()[:4] == b"\x89PNG"
     back = load_npz(out / "data" / "train.npz")
     np.testing.assert_array_equal(back.labels, y.astype(np.float32))
-    keys, w = logreg.load_model(out / "model")
+    keys, w = logreg.load_model(out)          # the workers' parts, merged
     np.testing.assert_array_equal(result.coef[keys.astype(np.int64)], w)
+    model = logreg.Model.load(out)            # model.npz + model.json in the run folder
+    np.testing.assert_array_equal(model.keys, keys)
+    assert model.header["keys"].startswith("feature ids") and model.header["options"]["l1"] == L1
+    np.testing.assert_allclose(model.predict_proba(X), result.predict_proba(X))
 
 
 # -- bad arrays and options: no cluster is started ------------------------------------------

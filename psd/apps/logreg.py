@@ -56,14 +56,17 @@ import numpy as np
 from psd.apps.datasets import GENERATORS, SparseDataset, shard
 from psd.apps.datasets.arrays import check_npz, from_arrays, load_npz, write_npz
 from psd.apps.datasets.libsvm import CHUNK_ROWS, concat, expand_files, load_shard, read_chunks
+from psd.apps.guard import Watch, check_end
+from psd.apps.model import read_model, write_model
 from psd.apps.metrics import auc, log_loss
+from psd.apps.rendezvous import wait_for_ranks
 from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check_sparse_logreg, is_bool,
                               is_finite_num, is_int, merge_defaults)
 from psd.errors import BadRequestError, ConfigError
 
 SOLVERS = ("prox", "ftrl", "adagrad")
 #: train.learning_rate when the job does not set it: prox's eta, adagrad's lr, ftrl's alpha
-DEFAULT_RATE = {"prox": 0.5, "ftrl": 0.5, "adagrad": 0.1}
+DEFAULT_RATE = {"prox": 0.7, "ftrl": 0.5, "adagrad": 0.1}
 
 DEFAULTS: dict = {
     "data": {
@@ -91,9 +94,12 @@ DEFAULTS: dict = {
         "l2": 0.0,
         "learning_rate": None,  # DEFAULT_RATE[solver]
         # prox
-        "passes": 10,           # sweeps over all blocks; iterations = passes * blocks
+        "passes": 50,           # at most this many sweeps over all blocks (see tol)
+        "tol": 1e-5,            # stop once a pass lowers the objective by less (relative); 0: never
         "blocks": 16,
         "curvature": True,      # per-key step lr / curvature (the paper); false: a fixed step lr
+        "scaled_step": True,    # scale each block's curvature by the data's (see Design.block_step)
+        "patience": 3,          # objective rises in a row that halve the step
         "eval_every": 1,        # iterations between objective reports (prox)
         # ftrl / adagrad
         "epochs": 5,
@@ -111,6 +117,7 @@ FILE_KEYS = ("files", "test_files", "hash_features", "chunk_rows")
 NPZ_KEYS = ("npz", "test_npz")
 #: train keys that only one kind of solver reads
 SOLVER_KEYS = {"passes": ("prox",), "blocks": ("prox",), "curvature": ("prox",), "eval_every": ("prox",),
+               "tol": ("prox",), "scaled_step": ("prox",),
                "epochs": ("ftrl", "adagrad"), "batch_size": ("ftrl", "adagrad"), "beta": ("ftrl",)}
 
 #: plots `psd run` writes from the metrics records
@@ -120,6 +127,10 @@ PLOTS = [
     {"file": "nnz.png", "x": "iteration", "ys": ["nnz_weights"], "title": "non-zero weights per iteration"},
     {"file": "test.png", "x": "time", "ys": ["test_logloss", "test_auc"], "title": "test log-loss and AUC"},
 ]
+#: what to change when a run diverges (the DivergedError's advice)
+ADVICE = ("lower train.learning_rate (prox: {lr}), keep train.scaled_step true, or use more "
+          "train.blocks or a smaller max_delay")
+MODEL_FORMAT = 1
 REPORT_SECONDS = 0.5  # at most this long between progress reports
 
 
@@ -145,6 +156,9 @@ _CHECKS: dict[str, dict[str, Check]] = {
         "passes": (lambda v: is_int(v) and v >= 1, "a positive integer"),
         "blocks": (lambda v: is_int(v) and 1 <= v <= 1 << 20, "an integer in [1, 1048576]"),
         "curvature": (is_bool, "true or false"),
+        "scaled_step": (is_bool, "true or false"),
+        "tol": (lambda v: is_finite_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "patience": (lambda v: is_int(v) and v >= 1, "a positive integer"),
         "eval_every": (lambda v: is_int(v) and v >= 1, "a positive integer"),
         "epochs": (lambda v: is_int(v) and v >= 1, "a positive integer"),
         "batch_size": (lambda v: is_int(v) and v >= 1, "a positive integer"),
@@ -307,6 +321,38 @@ class Design:
         h = np.bincount(cols, weights=p * (1.0 - p) * vals * vals, minlength=num_keys)
         return g * scale, h * scale
 
+    def block_step(self, b: int, num_keys: int, scale: float, w: np.ndarray, l1: float, l2: float
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
+        """The block's gradient and curvature parts (as :meth:`block_gradient`) and the
+        data's step scale for it: how much more the loss curves along this worker's own
+        proximal step than the diagonal model says.
+
+        The diagonal curvature ``h`` ignores that features of one example move together:
+        where an example has many features in a block (a mail's ~800 words in every
+        block), ``lr / h`` overshoots many times over. Along the step ``u`` this worker
+        would take alone (its ``g``, ``h`` and its share of ``l1``), the loss curves by
+        ``sum_i p_i (1 - p_i) (x_i.u)^2`` while the model says ``sum_j h_j u_j^2``;
+        their ratio (at least 1) is the Rayleigh quotient of the block's diagonally
+        scaled Hessian along the step, a per-block Lipschitz estimate from the feature
+        values. Multiplying ``h`` by it makes the step exact for the quadratic model
+        along ``u``. Examples are shuffled over workers, so each worker's estimate is
+        about the global one; each pushes its own scaled part."""
+        g, h = self.block_gradient(b, num_keys, scale)
+        rows, cols, vals = self.blocks[b]
+        if not rows.size:
+            return g, h, 1.0
+        share = len(self) * scale             # this worker's share of the examples
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = h * w - g
+            u = np.where(h > 0, np.sign(v) * np.maximum(np.abs(v) - l1 * share, 0.0) / (h + l2 * share), w) - w
+        model = float(np.sum(h * u * u))
+        if not model > 0:
+            return g, h, 1.0
+        t = np.bincount(rows, weights=u[cols] * vals, minlength=len(self))
+        p = _sigmoid(self.margins)
+        actual = float(np.sum(p * (1.0 - p) * t * t)) * scale
+        return g, h, max(1.0, actual / model) if np.isfinite(actual) else 1.0
+
     def loss_sum(self) -> float:
         return float(_losses(self.margins, self.labels).sum())
 
@@ -374,6 +420,10 @@ class Trainer:
         self.unread: list = []            # rank 0: (clock, record) whose sums are not asked for yet
         self.evals: deque = deque()       # rank 0: (stats pull task, record), in clock order
         self.records: list[dict] = []
+        # minibatch solvers do not minimise F step by step (docs/jobs.md): watched for
+        # non-finite values and judged on the training log-loss, no step to shrink
+        self.watch = Watch("logreg", int(self.t["patience"]), ADVICE.format(lr=self.t["learning_rate"]),
+                           adapt=self.t["solver"] == "prox")
         self.last_report = time.monotonic()
         self.started = time.perf_counter()
         self.final: dict = {}
@@ -452,16 +502,18 @@ class Trainer:
         return {"test_logloss": log_loss(self.test.labels, _sigmoid(m)), "test_auc": auc(self.test.labels, m)}
 
     async def evaluate(self, record: dict) -> None:
-        """Push this worker's share of the objective under the current clock; rank 0 reads
-        the sum after its next ``kv.clock()`` (call :meth:`after_clock`)."""
+        """Push this worker's share of the objective under the current clock; every worker
+        reads the sum after its next ``kv.clock()`` (call :meth:`after_clock`), so all
+        of them see the same objective history and take the same decisions from it."""
         clock = self.kv.clock_value
         await self._track(self.stats.push(np.array([clock], np.uint64), self.partial_stats()))
+        record = {**record, "time": round(time.perf_counter() - self.started, 4)}
         if self.ctx.rank == 0:
-            record = {**record, "time": round(time.perf_counter() - self.started, 4), **self.test_metrics()}
-            self.unread.append((clock, record))
+            record.update(self.test_metrics())
+        self.unread.append((clock, record))
 
     def after_clock(self) -> None:
-        """Rank 0, after ``kv.clock()``: ask for the sums pushed before it. A pull at this
+        """After ``kv.clock()``: ask for the sums pushed before it. A pull at this
         clock of a sequential table is answered once every worker has passed the clock
         the sum was pushed at, so it runs as a task and nobody waits for it."""
         for clock, record in self.unread:
@@ -469,18 +521,25 @@ class Trainer:
             self.evals.append((task, record))
         self.unread = []
 
-    async def _collect(self, block: bool = False) -> None:
-        """Rank 0: turn answered stats pulls into metric records, in order."""
+    async def _collect(self, block: bool = False, until: int | None = None) -> None:
+        """Turn answered stats pulls into the objective history (rank 0: and metric
+        records), in order; ``block``: wait for all of them, ``until``: for those of
+        iterations up to that one."""
         while self.evals:
             task, record = self.evals[0]
-            if not task.done() and not block:
+            wait = block or (until is not None and record["iteration"] <= until)
+            if not task.done() and not wait:
                 break
             self.evals.popleft()
             s = (await task)[0]
             loss = s[0] / self.total
             record.update(objective=loss + self.l1 * s[1] + 0.5 * self.l2 * s[2], train_logloss=loss,
                           l1_norm=s[1], nnz_weights=int(round(s[3])))
-            self.records.append(record)
+            self.watch.add(record["iteration"], record["objective"])
+            if self.ctx.rank == 0:
+                self.records.append(record)
+                self.records.extend(self.watch.events)
+            self.watch.events = []
             self.final = record
 
     async def barrier(self) -> None:
@@ -503,19 +562,45 @@ class Trainer:
         self.after_clock()
         await self._collect(block=True)
         await self._drain()
-        self.save()
+        if self.t["solver"] == "prox":
+            start = self.watch.history[0][1] if self.watch.history else self.final["objective"]
+            check_end("logreg", start, float(self.final["objective"]), int(record["iteration"]), self.watch.advice)
+        else:   # above the log-loss of w = 0 (log 2): worse than knowing nothing
+            check_end("logreg", math.log(2.0), float(self.final["train_logloss"]), int(record["iteration"]),
+                      f"lower train.learning_rate (now {self.t['learning_rate']}) or raise train.batch_size")
+        await self.save()
         return self.final
 
-    def save(self) -> None:
+    async def save(self) -> None:
+        """``model.save``: every worker writes its keys' weights (``parts/part-RANK.npz``),
+        then rank 0, once every rank has, merges them into ``model.npz`` and
+        ``model.json`` (:mod:`psd.apps.model`). The parts must reach rank 0's disk: one
+        machine, or a shared folder."""
         folder = self.opts["model"]["save"]
         if folder is None:
             return
-        path = Path(folder)
+        path = Path(folder) / "parts"
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / f".part-{self.ctx.rank:05d}.npz"
         with open(tmp, "wb") as f:
             np.savez(f, keys=self.keys[self.trained], w=self.w[self.trained].astype(np.float32))
         tmp.replace(path / f"part-{self.ctx.rank:05d}.npz")
+        ranks = await self.kv.table("ranks", 1, "float64", "assign", consistency="eventual")
+        await self.kv.wait(ranks.push(np.array([self.ctx.rank], np.uint64), np.ones((1, 1))))
+        if self.ctx.rank != 0:
+            return
+        await wait_for_ranks(ranks, self.ctx.num_workers)
+        keys, w = load_model(folder)
+        data = self.opts["data"]
+        write_model(folder, "logreg", {"keys": keys, "w": w}, {
+            "keys": ("feature ids hashed by SplitMix64 (psd.apps.hashing.mix64)" if data["hash_features"]
+                     else "feature ids (column j of X is key j)"),
+            "hash_features": bool(data["hash_features"]),
+            "objective": "mean log-loss + l1 |w|_1 + l2/2 |w|^2, no intercept; P(y=1|x) = sigmoid(x.w)",
+            "options": {k: self.t[k] for k in ("solver", "l1", "l2", "learning_rate")},
+            "final": {k: self.final.get(k) for k in ("objective", "nnz_weights", "test_auc", "test_logloss")
+                      if k in self.final},
+        })
 
     # -- solvers ---------------------------------------------------------------------------
     async def run_prox(self) -> dict:
@@ -534,7 +619,10 @@ class Trainer:
             self.test.split(bounds)
         designs = [d for d in (self.train, self.test) if d is not None]
         scale = 1.0 / self.total
-        use_curvature = bool(t["curvature"])
+        use_curvature, scaled = bool(t["curvature"]), bool(t["scaled_step"])
+        tol = float(t["tol"])
+        lag = tau + 2   # iterations until an evaluation's sum is readable without waiting
+        watch = self.watch
 
         async def refresh(bs: list[int]) -> None:
             spans = [(int(bounds[b]), int(bounds[b + 1])) for b in bs]
@@ -551,27 +639,42 @@ class Trainer:
                     for d in designs:
                         d.shift(b, delta)
 
+        def evaluated(i: int) -> bool:
+            return i % eval_every == 0 or i % blocks == 0   # pass ends always: the stopping rule
+
         await refresh(list(range(blocks)))  # a table left by an earlier run need not be zero
-        for it in range(iterations):
+        stopped, it, ratios = "passes", 0, []
+        while it < iterations:
+            # every worker reads the same evaluation at the same iteration: the same decisions
+            j = it - lag
+            if j >= 0 and evaluated(j):
+                await self._collect(until=j)
+                if tol > 0 and j % blocks == 0 and j >= blocks and watch.converged(j, j - blocks, tol):
+                    stopped = "converged"
+                    break
             b = it % blocks
             stale = it - 1 - tau
             await refresh(sorted({b} | ({stale % blocks} if stale >= 0 else set())))
-            if it % eval_every == 0:
+            if evaluated(it):
                 await self.evaluate({"iteration": it, "pass": round(it / blocks, 4)})
             lo, hi = int(bounds[b]), int(bounds[b + 1])
-            g, h = self.train.block_gradient(b, hi - lo, scale)
+            g, h, ratio = (self.train.block_step(b, hi - lo, scale, self.w[lo:hi], self.l1, self.l2)
+                           if use_curvature and scaled else (*self.train.block_gradient(b, hi - lo, scale), 1.0))
+            ratios.append(ratio)
             mine = self.trained[lo:hi]
             if mine.any():
                 parts = self.users[lo:hi][mine]
-                curv = h[mine] if use_curvature else 1.0 / parts
+                curv = (h[mine] * ratio if use_curvature else 1.0 / parts) * watch.scale
                 rows = np.stack([g[mine], curv, parts], axis=1).astype(np.float32)
                 await self._track(table.push(self.keys[lo:hi][mine], rows))
             await self.clock()
-            if self.ctx.rank == 0:
-                self.after_clock()
-            await self._report((it + 1) / iterations)
-        final = await self.finish(table, {"iteration": iterations, "pass": passes})
-        return {"iterations": iterations, "passes": passes, "blocks": blocks, **final}
+            self.after_clock()
+            it += 1
+            await self._report(it / iterations)
+        final = await self.finish(table, {"iteration": it, "pass": round(it / blocks, 4)})
+        return {"iterations": it, "passes": round(it / blocks, 4), "max_passes": passes, "blocks": blocks,
+                "stopped": stopped, "step_shrinks": watch.shrinks,
+                "step_ratio_median": round(float(np.median(ratios)), 3) if ratios else 1.0, **final}
 
     async def run_sgd(self) -> dict:
         t, kv = self.t, self.kv
@@ -617,8 +720,7 @@ class Trainer:
                     self.test.recompute(self.w)
                 await self.evaluate(record)
                 await self.clock()
-                if self.ctx.rank == 0:
-                    self.after_clock()
+                self.after_clock()
                 await self._report(done / total_steps)
         final = await self.finish(table, {"epoch": epochs, "iteration": done})
         return {"epochs": epochs, "batches": done, **final}
@@ -657,14 +759,15 @@ FIT_JOB_KEYS = ("name", "consistency", "max_delay", "cluster", "timeout")
 
 
 def load_model(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The weights the workers saved with ``model.save`` (``part-RANK.npz``), merged:
-    sorted keys and their weights (workers that share a key wrote the same value)."""
+    """The weights the workers saved with ``model.save`` (``parts/part-RANK.npz``),
+    merged: sorted keys and their weights (workers that share a key wrote the same
+    value). :class:`Model` reads the merged ``model.npz`` instead."""
     parts = []
-    for path in sorted(Path(folder).glob("part-*.npz")):
+    for path in sorted((Path(folder) / "parts").glob("part-*.npz")):
         with np.load(path) as z:
             parts.append((z["keys"], z["w"]))
     if not parts:
-        raise ConfigError(f"{folder}: no model parts (part-RANK.npz) found")
+        raise ConfigError(f"{folder}: no model parts (parts/part-RANK.npz) found")
     keys = np.concatenate([k for k, _ in parts])
     w = np.concatenate([v for _, v in parts])
     keys, first = np.unique(keys, return_index=True)
@@ -682,6 +785,7 @@ class FitResult:
     output: Path | None                   # the job's folder, or None when it was temporary
     job_id: str = ""
     seconds: float = 0.0                  # the whole run, cluster start-up included
+    header: dict = field(default_factory=dict)  # model.json
 
     @property
     def objective(self) -> float:
@@ -747,16 +851,15 @@ def fit_job(X, y, folder: Path, *, servers: int = 2, workers: int = 2, l1: float
         else:
             raise BadRequestError(f"{caller}(): unknown option {key!r}; expected one of "
                                   f"{', '.join(FIT_JOB_KEYS + tuple(_CHECKS['train']))}")
-    if job["consistency"] == "bounded":
+    if job.get("consistency") == "bounded":
         job.setdefault("max_delay", 1)
     job["train"] = train
     job["data"] = {"npz": str(write_npz(folder / "data" / "train.npz", data))}
     if test is not None:
         job["data"]["test_npz"] = str(write_npz(folder / "data" / "test.npz", test))
-    model = folder / "model"
-    if model.is_dir():  # parts of an earlier run (with more workers, say) must not mix in
-        for old in model.glob("part-*.npz"):
-            old.unlink()
+    model = folder  # model.npz and model.json in the run folder, the parts in parts/
+    for old in [*model.glob("parts/part-*.npz"), model / "model.json"]:  # an earlier run's must not mix in
+        old.unlink(missing_ok=True)
     job["model"] = {"save": str(model)}
     job["output"] = str(folder)
     return job
@@ -766,8 +869,64 @@ def fit_result(X, job: dict, run, output: Path | None) -> FitResult:
     """What the finished :func:`fit_job` ``job`` on ``X`` learned: the weights its
     workers saved, one per column of ``X``. ``run``: the job's ``psd.jobs.runner.JobRun``;
     ``output``: the folder the result names (None when it was temporary)."""
-    keys, w = load_model(job["model"]["save"])
-    coef = np.zeros(_columns(X))
-    coef[keys.astype(np.int64)] = w
-    return FitResult(coef=coef, summary=run.summary, metrics=run.metrics, output=output, job_id=run.job_id,
-                     seconds=run.seconds)
+    model = Model.load(job["model"]["save"])
+    return FitResult(coef=model.dense(_columns(X)), summary=run.summary, metrics=run.metrics, output=output,
+                     job_id=run.job_id, seconds=run.seconds, header=model.header)
+
+
+@dataclass
+class Model:
+    """A saved logreg model (``model.npz``: ``keys`` uint64 sorted, ``w`` float64 their
+    weights; ``model.json``: the header, :mod:`psd.apps.model`)."""
+
+    keys: np.ndarray
+    w: np.ndarray
+    header: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Model":
+        """The model a run wrote into ``folder`` (its ``model.save``)."""
+        arrays, header = read_model(folder, "logreg")
+        return cls(arrays["keys"].astype(np.uint64), arrays["w"].astype(np.float64), header)
+
+    def dense(self, columns: int) -> np.ndarray:
+        """The weights as a vector indexed by key, for keys below ``columns``."""
+        coef = np.zeros(int(columns))
+        inside = self.keys < np.uint64(columns)
+        coef[self.keys[inside].astype(np.int64)] = self.w[inside]
+        return coef
+
+    def decision_function(self, X) -> np.ndarray:
+        """Margins ``x.w`` per row: ``X`` a scipy.sparse matrix or dense array whose
+        column j is key j, or a :class:`SparseDataset` (as the LIBSVM reader gives,
+        hashed keys included)."""
+        if isinstance(X, SparseDataset):
+            pos = np.minimum(np.searchsorted(self.keys, X.indices), max(self.keys.size - 1, 0))
+            hit = self.keys[pos] == X.indices if self.keys.size else np.zeros(X.nnz, bool)
+            wx = np.where(hit, self.w[pos] if self.keys.size else 0.0, 0.0) * X.values
+            return np.bincount(X.row_ids(), weights=wx, minlength=len(X))
+        return np.asarray(X @ self.dense(_columns(X))).ravel()
+
+    def predict_proba(self, X) -> np.ndarray:
+        """P(y = 1 | x) per row of ``X``."""
+        return _sigmoid(self.decision_function(X))
+
+
+def fit(X, y, *, servers: int = 2, workers: int = 2, l1: float = 1e-4, l2: float = 0.0,
+        output: str | Path | None = None, X_test=None, y_test=None, verbose: bool = False,
+        **options) -> FitResult:
+    """Train L1 logistic regression on in-memory data (as ``psd.estimators.fit_logreg``,
+    but run by ``psd run`` in a child process; :mod:`psd.apps.runjob`). ``output``
+    keeps the run folder (model.npz, model.json, metrics, plots); by default it is
+    temporary. Arguments and errors as :func:`fit_job`; a run that diverges raises
+    ``psd.apps.guard.DivergedError`` saying what to change."""
+    from psd.apps.runjob import run_folder, run_job
+
+    with run_folder(output) as (folder, temporary):
+        job = fit_job(X, y, folder, servers=servers, workers=workers, l1=l1, l2=l2, X_test=X_test,
+                      y_test=y_test, caller="logreg.fit", **options)
+        summary, metrics = run_job(job, folder, "logreg.fit", verbose)
+        model = Model.load(folder)
+        return FitResult(coef=model.dense(_columns(X)), summary=summary, metrics=metrics,
+                         output=None if temporary else folder, job_id=str(summary.get("job", "")),
+                         seconds=float(summary.get("seconds", 0.0)), header=model.header)

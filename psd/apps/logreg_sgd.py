@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from psd.apps.datasets import GENERATORS, SparseDataset, shard
+from psd.apps.guard import check_end
 from psd.apps.metrics import auc, log_loss
 from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check_sparse_logreg, is_finite_num,
                               is_int, is_num, merge_defaults)
@@ -195,4 +196,11 @@ async def run(kv, ctx) -> dict:
         await ctx.report(progress=done / total, metrics=records)
 
     summary.update(epochs=epochs, batches=done, seconds=time.perf_counter() - start)
+    # a run that ends worse than w = 0 (log-loss log 2) or non-finite has diverged: say so
+    if ctx.rank == 0:
+        check_end("logreg_sgd", math.log(2.0), float(summary.get("test_logloss", math.nan)), done,
+                  f"lower train.learning_rate (now {train_opts['learning_rate']}) or raise train.batch_size")
+    else:
+        check_end("logreg_sgd", math.log(2.0), float(summary["train_logloss"]), done,
+                  f"lower train.learning_rate (now {train_opts['learning_rate']}) or raise train.batch_size")
     return summary
