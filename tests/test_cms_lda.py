@@ -355,20 +355,45 @@ LDA_JOB = {
 
 
 def test_lda_end_to_end_improves_and_recovers_planted_topics(tmp_path):
+    """Also: the default held-out split (10% of the documents, never trained on) gives a
+    falling perplexity by document completion, and the model comes out loadable."""
     out = tmp_path / "out"
-    res = run_psd("run", str(write_job(tmp_path, LDA_JOB)), "--quiet", "--output", str(out))
+    job = {**LDA_JOB, "model": {**LDA_JOB["model"], "save": str(tmp_path / "model")}}
+    res = run_psd("run", str(write_job(tmp_path, job)), "--quiet", "--output", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "lda_small: done" in res.stdout and "topic_05" in res.stdout
     recs = records(out)
+    summary = json.loads((out / "summary.json").read_text())
     curve = [r for r in recs if "loglik" in r and "series" not in r]
-    assert [r["iteration"] for r in curve] == list(range(1, 21))
+    assert 10 <= summary["iterations"] <= 20   # at most train.iterations; held-out may stop it first
+    assert [r["iteration"] for r in curve] == list(range(1, summary["iterations"] + 1))
     ll = [r["loglik"] for r in curve]
     assert ll[-1] > ll[0] + 0.3
     assert ll[-1] >= max(ll) - 0.01  # settled, not diverging
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["counts_total"] == summary["tokens"]  # every delta applied exactly once
     corpus = make_planted_corpus(600, 800, 6, 80, 5, dominant_words=10)
-    assert summary["tokens"] == corpus.words.size
+    held = lda.heldout_split(600, 0.1, 7)
+    assert summary["heldout_documents"] == held.sum() == 60
+    assert summary["tokens"] + np.diff(corpus.indptr)[held].sum() == corpus.words.size
+    ppl = [r for r in recs if "heldout_perplexity" in r]
+    assert [r["iteration"] for r in ppl] == list(range(5, summary["iterations"] + 1, 5))
+    assert ppl[-1]["heldout_perplexity"] < 0.8 * ppl[0]["heldout_perplexity"], ppl
+    assert summary["heldout_perplexity"] == ppl[-1]["heldout_perplexity"]
+    assert is_png(out / "heldout.png")
+    # the model: counts of every trained token, the same top words, and new documents'
+    # mixtures by sampling against it
+    model = lda.Model.load(tmp_path / "model")
+    assert model.header["topics"] == 6 and model.nwk.shape == (800, 6)
+    assert int(model.nwk.sum()) == summary["tokens"]
+    assert [" ".join(t) for t in model.top_words(10)] == [summary[f"topic_{k:02d}"] for k in range(6)]
+    docs = [model.top_words(5)[k] * 4 for k in range(6)]   # lists: words as given (these have digits)
+    theta = model.transform(docs, sweeps=20)
+    assert theta.shape == (6, 6) and np.allclose(theta.sum(axis=1), 1.0)
+    # each document lands on a topic with its words (two learned topics may share a planted one)
+    top = model.top_words(5)
+    assert all(len(set(top[k]) & set(doc)) >= 4 for k, doc in zip(theta.argmax(axis=1), docs)), theta
+    assert theta.max(axis=1).min() > 0.6, theta
+    assert model.perplexity(docs) < 0.5 * summary["heldout_perplexity"]
     planted = [set(np.argsort(-corpus.topics[k])[:10].tolist()) for k in range(6)]
     learned = [set(r["word_ids"]) for r in sorted((r for r in recs if r.get("series") == "topic"),
                                                    key=lambda r: r["topic"])]

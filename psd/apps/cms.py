@@ -54,8 +54,9 @@ from collections import deque
 
 import numpy as np
 
-from psd.apps.datasets.text import check_files, expand_files, iter_shard_token_ids, plan_shards
-from psd.apps.hashing import MultiplyShift
+from psd.apps.datasets.text import _open, check_files, expand_files, iter_shard_token_ids, plan_shards
+from psd.apps.hashing import MultiplyShift, token_ids
+from psd.apps.model import read_model, write_model
 from psd.apps.options import Check, check_sections, is_int, is_num, merge_defaults
 from psd.apps.rendezvous import wait_for_ranks
 from psd.errors import ConfigError
@@ -75,6 +76,8 @@ DEFAULTS: dict = {
         "width": None,            # explicit width (instead of epsilon)
         "depth": None,            # explicit depth (instead of delta)
         "seed": 1,                # seed of the hash functions
+        "save": None,             # folder for model.npz and model.json
+        "candidates": 1000,       # most frequent items kept by name in the model (heavy_hitters)
     },
     "train": {
         "batch_size": 1 << 21,    # items counted locally before one push
@@ -117,6 +120,8 @@ _CHECKS: dict[str, dict[str, Check]] = {
         "width": (lambda v: v is None or (is_int(v) and 1 <= v <= MAX_WIDTH), f"an integer in [1, {MAX_WIDTH}]"),
         "depth": (lambda v: v is None or (is_int(v) and 1 <= v <= 64), "an integer in [1, 64]"),
         "seed": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+        "save": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a folder path"),
+        "candidates": (lambda v: is_int(v) and 0 <= v <= 1_000_000, "an integer in [0, 1000000]"),
     },
     "train": {
         "batch_size": (lambda v: is_int(v) and 1 <= v <= 1 << 26, "an integer in [1, 2**26]"),
@@ -145,7 +150,7 @@ def validate(spec: dict, source: str) -> list[str]:
             if key in data:
                 problems.append(f"{source}: data.{key}: only for the zipf generator; this job "
                                 f"reads data.files (give one or the other)")
-    sketch = spec.get("sketch") or {}
+    sketch = {k: v for k, v in (spec.get("sketch") or {}).items() if k not in ("save", "candidates")}
     for explicit, derived in (("width", "epsilon"), ("depth", "delta")):
         if sketch.get(explicit) is not None and derived in sketch:
             problems.append(f"{source}: sketch.{explicit}: give sketch.{explicit} or "
@@ -466,11 +471,159 @@ async def run(kv, ctx) -> dict:
         "items_per_s_total": round(float(rows[:, 1].sum() / max(rows[:, 3].max(), 1e-9))),
         "stream_seconds": float(rows[:, 3].max()), "eval_seconds": time.perf_counter() - t_eval,
     }
+    if opts["sketch"]["save"] is not None:
+        await save_model(opts["sketch"]["save"], table, sketch.family, data, ids, counts,
+                         int(opts["sketch"]["candidates"]), kv.limits.max_keys, summary)
     await ctx.report(progress=1.0)
     return summary
+
+
+async def save_model(folder: str, table, family: MultiplyShift, data: dict, ids: np.ndarray, counts: np.ndarray,
+                     candidates: int, max_keys: int, summary: dict) -> None:
+    """Rank 0: the whole sketch pulled from the servers into ``model.npz`` (``counts``
+    (depth, width) int64, ``candidates`` the most frequent items' ids and ``names`` their
+    strings, for heavy hitters), with ``model.json`` (hash scheme, shape, seed)."""
+    width, depth = family.width, family.depth
+    rows = []
+    step = max(1, min(max_keys, 1 << 20))
+    for r in range(depth):
+        keys = np.arange(width, dtype=np.uint64) + np.uint64(r * stride(depth))
+        rows.append(np.concatenate([(await table.pull(keys[i:i + step]))[:, 0] for i in range(0, width, step)]))
+    top = np.argsort(-counts, kind="stable")[:candidates]
+    cand = ids[top]
+    tokens = data.get("files") is not None
+    names = (await asyncio.to_thread(token_names, expand_files(data["files"]), cand) if tokens
+             else [str(int(x)) for x in cand])
+    write_model(folder, "cms", {"counts": np.stack(rows).astype(np.int64), "candidates": cand,
+                                "names": np.array(names, dtype=str)}, {
+        "width": width, "depth": depth, "seed": family.seed,
+        "items": "tokens" if tokens else "ids",
+        "item_ids": ("psd.apps.hashing.token_ids of each whitespace-separated token (public: "
+                     "psd.apps.hashing.token_id)" if tokens else "the integer itself"),
+        "hash": "psd.apps.hashing.MultiplyShift(depth, width, seed): row r, column h_r(id)",
+        "epsilon": math.e / width, "delta": math.exp(-depth),
+        "items_total": summary["items_total"],
+        "candidates": "the most frequent items of the stream by exact count at the end of the run",
+    })
+
+
+def token_names(paths: list[str], wanted: np.ndarray) -> list[str]:
+    """The token each id of ``wanted`` stands for, found by reading ``paths`` until all are
+    (an id no token has, which cannot happen for ids taken from the stream, gets '')."""
+    want = np.asarray(wanted, dtype=np.uint64)
+    found: dict[int, str] = {}
+    for path in paths:
+        with _open(path) as f:
+            for line in f:
+                if len(found) == want.size:
+                    break
+                ids = token_ids(line)
+                hit = np.flatnonzero(np.isin(ids, want))
+                if hit.size:
+                    toks = line.split()
+                    for i in hit:
+                        found.setdefault(int(ids[i]), toks[i].decode("utf-8", errors="replace"))
+    return [found.get(int(x), "") for x in want]
 
 
 def _progress(stream: Stream, n_items: int) -> float:
     if stream.total:
         return min(0.97, 0.97 * n_items / stream.total)
     return 0.5
+
+
+# -- the model and the Python API --------------------------------------------------------
+class Model:
+    """A saved count-min sketch: ``counts`` (depth, width), the hash family, and the
+    stream's most frequent items by name (``model.npz`` / ``model.json``)."""
+
+    def __init__(self, counts: np.ndarray, seed: int, items: str, candidates: np.ndarray, names,
+                 header: dict | None = None):
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.depth, self.width = self.counts.shape
+        self.family = MultiplyShift(self.depth, self.width, int(seed))
+        self.items = items                       # "tokens" (strings) or "ids" (integers)
+        self.candidates = np.asarray(candidates, dtype=np.uint64)
+        self.names = [str(n) for n in names]
+        self.header = header or {}
+        self.summary: dict = {}
+        self.metrics: list[dict] = []
+
+    @classmethod
+    def load(cls, folder) -> "Model":
+        """The model a run wrote into ``folder`` (its ``sketch.save``)."""
+        a, head = read_model(folder, "cms")
+        return cls(a["counts"], head["seed"], head["items"], a["candidates"], a["names"].tolist(), head)
+
+    def ids(self, items) -> np.ndarray:
+        """The 64-bit ids of ``items``: strings of tokens (hashed as the stream was), or
+        integers / decimal strings for a generated stream of ids."""
+        from psd.errors import BadRequestError
+
+        if self.items == "ids":
+            return np.array([int(x) for x in items], dtype=np.uint64)
+        out = np.empty(len(items), dtype=np.uint64)
+        for i, item in enumerate(items):
+            got = token_ids(item.encode() if isinstance(item, str) else bytes(item))
+            if got.size != 1:
+                raise BadRequestError(f"cms query: {item!r} is not one whitespace-free token")
+            out[i] = got[0]
+        return out
+
+    def query(self, items) -> np.ndarray:
+        """Count-min estimates of ``items`` (never below the true counts)."""
+        ids = self.ids(list(items))
+        if ids.size == 0:
+            return np.empty(0, np.int64)
+        return self.counts.ravel()[self.family.flat_columns(ids)].min(axis=0)
+
+    def heavy_hitters(self, k: int = 10) -> list[tuple[str, int]]:
+        """The ``k`` items with the largest estimates among the model's candidates (the
+        stream's most frequent items), as (item, estimate), largest first."""
+        if not self.candidates.size:
+            return []
+        est = self.counts.ravel()[self.family.flat_columns(self.candidates)].min(axis=0)
+        order = np.argsort(-est, kind="stable")[:k]
+        return [(self.names[i], int(est[i])) for i in order]
+
+
+def fit(stream, *, epsilon: float = 0.001, delta: float = 0.01, servers: int = 2, workers: int = 2,
+        output=None, verbose: bool = False, **options) -> Model:
+    """Count a stream of tokens into a count-min sketch by running the ``cms`` app with
+    ``psd run`` (a local cluster in a child process). ``stream``: an iterable of strings,
+    each one or more whitespace-separated tokens (a line, a document or a word); it is
+    written to ``output/data/stream.txt``. ``options``: ``consistency``, ``timeout``,
+    ``name``, and ``sketch``, ``train`` or ``eval`` keys (``width``, ``depth``, ``seed``,
+    ``candidates``, ``batch_size``, ``queries``, ...). Returns the :class:`Model`, with
+    the run's ``summary`` and ``metrics``."""
+    from psd.apps.runjob import run_folder, run_job
+    from psd.errors import BadRequestError
+
+    job: dict = {"name": "cms_fit", "app": "cms", "servers": servers, "workers": workers,
+                 "sketch": {"epsilon": epsilon, "delta": delta}, "train": {}, "eval": {}}
+    for key, value in options.items():
+        section = next((sec for sec in ("sketch", "train", "eval") if key in _CHECKS[sec]), None)
+        if key in ("consistency", "max_delay", "timeout", "name", "cluster"):
+            job[key] = value
+        elif section is not None:
+            job[section][key] = value
+            if key in ("width", "depth"):
+                job["sketch"].pop({"width": "epsilon", "depth": "delta"}[key], None)
+        else:
+            raise BadRequestError(f"cms.fit(): unknown option {key!r}")
+    with run_folder(output) as (folder, temporary):
+        path = folder / "data" / "stream.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = 0
+        with open(path, "w", encoding="utf-8") as f:
+            for item in stream:
+                f.write(str(item) + "\n")
+                n += 1
+        if n == 0:
+            raise BadRequestError("cms.fit: the stream is empty")
+        job["data"] = {"files": str(path)}
+        job["sketch"]["save"] = str(folder)
+        summary, metrics = run_job(job, folder, "cms.fit", verbose)
+        model = Model.load(folder)
+        model.summary, model.metrics = summary, metrics
+        return model

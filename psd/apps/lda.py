@@ -53,10 +53,11 @@ import time
 import numpy as np
 
 from psd.apps.datasets import shard_bounds
-from psd.apps.datasets.text import check_files, expand_files, read_documents, vocabulary
+from psd.apps.datasets.text import _WORD, check_files, expand_files, read_documents, vocabulary
 from psd.apps.datasets.topics import Corpus, corpus_from_documents, make_planted_corpus, match_topics
 from psd.apps.hashing import mix64
 from psd.apps.options import Check, check_sections, is_int, is_num, merge_defaults
+from psd.apps.model import read_model, write_model
 from psd.apps.rendezvous import wait_for_ranks
 from psd.errors import ConfigError
 
@@ -76,17 +77,26 @@ DEFAULTS: dict = {
         "min_count": 2,            # files: drop rarer words
         "max_df": 0.5,             # files: drop words in more than this share of documents
     },
+    "train": {
+        "iterations": 300,         # at most this many sweeps (eval stops earlier)
+        "blocks": 64,              # blocks per sweep (by token position in its document)
+        "seed": 0,                 # of the sampler
+        "top_words": 10,           # per topic, in the summary
+    },
+    "eval": {
+        "heldout": 0.1,            # share of the documents held out (a seeded choice); 0: none
+        "every": 5,                # sweeps between held-out perplexities
+        "patience": 2,             # evaluations in a row without improvement that stop the run
+        "tol": 0.002,              # an improvement: the best perplexity lowered by this share
+        "sweeps": 20,              # fold-in sweeps of a held-out document's first half
+        "seed": 7,                 # of the held-out choice and the fold-in sampler
+    },
     "model": {
         "topics": 10,
         "alpha": 0.1,              # document-topic prior
         "beta": 0.01,              # topic-word prior
         "dtype": "int32",          # of the word-topic table
-    },
-    "train": {
-        "iterations": 50,
-        "blocks": 64,              # blocks per sweep (by token position in its document)
-        "seed": 0,                 # of the sampler
-        "top_words": 10,           # per topic, in the summary
+        "save": None,              # folder for model.npz and model.json
     },
 }
 
@@ -95,7 +105,10 @@ STATS_SHIFT = 20                   # stats key: iteration << STATS_SHIFT | rank
 PLOTS = [
     {"file": "loglik.png", "x": "iteration", "ys": ["loglik"],
      "title": "LDA: per-token log-likelihood per iteration (all workers, and each)"},
+    {"file": "heldout.png", "x": "iteration", "ys": ["heldout_perplexity"],
+     "title": "LDA: held-out perplexity by document completion"},
 ]
+HELDOUT_KEY_BASE = 1 << 40         # stats key of the held-out perplexity of an evaluation
 _GENERATOR_KEYS = ("generator", "documents", "vocabulary", "topics", "doc_length", "dominant_words",
                    "dominant_mass", "doc_alpha")
 _FILE_KEYS = ("per", "min_count", "max_df")
@@ -123,6 +136,15 @@ _CHECKS: dict[str, dict[str, Check]] = {
         "alpha": (lambda v: is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
         "beta": (lambda v: is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
         "dtype": (lambda v: v in ("int32", "int64"), "'int32' or 'int64'"),
+        "save": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a folder path"),
+    },
+    "eval": {
+        "heldout": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "every": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "patience": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "tol": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "sweeps": (lambda v: is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
+        "seed": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
     },
     "train": {
         "iterations": (lambda v: is_int(v) and 1 <= v <= 100_000, "an integer in [1, 100000]"),
@@ -136,7 +158,7 @@ _CHECKS: dict[str, dict[str, Check]] = {
 def validate(spec: dict, source: str) -> list[str]:
     """Problems with the ``data``, ``model`` and ``train`` sections, each naming file and key."""
     problems = check_sections(
-        spec, source, _CHECKS, app="lda", unused_sections=("tables", "filters", "eval", "sketch"),
+        spec, source, _CHECKS, app="lda", unused_sections=("tables", "filters", "sketch"),
         special={("data", "files"): lambda v: [] if v is None else check_files(v, source, "data.files")})
     if problems:
         return problems
@@ -285,6 +307,91 @@ class LocalSampler:
         return float(np.log(p).sum())
 
 
+# -- held-out perplexity by document completion --------------------------------------------
+def heldout_split(num_docs: int, share: float, seed: int) -> np.ndarray:
+    """Which documents are held out: a seeded ``share`` of them (at least one when the
+    share is positive, and never all); the same on every worker."""
+    n = min(num_docs - 1, max(1, round(share * num_docs))) if share > 0 and num_docs >= 2 else 0
+    mask = np.zeros(num_docs, dtype=bool)
+    mask[np.random.default_rng([int(seed), 0x4E1D]).choice(num_docs, size=n, replace=False)] = True
+    return mask
+
+
+def subset(corpus: Corpus, docs: np.ndarray) -> Corpus:
+    """The documents ``docs`` (indices, in that order) of ``corpus``."""
+    lengths = np.diff(corpus.indptr)[docs]
+    indptr = np.zeros(docs.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    starts = np.repeat(corpus.indptr[docs], lengths)
+    pos = starts + (np.arange(indptr[-1]) - np.repeat(indptr[:-1], lengths))
+    return Corpus(indptr, corpus.words[pos], corpus.vocab)
+
+
+def completion_split(corpus: Corpus) -> tuple[Corpus, Corpus]:
+    """Every document cut into the tokens at even positions (observed: they fix the
+    document's mixture) and at odd ones (predicted)."""
+    pos = np.arange(corpus.words.size) - corpus.indptr[corpus.doc_ids()]
+    halves = []
+    for keep in (pos % 2 == 0, pos % 2 == 1):
+        counts = np.bincount(corpus.doc_ids()[keep], minlength=corpus.num_docs)
+        indptr = np.zeros(corpus.num_docs + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        halves.append(Corpus(indptr, corpus.words[keep], corpus.vocab))
+    return halves[0], halves[1]
+
+
+def topic_word(nwk: np.ndarray, beta: float) -> np.ndarray:
+    """phi as a (V, K) array: column k is topic k's smoothed word distribution, from
+    word-topic counts ``nwk`` (V, K)."""
+    nwk = np.maximum(np.asarray(nwk, dtype=np.float64), 0.0)
+    return (nwk + beta) / (nwk.sum(axis=0) + nwk.shape[0] * beta)[None, :]
+
+
+def fold_in(corpus: Corpus, phi: np.ndarray, alpha: float, sweeps: int, seed: int, blocks: int = 16
+            ) -> np.ndarray:
+    """Document-topic counts (D, K) of ``corpus`` by Gibbs sampling against a fixed model
+    ``phi`` (V, K): only the documents' assignments move. Vectorised as the trainer's
+    sweep (tokens in blocks by position, a block resampled at once)."""
+    K = phi.shape[1]
+    rng = np.random.default_rng([int(seed), 0xF01D])
+    doc, w = corpus.doc_ids(), corpus.words
+    z = rng.integers(0, K, size=w.size)
+    ndk = np.zeros((corpus.num_docs, K))
+    np.add.at(ndk.ravel(), doc * K + z, 1.0)
+    pos = np.arange(w.size) - corpus.indptr[doc]
+    nb = max(1, min(int(blocks), int(pos.max()) + 1 if pos.size else 1))
+    groups = [np.flatnonzero(pos % nb == b) for b in range(nb)]
+    for _ in range(int(sweeps)):
+        for idx in groups:
+            if not idx.size:
+                continue
+            d, zo = doc[idx], z[idx]
+            p = ndk[d] + alpha
+            p[np.arange(idx.size), zo] -= 1.0
+            p *= phi[w[idx]]
+            np.cumsum(p, axis=1, out=p)
+            u = rng.random(idx.size) * p[:, -1]
+            zn = np.minimum((p < u[:, None]).sum(axis=1), K - 1)
+            np.add.at(ndk.ravel(), d * K + zo, -1.0)
+            np.add.at(ndk.ravel(), d * K + zn, 1.0)
+            z[idx] = zn
+    return ndk
+
+
+def completion_perplexity(observed: Corpus, target: Corpus, phi: np.ndarray, alpha: float, sweeps: int,
+                          seed: int) -> float:
+    """exp(-mean log p(w)) over the ``target`` tokens, each document's mixture folded in
+    from its ``observed`` tokens against ``phi`` (V, K): document completion."""
+    if target.words.size == 0:
+        return float("nan")
+    K = phi.shape[1]
+    ndk = fold_in(observed, phi, alpha, sweeps, seed)
+    theta = (ndk + alpha) / (ndk.sum(axis=1) + K * alpha)[:, None]
+    doc = target.doc_ids()
+    p = np.einsum("ij,ij->i", theta[doc], phi[target.words])
+    return float(np.exp(-np.log(np.maximum(p, 1e-300)).mean()))
+
+
 def top_words(nwk: np.ndarray, n: int) -> list[list[int]]:
     """Word ids of the ``n`` largest counts of every topic (a (V, K) count matrix)."""
     n = min(n, nwk.shape[0])
@@ -319,20 +426,34 @@ async def run(kv, ctx) -> dict:
     K, iterations = int(model["topics"]), int(tr["iterations"])
     start = time.perf_counter()
 
+    ev = opts["eval"]
     corpus = await asyncio.to_thread(make_corpus, data, K)
-    d0, d1 = shard_bounds(corpus.num_docs, ctx.shards[0], ctx.num_workers)
-    sampler = await asyncio.to_thread(LocalSampler, corpus.docs(d0, d1), corpus.num_words, K,
+    held = heldout_split(corpus.num_docs, float(ev["heldout"]), int(ev["seed"]))
+    training = subset(corpus, np.flatnonzero(~held)) if held.any() else corpus
+    d0, d1 = shard_bounds(training.num_docs, ctx.shards[0], ctx.num_workers)
+    sampler = await asyncio.to_thread(LocalSampler, training.docs(d0, d1), corpus.num_words, K,
                                       float(model["alpha"]), float(model["beta"]), int(tr["blocks"]),
                                       int(tr["seed"]) * 1_000_003 + ctx.shards[0])
     dtype = np.dtype(model["dtype"])
     nwk = await kv.table("nwk", width=K, dtype=model["dtype"], updater="sum")
     stats = await kv.table("stats", width=2, dtype="float64", updater="assign", consistency="eventual")
+    heldout = None
+    if held.any():   # the held-out documents' halves and the table rows of their words
+        observed, target = completion_split(subset(corpus, np.flatnonzero(held)))
+        h_words = np.unique(np.concatenate([observed.words, target.words]))
+        h_keys = word_keys(h_words)
+        h_order = np.argsort(h_keys)
+        heldout = (observed, target, h_words, h_keys, h_order)
+    every, patience, tol = int(ev["every"]), int(ev["patience"]), float(ev["tol"])
+    beta = float(model["beta"])
+    best, stale, evals, stopped = math.inf, 0, [], "iterations"
     ranks = await kv.table("ranks", width=4, dtype="float64", updater="assign", consistency="eventual")
 
     await kv.wait(nwk.push(sampler.keys, sampler.initial_counts().astype(dtype)))
     kv.clock()
     t_sample = t_comm = 0.0
     last = None
+    it = 0
     for it in range(1, iterations + 1):
         t0 = time.perf_counter()
         rows = await nwk.pull(sampler.keys)
@@ -356,8 +477,28 @@ async def run(kv, ctx) -> dict:
         await ctx.report(progress=0.97 * it / iterations, metrics=[{
             "series": f"worker{ctx.rank}", "iteration": it, "loglik": last,
             "moved": moved / max(1, sampler.num_tokens), "time": time.perf_counter() - start}])
+        if heldout is not None and (it % every == 0 or it == iterations):
+            # rank 0 measures, every worker reads the same figure and takes the same decision
+            key = np.array([HELDOUT_KEY_BASE + it], np.uint64)
+            if ctx.rank == 0:
+                ppl = await _heldout_perplexity(nwk, heldout, corpus.num_words, K, float(model["alpha"]), beta,
+                                                int(ev["sweeps"]), int(ev["seed"]) + it)
+                await kv.wait(stats.push(key, np.array([[ppl, 1.0]])))
+                await ctx.report(metrics=[{"iteration": it, "heldout_perplexity": ppl,
+                                           "time": time.perf_counter() - start}])
+            else:
+                ppl = float((await wait_for_ranks(stats, 1, key=key))[0, 0])
+            evals.append((it, ppl))
+            if ppl < best * (1.0 - tol):
+                best, stale = ppl, 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    stopped = "converged"
+                    break
+    iterations = it
     seconds = time.perf_counter() - start
-    mine = {"rank": ctx.rank, "documents": sampler.num_docs, "tokens": sampler.num_tokens,
+    mine = {"rank": ctx.rank, "documents": sampler.num_docs, "tokens": sampler.num_tokens, "stopped": stopped,
             "iterations": iterations, "loglik_local": last, "sample_seconds": t_sample,
             "comm_seconds": t_comm, "tokens_per_s": sampler.num_tokens * iterations / max(t_sample, 1e-9)}
     await kv.wait(ranks.push(np.array([ctx.rank], np.uint64),
@@ -400,7 +541,129 @@ async def run(kv, ctx) -> dict:
         # the same measure under the true (planted) topics and mixtures, for reference
         summary["loglik_planted"] = await asyncio.to_thread(corpus_loglik, corpus, corpus.doc_topics,
                                                             corpus.topics)
+    if evals:
+        summary.update(heldout_perplexity=evals[-1][1], heldout_perplexity_best=min(p for _, p in evals),
+                       heldout_documents=int(held.sum()), stopped=stopped)
     for k, t in enumerate(top):
         summary[f"topic_{k:02d}"] = " ".join(corpus.vocab[w] for w in t[:n_top])
+    if model["save"] is not None:
+        write_model(model["save"], "lda", {"nwk": counts, "vocab": np.array(corpus.vocab, dtype=str)}, {
+            "topics": K, "alpha": float(model["alpha"]), "beta": beta, "vocabulary": corpus.num_words,
+            "rows": "nwk[v] is word vocab[v]'s topic counts; table key mix64(v) (psd.apps.hashing.mix64)",
+            "tokenizer": "lower-cased runs of two or more letters (psd.apps.datasets.text.read_documents)",
+            "documents": corpus.num_docs, "tokens": tokens_total, "iterations": iterations,
+            "final": {k: summary[k] for k in ("perplexity", "heldout_perplexity") if k in summary}})
     await ctx.report(progress=1.0)
     return summary
+
+
+async def _heldout_perplexity(nwk, heldout, num_words: int, K: int, alpha: float, beta: float, sweeps: int,
+                              seed: int) -> float:
+    """Document completion on the held-out documents against the table's current counts."""
+    observed, target, h_words, h_keys, order = heldout
+    rows = await nwk.pull(np.append(h_keys[order], np.uint64(TOTAL_KEY)))
+    counts = np.zeros((h_words.size, K))
+    counts[order] = rows[:-1]
+    totals = np.maximum(rows[-1].astype(np.float64), 0.0)
+    phi = np.full((num_words, K), 0.0)
+    phi[h_words] = (np.maximum(counts, 0.0) + beta) / (totals + num_words * beta)[None, :]
+    return await asyncio.to_thread(completion_perplexity, observed, target, phi, alpha, sweeps, seed)
+
+
+# -- the model and the Python API --------------------------------------------------------
+class Model:
+    """A saved LDA model (``model.npz``: ``nwk`` (V, K) topic-word counts, ``vocab`` the
+    V words; ``model.json``: topics, alpha, beta, tokenizer; :mod:`psd.apps.model`)."""
+
+    def __init__(self, nwk: np.ndarray, vocab, alpha: float, beta: float, header: dict | None = None,
+                 summary: dict | None = None, metrics: list[dict] | None = None):
+        self.nwk = np.asarray(nwk)
+        self.vocab = [str(w) for w in vocab]
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.header = header or {}
+        self.summary = summary or {}        # summary.json of the run that trained it (fit)
+        self.metrics = metrics or []        # its metrics.jsonl records (fit)
+        self._index = {w: i for i, w in enumerate(self.vocab)}
+
+    @classmethod
+    def load(cls, folder) -> "Model":
+        """The model a run wrote into ``folder`` (its ``model.save``)."""
+        arrays, head = read_model(folder, "lda")
+        return cls(arrays["nwk"], arrays["vocab"].tolist(), head["alpha"], head["beta"], head)
+
+    @property
+    def topics(self) -> int:
+        return int(self.nwk.shape[1])
+
+    @property
+    def topic_word(self) -> np.ndarray:
+        """phi (K, V): each topic's smoothed distribution over the vocabulary."""
+        return topic_word(self.nwk, self.beta).T
+
+    def top_words(self, n: int = 10) -> list[list[str]]:
+        """The ``n`` most frequent words of every topic."""
+        return [[self.vocab[w] for w in t] for t in top_words(self.nwk, n)]
+
+    def corpus(self, docs) -> Corpus:
+        """``docs`` (strings, tokenised as the app tokenises files, or lists of words) as a
+        corpus over this model's vocabulary; unknown words are dropped, empty documents kept."""
+        rows = [[self._index[w] for w in (_WORD.findall(d.lower()) if isinstance(d, str) else d)
+                 if w in self._index] for d in docs]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=indptr[1:])
+        words = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(indptr[-1]))
+        return Corpus(indptr, words, self.vocab)
+
+    def transform(self, docs, sweeps: int = 50, seed: int = 0) -> np.ndarray:
+        """Topic mixtures (D, K) of new documents: ``sweeps`` Gibbs sweeps of their tokens
+        against the fixed model, then the smoothed document-topic counts. A document with
+        no known word gets the uniform mixture."""
+        c = self.corpus(docs)
+        ndk = fold_in(c, topic_word(self.nwk, self.beta), self.alpha, sweeps, seed)
+        return (ndk + self.alpha) / (ndk.sum(axis=1) + self.topics * self.alpha)[:, None]
+
+    def perplexity(self, docs, sweeps: int = 20, seed: int = 0) -> float:
+        """Perplexity of ``docs`` by document completion (the app's held-out measure)."""
+        observed, target = completion_split(self.corpus(docs))
+        return completion_perplexity(observed, target, topic_word(self.nwk, self.beta), self.alpha, sweeps, seed)
+
+
+def fit(docs, topics: int = 10, *, servers: int = 2, workers: int = 2, output=None, verbose: bool = False,
+        alpha: float = 0.1, beta: float = 0.01, min_count: int = 2, max_df: float = 0.5, **options) -> Model:
+    """Train LDA on in-memory documents (strings, or lists of words) by running the
+    ``lda`` app with ``psd run`` (a local cluster in a child process). The documents are
+    written one per line to ``output/data/docs.txt`` and tokenised as the app tokenises
+    files (lower-cased runs of letters). ``options``: ``consistency``, ``timeout``,
+    ``name``, and ``train`` keys (``iterations``, ``blocks``, ``seed``) or ``eval`` keys
+    (``heldout``, ``every``, ``patience``, ``tol``, ``sweeps``). ``output``: a folder
+    that keeps the run (model.npz, model.json, metrics, plots); by default temporary.
+    Returns the :class:`Model`, with the run's ``summary`` and ``metrics``."""
+    from psd.apps.runjob import run_folder, run_job
+    from psd.errors import BadRequestError
+
+    texts = [d if isinstance(d, str) else " ".join(d) for d in docs]
+    if not texts:
+        raise BadRequestError("lda.fit: no documents")
+    job: dict = {"name": "lda_fit", "app": "lda", "servers": servers, "workers": workers,
+                 "consistency": "sequential", "model": {"topics": topics, "alpha": alpha, "beta": beta},
+                 "train": {}, "eval": {}}
+    for key, value in options.items():
+        if key in ("consistency", "max_delay", "timeout", "name", "cluster"):
+            job[key] = value
+        elif key in _CHECKS["train"]:
+            job["train"][key] = value
+        elif key in _CHECKS["eval"]:
+            job["eval"][key] = value
+        else:
+            raise BadRequestError(f"lda.fit(): unknown option {key!r}; expected one of consistency, max_delay, "
+                                  f"timeout, name, cluster, {', '.join((*_CHECKS['train'], *_CHECKS['eval']))}")
+    with run_folder(output) as (folder, temporary):
+        path = folder / "data" / "docs.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(" ".join(t.split()) or "." for t in texts) + "\n", encoding="utf-8")
+        job["data"] = {"files": str(path), "per": "line", "min_count": min_count, "max_df": max_df}
+        job["model"]["save"] = str(folder)
+        summary, metrics = run_job(job, folder, "lda.fit", verbose)
+        model = Model.load(folder)
+        model.summary, model.metrics = summary, metrics
+        return model

@@ -14,12 +14,15 @@ import asyncio
 import numpy as np
 
 
-async def wait_for_ranks(table, num_workers: int, poll: float = 0.02, max_poll: float = 0.25) -> np.ndarray:
-    """Block until rows 0..num_workers-1 of ``table`` have column 0 >= 1; return the rows."""
-    keys = np.arange(num_workers, dtype=np.uint64)
+async def wait_for_ranks(table, num_workers: int, poll: float = 0.02, max_poll: float = 0.25,
+                         key: np.ndarray | None = None) -> np.ndarray:
+    """Block until rows 0..num_workers-1 of ``table`` have column 0 >= 1; return the rows.
+    ``key``: wait for these rows instead, until their last column is >= 1."""
+    keys = np.arange(num_workers, dtype=np.uint64) if key is None else key
+    col = 0 if key is None else -1
     while True:
         rows = await table.pull(keys)
-        if np.all(rows[:, 0] >= 1):
+        if np.all(rows[:, col] >= 1):
             return rows
         await asyncio.sleep(poll)
         poll = min(max_poll, poll * 1.5)
