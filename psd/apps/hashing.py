@@ -143,3 +143,7 @@ class MultiplyShift:
         cols = self.columns(x)
         cols += (np.arange(self.depth, dtype=np.int64) * self.width).reshape(-1, 1)
         return cols
+
+
+#: the public API: how apps (and their users) turn items into 64-bit ids and columns
+__all__ = ["mix64", "token_ids", "token_id", "MultiplyShift", "WHITESPACE"]
