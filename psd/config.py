@@ -90,6 +90,10 @@ class ClusterConfig:
     checkpoint_interval: float = 0
     #: where the scheduler keeps its state; a scheduler restarted on it resumes the cluster
     state_dir: str | None = None
+    #: addresses of standby schedulers (each binds its own, PSD_BIND): they copy the
+    #: leader's state and one takes over, with a majority of the servers' votes, when the
+    #: leader is lost (docs/fault-tolerance.md, "Standby scheduler")
+    standby: tuple = ()
     event_loop: str = "uvloop"
     log_level: str = "info"
     #: "human" (one line per record) or "json" (one JSON object per line)
@@ -174,6 +178,11 @@ def _text_pair(s: str) -> list:
     return [int(p, 10) for p in parts if p != ""]
 
 
+def _text_list(s: str) -> list:
+    """``tcp://a:1,tcp://b:2`` or ``[tcp://a:1, tcp://b:2]``; empty: none."""
+    return [p.strip() for p in s.strip().strip("[]").split(",") if p.strip()]
+
+
 def _text_optional(s: str) -> str | None:
     """An empty value turns an optional folder off."""
     return s or None
@@ -245,6 +254,11 @@ RULES: dict[str, Rule] = {
     "checkpoint_dir": _folder(),
     "checkpoint_interval": Rule(lambda v: _number(v) and v >= 0, "a number of seconds >= 0", _text_number),
     "state_dir": _folder(),
+    "standby": Rule(lambda v: isinstance(v, (list, tuple)) and all(isinstance(a, str) and _reachable_address(a)
+                                                                   and not a.endswith(":0") for a in v)
+                    and len(set(v)) == len(v),
+                    "a list of distinct tcp://HOST:PORT addresses of standby schedulers (fixed ports, "
+                    "not wildcard hosts)", _text_list),
     "security": _choice("curve", "none"),
     "keys": _folder(),
     "event_loop": _choice("uvloop", "asyncio"),
@@ -333,6 +347,9 @@ def _cross_checks(values: dict, where, problems: list[str]) -> None:
     get = lambda k: values.get(k, getattr(ClusterConfig, k, None))  # noqa: E731
     if "bind" in values and not _reachable_address(values["bind"]) and not get("advertise"):
         problems.append(f"{where('bind')}: expected {BIND_EXPECTED}, got {values['bind']!r}")
+    if values.get("standby") and get("scheduler") in values["standby"]:
+        problems.append(f"{where('standby')}: expected addresses other than the scheduler's "
+                        f"({get('scheduler')}), got {list(values['standby'])!r}")
     if (values.get("checkpoint_interval") or 0) > 0 and not get("checkpoint_dir"):
         problems.append(f"{where('checkpoint_interval')}: expected 0 unless checkpoint_dir is set "
                         f"(automatic checkpoints need a folder), got {values['checkpoint_interval']!r}")

@@ -152,6 +152,14 @@ class BusyError(PsdError):
     code = "busy"
 
 
+class NotLeaderError(PsdError):
+    """This scheduler is a standby (or was deposed): it follows the leader and answers
+    nothing else. ``data``: ``{leader, epoch}``; clients and daemons switch to the
+    leader on their own; an operator's command names it in the message."""
+
+    code = "not_leader"
+
+
 class PsdTimeoutError(PsdError):
     """No reply in time; the peer may be dead or overloaded."""
 
@@ -167,7 +175,7 @@ class RemoteError(PsdError):
 _BY_CODE = {cls.code: cls for cls in (
     PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError, ForbiddenError,
     BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
-    TableMismatchError, LimitError, NotOwnerError, NotReplicatedError, OutOfOrderError, UnavailableError,
+    TableMismatchError, LimitError, NotOwnerError, NotReplicatedError, OutOfOrderError, UnavailableError, NotLeaderError,
     BusyError, StaleRingError, PsdTimeoutError, RemoteError)}
 
 

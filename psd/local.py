@@ -11,6 +11,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,20 @@ class Child:
         raise StartupError(f"{self.name} not ready in time:\n{self.log_tail()}")
 
 
+def _free_ports(n: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (a standby's address must be known before it starts)."""
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def daemon_argv(role: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "psd", role, *args]
 
@@ -135,7 +150,9 @@ class LocalCluster:
 
     def __init__(self, servers: int = 1, *, config: ClusterConfig | None = None,
                  startup_timeout: float = 30.0, workdir: str | None = None,
-                 keep_workdir: bool = False, **settings):
+                 keep_workdir: bool = False, standbys: int = 0, **settings):
+        """``standbys``: standby schedulers beside the first (each with its own state
+        folder); then every scheduler has a fixed port and ``cluster.schedulers`` lists them."""
         if servers < 1:
             raise StartupError("a LocalCluster needs at least one server")
         self.num_servers = servers
@@ -150,6 +167,8 @@ class LocalCluster:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="psd-cluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.scheduler_proc: Child | None = None
+        self.num_standbys = standbys
+        self.standby_procs: list[Child] = []
         self.servers: list[Child] = []
         self.others: list[Child] = []  # worker daemons started through spawn()
         self.scheduler = ""
@@ -177,7 +196,8 @@ class LocalCluster:
         if self.config.state_dir is None:  # so restart_scheduler() resumes the cluster
             self.config = self.config.replace(state_dir=str(self.workdir / "scheduler-state"))
         data = self.config.to_dict()
-        data.pop("scheduler")
+        if not self.config.standby:
+            data.pop("scheduler")
         data["limits"] = dict(data["limits"])
         path = self.workdir / "cluster.yaml"
         path.write_text(yaml.safe_dump(data))
@@ -203,7 +223,20 @@ class LocalCluster:
         self._make_keys()
         self.config_path = self._write_config()
         deadline = time.monotonic() + self.startup_timeout
-        self._start_scheduler("tcp://127.0.0.1:0", deadline)
+        if self.num_standbys:
+            first, *others = [f"tcp://127.0.0.1:{p}" for p in _free_ports(1 + self.num_standbys)]
+            self.config = self.config.replace(scheduler=first, standby=tuple(others))
+            self.config_path = self._write_config()
+            self._start_scheduler(first, deadline)
+            for i, address in enumerate(others):
+                child = Child(f"standby{i}", daemon_argv("scheduler", "--config", str(self.config_path), "--bind",
+                                                         address),
+                              self.workdir, {**self._env, "PSD_STATE_DIR": str(self.workdir / f"standby{i}-state")})
+                self.standby_procs.append(child)
+                child.wait_ready(deadline)
+                security.register_local(address, self._client_keys)
+        else:
+            self._start_scheduler("tcp://127.0.0.1:0", deadline)
         for _ in range(self.num_servers):
             self.add_server(wait=False)
         for child in self.servers:
@@ -293,7 +326,15 @@ class LocalCluster:
         if sig == signal.SIGKILL:
             child.proc.wait(5)
 
+    @property
+    def schedulers(self) -> list[str]:
+        """Every scheduler's address, the first one's first."""
+        return [self.scheduler, *self.config.standby]
+
     def status(self) -> dict:
+        """The leading scheduler's status (with standbys, whichever leads answers)."""
+        if self.config.standby:
+            return admin.call(self.scheduler, "status", config=self.config)
         return admin.call(self.scheduler, "status")
 
     # -- teardown --------------------------------------------------------------
@@ -304,6 +345,7 @@ class LocalCluster:
         children = [*self.others, *self.servers]
         if self.scheduler_proc:
             children.append(self.scheduler_proc)
+        children.extend(self.standby_procs)
         for child in children:  # SIGINT: the whole cluster stops, no server drains
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGCONT)

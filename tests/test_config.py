@@ -40,6 +40,8 @@ BAD = {
     "checkpoint_dir": ["", 5],
     "checkpoint_interval": [-1, "hourly", math.nan],
     "state_dir": ["", []],
+    "standby": ["tcp://10.0.0.2:9300", ["tcp://*:9300"], ["tcp://10.0.0.2:0"],
+                ["tcp://10.0.0.2:9300", "tcp://10.0.0.2:9300"], [7]],
     "event_loop": ["trio"],
     "log_level": ["verbose", "INFO"],
     "log_format": ["xml", "text"],
@@ -74,6 +76,7 @@ GOOD = {
     "checkpoint_dir": [("/srv/ckpt", "/srv/ckpt"), (None, None)],
     "checkpoint_interval": [(0, 0), (0.0, 0.0)],   # > 0 needs checkpoint_dir: test_cross_rules
     "state_dir": [("/var/lib/psd", "/var/lib/psd"), (None, None)],
+    "standby": [(["tcp://10.0.0.2:9300"], ("tcp://10.0.0.2:9300",)), ([], ())],
     "event_loop": [("asyncio", "asyncio")],
     "log_level": [("debug", "debug")],
     "log_format": [("json", "json"), ("human", "human")],
@@ -108,6 +111,7 @@ TEXT = {
     "checkpoint_dir": ("/srv/psd/ckpt", "/srv/psd/ckpt"),
     "checkpoint_interval": ("0", 0.0),
     "state_dir": ("/var/lib/psd/s", "/var/lib/psd/s"),
+    "standby": ("tcp://10.0.0.2:9300,tcp://10.0.0.3:9300", ("tcp://10.0.0.2:9300", "tcp://10.0.0.3:9300")),
     "event_loop": ("asyncio", "asyncio"),
     "log_level": ("warning", "warning"),
     "log_format": ("json", "json"),
@@ -122,6 +126,7 @@ TEXT = {
 BAD_TEXT = {key: "x1" for key in setting_keys() if key not in ("checkpoint_dir", "state_dir", "keys")} | {
     "scheduler": "10.0.0.1:9300", "bind": "tcp://*:0", "advertise": "tcp://0.0.0.0:0", "compression": "gzip",
     "max_delay": "-2", "auto_delay_bounds": "3,1", "metrics": "tcp://10.0.0.2:9400",
+    "standby": "10.0.0.2:9300",
 }
 
 
@@ -443,3 +448,10 @@ def test_cluster_limits_max_tables_and_max_memory_bytes(tmp_path):
     assert resolve_config(path, {"PSD_LIMITS_MAX_TABLES": "7"}).limits.max_tables == 7
     with pytest.raises(ConfigError, match=r"flag --limits-max-memory-bytes: expected a positive integer \(bytes\)"):
         resolve_config(path, {}, {"limits.max_memory_bytes": "0"})
+
+
+def test_a_standby_cannot_be_the_scheduler_itself():
+    with pytest.raises(ConfigError, match="standby: expected addresses other than the scheduler's"):
+        config_from_dict({"scheduler": "tcp://10.0.0.1:9300", "standby": ["tcp://10.0.0.1:9300"]}, "c.yaml")
+    config = config_from_dict({"scheduler": "tcp://10.0.0.1:9300", "standby": ["tcp://10.0.0.9:9300"]}, "c.yaml")
+    assert config.standby == ("tcp://10.0.0.9:9300",)

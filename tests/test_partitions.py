@@ -212,3 +212,46 @@ def test_client_cut_off_longer_than_the_worker_timeout(net):
     pushing.resumed()
     pushing.check()
     _no_restarts(net)
+
+
+def test_scheduler_host_cut_off_for_good_a_standby_takes_over(tmp_path_factory):
+    """The scheduler's host is cut off and never comes back. A standby scheduler on
+    another host (configs: ``standby``) sees the leader silent, the servers see it silent
+    too and vote for the standby, which leads from its copy of the state: the ring goes on
+    (at a higher version), the client keeps pushing and reading without being re-created,
+    nothing acknowledged is lost, and `psd status` on the operator host, given the same
+    YAML, answers from the new leader. The takeover time is printed."""
+    run_dir = tmp_path_factory.mktemp("standby")
+    with NetCluster(servers=3, clients=1, rate="1gbit", replication=2, security="curve", standby=True,
+                    run_dir=run_dir) as net:
+        pusher = net.start_pusher("client0", seed=next(_seeds), window=8, read_every=0.2)
+        deadline = time.monotonic() + 30
+        while len(pusher.log().acked) < 20:
+            assert time.monotonic() < deadline, f"no pushes acknowledged; logs in {run_dir}"
+            time.sleep(0.1)
+        before = _status(net)
+        assert before["epoch"] == 1 and before["standby"] == [net.standby_address]
+        net.partition("scheduler")
+        cut = time.monotonic()
+        while True:
+            st = _status(net)
+            if st["epoch"] == 2 and st["health"]["state"] == "ok":
+                break
+            assert time.monotonic() - cut < 30, f"no standby took over within 30 s: {st['health']}"
+            time.sleep(0.2)
+        took = time.monotonic() - cut
+        print(f"\nstandby took over {took:.1f} s after the scheduler host was cut off (OK in status)")
+        assert st["scheduler"] == net.standby_address and st["ring_version"] > before["ring_version"] + 1000
+        acked = len(pusher.log().acked)
+        reads = len(pusher.log().reads)
+        deadline = time.monotonic() + 30
+        while len(pusher.log().acked) < acked + 20 or len(pusher.log().reads) < reads + 2:
+            assert time.monotonic() < deadline, f"the client did not go on under the new leader; logs in {run_dir}"
+            time.sleep(0.1)
+        log = pusher.stop()
+        assert log.done and not log.failed and not log.stale_reads, (log.failed[:3], log.stale_reads[:3])
+        result = net.verify_pushes("operator", [pusher], scheduler=net.standby_address)
+        assert result["ok"], result["problems"]
+        assert result["uncertain"] == 0 and result["acked"] == len(log.acked)
+        standby = net.unit("standby")
+        assert standby.exits == [] and len(standby.starts) == 1, standby.log_tail()[-2000:]

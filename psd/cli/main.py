@@ -272,8 +272,10 @@ def _run_role(args, env: dict[str, str]) -> int:
         from psd.apps import APPS
         from psd.jobs.spec import check_submitted
         from psd.roles.scheduler import Scheduler
-        # --bind names the scheduler's own address; otherwise it binds the configured one
-        role = Scheduler(config, bind=config.bind if args.bind else config.scheduler, curve=curve,
+        # --bind (or a PSD_BIND that is one of the standby addresses) names the scheduler's
+        # own address; otherwise it binds the configured one
+        own = config.bind if args.bind or config.bind in config.standby else config.scheduler
+        role = Scheduler(config, bind=own, curve=curve,
                          check_job=partial(check_submitted, apps=APPS))
         hint = ""
     else:

@@ -43,8 +43,10 @@ def health_line(st: dict) -> str:
 
 def render(st: dict) -> str:
     metrics = f"  metrics {st['metrics']}" if st.get("metrics") else ""
+    standby = (f"  leader at epoch {st.get('epoch')}, standby {', '.join(st['standby'])}"
+               if st.get("standby") else "")
     out = [health_line(st), "",
-           f"scheduler {st['scheduler']}  up {st['uptime']:.0f} s  ring v{st['ring_version']}{metrics}", ""]
+           f"scheduler {st['scheduler']}  up {st['uptime']:.0f} s  ring v{st['ring_version']}{metrics}{standby}", ""]
     nodes = st["nodes"]
     health = sum(n["state"] == "active" for n in nodes)
     out.append(f"nodes ({health}/{len(nodes)} active)")

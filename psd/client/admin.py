@@ -11,7 +11,7 @@ import zmq
 
 from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message, decode, encode
 from psd.config import ClusterConfig
-from psd.errors import PsdTimeoutError
+from psd.errors import NotLeaderError, PsdTimeoutError
 from psd.transport import security
 from psd.transport.rpc import raise_if_error
 from psd.transport.security import refusal_error
@@ -24,8 +24,31 @@ def call(scheduler: str, op: str, timeout: float = 5.0, *, config: ClusterConfig
     """Send ``op`` with ``meta`` and return the reply's meta. Keys come from ``config``
     (``security``, ``keys``: the command line puts PSD_KEYS and --keys there), else
     from a LocalCluster of this process for this address. A refused handshake raises
-    AuthError at once."""
+    AuthError at once. With standby schedulers configured, the one that leads answers:
+    a standby's refusal names it, and a scheduler that does not answer is passed over."""
     config = config or ClusterConfig()
+    order = list(dict.fromkeys([scheduler, config.scheduler, *config.standby])) if config.standby else [scheduler]
+    if len(order) == 1:
+        return _call(scheduler, op, timeout, config, meta)
+    deadline = time.monotonic() + timeout
+    at = 0
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return _call(order[at], op, max(0.05, min(left, max(1.0, timeout / len(order)))), config, meta)
+        except NotLeaderError as e:
+            leader = e.data.get("leader")
+            at = order.index(leader) if leader in order and leader != order[at] else (at + 1) % len(order)
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+        except PsdTimeoutError:
+            at = (at + 1) % len(order)
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _call(scheduler: str, op: str, timeout: float, config: ClusterConfig, meta: dict) -> dict:
     curve = security.for_client(scheduler, security=config.security, keys=config.keys)
     sock, watch = connect_watched(zmq.Context.instance(), scheduler, security=curve)
     try:

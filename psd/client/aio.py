@@ -22,7 +22,8 @@ from psd.cluster.rows import Rows
 from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message
 from psd.config import ClusterConfig
 from psd.core.client import RETRY_TICK, AskRing, ClientCore, Done, Send
-from psd.errors import AuthError, MessageTooLargeError, ProtocolError, PsdError, PsdTimeoutError, StartupError
+from psd.errors import (AuthError, MessageTooLargeError, NotLeaderError, ProtocolError, PsdError,
+                        PsdTimeoutError, StartupError)
 from psd.schema import TableSpec, check_keys, check_namespace, check_span, check_values, qualified, too_large
 from psd.transport import RpcSocket, async_context, connect_dealer, security
 from psd.transport.heartbeat import HeartbeatThread
@@ -43,6 +44,12 @@ class AsyncKVWorker:
 
     def __init__(self, scheduler: str, config: ClusterConfig):
         self.scheduler = scheduler
+        #: every scheduler's address (the leader's and the standbys'): the link moves to
+        #: whichever leads (docs/fault-tolerance.md, "Standby scheduler")
+        self.schedulers: list[str] = [scheduler, *(a for a in config.standby if a != scheduler)]
+        self._answered_at = 0.0
+        #: heartbeat threads to move with the link (keepalive(), the sync client's)
+        self.threads: list[HeartbeatThread] = []
         self.config = config
         self.node_id = "W?"
         self.limits = config.limits
@@ -85,7 +92,7 @@ class AsyncKVWorker:
                                limits=dataclasses.replace(self.limits, max_header_bytes=SCHEDULER_REPLY_HEADER_BYTES))
         self._tasks.append(asyncio.create_task(self._link.serve()))
         try:
-            reply = await self._register(role, watch)
+            reply = await self._register_with_leader(role, watch)
         except PsdTimeoutError:
             await self.close()
             raise StartupError(f"no scheduler answered at {self.scheduler}; is `psd scheduler` running "
@@ -109,13 +116,82 @@ class AsyncKVWorker:
         self._tasks.append(asyncio.create_task(self._ticks()))
         return self
 
-    async def _register(self, role: str, watch: HandshakeWatch) -> Message:
+    async def _register_with_leader(self, role: str, watch: HandshakeWatch) -> Message:
+        """``register`` with the scheduler that leads: a standby's refusal names it."""
+        deadline = self._loop.time() + self.config.request_timeout
+        while True:
+            left = deadline - self._loop.time()
+            attempt = min(2 * SCHEDULER_ATTEMPT, left) if len(self.schedulers) > 1 else left
+            try:
+                reply = await self._register(role, watch, max(0.05, attempt))
+                break
+            except (NotLeaderError, PsdTimeoutError) as e:
+                if len(self.schedulers) < 2 or self._loop.time() >= deadline:
+                    raise
+                leader = (e.data or {}).get("leader") if isinstance(e, NotLeaderError) else None
+                if isinstance(leader, str) and leader in self.schedulers:
+                    self._switch(leader, "a standby named the leader")
+                else:
+                    at = self.schedulers.index(self.scheduler) if self.scheduler in self.schedulers else -1
+                    self._switch(self.schedulers[(at + 1) % len(self.schedulers)], str(e))
+                    await asyncio.sleep(min(0.2, max(0.0, deadline - self._loop.time())))
+        schedulers = reply.meta.get("schedulers")
+        if isinstance(schedulers, list) and all(isinstance(a, str) for a in schedulers):
+            self.schedulers[:] = list(dict.fromkeys([self.scheduler, *schedulers[:16]]))
+        self._answered_at = self._loop.time()
+        return reply
+
+    # -- the scheduler that leads --------------------------------------------------
+    def _switch(self, address: str, why: str) -> None:
+        if address == self.scheduler:
+            return
+        log.warning("%s: moving from the scheduler at %s to %s (%s)", self.node_id, self.scheduler, address, why)
+        self._link.move(self.scheduler, address)
+        self.scheduler = address
+        for thread in self.threads:
+            thread.scheduler = address
+        self._answered_at = self._loop.time()
+
+    def _lost_after(self) -> float:
+        cfg = self.config
+        return 2 * cfg.heartbeat_misses * getattr(self, "heartbeat_interval", cfg.heartbeat_interval)
+
+    def _scheduler_failed(self, err: Exception) -> None:
+        """A standby named the leader: go there; silence past a dead node's: the next one."""
+        if isinstance(err, NotLeaderError):
+            leader = (err.data or {}).get("leader")
+            if isinstance(leader, str) and leader in self.schedulers:
+                self._switch(leader, "a standby named the leader")
+        elif len(self.schedulers) > 1 and self._loop.time() - self._answered_at > self._lost_after():
+            at = self.schedulers.index(self.scheduler) if self.scheduler in self.schedulers else -1
+            self._switch(self.schedulers[(at + 1) % len(self.schedulers)], "no answer")
+
+    async def _ask(self, msg: Message, timeout: float) -> Message:
+        """A request to the scheduler that leads, moving to it as needed (with standbys);
+        without standbys, one attempt of ``timeout``."""
+        deadline = self._loop.time() + timeout
+        while True:
+            left = deadline - self._loop.time()
+            attempt = min(SCHEDULER_ATTEMPT, left) if len(self.schedulers) > 1 else left
+            try:
+                reply = await self._link.call(Message(msg.op, meta=msg.meta, clock=msg.clock),
+                                              timeout=max(0.05, attempt))
+                self._answered_at = self._loop.time()
+                return reply
+            except (NotLeaderError, PsdTimeoutError) as e:
+                if len(self.schedulers) < 2 or self._loop.time() >= deadline:
+                    raise
+                self._scheduler_failed(e)
+                if isinstance(e, NotLeaderError):
+                    await asyncio.sleep(min(0.1, self.config.heartbeat_interval))
+
+    async def _register(self, role: str, watch: HandshakeWatch, timeout: float) -> Message:
         """``register``, raising AuthError as soon as the scheduler refuses our handshake
         (no keys, an unlisted key, the wrong server key) rather than timing out. A send
         that finds no connection yet (the refused handshake tore it down) waits for the
         handshake's verdict and tries again."""
         refused = asyncio.ensure_future(watch.failure())
-        deadline = self._loop.time() + self.config.request_timeout
+        deadline = self._loop.time() + timeout
         try:
             while True:
                 register = asyncio.ensure_future(self._link.call(Message("register", meta={"role": role}),
@@ -154,7 +230,7 @@ class AsyncKVWorker:
         self._run(self.core.use_ring(ring, time.monotonic(), down))
 
     async def refresh_ring(self) -> Assignment:
-        reply = await self._link.call(Message("get_ring"), timeout=self.config.request_timeout)
+        reply = await self._ask(Message("get_ring"), self.config.request_timeout)
         self._use_ring(Assignment.from_wire(reply.meta["ring"]), _down(reply))
         return self.ring
 
@@ -162,9 +238,11 @@ class AsyncKVWorker:
         try:
             reply = await self._link.call(Message("get_ring"), timeout=min(SCHEDULER_ATTEMPT,
                                                                             self.config.request_timeout))
+            self._answered_at = self._loop.time()
             self._use_ring(Assignment.from_wire(reply.meta["ring"]), _down(reply))
         except PsdError as e:  # the scheduler restarting or cut off: the core asks again later
             log.debug("%s: asking for the ring failed: %s", self.node_id, e)
+            self._scheduler_failed(e)
             self._run(self.core.use_ring(self.core.ring, time.monotonic()))
         finally:
             self._refreshing = None
@@ -179,7 +257,9 @@ class AsyncKVWorker:
                                               timeout=max(1.0, 4 * interval))
             except PsdError as e:
                 log.debug("%s: heartbeat failed: %s", self.node_id, e)
+                self._scheduler_failed(e)
                 continue
+            self._answered_at = self._loop.time()
             if (reply.meta.get("state") in ("dead", "left") or reply.meta.get("known") is False) \
                     and not self.expelled.is_set():
                 log.warning("%s: the scheduler declared this worker dead (cut off or stalled past "
@@ -255,8 +335,7 @@ class AsyncKVWorker:
         """Create the table, or open it if it exists with the same settings."""
         spec = TableSpec(qualified(self.namespace, name), width, dtype, updater,
                          {**self.table_defaults, **options}).validate()
-        reply = await self._link.call(Message("create_table", meta={"spec": spec.to_wire()}),
-                                      timeout=self.config.request_timeout)
+        reply = await self._ask(Message("create_table", meta={"spec": spec.to_wire()}), self.config.request_timeout)
         return AsyncTable(self, TableSpec.from_wire(reply.meta["spec"]))
 
     def clock(self) -> int:
@@ -284,11 +363,12 @@ class AsyncKVWorker:
         whose event loop long numpy work may hold past the failure timeout."""
         thread = HeartbeatThread(self.scheduler, self.node_id, self.heartbeat_interval, lambda: self.clock_value,
                                  security=self.curve)
+        self.threads.append(thread)
         thread.start()
         return thread
 
     async def status(self) -> dict:
-        return (await self._link.call(Message("status"), timeout=self.config.request_timeout)).meta
+        return (await self._ask(Message("status"), self.config.request_timeout)).meta
 
     async def call_scheduler(self, op: str, timeout: float | None = None, **meta) -> dict:
         """Ask the scheduler, re-asking every few seconds until ``timeout``: a request sent
@@ -299,8 +379,16 @@ class AsyncKVWorker:
         while True:
             attempt = min(SCHEDULER_ATTEMPT, max(0.1, deadline - loop.time()))
             try:
-                return (await self._link.call(Message(op, meta=meta), timeout=attempt)).meta
-            except PsdTimeoutError:
+                reply = await self._link.call(Message(op, meta=meta), timeout=attempt)
+                self._answered_at = loop.time()
+                return reply.meta
+            except NotLeaderError as e:
+                if loop.time() >= deadline:
+                    raise
+                self._scheduler_failed(e)
+                await asyncio.sleep(min(0.1, self.config.heartbeat_interval))
+            except PsdTimeoutError as e:
+                self._scheduler_failed(e)
                 if loop.time() >= deadline:
                     raise PsdTimeoutError(f"the scheduler at {self.scheduler} did not answer {op} within "
                                           f"{timeout or self.config.request_timeout} s") from None

@@ -49,7 +49,9 @@ class KVWorker:
             self._loop.close()
             raise
         self._heartbeat = HeartbeatThread(self.aio.scheduler, self.aio.node_id, self.aio.heartbeat_interval,
-                                          lambda: self.aio.clock_value, security=self.aio.curve)
+                                          lambda: self.aio.clock_value, security=self.aio.curve,
+                                          schedulers=self.aio.schedulers)
+        self.aio.threads.append(self._heartbeat)
         self._heartbeat.start()
 
     def _run(self, coro):

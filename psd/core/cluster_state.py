@@ -44,6 +44,9 @@ class ClusterState:
         self.jobs = JobBook()
         self.worker_clocks: dict[str, int] = {}
         self.next_checkpoint = 1
+        #: the leadership term (docs/fault-tolerance.md, "Standby scheduler"): 0 without
+        #: standbys; a standby that takes over leads at a higher one
+        self.epoch = 0
         self.metrics_at: dict[str, str] = {}  # metrics endpoints workers announced (meta.metrics)
         #: dead servers a server registered since has made up for (health: not DEGRADED for them)
         self.replaced: set[str] = set()
@@ -81,7 +84,7 @@ class ClusterState:
             "worker_clocks": self.worker_clocks,
             "jobs": [dict(asdict(j), shards_done=sorted(j.shards_done), ranks={str(k): v for k, v in j.ranks.items()},
                           progress={str(k): v for k, v in j.progress.items()}) for j in self.jobs.jobs.values()],
-            "next_job": self.jobs._next, "next_checkpoint": self.next_checkpoint,
+            "next_job": self.jobs._next, "next_checkpoint": self.next_checkpoint, "epoch": self.epoch,
         }
 
     def load(self, state: dict, now: float) -> None:
@@ -107,3 +110,4 @@ class ClusterState:
             self.jobs.jobs[job.id] = job
         self.jobs._next = int(state["next_job"])
         self.next_checkpoint = max(self.next_checkpoint, int(state["next_checkpoint"]))
+        self.epoch = int(state.get("epoch", 0))

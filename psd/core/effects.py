@@ -94,6 +94,14 @@ class Rejoin:
 
 
 @dataclass(slots=True)
+class Follow:
+    """Link to the scheduler at ``address`` (this server voted for it to lead): the link
+    and its heartbeats move there, so the old leader can no longer reach this server."""
+
+    address: str
+
+
+@dataclass(slots=True)
 class Notify:
     """Send ``msg`` to node ``node`` as a request whose answer nobody waits for (a ring
     notice to a worker); the driver stops listening after a while."""

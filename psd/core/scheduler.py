@@ -10,6 +10,7 @@ simulation (``psd.sim``) drive it alike.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -27,7 +28,7 @@ from psd.cluster.stats import MAX_ADDRESS, check_stats
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.checkpoints import Checkpoints
-from psd.core.cluster_state import ClusterState
+from psd.core.cluster_state import ID_BLOCK, ClusterState
 from psd.core.effects import Ask, DropRoute, Forget, Notify, Refuse, Reply, Run, Save
 from psd.core.procedures import Calls, Runner, Sleep, failure
 from psd.core.ring_changes import RingChanges, unavailable
@@ -54,6 +55,9 @@ OPERATOR_OPS = {"drain": "drain (moving a server's ranges away and stopping it)"
 KEEP_ENDED_JOBS = 64
 #: dead or departed workers still listed (status, saved state); older ones are forgotten
 KEEP_GONE_WORKERS = 256
+#: ring versions a takeover skips: a ring the deposed leader sent to a few servers just
+#: before it was cut off can never equal (nor outrank) the new leader's
+TAKEOVER_RING_SKIP = 1000
 
 
 class SchedulerCore:
@@ -102,7 +106,11 @@ class SchedulerCore:
             "drop_tables": self.on_drop_tables,
             "submit": self.on_submit, "job_poll": self.on_job_poll,
             "job_report": self.on_job_report, "job_status": self.on_job_status,
+            "follow": self.on_follow,
         }
+        #: saves so far: a standby's ``follow`` names the last it copied, and gets the
+        #: state again only when there was a save since
+        self.saves = 0
         for job in self.state.jobs.jobs.values():  # a job that ended while we were down
             if job.ended:
                 self._background(self._job_ended(job), now)
@@ -167,6 +175,7 @@ class SchedulerCore:
     def save(self) -> None:
         """Persist now (ring and table changes, node ids)."""
         self.state.dirty = False
+        self.saves += 1
         self.outbox.append(Save(self.state.to_dict()))
 
     def _publish(self, ring: Assignment) -> None:
@@ -285,6 +294,7 @@ class SchedulerCore:
         log.info("%s joined as %s%s, ring v%d", node, role, f" at {address}" if role == "server" else "",
                  s.ring.version)
         return msg.reply(meta={"node": node, "ring": (s.ring if role == "server" else self._workers_ring()).to_wire(),
+                               **self._leadership(),
                                "tables": [t.to_wire() for t in s.tables.values()],
                                "heartbeat_interval": self.config.heartbeat_interval,
                                "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
@@ -315,7 +325,7 @@ class SchedulerCore:
                                   field="clk")
         state = s.liveness.seen(msg.sender, now)
         if state is None:
-            return msg.reply(meta={"known": False})
+            return msg.reply(meta={"known": False, "epoch": s.epoch})
         # only a live member's numbers are kept: a dead or departed node's stay as they were
         role = s.liveness.peers[msg.sender].role if state == State.ACTIVE else None
         if role == "worker":
@@ -330,7 +340,7 @@ class SchedulerCore:
             self._tidy(msg.sender, stats.get("tables"), now)
         if metrics is not None:
             s.metrics_at[msg.sender] = metrics
-        return msg.reply(meta={"known": True, "state": state.value, "ring": s.ring.version})
+        return msg.reply(meta={"known": True, "state": state.value, "ring": s.ring.version, "epoch": s.epoch})
 
     def on_leave(self, msg: Message, now: float):
         s = self.state
@@ -436,6 +446,65 @@ class SchedulerCore:
         wire = self.state.ring.to_wire()
         for node in self.state.live("worker"):
             self.outbox.append(Notify(node, Message("ring", meta={"ring": wire})))
+
+    # -- standby schedulers ------------------------------------------------------------
+    def _leadership(self) -> dict:
+        """What a registering node learns of the schedulers: the epoch (a server's vote is
+        per epoch) and, with standbys, every address (to find the leader after a takeover)."""
+        if not self.config.standby:
+            return {"epoch": self.state.epoch}
+        return {"epoch": self.state.epoch, "schedulers": [self.config.scheduler, *self.config.standby]}
+
+    def on_follow(self, msg: Message, now: float) -> Message:
+        """A standby copies the state (only if there was a save since its copy, ``have``)
+        and learns whether we still hear the servers; ``probe``: only the epoch."""
+        if self.secure and msg.peer != ROLE_SERVER:
+            raise forbidden("follow", "follow (copy the scheduler's state)", msg.peer)
+        meta = {"epoch": self.state.epoch, "isolated": self._isolated, "n": self.saves}
+        if not msg.meta.get("probe") and msg.meta.get("have") != self.saves:
+            meta["state"] = self.state.to_dict()
+        return msg.reply(meta=meta)
+
+    def take_over(self, epoch: int, rings: list[Assignment], now: float, tables: list[dict] = ()) -> None:
+        """Lead at ``epoch`` from the copied state, which may lag the old leader's by a
+        save: the newest ring the voters hold counts, and the tables they hold (else the
+        heartbeats' tidying would drop a table created just before the takeover); ring
+        versions skip ahead (so no ring of the old leader's equals ours), node ids too;
+        then the ring goes to everyone."""
+        s = self.state
+        for wire in tables:
+            try:
+                spec = TableSpec.from_wire(wire)
+            except Exception as e:  # a voter's word, checked like any request's
+                log.warning("a voter's table %r is not valid (%s); not adopted", wire.get("name"), e)
+                continue
+            if spec.name not in s.tables:
+                log.warning("table %s, which the copied state lacked, is adopted from the voters", spec.name)
+                s.tables[spec.name] = spec
+        newest = max([s.ring, *rings], key=lambda r: r.version)
+        s.epoch = epoch
+        s.ring = dataclasses.replace(newest, version=newest.version + TAKEOVER_RING_SKIP)
+        if s.stable is None:
+            s.stable = s.ring
+        for role in s.counts:
+            s.counts[role] += ID_BLOCK
+        self.save()
+        log.warning("leading at epoch %d: ring v%d (%d server(s))", epoch, s.ring.version, len(s.ring.servers))
+        self._background(self._after_takeover(now), now)
+
+    def _after_takeover(self, since: float):
+        """Everyone gets the new leader's ring, once the servers' heartbeats have told the
+        daemon how to reach them (the voters move their link at once; the others find us
+        within a failure timeout); then a ring change over the servers that answer
+        finishes whatever change the old leader left half done."""
+        s = self.state
+        step = self.config.heartbeat_interval / 2
+        for _ in range(int(4 * self.config.heartbeat_misses) + 1):
+            if all(s.liveness.peers[n].last_seen > since for n in s.live("server")):
+                break
+            yield Sleep(step)
+        yield from self.ring_changes.publish(self.state.ring, {}, final=True)
+        yield from self.ring_changes.rebalance("a new leader took over")
 
     def on_ping(self, msg: Message, now: float) -> Message:
         return msg.reply(meta={"node": self.node_id, "servers": len(self.state.live("server"))})
@@ -683,6 +752,7 @@ class SchedulerCore:
                   "fastest": max(live.values()) if live else None, "stragglers": sorted(s.flagged),
                   "consistency": self.config.consistency, "max_delay": self.config.max_delay}
         return {"scheduler": getattr(self, "address", None), "uptime": round(now - self.started, 1),
+                "epoch": s.epoch, "standby": list(self.config.standby),
                 "clocks": clocks, "ring_changing": self.ring_changes.busy,
                 "isolated": self._isolated, "unavailable": waiting,
                 "checkpoints": self.checkpoints.status(),

@@ -31,7 +31,8 @@ from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.acks import Acks, Pending
-from psd.core.effects import LINK, Refuse, Rejoin, Reply, Stop, Write
+from psd.core.effects import LINK, Follow, Refuse, Rejoin, Reply, Stop, Write
+from psd.core.election import Ballot
 from psd.core.fence import Fence
 from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
@@ -62,7 +63,8 @@ MAX_RID = (1 << 64) - 1
 #: arrive on the link this server opened to the scheduler, whose key the handshake verified.
 DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replicas)",
               "install": "install (a range copy from another server)",
-              "peer_ping": "peer_ping (a server's liveness ping)"}
+              "peer_ping": "peer_ping (a server's liveness ping)",
+              "elect": "elect (a standby scheduler asking for this server's vote)"}
 #: one heartbeat in this many carries the full stats; the others only the peers' ages
 STATS_EVERY = 5
 #: refusals after which the sender sends the request again: nothing it sent after the
@@ -99,6 +101,10 @@ class ServerCore:
         self.acks = Acks(lambda: self.node_id)
         cfg = config
         self.fence = Fence((2 * cfg.heartbeat_misses - 1) * cfg.heartbeat_interval)
+        #: our vote for a leader among the schedulers (with standbys): docs/fault-tolerance.md
+        self.ballot = Ballot(2 * cfg.heartbeat_misses * cfg.heartbeat_interval)
+        #: every scheduler's address (the registration tells them)
+        self.schedulers: list[str] = [cfg.scheduler, *cfg.standby]
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
                          "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0, "limit_refusals": 0,
                          "not_replicated": 0, "out_of_order": 0, "fenced": 0, "busy": 0}
@@ -132,7 +138,7 @@ class ServerCore:
         self._sq: tuple[int, int] | None = None  # the stream place of the request being handled
         self.handlers = {"push": self.on_push, "pull": self.on_pull, "pushpull": self.on_pushpull,
                          "clock": self.on_clock, "replicate": self.on_replicate, "install": self.on_install,
-                         "ping": self.on_ping, "peer_ping": self.on_peer_ping}
+                         "ping": self.on_ping, "peer_ping": self.on_peer_ping, "elect": self.on_elect}
         self.control_handlers = {"create_table": self.on_create_table, "ring": self.on_ring,
                                  "transfer": self.on_transfer, "worker_left": self.on_worker_left,
                                  "shutdown": self.on_shutdown, "ping": self.on_control_ping,
@@ -206,6 +212,7 @@ class ServerCore:
     def registered(self, meta: dict, now: float) -> list:
         """The scheduler's answer to ``register``: our node id, the tables, the ring."""
         rejoin = self.rejoining
+        self._heard_leader(meta, now)
         if rejoin and self.node_id != meta["node"]:
             self.previous.add(self.node_id)
         self.node_id = meta["node"]
@@ -238,7 +245,15 @@ class ServerCore:
             return None
         return {"peers": self.fence.report(self.ring.servers, self.node_id, now), "serving": self.serving(now)}
 
+    def _heard_leader(self, meta: dict, now: float) -> None:
+        schedulers = meta.get("schedulers")
+        if isinstance(schedulers, list) and schedulers and all(isinstance(a, str) for a in schedulers):
+            self.schedulers = schedulers[:16]
+        epoch = meta.get("epoch")
+        self.ballot.heard(epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0, None, now)
+
     def heartbeat_answered(self, meta: dict, sent_at: float, now: float) -> list:
+        self._heard_leader(meta, now)
         state, known = meta.get("state"), meta.get("known")
         if known and state in ("active", "suspect"):
             self.fence.confirmed(sent_at)
@@ -362,6 +377,25 @@ class ServerCore:
 
     def on_ping(self, route, msg: Message, now: float) -> None:
         self.outbox.append(Reply(route, msg.reply(meta={"node": self.node_id})))
+
+    def on_elect(self, route, msg: Message, now: float) -> None:
+        """A standby scheduler asks for our vote (psd.core.election): granted, we link to it."""
+        self._daemons_only(msg)
+        epoch, candidate = msg.meta.get("epoch"), msg.meta.get("candidate")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+            raise BadRequestError(f"elect: meta.epoch: expected an integer >= 1, got {epoch!r:.40}", field="meta.epoch")
+        if candidate not in self.schedulers:
+            raise BadRequestError(f"elect: meta.candidate: expected one of the schedulers "
+                                  f"{', '.join(self.schedulers)}, got {candidate!r:.100}", field="meta.candidate")
+        vote = self.ballot.ask(epoch, candidate, now)
+        log.log(logging.WARNING if vote.granted else logging.INFO, "%s: %s vote for %s at epoch %d: %s",
+                self.node_id, "a" if vote.granted else "no", candidate, epoch, vote.why)
+        meta = {"granted": vote.granted, "why": vote.why, "epoch": self.ballot.epoch}
+        if vote.granted:  # what the candidate's copy of the state may lack
+            meta["ring"] = self.ring.to_wire()
+            meta["tables"] = [t.spec.to_wire() for t in self.tables.values()]
+            self.outbox.append(Follow(candidate))
+        self.outbox.append(Reply(route, msg.reply(meta=meta)))
 
     def on_control_ping(self, msg: Message, now: float) -> None:
         self.outbox.append(Reply(None, msg.reply(meta={"node": self.node_id}), LINK))

@@ -177,6 +177,8 @@ def _gate(policies: dict) -> list[Family]:
 
 # -- scheduler ---------------------------------------------------------------------
 def scheduler_families(scheduler) -> list[Family]:
+    if getattr(scheduler, "core", True) is None:
+        return []  # a standby: it serves nothing until it leads
     st = scheduler.status()
     out = _requests("psd_scheduler", scheduler.timings, "the scheduler",
                     "Time from a request's arrival at the scheduler to its answer, by op (a ring change, "

@@ -21,7 +21,9 @@ from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.effects import Ask, DropRoute, Forget, Notify, Refuse, Reply, Run, Save
 from psd.core.scheduler import KEEP_ENDED_JOBS, KEEP_GONE_WORKERS, SchedulerCore  # noqa: F401 (tests read them)
-from psd.errors import PsdError
+from psd.cluster.assignment import Assignment
+from psd.errors import NotLeaderError, PsdError
+from psd.roles.standby import Standby, watch_peers
 from psd.store.checkpoint import latest
 from psd.transport import RpcSocket, Route, async_context, bind_router
 from psd.transport.metrics import Timings
@@ -59,64 +61,99 @@ class Scheduler:
         self.curve = curve
         self.bind = bind or config.scheduler
         self.state_dir = Path(config.state_dir) if config.state_dir else None
-        saved = read_state(self.state_dir) if self.state_dir else None
-        found = latest(Path(config.checkpoint_dir)) if config.checkpoint_dir else None
-        now = time.monotonic()
-        self.core = SchedulerCore(config, secure=curve is not None, now=now, wall_offset=time.time() - now,
-                                  saved=saved, checkpoint=found, check_job=check_job)
-        self.resumed = self.core.resumed
+        self.check_job = check_job
         self.routes: dict[str, Route] = {}
         self._asks: dict[int, tuple[int, asyncio.Future | None]] = {}  # token -> (message id, call)
         self.timings = Timings(("op", "outcome"))  # requests and their latency, for /metrics
         self._arrived: dict = {}  # (route, request id) -> (op, arrival): for the timings
         self.started = time.time()
+        saved = read_state(self.state_dir) if self.state_dir else None
+        #: with standby schedulers, every scheduler starts as a standby and leads only once
+        #: elected (or, on a new cluster, as the first one); without, it leads at once
+        self.standby: Standby | None = None
+        self.core: SchedulerCore | None = None
+        if config.standby:
+            self.standby = Standby(config, self.bind, curve, saved, self._save_copy)
+        else:
+            self._lead(saved)
+
+    def _lead(self, saved: dict | None, epoch: int | None = None, rings=(), elected: bool = True,
+              tables=()) -> None:
+        found = latest(Path(self.config.checkpoint_dir)) if self.config.checkpoint_dir and saved is None else None
+        now = time.monotonic()
+        self.core = SchedulerCore(self.config, secure=self.curve is not None, now=now,
+                                  wall_offset=time.time() - now, saved=saved, checkpoint=found,
+                                  check_job=self.check_job)
+        self.resumed = self.core.resumed
+        if epoch is not None and elected:
+            self.core.take_over(epoch, list(rings), now, list(tables))
+        elif epoch is not None:  # the first scheduler of a new cluster
+            self.core.state.epoch = epoch
+            self.core.save()
         self._execute(self.core._take())  # (jobs that ended while we were down, say)
+
+    def _save_copy(self, state: dict) -> None:
+        """A standby's copy of the leader's state, in its own state_dir."""
+        if self.state_dir is not None:
+            write_state(self.state_dir, state)
 
     # what logs, status and /metrics read
     node_id = "H"
 
     @property
     def ring(self):
-        return self.core.ring
+        return self.core.ring if self.core is not None else Assignment(version=0)
 
     @property
     def checkpoints(self):
         return self.core.checkpoints
 
     def log_clock(self) -> int | None:
-        return self.core.log_clock()
+        return self.core.log_clock() if self.core is not None else None
 
     def status(self) -> dict:
         return self.core.status(time.monotonic())
 
     def save(self) -> None:
-        """Persist now."""
-        if self.state_dir is not None:
+        """Persist now (a standby's copy is saved as it comes)."""
+        if self.state_dir is not None and self.core is not None:
             write_state(self.state_dir, self.core.state.to_dict())
 
     async def run(self, stop: asyncio.Event, ready) -> None:
         sock, self.address = bind_router(async_context(), self.bind, self.config.limits.max_message_bytes,
                                          security=self.curve)
-        self.core.address = self.address
-        self.core.metrics_address = self.metrics_address
         # identify: every request's key role (msg.peer), under CurveZMQ; the scheduler is
         # not on the data path, and several of its checks depend on the request's content
-        self.rpc = RpcSocket(sock, self.core.node_id, limits=self.config.limits, handler=self.handle,
+        self.rpc = RpcSocket(sock, SchedulerCore.node_id, limits=self.config.limits, handler=self.handle,
                              router=True, concurrent=True, identify=self.curve is not None)
         serve = asyncio.create_task(self.rpc.serve())
-        ticker = asyncio.create_task(self._ticks())
         ready(self.address)
-        log.info("scheduler at %s", self.address)
+        tasks = {serve}
         try:
             waiter = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({serve, ticker, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if self.standby is not None:
+                log.info("scheduler at %s, standby: following the leader", self.address)
+                following = asyncio.create_task(self.standby.until_leading())
+                done, _ = await asyncio.wait({serve, following, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if following not in done:
+                    following.cancel()
+                    return
+                won = following.result()
+                self._lead(won.state, won.epoch, won.rings, elected=won.elected, tables=won.tables)
+                tasks.add(asyncio.create_task(watch_peers(self.config, self.bind, self.curve, won.epoch)))
+            self.core.address = self.address
+            self.core.metrics_address = self.metrics_address
+            tasks.add(asyncio.create_task(self._ticks()))
+            log.info("scheduler at %s%s", self.address,
+                     f", leading at epoch {self.core.state.epoch}" if self.standby is not None else "")
+            done, _ = await asyncio.wait({*tasks, waiter}, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t is not waiter and t.exception():
                     raise t.exception()
         finally:
             self.save()  # job progress and membership are otherwise saved on the next tick
-            serve.cancel()
-            ticker.cancel()
+            for t in tasks:
+                t.cancel()
             self.rpc.close()
 
     async def _ticks(self) -> None:
@@ -127,6 +164,13 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------
     def handle(self, route: Route, msg: Message) -> None:
+        if self.core is None:  # a standby: it names the leader it follows, and does nothing else
+            sb = self.standby
+            self.rpc.answer_error(route, msg, NotLeaderError(
+                f"the scheduler at {self.bind} is a standby; the leader is "
+                f"{sb.leader or 'not known to it yet'}" + (f" (ask {sb.leader})" if sb.leader else ""),
+                leader=sb.leader or "", epoch=sb.candidacy.epoch))
+            return None
         self._arrived[(route, msg.id)] = (msg.op, time.perf_counter())
         effects = self.core.handle(route, msg, time.monotonic())
         self._note_route(route, msg, effects)

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from psd.codec import Message
 from psd.config import ClusterConfig
-from psd.core.effects import DATA, Ask, Forget, Refuse, Rejoin, Reply, Stop, Tell, Write
+from psd.core.effects import DATA, Ask, Follow, Forget, Refuse, Rejoin, Reply, Stop, Tell, Write
 from psd.core.server import ServerCore
 from psd.roles.fast_pull import FastPull
 from psd.roles.peers import Peers
 from psd.store.checkpoint import read_server_file
+from psd.errors import NotLeaderError, PsdError
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
 from psd.transport.heartbeat import HeartbeatThread
 from psd.transport.metrics import Timings
@@ -49,6 +50,10 @@ class Server:
         #: set once the first registration is answered: the scheduler may send the ring
         #: (and a restore) right behind its answer, and both need our node id
         self._registered = asyncio.Event()
+        #: the scheduler our link is on (it moves to the leader after a takeover), and
+        #: when it last answered
+        self.scheduler_address = config.scheduler
+        self._answered_at = time.monotonic()
 
     # what logs and /metrics read
     @property
@@ -127,7 +132,7 @@ class Server:
         meta = {"role": "server", "address": self.config.advertised(self.address)}
         if previous is not None:
             meta.update(previous=previous, ring=ring)
-        reply = await self.link.call(Message("register", meta=meta), timeout=self.config.request_timeout)
+        reply = await self._call_leader(Message("register", meta=meta), self.config.request_timeout)
         self._execute(self.core.registered(reply.meta, time.monotonic()))
         self.data.node_id = self.link.node_id = self.peers.node_id = self.node_id
         self._registered.set()
@@ -146,6 +151,53 @@ class Server:
                 log.warning("%s: registering again failed (%s); retrying", effect.previous, e)
                 await asyncio.sleep(self.config.heartbeat_interval)
 
+    # -- finding the leader among the schedulers (docs/fault-tolerance.md, "Standby scheduler") --
+    def _switch(self, address: str, why: str) -> None:
+        if address == self.scheduler_address:
+            return
+        log.warning("%s: moving its link from the scheduler at %s to %s (%s)", self.node_id,
+                    self.scheduler_address, address, why)
+        self.link.move(self.scheduler_address, address)
+        self.scheduler_address = address
+        if self.keepalive is not None:
+            self.keepalive.scheduler = address
+        self._answered_at = time.monotonic()
+
+    def _refused_by_standby(self, err: NotLeaderError) -> None:
+        leader = (err.data or {}).get("leader")
+        if isinstance(leader, str) and leader in self.core.schedulers:
+            self._switch(leader, "a standby named the leader")
+
+    def _maybe_rotate(self) -> None:
+        """No answer from our scheduler for as long as a dead node's silence: try the next."""
+        others = [a for a in self.core.schedulers if a != self.scheduler_address]
+        cfg = self.config
+        if others and time.monotonic() - self._answered_at > 2 * cfg.heartbeat_misses * cfg.heartbeat_interval:
+            at = self.core.schedulers.index(self.scheduler_address) if self.scheduler_address in \
+                self.core.schedulers else -1
+            self._switch(self.core.schedulers[(at + 1) % len(self.core.schedulers)], "no answer")
+
+    async def _call_leader(self, msg: Message, timeout: float) -> Message:
+        """A request to whichever scheduler leads: a standby's refusal names it, silence
+        moves on to the next address (only with standbys configured)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            attempt = min(max(1.0, 8 * self.config.heartbeat_interval), left) if len(self.core.schedulers) > 1 else left
+            try:
+                reply = await self.link.call(Message(msg.op, meta=msg.meta), timeout=max(0.05, attempt))
+                self._answered_at = time.monotonic()
+                return reply
+            except NotLeaderError as e:
+                self._refused_by_standby(e)
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(self.config.heartbeat_interval)
+            except PsdError:
+                if len(self.core.schedulers) < 2 or time.monotonic() >= deadline:
+                    raise
+                self._maybe_rotate()
+
     async def _heartbeats(self) -> None:
         """The loop's heartbeats: they carry our stats and tell us whether we are still a
         member (the keepalive thread only keeps us from being declared dead meanwhile)."""
@@ -159,9 +211,14 @@ class Server:
             try:
                 reply = await self.link.call(Message("heartbeat", meta={"stats": stats or self.stats()}),
                                              timeout=max(1.0, 4 * cfg.heartbeat_interval))
+            except NotLeaderError as e:
+                self._refused_by_standby(e)
+                continue
             except Exception as e:  # the scheduler may be restarting or cut off; keep serving
                 log.warning("%s: heartbeat failed: %s", self.node_id, e)
+                self._maybe_rotate()
                 continue
+            self._answered_at = time.monotonic()
             self._execute(self.core.heartbeat_answered(reply.meta, sent, time.monotonic()))
 
     async def _ticks(self) -> None:
@@ -198,6 +255,8 @@ class Server:
                 self.stop_event.set()
             elif kind is Rejoin:
                 asyncio.ensure_future(self._rejoin(e))
+            elif kind is Follow:
+                self._switch(e.address, "it voted for it to lead")
             else:
                 raise TypeError(f"unknown effect {e!r}")
 

@@ -211,13 +211,14 @@ class NetCluster:
     YAML names the scheduler by name, servers advertise names. ``worker_daemons``: a
     ``psd worker`` on each client host (for ``psd submit``). ``restart_sec``: overrides
     the units' RestartSec. ``run_dir``: kept after ``down``; by default a temporary folder
-    is made and removed."""
+    is made and removed. ``standby``: a second scheduler host, ``standby``, running a
+    standby scheduler (the YAML's ``standby`` list; its psd.env binds its address)."""
 
     def __init__(self, *, servers: int = 3, clients: int = 2, hosts: int | None = None,
                  rate: str | None = "1gbit", replication: int = 2, security: str = "curve",
                  run_dir: str | Path | None = None, subnet: str = DEFAULT_SUBNET, settings: dict | None = None,
                  advertise: bool = False, names: bool = False, worker_daemons: bool = False,
-                 startup_timeout: float = 60.0, restart_sec: float | None = None):
+                 startup_timeout: float = 60.0, restart_sec: float | None = None, standby: bool = False):
         if hosts is not None:
             servers, clients = _split(hosts)
         if servers < 1 or clients < 0:
@@ -231,6 +232,7 @@ class NetCluster:
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self.advertise, self.names, self.worker_daemons = advertise, names, worker_daemons
         self.startup_timeout, self.restart_sec = startup_timeout, restart_sec
+        self.standby = standby
         self._own_run_dir = run_dir is None
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="psd-net-"))
         self.record = Record(self.run_dir)
@@ -316,7 +318,8 @@ class NetCluster:
 
     # -- the plan: hosts, names, addresses ------------------------------------------------------
     def _plan(self) -> None:
-        roles = ([("scheduler", "scheduler")] + [(f"server{i}", "server") for i in range(self.servers)]
+        roles = ([("scheduler", "scheduler")] + ([("standby", "scheduler")] if self.standby else [])
+                 + [(f"server{i}", "server") for i in range(self.servers)]
                  + [(f"client{i}", "client") for i in range(self.clients)] + [("operator", "operator")])
         addresses = list(self.subnet.hosts())
         if len(roles) > len(addresses) - 1:
@@ -334,6 +337,11 @@ class NetCluster:
     def scheduler(self) -> str:
         """The scheduler's address as every host reaches it (the cluster YAML's)."""
         host = self.hosts["scheduler"]
+        return f"tcp://{host.fqdn if self.names else host.ip}:{SCHEDULER_PORT}"
+
+    @property
+    def standby_address(self) -> str:
+        host = self.hosts["standby"]
         return f"tcp://{host.fqdn if self.names else host.ip}:{SCHEDULER_PORT}"
 
     def host(self, name: str) -> Host:
@@ -497,7 +505,7 @@ class NetCluster:
         machines the same path everywhere, here each host's folder in the run folder)."""
         config = {"scheduler": self.scheduler, "replication": self.replication, "security": self.security,
                   "state_dir": str(self.host_dir("scheduler") / "var" / "lib" / "psd" / "scheduler"),
-                  **self.settings}
+                  **({"standby": [self.standby_address]} if self.standby else {}), **self.settings}
         text = ("# written by psd.testing.netcluster: one file for every host; per-host settings\n"
                 "# (PSD_BIND, PSD_ADVERTISE, PSD_KEYS) are in hosts/NAME/etc/psd/psd.env\n"
                 + yaml.safe_dump(config, sort_keys=False))
@@ -508,6 +516,9 @@ class NetCluster:
         env: dict[str, str] = {}
         if self.security == "curve":
             env["PSD_KEYS"] = str(self.keys_dir(host.name))
+        if host.name == "standby":  # its own address and state folder
+            env["PSD_BIND"] = self.standby_address
+            env["PSD_STATE_DIR"] = str(self.host_dir(host.name) / "var" / "lib" / "psd" / "scheduler")
         if host.role == "server":
             me = host.fqdn if self.names else host.ip
             if self.advertise:
@@ -578,6 +589,10 @@ class NetCluster:
         sched = self.add_unit("scheduler", "scheduler")
         self.supervisor.start(sched)
         sched.wait_ready(self.startup_timeout)
+        if self.standby:
+            second = self.add_unit("standby", "scheduler")
+            self.supervisor.start(second)
+            second.wait_ready(self.startup_timeout)
         servers = [self.add_unit(h.name, "server") for h in self.role_hosts("server")]
         for unit in servers:
             self.supervisor.start(unit)
@@ -689,10 +704,12 @@ class NetCluster:
         pusher.wait_started(started_timeout)
         return pusher
 
-    def verify_pushes(self, host_name: str, logs: list["Pusher"], timeout: float = 60.0) -> dict:
+    def verify_pushes(self, host_name: str, logs: list["Pusher"], timeout: float = 60.0,
+                      scheduler: str | None = None) -> dict:
         """Pull every pushed key from ``host_name`` and check it against the logs
-        (pushlog.expected): ``{"ok", "problems", "acked", "uncertain", "keys"}``."""
-        proc = self.exec(host_name, [sys.executable, "-m", "psd.testing.pushlog", "verify", self.scheduler,
+        (pushlog.expected): ``{"ok", "problems", "acked", "uncertain", "keys"}``;
+        ``scheduler``: the one to ask (default: the YAML's)."""
+        proc = self.exec(host_name, [sys.executable, "-m", "psd.testing.pushlog", "verify", scheduler or self.scheduler,
                                      *(str(p.path) for p in logs)], timeout=timeout, check=False)
         try:
             return json.loads(proc.stdout)

@@ -181,6 +181,15 @@ class RpcSocket:
         self.messages_in = 0
         self.messages_out = 0
 
+    def move(self, old: str, new: str) -> None:
+        """Move a DEALER from the peer at ``old`` to the one at ``new`` (the scheduler
+        that leads now). Requests still pending are answered from there, or time out."""
+        try:
+            self.sock.disconnect(old)
+        except zmq.ZMQError:
+            pass  # not connected there
+        self.sock.connect(new)
+
     # -- sending -------------------------------------------------------------
     def send_now(self, msg: Message, route: Route = None, leases: list | None = None) -> None:
         """Hand ``msg`` to ZeroMQ at once. Send queues are unbounded (SNDHWM 0), so this
