@@ -1,58 +1,35 @@
 """One table's keys and values on one server.
 
-Storage is a sorted uint64 key array with a values array of shape (n, width) aligned
-to it. Lookups are binary searches; a run of keys that is contiguous in storage is
-updated through a slice (in place, no gather/scatter). New keys are merged in, which
-costs a copy of the table, so a table grows in few large steps in practice (first
-touch), not on every push.
+Two kinds of storage, every key in exactly one of them:
 
-A pull of keys that sit in a row in storage can return a read-only view, not a copy:
-the reply is sent zero-copy, so ZeroMQ reads the table itself (a 1e7-key pull spent as
-long copying as the push spent adding). Such a view is lent under a ``Lease``, which
-the transport releases only once ZeroMQ reports the send complete (a tracked send); a
-write while any lease is held first moves the table to a fresh copy, so what was lent
-never changes while it is read. What keeps a lease held is the transport's word, not
-the lifetime of a Python object: libzmq reads the memory through a pointer.
+- dense runs (``runs``): consecutive keys made by span pushes, held as plain arrays, so
+  a dense region is updated through slices and pulled as a view (lent zero-copy);
+- hash rows (``hashrows``): every other key, in rows found through a hash index, so a
+  push of new keys costs O(keys pushed), not O(table) as a sorted array's insert did.
+
+Pushes into the hash rows run the updater inside the lookup loop (``kernels``): one
+pass over the keys, each visited once. Range operations (``snapshot``, ``retain``,
+``count_present_span``) scan the hash rows or probe key by key, whichever is cheaper,
+and return keys sorted. A pull of rows that sit in a row in one array can be lent as a
+view (``lending``); a write into an array with a lease held copies the array first.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
-from psd.cluster.ranges import bounds
 from psd.errors import ValuesError
 from psd.schema import (DTYPE_NAMES, NAMESPACE_SEP, SMALL_PULL, TableSpec,  # noqa: F401
-                         check_namespace, namespace_of, qualified)
+                        check_namespace, namespace_of, qualified)
+from psd.store import kernels as K
+from psd.store.hashrows import HashRows, rows2d
+from psd.store.lending import LEND_MIN_BYTES, Lease, Leases  # noqa: F401  (Lease: part of this module's API)
+from psd.store.runs import RUN_MIN, Run, Runs
 from psd.store.updaters import Updater, make_updater
 
-#: a pulled run of rows smaller than this is copied, not lent: the copy is cheap, and a
-#: lent view still alive at the next write costs a copy of the whole table (the
-#: transport copies messages this small into ZeroMQ anyway)
-LEND_MIN_BYTES = 64 * 1024
-
-
-class Lease:
-    """A view of a table lent to the transport: held until ``track``'s function says the
-    send is complete, or ``release`` is called (the reply was dropped, or copied)."""
-
-    __slots__ = ("_done",)
-
-    def __init__(self) -> None:
-        self._done = None  # None: not yet handed to the transport, so held
-
-    def held(self) -> bool:
-        done = self._done
-        return done is None or not done()
-
-    def track(self, done) -> None:
-        """``done()`` turns true once the transport no longer reads the view."""
-        self._done = done
-
-    def release(self) -> None:
-        self._done = _sent
-
-
-def _sent() -> bool:
-    return True
+KEY_END = 2**64
+_NO_ROWS = np.empty(0, np.int64)
 
 
 class Usage:
@@ -65,12 +42,39 @@ class Usage:
         self.bytes = 0
 
 
+def _as_keys(lo: int, n: int) -> np.ndarray:
+    return np.uint64(lo) + np.arange(n, dtype=np.uint64)
+
+
+class _State(Mapping):
+    """``table.state``: the updater's state fields by name. Asking for the names is free
+    (range copies check them per message); an array comes in key order, like ``keys``."""
+
+    def __init__(self, table: "Table"):
+        self._table = table
+
+    def __getitem__(self, field: str) -> np.ndarray:
+        if field not in self._table._fields:
+            raise KeyError(field)
+        return self._table.snapshot(0, KEY_END)[2][field]
+
+    def __iter__(self):
+        return iter(self._table._fields)
+
+    def __len__(self) -> int:
+        return len(self._table._fields)
+
+    def __contains__(self, field) -> bool:
+        return field in self._table._fields
+
+
 class Table:
     def __init__(self, spec: TableSpec, usage: Usage | None = None, lend_min_bytes: int = LEND_MIN_BYTES,
                  small_pull: int = SMALL_PULL):
         """``lend_min_bytes``: the smallest run of rows a pull lends instead of copying;
-        ``small_pull``: pulls of fewer keys take the direct lookup, a copy (the simulation
+        ``small_pull``: pulls of fewer keys go straight to the lookup, a copy (the simulation
         sets both to 0: every run of rows is lent, to exercise what lending must guarantee)."""
+        K.warm()  # loads from the disk cache; a no-op once the daemon has warmed
         self.spec = spec
         self.lend_min_bytes = lend_min_bytes
         self.small_pull = small_pull
@@ -78,14 +82,18 @@ class Table:
         self.dtype = spec.np_dtype
         self.width = spec.width
         self.updater: Updater = make_updater(spec.updater, self.dtype, spec.options, spec.width)
-        self.keys = np.empty(0, dtype=np.uint64)
-        self._runs_of: np.ndarray | None = None
-        self.vals = np.empty((0, self.width), dtype=self.dtype)
-        self.state = {f: np.empty((0, self.width), dtype=self.dtype) for f in self.updater.state_fields}
-        self._leases: list[Lease] = []  # views of vals lent out (copy on write while any is held)
-        self._prune_at = 64
+        self._fields = tuple(self.updater.state_fields)
+        fused = self.updater.fused()
+        self._fused = None if fused is None else (
+            K.KINDS[fused[0]], np.array(fused[1] or (0,), self.dtype), np.array(fused[2] or (0.0,), np.float64))
+        self._hash = HashRows(self.width, self.dtype, len(self._fields))
+        self._runs = Runs(self.width, self.dtype, len(self._fields))
+        self._leases = Leases()
+        self._counted = 0  # keys whose bytes are in usage
+        self._vals_view: tuple | None = None
+        self.state = _State(self)
         #: storage bytes per key: the key, its values and the updater's state rows
-        self.row_bytes = 8 + self.width * self.dtype.itemsize * (1 + len(self.state))
+        self.row_bytes = 8 + self.width * self.dtype.itemsize * (1 + len(self._fields))
 
     # -- checks ------------------------------------------------------------
     def check_values(self, values: np.ndarray, n: int) -> np.ndarray:
@@ -98,172 +106,204 @@ class Table:
                               f"got {values.shape}")
         return values
 
+    def _account(self) -> None:
+        n = self.num_keys
+        self.usage.bytes += (n - self._counted) * self.row_bytes
+        self._counted = n
+
     # -- lending views (copy on write) ---------------------------------------------
     def _lend(self, view: np.ndarray, leases: list | None) -> np.ndarray:
         """``view`` itself when the caller takes a lease on it (appended to ``leases``),
         else a copy: only a sender that reports its sends complete may hold a view."""
-        if leases is None or view.nbytes < self.lend_min_bytes:
+        if leases is None or view.nbytes < self.lend_min_bytes or not view.flags.c_contiguous:
             return view.copy()
         view.flags.writeable = False
-        if len(self._leases) >= self._prune_at:  # amortised: many replies may be queued at once
-            self._leases = [lease for lease in self._leases if lease.held()]
-            self._prune_at = max(64, 2 * len(self._leases))
-        lease = Lease()
-        self._leases.append(lease)
-        leases.append(lease)
+        leases.append(self._leases.lend(view))
         return view
 
     def lent(self) -> int:
         """How many leases on this table's storage are still held."""
-        return sum(1 for lease in self._leases if lease.held())
+        return self._leases.count()
 
-    def _own_vals(self) -> None:
-        """Call before writing into ``vals`` in place."""
-        if self._leases:
-            if any(lease.held() for lease in self._leases):
-                self.vals = self.vals.copy()
-            self._leases.clear()
+    def _own_run(self, run: Run) -> None:
+        """Call before writing into a run's values in place."""
+        if self._leases.held_on(run.vals):
+            run.vals = run.vals.copy()
 
-    # -- lookups -----------------------------------------------------------
-    def _runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Runs of consecutive keys in storage: (first key, position, length) of each.
-        Rebuilt only when the key array is replaced (every insert makes a new one)."""
-        if self._runs_of is not self.keys:
-            k = self.keys
-            starts = np.concatenate(([0], np.flatnonzero(np.diff(k) != 1) + 1)) if k.size else np.empty(0, np.int64)
-            self._run_index = (k[starts], starts, np.diff(np.append(starts, k.size)).astype(np.uint64))
-            self._runs_of = k
-        return self._run_index
+    def _own_hash(self) -> None:
+        if self._leases.held_on(self._hash.data):
+            self._hash.data = self._hash.data.copy()
 
-    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Storage positions of ``keys`` and a mask of which are present.
+    # -- applying an update ------------------------------------------------------------
+    def _run_apply(self, run: Run, off: int, values: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Fold ``values`` into rows off, off+1, ... of ``run`` (or into ``rows``)."""
+        self._own_run(run)
+        if self._fused is None:
+            sel = slice(off, off + values.shape[0]) if rows is None else rows
+            self.updater.apply(run.vals, dict(zip(self._fields, run.state)), sel, values)
+            return
+        kind, pt, pf = self._fused
+        if rows is None and kind == K.SUM:
+            run.vals[off:off + values.shape[0]] += values
+        elif rows is None and kind == K.ASSIGN:
+            run.vals[off:off + values.shape[0]] = values
+        else:
+            s1 = run.state[0] if run.state else run.vals
+            s2 = run.state[1] if len(run.state) > 1 else run.vals
+            K.run_push(run.vals, s1, s2, _NO_ROWS if rows is None else rows, off, rows2d(values, self.dtype),
+                       kind, self.width, pt, pf)
 
-        Tables are often dense in places (embeddings, dense spans): when storage is
-        made of few runs of consecutive keys, a key is found by a binary search over
-        the runs plus an offset, which is far cheaper than searching every key. For
-        absent keys only the mask matters."""
-        n = self.keys.size
-        if n and keys.size >= 64:
-            first, pos, length = self._runs()
-            if first.size * 16 <= n:
-                r = np.searchsorted(first, keys, side="right") - 1
-                rc = np.maximum(r, 0)
-                off = keys - first[rc]  # wraps around (huge) below the first run: absent
-                present = (r >= 0) & (off < length[rc])
-                idx = np.where(present, pos[rc] + np.minimum(off, length[rc]).astype(np.int64), 0)
-                return idx, present
-        idx = np.searchsorted(self.keys, keys)
-        if n == 0:
-            return idx, np.zeros(keys.size, dtype=bool)
-        present = self.keys[np.minimum(idx, n - 1)] == keys
-        present &= idx < n
-        return idx, present
+    def _hash_apply(self, keys: np.ndarray, values: np.ndarray) -> None:
+        self._own_hash()
+        if self._fused is not None:
+            self._hash.push(keys, values, *self._fused)
+            return
+        rows = self._hash.upsert(keys)
+        vals, state = self._hash_views()
+        self.updater.apply(vals, state, rows, values)
 
-    def _span(self, lo: int, count: int) -> int | None:
-        """Storage offset where keys lo..lo+count-1 all sit in a row, or None."""
-        i0 = int(np.searchsorted(self.keys, np.uint64(lo)))
-        last = i0 + count - 1
-        if last < self.keys.size and int(self.keys[i0]) == lo and int(self.keys[last]) == lo + count - 1:
-            return i0  # sorted unique integers: first and last match => all between do
-        return None
+    def _hash_views(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The hash rows' values and state fields as (strided) views of their data."""
+        d, w = self._hash.data, self.width
+        return d[:, :w], {f: d[:, w * (i + 1):w * (i + 2)] for i, f in enumerate(self._fields)}
 
-    def _insert(self, new_keys: np.ndarray) -> None:
-        self.usage.bytes += new_keys.size * self.row_bytes
-        pos = np.searchsorted(self.keys, new_keys)
-        self._leases.clear()  # new arrays: what was lent stays with the old ones
-        self.keys = np.insert(self.keys, pos, new_keys)
-        zeros = np.zeros((new_keys.size, self.width), dtype=self.dtype)
-        self.vals = np.insert(self.vals, pos, zeros, axis=0)
-        for f in self.state:
-            self.state[f] = np.insert(self.state[f], pos, zeros, axis=0)
-
-    def _selector(self, keys: np.ndarray, *, create: bool):
-        """A slice or index array into storage for ``keys`` (inserting if asked)."""
-        if keys.size == 0:
-            return slice(0, 0), None
-        i0 = self._span(int(keys[0]), keys.size) if int(keys[-1]) - int(keys[0]) == keys.size - 1 else None
-        if i0 is not None:
-            return slice(i0, i0 + keys.size), None
-        idx, present = self._locate(keys)
-        if not present.all():
-            if not create:
-                return idx, present
-            self._insert(keys[~present])
-            idx, _ = self._locate(keys)
-        if idx[-1] - idx[0] == keys.size - 1:
-            return slice(int(idx[0]), int(idx[-1]) + 1), None
-        return idx, None
+    def _cover(self, lo: int, count: int) -> Run:
+        """A run holding lo .. lo+count-1: keys of the span found in the hash rows move
+        into it with their values and state (every key lives in one place)."""
+        run = self._runs.cover(lo, lo + count)
+        if self._hash.n:
+            rows = self._hash.rows_in(lo, lo + count - 1)  # (none can lie in an older run)
+            if rows.size:
+                at = (self._hash.row_keys[rows] - np.uint64(run.lo)).astype(np.intp)
+                data, w = self._hash.data, self.width
+                for i, dst in enumerate(run.arrays()):
+                    dst[at] = data[rows, w * i:w * (i + 1)]
+                keep = np.ones(self._hash.n, np.bool_)
+                keep[rows] = False
+                self._hash.keep(keep)
+        return run
 
     # -- operations ----------------------------------------------------------
     def push(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Apply ``values`` at sorted unique ``keys`` (checked by the caller)."""
         values = self.check_values(values, keys.size)
-        sel, _ = self._selector(keys, create=True)
-        self._own_vals()
-        self.updater.apply(self.vals, self.state, sel, values)
-
-    def pull(self, keys: np.ndarray, leases: list | None = None) -> np.ndarray:
-        """The rows of ``keys`` (zeros for keys never pushed). With ``leases``, rows that
-        sit in a row in storage may come back as a lent view (see ``_lend``)."""
-        n = self.keys.size
-        if 0 < keys.size < self.small_pull and n:
-            # a few keys: one search and one gather beat the slice and run detection
-            idx = self.keys.searchsorted(keys)
-            found = self.keys.take(idx, mode="clip") == keys
-            if np.count_nonzero(found) == keys.size:
-                return self.vals.take(idx, axis=0)
-            out = np.zeros((keys.size, self.width), dtype=self.dtype)
-            out[found] = self.vals.take(idx[found], axis=0)
-            return out
-        sel, present = self._selector(keys, create=False)
-        if present is None:
-            return self._lend(self.vals[sel], leases) if isinstance(sel, slice) else self.vals[sel]
-        out = np.zeros((keys.size, self.width), dtype=self.dtype)
-        out[present] = self.vals[sel[present]]
-        return out
+        if keys.size and int(keys[-1]) - int(keys[0]) == keys.size - 1:
+            self._push_span(int(keys[0]), values, keys)
+        else:
+            segs, rest = self._runs.split(keys)
+            for run, a, b in segs:
+                rows = (keys[a:b] - np.uint64(run.lo)).astype(np.int64)
+                self._run_apply(run, 0, values[a:b], rows)
+            if rest is None:
+                if keys.size:
+                    self._hash_apply(keys, values)
+            elif rest.any():
+                self._hash_apply(keys[rest], values[rest])
+        self._account()
 
     def push_span(self, lo: int, values: np.ndarray) -> None:
         """Apply ``values`` to the dense keys lo, lo+1, ..."""
         count = values.shape[0] if values.ndim else 0
         values = self.check_values(values, count)
-        i0 = self._span(lo, count) if count else 0
-        if i0 is None:
-            self.push(np.arange(lo, lo + count, dtype=np.uint64), values)
-        else:
-            self._own_vals()
-            self.updater.apply(self.vals, self.state, slice(i0, i0 + count), values)
+        if count:
+            self._push_span(lo, values)
+            self._account()
+
+    def _push_span(self, lo: int, values: np.ndarray, keys: np.ndarray | None = None) -> None:
+        count = values.shape[0]
+        run = self._runs.holding(lo, count)
+        if run is None and (count >= RUN_MIN or self._runs.overlapping(lo - 1, lo + count + 1)):
+            run = self._cover(lo, count)
+        if run is not None:
+            self._run_apply(run, lo - run.lo, values)
+        else:  # a few new keys apart from every run
+            self._hash_apply(_as_keys(lo, count) if keys is None else keys, values)
+
+    def pull(self, keys: np.ndarray, leases: list | None = None) -> np.ndarray:
+        """The rows of ``keys`` (zeros for keys never pushed). With ``leases``, rows that
+        sit in a row in storage may come back as a lent view (see ``_lend``)."""
+        m = keys.size
+        if m < self.small_pull and not self._runs.items:
+            return self._hash.pull(keys)  # a few keys: straight to the lookup
+        if m and int(keys[-1]) - int(keys[0]) == m - 1:
+            return self.pull_span(int(keys[0]), m, leases)
+        segs, rest = self._runs.split(keys)
+        if rest is None:
+            view = self._hash_view(keys, leases)
+            return view if view is not None else self._hash.pull(keys)
+        out = np.empty((m, self.width), self.dtype)
+        for run, a, b in segs:
+            out[a:b] = run.vals.take((keys[a:b] - np.uint64(run.lo)).astype(np.intp), axis=0)
+        if rest.any():
+            out[rest] = self._hash.pull(keys[rest])
+        return out
+
+    def _hash_view(self, keys: np.ndarray, leases: list | None) -> np.ndarray | None:
+        """A lent view of the hash rows when ``keys`` are stored in consecutive rows in
+        this order (pushed together, pulled together), else None."""
+        m, h = keys.size, self._hash
+        if (leases is None or m < 2 or m * self.width * self.dtype.itemsize < self.lend_min_bytes
+                or h.cols != self.width):
+            return None
+        r0 = h.row_of(int(keys[0]))
+        if r0 < 0 or r0 + m > h.n or h.row_keys[r0 + m - 1] != keys[-1]:
+            return None
+        if not np.array_equal(h.row_keys[r0:r0 + m], keys):
+            return None
+        return self._lend(h.data[r0:r0 + m], leases)
 
     def pull_span(self, lo: int, count: int, leases: list | None = None) -> np.ndarray:
-        i0 = self._span(lo, count) if count else 0
-        if i0 is not None:
-            return self._lend(self.vals[i0:i0 + count], leases)
-        # scatter the stored keys inside the span into zeros: memory is the reply plus the
-        # rows stored there, not (as looking up arange(lo, lo + count) cost) six times the
-        # reply, which a 74-byte request spanning max_keys keys could ask for
-        k0, k1 = bounds(self.keys, lo, lo + count)
-        out = np.zeros((count, self.width), dtype=self.dtype)
-        out[(self.keys[k0:k1] - np.uint64(lo)).astype(np.intp)] = self.vals[k0:k1]
+        if not count:
+            return np.empty((0, self.width), self.dtype)
+        run = self._runs.holding(lo, count)
+        if run is not None:
+            return self._lend(run.vals[lo - run.lo:lo - run.lo + count], leases)
+        # the stored rows scattered into zeros: memory is the reply plus the rows stored
+        # there, whatever the span (a 74-byte request may span max_keys keys)
+        out = np.zeros((count, self.width), self.dtype)
+        hi = lo + count
+        for run in self._runs.overlapping(lo, hi):
+            a0, a1 = max(lo, run.lo), min(hi, run.end)
+            out[a0 - lo:a1 - lo] = run.vals[a0 - run.lo:a1 - run.lo]
+        rows = self._hash.rows_in(lo, hi - 1)
+        if rows.size:
+            at = (self._hash.row_keys[rows] - np.uint64(lo)).astype(np.intp)
+            out[at] = self._hash.data[rows, :self.width]
         return out
 
     # -- introspection -------------------------------------------------------
     @property
     def num_keys(self) -> int:
-        return int(self.keys.size)
+        return self._runs.total + self._hash.n
 
     @property
     def nbytes(self) -> int:
-        return int(self.keys.nbytes + self.vals.nbytes + sum(a.nbytes for a in self.state.values()))
+        """Bytes counted against the server's memory limit: ``row_bytes`` per key."""
+        return self.num_keys * self.row_bytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the arrays behind the table (index and spare capacity included)."""
+        return self._hash.allocated() + self._runs.allocated()
 
     def count_present(self, keys: np.ndarray) -> int:
         """How many of the sorted unique ``keys`` are stored (a push adds the others)."""
-        if keys.size == 0 or self.keys.size == 0:
+        if keys.size == 0 or self.num_keys == 0:
             return 0
-        return int(np.count_nonzero(self._locate(keys)[1]))
+        segs, rest = self._runs.split(keys)
+        n = sum(b - a for _, a, b in segs)
+        hk = keys if rest is None else keys[rest]
+        if hk.size and self._hash.n:
+            n += self._hash.find(hk)[1]
+        return int(n)
 
     def count_present_span(self, lo: int, count: int) -> int:
         """How many of the keys lo .. lo+count-1 are stored."""
-        i0, i1 = self._bounds(lo, lo + count)
-        return int(i1 - i0)
+        if not count:
+            return 0
+        hi = lo + count
+        n = sum(min(hi, r.end) - max(lo, r.lo) for r in self._runs.overlapping(lo, hi))
+        return n + self._hash.count_in(lo, hi - 1)
 
     def detach(self) -> None:
         """The table was dropped: stop counting it (a push held by the consistency gate
@@ -271,37 +311,99 @@ class Table:
         self.usage.bytes -= self.nbytes
         self.usage = Usage()
 
-    # -- moving ranges between servers -----------------------------------------------
-    def _bounds(self, begin: int, end: int) -> tuple[int, int]:
-        return bounds(self.keys, begin, end)
+    # -- views for tests and tools (each a pass over the table) ----------------------------
+    @property
+    def keys(self) -> np.ndarray:
+        """Every stored key, sorted."""
+        return self.snapshot(0, KEY_END)[0]
 
+    @property
+    def vals(self) -> np.ndarray:
+        """The values in key order: a view of storage (the same object while storage is
+        unchanged) when the table is one dense run, else a copy."""
+        if self._hash.n == 0 and len(self._runs.items) == 1:
+            run = self._runs.items[0]
+            cached = self._vals_view
+            if cached is None or cached[0] is not run.vals or cached[1] != run.n:
+                self._vals_view = cached = (run.vals, run.n, run.vals[:run.n])
+            return cached[2]
+        return self.snapshot(0, KEY_END)[1]
+
+    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of ``keys`` among the sorted stored keys and which are stored (the
+        sorted store's lookup, kept for tests that compare against it)."""
+        stored = self.keys
+        idx = np.searchsorted(stored, keys)
+        if stored.size == 0:
+            return idx, np.zeros(keys.size, dtype=bool)
+        present = (stored[np.minimum(idx, stored.size - 1)] == keys) & (idx < stored.size)
+        return idx, present
+
+    # -- moving ranges between servers -----------------------------------------------
     def snapshot(self, begin: int, end: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Copies of the keys, values and updater state in [begin, end)."""
-        i0, i1 = self._bounds(begin, end)
-        return (self.keys[i0:i1].copy(), self.vals[i0:i1].copy(),
-                {f: a[i0:i1].copy() for f, a in self.state.items()})
+        """Copies of the keys, values and updater state in [begin, end), sorted by key."""
+        w = self.width
+        pieces = []  # (keys, rows of values then state columns), each sorted, disjoint
+        for run in self._runs.overlapping(begin, end):
+            a0, a1 = max(begin, run.lo), min(end, run.end)
+            pieces.append((_as_keys(a0, a1 - a0),
+                           [a[a0 - run.lo:a1 - run.lo] for a in run.arrays()]))
+        if begin < end:
+            rows = self._hash.rows_in(begin, end - 1)
+            if rows.size:
+                keys, rows = self._hash.sorted_rows(rows)
+                data = self._hash.data[rows]
+                cut = np.searchsorted(keys, np.array([p[0][0] for p in pieces], np.uint64))
+                bounds = [0, *cut.tolist(), keys.size]
+                hashed = [(keys[a:b], [data[a:b, w * i:w * (i + 1)] for i in range(1 + len(self._fields))])
+                          for a, b in zip(bounds[:-1], bounds[1:])]
+                pieces = [p for pair in zip(hashed, pieces + [None]) for p in pair if p is not None]
+        pieces = [p for p in pieces if p[0].size]
+        if not pieces:
+            empty = np.empty((0, w), self.dtype)
+            return np.empty(0, np.uint64), empty, {f: empty.copy() for f in self._fields}
+        keys = np.concatenate([p[0] for p in pieces])
+        cols = [np.concatenate([p[1][i] for p in pieces]) for i in range(1 + len(self._fields))]
+        return keys, cols[0], dict(zip(self._fields, cols[1:]))
 
     def install(self, keys: np.ndarray, vals: np.ndarray, state: dict[str, np.ndarray]) -> None:
         """Take over rows copied from another server: they replace what is stored."""
         if keys.size == 0:
             return
-        sel, _ = self._selector(keys, create=True)
-        self._own_vals()
-        self.vals[sel] = vals
-        for f, a in state.items():
-            if f in self.state:
-                self.state[f][sel] = a
+        given = [(i, a) for i, f in enumerate(self._fields, 1) if (a := state.get(f)) is not None]
+        lo, m = int(keys[0]), keys.size
+        dense = int(keys[-1]) - lo == m - 1 and (m >= RUN_MIN or self._runs.overlapping(lo - 1, lo + m + 1))
+        if dense:
+            run = self._cover(lo, m) if self._runs.holding(lo, m) is None else self._runs.holding(lo, m)
+            self._own_run(run)
+            arrays, at = run.arrays(), slice(lo - run.lo, lo - run.lo + m)
+            arrays[0][at] = vals
+            for i, a in given:
+                arrays[i][at] = a
+        else:
+            segs, rest = self._runs.split(keys)
+            for run, a, b in segs:
+                self._own_run(run)
+                at = (keys[a:b] - np.uint64(run.lo)).astype(np.intp)
+                arrays = run.arrays()
+                arrays[0][at] = vals[a:b]
+                for i, s in given:
+                    arrays[i][at] = s[a:b]
+            hashed = np.arange(m) if rest is None else np.flatnonzero(rest)
+            if hashed.size:
+                self._own_hash()
+                rows = self._hash.upsert(keys[hashed])
+                d, w = self._hash.data, self.width
+                d[rows, :w] = vals[hashed]
+                for i, s in given:
+                    d[rows, w * i:w * (i + 1)] = s[hashed]
+        self._account()
 
     def retain(self, ranges) -> int:
         """Drop every key outside ``ranges`` (sorted Range list); returns keys dropped."""
-        keep = np.zeros(self.keys.size, dtype=bool)
-        for r in ranges:
-            i0, i1 = self._bounds(r.begin, r.end)
-            keep[i0:i1] = True
-        dropped = int(self.keys.size - keep.sum())
-        self.usage.bytes -= dropped * self.row_bytes
-        if dropped:
-            self._leases.clear()
-            self.keys, self.vals = self.keys[keep], self.vals[keep]
-            self.state = {f: a[keep] for f, a in self.state.items()}
+        spans = [(r.begin, r.end) for r in ranges if r.begin < r.end]
+        firsts, ends = [b for b, _ in spans], [e for _, e in spans]
+        dropped = self._runs.retain(firsts, ends)
+        dropped += self._hash.keep_ranges(np.array(firsts, np.uint64), np.array([e - 1 for e in ends], np.uint64))
+        self._account()
         return dropped

@@ -2,7 +2,9 @@
 
 An updater folds a pushed array into the stored values of the pushed keys. Keys in
 one push are unique, so ``vals[sel] op= grad`` is exact for both slices and index
-arrays. Updaters that need per-key state (AdaGrad's accumulator, FTRL's z and n)
+arrays. ``apply`` is the rule in numpy; ``fused`` names the compiled loop that applies
+the same rule one key at a time inside the store (psd.store.kernels), which is what a
+table runs. Updaters that need per-key state (AdaGrad's accumulator, FTRL's z and n)
 declare ``state_fields``; the table keeps those arrays aligned with the values.
 
 Updaters that take options check them all when the table is created (on the client,
@@ -33,6 +35,12 @@ class Updater:
 
     def apply(self, vals: np.ndarray, state: dict[str, np.ndarray], sel, grad: np.ndarray) -> None:
         raise NotImplementedError
+
+    def fused(self) -> tuple[str, tuple, tuple] | None:
+        """The compiled loop that does what ``apply`` does, one key at a time: (kind in
+        psd.store.kernels, parameters in the table's dtype, parameters as float64). None:
+        the table calls ``apply`` (an updater registered from outside psd)."""
+        return None
 
 
 UPDATERS: dict[str, type[Updater]] = {}
@@ -73,6 +81,9 @@ class Sum(Updater):
     def apply(self, vals, state, sel, grad):
         vals[sel] += grad
 
+    def fused(self):
+        return "sum", (), ()
+
 
 @register_updater("assign")
 class Assign(Updater):
@@ -80,6 +91,9 @@ class Assign(Updater):
 
     def apply(self, vals, state, sel, grad):
         vals[sel] = grad
+
+    def fused(self):
+        return "assign", (), ()
 
 
 @register_updater("sgd")
@@ -94,6 +108,9 @@ class SGD(Updater):
 
     def apply(self, vals, state, sel, grad):
         vals[sel] -= (self.lr * grad).astype(vals.dtype, copy=False)
+
+    def fused(self):
+        return "sgd", (self.lr,), ()
 
 
 # -- regularised updaters (sparse logistic regression and friends) ---------------------
@@ -174,6 +191,11 @@ class ProxL1(Updater):
             raise BadRequestError(f"updater 'prox_l1' with aggregate: true needs a table of width 3 "
                                   f"(gradient, curvature, parts), not width {width}")
 
+    def fused(self):
+        if self.aggregate:
+            return "prox_agg", (), (self.lr, self.l1, self.l2, self.eps)
+        return "prox", (self.lr,), (self.lr, self.l1, self.l2)
+
     def apply(self, vals, state, sel, grad):
         if not self.aggregate:
             u = vals[sel].astype(np.float64) - self.lr * grad
@@ -216,6 +238,9 @@ class AdaGrad(Updater):
         o = _checked_options("adagrad", options, self.OPTIONS)
         self.lr, self.eps, self.l1 = o["lr"], o["eps"], o["l1"]
 
+    def fused(self):
+        return "adagrad", (), (self.lr, self.eps, self.l1)
+
     def apply(self, vals, state, sel, grad):
         g = grad.astype(np.float64)
         g2 = state["g2"][sel] + g * g
@@ -247,6 +272,9 @@ class FTRL(Updater):
         super().__init__(options)
         o = _checked_options("ftrl", options, self.OPTIONS)
         self.alpha, self.beta, self.l1, self.l2 = o["alpha"], o["beta"], o["l1"], o["l2"]
+
+    def fused(self):
+        return "ftrl", (), (self.alpha, self.beta, self.l1, self.l2)
 
     def apply(self, vals, state, sel, grad):
         g = grad.astype(np.float64)

@@ -1,0 +1,180 @@
+"""The sparse part of a table: rows in insertion order, found through a hash index.
+
+Rows live in two growable arrays, ``row_keys`` (uint64) and ``data`` (values then the
+updater's state fields, side by side in one row, so an update touches one cache line).
+Rows past ``n`` are zero: a new key's row starts as zeros, as a never-pushed key reads.
+An insert appends a row and fills one index entry, so it costs O(1) amortised whatever
+the table's size; the row arrays grow by a quarter and the index doubles when it is
+three quarters full (a rehash reads the row keys in order).
+
+Dropping rows (``retain``, or keys that move into a dense run) compacts the rows into
+new arrays and rebuilds the index: O(rows), as rare as ring changes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from psd.errors import LimitError
+from psd.store import kernels as K
+
+#: the index grows when more than this fraction of its slots would be used
+MAX_LOAD = 0.75
+#: rows grow by this factor (at least), so that an insert costs O(1) amortised
+ROW_GROWTH = 1.25
+_MIN_BITS = 10
+
+
+def _u64(keys: np.ndarray) -> np.ndarray:
+    """Keys as the kernels take them: contiguous, aligned uint64."""
+    if keys.flags.c_contiguous and keys.flags.aligned and keys.dtype == np.uint64:
+        return keys
+    return np.require(keys, np.uint64, "CA")
+
+
+def rows2d(a: np.ndarray, dtype) -> np.ndarray:
+    if a.flags.c_contiguous and a.flags.aligned and a.dtype == dtype:
+        return a
+    return np.require(a, dtype, "CA")
+
+
+class HashRows:
+    def __init__(self, width: int, dtype: np.dtype, fields: int):
+        """``fields``: how many state fields the updater keeps beside the values."""
+        self.width, self.dtype = width, np.dtype(dtype)
+        self.cols = width * (1 + fields)  # a data row: values, then each state field
+        self.n = 0
+        self.bits = _MIN_BITS
+        self.index = np.zeros(1 << self.bits, np.uint32)
+        self.row_keys = np.zeros(0, np.uint64)
+        self.data = np.zeros((0, self.cols), self.dtype)
+
+    # -- sizes -------------------------------------------------------------------------
+    def _limit(self) -> int:
+        """Rows that may exist before something must grow."""
+        return min(self.row_keys.size, int(MAX_LOAD * (1 << self.bits)))
+
+    def _grow(self, more: int) -> None:
+        """Room for at least ``more`` rows past ``n`` (rows and index)."""
+        need = self.n + max(more, 1)
+        if need > self.row_keys.size:
+            cap = max(need, int(self.row_keys.size * ROW_GROWTH) + 64)
+            keys = np.zeros(cap, np.uint64)  # calloc: pages past n stay untouched until used
+            keys[:self.n] = self.row_keys[:self.n]
+            data = np.zeros((cap, self.cols), self.dtype)
+            data[:self.n] = self.data[:self.n]
+            self.row_keys, self.data = keys, data
+        if need > MAX_LOAD * (1 << self.bits):
+            bits = self.bits
+            while need > MAX_LOAD * (1 << bits):
+                bits += 1
+            self._reindex(bits)
+
+    def _reindex(self, bits: int) -> None:
+        if bits > K.MAX_BITS:
+            most = int(MAX_LOAD * (1 << K.MAX_BITS))
+            raise LimitError(f"a table holds at most {most} keys outside dense spans on one server; "
+                             f"add servers", limit="sparse_keys", max=most)
+        self.bits = bits
+        self.index = np.zeros(1 << bits, np.uint32)
+        K.rehash(self.index, bits, self.row_keys, self.n)
+
+    def allocated(self) -> int:
+        return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes
+
+    # -- batch operations --------------------------------------------------------------
+    def _inserting(self, step, keys: np.ndarray) -> None:
+        """Run ``step(start) -> (n, stopped at)`` until every key is done, growing in
+        between; growth is sized from the share of new keys seen so far."""
+        start, m = 0, keys.size
+        while True:
+            n0 = self.n
+            self.n, stop = step(start)
+            if stop >= m:
+                return
+            seen = stop - start
+            new_share = (self.n - n0) / seen if seen else 1.0
+            self._grow(int((m - stop) * new_share * 1.05) + 1)
+            start = stop
+
+    def push(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
+        keys, grad = _u64(keys), rows2d(grad, self.dtype)
+        self._inserting(lambda start: K.hash_push(self.index, self.bits, self._limit(), self.row_keys, self.data,
+                                                  self.n, keys, grad, start, kind, self.width, pt, pf), keys)
+
+    def upsert(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of ``keys``, inserting (as zeros) those not stored."""
+        keys = _u64(keys)
+        rows = np.empty(keys.size, np.int64)
+        self._inserting(lambda start: K.hash_upsert(self.index, self.bits, self._limit(), self.row_keys, self.n,
+                                                    keys, start, rows), keys)
+        return rows
+
+    def pull(self, keys: np.ndarray) -> np.ndarray:
+        out = np.empty((keys.size, self.width), self.dtype)
+        K.hash_pull(self.index, self.bits, self.row_keys, self.data, _u64(keys), out, self.width)
+        return out
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, int]:
+        """Row of each key (-1: absent) and how many are present."""
+        rows = np.empty(keys.size, np.int64)
+        return rows, K.hash_find(self.index, self.bits, self.row_keys, _u64(keys), rows)
+
+    def row_of(self, key: int) -> int:
+        rows, _ = self.find(np.array([key], np.uint64))
+        return int(rows[0])
+
+    def rows_in(self, lo: int, last: int) -> np.ndarray:
+        """Rows whose key is in [lo, last], in row order: probed key by key when the
+        range is much smaller than the table, else found by one scan of the row keys."""
+        if self.n == 0 or last < lo:
+            return np.empty(0, np.int64)
+        if last - lo + 1 < self.n // 16:
+            rows = np.empty(last - lo + 1, np.int64)
+            found = K.hash_find_span(self.index, self.bits, self.row_keys, np.uint64(lo), last - lo + 1, rows)
+            return np.sort(rows[:found])
+        if lo == 0 and last == 2**64 - 1:
+            return np.arange(self.n, dtype=np.int64)
+        count = K.count_range(self.row_keys, self.n, np.uint64(lo), np.uint64(last))
+        rows = np.empty(count, np.int64)
+        K.scan_range(self.row_keys, self.n, np.uint64(lo), np.uint64(last), rows)
+        return rows
+
+    def count_in(self, lo: int, last: int) -> int:
+        if self.n == 0 or last < lo:
+            return 0
+        if last - lo + 1 < self.n // 16:
+            return int(self.rows_in(lo, last).size)
+        return int(K.count_range(self.row_keys, self.n, np.uint64(lo), np.uint64(last)))
+
+    def sorted_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows) of ``rows`` ordered by key."""
+        keys = self.row_keys[rows]
+        order = np.argsort(keys, kind="stable")
+        return keys[order], rows[order]
+
+    def keep(self, keep: np.ndarray) -> int:
+        """Keep only the rows where ``keep`` (bool, one per row) is set; returns how many
+        were dropped. Writes new arrays: views lent out keep the old ones."""
+        kept = int(np.count_nonzero(keep))
+        dropped = self.n - kept
+        if not dropped:
+            return 0
+        cap = max(kept, 1)
+        keys = np.zeros(cap, np.uint64)
+        keys[:kept] = self.row_keys[:self.n][keep]
+        data = np.zeros((cap, self.cols), self.dtype)
+        data[:kept] = self.data[:self.n][keep]
+        self.row_keys, self.data, self.n = keys, data, kept
+        bits = _MIN_BITS
+        while kept > MAX_LOAD * (1 << bits):
+            bits += 1
+        self._reindex(bits)
+        return dropped
+
+    def keep_ranges(self, firsts: np.ndarray, lasts: np.ndarray) -> int:
+        """Drop every row whose key is outside the sorted [first, last] ranges."""
+        if not self.n:
+            return 0
+        keep = np.empty(self.n, np.bool_)
+        K.in_ranges(self.row_keys, self.n, _u64(firsts), _u64(lasts), keep)
+        return self.keep(keep)

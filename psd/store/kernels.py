@@ -1,0 +1,542 @@
+"""The store's compiled loops: a hash index on uint64 keys and the updaters fused into it.
+
+numpy cannot express "find this key's row, or give it one, then fold the gradient into
+the row" in one pass: done in array steps it visits every key several times and builds
+temporaries. These loops do it once per key, in machine code, compiled by numba.
+
+Every function here lives in this one module on purpose: numba's disk cache is keyed by
+the source file of the function it compiled, so an edit to a helper in another file
+would leave callers cached with the old helper inlined.
+
+The index is an open-addressing table (linear probing) of uint32 entries, a power of two
+of them. An entry is 0 when empty, else ``fp << bits | (row + 1)``: the row of the key in
+the row arrays and ``32 - bits`` bits of the key's hash (a fingerprint), so a probe
+reads the row's key only when the fingerprints agree. Keys live in the rows, not in the
+index: any uint64, 0 and 2**64-1 included, is a key; emptiness is the entry's.
+
+A batch is taken in blocks of ``BLOCK`` keys. First the whole block's memory is asked
+for: every key's index slot is prefetched, then each slot whose fingerprint matches
+(those lines have arrived by then) has its row's key and data prefetched, so the cache
+misses of a hundred keys overlap instead of following one another (2-3x faster than
+prefetching one key ahead at a time, measured at 1e7 keys). Then each key is found (or
+inserted) for real, and the updater folds the block's gradient rows into the rows found
+(a loop per updater: one loop choosing the updater at every key ran 2-3x slower). Each
+key is looked up once and its row written once.
+
+No function here allocates storage or decides growth: the caller (``hashrows``) passes a
+``limit`` of rows, and an insert loop stops at it and returns where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import from_dtype, njit, types as T
+from numba.core import cgutils
+from numba.core.caching import NullCache
+from numba.extending import intrinsic, overload
+
+log = logging.getLogger("psd.store")
+
+#: updater kinds (``updaters.Updater.fused`` names them)
+SUM, ASSIGN, SGD, PROX, PROX_AGG, ADAGRAD, FTRL = range(7)
+KINDS = {"sum": SUM, "assign": ASSIGN, "sgd": SGD, "prox": PROX, "prox_agg": PROX_AGG, "adagrad": ADAGRAD,
+         "ftrl": FTRL}
+#: dtypes the store compiles for (psd.schema.DTYPE_NAMES)
+DTYPES = (np.float32, np.float64, np.int32, np.int64)
+#: at most this many index slots (entries are 32 bits: row + 1 and a fingerprint >= 1 bit)
+MAX_BITS = 31
+
+#: keys per block: the keys whose memory is fetched together (128 and 256 measured alike)
+BLOCK = 128
+
+_M1 = np.uint64(0xFF51AFD7ED558CCD)
+_M2 = np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
+_ONE = np.uint64(1)
+_ZERO = np.uint64(0)
+_B32 = np.uint64(32)
+
+
+def _cached(fn):
+    """``njit(cache=True)``, or plain ``njit`` when numba finds no writable cache folder
+    (read-only install, no home): then each process compiles at ``warm``, slower to start
+    but the same code."""
+    try:
+        return njit(cache=True)(fn)
+    except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
+        log.debug("psd.store: no disk cache for %s (%s)", fn.__name__, e)
+        return njit(fn)
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Ask the CPU to start loading ``arr[i]`` into the cache (llvm.prefetch)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]], wraparound=False)
+        i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])  # read, keep, data
+        return context.get_dummy_value()
+    return T.void(arr, i), codegen
+
+
+@njit(inline="always")
+def _mix(k):
+    """A 64-bit finaliser (MurmurHash3's): neighbouring keys land far apart."""
+    k ^= k >> _S33
+    k *= _M1
+    k ^= k >> _S33
+    k *= _M2
+    k ^= k >> _S33
+    return k
+
+
+@njit(inline="always")
+def _probe(index, bits, row_keys, k):
+    """(slot, row, entry-to-store): the key's row, or -1 and the empty slot it would take."""
+    h = _mix(k)
+    mask = (_ONE << bits) - _ONE
+    s = h & mask
+    fp = h >> (_B32 + bits)
+    while True:
+        e = np.uint64(index[s])
+        if e == _ZERO:
+            return s, -1, fp << bits
+        if (e >> bits) == fp:
+            r = np.int64(e & mask) - 1
+            if row_keys[r] == k:
+                return s, r, fp << bits
+        s = (s + _ONE) & mask
+
+
+# -- the updaters, one row at a time (mirroring the numpy rules in updaters.py exactly) --
+# v[r, :w] is the value row; s[r, c1:c1+w] (and s2[r, c2:c2+w]) the updater's state. In the
+# hash rows all of them are one data row (c1 = w, c2 = 2w); a run has an array per field.
+@njit(inline="always")
+def _sign(x):
+    if x > 0.0:
+        return 1.0
+    if x < 0.0:
+        return -1.0
+    return x  # 0, -0 or nan, as np.sign
+
+
+@njit(inline="always")
+def _soft(x, t):
+    m = abs(x) - t
+    if not m > 0.0 and m == m:  # np.maximum(m, 0) keeps a nan
+        m = 0.0
+    return _sign(x) * m
+
+
+@njit(inline="always")
+def _sum(v, r, g, i, w):
+    for c in range(w):
+        v[r, c] += g[i, c]
+
+
+@njit(inline="always")
+def _assign(v, r, g, i, w):
+    for c in range(w):
+        v[r, c] = g[i, c]
+
+
+@njit(inline="always")
+def _sgd(v, r, g, i, w, lr):
+    for c in range(w):
+        v[r, c] -= lr * g[i, c]  # lr in the table's dtype, as numpy multiplies a float and an array
+
+
+@njit(inline="always")
+def _prox(v, r, g, i, w, lr, t, d):
+    for c in range(w):
+        u = np.float64(v[r, c]) - np.float64(lr * g[i, c])
+        v[r, c] = _soft(u, t) / d
+
+
+@njit(inline="always")
+def _prox_agg(v, r, s, c1, g, i, pf):
+    lr, l1, l2, eps = pf[0], pf[1], pf[2], pf[3]
+    a0 = np.float64(s[r, c1]) + np.float64(g[i, 0])
+    a1 = np.float64(s[r, c1 + 1]) + np.float64(g[i, 1])
+    a2 = np.float64(s[r, c1 + 2]) + 1.0
+    parts = np.float64(g[i, 2])
+    parts = np.rint(parts) if np.isfinite(parts) and parts >= 1.0 else 1.0
+    if a2 >= parts:
+        h = a1 if a1 > 0.0 or a1 != a1 else 0.0
+        a = (h + eps) / lr
+        v[r, 0] = _soft(a * np.float64(v[r, 0]) - a0, l1) / (a + l2)
+        v[r, 1] = a0
+        v[r, 2] = a1
+        a0, a1, a2 = 0.0, 0.0, 0.0
+    s[r, c1] = a0
+    s[r, c1 + 1] = a1
+    s[r, c1 + 2] = a2
+
+
+@njit(inline="always")
+def _adagrad(v, r, s, c1, g, i, w, pf):
+    lr, eps, l1 = pf[0], pf[1], pf[2]
+    for c in range(w):
+        gg = np.float64(g[i, c])
+        g2 = np.float64(s[r, c1 + c]) + gg * gg
+        s[r, c1 + c] = g2
+        step = lr / (np.sqrt(g2) + eps)
+        u = np.float64(v[r, c]) - step * gg
+        v[r, c] = _soft(u, step * l1) if l1 != 0.0 else u
+
+
+@njit(inline="always")
+def _ftrl(v, r, s, c1, s2, c2, g, i, w, pf):
+    alpha, beta, l1, l2 = pf[0], pf[1], pf[2], pf[3]
+    for c in range(w):
+        gg = np.float64(g[i, c])
+        wv = np.float64(v[r, c])
+        n0 = np.float64(s2[r, c2 + c])
+        n1 = n0 + gg * gg
+        sigma = (np.sqrt(n1) - np.sqrt(n0)) / alpha
+        z = np.float64(s[r, c1 + c]) + (gg - sigma * wv)
+        s[r, c1 + c] = z
+        s2[r, c2 + c] = n1
+        denom = (beta + np.sqrt(n1)) / alpha + l2
+        v[r, c] = -_soft(z, l1) / denom if denom > 0.0 else 0.0
+
+
+@njit
+def _apply_rows(kind, v, s, c1, s2, c2, rows, g, g0, count, w, pt, pf):
+    """Fold gradient rows g0 .. g0+count-1 into rows rows[0 .. count-1]."""
+    if kind == SUM:
+        for j in range(count):
+            _sum(v, rows[j], g, g0 + j, w)
+    elif kind == ASSIGN:
+        for j in range(count):
+            _assign(v, rows[j], g, g0 + j, w)
+    else:
+        _float_rows(kind, v, s, c1, s2, c2, rows, g, g0, count, w, pt, pf)
+
+
+def _float_rows(kind, v, s, c1, s2, c2, rows, g, g0, count, w, pt, pf):
+    """The updaters of float tables (integer tables refuse them: not compiled for those)."""
+
+
+@overload(_float_rows)
+def _float_rows_impl(kind, v, s, c1, s2, c2, rows, g, g0, count, w, pt, pf):
+    if isinstance(v.dtype, T.Integer):
+        return lambda kind, v, s, c1, s2, c2, rows, g, g0, count, w, pt, pf: None
+
+    def impl(kind, v, s, c1, s2, c2, rows, g, g0, count, w, pt, pf):
+        if kind == SGD:
+            for j in range(count):
+                _sgd(v, rows[j], g, g0 + j, w, pt[0])
+        elif kind == PROX:
+            lr, t, d = pt[0], pf[0] * pf[1], 1.0 + pf[0] * pf[2]
+            for j in range(count):
+                _prox(v, rows[j], g, g0 + j, w, lr, t, d)
+        elif kind == PROX_AGG:
+            for j in range(count):
+                _prox_agg(v, rows[j], s, c1, g, g0 + j, pf)
+        elif kind == ADAGRAD:
+            for j in range(count):
+                _adagrad(v, rows[j], s, c1, g, g0 + j, w, pf)
+        elif kind == FTRL:
+            for j in range(count):
+                _ftrl(v, rows[j], s, c1, s2, c2, g, g0 + j, w, pf)
+    return impl
+
+
+# -- the hash rows: index + row arrays (row_keys, data = values then state, per row) --------
+@njit(inline="always")
+def _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, count):
+    """Start loading what keys i0 .. i0+count-1 will touch, in two passes so that the
+    cache misses of the whole block overlap: first every key's index slot, then (those
+    lines arrived meanwhile) the slot whose fingerprint matches, and that row's key and
+    data. A guess: the probe that follows decides, and inserts may move things."""
+    for j in range(count):
+        _prefetch(index, _mix(keys[i0 + j]) & mask)
+    for j in range(count):
+        h = _mix(keys[i0 + j])
+        s = h & mask
+        fp = h >> (_B32 + b)
+        while True:
+            e = np.uint64(index[s])
+            if e == _ZERO:
+                break
+            if (e >> b) == fp:
+                r = np.int64(e & mask) - 1
+                _prefetch(row_keys, r)
+                if cols:
+                    _prefetch(flat, r * cols)
+                break
+            s = (s + _ONE) & mask
+
+
+@njit(inline="always")
+def _row(index, b, limit, row_keys, n, k):
+    """(row of key k, rows): k is inserted if absent; row -1 if that would pass ``limit``."""
+    s, r, tag = _probe(index, b, row_keys, k)
+    if r < 0:
+        if n >= limit:
+            return -1, n
+        r = n
+        n += 1
+        row_keys[r] = k
+        index[s] = np.uint32(tag | np.uint64(r + 1))
+    return r, n
+
+
+@_cached
+def hash_push(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w, pt, pf):
+    """Find or insert each key from ``start`` on and fold its gradient row into its data
+    row. Stops before an insert that would pass ``limit`` rows; returns (rows, next i)."""
+    b = np.uint64(bits)
+    mask = (_ONE << b) - _ONE
+    flat, cols = data.reshape(-1), data.shape[1]
+    rows = np.empty(BLOCK, np.int64)
+    m, w2 = keys.size, 2 * w
+    i = start
+    while i < m:
+        end = min(i + BLOCK, m)
+        _fetch_block(index, b, mask, row_keys, flat, cols, keys, i, end - i)
+        j = i
+        while j < end:
+            r, n = _row(index, b, limit, row_keys, n, keys[j])
+            if r < 0:
+                break
+            rows[j - i] = r
+            j += 1
+        _apply_rows(kind, data, data, w, data, w2, rows, grad, i, j - i, w, pt, pf)
+        if j < end:
+            return n, j
+        i = end
+    return n, m
+
+
+@_cached
+def hash_upsert(index, bits, limit, row_keys, n, keys, start, rows):
+    """Rows of ``keys`` (inserting absent ones) into ``rows``; stops at ``limit`` like
+    ``hash_push``. For installs and updaters without a fused loop."""
+    b = np.uint64(bits)
+    mask = (_ONE << b) - _ONE
+    m = keys.size
+    for i0 in range(start, m, BLOCK):
+        end = min(i0 + BLOCK, m)
+        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i0, end - i0)
+        for i in range(i0, end):
+            r, n = _row(index, b, limit, row_keys, n, keys[i])
+            if r < 0:
+                return n, i
+            rows[i] = r
+    return n, m
+
+
+@_cached
+def hash_pull(index, bits, row_keys, data, keys, out, w):
+    """Gather the value rows of ``keys`` into ``out`` (zeros where absent); returns how
+    many were present."""
+    b = np.uint64(bits)
+    mask = (_ONE << b) - _ONE
+    flat, cols = data.reshape(-1), data.shape[1]
+    found, m = 0, keys.size
+    for i0 in range(0, m, BLOCK):
+        end = min(i0 + BLOCK, m)
+        _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, end - i0)
+        for i in range(i0, end):
+            _, r, _ = _probe(index, b, row_keys, keys[i])
+            if r >= 0:
+                found += 1
+                for c in range(w):
+                    out[i, c] = data[r, c]
+            else:
+                for c in range(w):
+                    out[i, c] = 0
+    return found
+
+
+@_cached
+def hash_find(index, bits, row_keys, keys, rows):
+    """Row of each key, or -1; returns how many were present."""
+    b = np.uint64(bits)
+    mask = (_ONE << b) - _ONE
+    found, m = 0, keys.size
+    for i0 in range(0, m, BLOCK):
+        end = min(i0 + BLOCK, m)
+        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i0, end - i0)
+        for i in range(i0, end):
+            _, r, _ = _probe(index, b, row_keys, keys[i])
+            rows[i] = r
+            found += r >= 0
+    return found
+
+
+@_cached
+def hash_find_span(index, bits, row_keys, lo, count, rows):
+    """Rows stored for keys lo .. lo+count-1, probed one by one, into ``rows`` (at
+    least as long as what is found); returns how many."""
+    b = np.uint64(bits)
+    found = 0
+    for i in range(count):
+        _, r, _ = _probe(index, b, row_keys, lo + np.uint64(i))
+        if r >= 0:
+            rows[found] = r
+            found += 1
+    return found
+
+
+@_cached
+def rehash(index, bits, row_keys, n):
+    """Fill an empty index with rows 0 .. n-1 (keys known unique: no compare)."""
+    b = np.uint64(bits)
+    mask = (_ONE << b) - _ONE
+    for r in range(n):
+        h = _mix(row_keys[r])
+        s = h & mask
+        while index[s] != 0:
+            s = (s + _ONE) & mask
+        index[s] = np.uint32(((h >> (_B32 + b)) << b) | np.uint64(r + 1))
+
+
+@_cached
+def scan_range(row_keys, n, lo, last, rows):
+    """Rows whose key is in [lo, last], in row order, into ``rows``; returns how many."""
+    found = 0
+    span = last - lo
+    for r in range(n):
+        if row_keys[r] - lo <= span:  # wraps around below lo
+            rows[found] = r
+            found += 1
+    return found
+
+
+@_cached
+def count_range(row_keys, n, lo, last):
+    found = 0
+    span = last - lo
+    for r in range(n):
+        found += row_keys[r] - lo <= span
+    return found
+
+
+@_cached
+def in_ranges(row_keys, n, firsts, lasts, keep):
+    """keep[r] = whether row r's key lies in one of the sorted disjoint [first, last]."""
+    for r in range(n):
+        k = row_keys[r]
+        j = np.searchsorted(firsts, k, side="right") - 1
+        keep[r] = j >= 0 and k <= lasts[j]
+
+
+# -- dense runs: one array per field, rows addressed by offset ---------------------------------
+@_cached
+def run_push(v, s1, s2, rows, off, grad, kind, w, pt, pf):
+    """Fold ``grad`` into rows ``rows`` of a run, or into off, off+1, ... if ``rows`` is
+    empty. A run keeps each field in an array of its own (values lent as views)."""
+    m, c0 = grad.shape[0], np.int64(0)  # (a literal 0 would type _apply_rows anew)
+    if rows.size:
+        _apply_rows(kind, v, s1, c0, s2, c0, rows, grad, 0, m, w, pt, pf)
+        return
+    block = np.empty(BLOCK, np.int64)
+    for i in range(0, m, BLOCK):
+        count = min(BLOCK, m - i)
+        for j in range(count):
+            block[j] = off + i + j
+        _apply_rows(kind, v, s1, c0, s2, c0, block, grad, i, count, w, pt, pf)
+
+
+# -- compiling ahead of requests ----------------------------------------------------------
+def _signatures() -> dict:
+    """Every signature the store calls, per kernel. Inputs that arrive from the wire may
+    be read-only buffers: typed read-only here, so writable arrays match as well."""
+    u32, u64, i64, f64 = T.uint32, T.uint64, T.int64, T.float64
+    a1 = lambda t, ro=False: T.Array(t, 1, "C", readonly=ro)  # noqa: E731
+    a2 = lambda t, ro=False: T.Array(t, 2, "C", readonly=ro)  # noqa: E731
+    b = T.boolean
+    sigs: dict[str, list] = {
+        "hash_upsert": [T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), i64, a1(u64, True), i64, a1(i64))],
+        "hash_find": [i64(a1(u32), i64, a1(u64), a1(u64, True), a1(i64))],
+        "hash_find_span": [i64(a1(u32), i64, a1(u64), u64, i64, a1(i64))],
+        "rehash": [T.none(a1(u32), i64, a1(u64), i64)],
+        "scan_range": [i64(a1(u64), i64, u64, u64, a1(i64))],
+        "count_range": [i64(a1(u64), i64, u64, u64)],
+        "in_ranges": [T.none(a1(u64), i64, a1(u64), a1(u64), a1(b))],
+        "hash_push": [], "hash_pull": [], "run_push": [],
+    }
+    for dt in DTYPES:
+        d = from_dtype(np.dtype(dt))
+        sigs["hash_push"].append(T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), a2(d), i64, a1(u64, True),
+                                                     a2(d, True), i64, i64, i64, a1(d), a1(f64)))
+        sigs["hash_pull"].append(i64(a1(u32), i64, a1(u64), a2(d), a1(u64, True), a2(d), i64))
+        sigs["run_push"].append(T.none(a2(d), a2(d), a2(d), a1(i64), i64, a2(d, True), i64, i64, a1(d), a1(f64)))
+    return sigs
+
+
+_warm = False
+
+
+def _kernels() -> list[tuple]:
+    return [(globals()[name], sigs) for name, sigs in _signatures().items()]
+
+
+def _cache_dir() -> str | None:
+    """The folder numba caches this module's kernels in, or None (no cache)."""
+    cache = getattr(hash_push, "_cache", None)
+    return getattr(cache, "_cache_path", None) if not isinstance(cache, NullCache) else None
+
+
+def _locked(folder: str | None):
+    """An exclusive lock on ``folder`` (or None): several daemons starting at once on
+    one host (``psd run``, ``LocalCluster``) then compile once, the others load what
+    the first wrote, instead of each compiling on the same cores."""
+    if folder is None:
+        return None
+    try:
+        import fcntl
+        fd = os.open(os.path.join(folder, "psd-store-warm.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def warm() -> str | None:
+    """Compile (or load from the disk cache) every kernel for every signature the store
+    uses, then forbid compiling: a request never waits for the compiler, and a call with
+    an unforeseen type fails loudly instead of compiling. Idempotent.
+
+    The first warm on a machine compiles (about 20 s on one core) and writes the cache;
+    later ones load it (under a second). A cache that cannot be written (a full or
+    read-only disk) is dropped and the kernels are compiled in memory. Returns the cache
+    folder, or None when there is none."""
+    global _warm
+    if _warm:
+        return _cache_dir()
+    folder = _cache_dir()
+    lock = _locked(folder)
+    try:
+        try:
+            for kernel, sigs in _kernels():
+                for sig in sigs:
+                    kernel.compile(sig)
+        except OSError as e:
+            log.warning("psd.store: cannot write the compiled store's cache in %s (%s); compiling in "
+                        "memory, as every start will", folder, e)
+            folder = None
+            for kernel, sigs in _kernels():
+                kernel._cache = NullCache()
+                for sig in sigs:
+                    kernel.compile(sig)
+    finally:
+        if lock is not None:
+            os.close(lock)
+    for kernel, _ in _kernels():
+        kernel.disable_compile()
+    _warm = True
+    return folder
