@@ -21,6 +21,7 @@ from psd.core.server import ServerCore
 from psd.roles.fast_pull import FastPull
 from psd.roles.peers import Peers
 from psd.store.checkpoint import read_server_file
+from psd.store.kernels import warm as warm_store
 from psd.errors import NotLeaderError, PsdError
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
 from psd.transport.heartbeat import HeartbeatThread
@@ -70,6 +71,12 @@ class Server:
     # -- lifecycle -----------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready) -> None:
         self.stop_event = stop
+        # the store's compiled loops, before the server registers: no request waits for
+        # the compiler (loaded from numba's disk cache, or compiled once per machine)
+        started = time.monotonic()
+        cache = warm_store()
+        log.info("store ready in %.1f s (compiled loops: %s)", time.monotonic() - started,
+                 f"numba cache {cache}" if cache else "no disk cache, compiled in memory")
         ctx = async_context()
         cfg = self.config
         limits = cfg.limits
