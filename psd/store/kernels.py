@@ -430,6 +430,29 @@ def in_ranges(row_keys, n, firsts, lasts, keep):
         keep[r] = j >= 0 and k <= lasts[j]
 
 
+# -- checking pushed values ----------------------------------------------------------------
+@_cached
+def first_nonfinite(v):
+    """The first row of the 2-d float array ``v`` holding a NaN or an infinity, or -1.
+    ``x - x`` is 0 for a finite x and NaN otherwise; a block of rows is tested as a whole
+    (a loop the compiler vectorises) and searched row by row only when it holds one."""
+    m, w = v.shape
+    flat = v.reshape(-1)
+    step = 4096 * w
+    for a in range(0, m * w, step):
+        b = min(a + step, m * w)
+        bad = False
+        for i in range(a, b):
+            x = flat[i]
+            bad |= (x - x) != 0.0
+        if bad:
+            for i in range(a, b):
+                x = flat[i]
+                if (x - x) != 0.0:
+                    return i // w
+    return -1
+
+
 # -- dense runs: one array per field, rows addressed by offset ---------------------------------
 @_cached
 def run_push(v, s1, s2, rows, off, grad, kind, w, pt, pf):
@@ -464,6 +487,7 @@ def _signatures() -> dict:
         "count_range": [i64(a1(u64), i64, u64, u64)],
         "in_ranges": [T.none(a1(u64), i64, a1(u64), a1(u64), a1(b))],
         "hash_push": [], "hash_pull": [], "run_push": [],
+        "first_nonfinite": [i64(a2(from_dtype(np.dtype(dt)), True)) for dt in (np.float32, np.float64)],
     }
     for dt in DTYPES:
         d = from_dtype(np.dtype(dt))

@@ -92,6 +92,9 @@ class Table:
         self._counted = 0  # keys whose bytes are in usage
         self._vals_view: tuple | None = None
         self.state = _State(self)
+        #: whether pushes may carry NaN or infinities (table option ``allow_nonfinite``):
+        #: by default they are refused, since one would poison every later read of its key
+        self.check_finite = self.dtype.kind == "f" and not spec.options.get("allow_nonfinite", False)
         #: storage bytes per key: the key, its values and the updater's state rows
         self.row_bytes = 8 + self.width * self.dtype.itemsize * (1 + len(self._fields))
 
@@ -105,6 +108,32 @@ class Table:
             raise ValuesError(f"table {self.spec.name!r}: values must have shape ({n}, {self.width}), "
                               f"got {values.shape}")
         return values
+
+    def refuse_nonfinite(self, values: np.ndarray, keys: np.ndarray | None = None,
+                         spans: list | None = None) -> None:
+        """Raise ``ValuesError`` naming the first row of a push holding a NaN or an
+        infinity (unless the table allows them): one would poison every later read of its
+        key. The server calls it with the other checks, before anything of the push is
+        applied or kept for later; ``keys`` or ``spans`` (lo, count) name the rows' keys."""
+        if not self.check_finite or not values.size:
+            return
+        bad = K.first_nonfinite(rows2d(values, self.dtype))
+        if bad < 0:
+            return
+        key = None
+        if keys is not None:
+            key = int(keys[bad])
+        elif spans:
+            row = bad
+            for lo, count in spans:
+                if row < count:
+                    key = int(lo) + row
+                    break
+                row -= count
+        raise ValuesError(f"table {self.spec.name!r}: row {bad}" + ("" if key is None else f" (key {key})")
+                          + f" holds {values[bad].tolist()!r:.80}, not finite; nothing of this push was "
+                          f"applied. Push finite values, or create the table with allow_nonfinite: true",
+                          table=self.spec.name, row=bad, key=key)
 
     def _account(self) -> None:
         n = self.num_keys

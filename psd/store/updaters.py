@@ -61,6 +61,9 @@ def make_updater(name: str, dtype: np.dtype, options: dict | None = None,
         raise UnknownUpdaterError(f"unknown updater {name!r}; known: {', '.join(sorted(UPDATERS))}")
     if not cls.integer_ok and np.dtype(dtype).kind != "f":
         raise BadRequestError(f"updater {name!r} needs a float table, not {np.dtype(dtype).name}")
+    allow = (options or {}).get("allow_nonfinite", False)
+    if not isinstance(allow, (bool, np.bool_)):
+        raise BadRequestError(f"table option 'allow_nonfinite' must be true or false, got {allow!r}")
     updater = cls(options or {})
     if width is not None:
         updater.check_width(width)
@@ -115,7 +118,7 @@ class SGD(Updater):
 
 # -- regularised updaters (sparse logistic regression and friends) ---------------------
 #: table options that configure the table itself, not its updater
-TABLE_OPTIONS = frozenset({"consistency", "max_delay", "num_workers"})
+TABLE_OPTIONS = frozenset({"consistency", "max_delay", "num_workers", "allow_nonfinite"})
 
 
 def _number(v) -> bool:
