@@ -505,6 +505,7 @@ class ServerCore:
         rows = Rows.from_message(msg, self.config.limits, with_values)
         if with_values:
             rows.values = table.check_values(rows.values, rows.count)
+            table.refuse_nonfinite(rows.values, rows.keys, rows.spans)
         return rows
 
     def policy(self, table: Table) -> Policy:
