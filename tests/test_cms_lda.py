@@ -186,12 +186,12 @@ class FakeTable:
                 self.rows[int(k)] = v.copy()
         return 0
 
-    def push(self, keys, values):
+    def push(self, keys, values, once=None):
         keys = np.asarray(keys)
         assert keys.dtype == np.uint64 and np.all(keys[1:] > keys[:-1])
         return self._apply(keys.tolist(), values)
 
-    def push_span(self, lo, values):
+    def push_span(self, lo, values, once=None):
         return self._apply(range(int(lo), int(lo) + len(values)), values)
 
     async def pull(self, keys):
@@ -230,6 +230,9 @@ class FakeContext:
 
     async def report(self, progress=None, metrics=None, summary=None):
         self.metrics.extend(metrics or [])
+
+    def once(self, step):
+        return f"{self.job_id}/{self.rank}", step
 
 
 def run_fake(app, spec, workers):

@@ -338,16 +338,18 @@ def pick_queries(ids: np.ndarray, counts: np.ndarray, queries: int, heavy: int,
 
 
 # -- the app ------------------------------------------------------------------------
-def push_counters(table, counters: np.ndarray, width: int, depth: int) -> list[int]:
+def push_counters(table, counters: np.ndarray, width: int, depth: int, once=None) -> list[int]:
     """Push one batch's counter increments: dense spans per row, or sparse keys when the
-    batch touched under a quarter of the counters. Returns the timestamps."""
+    batch touched under a quarter of the counters. Returns the timestamps. ``once(i)``:
+    the identity of the batch's i-th push (``JobContext.once``), or None."""
     nz = np.flatnonzero(counters)
     if nz.size == 0:
         return []
+    ident = once or (lambda i: None)
     if nz.size * 4 < counters.size:
-        return [table.push(counter_keys(nz, width, depth), counters[nz].reshape(-1, 1))]
+        return [table.push(counter_keys(nz, width, depth), counters[nz].reshape(-1, 1), once=ident(0))]
     rows = counters.reshape(depth, width, 1)
-    return [table.push_span(r * stride(depth), rows[r]) for r in range(depth)]
+    return [table.push_span(r * stride(depth), rows[r], once=ident(r)) for r in range(depth)]
 
 
 async def query(table, family: MultiplyShift, ids: np.ndarray, max_keys: int) -> np.ndarray:
@@ -398,7 +400,9 @@ async def run(kv, ctx) -> dict:
             break
         size, counters, dt_make, dt_count, cpu_count = got
         t0, c0 = time.perf_counter(), time.thread_time()
-        pending.append(push_counters(table, counters, width, depth))
+        # named by shard and batch: a shard run again after its worker died counts once
+        pending.append(push_counters(table, counters, width, depth,
+                                     lambda i, b=n_batches: ctx.once(b * depth + i)))
         cpu_insert += cpu_count + time.thread_time() - c0
         while len(pending) > in_flight:   # bound the batches in flight
             for ts in pending.popleft():

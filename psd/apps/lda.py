@@ -449,7 +449,9 @@ async def run(kv, ctx) -> dict:
     best, stale, evals, stopped = math.inf, 0, [], "iterations"
     ranks = await kv.table("ranks", width=4, dtype="float64", updater="assign", consistency="eventual")
 
-    await kv.wait(nwk.push(sampler.keys, sampler.initial_counts().astype(dtype)))
+    # every push of the counts is named by this shard and its sweep (ctx.once): a shard run
+    # again after its worker died is not counted twice (docs/fault-tolerance.md)
+    await kv.wait(nwk.push(sampler.keys, sampler.initial_counts().astype(dtype), once=ctx.once(0)))
     kv.clock()
     t_sample = t_comm = 0.0
     last = None
@@ -462,7 +464,7 @@ async def run(kv, ctx) -> dict:
         moved = await asyncio.to_thread(sampler.sweep)
         keys, delta = sampler.deltas()
         t2 = time.perf_counter()
-        ts = nwk.push(keys, delta.astype(dtype)) if keys.size else None
+        ts = nwk.push(keys, delta.astype(dtype), once=ctx.once(it)) if keys.size else None
         ll = await asyncio.to_thread(sampler.loglik)
         stat_ts = stats.push(np.array([it << STATS_SHIFT | ctx.rank], np.uint64),
                              np.array([[ll, sampler.num_tokens]], np.float64))

@@ -22,8 +22,8 @@ from psd.cluster.rows import Rows
 from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message
 from psd.config import ClusterConfig
 from psd.core.client import RETRY_TICK, AskRing, ClientCore, Done, Send
-from psd.errors import (AuthError, MessageTooLargeError, NotLeaderError, ProtocolError, PsdError,
-                        PsdTimeoutError, StartupError)
+from psd.errors import (AuthError, BadRequestError, MessageTooLargeError, NotLeaderError, ProtocolError,
+                        PsdError, PsdTimeoutError, StartupError)
 from psd.schema import TableSpec, check_keys, check_namespace, check_span, check_values, qualified, too_large
 from psd.transport import RpcSocket, async_context, connect_dealer, security
 from psd.transport.heartbeat import HeartbeatThread
@@ -399,10 +399,10 @@ class AsyncKVWorker:
         """The connection to server ``node``, if the ring has given us its address."""
         return self._servers.get(node)
 
-    def issue(self, op: str, spec: TableSpec, rows: Rows) -> tuple[int, asyncio.Future]:
+    def issue(self, op: str, spec: TableSpec, rows: Rows, once: list | None = None) -> tuple[int, asyncio.Future]:
         """Issue a request now: the core's timestamp for it, and its result's future."""
         fut = self._loop.create_future()
-        ts, effects = self.core.issue(op, spec, rows, time.monotonic())
+        ts, effects = self.core.issue(op, spec, rows, time.monotonic(), once)
         self._results[ts] = fut
         self._run(effects)
         return ts, fut
@@ -417,18 +417,30 @@ class AsyncKVWorker:
             fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self._inflight.pop(ts, None))
         return ts
 
-    def _request(self, op: str, spec: TableSpec, rows: Rows, after=None) -> asyncio.Future:
+    def _request(self, op: str, spec: TableSpec, rows: Rows, after=None, once=None) -> asyncio.Future:
         """Issue one request and return a future of its result (values for a pull, None
         for a push). It is sent now, so requests leave in issue order, unless it names
         timestamps in ``after``: then it is issued once those are done."""
         deps = [self._inflight[t] for t in (after or ()) if t in self._inflight]
         if not deps:  # issued now, not in a task: a later request or clock() must not overtake it
-            return self.issue(op, spec, rows)[1]
+            return self.issue(op, spec, rows, once)[1]
 
         async def run():
             await asyncio.gather(*deps)
-            return await self.issue(op, spec, rows)[1]
+            return await self.issue(op, spec, rows, once)[1]
         return self._loop.create_task(run())
+
+
+def _once(once) -> list | None:
+    """A push's ``once`` identity, checked: (name, step)."""
+    if once is None:
+        return None
+    name, step = once
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise BadRequestError(f"once: the name must be 1 to 200 characters, got {name!r:.80}")
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or not 0 <= step < 2**62:
+        raise BadRequestError(f"once: the step must be an integer from 0 to 2**62 - 1, got {step!r}")
+    return [name, int(step)]
 
 
 def _down(reply: Message) -> list[str] | None:
@@ -461,14 +473,19 @@ class AsyncTable:
                 raise too_large(size, self.kv.limits.max_message_bytes)
         return keys, values
 
-    def push(self, keys, values, after: list[int] | None = None) -> int:
+    def push(self, keys, values, after: list[int] | None = None, once: tuple[str, int] | None = None) -> int:
         """Send a push now (or once the timestamps in ``after`` are done); returns its
-        timestamp (``await kv.wait(ts)``)."""
+        timestamp (``await kv.wait(ts)``). ``once=(name, step)``: the push's identity
+        whoever sends it (``JobContext.once``): a server that applied a push of that
+        identity to some rows applies no other to them, so a shard run again after its
+        worker died is not counted twice (docs/fault-tolerance.md, "Exactly once")."""
         keys, values = self._prepare(keys, values)
-        return self.kv._track(self.kv._request("push", self.spec, Rows(keys=keys, values=values), after))
+        return self.kv._track(self.kv._request("push", self.spec, Rows(keys=keys, values=values), after,
+                                               _once(once)))
 
-    def push_span(self, lo: int, values, after: list[int] | None = None) -> int:
-        """Push rows for the dense keys lo, lo+1, ... (no keys on the wire)."""
+    def push_span(self, lo: int, values, after: list[int] | None = None, once: tuple[str, int] | None = None) -> int:
+        """Push rows for the dense keys lo, lo+1, ... (no keys on the wire); ``once`` as
+        for ``push``."""
         values = np.asarray(values)
         count = values.shape[0] if values.ndim else 0
         check_span(lo, count)
@@ -476,7 +493,7 @@ class AsyncTable:
         if values.nbytes > self.kv.limits.max_message_bytes:
             raise too_large(values.nbytes, self.kv.limits.max_message_bytes)
         rows = Rows(spans=[(int(lo), count)] if count else [], values=values)
-        return self.kv._track(self.kv._request("push", self.spec, rows, after))
+        return self.kv._track(self.kv._request("push", self.spec, rows, after, _once(once)))
 
     def pull_async(self, keys, after: list[int] | None = None) -> int:
         """Send a pull; returns its timestamp; ``await kv.wait(ts)`` returns the values."""

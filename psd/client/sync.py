@@ -158,12 +158,13 @@ class Table:
         self.spec = table.spec
         self.name, self.width, self.dtype = table.name, table.width, table.dtype
 
-    def push(self, keys, values, after: list[int] | None = None) -> int:
-        """Send a push; returns its timestamp at once (``kv.wait(ts)`` to block)."""
-        return self._kv._now(self._t.push, keys, values, after)
+    def push(self, keys, values, after: list[int] | None = None, once: tuple[str, int] | None = None) -> int:
+        """Send a push; returns its timestamp at once (``kv.wait(ts)`` to block); ``once``:
+        see ``AsyncTable.push``."""
+        return self._kv._now(self._t.push, keys, values, after, once)
 
-    def push_span(self, lo: int, values, after: list[int] | None = None) -> int:
-        return self._kv._now(self._t.push_span, lo, values, after)
+    def push_span(self, lo: int, values, after: list[int] | None = None, once: tuple[str, int] | None = None) -> int:
+        return self._kv._now(self._t.push_span, lo, values, after, once)
 
     def pull_async(self, keys, after: list[int] | None = None) -> int:
         """Send a pull; returns its timestamp; ``kv.wait(ts)`` returns the values."""

@@ -87,10 +87,13 @@ class Part:
 
 class Request:
     __slots__ = ("ts", "op", "spec", "n", "rows", "parts", "deadline", "not_replicated", "misrouted",
-                 "backoff", "finished", "clock", "issue")
+                 "backoff", "finished", "clock", "issue", "once")
 
-    def __init__(self, ts: int, op: str, spec: TableSpec, rows: Rows, deadline: float, clock: int, issue: int):
+    def __init__(self, ts: int, op: str, spec: TableSpec, rows: Rows, deadline: float, clock: int, issue: int,
+                 once: list | None = None):
         self.ts, self.op, self.spec, self.rows, self.n = ts, op, spec, rows, rows.count
+        #: [name, step]: a push's identity whoever sends it (a job's shard and step)
+        self.once = once
         self.parts: list[Part] = []
         self.deadline = deadline
         self.not_replicated: Message | None = None  # the last such answer (raised at the deadline)
@@ -142,11 +145,11 @@ class ClientCore:
         return out
 
     # -- issuing -----------------------------------------------------------------------
-    def issue(self, op: str, spec: TableSpec, rows: Rows, now: float) -> tuple[int, list]:
+    def issue(self, op: str, spec: TableSpec, rows: Rows, now: float, once: list | None = None) -> tuple[int, list]:
         """Issue a request: cut it by the ring and send (or queue) its parts. Returns its
-        timestamp and the effects."""
+        timestamp and the effects. ``once``: a push's ``[name, step]`` (``AsyncTable.push``)."""
         ts = next(self._ts)
-        req = Request(ts, op, spec, rows, now + self.request_timeout, self.clock_value, next(self._issue))
+        req = Request(ts, op, spec, rows, now + self.request_timeout, self.clock_value, next(self._issue), once)
         self.requests[ts] = req
         if rows.count == 0:
             self._finish(req, _result(req, [], []), None)
@@ -182,6 +185,8 @@ class ClientCore:
             meta = {"rid": rid if rid is not None and len(groups) == 1 else next_rid()}
             if orig:
                 meta["orig"] = orig
+            if req.once is not None:
+                meta["once"] = req.once
             msg = sub.to_message(req.op, table=req.spec.name, ring=self.ring.version, clock=req.clock, meta=meta)
             part = Part(req, owners[0], _compose(slices, sub_slices), msg, sub, (req.issue, len(req.parts)))
             req.parts.append(part)

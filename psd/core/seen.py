@@ -18,6 +18,12 @@ from psd.cluster.ranges import Range, bounds
 from psd.cluster.rows import Rows
 
 WINDOW = 1 << 16
+#: the prefix of a push identity that does not name its sender (``meta.once``: a job's
+#: shard and step): a shard run again by another worker sends the same identities
+ONCE = "once:"
+#: keys remembered for such identities, all together (a re-run shard's pushes are
+#: recognised row by row while their keys are kept; beyond this the oldest go)
+ONCE_KEYS_KEPT = 1 << 24
 
 
 def ids_of_arrays(senders: list[str], counts: np.ndarray, rids: np.ndarray) -> Iterator[tuple[str, int]]:
@@ -108,8 +114,13 @@ class PartlyApplied:
     #: how many original requests with pieces are remembered (pieces exist only around
     #: ring changes)
     PIECES_KEPT = 4096
-    def __init__(self, window: int = WINDOW) -> None:
+    def __init__(self, window: int = WINDOW, once_keys: int = ONCE_KEYS_KEPT) -> None:
         self._pieces: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
+        #: rows applied under sender-free identities (``ONCE``): kept longer than pieces
+        #: (a shard is re-run from its start), bounded by keys rather than by count
+        self._once: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
+        self._once_keys = 0
+        self.once_keys = once_keys
         #: copied-in ids per sender, the newest ``window`` of each (as Seen keeps them:
         #: one bound for all senders let a copy carrying many senders' ids push out
         #: the recent ids of the first, whose resends would then apply twice)
@@ -127,10 +138,33 @@ class PartlyApplied:
             return
         keys = self._row_keys(rows)
         for ident in cut_from:
+            if ident[0].startswith(ONCE):
+                self._once.setdefault(ident, []).append(keys)
+                self._once.move_to_end(ident)
+                self._once_keys += keys.size
+                continue
             self._pieces.setdefault(ident, []).append(keys)
             self._pieces.move_to_end(ident)
         while len(self._pieces) > self.PIECES_KEPT:
             self._pieces.popitem(last=False)
+        while self._once_keys > self.once_keys and self._once:
+            _, dropped = self._once.popitem(last=False)
+            self._once_keys -= sum(k.size for k in dropped)
+
+    def once_ids_in(self, r: Range) -> list[tuple[str, int]]:
+        """Sender-free identities with rows applied here in ``r`` (a copy of ``r`` carries
+        them, so the new holder of its rows recognises a re-run shard's pushes too)."""
+        def inside(keys: np.ndarray) -> bool:
+            i0, i1 = bounds(keys, r.begin, r.end)
+            return i1 > i0
+        return [ident for ident, pieces in self._once.items() if any(inside(k) for k in pieces)]
+
+    def forget_once(self, prefixes: tuple[str, ...]) -> None:
+        """Drop the identities of dropped tables (``ONCE`` + ``table/...``)."""
+        for ident in [i for i in self._once if i[0].startswith(prefixes)]:
+            self._once_keys -= sum(k.size for k in self._once.pop(ident))
+        for sender in [s for s in self._copied if s.startswith(prefixes)]:
+            del self._copied[sender]
 
     def note_copy(self, r: Range, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
         for sender, rid in ids_of_arrays(senders, counts, rids):
@@ -166,7 +200,7 @@ class PartlyApplied:
         a copy (None if none is left)."""
         if not rows.count:
             return rows  # an empty push still counts for the consistency bookkeeping
-        pieces = [k for ident in ids for k in self._pieces.get(ident, ())]
+        pieces = [k for ident in ids for k in self._pieces.get(ident, ()) or self._once.get(ident, ())]
         copied = [c for ident in ids for c in self._copies_of(ident)]
         if not pieces and not copied:
             return rows

@@ -37,7 +37,7 @@ from psd.core.fence import Fence
 from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
 from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
-from psd.core.seen import PartlyApplied, Seen
+from psd.core.seen import ONCE, PartlyApplied, Seen
 from psd.core.stream import SEQ, Inbound, parse
 from psd.errors import (BadRequestError, BusyError, LimitError, MessageTooLargeError,
                         NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
@@ -334,6 +334,8 @@ class ServerCore:
                 dropped.append(name)
         while len(self.dropped) > DROPPED_KEPT:
             self.dropped.popitem(last=False)
+        if names:
+            self.partly.forget_once(tuple(f"{ONCE}{name}/" for name in names))
         self.full_replicas.clear()  # they may have freed memory too
         if dropped:
             log.info("%s dropped %d table(s) (%s), freeing %d bytes; it holds %d bytes", self.node_id,
@@ -523,12 +525,23 @@ class ServerCore:
         original, so a server that applied the original treats the piece as a resend,
         while two pieces of one request stay two requests."""
         orig = msg.meta.get("orig")
-        if orig is None:
+        once = msg.meta.get("once")
+        if orig is None and once is None:
             return []
-        if (not isinstance(orig, list) or len(orig) > 64
+        if orig is not None and (
+                not isinstance(orig, list) or len(orig) > 64
                 or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= MAX_RID for o in orig)):
             raise ProtocolError("meta.orig must be a list of at most 64 request ids")
-        return [(sender, o) for o in orig]
+        ids = [(sender, o) for o in orig or ()]
+        if once is not None:
+            # a job's push, named by its shard and step whoever sends it: a shard run again
+            # after its worker died sends the same names, and what was applied is not again
+            if (not isinstance(once, list) or len(once) != 2 or not isinstance(once[0], str)
+                    or not 0 < len(once[0]) <= 200 or not isinstance(once[1], int) or isinstance(once[1], bool)
+                    or not 0 <= once[1] <= MAX_RID):
+                raise ProtocolError("meta.once must be [name (1 to 200 characters), step (an integer >= 0)]")
+            ids.append((f"{ONCE}{msg.table}/{once[0]}", once[1]))
+        return ids
 
     def _seen_before(self, rid: tuple[str, int], cut_from: list[tuple[str, int]]) -> bool:
         """Whether this request (or the one it was cut from) was applied here; a resend
@@ -676,6 +689,8 @@ class ServerCore:
             meta = {"origin": msg.sender, "rid": rid[1] if rid else None}
             if msg.meta.get("orig"):
                 meta["orig"] = msg.meta["orig"]
+            if msg.meta.get("once") is not None:
+                meta["once"] = msg.meta["once"]
             fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
                                  meta=meta)
             call = self.calls.ask(node, address, fwd, partial(self._forward_answered, pending), now)
@@ -961,7 +976,7 @@ class ServerCore:
     def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids a copy of ``r`` carries: every id applied here, and those copied in
         with rows in ``r``."""
-        extra = self.partly.copied_into(r)
+        extra = self.partly.copied_into(r) + self.partly.once_ids_in(r)
         if not extra:
             return self.seen.to_arrays()
         both = Seen(window=1 << 62)

@@ -31,6 +31,13 @@ class JobContext:
     kv: AsyncKVWorker = field(repr=False)
     _seq: int = field(default=0, repr=False)
 
+    def once(self, step: int) -> tuple[str, int]:
+        """The identity of this shard's push number ``step`` (``table.push(..., once=...)``):
+        the same whichever worker runs the shard, so when the scheduler gives a dead
+        worker's shard to another, the pushes the servers applied already are not applied
+        again. Number the pushes of a run in a fixed order (per table)."""
+        return f"{self.job_id}/{self.rank}", int(step)
+
     async def report(self, progress: float | None = None, metrics: list[dict] | None = None,
                      summary: dict | None = None, done: bool = False, error: str | None = None) -> None:
         self._seq += 1  # lets the scheduler drop a report it already has (a re-sent one)
