@@ -8,13 +8,10 @@ It sits above the apps and ``psd.local``, which is why the apps do not hold it.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from psd.apps import APPS, logreg
+from psd.apps.runjob import run_folder as _folder
 from psd.errors import PsdError, PsdTimeoutError
 from psd.jobs.registry import AppRegistry
 from psd.jobs.runner import JobRun, run_parsed
@@ -32,20 +29,6 @@ def run_spec(spec: dict, source: str = "<python>", output: str | Path | None = N
     spec's ``output``); ``plots=False`` skips the PNGs. A job that fails is not an
     exception here: look at ``state`` and ``error``."""
     return run_parsed(parse_job(spec, source, apps), apps, LocalCluster.for_job, output, quiet, echo, plots)
-
-
-@contextmanager
-def _folder(output: str | Path | None) -> Iterator[tuple[Path, bool]]:
-    """``output`` resolved, or a temporary folder deleted at the end; and whether it is
-    temporary."""
-    if output is not None:
-        yield Path(output).expanduser().resolve(), False
-        return
-    tmp = tempfile.mkdtemp(prefix="psd-fit-")
-    try:
-        yield Path(tmp), True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run_or_raise(job: dict, caller: str, folder: Path, verbose: bool, plots: bool) -> JobRun:
