@@ -90,6 +90,10 @@ class ClusterConfig:
     checkpoint_interval: float = 0
     #: where the scheduler keeps its state; a scheduler restarted on it resumes the cluster
     state_dir: str | None = None
+    #: seconds a key range whose only copies are on servers declared dead waits for them
+    #: before the scheduler gives it to live servers and restores it from the newest
+    #: checkpoint (pushes to it since that checkpoint are lost); 0: wait for ever
+    restore_unavailable_after: float = 300.0
     #: addresses of standby schedulers (each binds its own, PSD_BIND): they copy the
     #: leader's state and one takes over, with a majority of the servers' votes, when the
     #: leader is lost (docs/fault-tolerance.md, "Standby scheduler")
@@ -254,6 +258,8 @@ RULES: dict[str, Rule] = {
     "checkpoint_dir": _folder(),
     "checkpoint_interval": Rule(lambda v: _number(v) and v >= 0, "a number of seconds >= 0", _text_number),
     "state_dir": _folder(),
+    "restore_unavailable_after": Rule(lambda v: _number(v) and v >= 0, "a number of seconds >= 0 (0: never)",
+                                      _text_number),
     "standby": Rule(lambda v: isinstance(v, (list, tuple)) and all(isinstance(a, str) and _reachable_address(a)
                                                                    and not a.endswith(":0") for a in v)
                     and len(set(v)) == len(v),

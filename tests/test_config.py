@@ -40,6 +40,7 @@ BAD = {
     "checkpoint_dir": ["", 5],
     "checkpoint_interval": [-1, "hourly", math.nan],
     "state_dir": ["", []],
+    "restore_unavailable_after": [-1, "soon", True],
     "standby": ["tcp://10.0.0.2:9300", ["tcp://*:9300"], ["tcp://10.0.0.2:0"],
                 ["tcp://10.0.0.2:9300", "tcp://10.0.0.2:9300"], [7]],
     "event_loop": ["trio"],
@@ -77,6 +78,7 @@ GOOD = {
     "checkpoint_interval": [(0, 0), (0.0, 0.0)],   # > 0 needs checkpoint_dir: test_cross_rules
     "state_dir": [("/var/lib/psd", "/var/lib/psd"), (None, None)],
     "standby": [(["tcp://10.0.0.2:9300"], ("tcp://10.0.0.2:9300",)), ([], ())],
+    "restore_unavailable_after": [(0, 0), (600, 600)],
     "event_loop": [("asyncio", "asyncio")],
     "log_level": [("debug", "debug")],
     "log_format": [("json", "json"), ("human", "human")],
@@ -111,6 +113,7 @@ TEXT = {
     "checkpoint_dir": ("/srv/psd/ckpt", "/srv/psd/ckpt"),
     "checkpoint_interval": ("0", 0.0),
     "state_dir": ("/var/lib/psd/s", "/var/lib/psd/s"),
+    "restore_unavailable_after": ("120", 120.0),
     "standby": ("tcp://10.0.0.2:9300,tcp://10.0.0.3:9300", ("tcp://10.0.0.2:9300", "tcp://10.0.0.3:9300")),
     "event_loop": ("asyncio", "asyncio"),
     "log_level": ("warning", "warning"),

@@ -81,3 +81,43 @@ def test_a_stalled_server_at_replication_1_keeps_its_ranges_until_it_is_back():
         np.testing.assert_array_equal(t.pull(held).ravel(), np.full(held.size, 7))
         kv.wait(t.push(held, np.ones((held.size, 1), np.int64)))
         np.testing.assert_array_equal(t.pull(keys).ravel(), np.where(mine, 8, 7))
+
+
+def test_a_range_waited_for_past_the_bound_is_restored_from_the_newest_checkpoint(tmp_path):
+    """``restore_unavailable_after``: the stalled server's ranges wait that long, then the
+    scheduler gives the server up and restores them onto live servers from the newest
+    checkpoint: the keys read their checkpointed values (never zeros, and pushes made
+    after the checkpoint to them are lost, as documented), the rest is untouched, and
+    the woken server comes back as a new member without serving its stale copy."""
+    rng = np.random.default_rng(5)
+    keys = np.unique(rng.integers(0, 2**64 - 1, size=3000, dtype=np.uint64))
+    with psd.LocalCluster(servers=3, replication=1, checkpoint_dir=str(tmp_path / "ckpt"),
+                          restore_unavailable_after=2.0) as cluster, \
+            psd.connect(cluster, psd.ClusterConfig(request_timeout=TIMEOUT)) as kv:
+        t = kv.table("w", width=1, dtype="int64")
+        kv.wait(t.push(keys, np.full((keys.size, 1), 7, np.int64)))
+        kv.clock()
+        psd.client.admin.call(cluster.scheduler, "checkpoint", timeout=30, wait=10)
+        kv.wait(t.push(keys, np.full((keys.size, 1), 100, np.int64)))  # after the checkpoint
+        frozen = cluster.node_id(1)
+        mine = _owned_by(kv.aio.ring, keys, frozen)
+        held, others = keys[mine], keys[~mine]
+        assert held.size and others.size
+
+        cluster.kill_server(1, signal.SIGSTOP)
+        try:
+            st = _wait(cluster, f"{frozen}'s ranges restored from the checkpoint",
+                       lambda st: st["restored"] and not st["unavailable"])
+            assert st["restored"][0]["servers"] == [frozen] and st["restored"][0]["keys"] == held.size
+            assert frozen not in {o for r in st["ranges"] for o in r["owners"]}
+            got = t.pull(held).ravel()  # the checkpoint's values, not zeros, not the later pushes
+            np.testing.assert_array_equal(got, np.full(held.size, 7))
+            np.testing.assert_array_equal(t.pull(others).ravel(), np.full(others.size, 107))
+            kv.wait(t.push(held, np.full((held.size, 1), 1, np.int64)))  # writable again
+        finally:
+            cluster.kill_server(1, signal.SIGCONT)
+        st = _wait(cluster, "the woken server back as a new member, the cluster OK",
+                   lambda st: st["health"]["state"] == "ok" and sum(
+                       n["state"] == "active" for n in st["nodes"] if n["role"] == "server") == 3)
+        np.testing.assert_array_equal(t.pull(held).ravel(), np.full(held.size, 8))  # not its stale 107
+        np.testing.assert_array_equal(t.pull(others).ravel(), np.full(others.size, 107))

@@ -40,6 +40,9 @@ class ClusterState:
         #: servers declared dead that registered again: old name -> new one (a range only
         #: the old one held is the new one's: it still has the data)
         self.rejoined: dict[str, str] = {}
+        #: dead servers given up on: ranges only they held were restored from a checkpoint
+        #: (``restore_unavailable_after``), not kept for their return
+        self.abandoned: set[str] = set()
         self.tables: dict[str, TableSpec] = {}
         self.jobs = JobBook()
         self.worker_clocks: dict[str, int] = {}
@@ -76,6 +79,7 @@ class ClusterState:
         return {
             "ring": self.ring.to_wire(), "addresses": self.addresses,
             "stable": self.stable.to_wire() if self.stable is not None else None, "rejoined": self.rejoined,
+            "abandoned": sorted(self.abandoned),
             # numbers reserved count as handed out: a restart resumes above them
             "counts": {role: max(n, self.ids_saved.get(role, 0)) for role, n in self.counts.items()},
             "tables": [t.to_wire() for t in self.tables.values()],
@@ -94,6 +98,7 @@ class ClusterState:
         stable = state.get("stable")  # (older files: none; the ring was final then)
         self.stable = Assignment.from_wire(stable) if stable else self.ring
         self.rejoined = dict(state.get("rejoined") or {})
+        self.abandoned = set(state.get("abandoned") or [])
         self.addresses = dict(state["addresses"])
         self.counts = dict(state["counts"])
         for spec in state["tables"]:

@@ -44,12 +44,15 @@ COPY_ATTEMPTS = 3
 COPY_TIMEOUT = 24 * 3600.0
 
 
-def keep_orphans(old: Assignment, new: Assignment, live: set[str]) -> tuple[Assignment, list[Range]]:
+def keep_orphans(old: Assignment, new: Assignment, live: set[str],
+                 abandoned: set[str] = frozenset()) -> tuple[Assignment, list[Range]]:
     """``new`` with every piece no live server held in ``old`` given back to its old
-    owners (dead, but holding the only copies), and those pieces."""
+    owners (dead, but holding the only copies), and those pieces; except pieces whose
+    old owners are all ``abandoned`` (given up on: their pieces are restored from a
+    checkpoint), which go to their new owners."""
     ranges, owners, orphans = [], [], []
     for piece, was, will in overlay(old, new):
-        own = was if was and not any(s in live for s in was) else will
+        own = was if was and not any(s in live for s in was) and not all(s in abandoned for s in was) else will
         if own is was and was:
             orphans.append(piece)
         if ranges and owners[-1] == own and ranges[-1].end == piece.begin:
@@ -111,6 +114,9 @@ class RingChanges:
         self.running = 0
         #: a change that could not copy what it had to: the scheduler tries it again
         self.unfinished: str | None = None
+        #: pieces given to new owners with no copy to take from (their owners abandoned):
+        #: every ring says so until a restore has filled them (servers refuse them meanwhile)
+        self.restoring: list[Range] = []
 
     @property
     def busy(self) -> bool:
@@ -137,7 +143,8 @@ class RingChanges:
             members = live - {exclude} if exclude else live
             change = rebalance(base, members, live, vnodes=cfg.vnodes, replication=cfg.replication,
                                addresses={n: s.addresses[n] for n in members})
-            target, orphans = keep_orphans(base, change.ring, live)
+            target, orphans = keep_orphans(base, change.ring, live, s.abandoned)
+            self.restoring = sorted(set(self.restoring) | set(_released(base, live, s.abandoned)))
             for r in orphans:
                 log.error("no live copy of %s is left: it stays with its owners, unavailable, until one of them "
                           "comes back (ring v%d, %s)", r, s.ring.version, reason)
@@ -185,6 +192,7 @@ class RingChanges:
         s.ring = ring
         self._published(ring)
         wire = ring.to_wire()
+        restoring = [range_to_wire(r) for r in self.restoring]
         servers = s.live("server")
         losing = set()
         if final:
@@ -196,7 +204,8 @@ class RingChanges:
             if not wave:
                 continue
             results = yield Calls([(node, Message("ring", meta={"ring": wire, "incoming": incoming.get(node, []),
-                                                                "final": final})) for node in wave],
+                                                                "final": final, "restoring": restoring}))
+                                   for node in wave],
                                   timeout=s.config.request_timeout)
             for node, r in zip(wave, results):
                 if not isinstance(r, Message) or r.op != "ok":
@@ -204,6 +213,12 @@ class RingChanges:
                                 r.meta.get("message") if isinstance(r, Message) else r)
         for node in s.live("worker"):  # best effort: workers also learn rings from refusals
             self._notify(node, Message("ring", meta={"ring": wire}))
+
+
+def _released(ring: Assignment, live: set[str], abandoned: set[str]) -> list[Range]:
+    """Ranges of ``ring`` whose owners are all abandoned and none live."""
+    return [r for r, o in zip(ring.ranges, ring.owners)
+            if o and all(x in abandoned for x in o) and not any(x in live for x in o)]
 
 
 def _transfer(t: Transfer, addresses: dict) -> Message:

@@ -24,18 +24,20 @@ from psd.cluster.clocks import stragglers
 from psd.cluster.health import assess
 from psd.cluster.jobs import check_report
 from psd.cluster.liveness import State
+from psd.cluster.ranges import range_to_wire
 from psd.cluster.stats import MAX_ADDRESS, check_stats
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.checkpoints import Checkpoints
 from psd.core.cluster_state import ID_BLOCK, ClusterState
 from psd.core.effects import Ask, DropRoute, Forget, Notify, Refuse, Reply, Run, Save
-from psd.core.procedures import Calls, Runner, Sleep, failure
+from psd.core.procedures import Calls, Do, Runner, Sleep, failure
 from psd.core.ring_changes import RingChanges, unavailable
 from psd.errors import (BadRequestError, LimitError, ProtocolError, TableMismatchError,
                         UnknownTableError, describe)
 from psd.keyroles import OPERATOR, ROLE_SERVER, ROLE_WORKER, forbidden, in_scope, outside_scope, scope_of
 from psd.schema import TableSpec, check_namespace, namespace_of
+from psd.store.checkpoint import latest
 
 log = logging.getLogger("psd.scheduler")
 
@@ -98,6 +100,12 @@ class SchedulerCore:
         self._last_tick = now
         self._next_checkpoint = now + config.checkpoint_interval if config.checkpoint_interval else None
         self._isolated = False
+        #: ranges with no live copy (start, end) -> since when (restore_unavailable_after)
+        self._orphaned_since: dict[tuple[int, int], float] = {}
+        self._restoring_orphans = False
+        self._no_checkpoint_until = 0.0
+        #: ranges restored from a checkpoint after their servers were given up (status)
+        self.restored: list[dict] = []
         self.handlers = {
             "register": self.on_register, "heartbeat": self.on_heartbeat, "leave": self.on_leave,
             "drain": self.on_drain, "checkpoint": self.on_checkpoint,
@@ -214,6 +222,7 @@ class SchedulerCore:
         self.runner.tick(now)
         if self.ring_changes.unfinished and not self.ring_changes.busy and not self._isolated:
             self._background(self.ring_changes.rebalance(f"{self.ring_changes.unfinished}, again"), now)
+        self._watch_orphans(now)
         if self._next_checkpoint is not None and now >= self._next_checkpoint:
             self._next_checkpoint = now + self.config.checkpoint_interval
             if self.config.checkpoint_dir and s.live("server"):
@@ -221,6 +230,68 @@ class SchedulerCore:
         if s.dirty:
             self.save()
         return self._take()
+
+    # -- ranges whose only copies are on dead servers -------------------------------------
+    def _watch_orphans(self, now: float) -> None:
+        """A range with no live copy waits for its servers ``restore_unavailable_after``
+        seconds; then they are given up and it is restored from the newest checkpoint."""
+        s = self.state
+        wait = self.config.restore_unavailable_after
+        orphans = unavailable(s.ring, set(s.live("server"))) if s.live("server") else []
+        since = self._orphaned_since
+        current = {(r.begin, r.end) for r, _ in orphans}
+        for key in list(since):
+            if key not in current:
+                del since[key]
+        for key in current:
+            since.setdefault(key, now)
+        if (not wait or not self.config.checkpoint_dir or self._restoring_orphans or self._isolated
+                or self.ring_changes.busy or now < self._no_checkpoint_until):
+            return
+        due = [(r, o) for r, o in orphans if now - since[(r.begin, r.end)] >= wait]
+        if due:
+            self._restoring_orphans = True
+            self._background(self._restore_orphans(due, now), now)
+
+    def _restore_orphans(self, due: list, now: float):
+        s = self.state
+        try:
+            found = yield Do("find the newest checkpoint", lambda: latest(Path(self.config.checkpoint_dir)))
+            if found is None:
+                log.error("%d key range(s) have had no live copy for %.0f s, but %s holds no checkpoint to restore "
+                          "them from: still waiting for %s", len(due), self.config.restore_unavailable_after,
+                          self.config.checkpoint_dir, ", ".join(sorted({x for _, o in due for x in o})))
+                self._no_checkpoint_until = now + self.config.restore_unavailable_after
+                return
+            folder, manifest = found
+            gone = sorted({x for _, o in due for x in o})
+            s.abandoned.update(gone)
+            s.dirty = True
+            log.error("giving up on %s after %.0f s: restoring the %d key range(s) only %s held from checkpoint %s; "
+                      "pushes to those keys since it are lost", ", ".join(gone), self.config.restore_unavailable_after,
+                      len(due), "they" if len(gone) > 1 else "it", folder)
+            yield from self.ring_changes.rebalance(f"restoring the ranges of {', '.join(gone)} from {folder.name}")
+            pieces = list(self.ring_changes.restoring)
+            if not pieces:
+                return
+            wire = [range_to_wire(r) for r in pieces]
+            servers = s.live("server")
+            results = yield Calls([(n, Message("restore", meta={"folder": str(folder), "files": manifest["files"],
+                                                                "ranges": wire})) for n in servers],
+                                  timeout=self.config.request_timeout)
+            errors = [e for e in map(failure, results) if e is not None]
+            if errors:
+                log.error("restoring from %s failed on some servers (%s); tried again later", folder, errors[0])
+                return
+            self.ring_changes.restoring = [r for r in self.ring_changes.restoring if r not in pieces]
+            keys = sum(r.meta.get("keys", 0) for r in results)
+            self.restored.append({"ranges": [{"begin": r.begin, "last": r.end - 1} for r in pieces],
+                                  "checkpoint": str(folder), "servers": gone, "keys": keys,
+                                  "time": self.wall(now)})
+            del self.restored[:-16]
+            log.error("restored %d key range(s) (%d keys) from %s", len(pieces), keys, folder)
+        finally:
+            self._restoring_orphans = False
 
     def _periodic_checkpoint(self, now: float):
         try:
@@ -754,7 +825,7 @@ class SchedulerCore:
         return {"scheduler": getattr(self, "address", None), "uptime": round(now - self.started, 1),
                 "epoch": s.epoch, "standby": list(self.config.standby),
                 "clocks": clocks, "ring_changing": self.ring_changes.busy,
-                "isolated": self._isolated, "unavailable": waiting,
+                "isolated": self._isolated, "unavailable": waiting, "restored": self.restored,
                 "checkpoints": self.checkpoints.status(),
                 "replication": self.config.replication, "metrics": getattr(self, "metrics_address", None),
                 "ring_version": s.ring.version, "nodes": nodes, "ranges": ranges, "tables": tables,

@@ -92,6 +92,9 @@ class ServerCore:
         self.tables: dict[str, Table] = {}
         self.ring = Assignment(version=0)
         self.incoming: list[Range] = []  # ranges being copied to us: forwards wait for the copy
+        #: ranges given to us to be restored from a checkpoint (their servers were given
+        #: up): refused as unavailable until the restore has filled them, never served empty
+        self.restoring: list[Range] = []
         self.seen = Seen()
         self.partly = PartlyApplied()
         self._may: dict[tuple, bool] = {}  # (key role, table) -> may touch (may_touch)
@@ -312,6 +315,8 @@ class ServerCore:
     def on_ring(self, msg: Message, now: float) -> None:
         self.incoming = [range_from_wire(w) for w in msg.meta.get("incoming", [])]
         self._set_ring(Assignment.from_wire(msg.meta["ring"]))
+        restoring = {range_from_wire(w) for w in msg.meta.get("restoring") or []}
+        self.restoring = sorted(r for r in restoring | set(self.restoring) if self._holds_any(r))
         self.full_replicas.clear()  # ranges move: every replica says again whether it is full
         if msg.meta.get("final"):
             self._drop_unowned()
@@ -468,7 +473,19 @@ class ServerCore:
     def _owner_groups(self, rows: Rows):
         return rows.groups(self.ring) if rows.count else []
 
+    def _holds_any(self, r: Range) -> bool:
+        return any(h.begin < r.end and r.begin < h.end for h in self.ring.ranges_of(self.node_id))
+
+    def _check_restoring(self, rows: Rows) -> None:
+        first, last = rows.first_last()
+        for r in self.restoring:
+            if r.begin <= last and first < r.end:
+                raise UnavailableError(f"keys in [{max(first, r.begin)}, {min(last, r.end - 1)}] are being restored "
+                                       f"from a checkpoint (their servers were given up); retry shortly")
+
     def _check_primary(self, rows: Rows, now: float) -> list[tuple[tuple[str, ...], list]]:
+        if self.restoring and rows.count:
+            self._check_restoring(rows)
         groups = self._owner_groups(rows)
         for owners, _ in groups:
             if owners[0] != self.node_id:
@@ -1074,6 +1091,11 @@ class ServerCore:
         """Load the keys we hold (lead or replicate) from a checkpoint's files (read by
         the driver: ``read_server_file`` of each)."""
         held = self.ring.ranges_of(self.node_id)
+        only = msg.meta.get("ranges")
+        if only is not None:  # ranges given to us empty: just those pieces of what we hold
+            pieces = [range_from_wire(w) for w in only]
+            held = [Range(max(h.begin, p.begin), min(h.end, p.end)) for h in held for p in pieces
+                    if h.begin < p.end and p.begin < h.end]
         restored = 0
         try:
             for loaded in files:
@@ -1087,6 +1109,8 @@ class ServerCore:
         except Exception as err:
             self.outbox.append(Refuse(None, msg, err, LINK))
             return self._take()
+        if only is not None:
+            self.restoring = [r for r in self.restoring if not any(r.begin < h.end and h.begin < r.end for h in held)]
         log.info("%s restored %d keys from %s", self.node_id, restored, msg.meta.get("folder"))
         self._warn_over_limit(f"restoring {msg.meta.get('folder')}")
         self.outbox.append(Reply(None, msg.reply(meta={"keys": restored}), LINK))

@@ -94,6 +94,8 @@ class FastPull:
         keys = np.frombuffer(body, dtype=np.uint64)
         if not is_sorted_unique(keys):
             return None
+        if srv.restoring:
+            return None  # (the general path refuses keys being restored)
         ring = srv.ring  # (the reply names the ring of when it is sent, as on_pull's does)
         begins = ring.inner_begin_list
         if begins is None or not ring.ranges:
