@@ -153,3 +153,31 @@ def test_a_straggling_worker_is_named_in_the_jobs_metrics(tmp_path):
     # the slowed rank is named (a worker that starts late can lag for a moment too)
     by_rank = {r: sum(e["rank"] == r for e in events) for r in {e["rank"] for e in events}}
     assert 2 in by_rank, events
+
+
+def test_psd_run_output_folder_receives_the_model(tmp_path):
+    """`psd run --output DIR` passes DIR on to the workers: the model (here a count-min
+    sketch, with no `sketch.save` in the file) lands in DIR, not in the file's `output`."""
+    from psd.apps import cms
+    job = write_job(tmp_path, {
+        "name": "tiny-cms", "app": "cms", "servers": 1, "workers": 2, "output": "from-file",
+        "data": {"generator": "zipf", "seed": 3, "items": 200_000, "vocabulary": 5000, "exponent": 1.1},
+        "sketch": {"epsilon": 0.01, "delta": 0.05}, "eval": {"queries": 50, "heavy": 10}})
+    res = run_psd("run", str(job), "--quiet", "--output", "given", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model = cms.Model.load(tmp_path / "given")        # model.json + model.npz beside summary.json
+    assert (tmp_path / "given" / "summary.json").is_file()
+    assert int(model.counts.sum()) == 200_000 * model.depth   # every item once per row
+    assert not (tmp_path / "from-file").exists()
+
+
+@pytest.mark.parametrize("name", ["logreg", "cms", "lda"])
+def test_shipped_jobs_save_their_model_in_the_run_folder(name):
+    from psd.apps import APPS
+    from psd.apps.model import save_folder
+    from psd.jobs.runner import _submitted
+    from psd.jobs.spec import load_job
+    job = load_job(str(Path(__file__).resolve().parent.parent / "configs" / "jobs" / f"{name}.yaml"), APPS)
+    spec = _submitted(job, Path("/somewhere/run"))
+    section = "sketch" if name == "cms" else "model"
+    assert save_folder(spec[section].get("save"), spec) == "/somewhere/run"

@@ -56,7 +56,7 @@ import numpy as np
 
 from psd.apps.datasets.text import _open, check_files, expand_files, iter_shard_token_ids, plan_shards
 from psd.apps.hashing import MultiplyShift, token_ids
-from psd.apps.model import read_model, write_model
+from psd.apps.model import SAVE_CHECK, read_model, save_folder, write_model
 from psd.apps.options import Check, check_sections, is_int, is_num, merge_defaults
 from psd.apps.rendezvous import wait_for_ranks
 from psd.errors import ConfigError
@@ -76,7 +76,7 @@ DEFAULTS: dict = {
         "width": None,            # explicit width (instead of epsilon)
         "depth": None,            # explicit depth (instead of delta)
         "seed": 1,                # seed of the hash functions
-        "save": None,             # folder for model.npz and model.json
+        "save": True,             # folder for model.npz and model.json; true: the run folder
         "candidates": 1000,       # most frequent items kept by name in the model (heavy_hitters)
     },
     "train": {
@@ -120,7 +120,7 @@ _CHECKS: dict[str, dict[str, Check]] = {
         "width": (lambda v: v is None or (is_int(v) and 1 <= v <= MAX_WIDTH), f"an integer in [1, {MAX_WIDTH}]"),
         "depth": (lambda v: v is None or (is_int(v) and 1 <= v <= 64), "an integer in [1, 64]"),
         "seed": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
-        "save": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a folder path"),
+        "save": SAVE_CHECK,
         "candidates": (lambda v: is_int(v) and 0 <= v <= 1_000_000, "an integer in [0, 1000000]"),
     },
     "train": {
@@ -475,8 +475,9 @@ async def run(kv, ctx) -> dict:
         "items_per_s_total": round(float(rows[:, 1].sum() / max(rows[:, 3].max(), 1e-9))),
         "stream_seconds": float(rows[:, 3].max()), "eval_seconds": time.perf_counter() - t_eval,
     }
-    if opts["sketch"]["save"] is not None:
-        await save_model(opts["sketch"]["save"], table, sketch.family, data, ids, counts,
+    folder = save_folder(opts["sketch"]["save"], ctx.spec)
+    if folder is not None:
+        await save_model(folder, table, sketch.family, data, ids, counts,
                          int(opts["sketch"]["candidates"]), kv.limits.max_keys, summary)
     await ctx.report(progress=1.0)
     return summary

@@ -57,7 +57,7 @@ from psd.apps.datasets.text import _WORD, check_files, expand_files, read_docume
 from psd.apps.datasets.topics import Corpus, corpus_from_documents, make_planted_corpus, match_topics
 from psd.apps.hashing import mix64
 from psd.apps.options import Check, check_sections, is_int, is_num, merge_defaults
-from psd.apps.model import read_model, write_model
+from psd.apps.model import SAVE_CHECK, read_model, save_folder, write_model
 from psd.apps.rendezvous import wait_for_ranks
 from psd.errors import ConfigError
 
@@ -96,7 +96,7 @@ DEFAULTS: dict = {
         "alpha": 0.1,              # document-topic prior
         "beta": 0.01,              # topic-word prior
         "dtype": "int32",          # of the word-topic table
-        "save": None,              # folder for model.npz and model.json
+        "save": True,              # folder for model.npz and model.json; true: the run folder
     },
 }
 
@@ -136,7 +136,7 @@ _CHECKS: dict[str, dict[str, Check]] = {
         "alpha": (lambda v: is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
         "beta": (lambda v: is_num(v) and 0 < v <= 100, "a number in (0, 100]"),
         "dtype": (lambda v: v in ("int32", "int64"), "'int32' or 'int64'"),
-        "save": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a folder path"),
+        "save": SAVE_CHECK,
     },
     "eval": {
         "heldout": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -548,8 +548,9 @@ async def run(kv, ctx) -> dict:
                        heldout_documents=int(held.sum()), stopped=stopped)
     for k, t in enumerate(top):
         summary[f"topic_{k:02d}"] = " ".join(corpus.vocab[w] for w in t[:n_top])
-    if model["save"] is not None:
-        write_model(model["save"], "lda", {"nwk": counts, "vocab": np.array(corpus.vocab, dtype=str)}, {
+    folder = save_folder(model["save"], ctx.spec)
+    if folder is not None:
+        write_model(folder, "lda", {"nwk": counts, "vocab": np.array(corpus.vocab, dtype=str)}, {
             "topics": K, "alpha": float(model["alpha"]), "beta": beta, "vocabulary": corpus.num_words,
             "rows": "nwk[v] is word vocab[v]'s topic counts; table key mix64(v) (psd.apps.hashing.mix64)",
             "tokenizer": "lower-cased runs of two or more letters (psd.apps.datasets.text.read_documents)",

@@ -57,7 +57,7 @@ from psd.apps.datasets import GENERATORS, SparseDataset, shard
 from psd.apps.datasets.arrays import check_npz, from_arrays, load_npz, write_npz
 from psd.apps.datasets.libsvm import CHUNK_ROWS, concat, expand_files, load_shard, read_chunks
 from psd.apps.guard import Watch, check_end
-from psd.apps.model import read_model, write_model
+from psd.apps.model import SAVE_CHECK, read_model, save_folder, write_model
 from psd.apps.metrics import auc, log_loss
 from psd.apps.rendezvous import wait_for_ranks
 from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check_sparse_logreg, is_bool,
@@ -107,7 +107,7 @@ DEFAULTS: dict = {
         "beta": 1.0,            # ftrl
     },
     "model": {
-        "save": None,           # folder for the final weights (one part-RANK.npz per worker)
+        "save": True,           # folder for model.npz; true: the run folder, false: none
     },
 }
 
@@ -165,7 +165,7 @@ _CHECKS: dict[str, dict[str, Check]] = {
         "beta": (lambda v: is_finite_num(v) and v >= 0, "a number >= 0"),
     },
     "model": {
-        "save": (lambda v: isinstance(v, str) and bool(v), "a folder path"),
+        "save": SAVE_CHECK,
     },
 }
 
@@ -576,7 +576,7 @@ class Trainer:
         then rank 0, once every rank has, merges them into ``model.npz`` and
         ``model.json`` (:mod:`psd.apps.model`). The parts must reach rank 0's disk: one
         machine, or a shared folder."""
-        folder = self.opts["model"]["save"]
+        folder = save_folder(self.opts["model"]["save"], self.ctx.spec)
         if folder is None:
             return
         path = Path(folder) / "parts"

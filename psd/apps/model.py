@@ -1,6 +1,7 @@
 """The models the apps write: ``model.npz`` beside a small ``model.json`` header.
 
-A run's model is two files in one folder (the job's ``model.save``; what
+A run's model is two files in one folder (the job's ``model.save``, ``sketch.save``
+for count-min: by default the run folder, see :func:`save_folder`; what
 ``psd.apps.<app>.fit`` returns is read from them):
 
 - ``model.npz``: the arrays, as ``numpy.savez`` writes them (no pickled objects:
@@ -34,6 +35,26 @@ def _plain(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+#: the check of a ``model.save`` / ``sketch.save`` option
+SAVE_CHECK = (lambda v: v is None or isinstance(v, bool) or (isinstance(v, str) and bool(v)),
+              "a folder path, true (the run folder) or false (no model)")
+
+
+def save_folder(value, spec: dict) -> str | None:
+    """Where a run writes its model: ``value`` (the job's ``model.save``) when it names a
+    folder; the run folder when it is true or unset; nowhere when false. The run folder
+    is the job's ``output``, which ``psd run`` sets to the folder it writes the run's
+    outputs to (``--output`` or the file's ``output``, made absolute) before it submits
+    the job, so the model lands beside ``summary.json``. ``psd submit`` passes the job
+    file's ``output`` on as written: a folder on the workers' machines."""
+    if isinstance(value, str):
+        return value
+    if value is False:
+        return None
+    out = spec.get("output")
+    return out if isinstance(out, str) and out else None
 
 
 def write_model(folder: str | Path, app: str, arrays: dict[str, np.ndarray], header: dict) -> Path:

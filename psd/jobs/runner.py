@@ -72,7 +72,7 @@ def run_parsed(job: JobSpec, apps: AppRegistry, start: StartCluster, output: str
               f"worker(s); output in {out}/", file=sys.stderr)
     started = time.monotonic()
     with start(job) as cluster:
-        job_id = admin.call(cluster.scheduler, "submit", job=_submitted(job), workers=job.workers)["job"]
+        job_id = admin.call(cluster.scheduler, "submit", job=_submitted(job, out), workers=job.workers)["job"]
         workers = [cluster.add_worker(f"worker{i}", one_job=True) for i in range(job.workers)]
         state = _follow(cluster.scheduler, job, job_id, workers, out, quiet)
     elapsed = time.monotonic() - started
@@ -100,10 +100,16 @@ def submit_job(path: str, scheduler: str, apps: AppRegistry, output: str | None 
     return _finish(job, apps, job_id, state, out, time.monotonic() - started)
 
 
-def _submitted(job: JobSpec) -> dict:
+def _submitted(job: JobSpec, out: Path | None = None) -> dict:
     """The job as the scheduler keeps it: the file's map, with its name (the file's stem
-    unless the file names it), which `psd status` shows."""
-    return {**job.spec, "name": job.name}
+    unless the file names it), which `psd status` shows. ``out``: the folder this run
+    writes its outputs to, which ``psd run`` passes on (made absolute) as the job's
+    ``output``, so the workers write the model there (``psd.apps.model.save_folder``)
+    whatever ``--output`` chose; ``psd submit`` passes the file's ``output`` on as is."""
+    spec = {**job.spec, "name": job.name}
+    if out is not None:
+        spec["output"] = str(Path(out).resolve())
+    return spec
 
 
 def _finish(job: JobSpec, apps: AppRegistry, job_id: str, state: dict, out: Path, elapsed: float) -> int:
