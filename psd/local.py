@@ -149,7 +149,7 @@ class LocalCluster:
     """
 
     def __init__(self, servers: int = 1, *, config: ClusterConfig | None = None,
-                 startup_timeout: float = 30.0, workdir: str | None = None,
+                 startup_timeout: float = 90.0, workdir: str | None = None,
                  keep_workdir: bool = False, standbys: int = 0, **settings):
         """``standbys``: standby schedulers beside the first (each with its own state
         folder); then every scheduler has a fixed port and ``cluster.schedulers`` lists them."""

@@ -23,6 +23,15 @@ from psd.transport import security
 RAW_TIMEOUT = 5.0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_store():
+    """The store's compiled loops, in numba's disk cache before the first daemon starts:
+    on a fresh machine the first compile takes ~20 s, which every server started at once
+    would otherwise wait for within its start-up time."""
+    from psd.store.kernels import warm
+    warm()
+
+
 @pytest.fixture(scope="module")
 def cluster3():
     with psd.LocalCluster(servers=3) as cluster:
