@@ -75,6 +75,9 @@ class ClusterConfig:
     #: seconds a daemon may take to bind and join the cluster before it exits with code 3
     startup_timeout: float = 60.0
     compression: str = "none"
+    #: workers send a key list they sent before by its signature, not whole (key caching;
+    #: docs/protocol.md, "Key caching"): off, every request carries its keys
+    key_caching: bool = True
     #: consistency model of every table unless a table overrides it (docs/consistency.md)
     consistency: str = "eventual"
     #: tau for bounded consistency: an integer >= 0, or "auto" (adapted within auto_delay_bounds)
@@ -171,6 +174,15 @@ def _text_int(s: str) -> int:
     return int(s, 10)
 
 
+def _text_bool(s: str) -> bool:
+    low = s.strip().lower()
+    if low in ("true", "yes", "on", "1"):
+        return True
+    if low in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"not true or false: {s!r}")
+
+
 def _text_int_or_word(s: str) -> int | str:
     s = s.strip()
     return int(s, 10) if re.fullmatch(r"[+-]?\d+", s) else s
@@ -247,6 +259,7 @@ RULES: dict[str, Rule] = {
                              "microseconds from 0 (never spin) to 1000000", _text_int),
     "startup_timeout": _positive_seconds(),
     "compression": _choice("none", "zstd"),
+    "key_caching": Rule(lambda v: isinstance(v, bool), "true or false", _text_bool),
     "consistency": _choice("sequential", "bounded", "eventual"),
     "max_delay": Rule(lambda v: v == "auto" or (_integer(v) and v >= 0), "an integer >= 0 or 'auto'",
                       _text_int_or_word),

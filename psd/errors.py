@@ -152,6 +152,16 @@ class BusyError(PsdError):
     code = "busy"
 
 
+class KeysUnknownError(PsdError):
+    """A request named its keys by a key-list signature (``meta.kc``) that this server
+    does not hold for the sender and table (it restarted, evicted it, or never had it),
+    or whose length or end keys do not match what it holds: nothing was applied. The
+    client sends the request again with its keys, in order (automatic). ``data``:
+    ``{sig}``, the signature refused."""
+
+    code = "keys_unknown"
+
+
 class NotLeaderError(PsdError):
     """This scheduler is a standby (or was deposed): it follows the leader and answers
     nothing else. ``data``: ``{leader, epoch}``; clients and daemons switch to the
@@ -176,6 +186,7 @@ _BY_CODE = {cls.code: cls for cls in (
     PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError, ForbiddenError,
     BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
     TableMismatchError, LimitError, NotOwnerError, NotReplicatedError, OutOfOrderError, UnavailableError, NotLeaderError,
+    KeysUnknownError,
     BusyError, StaleRingError, PsdTimeoutError, RemoteError)}
 
 

@@ -65,6 +65,7 @@ def render(st: dict) -> str:
         [name, t["width"], t["dtype"], t["updater"], t["keys"], _size(t["bytes"])]
         for name, t in st["tables"].items()]))
     out += _memory(st)
+    out += _traffic(st)
     out += _workers(st)
     if st.get("jobs"):
         out += ["", "jobs (tables: the job's namespace, <id>/<name>; at end: keep or drop them)"]
@@ -98,6 +99,33 @@ def _memory(st: dict) -> list[str]:
         return []
     return ["", "memory per server (table storage, replicas included; limit: limits.max_memory_bytes)",
             _table(["server", "holds", "limit", "used", "full replicas"], rows)]
+
+
+def _saved(side: dict) -> str:
+    raw = side.get("raw", 0)
+    return f"{100 * (1 - side.get('after_zstd', 0) / raw):.0f}%" if raw else "-"
+
+
+def _traffic(st: dict) -> list[str]:
+    """Bytes per server after each stage (received: requests and forwards; sent: replies,
+    forwards), and its key cache."""
+    rows = []
+    for n in st["nodes"]:
+        t = n.get("traffic") or {}
+        if n["role"] != "server" or not t:
+            continue
+        r, s = t.get("received", {}), t.get("sent", {})
+        kc = n.get("key_cache") or {}
+        rows.append([n["id"], _size(r.get("raw", 0)), _size(r.get("after_kc", 0)), _size(r.get("after_zstd", 0)),
+                     _saved(r), _size(s.get("raw", 0)), _size(s.get("after_zstd", 0)), _saved(s),
+                     f"{kc.get('hits', 0)}/{kc.get('misses', 0)}" if kc else "-",
+                     _size(kc.get("bytes", 0)) if kc else "-"])
+    if not rows:
+        return []
+    return ["", "traffic per server (payload bytes: raw, after key caching, after zstd; saved = 1 - after zstd / "
+                "raw; key cache: hits/misses, held)",
+            _table(["server", "in raw", "in after kc", "in after zstd", "in saved", "out raw", "out after zstd",
+                    "out saved", "kc hits/misses", "kc held"], rows)]
 
 
 def _seconds(s: float | None) -> str:

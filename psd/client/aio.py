@@ -20,6 +20,7 @@ import numpy as np
 from psd.cluster.assignment import Assignment
 from psd.cluster.rows import Rows
 from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message
+from psd.codec.traffic import total as traffic_total
 from psd.config import ClusterConfig
 from psd.core.client import RETRY_TICK, AskRing, ClientCore, Done, Send
 from psd.errors import (AuthError, BadRequestError, MessageTooLargeError, NotLeaderError, ProtocolError,
@@ -54,6 +55,7 @@ class AsyncKVWorker:
         self.node_id = "W?"
         self.limits = config.limits
         self.core = ClientCore("W?", config.request_timeout)
+        self.core.key_caching = config.key_caching
         self._servers: dict[str, RpcSocket] = {}
         self._tasks: list[asyncio.Task] = []
         self._ts = itertools.count(1)
@@ -395,6 +397,14 @@ class AsyncKVWorker:
                 log.info("%s: no answer to %s yet; asking the scheduler again", self.node_id, op)
 
     # -- requests ------------------------------------------------------------------
+    def traffic(self) -> dict:
+        """Bytes this worker sent to and received from servers after each stage (raw,
+        after key caching, after zstd, on the wire: psd.codec.traffic), and its
+        key-caching counts (``key_cache``)."""
+        out = traffic_total(rpc.traffic.snapshot() for rpc in self._servers.values())
+        out["key_cache"] = dict(self.core.kc_counters)
+        return out
+
     def server_socket(self, node: str) -> RpcSocket | None:
         """The connection to server ``node``, if the ring has given us its address."""
         return self._servers.get(node)

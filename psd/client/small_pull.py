@@ -110,6 +110,7 @@ class SmallPull:
         if type(h) is not dict or h.get("id") != self.msg_id or h.get("op") not in ("ok", "error"):
             return False
         self.rpc.note_received(frames)
+        self.rpc.traffic.count_received_plain(frames)  # (a small pull's answer: uncompressed)
         reply: Message | Exception
         if h["op"] == "ok" and h.get("frames") == self._expect and len(frames) == 2 and type(h.get("src")) is str:
             body = frames[1].buffer

@@ -138,6 +138,10 @@ class KVWorker:
     def status(self) -> dict:
         return self._run(self.aio.status())
 
+    def traffic(self) -> dict:
+        """Bytes sent and received after each stage, and key-caching counts (AsyncKVWorker.traffic)."""
+        return self._now(self.aio.traffic)
+
     def close(self) -> None:
         if not self._loop.is_closed():
             self._heartbeat.stop()

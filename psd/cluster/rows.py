@@ -21,6 +21,8 @@ class Rows:
     keys: np.ndarray | None = None            # sorted, unique uint64; or None for spans
     spans: list[tuple[int, int]] | None = None  # [(lo, count), ...] ascending, disjoint
     values: np.ndarray | None = None          # (count, width), row i for the i-th key
+    #: the signature under which the receiver keeps ``keys`` (key caching), when it does
+    sig: int | None = None
 
     @property
     def count(self) -> int:
@@ -70,11 +72,21 @@ class Rows:
         return Message(op, meta=meta, arrays=arrays, **fields)
 
     @classmethod
-    def from_message(cls, msg: Message, limits: Limits, with_values: bool) -> "Rows":
-        """Parse and check the rows of a request; raises before anything is applied."""
+    def from_message(cls, msg: Message, limits: Limits, with_values: bool,
+                     keys: np.ndarray | None = None) -> "Rows":
+        """Parse and check the rows of a request; raises before anything is applied.
+        ``keys``: the request's keys, when it named them by signature (``meta.kc``; the
+        receiver's key cache holds them, checked when they were kept): no keys frame."""
         n_values = 1 if with_values else 0
         spans = msg.meta.get("spans")
-        if spans is not None:
+        if keys is not None:
+            if spans is not None:
+                raise ProtocolError(f"{msg.op} names both spans and a key list (meta.kc); send one of them")
+            if len(msg.arrays) != n_values:
+                raise ProtocolError(f"{msg.op} by key-list signature (meta.kc) expects {n_values} payload frame(s) "
+                                    f"and no keys frame, got {len(msg.arrays)}")
+            rows = cls(keys=keys)
+        elif spans is not None:
             rows = cls(spans=_check_spans(spans, limits))
             if len(msg.arrays) != n_values:
                 raise ProtocolError(f"{msg.op} by spans expects {n_values} payload frame(s), got {len(msg.arrays)}")

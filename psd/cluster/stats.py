@@ -163,6 +163,11 @@ def check_stats(stats) -> dict:
             out[k] = _int(stats[k], k)
     if "memory" in stats:
         out["memory"] = _memory(stats["memory"], "memory")
+    if "traffic" in stats:  # bytes after each stage, sent and received (psd.codec.traffic)
+        out["traffic"] = {side: _names_to(v, f"traffic.{side}", 16, _int) for side, v in
+                          _map(stats["traffic"], "traffic", 2).items() if side in ("sent", "received")}
+    if "key_cache" in stats:  # the server's key cache (psd.core.keycache)
+        out["key_cache"] = _names_to(stats["key_cache"], "key_cache", 16, _int)
     if "consistency" in stats:
         out["consistency"] = _names_to(stats["consistency"], "consistency", MAX_POLICIES, _policy)
     if "uptime" in stats:

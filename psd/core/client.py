@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +28,10 @@ from psd.cluster.assignment import Assignment
 from psd.cluster.routing import Slices
 from psd.cluster.rows import Rows
 from psd.codec import Message
+from psd.codec.signature import KC_MIN_KEYS, key_ref
 from psd.core.ids import next_rid
 from psd.core.stream import SEQ, Outbound, parse
-from psd.errors import (BusyError, NotOwnerError, NotReplicatedError, OutOfOrderError, PsdError,
+from psd.errors import (BusyError, KeysUnknownError, NotOwnerError, NotReplicatedError, OutOfOrderError, PsdError,
                         PsdTimeoutError, UnavailableError, ValuesError, error_from_wire)
 from psd.schema import TableSpec
 
@@ -44,7 +46,11 @@ MAX_BACKOFF = 0.5
 #: a push of keys is cut into messages of at most this many bytes of payload (``_chunked``)
 MAX_PUSH_BYTES = 2 << 20
 #: errors after which the server expects the part again: the stream broke there
-RESEND = (NotOwnerError.code, UnavailableError.code, BusyError.code, OutOfOrderError.code)
+RESEND = (NotOwnerError.code, UnavailableError.code, BusyError.code, OutOfOrderError.code, KeysUnknownError.code)
+#: key lists remembered per server as held there (key caching); the oldest are forgotten
+KNOWN_PER_SERVER = 4096
+#: ops whose keys may be named by signature (``meta.kc``)
+CACHED_OPS = ("push", "pull", "pushpull")
 
 # -- effects -----------------------------------------------------------------------------
 @dataclass(slots=True)
@@ -73,7 +79,8 @@ class AskRing:
 class Part:
     """The piece of a request bound for one server: the request's rows in ``slices``."""
 
-    __slots__ = ("request", "server", "slices", "msg", "rows", "sent_ring", "sent_at", "reply", "order", "cost")
+    __slots__ = ("request", "server", "slices", "msg", "rows", "sent_ring", "sent_at", "reply", "order", "cost",
+                 "ref", "kc")
 
     def __init__(self, request: "Request | None", server: str, slices: Slices, msg: Message, rows: Rows | None,
                  order: tuple) -> None:
@@ -83,6 +90,8 @@ class Part:
         self.reply: Message | None = None
         self.order = order  # (issue number, index): where it goes in the send queue
         self.cost = 0  # bytes it holds on its server while unanswered (0: not counted now)
+        self.ref: list | None = None  # [sig, count, first, last] of its keys (key caching), once computed
+        self.kc: str | None = None  # how its keys last went: "kc" (by signature), "kcs" (whole, to keep)
 
 
 class Request:
@@ -138,6 +147,13 @@ class ClientCore:
         #: servers declared dead that still hold the only copies of some ranges (the
         #: scheduler's word, with the ring): a request waiting on one fails as unavailable
         self.down: set[str] = set()
+        #: key caching: send a key list of KC_MIN_KEYS or more keys whole once, asking the
+        #: server to keep it, then by its signature; per server, the lists it said it keeps:
+        #: (table, sig) -> (count, first, last). A ``keys_unknown`` refusal forgets them all
+        self.key_caching = True
+        self.kc_min_keys = KC_MIN_KEYS
+        self.known: dict[str, OrderedDict] = {}
+        self.kc_counters = {"by_signature": 0, "whole_to_keep": 0, "kept": 0, "refused": 0}
 
     def _take(self) -> list:
         out = self.outbox[:]
@@ -239,7 +255,43 @@ class ClientCore:
         part.cost = _cost(part)
         self.inflight[part.server] = self.inflight.get(part.server, 0) + part.cost
         self.sent[msg.id] = part  # (a clock is answered only when refused; it goes once admitted)
-        self.outbox.append(Send(part.server, msg))
+        self.outbox.append(Send(part.server, self._keys_by_signature(part, msg)))
+
+    def _keys_by_signature(self, part: Part, msg: Message) -> Message:
+        """What goes on the wire for ``part``: its message, or (key caching) the same with
+        its keys named by signature when the server said it keeps them; or whole, asking
+        the server to keep them. ``part.msg`` keeps its keys for a resend either way."""
+        part.kc = None
+        rows = part.rows
+        if (not self.key_caching or part.request is None or rows is None or rows.keys is None
+                or rows.count < self.kc_min_keys or msg.op not in CACHED_OPS or not msg.arrays):
+            return msg
+        if part.ref is None:
+            part.ref = key_ref(rows.keys)
+        ref = part.ref
+        known = self.known.get(part.server)
+        held = known.get((msg.table, ref[0])) if known is not None else None
+        if held is not None and held == (ref[1], ref[2], ref[3]):
+            known.move_to_end((msg.table, ref[0]))
+            part.kc = "kc"
+            self.kc_counters["by_signature"] += 1
+            return Message(msg.op, id=msg.id, sender=msg.sender, table=msg.table, ring=msg.ring, clock=msg.clock,
+                           meta={**msg.meta, "kc": ref}, arrays=msg.arrays[1:])
+        part.kc = "kcs"
+        self.kc_counters["whole_to_keep"] += 1
+        return Message(msg.op, id=msg.id, sender=msg.sender, table=msg.table, ring=msg.ring, clock=msg.clock,
+                       meta={**msg.meta, "kcs": True}, arrays=msg.arrays)
+
+    def _kept(self, part: Part, reply: Message) -> None:
+        """A success answer to keys sent whole to keep: the server keeps them when it
+        names their signature (it may not: a collision, a list over its cache)."""
+        if part.kc == "kcs" and part.ref is not None and reply.meta.get("kc") == part.ref[0]:
+            known = self.known.setdefault(part.server, OrderedDict())
+            known[(part.msg.table, part.ref[0])] = (part.ref[1], part.ref[2], part.ref[3])
+            known.move_to_end((part.msg.table, part.ref[0]))
+            self.kc_counters["kept"] += 1
+            while len(known) > KNOWN_PER_SERVER:
+                known.popitem(last=False)
 
     def _unsent(self, part: Part) -> None:
         """``part`` no longer holds its server's budget (answered, given up, sent again)."""
@@ -314,6 +366,11 @@ class ClientCore:
         hint = (reply.meta.get("data") or {}).get("ring") if code is not None else None
         if isinstance(hint, int) and hint > self.ring.version:
             self._want_ring(now)  # the server acted on a newer ring than ours
+        if code == KeysUnknownError.code:
+            # the server lost (or never had) a list we named by signature: it restarted,
+            # evicted it, or is another server now; send whole to it from here on
+            self.known.pop(server, None)
+            self.kc_counters["refused"] += 1
         if code in RESEND:
             if code == OutOfOrderError.code:
                 resume = (reply.meta.get("data") or {}).get("from", 0)
@@ -334,6 +391,8 @@ class ClientCore:
             self._requeue(back, now)
         else:
             self._admitted(stream, sq)
+            if part.kc == "kcs" and code is None:
+                self._kept(part, reply)
             if part.request is not None:
                 self._settle(part, reply, code, now)
         self._flush(now)
@@ -351,8 +410,8 @@ class ClientCore:
     def _hold(self, part: Part, reply: Message, code: str, now: float) -> None:
         """A refusal: the queue waits a moment (growing while the same request keeps being
         refused), and for the ring when the server knows a newer one."""
-        if code == OutOfOrderError.code:
-            return  # a lost message: send again at once
+        if code in (OutOfOrderError.code, KeysUnknownError.code):
+            return  # a lost message, or keys to send whole: send again at once
         req = part.request
         pause = RETRY_TICK / 4
         if req is not None:

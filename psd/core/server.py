@@ -34,12 +34,13 @@ from psd.core.acks import Acks, Pending
 from psd.core.effects import LINK, Follow, Refuse, Rejoin, Reply, Stop, Write
 from psd.core.election import Ballot
 from psd.core.fence import Fence
+from psd.core.keycache import KeyCache
 from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
 from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
 from psd.core.seen import ONCE, PartlyApplied, Seen
 from psd.core.stream import SEQ, Inbound, parse
-from psd.errors import (BadRequestError, BusyError, LimitError, MessageTooLargeError,
+from psd.errors import (BadRequestError, BusyError, KeysUnknownError, LimitError, MessageTooLargeError,
                         NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
                         TableMismatchError, UnavailableError, UnknownTableError)
 from psd.keyroles import ROLE_SERVER, ROLE_WORKER, forbidden, in_scope, outside_scope, scope_of
@@ -69,7 +70,7 @@ DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replica
 STATS_EVERY = 5
 #: refusals after which the sender sends the request again: nothing it sent after the
 #: refused request may be admitted before that (the stream breaks there)
-BREAKING = (NotOwnerError, UnavailableError, BusyError)
+BREAKING = (NotOwnerError, UnavailableError, BusyError, KeysUnknownError)
 
 
 def _request_id(value, what: str) -> int | None:
@@ -97,6 +98,8 @@ class ServerCore:
         self.restoring: list[Range] = []
         self.seen = Seen()
         self.partly = PartlyApplied()
+        #: key lists workers asked us to keep, named by signature in their later requests
+        self.keycache = KeyCache()
         self._may: dict[tuple, bool] = {}  # (key role, table) -> may touch (may_touch)
         self.streams = Inbound()
         self.outbox: list = []
@@ -340,6 +343,7 @@ class ServerCore:
         while len(self.dropped) > DROPPED_KEPT:
             self.dropped.popitem(last=False)
         if names:
+            self.keycache.forget(tables=set(names))
             self.partly.forget_once(tuple(f"{ONCE}{name}/" for name in names))
         self.full_replicas.clear()  # they may have freed memory too
         if dropped:
@@ -371,6 +375,7 @@ class ServerCore:
         if activity == then:
             self.seen.forget(worker)
             self.partly.forget(worker)
+            self.keycache.forget(sender=worker)
             self.streams.forget(worker)
             del self.forgetting[worker]
             return
@@ -519,12 +524,26 @@ class ServerCore:
             ok = self._may[key] = in_scope(scope_of(peer), namespace_of(table))
         return ok
 
-    def _rows(self, msg: Message, table: Table, with_values: bool) -> Rows:
-        """Parse and check everything before anything is applied."""
-        rows = Rows.from_message(msg, self.config.limits, with_values)
+    def _rows(self, msg: Message, table: Table, with_values: bool, cached: bool = True) -> Rows:
+        """Parse and check everything before anything is applied. ``cached``: the request
+        may name its keys by signature (``meta.kc``: a worker's push, pull or pushpull),
+        and ask us to keep them (``meta.kcs``); a refused signature breaks the stream
+        (``keys_unknown`` is in BREAKING), so the sender resends it and what followed it
+        in order, keys whole."""
+        meta = msg.meta
+        kc = meta.get("kc")
+        if kc is not None:
+            if not cached:
+                raise ProtocolError(f"{msg.op} cannot name its keys by signature (meta.kc); send them")
+            keys = self.keycache.resolve(msg.sender, table.spec.name, kc)
+            rows = Rows.from_message(msg, self.config.limits, with_values, keys=keys)
+        else:
+            rows = Rows.from_message(msg, self.config.limits, with_values)
         if with_values:
             rows.values = table.check_values(rows.values, rows.count)
             table.refuse_nonfinite(rows.values, rows.keys, rows.spans)
+        if kc is None and meta.get("kcs") and cached and rows.keys is not None and rows.count:
+            rows.sig = self.keycache.store(msg.sender, table.spec.name, rows.keys)
         return rows
 
     def policy(self, table: Table) -> Policy:
@@ -794,7 +813,7 @@ class ServerCore:
         except Exception:
             self._unhold(msg.sender, cost)
             raise
-        self._answer_when(pending, route, msg, msg.reply(ring=self.ring.version), cost=cost)
+        self._answer_when(pending, route, msg, msg.reply(ring=self.ring.version, meta=_kept(rows)), cost=cost)
 
     def _check_reply_size(self, table: Table, rows: Rows) -> None:
         size = rows.count * table.width * table.dtype.itemsize
@@ -815,11 +834,13 @@ class ServerCore:
                     for lease in leases:
                         lease.release()
                     return
-                self.outbox.append(Reply(route, msg.reply(arrays=[values], ring=self.ring.version), leases=leases))
+                self.outbox.append(Reply(route, msg.reply(arrays=[values], ring=self.ring.version, meta=_kept(rows)),
+                                         leases=leases))
             else:  # pushpull: the pushed values must be on the replicas before we answer;
                 # a copy, so that no lent view of the table waits that long (copy on write)
                 values = rows.pull_from(table) if rows.count else np.empty((0, table.width), table.dtype)
-                self._answer_when(after, route, msg, msg.reply(arrays=[values], ring=self.ring.version), cost=cost)
+                self._answer_when(after, route, msg, msg.reply(arrays=[values], ring=self.ring.version,
+                                                                  meta=_kept(rows)), cost=cost)
 
         self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, now)
 
@@ -866,7 +887,7 @@ class ServerCore:
         self._admit(msg)
         self.fence.heard(msg.sender, now)
         table = self._table(msg)
-        rows = self._rows(msg, table, with_values=True)
+        rows = self._rows(msg, table, with_values=True, cached=False)  # (forwards carry their keys)
         origin, rid = msg.meta.get("origin"), _request_id(msg.meta.get("rid"), "replicate: meta.rid")
         if not isinstance(origin, str):
             raise ProtocolError("replicate: meta.origin must name the worker that pushed")
@@ -1133,6 +1154,7 @@ class ServerCore:
             "leads": len(self.ring.led_by(self.node_id)), "holds": len(self.ring.ranges_of(self.node_id)),
             "pending_acks": len(self.acks), "copying_in": len(self.incoming),
             "seen_senders": len(self.seen.senders() | self.partly.senders()),
+            "key_cache": self.keycache.stats(),
             "memory": {"bytes": self.usage.bytes, "limit": self.config.limits.max_memory_bytes,
                        "reserved": self.reserved, "full_replicas": sorted(self.full_replicas)},
             "consistency": self.gate.stats(),
@@ -1143,6 +1165,12 @@ class ServerCore:
     def log_clock(self) -> int | None:
         """For log records: the slowest worker clock the consistency gate knows."""
         return self.gate.policies[self.gate.default].clocks.min_clock()
+
+
+def _kept(rows: Rows) -> dict | None:
+    """A reply's ``meta.kc``: the signature under which we keep the request's keys (it
+    asked, ``meta.kcs``), which the sender may name them by from now on."""
+    return None if rows.sig is None else {"kc": rows.sig}
 
 
 class Kept:

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from psd.codec import Message
+from psd.codec.traffic import total as traffic_total
 from psd.config import ClusterConfig
 from psd.core.effects import DATA, Ask, Follow, Forget, Refuse, Rejoin, Reply, Stop, Tell, Write
 from psd.core.server import ServerCore
@@ -317,6 +318,8 @@ class Server:
     # -- introspection -------------------------------------------------------------
     def stats(self) -> dict:
         st = self.core.stats(time.monotonic())
+        peers = list(self.peers._rpc.values()) if getattr(self, "peers", None) is not None else []
+        st["traffic"] = traffic_total([self.data.traffic.snapshot(), *(p.traffic.snapshot() for p in peers)])
         st.update({"bytes_in": self.data.bytes_in, "bytes_out": self.data.bytes_out,
                    "messages_in": self.data.messages_in, "messages_out": self.data.messages_out,
                    "uptime": time.time() - self.started, "metrics": self.metrics_address})

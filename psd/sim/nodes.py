@@ -17,6 +17,7 @@ from psd.core import client as client_core
 from psd.core.effects import (DATA, Ask, DropRoute, Forget, Notify, Refuse, Rejoin, Reply, Run, Save, Stop, Tell,
                               Write)
 from psd.core.scheduler import SchedulerCore
+from psd.core.keycache import KeyCache
 from psd.core.server import ServerCore
 from psd.errors import PsdError, RemoteError
 from psd.schema import TableSpec
@@ -66,10 +67,16 @@ class _Caller:
         return True
 
 
+#: key lists a simulated server keeps (a daemon: KEY_CACHE_ENTRIES)
+SIM_KEY_LISTS = 6
+
+
 class SimServer(Process):
     def __init__(self, world: World, name: str, config: ClusterConfig):
         self.world, self.name, self.config = world, name, config
         self.core = ServerCore(config, secure=False, table_factory=_lend_all)
+        # a key cache of a few lists: evictions, and the misses they bring, in every run
+        self.core.keycache = KeyCache(max_entries=SIM_KEY_LISTS)
         self.caller = _Caller()
         self.asks: dict[int, int] = {}  # message id -> core token
         self.tokens: dict[int, int] = {}  # core token -> message id

@@ -52,6 +52,9 @@ class Settings:
     keys_per_worker: int = 6
     outstanding: int = 6        # requests a worker keeps in flight at most
     faults: bool | tuple[str, ...] = True  # True: any kind (FAULTS); or only these kinds
+    #: workers name key lists they sent before by signature (key caching), from one key
+    #: on (the daemons: from KC_MIN_KEYS); restarts and ring changes bring misses
+    key_caching: bool = True
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
@@ -95,6 +98,8 @@ class Outcome:
     pulls: int = 0
     messages: int = 0
     faults: list[str] = field(default_factory=list)
+    #: the workers' key-caching counts (ClientCore.kc_counters, summed)
+    kc: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -140,6 +145,7 @@ class Run:
             self.add_server()
         for w in range(self.s.workers):
             worker = SimWorker(self.world, f"wrk-{w}", self.config)
+            worker.core.key_caching, worker.core.kc_min_keys = self.s.key_caching, 1
             self.workers.append(worker)
             worker.on_done = lambda ts, result, error, w=w: self._done(w, ts, result, error)
             worker.on_ready = lambda w=w: self._ready(w)
@@ -438,6 +444,9 @@ class Run:
         o.pushes, o.pulls = len(self.pushes), len(self.pulls)
         o.acked = sum(p.outcome == "acked" for p in self.pushes)
         o.messages = self.world.messages
+        for worker in self.workers:
+            for k, v in worker.core.kc_counters.items():
+                o.kc[k] = o.kc.get(k, 0) + v
         return o
 
 

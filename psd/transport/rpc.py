@@ -19,6 +19,7 @@ from zmq.backend import Socket as _Backend
 
 from psd.codec import Limits, Message, decode, encode
 from psd.codec.message import error_reply
+from psd.codec.traffic import Traffic
 from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, error_from_wire
 from psd.refusals import RefusalLog
 from psd.transport.spin import Spin
@@ -178,6 +179,8 @@ class RpcSocket:
         self._strays: dict[int, tuple[bytes, Message]] = {}
         self.bytes_in = 0
         self.bytes_out = 0
+        #: bytes after each stage (raw, key caching, compression, wire), both directions
+        self.traffic = Traffic()
         self.messages_in = 0
         self.messages_out = 0
 
@@ -198,11 +201,15 @@ class RpcSocket:
         has sent them (or at once, when nothing of them was lent to ZeroMQ)."""
         if self._closed:
             raise PsdError(f"{self.node_id}: the connection is closed")
-        self._put(route, encode(msg, self.compression), leases)
+        frames = encode(msg, self.compression)
+        self.traffic.count_sent(msg, frames)
+        self._put(route, frames, leases)
 
     def send_raw(self, route: Route, frames: list) -> None:
-        """Send frames already encoded (a fast handler's reply); dropped after ``close``."""
+        """Send frames already encoded (a fast handler's reply, uncompressed, keys whole);
+        dropped after ``close``."""
         if not self._closed:
+            self.traffic.count_sent_plain(frames)
             self._put(route, frames)
 
     def _put(self, route: Route, frames: list, leases: list | None = None) -> None:
@@ -431,6 +438,7 @@ class RpcSocket:
         if self.fast is not None:
             try:
                 if self.fast(route, frames):
+                    self.traffic.count_received_plain(frames)
                     return
             except Exception as err:  # a bug in the fast path's checks: the general one still answers
                 if self._refusals.note(f"fast/{type(err).__name__}", time.monotonic()) is not None:
@@ -444,6 +452,7 @@ class RpcSocket:
             log.exception("%s: decoding a message failed", self.node_id)
             self._reject(route, frames, ProtocolError(f"message could not be decoded: {err!r}"))
             return
+        self.traffic.count_received(msg, frames)
         if msg.op in REPLY_OPS:
             self._resolve(msg, route)
             return
