@@ -13,6 +13,7 @@ import statistics
 import time
 
 from psd.cluster.health import LEVEL, assess
+from psd.codec.traffic import STAGES, saved
 from psd.transport.metrics import Family, Registry, counter, gauge, histogram
 from psd.transport.metrics_http import MetricsEndpoint
 
@@ -82,6 +83,20 @@ def _traffic(prefix: str, sockets: dict) -> list[Family]:
     return list(fams.values())
 
 
+def _stages(prefix: str, traffic: dict) -> list[Family]:
+    """Bytes after each stage (raw, after key caching, after zstd, wire) by direction,
+    and the fraction of raw payload bytes saved (psd.codec.traffic)."""
+    stages = counter(f"{prefix}_traffic_bytes_total", "Bytes by direction and stage: raw (keys and values as "
+                                                      "meant), after_kc (key caching), after_zstd, wire (with headers)")
+    ratio = gauge(f"{prefix}_traffic_saved_ratio", "1 - payload bytes after zstd / raw bytes, by direction")
+    for side in ("sent", "received"):
+        t = traffic.get(side) or {}
+        for stage in STAGES:
+            stages.add(t.get(stage, 0), direction=side, stage=stage)
+        ratio.add(saved(t), direction=side)
+    return [stages, ratio]
+
+
 def _requests(prefix: str, timings, what: str, latency_help: str) -> list[Family]:
     total = counter(f"{prefix}_requests_total", f"Requests {what} handled, by op and outcome "
                                                  f"(ok, or the error code of the reply)")
@@ -111,6 +126,14 @@ def server_families(server) -> list[Family]:
     peers = list(getattr(getattr(server, "peers", None), "_rpc", {}).items())
     out += _traffic("psd_server", {"data": getattr(server, "data", None), "peers": [p for _, p in peers],
                                    "scheduler": getattr(server, "link", None)})
+    out += _stages("psd_server", st.get("traffic") or {})
+    kc = st.get("key_cache") or {}
+    if kc:
+        out += [counter("psd_server_key_cache_total", "Key-list signatures answered from the key cache (hit), "
+                                                      "refused keys_unknown (miss), lists kept, evicted, poisoned")
+                .add(kc["hits"], outcome="hit").add(kc["misses"], outcome="miss").add(kc["stored"], outcome="stored")
+                .add(kc["evicted"], outcome="evicted").add(kc["collisions"], outcome="collision"),
+                gauge("psd_server_key_cache_bytes", "Bytes of key lists the key cache holds").add(kc["bytes"])]
     keys = gauge("psd_server_table_keys", "Keys stored in this server's copy of a table (led and replicated)")
     size = gauge("psd_server_table_bytes", "Bytes of keys, values and updater state of a table on this server")
     for name, t in sorted(st["tables"].items()):
@@ -275,4 +298,6 @@ def worker_families(worker) -> list[Family]:
             gauge("psd_worker_pending_replies", "Request parts sent to servers and not yet answered")
             .add(sum(len(r.pending) for r in servers))]
     out += _traffic("psd_worker", {"servers": servers, "scheduler": getattr(kv, "_link", None)})
+    if hasattr(kv, "traffic"):
+        out += _stages("psd_worker", kv.traffic())
     return out
