@@ -1,0 +1,165 @@
+"""Bytes on the wire with and without key caching and zstd (issue 17), on loopback.
+
+    .venv/bin/python scripts/bench_traffic.py [--iters 20] [--keys 100000] [--workers 2]
+                                              [--png traffic.png]
+
+A synthetic repeated-key workload, as a batch solver over fixed data shards makes it:
+each worker holds the feature keys of its shard (``--keys`` keys drawn from a Zipf-like
+distribution over hashed 64-bit ids, so the shards overlap on the frequent ones) and
+every iteration pulls the weights of those keys and pushes a gradient for them
+(float32, width 1; gradients are sparse-ish: most entries small, many exactly zero,
+as a logistic-regression gradient over binary features is). The same workload runs on a
+fresh LocalCluster (2 servers, replication 1, security off: loopback only) under four
+settings, each its own cluster, in one run: nothing, key caching, zstd, both. For each:
+bytes the workers sent and received and the servers sent and received (the servers'
+own counters, read from each server's ``status``), after each stage, and the ratios
+to the first setting measured in the same run. Loopback only: the time column is not a
+link-speed result (on 127.0.0.1 bytes cost almost nothing; see docs/performance.md).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psd  # noqa: E402
+from psd.codec import Limits, Message, decode, encode  # noqa: E402
+from psd.codec.traffic import total  # noqa: E402
+
+SETTINGS = [("none", False, "none"), ("key caching", True, "none"), ("zstd", False, "zstd"),
+            ("key caching + zstd", True, "zstd")]
+
+
+def shards(workers: int, n: int, seed: int = 7) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = np.unique(rng.integers(0, 2**63, size=4 * n, dtype=np.uint64))  # the feature vocabulary (hashed ids)
+    out = []
+    for w in range(workers):
+        ranks = np.minimum(rng.zipf(1.3, size=3 * n), ids.size) - 1
+        keys = np.unique(ids[ranks])
+        if keys.size < n:  # top up with rare features
+            rare = np.setdiff1d(ids, keys)
+            keys = np.concatenate([keys, rng.choice(rare, n - keys.size, replace=False)])
+        out.append(np.sort(rng.choice(keys, n, replace=False)))
+    return out
+
+
+def gradient(rng: np.random.Generator, n: int) -> np.ndarray:
+    g = (rng.standard_normal((n, 1)) * 1e-3).astype(np.float32)
+    g[rng.random((n, 1)) < 0.5] = 0.0  # features absent from this shard's active rows
+    return g
+
+
+def server_traffic(addresses: list[str]) -> dict:
+    ctx = zmq.Context.instance()
+    snaps = []
+    for address in addresses:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(address)
+        s.send_multipart(encode(Message("status", id=1, sender="bench")))
+        if not s.poll(10_000):
+            raise SystemExit(f"no status from the server at {address}")
+        snaps.append(decode(s.recv_multipart(), Limits(max_header_bytes=1 << 20)).meta["traffic"])
+        s.close(0)
+    return total(snaps)
+
+
+def run(name: str, key_caching: bool, compression: str, keys: list[np.ndarray], iters: int) -> dict:
+    with psd.LocalCluster(servers=2, replication=1, security="none", compression=compression) as cluster:
+        kvs = [psd.connect(cluster, cluster.config.replace(key_caching=key_caching)) for _ in keys]
+        try:
+            tables = [kv.table("w", width=1, dtype="float32", updater="sum") for kv in kvs]
+            rng = np.random.default_rng(1)
+            started = time.perf_counter()
+            for _ in range(iters):
+                pulls = [t.pull_async(k) for t, k in zip(tables, keys)]
+                for kv, ts in zip(kvs, pulls):
+                    kv.wait(ts)
+                pushes = [t.push(k, gradient(rng, k.size)) for t, k in zip(tables, keys)]
+                for kv, ts in zip(kvs, pushes):
+                    kv.wait(ts)
+            seconds = time.perf_counter() - started
+            workers = total(kv.traffic() for kv in kvs)
+            addresses = [n["address"] for n in cluster.status()["nodes"] if n["role"] == "server"]
+            servers = server_traffic(addresses)
+            final = tables[0].pull(keys[0])
+        finally:
+            for kv in kvs:
+                kv.close()
+    return {"name": name, "workers": workers, "servers": servers, "seconds": seconds,
+            "checksum": float(np.abs(final.astype(np.float64)).sum())}
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--keys", type=int, default=100_000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--png", default="traffic.png")
+    args = ap.parse_args()
+    keys = shards(args.workers, args.keys)
+    results = [run(name, kc, comp, keys, args.iters) for name, kc, comp in SETTINGS]
+    base = results[0]
+    print(f"{args.workers} workers x {args.keys} keys (float32), {args.iters} iterations of pull + push, "
+          f"2 servers, replication 1, loopback (127.0.0.1; no link shaping)")
+    print("MiB on the wire (payload + headers); x = the 'none' row's bytes / this row's, same run")
+    head = ("| setting | workers sent | x | workers received | servers sent | x | servers received | x "
+            "| worker keys by signature | wall s |")
+    print(head)
+    print("|" + "---|" * 10)
+    for r in results:
+        w, s = r["workers"], r["servers"]
+        print(f"| {r['name']} | {mib(w['sent']['wire'])} | {base['workers']['sent']['wire'] / w['sent']['wire']:.2f} "
+              f"| {mib(w['received']['wire'])} | {mib(s['sent']['wire'])} "
+              f"| {base['servers']['sent']['wire'] / s['sent']['wire']:.2f} | {mib(s['received']['wire'])} "
+              f"| {base['servers']['received']['wire'] / s['received']['wire']:.2f} "
+              f"| {w['sent']['kc_messages']} of {w['sent']['messages']} | {r['seconds']:.1f} |")
+    print()
+    print("stages of what the workers sent (MiB): raw, after key caching, after zstd, wire; saved = 1 - after zstd / raw")
+    print("| setting | raw | after kc | after zstd | wire | saved |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        ws = r["workers"]["sent"]
+        print(f"| {r['name']} | {mib(ws['raw'])} | {mib(ws['after_kc'])} | {mib(ws['after_zstd'])} | "
+              f"{mib(ws['wire'])} | {100 * (1 - ws['after_zstd'] / ws['raw']):.0f}% |")
+    sums = {round(r["checksum"], 6) for r in results}
+    print(f"\nfinal weights identical across settings: {'yes' if len(sums) == 1 else 'NO ' + str(sums)}")
+    plot(results, args.png)
+    print(f"chart: {args.png}")
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.add_subplot()
+    names = [r["name"] for r in results]
+    x = np.arange(len(names))
+    series = [("workers sent", lambda r: r["workers"]["sent"]["wire"]),
+              ("servers sent", lambda r: r["servers"]["sent"]["wire"])]
+    for i, (label, get) in enumerate(series):
+        vals = [get(r) / (1 << 20) for r in results]
+        bars = ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("MiB on the wire")
+    ax.set_title("Bytes sent, repeated-key workload (loopback)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
