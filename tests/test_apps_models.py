@@ -59,7 +59,7 @@ def sklearn_objective(X, y, l1):
 @pytest.mark.parametrize("make, l1", [(generated, 1e-3), (lambda: a9a_like(3000), 3e-4)], ids=["zipf", "a9a"])
 def test_logreg_defaults_reach_sklearn(make, l1, tmp_path):
     X, y = make()
-    result = logreg.fit(X, y, l1=l1, output=tmp_path / "run")
+    result = logreg.fit(X, y, l1=l1, servers=1, output=tmp_path / "run")
     ours, theirs = F(X, y, result.coef, l1), sklearn_objective(X, y, l1)
     print(f"objective {ours:.6f} scikit-learn {theirs:.6f} ({ours / theirs - 1:+.3%}); {result.summary['passes']} "
           f"passes, {result.summary['stopped']}, step ratio {result.summary['step_ratio_median']}")
@@ -82,12 +82,40 @@ def test_watch_shrinks_on_rises_and_refuses_divergence():
     check_end("t", 0.693, 0.2, 160, "")   # a run that ends lower is fine
 
 
+def test_watch_compares_a_pass_with_the_pass_before():
+    """Under a bounded delay the objective wobbles from block to block while every pass
+    gains: rises against the previous evaluation must not halve the step, and one
+    wobbly evaluation must not stop the run; a rise pass over pass still shrinks."""
+    wobble = [1.0 - 0.01 * i + (0.015 if i % 2 and i > 4 else 0.0) for i in range(40)]   # up every other block
+    w = Watch("t", patience=1, period=4)
+    for i, v in enumerate(wobble):
+        w.add(i, v)
+    assert w.shrinks == 0                                  # period 1 (the old rule) shrinks 18 times
+    old = Watch("t", patience=1)
+    for i, v in enumerate(wobble):
+        old.add(i, v)
+    assert old.shrinks == 18
+    blip = Watch("t", period=4)
+    for i in range(40):
+        blip.add(i, 1.0 - 0.01 * i + (0.04 if i == 39 else 0.0))   # the last evaluation as high as 4 before
+    assert blip.at(39) == pytest.approx(blip.at(35))       # one value against one value: "no gain"
+    assert not blip.converged(39, 35, tol=1e-3)            # the pass means still gain 4.5%
+    flat = Watch("t", period=4)
+    for i in range(12):
+        flat.add(i, 0.5)
+    assert flat.converged(11, 7, tol=1e-3)                 # a pass without gain stops the run
+    up = Watch("t", patience=2, period=4)
+    for i, v in enumerate([1.0, 0.9, 0.8, 0.7, 1.1, 1.0, 0.9, 0.8]):
+        up.add(i, v)
+    assert up.shrinks == 2                                 # 4 rises pass over pass, patience 2
+
+
 def test_cms_fit_queries_and_heavy_hitters_by_string(tmp_path):
     rng = np.random.default_rng(0)
     words = [f"word{i}" for i in range(3000)]
     draws = rng.zipf(1.3, size=30_000) % 3000
     lines = [" ".join(words[j] for j in draws[i:i + 20]) for i in range(0, draws.size, 20)]
-    model = cms.fit(lines, epsilon=0.01, delta=0.01, workers=2, output=tmp_path / "run")
+    model = cms.fit(lines, epsilon=0.01, delta=0.01, servers=1, workers=2, output=tmp_path / "run")
     exact = Counter(words[j] for j in draws)
     top = [w for w, _ in exact.most_common(10)]
     est = model.query(top)
@@ -104,7 +132,7 @@ def test_lda_fit_returns_the_model():
     rng = np.random.default_rng(1)
     themes = [["apple", "pear", "plum", "grape", "melon"], ["piano", "violin", "flute", "drums", "cello"]]
     docs = [" ".join(rng.choice(themes[d % 2], size=30)) for d in range(120)]
-    model = lda.fit(docs, topics=2, workers=2, min_count=1, max_df=1.0, every=2)
+    model = lda.fit(docs, topics=2, servers=1, workers=2, min_count=1, max_df=1.0, every=2)
     tops = [set(t) for t in model.top_words(5)]
     assert sorted(map(sorted, tops)) == sorted(map(sorted, themes))
     theta = model.transform(["apple pear plum", "flute cello drums"])

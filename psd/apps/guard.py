@@ -6,6 +6,13 @@ objective's history as every worker sees it (the same numbers, read from the sam
 ``sum`` table, in the same order), so all workers take the same decisions at the same
 iteration without talking to each other: shrink the step after ``patience`` rises in a
 row, stop once a pass improves by less than ``tol``, fail on a non-finite value.
+
+A rise is measured against the objective one ``period`` earlier (for block methods, one
+pass over the blocks: the same block stepped last time), not against the previous
+evaluation: under a bounded delay the objective between consecutive blocks wobbles by a
+few parts in a million near the optimum while every pass still gains, and halving the
+step on those wobbles (eight times on the SpamAssassin mails) left the run 2.2% above
+the optimum after 50 passes instead of 0.26%. A diverging run rises pass over pass.
 :func:`check_end` fails a run that ends above where it started.
 """
 from __future__ import annotations
@@ -26,8 +33,9 @@ class DivergedError(PsdError):
 class Watch:
     """An objective's history and the decisions taken from it."""
 
-    def __init__(self, app: str, patience: int = 3, advice: str = "", adapt: bool = True):
+    def __init__(self, app: str, patience: int = 3, advice: str = "", adapt: bool = True, period: int = 1):
         self.app, self.patience, self.advice, self.adapt = app, int(patience), advice, adapt
+        self.period = max(int(period), 1)              # iterations between comparable evaluations
         self.history: list[tuple[int, float]] = []   # (iteration, objective), in order
         self.rises = 0
         self.shrinks = 0                               # the step is divided by 2**shrinks
@@ -43,7 +51,8 @@ class Watch:
         if not math.isfinite(value):
             raise DivergedError(f"{self.app}: the objective is {value} at iteration {iteration}; "
                                 f"the step is too large for this data: {self.advice}")
-        if self.history and value > self.history[-1][1] * (1 + 1e-7):
+        ref = self.before(iteration - self.period + 1)
+        if ref is not None and value > ref * (1 + 1e-7):
             self.rises += 1
         else:
             self.rises = 0
@@ -57,6 +66,14 @@ class Watch:
             self.events.append({"series": "step", "iteration": iteration, "objective": value,
                                 "step_scale": 1.0 / self.scale})
 
+    def before(self, iteration: int) -> float | None:
+        """The latest objective evaluated before ``iteration``, else the last one (the
+        first period compares with the previous evaluation), None at the start."""
+        for it, value in reversed(self.history):
+            if it < iteration:
+                return value
+        return self.history[-1][1] if self.history else None
+
     def at(self, iteration: int) -> float | None:
         for it, value in reversed(self.history):
             if it == iteration:
@@ -65,10 +82,20 @@ class Watch:
                 return None
         return None
 
+    def mean(self, lo: int, hi: int) -> float | None:
+        """The mean objective of the evaluations at iterations in ``(lo, hi]``."""
+        vals = [v for it, v in self.history if lo < it <= hi]
+        return sum(vals) / len(vals) if vals else None
+
     def converged(self, end: int, start: int, tol: float) -> bool:
-        """Whether the objective at ``end`` is less than ``tol`` (relative) below the one at
-        ``start`` (both evaluated, else False)."""
-        a, b = self.at(start), self.at(end)
+        """Whether the objective over the period ending at ``end`` (the mean of its
+        evaluations, iterations ``(start, end]``) is less than ``tol`` (relative) below
+        that over the period before it (both evaluated, else False). Means and not two
+        single evaluations: under a bounded delay one evaluation wobbles by more than a
+        pass gains late in a run (0.2% against 0.1% on the SpamAssassin mails), and
+        single values stopped a run at 2.6% above the optimum."""
+        span = end - start
+        a, b = self.mean(start - span, start), self.mean(start, end)
         if a is None or b is None:
             return False
         return a - b < tol * max(abs(b), 1e-12)
