@@ -59,7 +59,9 @@ def _run_killing_one(cluster, job: dict, at: float, server: bool = False) -> tup
     st = wait_for(lambda: (lambda s: s if len(s["ranks"]) == 2 else None)(status()), 60, "ranks taken")
     victim_id = st["ranks"]["1"]
     wait_for(lambda: status()["per_rank"].get("1", 0.0) > at, 60, f"rank 1 past {at:.0%}")
-    victim = next(w for w in workers if w.ready_path.read_text().strip() == victim_id)
+    victim = wait_for(lambda: next((w for w in workers if w.ready_path.exists()
+                                    and w.ready_path.read_text().strip() == victim_id), None), 30,
+                      f"the worker daemon of {victim_id}")
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(5)
     if server:

@@ -142,8 +142,12 @@ def test_a_frozen_leader_is_replaced_and_steps_down_when_thawed():
             after = cluster.scheduler_proc.log_path.read_bytes()[logged:].decode()
             assert "steps down" in after
             assert not re.search(r"ring v\d+ \(", after), f"the thawed leader changed the ring:\n{after}"
-            st = admin.call(standby, "status")
-            assert st["epoch"] == 2 and st["ring_version"] == ring and st["health"]["state"] == "ok"
+            st = _leader_status(cluster, standby)
+            deadline = time.monotonic() + 20
+            while st["health"]["state"] != "ok" and time.monotonic() < deadline:  # (servers settling)
+                time.sleep(0.2)
+                st = admin.call(standby, "status")
+            assert st["epoch"] == 2 and st["ring_version"] == ring and st["health"]["state"] == "ok", st["health"]
             kv.wait(t.push(keys, np.full(keys.size, 4, np.int64)))
             assert (t.pull(keys) == 7).all()
 

@@ -35,7 +35,9 @@ def test_killed_worker_shards_are_processed_by_the_others():
         victim_id = st["ranks"]["2"]
         wait_for(lambda: status()["state"] == "running" and 0.1 < _rank_progress(cluster, job, 2) < 0.9,
                  60, "rank 2 to be under way")
-        victim = next(w for w in workers if w.ready_path.read_text().strip() == victim_id)
+        victim = wait_for(lambda: next((w for w in workers if w.ready_path.exists()
+                                        and w.ready_path.read_text().strip() == victim_id), None), 30,
+                          f"the worker daemon of {victim_id}")
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(5)
 
@@ -214,13 +216,15 @@ def test_a_worker_stalled_past_the_timeout_gives_its_shard_up_and_registers_agai
         victim_id = st["ranks"]["1"]
         wait_for(lambda: status()["state"] == "running" and 0.1 < _rank_progress(cluster, job, 1) < 0.7,
                  60, "rank 1 to be under way")
-        victim = next(w for w in workers if w.ready_path.read_text().strip() == victim_id)
+        victim = wait_for(lambda: next((w for w in workers if w.ready_path.exists()
+                                        and w.ready_path.read_text().strip() == victim_id), None), 30,
+                          f"the worker daemon of {victim_id}")
         victim.proc.send_signal(signal.SIGSTOP)
         try:
             wait_for(lambda: status()["ranks"].get("1") not in (None, victim_id), 60, "rank 1 given to another")
         finally:
             victim.proc.send_signal(signal.SIGCONT)
-        wait_for(lambda: "registering again" in victim.log_path.read_text(), 30, "the woken worker to register again")
+        wait_for(lambda: "registering again" in victim.log_path.read_text(), 60, "the woken worker to register again")
         final = wait_for(lambda: (lambda s: s if s["state"] in ("done", "failed") else None)(status()), 120,
                          "the job to end")
         assert final["state"] == "done", final.get("error")
