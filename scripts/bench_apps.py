@@ -5,6 +5,7 @@ machine, on the same data, in one run.
     .venv/bin/python scripts/bench_apps.py             # full size
     .venv/bin/python scripts/bench_apps.py --quick     # smaller data, under 2 minutes
     .venv/bin/python scripts/bench_apps.py --apps lda --workers 2
+    .venv/bin/python scripts/bench_apps.py --apps defaults [--quick]   # defaults vs scikit-learn
 
 One function per app (``bench_logreg``, ``bench_cms``, ``bench_lda``; add more to ``BENCHES``) returns
 table rows; ``print_table`` prints them. Every psd row is one ``psd run`` of a job file
@@ -50,7 +51,18 @@ started) at which psd's global log-likelihood first reached scikit-learn's final
 
 The machine's core count and load average are printed with the tables: workers and
 servers of one local cluster share those cores.
-Writes results.json, logreg.png, cms.png and lda.png to --out (runs/bench_apps/ by default).
+defaults (``--apps defaults``): ``logreg.fit(X, y, X_test, y_test)`` with every option
+at its default (l1 1e-4) on each data set there is (generated Zipf, a census-like set at
+a9a's shape, and the SpamAssassin mails when scripts/prepare_data.py has run) against
+scikit-learn's liblinear optimum of the same objective, with test AUC and non-zero
+weights for both; and ``lda.fit(docs, topics=10)`` at its defaults on the mails' bodies
+(first 150 words) against scikit-learn's ``LatentDirichletAllocation`` (batch VB, 100
+iterations, same alpha and beta, fit on psd's vocabulary), both scored by the held-out
+perplexity by document completion of the same held-out mails (psd's measure: half of each
+document folds in against the fixed topics, the other half is scored). Writes
+defaults.png.
+
+Writes results.json, logreg.png, cms.png, lda.png and defaults.png to --out (runs/bench_apps/ by default).
 """
 from __future__ import annotations
 
@@ -404,7 +416,170 @@ def _plot_lda(curves, sk_time, sk_ll, planted_ll, path, K):
     fig.savefig(path, format="png")
 
 
-BENCHES = {"logreg": bench_logreg, "cms": bench_cms, "lda": bench_lda}
+# -- the apps at their defaults against scikit-learn, on every data set there is ----------------
+SPAM_DIR = ROOT / ".cache" / "data" / "prepared" / "spam"
+MAILS_DIR = ROOT / ".cache" / "data" / "spam-assassin"
+DEFAULT_L1 = 1e-4   # logreg.fit's default
+
+
+def _columns_of(X_train, X_test):
+    """Both matrices restricted to the training set's columns, renumbered 0..d-1."""
+    cols = np.unique(X_train.indices)
+    return X_train[:, cols].tocsr(), X_test[:, cols].tocsr()
+
+
+def _logreg_sets(quick: bool):
+    """(name, X, y, X_test, y_test) for every data set: generated Zipf, census-like
+    (a9a's shape) and, when prepared, the SpamAssassin mails."""
+    import scipy.sparse as sp
+
+    from psd.apps.datasets.synthetic import make_onehot_census
+
+    tr, te, _ = make_sparse_logreg(5000 if quick else 20000, 5000 if quick else 20000, 12, seed=3,
+                                   test_fraction=0.2)
+
+    def csr(d, width):
+        return sp.csr_matrix((d.values.astype(float), d.indices.astype(np.int64), d.indptr), shape=(len(d), width))
+
+    width = int(max(tr.indices.max(), te.indices.max())) + 1
+    Xa, Xb = _columns_of(csr(tr, width), csr(te, width))
+    yield "zipf (generated)", Xa, tr.labels.astype(float), Xb, te.labels.astype(float)
+    n = 4000 if quick else 30000
+    X, y = make_onehot_census(n + n // 4, seed=1)
+    yield "census (a9a-like)", X[:n], y[:n], X[n:], y[n:]
+    if (SPAM_DIR / "test.svm").is_file():
+        from sklearn.datasets import load_svmlight_file
+
+        shards = [SPAM_DIR / "train-0.svm"] if quick else sorted(SPAM_DIR.glob("train-*.svm"))
+        parts = [load_svmlight_file(str(f), n_features=1 << 24, zero_based=True) for f in shards]
+        X = sp.vstack([p[0] for p in parts]).tocsr()
+        y = np.concatenate([p[1] for p in parts])
+        Xt, yt = load_svmlight_file(str(SPAM_DIR / "test.svm"), n_features=1 << 24, zero_based=True)
+        X, Xt = _columns_of(X, Xt)
+        yield "spam (SpamAssassin)", X, y, Xt, yt
+    else:
+        print("bench_apps: no prepared spam data (bash scripts/fetch_data.sh && python scripts/prepare_data.py)")
+
+
+def _mails(limit: int, words: int) -> list[str]:
+    """The SpamAssassin mails' bodies (after the headers), their first ``words`` words,
+    in a seeded order; empty when the raw mails are not fetched."""
+    files = sorted(p for d in sorted(MAILS_DIR.glob("*")) if d.is_dir() for p in d.iterdir())
+    order = np.random.default_rng(20140601).permutation(len(files))
+    docs = []
+    for i in order:
+        text = files[i].read_bytes()[:100_000].decode("latin-1").lower()
+        body = text.split("\n\n", 1)[-1]
+        toks = [w for w in body.split() if w.isalpha() and len(w) > 1][:words]
+        if len(toks) >= 20:
+            docs.append(" ".join(toks))
+        if len(docs) >= limit:
+            break
+    return docs
+
+
+def bench_defaults(args, out: Path) -> tuple[str, list[tuple[str, str]], list[dict]]:
+    """logreg.fit at every default (l1 1e-4) on each data set against scikit-learn's
+    liblinear optimum of the same objective, and lda.fit at its defaults against
+    scikit-learn's LatentDirichletAllocation: held-out perplexity by document completion,
+    the same held-out tokens and the same measure for both."""
+    from sklearn.decomposition import LatentDirichletAllocation
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    from psd.apps.datasets.text import _WORD
+    from psd.apps.metrics import auc
+
+    rows = []
+    for name, X, y, Xt, yt in _logreg_sets(args.quick):
+        t0 = time.perf_counter()
+        res = logreg.fit(X, y, X_test=Xt, y_test=yt, output=out / "defaults" / name.split()[0])
+        psd_s = time.perf_counter() - t0
+        clf, sk_s = _sklearn_l1(X, y, DEFAULT_L1, "liblinear", tol=1e-8, max_iter=10000)
+        ours = logreg.objective(_as_dataset(X, y), np.arange(X.shape[1], dtype=np.uint64), res.coef, DEFAULT_L1)
+        ref = logreg.objective(_as_dataset(X, y), np.arange(X.shape[1], dtype=np.uint64), clf.coef_.ravel(),
+                               DEFAULT_L1)
+        rows.append({"data": name, "size": f"{X.shape[0]}x{X.shape[1]}", "measure": "objective",
+                     "psd": ours, "sklearn": ref, "gap_pct": 100 * (ours / ref - 1),
+                     "psd_auc": auc(yt, Xt @ res.coef), "sklearn_auc": auc(yt, Xt @ clf.coef_.ravel()),
+                     "psd_nnz": int(np.count_nonzero(res.coef)), "sklearn_nnz": int(np.count_nonzero(clf.coef_)),
+                     "psd_s": psd_s, "sklearn_s": sk_s,
+                     "note": f"{res.summary['passes']:g} passes, {res.summary['stopped']}"})
+        print(f"  {name}: objective {ours:.6f} vs {ref:.6f} ({100 * (ours / ref - 1):+.3f}%)", flush=True)
+
+    docs = _mails(1200 if args.quick else 3000, 150)
+    if docs:
+        rng = np.random.default_rng(0)
+        held = set(rng.choice(len(docs), size=len(docs) // 10, replace=False).tolist())
+        train = [d for i, d in enumerate(docs) if i not in held]
+        test = [d for i, d in enumerate(docs) if i in held]
+        K = 10
+        t0 = time.perf_counter()
+        model = lda.fit(train, topics=K, output=out / "defaults" / "lda")
+        psd_s = time.perf_counter() - t0
+        observed, target = lda.completion_split(model.corpus(test))
+        ours = lda.completion_perplexity(observed, target, lda.topic_word(model.nwk, model.beta), model.alpha, 20, 0)
+        vec = CountVectorizer(vocabulary=model.vocab, token_pattern=_WORD.pattern, lowercase=True)
+        counts = vec.transform(train)
+        t0 = time.perf_counter()
+        sk = LatentDirichletAllocation(n_components=K, doc_topic_prior=model.alpha, topic_word_prior=model.beta,
+                                       learning_method="batch", max_iter=100, random_state=0, n_jobs=1).fit(counts)
+        sk_s = time.perf_counter() - t0
+        phi = (sk.components_ / sk.components_.sum(axis=1, keepdims=True)).T     # (V, K), as topic_word
+        ref = lda.completion_perplexity(observed, target, phi, model.alpha, 20, 0)
+        tokens = int(model.corpus(train).words.size)
+        rows.append({"data": f"mails, LDA K={K}", "size": f"{len(train)} docs, {tokens:,} tok, V={len(model.vocab)}",
+                     "measure": "held-out perplexity", "psd": ours, "sklearn": ref, "gap_pct": 100 * (ours / ref - 1),
+                     "psd_s": psd_s, "sklearn_s": sk_s,
+                     "note": f"psd {model.summary.get('iterations')} sweeps ({model.summary.get('stopped')}); "
+                             f"sklearn VB 100 iterations"})
+        print(f"  LDA: held-out perplexity {ours:.1f} vs {ref:.1f}", flush=True)
+    else:
+        print("bench_apps: no raw mails for LDA (bash scripts/fetch_data.sh)")
+    _plot_defaults(rows, out / "defaults.png")
+    columns = [("data", "data"), ("size", "size"), ("measure", "measure"), ("psd", "psd"), ("sklearn", "sklearn"),
+               ("gap_pct", "gap %"), ("psd_auc", "psd AUC"), ("sklearn_auc", "sk AUC"), ("psd_nnz", "psd nnz"),
+               ("sklearn_nnz", "sk nnz"), ("psd_s", "psd s"), ("sklearn_s", "sk s"), ("note", "psd run")]
+    title = (f"apps at defaults vs scikit-learn (logreg.fit(X, y): l1 {DEFAULT_L1:g}, sequential, "
+             f"data-scaled step; lda.fit(docs, topics=10))")
+    return title, columns, rows
+
+
+def _as_dataset(X, y):
+    from psd.apps.datasets.arrays import from_arrays
+    return from_arrays(X, y)
+
+
+def _plot_defaults(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.5), dpi=100)
+    ax = fig.add_subplot(1, 2, 1)
+    names = [r["data"] for r in rows]
+    gaps = [r["gap_pct"] for r in rows]
+    bars = ax.barh(names, gaps, color=["tab:blue" if r["measure"] == "objective" else "tab:orange" for r in rows])
+    for b, r in zip(bars, rows):
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {r['gap_pct']:+.2f}%", va="center",
+                fontsize="small")
+    ax.axvline(0.5, color="gray", ls="--", lw=1)
+    ax.set_xlabel("psd above scikit-learn (%): objective (blue), held-out perplexity (orange)")
+    ax.invert_yaxis()
+    ax2 = fig.add_subplot(1, 2, 2)
+    lr = [r for r in rows if "psd_auc" in r]
+    x = np.arange(len(lr))
+    ax2.bar(x - 0.2, [r["psd_auc"] for r in lr], 0.4, label="psd")
+    ax2.bar(x + 0.2, [r["sklearn_auc"] for r in lr], 0.4, label="scikit-learn")
+    ax2.set_xticks(x, [r["data"].split()[0] for r in lr])
+    ax2.set_ylim(0.5, 1.0)
+    ax2.set_ylabel("test AUC")
+    ax2.legend(fontsize="small")
+    fig.suptitle("psd apps at their defaults against scikit-learn on the same data")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+BENCHES = {"logreg": bench_logreg, "cms": bench_cms, "lda": bench_lda, "defaults": bench_defaults}
 
 
 def main(argv=None) -> int:

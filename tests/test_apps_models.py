@@ -19,22 +19,12 @@ from sklearn.linear_model import LogisticRegression
 
 from psd.apps import cms, lda, logreg
 from psd.apps.datasets import make_sparse_logreg
+from psd.apps.datasets.synthetic import make_onehot_census
 from psd.apps.guard import DivergedError, Watch, check_end
-
-GROUPS = (5, 8, 5, 16, 5, 7, 14, 6, 5, 2, 3, 3, 5, 39)   # a9a: 123 binary columns, 14 per row
 
 
 def a9a_like(n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    cols, off = [], 0
-    for k in GROUPS:
-        cols.append(off + rng.choice(k, size=n, p=rng.dirichlet(np.full(k, 0.7))))
-        off += k
-    idx = np.stack(cols, 1)
-    X = sp.csr_matrix((np.ones(idx.size), idx.ravel(), np.arange(0, idx.size + 1, len(GROUPS))), shape=(n, off))
-    m = X @ rng.normal(0, 0.8, off)
-    m -= np.quantile(m, 0.76)
-    return X, (rng.random(n) < 1 / (1 + np.exp(-m))).astype(float)
+    return make_onehot_census(n, seed)
 
 
 def generated():

@@ -132,3 +132,28 @@ def make_sparse_logreg(num_examples: int, num_features: int, nnz_per_example: in
                          labels.astype(np.float32))
     n_train = num_examples - int(round(num_examples * test_fraction))
     return full.rows(0, n_train), full.rows(n_train, num_examples), true_w.astype(np.float32)
+
+
+#: the a9a (adult census) layout: 123 binary columns in 14 one-hot groups, one per row
+CENSUS_GROUPS = (5, 8, 5, 16, 5, 7, 14, 6, 5, 2, 3, 3, 5, 39)
+
+
+def make_onehot_census(n: int, seed: int = 0):
+    """A census-like set at a9a's shape (the adult set itself is in no registry package
+    the project reaches): ``n`` rows of 14 one-hot groups (123 columns, 14 ones per row,
+    skewed category frequencies, so the columns of a group are collinear with their
+    sum), labels from a planted logistic model with about 24% positives. Returns
+    ``(X, y)``: a scipy CSR matrix of ones and 0/1 labels."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    cols, off = [], 0
+    for k in CENSUS_GROUPS:
+        cols.append(off + rng.choice(k, size=n, p=rng.dirichlet(np.full(k, 0.7))))
+        off += k
+    idx = np.stack(cols, 1)
+    X = sp.csr_matrix((np.ones(idx.size), idx.ravel(), np.arange(0, idx.size + 1, len(CENSUS_GROUPS))),
+                      shape=(n, off))
+    m = X @ rng.normal(0, 0.8, off)
+    m -= np.quantile(m, 0.76)
+    return X, (rng.random(n) < 1 / (1 + np.exp(-m))).astype(float)
