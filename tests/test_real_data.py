@@ -96,7 +96,6 @@ def test_logreg_fit_defaults_reach_sklearn_on_spam(tmp_path):
     need(SPAM)
     import warnings
 
-    import scipy.sparse as sp
     from sklearn.datasets import load_svmlight_file
     from sklearn.linear_model import LogisticRegression
 
