@@ -86,7 +86,7 @@ DEFAULTS: dict = {
     "eval": {
         "heldout": 0.1,            # share of the documents held out (a seeded choice); 0: none
         "every": 5,                # sweeps between held-out perplexities
-        "patience": 2,             # evaluations in a row without improvement that stop the run
+        "patience": 3,             # evaluations in a row without improvement that stop the run
         "tol": 0.002,              # an improvement: the best perplexity lowered by this share
         "sweeps": 20,              # fold-in sweeps of a held-out document's first half
         "seed": 7,                 # of the held-out choice and the fold-in sampler
