@@ -10,7 +10,9 @@ invariant held:
 * the copies of every range agree once the run has settled (replicas converge);
 * every pull sees what the consistency model promises: under ``eventual`` a worker's pull
   of its own keys sees exactly its pushes issued before it (all of them, and none after;
-  one whose answer was lost with its connection and asked again may see later ones);
+  one whose answer was lost with its connection and asked again, or that was sent again
+  to a new owner, may see later ones: they can reach the new owner as forwards or in a
+  range copy before it);
   under ``bounded`` (tau) it sees every push made at clocks < c - tau; under
   ``sequential`` exactly the pushes made at clocks < c;
 * clocks and ring versions never go back on any node.
@@ -394,7 +396,7 @@ class Run:
                 if owner == pull.worker and cons != "sequential":  # (under it, own pushes as everyone's)
                     before = [p for p in pushes if p.order < pull.order]
                     must |= {slot[id(p)] for p in before if p.outcome == "acked"}
-                    if cons == "eventual" and not pull.reread:
+                    if cons == "eventual" and not pull.reread and not pull.rerouted:
                         may = {slot[id(p)] for p in before}
                 if cons in ("bounded", "sequential") and worker_id[owner] not in dead_workers:
                     bound = pull.clock - (tau if cons == "bounded" else 0)
