@@ -149,7 +149,13 @@ class Server:
 
     async def _rejoin(self, effect: Rejoin) -> None:
         """Register again after the cluster declared us dead (or forgot us): as a new
-        member, keeping what the ring still gives us. Retried until it works or we stop."""
+        member, keeping what the ring still gives us. Retried until it works or we stop.
+
+        The scheduler starts our join's ring change as soon as it has answered, so its
+        ring can arrive before we have read that answer: control messages wait for it
+        (``_registered``), or the answer's older ring would replace the newer one, and
+        forwards for ranges the newer ring gives us would be skipped as not ours."""
+        self._registered.clear()
         while not self.stop_event.is_set():
             try:
                 await self.register(previous=effect.previous, ring=effect.ring)
