@@ -19,7 +19,7 @@ from psd.sim import simulate
 
 #: seeds per consistency model in the suite (each schedule: 1.5 s of workload and its faults,
 #: then up to 4 s to settle, in virtual time)
-SEEDS = {"eventual": 400, "bounded": 300, "sequential": 300}
+SEEDS = {"eventual": 300, "bounded": 200, "sequential": 200}
 #: some seeds run a larger cluster or more copies (the same rule as scripts/sim_soak.py)
 def settings_for(seed: int, consistency: str) -> dict:
     kw = {"consistency": consistency}
