@@ -20,19 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from psd.sim import simulate  # noqa: E402
+from psd.sim import settings_for, simulate  # noqa: E402
 
 MODELS = ("eventual", "bounded", "sequential")
-
-
-def settings_for(seed: int, consistency: str) -> dict:
-    """The same mix as tests/test_sim.py: some seeds run a larger cluster or more copies."""
-    kw = {"consistency": consistency}
-    if seed % 3 == 1:
-        kw.update(servers=4, workers=3)
-    if seed % 5 == 2:
-        kw.update(replication=3)
-    return kw
 
 
 def one(args: tuple[int, str]) -> tuple[int, str, str | None, int]:

@@ -15,19 +15,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from psd.sim import simulate
+from psd.sim import settings_for, simulate
 
 #: seeds per consistency model in the suite (each schedule: 1.5 s of workload and its faults,
 #: then up to 4 s to settle, in virtual time)
 SEEDS = {"eventual": 300, "bounded": 200, "sequential": 200}
-#: some seeds run a larger cluster or more copies (the same rule as scripts/sim_soak.py)
-def settings_for(seed: int, consistency: str) -> dict:
-    kw = {"consistency": consistency}
-    if seed % 3 == 1:
-        kw.update(servers=4, workers=3)
-    if seed % 5 == 2:
-        kw.update(replication=3)
-    return kw
 
 
 def _run(args: tuple[int, str]) -> str | None:

@@ -467,6 +467,17 @@ def _decode(value: int) -> tuple[set[int], set[int]]:
     return applied, doubled
 
 
+def settings_for(seed: int, consistency: str) -> dict:
+    """The settings of seed ``seed`` in the suite and the soak: some seeds run a larger
+    cluster (4 servers, 3 workers), some more copies (replication 3)."""
+    kw = {"consistency": consistency}
+    if seed % 3 == 1:
+        kw.update(servers=4, workers=3)
+    if seed % 5 == 2:
+        kw.update(replication=3)
+    return kw
+
+
 def simulate(seed: int, **settings) -> Outcome:
     """One run of the simulation from ``seed`` (settings: see ``Settings``)."""
     return Run(seed, Settings(**settings)).run()
