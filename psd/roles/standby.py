@@ -18,7 +18,7 @@ from psd.cluster.assignment import Assignment
 from psd.codec import Message
 from psd.core.election import Candidacy
 from psd.errors import NotLeaderError, PsdError
-from psd.transport import RpcSocket, async_context, connect_dealer
+from psd.roles.peers import Peers
 
 log = logging.getLogger("psd.scheduler")
 
@@ -47,35 +47,6 @@ def lease(config) -> float:
     return 2 * config.heartbeat_interval * config.heartbeat_misses
 
 
-class Link:
-    """Requests to one peer address at a time (a DEALER moved between addresses)."""
-
-    def __init__(self, me: str, curve, limits) -> None:
-        self.curve, self.limits, self.me = curve, limits, me
-        self.rpcs: dict[str, RpcSocket] = {}
-        self.tasks: list[asyncio.Task] = []
-
-    def get(self, address: str) -> RpcSocket:
-        rpc = self.rpcs.get(address)
-        if rpc is None:
-            rpc = RpcSocket(connect_dealer(async_context(), address, self.limits.max_message_bytes,
-                                           security=self.curve), "H", limits=self.limits)
-            self.rpcs[address] = rpc
-            self.tasks.append(asyncio.create_task(rpc.serve()))
-        return rpc
-
-    async def call(self, address: str, msg: Message, timeout: float) -> Message:
-        return await self.get(address).call(msg, timeout=timeout)
-
-    def close(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        for rpc in self.rpcs.values():
-            rpc.fail_pending(PsdError("closed"))
-            rpc.close()
-        self.rpcs.clear()
-
-
 class Standby:
     def __init__(self, config, me: str, curve, saved: dict | None, save) -> None:
         """``me``: this scheduler's address; ``saved``: its own state file (None: none);
@@ -87,17 +58,17 @@ class Standby:
         self.leader: str | None = None
         now = time.monotonic()
         self.candidacy = Candidacy(int((saved or {}).get("epoch", 0)), lease(config), lease(config), now)
-        self.link = Link(me, curve, config.limits)
+        #: connections to the other schedulers (by address) and to the voters (by node id)
+        self.link = Peers("H", config.limits, "none", curve)
         self._next_peer = 0
 
     # -- following --------------------------------------------------------------------
     async def until_leading(self) -> Won:
         cfg = self.config
         try:
-            if self.me == cfg.scheduler and not _servers(self.copy):
-                # a new cluster: its first scheduler leads unless another already does
-                if not await self._someone_leads():
-                    return Won(self.copy, max(1, self.candidacy.epoch), elected=False)
+            # a new cluster: its first scheduler leads unless another already does
+            if self.me == cfg.scheduler and not _servers(self.copy) and not await self._someone_leads():
+                return Won(self.copy, max(1, self.candidacy.epoch), elected=False)
             while True:
                 await self._follow_once()
                 won = await self._maybe_elect()
@@ -126,7 +97,7 @@ class Standby:
         """One ``follow``; True if ``address`` leads."""
         cfg = self.config
         try:
-            reply = await self.link.call(address, Message("follow", meta={"have": self.have, "probe": probe,
+            reply = await self.link.get(address, address).call(Message("follow", meta={"have": self.have, "probe": probe,
                                                                           "from": self.me}),
                                          timeout=max(0.5, 2 * cfg.heartbeat_interval))
         except NotLeaderError as e:
@@ -170,7 +141,7 @@ class Standby:
         log.warning("standby %s runs for leader at epoch %d: %s; asking %d server(s)", self.me, epoch, why,
                     len(voters))
         timeout = max(1.0, 4 * self.config.heartbeat_interval)
-        calls = {n: asyncio.ensure_future(self.link.call(a, Message("elect", meta={"epoch": epoch,
+        calls = {n: asyncio.ensure_future(self.link.get(n, a).call(Message("elect", meta={"epoch": epoch,
                                                                                   "candidate": self.me}),
                                                          timeout=timeout))
                  for n, a in voters.items()}
@@ -202,13 +173,13 @@ async def watch_peers(config, me: str, curve, epoch: int) -> None:
     """The leader's side: raises ``Deposed`` once another scheduler says it leads at a
     higher epoch (it won an election while we were cut off, or we are a stale restart)."""
     peers = [a for a in (config.scheduler, *config.standby) if a != me]
-    link = Link(me, curve, config.limits)
+    link = Peers("H", config.limits, "none", curve)
     try:
         while True:
             await asyncio.sleep(max(0.2, config.heartbeat_interval * 2))
             for peer in peers:
                 try:
-                    meta = (await link.call(peer, Message("follow", meta={"probe": True, "from": me}),
+                    meta = (await link.get(peer, peer).call(Message("follow", meta={"probe": True, "from": me}),
                                             timeout=max(0.5, 2 * config.heartbeat_interval))).meta
                     theirs, leads = int(meta.get("epoch", 0)), True
                 except NotLeaderError as e:
