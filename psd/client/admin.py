@@ -9,6 +9,7 @@ import time
 
 import zmq
 
+from psd.cluster.schedulers import after, named_leader
 from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message, decode, encode
 from psd.config import ClusterConfig
 from psd.errors import NotLeaderError, PsdTimeoutError
@@ -31,19 +32,19 @@ def call(scheduler: str, op: str, timeout: float = 5.0, *, config: ClusterConfig
     if len(order) == 1:
         return _call(scheduler, op, timeout, config, meta)
     deadline = time.monotonic() + timeout
-    at = 0
+    current = order[0]
     while True:
         left = deadline - time.monotonic()
         try:
-            return _call(order[at], op, max(0.05, min(left, max(1.0, timeout / len(order)))), config, meta)
+            return _call(current, op, max(0.05, min(left, max(1.0, timeout / len(order)))), config, meta)
         except NotLeaderError as e:
-            leader = e.data.get("leader")
-            at = order.index(leader) if leader in order and leader != order[at] else (at + 1) % len(order)
+            leader = named_leader(e.data, order)
+            current = leader if leader is not None and leader != current else after(order, current)
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.05)
         except PsdTimeoutError:
-            at = (at + 1) % len(order)
+            current = after(order, current)
             if time.monotonic() >= deadline:
                 raise
 

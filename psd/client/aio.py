@@ -19,6 +19,7 @@ import numpy as np
 
 from psd.cluster.assignment import Assignment
 from psd.cluster.rows import Rows
+from psd.cluster.schedulers import after, lost_after, named_leader
 from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message
 from psd.codec.traffic import total as traffic_total
 from psd.config import ClusterConfig
@@ -130,12 +131,11 @@ class AsyncKVWorker:
             except (NotLeaderError, PsdTimeoutError) as e:
                 if len(self.schedulers) < 2 or self._loop.time() >= deadline:
                     raise
-                leader = (e.data or {}).get("leader") if isinstance(e, NotLeaderError) else None
-                if isinstance(leader, str) and leader in self.schedulers:
+                leader = named_leader(e.data, self.schedulers) if isinstance(e, NotLeaderError) else None
+                if leader is not None:
                     self._switch(leader, "a standby named the leader")
                 else:
-                    at = self.schedulers.index(self.scheduler) if self.scheduler in self.schedulers else -1
-                    self._switch(self.schedulers[(at + 1) % len(self.schedulers)], str(e))
+                    self._switch(after(self.schedulers, self.scheduler), str(e))
                     await asyncio.sleep(min(0.2, max(0.0, deadline - self._loop.time())))
         schedulers = reply.meta.get("schedulers")
         if isinstance(schedulers, list) and all(isinstance(a, str) for a in schedulers):
@@ -154,19 +154,15 @@ class AsyncKVWorker:
             thread.scheduler = address
         self._answered_at = self._loop.time()
 
-    def _lost_after(self) -> float:
-        cfg = self.config
-        return 2 * cfg.heartbeat_misses * getattr(self, "heartbeat_interval", cfg.heartbeat_interval)
-
     def _scheduler_failed(self, err: Exception) -> None:
         """A standby named the leader: go there; silence past a dead node's: the next one."""
         if isinstance(err, NotLeaderError):
-            leader = (err.data or {}).get("leader")
-            if isinstance(leader, str) and leader in self.schedulers:
+            leader = named_leader(err.data, self.schedulers)
+            if leader is not None:
                 self._switch(leader, "a standby named the leader")
-        elif len(self.schedulers) > 1 and self._loop.time() - self._answered_at > self._lost_after():
-            at = self.schedulers.index(self.scheduler) if self.scheduler in self.schedulers else -1
-            self._switch(self.schedulers[(at + 1) % len(self.schedulers)], "no answer")
+        elif len(self.schedulers) > 1 and self._loop.time() - self._answered_at > lost_after(
+                getattr(self, "heartbeat_interval", self.config.heartbeat_interval), self.config.heartbeat_misses):
+            self._switch(after(self.schedulers, self.scheduler), "no answer")
 
     async def _ask(self, msg: Message, timeout: float) -> Message:
         """A request to the scheduler that leads, moving to it as needed (with standbys);

@@ -28,6 +28,7 @@ from psd.cluster.assignment import Assignment
 from psd.cluster.ranges import Range, bounds, range_from_wire, range_to_wire
 from psd.cluster.ring import overlay
 from psd.cluster.rows import Rows
+from psd.cluster.schedulers import lost_after
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.acks import Acks, Pending
@@ -108,7 +109,7 @@ class ServerCore:
         cfg = config
         self.fence = Fence((2 * cfg.heartbeat_misses - 1) * cfg.heartbeat_interval)
         #: our vote for a leader among the schedulers (with standbys): docs/fault-tolerance.md
-        self.ballot = Ballot(2 * cfg.heartbeat_misses * cfg.heartbeat_interval)
+        self.ballot = Ballot(lost_after(cfg.heartbeat_interval, cfg.heartbeat_misses))
         #: every scheduler's address (the registration tells them)
         self.schedulers: list[str] = [cfg.scheduler, *cfg.standby]
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,

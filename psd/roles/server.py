@@ -14,6 +14,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from psd.cluster.schedulers import after, lost_after, named_leader
 from psd.codec import Message
 from psd.codec.traffic import total as traffic_total
 from psd.config import ClusterConfig
@@ -178,18 +179,16 @@ class Server:
         self._answered_at = time.monotonic()
 
     def _refused_by_standby(self, err: NotLeaderError) -> None:
-        leader = (err.data or {}).get("leader")
-        if isinstance(leader, str) and leader in self.core.schedulers:
+        leader = named_leader(err.data, self.core.schedulers)
+        if leader is not None:
             self._switch(leader, "a standby named the leader")
 
     def _maybe_rotate(self) -> None:
         """No answer from our scheduler for as long as a dead node's silence: try the next."""
         others = [a for a in self.core.schedulers if a != self.scheduler_address]
         cfg = self.config
-        if others and time.monotonic() - self._answered_at > 2 * cfg.heartbeat_misses * cfg.heartbeat_interval:
-            at = self.core.schedulers.index(self.scheduler_address) if self.scheduler_address in \
-                self.core.schedulers else -1
-            self._switch(self.core.schedulers[(at + 1) % len(self.core.schedulers)], "no answer")
+        if others and time.monotonic() - self._answered_at > lost_after(cfg.heartbeat_interval, cfg.heartbeat_misses):
+            self._switch(after(self.core.schedulers, self.scheduler_address), "no answer")
 
     async def _call_leader(self, msg: Message, timeout: float) -> Message:
         """A request to whichever scheduler leads: a standby's refusal names it, silence

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from psd.cluster.assignment import Assignment
+from psd.cluster.schedulers import lost_after
 from psd.codec import Message
 from psd.core.election import Candidacy
 from psd.errors import NotLeaderError, PsdError
@@ -42,9 +43,8 @@ class Won:
 
 
 def lease(config) -> float:
-    """How long a leader's silence must last before it counts as lost: the time after
-    which the failure detector declares a node dead."""
-    return 2 * config.heartbeat_interval * config.heartbeat_misses
+    """How long a leader's silence must last before it counts as lost."""
+    return lost_after(config.heartbeat_interval, config.heartbeat_misses)
 
 
 class Standby:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import zmq
 
+from psd.cluster.schedulers import after, named_leader
 from psd.codec import Message, decode, encode
 from psd.transport.security import Curve, apply_client
 
@@ -54,8 +55,7 @@ class HeartbeatThread(threading.Thread):
                     answered = time.monotonic()
                     self._read(sock.recv_multipart())
                 if len(self.schedulers) > 1 and time.monotonic() - answered > self.lost_after:
-                    i = self.schedulers.index(at) if at in self.schedulers else -1
-                    self.scheduler = self.schedulers[(i + 1) % len(self.schedulers)]
+                    self.scheduler = after(self.schedulers, at)
         finally:
             sock.close(0)
 
@@ -65,8 +65,8 @@ class HeartbeatThread(threading.Thread):
         except Exception:
             return
         if reply.op == "error" and reply.meta.get("code") == "not_leader":
-            leader = (reply.meta.get("data") or {}).get("leader")
-            if isinstance(leader, str) and leader in self.schedulers:
+            leader = named_leader(reply.meta.get("data"), self.schedulers)
+            if leader is not None:
                 self.scheduler = leader
 
     def stop(self) -> None:
