@@ -59,6 +59,40 @@ def wait_for(cond, timeout: float, what: str):
     return value
 
 
+# -- jobs whose workers die ------------------------------------------------------------------
+class JobUnderWay:
+    """A job submitted to ``ranks`` ranks with ``daemons`` worker daemons (``--one-job``;
+    the spare ones run ranks whose worker died); ``worker(rank, ...)`` waits until
+    every rank is taken and that one is under way, and gives its worker's id and daemon."""
+
+    def __init__(self, cluster, job: dict, ranks: int, daemons: int):
+        from psd.client import admin
+        from psd.local import daemon_argv
+        self.cluster, self.ranks, self._admin = cluster, ranks, admin
+        self.id = admin.call(cluster.scheduler, "submit", job=job, workers=ranks)["job"]
+        self.daemons = [cluster.spawn(f"worker{i}", daemon_argv(
+            "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
+            for i in range(daemons)]
+
+    def status(self) -> dict:
+        return self._admin.call(self.cluster.scheduler, "job_status", job=self.id)
+
+    def worker(self, rank: int, above: float, below: float = 1.0):
+        st = wait_for(lambda: (lambda s: s if len(s["ranks"]) == self.ranks else None)(self.status()), 60,
+                      "ranks assigned")
+        worker_id = st["ranks"][str(rank)]
+        wait_for(lambda: (lambda s: s["state"] == "running" and above < s["per_rank"].get(str(rank), 0.0) < below)(
+            self.status()), 60, f"rank {rank} to be under way")
+        daemon = wait_for(lambda: next((w for w in self.daemons if w.ready_path.exists()
+                                        and w.ready_path.read_text().strip() == worker_id), None), 30,
+                          f"the worker daemon of {worker_id}")
+        return worker_id, daemon
+
+    def end(self, timeout: float = 120) -> dict:
+        return wait_for(lambda: (lambda s: s if s["state"] in ("done", "failed") else None)(self.status()),
+                        timeout, "the job to end")
+
+
 # -- where the keys live ------------------------------------------------------------
 @dataclass(frozen=True)
 class ServerRange:

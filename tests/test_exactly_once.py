@@ -17,12 +17,10 @@ import signal
 
 import numpy as np
 
-from conftest import wait_for
+from conftest import JobUnderWay
 
 import psd
 from psd.apps import cms, lda
-from psd.client import admin
-from psd.local import daemon_argv
 
 SETTINGS = dict(servers=2, replication=2, heartbeat_interval=0.1, worker_timeout=1.0)
 
@@ -49,29 +47,17 @@ def _run_killing_one(cluster, job: dict, at: float, server: bool = False) -> tup
     once its progress passes ``at``; the spare worker runs rank 1 again (``server``: and
     a server is SIGKILLed too, so its replicas take over and ranges move meanwhile). The
     final status."""
-    job_id = admin.call(cluster.scheduler, "submit", job=job, workers=2)["job"]
-    workers = [cluster.spawn(f"w{i}", daemon_argv("worker", "--config", str(cluster.config_path), "--scheduler",
-                                                  cluster.scheduler, "--one-job")) for i in range(3)]
-
-    def status():
-        return admin.call(cluster.scheduler, "job_status", job=job_id)
-
-    st = wait_for(lambda: (lambda s: s if len(s["ranks"]) == 2 else None)(status()), 60, "ranks taken")
-    victim_id = st["ranks"]["1"]
-    wait_for(lambda: status()["per_rank"].get("1", 0.0) > at, 60, f"rank 1 past {at:.0%}")
-    victim = wait_for(lambda: next((w for w in workers if w.ready_path.exists()
-                                    and w.ready_path.read_text().strip() == victim_id), None), 30,
-                      f"the worker daemon of {victim_id}")
+    run = JobUnderWay(cluster, job, ranks=2, daemons=3)
+    victim_id, victim = run.worker(1, above=at)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(5)
     if server:
         cluster.kill_server(1)
-    final = wait_for(lambda: (lambda s: s if s["state"] in ("done", "failed") else None)(status()), 180,
-                     "the job to end")
+    final = run.end(180)
     assert final["state"] == "done", final.get("error")
     assert final["ranks"]["1"] != victim_id  # run again, by another worker
     assert any(m.get("event") == "shard_released" and m["rank"] == 1 for m in final["metrics"])
-    return job_id, final
+    return run.id, final
 
 
 def test_count_min_counts_every_item_once_across_a_killed_worker_and_server():

@@ -7,11 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import wait_for
+from conftest import JobUnderWay, wait_for
 
 import psd
-from psd.client import admin
-from psd.local import daemon_argv
 
 JOB = {
     "name": "wf", "app": "logreg_sgd",
@@ -22,27 +20,14 @@ JOB = {
 
 def test_killed_worker_shards_are_processed_by_the_others():
     with psd.LocalCluster(servers=2, heartbeat_interval=0.1, worker_timeout=1.0) as cluster:
-        job = admin.call(cluster.scheduler, "submit", job=JOB, workers=3)["job"]
-        workers = [cluster.spawn(f"worker{i}", daemon_argv(
-            "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
-            for i in range(3)]
-
-        def status():
-            return admin.call(cluster.scheduler, "job_status", job=job)
-
+        job = JobUnderWay(cluster, JOB, ranks=3, daemons=3)
+        workers = job.daemons
         # wait until every rank is taken and rank 2 has made some progress, then kill its worker
-        st = wait_for(lambda: (lambda s: s if len(s["ranks"]) == 3 else None)(status()), 60, "ranks assigned")
-        victim_id = st["ranks"]["2"]
-        wait_for(lambda: status()["state"] == "running" and 0.1 < _rank_progress(cluster, job, 2) < 0.9,
-                 60, "rank 2 to be under way")
-        victim = wait_for(lambda: next((w for w in workers if w.ready_path.exists()
-                                        and w.ready_path.read_text().strip() == victim_id), None), 30,
-                          f"the worker daemon of {victim_id}")
+        victim_id, victim = job.worker(2, above=0.1, below=0.9)
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(5)
 
-        final = wait_for(lambda: (lambda s: s if s["state"] in ("done", "failed") else None)(status()), 120,
-                         "the job to end")
+        final = job.end()
         assert final["state"] == "done", final.get("error")
         assert final["shards_done"] == [0, 1, 2]  # every shard processed
         assert final["ranks"]["2"] != victim_id  # by someone else
@@ -51,11 +36,6 @@ def test_killed_worker_shards_are_processed_by_the_others():
         for w in workers:
             if w is not victim:
                 assert w.proc.wait(30) == 0  # the others exit cleanly once the job is done
-
-
-def _rank_progress(cluster, job, rank) -> float:
-    per_rank = admin.call(cluster.scheduler, "job_status", job=job)["per_rank"]
-    return per_rank.get(str(rank), 0.0)
 
 
 def test_a_departed_workers_request_ids_are_forgotten_after_a_while(raw_dealer):
@@ -204,29 +184,17 @@ def test_a_worker_stalled_past_the_timeout_gives_its_shard_up_and_registers_agai
     be refused: it no longer holds the rank) and registers again under a new id; the
     job ends done and the woken worker exits cleanly like the others."""
     with psd.LocalCluster(servers=2, heartbeat_interval=0.1, worker_timeout=1.0) as cluster:
-        job = admin.call(cluster.scheduler, "submit", job=JOB, workers=3)["job"]
-        workers = [cluster.spawn(f"worker{i}", daemon_argv(
-            "worker", "--config", str(cluster.config_path), "--scheduler", cluster.scheduler, "--one-job"))
-            for i in range(3)]
-
-        def status():
-            return admin.call(cluster.scheduler, "job_status", job=job)
-
-        st = wait_for(lambda: (lambda s: s if len(s["ranks"]) == 3 else None)(status()), 60, "ranks assigned")
-        victim_id = st["ranks"]["1"]
-        wait_for(lambda: status()["state"] == "running" and 0.1 < _rank_progress(cluster, job, 1) < 0.7,
-                 60, "rank 1 to be under way")
-        victim = wait_for(lambda: next((w for w in workers if w.ready_path.exists()
-                                        and w.ready_path.read_text().strip() == victim_id), None), 30,
-                          f"the worker daemon of {victim_id}")
+        job = JobUnderWay(cluster, JOB, ranks=3, daemons=3)
+        workers = job.daemons
+        status = job.status
+        victim_id, victim = job.worker(1, above=0.1, below=0.7)
         victim.proc.send_signal(signal.SIGSTOP)
         try:
             wait_for(lambda: status()["ranks"].get("1") not in (None, victim_id), 60, "rank 1 given to another")
         finally:
             victim.proc.send_signal(signal.SIGCONT)
         wait_for(lambda: "registering again" in victim.log_path.read_text(), 60, "the woken worker to register again")
-        final = wait_for(lambda: (lambda s: s if s["state"] in ("done", "failed") else None)(status()), 120,
-                         "the job to end")
+        final = job.end()
         assert final["state"] == "done", final.get("error")
         assert final["shards_done"] == [0, 1, 2] and final["ranks"]["1"] != victim_id
         for w in workers:
