@@ -760,7 +760,7 @@ class SchedulerCore:
             # ending it drops its tables (a worker key may not drop tables otherwise)
             raise BadRequestError(f"job_report: rank {report['rank']} of job {m['job']} is held by "
                                   f"{holder or 'no worker'}, not {msg.sender}; take a rank with job_poll first",
-                                  field="meta.rank")
+                                  field="meta.rank", held_by=holder or "")
         s.dirty = True
         job = s.jobs.report(m["job"], reporter=msg.sender, **report)
         if job.ended:

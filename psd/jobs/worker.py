@@ -10,6 +10,7 @@ import traceback
 
 from psd.client import aio
 from psd.config import ClusterConfig
+from psd.errors import BadRequestError
 from psd.jobs.context import JobContext
 from psd.jobs.registry import AppRegistry
 
@@ -142,6 +143,13 @@ class Worker:
             await ctx.report(done=True, summary=summary or {})
             log.info("%s finished job %s", kv.node_id, ctx.job_id)
         except Exception as e:
+            if isinstance(e, BadRequestError) and "held_by" in e.data:
+                # a report refused because the rank is no longer ours: we were declared dead
+                # (stalled, cut off) and woke up before a heartbeat answer could say so
+                log.warning("%s was declared dead during job %s; shard %d was given to another worker",
+                            kv.node_id, ctx.job_id, ctx.rank)
+                kv.expelled.set()
+                return
             log.error("%s: job %s failed:\n%s", kv.node_id, ctx.job_id, traceback.format_exc())
             await ctx.report(error=f"{kv.node_id}: {type(e).__name__}: {e}")
         finally:
