@@ -68,3 +68,25 @@ def test_a_server_without_a_writable_cache_compiles_in_memory(monkeypatch):
         log = cluster.servers[0].log_path.read_text()
     assert "no disk cache, compiled in memory" in log
     assert Table(TableSpec("t", 1, "float32", "sum").validate())  # this process: unaffected
+
+
+def test_daemons_load_a_completed_cache_without_taking_turns(monkeypatch, tmp_path):
+    """The warm lock is for the first compile on a machine only: once a warm has completed
+    (its stamp written), servers starting together load the cache side by side instead of
+    one after another (three servers of a LocalCluster waited 3x the load time)."""
+    import psd.store.kernels as K
+    taken = []
+    real_locked = K._locked
+    monkeypatch.setattr(K, "_locked", lambda folder: taken.append(folder) or real_locked(folder))
+    for kernel, _sigs in K._kernels():  # (this process warmed and then forbade compiling)
+        monkeypatch.setattr(kernel, "_can_compile", True)
+    monkeypatch.setattr(K, "_warm", False)
+    folder = K._cache_dir()
+    stamp, content = K._stamp(folder)
+    assert K.warm() == folder and taken == [] and open(stamp).read() == content
+    monkeypatch.setattr(K, "_warm", False)
+    for kernel, _sigs in K._kernels():
+        monkeypatch.setattr(kernel, "_can_compile", True)
+    with open(stamp, "w") as f:
+        f.write("another numba, another source")  # a stale stamp: take the lock, then renew it
+    assert K.warm() == folder and taken == [folder] and open(stamp).read() == content

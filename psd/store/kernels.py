@@ -514,7 +514,8 @@ def _cache_dir() -> str | None:
 def _locked(folder: str | None):
     """An exclusive lock on ``folder`` (or None): several daemons starting at once on
     one host (``psd run``, ``LocalCluster``) then compile once, the others load what
-    the first wrote, instead of each compiling on the same cores."""
+    the first wrote, instead of each compiling on the same cores. Taken only until one
+    warm has completed (``_stamp``): loading needs no turn."""
     if folder is None:
         return None
     try:
@@ -530,6 +531,37 @@ def _locked(folder: str | None):
     return fd
 
 
+def _stamp(folder: str) -> tuple[str, str]:
+    """The file that says a warm of this very source, numba and Python completed in
+    ``folder``, and what it holds."""
+    import sys
+
+    import numba
+    st = os.stat(__file__)
+    return (os.path.join(folder, "psd-store-warm.ok"),
+            f"{numba.__version__} {sys.version.split()[0]} {st.st_mtime_ns} {st.st_size}")
+
+
+def _write_stamp(folder: str) -> None:
+    path, stamp = _stamp(folder)
+    try:
+        with open(path, "w") as f:
+            f.write(stamp)
+    except OSError:
+        pass  # (then the next start takes the lock again: slower, not wrong)
+
+
+def _cache_complete(folder: str | None) -> bool:
+    if folder is None:
+        return False
+    path, want = _stamp(folder)
+    try:
+        with open(path) as f:
+            return f.read() == want
+    except OSError:
+        return False
+
+
 def warm() -> str | None:
     """Compile (or load from the disk cache) every kernel for every signature the store
     uses, then forbid compiling: a request never waits for the compiler, and a call with
@@ -543,12 +575,16 @@ def warm() -> str | None:
     if _warm:
         return _cache_dir()
     folder = _cache_dir()
-    lock = _locked(folder)
+    # a cache some earlier warm completed is only read: daemons starting together load it
+    # side by side (numba writes each entry atomically) instead of one after another
+    lock = None if _cache_complete(folder) else _locked(folder)
     try:
         try:
             for kernel, sigs in _kernels():
                 for sig in sigs:
                     kernel.compile(sig)
+            if folder is not None and lock is not None:
+                _write_stamp(folder)
         except OSError as e:
             log.warning("psd.store: cannot write the compiled store's cache in %s (%s); compiling in "
                         "memory, as every start will", folder, e)
