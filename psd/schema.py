@@ -42,6 +42,68 @@ SMALL_PULL = 64
 #: bounds of a table's options (TableSpec.validate)
 MAX_OPTIONS = 16
 MAX_OPTION_TEXT = 64
+#: counters per row of an admission sketch: default, and the bounds accepted
+ADMIT_SKETCH = 1 << 18
+ADMIT_SKETCH_RANGE = (1 << 6, 1 << 26)
+
+
+@dataclass(frozen=True)
+class TableBounds:
+    """A table's bounded-memory options (docs/jobs.md, "Bounded tables"); 0 or None: off.
+
+    ``admit_after`` K: a key gets a row at its K-th push (counted in a count-min sketch of
+    ``admit_sketch`` counters a row); ``max_rows``: the most rows a server keeps of the
+    ranges it leads (least recently pushed go first); ``ttl_pushes`` / ``ttl_seconds``:
+    rows not pushed for that many pushes to the table on the server, or seconds, go."""
+    admit_after: int = 1
+    admit_sketch: int = ADMIT_SKETCH
+    max_rows: int = 0
+    ttl_pushes: int = 0
+    ttl_seconds: float | None = None
+
+    @property
+    def evicting(self) -> bool:
+        return bool(self.max_rows or self.ttl_pushes or self.ttl_seconds)
+
+    @property
+    def active(self) -> bool:
+        return self.admit_after > 1 or self.evicting
+
+
+def _int_option(table: str, options: dict, key: str, lo: int, hi: int | None = None) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if (not isinstance(value, int) or isinstance(value, bool) or value < lo
+            or (hi is not None and value > hi)):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise BadRequestError(f"table {table!r}: option {key!r} must be an integer {bound}, got {value!r:.60}",
+                              option=key)
+    return value
+
+
+def table_bounds(table: str, options: dict) -> TableBounds:
+    """The bounded-memory options of a table, checked; the error names the option."""
+    admit = _int_option(table, options, "admit_after", 1)
+    sketch = _int_option(table, options, "admit_sketch", *ADMIT_SKETCH_RANGE)
+    if sketch is not None and sketch & (sketch - 1):
+        raise BadRequestError(f"table {table!r}: option 'admit_sketch' must be a power of two, got {sketch}",
+                              option="admit_sketch")
+    if sketch is not None and admit is None:
+        raise BadRequestError(f"table {table!r}: option 'admit_sketch' sizes the sketch of admit_after; "
+                              f"set admit_after too", option="admit_sketch")
+    cap = _int_option(table, options, "max_rows", 1)
+    ttl = _int_option(table, options, "ttl_pushes", 1)
+    secs = options.get("ttl_seconds")
+    if secs is not None and (not isinstance(secs, (int, float)) or isinstance(secs, bool)
+                             or not 0 < secs < float("inf")):
+        raise BadRequestError(f"table {table!r}: option 'ttl_seconds' must be a number > 0, got {secs!r:.60}",
+                              option="ttl_seconds")
+    if ttl is not None and secs is not None:
+        raise BadRequestError(f"table {table!r}: options 'ttl_pushes' and 'ttl_seconds' exclude each other; "
+                              f"set one", option="ttl_seconds")
+    return TableBounds(admit_after=admit or 1, admit_sketch=sketch or ADMIT_SKETCH, max_rows=cap or 0,
+                       ttl_pushes=ttl or 0, ttl_seconds=None if secs is None else float(secs))
 
 @dataclass(frozen=True)
 class TableSpec:
@@ -74,7 +136,13 @@ class TableSpec:
         group = self.options.get("num_workers")
         if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group < 0):
             raise BadRequestError(f"table {self.name!r}: num_workers must be an integer >= 0, got {group!r}")
+        table_bounds(self.name, self.options)
         return self
+
+    @cached_property
+    def bounds(self) -> TableBounds:
+        """Admission and eviction options (checked by ``validate``)."""
+        return table_bounds(self.name, self.options)
 
     def _check_option_sizes(self) -> None:
         """Options are a few named scalars: a spec is in every status reply and every

@@ -8,7 +8,12 @@ the table's size; the row arrays grow by a quarter and the index doubles when it
 three quarters full (a rehash reads the row keys in order).
 
 Dropping rows (``retain``, or keys that move into a dense run) compacts the rows into
-new arrays and rebuilds the index: O(rows), as rare as ring changes.
+new arrays and rebuilds the index: O(rows), as rare as ring changes. Deleting single
+rows (``delete``: a bounded table's evictions) costs O(1) a row: the index entry goes by
+backward shift and the last row moves into the hole, so rows stay 0 .. n-1.
+
+A bounded table's rows also carry an LRU list and stamps (``track``, see ``bounded``),
+kept beside the rows here because every move of a row must move its links too.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ class HashRows:
         self.index = np.zeros(1 << self.bits, np.uint32)
         self.row_keys = np.zeros(0, np.uint64)
         self.data = np.zeros((0, self.cols), self.dtype)
+        #: a bounded table's LRU list and stamps (psd.store.bounded.Track), else None
+        self.track = None
 
     # -- sizes -------------------------------------------------------------------------
     def _limit(self) -> int:
@@ -63,6 +70,8 @@ class HashRows:
             data = np.zeros((cap, self.cols), self.dtype)
             data[:self.n] = self.data[:self.n]
             self.row_keys, self.data = keys, data
+            if self.track is not None:
+                self.track.grow(cap, self.n)
         if need > MAX_LOAD * (1 << self.bits):
             bits = self.bits
             while need > MAX_LOAD * (1 << bits):
@@ -79,7 +88,8 @@ class HashRows:
         K.rehash(self.index, bits, self.row_keys, self.n)
 
     def allocated(self) -> int:
-        return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes
+        extra = self.track.allocated() if self.track is not None else 0
+        return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes + extra
 
     # -- batch operations --------------------------------------------------------------
     def _inserting(self, step, keys: np.ndarray) -> None:
@@ -100,6 +110,24 @@ class HashRows:
         keys, grad = _u64(keys), rows2d(grad, self.dtype)
         self._inserting(lambda start: K.hash_push(self.index, self.bits, self._limit(), self.row_keys, self.data,
                                                   self.n, keys, grad, start, kind, self.width, pt, pf), keys)
+
+    def push_tracked(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray,
+                     now: int) -> np.ndarray:
+        """``push`` that also stamps the rows with ``now`` and moves led rows to the tail
+        of the LRU list; ``kind`` < 0: only find or insert. Returns the rows."""
+        keys, grad, t = _u64(keys), rows2d(grad, self.dtype), self.track
+        rows = np.empty(keys.size, np.int64)
+        self._inserting(lambda start: K.hash_push_track(
+            self.index, self.bits, self._limit(), self.row_keys, self.data, self.n, keys, grad, start, kind,
+            self.width, pt, pf, rows, t.prev, t.nxt, t.stamp, t.meta, now, t.firsts, t.lasts), keys)
+        return rows
+
+    def delete(self, keys: np.ndarray) -> int:
+        """Delete the rows of ``keys`` (absent keys are skipped); returns how many went."""
+        t = self.track
+        self.n, deleted = K.hash_delete(self.index, self.bits, self.row_keys, self.data, self.n, _u64(keys),
+                                        t.prev, t.nxt, t.stamp, t.meta)
+        return int(deleted)
 
     def upsert(self, keys: np.ndarray) -> np.ndarray:
         """Rows of ``keys``, inserting (as zeros) those not stored."""
@@ -165,6 +193,8 @@ class HashRows:
         data = np.zeros((cap, self.cols), self.dtype)
         data[:kept] = self.data[:self.n][keep]
         self.row_keys, self.data, self.n = keys, data, kept
+        if self.track is not None:
+            self.track.compact(keep, cap, self.row_keys, kept)
         bits = _MIN_BITS
         while kept > MAX_LOAD * (1 << bits):
             bits += 1

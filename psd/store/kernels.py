@@ -470,11 +470,194 @@ def run_push(v, s1, s2, rows, off, grad, kind, w, pt, pf):
         _apply_rows(kind, v, s1, c0, s2, c0, block, grad, i, count, w, pt, pf)
 
 
+# -- bounded tables: the led rows' LRU list, deletes, admission (psd/store/bounded.py) ----------
+#: ``prev`` of a row outside the led rows' list (a replicated row, or past ``n``)
+UNLISTED = -2
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(inline="always")
+def _in_led(k, firsts, lasts):
+    """Whether key k lies in one of the sorted disjoint [first, last] ranges."""
+    j = np.searchsorted(firsts, k, side="right") - 1
+    return j >= 0 and k <= lasts[j]
+
+
+@njit(inline="always")
+def _unlink(r, prev, nxt, meta):
+    p, q = prev[r], nxt[r]
+    if p >= 0:
+        nxt[p] = q
+    else:
+        meta[0] = q
+    if q >= 0:
+        prev[q] = p
+    else:
+        meta[1] = p
+    prev[r] = UNLISTED
+    meta[2] -= 1
+
+
+@njit(inline="always")
+def _touch(r, lead, stamp, now, prev, nxt, meta):
+    """Stamp row r; a led row becomes the list's most recent (its tail)."""
+    stamp[r] = now
+    if prev[r] != UNLISTED:
+        if meta[1] == r:
+            return
+        _unlink(r, prev, nxt, meta)
+    elif not lead:
+        return
+    t = meta[1]
+    prev[r] = t
+    nxt[r] = -1
+    if t >= 0:
+        nxt[t] = r
+    else:
+        meta[0] = r
+    meta[1] = r
+    meta[2] += 1
+
+
+@_cached
+def hash_push_track(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w, pt, pf, rows_out,
+                    prev, nxt, stamp, meta, now, firsts, lasts):
+    """``hash_push`` for a bounded table: also stamps each row with ``now`` and moves the
+    rows of led keys to the tail of the LRU list. ``kind`` < 0: find or insert only, the
+    caller applies its updater to ``rows_out``."""
+    b = np.uint64(bits)
+    mask = (_ONE << b) - _ONE
+    flat, cols = data.reshape(-1), data.shape[1]
+    m, w2 = keys.size, 2 * w
+    i = start
+    while i < m:
+        end = min(i + BLOCK, m)
+        _fetch_block(index, b, mask, row_keys, flat, cols, keys, i, end - i)
+        j = i
+        while j < end:
+            r, n = _row(index, b, limit, row_keys, n, keys[j])
+            if r < 0:
+                break
+            rows_out[j] = r
+            _touch(r, _in_led(keys[j], firsts, lasts), stamp, now, prev, nxt, meta)
+            j += 1
+        if kind >= 0 and j > i:
+            _apply_rows(kind, data, data, w, data, w2, rows_out[i:j], grad, i, j - i, w, pt, pf)
+        if j < end:
+            return n, j
+        i = end
+    return n, m
+
+
+@njit(inline="always")
+def _unslot(index, b, mask, row_keys, s):
+    """Empty index slot s and shift later entries of its probe run back (no tombstones:
+    a lookup still stops at the first empty slot)."""
+    index[s] = 0
+    i, j = s, (s + _ONE) & mask
+    while True:
+        e = np.uint64(index[j])
+        if e == _ZERO:
+            return
+        home = _mix(row_keys[np.int64(e & mask) - 1]) & mask
+        if ((j - home) & mask) >= ((j - i) & mask):
+            index[i] = index[j]
+            index[j] = 0
+            i = j
+        j = (j + _ONE) & mask
+
+
+@_cached
+def hash_delete(index, bits, row_keys, data, n, keys, prev, nxt, stamp, meta):
+    """Delete the rows of ``keys`` (absent ones are skipped): the index entry by backward
+    shift, the row by moving the last row into its place (rows stay 0 .. n-1, and rows
+    past n zero). Returns (rows, how many deleted)."""
+    b = np.uint64(bits)
+    mask = (_ONE << b) - _ONE
+    deleted = 0
+    for i in range(keys.size):
+        s, r, _ = _probe(index, b, row_keys, keys[i])
+        if r < 0:
+            continue
+        if prev[r] != UNLISTED:
+            _unlink(r, prev, nxt, meta)
+        _unslot(index, b, mask, row_keys, s)
+        last = n - 1
+        if r != last:
+            k = row_keys[last]
+            s2, _, _ = _probe(index, b, row_keys, k)
+            index[s2] = np.uint32(((np.uint64(index[s2]) >> b) << b) | np.uint64(r + 1))
+            row_keys[r] = k
+            data[r, :] = data[last, :]
+            stamp[r] = stamp[last]
+            p = prev[last]
+            prev[r] = p
+            if p != UNLISTED:
+                q = nxt[last]
+                nxt[r] = q
+                if p >= 0:
+                    nxt[p] = r
+                else:
+                    meta[0] = r
+                if q >= 0:
+                    prev[q] = r
+                else:
+                    meta[1] = r
+        row_keys[last] = 0
+        data[last, :] = 0
+        stamp[last] = 0
+        prev[last] = UNLISTED
+        nxt[last] = 0
+        n -= 1
+        deleted += 1
+    return n, deleted
+
+
+@_cached
+def lru_victims(row_keys, nxt, stamp, meta, cap, before, out):
+    """Keys of the led rows to evict, oldest first, into ``out``: while more than ``cap``
+    rows are listed or the oldest was stamped before ``before``. Returns how many."""
+    r, taken, listed = meta[0], 0, meta[2]
+    while r >= 0 and (listed - taken > cap or stamp[r] < before):
+        out[taken] = row_keys[r]
+        taken += 1
+        r = nxt[r]
+    return taken
+
+
+@_cached
+def cms_admit(sketch, keys, rows, threshold, keep):
+    """Count each absent key (rows[i] < 0) in the count-min sketch (conservative update:
+    only the counters at the minimum rise) and keep it if its count reached
+    ``threshold``; present keys are kept uncounted. Returns how many were counted."""
+    d, wbits = sketch.shape[0], np.uint64(sketch.shape[1] - 1)
+    counted = 0
+    for i in range(keys.size):
+        if rows[i] >= 0:
+            keep[i] = True
+            continue
+        k = keys[i]
+        low = np.uint32(0xFFFFFFFF)
+        for j in range(d):
+            c = sketch[j, _mix(k + np.uint64(j + 1) * _GOLD) & wbits]
+            if c < low:
+                low = c
+        if low < np.uint32(0xFFFFFFFF):
+            low += np.uint32(1)
+        for j in range(d):
+            h = _mix(k + np.uint64(j + 1) * _GOLD) & wbits
+            if sketch[j, h] < low:
+                sketch[j, h] = low
+        keep[i] = low >= threshold
+        counted += 1
+    return counted
+
+
 # -- compiling ahead of requests ----------------------------------------------------------
 def _signatures() -> dict:
     """Every signature the store calls, per kernel. Inputs that arrive from the wire may
     be read-only buffers: typed read-only here, so writable arrays match as well."""
-    u32, u64, i64, f64 = T.uint32, T.uint64, T.int64, T.float64
+    u32, u64, i64, f64, i32 = T.uint32, T.uint64, T.int64, T.float64, T.int32
     a1 = lambda t, ro=False: T.Array(t, 1, "C", readonly=ro)  # noqa: E731
     a2 = lambda t, ro=False: T.Array(t, 2, "C", readonly=ro)  # noqa: E731
     b = T.boolean
@@ -488,12 +671,20 @@ def _signatures() -> dict:
         "in_ranges": [T.none(a1(u64), i64, a1(u64), a1(u64), a1(b))],
         "hash_push": [], "hash_pull": [], "run_push": [],
         "first_nonfinite": [i64(a2(from_dtype(np.dtype(dt)), True)) for dt in (np.float32, np.float64)],
+        "lru_victims": [i64(a1(u64), a1(i32), a1(i64), a1(i64), i64, i64, a1(u64))],
+        "cms_admit": [i64(a2(u32), a1(u64, True), a1(i64), i64, a1(b))],
+        "hash_push_track": [], "hash_delete": [],
     }
     for dt in DTYPES:
         d = from_dtype(np.dtype(dt))
         sigs["hash_push"].append(T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), a2(d), i64, a1(u64, True),
                                                      a2(d, True), i64, i64, i64, a1(d), a1(f64)))
         sigs["hash_pull"].append(i64(a1(u32), i64, a1(u64), a2(d), a1(u64, True), a2(d), i64))
+        sigs["hash_push_track"].append(T.UniTuple(i64, 2)(
+            a1(u32), i64, i64, a1(u64), a2(d), i64, a1(u64, True), a2(d, True), i64, i64, i64, a1(d), a1(f64),
+            a1(i64), a1(i32), a1(i32), a1(i64), a1(i64), i64, a1(u64), a1(u64)))
+        sigs["hash_delete"].append(T.UniTuple(i64, 2)(a1(u32), i64, a1(u64), a2(d), i64, a1(u64, True),
+                                                       a1(i32), a1(i32), a1(i64), a1(i64)))
         sigs["run_push"].append(T.none(a2(d), a2(d), a2(d), a1(i64), i64, a2(d, True), i64, i64, a1(d), a1(f64)))
     return sigs
 

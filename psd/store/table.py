@@ -23,6 +23,7 @@ from psd.errors import ValuesError
 from psd.schema import (DTYPE_NAMES, NAMESPACE_SEP, SMALL_PULL, TableSpec,  # noqa: F401
                         check_namespace, namespace_of, qualified)
 from psd.store import kernels as K
+from psd.store.bounded import Bounded, Track
 from psd.store.hashrows import HashRows, rows2d
 from psd.store.lending import LEND_MIN_BYTES, Lease, Leases  # noqa: F401  (Lease: part of this module's API)
 from psd.store.runs import RUN_MIN, Run, Runs
@@ -97,6 +98,13 @@ class Table:
         self.check_finite = self.dtype.kind == "f" and not spec.options.get("allow_nonfinite", False)
         #: storage bytes per key: the key, its values and the updater's state rows
         self.row_bytes = 8 + self.width * self.dtype.itemsize * (1 + len(self._fields))
+        #: admission and eviction (table options admit_after, max_rows, ttl_*), or None.
+        #: A bounded table keeps every key in the hash rows (no dense runs): rows are
+        #: evicted one by one there
+        self.bounded = Bounded(spec.bounds) if spec.bounds.active else None
+        if self.bounded is not None and spec.bounds.evicting:
+            self._hash.track = Track()
+            self.row_bytes += 16  # the row's stamp and its two links
 
     # -- checks ------------------------------------------------------------
     def check_values(self, values: np.ndarray, n: int) -> np.ndarray:
@@ -191,6 +199,87 @@ class Table:
         vals, state = self._hash_views()
         self.updater.apply(vals, state, rows, values)
 
+    def _bounded_push(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """A push into a bounded table: hash rows only, rows stamped (and led rows moved
+        to the tail of the LRU list) in the same pass as the update."""
+        b = self.bounded
+        b.pushes += 1
+        if self._hash.track is None or not keys.size:
+            if keys.size:
+                self._hash_apply(keys, values)
+            return
+        self._own_hash()
+        now = b.stamp()
+        if self._fused is not None:
+            self._hash.push_tracked(keys, values, *self._fused, now)
+            return
+        rows = self._hash.push_tracked(keys, values, -1, np.zeros(1, self.dtype), np.zeros(1), now)
+        vals, state = self._hash_views()
+        self.updater.apply(vals, state, rows, values)
+
+    # -- admission and eviction (bounded tables) -------------------------------------
+    def admit(self, keys: np.ndarray) -> np.ndarray | None:
+        """Which of the sorted unique ``keys`` a push may store (bool mask), counting the
+        absent ones in the admission sketch; None when all may (no admission)."""
+        b = self.bounded
+        if b is None or b.sketch is None or not keys.size:
+            return None
+        rows, _ = self._hash.find(keys)
+        keep = b.sketch.admit(np.require(keys, np.uint64, "CA"), rows)
+        b.counts["refused"] += int(keys.size - np.count_nonzero(keep))
+        return keep
+
+    def evict(self) -> np.ndarray:
+        """Decide and apply evictions among the led rows (past the TTL, over the row cap,
+        oldest first); returns the evicted keys, sorted, for the replicas."""
+        t = self._hash.track
+        if t is None or not self._hash.n:
+            return np.empty(0, np.uint64)
+        h, b = self._hash, self.bounded
+        if t.stale:
+            t.relist(h.row_keys, h.n)
+        cap = b.bounds.max_rows or np.iinfo(np.int64).max
+        out = np.empty(int(t.meta[2]), np.uint64)
+        k = K.lru_victims(h.row_keys, t.nxt, t.stamp, t.meta, cap, b.expired_before(), out)
+        if not k:
+            return out[:0]
+        keys = np.sort(out[:k])
+        self._own_hash()
+        h.delete(keys)
+        self._account()
+        b.counts["evicted"] += k
+        return keys
+
+    def drop_keys(self, keys: np.ndarray) -> int:
+        """Delete the rows of ``keys`` that a primary evicted (we replicate them)."""
+        if self._hash.track is None or not keys.size or not self._hash.n:
+            return 0
+        self._own_hash()
+        gone = self._hash.delete(keys)
+        self._account()
+        self.bounded.counts["evicted_by_primary"] += gone
+        return gone
+
+    def lead(self, ranges) -> None:
+        """The ranges this server leads now (sorted ``Range`` list): their rows are the
+        ones it may evict. Rebuilds the LRU list only when they changed."""
+        t = self._hash.track
+        if t is None:
+            return
+        spans = [(r.begin, r.end - 1) for r in ranges if r.begin < r.end]
+        firsts = np.array([a for a, _ in spans], np.uint64)
+        lasts = np.array([z for _, z in spans], np.uint64)
+        if np.array_equal(firsts, t.firsts) and np.array_equal(lasts, t.lasts):
+            return
+        t.lead(firsts, lasts, self._hash.row_keys, self._hash.n)
+
+    def bounded_stats(self) -> dict:
+        b = self.bounded
+        if b is None:
+            return {}
+        t = self._hash.track
+        return {**b.counts, "led_rows": int(t.meta[2]) if t is not None else None}
+
     def _hash_views(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The hash rows' values and state fields as (strided) views of their data."""
         d, w = self._hash.data, self.width
@@ -216,7 +305,9 @@ class Table:
     def push(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Apply ``values`` at sorted unique ``keys`` (checked by the caller)."""
         values = self.check_values(values, keys.size)
-        if keys.size and int(keys[-1]) - int(keys[0]) == keys.size - 1:
+        if self.bounded is not None:
+            self._bounded_push(keys, values)
+        elif keys.size and int(keys[-1]) - int(keys[0]) == keys.size - 1:
             self._push_span(int(keys[0]), values, keys)
         else:
             segs, rest = self._runs.split(keys)
@@ -234,7 +325,10 @@ class Table:
         """Apply ``values`` to the dense keys lo, lo+1, ..."""
         count = values.shape[0] if values.ndim else 0
         values = self.check_values(values, count)
-        if count:
+        if count and self.bounded is not None:
+            self._bounded_push(_as_keys(lo, count), values)
+            self._account()
+        elif count:
             self._push_span(lo, values)
             self._account()
 
@@ -402,6 +496,7 @@ class Table:
         given = [(i, a) for i, f in enumerate(self._fields, 1) if (a := state.get(f)) is not None]
         lo, m = int(keys[0]), keys.size
         dense = int(keys[-1]) - lo == m - 1 and (m >= RUN_MIN or self._runs.overlapping(lo - 1, lo + m + 1))
+        dense = dense and self.bounded is None
         if dense:
             run = self._cover(lo, m) if self._runs.holding(lo, m) is None else self._runs.holding(lo, m)
             self._own_run(run)
@@ -422,6 +517,9 @@ class Table:
             if hashed.size:
                 self._own_hash()
                 rows = self._hash.upsert(keys[hashed])
+                if self._hash.track is not None:  # copied rows count as pushed now
+                    self._hash.track.stamp[rows] = self.bounded.stamp()
+                    self._hash.track.stale = True
                 d, w = self._hash.data, self.width
                 d[rows, :w] = vals[hashed]
                 for i, s in given:

@@ -118,7 +118,8 @@ class SGD(Updater):
 
 # -- regularised updaters (sparse logistic regression and friends) ---------------------
 #: table options that configure the table itself, not its updater
-TABLE_OPTIONS = frozenset({"consistency", "max_delay", "num_workers", "allow_nonfinite"})
+TABLE_OPTIONS = frozenset({"consistency", "max_delay", "num_workers", "allow_nonfinite", "admit_after",
+                           "admit_sketch", "max_rows", "ttl_pushes", "ttl_seconds"})
 
 
 def _number(v) -> bool:
