@@ -61,8 +61,11 @@ def render(st: dict) -> str:
     out.append(_table(["begin", "last", "owners"], [
         [f"{r['begin']:#018x}", f"{r['last']:#018x}", ",".join(r["owners"])] for r in st["ranges"]]))
     out += ["", "tables"]
-    out.append(_table(["name", "width", "dtype", "updater", "keys", "memory"], [
+    bounded = any("evicted" in t for t in st["tables"].values())
+    out.append(_table(["name", "width", "dtype", "updater", "keys", "memory"]
+                      + (["refused", "evicted"] if bounded else []), [
         [name, t["width"], t["dtype"], t["updater"], t["keys"], _size(t["bytes"])]
+        + ([t.get("refused", "-"), t.get("evicted", "-")] if bounded else [])
         for name, t in st["tables"].items()]))
     out += _memory(st)
     out += _traffic(st)

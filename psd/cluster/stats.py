@@ -41,6 +41,10 @@ COUNTS = ("bytes_in", "bytes_out", "messages_in", "messages_out", "ring", "leads
           "copying_in", "seen_senders")
 
 
+#: a table's numbers: every table's, then a bounded table's (psd.store.bounded)
+TABLE_COUNTS = ("keys", "bytes", "refused", "evicted", "evicted_by_primary", "led_rows")
+
+
 def _fail(path: str, expected: str, value):
     raise BadRequestError(f"heartbeat: meta.stats.{path}: expected {expected}, got {describe(value)}",
                           field=f"meta.stats.{path}")
@@ -89,7 +93,7 @@ def _names_to(value, path: str, limit: int, check) -> dict:
 
 def _table(value, path: str) -> dict:
     value = _map(value, path, 16)
-    return {k: _int(value[k], f"{path}.{k}") for k in ("keys", "bytes") if k in value}
+    return {k: _int(value[k], f"{path}.{k}") for k in TABLE_COUNTS if k in value}
 
 
 def _memory(value, path: str) -> dict:

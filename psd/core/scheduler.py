@@ -811,7 +811,7 @@ class SchedulerCore:
             tables[name] = {**spec.to_wire(), "namespace": namespace_of(name),
                             "keys": sum(v.get("keys", 0) for v in per_server.values()),
                             "bytes": sum(v.get("bytes", 0) for v in per_server.values()),
-                            "per_server": per_server}
+                            **_bounded_sums(per_server), "per_server": per_server}
             by_namespace.setdefault(namespace_of(name) or "", {})[name] = {
                 "keys": tables[name]["keys"], "bytes": tables[name]["bytes"]}
         ranges = [{"begin": r.begin, "last": r.end - 1, "owners": list(o)}
@@ -848,3 +848,16 @@ def _job_shape(job, workers) -> list[str]:
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         problems.append(f"submit: meta.workers: expected an integer >= 1, got {describe(workers)}")
     return problems
+
+
+#: a bounded table's counts, summed over servers in ``psd status`` (psd.store.bounded)
+BOUNDED_COUNTS = ("refused", "evicted", "evicted_by_primary")
+
+
+def _bounded_sums(per_server: dict) -> dict:
+    """Keys refused admission and rows evicted, over the live servers (each decision is
+    counted once, by the primary that made it; replicas count what they deleted on its
+    word as ``evicted_by_primary``)."""
+    if not any("evicted" in v for v in per_server.values()):
+        return {}
+    return {k: sum(v.get(k, 0) for v in per_server.values()) for k in BOUNDED_COUNTS}

@@ -32,6 +32,7 @@ from psd.cluster.schedulers import lost_after
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.acks import Acks, Pending
+from psd.core.bounds import Bounds
 from psd.core.effects import LINK, Follow, Refuse, Rejoin, Reply, Stop, Write
 from psd.core.election import Ballot
 from psd.core.fence import Fence
@@ -66,7 +67,8 @@ MAX_RID = (1 << 64) - 1
 DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replicas)",
               "install": "install (a range copy from another server)",
               "peer_ping": "peer_ping (a server's liveness ping)",
-              "elect": "elect (a standby scheduler asking for this server's vote)"}
+              "elect": "elect (a standby scheduler asking for this server's vote)",
+              "evict": "evict (a primary's eviction record for its replicas)"}
 #: one heartbeat in this many carries the full stats; the others only the peers' ages
 STATS_EVERY = 5
 #: refusals after which the sender sends the request again: nothing it sent after the
@@ -145,7 +147,10 @@ class ServerCore:
         self._sq: tuple[int, int] | None = None  # the stream place of the request being handled
         self.handlers = {"push": self.on_push, "pull": self.on_pull, "pushpull": self.on_pushpull,
                          "clock": self.on_clock, "replicate": self.on_replicate, "install": self.on_install,
-                         "ping": self.on_ping, "peer_ping": self.on_peer_ping, "elect": self.on_elect}
+                         "ping": self.on_ping, "peer_ping": self.on_peer_ping, "elect": self.on_elect,
+                         "evict": self.on_evict}
+        #: admission and eviction of bounded tables (psd.core.bounds)
+        self.bounds = Bounds(self)
         self.control_handlers = {"create_table": self.on_create_table, "ring": self.on_ring,
                                  "transfer": self.on_transfer, "worker_left": self.on_worker_left,
                                  "shutdown": self.on_shutdown, "ping": self.on_control_ping,
@@ -167,6 +172,7 @@ class ServerCore:
                 f"unknown op {msg.op!r}; expected one of {', '.join(sorted(self.handlers))}")))
             return self._take()
         self._sq = None
+        self.bounds.at(now)
         try:
             handler(route, msg, now)
         except Exception as err:
@@ -179,6 +185,7 @@ class ServerCore:
     def control(self, msg: Message, now: float) -> list:
         """A request from the scheduler on the link; returns what to do."""
         handler = self.control_handlers.get(msg.op)
+        self.bounds.at(now)
         try:
             if handler is None:
                 raise ProtocolError(f"unknown control op {msg.op!r}")
@@ -195,6 +202,7 @@ class ServerCore:
     def tick(self, now: float) -> list:
         """Timers: replicas that do not answer, copies that stall, a checkpoint that
         waits too long, departed workers to forget, liveness pings to other servers."""
+        self.bounds.tick(now)
         for p in list(self.acks.pending):
             for call in list(p.calls):
                 if call.node not in self.ring.servers:  # it left: its successor copies from us
@@ -417,6 +425,7 @@ class ServerCore:
         have = self.tables.get(spec.name)
         if have is None:
             self.tables[spec.name] = self.table_factory(spec, self.usage)
+            self.bounds.adopt(self.tables[spec.name])
             self.dropped.pop(spec.name, None)
         elif have.spec != spec:
             raise TableMismatchError(f"table {spec.name!r} exists as {have.spec}, not {spec}")
@@ -432,6 +441,7 @@ class ServerCore:
             self.sync_version = ring.version
             self.gate.resync()
         self.ring = ring
+        self.bounds.ring_changed()
         self.fence.forget(ring.servers)
         for node in gone:
             self.calls.drop_node(node)
@@ -699,15 +709,18 @@ class ServerCore:
             # applied here before, perhaps as a replica of a primary that died before
             # forwarding to every replica, or refused by one: forward it again (replicas
             # apply it once)
-            return self._forward(msg, table, rows, groups, rid, now)
+            return self._forward(msg, table, *self.bounds.resent(table, rows, groups), rid, now)
         todo = self.partly.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
+        refused = None
         if todo is not None:
+            todo, refused = self.bounds.admit(table, todo)  # (bounded tables: keys not admitted yet)
             reserve = self._check_memory(table, todo, rows, groups)
             self._apply_push(msg, table, todo, msg.sender, reserve)
         if rid is not None:
             self.seen.add(*rid)
             self.partly.note_piece(rows, cut_from)
-        return self._forward(msg, table, rows, groups, rid, now)
+        pending = self._forward(msg, table, *self.bounds.forwarded(rows, refused, groups), rid, now)
+        return self.bounds.evict(table, pending, now)
 
     def _forward(self, msg: Message, table: Table, rows: Rows, groups, rid, now: float) -> Pending | None:
         """Send the push to every replica of its rows; one message per replica server."""
@@ -909,6 +922,10 @@ class ServerCore:
             limit = self.config.limits.max_memory_bytes
             self._apply_push(msg, table, mine, origin, 0 if limit is None else mine.count * table.row_bytes)
         self.outbox.append(Reply(route, msg.reply(meta=self._replica_full())))
+
+    def on_evict(self, route, msg: Message, now: float) -> None:
+        """A primary's eviction record (psd.core.bounds)."""
+        self.outbox.append(Reply(route, self.bounds.on_evict(route, msg, now)))
 
     def _check_forwarder(self, msg: Message, rows: Rows) -> None:
         """Refuse a forward from a server that, at our newer ring, no longer leads its rows:
@@ -1119,6 +1136,7 @@ class ServerCore:
             held = [Range(max(h.begin, p.begin), min(h.end, p.end)) for h in held for p in pieces
                     if h.begin < p.end and p.begin < h.end]
         restored = 0
+        self.bounds.at(now)
         try:
             for loaded in files:
                 for tname, (spec, keys, vals, state) in loaded.items():
@@ -1149,7 +1167,8 @@ class ServerCore:
     def stats(self, now: float) -> dict:
         """What ``psd status`` shows of this server (the daemon adds its transport's counts)."""
         return {
-            "tables": {name: {"keys": t.num_keys, "bytes": t.nbytes} for name, t in self.tables.items()},
+            "tables": {name: {"keys": t.num_keys, "bytes": t.nbytes, **t.bounded_stats()}
+                       for name, t in self.tables.items()},
             "counters": dict(self.counters),
             "ring": self.ring.version,
             "leads": len(self.ring.led_by(self.node_id)), "holds": len(self.ring.ranges_of(self.node_id)),

@@ -139,6 +139,7 @@ def server_families(server) -> list[Family]:
     for name, t in sorted(st["tables"].items()):
         keys.add(t["keys"], table=name)
         size.add(t["bytes"], table=name)
+    out += _bounded("psd_server", st["tables"])
     out += [keys, size,
             gauge("psd_server_ring_version", "The ring version this server serves").add(st["ring"]),
             gauge("psd_server_ranges", "Key ranges this server leads (primary), holds (primary or replica) "
@@ -237,6 +238,7 @@ def scheduler_families(scheduler) -> list[Family]:
         keys.add(t["keys"], table=name)
         size.add(t["bytes"], table=name)
     out += [keys, size]
+    out += _bounded("psd_cluster", st["tables"])
     out += _staleness(st.get("clocks") or {})
     jobs = gauge("psd_cluster_jobs", "Jobs by state")
     by_state = {s: 0 for s in ("waiting", "running", "done", "failed")}
@@ -301,3 +303,20 @@ def worker_families(worker) -> list[Family]:
     if hasattr(kv, "traffic"):
         out += _stages("psd_worker", kv.traffic())
     return out
+
+
+def _bounded(prefix: str, tables: dict) -> list:
+    """Bounded tables' counts (table options admit_after, max_rows, ttl_*): keys refused
+    admission and rows evicted, by table; nothing when no table is bounded."""
+    bounded = sorted((name, t) for name, t in tables.items() if "evicted" in t)
+    if not bounded:
+        return []
+    refused = counter(f"{prefix}_table_refused_keys_total", "Pushed keys not stored: not admitted yet (admit_after)")
+    evicted = counter(f"{prefix}_table_evicted_rows_total", "Rows evicted by decisions of the primary (max_rows, ttl)")
+    followed = counter(f"{prefix}_table_evicted_by_primary_rows_total",
+                       "Rows a replica deleted because their primary evicted them")
+    for name, t in bounded:
+        refused.add(t.get("refused", 0), table=name)
+        evicted.add(t.get("evicted", 0), table=name)
+        followed.add(t.get("evicted_by_primary", 0), table=name)
+    return [refused, evicted, followed]

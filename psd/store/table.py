@@ -278,7 +278,7 @@ class Table:
         if b is None:
             return {}
         t = self._hash.track
-        return {**b.counts, "led_rows": int(t.meta[2]) if t is not None else None}
+        return {**b.counts, **({"led_rows": int(t.meta[2])} if t is not None else {})}
 
     def _hash_views(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The hash rows' values and state fields as (strided) views of their data."""
