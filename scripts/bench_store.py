@@ -23,6 +23,11 @@ Cells (float32, width 1; keys are random uint64, sorted per request as the API w
 * memory: bytes per stored key of the hash table, as allocated (arrays, spare capacity
   included) and as resident (RSS growth while it was built), against ``row_bytes``;
   for sum (float32, width 1: 12 raw bytes a row) and adagrad (16).
+* bounded (``--only bounded`` runs just this cell): a stream of pushes of 1e5 new random
+  keys into a plain table and into one with a row cap (``max_rows``), pushed alternately
+  with the same batches, each as a primary does it (admit, push, evict); keys/s (median
+  over the pushes once the cap is reached, and over the whole stream), rows resident and
+  bytes allocated at the end. A plot of both rates and row counts along the stream.
 
 The old store is the committed sorted-array ``psd/store/table.py``: read from a git
 worktree (``--old-tree``, e.g. ``git worktree add /tmp/store_old <commit>``) or else from
@@ -230,6 +235,77 @@ def range_ops(size: int, reps: int, rng) -> dict:
     return out
 
 
+def bounded(total: int, cap: int, rng) -> dict:
+    """Push rate and resident rows on a stream of new keys, with and without a row cap."""
+    tables = {"no cap": Table(spec()), f"max_rows {cap:.0e}": Table(spec(max_rows=cap))}
+    ones = np.ones((BATCH, 1), np.float32)
+    trace: dict[str, list] = {name: [] for name in tables}
+
+    def primary_push(t: Table, k: np.ndarray) -> None:
+        keep = t.admit(k)  # (None: no admission on these tables; kept for the primary's path)
+        t.push(k if keep is None else k[keep], ones[:k.size] if keep is None else ones[:int(keep.sum())])
+        t.evict()
+    pushed = 0
+    while pushed < total:
+        k = fresh_keys(rng, BATCH)
+        for name, t in tables.items():  # the same batch, alternately
+            dt = timed(lambda: primary_push(t, k))
+            trace[name].append((pushed + k.size, k.size / dt, t.num_keys))
+        pushed += k.size
+    out = {"total": pushed, "cap": cap, "trace": trace, "tables": {}}
+    for name, t in tables.items():
+        steady = [rate for at, rate, _ in trace[name] if at > cap]
+        seconds = sum(BATCH / rate for _, rate, _ in trace[name])
+        out["tables"][name] = {"steady": statistics.median(steady), "amortised": pushed / seconds,
+                               "rows": t.num_keys, "allocated": t.allocated_bytes,
+                               "evicted": (t.bounded_stats() or {}).get("evicted", 0)}
+        print(f"  bounded, {name}: {out['tables'][name]['steady'] / 1e6:.2f}M keys/s once past the cap, "
+              f"{t.num_keys} rows resident", flush=True)
+    return out
+
+
+def bounded_lines(b: dict) -> list[str]:
+    names = list(b["tables"])
+    plain, capped = (b["tables"][n] for n in names)
+    out = [f"{'bounded: stream of ' + format(b['total'], '.0e') + ' new keys, 1e5/push':<46} "
+           f"{names[0]:>12} {names[1]:>14} {'cap/none':>8}"]
+
+    def line(what, a, c, fmt):
+        out.append(f"{what:<46} {fmt.format(a):>12} {fmt.format(c):>14} {c / a if a else float('nan'):>8.2f}")
+    line("push keys/s once past the cap (M/s)", plain["steady"] / 1e6, capped["steady"] / 1e6, "{:.2f}")
+    line("push keys/s over the whole stream (M/s)", plain["amortised"] / 1e6, capped["amortised"] / 1e6, "{:.2f}")
+    line("rows resident at the end", plain["rows"], capped["rows"], "{:,}")
+    line("bytes allocated at the end (MB)", plain["allocated"] / 1e6, capped["allocated"] / 1e6, "{:.1f}")
+    out.append(f"{'rows evicted':<46} {plain['evicted']:>12,} {capped['evicted']:>14,}")
+    return out
+
+
+def plot_bounded(b: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, trace in b["trace"].items():
+        at = [x[0] for x in trace]
+        a1.plot(at, [x[1] / 1e6 for x in trace], ".-", label=name)
+        a2.plot(at, [x[2] for x in trace], "-", label=name)
+    a1.set_xlabel("keys pushed")
+    a1.set_ylabel("push rate, M keys/s")
+    a2.set_xlabel("keys pushed")
+    a2.set_ylabel("rows resident")
+    for a in (a1, a2):
+        a.grid(True, alpha=0.3)
+        a.legend()
+    fig.suptitle("Table.push of 1e5 new random keys: no cap vs max_rows (float32, sum)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 # -- report -------------------------------------------------------------------------------
 def table_lines(results: dict) -> list[str]:
     out = [f"{'cell':<46} {'old':>12} {'new':>12} {'new/old':>8}"]
@@ -293,7 +369,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--old-tree", help="a git worktree holding the sorted-array store (default: git history)")
     ap.add_argument("--sizes", help="comma-separated table sizes for the new-key cells (default: by --quick)")
+    ap.add_argument("--only", choices=["bounded"], help="run only this cell (no old store needed)")
     args = ap.parse_args()
+    if args.only == "bounded":
+        kernels.warm()
+        total, cap = (5 * 10**6, 10**6) if args.quick else (2 * 10**7, 5 * 10**6)
+        print(f"bench_store: bounded cell, {total:.0e} new keys, cap {cap:.0e}", flush=True)
+        b = bounded(total, cap, np.random.default_rng(args.seed))
+        print()
+        print("\n".join(bounded_lines(b)))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bounded.json").write_text(json.dumps({k: v for k, v in b.items() if k != "trace"}, indent=1))
+        plot_bounded(b, out / "bounded.png")
+        return
     global OldTable
     OldTable = old_table_class(args.old_tree)
     rng = np.random.default_rng(args.seed)
@@ -321,14 +410,17 @@ def main() -> None:
     results["dense"] = dense(big, reps)
     results["ranges_size"] = big
     results["ranges"] = range_ops(big, max(3, reps // 2), rng)
+    results["bounded"] = bounded(5 * 10**6 if args.quick else 2 * 10**7, 10**6 if args.quick else 5 * 10**6, rng)
     results["seconds"] = time.perf_counter() - started
     print()
     print("\n".join(table_lines(results)))
+    print("\n".join(bounded_lines(results["bounded"])))
     print(f"({results['seconds']:.0f} s)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "store.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "store.png")
+    plot_bounded(results["bounded"], out / "bounded.png")
 
 
 if __name__ == "__main__":

@@ -259,3 +259,22 @@ def test_retain_and_install_keep_the_list():
     t.install(np.array([90, 91], np.uint64), np.ones((2, 1), np.float32), {})
     assert t.evict().tolist() == [20]  # 5 rows, cap 4: the oldest of the kept goes
     assert push(t, [30, 99]).tolist() == [40]  # 90 and 91 count as pushed at the copy
+
+
+# -- the job file ------------------------------------------------------------------------
+def test_job_file_tables_w_checked_naming_file_and_key():
+    """logreg's ``tables.w`` takes the bounded options for the ftrl/adagrad solvers; a
+    bad one is reported with the file and the key, as every job-file problem is."""
+    from psd.apps import logreg
+    base = {"app": "logreg", "data": {"generator": "sparse_logreg", "examples": 200, "features": 50, "nnz": 5}}
+    ok = {**base, "train": {"solver": "ftrl"}, "tables": {"w": {"max_rows": 1000, "admit_after": 2}}}
+    assert logreg.validate(ok, "job.yaml") == []
+    assert logreg.options(ok)["tables"]["w"] == {"max_rows": 1000, "admit_after": 2}
+    cases = [({"max_rows": 0}, "job.yaml: tables.w.max_rows: "),
+             ({"ttl_pushes": 2, "ttl_seconds": 1}, "job.yaml: tables.w.ttl_seconds: "),
+             ({"max_row": 5}, "job.yaml: tables.w.max_row: unknown key")]
+    for w, start in cases:
+        problems = logreg.validate({**base, "train": {"solver": "adagrad"}, "tables": {"w": w}}, "job.yaml")
+        assert len(problems) == 1 and problems[0].startswith(start), problems
+    problems = logreg.validate({**base, "tables": {"w": {"max_rows": 10}}}, "job.yaml")  # prox: every weight
+    assert problems and problems[0].startswith("job.yaml: tables.w: bounded-memory options apply to solver")

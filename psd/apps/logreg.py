@@ -63,6 +63,7 @@ from psd.apps.rendezvous import wait_for_ranks
 from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check_sparse_logreg, is_bool,
                               is_finite_num, is_int, merge_defaults)
 from psd.errors import BadRequestError, ConfigError
+from psd.schema import table_bounds
 
 SOLVERS = ("prox", "ftrl", "adagrad")
 #: train.learning_rate when the job does not set it: prox's eta, adagrad's lr, ftrl's alpha
@@ -109,7 +110,14 @@ DEFAULTS: dict = {
     "model": {
         "save": True,           # folder for model.npz; true: the run folder, false: none
     },
+    # bounded memory for the weights of the ftrl / adagrad solvers (docs/operations.md,
+    # "Bounded tables"): a hashed feature stream need not keep every feature it saw
+    "tables": {
+        "w": {},                # admit_after, admit_sketch, max_rows, ttl_pushes, ttl_seconds
+    },
 }
+#: the table options ``tables.w`` may set
+BOUNDED_OPTIONS = ("admit_after", "admit_sketch", "max_rows", "ttl_pushes", "ttl_seconds")
 
 GENERATOR_KEYS = ("generator", "seed", "examples", "features", "nnz", "noise", "test_fraction",
                   "signal_fraction")
@@ -167,7 +175,32 @@ _CHECKS: dict[str, dict[str, Check]] = {
     "model": {
         "save": SAVE_CHECK,
     },
+    "tables": {
+        "w": (lambda v: isinstance(v, dict), "a mapping of table options"),
+    },
 }
+
+
+def _bounded_problems(source: str, spec: dict):
+    """``tables.w``: the weight table's bounded-memory options, checked as the servers
+    will check them (psd.schema.table_bounds), each problem naming its key."""
+    def check(value) -> list[str]:
+        if not isinstance(value, dict):
+            return [f"{source}: tables.w: expected a mapping of table options ({', '.join(BOUNDED_OPTIONS)}), "
+                    f"got {value!r:.60}"]
+        unknown = [k for k in value if k not in BOUNDED_OPTIONS]
+        if unknown:
+            return [f"{source}: tables.w.{unknown[0]}: unknown key; expected one of {', '.join(BOUNDED_OPTIONS)}"]
+        solver = (spec.get("train") or {}).get("solver", DEFAULTS["train"]["solver"])
+        if value and solver not in ("ftrl", "adagrad"):
+            return [f"{source}: tables.w: bounded-memory options apply to solver ftrl and adagrad (a stream "
+                    f"of sparse updates), not {solver!r}; the prox solver needs every weight"]
+        try:
+            table_bounds("w", value)
+        except BadRequestError as e:
+            return [f"{source}: tables.w.{e.data.get('option', '')}: {e.message}"]
+        return []
+    return check
 
 
 def delay_of(spec: dict) -> int:
@@ -196,8 +229,9 @@ def gated(spec: dict) -> bool:
 def validate(spec: dict, source: str) -> list[str]:
     """Problems with the ``data``, ``train`` and ``model`` sections, each naming the
     file, the key and what was expected; data files must be readable."""
-    problems = check_sections(spec, source, _CHECKS, app="logreg", unused_sections=("tables", "filters", "eval"),
-                              unused_note="there is no KKT filter yet")
+    problems = check_sections(spec, source, _CHECKS, app="logreg", unused_sections=("filters", "eval"),
+                              unused_note="there is no KKT filter yet",
+                              special={("tables", "w"): _bounded_problems(source, spec)})
     if problems:
         return problems
 
@@ -693,14 +727,15 @@ class Trainer:
         solver = t["solver"]
         epochs, batch_size = int(t["epochs"]), int(t["batch_size"])
         rate = float(t["learning_rate"])
+        bounded = dict(self.opts["tables"]["w"])  # (table options: admission, eviction)
         if solver == "ftrl":
             # FTRL's l1/l2 weigh the sum of all pushed gradients; a push is a minibatch mean,
             # so one epoch adds up about N / batch_size of them
             rounds = math.ceil(self.total / batch_size)
             table = await kv.table("w", 1, "float32", "ftrl", alpha=rate, beta=float(t["beta"]),
-                                   l1=self.l1 * rounds, l2=self.l2 * rounds)
+                                   l1=self.l1 * rounds, l2=self.l2 * rounds, **bounded)
         else:
-            table = await kv.table("w", 1, "float32", "adagrad", lr=rate, l1=self.l1)
+            table = await kv.table("w", 1, "float32", "adagrad", lr=rate, l1=self.l1, **bounded)
         rng = np.random.default_rng([int(self.opts["data"].get("seed", 0)), self.ctx.rank])
         n = len(self.train_data)
         done = 0

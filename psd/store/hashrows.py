@@ -111,21 +111,18 @@ class HashRows:
         self._inserting(lambda start: K.hash_push(self.index, self.bits, self._limit(), self.row_keys, self.data,
                                                   self.n, keys, grad, start, kind, self.width, pt, pf), keys)
 
-    def push_tracked(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray,
-                     now: int) -> np.ndarray:
-        """``push`` that also stamps the rows with ``now`` and moves led rows to the tail
-        of the LRU list; ``kind`` < 0: only find or insert. Returns the rows."""
-        keys, grad, t = _u64(keys), rows2d(grad, self.dtype), self.track
-        rows = np.empty(keys.size, np.int64)
-        self._inserting(lambda start: K.hash_push_track(
-            self.index, self.bits, self._limit(), self.row_keys, self.data, self.n, keys, grad, start, kind,
-            self.width, pt, pf, rows, t.prev, t.nxt, t.stamp, t.meta, now, t.firsts, t.lasts), keys)
-        return rows
+    def touch(self, keys: np.ndarray, now: int) -> None:
+        """Stamp the rows of ``keys`` (all stored) with ``now``; led rows go to the
+        tail of the LRU list."""
+        t = self.track
+        K.hash_touch(self.index, self.bits, self.row_keys, _u64(keys), t.prev, t.nxt, t.stamp, t.meta, now,
+                     t.firsts, t.lasts)
 
     def delete(self, keys: np.ndarray) -> int:
         """Delete the rows of ``keys`` (absent keys are skipped); returns how many went."""
         t = self.track
-        self.n, deleted = K.hash_delete(self.index, self.bits, self.row_keys, self.data, self.n, _u64(keys),
+        data = self.data.view(np.uint8).reshape(self.data.shape[0], -1)
+        self.n, deleted = K.hash_delete(self.index, self.bits, self.row_keys, data, self.n, _u64(keys),
                                         t.prev, t.nxt, t.stamp, t.meta)
         return int(deleted)
 

@@ -520,33 +520,21 @@ def _touch(r, lead, stamp, now, prev, nxt, meta):
 
 
 @_cached
-def hash_push_track(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w, pt, pf, rows_out,
-                    prev, nxt, stamp, meta, now, firsts, lasts):
-    """``hash_push`` for a bounded table: also stamps each row with ``now`` and moves the
-    rows of led keys to the tail of the LRU list. ``kind`` < 0: find or insert only, the
-    caller applies its updater to ``rows_out``."""
+def hash_touch(index, bits, row_keys, keys, prev, nxt, stamp, meta, now, firsts, lasts):
+    """After a push into a bounded table: stamp the row of each (stored) key with
+    ``now`` and move the rows of led keys to the tail of the LRU list, in key order.
+    A second lookup pass rather than a variant of ``hash_push`` per dtype and updater:
+    it costs a pass over lines the push just brought into the cache, and compiles once."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
-    flat, cols = data.reshape(-1), data.shape[1]
-    m, w2 = keys.size, 2 * w
-    i = start
-    while i < m:
-        end = min(i + BLOCK, m)
-        _fetch_block(index, b, mask, row_keys, flat, cols, keys, i, end - i)
-        j = i
-        while j < end:
-            r, n = _row(index, b, limit, row_keys, n, keys[j])
-            if r < 0:
-                break
-            rows_out[j] = r
-            _touch(r, _in_led(keys[j], firsts, lasts), stamp, now, prev, nxt, meta)
-            j += 1
-        if kind >= 0 and j > i:
-            _apply_rows(kind, data, data, w, data, w2, rows_out[i:j], grad, i, j - i, w, pt, pf)
-        if j < end:
-            return n, j
-        i = end
-    return n, m
+    m = keys.size
+    for i0 in range(0, m, BLOCK):
+        end = min(i0 + BLOCK, m)
+        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i0, end - i0)
+        for i in range(i0, end):
+            _, r, _ = _probe(index, b, row_keys, keys[i])
+            if r >= 0:
+                _touch(r, _in_led(keys[i], firsts, lasts), stamp, now, prev, nxt, meta)
 
 
 @njit(inline="always")
@@ -571,11 +559,19 @@ def _unslot(index, b, mask, row_keys, s):
 def hash_delete(index, bits, row_keys, data, n, keys, prev, nxt, stamp, meta):
     """Delete the rows of ``keys`` (absent ones are skipped): the index entry by backward
     shift, the row by moving the last row into its place (rows stay 0 .. n-1, and rows
-    past n zero). Returns (rows, how many deleted)."""
+    past n zero). ``data``: the rows as bytes (a uint8 view: one compile for every
+    dtype). Returns (rows, how many deleted)."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
     deleted = 0
-    for i in range(keys.size):
+    m, cols = keys.size, data.shape[1]
+    for i in range(m):
+        if i % BLOCK == 0:  # the block's index slots, and those of the rows likely to move
+            for j in range(i, min(i + BLOCK, m)):
+                _prefetch(index, _mix(keys[j]) & mask)
+                last = n - 1 - (j - i)
+                if last >= 0:
+                    _prefetch(index, _mix(row_keys[last]) & mask)
         s, r, _ = _probe(index, b, row_keys, keys[i])
         if r < 0:
             continue
@@ -588,7 +584,8 @@ def hash_delete(index, bits, row_keys, data, n, keys, prev, nxt, stamp, meta):
             s2, _, _ = _probe(index, b, row_keys, k)
             index[s2] = np.uint32(((np.uint64(index[s2]) >> b) << b) | np.uint64(r + 1))
             row_keys[r] = k
-            data[r, :] = data[last, :]
+            for c in range(cols):  # (a loop: a slice assignment compiles 3x longer)
+                data[r, c] = data[last, c]
             stamp[r] = stamp[last]
             p = prev[last]
             prev[r] = p
@@ -604,7 +601,8 @@ def hash_delete(index, bits, row_keys, data, n, keys, prev, nxt, stamp, meta):
                 else:
                     meta[1] = r
         row_keys[last] = 0
-        data[last, :] = 0
+        for c in range(cols):
+            data[last, c] = 0
         stamp[last] = 0
         prev[last] = UNLISTED
         nxt[last] = 0
@@ -673,18 +671,16 @@ def _signatures() -> dict:
         "first_nonfinite": [i64(a2(from_dtype(np.dtype(dt)), True)) for dt in (np.float32, np.float64)],
         "lru_victims": [i64(a1(u64), a1(i32), a1(i64), a1(i64), i64, i64, a1(u64))],
         "cms_admit": [i64(a2(u32), a1(u64, True), a1(i64), i64, a1(b))],
-        "hash_push_track": [], "hash_delete": [],
+        "hash_touch": [T.none(a1(u32), i64, a1(u64), a1(u64, True), a1(i32), a1(i32), a1(i64), a1(i64), i64,
+                              a1(u64), a1(u64))],
+        "hash_delete": [T.UniTuple(i64, 2)(a1(u32), i64, a1(u64), a2(T.uint8), i64, a1(u64, True),
+                                           a1(i32), a1(i32), a1(i64), a1(i64))],
     }
     for dt in DTYPES:
         d = from_dtype(np.dtype(dt))
         sigs["hash_push"].append(T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), a2(d), i64, a1(u64, True),
                                                      a2(d, True), i64, i64, i64, a1(d), a1(f64)))
         sigs["hash_pull"].append(i64(a1(u32), i64, a1(u64), a2(d), a1(u64, True), a2(d), i64))
-        sigs["hash_push_track"].append(T.UniTuple(i64, 2)(
-            a1(u32), i64, i64, a1(u64), a2(d), i64, a1(u64, True), a2(d, True), i64, i64, i64, a1(d), a1(f64),
-            a1(i64), a1(i32), a1(i32), a1(i64), a1(i64), i64, a1(u64), a1(u64)))
-        sigs["hash_delete"].append(T.UniTuple(i64, 2)(a1(u32), i64, a1(u64), a2(d), i64, a1(u64, True),
-                                                       a1(i32), a1(i32), a1(i64), a1(i64)))
         sigs["run_push"].append(T.none(a2(d), a2(d), a2(d), a1(i64), i64, a2(d, True), i64, i64, a1(d), a1(f64)))
     return sigs
 

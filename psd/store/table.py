@@ -200,22 +200,15 @@ class Table:
         self.updater.apply(vals, state, rows, values)
 
     def _bounded_push(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """A push into a bounded table: hash rows only, rows stamped (and led rows moved
-        to the tail of the LRU list) in the same pass as the update."""
+        """A push into a bounded table: hash rows only; with eviction, the rows are then
+        stamped and led rows moved to the tail of the LRU list."""
         b = self.bounded
         b.pushes += 1
-        if self._hash.track is None or not keys.size:
-            if keys.size:
-                self._hash_apply(keys, values)
+        if not keys.size:
             return
-        self._own_hash()
-        now = b.stamp()
-        if self._fused is not None:
-            self._hash.push_tracked(keys, values, *self._fused, now)
-            return
-        rows = self._hash.push_tracked(keys, values, -1, np.zeros(1, self.dtype), np.zeros(1), now)
-        vals, state = self._hash_views()
-        self.updater.apply(vals, state, rows, values)
+        self._hash_apply(keys, values)
+        if self._hash.track is not None:
+            self._hash.touch(keys, b.stamp())
 
     # -- admission and eviction (bounded tables) -------------------------------------
     def admit(self, keys: np.ndarray) -> np.ndarray | None:
