@@ -136,7 +136,11 @@ class TableSpec:
         group = self.options.get("num_workers")
         if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group < 0):
             raise BadRequestError(f"table {self.name!r}: num_workers must be an integer >= 0, got {group!r}")
-        table_bounds(self.name, self.options)
+        if table_bounds(self.name, self.options).evicting and consistency == "sequential":
+            raise BadRequestError(f"table {self.name!r}: eviction (max_rows, ttl_pushes, ttl_seconds) needs "
+                                  f"consistency eventual or bounded, not sequential (copies apply a sequential "
+                                  f"push at the clock boundary, each at its own time: an eviction between "
+                                  f"pushes would fall at different points on each copy)", option="consistency")
         return self
 
     @cached_property

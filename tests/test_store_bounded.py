@@ -54,6 +54,15 @@ def test_bad_options_name_the_option(options, key):
     assert e.value.data["option"] == key
 
 
+def test_eviction_refused_under_sequential():
+    """A sequential push is applied at the clock boundary, on each copy at its own time:
+    an eviction between two pushes could not fall at the same point on every copy."""
+    with pytest.raises(BadRequestError, match="sequential") as e:
+        TableSpec("t", 1, "float32", "sum", {"max_rows": 5, "consistency": "sequential"}).validate()
+    assert e.value.data["option"] == "consistency"
+    TableSpec("t", 1, "float32", "sum", {"admit_after": 2, "consistency": "sequential"}).validate()
+
+
 def test_bounds_options_pass_every_updater():
     spec = TableSpec("t", 1, "float32", "adagrad", {"lr": 0.1, "max_rows": 10, "admit_after": 3,
                                                     "ttl_seconds": 2}).validate()

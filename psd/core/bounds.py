@@ -21,14 +21,18 @@ from functools import partial
 
 import numpy as np
 
+from psd.cluster.ranges import Range
 from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.core.acks import Pending
 from psd.errors import ProtocolError
 from psd.store.bounded import Clock
-from psd.store.table import Table
+from psd.store.table import KEY_END, Table
 
 log = logging.getLogger("psd.server")
+#: the clock an evict record takes in a replica's gate: past any cut, so that it waits
+#: behind every forward the gate keeps, and is applied at once when it keeps none
+AFTER_KEPT = 1 << 62
 
 
 def _keys_of(rows: Rows) -> np.ndarray:
@@ -99,7 +103,9 @@ class Bounds:
     def evict(self, table: Table, pending: Pending | None, now: float) -> Pending | None:
         """Evict what the table's bounds say, and send the record to the replicas of
         those keys; the push that caused it waits for them too (``pending``)."""
-        if table.bounded is None:
+        if table.bounded is None or self.core.policy(table).holding:
+            # (while the gate keeps pushes, for a checkpoint cut, the rows are not what the
+            # replicas will hold when they apply their kept pushes: decide after it)
             return pending
         keys = table.evict()
         if not keys.size:
@@ -128,9 +134,21 @@ class Bounds:
     def tick(self, now: float) -> None:
         """Rows idle past a TTL in seconds go even when no push comes."""
         self.at(now)
+        if not self.core.serving(now):  # (a server cut off may no longer lead what it led)
+            return
         for table in list(self.core.tables.values()):
             if table.bounded is not None and table.bounded.bounds.ttl_seconds is not None:
                 self.evict(table, None, now)
+
+    def copy_begins(self, r) -> None:
+        """A copy of range ``r`` begins here: it replaces what we hold of ``r``. Tables
+        that never delete a key can let the copy's rows overwrite ours; a table that
+        evicts must drop ours first, or a row its primary evicted while we did not hear
+        (we were cut off, declared dead, and came back) would outlive the copy."""
+        for table in self.core.tables.values():
+            if table.bounded is not None and table.bounded.bounds.evicting and table.count_present_span(
+                    r.begin, r.end - r.begin):
+                table.retain([x for x in (Range(0, r.begin), Range(r.end, KEY_END)) if x.begin < x.end])
 
     # -- a replica ---------------------------------------------------------------------
     def on_evict(self, route, msg: Message, now: float) -> Message:
@@ -146,7 +164,10 @@ class Bounds:
         core._check_forwarder(msg, rows)
         mine = core._replica_rows(rows, msg)
         if mine is not None:
-            table.drop_keys(mine.keys)
+            # through the gate, behind the forwards it keeps (a checkpoint cut here): the
+            # primary decided with every push before this record applied
+            keys = mine.keys
+            core.policy(table).push(msg.sender, AFTER_KEPT, lambda: table.drop_keys(keys))
         return msg.reply()
 
     def stats(self, table: Table) -> dict:

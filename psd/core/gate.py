@@ -65,6 +65,11 @@ class Policy:
     def buffers_pushes(self) -> bool:
         return self.clocks.tau == 0
 
+    @property
+    def holding(self) -> bool:
+        """Whether pushes are being kept now (for the clock boundary or a checkpoint cut)."""
+        return self.cut is not None or bool(self._past_cut) or bool(self._pushes)
+
     # -- events ----------------------------------------------------------------
     def pull(self, rid: Hashable, worker: str, clock: int, run: Callable[[], None], now: float) -> bool:
         """Run ``run`` now if allowed, else hold it; True when it ran now."""

@@ -624,6 +624,11 @@ class SchedulerCore:
                     f"updater={have.updater}, options={have.options}; open it with the same settings")
             return msg.reply(meta={"spec": have.to_wire(), "created": False})
         self._check_new_table(spec.name)
+        if (spec.bounds.evicting and "consistency" not in spec.options
+                and self.config.consistency == "sequential"):
+            raise BadRequestError(f"table {spec.name!r}: eviction (max_rows, ttl_pushes, ttl_seconds) needs "
+                                  f"consistency eventual or bounded, and the cluster's is sequential; give the "
+                                  f"table consistency=\"eventual\" or \"bounded\"", option="consistency")
         # listed before the servers are told, so a server registering meanwhile gets it too
         s.tables[spec.name] = spec
         done = self._creating[spec.name] = [False]

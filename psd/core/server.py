@@ -1052,6 +1052,7 @@ class ServerCore:
             # source keeps for the clock boundary) replaces what we had of r, kept pushes too
             self._copying_in[r] = attempt
             self._narrow_kept(lambda rows: _rows_in(rows, r, outside=True))
+            self.bounds.copy_begins(r)
         if msg.table is not None and "kept" in msg.meta:
             self._install_kept(msg, r)
             self.outbox.append(Reply(route, msg.reply()))

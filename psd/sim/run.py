@@ -17,6 +17,12 @@ invariant held:
   ``sequential`` exactly the pushes made at clocks < c;
 * clocks and ring versions never go back on any node.
 
+With ``bounded`` the table evicts (``max_rows``: a few rows per server), so acked pushes
+may be gone by design: then no push is applied twice or invented, the copies of every
+range hold the same rows once settled (a replica deletes what its primary evicted, at
+the same point of the push sequence: ``evict`` records), and pulls see only pushes
+they may.
+
 The same seed gives the same run: a failing seed replays exactly.
 """
 from __future__ import annotations
@@ -35,6 +41,8 @@ from psd.sim.nodes import SCHEDULER, SimScheduler, SimServer, SimWorker
 from psd.sim.world import World
 
 TABLE = TableSpec("sim", 1, "int64", "sum")
+#: the table of ``Settings.bounded`` runs: evictions in every run
+BOUNDED_TABLE = TableSpec("simb", 1, "int64", "sum", {"max_rows": 3})
 #: the faults a run draws from (drops twice as likely as the others)
 FAULTS = ("kill", "stall", "stall_long", "cut_scheduler", "cut_server_from_scheduler", "cut_server", "one_way",
           "drop", "drop", "join", "stall_scheduler", "cut_worker")
@@ -59,6 +67,8 @@ class Settings:
     #: misses. Off by default: it changes the random schedule of every seed
     #: (tests/test_sim.py runs it on seeds of its own)
     key_caching: bool = False
+    #: the workload's table evicts (BOUNDED_TABLE); off by default, like key_caching
+    bounded: bool = False
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
@@ -104,6 +114,9 @@ class Outcome:
     faults: list[str] = field(default_factory=list)
     #: the workers' key-caching counts (ClientCore.kc_counters, summed)
     kc: dict = field(default_factory=dict)
+    #: rows evicted by primaries and deleted by replicas on their word (bounded runs)
+    evicted: int = 0
+    evicted_by_primary: int = 0
 
     @property
     def ok(self) -> bool:
@@ -120,6 +133,7 @@ class Run:
         ids.reseed(seed)  # request ids and epochs too: the run replays exactly
         self.seed = seed
         self.s = settings
+        self.table = BOUNDED_TABLE if settings.bounded else TABLE
         self.world = World(seed)
         self.rng = self.world.rng
         self.config = settings.config()
@@ -171,7 +185,7 @@ class Run:
                 return
             self.world.after(0.01, lambda: self._step(w), worker.name)
         worker.caller.request(self.world, worker._link(), worker.name,
-                              Message("create_table", meta={"spec": TABLE.to_wire()}), created, worker.core.node_id)
+                              Message("create_table", meta={"spec": self.table.to_wire()}), created, worker.core.node_id)
 
     def _step(self, w: int) -> None:
         worker = self.workers[w]
@@ -204,7 +218,7 @@ class Run:
         self._order += 1
         rec = PushRecord(w, keys, slots, worker.core.clock_value, self.world.now, self._order)
         self.pushes.append(rec)
-        ts = worker.issue("push", TABLE, Rows(keys=keys, values=values))
+        ts = worker.issue("push", self.table, Rows(keys=keys, values=values))
         self._inflight[(w, ts)] = rec
 
     def _pull(self, w: int, own: bool) -> None:
@@ -215,7 +229,7 @@ class Run:
         self._order += 1
         rec = PullRecord(w, keys, worker.core.clock_value, self.world.now, self._order)
         self.pulls.append(rec)
-        ts = worker.issue("pull", TABLE, Rows(keys=keys))
+        ts = worker.issue("pull", self.table, Rows(keys=keys))
         self._inflight[(w, ts)] = rec
 
     def _done(self, w: int, ts: int, result, error) -> None:
@@ -345,7 +359,7 @@ class Run:
                 srv = servers.get(node)
                 if srv is None:
                     continue
-                table = srv.core.tables.get(TABLE.name)
+                table = srv.core.tables.get(self.table.name)
                 if table is None:
                     self.violate(f"{node} owns key {k} but has no table")
                     continue
@@ -353,7 +367,7 @@ class Run:
                     continue  # still being copied in
                 copies[node] = int(table.pull(np.array([k], np.uint64))[0, 0])
             if not copies:
-                if acked.get(k) and any(n in servers for n in owners):
+                if acked.get(k) and any(n in servers for n in owners) and not self.s.bounded:
                     self.violate(f"key {k}: no live owner answered, though acked pushes went to it")
                 continue
             for node, value in copies.items():
@@ -361,7 +375,7 @@ class Run:
                 if doubled:
                     self.violate(f"key {k} on {node}: push slot(s) {sorted(doubled)} applied more than once")
                 lost = acked.get(k, set()) - applied
-                if lost:
+                if lost and not self.s.bounded:  # (a bounded table evicts acked pushes)
                     self.violate(f"key {k} on {node}: acked push slot(s) {sorted(lost)} lost "
                                  f"(owners {owners}, ring v{ring.version})")
                 extra = applied - issued.get(k, set())
@@ -403,6 +417,8 @@ class Run:
                     must |= {slot[id(p)] for p in pushes if p.clock < bound and p.outcome == "acked"}
                     if cons == "sequential" and not pull.rerouted and not pull.reread:
                         may &= {slot[id(p)] for p in pushes if p.clock < pull.clock}
+                if self.s.bounded:
+                    must = set()  # (evicted rows read zero)
                 if not must <= applied:
                     self.violate(f"pull #{pull.order} by worker {pull.worker} at clock {pull.clock} ({cons}) missed "
                                  f"push slot(s) {sorted(must - applied)} of key {k}: saw {sorted(applied)}")
@@ -448,6 +464,11 @@ class Run:
         o.pushes, o.pulls = len(self.pushes), len(self.pulls)
         o.acked = sum(p.outcome == "acked" for p in self.pushes)
         o.messages = self.world.messages
+        for srv in self.servers:
+            table = srv.core.tables.get(self.table.name) if srv.alive else None
+            if table is not None and table.bounded is not None:
+                o.evicted += table.bounded.counts["evicted"]
+                o.evicted_by_primary += table.bounded.counts["evicted_by_primary"]
         for worker in self.workers:
             for k, v in worker.core.kc_counters.items():
                 o.kc[k] = o.kc.get(k, 0) + v
