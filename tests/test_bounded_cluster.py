@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import psd
+from psd.cli.status import render
 from psd.errors import BadRequestError
 
 from test_failover import live_servers, node_state, settled, wait_until
@@ -117,6 +118,8 @@ def test_replica_that_takes_over_holds_the_same_rows(cluster):
         assert t["evicted_by_primary"] == t["evicted"]  # every eviction reached its replica
         for s, m in model.items():
             assert t["per_server"][s]["led_rows"] == len(m.rows) <= CAP
+        table_line = next(line for line in render(st).splitlines() if line.split()[:1] == ["w"])
+        assert table_line.split()[-2:] == [str(t["refused"]), str(t["evicted"])]  # psd status's columns
         text = urllib.request.urlopen(f"http://{st['metrics']}/metrics", timeout=5).read().decode()
         assert f'psd_cluster_table_evicted_rows_total{{table="w"}} {t["evicted"]}' in text
 

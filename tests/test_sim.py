@@ -142,10 +142,10 @@ def test_bounded_table_copies_agree_through_faults():
     replica ahead of forwards it kept: both fixed, both in these seeds; 300 seeds ran
     clean when this test was written)."""
     with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_run_bounded, [*range(8000, 8030), 27, 36, 38, 137], chunksize=4))
+        results = list(pool.map(_run_bounded, [*range(8000, 8016), 27, 36, 38, 137], chunksize=4))
     failures = [text for text, _, _ in results if text]
     assert not failures, "\n\n".join(failures[:3])
-    assert sum(e for _, e, _ in results) > 500 and sum(f for _, _, f in results) > 500
+    assert sum(e for _, e, _ in results) > 300 and sum(f for _, _, f in results) > 300
 
 
 def test_without_evict_records_bounded_copies_disagree(monkeypatch):

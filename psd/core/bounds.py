@@ -35,6 +35,16 @@ log = logging.getLogger("psd.server")
 AFTER_KEPT = 1 << 62
 
 
+class _Record:
+    """How an evict record kept by the gate shows in ``gate.kept()``: no rows (a range
+    copy carries kept pushes' rows along; a kept eviction has none to carry)."""
+
+    __slots__ = ("table", "rows", "origin")
+
+    def __init__(self, table: str):
+        self.table, self.rows, self.origin = table, None, None
+
+
 def _keys_of(rows: Rows) -> np.ndarray:
     if rows.keys is not None:
         return rows.keys
@@ -167,7 +177,7 @@ class Bounds:
             # through the gate, behind the forwards it keeps (a checkpoint cut here): the
             # primary decided with every push before this record applied
             keys = mine.keys
-            core.policy(table).push(msg.sender, AFTER_KEPT, lambda: table.drop_keys(keys))
+            core.policy(table).push(msg.sender, AFTER_KEPT, lambda: table.drop_keys(keys), _Record(table.spec.name))
         return msg.reply()
 
     def stats(self, table: Table) -> dict:
