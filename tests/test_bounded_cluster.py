@@ -138,3 +138,20 @@ def test_replica_that_takes_over_holds_the_same_rows(cluster):
                         "the new primaries to evict down to max_rows")
     finally:
         kv.close()
+
+
+def test_eviction_refused_when_the_cluster_is_sequential():
+    """The scheduler refuses an evicting table that takes the cluster's sequential
+    consistency (a table that names eventual or bounded is fine); nothing is created."""
+    with psd.LocalCluster(servers=1, consistency="sequential", security="none") as c:
+        kv = psd.connect(c)
+        try:
+            with pytest.raises(BadRequestError, match="cluster's is sequential") as e:
+                kv.table("capped", width=1, dtype="float32", updater="sum", max_rows=5)
+            assert e.value.data.get("option") == "consistency"
+            assert "capped" not in c.status()["tables"]
+            t = kv.table("capped", width=1, dtype="float32", updater="sum", max_rows=5, consistency="eventual")
+            kv.wait(t.push(np.arange(10, dtype=np.uint64), np.ones((10, 1), np.float32)))
+            assert t.pull(np.arange(10, dtype=np.uint64))[:, 0].tolist() == [0.0] * 5 + [1.0] * 5
+        finally:
+            kv.close()
