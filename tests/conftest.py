@@ -23,6 +23,18 @@ from psd.transport import security
 RAW_TIMEOUT = 5.0
 
 
+#: the longest modules, started first: the suite runs on two processes, each taking whole
+#: modules (``-n 2 --dist loadfile``, pyproject.toml), and a long module taken last would
+#: keep one process busy while the other has nothing left to do
+LONGEST_FIRST = ("test_sim.py", "test_partitions.py", "test_netcluster.py", "test_failover.py", "test_standby.py",
+                 "test_worker_failure.py", "test_sigterm.py", "test_load.py", "test_fuzz.py", "test_cli_jobs.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each module keeps its order)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _compiled_store():
     """The store's compiled loops, in numba's disk cache before the first daemon starts:
