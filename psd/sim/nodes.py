@@ -283,9 +283,17 @@ class SimWorker(Process):
                             Message("heartbeat", clock=self.core.clock_value), lambda reply: None, self.core.node_id)
 
     def close(self) -> None:
-        """``kv.close()``: leave (servers stop waiting for this worker's clock)."""
-        self.caller.request(self.world, self._link(), self.name, Message("leave"), lambda reply: None,
-                            self.core.node_id)
+        """``kv.close()``: leave (servers stop waiting for this worker's clock), then stop,
+        once answered or after a second: what is unanswered fails ("connection closed") and
+        is never sent again (psd.client.aio's close does the same)."""
+        def stop(_reply: Message | None = None) -> None:
+            if not self.alive:
+                return
+            for ts in list(self.core.requests):
+                self.on_done(ts, None, PsdError("connection closed"))
+            self.alive = False  # (not a kill: its connections stay, it just no longer acts)
+        self.caller.request(self.world, self._link(), self.name, Message("leave"), stop, self.core.node_id)
+        self.world.after(1.0, stop, None)
 
     def issue(self, op: str, spec: TableSpec, rows) -> int:
         ts, effects = self.core.issue(op, spec, rows, self.world.now)

@@ -428,12 +428,17 @@ class Run:
                                  f"{sorted(applied)}, allowed {sorted(may)}")
 
     def quiet(self) -> bool:
-        """Nothing left to happen but heartbeats: every request answered, no ring change
-        running or left to finish, every live server at the scheduler's ring."""
+        """Nothing left to happen but heartbeats: no ring change running or left to finish,
+        every live server at the scheduler's ring, and every request answered, or nothing
+        but heartbeats for a second with no process stalled (requests held by the gate for
+        clocks that will not come until the workers leave; a second is over twice the
+        failure timeout)."""
         core = self.scheduler.core
         if core.ring_changes.busy or core.ring_changes.unfinished or not self.scheduler.alive:
             return False
-        if any(w.core.requests or w.core.queue for w in self.workers if w.alive):
+        w = self.world
+        if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and \
+                (w.now - w.last_work < 1.0 or any(until > w.now for until in w.stalled_until.values())):
             return False
         live = set(core.state.live("server"))
         servers = [srv for srv in self.servers if srv.alive and srv.core.node_id in live]

@@ -70,6 +70,7 @@ class World:
         self.latency = latency
         self.log: list[str] = []
         self.messages = 0
+        self.last_work = 0.0  # when the last message other than a heartbeat or an answer arrived
         self.ids = itertools.count(1)  # message ids, per run: a run replays exactly
 
     # -- time ----------------------------------------------------------------------
@@ -182,6 +183,8 @@ class World:
             proc = self.processes.get(dest)
             if proc is not None and proc.alive:
                 self.messages += 1
+                if msg.op not in _NOT_WORK:
+                    self.last_work = self.now
                 proc.deliver(conn, copy)
         self.at(when, arrive, dest)
 
@@ -215,6 +218,11 @@ class World:
                 for msg, on_delivery in waiting:
                     self._schedule(conn, direction, conn.other(sender), msg, on_delivery)
         self.note("heal")
+
+
+#: messages that are not progress: liveness, a worker's poll of the ring while it waits,
+#: and answers (which follow a request)
+_NOT_WORK = frozenset({"heartbeat", "peer_ping", "get_ring", "ok", "error"})
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
