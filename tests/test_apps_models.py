@@ -56,6 +56,7 @@ def test_logreg_defaults_reach_sklearn(make, l1, tmp_path):
     assert ours / theirs - 1 < 0.005
     assert result.summary["step_shrinks"] <= 1   # a9a: one late halving, from oscillation near the optimum
     model = logreg.Model.load(tmp_path / "run")     # model.npz + model.json in the run folder
+    assert model.header["options"]["consistency"] == logreg.FIT_CONSISTENCY   # as fit_logreg's (test_logreg_api)
     np.testing.assert_allclose(model.predict_proba(X), result.predict_proba(X), rtol=1e-6)
     assert (tmp_path / "run" / "objective.png").is_file()
 
