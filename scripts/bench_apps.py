@@ -419,6 +419,7 @@ def _plot_lda(curves, sk_time, sk_ll, planted_ll, path, K):
 # -- the apps at their defaults against scikit-learn, on every data set there is ----------------
 SPAM_DIR = ROOT / ".cache" / "data" / "prepared" / "spam"
 MAILS_DIR = ROOT / ".cache" / "data" / "spam-assassin"
+ADULT_DIR = ROOT / ".cache" / "data" / "prepared" / "adult"
 DEFAULT_L1 = 1e-4   # logreg.fit's default
 
 
@@ -430,7 +431,7 @@ def _columns_of(X_train, X_test):
 
 def _logreg_sets(quick: bool):
     """(name, X, y, X_test, y_test) for every data set: generated Zipf, census-like
-    (a9a's shape) and, when prepared, the SpamAssassin mails."""
+    (a9a's shape) and, when prepared, the SpamAssassin mails and the UCI adult set."""
     import scipy.sparse as sp
 
     from psd.apps.datasets.synthetic import make_onehot_census
@@ -459,6 +460,23 @@ def _logreg_sets(quick: bool):
         yield "spam (SpamAssassin)", X, y, Xt, yt
     else:
         print("bench_apps: no prepared spam data (bash scripts/fetch_data.sh && python scripts/prepare_data.py)")
+    if (ADULT_DIR / "test.svm").is_file():
+        from sklearn.datasets import load_svmlight_file
+
+        X, y = load_svmlight_file(str(ADULT_DIR / "train.svm"), zero_based=True)
+        Xt, yt = load_svmlight_file(str(ADULT_DIR / "test.svm"), n_features=X.shape[1], zero_based=True)
+        if quick:
+            X, y = X[:8000], y[:8000]
+        yield "adult (UCI census)", _int32(X), y, _int32(Xt), yt
+    else:
+        print("bench_apps: no prepared adult data (bash scripts/fetch_data.sh && python scripts/prepare_data.py)")
+
+
+def _int32(X):
+    """A CSR matrix with 32-bit indices (liblinear refuses 64-bit ones)."""
+    X = X.tocsr()
+    X.indices, X.indptr = X.indices.astype(np.int32), X.indptr.astype(np.int32)
+    return X
 
 
 def _mails(limit: int, words: int) -> list[str]:
