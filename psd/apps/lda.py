@@ -659,7 +659,8 @@ def fit(docs, topics: int = 10, *, servers: int = 2, workers: int = 2, output=No
     ``name``, and ``train`` keys (``iterations``, ``blocks``, ``seed``) or ``eval`` keys
     (``heldout``, ``every``, ``patience``, ``tol``, ``sweeps``). ``output``: a folder
     that keeps the run (model.npz, model.json, metrics, plots); by default temporary.
-    Returns the :class:`Model`, with the run's ``summary`` and ``metrics``."""
+    ``beta=None``: the data-scaled prior (:func:`default_beta`). Returns the
+    :class:`Model`, with the run's ``summary`` and ``metrics``."""
     from psd.apps.runjob import run_folder, run_job
     from psd.errors import BadRequestError
 
@@ -667,7 +668,7 @@ def fit(docs, topics: int = 10, *, servers: int = 2, workers: int = 2, output=No
     if not texts:
         raise BadRequestError("lda.fit: no documents")
     job: dict = {"name": "lda_fit", "app": "lda", "servers": servers, "workers": workers,
-                 "consistency": "sequential", "model": {"topics": topics, "alpha": alpha, "beta": beta},  # None: data-scaled
+                 "consistency": "sequential", "model": {"topics": topics, "alpha": alpha, "beta": beta},
                  "train": {}, "eval": {}}
     for key, value in options.items():
         if key in ("consistency", "max_delay", "timeout", "name", "cluster"):
