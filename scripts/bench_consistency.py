@@ -27,7 +27,9 @@ Stragglers (``--straggler``):
   only tau clocks ahead): it shows the limit of bounded delay, not its gain.
 
 Rank 0 evaluates the test log-loss every ``--eval-every`` of its minibatches
-(``train.eval_every``) and at each epoch. Reported per setting, from rank 0's evaluation
+(``train.eval_every``) and at each epoch. Under eventual nothing waits for rank 0, so
+its last evaluation may come before another worker's last pushes (transient stragglers
+slow every rank alike, so rank 0 is not always the last to finish). Reported per setting, from rank 0's evaluation
 records ("time": seconds since rank 0's app started, data generation included):
 
 * time to target: the first evaluation with test log-loss <= the target. The target is
