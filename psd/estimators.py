@@ -52,9 +52,10 @@ def fit_logreg(X, y, *, servers: int = 2, workers: int = 2, l1: float = 1e-4, l2
     arrays are written as a compressed ``.npz`` (``data.npz`` in the job), and the job
     runs on a fresh local cluster of ``servers`` server and ``workers`` worker daemons;
     the workers save their weights and they are merged into ``FitResult.coef``.
-    ``options``: the job's ``consistency``, ``max_delay`` (default ``bounded`` with 1,
-    as the shipped job), ``cluster``, ``timeout``, ``name``, and any ``train`` key
-    (``solver``, ``passes``, ``blocks``, ``learning_rate``, ...). ``output``: a folder
+    ``options``: the job's ``consistency`` (default sequential, as ``logreg.fit``: both
+    take their defaults from ``psd.apps.logreg.fit_job``), ``max_delay``, ``cluster``,
+    ``timeout``, ``name``, and any ``train`` key (``solver``, ``passes``, ``blocks``,
+    ``learning_rate``, ...). ``output``: a folder
     that keeps the arrays, the model parts, metrics.jsonl, summary.json and the plots;
     by default a temporary folder, deleted at the end (and no plots are drawn).
     ``X_test``/``y_test``: optional test data (test log-loss and AUC in the metrics).

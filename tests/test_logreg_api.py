@@ -60,6 +60,8 @@ def test_fit_sparse_matches_sklearn(problem):
     print(f"objective: psd.fit {ours:.6f}, scikit-learn {theirs:.6f}, relative {ours / theirs - 1:+.2e}")
     assert abs(ours / theirs - 1) < 0.01
     assert result.coef.shape == (3000,) and result.output is None
+    # one source of defaults: fit_logreg runs what logreg.fit runs (test_apps_models checks that side)
+    assert result.header["options"]["consistency"] == logreg.FIT_CONSISTENCY == "sequential"
     assert result.objective == pytest.approx(ours, rel=1e-5)  # the workers' own sum
     assert result.summary["total_examples"] == X.shape[0] and result.summary["state"] == "done"
     assert result.summary["nnz_weights"] == np.count_nonzero(result.coef) == result.keys.size
@@ -172,3 +174,14 @@ def test_npz_contents_are_checked_on_load(tmp_path):
     d = load_npz(tmp_path / "dup.npz")
     assert d.indices.tolist() == [2, 5] and d.values.tolist() == [2.0, 1.5] and d.labels.tolist() == [0.0]
     assert check_npz(str(tmp_path / "dup.npz"), "data.npz", "j") == []
+
+
+def test_fit_job_is_the_one_source_of_fit_defaults(tmp_path):
+    """logreg.fit and fit_logreg both build their job here: sequential unless told,
+    and bounded gets max_delay 1 unless given."""
+    X, y = np.eye(3), [0, 1, 0]
+    assert logreg.fit_job(X, y, tmp_path)["consistency"] == logreg.FIT_CONSISTENCY
+    assert "max_delay" not in logreg.fit_job(X, y, tmp_path)
+    job = logreg.fit_job(X, y, tmp_path, consistency="bounded")
+    assert (job["consistency"], job["max_delay"]) == ("bounded", 1)
+    assert logreg.fit_job(X, y, tmp_path, consistency="bounded", max_delay=3)["max_delay"] == 3

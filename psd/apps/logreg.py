@@ -219,11 +219,16 @@ def delay_of(spec: dict) -> int:
     return int(delay) if is_int(delay) else 0
 
 
+def job_consistency(spec: dict) -> str:
+    """The job's consistency model (top level, else ``cluster:``, else eventual)."""
+    cluster = spec.get("cluster") if isinstance(spec.get("cluster"), dict) else {}
+    return str(spec.get("consistency", cluster.get("consistency", "eventual")))
+
+
 def gated(spec: dict) -> bool:
     """Whether the job's consistency guarantees that a pull sees every step taken
     ``delay_of(spec) + 1`` iterations before (sequential and bounded; not eventual)."""
-    cluster = spec.get("cluster") if isinstance(spec.get("cluster"), dict) else {}
-    return spec.get("consistency", cluster.get("consistency", "eventual")) in ("sequential", "bounded")
+    return job_consistency(spec) in ("sequential", "bounded")
 
 
 def validate(spec: dict, source: str) -> list[str]:
@@ -638,7 +643,8 @@ class Trainer:
                      else "feature ids (column j of X is key j)"),
             "hash_features": bool(data["hash_features"]),
             "objective": "mean log-loss + l1 |w|_1 + l2/2 |w|^2, no intercept; P(y=1|x) = sigmoid(x.w)",
-            "options": {k: self.t[k] for k in ("solver", "l1", "l2", "learning_rate")},
+            "options": {**{k: self.t[k] for k in ("solver", "l1", "l2", "learning_rate")},
+                        "consistency": job_consistency(self.ctx.spec), "max_delay": delay_of(self.ctx.spec)},
             "final": {k: self.final.get(k) for k in ("objective", "nnz_weights", "test_auc", "test_logloss")
                       if k in self.final},
         })
@@ -801,6 +807,15 @@ async def run(kv, ctx) -> dict:
 
 
 # -- the Python API: train on in-memory arrays ------------------------------------------------
+#: the consistency of a job built by :func:`fit_job` (``logreg.fit`` and
+#: ``psd.estimators.fit_logreg`` both) when the caller names none. Sequential, not the
+#: shipped job's bounded delay of 1: on data whose examples have features in every block
+#: (text), a block's gradient taken before the previous block's step has landed
+#: overshoots with it, and the SpamAssassin mails ended 50 passes 0.9% above
+#: scikit-learn's objective under a delay of 1 against 0.4% without (docs/jobs.md).
+#: ``consistency="bounded"`` (``max_delay`` 1 unless given) trades that for speed when a
+#: worker straggles.
+FIT_CONSISTENCY = "sequential"
 #: fit_job() options that go to the top level of the job (the rest of **options are train keys)
 FIT_JOB_KEYS = ("name", "consistency", "max_delay", "cluster", "timeout")
 
@@ -871,9 +886,10 @@ def fit_job(X, y, folder: Path, *, servers: int = 2, workers: int = 2, l1: float
 
     ``X``: a scipy.sparse matrix (any format) or a dense 2-d numpy array, one row per
     example; ``y``: its labels, 0/1 or -1/+1. The column index is the feature's key.
-    ``options``: the job's ``consistency``, ``max_delay`` (default ``bounded`` with 1,
-    as the shipped job), ``cluster``, ``timeout``, ``name``, and any ``train`` key
-    (``solver``, ``passes``, ``blocks``, ``learning_rate``, ...). ``X_test``/``y_test``:
+    ``options``: the job's ``consistency`` (default ``FIT_CONSISTENCY``, sequential),
+    ``max_delay`` (1 under ``bounded`` unless given), ``cluster``, ``timeout``, ``name``,
+    and any ``train`` key (``solver``, ``passes``, ``blocks``, ``learning_rate``, ...).
+    ``X_test``/``y_test``:
     optional test data (test log-loss and AUC in the metrics). Bad arrays or an unknown
     option raise ``psd.BadRequestError`` naming ``caller``, before anything is written.
     """
@@ -888,7 +904,7 @@ def fit_job(X, y, folder: Path, *, servers: int = 2, workers: int = 2, l1: float
             raise BadRequestError(f"X_test has {_columns(X_test)} columns but X has {n_features}; "
                                   f"expected the same features")
     job: dict = {"name": "logreg_fit", "app": "logreg", "servers": servers, "workers": workers,
-                 "consistency": "bounded"}
+                 "consistency": FIT_CONSISTENCY}
     train: dict = {"l1": l1, "l2": l2}
     for key, value in options.items():
         if key in FIT_JOB_KEYS:
@@ -959,14 +975,6 @@ class Model:
         return _sigmoid(self.decision_function(X))
 
 
-#: ``logreg.fit``'s consistency when the caller names none. Sequential, not the shipped
-#: job's bounded delay of 1: on data whose examples have features in every block (text),
-#: a block's gradient taken before the previous block's step has landed overshoots with
-#: it, and the SpamAssassin mails ended 50 passes 0.9% above scikit-learn's objective
-#: under a delay of 1 against 0.4% without (docs/jobs.md). ``consistency="bounded"``,
-#: ``max_delay=1`` trades that for speed when a worker straggles.
-FIT_CONSISTENCY = "sequential"
-
 
 def fit(X, y, *, servers: int = 2, workers: int = 2, l1: float = 1e-4, l2: float = 0.0,
         output: str | Path | None = None, X_test=None, y_test=None, verbose: bool = False,
@@ -974,12 +982,11 @@ def fit(X, y, *, servers: int = 2, workers: int = 2, l1: float = 1e-4, l2: float
     """Train L1 logistic regression on in-memory data (as ``psd.estimators.fit_logreg``,
     but run by ``psd run`` in a child process; :mod:`psd.apps.runjob`). ``output``
     keeps the run folder (model.npz, model.json, metrics, plots); by default it is
-    temporary. Arguments and errors as :func:`fit_job`, except that the consistency is
-    ``FIT_CONSISTENCY`` (sequential) unless given; a run that diverges raises
+    temporary. Arguments, defaults and errors as :func:`fit_job` (the one source of the
+    defaults, ``psd.estimators.fit_logreg``'s too); a run that diverges raises
     ``psd.apps.guard.DivergedError`` saying what to change."""
     from psd.apps.runjob import run_folder, run_job
 
-    options.setdefault("consistency", FIT_CONSISTENCY)
     with run_folder(output) as (folder, temporary):
         job = fit_job(X, y, folder, servers=servers, workers=workers, l1=l1, l2=l2, X_test=X_test,
                       y_test=y_test, caller="logreg.fit", **options)

@@ -8,9 +8,21 @@ most two pushes in flight so its view of ``w`` is at most one of its own steps s
 and calls ``kv.clock()`` after every minibatch. Rank 0 evaluates on the test set after
 every epoch, and also every ``train.eval_every`` minibatches when that is set.
 
-For experiments with stragglers, ``train.slow_rank`` names a rank that sleeps
-``train.slow_seconds`` after computing each minibatch's gradient (by default no rank is
-slowed).
+The step is data-scaled unless ``train.learning_rate`` names one: ``STEP_SCALE / (W
+lambda)``, lambda the largest eigenvalue of ``X^T X / N`` over the training set (power
+iteration, the same on every worker: all generate the same set) and W the number of
+workers. Gradient descent on the mean log-loss is stable for steps below
+``8 / lambda`` (the loss's curvature is at most ``lambda / 4``); W workers pushing
+gradients of the same weights add W steps per round, hence the W. A fixed step does not
+carry over between data sets: 0.5 is a tenth of what rows of 5 features take and
+diverges on rows of 400 (``scripts/bench_apps.py --apps sgd``).
+
+For experiments with stragglers, a slowed minibatch sleeps after its gradient for
+``train.slow_seconds`` plus ``train.slow_factor - 1`` times its own work (so it takes
+``slow_factor`` times as long). ``train.slow_rank`` names a rank whose every minibatch is
+slowed; ``train.slow_chance`` slows any rank's minibatch with that probability (seeded):
+transient stragglers, which come and go between workers as on a shared cluster. By
+default nothing is slowed.
 """
 from __future__ import annotations
 
@@ -41,12 +53,21 @@ DEFAULTS: dict = {
     "train": {
         "epochs": 5,
         "batch_size": 500,
-        "learning_rate": 0.5,
+        "learning_rate": None,  # None: data-scaled, STEP_SCALE / (workers * lambda_max)
         "eval_every": 0,        # minibatches between rank 0's extra evaluations; 0: per epoch only
-        "slow_rank": -1,        # the rank that sleeps slow_seconds per minibatch; -1: none
-        "slow_seconds": 0.0,
+        "slow_rank": -1,        # the rank whose every minibatch is slowed; -1: none
+        "slow_chance": 0.0,     # the probability that any rank's minibatch is slowed
+        "slow_seconds": 0.0,    # a slowed minibatch sleeps this long after its gradient,
+        "slow_factor": 1.0,     # plus (factor - 1) x its own work
     },
 }
+#: the data-scaled step is STEP_SCALE / (workers * lambda_max(X^T X / N)): the largest step
+#: for which gradient descent on the mean log-loss stays stable (its curvature is at most
+#: lambda_max / 4); in a one-worker simulation it was the best of 1, 2, 4 and 8 on rows
+#: of 5, 20, 100 and 400 features (docs/jobs.md)
+STEP_SCALE = 8.0
+POWER_ITERATIONS = 20
+POWER_ROWS = 20_000     # lambda_max of X^T X / N is a mean over rows: a prefix estimates it
 
 TABLE = "w"
 #: plots `psd run` writes from the metrics records
@@ -65,10 +86,13 @@ _CHECKS: dict[str, dict[str, Check]] = {
     "train": {
         "epochs": (lambda v: is_int(v) and v >= 1, "a positive integer"),
         "batch_size": (lambda v: is_int(v) and v >= 1, "a positive integer"),
-        "learning_rate": (lambda v: is_finite_num(v) and v > 0, "a positive number"),
+        "learning_rate": (lambda v: v is None or (is_finite_num(v) and v > 0),
+                          "a positive number, or null for the data-scaled step"),
         "eval_every": (lambda v: is_int(v) and v >= 0, "a non-negative integer (0: once per epoch)"),
         "slow_rank": (lambda v: is_int(v) and v >= -1, "a rank (an integer >= 0), or -1 for none"),
         "slow_seconds": (lambda v: is_num(v) and 0 <= v <= 60, "a number of seconds in [0, 60]"),
+        "slow_factor": (lambda v: is_finite_num(v) and 1 <= v <= 1000, "a number in [1, 1000]"),
+        "slow_chance": (lambda v: is_num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     },
 }
 
@@ -100,6 +124,35 @@ def make_data(data: dict) -> tuple[SparseDataset, SparseDataset]:
 
 
 # -- math ---------------------------------------------------------------------------
+def largest_eigenvalue(data: SparseDataset, iterations: int = POWER_ITERATIONS, seed: int = 0) -> float:
+    """lambda_max of ``X^T X / N`` by power iteration from a seeded start: the largest
+    curvature of the mean squared margin, which bounds the log-loss's (times 1/4).
+    From below, as power iteration converges; within a few percent after 20 steps on
+    the generated sets. Over the first ``POWER_ROWS`` rows (the generators shuffle)."""
+    data = data.rows(0, min(len(data), POWER_ROWS))
+    if len(data) == 0 or data.indices.size == 0:
+        return 0.0
+    cols, col = np.unique(data.indices, return_inverse=True)
+    rows, vals = data.row_ids(), data.values.astype(np.float64)
+    v = np.random.default_rng(seed).standard_normal(cols.size)
+    lam = 0.0
+    for _ in range(iterations):
+        v /= np.linalg.norm(v)
+        xv = np.bincount(rows, weights=vals * v[col], minlength=len(data))
+        u = np.bincount(col, weights=vals * xv[rows], minlength=cols.size) / len(data)
+        lam = float(np.linalg.norm(u))
+        if lam == 0.0:
+            return 0.0
+        v = u
+    return lam
+
+
+def default_step(train: SparseDataset, workers: int) -> float:
+    """The data-scaled step ``STEP_SCALE / (workers * lambda_max)``."""
+    lam = largest_eigenvalue(train)
+    return STEP_SCALE / (max(1, workers) * lam) if lam > 0 else 1.0
+
+
 def _margins(batch: SparseDataset, rows: np.ndarray, w_of_entry: np.ndarray) -> np.ndarray:
     return np.bincount(rows, weights=w_of_entry * batch.values, minlength=len(batch))
 
@@ -144,19 +197,25 @@ async def run(kv, ctx) -> dict:
     train_opts = opts["train"]
     epochs, batch_size = int(train_opts["epochs"]), int(train_opts["batch_size"])
     eval_every = int(train_opts["eval_every"])
-    slow = float(train_opts["slow_seconds"]) if ctx.rank == int(train_opts["slow_rank"]) else 0.0
+    slowed = ctx.rank == int(train_opts["slow_rank"])
+    slow, factor = float(train_opts["slow_seconds"]), float(train_opts["slow_factor"])
+    chance = float(train_opts["slow_chance"])
+    slow_rng = np.random.default_rng([int(opts["data"]["seed"]), ctx.rank, 0x510])
     start = time.perf_counter()
 
     # seconds of numpy work: off the event loop, so the worker's heartbeats keep flowing
     train, test = await asyncio.to_thread(make_data, opts["data"])
+    lr = train_opts["learning_rate"]
+    if lr is None:   # every worker computes the same step from the same generated set
+        lr = await asyncio.to_thread(default_step, train, ctx.num_workers)
+    lr = float(lr)
     mine = [shard(train, s, ctx.num_workers) for s in ctx.shards]
     per_epoch = sum(math.ceil(len(d) / batch_size) for d in mine)
     total = max(1, per_epoch * epochs)
     if ctx.rank == 0:
         test_keys, test_inverse = np.unique(test.indices, return_inverse=True)
 
-    table = await kv.table(TABLE, width=1, dtype="float32", updater="sgd",
-                           lr=float(train_opts["learning_rate"]))
+    table = await kv.table(TABLE, width=1, dtype="float32", updater="sgd", lr=lr)
     pending = None
     done = 0
     summary: dict = {"rank": ctx.rank, "examples": sum(len(d) for d in mine)}
@@ -164,12 +223,17 @@ async def run(kv, ctx) -> dict:
         loss_sum, seen = 0.0, 0
         for part in mine:
             for i0 in range(0, len(part), batch_size):
+                t0 = time.perf_counter()
                 batch = part.rows(i0, i0 + batch_size)
                 keys, inverse = np.unique(batch.indices, return_inverse=True)
+                t1 = time.perf_counter()
                 w = (await table.pull(keys))[:, 0]
+                t2 = time.perf_counter()
                 grad, loss = gradient(batch, inverse, w, keys.size)
-                if slow:
-                    await asyncio.sleep(slow)   # a deliberate straggler
+                if slowed or (chance and slow_rng.random() < chance):   # a deliberate straggler:
+                    # a fixed sleep, and/or the minibatch's own work (not the pull, which
+                    # may wait at a barrier) stretched by the factor
+                    await asyncio.sleep(slow + (factor - 1) * (t1 - t0 + time.perf_counter() - t2))
                 loss_sum += loss * len(batch)
                 seen += len(batch)
                 if pending is not None:
@@ -195,12 +259,12 @@ async def run(kv, ctx) -> dict:
             summary.update(result)
         await ctx.report(progress=done / total, metrics=records)
 
-    summary.update(epochs=epochs, batches=done, seconds=time.perf_counter() - start)
+    summary.update(epochs=epochs, batches=done, seconds=time.perf_counter() - start, learning_rate=lr)
     # a run that ends worse than w = 0 (log-loss log 2) or non-finite has diverged: say so
     if ctx.rank == 0:
         check_end("logreg_sgd", math.log(2.0), float(summary.get("test_logloss", math.nan)), done,
-                  f"lower train.learning_rate (now {train_opts['learning_rate']}) or raise train.batch_size")
+                  f"lower train.learning_rate (now {lr:.4g}) or raise train.batch_size")
     else:
         check_end("logreg_sgd", math.log(2.0), float(summary["train_logloss"]), done,
-                  f"lower train.learning_rate (now {train_opts['learning_rate']}) or raise train.batch_size")
+                  f"lower train.learning_rate (now {lr:.4g}) or raise train.batch_size")
     return summary
