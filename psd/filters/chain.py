@@ -55,7 +55,7 @@ def _defaults(name: str, opts: dict, info: TableInfo, key: str) -> list[str]:
                 return problems
             opts["l1"] = float(l1)
         if opts["delta"] is None:
-            opts["delta"] = opts["l1"] / 10
+            opts["delta"] = opts["l1"] / 2
         if not opts["delta"] < opts["l1"]:
             problems.append(f"{key}.delta: expected a number below l1 ({opts['l1']}), got {opts['delta']}")
         if opts["gradient"] is None:
@@ -78,7 +78,7 @@ def build_chain(entries, info: TableInfo, where: str = "filters") -> "FilterChai
     for i, (name, opts) in enumerate(parsed):
         problems += _defaults(name, opts, info, f"{where}[{i}]")
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError("; ".join(problems), problems=problems)
     return FilterChain(parsed, info) if parsed else None
 
 
