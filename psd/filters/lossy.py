@@ -55,7 +55,8 @@ class Significant:
 
     def observe(self, keys, rows):
         if self.relative and keys.size:
-            self.state.cols["w"][self.state.positions(keys)] = rows
+            pos = self.state.positions(keys)  # (first: adding keys replaces the columns)
+            self.state.cols["w"][pos] = rows
 
     def residual(self):
         r = self.state.cols["r"]
@@ -183,7 +184,7 @@ class KKT:
         s.cols["n"][pos, 0] = n + 1
         g = s.cols["g"][pos, 0] if self.pulled else values[:, self.column] * self.scale
         skip = s.cols["zero"][pos, 0] & (np.abs(g) <= self.l1 - self.delta)
-        if self.recheck:
+        if self.recheck and self.pulled:  # (a pushed gradient is fresh every time)
             skip &= n % self.recheck != 0
         s.cols["skipped"][pos, 0] = skip
         self.skipped_rows += int(skip.sum())
