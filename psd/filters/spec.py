@@ -40,7 +40,7 @@ FILTERS: dict[str, dict[str, tuple]] = {
         "gradient": (None, (lambda v: v in ("pulled", "pushed"), "pulled or pushed")),
         "column": (0, (_int(0, 1 << 20), "a column index >= 0")),
         "scale": (1.0, (_num(0.0, lo_open=True), "a number > 0")),
-        "recheck": (5, (_int(0, 1 << 30), "an integer >= 0 (0: never)")),
+        "recheck": (3, (_int(0, 1 << 30), "an integer >= 0 (0: never)")),
     },
     "quantize": {
         "to": ("float16", (lambda v: v in ("float16", "int8"), "float16 or int8")),
