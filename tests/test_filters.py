@@ -90,6 +90,19 @@ def test_significant_holds_back_at_most_the_threshold(seed, threshold):
         assert sent < 15 * (keys.size // 2) * 0.8  # it does leave rows out
 
 
+def test_keep_keys_sends_zeros_for_what_it_holds_back():
+    chain = build_chain([{"significant": {"threshold": 0.5, "keep_keys": True}}], SUM)
+    keys = np.array([1, 2, 3], np.uint64)
+    k, v, _ = chain.apply(keys, np.array([[0.1, 0], [0.9, 0], [0, -0.7]], np.float32))
+    assert k.tolist() == [1, 2, 3]
+    np.testing.assert_allclose(v, [[0, 0], [0.9, 0], [0, -0.7]], atol=1e-7)
+    k, r = chain.residual()
+    assert k.tolist() == [1] and r[0, 0] == pytest.approx(0.1)
+    skip = build_chain([{"random_skip": {"p": 0.5, "keep_keys": True}}], SUM)
+    k, v, _ = skip.apply(np.arange(1000, dtype=np.uint64), np.ones((1000, 2), np.float32))
+    assert k.size == 1000 and set(np.unique(v).tolist()) == {0.0, 2.0}
+
+
 def test_significant_relative_to_the_pulled_value():
     chain = build_chain([{"significant": {"threshold": 0.1, "relative": True}}], SUM)
     keys = np.array([1, 2], np.uint64)
@@ -165,6 +178,8 @@ def test_chain_counts_bytes_after_each_filter():
     ([{"kkt": {"l1": 0.1, "delta": 0.2}}], SUM, "filters[0].delta: expected a number below l1"),
     ([{"kkt": {"gradient": "pushed"}}], AGG, "filters[0].gradient: 'pushed'"),
     (["quantize", {"significant": {"threshold": 1}}], SUM, "filters[0]: quantize must be the last"),
+    ([{"significant": {"threshold": 1, "keep_keys": True}}], TableInfo("a", "float32", 1, "adagrad", {"l1": 0.1}),
+     "filters[0].keep_keys: sends zeros"),
 ])
 def test_bad_settings_are_refused_naming_the_key(entries, info, needle):
     with pytest.raises(ConfigError) as err:
@@ -223,7 +238,7 @@ def test_significant_and_flush_reach_the_unfiltered_table(kv):
     before = sig.pull(keys)
     assert np.abs(before - want).max() <= 0.05 + 1e-5
     assert np.abs(before - want).max() > 0.01  # (something was held back)
-    stats = kv.traffic()["filters"]["sig"]
+    stats = kv.traffic()["filters"]["tables"]["sig"]
     assert stats["rows_out"] < 0.5 * stats["rows_in"]
     kv.flush()
     np.testing.assert_allclose(sig.pull(keys), want, atol=1e-5)
@@ -244,8 +259,9 @@ def test_quantized_pushes_are_applied_and_replicated(kv, two):
     got = q.pull(keys)
     assert np.abs(got - want).max() <= 4.5 / 127 * 0.5 + 1e-3  # |v| < 4.5 here; one message's error
     t = kv.traffic()
-    assert t["filters"]["q8"]["raw"] == 6 * keys.size * (8 + 4)  # keys + float32 values
-    assert t["filters"]["q8"]["after_quantize"] == 6 * keys.size * (8 + 1)  # keys + int8
+    f = t["filters"]["tables"]["q8"]
+    assert f["raw"] == 6 * keys.size * (8 + 4)  # keys + float32 values
+    assert f["after_quantize"] == 6 * keys.size * (8 + 1)  # keys + int8
     kv.flush()
     np.testing.assert_allclose(q.pull(keys), want, atol=1e-4)
 

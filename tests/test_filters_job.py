@@ -50,7 +50,7 @@ def test_kkt_reaches_the_same_objective_and_support(runs):
 
 def test_kkt_pushes_fewer_rows_and_bytes_counted_by_stage(runs):
     kkt, none = runs["kkt"], runs["none"]
-    rec = {n: next(r for r in run.metrics if r.get("series") == "traffic") for n, run in runs.items()}
+    rec = {n: next(r for r in run.metrics if r.get("record") == "traffic") for n, run in runs.items()}
     sent, pushed = map(int, rec["kkt"]["filtered_rows"]["w"].split("/"))
     assert sent < 0.7 * pushed  # (a third of the rows or more skipped, rechecks every 3rd pass included)
     assert "filtered_rows" not in rec["none"]
@@ -59,7 +59,7 @@ def test_kkt_pushes_fewer_rows_and_bytes_counted_by_stage(runs):
     for r in rec.values():
         assert r["workers_sent_before_filters"] >= r["workers_sent_raw"] >= r["workers_sent_after_kc"] > 0
     lines = [json.loads(x) for x in (kkt.output / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["series"] == "traffic"
+    assert lines[-1]["record"] == "traffic"
     summary = json.loads((kkt.output / "summary.json").read_text())
     assert 0 < summary["workers_saved"] < 1 and summary["bytes_servers_sent_wire"] > 0
 

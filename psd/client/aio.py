@@ -424,15 +424,15 @@ class AsyncKVWorker:
     # -- requests ------------------------------------------------------------------
     def traffic(self) -> dict:
         """Bytes this worker sent to and received from servers after each stage (raw,
-        after key caching, after zstd, on the wire: psd.codec.traffic), and its
-        key-caching counts (``key_cache``)."""
+        after key caching, after zstd, on the wire: psd.codec.traffic), its key-caching
+        counts (``key_cache``) and its filters' bytes (``filters``: per table, and
+        ``held_back``, so ``sent.raw + held_back`` is what the pushes meant)."""
         out = traffic_total(rpc.traffic.snapshot() for rpc in self._servers.values())
         out["key_cache"] = dict(self.core.kc_counters)
-        # filters run before the rest: ``before_filters`` is what pushes meant, ``raw`` what
-        # the filters left; per table, the bytes after each filter
+        # filters run before the rest (``sent.raw`` is what they left): per table, the bytes
+        # given to them and after each; ``held_back``: what pushes meant less what they sent
         per_table = {name: chain.stats() for name, chain in self.filters.items()}
-        out["sent"]["before_filters"] = out["sent"]["raw"] + sum(c["raw"] - c["out"] for c in per_table.values())
-        out["filters"] = per_table
+        out["filters"] = {"tables": per_table, "held_back": sum(c["raw"] - c["out"] for c in per_table.values())}
         return out
 
     def server_socket(self, node: str) -> RpcSocket | None:

@@ -17,6 +17,8 @@ from psd.filters.spec import parse_filters
 #: filters that hold rows back: an updater that waits for every worker's part of a key
 #: (prox_l1 with aggregate) would wait for ever, and ``assign`` is not a sum of pushes
 _DROPPING = ("significant", "random_skip")
+#: updaters to which a pushed row of zeros changes nothing (``keep_keys``)
+ZERO_IS_NOTHING = ("sum", "sgd")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ def _defaults(name: str, opts: dict, info: TableInfo, key: str) -> list[str]:
     if name in _DROPPING and info.updater == "assign":
         problems.append(f"{key}: filter {name!r} adds up what it holds back; table {info.name!r} uses 'assign', "
                         f"expected an updater that adds pushes up (sum, sgd, adagrad, ...)")
+    if opts.get("keep_keys") and info.updater not in ZERO_IS_NOTHING:
+        problems.append(f"{key}.keep_keys: sends zeros for the rows it holds back, which only {', '.join(ZERO_IS_NOTHING)} "
+                        f"leave(s) unchanged; table {info.name!r} uses {info.updater!r}")
     if name == "kkt":
         if opts["l1"] is None:
             l1 = info.options.get("l1")

@@ -16,6 +16,9 @@ Error bounds (docs/jobs.md, "Filters", tested in tests/test_filters.py):
   ``scale = max |v|`` of the column); with feedback the error is carried into the next
   push, so the sum over pushes is off by at most one message's error.
 * ``random_skip``: unbiased, ``E[sent] = v``; the variance grows by ``p / (1 - p) v^2``.
+* ``keep_keys`` (significant, random_skip): rows held back go as zeros instead of being
+  left out, so a cached key list stays valid; only for updaters where adding zero
+  changes nothing (sum, sgd).
 * ``kkt``: skips only rows of keys whose last pulled weight is exactly zero and whose
   gradient, global estimate, is within ``l1 - delta`` of zero: a proximal step there
   keeps the weight at zero.
@@ -38,6 +41,7 @@ class Significant:
     def __init__(self, opts: dict, width: int, send_dtype: np.dtype):
         self.threshold = float(opts["threshold"])
         self.relative = bool(opts["relative"])
+        self.keep_keys = bool(opts["keep_keys"])
         self.dtype = send_dtype
         self.state = KeyState({"r": (F64, width), "w": (F64, width)})
 
@@ -51,6 +55,10 @@ class Significant:
         left = acc.copy()
         left[send] -= out
         r[pos] = left
+        if self.keep_keys:  # zeros for the rest: the same key list (key caching), zeros squeeze
+            full = np.zeros_like(acc)
+            full[send] = out
+            return keys, full, {}
         return keys[send], out, {}
 
     def observe(self, keys, rows):
@@ -135,9 +143,12 @@ class RandomSkip:
         self.p = float(opts["p"])
         self.rng = np.random.default_rng(int(opts["seed"]))
         self.width = width
+        self.keep_keys = bool(opts["keep_keys"])
 
     def apply(self, keys, values):
         keep = self.rng.random(keys.size) >= self.p
+        if self.keep_keys:
+            return keys, np.where(keep[:, None], values / (1.0 - self.p), 0.0), {}
         return keys[keep], values[keep] / (1.0 - self.p), {}
 
     def observe(self, keys, rows):

@@ -33,6 +33,7 @@ FILTERS: dict[str, dict[str, tuple]] = {
     "significant": {
         "threshold": (None, (_num(0.0), "a number >= 0")),
         "relative": (False, _BOOL),
+        "keep_keys": (False, _BOOL),
     },
     "kkt": {
         "l1": (None, (_num(0.0, lo_open=True), "a number > 0 (default: the table's updater l1)")),
@@ -49,6 +50,7 @@ FILTERS: dict[str, dict[str, tuple]] = {
     "random_skip": {
         "p": (None, (_num(0.0, 1.0, hi_open=True), "a probability in [0, 1)")),
         "seed": (0, (_int(0, 2**63 - 1), "an integer >= 0")),
+        "keep_keys": (False, _BOOL),
     },
     "zstd": {
         "level": (1, (_int(0, 22), "an integer in [0, 22] (0: off for this table)")),

@@ -195,14 +195,14 @@ def _server_traffic(scheduler: str, config=None) -> dict:
 
 
 def traffic_record(state: dict) -> dict | None:
-    """Bytes per stage of the whole job, as one metrics record (``series: traffic``):
+    """Bytes per stage of the whole job, as one metrics record (``record: traffic``):
     workers' pushes and pulls summed over ranks, servers' replies, and the fractions
     saved (1 - wire / what the requests meant)."""
     ranks = [s.get("traffic") for s in (state.get("summary") or {}).values() if isinstance(s, dict)]
     ranks = [t for t in ranks if t]
     if not ranks:
         return None
-    rec: dict = {"series": "traffic"}
+    rec: dict = {"record": "traffic"}
     for side in ("sent", "received"):
         for k in {k for t in ranks for k in t.get(side, {})}:
             rec[f"workers_{side}_{k}"] = sum(t.get(side, {}).get(k, 0) for t in ranks)

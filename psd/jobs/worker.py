@@ -27,7 +27,10 @@ def job_traffic(t: dict) -> dict:
     stage (``before_filters``: what the app's pushes meant) and the rows filters kept."""
     out = {side: {k: int(v) for k, v in t[side].items() if k != "messages" and k != "kc_messages"}
            for side in ("sent", "received")}
-    out["filters"] = {name: {k: v for k, v in c.items() if k != "filters"} for name, c in t.get("filters", {}).items()}
+    filters = t.get("filters") or {}
+    out["sent"]["before_filters"] = out["sent"]["raw"] + int(filters.get("held_back", 0))
+    out["filters"] = {name: {k: v for k, v in c.items() if k != "filters"}
+                      for name, c in filters.get("tables", {}).items()}
     return out
 
 
