@@ -123,21 +123,27 @@ def test_random_skip_is_unbiased():
 
 
 def test_kkt_pulled_skips_zero_weights_that_cannot_move_and_rechecks():
-    chain = build_chain(["kkt"], AGG)  # l1 from the table, delta l1/2, recheck every 3rd push
+    chain = build_chain(["kkt"], AGG)  # l1 from the table, delta l1/10, at most 8 skips in a row
     kkt = chain.get("kkt")
-    assert (kkt.l1, kkt.delta, kkt.pulled) == (1e-4, 5e-5, True)
-    keys = np.array([1, 2, 3, 4, 5], np.uint64)
-    pushed = np.ones((5, 3), np.float32)
+    assert (kkt.l1, kkt.delta, kkt.pulled, kkt.recheck) == (1e-4, 1e-5, True, 8)
+    keys = np.array([1, 2, 3, 4, 5, 6], np.uint64)
+    pushed = np.ones((6, 3), np.float32)
     k, _, _ = chain.apply(keys, pushed)
-    assert k.tolist() == [1, 2, 3, 4, 5]  # nothing pulled yet: everything goes
-    # rows (w, g of the last step, h): zero and small; zero and large; non-zero; zero,
-    # small but never stepped (h 0); zero and just at the margin
-    chain.observe(keys, np.array([[0, 1e-5, 1], [0, 2e-4, 1], [0.3, 0, 1], [0, 0, 0], [0, 5e-5, 1]]))
-    sent = [chain.apply(keys, pushed)[0].tolist() for _ in range(3)]
-    assert sent[:2] == [[2, 3, 4]] * 2 and sent[2] == [1, 2, 3, 4, 5]  # the 4th push of each: sent whole
-    assert kkt.unchanged(keys).tolist() == [False] * 5
+    assert k.tolist() == [1, 2, 3, 4, 5, 6]  # nothing pulled yet: everything goes
+    # rows (w, g of the last step, h): zero, g 0; zero, g over the margin; non-zero; zero but
+    # never stepped (h 0); zero, g half the margin; zero, g just inside it
+    chain.observe(keys, np.array([[0, 0, 1], [0, 2e-4, 1], [0.3, 0, 1], [0, 0, 0], [0, 4.5e-5, 1],
+                                  [0, 8.9e-5, 1]]))
+    sent = [chain.apply(keys, pushed)[0].tolist() for _ in range(18)]
+    never = {2, 3, 4}
+    assert all(never <= set(s) for s in sent)
+    count = {key: sum(key in s for s in sent) for key in (1, 5, 6)}
+    # key 1 (g 0): 8 skips, then sent: 2 of 18; key 5 (|g| = margin/2): 4 skips, sent; key 6: always
+    assert count == {1: 2, 5: 3, 6: 18}
+    assert sent[0] == [2, 3, 4, 6] and sent[8] == [1, 2, 3, 4, 6]
+    assert kkt.unchanged(keys).tolist() == [False, False, False, False, True, False]  # sent / skipped last
     chain.apply(keys, pushed)
-    assert kkt.unchanged(keys).tolist() == [True, False, False, False, True]
+    assert kkt.unchanged(keys).tolist() == [True, False, False, False, True, False]
 
 
 def test_kkt_pushed_uses_the_gradient_pushed():

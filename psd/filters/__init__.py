@@ -4,7 +4,7 @@ Chosen by name per table (``kv.table(..., filters=[...])``) or per job (``filter
 in the job file), composed in the order given. Sender side: pure functions over numpy
 arrays plus per-(table, key) state (:mod:`psd.filters.chain`); receiver side: the
 names a receiver knows and the undoing of quantization (:mod:`psd.filters.wire`).
-docs/jobs.md, "Filters"; docs/protocol.md, "Filters"; decisions 85-88.
+docs/jobs.md, "Filters"; docs/protocol.md, "Filters"; decisions 89-92.
 """
 from psd.filters.chain import FilterChain, TableInfo, build_chain
 from psd.filters.spec import FILTERS, parse_filters

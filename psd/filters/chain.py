@@ -60,7 +60,7 @@ def _defaults(name: str, opts: dict, info: TableInfo, key: str) -> list[str]:
                 return problems
             opts["l1"] = float(l1)
         if opts["delta"] is None:
-            opts["delta"] = opts["l1"] / 2
+            opts["delta"] = opts["l1"] / 10
         if not opts["delta"] < opts["l1"]:
             problems.append(f"{key}.delta: expected a number below l1 ({opts['l1']}), got {opts['delta']}")
         if opts["gradient"] is None:

@@ -168,9 +168,10 @@ class KKT:
     * ``pulled``: the aggregated gradient the server stored with the key's last step
       (column 1 of a ``prox_l1`` ``aggregate`` row, whose column 2, the curvature, is
       non-zero once a step happened). Every worker reads the same row, so all skip a key
-      together, as the aggregate updater, which waits for every part, needs; every
-      ``recheck``-th push of a key is sent anyway, since a skipped key's row is not
-      renewed;
+      together, as the aggregate updater, which waits for every part, needs. A skipped
+      key's row is not renewed, so a key is skipped at most ``recheck * (1 - |g| /
+      (l1 - delta))`` times in a row (rounded down) and then sent: often near the
+      margin, rarely far below it;
     * ``pushed``: this push's own column ``column`` times ``scale`` (a worker's part of
       a sum, scaled to the whole): for updaters where every push is a step.
     """
@@ -183,7 +184,7 @@ class KKT:
         self.pulled = opts["gradient"] == "pulled"
         self.column, self.scale, self.recheck = int(opts["column"]), float(opts["scale"]), int(opts["recheck"])
         self.width = width
-        # zero: the last pulled weight was 0; g: the gradient to judge by; n: pushes tried
+        # zero: the last pulled weight was 0; g: the gradient to judge by; n: skips in a row
         self.state = KeyState({"zero": (np.dtype(bool), 1), "g": (F64, 1), "n": (np.dtype(np.int64), 1),
                                "skipped": (np.dtype(bool), 1)})
         self.skipped_rows = 0
@@ -191,12 +192,16 @@ class KKT:
     def apply(self, keys, values):
         s = self.state
         pos = s.positions(keys)
-        n = s.cols["n"][pos, 0]
-        s.cols["n"][pos, 0] = n + 1
         g = s.cols["g"][pos, 0] if self.pulled else values[:, self.column] * self.scale
-        skip = s.cols["zero"][pos, 0] & (np.abs(g) <= self.l1 - self.delta)
-        if self.recheck and self.pulled:  # (a pushed gradient is fresh every time)
-            skip &= n % self.recheck != 0
+        margin = self.l1 - self.delta
+        skip = s.cols["zero"][pos, 0] & (np.abs(g) <= margin)
+        if self.pulled:  # (a pushed gradient is fresh every time: nothing to renew)
+            # skips in a row allowed: ``recheck`` for a gradient of 0, fewer as |g| nears
+            # the margin, where the next steps of other keys could carry it over
+            streak = s.cols["n"][pos, 0]
+            allowed = np.floor(self.recheck * (1.0 - np.abs(g) / margin)) if margin > 0 else 0
+            skip &= streak < allowed
+            s.cols["n"][pos, 0] = np.where(skip, streak + 1, 0)
         s.cols["skipped"][pos, 0] = skip
         self.skipped_rows += int(skip.sum())
         keep = ~skip

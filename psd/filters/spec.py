@@ -37,11 +37,11 @@ FILTERS: dict[str, dict[str, tuple]] = {
     },
     "kkt": {
         "l1": (None, (_num(0.0, lo_open=True), "a number > 0 (default: the table's updater l1)")),
-        "delta": (None, (_num(0.0), "a number >= 0 and below l1 (default: l1 / 2)")),
+        "delta": (None, (_num(0.0), "a number >= 0 and below l1 (default: l1 / 10)")),
         "gradient": (None, (lambda v: v in ("pulled", "pushed"), "pulled or pushed")),
         "column": (0, (_int(0, 1 << 20), "a column index >= 0")),
         "scale": (1.0, (_num(0.0, lo_open=True), "a number > 0")),
-        "recheck": (3, (_int(0, 1 << 30), "an integer >= 0 (0: never)")),
+        "recheck": (8, (_int(0, 1 << 30), "an integer >= 0: most skips in a row (0: never skip)")),
     },
     "quantize": {
         "to": ("float16", (lambda v: v in ("float16", "int8"), "float16 or int8")),
