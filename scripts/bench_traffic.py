@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--png", default="traffic.png")
     ap.add_argument("--part", choices=("keys", "job", "links", "all"), default="all")
+    ap.add_argument("--passes", type=int, default=10, help="passes of the logreg job (parts job and links)")
     ap.add_argument("--spam", default=None, help="the prepared SpamAssassin folder (train-*.svm, test.svm)")
     args = ap.parse_args()
     if args.part in ("keys", "all"):

@@ -25,13 +25,13 @@ STAGES = [
 def datasets(args) -> list[tuple[str, dict, dict]]:
     out = [("generated click-like (50,000 x 100,000, nnz 20)",
             {"generator": "sparse_logreg", "seed": 42, "examples": 50_000, "features": 100_000, "nnz": 20},
-            {"l1": 1e-4, "blocks": 16, "passes": 10, "tol": 0})]
+            {"l1": 1e-4, "blocks": 16, "passes": args.passes, "tol": 0})]
     if args.spam:
         spam = Path(args.spam)
         if (spam / "test.svm").exists():
             out.append(("SpamAssassin mails (hashed 2**24)",
                         {"files": str(spam / "train-*.svm"), "test_files": str(spam / "test.svm")},
-                        {"l1": 3e-5, "blocks": 16, "passes": 10, "tol": 0}))
+                        {"l1": 3e-5, "blocks": 16, "passes": args.passes, "tol": 0}))
         else:
             print(f"(no prepared spam data in {spam}: scripts/fetch_data.sh && scripts/prepare_data.py)")
     return out

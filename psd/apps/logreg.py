@@ -506,6 +506,7 @@ class Trainer:
         self.last_report = time.monotonic()
         self.started = time.perf_counter()
         self.final: dict = {}
+        self.kkt = None  # the weight table's kkt filter, if it has one (run_prox)
 
     # -- plumbing ----------------------------------------------------------------------
     async def _track(self, ts: int, limit: int = 8) -> None:
@@ -631,8 +632,11 @@ class Trainer:
         self.after_clock()
         await self._collect(block=True)
         await self.barrier()
-        if self.keys.size:
-            self.w = (await table.pull(self.keys))[:, 0].astype(np.float64)  # the weight column
+        # the weight column; with kkt, not the keys every worker skipped at their last push:
+        # no step since this worker last pulled them
+        pos = np.flatnonzero(~self.kkt.unchanged(self.keys)) if self.kkt is not None else np.arange(self.keys.size)
+        if pos.size:
+            self.w[pos] = (await table.pull(self.keys[pos]))[:, 0]
         self.train.recompute(self.w)
         if self.test is not None:
             self.test.recompute(self.w)
@@ -691,7 +695,7 @@ class Trainer:
         gate = gated(self.ctx.spec)
         updater, width, dtype, wopts = weight_table(self.ctx.spec)
         table = await kv.table("w", width, dtype, updater, filters=filters_of(self.ctx.spec), **wopts)
-        kkt = table.filters.get("kkt") if table.filters is not None else None
+        kkt = self.kkt = table.filters.get("kkt") if table.filters is not None else None
         edges = [self.key_end * b // blocks for b in range(blocks + 1)]  # Python ints: no uint64 wrap
         bounds = np.array([np.searchsorted(self.keys, np.uint64(e)) if e < 2**64 else self.keys.size
                            for e in edges], dtype=np.int64)

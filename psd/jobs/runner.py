@@ -179,10 +179,21 @@ def _follow(scheduler: str, job: JobSpec, job_id: str, workers, out: Path, quiet
 def _server_traffic(scheduler: str, config=None) -> dict:
     """The servers' bytes by stage, summed, from ``status`` (servers send them with their
     heartbeats: a beat or two behind). Cumulative over each server's life."""
-    try:
-        st = admin.call(scheduler, "status", config=config)
-    except Exception:  # (a summary without server bytes beats a failed run)
-        return {}
+    last, sides = None, {}
+    for _ in range(8):  # until two readings agree on the payload bytes (pings add headers only)
+        try:
+            sides = _servers_now(admin.call(scheduler, "status", config=config))
+        except Exception:  # (a summary without server bytes beats a failed run)
+            return {}
+        now = {side: stages.get("raw") for side, stages in sides.items()}
+        if now == last:
+            break
+        last = now
+        time.sleep(0.3)
+    return sides
+
+
+def _servers_now(st: dict) -> dict:
     sides: dict = {}
     for node in st.get("nodes", []):
         if node.get("role") != "server":
