@@ -7,7 +7,8 @@
 Part ``job``: the L1 logistic-regression job (``psd run``'s path: a fresh LocalCluster
 per row, 2 servers, 2 workers, sequential, generated click-like data; the SpamAssassin
 mails too when ``--spam`` names the prepared folder) with stages added in turn: none,
-+key caching, +zstd, +kkt, +quantize (float16). ``significant`` and ``random_skip``
++key caching, +zstd, +kkt, +quantize (float16), and kkt alone (no key caching, no
+zstd: what those two add once kkt has cut). ``significant`` and ``random_skip``
 hold rows back, which the job's aggregating prox_l1 table refuses (it waits for every
 worker's part of a key), so they are measured on the repeated-key workload below. Per
 row: bytes workers and servers sent (the job's own traffic record), the fraction saved
@@ -133,6 +134,8 @@ def main() -> None:
     ap.add_argument("--png", default="traffic.png")
     ap.add_argument("--part", choices=("keys", "job", "links", "all"), default="all")
     ap.add_argument("--passes", type=int, default=10, help="passes of the logreg job (parts job and links)")
+    ap.add_argument("--examples", type=int, default=50_000, help="generated examples (parts job and links)")
+    ap.add_argument("--features", type=int, default=100_000, help="generated features (parts job and links)")
     ap.add_argument("--spam", default=None, help="the prepared SpamAssassin folder (train-*.svm, test.svm)")
     args = ap.parse_args()
     if args.part in ("keys", "all"):

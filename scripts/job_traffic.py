@@ -19,12 +19,13 @@ STAGES = [
     ("+zstd", {"key_caching": True, "compression": "zstd"}, []),
     ("+kkt", {"key_caching": True, "compression": "zstd"}, ["kkt"]),
     ("+quantize float16", {"key_caching": True, "compression": "zstd"}, ["kkt", {"quantize": {"to": "float16"}}]),
+    ("kkt alone", {"key_caching": False, "compression": "none"}, ["kkt"]),
 ]
 
 
 def datasets(args) -> list[tuple[str, dict, dict]]:
-    out = [("generated click-like (50,000 x 100,000, nnz 20)",
-            {"generator": "sparse_logreg", "seed": 42, "examples": 50_000, "features": 100_000, "nnz": 20},
+    out = [(f"generated click-like ({args.examples:,} x {args.features:,}, nnz 20)",
+            {"generator": "sparse_logreg", "seed": 42, "examples": args.examples, "features": args.features, "nnz": 20},
             {"l1": 1e-4, "blocks": 16, "passes": args.passes, "tol": 0})]
     if args.spam:
         spam = Path(args.spam)

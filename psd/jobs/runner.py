@@ -177,8 +177,10 @@ def _follow(scheduler: str, job: JobSpec, job_id: str, workers, out: Path, quiet
 
 
 def _server_traffic(scheduler: str, config=None) -> dict:
-    """The servers' bytes by stage, summed, from ``status`` (servers send them with their
-    heartbeats: a beat or two behind). Cumulative over each server's life."""
+    """The servers' bytes by stage, summed, from ``status``: servers send them with one
+    heartbeat in five (0.5 s at the default interval), so readings 0.6 s apart are taken
+    until two agree. Cumulative over each server's life; with a slower heartbeat, a
+    period behind."""
     last, sides = None, {}
     for _ in range(8):  # until two readings agree on the payload bytes (pings add headers only)
         try:
@@ -189,7 +191,7 @@ def _server_traffic(scheduler: str, config=None) -> dict:
         if now == last:
             break
         last = now
-        time.sleep(0.3)
+        time.sleep(0.6)
     return sides
 
 
