@@ -248,6 +248,12 @@ def test_significant_and_flush_reach_the_unfiltered_table(kv):
     assert stats["rows_out"] < 0.5 * stats["rows_in"]
     kv.flush()
     np.testing.assert_allclose(sig.pull(keys), want, atol=1e-5)
+    # the same counts on the worker's Prometheus page
+    from types import SimpleNamespace
+    from psd.roles.metrics import worker_families
+    page = "".join(f.render() for f in worker_families(SimpleNamespace(kv=kv.aio, shards_run=0, current=None)))
+    assert f'psd_worker_filter_rows_total{{table="sig",kept="in"}} {stats["rows_in"]}' in page
+    assert f'psd_worker_filter_bytes_total{{table="sig",stage="after_significant"}} {stats["after_significant"]}' in page
 
 
 def test_quantized_pushes_are_applied_and_replicated(kv, two):
