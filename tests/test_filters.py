@@ -302,3 +302,19 @@ def test_bad_filters_refused_before_the_table_is_made(kv, two):
     with pytest.raises(ConfigError, match=r"filters\[0\]\.threshold: missing"):
         kv.table("never_made", filters=["significant"])
     assert "never_made" not in two.status()["tables"]
+
+
+def test_a_tables_zstd_stage_overrides_the_sockets_setting():
+    """Level and threshold per message (Message.zstd, not on the wire); level 0: off."""
+    from psd.codec import decode, encode
+    vals = np.zeros((4096, 1), np.float32)
+    plain = encode(Message("push", arrays=[vals]), "zstd")
+    assert len(plain[1]) < 1000  # the cluster's zstd (level 1, from 4096 bytes)
+    off = encode(Message("push", arrays=[vals], zstd=(0, 0)), "zstd")
+    assert memoryview(off[1]).nbytes == vals.nbytes
+    small = np.zeros((100, 1), np.float32)
+    assert len(encode(Message("push", arrays=[small]), "zstd")[1]) == small.nbytes  # under 4096 bytes
+    assert len(encode(Message("push", arrays=[small], zstd=(19, 64)), "none")[1]) < small.nbytes
+    np.testing.assert_array_equal(decode(encode(Message("push", arrays=[small], zstd=(19, 64)))).arrays[0], small)
+    chain = build_chain([{"zstd": {"level": 19, "threshold": 64}}], SUM)
+    assert chain.zstd == (19, 64) and chain.apply(np.arange(3, dtype=np.uint64), np.ones((3, 2), np.float32))[2] == {}
