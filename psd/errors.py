@@ -42,6 +42,14 @@ class ProtocolError(PsdError):
     code = "protocol"
 
 
+class UnknownFilterError(ProtocolError):
+    """A push names a filter (``meta.flt``) this receiver does not know, or its filter
+    fields are malformed: nothing was applied. Upgrade the receiver, or take the filter
+    off the table (docs/jobs.md, "Filters")."""
+
+    code = "unknown_filter"
+
+
 class MessageTooLargeError(ProtocolError):
     """A message or frame is over the configured limit; raise the limit or split it."""
 
@@ -183,7 +191,7 @@ class RemoteError(PsdError):
 
 
 _BY_CODE = {cls.code: cls for cls in (
-    PsdError, ConfigError, StartupError, ProtocolError, MessageTooLargeError, AuthError, ForbiddenError,
+    PsdError, ConfigError, StartupError, ProtocolError, UnknownFilterError, MessageTooLargeError, AuthError, ForbiddenError,
     BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
     TableMismatchError, LimitError, NotOwnerError, NotReplicatedError, OutOfOrderError, UnavailableError, NotLeaderError,
     KeysUnknownError,

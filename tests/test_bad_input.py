@@ -220,7 +220,7 @@ def _raw_cases(seeded):
         ("id is a string", r, [pack(h("ping", id="seven"))], "protocol", ["'id'"]),
         ("meta is a list", r, [pack(h("ping", meta=[1]))], "protocol", ["'meta'"]),
         ("op is missing", r, [pack({k: v for k, v in h("ping").items() if k != "op"})], "protocol", ["'op'"]),
-        ("dtype not allowed", r, [pack(h("pull", frames=[["<f2", [3], "none", 6]])), b"\0" * 6],
+        ("dtype not allowed", r, [pack(h("pull", frames=[["<c8", [3], "none", 24]])), b"\0" * 24],
          "protocol", ["dtype"]),
         ("3-d shape", r, [pack(h("pull", frames=[["<u8", [1, 1, 3], "none", 24]])), keys_bytes],
          "protocol", ["shape"]),

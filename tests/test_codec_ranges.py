@@ -115,7 +115,7 @@ def test_encode_handles_empty_and_odd_arrays():
     np.testing.assert_array_equal(out.arrays[4], src.T)
     assert out.arrays[3].dtype == np.dtype("<i8")
     with pytest.raises(psd.ProtocolError, match="dtype"):
-        encode(Message("ok", arrays=[np.zeros(3, np.float16)]))
+        encode(Message("ok", arrays=[np.zeros(3, np.complex64)]))
 
 
 def _mutations():

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
     ("base", ("psd.errors", "psd.keyroles", "psd.refusals"),
      "the PsdError family, key roles and the refusal log: shared by every layer"),
     ("codec", ("psd.codec",), "Message <-> frames: bytes only, no sockets, no meaning"),
+    ("filters", ("psd.filters",), "what a push leaves out or shrinks, and its undoing: pure numpy"),
     ("config", ("psd.config",), "one validated ClusterConfig, passed down; needs codec.Limits"),
     ("cluster", ("psd.cluster",), "pure key space, ring, clocks, liveness, job book"),
     ("updaters", ("psd.store.updaters",), "the update math by name; a TableSpec names one"),
@@ -44,7 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
 
 #: modules that mean I/O, threads or the clock: never in the deterministic layers
 IO = ("zmq", "asyncio", "uvloop", "time", "threading", "socket")
-DETERMINISTIC = ("psd.codec", "psd.store.updaters", "psd.schema", "psd.cluster", "psd.store", "psd.core",
+DETERMINISTIC = ("psd.codec", "psd.filters", "psd.store.updaters", "psd.schema", "psd.cluster", "psd.store", "psd.core",
                  "psd.sim")
 
 #: package -> (the only psd packages it may import besides itself, why)
@@ -53,6 +54,7 @@ ONLY: dict[str, tuple[tuple[str, ...], str]] = {
     "psd.keyroles": (("psd.errors",), "a table of who may send what"),
     "psd.refusals": (("psd.errors",), "pure: the caller passes the time"),
     "psd.config": (("psd.errors", "psd.codec"), "sits beside the bottom layers"),
+    "psd.filters": (("psd.errors",), "pure numpy over keys and values; the client and Rows call it"),
     "psd.transport": (("psd.codec", "psd.errors", "psd.keyroles", "psd.refusals", "psd.cluster"),
                       "moves bytes; what a message means is decided above it"),
 }
@@ -197,7 +199,7 @@ def test_the_checker_sees_lazy_relative_and_type_checking_imports():
     assert sorted(t for _, t in imports) == ["__future__", "psd.core.acks", "psd.roles.worker",
                                               "psd.transport.rpc", "time", "typing"]
     problems = [text for _, _, text in _problems("psd.core.probe", "psd/core/probe.py", imports)]
-    assert "psd/core/probe.py:4 imports psd.roles.worker (layer 7 core may not import layer 9 roles)" in problems
+    assert "psd/core/probe.py:4 imports psd.roles.worker (layer 8 core may not import layer 10 roles)" in problems
     assert any(p.startswith("psd/core/probe.py:6 imports time (psd.core never imports time") for p in problems)
     assert any(p.startswith("psd/core/probe.py:7 imports psd.transport.rpc (psd.core never imports psd.transport")
                for p in problems)

@@ -164,7 +164,8 @@ def test_bad_job_file_exits_2_with_one_line(tmp_path, change, key, expect):
     ({"data": {"nnz": 50, "features": 10}}, "data.nnz: expected at most data.features (10)"),
     ({"model": {"save": 3}}, "model.save: expected a folder path"),
     ({"model": "here"}, "model: expected a mapping"),
-    ({"filters": {"kkt": True}}, "filters: not used by app 'logreg'"),
+    ({"filters": {"kkt": True}}, "filters: expected a list of filters, got dict"),
+    ({"filters": [{"kkt": {"recheck": -1}}]}, "filters[0].recheck: expected an integer >= 0"),
 ])
 def test_validation_names_key_and_expectation(spec, needle):
     problems = logreg.validate({"app": "logreg", **spec}, "job.yaml")
@@ -304,8 +305,8 @@ class OneWorkerKV:
         self.tables: dict[str, Table] = {}
         self.clock_value = 0
 
-    async def table(self, name, width=1, dtype="float32", updater="sum", **options):
-        spec = TableSpec(name, width, dtype, updater, options).validate()
+    async def table(self, name, width=1, dtype="float32", updater="sum", filters=None, **options):
+        spec = TableSpec(name, width, dtype, updater, options).validate()  # (filters: none in process)
         table = self.tables.setdefault(name, Table(spec))
         assert table.spec == spec
         return FakeTable(table)
@@ -319,6 +320,8 @@ class OneWorkerKV:
 
 
 class FakeTable:
+    filters = None
+
     def __init__(self, table: Table):
         self.table = table
 

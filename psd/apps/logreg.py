@@ -63,6 +63,7 @@ from psd.apps.rendezvous import wait_for_ranks
 from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check_sparse_logreg, is_bool,
                               is_finite_num, is_int, merge_defaults)
 from psd.errors import BadRequestError, ConfigError
+from psd.filters import TableInfo, build_chain, parse_filters
 from psd.schema import table_bounds
 
 SOLVERS = ("prox", "ftrl", "adagrad")
@@ -234,11 +235,11 @@ def gated(spec: dict) -> bool:
 def validate(spec: dict, source: str) -> list[str]:
     """Problems with the ``data``, ``train`` and ``model`` sections, each naming the
     file, the key and what was expected; data files must be readable."""
-    problems = check_sections(spec, source, _CHECKS, app="logreg", unused_sections=("filters", "eval"),
-                              unused_note="there is no KKT filter yet",
+    problems = check_sections(spec, source, _CHECKS, app="logreg", unused_sections=("eval",),
                               special={("tables", "w"): _bounded_problems(source, spec)})
     if problems:
         return problems
+    problems.extend(check_filters(spec, source))
 
     data_given = spec.get("data") or {}
     from_files = [k for k in FILE_KEYS if k in data_given]
@@ -281,6 +282,43 @@ def validate(spec: dict, source: str) -> list[str]:
             problems.append(f"{source}: train.blocks: expected more blocks than the job's max_delay ({tau}), "
                             f"so a block's last step has landed before its next gradient; got {train['blocks']}")
     return problems
+
+
+def weight_table(spec: dict) -> tuple[str, int, str, dict]:
+    """The weight table a job's solver uses: updater, width, dtype and options."""
+    opts = options(spec)
+    t = opts["train"]
+    l1, l2, rate = float(t["l1"]), float(t["l2"]), float(t["learning_rate"])
+    if t["solver"] == "prox":
+        return "prox_l1", 3, "float32", {"lr": rate, "l1": l1, "l2": l2, "aggregate": True}
+    if t["solver"] == "ftrl":  # (l1, l2 scaled by the rounds of an epoch in run_sgd; the filter's l1 is the job's)
+        return "ftrl", 1, "float32", {"alpha": rate, "beta": float(t["beta"]), "l1": l1, "l2": l2}
+    return "adagrad", 1, "float32", {"lr": rate, "l1": l1}
+
+
+def filters_of(spec: dict) -> list:
+    """The job's ``filters`` for the weight table; by default ``kkt`` for the prox solver
+    under a gated consistency (every worker must read the same rows to skip a key
+    together), none otherwise. ``filters: []`` turns it off."""
+    if "filters" in spec:
+        return spec["filters"] or []
+    return ["kkt"] if options(spec)["train"]["solver"] == "prox" and gated(spec) else []
+
+
+def check_filters(spec: dict, source: str) -> list[str]:
+    """Problems of the job's filters on its weight table, each naming the key."""
+    entries = filters_of(spec)
+    updater, width, dtype, opts = weight_table(spec)
+    try:
+        parsed = parse_filters(entries)
+        build_chain(entries, TableInfo("w", dtype, width, updater, opts))
+    except ConfigError as e:
+        return [f"{source}: {p}" for p in e.data.get("problems", [e.message])]
+    if updater == "prox_l1" and not gated(spec) and any(n == "kkt" for n, _ in parsed):
+        i = [n for n, _ in parsed].index("kkt")
+        return [f"{source}: filters[{i}]: kkt with the prox solver needs consistency sequential or bounded "
+                f"(workers skip a key together only if they read the same rows); the job runs eventual"]
+    return []
 
 
 def options(spec: dict) -> dict:
@@ -473,6 +511,7 @@ class Trainer:
         self.last_report = time.monotonic()
         self.started = time.perf_counter()
         self.final: dict = {}
+        self.kkt = None  # the weight table's kkt filter, if it has one (run_prox)
 
     # -- plumbing ----------------------------------------------------------------------
     async def _track(self, ts: int, limit: int = 8) -> None:
@@ -598,8 +637,11 @@ class Trainer:
         self.after_clock()
         await self._collect(block=True)
         await self.barrier()
-        if self.keys.size:
-            self.w = (await table.pull(self.keys))[:, 0].astype(np.float64)  # the weight column
+        # the weight column; with kkt, not the keys every worker skipped at their last push:
+        # no step since this worker last pulled them
+        pos = np.flatnonzero(~self.kkt.unchanged(self.keys)) if self.kkt is not None else np.arange(self.keys.size)
+        if pos.size:
+            self.w[pos] = (await table.pull(self.keys[pos]))[:, 0]
         self.train.recompute(self.w)
         if self.test is not None:
             self.test.recompute(self.w)
@@ -657,8 +699,9 @@ class Trainer:
         eval_every = int(t["eval_every"])
         tau = delay_of(self.ctx.spec)
         gate = gated(self.ctx.spec)
-        table = await kv.table("w", 3, "float32", "prox_l1", lr=float(t["learning_rate"]),
-                               l1=self.l1, l2=self.l2, aggregate=True)
+        updater, width, dtype, wopts = weight_table(self.ctx.spec)
+        table = await kv.table("w", width, dtype, updater, filters=filters_of(self.ctx.spec), **wopts)
+        kkt = self.kkt = table.filters.get("kkt") if table.filters is not None else None
         edges = [self.key_end * b // blocks for b in range(blocks + 1)]  # Python ints: no uint64 wrap
         bounds = np.array([np.searchsorted(self.keys, np.uint64(e)) if e < 2**64 else self.keys.size
                            for e in edges], dtype=np.int64)
@@ -675,13 +718,16 @@ class Trainer:
         async def refresh(bs: list[int]) -> None:
             spans = [(int(bounds[b]), int(bounds[b + 1])) for b in bs]
             pos = np.concatenate([np.arange(lo, hi) for lo, hi in spans]) if spans else np.empty(0, np.int64)
+            if kkt is not None and pos.size:
+                # keys every worker skipped at their last push were not stepped: their rows are
+                # as last pulled (the server's side of the KKT filter: nothing to send)
+                pos = pos[~kkt.unchanged(self.keys[pos])]
             if not pos.size:
                 return
-            new = (await table.pull(self.keys[pos]))[:, 0].astype(np.float64)
-            offset = 0
+            new = self.w.copy()
+            new[pos] = (await table.pull(self.keys[pos]))[:, 0]
             for b, (lo, hi) in zip(bs, spans):
-                delta = new[offset:offset + hi - lo] - self.w[lo:hi]
-                offset += hi - lo
+                delta = new[lo:hi] - self.w[lo:hi]
                 if delta.any():
                     self.w[lo:hi] += delta
                     for d in designs:
@@ -734,14 +780,16 @@ class Trainer:
         epochs, batch_size = int(t["epochs"]), int(t["batch_size"])
         rate = float(t["learning_rate"])
         bounded = dict(self.opts["tables"]["w"])  # (table options: admission, eviction)
+        entries = filters_of(self.ctx.spec)
         if solver == "ftrl":
             # FTRL's l1/l2 weigh the sum of all pushed gradients; a push is a minibatch mean,
             # so one epoch adds up about N / batch_size of them
             rounds = math.ceil(self.total / batch_size)
+            entries = [{"kkt": {"l1": self.l1}} if e == "kkt" else e for e in entries]  # (not the scaled l1)
             table = await kv.table("w", 1, "float32", "ftrl", alpha=rate, beta=float(t["beta"]),
-                                   l1=self.l1 * rounds, l2=self.l2 * rounds, **bounded)
+                                   l1=self.l1 * rounds, l2=self.l2 * rounds, filters=entries, **bounded)
         else:
-            table = await kv.table("w", 1, "float32", "adagrad", lr=rate, l1=self.l1, **bounded)
+            table = await kv.table("w", 1, "float32", "adagrad", lr=rate, l1=self.l1, filters=entries, **bounded)
         rng = np.random.default_rng([int(self.opts["data"].get("seed", 0)), self.ctx.rank])
         n = len(self.train_data)
         done = 0

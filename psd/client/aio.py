@@ -24,6 +24,7 @@ from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message
 from psd.codec.traffic import total as traffic_total
 from psd.config import ClusterConfig
 from psd.core.client import RETRY_TICK, AskRing, ClientCore, Done, Send
+from psd.filters import FilterChain, TableInfo, build_chain
 from psd.errors import (AuthError, BadRequestError, MessageTooLargeError, NotLeaderError, ProtocolError,
                         PsdError, PsdTimeoutError, StartupError)
 from psd.schema import TableSpec, check_keys, check_namespace, check_span, check_values, qualified, too_large
@@ -72,6 +73,9 @@ class AsyncKVWorker:
         #: worker daemon sets it while it runs the job, so a job submitted to a cluster of
         #: another default runs under its own model)
         self.table_defaults: dict = {}
+        #: filter chains by qualified table name (kv.table(..., filters=...)): their
+        #: residuals and per-key state outlive any one table handle
+        self.filters: dict[str, FilterChain] = {}
         #: tables opened by ``table(name)`` are ``<namespace>/<name>`` (a job's worker runs its
         #: app in the job's namespace); None: the default namespace, names as given
         self.namespace: str | None = None
@@ -329,12 +333,37 @@ class AsyncKVWorker:
 
     # -- API ---------------------------------------------------------------------
     async def table(self, name: str, width: int = 1, dtype: str = "float32", updater: str = "sum",
-                    **options) -> "AsyncTable":
-        """Create the table, or open it if it exists with the same settings."""
+                    filters: list | None = None, **options) -> "AsyncTable":
+        """Create the table, or open it if it exists with the same settings. ``filters``:
+        what this worker's pushes to it go through (psd.filters; docs/jobs.md, "Filters"),
+        checked here (ConfigError naming the key); None keeps the table's chain, if any."""
         spec = TableSpec(qualified(self.namespace, name), width, dtype, updater,
                          {**self.table_defaults, **options}).validate()
+        chain = None
+        if filters is not None:  # checked before the table is created: nothing half done
+            chain = build_chain(filters, TableInfo(spec.name, spec.dtype, spec.width, spec.updater, spec.options))
         reply = await self._ask(Message("create_table", meta={"spec": spec.to_wire()}), self.config.request_timeout)
-        return AsyncTable(self, TableSpec.from_wire(reply.meta["spec"]))
+        table = AsyncTable(self, TableSpec.from_wire(reply.meta["spec"]))
+        if filters is not None:
+            if chain is None:
+                self.filters.pop(spec.name, None)
+            else:
+                chain.table_spec = table.spec  # (what a flush pushes to)
+                self.filters[spec.name] = chain
+        return table
+
+    async def flush(self) -> None:
+        """Push every residual the filters hold back (``significant``, ``quantize``'s
+        error feedback) and wait until they are applied: after it, the tables hold all
+        that was pushed, up to float rounding. Run at the end of every job."""
+        pending = []
+        for chain in self.filters.values():
+            keys, values = chain.residual()
+            if keys.size:
+                rows = Rows(keys=keys, values=values, zstd=chain.zstd)
+                pending.append(self._track(self._request("push", chain.table_spec, rows)))
+        for ts in pending:
+            await self.wait(ts)
 
     def clock(self) -> int:
         """Finish this worker's iteration: tell every server, after the iteration's pushes
@@ -395,10 +424,15 @@ class AsyncKVWorker:
     # -- requests ------------------------------------------------------------------
     def traffic(self) -> dict:
         """Bytes this worker sent to and received from servers after each stage (raw,
-        after key caching, after zstd, on the wire: psd.codec.traffic), and its
-        key-caching counts (``key_cache``)."""
+        after key caching, after zstd, on the wire: psd.codec.traffic), its key-caching
+        counts (``key_cache``) and its filters' bytes (``filters``: per table, and
+        ``held_back``, so ``sent.raw + held_back`` is what the pushes meant)."""
         out = traffic_total(rpc.traffic.snapshot() for rpc in self._servers.values())
         out["key_cache"] = dict(self.core.kc_counters)
+        # filters run before the rest (``sent.raw`` is what they left): per table, the bytes
+        # given to them and after each; ``held_back``: what pushes meant less what they sent
+        per_table = {name: chain.stats() for name, chain in self.filters.items()}
+        out["filters"] = {"tables": per_table, "held_back": sum(c["raw"] - c["out"] for c in per_table.values())}
         return out
 
     def server_socket(self, node: str) -> RpcSocket | None:
@@ -479,15 +513,33 @@ class AsyncTable:
                 raise too_large(size, self.kv.limits.max_message_bytes)
         return keys, values
 
+    @property
+    def filters(self) -> FilterChain | None:
+        """The filters this worker's pushes to the table go through, if any."""
+        return self.kv.filters.get(self.name)
+
     def push(self, keys, values, after: list[int] | None = None, once: tuple[str, int] | None = None) -> int:
         """Send a push now (or once the timestamps in ``after`` are done); returns its
         timestamp (``await kv.wait(ts)``). ``once=(name, step)``: the push's identity
         whoever sends it (``JobContext.once``): a server that applied a push of that
         identity to some rows applies no other to them, so a shard run again after its
-        worker died is not counted twice (docs/fault-tolerance.md, "Exactly once")."""
+        worker died is not counted twice (docs/fault-tolerance.md, "Exactly once").
+        The table's filters, if any, choose and shrink the rows that go."""
         keys, values = self._prepare(keys, values)
-        return self.kv._track(self.kv._request("push", self.spec, Rows(keys=keys, values=values), after,
-                                               _once(once)))
+        chain = self.filters
+        if chain is None:
+            rows = Rows(keys=keys, values=values)
+        else:
+            keys, values, meta = chain.apply(keys, values)
+            rows = Rows(keys=keys, values=values, meta=meta or None, zstd=chain.zstd)
+        return self.kv._track(self.kv._request("push", self.spec, rows, after, _once(once)))
+
+    def observe(self, keys, values):
+        """A pull's answer: the filters judge later pushes by it. Returns ``values``."""
+        chain = self.filters
+        if chain is not None and keys is not None:
+            chain.observe(keys, values)
+        return values
 
     def push_span(self, lo: int, values, after: list[int] | None = None, once: tuple[str, int] | None = None) -> int:
         """Push rows for the dense keys lo, lo+1, ... (no keys on the wire); ``once`` as
@@ -503,10 +555,15 @@ class AsyncTable:
 
     def pull_async(self, keys, after: list[int] | None = None) -> int:
         """Send a pull; returns its timestamp; ``await kv.wait(ts)`` returns the values."""
-        return self.kv._track(self.kv._request("pull", self.spec, self.pull_rows(keys), after), keeps_result=True)
+        rows = self.pull_rows(keys)
+        fut = self.kv._request("pull", self.spec, rows, after)
+        if self.filters is not None:
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self.observe(rows.keys, f.result()))
+        return self.kv._track(fut, keeps_result=True)
 
     async def pull(self, keys, after: list[int] | None = None) -> np.ndarray:
-        return await self.kv._request("pull", self.spec, self.pull_rows(keys), after)
+        rows = self.pull_rows(keys)
+        return self.observe(rows.keys, await self.kv._request("pull", self.spec, rows, after))
 
     async def pull_span(self, lo: int, count: int) -> np.ndarray:
         return await self.kv._request("pull", self.spec, self.span_rows(lo, count))

@@ -122,8 +122,12 @@ class KVWorker:
         return self.aio.node_id
 
     def table(self, name: str, width: int = 1, dtype: str = "float32", updater: str = "sum",
-              **options) -> "Table":
-        return Table(self, self._run(self.aio.table(name, width, dtype, updater, **options)))
+              filters: list | None = None, **options) -> "Table":
+        return Table(self, self._run(self.aio.table(name, width, dtype, updater, filters, **options)))
+
+    def flush(self) -> None:
+        """Push every residual the tables' filters hold back and wait (AsyncKVWorker.flush)."""
+        self._run(self.aio.flush())
 
     def wait(self, ts: int):
         """Block until ``ts`` is done; returns a pull's values (None for a push)."""
@@ -174,10 +178,15 @@ class Table:
         """Send a pull; returns its timestamp; ``kv.wait(ts)`` returns the values."""
         return self._kv._now(self._t.pull_async, keys, after)
 
+    @property
+    def filters(self):
+        return self._t.filters
+
     def pull(self, keys, after: list[int] | None = None) -> np.ndarray:
         if after:
             return self._kv._run(self._t.pull(keys, after))
-        return self._kv._blocking("pull", self.spec, self._t.pull_rows(keys))
+        rows = self._t.pull_rows(keys)
+        return self._t.observe(rows.keys, self._kv._blocking("pull", self.spec, rows))
 
     def pull_span(self, lo: int, count: int) -> np.ndarray:
         return self._kv._blocking("pull", self.spec, self._t.span_rows(lo, count))

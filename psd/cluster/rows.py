@@ -14,6 +14,7 @@ from psd.cluster.ranges import KEY_SPACE_END, check_sorted_unique
 from psd.cluster.routing import Owners, Slices, group_keys, group_spans
 from psd.codec import Limits, Message
 from psd.errors import KeysError, MessageTooLargeError, ProtocolError
+from psd.filters.wire import decode_values
 
 
 @dataclass
@@ -23,6 +24,10 @@ class Rows:
     values: np.ndarray | None = None          # (count, width), row i for the i-th key
     #: the signature under which the receiver keeps ``keys`` (key caching), when it does
     sig: int | None = None
+    #: sender side: header fields every message of these rows carries (a filter's
+    #: ``flt`` and ``q``), and the zstd stage of their table (level, minimum bytes)
+    meta: dict | None = None
+    zstd: tuple[int, int] | None = None
 
     @property
     def count(self) -> int:
@@ -43,8 +48,8 @@ class Rows:
         if self.keys is not None:
             keys = (self.keys[slices[0][0]:slices[0][1]] if len(slices) == 1
                     else np.concatenate([self.keys[a:b] for a, b in slices]))
-            return Rows(keys=keys, values=vals)
-        return Rows(spans=[self._span_of(a, b) for a, b in slices], values=vals)
+            return Rows(keys=keys, values=vals, meta=self.meta, zstd=self.zstd)
+        return Rows(spans=[self._span_of(a, b) for a, b in slices], values=vals, meta=self.meta, zstd=self.zstd)
 
     def _span_of(self, i0: int, i1: int) -> tuple[int, int]:
         row = 0
@@ -62,6 +67,8 @@ class Rows:
     # -- wire ------------------------------------------------------------------------
     def to_message(self, op: str, **fields) -> Message:
         meta = dict(fields.pop("meta", None) or {})
+        if self.meta:
+            meta.update(self.meta)
         arrays = []
         if self.keys is not None:
             arrays.append(self.keys)
@@ -69,7 +76,7 @@ class Rows:
             meta["spans"] = [[lo, n] for lo, n in self.spans]
         if self.values is not None:
             arrays.append(self.values)
-        return Message(op, meta=meta, arrays=arrays, **fields)
+        return Message(op, meta=meta, arrays=arrays, zstd=self.zstd, **fields)
 
     @classmethod
     def from_message(cls, msg: Message, limits: Limits, with_values: bool,
@@ -101,6 +108,8 @@ class Rows:
             rows = cls(keys=keys)
         if with_values:
             rows.values = msg.arrays[-1]
+            if "flt" in msg.meta:  # filtered on the way (psd.filters): undone, or refused whole
+                rows.values = decode_values(msg.meta, rows.values)
         return rows
 
     # -- storage ---------------------------------------------------------------------

@@ -39,10 +39,25 @@ SCHEDULER_REPLY_HEADER_BYTES = 16 << 20
 
 _compressor = zstandard.ZstdCompressor(level=1)
 _decompressor = zstandard.ZstdDecompressor()
+_by_level: dict[int, zstandard.ZstdCompressor] = {1: _compressor}
+
+
+def _compressor_at(level: int) -> zstandard.ZstdCompressor:
+    c = _by_level.get(level)
+    if c is None:
+        c = _by_level[level] = zstandard.ZstdCompressor(level=level)
+    return c
 
 
 def encode(msg: Message, compression: str = "none") -> list:
-    """Return the frames of ``msg``; arrays are passed as buffers (zero-copy)."""
+    """Return the frames of ``msg``; arrays are passed as buffers (zero-copy).
+    ``msg.zstd`` (a table's zstd stage: level, minimum bytes) overrides ``compression``."""
+    compressor, min_bytes = _compressor, ZSTD_MIN_BYTES
+    if msg.zstd is not None:
+        level, min_bytes = msg.zstd
+        compression = "zstd" if level > 0 else "none"
+        if level > 0:
+            compressor = _compressor_at(level)
     descs = []
     payloads = []
     for a in msg.arrays:
@@ -52,12 +67,12 @@ def encode(msg: Message, compression: str = "none") -> list:
         name = a.dtype.str
         if name not in DTYPES:
             raise ProtocolError(f"cannot send arrays of dtype {a.dtype}; use one of "
-                                f"uint64, float32, float64, int32, int64")
+                                f"uint64, float32, float64, int32, int64 (float16, int8: quantized values)")
         # memoryview.cast refuses views with a zero in the shape, e.g. (0, width)
         buf = memoryview(a).cast("B") if a.nbytes else b""
         codec = "none"
-        if compression == "zstd" and a.nbytes >= ZSTD_MIN_BYTES:
-            packed = _compressor.compress(buf)
+        if compression == "zstd" and a.nbytes >= min_bytes and a.nbytes:
+            packed = compressor.compress(buf)
             if len(packed) < a.nbytes:
                 buf, codec = packed, "zstd"
         descs.append([name, list(a.shape), codec, a.nbytes])

@@ -7,9 +7,10 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 
-#: dtypes allowed in payload frames (little-endian wire names -> numpy dtype)
+#: dtypes allowed in payload frames (little-endian wire names -> numpy dtype); float16
+#: and int8 carry quantized values only (``meta.flt``, psd.filters), never a table's
 DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(name) for name in ("<u8", "<f4", "<f8", "<i4", "<i8")
+    name: np.dtype(name) for name in ("<u8", "<f4", "<f8", "<i4", "<i8", "<f2", "|i1")
 }
 
 
@@ -33,6 +34,9 @@ class Message:
     #: asked to tell (the User-Id the ZAP handler gave the sender's connection, e.g.
     #: "server" or "client:NAME"); None when not read, or on a plaintext connection
     peer: str | None = field(default=None, compare=False, repr=False)
+    #: not on the wire: how to compress this message's payload frames, overriding the
+    #: socket's setting (a table's ``zstd`` filter stage): ``(level, min_bytes)``, level 0 = off
+    zstd: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
     def reply(self, op: str = "ok", *, sender: str = "", meta: dict | None = None,
               arrays: list[np.ndarray] | None = None, ring: int = 0) -> "Message":

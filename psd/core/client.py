@@ -276,11 +276,11 @@ class ClientCore:
             part.kc = "kc"
             self.kc_counters["by_signature"] += 1
             return Message(msg.op, id=msg.id, sender=msg.sender, table=msg.table, ring=msg.ring, clock=msg.clock,
-                           meta={**msg.meta, "kc": ref}, arrays=msg.arrays[1:])
+                           meta={**msg.meta, "kc": ref}, arrays=msg.arrays[1:], zstd=msg.zstd)
         part.kc = "kcs"
         self.kc_counters["whole_to_keep"] += 1
         return Message(msg.op, id=msg.id, sender=msg.sender, table=msg.table, ring=msg.ring, clock=msg.clock,
-                       meta={**msg.meta, "kcs": True}, arrays=msg.arrays)
+                       meta={**msg.meta, "kcs": True}, arrays=msg.arrays, zstd=msg.zstd)
 
     def _kept(self, part: Part, reply: Message) -> None:
         """A success answer to keys sent whole to keep: the server keeps them when it

@@ -154,6 +154,11 @@ def _follow(scheduler: str, job: JobSpec, job_id: str, workers, out: Path, quiet
             bar.refresh()
             if st["state"] in ("done", "failed"):
                 st["metrics_all"] = seen
+                st["server_traffic"] = _server_traffic(scheduler, config)
+                record = traffic_record(st)
+                if record:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    seen.append(record)
                 return st
             dead = [w for w in workers if w.proc.poll() not in (None, 0)]
             for w in dead:
@@ -169,6 +174,69 @@ def _follow(scheduler: str, job: JobSpec, job_id: str, workers, out: Path, quiet
                 st.update(state="timed out", metrics_all=seen, error=f"not finished within {job.timeout:.0f} s")
                 return st
             time.sleep(POLL)
+
+
+def _server_traffic(scheduler: str, config=None) -> dict:
+    """The servers' bytes by stage, summed, from ``status``: servers send them with one
+    heartbeat in five (0.5 s at the default interval), so readings 0.6 s apart are taken
+    until two agree. Cumulative over each server's life; with a slower heartbeat, a
+    period behind."""
+    last, sides = None, {}
+    for _ in range(8):  # until two readings agree on the payload bytes (pings add headers only)
+        try:
+            sides = _servers_now(admin.call(scheduler, "status", config=config))
+        except Exception:  # (a summary without server bytes beats a failed run)
+            return {}
+        now = {side: stages.get("raw") for side, stages in sides.items()}
+        if now == last:
+            break
+        last = now
+        time.sleep(0.6)
+    return sides
+
+
+def _servers_now(st: dict) -> dict:
+    sides: dict = {}
+    for node in st.get("nodes", []):
+        if node.get("role") != "server":
+            continue
+        for side, stages in (node.get("traffic") or {}).items():
+            into = sides.setdefault(side, {})
+            for k, v in stages.items():
+                into[k] = into.get(k, 0) + v
+    return sides
+
+
+def traffic_record(state: dict) -> dict | None:
+    """Bytes per stage of the whole job, as one metrics record (``record: traffic``):
+    workers' pushes and pulls summed over ranks, servers' replies, and the fractions
+    saved (1 - wire / what the requests meant)."""
+    ranks = [s.get("traffic") for s in (state.get("summary") or {}).values() if isinstance(s, dict)]
+    ranks = [t for t in ranks if t]
+    if not ranks:
+        return None
+    rec: dict = {"record": "traffic"}
+    for side in ("sent", "received"):
+        for k in {k for t in ranks for k in t.get(side, {})}:
+            rec[f"workers_{side}_{k}"] = sum(t.get(side, {}).get(k, 0) for t in ranks)
+    for side, stages in (state.get("server_traffic") or {}).items():
+        for k, v in stages.items():
+            if k not in ("messages", "kc_messages"):
+                rec[f"servers_{side}_{k}"] = v
+    meant = rec.get("workers_sent_before_filters", rec.get("workers_sent_raw", 0))
+    if meant:
+        rec["workers_saved"] = round(1.0 - rec.get("workers_sent_wire", 0) / meant, 4)
+    if rec.get("servers_sent_raw"):
+        rec["servers_saved"] = round(1.0 - rec["servers_sent_wire"] / rec["servers_sent_raw"], 4)
+    kept: dict = {}
+    for t in ranks:
+        for name, c in t.get("filters", {}).items():
+            k = kept.setdefault(name.rsplit("/", 1)[-1], [0, 0])
+            k[0] += c.get("rows_out", 0)
+            k[1] += c.get("rows_in", 0)
+    if kept:  # rows the filters let through of those pushed, per table
+        rec["filtered_rows"] = {name: f"{a}/{b}" for name, (a, b) in kept.items()}
+    return rec
 
 
 def _postfix(record: dict) -> str:
@@ -189,6 +257,13 @@ def _summarize(job: JobSpec, state: dict, out: Path, elapsed: float, echo: bool 
         if all(key in s for s in per_rank.values()) and per_rank:
             summary[key] = sum(s[key] for s in per_rank.values())
     summary.pop("rank", None)
+    summary.pop("traffic", None)
+    traffic = traffic_record(state)
+    if traffic:
+        for k in ("workers_sent_before_filters", "workers_sent_wire", "workers_received_wire", "servers_sent_wire",
+                  "workers_saved", "servers_saved"):
+            if k in traffic:
+                summary[f"bytes_{k}" if not k.endswith("saved") else k] = traffic[k]
     summary.update(job=state.get("id"), app=job.app, state=state["state"], seconds=round(elapsed, 2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     if not echo:

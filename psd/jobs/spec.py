@@ -9,6 +9,7 @@ from pathlib import Path
 
 from psd.config import config_from_dict, load_yaml
 from psd.errors import ConfigError, describe
+from psd.filters import parse_filters
 from psd.jobs.registry import AppRegistry
 
 #: top-level keys every job may have; the app checks its own sections (data, train, ...)
@@ -63,6 +64,11 @@ def _top_level(data: dict, source: str, problems: list[str], apps: Collection[st
         if key not in COMMON_KEYS | APP_SECTIONS:
             problems.append(f"{source}: unknown key {describe(key)}; known keys: "
                             f"{', '.join(sorted(COMMON_KEYS | APP_SECTIONS))}")
+    if "filters" in data:  # names and options here; the app checks them against its tables
+        try:
+            parse_filters(data["filters"])
+        except ConfigError as e:
+            problems.extend(f"{source}: {p}" for p in e.data.get("problems", [e.message]))
     app = data.get("app")
     if app is None:
         problems.append(f"{source}: app: missing; expected one of {known}")

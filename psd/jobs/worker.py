@@ -22,6 +22,18 @@ POLL_INTERVAL = 0.2
 ANNOUNCE_INTERVAL = 5.0
 
 
+def job_traffic(t: dict) -> dict:
+    """What a worker's summary carries of ``kv.traffic()``: bytes sent and received by
+    stage (``before_filters``: what the app's pushes meant) and the rows filters kept."""
+    out = {side: {k: int(v) for k, v in t[side].items() if k != "messages" and k != "kc_messages"}
+           for side in ("sent", "received")}
+    filters = t.get("filters") or {}
+    out["sent"]["before_filters"] = out["sent"]["raw"] + int(filters.get("held_back", 0))
+    out["filters"] = {name: {k: v for k, v in c.items() if k != "filters"}
+                      for name, c in filters.get("tables", {}).items()}
+    return out
+
+
 class Worker:
     kv = None
     #: where GET /metrics is served (config `metrics`), once bound
@@ -139,8 +151,9 @@ class Worker:
                             ctx.job_id, ctx.rank)
                 return
             summary = app_task.result()
+            await kv.flush()  # what the filters held back (docs/jobs.md, "Filters")
             await kv.wait_all()
-            await ctx.report(done=True, summary=summary or {})
+            await ctx.report(done=True, summary={**(summary or {}), "traffic": job_traffic(kv.traffic())})
             log.info("%s finished job %s", kv.node_id, ctx.job_id)
         except Exception as e:
             if isinstance(e, BadRequestError) and "held_by" in e.data:

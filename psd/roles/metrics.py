@@ -301,7 +301,9 @@ def worker_families(worker) -> list[Family]:
             .add(sum(len(r.pending) for r in servers))]
     out += _traffic("psd_worker", {"servers": servers, "scheduler": getattr(kv, "_link", None)})
     if hasattr(kv, "traffic"):
-        out += _stages("psd_worker", kv.traffic())
+        t = kv.traffic()
+        out += _stages("psd_worker", t)
+        out += _filters((t.get("filters") or {}).get("tables") or {})
     return out
 
 
@@ -320,3 +322,17 @@ def _bounded(prefix: str, tables: dict) -> list:
         evicted.add(t.get("evicted", 0), table=name)
         followed.add(t.get("evicted_by_primary", 0), table=name)
     return [refused, evicted, followed]
+
+
+def _filters(tables: dict) -> list[Family]:
+    """Per table with filters: bytes given to them and left after each, and rows."""
+    stages = counter("psd_worker_filter_bytes_total", "Bytes of keys and values of pushes through a table's "
+                                                      "filters: raw (given), after_NAME (left after filter NAME)")
+    rows = counter("psd_worker_filter_rows_total", "Rows of pushes through a table's filters: in (given), "
+                                                   "out (sent)")
+    for table, c in sorted(tables.items()):
+        for stage, v in c.items():
+            if stage == "raw" or stage.startswith("after_"):
+                stages.add(v, table=table, stage=stage)
+        rows.add(c.get("rows_in", 0), table=table, kept="in").add(c.get("rows_out", 0), table=table, kept="out")
+    return [stages, rows]
