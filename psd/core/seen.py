@@ -109,6 +109,10 @@ class PartlyApplied:
       as applied here only for rows inside that range (the source's id memory is
       global, so taking it whole would make a forward still on its way to us, with rows
       of another range, look like a resend). Kept as ranges, per id.
+    * Forwards in part: a request holds rows of ranges with different replicas (one
+      message per server, decision 85), so a replica gets only some of its rows; the id
+      counts here only for the key intervals the forward names (``meta.cover``). Kept
+      as ranges, per id, as copies are.
     """
 
     #: how many original requests with pieces are remembered (pieces exist only around
@@ -168,13 +172,24 @@ class PartlyApplied:
 
     def note_copy(self, r: Range, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
         for sender, rid in ids_of_arrays(senders, counts, rids):
-            ids = self._copied.setdefault(sender, OrderedDict())
-            ranges = ids.setdefault(rid, [])
-            if r not in ranges:
-                ranges.append(r)
-            ids.move_to_end(rid)
-            if len(ids) > self.window:
-                ids.popitem(last=False)
+            self.note_ranges(sender, rid, (r,))
+
+    def note_ranges(self, sender: str, rid: int, ranges) -> None:
+        """Request ``(sender, rid)`` was applied here for the rows in ``ranges`` only (a
+        range copied in; a forward carrying part of the request)."""
+        ids = self._copied.setdefault(sender, OrderedDict())
+        have = ids.setdefault(rid, [])
+        for r in ranges:
+            if r not in have:
+                have.append(r)
+        ids.move_to_end(rid)
+        if len(ids) > self.window:
+            ids.popitem(last=False)
+
+    def applied_in(self, sender: str, rid: int) -> list[Range]:
+        """The ranges for whose rows ``(sender, rid)`` counts as applied here (none: not
+        applied in part)."""
+        return list(self._copies_of((sender, rid)))
 
     def senders(self) -> set[str]:
         """Senders whose copied-in ids are kept."""

@@ -10,9 +10,11 @@ come back through ``answered``; ``tick`` moves its timers.
 Requests are handled one at a time in the order they are admitted, so pushes that
 arrive on one stream are applied in the order they were sent (``psd.core.stream``). A
 push is applied on the range's primary, forwarded as is to the range's replicas (one
-message per replica, in the primary's order, so every copy applies the same updates in
-the same order), and acknowledged to the worker only when every replica holds it
-(``psd.core.acks``). Requests carry (sender, rid) ids; a resend of something already
+message per replica server, in the primary's order, so every copy applies the same
+updates in the same order), and acknowledged to the worker only when every replica holds
+it (``psd.core.acks``). A worker sends one message per server, whatever the replicas of
+its ranges: the primary applies it whole or refuses it whole (``_check_primary``), and a
+forward holding only part of it names the key intervals it covers (``meta.cover``). Requests carry (sender, rid) ids; a resend of something already
 applied is acknowledged, not applied again.
 """
 from __future__ import annotations
@@ -71,6 +73,9 @@ DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replica
               "evict": "evict (a primary's eviction record for its replicas)"}
 #: one heartbeat in this many carries the full stats; the others only the peers' ages
 STATS_EVERY = 5
+#: key intervals one forward may name (``meta.cover``, a pair each); a forward that would
+#: need more goes as several (a ring of a thousand ranges that one replica shares)
+MAX_COVER = 1024
 #: refusals after which the sender sends the request again: nothing it sent after the
 #: refused request may be admitted before that (the stream breaks there)
 BREAKING = (NotOwnerError, UnavailableError, BusyError, KeysUnknownError)
@@ -500,14 +505,20 @@ class ServerCore:
                                        f"from a checkpoint (their servers were given up); retry shortly")
 
     def _check_primary(self, rows: Rows, now: float) -> list[tuple[tuple[str, ...], list]]:
+        """The rows' owner groups, if we lead every one of them; else refuse the whole
+        message (nothing of it applied, its id not noted): a message to one server may
+        hold ranges of several owner tuples, and the sender re-cuts it by the ring the
+        refusal names, whatever part of it we still lead (decision 85)."""
         if self.restoring and rows.count:
             self._check_restoring(rows)
         groups = self._owner_groups(rows)
-        for owners, _ in groups:
+        for owners, slices in groups:
             if owners[0] != self.node_id:
                 first, last = rows.first_last()
+                lo, hi = rows.cover(slices[:1])[0]
                 raise NotOwnerError(f"{self.node_id} does not lead keys in [{first}, {last}] at ring "
-                                    f"v{self.ring.version}", ring=self.ring.version)
+                                    f"v{self.ring.version} ({owners[0]} leads [{lo}, {hi}] of them); nothing of "
+                                    f"the {len(groups)} owner group(s) was applied", ring=self.ring.version)
         if any(len(owners) > 1 for owners, _ in groups) and not self.serving(now):
             self.counters["fenced"] += 1
             raise NotOwnerError(f"{self.node_id} cannot confirm it is still a member (no answer from the "
@@ -723,7 +734,12 @@ class ServerCore:
         return self.bounds.evict(table, pending, now)
 
     def _forward(self, msg: Message, table: Table, rows: Rows, groups, rid, now: float) -> Pending | None:
-        """Send the push to every replica of its rows; one message per replica server."""
+        """Send the push to every replica of its rows: one message per replica server,
+        holding the rows of every owner group it is in. A forward holding only part of
+        the request names the key intervals of its rows (``meta.cover``; no other row of
+        the request lies in them): the replica counts the request's id as applied for
+        those rows only, so a piece of the request that reaches it later (re-cut by a
+        newer ring, from another primary) is applied for the rest."""
         by_replica: dict[str, list] = {}
         for owners, slices in groups:
             for node in owners[1:]:
@@ -735,17 +751,25 @@ class ServerCore:
             address = self.ring.addresses.get(node)
             if address is None:
                 continue
-            sub = rows if len(by_replica) == 1 and len(groups) == 1 else rows.take(sorted(slices))
-            meta = {"origin": msg.sender, "rid": rid[1] if rid else None}
-            if msg.meta.get("orig"):
-                meta["orig"] = msg.meta["orig"]
-            if msg.meta.get("once") is not None:
-                meta["once"] = msg.meta["once"]
-            fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
-                                 meta=meta)
-            call = self.calls.ask(node, address, fwd, partial(self._forward_answered, pending), now)
-            pending.calls[call] = None
-            self.counters["replicated"] += 1
+            slices.sort()
+            if sum(b - a for a, b in slices) == rows.count:
+                subs = [(rows, None)]
+            else:
+                subs = [(rows.take(chunk), rows.cover(chunk))
+                        for chunk in (slices[i:i + MAX_COVER] for i in range(0, len(slices), MAX_COVER))]
+            for sub, cover in subs:
+                meta = {"origin": msg.sender, "rid": rid[1] if rid else None}
+                if cover is not None:
+                    meta["cover"] = cover
+                if msg.meta.get("orig"):
+                    meta["orig"] = msg.meta["orig"]
+                if msg.meta.get("once") is not None:
+                    meta["once"] = msg.meta["once"]
+                fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
+                                     meta=meta)
+                call = self.calls.ask(node, address, fwd, partial(self._forward_answered, pending), now)
+                pending.calls[call] = None
+                self.counters["replicated"] += 1
         if not pending.calls:
             self.acks.settle(pending)
             return None
@@ -905,6 +929,7 @@ class ServerCore:
         origin, rid = msg.meta.get("origin"), _request_id(msg.meta.get("rid"), "replicate: meta.rid")
         if not isinstance(origin, str):
             raise ProtocolError("replicate: meta.origin must name the worker that pushed")
+        cover = _cover(msg.meta.get("cover"), rows)
         self._check_forwarder(msg, rows)
         mine = self._replica_rows(rows, msg)
         if rid is not None:
@@ -912,9 +937,13 @@ class ServerCore:
             if self._seen_before((origin, rid), cut_from):
                 self.outbox.append(Reply(route, msg.reply(meta=self._replica_full())))
                 return
-            self.seen.add(origin, rid)
             if mine is not None:
                 mine = self.partly.not_applied(mine, [(origin, rid), *cut_from])
+            if cover is None:
+                self.seen.add(origin, rid)
+            else:  # part of the request: its id counts for these rows only (decision 85)
+                self.partly.note_ranges(origin, rid, cover)
+                self.seen.note_activity(origin)
             self.partly.note_piece(rows, cut_from)
         if mine is not None:
             # a replica never refuses a forward (copies would differ); near its limit it says
@@ -1186,6 +1215,36 @@ class ServerCore:
     def log_clock(self) -> int | None:
         """For log records: the slowest worker clock the consistency gate knows."""
         return self.gate.policies[self.gate.default].clocks.min_clock()
+
+
+def _cover(value, rows: Rows) -> list[Range] | None:
+    """``replicate``'s ``meta.cover`` (nil, or ascending disjoint ``[first, last]`` key
+    pairs holding every row of the forward) as ranges; checked whole before anything is
+    applied, since a row outside it would be applied again if the request came back."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_COVER:
+        raise ProtocolError(f"replicate: meta.cover must be a list of 1 to {MAX_COVER} [first, last] key pairs")
+    out: list[Range] = []
+    for pair in value:
+        if (not isinstance(pair, list) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_RID for v in pair)
+                or pair[0] > pair[1] or (out and pair[0] < out[-1].end)):
+            raise ProtocolError("replicate: meta.cover must hold ascending, disjoint [first, last] pairs of keys "
+                                f"(uint64, first <= last); got {pair!r:.80}")
+        out.append(Range(pair[0], pair[1] + 1))
+    if rows.count:
+        los = np.array([r.begin for r in out], dtype=np.uint64)
+        his = np.array([r.end - 1 for r in out], dtype=np.uint64)
+        if rows.keys is not None:
+            firsts = lasts = rows.keys
+        else:
+            firsts = np.array([lo for lo, _ in rows.spans], dtype=np.uint64)
+            lasts = np.array([lo + n - 1 for lo, n in rows.spans], dtype=np.uint64)
+        at = np.searchsorted(los, firsts, side="right") - 1
+        if (at < 0).any() or (lasts > his[np.maximum(at, 0)]).any():
+            raise ProtocolError("replicate: meta.cover does not hold every row of the forward")
+    return out
 
 
 def _kept(rows: Rows) -> dict | None:
