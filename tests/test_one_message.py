@@ -114,15 +114,15 @@ def _value(core: ServerCore, keys: list[int]) -> list[int]:
     return core.tables["t"].pull(np.array(keys, np.uint64)).ravel().tolist()
 
 
-def test_the_primary_forwards_each_replica_its_rows_once_naming_their_cover():
+def test_the_primary_forwards_each_replica_its_rows_once_naming_their_ranges():
     s0 = _core("S0", (("S0", "S1"), ("S0", "S2"), ("S1", "S2")))
     keys = np.array([10, 20, 1500, 1600], np.uint64)
     out = s0.handle(None, Message("push", id=1, sender="W0", table="t", meta={"rid": 7},
                                   arrays=[keys, np.ones((4, 1), np.int64)]), 0.0)
     asks = {e.node: e.msg for e in out if type(e).__name__ == "Ask"}
     assert set(asks) == {"S1", "S2"} and s0.counters["replicated"] == 2
-    assert asks["S1"].arrays[0].tolist() == [10, 20] and asks["S1"].meta["cover"] == [[10, 20]]
-    assert asks["S2"].arrays[0].tolist() == [1500, 1600] and asks["S2"].meta["cover"] == [[1500, 1600]]
+    assert asks["S1"].arrays[0].tolist() == [10, 20] and asks["S1"].meta["cover"] == [[0, 999]]  # range A
+    assert asks["S2"].arrays[0].tolist() == [1500, 1600] and asks["S2"].meta["cover"] == [[1000, 1999]]  # B
     assert _value(s0, keys.tolist()) == [1, 1, 1, 1]
 
 
@@ -186,7 +186,7 @@ def test_a_message_partly_led_partly_replicated_here_is_refused_whole():
                    arrays=[keys, np.ones((2, 1), np.int64)])
     out = s0.handle(None, push, 0.0)
     assert len(out) == 1 and type(out[0]) is Refuse and isinstance(out[0].error, NotOwnerError)
-    assert "S2 leads [1500, 1500]" in str(out[0].error) and out[0].error.data["ring"] == 2
+    assert "S2 leads key 1500" in str(out[0].error) and out[0].error.data["ring"] == 2
     assert _value(s0, [10, 1500]) == [0, 0] and ("W0", 7) not in s0.seen and s0.counters["replicated"] == 0
     # the worker's pieces: A to S0 (fresh id naming 7), B to S2, whose forward reaches S0
     s0.handle(None, Message("push", id=2, sender="W0", table="t", ring=2, meta={"rid": 8, "orig": [7]},

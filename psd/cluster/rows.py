@@ -65,17 +65,6 @@ class Rows:
             row += n
         raise IndexError(f"row {i} of {row}")
 
-    def cover(self, slices: Slices) -> list[list[int]]:
-        """``[first, last]`` keys of each run of adjacent row ``slices`` (ascending): key
-        intervals that hold exactly those rows of ``self``, and no other row of it."""
-        runs: list[list[int]] = []
-        for a, b in slices:
-            if runs and runs[-1][1] == a:
-                runs[-1][1] = b
-            else:
-                runs.append([a, b])
-        return [[self.key_at(a), self.key_at(b - 1)] for a, b in runs]
-
     def first_last(self) -> tuple[int, int]:
         if self.keys is not None:
             return int(self.keys[0]), int(self.keys[-1])

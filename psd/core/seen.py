@@ -111,13 +111,16 @@ class PartlyApplied:
       of another range, look like a resend). Kept as ranges, per id.
     * Forwards in part: a request holds rows of ranges with different replicas (one
       message per server, decision 85), so a replica gets only some of its rows; the id
-      counts here only for the key intervals the forward names (``meta.cover``). Kept
-      as ranges, per id, as copies are.
+      counts here only for the ranges the forward names (``meta.cover``). Kept as
+      ranges, per id, as copies are; the same tuple of ranges (a push over the same
+      ranges as the last one) is kept once, so an id costs about what it costs in Seen.
     """
 
     #: how many original requests with pieces are remembered (pieces exist only around
     #: ring changes)
     PIECES_KEPT = 4096
+    #: distinct tuples of ranges kept once (``note_ranges``)
+    SHAPES_KEPT = 4096
     def __init__(self, window: int = WINDOW, once_keys: int = ONCE_KEYS_KEPT) -> None:
         self._pieces: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
         #: rows applied under sender-free identities (``ONCE``): kept longer than pieces
@@ -129,7 +132,8 @@ class PartlyApplied:
         #: one bound for all senders let a copy carrying many senders' ids push out
         #: the recent ids of the first, whose resends would then apply twice)
         self.window = window
-        self._copied: dict[str, OrderedDict[int, list[Range]]] = {}
+        self._copied: dict[str, OrderedDict[int, tuple[Range, ...]]] = {}
+        self._shapes: dict[tuple[Range, ...], tuple[Range, ...]] = {}  # (one copy of each)
 
     @staticmethod
     def _row_keys(rows: Rows) -> np.ndarray:
@@ -178,10 +182,11 @@ class PartlyApplied:
         """Request ``(sender, rid)`` was applied here for the rows in ``ranges`` only (a
         range copied in; a forward carrying part of the request)."""
         ids = self._copied.setdefault(sender, OrderedDict())
-        have = ids.setdefault(rid, [])
-        for r in ranges:
-            if r not in have:
-                have.append(r)
+        have = ids.get(rid, ())
+        shape = have + tuple(r for r in ranges if r not in have)
+        if len(self._shapes) >= self.SHAPES_KEPT:
+            self._shapes.clear()  # (only sharing is lost)
+        ids[rid] = self._shapes.setdefault(shape, shape)
         ids.move_to_end(rid)
         if len(ids) > self.window:
             ids.popitem(last=False)
@@ -206,9 +211,9 @@ class PartlyApplied:
         return [(sender, rid) for sender, ids in self._copied.items() for rid, ranges in ids.items()
                 if any(c.begin < r.end and r.begin < c.end for c in ranges)]
 
-    def _copies_of(self, ident: tuple[str, int]) -> list[Range]:
+    def _copies_of(self, ident: tuple[str, int]) -> tuple[Range, ...]:
         ids = self._copied.get(ident[0])
-        return ids.get(ident[1], []) if ids is not None else []
+        return ids.get(ident[1], ()) if ids is not None else ()
 
     def not_applied(self, rows: Rows, ids) -> Rows | None:
         """``rows`` minus those already applied here under one of ``ids`` by a piece or

@@ -14,8 +14,9 @@ message per replica server, in the primary's order, so every copy applies the sa
 updates in the same order), and acknowledged to the worker only when every replica holds
 it (``psd.core.acks``). A worker sends one message per server, whatever the replicas of
 its ranges: the primary applies it whole or refuses it whole (``_check_primary``), and a
-forward holding only part of it names the key intervals it covers (``meta.cover``). Requests carry (sender, rid) ids; a resend of something already
-applied is acknowledged, not applied again.
+forward holding only part of it names the ranges of its rows (``meta.cover``).
+Requests carry (sender, rid) ids; a resend of something already applied is
+acknowledged, not applied again.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replica
               "evict": "evict (a primary's eviction record for its replicas)"}
 #: one heartbeat in this many carries the full stats; the others only the peers' ages
 STATS_EVERY = 5
-#: key intervals one forward may name (``meta.cover``, a pair each); a forward that would
+#: ranges one forward may name (``meta.cover``, a pair each); a forward that would
 #: need more goes as several (a ring of a thousand ranges that one replica shares)
 MAX_COVER = 1024
 #: refusals after which the sender sends the request again: nothing it sent after the
@@ -515,10 +516,10 @@ class ServerCore:
         for owners, slices in groups:
             if owners[0] != self.node_id:
                 first, last = rows.first_last()
-                lo, hi = rows.cover(slices[:1])[0]
                 raise NotOwnerError(f"{self.node_id} does not lead keys in [{first}, {last}] at ring "
-                                    f"v{self.ring.version} ({owners[0]} leads [{lo}, {hi}] of them); nothing of "
-                                    f"the {len(groups)} owner group(s) was applied", ring=self.ring.version)
+                                    f"v{self.ring.version} ({owners[0]} leads key {rows.key_at(slices[0][0])} of "
+                                    f"them); nothing of the {len(groups)} owner group(s) was applied",
+                                    ring=self.ring.version)
         if any(len(owners) > 1 for owners, _ in groups) and not self.serving(now):
             self.counters["fenced"] += 1
             raise NotOwnerError(f"{self.node_id} cannot confirm it is still a member (no answer from the "
@@ -736,10 +737,10 @@ class ServerCore:
     def _forward(self, msg: Message, table: Table, rows: Rows, groups, rid, now: float) -> Pending | None:
         """Send the push to every replica of its rows: one message per replica server,
         holding the rows of every owner group it is in. A forward holding only part of
-        the request names the key intervals of its rows (``meta.cover``; no other row of
-        the request lies in them): the replica counts the request's id as applied for
-        those rows only, so a piece of the request that reaches it later (re-cut by a
-        newer ring, from another primary) is applied for the rest."""
+        the request names the ranges of its rows (``meta.cover``: every row of the
+        request in them goes to that replica): the replica counts the request's id as
+        applied for those rows only, so a piece of the request that reaches it later
+        (re-cut by a newer ring, from another primary) is applied for the rest."""
         by_replica: dict[str, list] = {}
         for owners, slices in groups:
             for node in owners[1:]:
@@ -755,7 +756,7 @@ class ServerCore:
             if sum(b - a for a, b in slices) == rows.count:
                 subs = [(rows, None)]
             else:
-                subs = [(rows.take(chunk), rows.cover(chunk))
+                subs = [(rows.take(chunk), self._cover_of(rows, chunk))
                         for chunk in (slices[i:i + MAX_COVER] for i in range(0, len(slices), MAX_COVER))]
             for sub, cover in subs:
                 meta = {"origin": msg.sender, "rid": rid[1] if rid else None}
@@ -774,6 +775,20 @@ class ServerCore:
             self.acks.settle(pending)
             return None
         return pending
+
+    def _cover_of(self, rows: Rows, slices) -> list[list[int]]:
+        """``[first, last]`` keys of the ranges of our ring that hold ``slices`` (rows of
+        one owner group each), adjacent ones joined: the same few pairs for every push
+        over the same ranges, which the replica keeps once (``PartlyApplied``)."""
+        ring = self.ring
+        out: list[list[int]] = []
+        for a, _b in slices:
+            r = ring.ranges[ring.find(rows.key_at(a))]
+            if out and out[-1][1] + 1 >= r.begin:
+                out[-1][1] = max(out[-1][1], r.end - 1)
+            else:
+                out.append([r.begin, r.end - 1])
+        return out
 
     def _forward_answered(self, pending: Pending, call: Call, reply: Message | None, error: Exception | None,
                           now: float) -> None:
