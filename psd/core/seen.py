@@ -207,9 +207,18 @@ class PartlyApplied:
             del self._pieces[ident]
 
     def copied_into(self, r: Range) -> list[tuple[str, int]]:
-        """Ids copied in for rows that overlap ``r`` (passed on when we copy ``r`` out)."""
-        return [(sender, rid) for sender, ids in self._copied.items() for rid, ranges in ids.items()
-                if any(c.begin < r.end and r.begin < c.end for c in ranges)]
+        """Ids applied here for rows in some ranges only (copied in with a range, or forwarded
+        in part) that overlap ``r``: passed on when we copy ``r`` out."""
+        overlaps: dict[int, bool] = {}  # (per tuple of ranges: most ids share a few of them)
+        out = []
+        for sender, ids in self._copied.items():
+            for rid, ranges in ids.items():
+                hit = overlaps.get(id(ranges))
+                if hit is None:
+                    hit = overlaps[id(ranges)] = any(c.begin < r.end and r.begin < c.end for c in ranges)
+                if hit:
+                    out.append((sender, rid))
+        return out
 
     def _copies_of(self, ident: tuple[str, int]) -> tuple[Range, ...]:
         ids = self._copied.get(ident[0])

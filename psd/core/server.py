@@ -1248,16 +1248,18 @@ def _cover(value, rows: Rows) -> list[Range] | None:
             raise ProtocolError("replicate: meta.cover must hold ascending, disjoint [first, last] pairs of keys "
                                 f"(uint64, first <= last); got {pair!r:.80}")
         out.append(Range(pair[0], pair[1] + 1))
-    if rows.count:
+    if rows.count:  # (the pairs are disjoint: every row is inside iff they hold n rows between them)
         los = np.array([r.begin for r in out], dtype=np.uint64)
         his = np.array([r.end - 1 for r in out], dtype=np.uint64)
         if rows.keys is not None:
-            firsts = lasts = rows.keys
+            inside = np.searchsorted(rows.keys, his, side="right") - np.searchsorted(rows.keys, los)
+            ok = int(inside.sum()) == rows.count
         else:
             firsts = np.array([lo for lo, _ in rows.spans], dtype=np.uint64)
             lasts = np.array([lo + n - 1 for lo, n in rows.spans], dtype=np.uint64)
-        at = np.searchsorted(los, firsts, side="right") - 1
-        if (at < 0).any() or (lasts > his[np.maximum(at, 0)]).any():
+            at = np.searchsorted(los, firsts, side="right") - 1
+            ok = not (at < 0).any() and not (lasts > his[np.maximum(at, 0)]).any()
+        if not ok:
             raise ProtocolError("replicate: meta.cover does not hold every row of the forward")
     return out
 
