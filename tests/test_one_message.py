@@ -195,6 +195,27 @@ def test_a_message_partly_led_partly_replicated_here_is_refused_whole():
     assert _value(s0, [10, 1500]) == [1, 1]
 
 
+def test_a_range_copy_replaces_the_rows_its_receiver_kept_of_it():
+    """Found by the simulation's seed 187 (sequential) once the new cut changed its schedule:
+    a server registered again under a new name kept rows of a range it had applied a push
+    to; a copy of that range then brought the same push, still kept for the clock boundary
+    on its source, and it applied twice. The copy now replaces the receiver's rows of it."""
+    s5 = _core("S5", (("S4", "S5"), ("S0", "S2"), ("S1", "S2")))
+    s5.incoming = [A]
+    s5.tables["t"].push(np.array([10, 20], np.uint64), np.ones((2, 1), np.int64))  # kept from its old name
+    wire = [A.begin, A.end - 1]
+    copy = [Message("install", table="t", ring=1, meta={"range": wire, "copy": "S4.1", "state_fields": []},
+                    arrays=[np.array([20], np.uint64), np.full((1, 1), 5, np.int64)]),
+            Message("install", table="t", ring=1, meta={"range": wire, "copy": "S4.1", "kept": 2, "origin": "W0"},
+                    arrays=[np.array([10], np.uint64), np.ones((1, 1), np.int64)]),
+            Message("install", ring=1, meta={"range": wire, "copy": "S4.1", "senders": [], "final": True},
+                    arrays=[np.empty(0, np.uint64), np.empty(0, np.uint64)])]
+    for i, msg in enumerate(copy):
+        msg.id, msg.sender = 100 + i, "S4"
+        assert type(s5.handle(None, msg, 0.0)[-1]) is Reply
+    assert _value(s5, [10, 20]) == [1, 5] and not s5.incoming
+
+
 # -- real daemons: the messages a full push and pull take ---------------------------------------
 @pytest.fixture(scope="module")
 def cluster():

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import Range, bounds, range_from_wire, range_to_wire
+from psd.cluster.ranges import KEY_SPACE_END, Range, bounds, range_from_wire, range_to_wire
 from psd.cluster.ring import overlay
 from psd.cluster.rows import Rows
 from psd.cluster.schedulers import lost_after
@@ -1058,6 +1058,17 @@ class ServerCore:
         for m in sends:
             copy.calls.append(self.calls.ask(dst, address, m, copy.answered, now))
 
+    def _drop_rows_in(self, r: Range) -> None:
+        """Forget every row we hold in ``r`` (a copy of it is arriving), in every table:
+        not only those that evict (``Bounds.copy_begins``), since a push the copy's source
+        keeps for the clock boundary may be in the rows we kept too."""
+        outside = [x for x in (Range(0, r.begin), Range(r.end, KEY_SPACE_END)) if x.begin < x.end]
+        for name, table in self.tables.items():
+            held = table.num_keys and table.count_present_span(r.begin, r.end - r.begin)
+            dropped = table.retain(outside) if held else 0
+            if dropped:
+                log.info("%s: dropped %d keys of %r in %s before its copy arrives", self.node_id, dropped, name, r)
+
     def _install_kept(self, msg: Message, r: Range) -> None:
         """A push the copy's source kept for the clock boundary: keep it here for the same
         boundary (checked whole first)."""
@@ -1093,10 +1104,13 @@ class ServerCore:
         attempt = msg.meta.get("copy")
         if self._copying_in.get(r, ()) != attempt:
             # a copy of r begins (or begins again): what it brings (rows, and the pushes its
-            # source keeps for the clock boundary) replaces what we had of r, kept pushes too
+            # source keeps for the clock boundary) replaces what we had of r, kept pushes and
+            # rows too: rows we kept under a name we had before registering again may hold
+            # pushes the source still keeps for the clock boundary, which would apply twice
             self._copying_in[r] = attempt
             self._narrow_kept(lambda rows: _rows_in(rows, r, outside=True))
             self.bounds.copy_begins(r)
+            self._drop_rows_in(r)
         if msg.table is not None and "kept" in msg.meta:
             self._install_kept(msg, r)
             self.outbox.append(Reply(route, msg.reply()))
