@@ -156,7 +156,7 @@ class ClientCore:
         self.known: dict[str, OrderedDict] = {}
         self.kc_counters = {"by_signature": 0, "whole_to_keep": 0, "kept": 0, "refused": 0}
         #: one message per server (what the rows' primaries lead, whatever the replicas);
-        #: False: one per owner tuple, as before decision 85 (kept for bench_pushpull's
+        #: False: one per owner tuple, as before decision 85 (kept for bench_onemsg.py's
         #: side-by-side cell and to show the message-count test bites)
         self.one_message_per_server = True
 
