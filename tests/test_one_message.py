@@ -126,6 +126,23 @@ def test_the_primary_forwards_each_replica_its_rows_once_naming_their_ranges():
     assert _value(s0, keys.tolist()) == [1, 1, 1, 1]
 
 
+def test_a_forward_past_max_cover_goes_in_several_that_never_share_a_range(monkeypatch):
+    import psd.core.server as server
+    monkeypatch.setattr(server, "MAX_COVER", 1)
+    s0 = _core("S0", (("S0", "S1"), ("S0", "S2"), ("S0", "S1")))
+    keys = np.array([10, 20, 1500, 2500, 2600], np.uint64)
+    out = s0.handle(None, Message("push", id=1, sender="W0", table="t", meta={"rid": 7},
+                                  arrays=[keys, np.ones((5, 1), np.int64)]), 0.0)
+    fwd = [(e.node, e.msg.arrays[0].tolist(), e.msg.meta["cover"]) for e in out if type(e).__name__ == "Ask"]
+    assert fwd == [("S1", [10, 20], [[0, 999]]), ("S1", [2500, 2600], [[2000, 2**64 - 1]]),
+                   ("S2", [1500], [[1000, 1999]])]
+    s1 = _core("S1", (("S0", "S1"), ("S0", "S2"), ("S0", "S1")))
+    for _node, k, cover in fwd[:2]:  # both halves of one id apply, and neither twice
+        for _ in range(2):
+            _replicate(s1, k, 7, cover=cover)
+    assert _value(s1, [10, 20, 2500, 2600]) == [1, 1, 1, 1]
+
+
 def test_a_replica_counts_a_partial_forward_for_its_rows_only():
     """S1 replicated rows [10, 20] of request 7 (the rest went to S2). S0 died; a newer
     ring gives S1 range B too, and the worker's piece of request 7 for B reaches it from

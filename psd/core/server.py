@@ -756,8 +756,7 @@ class ServerCore:
             if sum(b - a for a, b in slices) == rows.count:
                 subs = [(rows, None)]
             else:
-                subs = [(rows.take(chunk), self._cover_of(rows, chunk))
-                        for chunk in (slices[i:i + MAX_COVER] for i in range(0, len(slices), MAX_COVER))]
+                subs = [(rows.take(chunk), cover) for chunk, cover in self._covers(rows, slices)]
             for sub, cover in subs:
                 meta = {"origin": msg.sender, "rid": rid[1] if rid else None}
                 if cover is not None:
@@ -776,18 +775,24 @@ class ServerCore:
             return None
         return pending
 
-    def _cover_of(self, rows: Rows, slices) -> list[list[int]]:
-        """``[first, last]`` keys of the ranges of our ring that hold ``slices`` (rows of
-        one owner group each), adjacent ones joined: the same few pairs for every push
-        over the same ranges, which the replica keeps once (``PartlyApplied``)."""
+    def _covers(self, rows: Rows, slices) -> list[tuple[list, list[list[int]]]]:
+        """``slices`` (ascending, rows of one owner group each) with their ``meta.cover``:
+        the ranges of our ring that hold them as ``[first, last]`` keys, adjacent ones
+        joined (the same few pairs for every push over the same ranges, which the replica
+        keeps once). Past MAX_COVER pairs, in several (slices, cover): a range is never
+        split between two, so no forward's cover holds another's rows."""
         ring = self.ring
-        out: list[list[int]] = []
-        for a, _b in slices:
+        out: list[tuple[list, list[list[int]]]] = []
+        for a, b in slices:
             r = ring.ranges[ring.find(rows.key_at(a))]
-            if out and out[-1][1] + 1 >= r.begin:
-                out[-1][1] = max(out[-1][1], r.end - 1)
+            cover = out[-1][1] if out else None
+            if cover is not None and cover[-1][1] + 1 >= r.begin:  # (the same range, or the next)
+                cover[-1][1] = max(cover[-1][1], r.end - 1)
+            elif cover is not None and len(cover) < MAX_COVER:
+                cover.append([r.begin, r.end - 1])
             else:
-                out.append([r.begin, r.end - 1])
+                out.append(([], [[r.begin, r.end - 1]]))
+            out[-1][0].append((a, b))
         return out
 
     def _forward_answered(self, pending: Pending, call: Call, reply: Message | None, error: Exception | None,
