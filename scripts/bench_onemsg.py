@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Messages and time of a full push+pull at replication 2 on 3 servers: one message per
-server (decision 85) against one per owner tuple (the old cut), side by side in one run.
+server (decision 89) against one per owner tuple (the old cut), side by side in one run.
 
     .venv/bin/python scripts/bench_onemsg.py [--sizes 1000,10000,100000,300000] [--reps 30]
                                              [--png runs/bench_onemsg/onemsg.png]

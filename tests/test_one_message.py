@@ -1,4 +1,4 @@
-"""One message per server (decision 85): a request goes to each primary server as one
+"""One message per server (decision 89): a request goes to each primary server as one
 message, whatever the replicas of the ranges it touches there, and each primary forwards
 one message per replica server.
 
@@ -161,7 +161,7 @@ def test_a_replica_counts_a_partial_forward_for_its_rows_only():
 
 def test_with_the_whole_id_noted_the_pieces_rows_would_be_lost(monkeypatch):
     """The test above bites: noting a partial forward's id as applied whole (what a replica
-    did before decision 85) skips the rows of B, which the replica never had."""
+    did before decision 89) skips the rows of B, which the replica never had."""
     import psd.core.server as server
     monkeypatch.setattr(server, "_cover", lambda value, rows: None)
     s1 = _core("S1", (("S0", "S1"), ("S0", "S2"), ("S1", "S2")))

@@ -99,7 +99,7 @@ def test_activity_moves_with_every_new_or_resent_id_only():
 
 
 def test_ids_applied_over_the_same_ranges_share_one_tuple_of_them():
-    """A forward holding part of a push (decision 85) is noted by its ranges; pushes over the
+    """A forward holding part of a push (decision 89) is noted by its ranges; pushes over the
     same ranges keep one tuple between them, and an id noted twice gains only new ranges."""
     partly = PartlyApplied(window=8)
     a, b = Range(0, 10), Range(20, 30)

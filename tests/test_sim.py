@@ -166,7 +166,7 @@ def test_without_clearing_a_range_copied_in_bounded_copies_disagree(monkeypatch)
         logging.disable(logging.NOTSET)
 
 
-# -- one message per server (decision 85) --------------------------------------------------------
+# -- one message per server (decision 89) --------------------------------------------------------
 #: pushes of up to 6 of a worker's 8 keys, so most span ranges with different replicas on
 #: one server; faults that move ranges, and a primary that dies between the forwards of one
 #: push (the first replica gets its part, the other never gets its own)
@@ -206,7 +206,7 @@ def test_one_message_per_server_keeps_every_invariant_in_its_states():
 
 
 def test_with_a_partial_forward_noted_whole_an_acked_push_is_lost(monkeypatch):
-    """The replica's half of decision 85 bites: a replica that records the id of a forward
+    """The replica's half of decision 89 bites: a replica that records the id of a forward
     holding part of a push as applied whole skips the rows of a later piece of it."""
     import psd.core.server as server
     monkeypatch.setattr(server, "_cover", lambda value, rows: None)

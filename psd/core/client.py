@@ -156,7 +156,7 @@ class ClientCore:
         self.known: dict[str, OrderedDict] = {}
         self.kc_counters = {"by_signature": 0, "whole_to_keep": 0, "kept": 0, "refused": 0}
         #: one message per server (what the rows' primaries lead, whatever the replicas);
-        #: False: one per owner tuple, as before decision 85 (kept for bench_onemsg.py's
+        #: False: one per owner tuple, as before decision 89 (kept for bench_onemsg.py's
         #: side-by-side cell and to show the message-count test bites)
         self.one_message_per_server = True
 
@@ -587,7 +587,7 @@ def _chunked(req: Request, rows: Rows, groups: list, pack: bool = True) -> list:
     a server handles one message at a time, and a request of a few MiB of scattered keys
     keeps other clients' requests waiting for as long as it takes to apply (12 MB: 40 ms);
     pieces let them in between. A piece fills up across the group's slices (``pack``;
-    False: each slice apart, as before decision 85), so a server gets as few pieces as
+    False: each slice apart, as before decision 89), so a server gets as few pieces as
     the bytes need. A push of dense spans applies as a slice, a hundred times faster per
     byte, and goes whole."""
     if req.op != "push" or rows.values is None or rows.keys is None:

@@ -110,7 +110,7 @@ class PartlyApplied:
       global, so taking it whole would make a forward still on its way to us, with rows
       of another range, look like a resend). Kept as ranges, per id.
     * Forwards in part: a request holds rows of ranges with different replicas (one
-      message per server, decision 85), so a replica gets only some of its rows; the id
+      message per server, decision 89), so a replica gets only some of its rows; the id
       counts here only for the ranges the forward names (``meta.cover``). Kept as
       ranges, per id, as copies are; the same tuple of ranges (a push over the same
       ranges as the last one) is kept once, so an id costs about what it costs in Seen.

@@ -509,7 +509,7 @@ class ServerCore:
         """The rows' owner groups, if we lead every one of them; else refuse the whole
         message (nothing of it applied, its id not noted): a message to one server may
         hold ranges of several owner tuples, and the sender re-cuts it by the ring the
-        refusal names, whatever part of it we still lead (decision 85)."""
+        refusal names, whatever part of it we still lead (decision 89)."""
         if self.restoring and rows.count:
             self._check_restoring(rows)
         groups = self._owner_groups(rows)
@@ -961,7 +961,7 @@ class ServerCore:
                 mine = self.partly.not_applied(mine, [(origin, rid), *cut_from])
             if cover is None:
                 self.seen.add(origin, rid)
-            else:  # part of the request: its id counts for these rows only (decision 85)
+            else:  # part of the request: its id counts for these rows only (decision 89)
                 self.partly.note_ranges(origin, rid, cover)
                 self.seen.note_activity(origin)
             self.partly.note_piece(rows, cut_from)

@@ -149,7 +149,7 @@ class SimServer(Process):
         self._execute(self.core.handle(conn, msg, now))
 
     def note_state(self, msg: Message) -> None:
-        """Count the states one message per server brings (decision 85) that this message
+        """Count the states one message per server brings (decision 89) that this message
         is in, so a test can tell the seeds explored them: a message spanning several
         owner groups here, one led only in part here (refused whole), a forward holding
         part of a push, and a request coming back (a resend, a piece, its forward from

@@ -70,7 +70,7 @@ class Settings:
     #: the workload's table evicts (BOUNDED_TABLE); off by default, like key_caching
     bounded: bool = False
     #: keys a push holds at most (drawn from the worker's ``keys_per_worker``): more keys,
-    #: more pushes that span several owner groups of one server (decision 85)
+    #: more pushes that span several owner groups of one server (decision 89)
     push_keys: int = 3
 
     def config(self) -> ClusterConfig:
