@@ -96,3 +96,17 @@ def test_activity_moves_with_every_new_or_resent_id_only():
     assert seen.activity("w") > b
     seen.forget("w")
     assert seen.activity("w") == 0 and seen.senders() == {"v"}
+
+
+def test_ids_applied_over_the_same_ranges_share_one_tuple_of_them():
+    """A forward holding part of a push (decision 97) is noted by its ranges; pushes over the
+    same ranges keep one tuple between them, and an id noted twice gains only new ranges."""
+    partly = PartlyApplied(window=8)
+    a, b = Range(0, 10), Range(20, 30)
+    for rid in range(5):
+        partly.note_ranges("W1", rid, (a, b))
+    assert len({id(partly._copies_of(("W1", rid))) for rid in range(5)}) == 1
+    partly.note_ranges("W1", 0, (b, Range(40, 50)))
+    assert partly.applied_in("W1", 0) == [a, b, Range(40, 50)] and partly.applied_in("W1", 1) == [a, b]
+    rows = Rows(keys=np.array([5, 15, 25, 45], dtype=np.uint64), values=np.ones((4, 1), np.float32))
+    assert partly.not_applied(rows, [("W1", 1)]).keys.tolist() == [15, 45]

@@ -1,7 +1,8 @@
 """Cutting sorted keys or dense spans by the ring into groups with the same owners.
 
-Client and server use the same cut: the client sends one message per owner group,
-and the server checks (and forwards to replicas) by the same groups.
+Client and server use the same cut: the client merges the owner groups into one message
+per primary server (``by_primary``), and the server checks the primary of every group
+and forwards one message per replica server, the rows of every group it replicates.
 """
 from __future__ import annotations
 
@@ -61,3 +62,19 @@ def _group(ring: Assignment, cuts: Slices) -> list[tuple[Owners, Slices]]:
         if i1 > i0:
             groups.setdefault(ring.owners[j], []).append((i0, i1))
     return list(groups.items())
+
+
+def by_primary(groups: list[tuple[Owners, Slices]]) -> list[tuple[str, Slices]]:
+    """Owner groups merged by their primary: one (server, ascending row slices) per
+    server that leads some of the rows, in order of the first row each leads. A request
+    touching ranges with different replicas but one primary goes as one message."""
+    merged: dict[str, Slices] = {}
+    for owners, slices in groups:
+        have = merged.get(owners[0])
+        if have is None:
+            merged[owners[0]] = list(slices)
+        else:
+            have.extend(slices)
+    for slices in merged.values():
+        slices.sort()  # (kept apart even when adjacent: a slice of spans stays in one span)
+    return sorted(merged.items(), key=lambda g: g[1][0][0])

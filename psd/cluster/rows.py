@@ -59,6 +59,17 @@ class Rows:
             row += n
         raise ValueError(f"rows [{i0}, {i1}) cross a span boundary")
 
+    def key_at(self, i: int) -> int:
+        """The key of row ``i``."""
+        if self.keys is not None:
+            return int(self.keys[i])
+        row = 0
+        for lo, n in self.spans:
+            if i < row + n:
+                return lo + (i - row)
+            row += n
+        raise IndexError(f"row {i} of {row}")
+
     def first_last(self) -> tuple[int, int]:
         if self.keys is not None:
             return int(self.keys[0]), int(self.keys[-1])

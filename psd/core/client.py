@@ -1,6 +1,7 @@
 """A worker's request logic, as a state machine with no I/O.
 
-``ClientCore`` cuts each request by the ring into one part per primary, numbers the
+``ClientCore`` cuts each request by the ring into one part per primary server (all the
+ranges it leads, whatever their replicas: one message, not one per owner tuple), numbers the
 parts in each server's stream (``psd.core.stream``), and decides, for every answer,
 whether the request is done, must be sent again, or has failed. It never touches a
 socket or reads the clock: calls take the time and return effects (``Send``, ``Done``,
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.routing import Slices
+from psd.cluster.routing import Slices, by_primary
 from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.codec.signature import KC_MIN_KEYS, key_ref
@@ -154,6 +155,10 @@ class ClientCore:
         self.kc_min_keys = KC_MIN_KEYS
         self.known: dict[str, OrderedDict] = {}
         self.kc_counters = {"by_signature": 0, "whole_to_keep": 0, "kept": 0, "refused": 0}
+        #: one message per server (what the rows' primaries lead, whatever the replicas);
+        #: False: one per owner tuple, as before decision 97 (kept for bench_onemsg.py's
+        #: side-by-side cell and to show the message-count test bites)
+        self.one_message_per_server = True
 
     def _take(self) -> list:
         out = self.outbox[:]
@@ -186,17 +191,19 @@ class ClientCore:
         return self._take()
 
     def _plan(self, req: Request, rows: Rows, slices: Slices, rid, orig) -> list[Part]:
-        """One part per owner group of ``rows`` (the request's rows at ``slices``) by the
-        current ring, or one unplanned part (server "") when the ring has no servers."""
+        """One part per primary server of ``rows`` (the request's rows at ``slices``) by
+        the current ring (pushes of many keys in pieces: ``_chunked``), or one unplanned
+        part (server "") when the ring has no servers."""
         if not self.ring.ranges:
             part = Part(req, "", slices, Message(req.op), rows, (req.issue, len(req.parts)))
             req.parts.append(part)
             return [part]
-        groups = _chunked(req, rows, rows.groups(self.ring))
+        groups = self._by_server(rows)
+        groups = _chunked(req, rows, groups, pack=self.one_message_per_server)
         if rid is not None and len(groups) > 1:
             orig = [*(orig or []), rid][-64:]  # pieces: fresh ids, naming the one they were cut from
         parts = []
-        for owners, sub_slices in groups:
+        for server, sub_slices in groups:
             sub = rows.take(sub_slices)
             meta = {"rid": rid if rid is not None and len(groups) == 1 else next_rid()}
             if orig:
@@ -204,10 +211,17 @@ class ClientCore:
             if req.once is not None:
                 meta["once"] = req.once
             msg = sub.to_message(req.op, table=req.spec.name, ring=self.ring.version, clock=req.clock, meta=meta)
-            part = Part(req, owners[0], _compose(slices, sub_slices), msg, sub, (req.issue, len(req.parts)))
+            part = Part(req, server, _compose(slices, sub_slices), msg, sub, (req.issue, len(req.parts)))
             req.parts.append(part)
             parts.append(part)
         return parts
+
+    def _by_server(self, rows: Rows) -> list[tuple[str, Slices]]:
+        """(server, row slices) of ``rows`` by the current ring: one per primary."""
+        groups = rows.groups(self.ring)
+        if self.one_message_per_server:
+            return by_primary(groups)
+        return [(owners[0], slices) for owners, slices in groups]
 
     # -- sending -------------------------------------------------------------------------
     def _flush(self, now: float) -> None:
@@ -343,6 +357,8 @@ class ClientCore:
         if part.rows is None or not self.ring.ranges:
             return False
         groups = part.rows.groups(self.ring)
+        if self.one_message_per_server:
+            return any(owners[0] != part.server for owners, _ in groups)
         return len(groups) != 1 or groups[0][0][0] != part.server
 
     # -- answers ---------------------------------------------------------------------------
@@ -566,12 +582,14 @@ class ClientCore:
         return min(times) if times else None
 
 
-def _chunked(req: Request, rows: Rows, groups: list) -> list:
-    """Owner groups of a push of keys cut further into pieces of at most MAX_PUSH_BYTES:
+def _chunked(req: Request, rows: Rows, groups: list, pack: bool = True) -> list:
+    """Server groups of a push of keys cut further into pieces of at most MAX_PUSH_BYTES:
     a server handles one message at a time, and a request of a few MiB of scattered keys
     keeps other clients' requests waiting for as long as it takes to apply (12 MB: 40 ms);
-    pieces let them in between. A push of dense spans applies as a slice, a hundred times
-    faster per byte, and goes whole."""
+    pieces let them in between. A piece fills up across the group's slices (``pack``;
+    False: each slice apart, as before decision 97), so a server gets as few pieces as
+    the bytes need. A push of dense spans applies as a slice, a hundred times faster per
+    byte, and goes whole."""
     if req.op != "push" or rows.values is None or rows.keys is None:
         return groups
     row_bytes = rows.values.itemsize * (rows.values.shape[1] if rows.values.ndim == 2 else 1) + 8
@@ -579,10 +597,23 @@ def _chunked(req: Request, rows: Rows, groups: list) -> list:
         return groups
     per = max(1, MAX_PUSH_BYTES // row_bytes)
     out = []
-    for owners, slices in groups:
+    for server, slices in groups:
+        if not pack:
+            out.extend((server, [(lo, min(b, lo + per))]) for a, b in slices for lo in range(a, b, per))
+            continue
+        piece: Slices = []
+        room = per
         for a, b in slices:
-            for lo in range(a, b, per):
-                out.append((owners, [(lo, min(b, lo + per))]))
+            while a < b:
+                take = min(b - a, room)
+                piece.append((a, a + take))
+                a += take
+                room -= take
+                if room == 0:
+                    out.append((server, piece))
+                    piece, room = [], per
+        if piece:
+            out.append((server, piece))
     return out
 
 

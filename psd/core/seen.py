@@ -109,11 +109,18 @@ class PartlyApplied:
       as applied here only for rows inside that range (the source's id memory is
       global, so taking it whole would make a forward still on its way to us, with rows
       of another range, look like a resend). Kept as ranges, per id.
+    * Forwards in part: a request holds rows of ranges with different replicas (one
+      message per server, decision 97), so a replica gets only some of its rows; the id
+      counts here only for the ranges the forward names (``meta.cover``). Kept as
+      ranges, per id, as copies are; the same tuple of ranges (a push over the same
+      ranges as the last one) is kept once, so an id costs about what it costs in Seen.
     """
 
     #: how many original requests with pieces are remembered (pieces exist only around
     #: ring changes)
     PIECES_KEPT = 4096
+    #: distinct tuples of ranges kept once (``note_ranges``)
+    SHAPES_KEPT = 4096
     def __init__(self, window: int = WINDOW, once_keys: int = ONCE_KEYS_KEPT) -> None:
         self._pieces: OrderedDict[tuple[str, int], list[np.ndarray]] = OrderedDict()
         #: rows applied under sender-free identities (``ONCE``): kept longer than pieces
@@ -125,7 +132,8 @@ class PartlyApplied:
         #: one bound for all senders let a copy carrying many senders' ids push out
         #: the recent ids of the first, whose resends would then apply twice)
         self.window = window
-        self._copied: dict[str, OrderedDict[int, list[Range]]] = {}
+        self._copied: dict[str, OrderedDict[int, tuple[Range, ...]]] = {}
+        self._shapes: dict[tuple[Range, ...], tuple[Range, ...]] = {}  # (one copy of each)
 
     @staticmethod
     def _row_keys(rows: Rows) -> np.ndarray:
@@ -168,13 +176,25 @@ class PartlyApplied:
 
     def note_copy(self, r: Range, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
         for sender, rid in ids_of_arrays(senders, counts, rids):
-            ids = self._copied.setdefault(sender, OrderedDict())
-            ranges = ids.setdefault(rid, [])
-            if r not in ranges:
-                ranges.append(r)
-            ids.move_to_end(rid)
-            if len(ids) > self.window:
-                ids.popitem(last=False)
+            self.note_ranges(sender, rid, (r,))
+
+    def note_ranges(self, sender: str, rid: int, ranges) -> None:
+        """Request ``(sender, rid)`` was applied here for the rows in ``ranges`` only (a
+        range copied in; a forward carrying part of the request)."""
+        ids = self._copied.setdefault(sender, OrderedDict())
+        have = ids.get(rid, ())
+        shape = have + tuple(r for r in ranges if r not in have)
+        if len(self._shapes) >= self.SHAPES_KEPT:
+            self._shapes.clear()  # (only sharing is lost)
+        ids[rid] = self._shapes.setdefault(shape, shape)
+        ids.move_to_end(rid)
+        if len(ids) > self.window:
+            ids.popitem(last=False)
+
+    def applied_in(self, sender: str, rid: int) -> list[Range]:
+        """The ranges for whose rows ``(sender, rid)`` counts as applied here (none: not
+        applied in part)."""
+        return list(self._copies_of((sender, rid)))
 
     def senders(self) -> set[str]:
         """Senders whose copied-in ids are kept."""
@@ -187,13 +207,22 @@ class PartlyApplied:
             del self._pieces[ident]
 
     def copied_into(self, r: Range) -> list[tuple[str, int]]:
-        """Ids copied in for rows that overlap ``r`` (passed on when we copy ``r`` out)."""
-        return [(sender, rid) for sender, ids in self._copied.items() for rid, ranges in ids.items()
-                if any(c.begin < r.end and r.begin < c.end for c in ranges)]
+        """Ids applied here for rows in some ranges only (copied in with a range, or forwarded
+        in part) that overlap ``r``: passed on when we copy ``r`` out."""
+        overlaps: dict[int, bool] = {}  # (per tuple of ranges: most ids share a few of them)
+        out = []
+        for sender, ids in self._copied.items():
+            for rid, ranges in ids.items():
+                hit = overlaps.get(id(ranges))
+                if hit is None:
+                    hit = overlaps[id(ranges)] = any(c.begin < r.end and r.begin < c.end for c in ranges)
+                if hit:
+                    out.append((sender, rid))
+        return out
 
-    def _copies_of(self, ident: tuple[str, int]) -> list[Range]:
+    def _copies_of(self, ident: tuple[str, int]) -> tuple[Range, ...]:
         ids = self._copied.get(ident[0])
-        return ids.get(ident[1], []) if ids is not None else []
+        return ids.get(ident[1], ()) if ids is not None else ()
 
     def not_applied(self, rows: Rows, ids) -> Rows | None:
         """``rows`` minus those already applied here under one of ``ids`` by a piece or

@@ -10,10 +10,13 @@ come back through ``answered``; ``tick`` moves its timers.
 Requests are handled one at a time in the order they are admitted, so pushes that
 arrive on one stream are applied in the order they were sent (``psd.core.stream``). A
 push is applied on the range's primary, forwarded as is to the range's replicas (one
-message per replica, in the primary's order, so every copy applies the same updates in
-the same order), and acknowledged to the worker only when every replica holds it
-(``psd.core.acks``). Requests carry (sender, rid) ids; a resend of something already
-applied is acknowledged, not applied again.
+message per replica server, in the primary's order, so every copy applies the same
+updates in the same order), and acknowledged to the worker only when every replica holds
+it (``psd.core.acks``). A worker sends one message per server, whatever the replicas of
+its ranges: the primary applies it whole or refuses it whole (``_check_primary``), and a
+forward holding only part of it names the ranges of its rows (``meta.cover``).
+Requests carry (sender, rid) ids; a resend of something already applied is
+acknowledged, not applied again.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import Range, bounds, range_from_wire, range_to_wire
+from psd.cluster.ranges import KEY_SPACE_END, Range, bounds, range_from_wire, range_to_wire
 from psd.cluster.ring import overlay
 from psd.cluster.rows import Rows
 from psd.cluster.schedulers import lost_after
@@ -71,6 +74,9 @@ DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replica
               "evict": "evict (a primary's eviction record for its replicas)"}
 #: one heartbeat in this many carries the full stats; the others only the peers' ages
 STATS_EVERY = 5
+#: ranges one forward may name (``meta.cover``, a pair each); a forward that would
+#: need more goes as several (a ring of a thousand ranges that one replica shares)
+MAX_COVER = 1024
 #: refusals after which the sender sends the request again: nothing it sent after the
 #: refused request may be admitted before that (the stream breaks there)
 BREAKING = (NotOwnerError, UnavailableError, BusyError, KeysUnknownError)
@@ -500,14 +506,20 @@ class ServerCore:
                                        f"from a checkpoint (their servers were given up); retry shortly")
 
     def _check_primary(self, rows: Rows, now: float) -> list[tuple[tuple[str, ...], list]]:
+        """The rows' owner groups, if we lead every one of them; else refuse the whole
+        message (nothing of it applied, its id not noted): a message to one server may
+        hold ranges of several owner tuples, and the sender re-cuts it by the ring the
+        refusal names, whatever part of it we still lead (decision 97)."""
         if self.restoring and rows.count:
             self._check_restoring(rows)
         groups = self._owner_groups(rows)
-        for owners, _ in groups:
+        for owners, slices in groups:
             if owners[0] != self.node_id:
                 first, last = rows.first_last()
                 raise NotOwnerError(f"{self.node_id} does not lead keys in [{first}, {last}] at ring "
-                                    f"v{self.ring.version}", ring=self.ring.version)
+                                    f"v{self.ring.version} ({owners[0]} leads key {rows.key_at(slices[0][0])} of "
+                                    f"them); nothing of the {len(groups)} owner group(s) was applied",
+                                    ring=self.ring.version)
         if any(len(owners) > 1 for owners, _ in groups) and not self.serving(now):
             self.counters["fenced"] += 1
             raise NotOwnerError(f"{self.node_id} cannot confirm it is still a member (no answer from the "
@@ -723,7 +735,12 @@ class ServerCore:
         return self.bounds.evict(table, pending, now)
 
     def _forward(self, msg: Message, table: Table, rows: Rows, groups, rid, now: float) -> Pending | None:
-        """Send the push to every replica of its rows; one message per replica server."""
+        """Send the push to every replica of its rows: one message per replica server,
+        holding the rows of every owner group it is in. A forward holding only part of
+        the request names the ranges of its rows (``meta.cover``: every row of the
+        request in them goes to that replica): the replica counts the request's id as
+        applied for those rows only, so a piece of the request that reaches it later
+        (re-cut by a newer ring, from another primary) is applied for the rest."""
         by_replica: dict[str, list] = {}
         for owners, slices in groups:
             for node in owners[1:]:
@@ -735,21 +752,48 @@ class ServerCore:
             address = self.ring.addresses.get(node)
             if address is None:
                 continue
-            sub = rows if len(by_replica) == 1 and len(groups) == 1 else rows.take(sorted(slices))
-            meta = {"origin": msg.sender, "rid": rid[1] if rid else None}
-            if msg.meta.get("orig"):
-                meta["orig"] = msg.meta["orig"]
-            if msg.meta.get("once") is not None:
-                meta["once"] = msg.meta["once"]
-            fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
-                                 meta=meta)
-            call = self.calls.ask(node, address, fwd, partial(self._forward_answered, pending), now)
-            pending.calls[call] = None
-            self.counters["replicated"] += 1
+            slices.sort()
+            if sum(b - a for a, b in slices) == rows.count:
+                subs = [(rows, None)]
+            else:
+                subs = [(rows.take(chunk), cover) for chunk, cover in self._covers(rows, slices)]
+            for sub, cover in subs:
+                meta = {"origin": msg.sender, "rid": rid[1] if rid else None}
+                if cover is not None:
+                    meta["cover"] = cover
+                if msg.meta.get("orig"):
+                    meta["orig"] = msg.meta["orig"]
+                if msg.meta.get("once") is not None:
+                    meta["once"] = msg.meta["once"]
+                fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
+                                     meta=meta)
+                call = self.calls.ask(node, address, fwd, partial(self._forward_answered, pending), now)
+                pending.calls[call] = None
+                self.counters["replicated"] += 1
         if not pending.calls:
             self.acks.settle(pending)
             return None
         return pending
+
+    def _covers(self, rows: Rows, slices) -> list[tuple[list, list[list[int]]]]:
+        """``slices`` (ascending, rows of one owner group each) with their ``meta.cover``:
+        the ranges of our ring that hold them as ``[first, last]`` keys, adjacent ones
+        joined (the same few pairs for every push over the same ranges, which the replica
+        keeps once). Past MAX_COVER pairs, in several (slices, cover): a range is never
+        split between two, so no forward's cover holds another's rows."""
+        ring = self.ring
+        out: list[tuple[list, list[list[int]]]] = []
+        for a, b in slices:
+            r = ring.ranges[ring.find(rows.key_at(a))]
+            cover = out[-1][1] if out else None
+            if cover is not None and cover[-1][1] + 1 >= r.begin:  # (the same range, or the next)
+                cover[-1][1] = max(cover[-1][1], r.end - 1)
+            elif cover is not None and len(cover) < MAX_COVER:
+                cover.append([r.begin, r.end - 1])
+            else:
+                out.append(([], [[r.begin, r.end - 1]]))
+            out[-1][0].append((a, b))
+        return out
 
     def _forward_answered(self, pending: Pending, call: Call, reply: Message | None, error: Exception | None,
                           now: float) -> None:
@@ -905,6 +949,7 @@ class ServerCore:
         origin, rid = msg.meta.get("origin"), _request_id(msg.meta.get("rid"), "replicate: meta.rid")
         if not isinstance(origin, str):
             raise ProtocolError("replicate: meta.origin must name the worker that pushed")
+        cover = _cover(msg.meta.get("cover"), rows)
         self._check_forwarder(msg, rows)
         mine = self._replica_rows(rows, msg)
         if rid is not None:
@@ -912,9 +957,13 @@ class ServerCore:
             if self._seen_before((origin, rid), cut_from):
                 self.outbox.append(Reply(route, msg.reply(meta=self._replica_full())))
                 return
-            self.seen.add(origin, rid)
             if mine is not None:
                 mine = self.partly.not_applied(mine, [(origin, rid), *cut_from])
+            if cover is None:
+                self.seen.add(origin, rid)
+            else:  # part of the request: its id counts for these rows only (decision 97)
+                self.partly.note_ranges(origin, rid, cover)
+                self.seen.note_activity(origin)
             self.partly.note_piece(rows, cut_from)
         if mine is not None:
             # a replica never refuses a forward (copies would differ); near its limit it says
@@ -1014,6 +1063,17 @@ class ServerCore:
         for m in sends:
             copy.calls.append(self.calls.ask(dst, address, m, copy.answered, now))
 
+    def _drop_rows_in(self, r: Range) -> None:
+        """Forget every row we hold in ``r`` (a copy of it is arriving), in every table:
+        not only those that evict (``Bounds.copy_begins``), since a push the copy's source
+        keeps for the clock boundary may be in the rows we kept too."""
+        outside = [x for x in (Range(0, r.begin), Range(r.end, KEY_SPACE_END)) if x.begin < x.end]
+        for name, table in self.tables.items():
+            held = table.num_keys and table.count_present_span(r.begin, r.end - r.begin)
+            dropped = table.retain(outside) if held else 0
+            if dropped:
+                log.info("%s: dropped %d keys of %r in %s before its copy arrives", self.node_id, dropped, name, r)
+
     def _install_kept(self, msg: Message, r: Range) -> None:
         """A push the copy's source kept for the clock boundary: keep it here for the same
         boundary (checked whole first)."""
@@ -1049,10 +1109,13 @@ class ServerCore:
         attempt = msg.meta.get("copy")
         if self._copying_in.get(r, ()) != attempt:
             # a copy of r begins (or begins again): what it brings (rows, and the pushes its
-            # source keeps for the clock boundary) replaces what we had of r, kept pushes too
+            # source keeps for the clock boundary) replaces what we had of r, kept pushes and
+            # rows too: rows we kept under a name we had before registering again may hold
+            # pushes the source still keeps for the clock boundary, which would apply twice
             self._copying_in[r] = attempt
             self._narrow_kept(lambda rows: _rows_in(rows, r, outside=True))
             self.bounds.copy_begins(r)
+            self._drop_rows_in(r)
         if msg.table is not None and "kept" in msg.meta:
             self._install_kept(msg, r)
             self.outbox.append(Reply(route, msg.reply()))
@@ -1186,6 +1249,38 @@ class ServerCore:
     def log_clock(self) -> int | None:
         """For log records: the slowest worker clock the consistency gate knows."""
         return self.gate.policies[self.gate.default].clocks.min_clock()
+
+
+def _cover(value, rows: Rows) -> list[Range] | None:
+    """``replicate``'s ``meta.cover`` (nil, or ascending disjoint ``[first, last]`` key
+    pairs holding every row of the forward) as ranges; checked whole before anything is
+    applied, since a row outside it would be applied again if the request came back."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_COVER:
+        raise ProtocolError(f"replicate: meta.cover must be a list of 1 to {MAX_COVER} [first, last] key pairs")
+    out: list[Range] = []
+    for pair in value:
+        if (not isinstance(pair, list) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_RID for v in pair)
+                or pair[0] > pair[1] or (out and pair[0] < out[-1].end)):
+            raise ProtocolError("replicate: meta.cover must hold ascending, disjoint [first, last] pairs of keys "
+                                f"(uint64, first <= last); got {pair!r:.80}")
+        out.append(Range(pair[0], pair[1] + 1))
+    if rows.count:  # (the pairs are disjoint: every row is inside iff they hold n rows between them)
+        los = np.array([r.begin for r in out], dtype=np.uint64)
+        his = np.array([r.end - 1 for r in out], dtype=np.uint64)
+        if rows.keys is not None:
+            inside = np.searchsorted(rows.keys, his, side="right") - np.searchsorted(rows.keys, los)
+            ok = int(inside.sum()) == rows.count
+        else:
+            firsts = np.array([lo for lo, _ in rows.spans], dtype=np.uint64)
+            lasts = np.array([lo + n - 1 for lo, n in rows.spans], dtype=np.uint64)
+            at = np.searchsorted(los, firsts, side="right") - 1
+            ok = not (at < 0).any() and not (lasts > his[np.maximum(at, 0)]).any()
+        if not ok:
+            raise ProtocolError("replicate: meta.cover does not hold every row of the forward")
+    return out
 
 
 def _kept(rows: Rows) -> dict | None:

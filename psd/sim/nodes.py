@@ -7,9 +7,11 @@ decisions are the cores' own code, unchanged.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 from psd.cluster.assignment import Assignment
+from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.codec.message import error_reply
 from psd.config import ClusterConfig
@@ -25,6 +27,8 @@ from psd.sim.world import Connection, Process, World
 from psd.store.table import Table
 
 SCHEDULER = "sched"
+#: the data-plane ops whose states ``SimServer.note_state`` counts
+STATE_OPS = ("push", "pull", "pushpull", "replicate")
 
 
 def _error(request: Message, err: Exception, sender: str) -> Message:
@@ -82,6 +86,12 @@ class SimServer(Process):
         self.tokens: dict[int, int] = {}  # core token -> message id
         self.address = address_of(name)
         self.registered = False
+        #: in-flight states of one message per server met here (``note_state``)
+        self.states: Counter = Counter()
+        self._in_part: set[tuple[str, int]] = set()  # (origin, rid) of forwards holding part of a push
+        #: armed by the ``kill_mid_forward`` fault: called when this server dies between
+        #: the forwards of one push (``_cut_mid_forward``)
+        self.die_mid_forward: Callable[[], None] | None = None
 
     def start(self) -> None:
         self.world.add(self)
@@ -134,10 +144,51 @@ class SimServer(Process):
                 return
             self._execute(self.core.control(msg, now))
             return
+        if msg.op in STATE_OPS:
+            self.note_state(msg)
         self._execute(self.core.handle(conn, msg, now))
+
+    def note_state(self, msg: Message) -> None:
+        """Count the states one message per server brings (decision 97) that this message
+        is in, so a test can tell the seeds explored them: a message spanning several
+        owner groups here, one led only in part here (refused whole), a forward holding
+        part of a push, and a request coming back (a resend, a piece, its forward from
+        another primary) to a replica that applied part of it."""
+        core = self.core
+        if msg.arrays and msg.arrays[0].dtype.kind == "u" and core.ring.ranges:
+            groups = Rows(keys=msg.arrays[0]).groups(core.ring)
+            if len(groups) > 1:
+                self.states[f"{msg.op}: several owner groups"] += 1
+            led = [owners[0] == core.node_id for owners, _ in groups]
+            if msg.op != "replicate" and any(led) and not all(led):
+                self.states[f"{msg.op}: led in part, refused whole"] += 1
+        origin = msg.meta.get("origin", msg.sender)
+        ids = [msg.meta.get("rid"), *(msg.meta.get("orig") or ())]
+        if any((origin, i) in self._in_part for i in ids):
+            self.states[f"{msg.op}: back at a server that applied part of it"] += 1
+        if msg.op == "replicate" and msg.meta.get("cover") is not None:
+            self.states["replicate: part of a push"] += 1
+            self._in_part.add((origin, msg.meta.get("rid")))
+
+    def _cut_mid_forward(self, effects: list) -> list:
+        """The ``kill_mid_forward`` fault: of a push forwarded to two replica servers or
+        more, only the first forward goes; the server stalls and dies once it arrives
+        (the one replica holds its part of the push, the other never gets its own)."""
+        firsts = [i for i, e in enumerate(effects) if type(e) is Ask and e.msg.op == "replicate"]
+        if len({effects[i].node for i in firsts}) < 2:
+            return effects
+        die, self.die_mid_forward = self.die_mid_forward, None
+        ask = effects[firsts[0]]
+        self._execute(effects[:firsts[0] + 1])
+        self.world.stall(self.name, 5.0)
+        arrives = self.world.connect(self.name, process_of(ask.address)).last_delivery["up"]
+        self.world.at(arrives + 1e-6, die)
+        return []
 
     def _execute(self, effects: list) -> None:
         world, now = self.world, self.world.now
+        if self.die_mid_forward is not None:
+            effects = self._cut_mid_forward(effects)
         for e in effects:
             kind = type(e)
             if kind is Reply:

@@ -69,6 +69,9 @@ class Settings:
     key_caching: bool = False
     #: the workload's table evicts (BOUNDED_TABLE); off by default, like key_caching
     bounded: bool = False
+    #: keys a push holds at most (drawn from the worker's ``keys_per_worker``): more keys,
+    #: more pushes that span several owner groups of one server (decision 97)
+    push_keys: int = 3
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
@@ -117,6 +120,8 @@ class Outcome:
     #: rows evicted by primaries and deleted by replicas on their word (bounded runs)
     evicted: int = 0
     evicted_by_primary: int = 0
+    #: in-flight states the servers met (SimServer.states, summed)
+    states: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -208,7 +213,7 @@ class Run:
         mine = [int(k) for k in self.keys[w] if self.slots.get(int(k), 0) < SLOTS]
         if not mine:
             return
-        chosen = sorted(self.rng.sample(mine, self.rng.randint(1, min(3, len(mine)))))
+        chosen = sorted(self.rng.sample(mine, self.rng.randint(1, min(self.s.push_keys, len(mine)))))
         slots = []
         for k in chosen:
             slots.append(self.slots.get(k, 0))
@@ -274,6 +279,16 @@ class Run:
                 w.kill(victim.name)
                 victim.alive = False
                 w.after(rng.uniform(0.5, 1.5), self.add_server, None)
+        elif kind == "kill_mid_forward":  # (not among FAULTS: only where a test asks for it)
+            if self.killed < self.s.replication - 1 and len(live) > 1:
+                self.killed += 1
+
+                def die(victim=victim) -> None:
+                    w.kill(victim.name)
+                    victim.alive = False
+                    self.outcome.faults.append(f"died mid-forward@{w.now:.2f}")
+                    w.after(rng.uniform(0.5, 1.5), self.add_server, None)
+                victim.die_mid_forward = die
         elif kind == "stall":
             w.stall(victim.name, rng.uniform(0.05, 0.6))
         elif kind == "stall_long":
@@ -477,6 +492,9 @@ class Run:
         for worker in self.workers:
             for k, v in worker.core.kc_counters.items():
                 o.kc[k] = o.kc.get(k, 0) + v
+        for server in self.servers:
+            for k, v in server.states.items():
+                o.states[k] = o.states.get(k, 0) + v
         return o
 
 
