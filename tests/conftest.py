@@ -35,11 +35,12 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each module keeps its order)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _compiled_store():
+def pytest_sessionstart(session):
     """The store's compiled loops, in numba's disk cache before the first daemon starts:
-    on a fresh machine the first compile takes ~20 s, which every server started at once
-    would otherwise wait for within its start-up time."""
+    on a fresh machine the first compile takes ~30 s of a core, which every server
+    started at once would otherwise wait for within its start-up time. Here, not in a
+    fixture, so that no test's timeout counts it (on a busy machine it can take minutes);
+    each pytest process warms, and the first one on a machine compiles for all."""
     from psd.store.kernels import warm
     warm()
 
