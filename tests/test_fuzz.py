@@ -90,6 +90,8 @@ FUZZ = settings(max_examples=1000, deadline=None, database=None,
 TABLES = {"ref": (np.dtype(np.int64), 3), "fz": (np.dtype(np.int64), 2), "fz32": (np.dtype(np.int32), 1)}
 REF_KEYS = np.array([0, 1, 2, 17, 500, 2**32, 2**63, TOP - 1, TOP], dtype=np.uint64)
 REF_VALUES = (np.arange(REF_KEYS.size * 3, dtype=np.int64).reshape(-1, 3) + 1) * 7
+#: the range fuzzed installs copy: [begin, last], between two keys of ``ref``
+INSTALL_RANGE = (18, 499)
 #: keys the fuzzed requests draw from (both ends of the key space and a dense low part)
 POOL = np.unique(np.concatenate([np.arange(0, 300, dtype=np.uint64), REF_KEYS,
                                  np.array([2**40, 2**62, 2**64 - 300], dtype=np.uint64)]))
@@ -133,7 +135,8 @@ def fuzz_cluster():
 class Model:
     """The tables as docs/protocol.md says the server's writes leave them: updater
     ``sum`` (integer wrap-around), a request id ``(sender, rid)`` applied once, rows that a
-    piece named in ``orig`` covered skipped, installs replacing rows."""
+    piece named in ``orig`` covered skipped, installs replacing rows (a copy attempt's
+    first message drops the range's rows)."""
 
     def __init__(self):
         self.rows: dict[str, dict[int, np.ndarray]] = {name: {} for name in TABLES}
@@ -142,6 +145,7 @@ class Model:
         self.seen: set[tuple[str, int]] = set()
         self.pieces: dict[tuple[str, int], set[int]] = {}
         self.writes = {name: 0 for name in TABLES}
+        self.copying: dict[tuple[int, int], object] = {}  # range -> copy attempt under way
 
     def values(self, table: str, keys) -> np.ndarray:
         dtype, width = TABLES[table]
@@ -169,7 +173,18 @@ class Model:
                 for c in cut:
                     self.pieces.setdefault(c, set()).update(keys)
 
-    def install(self, table: str, keys: list[int], values: np.ndarray) -> None:
+    def install(self, table: str | None, keys: list[int], values: np.ndarray, span: tuple[int, int],
+                attempt) -> None:
+        """A range copy's message: the first of a copy attempt of ``span`` ([begin, last])
+        drops every row the server held there, in every table (a copy replaces the range,
+        decision 97); its rows are then stored."""
+        if self.copying.get(span, ()) != attempt:
+            self.copying[span] = attempt
+            for rows in self.rows.values():
+                for k in [k for k in rows if span[0] <= k <= span[1]]:
+                    del rows[k]
+        if table is None:
+            return
         _, width = TABLES[table]
         for k, v in zip(keys, values.reshape(-1, width)):
             self.rows[table][k] = v.copy()
@@ -425,7 +440,10 @@ def server_requests(draw) -> tuple[Message, str]:
     elif kind == "replicate":
         meta.update(origin=draw(senders), rid=draw(st.none() | rids))
     elif kind == "install":
-        meta.update(range=[0, TOP], state_fields=[])
+        # a range with no key of ``ref`` in it: the first message of a copy drops what the
+        # server held of the range, and ``ref`` stays untouched (keys drawn outside it make
+        # the install malformed, refused whole)
+        meta.update(range=list(INSTALL_RANGE), state_fields=[])
     elif kind == "clock":
         meta["clock"] = draw(st.integers(0, 50))
     msg = Message(kind, id=draw(st.integers(1, 2**40)), sender=src, table=table, ring=draw(st.integers(0, 3)),
@@ -635,8 +653,7 @@ def probe_server(prober: Prober, model: Model, frames: list[bytes], stats: dict)
             model.push(table, sender, rid, orig, keys, values)
         elif op == "install":
             table, keys, values = check_install(msg)
-            if table is not None:
-                model.install(table, keys, values)
+            model.install(table, keys, values, tuple(msg.meta["range"]), msg.meta.get("copy"))
         elif op == "pull":
             table, keys, _ = check_rows(msg, with_values=False)
     except Malformed as e:
@@ -843,8 +860,10 @@ def test_garbage_below_the_message_layer_is_dropped(fuzz_cluster, raw_dealer):
 
 
 def _model_from(tables: dict) -> Model:
-    """A model holding what the tables hold now for POOL and the big-push keys."""
+    """A model holding what the tables hold now for POOL, REF_KEYS and the big-push keys."""
     model = Model()
+    # (a fuzzed range copy drops what the server held, ``ref`` too: start from what it holds)
+    model.rows["ref"] = {k: v.copy() for k, v in zip(REF_KEYS.tolist(), tables["ref"].pull(REF_KEYS)) if v.any()}
     for name, t in tables.items():
         for k, row in zip(POOL.tolist(), t.pull(POOL)):
             if row.any():

@@ -1074,20 +1074,20 @@ class ServerCore:
             if dropped:
                 log.info("%s: dropped %d keys of %r in %s before its copy arrives", self.node_id, dropped, name, r)
 
-    def _install_kept(self, msg: Message, r: Range) -> None:
-        """A push the copy's source kept for the clock boundary: keep it here for the same
-        boundary (checked whole first)."""
+    def _checked_kept(self, msg: Message, r: Range) -> tuple | None:
+        """A push the copy's source kept for the clock boundary, checked whole: the
+        arguments of ``_keep_or_apply`` (None: its table was dropped here)."""
         clock, origin = msg.meta.get("kept"), msg.meta.get("origin")
         if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0 or not isinstance(origin, str):
             raise ProtocolError("install: meta.kept must be a clock (an integer >= 0) and meta.origin a worker")
         if msg.table not in self.tables and msg.table in self.dropped:
-            return
+            return None
         table = self._table(msg)
         rows = Rows.from_message(msg, self.config.limits, with_values=True)
         rows.values = table.check_values(rows.values, rows.count)
         if rows.count and (int(rows.keys[0]) < r.begin or int(rows.keys[-1]) >= r.end):
             raise ProtocolError(f"install: kept push rows fall outside the range {r}")
-        self._keep_or_apply(table, rows, origin, clock)
+        return table, rows, origin, clock
 
     def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids a copy of ``r`` carries: every id applied here, and those copied in
@@ -1107,6 +1107,20 @@ class ServerCore:
         self.fence.heard(msg.sender, now)
         r = copy_range(msg.meta.get("range"))
         attempt = msg.meta.get("copy")
+        # the message checked whole before anything changes: a malformed one, or one for a
+        # table we do not know, must not begin a copy (which drops what we hold of r)
+        kept = rows = ids = None
+        if msg.table is not None and "kept" in msg.meta:
+            kept = self._checked_kept(msg, r)
+        elif msg.table is not None:
+            if msg.table in self.tables or msg.table not in self.dropped:
+                table = self._table(msg)
+                rows = copy_rows(msg, table, r)
+        elif "senders" in msg.meta or msg.meta.get("final"):
+            ids = copy_ids(msg)
+            departed = msg.meta.get("departed", [])
+            if not isinstance(departed, list) or not all(isinstance(d, str) for d in departed):
+                raise ProtocolError("install: meta.departed must list senders of this message")
         if self._copying_in.get(r, ()) != attempt:
             # a copy of r begins (or begins again): what it brings (rows, and the pushes its
             # source keeps for the clock boundary) replaces what we had of r, kept pushes and
@@ -1116,28 +1130,22 @@ class ServerCore:
             self._narrow_kept(lambda rows: _rows_in(rows, r, outside=True))
             self.bounds.copy_begins(r)
             self._drop_rows_in(r)
-        if msg.table is not None and "kept" in msg.meta:
-            self._install_kept(msg, r)
-            self.outbox.append(Reply(route, msg.reply()))
-            return
         if msg.table is not None:
-            if msg.table in self.tables or msg.table not in self.dropped:
+            if kept is not None:
+                self._keep_or_apply(*kept)
+            elif rows is not None:
                 # never refused for memory: the ring moves this range here whatever we answer,
                 # so a refusal would lose it; over the limit, new keys are refused instead.
                 # A chunk of the copy: rows are upserted, so chunks add up to the whole range
-                table = self._table(msg)
-                table.install(*copy_rows(msg, table, r))  # checked whole before anything changes
+                table.install(*rows)
             self.outbox.append(Reply(route, msg.reply()))
             return
-        if "senders" not in msg.meta and not msg.meta.get("final"):
+        if ids is None:
             self.outbox.append(Reply(route, msg.reply()))  # neither rows nor ids: nothing to do
             return
         # the ids the copy carries (in one or more messages, the last one final); they count
         # only for rows in ``r``, which we neither lead nor apply forwards for until the final one
-        senders, counts, rids = copy_ids(msg)
-        departed = msg.meta.get("departed", [])
-        if not isinstance(departed, list) or not all(isinstance(d, str) for d in departed):
-            raise ProtocolError("install: meta.departed must list senders of this message")
+        senders, counts, rids = ids
         self.partly.note_copy(r, senders, counts, rids)
         for sender in senders:  # (ids arriving count as the sender's activity here)
             self.seen.note_activity(sender)
