@@ -193,3 +193,22 @@ def fmt_num(x: float | None) -> str:
     if x >= 100:
         return f"{x:.0f}"
     return f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
+# -- a server's own status -----------------------------------------------------------
+def server_status(address: str, timeout_ms: int = 10_000) -> dict:
+    """What a server says of itself (its ``status`` answer's meta: counters, traffic),
+    asked on its data socket; a silent server ends the benchmark naming it."""
+    import zmq
+
+    from psd.codec import Limits, Message, decode, encode
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(address)
+        s.send_multipart(encode(Message("status", id=1, sender="bench")))
+        if not s.poll(timeout_ms):
+            raise SystemExit(f"no status from the server at {address}")
+        return decode(s.recv_multipart(), Limits(max_header_bytes=1 << 20)).meta
+    finally:
+        s.close(0)

@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psd  # noqa: E402
-from psd.codec import Limits, Message, decode, encode  # noqa: E402
+from _bench_common import server_status  # noqa: E402
 
 CUTS = (("per server", True), ("per owner tuple", False))
 COUNTERS = ("push", "pull", "replicated")
@@ -42,17 +41,9 @@ COUNTERS = ("push", "pull", "replicated")
 
 def counters(addresses: list[str]) -> dict[str, int]:
     """The sum over the servers of COUNTERS, read off each server's data socket."""
-    ctx = zmq.Context.instance()
     total = dict.fromkeys(COUNTERS, 0)
     for address in addresses:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(address)
-        s.send_multipart(encode(Message("status", id=1, sender="bench")))
-        if not s.poll(10_000):
-            raise SystemExit(f"no status from the server at {address}")
-        got = decode(s.recv_multipart(), Limits(max_header_bytes=1 << 20)).meta["counters"]
-        s.close(0)
+        got = server_status(address)["counters"]
         for name in COUNTERS:
             total[name] += got[name]
     return total

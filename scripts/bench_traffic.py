@@ -41,12 +41,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psd  # noqa: E402
-from psd.codec import Limits, Message, decode, encode  # noqa: E402
+from _bench_common import server_status  # noqa: E402
 from psd.codec.traffic import total  # noqa: E402
 
 SETTINGS = [("none", False, "none", None), ("key caching", True, "none", None), ("zstd", False, "zstd", None),
@@ -78,17 +77,7 @@ def gradient(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def server_traffic(addresses: list[str]) -> dict:
-    ctx = zmq.Context.instance()
-    snaps = []
-    for address in addresses:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(address)
-        s.send_multipart(encode(Message("status", id=1, sender="bench")))
-        if not s.poll(10_000):
-            raise SystemExit(f"no status from the server at {address}")
-        snaps.append(decode(s.recv_multipart(), Limits(max_header_bytes=1 << 20)).meta["traffic"])
-        s.close(0)
+    snaps = [server_status(address)["traffic"] for address in addresses]
     return total(snaps)
 
 
