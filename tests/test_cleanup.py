@@ -89,7 +89,7 @@ def test_close_leaves_no_process_or_port():
 PARENT = textwrap.dedent("""
     import json, sys, time
     import psd
-    cluster = psd.LocalCluster(servers=2)
+    cluster = psd.LocalCluster(servers=2, fork=sys.argv[1] == "fork")
     print(json.dumps({"pids": [cluster.scheduler_proc.pid, *(s.pid for s in cluster.servers)],
                       "addresses": [cluster.scheduler, *(s.address for s in cluster.servers)],
                       "workdir": str(cluster.workdir)}), flush=True)
@@ -97,13 +97,17 @@ PARENT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_children_die_with_their_parent(sig):
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+@pytest.mark.parametrize("sig, start", [(signal.SIGKILL, "fork"), (signal.SIGTERM, "fork"), (signal.SIGKILL, "exec")],
+                         ids=["SIGKILL", "SIGTERM", "SIGKILL-exec"])
+def test_children_die_with_their_parent(sig, start):
+    """Whether the daemons were forked by the fork server or started with exec, nothing
+    of the cluster outlives the process that made it."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, start], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     pids: list[int] = []
+    descendants: set[int] = set()
     info: dict = {}
     try:
-        ready, _, _ = select.select([parent.stdout], [], [], 30)
+        ready, _, _ = select.select([parent.stdout], [], [], 90)
         assert ready, "the parent did not start its cluster in time"
         line = parent.stdout.readline()
         assert line, parent.stderr.read().decode()[-3000:]
@@ -111,18 +115,21 @@ def test_children_die_with_their_parent(sig):
         pids = info["pids"]
         ports = [_port(a) for a in info["addresses"]]
         assert len(pids) == 3 and not any(_gone(p) for p in pids)
-        assert {p.pid for p in psutil.Process(parent.pid).children()} == set(pids)
+        descendants = {p.pid for p in psutil.Process(parent.pid).children(recursive=True)}
+        assert set(pids) <= descendants  # with the fork server, it is a descendant too
+        if start == "exec":
+            assert descendants == set(pids)
 
         parent.send_signal(sig)
         parent.wait(10)
-        assert _wait_until(lambda: all(_gone(p) for p in pids), 5.0), \
-            [(p, psutil.Process(p).status()) for p in pids if not _gone(p)]
+        assert _wait_until(lambda: all(_gone(p) for p in descendants), 5.0), \
+            [(p, psutil.Process(p).status()) for p in descendants if not _gone(p)]
         assert _wait_until(lambda: all(_port_free(p) for p in ports), 5.0)
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait(5)
-        _kill_leftovers([p for p in pids if not _gone(p)])
+        _kill_leftovers([p for p in {*pids, *descendants} if not _gone(p)])
         if info.get("workdir"):  # a killed parent cannot remove its cluster's folder: we do
             shutil.rmtree(info["workdir"], ignore_errors=True)
 

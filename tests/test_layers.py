@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
     ("sim", ("psd.sim",), "a deterministic simulation of the cores, no sockets"),
     ("jobs", ("psd.jobs",), "job files and the runner; apps come in as a registry"),
     ("apps", ("psd.apps",), "the bundled apps, written against the client API"),
-    ("entry", ("psd", "psd.__main__", "psd.aio", "psd.local", "psd.estimators", "psd.cli", "psd.testing"),
+    ("entry", ("psd", "psd.__main__", "psd.aio", "psd.local", "psd.forkserver", "psd.estimators", "psd.cli", "psd.testing"),
      "what users and tests run: the package facade, LocalCluster, fit_*, the psd command"),
 ]
 

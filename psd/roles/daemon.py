@@ -27,6 +27,7 @@ import datetime
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -251,9 +252,23 @@ def write_ready(path: str | None, address: str) -> None:
         os.replace(tmp, path)
 
 
+def _parent_alive(pid: int) -> Callable[[], bool]:
+    """A check that process ``pid`` still runs. It need not be the real parent (a daemon
+    forked by ``psd.forkserver`` watches the process that asked for it): a pidfd stays
+    true to that process even once its pid is reused."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return lambda: False
+    except (AttributeError, OSError):  # no pidfds: only the real parent can be watched
+        return lambda: os.getppid() == pid
+    return lambda: not select.select([fd], [], [], 0)[0]
+
+
 async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+    alive = _parent_alive(pid)
     while not stop.is_set():
-        if os.getppid() != pid:
+        if not alive():
             log.warning("parent %d is gone; shutting down", pid)
             stop.set()
             return
