@@ -111,10 +111,15 @@ def test_replica_that_takes_over_holds_the_same_rows(cluster):
         np.testing.assert_array_equal(before, want)
         assert 0 < len(rows) < pool.size  # some keys were refused or evicted, some are stored
 
-        st = wait_until(cluster, lambda st: st["tables"]["w"].get("evicted") == sum(m.evicted for m in model.values()),
-                        "the servers' stats to show the evictions")
+        def stats_current(st) -> bool:  # each server's stats arrive with its own heartbeat
+            t = st["tables"]["w"]
+            return (t.get("evicted") == sum(m.evicted for m in model.values())
+                    and t.get("refused") == sum(m.refused for m in model.values())
+                    and all(t.get("per_server", {}).get(s, {}).get("led_rows") == len(m.rows)
+                            for s, m in model.items()))
+
+        st = wait_until(cluster, stats_current, "the servers' stats to show the evictions and refusals")
         t = st["tables"]["w"]
-        assert t["refused"] == sum(m.refused for m in model.values())
         assert t["evicted_by_primary"] == t["evicted"]  # every eviction reached its replica
         for s, m in model.items():
             assert t["per_server"][s]["led_rows"] == len(m.rows) <= CAP
