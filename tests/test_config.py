@@ -420,10 +420,13 @@ def test_only_the_cli_reads_the_environment():
     # PSD_KEYS while open: not a read of config. The Python API's connect is an entry point
     # like the command line: it reads PSD_KEYS, once (docs/operations.md, "Security"). The
     # emulated cluster of the tests passes its caller's PYTHONPATH to the hosts: not config.
-    allowed = ("psd/cli/main.py:", "psd/local.py:", "psd/client/aio.py:", "psd/testing/netcluster.py:")
+    # The fork server sets a forked daemon's environment before that daemon's main reads it.
+    allowed = ("psd/cli/main.py:", "psd/local.py:", "psd/client/aio.py:", "psd/testing/netcluster.py:",
+               "psd/forkserver.py:")
     assert readers and all(r.startswith(allowed) for r in readers), readers
     assert sum(r.startswith("psd/local.py:") for r in readers) == 2, readers
     assert sum(r.startswith("psd/client/aio.py:") for r in readers) == 1, readers
+    assert sum(r.startswith("psd/forkserver.py:") for r in readers) == 2, readers  # clear, update
 
 
 @pytest.mark.parametrize("name", ["cluster.yaml", "local.yaml"])
