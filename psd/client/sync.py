@@ -83,7 +83,8 @@ class KVWorker:
             req = kv.core.requests.get(ts)
             if req is not None and not fut.done():
                 rpcs = [rpc for rpc in {kv.server_socket(p.server) for p in req.parts} if rpc is not None]
-                self._await([rpc.raw for rpc in rpcs], fut.done, lambda: [rpc.drain() for rpc in rpcs])
+                socks = [rpc.raw for rpc in rpcs] + [s for rpc in rpcs for s in rpc.stripe_socks()]
+                self._await(socks, fut.done, lambda: [rpc.drain() for rpc in rpcs])
         if fut.done():
             self._tick_now_and_then()
             return fut.result()
