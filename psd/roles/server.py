@@ -332,5 +332,9 @@ class Server:
         st["traffic"] = traffic_total([self.data.traffic.snapshot(), *(p.traffic.snapshot() for p in peers)])
         st.update({"bytes_in": self.data.bytes_in, "bytes_out": self.data.bytes_out,
                    "messages_in": self.data.messages_in, "messages_out": self.data.messages_out,
-                   "uptime": time.time() - self.started, "metrics": self.metrics_address})
+                   "uptime": time.time() - self.started, "metrics": self.metrics_address,
+                   # striped messages: requests put back together, given up (chunks lost),
+                   # replies sent striped, and the clients that opened stripes
+                   "stripes": {**self.data.assembler.stats(), "sent": self.data.striped_out,
+                               "clients": len(self.data.assembler.groups)}})
         return st

@@ -24,10 +24,16 @@ and first byte (``0xC1`` never starts valid msgpack):
 * ``HELLO``  [head(kind 1, a = connections, token)]: on the main connection, once,
   before anything else: this peer stripes as ``token`` over ``a`` connections, whose
   routing ids are ``stripe_route(token, i)`` for i >= 1.
-* ``CHUNK``  [head(kind 2, b = chunk index, token, seq), bytes].
-* ``CARRIER`` [head(kind 3, a = mask of replaced frames, b = chunk bytes, token, seq),
-  frame 0, frame 1, ...]: a replaced frame is 8 bytes, its length; its chunks are the
-  next ``ceil(length / chunk bytes)`` indices, frame by frame.
+* ``CHUNK``  [head(kind 2, a = connection, b = chunk index, token, seq), bytes]: chunk
+  ``j`` goes on connection ``j % connections`` (0 is the main one).
+* ``CARRIER`` [head(kind 3, a = mask of replaced frames, b = connections << 24 | chunk
+  bytes, token, seq), frame 0, frame 1, ...]: a replaced frame is 8 bytes, its length;
+  its chunks are the next ``ceil(length / chunk bytes)`` indices, frame by frame.
+
+A sender numbers its striped messages in order, and each connection delivers in
+order, so once a connection delivered a chunk of a later message, a chunk of an earlier
+one it should have carried is lost: the carrier is given up at once. ``STRIPE_WAIT``
+is for a loss nothing follows.
 
 Nothing here knows what a message means.
 """
@@ -55,8 +61,9 @@ CHUNK_MIN_BYTES = 64 << 10
 #: chunks are at most this large: several per connection let encryption on the sender
 #: overlap decryption on the receiver
 CHUNK_MAX_BYTES = 1 << 20
-#: seconds a carrier waits for its chunks before the message counts as lost
-STRIPE_WAIT = 1.0
+#: seconds a carrier waits for its chunks before the message counts as lost (when no
+#: later chunk on the same connection has shown it lost sooner)
+STRIPE_WAIT = 3.0
 #: connections to one peer at most (the main one included)
 MAX_STRIPES = 16
 #: routes a ROUTER remembers a HELLO from (the oldest are forgotten)
@@ -111,10 +118,17 @@ def cut(frames: list, token: int, seq: int, connections: int) -> tuple[list[tupl
         carrier.append(_LEN.pack(n))
         view = memoryview(f).cast("B")
         for start in range(0, n, chunk):
-            sends.append((j % connections, [HEAD.pack(MARK, CHUNK, 0, j, token, seq), view[start:start + chunk]]))
+            conn = j % connections
+            sends.append((conn, [HEAD.pack(MARK, CHUNK, conn, j, token, seq), view[start:start + chunk]]))
             j += 1
-    carrier[0] = HEAD.pack(MARK, CARRIER, mask, chunk, token, seq)
+    carrier[0] = HEAD.pack(MARK, CARRIER, mask, connections << 24 | chunk, token, seq)
     return sends, carrier
+
+
+def on_main(chunk: list) -> list:
+    """A chunk sent on the main connection instead of its stripe (which is not there)."""
+    _, kind, _, j, token, seq = HEAD.unpack(bytes(chunk[0]))
+    return [HEAD.pack(MARK, kind, 0, j, token, seq), chunk[1]]
 
 
 @dataclass
@@ -124,6 +138,7 @@ class _Waiting:
     since: float
     mask: int
     chunk: int
+    connections: int
     sizes: list = field(default_factory=list)  # (position, length) of replaced frames
     needed: int = 0
 
@@ -147,6 +162,8 @@ class Assembler:
         self.parked: dict[object, list] = {}
         #: ROUTER: main route -> (token, connections), from HELLO
         self.groups: OrderedDict[object, tuple[int, int]] = OrderedDict()
+        #: token -> {connection: the latest seq a chunk of it came with} (loss detection)
+        self.latest: OrderedDict[int, dict] = OrderedDict()
         self.lost = 0       # carriers given up (chunks missing past STRIPE_WAIT)
         self.assembled = 0  # striped messages put back together
         self.dropped = 0    # chunks dropped: malformed, over the byte bound, or never claimed
@@ -172,9 +189,10 @@ class Assembler:
                 while len(self.groups) > MAX_GROUPS:
                     self.groups.popitem(last=False)
             return []
-        if kind == CHUNK and len(frames) == 2:
-            return self._chunk((token, seq), b, frames[1], now, _role(frames[0]))
-        if kind == CARRIER and 3 <= len(frames) <= 17 and a and not a & 1 and not a >> (len(frames) - 1) and b > 0:
+        if kind == CHUNK and len(frames) == 2 and a < MAX_STRIPES:
+            return self._chunk((token, seq), a, b, frames[1], now, _role(frames[0]))
+        if (kind == CARRIER and 3 <= len(frames) <= 17 and a and not a & 1 and not a >> (len(frames) - 1)
+                and b & 0xFFFFFF and 1 <= b >> 24 <= MAX_STRIPES):
             key = (token, seq)
             if self.ordered and route in self.parked:  # behind another waiting carrier
                 self.parked[route].append(frames)
@@ -183,7 +201,27 @@ class Assembler:
         self.dropped += 1
         return []
 
-    def _chunk(self, key, index, frame, now, peer) -> list:
+    def _chunk(self, key, conn, index, frame, now, peer) -> list:
+        token, seq = key
+        latest = self.latest.get(token)
+        if latest is None:
+            latest = self.latest[token] = {}
+            while len(self.latest) > MAX_GROUPS:
+                self.latest.popitem(last=False)
+        ready: list = []
+        if latest.get(conn, -1) < seq:
+            latest[conn] = seq
+            for k, w in list(self.waiting.items()):  # earlier messages this connection skipped
+                if k[0] == token and k[1] < seq and k in self.waiting and self._skipped(k, w, conn):
+                    ready += self._give_up(k, w, now)
+        return ready + self._keep(key, index, frame, now, peer)
+
+    def _skipped(self, key, w: "_Waiting", conn: int) -> bool:
+        """Whether connection ``conn`` should have carried a chunk of ``key`` that is missing."""
+        got = self.chunks.get(key, {})
+        return any(j % w.connections == conn and j not in got for j in range(w.needed))
+
+    def _keep(self, key, index, frame, now, peer) -> list:
         n = len(frame)
         if self.bytes + n > self.max_bytes:
             self._evict(n)
@@ -204,8 +242,9 @@ class Assembler:
             return self._complete(key, w, now)
         return []
 
-    def _carrier(self, key, route, frames, mask, chunk, now) -> list:
-        w = _Waiting(route, frames, now, mask, chunk)
+    def _carrier(self, key, route, frames, mask, b, now) -> list:
+        chunk = b & 0xFFFFFF
+        w = _Waiting(route, frames, now, mask, chunk, b >> 24)
         for i in range(1, len(frames) - 1):  # (original frame i is carrier frame i + 1)
             if mask >> i & 1:
                 if len(frames[i + 1]) != _LEN.size:
@@ -223,6 +262,9 @@ class Assembler:
             return self._complete(key, w, now)
         if self.ordered:
             self.parked[route] = [key]
+        latest = self.latest.get(key[0], {})
+        if any(last > key[1] and self._skipped(key, w, conn) for conn, last in latest.items()):
+            return self._give_up(key, w, now)  # (a later chunk already came on that connection)
         return []
 
     def _complete(self, key, w: _Waiting, now: float) -> list:
@@ -277,7 +319,7 @@ class Assembler:
         queue = self.parked.pop(route)[1:]
         ready: list = []
         for k, frames in enumerate(queue):
-            if len(frames[0]) == HEAD_LEN and is_marked(frames[0]):  # (only carriers are queued)
+            if len(frames[0]) == HEAD_LEN and is_marked(frames[0]):  # (the only marked frames queued)
                 _, kind, a, b, token, seq = HEAD.unpack(bytes(frames[0]))
                 out = self._carrier((token, seq), route, frames, a, b, now)
                 if route in self.parked:  # waits again: the rest stays behind it
@@ -294,20 +336,25 @@ class Assembler:
         ready: list = []
         for key, w in list(self.waiting.items()):
             if now - w.since >= STRIPE_WAIT and key in self.waiting:
-                del self.waiting[key]
-                got = self.chunks.pop(key, None)
-                self._chunk_at.pop(key, None)
-                if got:
-                    self.bytes -= sum(len(f) for f, _ in got.values())
-                self.lost += 1
-                ready.append((w.route, LOST(w.carrier)))
-                if self.ordered and self.parked.get(w.route, [None])[0] == key:
-                    ready += self._release(w.route, now)
+                ready += self._give_up(key, w, now)
         for key, at in list(self._chunk_at.items()):
             if now - at < 2 * STRIPE_WAIT:
                 break
             if key not in self.waiting:
                 self._drop(key)
+        return ready
+
+    def _give_up(self, key, w: "_Waiting", now: float) -> list:
+        """A carrier whose chunks will not all come: LOST, then what waited behind it."""
+        del self.waiting[key]
+        got = self.chunks.pop(key, None)
+        self._chunk_at.pop(key, None)
+        if got:
+            self.bytes -= sum(len(f) for f, _ in got.values())
+        self.lost += 1
+        ready = [(w.route, LOST(w.carrier))]
+        if self.ordered and self.parked.get(w.route, [None])[0] == key:
+            ready += self._release(w.route, now)
         return ready
 
     def _drop(self, key) -> None:
@@ -366,6 +413,10 @@ class StripeLinks:
             self.socks.append(sock)
         self.address = address
         self._configure = configure
+        #: fault knobs for tests (a stripe that loses what it carries): chunks to drop
+        #: instead of sending on a stripe connection, and read off one and throw away
+        self.drop_out = 0
+        self.drop_in = 0
 
     @classmethod
     def _context(cls, io_threads: int) -> zmq.Context:
