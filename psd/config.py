@@ -115,8 +115,8 @@ class ClusterConfig:
     #: connections a client opens to each server under security: curve, each its own
     #: CurveZMQ session on its own ZeroMQ I/O thread: messages of 1 MiB or more are
     #: striped over them, so encryption uses several cores (1: one connection; "auto":
-    #: the cores this process may use, at most 8). A server runs as many I/O threads
-    #: (docs/operations.md, "Striped connections")
+    #: the cores this process may use, at most 8). A server runs as many I/O threads,
+    #: and stripes to other servers likewise (docs/operations.md, "Striped connections")
     stripes: int | str = "auto"
     limits: ClusterLimits = field(default_factory=ClusterLimits)
 

@@ -21,7 +21,7 @@ from psd.errors import ConfigError
 from psd.transport import stripes
 from psd.transport.stripes import LOST, STRIPE_WAIT, Assembler, cut, hello, stripe_route
 
-from conftest import RawDealer, server_addresses
+from conftest import RawDealer
 from test_security import stranger_keys
 
 
@@ -199,7 +199,7 @@ N = 1_000_000  # 4 MB of float32: striped both ways
 
 @pytest.fixture(scope="module")
 def cluster():
-    with psd.LocalCluster(servers=1, stripes=3) as c:
+    with psd.LocalCluster(servers=2, replication=2, stripes=3) as c:
         yield c
 
 
@@ -207,18 +207,38 @@ def connect(cluster, stripes_: int):
     return psd.connect(cluster.scheduler, ClusterConfig(scheduler=cluster.scheduler, stripes=stripes_))
 
 
-def rpc_of(kv):
-    [rpc] = kv.aio._servers.values()
-    return rpc
+def rpc_of(kv, key: int = 0):
+    """The connection to the primary of ``key``."""
+    ring = kv.aio.ring
+    i = next(i for i, r in enumerate(ring.ranges) if r.begin <= key < r.end)
+    return kv.aio._servers[ring.owners[i][0]]
+
+
+def owners_of(kv, key: int = 0) -> list[str]:
+    ring = kv.aio.ring
+    return next(o for r, o in zip(ring.ranges, ring.owners) if r.begin <= key < r.end)
+
+
+def per_server(cluster) -> dict[str, dict]:
+    """Each server's striping counters, asked of its data socket (``status``)."""
+    out = {}
+    for node in cluster.status()["nodes"]:
+        if node["role"] == "server":
+            d = RawDealer(node["address"])
+            try:
+                out[node["id"]] = d.request(Message("status")).meta["stripes"]
+            finally:
+                d.close()
+    return out
 
 
 def server_stripes(cluster) -> dict:
-    """The server's striping counters, asked of its data socket (``status``)."""
-    d = RawDealer(server_addresses(cluster)[0])
-    try:
-        return d.request(Message("status")).meta["stripes"]
-    finally:
-        d.close()
+    """The servers' striping counters, summed."""
+    total: dict = {}
+    for st in per_server(cluster).values():
+        for k, v in st.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def test_striped_and_unstriped_clients_build_identical_tables(cluster):
@@ -236,11 +256,12 @@ def test_striped_and_unstriped_clients_build_identical_tables(cluster):
                 kv.wait(a.push_span(0, span))
                 kv.wait(b.push(keys, vals))
             got[n] = (a.pull_span(0, N), b.pull(keys))
-            rpc = rpc_of(kv)
+            rpcs = kv.aio._servers.values()
+            out, back = sum(r.striped_out for r in rpcs), sum(r.assembler.assembled for r in rpcs)
             if n == 1:
-                assert rpc.links is None and rpc.striped_out == 0 and rpc.assembler.assembled == 0
+                assert all(r.links is None for r in rpcs) and out == 0 and back == 0
             else:  # pushes went striped, and the pulls' replies came back striped
-                assert rpc.striped_out >= 4 and rpc.assembler.assembled >= 2
+                assert out >= 4 and back >= 2
         finally:
             kv.close()
     for x, y in zip(got[1], got[3]):
@@ -249,6 +270,25 @@ def test_striped_and_unstriped_clients_build_identical_tables(cluster):
     np.testing.assert_array_equal(got[3][1], vals + vals)
     st = server_stripes(cluster)
     assert st["assembled"] >= 4 and st["sent"] >= 2 and st["lost"] == 0
+
+
+def test_forwards_to_replicas_are_striped_too(cluster):
+    kv = connect(cluster, 3)
+    try:
+        t = kv.table("forwarded", updater="sum")
+        v = np.ones((N, 1), np.float32)
+        primary, replica = owners_of(kv)
+        before = per_server(cluster)
+        for _ in range(2):
+            kv.wait(t.push_span(0, v))  # acked once the replica holds it
+        after = per_server(cluster)
+        # the replica put the primary's forwards back together: it had nothing else striped
+        assert after[replica]["assembled"] - before[replica]["assembled"] == 2
+        assert after[primary]["assembled"] - before[primary]["assembled"] == 2  # (the client's pushes)
+        assert after[replica]["lost"] == before[replica]["lost"]
+        np.testing.assert_array_equal(t.pull_span(0, N), 2 * v)
+    finally:
+        kv.close()
 
 
 def test_a_stripe_that_drops_a_chunk_loses_no_acked_push_and_applies_none_twice(cluster):
@@ -298,7 +338,7 @@ def test_a_peer_without_a_listed_key_cannot_feed_a_stripe(cluster, tmp_path, cas
         before = server_stripes(cluster)
         # a stranger takes the second stripe's routing id and sends a whole striped push,
         # chunks and carrier, under the client's own group
-        dealer = RawDealer(server_addresses(cluster)[0], curve=stranger_keys(tmp_path, cluster, case))
+        dealer = RawDealer(kv.aio.ring.addresses[owners_of(kv)[0]], curve=stranger_keys(tmp_path, cluster, case))
         dealer.sock.close(0)
         dealer.sock = zmq.Context.instance().socket(zmq.DEALER)
         dealer.sock.setsockopt(zmq.LINGER, 0)

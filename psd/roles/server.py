@@ -99,7 +99,7 @@ class Server:
         # a checkpoint), and the news that a worker died must get through meanwhile
         self.link = RpcSocket(connect_dealer(ctx, cfg.scheduler, security=self.curve), self.node_id,
                               limits=limits, handler=self.handle_control, concurrent=True)
-        self.peers = Peers(self.node_id, limits, cfg.compression, self.curve)
+        self.peers = Peers(self.node_id, limits, cfg.compression, self.curve, stripe_count(cfg.stripes))
         link_task = asyncio.create_task(self.link.serve())
         tasks: list[asyncio.Task] = []
         try:
