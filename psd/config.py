@@ -112,6 +112,12 @@ class ClusterConfig:
     security: str = "curve"
     #: the key folder `psd keygen` wrote (PSD_KEYS); daemons need it under security: curve
     keys: str | None = None
+    #: connections a client opens to each server under security: curve, each its own
+    #: CurveZMQ session on its own ZeroMQ I/O thread: messages of 1 MiB or more are
+    #: striped over them, so encryption uses several cores (1: one connection; "auto":
+    #: the cores this process may use, at most 8). A server runs as many I/O threads,
+    #: and stripes to other servers likewise (docs/operations.md, "Striped connections")
+    stripes: int | str = "auto"
     limits: ClusterLimits = field(default_factory=ClusterLimits)
 
     def advertised(self, bound: str) -> str:
@@ -280,6 +286,9 @@ RULES: dict[str, Rule] = {
                     "not wildcard hosts)", _text_list),
     "security": _choice("curve", "none"),
     "keys": _folder(),
+    "stripes": Rule(lambda v: v == "auto" or (_integer(v) and 1 <= v <= 16),
+                    "an integer from 1 (one connection) to 16, or 'auto' (one per core, at most 8)",
+                    _text_int_or_word),
     "event_loop": _choice("uvloop", "asyncio"),
     "log_level": _choice("debug", "info", "warning", "error"),
     "log_format": _choice("human", "json"),

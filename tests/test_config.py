@@ -51,6 +51,7 @@ BAD = {
                 "", 9400, ["h", 1]],
     "security": ["off", "CURVE", "plain", True, None],
     "keys": ["", 5, ["/etc/psd/keys"]],
+    "stripes": [0, 17, "many", 2.5, True, None],
     **{f"limits.{k}": [0, -1, "1M", True, 1.5] for k in LIMIT_KEYS},
 }
 
@@ -89,6 +90,7 @@ GOOD = {
                 ("node-3.cluster:9401", "node-3.cluster:9401"), (None, None)],
     "security": [("curve", "curve"), ("none", "none")],
     "keys": [("/etc/psd/keys", "/etc/psd/keys"), (None, None)],
+    "stripes": [(1, 1), (16, 16), ("auto", "auto")],
     **{f"limits.{k}": [(1024, 1024)] for k in LIMIT_KEYS},
 }
 
@@ -124,6 +126,7 @@ TEXT = {
     "metrics": ("10.0.0.2:9400", "10.0.0.2:9400"),
     "security": ("none", "none"),
     "keys": ("/etc/psd/keys", "/etc/psd/keys"),
+    "stripes": ("4", 4),
     **{f"limits.{k}": ("4096", 4096) for k in LIMIT_KEYS},
 }
 

@@ -31,7 +31,8 @@ from psd.schema import TableSpec, check_keys, check_namespace, check_span, check
 from psd.transport import RpcSocket, async_context, connect_dealer, security
 from psd.transport.heartbeat import HeartbeatThread
 from psd.transport.security import Curve, HandshakeWatch, refusal_error
-from psd.transport.sockets import connect_watched
+from psd.transport.sockets import connect_watched, dealer_options
+from psd.transport.stripes import stripe_count
 
 log = logging.getLogger("psd.client")
 
@@ -227,6 +228,9 @@ class AsyncKVWorker:
                 rpc = RpcSocket(connect_dealer(ctx, address, security=self.curve), self.node_id, limits=self.limits,
                                 compression=self.config.compression, loop=self._loop,
                                 on_reply=lambda msg_id, reply, node=node: self._answered(node, msg_id, reply))
+                stripes = stripe_count(self.config.stripes)
+                if self.curve is not None and stripes > 1:  # encryption on several cores
+                    rpc.stripe(address, stripes, dealer_options(None, self.curve))
                 self._servers[node] = rpc
                 self._tasks.append(self._loop.create_task(rpc.serve()))
         self._run(self.core.use_ring(ring, time.monotonic(), down))
@@ -274,8 +278,12 @@ class AsyncKVWorker:
             self.tick()
 
     def tick(self) -> None:
-        """The core's timers: deadlines, pauses before sending again, ring polls."""
-        self._run(self.core.tick(time.monotonic()))
+        """The core's timers: deadlines, pauses before sending again, ring polls; and
+        replies whose striped chunks did not all come."""
+        now = time.monotonic()
+        for rpc in self._servers.values():
+            rpc.expire_stripes(now)
+        self._run(self.core.tick(now))
 
     async def close(self) -> None:
         if self.closed:

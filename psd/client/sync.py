@@ -69,6 +69,17 @@ class KVWorker:
         self._tick()
         return out
 
+    def _sent(self, fn, *args, after=None):
+        """Call a plain function that sends at once (a push): the loop's pass, which only
+        handles what arrived meanwhile, at most every TICK_EVERY; every pass when the
+        request waits for others (``after``: it is sent by a task on the loop)."""
+        out = fn(*args, after)
+        if after:
+            self._tick()
+        else:
+            self._tick_now_and_then()
+        return out
+
     def _blocking(self, op: str, spec, rows):
         """Send a request and wait for it by polling its sockets (the shortcut); the loop
         finishes whatever the shortcut cannot."""
@@ -83,7 +94,8 @@ class KVWorker:
             req = kv.core.requests.get(ts)
             if req is not None and not fut.done():
                 rpcs = [rpc for rpc in {kv.server_socket(p.server) for p in req.parts} if rpc is not None]
-                self._await([rpc.raw for rpc in rpcs], fut.done, lambda: [rpc.drain() for rpc in rpcs])
+                socks = [rpc.raw for rpc in rpcs] + [s for rpc in rpcs for s in rpc.stripe_socks()]
+                self._await(socks, fut.done, lambda: [rpc.drain() for rpc in rpcs])
         if fut.done():
             self._tick_now_and_then()
             return fut.result()
@@ -130,8 +142,23 @@ class KVWorker:
         self._run(self.aio.flush())
 
     def wait(self, ts: int):
-        """Block until ``ts`` is done; returns a pull's values (None for a push)."""
-        return self._run(self.aio.wait(ts))
+        """Block until ``ts`` is done; returns a pull's values (None for a push). First
+        the blocking shortcut: read the servers' sockets directly until the request is
+        done, for up to RETRY_TICK; the loop finishes what that cannot (and runs a
+        request that waits for others, a task)."""
+        kv = self.aio
+        fut = kv._inflight.get(ts)
+        if fut is None:
+            return None
+        if not fut.done() and not isinstance(fut, asyncio.Task):
+            rpcs = list(kv._servers.values())
+            socks = [rpc.raw for rpc in rpcs] + [s for rpc in rpcs for s in rpc.stripe_socks()]
+            self._await(socks, fut.done, lambda: [rpc.drain() for rpc in rpcs])
+        if fut.done():
+            kv._inflight.pop(ts, None)
+            self._tick_now_and_then()
+            return fut.result()
+        return self._run(kv.wait(ts))
 
     def wait_all(self) -> None:
         self._run(self.aio.wait_all())
@@ -169,10 +196,10 @@ class Table:
     def push(self, keys, values, after: list[int] | None = None, once: tuple[str, int] | None = None) -> int:
         """Send a push; returns its timestamp at once (``kv.wait(ts)`` to block); ``once``:
         see ``AsyncTable.push``."""
-        return self._kv._now(self._t.push, keys, values, after, once)
+        return self._kv._sent(lambda *a: self._t.push(keys, values, a[0], once), after=after)
 
     def push_span(self, lo: int, values, after: list[int] | None = None, once: tuple[str, int] | None = None) -> int:
-        return self._kv._now(self._t.push_span, lo, values, after, once)
+        return self._kv._sent(lambda *a: self._t.push_span(lo, values, a[0], once), after=after)
 
     def pull_async(self, keys, after: list[int] | None = None) -> int:
         """Send a pull; returns its timestamp; ``kv.wait(ts)`` returns the values."""

@@ -31,7 +31,12 @@ class Rows:
 
     @property
     def count(self) -> int:
-        return int(self.keys.size) if self.keys is not None else sum(n for _, n in self.spans)
+        if self.keys is not None:
+            return int(self.keys.size)
+        spans = self.spans
+        if len(spans) == 1:  # (a dense request: asked for several times per request)
+            return spans[0][1]
+        return sum(n for _, n in spans)
 
     # -- cutting -------------------------------------------------------------------
     def groups(self, ring: Assignment) -> list[tuple[Owners, Slices]]:

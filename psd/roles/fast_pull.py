@@ -35,6 +35,11 @@ _unpackb = msgpack.unpackb
 _packb = msgpack.packb
 
 
+#: ``"op": "pull"`` as msgpack packs it (short strings are fixstr): a header without it
+#: is not a pull that psd's encoder packed, and goes the general way unread here
+_PULL = b"\xa2op\xa4pull"
+
+
 def _buf(frame):
     return getattr(frame, "buffer", frame)
 
@@ -62,6 +67,8 @@ class FastPull:
         head, body = _buf(frames[0]), _buf(frames[1])
         if len(head) > 512 or len(head) > limits.max_header_bytes or len(head) + len(body) > limits.max_message_bytes:
             return None  # (a pull's header is small)
+        if _PULL not in bytes(head):
+            return None  # not a pull (a push of one frame, say): not unpacked twice
         try:
             h = _unpackb(head, raw=False, strict_map_key=True)
         except Exception:

@@ -6,12 +6,16 @@ import asyncio
 from psd.codec import Limits
 from psd.transport import RpcSocket, async_context, connect_dealer
 from psd.transport.security import Curve
+from psd.transport.sockets import dealer_options
 
 
 class Peers:
-    def __init__(self, node_id: str, limits: Limits, compression: str, curve: Curve | None):
-        """``curve``: the daemons' keys; peers present the server pair to each other."""
+    def __init__(self, node_id: str, limits: Limits, compression: str, curve: Curve | None, stripes: int = 1):
+        """``curve``: the daemons' keys; peers present the server pair to each other.
+        ``stripes``: connections per peer under CurveZMQ (large forwards and range
+        copies are striped over them: psd/transport/stripes.py)."""
         self.node_id = node_id
+        self.stripes = stripes
         self.curve = curve
         self.limits = limits
         self.compression = compression
@@ -26,6 +30,8 @@ class Peers:
             rpc = RpcSocket(connect_dealer(async_context(), address, self.limits.max_message_bytes,
                                            security=self.curve),
                             self.node_id, limits=self.limits, compression=self.compression)
+            if self.curve is not None and self.stripes > 1:
+                rpc.stripe(address, self.stripes, dealer_options(self.limits.max_message_bytes, self.curve))
             self._rpc[node] = rpc
             self._tasks.append(asyncio.ensure_future(rpc.serve()))
         rpc.node_id = self.node_id

@@ -29,6 +29,7 @@ from psd.transport import RpcSocket, Route, async_context, bind_router, connect_
 from psd.transport.heartbeat import HeartbeatThread
 from psd.transport.metrics import Timings
 from psd.transport.security import Curve
+from psd.transport.stripes import stripe_count
 
 log = logging.getLogger("psd.server")
 
@@ -79,8 +80,10 @@ class Server:
         cache = warm_store()
         log.info("store ready in %.1f s (compiled loops: %s)", time.monotonic() - started,
                  f"numba cache {cache}" if cache else "no disk cache, compiled in memory")
-        ctx = async_context()
         cfg = self.config
+        # one I/O thread per stripe a client may open: CurveZMQ then decrypts and encrypts
+        # a striped message on several cores (psd/transport/stripes.py)
+        ctx = async_context(io_threads=stripe_count(cfg.stripes) if self.curve is not None else 1)
         limits = cfg.limits
         sock, self.address = bind_router(ctx, cfg.bind, limits.max_message_bytes, security=self.curve)
         self.data = RpcSocket(sock, self.node_id, limits=limits, compression=cfg.compression,
@@ -96,7 +99,7 @@ class Server:
         # a checkpoint), and the news that a worker died must get through meanwhile
         self.link = RpcSocket(connect_dealer(ctx, cfg.scheduler, security=self.curve), self.node_id,
                               limits=limits, handler=self.handle_control, concurrent=True)
-        self.peers = Peers(self.node_id, limits, cfg.compression, self.curve)
+        self.peers = Peers(self.node_id, limits, cfg.compression, self.curve, stripe_count(cfg.stripes))
         link_task = asyncio.create_task(self.link.serve())
         tasks: list[asyncio.Task] = []
         try:
@@ -237,7 +240,9 @@ class Server:
     async def _ticks(self) -> None:
         while True:
             await asyncio.sleep(TICK)
-            self._execute(self.core.tick(time.monotonic()))
+            now = time.monotonic()
+            self.data.expire_stripes(now)  # striped requests whose chunks did not all come
+            self._execute(self.core.tick(now))
 
     # -- carrying out the core's effects ----------------------------------------------
     def _execute(self, effects: list) -> None:
@@ -327,5 +332,9 @@ class Server:
         st["traffic"] = traffic_total([self.data.traffic.snapshot(), *(p.traffic.snapshot() for p in peers)])
         st.update({"bytes_in": self.data.bytes_in, "bytes_out": self.data.bytes_out,
                    "messages_in": self.data.messages_in, "messages_out": self.data.messages_out,
-                   "uptime": time.time() - self.started, "metrics": self.metrics_address})
+                   "uptime": time.time() - self.started, "metrics": self.metrics_address,
+                   # striped messages: requests put back together, given up (chunks lost),
+                   # replies sent striped, and the clients that opened stripes
+                   "stripes": {**self.data.assembler.stats(), "sent": self.data.striped_out,
+                               "clients": len(self.data.assembler.groups)}})
         return st

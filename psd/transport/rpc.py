@@ -7,9 +7,11 @@ on it. Replies are the ops ``ok`` and ``error`` and carry the id of their reques
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import time
+from collections import deque
 from functools import partial
 from typing import Awaitable, Callable, Optional
 
@@ -20,9 +22,11 @@ from zmq.backend import Socket as _Backend
 from psd.codec import Limits, Message, decode, encode
 from psd.codec.message import error_reply
 from psd.codec.traffic import Traffic
-from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, error_from_wire
+from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, UnavailableError, error_from_wire
 from psd.refusals import RefusalLog
 from psd.transport.spin import Spin
+from psd.transport.stripes import (HEAD_LEN, LOST, STRIPE_MIN_BYTES, Assembler, StripeLinks, cut, hello, on_main,
+                                  stripe_route)
 
 log = logging.getLogger("psd.transport")
 
@@ -183,6 +187,28 @@ class RpcSocket:
         self.traffic = Traffic()
         self.messages_in = 0
         self.messages_out = 0
+        #: striped messages (psd/transport/stripes.py): what came in pieces, put back
+        #: together (a ROUTER keeps each connection's order behind a carrier that waits)
+        self.assembler = Assembler(2 * limits.max_message_bytes, ordered=router)
+        #: a DEALER's own stripe connections to its peer, once ``stripe`` opened them
+        self.links: StripeLinks | None = None
+        self._stripe_seq = itertools.count(1)
+        self._stripe_fds: list[int] = []
+        #: messages ready to handle before the socket is read again (released from
+        #: behind a carrier, while a sequential handler had paused the socket)
+        self._backlog: deque = deque()
+        self.striped_out = 0
+
+    def stripe(self, address: str, connections: int, configure) -> None:
+        """Open ``connections - 1`` stripe connections to the peer at ``address`` beside
+        this DEALER (``configure(sock)`` before connecting: options, CURVE keys) and say
+        so to the peer: messages of STRIPE_MIN_BYTES or more go striped both ways."""
+        if self.router or connections < 2 or self.links is not None:
+            return
+        self.links = StripeLinks(address, connections, configure)
+        send_frames(self.raw, [hello(self.links.token, connections)])
+        if self._fd is not None:
+            self._watch_stripes()
 
     def move(self, old: str, new: str) -> None:
         """Move a DEALER from the peer at ``old`` to the one at ``new`` (the scheduler
@@ -213,15 +239,24 @@ class RpcSocket:
             self._put(route, frames)
 
     def _put(self, route: Route, frames: list, leases: list | None = None) -> None:
-        self.bytes_out += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        self.bytes_out += size
         self.messages_out += 1
-        if self.router:
-            frames = [route, *frames]
         trackers = None
         try:
-            trackers = send_frames(self.raw, frames, track=bool(leases))
+            if size >= STRIPE_MIN_BYTES and (self.links is not None or route in self.assembler.groups):
+                trackers = self._put_striped(route, frames, bool(leases))
+            else:
+                if self.router:
+                    frames = [route, *frames]
+                trackers = send_frames(self.raw, frames, track=bool(leases))
         except zmq.Again:
             raise PsdError(f"{self.node_id}: the send queue is full; the peer is not reading") from None
+        except zmq.ZMQError as err:
+            if err.errno != errno.EHOSTUNREACH:
+                raise
+            # (a ROUTER's peer that is gone: ZMQ_ROUTER_MANDATORY says so; dropped, as ZeroMQ
+            # would drop it without the option)
         finally:
             if leases:
                 for lease in leases:
@@ -230,6 +265,32 @@ class RpcSocket:
                     else:  # not sent, or nothing lent to ZeroMQ (compressed, say)
                         lease.release()
             self.recheck()
+
+    def _put_striped(self, route: Route, frames: list, track: bool) -> list:
+        """Send one large message as chunks over every connection to its peer, then its
+        carrier on the main one (psd/transport/stripes.py)."""
+        if self.links is not None:
+            token, n = self.links.token, self.links.connections
+            targets = [(self.raw, None), *((s, None) for s in self.links.socks)]
+        else:
+            token, n = self.assembler.groups[route]
+            targets = [(self.raw, route), *((self.raw, stripe_route(token, i)) for i in range(1, n))]
+        sends, carrier = cut(frames, token, next(self._stripe_seq), n)
+        trackers: list = []
+        for conn, chunk in sends:
+            sock, to = targets[conn]
+            if conn and self.links is not None and self.links.drop_out:
+                self.links.drop_out -= 1  # (a test's fault: this chunk is lost on its stripe)
+                continue
+            try:
+                trackers += send_frames(sock, chunk if to is None else [to, *chunk], track)
+            except zmq.ZMQError as err:  # that stripe is not connected (now): on the main one
+                if err.errno != errno.EHOSTUNREACH or conn == 0:
+                    raise
+                trackers += send_frames(self.raw, [route, *on_main(chunk)], track)
+        trackers += send_frames(self.raw, carrier if route is None else [route, *carrier], track)
+        self.striped_out += 1
+        return trackers
 
     @classmethod
     def next_id(cls) -> int:
@@ -311,11 +372,29 @@ class RpcSocket:
         self._loop = asyncio.get_running_loop()
         self._fd = self.raw.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self.drain)
+        if self.links is not None:
+            self._watch_stripes()
         try:
             self.drain()
             await self._loop.create_future()  # until cancelled
         finally:
             self._stop_reading()
+
+    def _watch_stripes(self) -> None:
+        self._unwatch_stripes()
+        for sock in self.links.socks:
+            fd = sock.getsockopt(zmq.FD)
+            self._loop.add_reader(fd, self.drain)
+            self._stripe_fds.append(fd)
+
+    def _unwatch_stripes(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            for fd in self._stripe_fds:
+                try:
+                    self._loop.remove_reader(fd)
+                except Exception:
+                    pass
+        self._stripe_fds = []
 
     def _stop_reading(self) -> None:
         if self._fd is not None and self._loop is not None and not self._loop.is_closed():
@@ -323,7 +402,53 @@ class RpcSocket:
                 self._loop.remove_reader(self._fd)
             except Exception:
                 pass
+        self._unwatch_stripes()
         self._fd = None
+
+    def reconnect_stripe(self, index: int) -> None:
+        """Drop stripe connection ``index`` with what it still queued, and open it again
+        (tests: a stripe connection that dies mid-transfer)."""
+        self._unwatch_stripes()  # (before the socket closes: its descriptor's number may be reused)
+        self.links.reconnect(index)
+        if self._fd is not None:
+            self._watch_stripes()
+
+    def stripe_socks(self) -> list:
+        """The stripe connections' sockets (a blocking caller polls them beside ``raw``)."""
+        return self.links.socks if self.links is not None else []
+
+    def _read_stripes(self) -> None:
+        """Take the chunks waiting on the stripe connections (a DEALER's)."""
+        now = None
+        for sock in self.links.socks:
+            while readable(sock):
+                frames = recv_frames(sock, 0)
+                if self.links.drop_in and len(frames) == 2:
+                    self.links.drop_in -= 1  # (a test's fault: this chunk is lost on its stripe)
+                    continue
+                if now is None:
+                    now = time.monotonic()
+                ready = self.assembler.feed(None, frames, now)
+                if ready:
+                    self._backlog.extend(ready)
+
+    def _run_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and not (self._paused or self._closed):
+            route, frames = backlog.popleft()
+            try:
+                self._handle(route, frames)
+            except Exception:
+                log.exception("%s: handling a message failed", self.node_id)
+
+    def expire_stripes(self, now: float) -> None:
+        """Give up striped messages whose chunks did not all come (call every tick)."""
+        asm = self.assembler
+        if asm.waiting or asm.chunks:
+            ready = asm.expire(now)
+            if ready:
+                self._backlog.extend(ready)
+                self._run_backlog()
 
     def drain(self) -> None:
         """Handle the messages waiting on the socket, up to ``DRAIN_BATCH`` of them (also
@@ -338,6 +463,12 @@ class RpcSocket:
         copied = 1 if self.router else 0
         spin = self.spin
         try:
+            if self.links is not None:
+                self._read_stripes()
+            if self._backlog:
+                self._run_backlog()
+                if self._paused or self._closed:
+                    return
             until = None  # busy polling: the pass spins for next messages until then
             for handled in range(DRAIN_BATCH):
                 try:
@@ -413,7 +544,7 @@ class RpcSocket:
         if self._closed:
             return
         try:
-            waiting = readable(self.raw)
+            waiting = readable(self.raw) or any(readable(s) for s in self.stripe_socks())
         except zmq.ZMQError:
             return
         if waiting:
@@ -431,9 +562,24 @@ class RpcSocket:
     def _dispatch(self, frames) -> None:
         route = None
         if self.router:
-            if not frames:
+            if len(frames) < 2:
                 return
             route, frames = frames[0], frames[1:]
+        asm = self.assembler
+        if len(frames[0]) == HEAD_LEN or asm.parked:
+            ready = asm.feed(route, frames, time.monotonic())
+            if ready is not None:  # part of a striped message, or held behind one
+                if ready:
+                    self._backlog.extend(ready)
+                    self._run_backlog()
+                return
+        self._handle(route, frames)
+
+    def _handle(self, route: Route, frames) -> None:
+        """One whole message (as it arrived, or put back together from its stripes)."""
+        if type(frames) is LOST:
+            self._lost(route, frames)
+            return
         self.note_received(frames)
         if self.fast is not None:
             try:
@@ -572,6 +718,21 @@ class RpcSocket:
             stub.id = head["id"]  # name the request in the reply when its id can be read
         self.reply_now(route, error_reply(stub, err, self.node_id))
 
+    def _lost(self, route: Route, frames: list) -> None:
+        """A striped message whose chunks did not all come: nothing of it is handled. A
+        request is answered ``unavailable`` (its sender sends it again); a reply is
+        answered so to ourselves, which makes the client core ask again."""
+        err = UnavailableError("a striped message lost chunks on the way (a stripe connection dropped); "
+                               "it was not handled: send it again")
+        head = _peek_header(frames, self.limits.max_header_bytes)
+        if head.get("op") in REPLY_OPS:
+            msg_id = head.get("id")
+            if type(msg_id) is int:
+                log.info("%s: the reply to request %d lost striped chunks; asking again", self.node_id, msg_id)
+                self._resolve(error_reply(Message(op="?", id=msg_id), err, str(head.get("src", ""))), route)
+            return
+        self._reject(route, frames, err)
+
     def fail_pending(self, err: Exception) -> None:
         for fut in self.pending.values():
             if not fut.done():
@@ -587,4 +748,6 @@ class RpcSocket:
         self._stop_reading()
         for task in list(self._running):
             task.cancel()
+        if self.links is not None:
+            self.links.close()
         self.sock.close(0)

@@ -21,8 +21,14 @@ def install_event_loop(name: str = "uvloop") -> str:
     return "asyncio"
 
 
-def async_context() -> zmq.asyncio.Context:
-    return zmq.asyncio.Context.instance()
+def async_context(io_threads: int | None = None) -> zmq.asyncio.Context:
+    """The process's asyncio context; ``io_threads``: how many ZeroMQ I/O threads it
+    runs (a daemon sets it once, before its first socket: each connection's CurveZMQ
+    encryption runs on one of them)."""
+    ctx = zmq.asyncio.Context.instance(io_threads=io_threads or 1)
+    if io_threads and ctx.get(zmq.IO_THREADS) != io_threads:
+        ctx.set(zmq.IO_THREADS, io_threads)  # (takes effect only before the first socket)
+    return ctx
 
 
 def _common(sock: zmq.Socket, max_message_bytes: int | None) -> None:
@@ -46,6 +52,9 @@ def bind_router(ctx: zmq.Context, address: str, max_message_bytes: int | None = 
     _common(sock, max_message_bytes)
     if security is not None:
         apply_server(sock, security)
+    # a send to a connection that is gone fails at once (EHOSTUNREACH) instead of being
+    # dropped: a striped reply then takes another connection (psd/transport/stripes.py)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if address.endswith(":0"):
         address = address[:-2] + ":*"
     sock.bind(address)
@@ -68,6 +77,16 @@ def connect_watched(ctx: zmq.Context, address: str, max_message_bytes: int | Non
     for a first exchange that should fail fast with AuthError when refused. Close the
     watch once answered."""
     return _dealer(ctx, address, max_message_bytes, security, watch=True)
+
+
+def dealer_options(max_message_bytes: int | None, security: Curve | None):
+    """What ``connect_dealer`` sets on its socket before connecting, as a function of the
+    socket (for the stripe connections beside it)."""
+    def configure(sock: zmq.Socket) -> None:
+        _common(sock, max_message_bytes)
+        if security is not None:
+            apply_client(sock, security)
+    return configure
 
 
 def _dealer(ctx, address, max_message_bytes, security, watch=False):
