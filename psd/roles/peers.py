@@ -6,11 +6,15 @@ import asyncio
 from psd.codec import Limits
 from psd.transport import RpcSocket, async_context, connect_dealer
 from psd.transport.security import Curve
+from psd.transport.shm import Budget
 
 
 class Peers:
-    def __init__(self, node_id: str, limits: Limits, compression: str, curve: Curve | None):
-        """``curve``: the daemons' keys; peers present the server pair to each other."""
+    def __init__(self, node_id: str, limits: Limits, compression: str, curve: Curve | None,
+                 shm: Budget | None = None):
+        """``curve``: the daemons' keys; peers present the server pair to each other.
+        ``shm``: the server's shared-memory budget (forwards to a peer of this host)."""
+        self.shm = shm
         self.node_id = node_id
         self.curve = curve
         self.limits = limits
@@ -25,7 +29,7 @@ class Peers:
         if rpc is None:
             rpc = RpcSocket(connect_dealer(async_context(), address, self.limits.max_message_bytes,
                                            security=self.curve),
-                            self.node_id, limits=self.limits, compression=self.compression)
+                            self.node_id, limits=self.limits, compression=self.compression, shm=self.shm)
             self._rpc[node] = rpc
             self._tasks.append(asyncio.ensure_future(rpc.serve()))
         rpc.node_id = self.node_id

@@ -29,11 +29,14 @@ from psd.transport import RpcSocket, Route, async_context, bind_router, connect_
 from psd.transport.heartbeat import HeartbeatThread
 from psd.transport.metrics import Timings
 from psd.transport.security import Curve
+from psd.transport.shm import Budget, ShmSettings, sweep
 
 log = logging.getLogger("psd.server")
 
 #: how often the core's timers are checked (unanswered forwards, stalled copies, pings)
 TICK = 0.05
+#: seconds between two sweeps of shared memory (segments of dead processes, frees)
+SHM_TICK = 2.0
 
 
 class Server:
@@ -82,6 +85,11 @@ class Server:
         ctx = async_context()
         cfg = self.config
         limits = cfg.limits
+        shm = Budget(ShmSettings(cfg.shm, cfg.shm_min_bytes, cfg.shm_max_bytes, cfg.shm_dir))
+        if cfg.shm:
+            gone = sweep(cfg.shm_dir)  # what processes killed before us left behind
+            if gone:
+                log.info("removed %d shared-memory segment(s) of dead processes", len(gone))
         sock, self.address = bind_router(ctx, cfg.bind, limits.max_message_bytes, security=self.curve)
         self.data = RpcSocket(sock, self.node_id, limits=limits, compression=cfg.compression,
                               handler=self.handle, router=True, fast=FastPull(self),
@@ -91,12 +99,12 @@ class Server:
                               spin_ok=lambda: not self.core.acks,
                               # every request's key role: daemons' ops need the server key,
                               # and a worker key may be limited to some namespaces
-                              identify=self.curve is not None)
+                              identify=self.curve is not None, shm=shm)
         # concurrent: control requests are answered by effects, some of them later (a copy,
         # a checkpoint), and the news that a worker died must get through meanwhile
         self.link = RpcSocket(connect_dealer(ctx, cfg.scheduler, security=self.curve), self.node_id,
                               limits=limits, handler=self.handle_control, concurrent=True)
-        self.peers = Peers(self.node_id, limits, cfg.compression, self.curve)
+        self.peers = Peers(self.node_id, limits, cfg.compression, self.curve, shm)
         link_task = asyncio.create_task(self.link.serve())
         tasks: list[asyncio.Task] = []
         try:
@@ -235,9 +243,22 @@ class Server:
             self._execute(self.core.heartbeat_answered(reply.meta, sent, time.monotonic()))
 
     async def _ticks(self) -> None:
+        shm_at = time.monotonic()
         while True:
             await asyncio.sleep(TICK)
             self._execute(self.core.tick(time.monotonic()))
+            if time.monotonic() - shm_at >= SHM_TICK:
+                shm_at = time.monotonic()
+                self._shm_upkeep()
+
+    def _shm_upkeep(self) -> None:
+        """Segments of dead processes go (a SIGKILLed worker's), and what dead peers held
+        comes back to the pools."""
+        if self.config.shm:
+            sweep(self.config.shm_dir)
+        self.data.shm_tick()
+        for rpc in self.peers._rpc.values():
+            rpc.shm_tick()
 
     # -- carrying out the core's effects ----------------------------------------------
     def _execute(self, effects: list) -> None:
@@ -328,4 +349,6 @@ class Server:
         st.update({"bytes_in": self.data.bytes_in, "bytes_out": self.data.bytes_out,
                    "messages_in": self.data.messages_in, "messages_out": self.data.messages_out,
                    "uptime": time.time() - self.started, "metrics": self.metrics_address})
+        if getattr(self, "data", None) is not None and self.data.shm is not None:
+            st["shm"] = self.data.shm_stats()
         return st
