@@ -3,7 +3,7 @@ shmlink.py; docs/protocol.md, "Shared memory").
 
 The pure parts (pools, mappings, the sweep, the handshake's checks) are tested in this
 process; the rest on one real cluster (CurveZMQ on, as by default: the handshake runs
-over authenticated connections) of 3 servers with replication 2, whose last test
+over authenticated connections) of 2 servers with replication 2, whose last test
 SIGKILLs a server.
 """
 from __future__ import annotations
@@ -115,6 +115,17 @@ def test_the_pool_stays_within_its_budget_and_then_declines(shm_dir):
     pool.close()
 
 
+def test_a_pool_over_the_budget_takes_free_segments_of_other_pools(shm_dir):
+    budget = Budget(ShmSettings(dir=shm_dir, max_bytes=6 * MiB))
+    quiet, busy = Pool(budget), Pool(budget)
+    buf = memoryview(np.ones(3 * MiB, np.uint8)).cast("B")
+    quiet.release([msgpack.unpackb(quiet.place(buf))[0]])  # used once, then free
+    assert busy.place(buf) is not None and busy.place(buf) is not None  # the second needs quiet's room
+    assert quiet.names() == [] and budget.used == 6 * MiB
+    quiet.close()
+    busy.close()
+
+
 def test_a_missing_folder_means_no_segment_and_no_handshake(tmp_path):
     pool = make_pool(str(tmp_path / "missing"))
     assert pool.place(memoryview(np.ones(2 * MiB, np.uint8)).cast("B")) is None
@@ -157,10 +168,33 @@ def test_the_handshake_is_refused_when_off_elsewhere_or_claimed(shm_dir):
     server.close()
 
 
+def test_a_process_in_another_network_namespace_counts_as_another_host(shm_dir):
+    """psd/testing/netcluster.py's hosts are network namespaces of one machine: they
+    share /dev/shm, but must talk as hosts do (TCP)."""
+    if os.geteuid() != 0 or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        pytest.skip("needs root and iproute2 to make a network namespace")
+    ns = f"psdshm-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        there = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                "from psd.transport.shm import host_id; print(host_id())"],
+                               capture_output=True, text=True, check=True, env=os.environ.copy()).stdout.strip()
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=True)
+    assert there and there != host_id() and there.split("/")[:2] == host_id().split("/")[:2]
+    client = ShmLinks(Budget(ShmSettings(dir=shm_dir)), router=False)
+    hello, pool, probe = client.hello()
+    hello.meta["host"] = there
+    server = ShmLinks(Budget(ShmSettings(dir=shm_dir)), router=True)
+    assert server.on_hello(b"r1", hello).meta == {"shm": False, "reason": "another host"}
+    os.unlink(probe)
+    pool.close()
+
+
 # -- a real cluster ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
-    with psd.LocalCluster(servers=3, replication=2) as c:
+    with psd.LocalCluster(servers=2, replication=2) as c:
         yield c
 
 

@@ -679,6 +679,8 @@ class RpcSocket:
     def close(self) -> None:
         """Stop reading and close the socket (pending requests are failed by the caller;
         handlers still running are cancelled, and later sends raise PsdError)."""
+        if self.shm is not None and self.shm.peers and not self._closed:
+            self.flush_frees()  # what the peer may have back (arrays still alive stay lent)
         self._closed = True
         self._stop_reading()
         for task in list(self._running):

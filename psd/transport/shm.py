@@ -73,8 +73,14 @@ def _read(path: str) -> str:
 
 
 def host_id() -> str:
-    """This host's boot (boot id and host name): equal on both ends only on one machine."""
-    return f"{_read('/proc/sys/kernel/random/boot_id')}/{socket.gethostname()}"
+    """Boot id, host name and network namespace: equal on both ends only for processes
+    of one machine that also share its network (a process in another network namespace
+    stands for another host: psd/testing/netcluster.py emulates hosts that way)."""
+    try:
+        net = os.readlink("/proc/self/ns/net")
+    except OSError:
+        net = "?"
+    return f"{_read('/proc/sys/kernel/random/boot_id')}/{socket.gethostname()}/{net}"
 
 
 def start_time(pid: int) -> int | None:
@@ -158,12 +164,26 @@ class Budget:
     """The settings, and the bytes of segments held, of the pools of one daemon or client
     (``settings.max_bytes`` bounds them together)."""
 
-    __slots__ = ("settings", "limit", "used")
+    __slots__ = ("settings", "limit", "used", "pools")
 
     def __init__(self, settings: ShmSettings) -> None:
         self.settings = settings
         self.limit = settings.max_bytes
         self.used = 0
+        self.pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+    def make_room(self, wanted: int) -> bool:
+        """Drop free segments of any pool (largest first) until ``wanted`` more bytes fit:
+        a pool of a connection gone quiet must not keep others on TCP."""
+        if self.used + wanted <= self.limit:
+            return True
+        free = sorted(((seg.size, id(pool), pool, seg) for pool in list(self.pools)
+                       for seg in list(pool._segments.values()) if not seg.lent), key=lambda x: -x[0])
+        for _, _, pool, seg in free:
+            if self.used + wanted <= self.limit:
+                break
+            pool._drop(seg)
+        return self.used + wanted <= self.limit
 
 
 class _Segment:
@@ -194,6 +214,7 @@ class Pool:
         #: lent to a process that is gone are taken back
         self.peer: tuple[int, int] | None = None
         _POOLS.add(self)
+        budget.pools.add(self)
 
     def place(self, buf) -> bytes | None:
         n = buf.nbytes
@@ -216,10 +237,8 @@ class Pool:
 
     def _create(self, n: int) -> _Segment | None:
         size = _segment_size(n)
-        if self.budget.used + size > self.budget.limit:
-            self._shrink(size)
-            if self.budget.used + size > self.budget.limit:
-                return None
+        if not self.budget.make_room(size):
+            return None
         self._seq += 1
         name = f"{self.prefix}{self._seq}"
         path = os.path.join(self.settings.dir, name)
@@ -239,14 +258,6 @@ class Pool:
         seg = self._segments[name] = _Segment(name, size, mm)
         self.budget.used += size
         return seg
-
-    def _shrink(self, wanted: int) -> None:
-        """Drop free segments of this pool until ``wanted`` fits (largest first)."""
-        for seg in sorted(self._segments.values(), key=lambda s: -s.size):
-            if self.budget.used + wanted <= self.budget.limit:
-                return
-            if not seg.lent:
-                self._drop(seg)
 
     def _drop(self, seg: _Segment) -> None:
         del self._segments[seg.name]

@@ -7,7 +7,7 @@ authenticated it, so shared memory is never offered to a peer the cluster did no
 
 1. The connecting side (a worker, or a server forwarding to a peer) creates a pool and a
    probe file ``<prefix>hello`` holding 16 random bytes, and sends ``shm_hello`` with
-   its host id (boot id and host name), its pid and start time, the pool prefix and the
+   its host id (boot id, host name, network namespace), its pid and start time, the pool prefix and the
    nonce.
 2. The bound side accepts only if shared memory is on, the host id is its own, no other
    connection claimed that prefix, and it can map the probe (a private file of its own
