@@ -89,6 +89,13 @@ def recv_frames(sock: zmq.Socket, copied: int) -> list:
     return parts
 
 
+def _has_large(arrays: list, least: int) -> bool:
+    for a in arrays:
+        if a.nbytes >= least:
+            return True
+    return False
+
+
 def is_reply(msg: Message) -> bool:
     return msg.op in REPLY_OPS
 
@@ -211,7 +218,7 @@ class RpcSocket:
         if self._closed:
             raise PsdError(f"{self.node_id}: the connection is closed")
         shm = self.shm
-        if shm is not None and shm.peers:
+        if shm is not None and shm.peers and _has_large(msg.arrays, shm.settings.min_bytes):
             placed = []
             place = shm.placer(route)
             if place is not None:
@@ -337,7 +344,7 @@ class RpcSocket:
         self._fd = self.raw.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self.drain)
         if self.shm is not None and self.shm.hello_due():
-            self._loop.create_task(self.shm_hello())
+            self._start_hello()
         try:
             self.drain()
             await self._loop.create_future()  # until cancelled
@@ -663,7 +670,12 @@ class RpcSocket:
             self.flush_frees()
         shm.housekeeping()
         if shm.hello_due() and self._loop is not None and self._fd is not None:
-            self._loop.create_task(self.shm_hello())
+            self._start_hello()
+
+    def _start_hello(self) -> None:
+        task = self._loop.create_task(self.shm_hello())
+        self._running.add(task)  # (cancelled by close)
+        task.add_done_callback(self._running.discard)
 
     def shm_stats(self) -> dict | None:
         return self.shm.stats() if self.shm is not None else None
