@@ -84,13 +84,15 @@ def host_id() -> str:
 
 
 def start_time(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (None: no such process); with the
-    pid it names one process even after the pid is reused."""
+    """A process's start time in clock ticks since boot (None: no such process, or one
+    that died and was not yet reaped); with the pid it names one process even after the
+    pid is reused."""
     text = _read(f"/proc/{pid}/stat")
     if not text:
         return None
     try:
-        return int(text.rsplit(")", 1)[1].split()[19])
+        fields = text.rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])  # (a zombie is gone too)
     except (IndexError, ValueError):
         return None
 
