@@ -161,8 +161,13 @@ def test_the_handshake_is_refused_when_off_elsewhere_or_claimed(shm_dir):
     assert server.on_hello(b"r1", forged).meta["reason"] == "the probe does not hold the nonce"
     assert server.on_hello(b"r1", hello).meta["shm"] is True
     assert server.on_hello(b"r2", hello).meta["reason"] == "that prefix belongs to another connection"
-    client.answered(pool, server.on_hello(b"r1", hello), None)
-    assert None in client.peers and host_id() == server.on_hello(b"r1", hello).meta["host"]
+    assert client.answered(pool, server.on_hello(b"r1", hello), None) and None in client.peers
+    assert client.placer(None) is not None
+    # the bound side answers inline until the connecting side confirms (it may have
+    # given up waiting for the handshake's answer): its first shm_free
+    assert server.placer(b"r1") is None
+    server.on_free(b"r1", Message("shm_free", meta={"names": []}))
+    assert server.placer(b"r1") is not None
     os.unlink(probe)
     client.close()
     server.close()

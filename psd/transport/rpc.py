@@ -413,7 +413,10 @@ class RpcSocket:
         finally:
             self._draining = False
             if self.shm is not None and self.shm.peers and not self._closed:
-                self.flush_frees()
+                try:
+                    self.flush_frees()
+                except Exception:  # never lose the rest of the pass to it
+                    log.exception("%s: sending shared-memory frees failed", self.node_id)
 
     def _spin(self, until: float) -> bool:
         """Check for a message until ``until`` (perf_counter): True once one waits. A
@@ -637,7 +640,8 @@ class RpcSocket:
         if self._closed:
             pool.close()
             return
-        self.shm.answered(pool, reply, err)
+        if self.shm.answered(pool, reply, err):
+            self._send_free([])  # on: the peer may answer through shared memory from now on
 
     def _shm_op(self, route: Route, msg: Message) -> None:
         if msg.op == "shm_free":
@@ -653,12 +657,14 @@ class RpcSocket:
     def flush_frees(self) -> None:
         """Tell peers which of their segments we no longer read (one way, no reply)."""
         for route, msg in self.shm.frees():
-            msg.sender = self.node_id
-            frames = encode(msg)
-            try:
-                send_frames(self.raw, [route, *frames] if self.router else frames)
-            except zmq.ZMQError:
-                pass  # the peer is gone: it reclaims nothing, and needs nothing
+            self._send_free(msg.meta["names"], route)
+
+    def _send_free(self, names: list, route: Route = None) -> None:
+        frames = encode(Message("shm_free", sender=self.node_id, meta={"names": names}))
+        try:
+            send_frames(self.raw, [route, *frames] if self.router else frames)
+        except zmq.ZMQError:
+            pass  # the peer is gone: it reclaims nothing, and needs nothing
 
     def shm_tick(self) -> None:
         """Upkeep, every few seconds: frees not yet sent, segments dead peers held, a new

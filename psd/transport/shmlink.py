@@ -44,13 +44,17 @@ NONCE_BYTES = 16
 
 
 class ShmPeer:
-    """One connection's shared memory: the pool we send from, the peer's we map."""
+    """One connection's shared memory: the pool we send from, the peer's we map.
+    ``confirmed``: the peer said it uses it too (its first ``shm_free``); until then the
+    bound side answers inline, since the connecting side may have given up waiting for
+    the handshake's answer and could not read a reference."""
 
-    __slots__ = ("pool", "mapped")
+    __slots__ = ("pool", "mapped", "confirmed")
 
-    def __init__(self, pool: Pool, mapped: Mapped) -> None:
+    def __init__(self, pool: Pool, mapped: Mapped, confirmed: bool) -> None:
         self.pool = pool
         self.mapped = mapped
+        self.confirmed = confirmed
 
     def close(self) -> None:
         self.pool.close()
@@ -74,7 +78,7 @@ class ShmLinks:
     # -- the two directions of one message -------------------------------------
     def placer(self, route):
         peer = self.peers.get(route)
-        if peer is None:
+        if peer is None or not peer.confirmed:
             return None
         least, pool = self.settings.min_bytes, peer.pool
         return lambda buf: pool.place(buf) if buf.nbytes >= least else None
@@ -138,7 +142,9 @@ class ShmLinks:
         meta = {"host": host_id(), "pid": pid, "start": start, "prefix": pool.prefix, "nonce": nonce}
         return Message("shm_hello", meta=meta), pool, probe
 
-    def answered(self, pool: Pool, reply: Message | None, err: Exception | None) -> None:
+    def answered(self, pool: Pool, reply: Message | None, err: Exception | None) -> bool:
+        """Take the handshake's answer; True if shared memory is on now (the caller then
+        confirms it to the peer with an empty ``shm_free``)."""
         m = reply.meta if reply is not None else {}
         why = (f"no answer ({err})" if err is not None else None if m.get("shm") is True
                else str(m.get("reason", "refused"))[:200])
@@ -153,9 +159,10 @@ class ShmLinks:
         if why is not None:
             log.info("shared memory not used on this connection: %s", why)
             pool.close()
-            return
+            return False
         pool.peer = (pid, start)
-        self.peers[None] = ShmPeer(pool, mapped)
+        self.peers[None] = ShmPeer(pool, mapped, True)
+        return True
 
     # -- the handshake, bound side -------------------------------------------------
     def on_hello(self, route, msg: Message) -> Message:
@@ -190,7 +197,7 @@ class ShmLinks:
             old.close()
         pool = Pool(self.budget)
         pool.peer = (m["pid"], m["start"])
-        self.peers[route] = ShmPeer(pool, Mapped(prefix, self.settings.dir))
+        self.peers[route] = ShmPeer(pool, Mapped(prefix, self.settings.dir), False)
         self._claims[prefix] = route
         _, pid, start = me()
         return msg.reply(meta={"shm": True, "host": host_id(), "prefix": pool.prefix, "pid": pid, "start": start})
@@ -199,6 +206,7 @@ class ShmLinks:
         peer = self.peers.get(route)
         names = msg.meta.get("names")
         if peer is not None and isinstance(names, list):
+            peer.confirmed = True
             peer.pool.release(names[:4096])
 
     # -- frees and upkeep ------------------------------------------------------------
