@@ -665,6 +665,10 @@ class RpcSocket:
             send_frames(self.raw, [route, *frames] if self.router else frames)
         except zmq.ZMQError:
             pass  # the peer is gone: it reclaims nothing, and needs nothing
+        finally:
+            # a send may take the descriptor's only signal of a message that arrived
+            # meanwhile (as after any send: ``recheck``), which would then wait unread
+            self.recheck()
 
     def shm_tick(self) -> None:
         """Upkeep, every few seconds: frees not yet sent, segments dead peers held, a new
