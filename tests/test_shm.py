@@ -196,6 +196,62 @@ def test_a_process_in_another_network_namespace_counts_as_another_host(shm_dir):
     pool.close()
 
 
+@pytest.mark.asyncio
+async def test_a_peer_that_forgot_the_handshake_gets_the_request_again_inline(shm_dir):
+    """A server restarted at the same address (or one that dropped our connection's
+    state) refuses a reference with ``shm``: the client's transport sends the same
+    request inline, the caller sees only the answer, and a new handshake follows."""
+    import zmq
+    import zmq.asyncio
+
+    from psd.transport import RpcSocket
+
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    seen = []
+
+    def handler(route, msg):
+        seen.append(float(msg.arrays[0].sum()))
+        return msg.reply(meta={"sum": seen[-1]})
+
+    settings = ShmSettings(dir=shm_dir)
+    server = RpcSocket(router, "S-test", handler=handler, router=True, shm=Budget(settings))
+    client = RpcSocket(dealer, "W-test", shm=Budget(settings))
+    tasks = [asyncio.ensure_future(server.serve()), asyncio.ensure_future(client.serve())]
+    try:
+        for _ in range(200):  # the handshake, answered and confirmed
+            if None in client.shm.peers and all(p.confirmed for p in server.shm.peers.values()) \
+                    and server.shm.peers:
+                break
+            await asyncio.sleep(0.01)
+        values = np.arange(MiB, dtype=np.float32)
+        reply = await client.call(Message("push", arrays=[values]), timeout=5)
+        assert reply.meta["sum"] == float(values.sum()) and client.shm_stats()["frames_out"] == 1
+        for peer in server.shm.peers.values():  # the server forgets the connection
+            peer.close()
+        server.shm.peers.clear()
+        reply = await client.call(Message("push", arrays=[2 * values]), timeout=5)
+        assert reply.meta["sum"] == 2 * float(values.sum())
+        assert seen == [float(values.sum()), 2 * float(values.sum())]  # applied once each
+        assert client.shm_stats()["refused"] == 1 and not client.shm.peers  # TCP now
+        client.shm.hello_at = None  # (skip the second's wait)
+        client.shm_tick()
+        for _ in range(200):
+            if None in client.shm.peers:
+                break
+            await asyncio.sleep(0.01)
+        assert None in client.shm.peers, "no new handshake"
+    finally:
+        for t in tasks:
+            t.cancel()
+        server.close()
+        client.close()
+        ctx.term()
+
+
 # -- a real cluster ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():

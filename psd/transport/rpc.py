@@ -668,7 +668,8 @@ class RpcSocket:
         finally:
             # a send may take the descriptor's only signal of a message that arrived
             # meanwhile (as after any send: ``recheck``), which would then wait unread
-            self.recheck()
+            if self._loop is not None and not self._loop.is_closed():
+                self.recheck()
 
     def shm_tick(self) -> None:
         """Upkeep, every few seconds: frees not yet sent, segments dead peers held, a new
