@@ -75,6 +75,14 @@ class ClusterConfig:
     #: seconds a daemon may take to bind and join the cluster before it exits with code 3
     startup_timeout: float = 60.0
     compression: str = "none"
+    #: payload frames of shm_min_bytes or more between two processes of one host go through
+    #: shared memory (segments under shm_dir) instead of TCP, after the connection's
+    #: authenticated handshake; off: always TCP (docs/operations.md, "Shared memory")
+    shm: bool = True
+    shm_min_bytes: int = 1 << 20
+    #: bytes of segments one daemon or client holds at most; past it frames go by TCP
+    shm_max_bytes: int = 2 << 30
+    shm_dir: str = "/dev/shm"
     #: workers send a key list they sent before by its signature, not whole (key caching;
     #: docs/protocol.md, "Key caching"): off, every request carries its keys
     key_caching: bool = True
@@ -266,6 +274,13 @@ RULES: dict[str, Rule] = {
     "startup_timeout": _positive_seconds(),
     "compression": _choice("none", "zstd"),
     "key_caching": Rule(lambda v: isinstance(v, bool), "true or false", _text_bool),
+    "shm": Rule(lambda v: isinstance(v, bool), "true or false", _text_bool),
+    "shm_min_bytes": Rule(lambda v: _integer(v) and 4096 <= v <= 1 << 40, "an integer number of bytes "
+                          "from 4096 to 2**40", _text_int),
+    "shm_max_bytes": Rule(lambda v: _integer(v) and v >= 1 << 20, "an integer number of bytes, at least "
+                          "1048576 (one segment)", _text_int),
+    "shm_dir": Rule(lambda v: isinstance(v, str) and v.startswith("/") and len(v) <= 4096,
+                    "an absolute folder path (a tmpfs shared by the host's processes, e.g. /dev/shm)", str),
     "consistency": _choice("sequential", "bounded", "eventual"),
     "max_delay": Rule(lambda v: v == "auto" or (_integer(v) and v >= 0), "an integer >= 0 or 'auto'",
                       _text_int_or_word),

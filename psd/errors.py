@@ -50,6 +50,16 @@ class UnknownFilterError(ProtocolError):
     code = "unknown_filter"
 
 
+class ShmError(ProtocolError):
+    """A payload frame said to be in shared memory could not be used: the connection
+    agreed on no shared memory (the receiver restarted, or has it off), the segment is
+    not the sender's, the range lies outside it, or the file is not private to this
+    user. Nothing was applied; the sender's transport sends the message again inline
+    (docs/protocol.md, "Shared memory")."""
+
+    code = "shm"
+
+
 class MessageTooLargeError(ProtocolError):
     """A message or frame is over the configured limit; raise the limit or split it."""
 
@@ -191,7 +201,7 @@ class RemoteError(PsdError):
 
 
 _BY_CODE = {cls.code: cls for cls in (
-    PsdError, ConfigError, StartupError, ProtocolError, UnknownFilterError, MessageTooLargeError, AuthError, ForbiddenError,
+    PsdError, ConfigError, StartupError, ProtocolError, ShmError, UnknownFilterError, MessageTooLargeError, AuthError, ForbiddenError,
     BadRequestError, KeysError, ValuesError, UnknownTableError, UnknownUpdaterError,
     TableMismatchError, LimitError, NotOwnerError, NotReplicatedError, OutOfOrderError, UnavailableError, NotLeaderError,
     KeysUnknownError,

@@ -26,7 +26,7 @@ from psd import forkserver
 from psd.client import admin
 from psd.config import ClusterConfig, config_from_dict
 from psd.errors import StartupError
-from psd.transport import security
+from psd.transport import security, shm
 
 _PR_SET_PDEATHSIG = 1
 
@@ -371,6 +371,8 @@ class LocalCluster:
                 child.proc.kill()
                 child.proc.wait(5)
             child._log.close()
+        if self.config.shm:  # what children killed on the way left in shared memory
+            shm.sweep(self.config.shm_dir)
         if self.scheduler:
             security.unregister_local(self.scheduler)
         _unexport_keys(self)

@@ -15,7 +15,10 @@ For each configuration (1 server / 1 worker, then 2 servers / 2 workers) it star
 * round-trip latency of a small pull (10 keys; also a 10-key ``pull_span``), with the
   default settings and again on a second cluster where servers and workers busy-poll
   (``busy_poll_us``, docs/operations.md "Latency"): they spin for a while instead of
-  sleeping when they wait for a message.
+  sleeping when they wait for a message;
+* the dense cells again on a third cluster with ``shm: false``: payloads over loopback
+  TCP instead of shared memory (docs/operations.md, "Shared memory"), so the table shows
+  both paths of one run side by side, and their ratio.
 
 psd runs with ``security: none`` here (plaintext, like the baseline); CurveZMQ, which is
 on by default, is measured against it by ``scripts/bench_security.py``.
@@ -75,6 +78,8 @@ TARGET_SPARSE_PER_SERVER = 5e6
 #: busy_poll_us of the latency-only run (servers and workers)
 BUSY_POLL_US = 1000
 BUSY = "busy poll"
+#: the kind that runs the dense cells with shared memory off (payloads over loopback TCP)
+TCP = "shm off"
 
 
 #: every child this run has started and not yet stopped, so that the watchdog (time
@@ -139,12 +144,12 @@ def make_plan(quick: bool) -> dict:
 
 # -- the two clients, behind one interface ---------------------------------------
 class PsdOps:
-    def __init__(self, scheduler: str, w: int, num_servers: int, busy_poll_us: int = 0):
+    def __init__(self, scheduler: str, w: int, num_servers: int, busy_poll_us: int = 0, shm: bool = True):
         import psd
 
         # the cluster runs with security: none (the baseline is plaintext pyzmq), and
         # this worker process is told so (a client is CurveZMQ unless its config says none)
-        self.kv = psd.connect(scheduler, psd.ClusterConfig(security="none", busy_poll_us=busy_poll_us))
+        self.kv = psd.connect(scheduler, psd.ClusterConfig(security="none", busy_poll_us=busy_poll_us, shm=shm))
         self.t = self.kv.table(f"bench_w{w}", width=1, dtype="float32", updater="sum")
 
     def region(self, w: int, n: int) -> int:
@@ -278,8 +283,10 @@ def run_worker(kind: str, w: int, num_workers: int, num_servers: int, address, p
 
     # "psd busy poll": the latency tests only, on a cluster that busy-polls
     lat_only = kind == f"psd {BUSY}"
+    # "psd shm off": the dense tests only, on a cluster with shared memory off
+    dense_only = kind == f"psd {TCP}"
     ops = (BareOps(address, w, num_servers) if kind == "bare"
-           else PsdOps(address, w, num_servers, BUSY_POLL_US if lat_only else 0))
+           else PsdOps(address, w, num_servers, BUSY_POLL_US if lat_only else 0, shm=not dense_only))
     tests: dict[str, list] = {}
     lat: dict[str, list] = {}
 
@@ -315,7 +322,7 @@ def run_worker(kind: str, w: int, num_workers: int, num_servers: int, address, p
         vals = np.ones(k, dtype=np.float32)
         key_sets = [np.sort(rng.choice(fill, size=k, replace=False)).astype(np.uint64) + np.uint64(fill_lo)
                     for _ in range(plan["reps"] + 1)]
-        for r, keys in enumerate([] if lat_only else key_sets):
+        for r, keys in enumerate([] if lat_only or dense_only else key_sets):
             push, pull = ops.sparse(keys, vals)
             if r == 0:
                 ops.check_sparse(keys, vals, push, pull)  # warm-up, and values come back right
@@ -335,7 +342,7 @@ def run_worker(kind: str, w: int, num_workers: int, num_servers: int, address, p
         small_keys = (np.arange(nk, dtype=np.uint64) * np.uint64(3)) + np.uint64(lo)
         small_pull, small_span = ops.small_pull(small_keys), ops.small_pull_span(lo, nk)
         ops.check_small(small_keys, small_pull, lo, small_span)
-        for name, op in (("small pull", small_pull), ("small pull_span", small_span)):
+        for name, op in (() if dense_only else (("small pull", small_pull), ("small pull_span", small_span))):
             sync()
             for _ in range(plan["lat_warmup"]):
                 op()
@@ -401,14 +408,14 @@ def run_workers(kind: str, num_servers: int, num_workers: int, address, plan: di
         queue.join_thread()
 
 
-def run_psd(num_servers: int, num_workers: int, plan: dict, busy_poll_us: int = 0) -> list[dict]:
+def run_psd(num_servers: int, num_workers: int, plan: dict, busy_poll_us: int = 0, shm: bool = True) -> list[dict]:
     import psd
 
     # plaintext, like the bare pyzmq baseline: the cost of CurveZMQ is scripts/bench_security.py's
-    with psd.LocalCluster(servers=num_servers, security="none", busy_poll_us=busy_poll_us) as cluster:
+    with psd.LocalCluster(servers=num_servers, security="none", busy_poll_us=busy_poll_us, shm=shm) as cluster:
         _LIVE_CLUSTERS.add(cluster)
         try:
-            kind = f"psd {BUSY}" if busy_poll_us else "psd"
+            kind = f"psd {BUSY}" if busy_poll_us else "psd" if shm else f"psd {TCP}"
             return run_workers(kind, num_servers, num_workers, cluster.scheduler, plan)
         finally:
             _LIVE_CLUSTERS.discard(cluster)
@@ -416,6 +423,10 @@ def run_psd(num_servers: int, num_workers: int, plan: dict, busy_poll_us: int = 
 
 def run_psd_busy(num_servers: int, num_workers: int, plan: dict) -> list[dict]:
     return run_psd(num_servers, num_workers, plan, BUSY_POLL_US)
+
+
+def run_psd_tcp(num_servers: int, num_workers: int, plan: dict) -> list[dict]:
+    return run_psd(num_servers, num_workers, plan, shm=False)
 
 
 def run_bare(num_servers: int, num_workers: int, plan: dict) -> list[dict]:
@@ -479,6 +490,9 @@ def summarize(kind_results: dict, plan: dict, num_servers: int) -> dict:
             "bare": _mb(rate("bare", f"dense {n}", "bytes"))}
         rows[f"dense {n:.0e} push+pull ops"] = {
             "unit": "ops/s", "psd": rate("psd", f"dense {n}", "ops"), "bare": rate("bare", f"dense {n}", "ops")}
+        rows[f"dense {n:.0e} push+pull ({TCP})"] = {
+            "unit": "MB/s", "psd": _mb(rate(f"psd {TCP}", f"dense {n}", "bytes")),
+            "bare": _mb(rate("bare", f"dense {n}", "bytes"))}
     k = plan["sparse_keys"]
     for name in ("sparse push", "sparse pull", "sparse push+pull"):
         rows[f"{name} {k:.0e} keys"] = {"unit": "keys/s", "psd": rate("psd", name, "keys"),
@@ -524,6 +538,19 @@ def print_table(report: dict) -> None:
             print()
         last = line[0]
         print(fmt.format(*line))
+
+
+def print_shm(report: dict, plan: dict) -> None:
+    """Shared memory on / off, dense push+pull of each size, same run (ratios > 1: faster on)."""
+    for cfg in report["configs"]:
+        rows = cfg["rows"]
+        cells = []
+        for n in plan["dense_sizes"]:
+            on = rows.get(f"dense {n:.0e} push+pull", {}).get("psd")
+            off = rows.get(f"dense {n:.0e} push+pull ({TCP})", {}).get("psd")
+            cells.append(f"{n:.0e}: {on / off:.2f}" if on and off else f"{n:.0e}: n/a")
+        print(f"[{cfg['name']}] dense push+pull, shared memory on / off: " + ", ".join(cells))
+    print()
 
 
 def check_targets(report: dict, plan: dict) -> list[dict]:
@@ -639,7 +666,7 @@ def main(argv=None) -> int:
         for S, W in configs:
             name = f"{S}s/{W}w"
             kind_results, errors, timings = {}, {}, {}
-            runs = (("psd", run_psd), (f"psd {BUSY}", run_psd_busy), ("bare", run_bare))
+            runs = (("psd", run_psd), (f"psd {BUSY}", run_psd_busy), (f"psd {TCP}", run_psd_tcp), ("bare", run_bare))
             for rnd in range(plan["rounds"]):
                 # rounds alternate the order: a machine whose speed drifts during the run
                 # favours neither side
@@ -691,6 +718,7 @@ def finish(report: dict, plan: dict, out: Path, started: float) -> None:
         print()
         print_table(report)
         print()
+        print_shm(report, plan)
         checks = check_targets(report, plan)
         report["targets"] = checks
         for c in checks:

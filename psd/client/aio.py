@@ -31,6 +31,7 @@ from psd.schema import TableSpec, check_keys, check_namespace, check_span, check
 from psd.transport import RpcSocket, async_context, connect_dealer, security
 from psd.transport.heartbeat import HeartbeatThread
 from psd.transport.security import Curve, HandshakeWatch, refusal_error
+from psd.transport.shm import Budget, ShmSettings, sweep
 from psd.transport.sockets import connect_watched, dealer_options
 from psd.transport.stripes import stripe_count
 
@@ -41,6 +42,8 @@ SCHEDULER_ATTEMPT = 2.0
 #: how long a first send that found no connection yet (a handshake still going, or being
 #: refused) is tried again before giving up
 REGISTER_RETRY = 0.05
+#: seconds between two rounds of shared-memory upkeep (frees not yet sent, new handshakes)
+SHM_TICK = 1.0
 
 
 class AsyncKVWorker:
@@ -82,6 +85,10 @@ class AsyncKVWorker:
         self.namespace: str | None = None
         #: this process's CurveZMQ keys for the cluster (None: plaintext); set by connect()
         self.curve: Curve | None = None
+        #: shared memory with the servers of this host (config shm*; docs/operations.md)
+        self.shm = Budget(ShmSettings(config.shm, config.shm_min_bytes, config.shm_max_bytes, config.shm_dir))
+        if config.shm:
+            sweep(config.shm_dir)
 
     @property
     def ring(self) -> Assignment:
@@ -226,7 +233,7 @@ class AsyncKVWorker:
         for node, address in ring.addresses.items():
             if node not in self._servers:
                 rpc = RpcSocket(connect_dealer(ctx, address, security=self.curve), self.node_id, limits=self.limits,
-                                compression=self.config.compression, loop=self._loop,
+                                compression=self.config.compression, loop=self._loop, shm=self.shm,
                                 on_reply=lambda msg_id, reply, node=node: self._answered(node, msg_id, reply))
                 stripes = stripe_count(self.config.stripes)
                 if self.curve is not None and stripes > 1:  # encryption on several cores
@@ -273,9 +280,14 @@ class AsyncKVWorker:
                 self.expelled.set()
 
     async def _ticks(self) -> None:
+        shm_at = self._loop.time()
         while not self.closed:
             await asyncio.sleep(RETRY_TICK)
             self.tick()
+            if self._loop.time() - shm_at >= SHM_TICK:
+                shm_at = self._loop.time()
+                for rpc in list(self._servers.values()):
+                    rpc.shm_tick()
 
     def tick(self) -> None:
         """The core's timers: deadlines, pauses before sending again, ring polls; and

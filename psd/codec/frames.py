@@ -4,6 +4,11 @@ Frame 0 is a msgpack map (the header); frames 1..n are raw little-endian array
 buffers described by ``header["frames"]`` as ``[dtype, shape, codec, raw_nbytes]``.
 Every size is checked against :class:`Limits` before anything is allocated, and a
 message either decodes completely or raises; there is no partial result.
+
+A frame of codec ``shm`` holds a reference to bytes in a shared-memory segment instead
+of the bytes: the transport decides which frames go that way (``encode``'s ``place``)
+and resolves references it receives (``decode``'s ``shm``); this module only carries
+them (psd/transport/shm.py).
 """
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ import numpy as np
 import zstandard
 
 from psd.codec.message import DTYPES, PROTOCOL_VERSION, Message
-from psd.errors import MessageTooLargeError, ProtocolError
+from psd.errors import MessageTooLargeError, ProtocolError, ShmError
 
-CODECS = ("none", "zstd")
+CODECS = ("none", "zstd", "shm")
 #: payloads smaller than this are never compressed: zstd would cost more than it saves
 ZSTD_MIN_BYTES = 4096
 
@@ -49,9 +54,11 @@ def _compressor_at(level: int) -> zstandard.ZstdCompressor:
     return c
 
 
-def encode(msg: Message, compression: str = "none") -> list:
+def encode(msg: Message, compression: str = "none", place=None) -> list:
     """Return the frames of ``msg``; arrays are passed as buffers (zero-copy).
-    ``msg.zstd`` (a table's zstd stage: level, minimum bytes) overrides ``compression``."""
+    ``msg.zstd`` (a table's zstd stage: level, minimum bytes) overrides ``compression``.
+    ``place(buffer)``: the reference frame of a copy of ``buffer`` in shared memory, or
+    None to send it inline (tried before compression: shared memory moves no bytes)."""
     compressor, min_bytes = _compressor, ZSTD_MIN_BYTES
     if msg.zstd is not None:
         level, min_bytes = msg.zstd
@@ -71,7 +78,10 @@ def encode(msg: Message, compression: str = "none") -> list:
         # memoryview.cast refuses views with a zero in the shape, e.g. (0, width)
         buf = memoryview(a).cast("B") if a.nbytes else b""
         codec = "none"
-        if compression == "zstd" and a.nbytes >= min_bytes and a.nbytes:
+        ref = place(buf) if place is not None and a.nbytes else None
+        if ref is not None:
+            buf, codec = ref, "shm"
+        elif compression == "zstd" and a.nbytes >= min_bytes and a.nbytes:
             packed = compressor.compress(buf)
             if len(packed) < a.nbytes:
                 buf, codec = packed, "zstd"
@@ -98,8 +108,10 @@ def _expect(header: dict, key: str, types, what: str):
     return value
 
 
-def decode(frames: Sequence, limits: Limits = Limits()) -> Message:
-    """Parse frames into a Message or raise ProtocolError naming what is wrong."""
+def decode(frames: Sequence, limits: Limits = Limits(), shm=None) -> Message:
+    """Parse frames into a Message or raise ProtocolError naming what is wrong. ``shm(ref,
+    nbytes)``: the bytes a ``shm`` frame's reference names, as a uint8 array (None: this
+    connection agreed on no shared memory, and such a frame is refused with ShmError)."""
     if not frames:
         raise ProtocolError("empty message: expected a msgpack header frame")
     if len(frames) > limits.max_frames:
@@ -133,11 +145,11 @@ def decode(frames: Sequence, limits: Limits = Limits()) -> Message:
                 d = descs[0]
                 if type(d) is list and len(d) == 4 and type(d[3]) is int and 0 <= d[3] <= limits.max_message_bytes:
                     return Message(op, msg_id, sender, table, ring, clock, meta,
-                                   [_decode_array(0, d, bufs[1], limits)])
-    return _decode_checked(header, bufs, limits)
+                                   [_decode_array(0, d, bufs[1], limits, shm)])
+    return _decode_checked(header, bufs, limits, shm)
 
 
-def _decode_checked(header, bufs: list, limits: Limits) -> Message:
+def _decode_checked(header, bufs: list, limits: Limits, shm=None) -> Message:
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     version = header.get("v")
@@ -159,7 +171,7 @@ def _decode_checked(header, bufs: list, limits: Limits) -> Message:
     if declared > limits.max_message_bytes:  # compressed frames may expand: bound the sum too
         raise MessageTooLargeError(f"frames declare {declared} bytes in all, over the limits "
                                    f"(max_message_bytes {limits.max_message_bytes})")
-    arrays = [_decode_array(i, d, b, limits) for i, (d, b) in enumerate(zip(descs, bufs[1:]))]
+    arrays = [_decode_array(i, d, b, limits, shm) for i, (d, b) in enumerate(zip(descs, bufs[1:]))]
     return Message(op=op, id=msg_id, sender=sender, table=table, ring=ring, clock=clock,
                    meta=meta, arrays=arrays)
 
@@ -171,7 +183,7 @@ def _declared_bytes(desc) -> int:
     return 0
 
 
-def _decode_array(i: int, desc, buf: memoryview, limits: Limits) -> np.ndarray:
+def _decode_array(i: int, desc, buf: memoryview, limits: Limits, shm=None) -> np.ndarray:
     if type(desc) is list and len(desc) == 4 and desc[2] == "none" and type(desc[1]) is list:
         # the common case (uncompressed, well formed) with the fewest checks that cover it
         name, shape, _, nbytes = desc
@@ -217,6 +229,14 @@ def _decode_array(i: int, desc, buf: memoryview, limits: Limits) -> np.ndarray:
             data = _decompressor.decompress(buf, max_output_size=expected)
         except zstandard.ZstdError as e:
             raise ProtocolError(f"frame {i + 1}: zstd payload is corrupt ({e})") from None
+    elif codec == "shm":
+        if shm is None:
+            raise ShmError(f"frame {i + 1} is in shared memory, but this connection agreed on none; "
+                           f"send it inline")
+        data = shm(buf, expected)
+        if len(data) != expected:
+            raise ProtocolError(f"frame {i + 1}: shared memory gave {len(data)} bytes, {expected} declared")
+        return data.view(dtype).reshape(shape)  # (a view: its life says when the segment is free)
     else:
         raise ProtocolError(f"frame {i + 1}: unknown codec {codec!r}; use one of {CODECS}")
     if len(data) != expected:

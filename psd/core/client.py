@@ -474,6 +474,11 @@ class ClientCore:
             if p.msg.id in self.sent and self.sent[p.msg.id] is p:
                 del self.sent[p.msg.id]  # an answer still to come is ignored
                 self._unsent(p)
+            # the replies' arrays may be views of a server's shared memory, which goes back
+            # to the server when the last of them dies: only the result keeps them now
+            # (a request and its parts refer to each other, so they die at the next
+            # cyclic collection, which may be far off)
+            p.reply = None
         self.outbox.append(Done(req.ts, result, error))
 
     # -- the ring and time ------------------------------------------------------------------

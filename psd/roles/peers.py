@@ -6,14 +6,18 @@ import asyncio
 from psd.codec import Limits
 from psd.transport import RpcSocket, async_context, connect_dealer
 from psd.transport.security import Curve
+from psd.transport.shm import Budget
 from psd.transport.sockets import dealer_options
 
 
 class Peers:
-    def __init__(self, node_id: str, limits: Limits, compression: str, curve: Curve | None, stripes: int = 1):
+    def __init__(self, node_id: str, limits: Limits, compression: str, curve: Curve | None, stripes: int = 1,
+                 shm: Budget | None = None):
         """``curve``: the daemons' keys; peers present the server pair to each other.
         ``stripes``: connections per peer under CurveZMQ (large forwards and range
-        copies are striped over them: psd/transport/stripes.py)."""
+        copies are striped over them: psd/transport/stripes.py). ``shm``: the server's
+        shared-memory budget (forwards to a peer of this host)."""
+        self.shm = shm
         self.node_id = node_id
         self.stripes = stripes
         self.curve = curve
@@ -29,7 +33,7 @@ class Peers:
         if rpc is None:
             rpc = RpcSocket(connect_dealer(async_context(), address, self.limits.max_message_bytes,
                                            security=self.curve),
-                            self.node_id, limits=self.limits, compression=self.compression)
+                            self.node_id, limits=self.limits, compression=self.compression, shm=self.shm)
             if self.curve is not None and self.stripes > 1:
                 rpc.stripe(address, self.stripes, dealer_options(self.limits.max_message_bytes, self.curve))
             self._rpc[node] = rpc

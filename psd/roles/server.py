@@ -29,12 +29,15 @@ from psd.transport import RpcSocket, Route, async_context, bind_router, connect_
 from psd.transport.heartbeat import HeartbeatThread
 from psd.transport.metrics import Timings
 from psd.transport.security import Curve
+from psd.transport.shm import Budget, ShmSettings, sweep
 from psd.transport.stripes import stripe_count
 
 log = logging.getLogger("psd.server")
 
 #: how often the core's timers are checked (unanswered forwards, stalled copies, pings)
 TICK = 0.05
+#: seconds between two sweeps of shared memory (segments of dead processes, frees)
+SHM_TICK = 2.0
 
 
 class Server:
@@ -85,6 +88,11 @@ class Server:
         # a striped message on several cores (psd/transport/stripes.py)
         ctx = async_context(io_threads=stripe_count(cfg.stripes) if self.curve is not None else 1)
         limits = cfg.limits
+        shm = Budget(ShmSettings(cfg.shm, cfg.shm_min_bytes, cfg.shm_max_bytes, cfg.shm_dir))
+        if cfg.shm:
+            gone = sweep(cfg.shm_dir)  # what processes killed before us left behind
+            if gone:
+                log.info("removed %d shared-memory segment(s) of dead processes", len(gone))
         sock, self.address = bind_router(ctx, cfg.bind, limits.max_message_bytes, security=self.curve)
         self.data = RpcSocket(sock, self.node_id, limits=limits, compression=cfg.compression,
                               handler=self.handle, router=True, fast=FastPull(self),
@@ -94,12 +102,12 @@ class Server:
                               spin_ok=lambda: not self.core.acks,
                               # every request's key role: daemons' ops need the server key,
                               # and a worker key may be limited to some namespaces
-                              identify=self.curve is not None)
+                              identify=self.curve is not None, shm=shm)
         # concurrent: control requests are answered by effects, some of them later (a copy,
         # a checkpoint), and the news that a worker died must get through meanwhile
         self.link = RpcSocket(connect_dealer(ctx, cfg.scheduler, security=self.curve), self.node_id,
                               limits=limits, handler=self.handle_control, concurrent=True)
-        self.peers = Peers(self.node_id, limits, cfg.compression, self.curve, stripe_count(cfg.stripes))
+        self.peers = Peers(self.node_id, limits, cfg.compression, self.curve, stripe_count(cfg.stripes), shm)
         link_task = asyncio.create_task(self.link.serve())
         tasks: list[asyncio.Task] = []
         try:
@@ -238,11 +246,24 @@ class Server:
             self._execute(self.core.heartbeat_answered(reply.meta, sent, time.monotonic()))
 
     async def _ticks(self) -> None:
+        shm_at = time.monotonic()
         while True:
             await asyncio.sleep(TICK)
             now = time.monotonic()
             self.data.expire_stripes(now)  # striped requests whose chunks did not all come
             self._execute(self.core.tick(now))
+            if now - shm_at >= SHM_TICK:
+                shm_at = now
+                self._shm_upkeep()
+
+    def _shm_upkeep(self) -> None:
+        """Segments of dead processes go (a SIGKILLed worker's), and what dead peers held
+        comes back to the pools."""
+        if self.config.shm:
+            sweep(self.config.shm_dir)
+        self.data.shm_tick()
+        for rpc in self.peers._rpc.values():
+            rpc.shm_tick()
 
     # -- carrying out the core's effects ----------------------------------------------
     def _execute(self, effects: list) -> None:
@@ -337,4 +358,6 @@ class Server:
                    # replies sent striped, and the clients that opened stripes
                    "stripes": {**self.data.assembler.stats(), "sent": self.data.striped_out,
                                "clients": len(self.data.assembler.groups)}})
+        if getattr(self, "data", None) is not None and self.data.shm is not None:
+            st["shm"] = self.data.shm_stats()
         return st

@@ -10,6 +10,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from functools import partial
@@ -24,6 +25,8 @@ from psd.codec.message import error_reply
 from psd.codec.traffic import Traffic
 from psd.errors import ProtocolError, PsdError, PsdTimeoutError, RemoteError, UnavailableError, error_from_wire
 from psd.refusals import RefusalLog
+from psd.transport.shm import Budget
+from psd.transport.shmlink import ShmLinks
 from psd.transport.spin import Spin
 from psd.transport.stripes import (HEAD_LEN, LOST, STRIPE_MIN_BYTES, Assembler, StripeLinks, cut, hello, on_main,
                                   stripe_route)
@@ -37,6 +40,8 @@ Handler = Callable[[Route, Message], Awaitable[Optional[Message]]]
 FastHandler = Callable[[Route, list], bool]
 
 REPLY_OPS = ("ok", "error")
+#: the transport's own ops: the shared-memory handshake and frees (psd/transport/shmlink.py)
+SHM_OPS = ("shm_hello", "shm_free")
 #: messages one pass of ``drain`` handles before the loop runs its other work (timers,
 #: heartbeats, acks of forwards): a server under closed-loop load never finds its queue
 #: empty, and must not starve its own heartbeats
@@ -88,6 +93,13 @@ def recv_frames(sock: zmq.Socket, copied: int) -> list:
     return parts
 
 
+def _has_large(arrays: list, least: int) -> bool:
+    for a in arrays:
+        if a.nbytes >= least:
+            return True
+    return False
+
+
 def is_reply(msg: Message) -> bool:
     return msg.op in REPLY_OPS
 
@@ -136,7 +148,8 @@ class RpcSocket:
                  identify: bool | frozenset[str] = False, fast: FastHandler | None = None,
                  busy_poll: float = 0.0, adaptive_poll: float = 0.0,
                  spin_ok: Callable[[], bool] | None = None,
-                 on_reply: Callable[[int, "Message | Exception"], None] | None = None):
+                 on_reply: Callable[[int, "Message | Exception"], None] | None = None,
+                 shm: Budget | None = None):
         self.sock = sock
         self.node_id = node_id
         self.limits = limits
@@ -198,6 +211,9 @@ class RpcSocket:
         #: behind a carrier, while a sequential handler had paused the socket)
         self._backlog: deque = deque()
         self.striped_out = 0
+        #: payload frames through shared memory with peers of this host (``shm``: the
+        #: owner's settings and budget; None: always TCP)
+        self.shm = ShmLinks(shm, router) if shm is not None else None
 
     def stripe(self, address: str, connections: int, configure) -> None:
         """Open ``connections - 1`` stripe connections to the peer at ``address`` beside
@@ -227,7 +243,21 @@ class RpcSocket:
         has sent them (or at once, when nothing of them was lent to ZeroMQ)."""
         if self._closed:
             raise PsdError(f"{self.node_id}: the connection is closed")
-        frames = encode(msg, self.compression)
+        shm = self.shm
+        if shm is not None and shm.peers and _has_large(msg.arrays, shm.settings.min_bytes):
+            placed = []
+            place = shm.placer(route)
+            if place is not None:
+                def place(buf, _place=place):
+                    ref = _place(buf)
+                    if ref is not None:
+                        placed.append(ref)
+                    return ref
+            frames = encode(msg, self.compression, place)
+            if placed and msg.op not in REPLY_OPS and msg.id:
+                shm.remember(msg, route)  # sent again inline if the peer refuses it
+        else:
+            frames = encode(msg, self.compression)
         self.traffic.count_sent(msg, frames)
         self._put(route, frames, leases)
 
@@ -239,6 +269,8 @@ class RpcSocket:
             self._put(route, frames)
 
     def _put(self, route: Route, frames: list, leases: list | None = None) -> None:
+        if self.shm is not None and self.shm.peers:
+            self.flush_frees()  # before the request: the peer may reuse them for its reply
         size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         self.bytes_out += size
         self.messages_out += 1
@@ -374,6 +406,8 @@ class RpcSocket:
         self._loop.add_reader(self._fd, self.drain)
         if self.links is not None:
             self._watch_stripes()
+        if self.shm is not None and self.shm.hello_due():
+            self._start_hello()
         try:
             self.drain()
             await self._loop.create_future()  # until cancelled
@@ -509,6 +543,11 @@ class RpcSocket:
             self._drain_soon()  # more may wait, and the descriptor will not say so again
         finally:
             self._draining = False
+            if self.shm is not None and self.shm.peers and not self._closed:
+                try:
+                    self.flush_frees()
+                except Exception:  # never lose the rest of the pass to it
+                    log.exception("%s: sending shared-memory frees failed", self.node_id)
 
     def _spin(self, until: float) -> bool:
         """Check for a message until ``until`` (perf_counter): True once one waits. A
@@ -590,7 +629,7 @@ class RpcSocket:
                 if self._refusals.note(f"fast/{type(err).__name__}", time.monotonic()) is not None:
                     log.exception("%s: the fast path failed on a message; handling it the general way", self.node_id)
         try:
-            msg = decode(frames, self.limits)
+            msg = decode(frames, self.limits, self.shm.resolver(route) if self.shm is not None else None)
         except PsdError as err:
             self._reject(route, frames, err)
             return
@@ -601,6 +640,9 @@ class RpcSocket:
         self.traffic.count_received(msg, frames)
         if msg.op in REPLY_OPS:
             self._resolve(msg, route)
+            return
+        if msg.op in SHM_OPS and self.shm is not None:
+            self._shm_op(route, msg)
             return
         if self.handler is None:
             return
@@ -628,6 +670,12 @@ class RpcSocket:
             task.add_done_callback(self._resume)
 
     def _resolve(self, reply: Message, route: Route) -> None:
+        if self.shm is not None and self.shm.sent:
+            again = self.shm.refused_reply(reply)
+            if again is not None:  # the peer refused our shared memory: the same request inline
+                msg, to = again
+                self._put(to, encode(msg, self.compression))
+                return
         if self.router and not self._from_asked(reply.id, route):
             self._strays[reply.id] = (route, reply)  # (one per request: bounded by _asked)
             return
@@ -733,6 +781,77 @@ class RpcSocket:
             return
         self._reject(route, frames, err)
 
+    # -- shared memory (psd/transport/shmlink.py) ----------------------------------
+    async def shm_hello(self) -> None:
+        """Offer shared memory to the peer of this DEALER (after CurveZMQ admitted us)."""
+        made = self.shm.hello()
+        if made is None:
+            return
+        msg, pool, probe = made
+        reply = err = None
+        try:
+            reply = await self.call(msg, timeout=10.0)
+        except Exception as e:  # an older peer (unknown op), or none: stay on TCP
+            err = e
+        finally:
+            try:
+                os.unlink(probe)
+            except OSError:
+                pass
+        if self._closed:
+            pool.close()
+            return
+        if self.shm.answered(pool, reply, err):
+            self._send_free([])  # on: the peer may answer through shared memory from now on
+
+    def _shm_op(self, route: Route, msg: Message) -> None:
+        if msg.op == "shm_free":
+            self.shm.on_free(route, msg)
+        elif self.router:
+            try:
+                reply = self.shm.on_hello(route, msg)
+            except Exception as err:
+                self.answer_error(route, msg, err)
+                return
+            self.reply_now(route, reply)
+
+    def flush_frees(self) -> None:
+        """Tell peers which of their segments we no longer read (one way, no reply)."""
+        for route, msg in self.shm.frees():
+            self._send_free(msg.meta["names"], route)
+
+    def _send_free(self, names: list, route: Route = None) -> None:
+        frames = encode(Message("shm_free", sender=self.node_id, meta={"names": names}))
+        try:
+            send_frames(self.raw, [route, *frames] if self.router else frames)
+        except zmq.ZMQError:
+            pass  # the peer is gone: it reclaims nothing, and needs nothing
+        finally:
+            # a send may take the descriptor's only signal of a message that arrived
+            # meanwhile (as after any send: ``recheck``), which would then wait unread
+            if self._loop is not None and not self._loop.is_closed():
+                self.recheck()
+
+    def shm_tick(self) -> None:
+        """Upkeep, every few seconds: frees not yet sent, segments dead peers held, a new
+        handshake after a refusal."""
+        shm = self.shm
+        if shm is None or self._closed:
+            return
+        if shm.peers:
+            self.flush_frees()
+        shm.housekeeping()
+        if shm.hello_due() and self._loop is not None and self._fd is not None:
+            self._start_hello()
+
+    def _start_hello(self) -> None:
+        task = self._loop.create_task(self.shm_hello())
+        self._running.add(task)  # (cancelled by close)
+        task.add_done_callback(self._running.discard)
+
+    def shm_stats(self) -> dict | None:
+        return self.shm.stats() if self.shm is not None else None
+
     def fail_pending(self, err: Exception) -> None:
         for fut in self.pending.values():
             if not fut.done():
@@ -744,6 +863,8 @@ class RpcSocket:
     def close(self) -> None:
         """Stop reading and close the socket (pending requests are failed by the caller;
         handlers still running are cancelled, and later sends raise PsdError)."""
+        if self.shm is not None and self.shm.peers and not self._closed:
+            self.flush_frees()  # what the peer may have back (arrays still alive stay lent)
         self._closed = True
         self._stop_reading()
         for task in list(self._running):
@@ -751,3 +872,5 @@ class RpcSocket:
         if self.links is not None:
             self.links.close()
         self.sock.close(0)
+        if self.shm is not None:
+            self.shm.close()
