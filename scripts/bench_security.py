@@ -6,6 +6,9 @@ several connections (``stripes: auto``, the default), side by side in one run.
     .venv/bin/python scripts/bench_security.py            # about a minute
     .venv/bin/python scripts/bench_security.py --quick    # a few seconds, for a smoke test
 
+Shared memory is off (``shm: false``) on both sides: on one host it would carry every
+large payload unencrypted and leave nothing to measure; this is what crosses hosts.
+
 Two ``psd.LocalCluster(servers=1)`` run at once, one per security setting; three
 blocking clients (``psd.connect``) live in this process: one on the plaintext cluster
 and two on the CurveZMQ one, with ``stripes: 1`` and with the default. Repetitions
@@ -67,7 +70,7 @@ class Client:
 
         self.mode = mode
         self.cluster = cluster
-        config = ClusterConfig(scheduler=cluster.scheduler, security="none" if mode == "none" else "curve",
+        config = ClusterConfig(scheduler=cluster.scheduler, shm=False, security="none" if mode == "none" else "curve",
                                stripes=1 if mode == "curve1" else stripes)
         self.config = config
         self.kv = psd.connect(self.cluster.scheduler, config)
@@ -158,8 +161,8 @@ def bare_echo(curve: bool, size: int, n: int) -> float:
 def run(plan: dict, stripes) -> dict:
     import psd
 
-    clusters = {"none": psd.LocalCluster(servers=1, security="none"),
-                "curve": psd.LocalCluster(servers=1, security="curve", stripes=stripes)}
+    clusters = {"none": psd.LocalCluster(servers=1, security="none", shm=False),
+                "curve": psd.LocalCluster(servers=1, security="curve", stripes=stripes, shm=False)}
     clients = {}
     try:
         for m in MODES:

@@ -293,10 +293,10 @@ def test_pushes_and_pulls_through_shared_memory_give_the_tables_tcp_gives(cluste
     assert not segments(os.getpid())  # closed: this process's segments are gone
 
 
-def test_pulled_arrays_give_their_segments_back_as_soon_as_they_die(cluster):
-    """A pull's answer through shared memory stays the server's until the client drops
-    the array: in a loop that drops each one, the server reuses one segment (no cyclic
-    garbage collection needed, so it is off here)."""
+def test_pulled_arrays_are_the_clients_own_and_give_their_segment_back_at_once(cluster):
+    """A pull's answer through shared memory is copied out on arrival: the arrays are
+    writable as over TCP, and the server reuses one segment however many of them the
+    client keeps (no cyclic garbage collection needed, so it is off here)."""
     from psd.client import admin
     rows = 2 * MiB // 4
     kv = psd.connect(cluster)
@@ -306,12 +306,16 @@ def test_pulled_arrays_give_their_segments_back_as_soon_as_they_die(cluster):
         node = kv.aio.ring.owners_at(0)[0]
         address = kv.aio.ring.addresses[node]
         before = admin.call(address, "status", config=psd.ClusterConfig(keys=str(cluster.keys)))["shm"]
+        kept = []
         gc.disable()
         try:
             for _ in range(20):
-                assert t.pull_span(0, rows)[-1, 0] == 1
+                kept.append(t.pull_span(0, rows))
+                assert kept[-1][-1, 0] == 1 and kept[-1].flags.writeable
         finally:
             gc.enable()
+        kept[0] += 1  # the caller's own memory: another pull's array does not change
+        assert kept[1][0, 0] == 1 and kept[0][0, 0] == 2
         after = admin.call(address, "status", config=psd.ClusterConfig(keys=str(cluster.keys)))["shm"]
         assert after["bytes_out"] - before["bytes_out"] >= 20 * rows * 4  # through shared memory
         assert after["segment_bytes"] - before["segment_bytes"] <= 2 * rows * 4, (before, after)

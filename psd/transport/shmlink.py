@@ -88,12 +88,16 @@ class ShmLinks:
         if peer is None:
             return None
         resolve = peer.mapped.resolve
+        own = not self.router  # a connecting side: a client's pull replies, a copy's rows
 
         def counted(ref, nbytes):
             view = resolve(ref, nbytes)
             self.frames_in += 1
             self.bytes_in += nbytes
-            return view
+            # what a connecting side receives becomes the caller's own array: writable, as
+            # over TCP, whatever its size, and the segment goes back at once instead of
+            # whenever the caller drops it (decision 106)
+            return view.copy() if own else view
         return counted
 
     def remember(self, msg: Message, route) -> None:
