@@ -13,10 +13,13 @@ connection, has been answered by then).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 from psd.cluster.clocks import AutoDelay, RangeClocks, WaitHistogram, tau_for
+
+log = logging.getLogger("psd.server")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class Policy:
         if self.auto is not None and last is not None:
             tau = self.auto.observe_iteration(now - last)
             if tau != self.clocks.tau:
+                log.info("max_delay auto: tau %s -> %d (clock %d of %s)", self.clocks.tau, tau, clock, worker)
                 self._tau_since = now
                 self.clocks.tau = tau
         self._drain(now)
