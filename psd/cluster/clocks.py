@@ -312,6 +312,8 @@ class AutoDelay:
     def _decided(self) -> bool:
         """The window will end above ``raise_above`` even if nothing more waits in it
         (the rest of its iterations taken at this window's mean): judge it now."""
+        if self._time <= 0:
+            return False
         rest = (self.window - self._iters) * self._time / self._iters
         return self._waited > self.raise_above * (self._time + rest)
 
@@ -332,10 +334,8 @@ class AutoDelay:
                 self._last_step = 1
             self._since_raise = 0
             return
-        needed = self.quiet * self._backoff
-        if (self._tau > self.tau_min and self._since_raise >= needed
-                and len(self._leads) == self.quiet
-                and max(list(self._leads)[-min(needed, self.quiet):]) <= self._tau - 1):
+        if (self._tau > self.tau_min and self._since_raise >= self.quiet * self._backoff
+                and len(self._leads) == self.quiet and max(self._leads) <= self._tau - 1):
             if self._last_step < 0:
                 self._backoff = 1
             self._tau -= 1
