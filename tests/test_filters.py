@@ -322,7 +322,7 @@ def test_a_tables_zstd_stage_overrides_the_sockets_setting():
 
 def test_significant_on_an_integer_table_sends_whole_counts_and_loses_none():
     """Integer tables take significant (counts held back whole, sent whole) but not the
-    filters that round or rescale (decision 102)."""
+    filters that round or rescale (decision 103)."""
     info = TableInfo("counts", "int64", 2, "sum")
     chain = build_chain([{"significant": {"threshold": 5}}], info)
     rng = np.random.default_rng(7)

@@ -362,7 +362,7 @@ def push_counters(table, counters: np.ndarray, width: int, depth: int, once=None
 
 def check_filters(spec: dict, source: str) -> list[str]:
     """Problems of the job's ``filters`` on the sketch table (int64 counters summed),
-    each naming the key: zstd and significant apply (decision 102)."""
+    each naming the key: zstd and significant apply (decision 103)."""
     if spec.get("filters") is None:
         return []
     try:

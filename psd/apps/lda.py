@@ -161,7 +161,7 @@ _CHECKS: dict[str, dict[str, Check]] = {
 
 def check_filters(spec: dict, source: str) -> list[str]:
     """Problems of the job's ``filters`` on the word-topic table (integer counts summed),
-    each naming the key: zstd and significant apply (decision 102)."""
+    each naming the key: zstd and significant apply (decision 103)."""
     if spec.get("filters") is None:
         return []
     model = options(spec)["model"]
