@@ -84,13 +84,13 @@ def test_kkt_under_eventual_is_refused(tmp_path):
 
 
 # -- filters on the summing apps: count-min's sketch and LDA's word-topic counts -----------
-CMS_DATA = {"generator": "zipf", "items": 200_000, "vocabulary": 20_000, "seed": 5}
+CMS_DATA = {"generator": "zipf", "items": 1_000_000, "vocabulary": 20_000, "seed": 5}   # 16 blocks: 8 batches a worker
 
 
 def cms_job(out, filters) -> dict:
     return {"name": "cmsf", "app": "cms", "servers": 2, "workers": 2, "output": str(out), "filters": filters,
             "data": CMS_DATA, "sketch": {"width": 500, "depth": 3, "seed": 2},
-            "train": {"batch_size": 1 << 14}, "eval": {"queries": 200, "heavy": 20}}
+            "train": {"batch_size": 1 << 16}, "eval": {"queries": 200, "heavy": 20}}
 
 
 def lda_job(out, filters) -> dict:
@@ -122,7 +122,7 @@ def exact_sketch():
 
 @pytest.mark.parametrize("filters", [
     [{"zstd": {"level": 3, "threshold": 0}}],            # lossless (with key caching, on by default)
-    [{"significant": {"threshold": 40}}, "zstd"],        # lossy until the flush: held-back counts
+    [{"significant": {"threshold": 100}}, "zstd"],       # lossy until the flush: held-back counts
 ], ids=["zstd", "significant"])
 def test_cms_with_filters_counts_exactly(tmp_path, exact_sketch, filters):
     """The sketch a filtered job leaves equals the exact one (the same hash functions over
@@ -136,7 +136,7 @@ def test_cms_with_filters_counts_exactly(tmp_path, exact_sketch, filters):
         sent, pushed = rows_let_through(traffic, "sketch")
         assert sent < 0.9 * pushed                 # it did hold counters back
     else:   # a dense row's key list is the same every batch: sent once, then its signature
-        assert traffic["workers_sent_after_kc"] < 0.7 * traffic["workers_sent_raw"]
+        assert traffic["workers_sent_after_kc"] < 0.8 * traffic["workers_sent_raw"]
         assert traffic["workers_sent_wire"] < traffic["workers_sent_after_kc"]   # zstd squeezed
 
 
