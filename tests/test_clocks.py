@@ -310,69 +310,97 @@ def feed(auto: AutoDelay, iterations: int, iter_s: float, wait_s: float) -> list
     return out
 
 
-def test_auto_delay_rises_under_heavy_waiting_and_stays_within_bounds():
-    auto = AutoDelay(tau_min=1, tau_max=4, window=10)
-    assert auto.tau == 1
-    seen = feed(auto, 200, iter_s=1.0, wait_s=0.5)
-    assert seen == sorted(seen) and auto.tau == 4
-    assert all(1 <= t <= 4 for t in seen)
+def window(auto: AutoDelay, n: int, *, wait_s: float = 0.0, lead: int = 0) -> list[int]:
+    """``n`` windows of one-second iterations, each window with one pull ``lead`` clocks
+    ahead and ``wait_s`` of waiting in all; the tau after each."""
+    out = []
+    for _ in range(n):
+        auto.observe_pull(lead)
+        auto.observe_wait(wait_s)
+        out.append(feed(auto, auto.window, iter_s=1.0, wait_s=0.0)[-1])
+    return out
 
 
-def test_auto_delay_falls_when_waits_vanish():
-    auto = AutoDelay(tau_min=0, tau_max=6, initial=6, window=10)
-    seen = feed(auto, 200, iter_s=1.0, wait_s=0.0)
-    assert seen == sorted(seen, reverse=True) and auto.tau == 0
-
-
-def test_auto_delay_holds_steady_in_the_dead_band():
-    auto = AutoDelay(tau_min=0, tau_max=8, initial=3, window=10)
-    assert set(feed(auto, 500, iter_s=1.0, wait_s=0.1)) == {3}
-
-
-def test_auto_delay_changes_once_per_window():
+def test_auto_delay_climbs_fast_under_a_persistent_straggler():
+    """Waits in every window: tau doubles a window, 0 to the upper bound in four."""
     auto = AutoDelay(tau_min=0, tau_max=8, window=10)
-    seen = feed(auto, 35, iter_s=1.0, wait_s=1.0)
-    assert seen[8] == 0 and seen[9] == 1 and seen[18] == 1 and seen[19] == 2
+    assert auto.tau == 0
+    assert window(auto, 6, wait_s=5.0, lead=auto.tau + 1) == [1, 2, 4, 8, 8, 8]
+    bounded = AutoDelay(tau_min=1, tau_max=6, window=10)
+    assert window(bounded, 4, wait_s=5.0) == [2, 4, 6, 6]
 
 
-def test_auto_delay_settles_in_a_closed_loop():
-    """Waiting falls as tau rises; tau climbs until the wait fraction enters the band."""
-    auto = AutoDelay(tau_min=0, tau_max=8, window=10)
+def test_auto_delay_judges_a_window_early_only_once_its_waits_decide_it():
+    auto = AutoDelay(tau_min=0, tau_max=8, window=10, raise_above=0.05)
+    seen = feed(auto, 30, iter_s=1.0, wait_s=0.051)  # f 0.051: raised at the window's end
+    assert seen[8] == 0 and seen[9] == 1 and seen[18] == 1 and seen[19] == 2 and seen[29] == 4
+    auto = AutoDelay(tau_min=0, tau_max=8, window=10, raise_above=0.05)
+    seen = feed(auto, 4, iter_s=1.0, wait_s=0.3)     # 0.6 s by the 2nd: over 5% of 10 s
+    assert seen == [0, 1, 1, 2]
+
+
+def test_auto_delay_stays_up_across_transient_stragglers():
+    """Little waiting, but a straggler now and then uses the whole room: tau keeps it."""
+    auto = AutoDelay(tau_min=0, tau_max=8, initial=8, window=10, quiet=8)
     seen = []
-    for _ in range(500):
-        auto.observe_wait(0.5 / (auto.tau + 1))   # fraction 0.5, 0.25, 0.17 ...
-        seen.append(auto.observe_iteration(1.0))
-    assert seen[-1] == 2 and set(seen[-300:]) == {2}
+    for i in range(200):
+        seen += window(auto, 1, lead=8 if i % 7 == 0 else 1)   # a use every 7 windows < quiet
+    assert set(seen) == {8}
 
 
-def test_auto_delay_backs_off_on_a_plant_that_jumps_the_band():
-    """Heavy waits at tau 1, none at tau 2: reversals slow down rather than flap."""
-    auto = AutoDelay(tau_min=1, tau_max=2, window=10, max_backoff=8)
+def test_auto_delay_comes_down_only_when_waits_vanish_for_long():
+    auto = AutoDelay(tau_min=0, tau_max=8, window=10, quiet=8)
+    window(auto, 4, wait_s=5.0)                       # up to 8
+    assert auto.tau == 8
+    seen = window(auto, 20, lead=1)                   # nobody more than a clock ahead
+    assert seen[:7] == [8] * 7                        # the quiet time after a raise
+    assert seen[7:15] == [7, 6, 5, 4, 3, 2, 1, 1]     # then a step a window, to the lead used
+    assert auto.tau == 1                              # tau 0 would have held lead-1 pulls
+
+
+def test_auto_delay_comes_down_no_further_than_the_room_used():
+    auto = AutoDelay(tau_min=0, tau_max=8, initial=8, window=10, quiet=4)
+    window(auto, 40, lead=3)
+    assert auto.tau == 3
+    window(auto, 40, lead=0)
+    assert auto.tau == 0
+
+
+def test_auto_delay_backs_off_on_room_that_comes_and_goes():
+    """Heavy waits at tau 1, none at tau 2 and no lead past 1: each lowering that a raise
+    undoes doubles the quiet time before the next, up to max_backoff (the raise comes
+    two iterations after each lowering: by then the waits decide the window)."""
+    auto = AutoDelay(tau_min=1, tau_max=2, window=10, quiet=2, max_backoff=8)
     seen = []
-    for _ in range(1000):
+    for _ in range(2000):
+        auto.observe_pull(1)
         auto.observe_wait(0.5 if auto.tau == 1 else 0.0)
         seen.append(auto.observe_iteration(1.0))
-    flips = [i for i in range(1, len(seen)) if seen[i] != seen[i - 1]]
-    gaps = [b - a for a, b in zip(flips, flips[1:])]
-    assert gaps[:4] == [10, 20, 40, 80] and set(gaps[4:]) == {80}
+    lowers = [i for i in range(1, len(seen)) if seen[i] < seen[i - 1]]
+    gaps = [b - a for a, b in zip(lowers, lowers[1:])]
+    assert gaps[:4] == [2 + 40, 2 + 80, 2 + 160, 2 + 160] and set(gaps[4:]) == {162}
 
 
-def test_auto_delay_backoff_resets_after_a_settled_window():
-    auto = AutoDelay(tau_min=1, tau_max=4, window=10, max_backoff=8)
-    for _ in range(300):                       # flapping plant: backoff climbs to 8
+def test_auto_delay_backoff_resets_when_a_lowering_stands():
+    auto = AutoDelay(tau_min=1, tau_max=8, window=10, quiet=2, max_backoff=8)
+    for _ in range(600):                       # room that comes and goes: backoff climbs to 8
+        auto.observe_pull(1)
         auto.observe_wait(0.5 if auto.tau == 1 else 0.0)
         auto.observe_iteration(1.0)
-    feed(auto, 100, iter_s=1.0, wait_s=0.1)    # settled in the dead band
-    seen = feed(auto, 100, iter_s=1.0, wait_s=0.5)
-    rises = [i for i in range(1, len(seen)) if seen[i] > seen[i - 1]]
-    assert len(rises) >= 2 and rises[1] - rises[0] <= 20   # not 80
+    window(auto, 10, wait_s=5.0)               # a persistent straggler: up to 8
+    seen = window(auto, 40, lead=1)            # then it goes away
+    lowers = [i for i in range(1, len(seen)) if seen[i] < seen[i - 1]]
+    assert seen[-1] == 1
+    assert lowers[2] - lowers[1] == 1          # once a lowering stands, a step a window
 
 
 def test_auto_delay_validates_bounds():
     with pytest.raises(ConfigError):
         AutoDelay(tau_min=3, tau_max=2)
     with pytest.raises(ConfigError):
-        AutoDelay(raise_above=0.1, lower_below=0.2)
+        AutoDelay(raise_above=1.5)
+    with pytest.raises(ConfigError):
+        AutoDelay(quiet=0)
 
 
 # -- stragglers and the wait histogram ------------------------------------------------

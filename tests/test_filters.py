@@ -318,3 +318,27 @@ def test_a_tables_zstd_stage_overrides_the_sockets_setting():
     np.testing.assert_array_equal(decode(encode(Message("push", arrays=[small], zstd=(19, 64)))).arrays[0], small)
     chain = build_chain([{"zstd": {"level": 19, "threshold": 64}}], SUM)
     assert chain.zstd == (19, 64) and chain.apply(np.arange(3, dtype=np.uint64), np.ones((3, 2), np.float32))[2] == {}
+
+
+def test_significant_on_an_integer_table_sends_whole_counts_and_loses_none():
+    """Integer tables take significant (counts held back whole, sent whole) but not the
+    filters that round or rescale (decision 103)."""
+    info = TableInfo("counts", "int64", 2, "sum")
+    chain = build_chain([{"significant": {"threshold": 5}}], info)
+    rng = np.random.default_rng(7)
+    keys = np.arange(50, dtype=np.uint64)
+    total = np.zeros((50, 2), np.int64)
+    applied = np.zeros((50, 2), np.int64)
+    for _ in range(20):
+        v = rng.integers(-3, 4, (50, 2)).astype(np.int64)
+        total += v
+        k, out, meta = chain.apply(keys, v)
+        assert out.dtype == np.int64 and "q" not in meta
+        applied[k.astype(np.int64)] += out
+        assert np.abs(total - applied).max() <= 5      # the bound: the residual, threshold per entry
+    k, rest = chain.residual()
+    applied[k.astype(np.int64)] += rest
+    assert np.array_equal(applied, total)              # after a flush: exactly
+    for name in ("quantize", {"random_skip": {"p": 0.5}}):
+        with pytest.raises(ConfigError, match="only zstd and significant apply to integer tables"):
+            build_chain([name], info)

@@ -81,3 +81,84 @@ def test_kkt_under_eventual_is_refused(tmp_path):
     spec["consistency"] = "eventual"
     with pytest.raises(ConfigError, match=r"filters\[0\]: kkt with the prox solver needs consistency"):
         parse_job(spec, "job.yaml", APPS)
+
+
+# -- filters on the summing apps: count-min's sketch and LDA's word-topic counts -----------
+CMS_DATA = {"generator": "zipf", "items": 1_000_000, "vocabulary": 20_000, "seed": 5}   # 16 blocks: 8 batches a worker
+
+
+def cms_job(out, filters) -> dict:
+    return {"name": "cmsf", "app": "cms", "servers": 2, "workers": 2, "output": str(out), "filters": filters,
+            "data": CMS_DATA, "sketch": {"width": 500, "depth": 3, "seed": 2},
+            "train": {"batch_size": 1 << 16}, "eval": {"queries": 200, "heavy": 20}}
+
+
+def lda_job(out, filters) -> dict:
+    return {"name": "ldaf", "app": "lda", "servers": 2, "workers": 2, "output": str(out), "filters": filters,
+            "consistency": "sequential",
+            "data": {"documents": 200, "vocabulary": 300, "doc_length": 40, "dominant_words": 8, "seed": 2},
+            "model": {"topics": 5}, "train": {"iterations": 6, "blocks": 4}, "eval": {"heldout": 0}}
+
+
+def run_job(spec, folder):
+    run = run_parsed(parse_job(spec, "job.yaml", APPS), APPS, psd.LocalCluster.for_job, output=folder,
+                     quiet=True, plots=False)
+    assert run.state == "done", run.error
+    return run, next(r for r in run.metrics if r.get("record") == "traffic")
+
+
+def rows_let_through(traffic: dict, table: str) -> tuple[int, int]:
+    sent, pushed = map(int, traffic["filtered_rows"][table].split("/"))
+    return sent, pushed
+
+
+@pytest.fixture(scope="module")
+def exact_sketch():
+    from psd.apps import cms
+    sketch = cms.CountMin(500, 3, seed=2)
+    sketch.add(*cms.exact_counts(cms.options({"data": CMS_DATA})["data"], 2))
+    return sketch.counts.reshape(3, 500)
+
+
+@pytest.mark.parametrize("filters", [
+    [{"zstd": {"level": 3, "threshold": 0}}],            # lossless (with key caching, on by default)
+    [{"significant": {"threshold": 100}}, "zstd"],       # lossy until the flush: held-back counts
+], ids=["zstd", "significant"])
+def test_cms_with_filters_counts_exactly(tmp_path, exact_sketch, filters):
+    """The sketch a filtered job leaves equals the exact one (the same hash functions over
+    the exact counts of the stream): zstd and key caching lose nothing, and
+    ``significant``'s held-back counts all arrive with the flush before queries."""
+    run, traffic = run_job(cms_job(tmp_path, filters), tmp_path)
+    arrays, _ = read_model(tmp_path, "cms")
+    assert np.array_equal(arrays["counts"], exact_sketch)
+    assert run.summary["underestimates"] == 0
+    if "significant" in str(filters):
+        sent, pushed = rows_let_through(traffic, "sketch")
+        assert sent < 0.9 * pushed                 # it did hold counters back
+    else:   # a dense row's key list is the same every batch: sent once, then its signature
+        assert traffic["workers_sent_after_kc"] < 0.8 * traffic["workers_sent_raw"]
+        assert traffic["workers_sent_wire"] < traffic["workers_sent_after_kc"]   # zstd squeezed
+
+
+def test_lda_with_filters_keeps_every_count(tmp_path):
+    """``significant`` holds back small count changes (the samplers read counts up to
+    ``threshold`` per cell per worker behind); the flush at the end sends them, so the
+    table adds up to the corpus exactly and no cell goes negative."""
+    run, traffic = run_job(lda_job(tmp_path, [{"significant": {"threshold": 2}}, "zstd"]), tmp_path)
+    assert run.summary["counts_total"] == run.summary["tokens"] > 0
+    arrays, _ = read_model(tmp_path, "lda")
+    assert arrays["nwk"].min() >= 0 and arrays["nwk"].sum() == run.summary["tokens"]
+    sent, pushed = rows_let_through(traffic, "nwk")
+    assert sent < pushed
+
+
+@pytest.mark.parametrize("make,filters,needle", [
+    (cms_job, ["quantize"], "filters[0]: filter 'quantize' changes values; table 'sketch' holds int64"),
+    (cms_job, [{"significant": {}}], "filters[0].threshold: missing"),
+    (lda_job, ["kkt"], "filters[0]: filter 'kkt' changes values; table 'nwk' holds int32"),
+    (lda_job, [{"zstd": {"level": 99}}], "filters[0].level"),
+])
+def test_bad_filters_in_cms_and_lda_jobs_are_refused_naming_the_key(tmp_path, make, filters, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_job(make(tmp_path, filters), "job.yaml", APPS)
+    assert str(err.value).count("job.yaml: " + needle) == 1   # named once, by the job and the app

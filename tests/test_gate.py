@@ -1,5 +1,6 @@
 """The server's consistency gate as plain logic: checkpoint cuts and sequential pushes."""
-from psd.core.gate import Gate, Setting
+from psd.cluster.clocks import AutoDelay
+from psd.core.gate import Gate, Policy, Setting
 
 
 def make(consistency="eventual"):
@@ -53,3 +54,85 @@ def test_sequential_push_waits_for_the_clock_boundary():
     for w in ("W0", "W1", "W2"):
         g.clock(w, 43, 0.0)
     assert applied == [42]
+
+
+# -- max_delay auto in a closed loop, on virtual time ------------------------------------
+def finish_time(max_delay, seed: int, *, workers: int = 4, iterations: int = 240,
+                slow_chance: float = 0.1, slow: float = 4.0) -> tuple[float, list[int]]:
+    """When the last of ``workers`` finishes ``iterations`` clocks through one bounded
+    ``Policy`` (the server's gate), each iteration a pull then about one second of work,
+    slowed by ``slow`` seconds with probability ``slow_chance`` (transient stragglers, as
+    scripts/bench_consistency.py has them); and the taus the policy went through."""
+    import heapq
+    import random
+    rng = random.Random(seed)   # every setting meets the same slow iterations
+    length = {(f"W{i}", c): rng.uniform(0.8, 1.2) + (slow if rng.random() < slow_chance else 0.0)
+              for i in range(workers) for c in range(iterations)}
+    policy = Policy(Setting("bounded", max_delay, workers, (0, 8)))
+    clock = {f"W{i}": 0 for i in range(workers)}
+    events: list[tuple[float, str]] = []
+    taus = [policy.tau]
+
+    def work(w: str, now: float) -> None:
+        heapq.heappush(events, (now + length[w, clock[w]], w))
+
+    def pull(w: str, now: float) -> None:
+        policy.pull((w, clock[w]), w, clock[w], lambda: work(w, policy_now[0]), now)
+
+    policy_now = [0.0]
+    for w in clock:
+        policy.clocks.join(w)
+    for w in clock:
+        pull(w, 0.0)
+    now = 0.0
+    while events:
+        now, w = heapq.heappop(events)
+        policy_now[0] = now
+        clock[w] += 1
+        policy.clock(w, clock[w], now)
+        taus.append(policy.tau)
+        if clock[w] < iterations:
+            pull(w, now)
+        else:
+            policy.leave(w, now)
+    return now, taus
+
+
+def test_auto_delay_is_as_fast_as_the_best_fixed_tau_under_transient_stragglers():
+    """The gate's own loop (pulls report how far ahead they are, held pulls their waits):
+    auto must finish within 3% of the best fixed tau, clearly ahead of tau 4."""
+    seeds = range(3)
+    times = {tau: sum(finish_time(tau, s)[0] for s in seeds) for tau in (1, 2, 4, 8, "auto")}
+    best = min(t for tau, t in times.items() if tau != "auto")
+    assert times["auto"] <= 1.03 * best, times
+    assert times["auto"] < 0.97 * times[4], times
+    for seed in seeds:
+        _, taus = finish_time("auto", seed)
+        top = taus.index(8)
+        assert top < 200                             # climbed within 50 clocks a worker
+        assert min(taus[top:]) == 8                  # and stayed up across the stragglers
+
+
+def test_auto_delay_stays_low_without_stragglers():
+    """Only jitter: workers drift apart slowly, so tau stays tight (it grows only as
+    far as their drift, a clock or two, makes pulls wait)."""
+    for seed in range(2):
+        _, taus = finish_time("auto", seed, slow_chance=0.0)
+        assert sorted(taus)[len(taus) // 2] <= 2 and max(taus) <= 4
+
+
+def test_a_pull_held_across_a_raise_counts_only_its_wait_under_the_new_tau():
+    """Otherwise the waits a raise ends would be charged to the new tau at once and
+    raise it again, a step too far for every pull the old tau held."""
+    policy = Policy(Setting("bounded", "auto", 2, (0, 8)))
+    policy.auto = AutoDelay(0, 8, window=2)
+    ran = []
+    policy.clock("W0", 3, 0.0)
+    policy.clock("W1", 1, 0.0)
+    assert not policy.pull("a", "W0", 2, lambda: ran.append("a"), 0.0)   # lead 1: held at tau 0
+    assert not policy.pull("b", "W0", 3, lambda: ran.append("b"), 0.0)   # lead 2: held
+    policy.clock("W1", 2, 10.0)        # "a" runs after 10 s
+    policy.clock("W1", 3, 11.0)        # the window: 10 s of 11 waited: tau 0 -> 1, "b" runs
+    assert ran == ["a", "b"] and policy.tau == 1
+    policy.clock("W0", 4, 12.0)        # no pull waited under tau 1: it stays
+    assert policy.tau == 1

@@ -60,6 +60,7 @@ from psd.apps.model import SAVE_CHECK, read_model, save_folder, write_model
 from psd.apps.options import Check, check_sections, is_int, is_num, merge_defaults
 from psd.apps.rendezvous import wait_for_ranks
 from psd.errors import ConfigError
+from psd.filters import TableInfo, build_chain
 
 DEFAULTS: dict = {
     "data": {
@@ -140,8 +141,9 @@ def validate(spec: dict, source: str) -> list[str]:
     """Problems with the ``data``, ``sketch``, ``train`` and ``eval`` sections, each naming
     file and key; unknown keys too (a misspelt option would silently fall back)."""
     problems = check_sections(
-        spec, source, _CHECKS, app="cms", unused_sections=("tables", "model", "filters"),
+        spec, source, _CHECKS, app="cms", unused_sections=("tables", "model"),
         special={("data", "files"): lambda v: [] if v is None else check_files(v, source, "data.files")})
+    problems += check_filters(spec, source)
     if problems:
         return problems
     data = spec.get("data") or {}
@@ -338,10 +340,13 @@ def pick_queries(ids: np.ndarray, counts: np.ndarray, queries: int, heavy: int,
 
 
 # -- the app ------------------------------------------------------------------------
-def push_counters(table, counters: np.ndarray, width: int, depth: int, once=None) -> list[int]:
+def push_counters(table, counters: np.ndarray, width: int, depth: int, once=None,
+                  keyed: bool = False) -> list[int]:
     """Push one batch's counter increments: dense spans per row, or sparse keys when the
     batch touched under a quarter of the counters. Returns the timestamps. ``once(i)``:
-    the identity of the batch's i-th push (``JobContext.once``), or None."""
+    the identity of the batch's i-th push (``JobContext.once``), or None. ``keyed``: a
+    dense row goes as keys too, since filters apply to ``push`` only (the job names
+    some); a row's key list is the same every batch, so key caching sends it once."""
     nz = np.flatnonzero(counters)
     if nz.size == 0:
         return []
@@ -349,7 +354,22 @@ def push_counters(table, counters: np.ndarray, width: int, depth: int, once=None
     if nz.size * 4 < counters.size:
         return [table.push(counter_keys(nz, width, depth), counters[nz].reshape(-1, 1), once=ident(0))]
     rows = counters.reshape(depth, width, 1)
+    if keyed:
+        cols = np.arange(width, dtype=np.uint64)
+        return [table.push(cols + np.uint64(r * stride(depth)), rows[r], once=ident(r)) for r in range(depth)]
     return [table.push_span(r * stride(depth), rows[r], once=ident(r)) for r in range(depth)]
+
+
+def check_filters(spec: dict, source: str) -> list[str]:
+    """Problems of the job's ``filters`` on the sketch table (int64 counters summed),
+    each naming the key: zstd and significant apply (decision 112)."""
+    if spec.get("filters") is None:
+        return []
+    try:
+        build_chain(spec["filters"], TableInfo("sketch", "int64", 1, "sum"))
+    except ConfigError as e:
+        return [f"{source}: {p}" for p in e.data.get("problems", [e.message])]
+    return []
 
 
 async def query(table, family: MultiplyShift, ids: np.ndarray, max_keys: int) -> np.ndarray:
@@ -375,7 +395,9 @@ async def run(kv, ctx) -> dict:
     sketch = CountMin(width, depth, int(opts["sketch"]["seed"]))
     batch_size, in_flight = int(tr["batch_size"]), int(tr["in_flight"])
 
-    table = await kv.table("sketch", width=1, dtype="int64", updater="sum", consistency="eventual")
+    filters = ctx.spec.get("filters") or None   # the sketch's (validate checked them)
+    table = await kv.table("sketch", width=1, dtype="int64", updater="sum", consistency="eventual",
+                           **({"filters": filters} if filters else {}))
     ranks = await kv.table("ranks", width=7, dtype="float64", updater="assign", consistency="eventual")
     stream = await asyncio.to_thread(Stream, data, ctx.shards[0], ctx.num_workers, batch_size)
 
@@ -402,7 +424,7 @@ async def run(kv, ctx) -> dict:
         t0, c0 = time.perf_counter(), time.thread_time()
         # named by shard and batch: a shard run again after its worker died counts once
         pending.append(push_counters(table, counters, width, depth,
-                                     lambda i, b=n_batches: ctx.once(b * depth + i)))
+                                     lambda i, b=n_batches: ctx.once(b * depth + i), keyed=bool(filters)))
         cpu_insert += cpu_count + time.thread_time() - c0
         while len(pending) > in_flight:   # bound the batches in flight
             for ts in pending.popleft():
@@ -418,6 +440,8 @@ async def run(kv, ctx) -> dict:
                 "series": f"worker{ctx.rank}", "time": now, "items": n_items,
                 "inserts_per_s": n_items / max(t_insert, 1e-9), "items_per_s": n_items / max(now, 1e-9)}])
     t0 = time.perf_counter()
+    if filters:
+        await kv.flush()   # what they held back, before this rank says it is done
     while pending:
         for ts in pending.popleft():
             await kv.wait(ts)
@@ -598,7 +622,8 @@ def fit(stream, *, epsilon: float = 0.001, delta: float = 0.01, servers: int = 2
     ``psd run`` (a local cluster in a child process). ``stream``: an iterable of strings,
     each one or more whitespace-separated tokens (a line, a document or a word); it is
     written to ``output/data/stream.txt``. ``options``: ``consistency``, ``timeout``,
-    ``name``, and ``sketch``, ``train`` or ``eval`` keys (``width``, ``depth``, ``seed``,
+    ``name``, ``filters`` (the sketch table's: zstd, significant), and ``sketch``,
+    ``train`` or ``eval`` keys (``width``, ``depth``, ``seed``,
     ``candidates``, ``batch_size``, ``queries``, ...). Returns the :class:`Model`, with
     the run's ``summary`` and ``metrics``."""
     from psd.apps.runjob import run_folder, run_job
@@ -608,7 +633,7 @@ def fit(stream, *, epsilon: float = 0.001, delta: float = 0.01, servers: int = 2
                  "sketch": {"epsilon": epsilon, "delta": delta}, "train": {}, "eval": {}}
     for key, value in options.items():
         section = next((sec for sec in ("sketch", "train", "eval") if key in _CHECKS[sec]), None)
-        if key in ("consistency", "max_delay", "timeout", "name", "cluster"):
+        if key in ("consistency", "max_delay", "timeout", "name", "cluster", "filters"):
             job[key] = value
         elif section is not None:
             job[section][key] = value

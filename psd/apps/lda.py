@@ -60,6 +60,7 @@ from psd.apps.options import Check, check_sections, is_int, is_num, merge_defaul
 from psd.apps.model import SAVE_CHECK, read_model, save_folder, write_model
 from psd.apps.rendezvous import wait_for_ranks
 from psd.errors import ConfigError
+from psd.filters import TableInfo, build_chain
 
 DEFAULTS: dict = {
     "data": {
@@ -158,11 +159,27 @@ _CHECKS: dict[str, dict[str, Check]] = {
 }
 
 
+def check_filters(spec: dict, source: str) -> list[str]:
+    """Problems of the job's ``filters`` on the word-topic table (integer counts summed),
+    each naming the key: zstd and significant apply (decision 112)."""
+    if spec.get("filters") is None:
+        return []
+    model = options(spec)["model"]
+    try:
+        build_chain(spec["filters"], TableInfo("nwk", model["dtype"], int(model["topics"]), "sum"))
+    except ConfigError as e:
+        return [f"{source}: {p}" for p in e.data.get("problems", [e.message])]
+    return []
+
+
 def validate(spec: dict, source: str) -> list[str]:
     """Problems with the ``data``, ``model`` and ``train`` sections, each naming file and key."""
     problems = check_sections(
-        spec, source, _CHECKS, app="lda", unused_sections=("tables", "filters", "sketch"),
+        spec, source, _CHECKS, app="lda", unused_sections=("tables", "sketch"),
         special={("data", "files"): lambda v: [] if v is None else check_files(v, source, "data.files")})
+    if problems:
+        return problems
+    problems += check_filters(spec, source)
     if problems:
         return problems
     data = spec.get("data") or {}
@@ -454,7 +471,9 @@ async def run(kv, ctx) -> dict:
                                       float(model["alpha"]), beta, int(tr["blocks"]),
                                       int(tr["seed"]) * 1_000_003 + ctx.shards[0])
     dtype = np.dtype(model["dtype"])
-    nwk = await kv.table("nwk", width=K, dtype=model["dtype"], updater="sum")
+    filters = ctx.spec.get("filters") or None   # the word-topic table's (validate checked them)
+    nwk = await kv.table("nwk", width=K, dtype=model["dtype"], updater="sum",
+                         **({"filters": filters} if filters else {}))
     stats = await kv.table("stats", width=2, dtype="float64", updater="assign", consistency="eventual")
     heldout = None
     if held.any():   # the held-out documents' halves and the table rows of their words
@@ -517,6 +536,9 @@ async def run(kv, ctx) -> dict:
                     stopped = "converged"
                     break
     iterations = it
+    if filters:   # the counts they held back, before this rank says it is done; the clock
+        await kv.flush()   # closes the iteration, so sequential applies them (and a pull
+        kv.clock()         # after it sees them)
     seconds = time.perf_counter() - start
     mine = {"rank": ctx.rank, "documents": sampler.num_docs, "tokens": sampler.num_tokens, "stopped": stopped,
             "iterations": iterations, "loglik_local": last, "sample_seconds": t_sample,
@@ -656,7 +678,7 @@ def fit(docs, topics: int = 10, *, servers: int = 2, workers: int = 2, output=No
     ``lda`` app with ``psd run`` (a local cluster in a child process). The documents are
     written one per line to ``output/data/docs.txt`` and tokenised as the app tokenises
     files (lower-cased runs of letters). ``options``: ``consistency``, ``timeout``,
-    ``name``, and ``train`` keys (``iterations``, ``blocks``, ``seed``) or ``eval`` keys
+    ``name``, ``filters`` (the word-topic table's: zstd, significant), and ``train`` keys (``iterations``, ``blocks``, ``seed``) or ``eval`` keys
     (``heldout``, ``every``, ``patience``, ``tol``, ``sweeps``). ``output``: a folder
     that keeps the run (model.npz, model.json, metrics, plots); by default temporary.
     ``beta=None``: the data-scaled prior (:func:`default_beta`). Returns the
@@ -671,7 +693,7 @@ def fit(docs, topics: int = 10, *, servers: int = 2, workers: int = 2, output=No
                  "consistency": "sequential", "model": {"topics": topics, "alpha": alpha, "beta": beta},
                  "train": {}, "eval": {}}
     for key, value in options.items():
-        if key in ("consistency", "max_delay", "timeout", "name", "cluster"):
+        if key in ("consistency", "max_delay", "timeout", "name", "cluster", "filters"):
             job[key] = value
         elif key in _CHECKS["train"]:
             job["train"][key] = value
@@ -679,7 +701,7 @@ def fit(docs, topics: int = 10, *, servers: int = 2, workers: int = 2, output=No
             job["eval"][key] = value
         else:
             raise BadRequestError(f"lda.fit(): unknown option {key!r}; expected one of consistency, max_delay, "
-                                  f"timeout, name, cluster, {', '.join((*_CHECKS['train'], *_CHECKS['eval']))}")
+                                  f"timeout, name, cluster, filters, {', '.join((*_CHECKS['train'], *_CHECKS['eval']))}")
     with run_folder(output) as (folder, temporary):
         path = folder / "data" / "docs.txt"
         path.parent.mkdir(parents=True, exist_ok=True)

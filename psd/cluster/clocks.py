@@ -240,42 +240,53 @@ def _check_tau(tau: int | None) -> int | None:
 
 
 class AutoDelay:
-    """Adapts tau between ``tau_min`` and ``tau_max`` from how long pulls wait.
+    """Adapts tau between ``tau_min`` and ``tau_max``: as loose as the workers need not
+    to wait, and no looser than the room they actually use.
 
-    The caller reports durations: ``observe_wait(s)`` for each held pull's wait and
-    ``observe_iteration(s)`` once per worker iteration (waits and iterations from the
-    same workers). Rule, judged over the last ``window`` iterations:
+    Waiting at the gate is time lost for certain; staleness costs only where workers
+    really run ahead, and how far they run ahead is measurable. So the rule is
+    asymmetric: climb fast when pulls wait, come down slowly, and only as far as the
+    recent leads show is safe. The caller reports, from the same workers,
+    ``observe_pull(lead)`` for every pull (``lead``: the pull's clock minus the floor it
+    is gated on; it is held exactly when ``lead > tau``), ``observe_wait(s)`` when a
+    held pull is released, and ``observe_iteration(s)`` once per worker iteration.
+    Judged every ``window`` iterations:
 
-    - wait fraction ``f = sum(waits) / sum(iteration times)``;
-    - ``f > raise_above``: tau += 1 (workers idle at the barrier; let them run ahead);
-    - ``f < lower_below``: tau -= 1 (little waiting; tighten for fresher reads);
-    - otherwise tau stays (the dead band between the two thresholds is the hysteresis).
-
-    After each change the window is emptied, so the next decision sees only iterations
-    run under the new tau. If a change reverses the previous one, the next decision waits
-    twice as many windows (up to ``max_backoff``), so a workload that jumps across the
-    whole dead band between two adjacent taus settles into ever slower flips instead of
-    flapping every window; a window that lands in the dead band resets the backoff.
+    - wait fraction ``f = sum(waits) / sum(iteration times)`` over the window (judged
+      early once the waits alone put it above ``raise_above``, counting the window's
+      remaining iterations at its mean length);
+    - ``f > raise_above``: tau doubles (0 -> 1 -> 2 -> 4 -> 8, capped by ``tau_max``):
+      workers idle at the barrier, and a straggler's lag is not known in advance, so
+      growing geometrically reaches any needed room in a few windows;
+    - otherwise, tau - 1 only if no pull over the last ``quiet`` windows had a lead
+      above tau - 1 (the tighter bound would have held none of them) and no raise came
+      in that time: a transient straggler that used the room keeps it for ``quiet``
+      more windows, and waits that vanish for long bring tau down a step a window;
+    - a raise that reverses a lowering doubles the quiet time needed before the next
+      lowering (up to ``max_backoff`` times), so a workload whose needed room comes and
+      goes does not flap; a lowering that stands until the next one resets it.
     """
 
     def __init__(self, tau_min: int = 0, tau_max: int = 8, *, initial: int | None = None,
-                 window: int = 20, raise_above: float = 0.20, lower_below: float = 0.05,
+                 window: int = 20, raise_above: float = 0.05, quiet: int = 8,
                  max_backoff: int = 8):
         if not 0 <= tau_min <= tau_max:
             raise ConfigError(f"max_delay auto needs 0 <= tau_min <= tau_max, "
                               f"got {tau_min}, {tau_max}")
-        if not 0 <= lower_below < raise_above:
-            raise ConfigError(f"auto delay needs 0 <= lower_below < raise_above, "
-                              f"got {lower_below}, {raise_above}")
-        if window < 1 or max_backoff < 1:
-            raise ConfigError("auto delay needs window >= 1 and max_backoff >= 1")
+        if not 0 <= raise_above < 1:
+            raise ConfigError(f"auto delay needs 0 <= raise_above < 1, got {raise_above}")
+        if window < 1 or quiet < 1 or max_backoff < 1:
+            raise ConfigError("auto delay needs window >= 1, quiet >= 1 and max_backoff >= 1")
         self.tau_min, self.tau_max = tau_min, tau_max
-        self.window, self.max_backoff = window, max_backoff
-        self.raise_above, self.lower_below = raise_above, lower_below
+        self.window, self.quiet, self.max_backoff = window, quiet, max_backoff
+        self.raise_above = raise_above
         self._tau = tau_min if initial is None else min(max(initial, tau_min), tau_max)
-        self._iters: deque[tuple[float, float]] = deque(maxlen=window)  # (iteration, wait)
-        self._pending_wait = 0.0
-        self._skip = 0            # iterations left before the next judgement
+        self._iters = 0
+        self._time = 0.0
+        self._waited = 0.0
+        self._lead = 0                                   # the largest lead this window
+        self._leads: deque[int] = deque(maxlen=quiet)    # the largest lead of past windows
+        self._since_raise = quiet                        # windows since the last raise
         self._backoff = 1
         self._last_step = 0       # +1, -1, or 0 before any change
 
@@ -283,38 +294,52 @@ class AutoDelay:
     def tau(self) -> int:
         return self._tau
 
+    def observe_pull(self, lead: int) -> None:
+        """A pull arrived ``lead`` clocks ahead of the floor it is gated on."""
+        self._lead = max(self._lead, lead)
+
     def observe_wait(self, seconds: float) -> None:
-        self._pending_wait += max(seconds, 0.0)
+        self._waited += max(seconds, 0.0)
 
     def observe_iteration(self, seconds: float) -> int:
         """Record one iteration (with the waits seen since the last); returns tau."""
-        self._iters.append((max(seconds, 0.0), self._pending_wait))
-        self._pending_wait = 0.0
-        self._skip = max(self._skip - 1, 0)
-        if self._skip == 0 and len(self._iters) == self.window:
+        self._iters += 1
+        self._time += max(seconds, 0.0)
+        if self._iters >= self.window or self._decided():
             self._judge()
         return self._tau
 
+    def _decided(self) -> bool:
+        """The window will end above ``raise_above`` even if nothing more waits in it
+        (the rest of its iterations taken at this window's mean): judge it now."""
+        if self._time <= 0:
+            return False
+        rest = (self.window - self._iters) * self._time / self._iters
+        return self._waited > self.raise_above * (self._time + rest)
+
     def wait_fraction(self) -> float | None:
         """The current window's fraction of iteration time spent waiting, if any."""
-        total = sum(t for t, _ in self._iters)
-        return sum(w for _, w in self._iters) / total if total > 0 else None
+        return self._waited / self._time if self._time > 0 else None
 
     def _judge(self) -> None:
         f = self.wait_fraction()
-        if f is None:
+        self._leads.append(self._lead)
+        self._iters, self._time, self._waited, self._lead = 0, 0.0, 0.0, 0
+        self._since_raise += 1
+        if f is not None and f > self.raise_above:
+            if self._tau < self.tau_max:
+                if self._last_step < 0:
+                    self._backoff = min(self._backoff * 2, self.max_backoff)
+                self._tau = min(max(self._tau + 1, 2 * self._tau), self.tau_max)
+                self._last_step = 1
+            self._since_raise = 0
             return
-        step = 1 if f > self.raise_above else -1 if f < self.lower_below else 0
-        new = min(max(self._tau + step, self.tau_min), self.tau_max)
-        if step == 0:
-            self._backoff = 1
-        if new == self._tau:
-            return
-        if self._last_step and step != self._last_step:
-            self._backoff = min(self._backoff * 2, self.max_backoff)
-        self._tau, self._last_step = new, step
-        self._iters.clear()
-        self._skip = self._backoff * self.window
+        if (self._tau > self.tau_min and self._since_raise >= self.quiet * self._backoff
+                and len(self._leads) == self.quiet and max(self._leads) <= self._tau - 1):
+            if self._last_step < 0:
+                self._backoff = 1
+            self._tau -= 1
+            self._last_step = -1
 
 
 def stragglers(clocks: dict[str, int], lag: int) -> list[str]:

@@ -13,10 +13,13 @@ connection, has been answered by then).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 from psd.cluster.clocks import AutoDelay, RangeClocks, WaitHistogram, tau_for
+
+log = logging.getLogger("psd.server")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Policy:
     _pushes: list = field(default_factory=list)     # (clock, seq, apply) awaiting the clock boundary
     _seq: int = 0                                   # arrival order of kept pushes
     _last_clock_at: dict = field(default_factory=dict)
+    _tau_since: float = float("-inf")               # when auto last changed tau
     #: a checkpoint in progress: pushes at clocks >= cut wait until the snapshot is written
     cut: int | None = None
     _past_cut: list = field(default_factory=list)
@@ -73,6 +77,9 @@ class Policy:
     # -- events ----------------------------------------------------------------
     def pull(self, rid: Hashable, worker: str, clock: int, run: Callable[[], None], now: float) -> bool:
         """Run ``run`` now if allowed, else hold it; True when it ran now."""
+        if self.auto is not None:   # how far ahead of its gate the pull is: the room it uses
+            floor = self.clocks.min_clock()
+            self.auto.observe_pull(0 if floor is None else clock - floor)
         if self.clocks.pull(rid, worker, clock):
             self.waits.record(0.0)
             run()
@@ -109,7 +116,11 @@ class Policy:
         self._last_clock_at[worker] = now
         self.clocks.clock(worker, clock, synced=synced)
         if self.auto is not None and last is not None:
-            self.clocks.tau = self.auto.observe_iteration(now - last)
+            tau = self.auto.observe_iteration(now - last)
+            if tau != self.clocks.tau:
+                log.info("max_delay auto: tau %s -> %d (clock %d of %s)", self.clocks.tau, tau, clock, worker)
+                self._tau_since = now
+                self.clocks.tau = tau
         self._drain(now)
 
     def leave(self, worker: str, now: float) -> None:
@@ -147,8 +158,8 @@ class Policy:
         run, since, _clock = self._held.pop(rid)
         waited = now - since
         self.waits.record(waited)
-        if self.auto is not None:
-            self.auto.observe_wait(waited)
+        if self.auto is not None:   # only the part of the wait under the current tau
+            self.auto.observe_wait(now - max(since, self._tau_since))
         run()
 
     def set_cut(self, cut: int | None) -> None:

@@ -17,6 +17,10 @@ from psd.filters.spec import parse_filters
 #: filters that hold rows back: an updater that waits for every worker's part of a key
 #: (prox_l1 with aggregate) would wait for ever, and ``assign`` is not a sum of pushes
 _DROPPING = ("significant", "random_skip")
+#: filters that send integer rows as they are: zstd, and significant, which holds a key's
+#: accumulated change back whole and later sends it whole (an integer table's counts stay
+#: integers; quantize, random_skip and kkt would round or rescale them)
+EXACT_ON_INTEGERS = ("zstd", "significant")
 #: updaters to which a pushed row of zeros changes nothing (``keep_keys``)
 ZERO_IS_NOTHING = ("sum", "sgd")
 
@@ -39,9 +43,10 @@ class TableInfo:
 def _defaults(name: str, opts: dict, info: TableInfo, key: str) -> list[str]:
     """Fill the options a filter takes from its table; the problems found."""
     problems = []
-    if name != "zstd" and not info.dtype.startswith("float"):
+    if name not in EXACT_ON_INTEGERS and not info.dtype.startswith("float"):
         problems.append(f"{key}: filter {name!r} changes values; table {info.name!r} holds {info.dtype}, "
-                        f"expected float32 or float64 (only zstd applies to integer tables)")
+                        f"expected float32 or float64 (only {' and '.join(EXACT_ON_INTEGERS)} apply to "
+                        f"integer tables)")
     if name in _DROPPING and info.aggregates:
         problems.append(f"{key}: filter {name!r} holds rows back, but table {info.name!r} uses prox_l1 with "
                         f"aggregate: true, which steps a key once every worker's part arrived; use kkt or quantize")

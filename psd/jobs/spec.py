@@ -135,7 +135,8 @@ def parse_job(data, source: str, apps: AppRegistry) -> JobSpec:
         except ConfigError as e:
             problems.extend(str(e).splitlines())
     if isinstance(app, str) and app in apps:
-        problems.extend(apps.load(app).validate(data, source))
+        # (the app checks its filters whole: their names and options again, once listed)
+        problems.extend(p for p in apps.load(app).validate(data, source) if p not in problems)
     if problems:
         raise ConfigError("\n".join(problems))
     return JobSpec(source=source, spec=data, name=name, app=app, servers=servers, workers=workers,
