@@ -185,7 +185,7 @@ def _one_message(seed: int) -> dict:
 
 def _run_one_message(seed: int) -> tuple[str | None, dict]:
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, **_one_message(seed))
+    outcome = simulate(seed, count_states=True, **_one_message(seed))
     return (None if outcome.ok else outcome.describe()), outcome.states
 
 

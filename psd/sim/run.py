@@ -459,17 +459,30 @@ class Run:
         but heartbeats for a second with no process stalled (requests held by the gate for
         clocks that will not come until the workers leave; a second is over twice the
         failure timeout)."""
-        core = self.scheduler.core
-        if core.ring_changes.busy or core.ring_changes.unfinished or not self.scheduler.alive:
-            return False
         w = self.world
         if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and \
                 (w.now - w.last_work < 1.0 or any(until > w.now for until in w.stalled_until.values())):
+            return False
+        return self._ring_settled()
+
+    def _ring_settled(self) -> bool:
+        core = self.scheduler.core
+        if core.ring_changes.busy or core.ring_changes.unfinished or not self.scheduler.alive:
             return False
         live = set(core.state.live("server"))
         servers = [srv for srv in self.servers if srv.alive and srv.core.node_id in live]
         return len(servers) == len(live) and all(srv.core.ring.version == core.ring.version and not srv.core.incoming
                                                  for srv in servers)
+
+    def closed(self, until: float) -> bool:
+        """Every worker has left (its ``leave`` answered once every server was told, or
+        given up on), no server is due to join by ``until``, the ring has settled, nothing
+        but heartbeats and answers is in flight, the scheduler waits for no answer and no
+        process is stalled: what a longer close would add is heartbeats."""
+        w = self.world
+        return (not any(wk.alive for wk in self.workers) and not self.scheduler.tokens
+                and not any(stall > w.now for stall in w.stalled_until.values())
+                and not w.due(self.add_server, until) and self._ring_settled() and not w.work_in_flight())
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -489,7 +502,12 @@ class Run:
         for worker in self.workers:
             if worker.alive:
                 worker.close()
-        self.world.run(self.world.now + 1.0, self.check_step)
+        closing = self.world.now + 1.0
+        while self.world.now < closing:  # (until every worker has left, and a little more)
+            self.world.run(min(closing, self.world.now + 0.05), self.check_step)
+            if self.closed(closing):
+                self.world.run(min(closing, self.world.now + 0.1), self.check_step)
+                break
         self.check_end()
         o = self.outcome
         o.pushes, o.pulls = len(self.pushes), len(self.pulls)

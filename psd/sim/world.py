@@ -193,6 +193,20 @@ class World:
                 self.last_work = self.now
             proc.deliver(conn, msg)
 
+    def due(self, fn: Callable[[], None], until: float) -> bool:
+        """Whether ``fn`` is scheduled to run by ``until``."""
+        return any(when <= until and f == fn for when, _, _, f in self._events)
+
+    def work_in_flight(self) -> bool:
+        """Whether a message other than a heartbeat or an answer is on its way (or waits
+        for a partition to heal)."""
+        for event in self._events:
+            fn = event[3]
+            if type(fn) is partial and fn.func == self._arrive and fn.args[3].op not in _NOT_WORK:
+                return True
+        return any(msg.op not in _NOT_WORK for conn in self.connections.values()
+                   for waiting in conn.waiting.values() for msg, _ in waiting)
+
     def drop(self, conn: Connection) -> None:
         """The connection breaks: everything in flight is lost; both ends are told."""
         conn.incarnation += 1
