@@ -455,15 +455,27 @@ class Run:
 
     def quiet(self) -> bool:
         """Nothing left to happen but heartbeats: no ring change running or left to finish,
-        every live server at the scheduler's ring, and every request answered, or nothing
-        but heartbeats for a second with no process stalled (requests held by the gate for
-        clocks that will not come until the workers leave; a second is over twice the
-        failure timeout)."""
+        every live server at the scheduler's ring, and every request answered, or only
+        pulls held by the gate for clocks that will not come until the workers leave
+        (nothing queued or in flight, no process stalled), or nothing but heartbeats for a
+        second with no process stalled (a second is over twice the failure timeout)."""
         w = self.world
-        if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and \
+        if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and not self._held_only() and \
                 (w.now - w.last_work < 1.0 or any(until > w.now for until in w.stalled_until.values())):
             return False
         return self._ring_settled()
+
+    def _held_only(self) -> bool:
+        """What the workers wait for is pulls a server holds: each worker's unanswered
+        requests are pulls, it has nothing queued, to retry or to ask, and nothing but
+        heartbeats and answers is in flight, with no process stalled."""
+        w = self.world
+        for wk in self.workers:
+            core = wk.core
+            if wk.alive and (core.queue or core.retries or core.awaiting_ring or wk.asking_ring
+                             or any(r.op != "pull" for r in core.requests.values())):
+                return False
+        return not any(until > w.now for until in w.stalled_until.values()) and not w.work_in_flight()
 
     def _ring_settled(self) -> bool:
         core = self.scheduler.core
@@ -495,7 +507,7 @@ class Run:
         settled = end + self.s.settle
         t = end
         while t < settled:  # (until every request is answered and the ring has settled)
-            t = min(settled, t + 0.25)
+            t = min(settled, t + 0.05)
             self.world.run(t, self.check_step)
             if self.quiet():
                 break
