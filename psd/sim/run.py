@@ -414,12 +414,12 @@ class Run:
     def _check_pulls(self, dead_workers: set[str]) -> None:
         cons, tau = self.s.consistency, self.s.max_delay
         worker_id = {i: w.core.node_id for i, w in enumerate(self.workers)}
-        to_key: dict[int, list[PushRecord]] = {}
-        slot_at: dict[tuple[int, int], int] = {}
+        # each key's pushes once, as (slot, order, issued, clock, acked): not per pull
+        to_key: dict[int, list[tuple[int, int, float, int, bool]]] = {}
         for p in self.pushes:
+            acked = p.outcome == "acked"
             for k, s in zip(p.keys.tolist(), p.slots):
-                to_key.setdefault(k, []).append(p)
-                slot_at[(id(p), k)] = s
+                to_key.setdefault(k, []).append((s, p.order, p.issued, p.clock, acked))
         for pull in self.pulls:
             if pull.values is None:
                 continue
@@ -429,20 +429,19 @@ class Run:
                     self.violate(f"a pull by worker {pull.worker} saw push slot(s) {sorted(doubled)} of key {k} "
                                  f"applied more than once")
                 owner = self.owner[k]
-                pushes = to_key.get(k, [])
-                slot = {id(p): slot_at[(id(p), k)] for p in pushes}
+                pushes = to_key.get(k, ())
                 must: set[int] = set()
-                may: set[int] = {slot[id(p)] for p in pushes if p.issued <= pull.answered}
+                may: set[int] = {s for s, _, issued, _, _ in pushes if issued <= pull.answered}
                 if owner == pull.worker and cons != "sequential":  # (under it, own pushes as everyone's)
-                    before = [p for p in pushes if p.order < pull.order]
-                    must |= {slot[id(p)] for p in before if p.outcome == "acked"}
+                    before = [x for x in pushes if x[1] < pull.order]
+                    must |= {s for s, _, _, _, acked in before if acked}
                     if cons == "eventual" and not pull.reread and not pull.rerouted:
-                        may = {slot[id(p)] for p in before}
+                        may = {x[0] for x in before}
                 if cons in ("bounded", "sequential") and worker_id[owner] not in dead_workers:
                     bound = pull.clock - (tau if cons == "bounded" else 0)
-                    must |= {slot[id(p)] for p in pushes if p.clock < bound and p.outcome == "acked"}
+                    must |= {s for s, _, _, clock, acked in pushes if clock < bound and acked}
                     if cons == "sequential" and not pull.rerouted and not pull.reread:
-                        may &= {slot[id(p)] for p in pushes if p.clock < pull.clock}
+                        may &= {s for s, _, _, clock, _ in pushes if clock < pull.clock}
                 if self.s.bounded:
                     must = set()  # (evicted rows read zero)
                 if not must <= applied:
@@ -542,13 +541,15 @@ class Run:
 def _decode(value: int) -> tuple[set[int], set[int]]:
     """The push slots a key's value holds, and those it holds more than once."""
     applied, doubled = set(), set()
-    v = value & ((1 << 64) - 1)
-    for slot in range(32):
-        n = (v >> (2 * slot)) & 3
+    v, slot = value & ((1 << 64) - 1), 0
+    while v:
+        n = v & 3
         if n:
             applied.add(slot)
-        if n > 1:
-            doubled.add(slot)
+            if n > 1:
+                doubled.add(slot)
+        v >>= 2
+        slot += 1
     return applied, doubled
 
 
