@@ -18,7 +18,7 @@ import pytest
 from psd.sim import settings_for, simulate
 
 #: seeds per consistency model in the suite (each schedule: 1.5 s of workload and its faults,
-#: then up to 4 s to settle, in virtual time); about 70 ms of CPU a seed (decision 101:
+#: then up to 4 s to settle, in virtual time); 70 to 100 ms of CPU a seed (decision 102:
 #: scripts/bench_sim.py measures it)
 SEEDS = {"eventual": 400, "bounded": 300, "sequential": 300}
 
