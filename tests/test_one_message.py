@@ -60,6 +60,24 @@ def test_a_full_push_is_one_part_per_server_not_per_owner_tuple():
         assert send.msg.arrays[0].tolist() == led
 
 
+def test_a_small_request_is_cut_key_by_key_exactly_as_a_big_one(monkeypatch):
+    """Requests of up to SMALL_CUT keys take a per-key search (the simulation's and small
+    pulls' path); it gives the same groups and slices as the vectorised cut, edges of
+    ranges included (keys equal to a range's first key)."""
+    import psd.cluster.routing as routing
+    ring = consistent_hash(SERVERS, 1, vnodes=4, replication=2, addresses={s: f"tcp://{s}" for s in SERVERS})
+    begins = [r.begin for r in ring.ranges[1:]]
+    rng = np.random.default_rng(7)
+    cases = [np.unique(rng.integers(0, 2**64 - 1, size=int(rng.integers(1, 17)), dtype=np.uint64))
+             for _ in range(300)]
+    picks = [[begins[i] - (i % 2) for i in rng.integers(0, len(begins), 8).tolist()] for _ in range(100)]
+    cases += [np.unique(np.array(pick, dtype=np.uint64)) for pick in picks]  # (first keys, and the key before)
+    small = [routing.group_keys(ring, keys) for keys in cases]
+    monkeypatch.setattr(routing, "SMALL_CUT", 0)
+    assert small == [routing.group_keys(ring, keys) for keys in cases]
+    assert sum(len(g) > 1 for g in small) > 100, "most cases should span several owner groups"
+
+
 def test_by_primary_merges_owner_groups_and_keeps_rows_apart():
     groups = [(("S0", "S1"), [(0, 3), (9, 12)]), (("S1", "S0"), [(3, 5)]), (("S0", "S2"), [(5, 9)])]
     assert by_primary(groups) == [("S0", [(0, 3), (5, 9), (9, 12)]), ("S1", [(3, 5)])]

@@ -16,6 +16,9 @@ from psd.cluster.ranges import split_sorted, split_span
 
 Owners = tuple[str, ...]
 Slices = list[tuple[int, int]]  # row slices [i0, i1), ascending
+#: requests of at most this many keys are cut key by key (bisect) rather than by one
+#: vectorised search: cheaper below it, as numpy's fixed cost per call dominates
+SMALL_CUT = 16
 
 
 def group_keys(ring: Assignment, keys: np.ndarray) -> list[tuple[Owners, Slices]]:
@@ -34,11 +37,20 @@ def group_keys(ring: Assignment, keys: np.ndarray) -> list[tuple[Owners, Slices]
     first = bisect_right(begins, int(keys[0]))
     if first == bisect_right(begins, int(keys[-1])):  # all in one range
         return [(ring.owners[first], [(0, n)])]
+    owners = ring.owners
+    groups: dict[Owners, Slices] = {}
+    if n <= SMALL_CUT:  # a few keys: a search per key beats numpy's per-call cost
+        j, start = first, 0
+        for i, key in enumerate(keys.tolist()):
+            at = bisect_right(begins, key)
+            if at != j:
+                groups.setdefault(owners[j], []).append((start, i))
+                j, start = at, i
+        groups.setdefault(owners[j], []).append((start, n))
+        return list(groups.items())
     edges = np.empty(len(ring.ranges) + 1, dtype=np.int64)
     edges[0], edges[-1] = 0, n
     edges[1:-1] = np.searchsorted(keys, inner)
-    groups: dict[Owners, Slices] = {}
-    owners = ring.owners
     for j in np.flatnonzero(edges[1:] > edges[:-1]).tolist():
         groups.setdefault(owners[j], []).append((int(edges[j]), int(edges[j + 1])))
     return list(groups.items())

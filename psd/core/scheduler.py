@@ -102,6 +102,7 @@ class SchedulerCore:
         self._isolated = False
         #: ranges with no live copy (start, end) -> since when (restore_unavailable_after)
         self._orphaned_since: dict[tuple[int, int], float] = {}
+        self._orphans_of: tuple | None = None
         self._restoring_orphans = False
         self._no_checkpoint_until = 0.0
         #: ranges restored from a checkpoint after their servers were given up (status)
@@ -237,7 +238,13 @@ class SchedulerCore:
         seconds; then they are given up and it is restored from the newest checkpoint."""
         s = self.state
         wait = self.config.restore_unavailable_after
-        orphans = unavailable(s.ring, set(s.live("server"))) if s.live("server") else []
+        live = s.live("server")
+        seen = self._orphans_of  # (ring, live servers, their orphans): the same on most ticks
+        if seen is not None and seen[0] is s.ring and seen[1] == live:
+            orphans = seen[2]
+        else:
+            orphans = unavailable(s.ring, set(live)) if live else []
+            self._orphans_of = (s.ring, live, orphans)
         since = self._orphaned_since
         current = {(r.begin, r.end) for r, _ in orphans}
         for key in list(since):

@@ -86,8 +86,10 @@ class SimServer(Process):
         self.tokens: dict[int, int] = {}  # core token -> message id
         self.address = address_of(name)
         self.registered = False
-        #: in-flight states of one message per server met here (``note_state``)
+        #: in-flight states of one message per server met here (``note_state``), counted
+        #: only when asked (``Settings.count_states``: it regroups every data message)
         self.states: Counter = Counter()
+        self.count_states = False
         self._in_part: set[tuple[str, int]] = set()  # (origin, rid) of forwards holding part of a push
         #: armed by the ``kill_mid_forward`` fault: called when this server dies between
         #: the forwards of one push (``_cut_mid_forward``)
@@ -144,7 +146,7 @@ class SimServer(Process):
                 return
             self._execute(self.core.control(msg, now))
             return
-        if msg.op in STATE_OPS:
+        if self.count_states and msg.op in STATE_OPS:
             self.note_state(msg)
         self._execute(self.core.handle(conn, msg, now))
 

@@ -72,6 +72,9 @@ class Settings:
     #: keys a push holds at most (drawn from the worker's ``keys_per_worker``): more keys,
     #: more pushes that span several owner groups of one server (decision 97)
     push_keys: int = 3
+    #: count the in-flight states of one message per server the servers meet
+    #: (``Outcome.states``); off by default: it regroups every data message
+    count_states: bool = False
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
@@ -176,6 +179,7 @@ class Run:
 
     def add_server(self) -> SimServer:
         server = SimServer(self.world, f"srv-{len(self.servers)}", self.config)
+        server.count_states = self.s.count_states
         self.servers.append(server)
         server.start()
         return server
@@ -326,23 +330,30 @@ class Run:
     # -- invariants --------------------------------------------------------------------
     def check_step(self, owner: str | None) -> None:
         """What must hold after every step of the process that acted: its ring version and
-        the worker clocks it knows never go back."""
-        proc = self.world.processes.get(owner) if owner is not None else None
+        the worker clocks it knows never go back. Incremental: a gate's clocks are read
+        only when their change count moved."""
+        if owner is None:
+            return
+        proc = self.world.processes.get(owner)
         core = getattr(proc, "core", None)
         ring = getattr(core, "ring", None)
         if ring is None:
             return
-        if ring.version < self._seen_rings.get(owner, 0):
-            self.violate(f"{owner} went from ring v{self._seen_rings[owner]} back to v{ring.version}")
-        self._seen_rings[owner] = ring.version
+        version = ring.version
+        seen_ring = self._seen_rings.get(owner, 0)
+        if version != seen_ring:
+            if version < seen_ring:
+                self.violate(f"{owner} went from ring v{seen_ring} back to v{version}")
+            self._seen_rings[owner] = version
         gate = getattr(core, "gate", None)
         if gate is None:
             return
+        changes = self._clock_changes
         for setting, policy in gate.policies.items():
             mark = (owner, setting)
-            if self._clock_changes.get(mark) == policy.clocks.changes:
+            if changes.get(mark) == policy.clocks.changes:
                 continue
-            self._clock_changes[mark] = policy.clocks.changes
+            changes[mark] = policy.clocks.changes
             for worker, clock in policy.clocks.clocks().items():
                 k = (owner, setting, worker)
                 seen = self._seen_clocks.get(k, 0)
@@ -403,12 +414,12 @@ class Run:
     def _check_pulls(self, dead_workers: set[str]) -> None:
         cons, tau = self.s.consistency, self.s.max_delay
         worker_id = {i: w.core.node_id for i, w in enumerate(self.workers)}
-        to_key: dict[int, list[PushRecord]] = {}
-        slot_at: dict[tuple[int, int], int] = {}
+        # each key's pushes once, as (slot, order, issued, clock, acked): not per pull
+        to_key: dict[int, list[tuple[int, int, float, int, bool]]] = {}
         for p in self.pushes:
+            acked = p.outcome == "acked"
             for k, s in zip(p.keys.tolist(), p.slots):
-                to_key.setdefault(k, []).append(p)
-                slot_at[(id(p), k)] = s
+                to_key.setdefault(k, []).append((s, p.order, p.issued, p.clock, acked))
         for pull in self.pulls:
             if pull.values is None:
                 continue
@@ -418,20 +429,19 @@ class Run:
                     self.violate(f"a pull by worker {pull.worker} saw push slot(s) {sorted(doubled)} of key {k} "
                                  f"applied more than once")
                 owner = self.owner[k]
-                pushes = to_key.get(k, [])
-                slot = {id(p): slot_at[(id(p), k)] for p in pushes}
+                pushes = to_key.get(k, ())
                 must: set[int] = set()
-                may: set[int] = {slot[id(p)] for p in pushes if p.issued <= pull.answered}
+                may: set[int] = {s for s, _, issued, _, _ in pushes if issued <= pull.answered}
                 if owner == pull.worker and cons != "sequential":  # (under it, own pushes as everyone's)
-                    before = [p for p in pushes if p.order < pull.order]
-                    must |= {slot[id(p)] for p in before if p.outcome == "acked"}
+                    before = [x for x in pushes if x[1] < pull.order]
+                    must |= {s for s, _, _, _, acked in before if acked}
                     if cons == "eventual" and not pull.reread and not pull.rerouted:
-                        may = {slot[id(p)] for p in before}
+                        may = {x[0] for x in before}
                 if cons in ("bounded", "sequential") and worker_id[owner] not in dead_workers:
                     bound = pull.clock - (tau if cons == "bounded" else 0)
-                    must |= {slot[id(p)] for p in pushes if p.clock < bound and p.outcome == "acked"}
+                    must |= {s for s, _, _, clock, acked in pushes if clock < bound and acked}
                     if cons == "sequential" and not pull.rerouted and not pull.reread:
-                        may &= {slot[id(p)] for p in pushes if p.clock < pull.clock}
+                        may &= {s for s, _, _, clock, _ in pushes if clock < pull.clock}
                 if self.s.bounded:
                     must = set()  # (evicted rows read zero)
                 if not must <= applied:
@@ -444,21 +454,46 @@ class Run:
 
     def quiet(self) -> bool:
         """Nothing left to happen but heartbeats: no ring change running or left to finish,
-        every live server at the scheduler's ring, and every request answered, or nothing
-        but heartbeats for a second with no process stalled (requests held by the gate for
-        clocks that will not come until the workers leave; a second is over twice the
-        failure timeout)."""
+        every live server at the scheduler's ring, and every request answered, or only
+        pulls held by the gate for clocks that will not come until the workers leave
+        (nothing queued or in flight, no process stalled), or nothing but heartbeats for a
+        second with no process stalled (a second is over twice the failure timeout)."""
+        w = self.world
+        if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and not self._held_only() and \
+                (w.now - w.last_work < 1.0 or any(until > w.now for until in w.stalled_until.values())):
+            return False
+        return self._ring_settled()
+
+    def _held_only(self) -> bool:
+        """What the workers wait for is pulls a server holds: each worker's unanswered
+        requests are pulls, it has nothing queued, to retry or to ask, and nothing but
+        heartbeats and answers is in flight, with no process stalled."""
+        w = self.world
+        for wk in self.workers:
+            core = wk.core
+            if wk.alive and (core.queue or core.retries or core.awaiting_ring or wk.asking_ring
+                             or any(r.op != "pull" for r in core.requests.values())):
+                return False
+        return not any(until > w.now for until in w.stalled_until.values()) and not w.work_in_flight()
+
+    def _ring_settled(self) -> bool:
         core = self.scheduler.core
         if core.ring_changes.busy or core.ring_changes.unfinished or not self.scheduler.alive:
-            return False
-        w = self.world
-        if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and \
-                (w.now - w.last_work < 1.0 or any(until > w.now for until in w.stalled_until.values())):
             return False
         live = set(core.state.live("server"))
         servers = [srv for srv in self.servers if srv.alive and srv.core.node_id in live]
         return len(servers) == len(live) and all(srv.core.ring.version == core.ring.version and not srv.core.incoming
                                                  for srv in servers)
+
+    def closed(self, until: float) -> bool:
+        """Every worker has left (its ``leave`` answered once every server was told, or
+        given up on), no server is due to join by ``until``, the ring has settled, nothing
+        but heartbeats and answers is in flight, the scheduler waits for no answer and no
+        process is stalled: what a longer close would add is heartbeats."""
+        w = self.world
+        return (not any(wk.alive for wk in self.workers) and not self.scheduler.tokens
+                and not any(stall > w.now for stall in w.stalled_until.values())
+                and not w.due(self.add_server, until) and self._ring_settled() and not w.work_in_flight())
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -471,14 +506,19 @@ class Run:
         settled = end + self.s.settle
         t = end
         while t < settled:  # (until every request is answered and the ring has settled)
-            t = min(settled, t + 0.25)
+            t = min(settled, t + 0.05)
             self.world.run(t, self.check_step)
             if self.quiet():
                 break
         for worker in self.workers:
             if worker.alive:
                 worker.close()
-        self.world.run(self.world.now + 1.0, self.check_step)
+        closing = self.world.now + 1.0
+        while self.world.now < closing:  # (until every worker has left, and a little more)
+            self.world.run(min(closing, self.world.now + 0.05), self.check_step)
+            if self.closed(closing):
+                self.world.run(min(closing, self.world.now + 0.1), self.check_step)
+                break
         self.check_end()
         o = self.outcome
         o.pushes, o.pulls = len(self.pushes), len(self.pulls)
@@ -501,13 +541,15 @@ class Run:
 def _decode(value: int) -> tuple[set[int], set[int]]:
     """The push slots a key's value holds, and those it holds more than once."""
     applied, doubled = set(), set()
-    v = value & ((1 << 64) - 1)
-    for slot in range(32):
-        n = (v >> (2 * slot)) & 3
+    v, slot = value & ((1 << 64) - 1), 0
+    while v:
+        n = v & 3
         if n:
             applied.add(slot)
-        if n > 1:
-            doubled.add(slot)
+            if n > 1:
+                doubled.add(slot)
+        v >>= 2
+        slot += 1
     return applied, doubled
 
 

@@ -19,6 +19,7 @@ import heapq
 import itertools
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -96,14 +97,16 @@ class World:
     def run(self, until: float, check: Callable[[str | None], None] | None = None) -> None:
         """Run the events due by ``until``; after each, ``check(owner)`` (the process that
         acted, or None)."""
-        while self._events and self._events[0][0] <= until:
-            when, _, owner, fn = heapq.heappop(self._events)
+        events, processes, stalled = self._events, self.processes, self.stalled_until
+        pop = heapq.heappop
+        while events and events[0][0] <= until:
+            when, _, owner, fn = pop(events)
             self.now = when
             if owner is not None:
-                proc = self.processes.get(owner)
+                proc = processes.get(owner)
                 if proc is None or not proc.alive:
                     continue
-                if self.stalled_until.get(owner, 0.0) > when:
+                if stalled and stalled.get(owner, 0.0) > when:
                     self._deferred.setdefault(owner, []).append(fn)
                     continue
             fn()
@@ -157,36 +160,52 @@ class World:
         """Send ``msg`` from ``sender`` on ``conn``. Its arrays are read (copied) when it
         is delivered, as libzmq reads a zero-copy frame later; ``on_delivery`` then runs
         (a lent view's lease is released)."""
-        direction = "up" if sender == conn.client else "down"
-        dest = conn.other(sender)
+        dest = conn.server if sender == conn.client else conn.client
         # the header is packed when sent (later changes to the Message do not travel:
         # cores change a sent message's fields, never what they hold); the payload is
-        # read when delivered (zero-copy)
+        # read when delivered (zero-copy). This copy is the world's own until delivered.
         msg = Message(msg.op, msg.id, msg.sender, msg.table, msg.ring, msg.clock, dict(msg.meta), list(msg.arrays))
         if (sender, dest) in self.blocked:
-            conn.waiting[direction].append((msg, on_delivery))
+            conn.waiting["up" if sender == conn.client else "down"].append((msg, on_delivery))
             return
-        self._schedule(conn, direction, dest, msg, on_delivery)
+        self._schedule(conn, "up" if sender == conn.client else "down", dest, msg, on_delivery)
 
     def _schedule(self, conn: Connection, direction: str, dest: str, msg: Message, on_delivery) -> None:
-        incarnation = conn.incarnation
-        when = max(conn.last_delivery[direction], self.now + self.rng.uniform(*self.latency))
-        conn.last_delivery[direction] = when
+        last = conn.last_delivery
+        when = self.now + self.rng.uniform(*self.latency)
+        if last[direction] > when:
+            when = last[direction]
+        last[direction] = when
+        heapq.heappush(self._events, (when, next(self._seq), dest,
+                                      partial(self._arrive, conn, conn.incarnation, dest, msg, on_delivery)))
 
-        def arrive() -> None:
-            if conn.incarnation != incarnation:
-                return  # lost with the connection
-            copy = Message(msg.op, msg.id, msg.sender, msg.table, msg.ring, msg.clock, msg.meta,
-                           [_frozen(a) for a in msg.arrays])
-            if on_delivery is not None:
-                on_delivery()
-            proc = self.processes.get(dest)
-            if proc is not None and proc.alive:
-                self.messages += 1
-                if msg.op not in _NOT_WORK:
-                    self.last_work = self.now
-                proc.deliver(conn, copy)
-        self.at(when, arrive, dest)
+    def _arrive(self, conn: Connection, incarnation: int, dest: str, msg: Message, on_delivery) -> None:
+        if conn.incarnation != incarnation:
+            return  # lost with the connection
+        if msg.arrays:
+            msg.arrays = [_frozen(a) for a in msg.arrays]
+        if on_delivery is not None:
+            on_delivery()
+        proc = self.processes.get(dest)
+        if proc is not None and proc.alive:
+            self.messages += 1
+            if msg.op not in _NOT_WORK:
+                self.last_work = self.now
+            proc.deliver(conn, msg)
+
+    def due(self, fn: Callable[[], None], until: float) -> bool:
+        """Whether ``fn`` is scheduled to run by ``until``."""
+        return any(when <= until and f == fn for when, _, _, f in self._events)
+
+    def work_in_flight(self) -> bool:
+        """Whether a message other than a heartbeat or an answer is on its way (or waits
+        for a partition to heal)."""
+        for event in self._events:
+            fn = event[3]
+            if type(fn) is partial and fn.func == self._arrive and fn.args[3].op not in _NOT_WORK:
+                return True
+        return any(msg.op not in _NOT_WORK for conn in self.connections.values()
+                   for waiting in conn.waiting.values() for msg, _ in waiting)
 
     def drop(self, conn: Connection) -> None:
         """The connection breaks: everything in flight is lost; both ends are told."""
@@ -227,6 +246,6 @@ _NOT_WORK = frozenset({"heartbeat", "peer_ping", "get_ring", "ok", "error"})
 
 def _frozen(a: np.ndarray) -> np.ndarray:
     """A payload as the receiver gets it: a read-only array of its own."""
-    out = np.array(a, copy=True)
+    out = a.copy()
     out.flags.writeable = False
     return out
