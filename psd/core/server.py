@@ -112,6 +112,8 @@ class ServerCore:
         self.keycache = KeyCache()
         #: pull filters: rows published per table, what each worker was sent (psd.filters.pull)
         self.pulls = PullFilters()
+        #: a cached key list keeps where its keys are stored (off: every push looks them up)
+        self.keep_positions = True
         self._may: dict[tuple, bool] = {}  # (key role, table) -> may touch (may_touch)
         self.streams = Inbound()
         self.outbox: list = []
@@ -563,8 +565,10 @@ class ServerCore:
         if kc is not None:
             if not cached:
                 raise ProtocolError(f"{msg.op} cannot name its keys by signature (meta.kc); send them")
-            keys = self.keycache.resolve(msg.sender, table.spec.name, kc)
-            rows = Rows.from_message(msg, self.config.limits, with_values, keys=keys)
+            held = self.keycache.lookup(msg.sender, table.spec.name, kc)
+            rows = Rows.from_message(msg, self.config.limits, with_values, keys=held.keys)
+            if with_values and self.keep_positions:  # (a push may skip the key lookup: decision 104)
+                rows.held, rows.placed = held, self.keycache.placed
         else:
             rows = Rows.from_message(msg, self.config.limits, with_values)
         if with_values:
