@@ -5,7 +5,7 @@ A worker chooses them per table (``kv.table(..., pull_filters=[...])``, a job's
 ``pull_filters:``); every pull of 64 keys or more names them in ``meta.pf`` and the
 reply says what it did in ``meta.pr``.
 
-* ``significant`` {threshold, relative}: the server keeps, per table, the row it last
+* ``significant`` {threshold, relative}: (each one value or one per column) the server keeps, per table, the row it last
   *published* for each key pulled with this filter, and publishes a key's row again only
   when the stored row moved away from it by more than ``threshold`` in some column
   (absolute, or times ``|published|`` with ``relative``; one threshold, or one per
@@ -19,14 +19,14 @@ reply says what it did in ``meta.pr``.
   and starts the chain again: a worker never holds rows older than the bound.
   Threshold 0 is lossless: only rows that changed travel.
 * ``quantize`` {to: bfloat16}: rows travel as the upper 16 bits of their float32 value,
-  rounded to nearest even (the range of float32, 8 significant bits): every entry is
-  off by at most ``2**-9 * |v|``, zeros exact, and the same value always rounds the
+  rounded to nearest even (the range of float32, 8 significant bits: half a unit in the last place): every entry is
+  off by at most ``2**-8 * |v|``, zeros exact, and the same value always rounds the
   same way (no per-message scale, so all workers agree).
 * ``sparse``: rows of zeros are left out of an answer that is not a delta; lossless.
 
 Bound of what a worker holds after a pull, per entry, against the row the server held
 when it answered: ``significant`` alone, ``threshold`` (relative: ``threshold *
-|published|``); ``quantize`` alone, ``2**-9 * |v|``; both, the larger of the two.
+|published|``); ``quantize`` alone, ``2**-8 * |v|``; both, the larger of the two.
 """
 from __future__ import annotations
 
@@ -64,11 +64,14 @@ def build_pull(entries, dtype: str, width: int, where: str = "pull_filters") -> 
             problems.append(f"{key}: pull filter {name!r} changes values; the table holds {dtype}, expected "
                             f"float32 or float64 (only sparse applies to integer tables)")
         if name == "significant":
-            t = opts["threshold"]
+            t, r = opts["threshold"], opts["relative"]
             if isinstance(t, list) and len(t) != width:
                 problems.append(f"{key}.threshold: expected one number or {width} (one per column), got {len(t)}")
+            if isinstance(r, list) and len(r) != width:
+                problems.append(f"{key}.relative: expected true, false or {width} of them (one per column), "
+                                f"got {len(r)}")
             pf["t"] = [float(x) for x in t] if isinstance(t, list) else float(t)
-            pf["r"] = bool(opts["relative"])
+            pf["r"] = list(r) if isinstance(r, list) else bool(r)
         elif name == "quantize":
             pf["q"] = opts["to"]
     if problems:
@@ -91,10 +94,10 @@ def check_pf(pf, width: int) -> dict:
     if "significant" in names:
         t, r = pf.get("t"), pf.get("r")
         ok = (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0)
-        if not (ok(t) or (isinstance(t, list) and len(t) == width and all(ok(x) for x in t))) \
-                or not isinstance(r, bool):
+        if not (ok(t) or (isinstance(t, list) and len(t) == width and all(ok(x) for x in t))) or not (
+                isinstance(r, bool) or (isinstance(r, list) and len(r) == width and all(isinstance(x, bool) for x in r))):
             raise UnknownFilterError(f"meta.pf: significant needs t (a number >= 0, or {width} of them) and r "
-                                     f"(true or false)")
+                                     f"(true or false, or {width} of them)")
         b = pf.get("b")
         if b is not None and (type(b) is not int or not 0 <= b <= _MAX64):
             raise UnknownFilterError("meta.pf.b must be the token of a previous answer (an integer)")
@@ -216,9 +219,10 @@ class PullFilters:
         pos, new = pub.positions(keys)
         held = pub.cols["vals"][pos]
         cur = values.astype(_F64)
-        limit = np.asarray(pf["t"], _F64)
-        if pf["r"]:
-            limit = limit * np.abs(held.astype(_F64))
+        limit = np.broadcast_to(np.asarray(pf["t"], _F64), (1, width))
+        relative = np.broadcast_to(np.asarray(pf["r"], bool), (1, width))
+        if relative.any():
+            limit = np.where(relative, limit * np.abs(held.astype(_F64)), limit)
         moved = new | (np.abs(cur - held.astype(_F64)) > limit).any(axis=1)
         if moved.any():
             fresh = round_bf16(values[moved], dtype) if quantize else values[moved].astype(dtype)

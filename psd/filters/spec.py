@@ -72,7 +72,9 @@ def _threshold(v) -> bool:
 PULL_FILTERS: dict[str, dict[str, tuple]] = {
     "significant": {
         "threshold": (None, (_threshold, "a number >= 0, or a list of one per column")),
-        "relative": (False, _BOOL),
+        "relative": (False, (lambda v: isinstance(v, bool) or (
+            isinstance(v, list) and 1 <= len(v) <= 1 << 16 and all(isinstance(x, bool) for x in v)),
+            "true or false, or a list of one per column")),
     },
     "quantize": {
         "to": ("bfloat16", (lambda v: v == "bfloat16", "bfloat16")),
