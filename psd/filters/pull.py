@@ -60,9 +60,11 @@ def build_pull(entries, dtype: str, width: int, where: str = "pull_filters") -> 
     pf: dict = {"f": [n for n, _ in parsed]}
     for i, (name, opts) in enumerate(parsed):
         key = f"{where}[{i}]"
-        if name != "sparse" and not dtype.startswith("float"):
+        t = opts.get("threshold")
+        lossless = name == "sparse" or (name == "significant" and not any(t if isinstance(t, list) else [t]))
+        if not lossless and not dtype.startswith("float"):
             problems.append(f"{key}: pull filter {name!r} changes values; the table holds {dtype}, expected "
-                            f"float32 or float64 (only sparse applies to integer tables)")
+                            f"float32 or float64 (integer tables take sparse, and significant with threshold 0)")
         if name == "significant":
             t, r = opts["threshold"], opts["relative"]
             if isinstance(t, list) and len(t) != width:
@@ -219,11 +221,13 @@ class PullFilters:
         pos, new = pub.positions(keys)
         held = pub.cols["vals"][pos]
         cur = values.astype(_F64)
-        limit = np.broadcast_to(np.asarray(pf["t"], _F64), (1, width))
+        threshold = np.broadcast_to(np.asarray(pf["t"], _F64), (1, width))
         relative = np.broadcast_to(np.asarray(pf["r"], bool), (1, width))
-        if relative.any():
-            limit = np.where(relative, limit * np.abs(held.astype(_F64)), limit)
-        moved = new | (np.abs(cur - held.astype(_F64)) > limit).any(axis=1)
+        limit = np.where(relative, threshold * np.abs(held.astype(_F64)), threshold) if relative.any() else threshold
+        over = np.abs(cur - held.astype(_F64)) > limit
+        if not threshold.all():  # threshold 0: any change, compared exactly (int64 past 2**53 too)
+            over = np.where(threshold == 0, values != held, over)
+        moved = new | over.any(axis=1)
         if moved.any():
             fresh = round_bf16(values[moved], dtype) if quantize else values[moved].astype(dtype)
             # a row published again with the same bits keeps its publication (nothing to resend)
