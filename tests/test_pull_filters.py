@@ -4,6 +4,8 @@ refused naming the key, and real servers: filtered pulls within the bound across
 pushes and a failover, a pull naming an unknown pull filter refused, the server serving on."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -228,6 +230,14 @@ def test_filtered_pulls_stay_within_the_bound_and_send_less(kv):
         vals = _walk(rng, vals, frac=0.1)
     counts = kv.traffic()["pull_filters"]
     assert counts["deltas"] >= 3 * 3 and counts["rows_sent"] < 0.3 * counts["rows"]
+    deadline = time.monotonic() + 5
+    while True:  # the servers' side in psd status (a heartbeat behind)
+        sides = [n.get("pull_filters") or {} for n in kv.status()["nodes"] if n["role"] == "server"]
+        if sum(s.get("rows_sent", 0) for s in sides) == counts["rows_sent"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sum(s.get("rows_sent", 0) for s in sides) == counts["rows_sent"]
+    assert sum(s.get("deltas", 0) for s in sides) == counts["deltas"]
 
 
 def test_a_pull_naming_an_unknown_pull_filter_is_refused_and_the_server_serves_on(kv):

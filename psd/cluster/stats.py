@@ -172,6 +172,8 @@ def check_stats(stats) -> dict:
                           _map(stats["traffic"], "traffic", 2).items() if side in ("sent", "received")}
     if "key_cache" in stats:  # the server's key cache (psd.core.keycache)
         out["key_cache"] = _names_to(stats["key_cache"], "key_cache", 16, _int)
+    if "pull_filters" in stats:  # the server's pull filters (psd.filters.pull)
+        out["pull_filters"] = _names_to(stats["pull_filters"], "pull_filters", 16, _int)
     if "consistency" in stats:
         out["consistency"] = _names_to(stats["consistency"], "consistency", MAX_POLICIES, _policy)
     if "uptime" in stats:
