@@ -107,13 +107,13 @@ def plot(label: str, rows, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(9, 4.2))
+    fig = Figure(figsize=(10, 4.8))
     ax = fig.add_subplot()
     x = np.arange(len(rows))
     for i, (what, key) in enumerate((("workers sent", "workers_sent_wire"), ("servers sent", "servers_sent_wire"))):
         bars = ax.bar(x + (i - 0.5) * 0.38, [r["traffic"][key] / 1e6 for _, r in rows], 0.38, label=what)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks(x, [n for n, _ in rows], fontsize=8)
+    ax.set_xticks(x, [n for n, _ in rows], fontsize=8, rotation=20, ha="right")
     ax.set_ylabel("MB on the wire")
     ax.set_title(f"L1 logistic regression, {label} (loopback)", fontsize=9)
     ax.legend()
