@@ -126,33 +126,55 @@ def round_bf16(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 # -- sorted per-key state ------------------------------------------------------------------
 class _Keyed:
-    """Sorted keys with one row per key in each named column (merged as keys come)."""
+    """Keys with one row each in every named column. Rows are appended as keys come and
+    never move; a sorted copy of the keys with the row of each finds them. Adding keys
+    costs one merge of that index (16 bytes a key held), not a copy of every column."""
 
     def __init__(self, cols: dict[str, tuple[np.dtype, int]]):
-        self.keys = np.empty(0, np.uint64)
+        self.sorted = np.empty(0, np.uint64)
+        self.rows = np.empty(0, np.int64)  # the row of each key of ``sorted``
+        self.n = 0
         self.cols = {n: np.zeros((0, w), dt) for n, (dt, w) in cols.items()}
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.searchsorted(self.keys, keys)
+        """The row of each of ``keys`` (sorted; -1 where not held) and which are held."""
+        pos = np.searchsorted(self.sorted, keys)
         held = np.zeros(keys.size, bool)
-        inside = pos < self.keys.size
-        held[inside] = self.keys[pos[inside]] == keys[inside]
-        return pos, held
+        inside = pos < self.sorted.size
+        held[inside] = self.sorted[pos[inside]] == keys[inside]
+        rows = np.full(keys.size, -1, np.int64)
+        rows[held] = self.rows[pos[held]]
+        return rows, held
 
     def positions(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Positions of ``keys`` (sorted, unique), adding those not held; and which were new."""
-        pos, held = self.find(keys)
+        """The rows of ``keys`` (sorted, unique), adding those not held (rows of zeros);
+        and which were new."""
+        rows, held = self.find(keys)
+        new = ~held
         if held.all():
-            return pos, ~held
-        at = np.searchsorted(self.keys, keys[~held])
-        self.keys = np.insert(self.keys, at, keys[~held])
-        for n, arr in self.cols.items():
-            self.cols[n] = np.insert(arr, at, 0, axis=0)
-        return np.searchsorted(self.keys, keys), ~held
+            return rows, new
+        fresh = keys[new]
+        k, n = fresh.size, self.n
+        if n + k > next(iter(self.cols.values())).shape[0]:
+            cap = max(n + k, 2 * n, 1024)
+            for name, arr in self.cols.items():
+                grown = np.zeros((cap, arr.shape[1]), arr.dtype)
+                grown[:n] = arr[:n]
+                self.cols[name] = grown
+        added = np.arange(n, n + k, dtype=np.int64)
+        dest = np.searchsorted(self.sorted, fresh) + np.arange(k)
+        old = np.ones(self.sorted.size + k, bool)
+        old[dest] = False
+        keys2, rows2 = np.empty(old.size, np.uint64), np.empty(old.size, np.int64)
+        keys2[dest], rows2[dest] = fresh, added
+        keys2[old], rows2[old] = self.sorted, self.rows
+        self.sorted, self.rows, self.n = keys2, rows2, n + k
+        rows[new] = added
+        return rows, new
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + sum(a.nbytes for a in self.cols.values())
+        return self.sorted.nbytes + self.rows.nbytes + sum(a.nbytes for a in self.cols.values())
 
 
 class _Sent(_Keyed):
