@@ -216,7 +216,7 @@ def positions(size: int, reps: int, rng, updater: str = "sum", **options) -> dic
     def kept():
         at["at"] = tables["kept rows"].push_at(pick, grads, at["at"])
     store = alternate({"lookup": lambda: tables["lookup"].push(pick, grads), "kept rows": kept}, reps)
-    del tables
+    tables.clear()
     gc.collect()
     cores, rids = {}, iter(range(1, 10**9))
     for name, keep in (("lookup", False), ("kept rows", True)):
@@ -245,10 +245,10 @@ def positions(size: int, reps: int, rng, updater: str = "sum", **options) -> dic
 
 
 def positions_lines(cells: list[dict]) -> list[str]:
-    out = ["cached push of 1e5 stored keys (the same list each push): keys/s, median; "
-           "x = kept rows / lookup, same run; tables filled in 100 pushes of random key sets",
-           "| updater | table keys | store: lookup | store: kept rows | x | server core: lookup "
-           "| server core: kept rows | x |", "|---|---|---|---|---|---|---|---|"]
+    out = [("cached push of 1e5 stored keys (the same list each push): keys/s, median; "
+            "x = kept rows / lookup, same run; tables filled in 100 pushes of random key sets"),
+           ("| updater | table keys | store: lookup | store: kept rows | x | server core: lookup "
+            "| server core: kept rows | x |"), "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         st, co = c["store"], c["core"]
         out.append(f"| {c['updater']} | {c['size']:.0e} | {st['lookup'] / 1e6:.1f} M | {st['kept rows'] / 1e6:.1f} M "

@@ -13,7 +13,6 @@ from psd.jobs.runner import run_parsed
 from psd.jobs.spec import parse_job
 
 
-
 def pull_changed(l1: float) -> list:
     """Pull answers with the rows that changed only (lossless)."""
     return [{"significant": {"threshold": 0}}, "sparse"]

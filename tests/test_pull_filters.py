@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 import psd
 from psd.apps import APPS
 from psd.errors import ConfigError, ProtocolError, PsdError, UnknownFilterError
-from psd.filters.pull import PullCopies, PullFilters, build_pull, check_pf, from_bf16, to_bf16
+from psd.filters.pull import (
+    PullCopies,
+    PullFilters,
+    build_pull,
+    check_pf,
+    from_bf16,
+    to_bf16,
+)
 from psd.jobs.spec import parse_job
 
 F32 = np.dtype(np.float32)

@@ -43,7 +43,7 @@ def _check_ref(kc) -> tuple[int, int, int, int]:
 class Held:
     """A kept key list and, once a push used it, where its keys are stored."""
 
-    __slots__ = ("keys", "at", "kept")
+    __slots__ = ("at", "kept", "keys")
 
     def __init__(self, keys: np.ndarray):
         self.keys = keys

@@ -204,7 +204,7 @@ class PullFilters:
         """The reply's arrays and ``meta.pr`` for a pull of ``keys`` whose stored rows are
         ``values`` (n, width), under the checked ``pf``."""
         names = pf["f"]
-        n, width = values.shape
+        n = values.shape[0]
         quantize = "quantize" in names
         pr: dict = {"f": list(names), "n": n}
         c = self.counters
