@@ -139,12 +139,12 @@ def test_pull_filters_keep_every_invariant():
     lost answers, kills and ring changes break token chains, and a pull must still read
     exactly what the model allows, never a row left from an older copy."""
     with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_run_pf, range(9100, 9130), chunksize=5))
+        results = list(pool.map(_run_pf, range(9100, 9120), chunksize=5))
     failures = [text for text, _ in results if text]
     assert not failures, "\n\n".join(failures[:3])
     deltas = sum(pf.get("deltas", 0) for _, pf in results)
     replies = sum(pf.get("replies", 0) for _, pf in results)
-    assert deltas > 100 and replies > deltas, (deltas, replies)
+    assert deltas > 60 and replies > deltas, (deltas, replies)
 
 
 def _run_bounded(seed: int) -> tuple[str | None, int, int]:
