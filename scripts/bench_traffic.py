@@ -10,7 +10,7 @@ mails too when ``--spam`` names the prepared folder) with stages added in turn: 
 +key caching, +zstd, +kkt, +quantize (float16), +pull filters answering with the rows
 that changed only (lossless), +pull filters ``significant`` per column (the weight
 exact, the gradient within 0.2 l1, the curvature within 90%) with bfloat16 answers
-(decision 102), and kkt alone (no key caching, no zstd: what those two add once kkt
+(decision 103), and kkt alone (no key caching, no zstd: what those two add once kkt
 has cut). ``significant`` and ``random_skip``
 hold rows back, which the job's aggregating prox_l1 table refuses (it waits for every
 worker's part of a key), so they are measured on the repeated-key workload below. Per

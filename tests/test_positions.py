@@ -1,4 +1,4 @@
-"""Storage positions kept with a cached key list (issue 17, decision 104): a push naming a
+"""Storage positions kept with a cached key list (issue 17, decision 105): a push naming a
 list the server keeps folds its values into the rows found last time, unless a move of
 rows (an eviction, a compaction into a dense run, a retain, a drop) changed the store's
 generation since; then it looks the keys up again. Each test pushes the same sequence

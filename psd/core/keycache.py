@@ -12,7 +12,7 @@ the cache again: the entry is poisoned, and the worker keeps sending those keys 
 Each list also keeps where its keys are stored in the table (``Held.at``: the hash rows
 a push found, under the store's generation), so a push naming the list again folds its
 values into those rows without looking a key up, unless the rows moved since
-(``Table.push_at`` checks the generation; decision 104).
+(``Table.push_at`` checks the generation; decision 105).
 
 Pure: no I/O, no clock. docs/protocol.md, "Key caching"; docs/design-decisions.md.
 """

@@ -567,7 +567,7 @@ class ServerCore:
                 raise ProtocolError(f"{msg.op} cannot name its keys by signature (meta.kc); send them")
             held = self.keycache.lookup(msg.sender, table.spec.name, kc)
             rows = Rows.from_message(msg, self.config.limits, with_values, keys=held.keys)
-            if with_values and self.keep_positions:  # (a push may skip the key lookup: decision 104)
+            if with_values and self.keep_positions:  # (a push may skip the key lookup: decision 105)
                 rows.held, rows.placed = held, self.keycache.placed
         else:
             rows = Rows.from_message(msg, self.config.limits, with_values)
