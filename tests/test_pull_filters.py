@@ -270,3 +270,51 @@ def test_after_a_failover_pulls_get_every_row_again(kv, cluster):
     vals = vals + 1
     kv.wait(t.push(KEYS, vals))
     assert np.array_equal(t.pull(KEYS), vals)
+
+
+def test_a_held_pull_whose_encoding_fails_is_answered_and_the_clock_goes_on():
+    """A pull the consistency gate held runs inside another request's handler (here a
+    clock): a failure encoding its answer refuses that pull, and nothing else."""
+    from psd.codec import Message
+    from psd.config import ClusterConfig
+    from psd.core.effects import Refuse
+    from psd.core.server import ServerCore
+    from psd.schema import TableSpec
+
+    core = ServerCore(ClusterConfig(security="none", consistency="sequential", num_workers=1), secure=False)
+    core.node_id = "S0"
+    core._create(TableSpec("t", 1, "float32", "sum"))
+
+    def broken(*args, **kwargs):
+        raise IndexError("a bug")
+    core.pulls.encode = broken
+    keys = np.arange(100, dtype=np.uint64)
+    held = core.handle(None, Message("pull", id=1, sender="W0", table="t", clock=1,
+                                     meta={"pf": {"f": ["sparse"]}}, arrays=[keys]), 0.0)
+    assert held == []  # waits for clock 1
+    out = core.handle(None, Message("clock", id=2, sender="W0", clock=1, meta={"clock": 1}), 0.0)
+    refused = [e for e in out if isinstance(e, Refuse)]
+    assert len(refused) == 1 and refused[0].request.id == 1 and "a bug" in str(refused[0].error)
+
+
+def test_a_worker_that_cannot_rebuild_an_answer_fails_that_pull_only():
+    from psd.cluster.ring import consistent_hash
+    from psd.cluster.rows import Rows
+    from psd.core.client import ClientCore, Done, Send
+    from psd.schema import TableSpec
+
+    ring = consistent_hash(("S0",), 1, vnodes=4, replication=1, addresses={"S0": "tcp://S0"})
+    core = ClientCore("W0", 10.0, ring)
+    spec = TableSpec("t", 1, "float32", "sum")
+    keys = np.arange(100, dtype=np.uint64)
+
+    def broken(*args, **kwargs):
+        raise IndexError("a bug")
+    core.pull_copies.decode = broken
+    ts, effects = core.issue("pull", spec, Rows(keys=keys, meta={"pf": {"f": ["sparse"]}}), 0.0)
+    sent = next(e for e in effects if isinstance(e, Send))
+    assert sent.msg.meta["pf"] == {"f": ["sparse"]}
+    reply = sent.msg.reply(arrays=[np.zeros((100, 1), np.float32)], meta={"pr": {"f": ["sparse"], "n": 100,
+                                                                            "sel": "all"}})
+    done = [e for e in core.answered("S0", reply, sent.msg.id, 0.1) if isinstance(e, Done)]
+    assert len(done) == 1 and done[0].ts == ts and "IndexError: a bug" in str(done[0].error)

@@ -483,6 +483,12 @@ class ClientCore:
             except PsdError as err:
                 self._finish(req, None, err)
                 return
+            except Exception as err:  # noqa: BLE001 - a bug: fail this request loudly, read on
+                log.exception("%s: could not rebuild a filtered pull answer from %s", self.node_id, part.server)
+                self.pull_copies.forget(part.server)
+                self._finish(req, None, PsdError(f"could not rebuild a filtered pull answer from {part.server}: "
+                                                 f"{type(err).__name__}: {err}"))
+                return
         part.reply = reply
         if all(p.reply is not None for p in req.parts):
             try:

@@ -895,7 +895,13 @@ class ServerCore:
             if pf is not None:  # filtered (psd.filters.pull): a copy of the rows, encoded
                 self._unhold(msg.sender, cost)
                 values = rows.pull_from(table) if rows.count else np.empty((0, table.width), table.dtype)
-                arrays, pr = self.pulls.encode(msg.sender, table.spec.name, rows.keys, values, pf, table.dtype)
+                try:
+                    arrays, pr = self.pulls.encode(msg.sender, table.spec.name, rows.keys, values, pf, table.dtype)
+                except Exception as err:  # noqa: BLE001 - answered, whatever it was: a pull the gate
+                    # held runs inside another request's handler, which must not stop on it
+                    self.pulls.forget(sender=msg.sender)
+                    self.outbox.append(Refuse(route, msg, err))
+                    return
                 self.outbox.append(Reply(route, msg.reply(arrays=arrays, ring=self.ring.version,
                                                           meta={**(_kept(rows) or {}), "pr": pr})))
                 return
