@@ -483,7 +483,7 @@ class ClientCore:
             except PsdError as err:
                 self._finish(req, None, err)
                 return
-            except Exception as err:  # noqa: BLE001 - a bug: fail this request loudly, read on
+            except Exception as err:  # a bug: fail this request loudly, read on
                 log.exception("%s: could not rebuild a filtered pull answer from %s", self.node_id, part.server)
                 self.pull_copies.forget(part.server)
                 self._finish(req, None, PsdError(f"could not rebuild a filtered pull answer from {part.server}: "
