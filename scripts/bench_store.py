@@ -23,6 +23,13 @@ Cells (float32, width 1; keys are random uint64, sorted per request as the API w
 * memory: bytes per stored key of the hash table, as allocated (arrays, spare capacity
   included) and as resident (RSS growth while it was built), against ``row_bytes``;
   for sum (float32, width 1: 12 raw bytes a row) and adagrad (16).
+* positions (``--only positions`` runs just this cell): a cached push, as a server gets
+  it when a worker names a key list it keeps (issue 17): 1e5 random keys already stored,
+  the same list every push, into a table of N keys (sum and adagrad); with the rows kept
+  from the last push (``Table.push_at``) against looking every key up (``push``),
+  alternated push by push; keys/s and the ratio. Also through the whole server core
+  (``ServerCore.handle`` of a ``push`` naming the list by signature, ``keep_positions``
+  on and off: parsing, the key cache, the store);
 * bounded (``--only bounded`` runs just this cell): a stream of pushes of 1e5 new random
   keys into a plain table and into one with a row cap (``max_rows``), pushed alternately
   with the same batches, each as a primary does it (admit, push, evict); keys/s (median
@@ -184,6 +191,70 @@ def existing_keys(updater: str, size: int, reps: int, rng, memory: list | None =
         return run
     t = alternate({name: round_trip(name) for name in tables}, reps)
     return {name: BATCH / s for name, s in t.items()}
+
+
+def positions(size: int, reps: int, rng, updater: str = "sum", **options) -> dict:
+    """A cached push of 1e5 stored keys: through kept rows against a lookup (see the docstring)."""
+    from psd.codec import Message
+    from psd.codec.signature import key_ref
+    from psd.config import ClusterConfig
+    from psd.core.server import ServerCore
+
+    keys = fresh_keys(rng, size)
+    ones = np.ones((keys.size, 1), np.float32)
+    pick = np.sort(rng.choice(keys, BATCH, replace=False))
+    grads = np.full((BATCH, 1), 0.01, np.float32)
+    # filled in 100 pushes of random key sets, so the rows of a sorted key list are scattered
+    # over the table, as a server fed by many workers stores them
+    batches = [np.sort(b) for b in np.array_split(rng.permutation(keys), 100)]
+    tables = {"lookup": Table(spec(updater, **options)), "kept rows": Table(spec(updater, **options))}
+    for t in tables.values():
+        for b in batches:
+            t.push(b, ones[:b.size])
+    at = {"at": tables["kept rows"].locate(pick)}
+
+    def kept():
+        at["at"] = tables["kept rows"].push_at(pick, grads, at["at"])
+    store = alternate({"lookup": lambda: tables["lookup"].push(pick, grads), "kept rows": kept}, reps)
+    tables.clear()
+    gc.collect()
+    cores, rids = {}, iter(range(1, 10**9))
+    for name, keep in (("lookup", False), ("kept rows", True)):
+        core = ServerCore(ClusterConfig(security="none"), secure=False)
+        core.node_id, core.keep_positions = "S0", keep
+        core._create(spec(updater, **options))
+        for b in batches:
+            core.tables["t"].push(b, ones[:b.size])
+        core.handle(None, Message("push", id=1, sender="W0", table="t", meta={"rid": next(rids), "kcs": True},
+                                  arrays=[pick, grads]), 0.0)
+        cores[name] = core
+    ref = key_ref(pick)
+
+    def by_signature(core):
+        def run():
+            rid = next(rids)
+            out = core.handle(None, Message("push", id=rid, sender="W0", table="t", meta={"rid": rid, "kc": ref},
+                                            arrays=[grads]), 0.0)
+            assert type(out[0]).__name__ == "Reply", out
+        return run
+    for core in cores.values():  # (the first push by signature finds the rows)
+        by_signature(core)()
+    whole = alternate({name: by_signature(core) for name, core in cores.items()}, reps)
+    return {"updater": updater, "size": size, "store": {n: BATCH / t for n, t in store.items()},
+            "core": {n: BATCH / t for n, t in whole.items()}}
+
+
+def positions_lines(cells: list[dict]) -> list[str]:
+    out = [("cached push of 1e5 stored keys (the same list each push): keys/s, median; "
+            "x = kept rows / lookup, same run; tables filled in 100 pushes of random key sets"),
+           ("| updater | table keys | store: lookup | store: kept rows | x | server core: lookup "
+            "| server core: kept rows | x |"), "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        st, co = c["store"], c["core"]
+        out.append(f"| {c['updater']} | {c['size']:.0e} | {st['lookup'] / 1e6:.1f} M | {st['kept rows'] / 1e6:.1f} M "
+                   f"| {st['kept rows'] / st['lookup']:.2f} | {co['lookup'] / 1e6:.1f} M "
+                   f"| {co['kept rows'] / 1e6:.1f} M | {co['kept rows'] / co['lookup']:.2f} |")
+    return out
 
 
 def dense(size: int, reps: int) -> dict:
@@ -369,8 +440,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--old-tree", help="a git worktree holding the sorted-array store (default: git history)")
     ap.add_argument("--sizes", help="comma-separated table sizes for the new-key cells (default: by --quick)")
-    ap.add_argument("--only", choices=["bounded"], help="run only this cell (no old store needed)")
+    ap.add_argument("--only", choices=["bounded", "positions"], help="run only this cell (no old store needed)")
     args = ap.parse_args()
+    if args.only == "positions":
+        kernels.warm()
+        rng = np.random.default_rng(args.seed)
+        sizes = [10**6] if args.quick else [10**6, 10**7]
+        print(f"bench_store: positions cell, tables of {', '.join(f'{n:.0e}' for n in sizes)} keys", flush=True)
+        cells = [positions(n, 31, rng, updater, **opts) for n in sizes
+                 for updater, opts in (("sum", {}), ("adagrad", {"lr": 0.1, "l1": 0.01}))]
+        print("\n".join(positions_lines(cells)))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "positions.json").write_text(json.dumps(cells, indent=1))
+        return
     if args.only == "bounded":
         kernels.warm()
         total, cap = (5 * 10**6, 10**6) if args.quick else (2 * 10**7, 5 * 10**6)

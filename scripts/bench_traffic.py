@@ -7,8 +7,11 @@
 Part ``job``: the L1 logistic-regression job (``psd run``'s path: a fresh LocalCluster
 per row, 2 servers, 2 workers, sequential, generated click-like data; the SpamAssassin
 mails too when ``--spam`` names the prepared folder) with stages added in turn: none,
-+key caching, +zstd, +kkt, +quantize (float16), and kkt alone (no key caching, no
-zstd: what those two add once kkt has cut). ``significant`` and ``random_skip``
++key caching, +zstd, +kkt, +quantize (float16), +pull filters answering with the rows
+that changed only (lossless), +pull filters ``significant`` per column (the weight
+exact, the gradient within 0.2 l1, the curvature within 90%) with bfloat16 answers
+(decision 115), and kkt alone (no key caching, no zstd: what those two add once kkt
+has cut). ``significant`` and ``random_skip``
 hold rows back, which the job's aggregating prox_l1 table refuses (it waits for every
 worker's part of a key), so they are measured on the repeated-key workload below. Per
 row: bytes workers and servers sent (the job's own traffic record), the fraction saved

@@ -12,14 +12,33 @@ from psd.apps import APPS
 from psd.jobs.runner import run_parsed
 from psd.jobs.spec import parse_job
 
-#: (row, cluster settings, filters) in the order the stages are added
+
+def pull_changed(l1: float) -> list:
+    """Pull answers with the rows that changed only (lossless)."""
+    return [{"significant": {"threshold": 0}}, "sparse"]
+
+
+def pull_lossy(l1: float) -> list:
+    """The weight exact (up to bfloat16), the gradient column within 0.2 l1 (below l1 -
+    7/8 (l1 - delta) at kkt's defaults: a key kkt skips on a stale gradient still has
+    |g| < l1, so the skip stays right), the curvature within 90% (only its being non-zero
+    is read); bfloat16 rows."""
+    return [{"significant": {"threshold": [0, 0.2 * l1, 0.9], "relative": [False, False, True]}}, "quantize"]
+
+
+#: (row, cluster settings, filters, pull filters of l1 or None) in the order the stages are added
 STAGES = [
-    ("none", {"key_caching": False, "compression": "none"}, []),
-    ("+key caching", {"key_caching": True, "compression": "none"}, []),
-    ("+zstd", {"key_caching": True, "compression": "zstd"}, []),
-    ("+kkt", {"key_caching": True, "compression": "zstd"}, ["kkt"]),
-    ("+quantize float16", {"key_caching": True, "compression": "zstd"}, ["kkt", {"quantize": {"to": "float16"}}]),
-    ("kkt alone", {"key_caching": False, "compression": "none"}, ["kkt"]),
+    ("none", {"key_caching": False, "compression": "none"}, [], None),
+    ("+key caching", {"key_caching": True, "compression": "none"}, [], None),
+    ("+zstd", {"key_caching": True, "compression": "zstd"}, [], None),
+    ("+kkt", {"key_caching": True, "compression": "zstd"}, ["kkt"], None),
+    ("+quantize float16", {"key_caching": True, "compression": "zstd"}, ["kkt", {"quantize": {"to": "float16"}}],
+     None),
+    ("+pulls: changed rows", {"key_caching": True, "compression": "zstd"},
+     ["kkt", {"quantize": {"to": "float16"}}], pull_changed),
+    ("+pulls: significant, bfloat16", {"key_caching": True, "compression": "zstd"},
+     ["kkt", {"quantize": {"to": "float16"}}], pull_lossy),
+    ("kkt alone", {"key_caching": False, "compression": "none"}, ["kkt"], None),
 ]
 
 
@@ -38,11 +57,11 @@ def datasets(args) -> list[tuple[str, dict, dict]]:
     return out
 
 
-def run_stage(data: dict, train: dict, cluster: dict, filters: list) -> dict:
+def run_stage(data: dict, train: dict, cluster: dict, filters: list, pull_filters: list | None = None) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="bench_traffic_"))
     spec = {"name": "bench_traffic", "app": "logreg", "servers": 2, "workers": 2, "output": str(folder),
             "consistency": "sequential", "cluster": cluster, "filters": filters, "data": data, "train": train,
-            "model": {"save": False}}
+            "model": {"save": False}, "pull_filters": pull_filters or []}
     run = run_parsed(parse_job(spec, "bench_traffic.yaml", APPS), APPS, psd.LocalCluster.for_job, output=folder,
                      quiet=True, plots=False)
     if run.state != "done":
@@ -62,7 +81,8 @@ def job_part(args) -> None:
     print("\nL1 logistic regression job, stages added in turn; 2 servers, 2 workers, sequential, "
           "loopback (127.0.0.1): links not shaped in this run")
     for label, data, train in datasets(args):
-        rows = [(name, run_stage(data, train, cluster, flt)) for name, cluster, flt in STAGES]
+        rows = [(name, run_stage(data, train, cluster, flt, pull and pull(train["l1"])))
+                for name, cluster, flt, pull in STAGES]
         base = rows[0][1]
         target = base["objective"] * 1.01
         print(f"\n{label}: target objective {target:.5f} (1% above the 'none' row's final)")
@@ -86,13 +106,13 @@ def plot(label: str, rows, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(9, 4.2))
+    fig = Figure(figsize=(10, 4.8))
     ax = fig.add_subplot()
     x = np.arange(len(rows))
     for i, (what, key) in enumerate((("workers sent", "workers_sent_wire"), ("servers sent", "servers_sent_wire"))):
         bars = ax.bar(x + (i - 0.5) * 0.38, [r["traffic"][key] / 1e6 for _, r in rows], 0.38, label=what)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks(x, [n for n, _ in rows], fontsize=8)
+    ax.set_xticks(x, [n for n, _ in rows], fontsize=8, rotation=20, ha="right")
     ax.set_ylabel("MB on the wire")
     ax.set_title(f"L1 logistic regression, {label} (loopback)", fontsize=9)
     ax.legend()
@@ -122,14 +142,14 @@ def shaped_part(args) -> None:
     out = Path(tempfile.mkdtemp(prefix="bench_traffic_net_"))
     rows = []
     for rate in ("1gbit", "100mbit"):
-        for name, cluster, flt in STAGES:
+        for name, cluster, flt, pull in STAGES:
             net = NetCluster(servers=2, clients=2, rate=rate, replication=1, worker_daemons=True,
                              settings=cluster, run_dir=out / f"net-{rate}-{len(rows)}")
             try:
                 net.up()
                 job = {"name": f"s{len(rows)}", "app": "logreg", "workers": 2, "output": str(out / f"job{len(rows)}"),
                        "consistency": "sequential", "filters": flt, "data": data, "train": train,
-                       "model": {"save": False}}
+                       "model": {"save": False}, "pull_filters": pull(train["l1"]) if pull else []}
                 path = out / f"job{len(rows)}.yaml"
                 path.write_text(yaml.safe_dump(job))
                 before = _links(net)

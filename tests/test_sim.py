@@ -128,6 +128,26 @@ def test_key_caching_keeps_every_invariant():
     assert refused > 20 and by_signature > 1000, (refused, by_signature)
 
 
+def _run_pf(seed: int) -> tuple[str | None, dict]:
+    logging.disable(logging.CRITICAL)
+    outcome = simulate(seed, pull_filters=True, **settings_for(seed, ("eventual", "bounded", "sequential")[seed % 3]))
+    return (None if outcome.ok else outcome.describe()), outcome.pf
+
+
+@pytest.mark.timeout(300)
+def test_pull_filters_keep_every_invariant():
+    """Pulls answered as deltas against each worker's copy (the lossless pull filters):
+    lost answers, kills and ring changes break token chains, and a pull must still read
+    exactly what the model allows, never a row left from an older copy."""
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(_run_pf, range(9100, 9120), chunksize=5))
+    failures = [text for text, _ in results if text]
+    assert not failures, "\n\n".join(failures[:3])
+    deltas = sum(pf.get("deltas", 0) for _, pf in results)
+    replies = sum(pf.get("replies", 0) for _, pf in results)
+    assert deltas > 60 and replies > deltas, (deltas, replies)
+
+
 def _run_bounded(seed: int) -> tuple[str | None, int, int]:
     logging.disable(logging.CRITICAL)
     outcome = simulate(seed, bounded=True, **settings_for(seed, ("eventual", "bounded")[seed % 2]))

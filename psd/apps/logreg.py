@@ -64,6 +64,7 @@ from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check
                               is_finite_num, is_int, merge_defaults)
 from psd.errors import BadRequestError, ConfigError
 from psd.filters import TableInfo, build_chain, parse_filters
+from psd.filters.pull import build_pull
 from psd.schema import table_bounds
 
 SOLVERS = ("prox", "ftrl", "adagrad")
@@ -305,6 +306,11 @@ def filters_of(spec: dict) -> list:
     return ["kkt"] if options(spec)["train"]["solver"] == "prox" and gated(spec) else []
 
 
+def pull_filters_of(spec: dict) -> list:
+    """The job's ``pull_filters`` for the weight table (none by default)."""
+    return spec.get("pull_filters") or []
+
+
 def check_filters(spec: dict, source: str) -> list[str]:
     """Problems of the job's filters on its weight table, each naming the key."""
     entries = filters_of(spec)
@@ -312,6 +318,7 @@ def check_filters(spec: dict, source: str) -> list[str]:
     try:
         parsed = parse_filters(entries)
         build_chain(entries, TableInfo("w", dtype, width, updater, opts))
+        build_pull(pull_filters_of(spec), dtype, width)
     except ConfigError as e:
         return [f"{source}: {p}" for p in e.data.get("problems", [e.message])]
     if updater == "prox_l1" and not gated(spec) and any(n == "kkt" for n, _ in parsed):
@@ -700,7 +707,8 @@ class Trainer:
         tau = delay_of(self.ctx.spec)
         gate = gated(self.ctx.spec)
         updater, width, dtype, wopts = weight_table(self.ctx.spec)
-        table = await kv.table("w", width, dtype, updater, filters=filters_of(self.ctx.spec), **wopts)
+        table = await kv.table("w", width, dtype, updater, filters=filters_of(self.ctx.spec),
+                               pull_filters=pull_filters_of(self.ctx.spec), **wopts)
         kkt = self.kkt = table.filters.get("kkt") if table.filters is not None else None
         edges = [self.key_end * b // blocks for b in range(blocks + 1)]  # Python ints: no uint64 wrap
         bounds = np.array([np.searchsorted(self.keys, np.uint64(e)) if e < 2**64 else self.keys.size
@@ -787,9 +795,11 @@ class Trainer:
             rounds = math.ceil(self.total / batch_size)
             entries = [{"kkt": {"l1": self.l1}} if e == "kkt" else e for e in entries]  # (not the scaled l1)
             table = await kv.table("w", 1, "float32", "ftrl", alpha=rate, beta=float(t["beta"]),
-                                   l1=self.l1 * rounds, l2=self.l2 * rounds, filters=entries, **bounded)
+                                   l1=self.l1 * rounds, l2=self.l2 * rounds, filters=entries,
+                                   pull_filters=pull_filters_of(self.ctx.spec), **bounded)
         else:
-            table = await kv.table("w", 1, "float32", "adagrad", lr=rate, l1=self.l1, filters=entries, **bounded)
+            table = await kv.table("w", 1, "float32", "adagrad", lr=rate, l1=self.l1, filters=entries,
+                                   pull_filters=pull_filters_of(self.ctx.spec), **bounded)
         rng = np.random.default_rng([int(self.opts["data"].get("seed", 0)), self.ctx.rank])
         n = len(self.train_data)
         done = 0

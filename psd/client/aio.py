@@ -21,10 +21,12 @@ from psd.cluster.assignment import Assignment
 from psd.cluster.rows import Rows
 from psd.cluster.schedulers import after, lost_after, named_leader
 from psd.codec import SCHEDULER_REPLY_HEADER_BYTES, Limits, Message
+from psd.codec.signature import KC_MIN_KEYS
 from psd.codec.traffic import total as traffic_total
 from psd.config import ClusterConfig
 from psd.core.client import RETRY_TICK, AskRing, ClientCore, Done, Send
 from psd.filters import FilterChain, TableInfo, build_chain
+from psd.filters.pull import build_pull
 from psd.errors import (AuthError, BadRequestError, MessageTooLargeError, NotLeaderError, ProtocolError,
                         PsdError, PsdTimeoutError, StartupError)
 from psd.schema import TableSpec, check_keys, check_namespace, check_span, check_values, qualified, too_large
@@ -80,6 +82,8 @@ class AsyncKVWorker:
         #: filter chains by qualified table name (kv.table(..., filters=...)): their
         #: residuals and per-key state outlive any one table handle
         self.filters: dict[str, FilterChain] = {}
+        #: pull filters by qualified table name: the ``meta.pf`` its pulls carry
+        self.pull_filters: dict[str, dict] = {}
         #: tables opened by ``table(name)`` are ``<namespace>/<name>`` (a job's worker runs its
         #: app in the job's namespace); None: the default namespace, names as given
         self.namespace: str | None = None
@@ -353,15 +357,19 @@ class AsyncKVWorker:
 
     # -- API ---------------------------------------------------------------------
     async def table(self, name: str, width: int = 1, dtype: str = "float32", updater: str = "sum",
-                    filters: list | None = None, **options) -> "AsyncTable":
+                    filters: list | None = None, pull_filters: list | None = None, **options) -> "AsyncTable":
         """Create the table, or open it if it exists with the same settings. ``filters``:
         what this worker's pushes to it go through (psd.filters; docs/jobs.md, "Filters"),
-        checked here (ConfigError naming the key); None keeps the table's chain, if any."""
+        checked here (ConfigError naming the key); None keeps the table's chain, if any.
+        ``pull_filters``: what the servers' answers to this worker's pulls of it go
+        through (psd.filters.pull; docs/jobs.md, "Filters on pulls"); None keeps them."""
         spec = TableSpec(qualified(self.namespace, name), width, dtype, updater,
                          {**self.table_defaults, **options}).validate()
-        chain = None
+        chain = pulls = None
         if filters is not None:  # checked before the table is created: nothing half done
             chain = build_chain(filters, TableInfo(spec.name, spec.dtype, spec.width, spec.updater, spec.options))
+        if pull_filters is not None:
+            pulls = build_pull(pull_filters, spec.dtype, spec.width)
         reply = await self._ask(Message("create_table", meta={"spec": spec.to_wire()}), self.config.request_timeout)
         table = AsyncTable(self, TableSpec.from_wire(reply.meta["spec"]))
         if filters is not None:
@@ -370,6 +378,11 @@ class AsyncKVWorker:
             else:
                 chain.table_spec = table.spec  # (what a flush pushes to)
                 self.filters[spec.name] = chain
+        if pull_filters is not None:
+            if pulls is None:
+                self.pull_filters.pop(spec.name, None)
+            else:
+                self.pull_filters[spec.name] = pulls
         return table
 
     async def flush(self) -> None:
@@ -453,6 +466,7 @@ class AsyncKVWorker:
         # given to them and after each; ``held_back``: what pushes meant less what they sent
         per_table = {name: chain.stats() for name, chain in self.filters.items()}
         out["filters"] = {"tables": per_table, "held_back": sum(c["raw"] - c["out"] for c in per_table.values())}
+        out["pull_filters"] = dict(self.core.pull_copies.counters)
         return out
 
     def server_socket(self, node: str) -> RpcSocket | None:
@@ -595,6 +609,9 @@ class AsyncTable:
     # checked rows of each kind of request (shared with the blocking client)
     def pull_rows(self, keys) -> Rows:
         keys, _ = self._prepare(keys)
+        pf = self.kv.pull_filters.get(self.name)
+        if pf is not None and keys.size >= KC_MIN_KEYS:  # (fewer keys: the small-pull path, unfiltered)
+            return Rows(keys=keys, meta={"pf": pf})
         return Rows(keys=keys)
 
     def span_rows(self, lo: int, count: int) -> Rows:

@@ -134,8 +134,8 @@ class KVWorker:
         return self.aio.node_id
 
     def table(self, name: str, width: int = 1, dtype: str = "float32", updater: str = "sum",
-              filters: list | None = None, **options) -> "Table":
-        return Table(self, self._run(self.aio.table(name, width, dtype, updater, filters, **options)))
+              filters: list | None = None, pull_filters: list | None = None, **options) -> "Table":
+        return Table(self, self._run(self.aio.table(name, width, dtype, updater, filters, pull_filters, **options)))
 
     def flush(self) -> None:
         """Push every residual the tables' filters hold back and wait (AsyncKVWorker.flush)."""

@@ -28,6 +28,10 @@ class Rows:
     #: ``flt`` and ``q``), and the zstd stage of their table (level, minimum bytes)
     meta: dict | None = None
     zstd: tuple[int, int] | None = None
+    #: receiver side: the key cache's entry these keys came from (psd.core.keycache.Held),
+    #: whose ``at`` says where they are stored; ``placed(held, at)`` records a new place
+    held: object | None = None
+    placed: object | None = None
 
     @property
     def count(self) -> int:
@@ -131,7 +135,10 @@ class Rows:
     # -- storage ---------------------------------------------------------------------
     def push_into(self, table) -> None:
         if self.keys is not None:
-            table.push(self.keys, self.values)
+            if self.held is not None:  # a cached key list: through the rows it was found in
+                self.placed(self.held, table.push_at(self.keys, self.values, self.held.at))
+            else:
+                table.push(self.keys, self.values)
             return
         row = 0
         for lo, n in self.spans:

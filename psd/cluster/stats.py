@@ -174,6 +174,8 @@ def check_stats(stats) -> dict:
         out["key_cache"] = _names_to(stats["key_cache"], "key_cache", 16, _int)
     if "stripes" in stats:  # striped messages in and out (psd.transport.stripes)
         out["stripes"] = _names_to(stats["stripes"], "stripes", 16, _int)
+    if "pull_filters" in stats:  # the server's pull filters (psd.filters.pull)
+        out["pull_filters"] = _names_to(stats["pull_filters"], "pull_filters", 16, _int)
     if "consistency" in stats:
         out["consistency"] = _names_to(stats["consistency"], "consistency", MAX_POLICIES, _policy)
     if "uptime" in stats:

@@ -74,7 +74,8 @@ def encode(msg: Message, compression: str = "none", place=None) -> list:
         name = a.dtype.str
         if name not in DTYPES:
             raise ProtocolError(f"cannot send arrays of dtype {a.dtype}; use one of "
-                                f"uint64, float32, float64, int32, int64 (float16, int8: quantized values)")
+                                f"uint64, float32, float64, int32, int64 (float16, int8, uint16, uint8, uint32: "
+                                f"filtered values)")
         # memoryview.cast refuses views with a zero in the shape, e.g. (0, width)
         buf = memoryview(a).cast("B") if a.nbytes else b""
         codec = "none"

@@ -8,9 +8,11 @@ import numpy as np
 PROTOCOL_VERSION = 1
 
 #: dtypes allowed in payload frames (little-endian wire names -> numpy dtype); float16
-#: and int8 carry quantized values only (``meta.flt``, psd.filters), never a table's
+#: and int8 carry quantized values only (``meta.flt``, psd.filters), never a table's;
+#: uint16 (bfloat16 bits), uint8 (a row bitmap) and uint32 (row numbers) only filtered
+#: pull answers (``meta.pr``, psd.filters.pull)
 DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(name) for name in ("<u8", "<f4", "<f8", "<i4", "<i8", "<f2", "|i1")
+    name: np.dtype(name) for name in ("<u8", "<f4", "<f8", "<i4", "<i8", "<f2", "|i1", "<u2", "|u1", "<u4")
 }
 
 

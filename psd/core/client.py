@@ -34,6 +34,7 @@ from psd.core.ids import next_rid
 from psd.core.stream import SEQ, Outbound, parse
 from psd.errors import (BusyError, KeysUnknownError, NotOwnerError, NotReplicatedError, OutOfOrderError, PsdError,
                         PsdTimeoutError, UnavailableError, ValuesError, error_from_wire)
+from psd.filters.pull import PullCopies
 from psd.schema import TableSpec
 
 log = logging.getLogger("psd.client")
@@ -81,7 +82,7 @@ class Part:
     """The piece of a request bound for one server: the request's rows in ``slices``."""
 
     __slots__ = ("request", "server", "slices", "msg", "rows", "sent_ring", "sent_at", "reply", "order", "cost",
-                 "ref", "kc")
+                 "ref", "kc", "values")
 
     def __init__(self, request: "Request | None", server: str, slices: Slices, msg: Message, rows: Rows | None,
                  order: tuple) -> None:
@@ -93,6 +94,7 @@ class Part:
         self.cost = 0  # bytes it holds on its server while unanswered (0: not counted now)
         self.ref: list | None = None  # [sig, count, first, last] of its keys (key caching), once computed
         self.kc: str | None = None  # how its keys last went: "kc" (by signature), "kcs" (whole, to keep)
+        self.values: np.ndarray | None = None  # a filtered pull answer's rows, rebuilt (psd.filters.pull)
 
 
 class Request:
@@ -155,6 +157,8 @@ class ClientCore:
         self.kc_min_keys = KC_MIN_KEYS
         self.known: dict[str, OrderedDict] = {}
         self.kc_counters = {"by_signature": 0, "whole_to_keep": 0, "kept": 0, "refused": 0}
+        #: copies of what servers sent in filtered pull answers, to rebuild deltas
+        self.pull_copies = PullCopies()
         #: one message per server (what the rows' primaries lead, whatever the replicas);
         #: False: one per owner tuple, as before decision 97 (kept for bench_onemsg.py's
         #: side-by-side cell and to show the message-count test bites)
@@ -265,11 +269,12 @@ class ClientCore:
         msg.meta[SEQ] = stream.stamp(part)
         part.sent_ring = self.ring.version
         part.sent_at = now
+        part.values = None
         self._unsent(part)
         part.cost = _cost(part)
         self.inflight[part.server] = self.inflight.get(part.server, 0) + part.cost
         self.sent[msg.id] = part  # (a clock is answered only when refused; it goes once admitted)
-        self.outbox.append(Send(part.server, self._keys_by_signature(part, msg)))
+        self.outbox.append(Send(part.server, self._pull_base(part, self._keys_by_signature(part, msg))))
 
     def _keys_by_signature(self, part: Part, msg: Message) -> Message:
         """What goes on the wire for ``part``: its message, or (key caching) the same with
@@ -295,6 +300,20 @@ class ClientCore:
         self.kc_counters["whole_to_keep"] += 1
         return Message(msg.op, id=msg.id, sender=msg.sender, table=msg.table, ring=msg.ring, clock=msg.clock,
                        meta={**msg.meta, "kcs": True}, arrays=msg.arrays, zstd=msg.zstd)
+
+    def _pull_base(self, part: Part, wire: Message) -> Message:
+        """A filtered pull names the token of this worker's copy of what that server sent
+        it (``meta.pf.b``), when it holds one: the server may then answer with the rows
+        that changed only (psd.filters.pull)."""
+        pf = wire.meta.get("pf") if wire.op == "pull" else None
+        if pf is None:
+            return wire
+        pf = {k: v for k, v in pf.items() if k != "b"}
+        token = self.pull_copies.token(part.server, wire.table)
+        if token is not None:
+            pf["b"] = token
+        return Message(wire.op, id=wire.id, sender=wire.sender, table=wire.table, ring=wire.ring, clock=wire.clock,
+                       meta={**wire.meta, "pf": pf}, arrays=wire.arrays, zstd=wire.zstd)
 
     def _kept(self, part: Part, reply: Message) -> None:
         """A success answer to keys sent whole to keep: the server keeps them when it
@@ -456,6 +475,20 @@ class ClientCore:
         if code is not None:
             self._finish(req, None, _error(reply))
             return
+        if "pr" in reply.meta:  # a filtered pull answer: rebuilt now, in the order the server sent
+            try:
+                part.values = self.pull_copies.decode(part.server, part.msg.table, part.rows.keys,
+                                                      reply.meta["pr"], reply.arrays, req.spec.np_dtype,
+                                                      req.spec.width)
+            except PsdError as err:
+                self._finish(req, None, err)
+                return
+            except Exception as err:  # a bug: fail this request loudly, read on
+                log.exception("%s: could not rebuild a filtered pull answer from %s", self.node_id, part.server)
+                self.pull_copies.forget(part.server)
+                self._finish(req, None, PsdError(f"could not rebuild a filtered pull answer from {part.server}: "
+                                                 f"{type(err).__name__}: {err}"))
+                return
         part.reply = reply
         if all(p.reply is not None for p in req.parts):
             try:
@@ -678,6 +711,8 @@ def assemble(parts: list[Part], replies: list[Message], n: int, spec: TableSpec)
 
 
 def _reply_values(reply: Message, part: Part, spec: TableSpec) -> np.ndarray:
+    if part.values is not None:
+        return part.values
     expect = (part.rows.count, spec.width)
     if len(reply.arrays) != 1 or reply.arrays[0].shape != expect or reply.arrays[0].dtype != spec.np_dtype:
         raise ValuesError(f"{part.server} answered {reply.op} with an unexpected payload "

@@ -9,6 +9,11 @@ Bounded (bytes and entries), least recently used first out. A signature that two
 different lists of one sender and table share (a hash collision) is never answered from
 the cache again: the entry is poisoned, and the worker keeps sending those keys whole.
 
+Each list also keeps where its keys are stored in the table (``Held.at``: the hash rows
+a push found, under the store's generation), so a push naming the list again folds its
+values into those rows without looking a key up, unless the rows moved since
+(``Table.push_at`` checks the generation; decision 117).
+
 Pure: no I/O, no clock. docs/protocol.md, "Key caching"; docs/design-decisions.md.
 """
 from __future__ import annotations
@@ -35,11 +40,27 @@ def _check_ref(kc) -> tuple[int, int, int, int]:
     return kc[0], kc[1], kc[2], kc[3]
 
 
+class Held:
+    """A kept key list and, once a push used it, where its keys are stored."""
+
+    __slots__ = ("at", "kept", "keys")
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = keys
+        self.at: tuple[int, np.ndarray] | None = None  # (store generation, rows): Table.locate
+        self.kept = True  # False once evicted or forgotten (its bytes no longer counted)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + (self.at[1].nbytes if self.at is not None else 0)
+
+
 class KeyCache:
     def __init__(self, max_bytes: int = KEY_CACHE_BYTES, max_entries: int = KEY_CACHE_ENTRIES):
         self.max_bytes, self.max_entries = max_bytes, max_entries
-        #: (sender, table, sig) -> the keys, or None: poisoned (two lists had that signature)
-        self._lists: OrderedDict[tuple[str, str, int], np.ndarray | None] = OrderedDict()
+        #: (sender, table, sig) -> the keys (and their rows), or None: poisoned (two lists
+        #: had that signature)
+        self._lists: OrderedDict[tuple[str, str, int], Held | None] = OrderedDict()
         self.bytes = 0
         self.counters = {"hits": 0, "misses": 0, "stored": 0, "evicted": 0, "collisions": 0}
 
@@ -57,14 +78,15 @@ class KeyCache:
         if entry in self._lists:
             held = self._lists[entry]
             self._lists.move_to_end(entry)
-            if held is not None and held.size == keys.size and np.array_equal(held, keys):
+            if held is not None and held.keys.size == keys.size and np.array_equal(held.keys, keys):
                 return sig
             if held is not None:  # the same signature for another list: neither is served again
                 self.counters["collisions"] += 1
                 self.bytes -= held.nbytes
+                held.kept = False
                 self._lists[entry] = None
             return None
-        self._lists[entry] = np.array(keys, dtype=np.uint64, copy=True)  # (not the sender's buffer)
+        self._lists[entry] = Held(np.array(keys, dtype=np.uint64, copy=True))  # (not the sender's buffer)
         self.bytes += keys.nbytes
         self.counters["stored"] += 1
         self._evict()
@@ -75,11 +97,16 @@ class KeyCache:
             _, held = self._lists.popitem(last=False)
             if held is not None:
                 self.bytes -= held.nbytes
+                held.kept = False
             self.counters["evicted"] += 1
 
     def resolve(self, sender: str, table: str, kc) -> np.ndarray:
         """The keys ``meta.kc`` names for ``sender`` and ``table``; KeysUnknownError when
         they are not held, or do not match its count and end keys (nothing is guessed)."""
+        return self.lookup(sender, table, kc).keys
+
+    def lookup(self, sender: str, table: str, kc) -> Held:
+        """``resolve``, with where the keys were last stored (``Held.at``)."""
         sig, count, first, last = _check_ref(kc)
         entry = (sender, table, sig)
         held = self._lists.get(entry)
@@ -88,14 +115,24 @@ class KeyCache:
             why = "was poisoned by a signature collision" if entry in self._lists else "is not held here"
             raise KeysUnknownError(f"key list {sig:#018x} of {sender} for table {table!r} {why}; "
                                    f"send the keys", sig=sig)
-        if held.size != count or int(held[0]) != first or int(held[-1]) != last:
+        if held.keys.size != count or int(held.keys[0]) != first or int(held.keys[-1]) != last:
             self.counters["misses"] += 1
             raise KeysUnknownError(f"key list {sig:#018x} of {sender} for table {table!r} does not match the one "
-                                   f"held here ({count} keys [{first}, {last}] named, {held.size} held); "
+                                   f"held here ({count} keys [{first}, {last}] named, {held.keys.size} held); "
                                    f"send the keys", sig=sig)
         self._lists.move_to_end(entry)
         self.counters["hits"] += 1
         return held
+
+    def placed(self, held: Held, at: tuple[int, np.ndarray] | None) -> None:
+        """Keep ``at`` (where ``held``'s keys are stored now) with the list, in its bytes."""
+        if held.at is at:
+            return
+        if held.kept:  # (else evicted meanwhile: uncounted, gone with its last user)
+            self.bytes += (0 if at is None else at[1].nbytes) - (0 if held.at is None else held.at[1].nbytes)
+        held.at = at
+        if held.kept:
+            self._evict()
 
     def forget(self, sender: str | None = None, tables: set[str] | None = None) -> None:
         """Drop the lists of a sender (it left), or of tables (dropped)."""
@@ -104,6 +141,7 @@ class KeyCache:
             held = self._lists.pop(entry)
             if held is not None:
                 self.bytes -= held.nbytes
+                held.kept = False
 
     def stats(self) -> dict:
         return {"entries": len(self._lists), "bytes": self.bytes, "limit": self.max_bytes, **self.counters}

@@ -814,6 +814,7 @@ class SchedulerCore:
                           "counters": stats.get("counters", {}), "memory": stats.get("memory", {}),
                           "traffic": stats.get("traffic", {}), "key_cache": stats.get("key_cache", {}),
                           "stripes": stats.get("stripes", {}),
+                          "pull_filters": stats.get("pull_filters", {}),
                           "bytes_in": stats.get("bytes_in", 0), "bytes_out": stats.get("bytes_out", 0),
                           "serving": stats.get("serving"), "peers": stats.get("peers", {}),
                           "metrics": stats.get("metrics") or s.metrics_at.get(p.node)})

@@ -48,6 +48,7 @@ from psd.core.stream import SEQ, Inbound, parse
 from psd.errors import (BadRequestError, BusyError, KeysUnknownError, LimitError, MessageTooLargeError,
                         NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
                         TableMismatchError, UnavailableError, UnknownTableError)
+from psd.filters.pull import PullFilters, check_pf
 from psd.keyroles import ROLE_SERVER, ROLE_WORKER, forbidden, in_scope, outside_scope, scope_of
 from psd.refusals import RefusalLog
 from psd.schema import TableSpec, namespace_of
@@ -109,6 +110,10 @@ class ServerCore:
         self.partly = PartlyApplied()
         #: key lists workers asked us to keep, named by signature in their later requests
         self.keycache = KeyCache()
+        #: pull filters: rows published per table, what each worker was sent (psd.filters.pull)
+        self.pulls = PullFilters()
+        #: a cached key list keeps where its keys are stored (off: every push looks them up)
+        self.keep_positions = True
         self._may: dict[tuple, bool] = {}  # (key role, table) -> may touch (may_touch)
         self.streams = Inbound()
         self.outbox: list = []
@@ -359,6 +364,7 @@ class ServerCore:
             self.dropped.popitem(last=False)
         if names:
             self.keycache.forget(tables=set(names))
+            self.pulls.forget(tables=set(names))
             self.partly.forget_once(tuple(f"{ONCE}{name}/" for name in names))
         self.full_replicas.clear()  # they may have freed memory too
         if dropped:
@@ -391,6 +397,7 @@ class ServerCore:
             self.seen.forget(worker)
             self.partly.forget(worker)
             self.keycache.forget(sender=worker)
+            self.pulls.forget(sender=worker)
             self.streams.forget(worker)
             del self.forgetting[worker]
             return
@@ -558,8 +565,10 @@ class ServerCore:
         if kc is not None:
             if not cached:
                 raise ProtocolError(f"{msg.op} cannot name its keys by signature (meta.kc); send them")
-            keys = self.keycache.resolve(msg.sender, table.spec.name, kc)
-            rows = Rows.from_message(msg, self.config.limits, with_values, keys=keys)
+            held = self.keycache.lookup(msg.sender, table.spec.name, kc)
+            rows = Rows.from_message(msg, self.config.limits, with_values, keys=held.keys)
+            if with_values and self.keep_positions:  # (a push may skip the key lookup: decision 117)
+                rows.held, rows.placed = held, self.keycache.placed
         else:
             rows = Rows.from_message(msg, self.config.limits, with_values)
         if with_values:
@@ -880,9 +889,22 @@ class ServerCore:
                                        f"{self.config.limits.max_message_bytes}; pull fewer keys at a time")
 
     def _answer_pull(self, route, msg: Message, table: Table, rows: Rows, now: float,
-                     after: Pending | None = None, cost: int = 0) -> None:
+                     after: Pending | None = None, cost: int = 0, pf: dict | None = None) -> None:
         def run() -> None:
             self.counters["keys_pulled"] += rows.count
+            if pf is not None:  # filtered (psd.filters.pull): a copy of the rows, encoded
+                self._unhold(msg.sender, cost)
+                values = rows.pull_from(table) if rows.count else np.empty((0, table.width), table.dtype)
+                try:
+                    arrays, pr = self.pulls.encode(msg.sender, table.spec.name, rows.keys, values, pf, table.dtype)
+                except Exception as err:  # noqa: BLE001 - answered, whatever it was: a pull the gate
+                    # held runs inside another request's handler, which must not stop on it
+                    self.pulls.forget(sender=msg.sender)
+                    self.outbox.append(Refuse(route, msg, err))
+                    return
+                self.outbox.append(Reply(route, msg.reply(arrays=arrays, ring=self.ring.version,
+                                                          meta={**(_kept(rows) or {}), "pr": pr})))
+                return
             if after is None or after.settled:
                 self._unhold(msg.sender, cost)
                 leases: list = []
@@ -906,11 +928,16 @@ class ServerCore:
         self._admit(msg)
         table = self._table(msg)
         rows = self._rows(msg, table, with_values=False)
+        pf = msg.meta.get("pf")
+        if pf is not None:
+            pf = check_pf(pf, table.width)
+            if rows.keys is None:
+                raise ProtocolError("pull filters (meta.pf) need a key list; a pull by spans cannot name them")
         self._check_reply_size(table, rows)
         self._check_primary(rows, now)
         self.counters["pull"] += 1
         cost = self._hold(msg, rows.count * table.width * table.dtype.itemsize)
-        self._answer_pull(route, msg, table, rows, now, cost=cost)
+        self._answer_pull(route, msg, table, rows, now, cost=cost, pf=pf)
 
     def on_pushpull(self, route, msg: Message, now: float) -> None:
         self._admit(msg)
@@ -1247,6 +1274,7 @@ class ServerCore:
             "pending_acks": len(self.acks), "copying_in": len(self.incoming),
             "seen_senders": len(self.seen.senders() | self.partly.senders()),
             "key_cache": self.keycache.stats(),
+            "pull_filters": self.pulls.stats(),
             "memory": {"bytes": self.usage.bytes, "limit": self.config.limits.max_memory_bytes,
                        "reserved": self.reserved, "full_replicas": sorted(self.full_replicas)},
             "consistency": self.gate.stats(),

@@ -61,6 +61,29 @@ FILTERS: dict[str, dict[str, tuple]] = {
 REQUIRED = {"significant": ("threshold",), "random_skip": ("p",)}
 
 
+def _threshold(v) -> bool:
+    """A number >= 0, or one per column (a list of them)."""
+    if isinstance(v, list):
+        return 1 <= len(v) <= 1 << 16 and all(_num(0.0)(x) for x in v)
+    return _num(0.0)(v)
+
+
+#: the filters of pull replies (the server runs them; psd.filters.pull), in the same form
+PULL_FILTERS: dict[str, dict[str, tuple]] = {
+    "significant": {
+        "threshold": (None, (_threshold, "a number >= 0, or a list of one per column")),
+        "relative": (False, (lambda v: isinstance(v, bool) or (
+            isinstance(v, list) and 1 <= len(v) <= 1 << 16 and all(isinstance(x, bool) for x in v)),
+            "true or false, or a list of one per column")),
+    },
+    "quantize": {
+        "to": ("bfloat16", (lambda v: v == "bfloat16", "bfloat16")),
+    },
+    "sparse": {},
+}
+PULL_REQUIRED = {"significant": ("threshold",)}
+
+
 def _entry(i: int, entry, where: str) -> tuple[str | None, dict, list[str]]:
     key = f"{where}[{i}]"
     if isinstance(entry, str):
@@ -78,9 +101,13 @@ def _entry(i: int, entry, where: str) -> tuple[str | None, dict, list[str]]:
                       f"got {entry!r}"[:200]]
 
 
-def parse_filters(entries, where: str = "filters") -> list[tuple[str, dict]]:
+def parse_filters(entries, where: str = "filters", registry: dict | None = None,
+                  required: dict | None = None) -> list[tuple[str, dict]]:
     """``[(name, options with defaults), ...]`` in the order given; ConfigError listing
-    every problem, each naming its key, when anything is wrong."""
+    every problem, each naming its key, when anything is wrong. ``registry``: the
+    filters known (FILTERS, the push side, by default; PULL_FILTERS for pulls)."""
+    registry = FILTERS if registry is None else registry
+    required = (REQUIRED if registry is FILTERS else {}) if required is None else required
     if entries is None:
         return []
     if not isinstance(entries, (list, tuple)):
@@ -92,17 +119,17 @@ def parse_filters(entries, where: str = "filters") -> list[tuple[str, dict]]:
         if name is None:
             continue
         key = f"{where}[{i}]"
-        if name not in FILTERS:
-            problems.append(f"{key}: unknown filter {name!r}; expected one of {', '.join(FILTERS)}")
+        if name not in registry:
+            problems.append(f"{key}: unknown filter {name!r}; expected one of {', '.join(registry)}")
             continue
         if name in seen:
             problems.append(f"{key}: filter {name!r} is listed twice")
         seen.add(name)
-        spec = FILTERS[name]
+        spec = registry[name]
         for opt in opts:
             if opt not in spec:
                 problems.append(f"{key}.{opt}: unknown option of filter {name!r}; expected one of {', '.join(spec)}")
-        for opt in REQUIRED.get(name, ()):
+        for opt in required.get(name, ()):
             if opt not in opts:
                 problems.append(f"{key}.{opt}: missing; filter {name!r} needs it ({spec[opt][1][1]})")
         full = {}

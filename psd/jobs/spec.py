@@ -10,12 +10,13 @@ from pathlib import Path
 from psd.config import config_from_dict, load_yaml
 from psd.errors import ConfigError, describe
 from psd.filters import parse_filters
+from psd.filters.spec import PULL_FILTERS, PULL_REQUIRED
 from psd.jobs.registry import AppRegistry
 
 #: top-level keys every job may have; the app checks its own sections (data, train, ...)
 COMMON_KEYS = {"name", "app", "servers", "workers", "output", "cluster", "timeout",
                "consistency", "max_delay", "keep_tables"}
-APP_SECTIONS = {"data", "train", "tables", "filters", "model", "eval", "sketch"}
+APP_SECTIONS = {"data", "train", "tables", "filters", "pull_filters", "model", "eval", "sketch"}
 #: the most servers or workers (ranks) a job may ask for: ranks are handed out one by one
 #: and ``psd run`` starts a process for each
 MAX_NODES = 10_000
@@ -67,6 +68,11 @@ def _top_level(data: dict, source: str, problems: list[str], apps: Collection[st
     if "filters" in data:  # names and options here; the app checks them against its tables
         try:
             parse_filters(data["filters"])
+        except ConfigError as e:
+            problems.extend(f"{source}: {p}" for p in e.data.get("problems", [e.message]))
+    if "pull_filters" in data:
+        try:
+            parse_filters(data["pull_filters"], "pull_filters", PULL_FILTERS, PULL_REQUIRED)
         except ConfigError as e:
             problems.extend(f"{source}: {p}" for p in e.data.get("problems", [e.message]))
     app = data.get("app")

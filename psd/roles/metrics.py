@@ -134,6 +134,16 @@ def server_families(server) -> list[Family]:
                 .add(kc["hits"], outcome="hit").add(kc["misses"], outcome="miss").add(kc["stored"], outcome="stored")
                 .add(kc["evicted"], outcome="evicted").add(kc["collisions"], outcome="collision"),
                 gauge("psd_server_key_cache_bytes", "Bytes of key lists the key cache holds").add(kc["bytes"])]
+    pf = st.get("pull_filters") or {}
+    if pf.get("replies"):
+        out += [counter("psd_server_pull_filter_rows_total", "Rows of filtered pulls: asked for, and sent "
+                                                             "(the rest the worker had, or were zeros)")
+                .add(pf["rows"], kind="asked").add(pf["rows_sent"], kind="sent"),
+                counter("psd_server_pull_filter_answers_total", "Filtered pull answers: deltas against the "
+                                                                "worker's copy, or full")
+                .add(pf["deltas"], kind="delta").add(pf["full"], kind="full"),
+                gauge("psd_server_pull_filter_bytes", "Bytes of pull-filter state (published rows, what each "
+                                                      "worker was sent)").add(pf["bytes"])]
     keys = gauge("psd_server_table_keys", "Keys stored in this server's copy of a table (led and replicated)")
     size = gauge("psd_server_table_bytes", "Bytes of keys, values and updater state of a table on this server")
     for name, t in sorted(st["tables"].items()):

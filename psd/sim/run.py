@@ -36,6 +36,7 @@ from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core import ids
+from psd.filters.pull import build_pull
 from psd.schema import TableSpec
 from psd.sim.nodes import SCHEDULER, SimScheduler, SimServer, SimWorker
 from psd.sim.world import World
@@ -43,6 +44,8 @@ from psd.sim.world import World
 TABLE = TableSpec("sim", 1, "int64", "sum")
 #: the table of ``Settings.bounded`` runs: evictions in every run
 BOUNDED_TABLE = TableSpec("simb", 1, "int64", "sum", {"max_rows": 3})
+#: the pull filters of ``Settings.pull_filters``: lossless, so the invariants stay exact
+PULL_LOSSLESS = build_pull([{"significant": {"threshold": 0}}, "sparse"], "int64", 1)
 #: the faults a run draws from (drops twice as likely as the others)
 FAULTS = ("kill", "stall", "stall_long", "cut_scheduler", "cut_server_from_scheduler", "cut_server", "one_way",
           "drop", "drop", "join", "stall_scheduler", "cut_worker")
@@ -69,6 +72,10 @@ class Settings:
     key_caching: bool = False
     #: the workload's table evicts (BOUNDED_TABLE); off by default, like key_caching
     bounded: bool = False
+    #: pulls go through the lossless pull filters (significant with threshold 0, sparse):
+    #: answers are deltas against each worker's copy, tied by tokens that drops, kills and
+    #: ring changes break; every pull must still read exactly what the model allows
+    pull_filters: bool = False
     #: keys a push holds at most (drawn from the worker's ``keys_per_worker``): more keys,
     #: more pushes that span several owner groups of one server (decision 97)
     push_keys: int = 3
@@ -120,6 +127,7 @@ class Outcome:
     faults: list[str] = field(default_factory=list)
     #: the workers' key-caching counts (ClientCore.kc_counters, summed)
     kc: dict = field(default_factory=dict)
+    pf: dict = field(default_factory=dict)  # the workers' pull-filter counts (Settings.pull_filters)
     #: rows evicted by primaries and deleted by replicas on their word (bounded runs)
     evicted: int = 0
     evicted_by_primary: int = 0
@@ -238,7 +246,8 @@ class Run:
         self._order += 1
         rec = PullRecord(w, keys, worker.core.clock_value, self.world.now, self._order)
         self.pulls.append(rec)
-        ts = worker.issue("pull", self.table, Rows(keys=keys))
+        rows = Rows(keys=keys, meta={"pf": PULL_LOSSLESS} if self.s.pull_filters else None)
+        ts = worker.issue("pull", self.table, rows)
         self._inflight[(w, ts)] = rec
 
     def _done(self, w: int, ts: int, result, error) -> None:
@@ -532,6 +541,8 @@ class Run:
         for worker in self.workers:
             for k, v in worker.core.kc_counters.items():
                 o.kc[k] = o.kc.get(k, 0) + v
+            for k, v in worker.core.pull_copies.counters.items():
+                o.pf[k] = o.pf.get(k, 0) + v
         for server in self.servers:
             for k, v in server.states.items():
                 o.states[k] = o.states.get(k, 0) + v

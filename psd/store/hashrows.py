@@ -14,8 +14,15 @@ backward shift and the last row moves into the hole, so rows stay 0 .. n-1.
 
 A bounded table's rows also carry an LRU list and stamps (``track``, see ``bounded``),
 kept beside the rows here because every move of a row must move its links too.
+
+``generation`` names the placement of rows: it changes whenever a stored key may move
+to another row (a delete, a compaction), never on inserts (they append) or growth (rows
+keep their numbers). Row numbers found under one generation hold while it lasts; it is
+drawn from one process-wide counter, so no two HashRows ever share one.
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -27,6 +34,7 @@ MAX_LOAD = 0.75
 #: rows grow by this factor (at least), so that an insert costs O(1) amortised
 ROW_GROWTH = 1.25
 _MIN_BITS = 10
+_GENERATIONS = itertools.count(1)
 
 
 def _u64(keys: np.ndarray) -> np.ndarray:
@@ -54,6 +62,7 @@ class HashRows:
         self.data = np.zeros((0, self.cols), self.dtype)
         #: a bounded table's LRU list and stamps (psd.store.bounded.Track), else None
         self.track = None
+        self.generation = next(_GENERATIONS)
 
     # -- sizes -------------------------------------------------------------------------
     def _limit(self) -> int:
@@ -124,6 +133,8 @@ class HashRows:
         data = self.data.view(np.uint8).reshape(self.data.shape[0], -1)
         self.n, deleted = K.hash_delete(self.index, self.bits, self.row_keys, data, self.n, _u64(keys),
                                         t.prev, t.nxt, t.stamp, t.meta)
+        if deleted:  # (the last row moved into each hole)
+            self.generation = next(_GENERATIONS)
         return int(deleted)
 
     def upsert(self, keys: np.ndarray) -> np.ndarray:
@@ -133,6 +144,10 @@ class HashRows:
         self._inserting(lambda start: K.hash_upsert(self.index, self.bits, self._limit(), self.row_keys, self.n,
                                                     keys, start, rows), keys)
         return rows
+
+    def push_rows(self, rows: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
+        """Fold ``grad`` into the given rows (found under the current generation)."""
+        K.rows_push(self.data, rows, rows2d(grad, self.dtype), kind, self.width, pt, pf)
 
     def pull(self, keys: np.ndarray) -> np.ndarray:
         out = np.empty((keys.size, self.width), self.dtype)
@@ -184,6 +199,7 @@ class HashRows:
         dropped = self.n - kept
         if not dropped:
             return 0
+        self.generation = next(_GENERATIONS)
         cap = max(kept, 1)
         keys = np.zeros(cap, np.uint64)
         keys[:kept] = self.row_keys[:self.n][keep]

@@ -453,6 +453,13 @@ def first_nonfinite(v):
     return -1
 
 
+@_cached
+def rows_push(data, rows, grad, kind, w, pt, pf):
+    """Fold gradient row j into hash data row ``rows[j]``: a push whose rows were found
+    before (positions kept with a cached key list), so no key is looked up."""
+    _apply_rows(kind, data, data, w, data, 2 * w, rows, grad, 0, rows.size, w, pt, pf)
+
+
 # -- dense runs: one array per field, rows addressed by offset ---------------------------------
 @_cached
 def run_push(v, s1, s2, rows, off, grad, kind, w, pt, pf):
@@ -667,7 +674,7 @@ def _signatures() -> dict:
         "scan_range": [i64(a1(u64), i64, u64, u64, a1(i64))],
         "count_range": [i64(a1(u64), i64, u64, u64)],
         "in_ranges": [T.none(a1(u64), i64, a1(u64), a1(u64), a1(b))],
-        "hash_push": [], "hash_pull": [], "run_push": [],
+        "hash_push": [], "hash_pull": [], "run_push": [], "rows_push": [],
         "first_nonfinite": [i64(a2(from_dtype(np.dtype(dt)), True)) for dt in (np.float32, np.float64)],
         "lru_victims": [i64(a1(u64), a1(i32), a1(i64), a1(i64), i64, i64, a1(u64))],
         "cms_admit": [i64(a2(u32), a1(u64, True), a1(i64), i64, a1(b))],
@@ -682,6 +689,7 @@ def _signatures() -> dict:
                                                      a2(d, True), i64, i64, i64, a1(d), a1(f64)))
         sigs["hash_pull"].append(i64(a1(u32), i64, a1(u64), a2(d), a1(u64, True), a2(d), i64))
         sigs["run_push"].append(T.none(a2(d), a2(d), a2(d), a1(i64), i64, a2(d, True), i64, i64, a1(d), a1(f64)))
+        sigs["rows_push"].append(T.none(a2(d), a1(i64, True), a2(d, True), i64, i64, a1(d), a1(f64)))
     return sigs
 
 

@@ -314,6 +314,38 @@ class Table:
                 self._hash_apply(keys[rest], values[rest])
         self._account()
 
+    def locate(self, keys: np.ndarray) -> tuple[int, np.ndarray] | None:
+        """Where the sorted unique ``keys`` are stored: (generation, hash rows) when every
+        one of them is in the hash rows, else None. For ``push_at``: a server keeps it
+        with a cached key list so that the next push of the list looks no key up."""
+        if not keys.size or self._fused is None:
+            return None
+        if self._runs.items:
+            _, rest = self._runs.split(keys)
+            if rest is not None and not rest.all():
+                return None
+        generation = self._hash.generation
+        rows, found = self._hash.find(keys)
+        return (generation, rows) if found == keys.size else None
+
+    def push_at(self, keys: np.ndarray, values: np.ndarray, at: tuple[int, np.ndarray] | None
+                ) -> tuple[int, np.ndarray] | None:
+        """``push(keys, values)`` through rows ``locate`` found, when the rows have not
+        moved since (the same generation); otherwise a push that looks the keys up, after
+        which they are located again. Returns where they are now (for the next push)."""
+        if at is None or at[0] != self._hash.generation or at[1].size != keys.size:
+            self.push(keys, values)
+            return self.locate(keys)
+        values = self.check_values(values, keys.size)
+        self._own_hash()
+        b = self.bounded
+        if b is not None:
+            b.pushes += 1
+        self._hash.push_rows(at[1], values, *self._fused)
+        if b is not None and self._hash.track is not None:
+            self._hash.touch(keys, b.stamp())
+        return at
+
     def push_span(self, lo: int, values: np.ndarray) -> None:
         """Apply ``values`` to the dense keys lo, lo+1, ..."""
         count = values.shape[0] if values.ndim else 0
