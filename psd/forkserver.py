@@ -99,7 +99,8 @@ class ForkServer:
         self._sock = ours
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}
-        self._pending: list[dict] = []
+        #: psd's source changed under the server: its forks would mix old and new code
+        self.stale = False
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _MAIN, str(theirs.fileno()), str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env, pass_fds=(theirs.fileno(),))
@@ -127,6 +128,7 @@ class ForkServer:
                     self._exits[reply["exit"]] = reply["code"]
                     continue
                 if "error" in reply:
+                    self.stale = self.stale or reply.get("stale", False)
                     raise OSError(f"the fork server could not start {argv[:1]}: {reply['error']}")
                 self._exits.pop(reply["pid"], None)  # an earlier child's, whose pid this reuses
                 return ForkedProcess(self, reply["pid"], ["psd", *argv])
@@ -183,9 +185,10 @@ def shared(env: dict[str, str]) -> ForkServer | None:
         return None
     for server in _servers:
         if server.import_env == _import_env(env):
-            if server.alive():
+            if server.alive() and not server.stale:
                 return server
             _servers.remove(server)
+            server.close()  # its children live on: they were forked before it went stale
             break
     if _servers:  # one per caller: another import environment starts the ordinary way
         return None
@@ -196,6 +199,22 @@ def shared(env: dict[str, str]) -> ForkServer | None:
         return None
     _servers.append(server)
     return server
+
+
+def spawn(argv: list[str], env: dict[str, str], cwd: str, log_fd: int) -> ForkedProcess | None:
+    """Fork ``psd argv`` from the shared fork server; None: start it with exec instead.
+    A server that finds psd's source changed since it started declines, and a fresh one
+    (importing the new code) takes over."""
+    for _ in range(2):
+        server = shared(env)
+        if server is None:
+            return None
+        try:
+            return server.spawn(argv, env, cwd, log_fd)
+        except OSError:
+            if not server.stale:
+                return None
+    return None
 
 
 @atexit.register
@@ -210,6 +229,7 @@ def _preload() -> None:
     """Import what every daemon imports, and load the compiled store, before any fork."""
     import psd.apps  # noqa: F401  (workers and the scheduler's job checks)
     import psd.cli.main  # noqa: F401
+    import psd.jobs.spec  # noqa: F401
     import psd.jobs.worker  # noqa: F401
     import psd.roles.daemon  # noqa: F401
     import psd.roles.metrics  # noqa: F401
@@ -218,6 +238,29 @@ def _preload() -> None:
     import psd.roles.standby  # noqa: F401
     from psd.store import kernels
     kernels.warm()
+
+
+def _sources() -> dict[str, int]:
+    """The modification time of every psd module loaded here."""
+    out = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and (name == "psd" or name.startswith("psd.")):
+            out[path] = _mtime(path)
+    return out
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _changed(sources: dict[str, int]) -> str | None:
+    """A loaded module whose file changed since (an upgrade, a checkout): a child
+    forked now would run the old module beside new ones it imports lazily."""
+    return next((path for path, mtime in sources.items() if _mtime(path) != mtime), None)
 
 
 def _die_with_parent() -> None:
@@ -297,6 +340,7 @@ def serve(sock_fd: int, caller: int) -> None:
     closing = [wake_r, wake_w, caller_fd]
     sys.stdout.flush()
     sock.send(json.dumps({"ready": os.getpid()}).encode())
+    sources = _sources()
     children: set[int] = set()
     while True:
         ready, _, _ = select.select([sock, wake_r, caller_fd], [], [])
@@ -321,6 +365,12 @@ def serve(sock_fd: int, caller: int) -> None:
             if got is None:
                 os._exit(0)  # the caller closed its end
             request, log_fd = got
+            changed = _changed(sources)
+            if changed is not None:
+                os.close(log_fd)
+                sock.send(json.dumps({"error": f"{changed} changed since the fork server started",
+                                      "stale": True}).encode())
+                continue
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()

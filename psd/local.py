@@ -98,9 +98,12 @@ class Child:
             env.setdefault(var, "1")
         env.update(extra_env or {})  # the cluster's own: PSD_KEYS, so any child finds its keys
         argv = [*argv, "--ready-file", str(self.ready_path), "--parent-pid", str(os.getpid())]
-        server = forkserver.shared(env) if fork and argv[:3] == daemon_argv("")[:3] else None
-        if server is not None:
-            self.proc = server.spawn(argv[3:], env, os.getcwd(), self._log.fileno())
+        forked = None
+        if fork and argv[:3] == daemon_argv("")[:3]:
+            forked = forkserver.spawn(argv[3:], env, os.getcwd(), self._log.fileno())
+        self.proc: subprocess.Popen | forkserver.ForkedProcess
+        if forked is not None:
+            self.proc = forked
         else:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,

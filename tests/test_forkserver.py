@@ -14,6 +14,7 @@ import time
 import pytest
 
 import psd
+import psd.refusals
 from psd import forkserver
 from psd.local import Child, daemon_argv
 
@@ -80,3 +81,26 @@ def test_a_child_with_other_import_settings_is_started_with_exec(tmp_path):
         assert child.proc.wait(60) == 2
     finally:
         child._log.close()
+
+
+def test_a_fork_server_whose_psd_source_changed_hands_over_to_a_fresh_one(tmp_path):
+    """A checkout or upgrade while a cluster runs: a child forked from the old imports
+    would mix old modules with new ones it imports later. The server declines and a new
+    one, importing the new code, forks the child."""
+    env = _env()
+    first = forkserver.shared(env)
+    assert first is not None
+    source = psd.refusals.__file__  # loaded by every daemon; not the compiled kernels
+    before = os.stat(source)
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    try:
+        with open(tmp_path / "child.log", "wb") as f:
+            with pytest.raises(OSError, match="changed since the fork server started"):
+                first.spawn(["config", "check", "/nonexistent.yaml"], env, str(tmp_path), f.fileno())
+            assert first.stale
+            proc = forkserver.spawn(["config", "check", "/nonexistent.yaml"], env, str(tmp_path), f.fileno())
+        second = forkserver.shared(env)
+        assert isinstance(proc, forkserver.ForkedProcess) and proc.wait(60) == 2
+        assert second is not first and second.alive() and not first.alive()
+    finally:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
