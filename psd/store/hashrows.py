@@ -112,7 +112,9 @@ class HashRows:
                 return
             seen = stop - start
             new_share = (self.n - n0) / seen if seen else 1.0
-            self._grow(int((m - stop) * new_share * 1.05) + 1)
+            # (never more than every key left: a margin past that could double the index
+            # for nothing, as 1.05e7 did for a push of 1e7 new keys at load 0.6)
+            self._grow(min(m - stop, int((m - stop) * new_share * 1.05) + 1))
             start = stop
 
     def push(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
