@@ -67,7 +67,7 @@ from psd.store import kernels  # noqa: E402
 from psd.store.table import Table  # noqa: E402
 
 #: the last commit whose psd/store/table.py is the sorted-array store
-OLD_COMMIT = "032c8b8ab80c69a6f29e0da9d1dc5c66ae5f8a03"
+OLD_COMMIT = "a4073b509bb972b8bdc6c34371bb7b1cc4c92fb1"
 BATCH = 100_000
 PAGE = 4096
 

@@ -287,3 +287,35 @@ def test_job_file_tables_w_checked_naming_file_and_key():
         assert len(problems) == 1 and problems[0].startswith(start), problems
     problems = logreg.validate({**base, "tables": {"w": {"max_rows": 10}}}, "job.yaml")  # prox: every weight
     assert problems and problems[0].startswith("job.yaml: tables.w: bounded-memory options apply to solver")
+
+
+def test_probe_runs_across_cache_lines():
+    """Keys whose probes all start in the last slots of one cache line of the index: the
+    runs they make cross into the next lines, where a block's probes resume after their
+    line was fetched (``kernels._fetch_block``). Inserts, updates, installs and deletes
+    in one batch each, with keys 0 and 2**64-1 among them, must agree with a dict."""
+    t = table(max_rows=10**9)
+    mask = (1 << t._hash.bits) - 1
+    mix = K._mix.py_func
+    with np.errstate(over="ignore"):
+        near_end = [k for k in range(300_000) if int(mix(np.uint64(k))) & mask & (K.LINE - 1) >= K.LINE - 3
+                    and int(mix(np.uint64(k))) & mask < K.LINE][:40]
+    assert len(near_end) == 40
+    keys = np.array(sorted({0, TOP, *near_end}), np.uint64)
+    want = {k: 0.0 for k in keys.tolist()}
+    for step in range(1, 4):  # inserts, then updates of rows found past the line's end
+        t.push(keys, np.full((keys.size, 1), step, np.float32))
+        for k in want:
+            want[k] += step
+        assert t.pull(keys)[:, 0].tolist() == [want[k] for k in keys.tolist()]
+    assert t._hash.bits == hashrows._MIN_BITS and t.num_keys == keys.size
+    gone = keys[1:-1:3]  # every third of the run (not 0 or TOP): backward shifts across lines
+    assert t.drop_keys(gone) == gone.size
+    for k in gone.tolist():
+        del want[k]
+    t.install(gone[:5], np.full((5, 1), 9, np.float32), {})  # back in through the upsert path
+    want.update({k: 9.0 for k in gone[:5].tolist()})
+    t.push(keys, np.ones((keys.size, 1), np.float32))
+    want = {k: want.get(k, 0.0) + 1.0 for k in keys.tolist()}
+    assert t.pull(keys)[:, 0].tolist() == [want[k] for k in keys.tolist()]
+    assert stored(t) == want

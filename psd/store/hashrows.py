@@ -4,8 +4,8 @@ Rows live in two growable arrays, ``row_keys`` (uint64) and ``data`` (values the
 updater's state fields, side by side in one row, so an update touches one cache line).
 Rows past ``n`` are zero: a new key's row starts as zeros, as a never-pushed key reads.
 An insert appends a row and fills one index entry, so it costs O(1) amortised whatever
-the table's size; the row arrays grow by a quarter and the index doubles when it is
-three quarters full (a rehash reads the row keys in order).
+the table's size; the row arrays grow by a quarter and the index doubles before it is
+60% full (a rehash reads the row keys in order; ``kernels`` says why not fuller).
 
 Dropping rows (``retain``, or keys that move into a dense run) compacts the rows into
 new arrays and rebuilds the index: O(rows), as rare as ring changes. Deleting single
@@ -30,7 +30,7 @@ from psd.errors import LimitError
 from psd.store import kernels as K
 
 #: the index grows when more than this fraction of its slots would be used
-MAX_LOAD = 0.75
+MAX_LOAD = 0.6
 #: rows grow by this factor (at least), so that an insert costs O(1) amortised
 ROW_GROWTH = 1.25
 _MIN_BITS = 10
@@ -42,6 +42,15 @@ def _u64(keys: np.ndarray) -> np.ndarray:
     if keys.flags.c_contiguous and keys.flags.aligned and keys.dtype == np.uint64:
         return keys
     return np.require(keys, np.uint64, "CA")
+
+
+def _index(bits: int) -> np.ndarray:
+    """An empty index of 2**bits entries whose first byte starts a cache line, so that
+    every ``K.LINE`` entries from slot 0 are one line."""
+    line = 64 // 4
+    buf = np.zeros((1 << bits) + line, np.uint32)  # calloc: untouched pages cost nothing
+    skip = (-buf.ctypes.data % 64) // 4
+    return buf[skip:skip + (1 << bits)]
 
 
 def rows2d(a: np.ndarray, dtype) -> np.ndarray:
@@ -57,7 +66,7 @@ class HashRows:
         self.cols = width * (1 + fields)  # a data row: values, then each state field
         self.n = 0
         self.bits = _MIN_BITS
-        self.index = np.zeros(1 << self.bits, np.uint32)
+        self.index = _index(self.bits)
         self.row_keys = np.zeros(0, np.uint64)
         self.data = np.zeros((0, self.cols), self.dtype)
         #: a bounded table's LRU list and stamps (psd.store.bounded.Track), else None
@@ -93,7 +102,7 @@ class HashRows:
             raise LimitError(f"a table holds at most {most} keys outside dense spans on one server; "
                              f"add servers", limit="sparse_keys", max=most)
         self.bits = bits
-        self.index = np.zeros(1 << bits, np.uint32)
+        self.index = _index(bits)
         K.rehash(self.index, bits, self.row_keys, self.n)
 
     def allocated(self) -> int:
@@ -112,7 +121,9 @@ class HashRows:
                 return
             seen = stop - start
             new_share = (self.n - n0) / seen if seen else 1.0
-            self._grow(int((m - stop) * new_share * 1.05) + 1)
+            # (never more than every key left: a margin past that could double the index
+            # for nothing, as 1.05e7 did for a push of 1e7 new keys at load 0.6)
+            self._grow(min(m - stop, int((m - stop) * new_share * 1.05) + 1))
             start = stop
 
     def push(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
