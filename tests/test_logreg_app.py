@@ -305,7 +305,8 @@ class OneWorkerKV:
         self.tables: dict[str, Table] = {}
         self.clock_value = 0
 
-    async def table(self, name, width=1, dtype="float32", updater="sum", filters=None, **options):
+    async def table(self, name, width=1, dtype="float32", updater="sum", filters=None, pull_filters=None,
+                    **options):
         spec = TableSpec(name, width, dtype, updater, options).validate()  # (filters: none in process)
         table = self.tables.setdefault(name, Table(spec))
         assert table.spec == spec
