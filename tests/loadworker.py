@@ -231,6 +231,11 @@ def run_load(clients: int = 32, seconds: float = 10.0, *, servers: int = 2, keys
         name, dtype, width = TABLE
         with psd.connect(cluster) as kv:
             kv.table(name, width=width, dtype=dtype, updater="sum")
+            # one push over the whole key space first: each server opens its links to its
+            # replicas (several connections each under striped CurveZMQ) before "idle"
+            warm = kv.table("warmup", width=1, dtype="int64")
+            spread = np.unique(np.linspace(0, 2**64 - 1, 256, dtype=np.uint64))
+            kv.wait(warm.push(spread, np.ones((spread.size, 1), np.int64)))
         report["ring_version_start"] = cluster.status()["ring_version"]
         snap("idle")
         log(f"cluster up in {time.monotonic() - t_start:.1f} s; starting {clients} clients")
