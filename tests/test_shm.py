@@ -263,6 +263,17 @@ def rpc_stats(kv) -> list[dict]:
     return [rpc.shm_stats() or {} for rpc in kv.aio._servers.values()]
 
 
+def wait_for_handshakes(kv, table, timeout: float = 20.0) -> None:
+    """Until every server connection of ``kv`` has agreed on shared memory. The
+    handshake runs beside the first requests (which go by TCP meanwhile), on the
+    blocking client's loop, which runs inside its calls: small pulls keep it going."""
+    deadline = time.monotonic() + timeout
+    while not all(st.get("peers") for st in rpc_stats(kv)):
+        assert time.monotonic() < deadline, f"no shared-memory handshake in {timeout} s: {rpc_stats(kv)}"
+        table.pull_span(0, 1)
+        time.sleep(0.02)
+
+
 def test_pushes_and_pulls_through_shared_memory_give_the_tables_tcp_gives(cluster):
     rng = np.random.default_rng(5)
     dense = rng.standard_normal((400_000, 4)).astype(np.float32)          # 6.4 MB a push
@@ -332,6 +343,7 @@ def test_a_push_kept_past_its_ack_keeps_its_segment_until_applied(cluster):
     kv = psd.connect(cluster)
     try:
         t = kv.table("kept", width=1, dtype="float32", consistency="sequential")
+        wait_for_handshakes(kv, t)
         kv.clock()  # a member of the clock group now: its pushes wait for its next clock
         kv.wait(t.push_span(0, first))
         kv.wait(t.push_span(0, second))  # both acked, neither applied yet
