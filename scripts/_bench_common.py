@@ -72,6 +72,30 @@ def split_keys(keys: np.ndarray, num_servers: int) -> list[tuple[int, int, int]]
 
 
 # -- the bare pyzmq baseline ---------------------------------------------------
+def bare_router(ctx, conn):
+    """A bare server's ROUTER on a free loopback port, unbounded queues; its address goes
+    to the parent over ``conn``."""
+    import zmq
+
+    sock = ctx.socket(zmq.ROUTER)
+    for opt, val in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+        sock.setsockopt(opt, val)
+    sock.bind(LOOPBACK)
+    conn.send(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+    conn.close()
+    return sock
+
+
+def bare_requests(sock, parent_pid: int):
+    """The requests a bare server receives, as they come, until its parent is gone."""
+    while True:
+        if not sock.poll(500):
+            if os.getppid() != parent_pid:
+                return
+            continue
+        yield sock.recv_multipart(copy=False)
+
+
 def bare_server_main(conn, parent_pid: int) -> None:
     """A ROUTER echo: ack a push, answer a pull with a same-size payload (zero-copy).
 
@@ -85,21 +109,11 @@ def bare_server_main(conn, parent_pid: int) -> None:
     from psd.transport.sockets import tune_malloc
     tune_malloc()  # the same allocator settings as psd's daemons: compare transports, not malloc
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    for opt, val in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-        sock.setsockopt(opt, val)
-    sock.bind(LOOPBACK)
-    conn.send(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
-    conn.close()
+    sock = bare_router(ctx, conn)
     reply = np.ones(0, dtype=np.uint8)
     ack = b"k"
     try:
-        while True:
-            if not sock.poll(500):
-                if os.getppid() != parent_pid:
-                    return
-                continue
-            frames = sock.recv_multipart(copy=False)
+        for frames in bare_requests(sock, parent_pid):
             ident, head = frames[0], frames[1]
             op, nbytes = BARE_HEADER.unpack(head.buffer)
             if op == b"Q":

@@ -79,19 +79,9 @@ def bare_server_main(conn, n: int, seed: int, parent_pid: int) -> None:
     skeys = stored_keys(n, seed)
     vals = np.ones(n, np.float32)
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    for opt, val in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-        sock.setsockopt(opt, val)
-    sock.bind(bc.LOOPBACK)
-    conn.send(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
-    conn.close()
+    sock = bc.bare_router(ctx, conn)
     try:
-        while True:
-            if not sock.poll(500):
-                if os.getppid() != parent_pid:
-                    return
-                continue
-            frames = sock.recv_multipart(copy=False)
+        for frames in bc.bare_requests(sock, parent_pid):
             ident, op = frames[0], frames[1].bytes
             if op == b"Q":
                 return
