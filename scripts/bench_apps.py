@@ -87,6 +87,7 @@ sys.path.insert(0, str(ROOT))
 
 from psd.apps import cms, lda, logreg  # noqa: E402
 from psd.apps.datasets import make_sparse_logreg  # noqa: E402
+from psd.apps.datasets.mails import mail_documents  # noqa: E402
 from psd.apps.datasets.topics import make_planted_corpus  # noqa: E402
 
 
@@ -483,20 +484,8 @@ def _int32(X):
 
 
 def _mails(limit: int, words: int) -> list[str]:
-    """The SpamAssassin mails' bodies (after the headers), their first ``words`` words,
-    in a seeded order; empty when the raw mails are not fetched."""
-    files = sorted(p for d in sorted(MAILS_DIR.glob("*")) if d.is_dir() for p in d.iterdir())
-    order = np.random.default_rng(20140601).permutation(len(files))
-    docs = []
-    for i in order:
-        text = files[i].read_bytes()[:100_000].decode("latin-1").lower()
-        body = text.split("\n\n", 1)[-1]
-        toks = [w for w in body.split() if w.isalpha() and len(w) > 1][:words]
-        if len(toks) >= 20:
-            docs.append(" ".join(toks))
-        if len(docs) >= limit:
-            break
-    return docs
+    """The SpamAssassin mails as documents; empty when the raw mails are not fetched."""
+    return mail_documents(MAILS_DIR, limit, words)
 
 
 def _lda_sets(quick: bool):

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from psd.apps.datasets.mails import mail_documents
 from psd.apps.hashing import token_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,18 +176,8 @@ def test_logreg_fit_defaults_reach_sklearn_on_adult(tmp_path):
 
 
 def mail_bodies(limit: int, words: int) -> list[str]:
-    """The mails' bodies (after the headers), their first ``words`` words, in a seeded
-    order (as scripts/bench_apps.py reads them)."""
-    files = sorted(p for d in sorted(MAILS.glob("*")) if d.is_dir() for p in d.glob("*.txt"))
-    docs = []
-    for i in np.random.default_rng(20140601).permutation(len(files)):
-        body = files[i].read_bytes()[:100_000].decode("latin-1").lower().split("\n\n", 1)[-1]
-        toks = [w for w in body.split() if w.isalpha() and len(w) > 1][:words]
-        if len(toks) >= 20:
-            docs.append(" ".join(toks))
-        if len(docs) >= limit:
-            break
-    return docs
+    """The mails as scripts/bench_apps.py reads them."""
+    return mail_documents(MAILS, limit, words)
 
 
 def test_lda_fit_defaults_match_sklearn_on_mail():
