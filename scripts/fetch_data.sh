@@ -36,6 +36,21 @@ mkdir -p "$DATA"
 failed=0
 say() { echo "fetch_data: $*" >&2; }
 
+# download_wheel PACKAGE FOLDER: pip downloads PACKAGE's wheel (not installed) into
+# FOLDER and prints its path
+download_wheel() {
+    say "downloading $1 (pip download --no-deps, at most ${TIMEOUT}s; not installed)"
+    if ! timeout "$TIMEOUT" "$PY" -m pip download --quiet --no-deps --only-binary=:all: \
+            --dest "$2" "$1" >/dev/null; then
+        say "pip download $1 failed or timed out"
+        return 1
+    fi
+    local whl
+    whl=$(ls "$2"/*.whl 2>/dev/null | head -n 1)
+    [[ -n "$whl" ]] || { say "pip download left no wheel"; return 1; }
+    echo "$whl"
+}
+
 fetch_spam() {
     if [[ -f "$SPAM_DIR/.complete" ]]; then
         say "SpamAssassin corpus present in $SPAM_DIR (skipped)"
@@ -81,15 +96,8 @@ fetch_symspell() {
     tmp=$(mktemp -d)
     # shellcheck disable=SC2064
     trap "rm -rf '$tmp'" RETURN
-    say "downloading $SYM_PKG (pip download --no-deps, at most ${TIMEOUT}s; not installed)"
-    if ! timeout "$TIMEOUT" "$PY" -m pip download --quiet --no-deps --only-binary=:all: \
-            --dest "$tmp" "$SYM_PKG" >/dev/null; then
-        say "pip download $SYM_PKG failed or timed out"
-        return 1
-    fi
     local whl
-    whl=$(ls "$tmp"/*.whl 2>/dev/null | head -n 1)
-    [[ -n "$whl" ]] || { say "pip download left no wheel"; return 1; }
+    whl=$(download_wheel "$SYM_PKG" "$tmp") || return 1
     mkdir -p "$(dirname "$SYM_FILE")"
     # take the one member out of the wheel (a zip) with the standard library
     if ! "$PY" - "$whl" "$SYM_MEMBER" "$SYM_FILE.tmp" <<'EOF'
@@ -116,15 +124,8 @@ fetch_adult() {
     tmp=$(mktemp -d)
     # shellcheck disable=SC2064
     trap "rm -rf '$tmp'" RETURN
-    say "downloading $ADULT_PKG (pip download --no-deps, at most ${TIMEOUT}s; not installed)"
-    if ! timeout "$TIMEOUT" "$PY" -m pip download --quiet --no-deps --only-binary=:all: \
-            --dest "$tmp" "$ADULT_PKG" >/dev/null; then
-        say "pip download $ADULT_PKG failed or timed out"
-        return 1
-    fi
     local whl
-    whl=$(ls "$tmp"/*.whl 2>/dev/null | head -n 1)
-    [[ -n "$whl" ]] || { say "pip download left no wheel"; return 1; }
+    whl=$(download_wheel "$ADULT_PKG" "$tmp") || return 1
     mkdir -p "$tmp/x"
     # the two UCI files out of the wheel (a zip), with the standard library
     if ! "$PY" - "$whl" "$tmp/x" <<'EOF'
