@@ -122,7 +122,7 @@ class ForkServer:
             deadline = time.monotonic() + 30.0
             while True:
                 reply = self._recv(max(0.0, deadline - time.monotonic()))
-                if reply is None:
+                if reply is None or reply.get("closed"):
                     raise OSError("the fork server did not answer a spawn request")
                 if "exit" in reply:
                     self._exits[reply["exit"]] = reply["code"]
@@ -263,18 +263,19 @@ def _changed(sources: dict[str, int]) -> str | None:
     return next((path for path, mtime in sources.items() if _mtime(path) != mtime), None)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a child (before exec, or just forked): SIGKILL when its parent ends (Linux)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
-        pass
+        pass  # not Linux: the daemon's parent watch still ends it
 
 
 def _run_child(sock: socket.socket, closing: list[int], request: dict, log_fd: int) -> None:
     """In the forked child: become the daemon ``request`` names; never returns."""
     code = 1
     try:
-        _die_with_parent()
+        die_with_parent()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -7,7 +7,6 @@ and (through PR_SET_PDEATHSIG and a parent watch) when the parent dies unexpecte
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import shutil
 import signal
@@ -27,17 +26,6 @@ from psd.client import admin
 from psd.config import ClusterConfig, config_from_dict
 from psd.errors import StartupError
 from psd.transport import security, shm
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: get SIGKILL when the parent dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: the daemon's parent watch still ends it
-
 
 _live: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
@@ -107,7 +95,7 @@ class Child:
         else:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                preexec_fn=forkserver.die_with_parent if sys.platform.startswith("linux") else None)
         self.address: str | None = None
 
     @property
