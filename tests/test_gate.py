@@ -136,3 +136,30 @@ def test_a_pull_held_across_a_raise_counts_only_its_wait_under_the_new_tau():
     assert ran == ["a", "b"] and policy.tau == 1
     policy.clock("W0", 4, 12.0)        # no pull waited under tau 1: it stays
     assert policy.tau == 1
+
+
+def test_a_held_pull_that_raises_does_not_stop_the_drain_or_reapply_pushes():
+    """A held pull runs inside another request's handler (a clock message here): if it
+    raises, the pulls released with it still run, and the kept pushes applied in that
+    drain are not applied again by the next one."""
+    g = make("sequential")
+    p = g.policy(None)
+    applied, answered = [], []
+    p.push("W0", 42, lambda: applied.append(42))
+
+    def broken():
+        raise RuntimeError("the table went away")
+    assert not p.pull("a", "W0", 43, broken, 0.0)
+    assert not p.pull("b", "W1", 43, lambda: answered.append("b"), 0.0)
+    g.clock("W0", 43, 0.0)
+    g.clock("W1", 43, 0.0)
+    try:
+        g.clock("W2", 43, 0.0)
+    except RuntimeError as err:
+        assert "went away" in str(err)
+    else:
+        raise AssertionError("the pull's error should reach the handler that drained it")
+    assert answered == ["b"] and applied == [42]
+    for w in ("W0", "W1", "W2"):
+        g.clock(w, 44, 1.0)
+    assert applied == [42], "a push applied before the error must not be applied again"

@@ -133,7 +133,20 @@ class Policy:
         clock at a time: a pull at clock c sees exactly the pushes of clocks < c even when
         the floor jumps past c at once (a departure, a late pull), because the pushes of
         clock c are applied only after it. Kept pushes are applied in (clock, arrival)
-        order, which is the same on every copy whatever floors each passed through."""
+        order, which is the same on every copy whatever floors each passed through.
+
+        A callback that raises does not stop the drain: the pulls released with it were
+        already taken off the clocks, and a push left in the list after it ran would be
+        applied again by the next drain. The drain finishes, then the first error is
+        raised for the caller's handler to report."""
+        errors: list[Exception] = []
+
+        def call(fn: Callable[[], None]) -> None:
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001 - re-raised below, once the drain is whole
+                errors.append(err)
+
         released = sorted(((self._held[rid][2], i, rid) for i, rid in enumerate(self.clocks.ready())))
         if self._pushes:
             self._pushes.sort(key=lambda p: (p[0], p[1]))
@@ -143,16 +156,18 @@ class Policy:
             for clock, _i, rid in released:
                 while (done < len(self._pushes) and self._pushes[done][0] < clock
                        and (limit is None or self._pushes[done][0] < limit)):
-                    self._pushes[done][2]()
+                    call(self._pushes[done][2])
                     done += 1
-                self._run_held(rid, now)
+                call(lambda rid=rid: self._run_held(rid, now))
             while done < len(self._pushes) and (limit is None or self._pushes[done][0] < limit):
-                self._pushes[done][2]()
+                call(self._pushes[done][2])
                 done += 1
             del self._pushes[:done]
-            return
-        for _clock, _i, rid in released:
-            self._run_held(rid, now)
+        else:
+            for _clock, _i, rid in released:
+                call(lambda rid=rid: self._run_held(rid, now))
+        if errors:
+            raise errors[0]
 
     def _run_held(self, rid, now: float) -> None:
         run, since, _clock = self._held.pop(rid)
