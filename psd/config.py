@@ -23,6 +23,8 @@ from psd.codec import Limits
 from psd.errors import ConfigError
 
 DEFAULT_SCHEDULER = "tcp://127.0.0.1:9300"
+#: the replica placements of the ring (psd.cluster.ring); the first is the default
+PLACEMENTS = ("spread", "chained")
 ENV_PREFIX = "PSD_"
 
 
@@ -60,6 +62,11 @@ class ClusterConfig:
     replication: int = 1
     #: points per server on the consistent-hashing ring
     vnodes: int = 16
+    #: where a range's replicas go: "spread" (the next distinct servers clockwise on the
+    #: ring: a dead server's load spreads over many) or "chained" (the servers after its
+    #: primary in sorted id order: a primary forwards to replication - 1 servers, whatever
+    #: ranges a push touches; docs/operations.md, "Replica placement")
+    placement: str = PLACEMENTS[0]
     request_timeout: float = 30.0
     #: microseconds a server keeps checking for the next request after answering one, and
     #: a blocking client call checks for its reply, before sleeping (0: sleep at once; at
@@ -266,6 +273,7 @@ RULES: dict[str, Rule] = {
     "worker_timeout": _positive_seconds(),
     "replication": _positive_int(),
     "vnodes": _positive_int(),
+    "placement": _choice(*PLACEMENTS),
     "request_timeout": _positive_seconds(),
     "busy_poll_us": Rule(lambda v: _integer(v) and 0 <= v <= 1_000_000, "an integer number of microseconds "
                          "from 0 (sleep at once) to 1000000", _text_int),

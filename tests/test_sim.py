@@ -50,6 +50,27 @@ def test_a_seed_replays_exactly():
     assert a.pushes > 20 and a.pulls > 10, "the workload should be doing something"
 
 
+def test_chained_seeds_end_on_chained_rings():
+    """``settings_for`` gives some seeds chained placement (their schedules run in the
+    test above); a run of one with a join and one with a kill ends on rings whose every
+    range is replicated on the servers after its primary in id order."""
+    from psd.sim.run import Run, Settings
+    assert sum(settings_for(s, "eventual").get("placement") == "chained" for s in range(SEEDS["eventual"])) > 50
+    logging.disable(logging.CRITICAL)
+    try:
+        for seed in (5, 12):  # (a join; a kill at replication 3)
+            run = Run(seed, Settings(**settings_for(seed, "eventual")))
+            outcome = run.run()
+            assert outcome.ok and outcome.faults, outcome.describe()
+            ring = run.scheduler.core.state.stable
+            order = sorted(ring.servers)
+            for owners in ring.owners:
+                i = order.index(owners[0])
+                assert owners == tuple(order[(i + k) % len(order)] for k in range(len(owners))), (seed, ring)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 # -- the invariants bite: each switched-off guarantee is found within the suite's seeds --------
 def _finds(monkeypatch, seeds: int, **settings) -> int | None:
     logging.disable(logging.CRITICAL)

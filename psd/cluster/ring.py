@@ -18,15 +18,29 @@ arc is split into ``[0, p0 + 1)`` and ``[pN + 1, 2**64)`` so the ranges of an
 :class:`Assignment` stay sorted and cover [0, 2**64) with no gap (an empty piece, when a
 point sits at 2**64 - 1, is dropped).
 
-The owners of an arc are the server of its point (the primary) followed by the next
-``replication - 1`` *distinct* servers met clockwise from that point (its replicas, in
-chain order). With fewer servers than ``replication`` every server holds everything.
-Adjacent ranges with the same owner tuple are merged.
+The primary of an arc is the server of its point. Its replicas (in chain order) depend
+on the *placement*:
 
-Consequences the tests check: removing a server changes only the owner tuples of the
-ranges it owned, and there it is dropped from the tuple and the next distinct server is
-appended (so where it led, its first replica is promoted); adding a server only inserts
-it into owner tuples (no key moves between two servers that were both present before).
+- ``spread`` (the default): the next ``replication - 1`` *distinct* servers met clockwise
+  from the point. A server's ranges are replicated on many different servers, so when it
+  dies its load and the copies that restore replication spread over the survivors.
+- ``chained``: the next ``replication - 1`` servers after the primary in the cyclic order
+  of the sorted member ids (the paper's placement, Li et al. 2014, section 4.3: a server
+  holds the ranges of its neighbours). Every range a server leads has the same replicas,
+  so a primary forwards a push to ``replication - 1`` servers whatever ranges it touches.
+
+With fewer servers than ``replication`` every server holds everything. Adjacent ranges
+with the same owner tuple are merged.
+
+Consequences the tests check, for ``spread``: removing a server changes only the owner
+tuples of the ranges it owned, and there it is dropped from the tuple and the next
+distinct server is appended (so where it led, its first replica is promoted); adding a
+server only inserts it into owner tuples (no key moves between two servers that were both
+present before). For ``chained`` (tests/test_ring_chained.py): removing or adding a
+server changes the owner tuples only of the arcs it leads (there the hash gives them new
+primaries) and of the arcs led by its ``replication - 1`` predecessors in the member
+order (their chain now skips it, or takes it in); the joint ring of a death promotes the
+dead server's successor, which held every range it led.
 """
 from __future__ import annotations
 
@@ -36,6 +50,7 @@ from typing import Iterable, NamedTuple
 
 from psd.cluster.assignment import Assignment
 from psd.cluster.ranges import KEY_SPACE_END, Range
+from psd.config import PLACEMENTS
 
 Owners = tuple[str, ...]
 
@@ -54,10 +69,13 @@ def ring_points(servers: Iterable[str], vnodes: int) -> list[tuple[int, str]]:
 
 
 def consistent_hash(servers: Iterable[str], version: int, *, vnodes: int = 16,
-                    replication: int = 1, addresses: dict | None = None) -> Assignment:
+                    replication: int = 1, addresses: dict | None = None,
+                    placement: str = "spread") -> Assignment:
     """The ring of ``servers`` as an :class:`Assignment` (see the module docstring)."""
     if replication < 1:
         raise ValueError(f"replication must be >= 1, got {replication}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     members = sorted(set(servers))
     addresses = dict(addresses or {})
     if not members:
@@ -66,7 +84,13 @@ def consistent_hash(servers: Iterable[str], version: int, *, vnodes: int = 16,
     chain_len = min(replication, len(members))
     n = len(pts)
 
+    # chained: each server's replicas are the servers after it in the sorted member order
+    after = {s: tuple(members[(i + k) % len(members)] for k in range(chain_len))
+             for i, s in enumerate(members)}
+
     def chain(j: int) -> Owners:  # distinct servers clockwise from point j
+        if placement == "chained":
+            return after[pts[j][1]]
         seen: list[str] = []
         for step in range(n):
             s = pts[(j + step) % n][1]
@@ -205,7 +229,7 @@ class RingChange(NamedTuple):
 
 def rebalance(current: Assignment, servers: Iterable[str], live: Iterable[str], *,
               vnodes: int, replication: int, version: int | None = None,
-              addresses: dict | None = None) -> RingChange:
+              addresses: dict | None = None, placement: str = "spread") -> RingChange:
     """The ring over ``servers`` (version ``current.version + 1`` unless given) and the
     moves from ``current`` to it, sourcing data only from ``live`` servers. Addresses are
     ``current``'s (overridden by ``addresses``), kept for the new members only."""
@@ -213,39 +237,42 @@ def rebalance(current: Assignment, servers: Iterable[str], live: Iterable[str], 
     addr = {**current.addresses, **(addresses or {})}
     addr = {n: addr[n] for n in members if n in addr}  # (in member order, whatever order they came in)
     ring = consistent_hash(members, current.version + 1 if version is None else version,
-                           vnodes=vnodes, replication=replication, addresses=addr)
+                           vnodes=vnodes, replication=replication, addresses=addr,
+                           placement=placement)
     live_set = set(live)
     return RingChange(ring, plan_transfers(current, ring, live_set),
                       lost_ranges(current, ring, live_set))
 
 
 def on_server_death(current: Assignment, dead: str, live: Iterable[str], *, vnodes: int,
-                    replication: int, version: int | None = None) -> RingChange:
+                    replication: int, version: int | None = None,
+                    placement: str = "spread") -> RingChange:
     """``dead`` is gone: drop it, promote replicas, re-replicate from survivors.
     ``live`` is every live server (``dead`` is ignored if listed)."""
     survivors = set(live) - {dead}
     return rebalance(current, survivors, survivors, vnodes=vnodes,
-                     replication=replication, version=version)
+                     replication=replication, version=version, placement=placement)
 
 
 def on_server_join(current: Assignment, joining: str, live: Iterable[str], *, vnodes: int,
                    replication: int, version: int | None = None,
-                   address: str | None = None) -> RingChange:
+                   address: str | None = None, placement: str = "spread") -> RingChange:
     """``joining`` enters the ring: it copies its new ranges from their old owners.
     ``live`` is the live servers already there (``joining`` may be listed too)."""
     members = set(live) | {joining}
     return rebalance(current, members, members, vnodes=vnodes, replication=replication,
-                     version=version,
+                     version=version, placement=placement,
                      addresses=None if address is None else {joining: address})
 
 
 def on_server_leave(current: Assignment, leaving: str, live: Iterable[str], *, vnodes: int,
-                    replication: int, version: int | None = None) -> RingChange:
+                    replication: int, version: int | None = None,
+                    placement: str = "spread") -> RingChange:
     """``leaving`` drains gracefully: it is out of the new ring but still alive, so it can
     be the source of its own ranges (it is their old primary where it led)."""
     staying = set(live) - {leaving}
     return rebalance(current, staying, staying | {leaving}, vnodes=vnodes,
-                     replication=replication, version=version)
+                     replication=replication, version=version, placement=placement)
 
 
 def joint(old: Assignment, new: Assignment, live: Iterable[str], version: int) -> Assignment:

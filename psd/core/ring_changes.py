@@ -1,7 +1,8 @@
 """How the scheduler carries out a ring change without losing an acknowledged update.
 
-1. Compute the next ring (consistent hashing over the new member set) and the copies
-   it needs (psd.cluster.ring.rebalance): who must receive which range from whom. A
+1. Compute the next ring (consistent hashing over the new member set, replicas placed
+   as the config's ``placement`` says) and the copies it needs
+   (psd.cluster.ring.rebalance): who must receive which range from whom. A
    range whose every owner is gone is *not* given to anyone empty: it stays with its
    dead owners, unavailable, until one of them comes back (a server declared dead on
    silence may only have been cut off; its copy is the only one).
@@ -142,7 +143,7 @@ class RingChanges:
             base = take_back(s.stable if s.stable is not None else s.ring, s.rejoined, live)
             members = live - {exclude} if exclude else live
             change = rebalance(base, members, live, vnodes=cfg.vnodes, replication=cfg.replication,
-                               addresses={n: s.addresses[n] for n in members})
+                               addresses={n: s.addresses[n] for n in members}, placement=cfg.placement)
             target, orphans = keep_orphans(base, change.ring, live, s.abandoned)
             self.restoring = sorted(set(self.restoring) | set(_released(base, live, s.abandoned)))
             for r in orphans:

@@ -842,7 +842,8 @@ class SchedulerCore:
                 "clocks": clocks, "ring_changing": self.ring_changes.busy,
                 "isolated": self._isolated, "unavailable": waiting, "restored": self.restored,
                 "checkpoints": self.checkpoints.status(),
-                "replication": self.config.replication, "metrics": getattr(self, "metrics_address", None),
+                "replication": self.config.replication, "placement": self.config.placement,
+                "metrics": getattr(self, "metrics_address", None),
                 "ring_version": s.ring.version, "nodes": nodes, "ranges": ranges, "tables": tables,
                 "jobs": [{**j.to_dict(len(j.metrics)), "tables": by_namespace.get(j.id, {})}
                          for j in s.jobs.jobs.values()]}

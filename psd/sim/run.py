@@ -82,10 +82,15 @@ class Settings:
     #: count the in-flight states of one message per server the servers meet
     #: (``Outcome.states``); off by default: it regroups every data message
     count_states: bool = False
+    #: where replicas go (ClusterConfig.placement): "chained" gives each server's ranges
+    #: the same replicas, so a death promotes one successor for all of them and the
+    #: chains of its neighbours shift (settings_for runs it on some seeds)
+    placement: str = "spread"
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
                              request_timeout=8.0, replication=self.replication, vnodes=4,
+                             placement=self.placement,
                              consistency=self.consistency, max_delay=self.max_delay,
                              num_workers=self.workers if self.consistency != "eventual" else 0)
 
@@ -566,12 +571,15 @@ def _decode(value: int) -> tuple[set[int], set[int]]:
 
 def settings_for(seed: int, consistency: str) -> dict:
     """The settings of seed ``seed`` in the suite and the soak: some seeds run a larger
-    cluster (4 servers, 3 workers), some more copies (replication 3)."""
+    cluster (4 servers, 3 workers), some more copies (replication 3), some chained
+    replica placement (one seed in seven: none of the seeds other tests name)."""
     kw = {"consistency": consistency}
     if seed % 3 == 1:
         kw.update(servers=4, workers=3)
     if seed % 5 == 2:
         kw.update(replication=3)
+    if seed % 7 == 5:
+        kw.update(placement="chained")
     return kw
 
 
