@@ -257,6 +257,34 @@ def test_sigterm_drains_a_server_during_stream_exact(make_cluster, streams, tmp_
     check_exact(cluster, stream.stop())
 
 
+def chained_owners(st: dict) -> bool:
+    """Every range replicated on the server after its primary in sorted id order."""
+    order = sorted({o for r in st["ranges"] for o in r["owners"]})
+    return all(r["owners"][1:] == [order[(order.index(r["owners"][0]) + k) % len(order)]
+                                   for k in range(1, len(r["owners"]))] for r in st["ranges"])
+
+
+def test_sigkill_under_chained_placement_exact(make_cluster, streams, tmp_path):
+    """Chained placement (docs/operations.md, "Replica placement"): the killed server's
+    successor holds every range it led, leads them while the copies run, and the ring
+    ends chained over the survivors, with no acked push lost or doubled."""
+    cluster = make_cluster(servers=4, placement="chained")
+    st0 = cluster.status()
+    servers = live_servers(st0)
+    assert settled(st0, servers) and chained_owners(st0) and st0["placement"] == "chained"
+    assert len({tuple(r["owners"]) for r in st0["ranges"]}) == 4  # one replica server per primary
+    stream = streams(cluster.scheduler, [5, 6], tmp_path)
+    stream.go()
+    time.sleep(1.0)
+    victim = cluster.node_id(1)
+    cluster.kill_server(1)
+    st1 = wait_until(cluster, lambda st: node_state(st, victim) == "dead" and settled(st, servers - {victim}),
+                     f"{victim} dead and replication restored")
+    assert chained_owners(st1) and len({tuple(r["owners"]) for r in st1["ranges"]}) == 3
+    time.sleep(0.5)  # the stream goes on over the new ring
+    check_exact(cluster, stream.stop())
+
+
 def test_status_json_shows_owners_and_ring_versions(make_cluster):
     cluster = make_cluster()
     versions = []

@@ -300,3 +300,32 @@ def test_a_full_push_and_pull_take_one_message_per_server(cluster, raw_dealer):
         assert sum(old.values()) == 6, old
         kv.aio.core.one_message_per_server = True
         np.testing.assert_array_equal(w.pull(keys), 2 * values)
+
+
+# -- chained placement: 3 messages and 3 forwards ------------------------------------------------
+@pytest.fixture(scope="module")
+def chained_cluster():
+    with psd.LocalCluster(servers=3, replication=2, placement="chained") as c:
+        yield c
+
+
+def test_chained_placement_makes_a_full_push_three_messages_and_three_forwards(chained_cluster, raw_dealer):
+    """With ``placement: chained`` every range a server leads has the same replica, so the
+    full push of the test above is one message per server and one forward per server."""
+    st = chained_cluster.status()
+    assert st["placement"] == "chained"
+    keys = _spread(30_000, seed=6)
+    values = np.arange(keys.size, dtype=np.float32).reshape(-1, 1)
+    with psd.connect(chained_cluster) as kv:
+        w = kv.table("w", width=1, dtype="float32", updater="sum")
+        ring = kv.aio.ring
+        assert [list(o) for o in ring.owners] == [r["owners"] for r in st["ranges"]]  # the scheduler's ring
+        assert set(ring.owners) == {("S0", "S1"), ("S1", "S2"), ("S2", "S0")}
+        before = _counts(chained_cluster, raw_dealer)
+        kv.wait(w.push(keys, values))
+        np.testing.assert_array_equal(w.pull(keys), values)
+        after = _counts(chained_cluster, raw_dealer)
+        pushes, pulls = _delta(after, before, "push"), _delta(after, before, "pull")
+        forwards = _delta(after, before, "replicated")
+        print(f"chained: pushes {pushes}, pulls {pulls}, forwards {forwards}")
+        assert pushes == pulls == forwards == {n: 1 for n in ring.servers}, (pushes, pulls, forwards)
