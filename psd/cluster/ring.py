@@ -84,12 +84,12 @@ def consistent_hash(servers: Iterable[str], version: int, *, vnodes: int = 16,
     chain_len = min(replication, len(members))
     n = len(pts)
 
-    # chained: each server's replicas are the servers after it in the sorted member order
+    # chained: a point's server, then the servers after it in the sorted member order
     after = {s: tuple(members[(i + k) % len(members)] for k in range(chain_len))
-             for i, s in enumerate(members)}
+             for i, s in enumerate(members)} if placement == "chained" else {}
 
-    def chain(j: int) -> Owners:  # distinct servers clockwise from point j
-        if placement == "chained":
+    def chain(j: int) -> Owners:  # spread: distinct servers clockwise from point j
+        if after:
             return after[pts[j][1]]
         seen: list[str] = []
         for step in range(n):
