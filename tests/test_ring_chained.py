@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from psd.cluster.assignment import Assignment
@@ -16,9 +16,11 @@ from psd.config import PLACEMENTS, config_from_dict
 from psd.errors import ConfigError
 from psd.jobs.spec import parse_job
 
-from test_ring import SETTINGS, check_plan, check_structure, server_id, server_sets, vnode_counts
+from test_ring import check_plan, check_structure, server_id, server_sets, vnode_counts
 
 replications = st.integers(1, 4)
+#: half test_ring's examples: the same strategies, and the suite is near its time budget
+SETTINGS = settings(max_examples=50, deadline=None)
 
 
 def after(members, server: str, n: int) -> tuple[str, ...]:
