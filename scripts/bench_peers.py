@@ -218,10 +218,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated substrings of the systems to run")
     ap.add_argument("--out", default="runs/bench_peers", help="output folder (results.json, peers.png)")
     ap.add_argument("--budget", type=float, default=BUDGET, help="seconds for the whole run")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="push+pull rounds per repetition (default 5, 3 above 1e6; small requests need hundreds)")
     args = ap.parse_args(argv)
     n = int(args.n or (1e6 if args.quick else 1e7))
     rounds = args.rounds or (1 if args.quick else 3)
     reps, iters = (3, 5) if n <= 1e6 else (5, 3)
+    iters = args.iters or iters
     names = [s for s in SYSTEMS if args.only is None or any(o.strip() in s for o in args.only.split(","))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
