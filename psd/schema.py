@@ -169,7 +169,7 @@ class TableSpec:
         how many workers its group waits for before the first clock)."""
         return {k: self.options[k] for k in ("consistency", "max_delay", "num_workers") if k in self.options}
 
-    @property
+    @cached_property  # (asked several times per request)
     def np_dtype(self) -> np.dtype:
         return np.dtype(DTYPE_NAMES[self.dtype])
 

@@ -60,15 +60,17 @@ class FastPull:
 
     def _check(self, frames) -> tuple | None:
         """The request's parts if it is ours to answer, else None; changes nothing."""
+        if len(frames) != 2:
+            return None
+        head = _buf(frames[0])
+        if len(head) > 512 or _PULL not in bytes(head):
+            return None  # not a pull (a push of one frame, say): not unpacked twice; a pull's header is small
         srv = self.server.core
         limits = srv.config.limits
-        if len(frames) != 2 or limits.max_frames < 2:
+        body = _buf(frames[1])
+        if limits.max_frames < 2 or len(head) > limits.max_header_bytes or \
+                len(head) + len(body) > limits.max_message_bytes:
             return None
-        head, body = _buf(frames[0]), _buf(frames[1])
-        if len(head) > 512 or len(head) > limits.max_header_bytes or len(head) + len(body) > limits.max_message_bytes:
-            return None  # (a pull's header is small)
-        if _PULL not in bytes(head):
-            return None  # not a pull (a push of one frame, say): not unpacked twice
         try:
             h = _unpackb(head, raw=False, strict_map_key=True)
         except Exception:
