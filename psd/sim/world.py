@@ -160,19 +160,24 @@ class World:
         """Send ``msg`` from ``sender`` on ``conn``. Its arrays are read (copied) when it
         is delivered, as libzmq reads a zero-copy frame later; ``on_delivery`` then runs
         (a lent view's lease is released)."""
-        dest = conn.server if sender == conn.client else conn.client
         # the header is packed when sent (later changes to the Message do not travel:
         # cores change a sent message's fields, never what they hold); the payload is
         # read when delivered (zero-copy). This copy is the world's own until delivered.
-        msg = Message(msg.op, msg.id, msg.sender, msg.table, msg.ring, msg.clock, dict(msg.meta), list(msg.arrays))
-        if (sender, dest) in self.blocked:
-            conn.waiting["up" if sender == conn.client else "down"].append((msg, on_delivery))
+        msg = Message(msg.op, msg.id, msg.sender, msg.table, msg.ring, msg.clock, msg.meta.copy(),
+                      msg.arrays[:] if msg.arrays else [])
+        if sender == conn.client:
+            direction, dest = "up", conn.server
+        else:
+            direction, dest = "down", conn.client
+        if self.blocked and (sender, dest) in self.blocked:
+            conn.waiting[direction].append((msg, on_delivery))
             return
-        self._schedule(conn, "up" if sender == conn.client else "down", dest, msg, on_delivery)
+        self._schedule(conn, direction, dest, msg, on_delivery)
 
     def _schedule(self, conn: Connection, direction: str, dest: str, msg: Message, on_delivery) -> None:
         last = conn.last_delivery
-        when = self.now + self.rng.uniform(*self.latency)
+        lo, hi = self.latency
+        when = self.now + (lo + (hi - lo) * self.rng.random())  # (random.uniform's arithmetic)
         if last[direction] > when:
             when = last[direction]
         last[direction] = when
@@ -245,7 +250,10 @@ _NOT_WORK = frozenset({"heartbeat", "peer_ping", "get_ring", "ok", "error"})
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
-    """A payload as the receiver gets it: a read-only array of its own."""
+    """A payload as the receiver gets it: a read-only array of its own (one that already
+    is, say a forward of what was received, goes as it is: nothing can change it)."""
+    if a.base is None and not a.flags.writeable:
+        return a
     out = a.copy()
     out.flags.writeable = False
     return out
