@@ -338,13 +338,12 @@ class Run:
             w.after(rng.uniform(0.5, 2.0), w.heal, None)
 
     # -- invariants --------------------------------------------------------------------
-    def check_step(self, owner: str | None) -> None:
+    def check_step(self, owner: str, proc) -> None:
         """What must hold after every step of the process that acted: its ring version and
         the worker clocks it knows never go back. Incremental: a gate's clocks are read
         only when their change count moved, and a process's core is looked up once."""
-        if owner is None:
-            return
-        proc = self.world.processes.get(owner)
+        if not proc.alive:  # (killed by the step: gone from the world; or closed, and still in it)
+            proc = self.world.processes.get(owner)
         core = self._cores.get(owner)
         if core is None or core.proc is not proc:
             core = self._cores[owner] = _Watched(proc, core.ring if core is not None else 0)

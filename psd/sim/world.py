@@ -94,24 +94,26 @@ class World:
             self.after(period * (1 + self.rng.uniform(-jitter, jitter)), again, owner)
         self.after(period * self.rng.uniform(0.1, 1.0), again, owner)
 
-    def run(self, until: float, check: Callable[[str | None], None] | None = None) -> None:
-        """Run the events due by ``until``; after each, ``check(owner)`` (the process that
-        acted, or None)."""
+    def run(self, until: float, check: Callable[[str, Process], None] | None = None) -> None:
+        """Run the events due by ``until``; after each that a process acted in,
+        ``check(owner, process)`` (its name, and the process as it was when the event began)."""
         events, processes, stalled = self._events, self.processes, self.stalled_until
         pop = heapq.heappop
         while events and events[0][0] <= until:
             when, _, owner, fn = pop(events)
             self.now = when
-            if owner is not None:
-                proc = processes.get(owner)
-                if proc is None or not proc.alive:
-                    continue
-                if stalled and stalled.get(owner, 0.0) > when:
-                    self._deferred.setdefault(owner, []).append(fn)
-                    continue
+            if owner is None:
+                fn()
+                continue
+            proc = processes.get(owner)
+            if proc is None or not proc.alive:
+                continue
+            if stalled and stalled.get(owner, 0.0) > when:
+                self._deferred.setdefault(owner, []).append(fn)
+                continue
             fn()
             if check is not None:
-                check(owner)
+                check(owner, proc)
         self.now = max(self.now, until)
 
     # -- processes -----------------------------------------------------------------
