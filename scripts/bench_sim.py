@@ -10,8 +10,11 @@ An older tree is any checkout of psd (``git worktree add /tmp/sim_old <commit>``
 one setting in a fresh process (the store warmed first, outside the timing) and reports
 the CPU seconds (``time.process_time``) per seed, the messages per seed and the ratio to
 the first tree. Trees alternate cell by cell and round by round, and each figure is the
-median over ``--rounds``: the machine is shared and noisy, so compare ratios from one
-run, never figures from two.
+median over ``--rounds`` (``--stat min``: the least disturbed round): the machine is
+shared and noisy, so compare ratios from one run, never figures from two. Each row also
+says whether every tree ran the same schedules (``same``: equal pushes, acks, pulls,
+messages, faults and violations, seed by seed), so a change meant only to be faster
+shows that it is.
 
 The settings are the suite's (``tests/test_sim.py``): each consistency model with
 ``settings_for``, plus key caching, a bounded table, and one message per server.
@@ -40,7 +43,7 @@ CELLS = {
 }
 
 CHILD = r"""
-import json, logging, sys, time
+import hashlib, json, logging, sys, time
 logging.disable(logging.CRITICAL)
 import psd.store.kernels as kernels
 kernels.warm()
@@ -49,11 +52,15 @@ consistency, extra, first, n = json.loads(sys.argv[1])
 if "faults" in extra:
     extra["faults"] = tuple(extra["faults"])
 simulate(first, **{**settings_for(first, consistency), **extra})  # (imports, first tables: not timed)
-messages = 0
+messages, outcomes = 0, []
 start = time.process_time()
 for seed in range(first, first + n):
-    messages += simulate(seed, **{**settings_for(seed, consistency), **extra}).messages
-print(json.dumps({"cpu": (time.process_time() - start) / n, "messages": messages / n}))
+    o = simulate(seed, **{**settings_for(seed, consistency), **extra})
+    messages += o.messages
+    outcomes.append([o.pushes, o.acked, o.pulls, o.messages, o.faults, o.violations])
+cpu = (time.process_time() - start) / n
+digest = hashlib.sha1(json.dumps(outcomes).encode()).hexdigest()[:12]
+print(json.dumps({"cpu": cpu, "messages": messages / n, "digest": digest}))
 """
 
 
@@ -70,6 +77,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=30, help="seeds per cell (default 30)")
     ap.add_argument("--first", type=int, default=0, help="first seed (default 0)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; figures are medians (default 3)")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="figure over the rounds (min: the least disturbed round, on a busy machine)")
     ap.add_argument("--only", action="append", choices=sorted(CELLS), help="these cells only (repeatable)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
@@ -87,16 +96,21 @@ def main() -> int:
     head = f"{'seeds of':14s}" + "".join(f"{n[:18]:>20s} {'msgs':>6s}" for n in names)
     if len(trees) > 1:
         head += "".join(f"  {n[:12]:>12s}/{names[0][:12]}" for n in names[1:])
-    print(f"CPU ms per seed (median of {args.rounds} rounds of {args.seeds} seeds), messages per seed")
+    stat = statistics.median if args.stat == "median" else min
+    print(f"CPU ms per seed ({args.stat} of {args.rounds} rounds of {args.seeds} seeds), messages per seed; "
+          f"same/differ: whether every tree ran the same schedules (pushes, acks, pulls, messages, faults "
+          f"and violations of each seed)")
     print(head)
     table = {}
     for label in cells:
-        cpu = [statistics.median(x["cpu"] for x in results[(label, n)]) for n in names]
+        cpu = [stat(x["cpu"] for x in results[(label, n)]) for n in names]
         msgs = [statistics.median(x["messages"] for x in results[(label, n)]) for n in names]
         table[label] = {n: {"cpu_ms": 1000 * c, "messages": m} for n, c, m in zip(names, cpu, msgs)}
         line = f"{label:14s}" + "".join(f"{1000 * c:20.1f} {m:6.0f}" for c, m in zip(cpu, msgs))
         line += "".join(f"  {c / cpu[0]:25.2f}" for c in cpu[1:])
-        print(line)
+        digests = {x["digest"] for n in names for x in results[(label, n)]}
+        table[label]["same_schedules"] = len(digests) == 1
+        print(line + ("  same" if len(digests) == 1 else "  differ"))
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
     return 0

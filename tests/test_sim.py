@@ -18,8 +18,8 @@ import pytest
 from psd.sim import settings_for, simulate
 
 #: seeds per consistency model in the suite (each schedule: 1.5 s of workload and its faults,
-#: then up to 4 s to settle, in virtual time); 70 to 100 ms of CPU a seed (decision 113:
-#: scripts/bench_sim.py measures it)
+#: then up to 4 s to settle, in virtual time); 55 to 90 ms of CPU a seed, of which about 24
+#: are heartbeats, pings and ticks (decisions 113 and 121: scripts/bench_sim.py measures it)
 SEEDS = {"eventual": 400, "bounded": 300, "sequential": 300}
 
 

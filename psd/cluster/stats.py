@@ -87,8 +87,19 @@ def _map(value, path: str, limit: int) -> dict:
 
 
 def _names_to(value, path: str, limit: int, check) -> dict:
-    """A bounded map of names to values ``check(value, path)`` accepts."""
-    return {_name(k, f"{path} (a key)"): check(v, f"{path}.{k}") for k, v in _map(value, path, limit).items()}
+    """A bounded map of names to values ``check(value, path)`` accepts. (Every heartbeat
+    carries one: the common right values are taken without building their paths.)"""
+    out = {}
+    for k, v in _map(value, path, limit).items():
+        if type(k) is not str or not k or len(k) > MAX_NAME:
+            _name(k, f"{path} (a key)")
+        if check is _int and type(v) is int and 0 <= v < _INT64:
+            out[k] = v
+        elif check is _number and type(v) is float and 0.0 <= v < math.inf:
+            out[k] = v
+        else:
+            out[k] = check(v, f"{path}.{k}")
+    return out
 
 
 def _table(value, path: str) -> dict:

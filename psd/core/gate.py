@@ -205,16 +205,17 @@ class Gate:
     def __init__(self, default: Setting):
         self.default = default
         self.policies: dict[Setting, Policy] = {default: Policy(default)}
+        self._default_policy = self.policies[default]
         self.left: set[str] = set()
         self._cut_wait: tuple[int, set[str], Callable[[], None]] | None = None
         self.max_push_clock = -1
 
     def policy(self, override: dict | None) -> Policy:
-        setting = self.default
-        if override:
-            setting = Setting(override.get("consistency", self.default.consistency),
-                              override.get("max_delay", self.default.max_delay),
-                              override.get("num_workers", self.default.num_workers), self.default.auto_bounds)
+        if not override:  # (asked on every request: no hashing of the default Setting)
+            return self._default_policy
+        setting = Setting(override.get("consistency", self.default.consistency),
+                          override.get("max_delay", self.default.max_delay),
+                          override.get("num_workers", self.default.num_workers), self.default.auto_bounds)
         if setting not in self.policies:
             self.policies[setting] = self._seeded(Policy(setting))
             self.policies[setting].cut = self.policies[self.default].cut

@@ -486,7 +486,8 @@ class SchedulerCore:
 
     def _flag_stragglers(self, now: float) -> None:
         s = self.state
-        live = {w: c for w, c in s.worker_clocks.items() if w in s.live("worker")}
+        workers = set(s.live("worker"))
+        live = {w: c for w, c in s.worker_clocks.items() if w in workers}
         now_flagged = set(stragglers(live, self.config.straggler_lag))
         for worker in now_flagged - s.flagged:
             lag = sorted(live.values())[len(live) // 2] - live[worker]
@@ -833,7 +834,8 @@ class SchedulerCore:
         live_servers = set(s.live("server"))
         waiting = [{"begin": r.begin, "last": r.end - 1, "waiting_for": list(o)}
                    for r, o in unavailable(s.ring, live_servers)] if live_servers or s.ring.ranges else []
-        live = {w: c for w, c in s.worker_clocks.items() if w in s.live("worker")}
+        workers = set(s.live("worker"))
+        live = {w: c for w, c in s.worker_clocks.items() if w in workers}
         clocks = {"workers": live, "slowest": min(live.values()) if live else None,
                   "fastest": max(live.values()) if live else None, "stragglers": sorted(s.flagged),
                   "consistency": self.config.consistency, "max_delay": self.config.max_delay}

@@ -43,7 +43,14 @@ def address_of(process: str) -> str:
 
 
 def process_of(address: str) -> str:
-    return address.removeprefix("tcp://").rsplit(":", 1)[0]
+    name = _PROCESS_OF.get(address)
+    if name is None:
+        name = _PROCESS_OF[address] = address.removeprefix("tcp://").rsplit(":", 1)[0]
+    return name
+
+
+#: address -> process name (asked for every message a simulated node sends or answers)
+_PROCESS_OF: dict[str, str] = {}
 
 
 def _lend_all(spec: TableSpec, usage) -> Table:

@@ -168,11 +168,12 @@ class Run:
         self.keys = [np.sort(np.unique(np.array([self.rng.getrandbits(64) for _ in range(settings.keys_per_worker)],
                                                 dtype=np.uint64))) for _ in range(settings.workers)]
         self.owner = {int(k): w for w, ks in enumerate(self.keys) for k in ks.tolist()}
+        self._key_lists = [ks.tolist() for ks in self.keys]  # (the workload draws from lists)
+        self._all_keys = [k for ks in self._key_lists for k in ks]
         self._order = 0
         self._inflight: dict[tuple[int, int], object] = {}
-        self._seen_rings: dict[str, int] = {}
+        self._cores: dict[str, _Watched] = {}  # process name -> what check_step reads
         self._seen_clocks: dict[tuple, int] = {}
-        self._clock_changes: dict[tuple, int] = {}
         self.workload_on = True
         self.dead_workers: set[str] = set()
         self.killed = 0
@@ -227,7 +228,7 @@ class Run:
 
     def _push(self, w: int) -> None:
         worker = self.workers[w]
-        mine = [int(k) for k in self.keys[w] if self.slots.get(int(k), 0) < SLOTS]
+        mine = [k for k in self._key_lists[w] if self.slots.get(k, 0) < SLOTS]
         if not mine:
             return
         chosen = sorted(self.rng.sample(mine, self.rng.randint(1, min(self.s.push_keys, len(mine)))))
@@ -245,9 +246,9 @@ class Run:
 
     def _pull(self, w: int, own: bool) -> None:
         worker = self.workers[w]
-        pool = self.keys[w] if own else np.concatenate(self.keys)
-        n = self.rng.randint(1, min(6, pool.size))
-        keys = np.unique(np.array(self.rng.sample(pool.tolist(), n), dtype=np.uint64))
+        pool = self._key_lists[w] if own else self._all_keys
+        n = self.rng.randint(1, min(6, len(pool)))
+        keys = np.array(sorted(set(self.rng.sample(pool, n))), dtype=np.uint64)
         self._order += 1
         rec = PullRecord(w, keys, worker.core.clock_value, self.world.now, self._order)
         self.pulls.append(rec)
@@ -342,32 +343,30 @@ class Run:
             w.after(rng.uniform(0.5, 2.0), w.heal, None)
 
     # -- invariants --------------------------------------------------------------------
-    def check_step(self, owner: str | None) -> None:
+    def check_step(self, owner: str, proc) -> None:
         """What must hold after every step of the process that acted: its ring version and
         the worker clocks it knows never go back. Incremental: a gate's clocks are read
-        only when their change count moved."""
-        if owner is None:
+        only when their change count moved, and a process's core is looked up once."""
+        if not proc.alive:  # (killed by the step: gone from the world; or closed, and still in it)
+            proc = self.world.processes.get(owner)
+        core = self._cores.get(owner)
+        if core is None or core.proc is not proc:
+            core = self._cores[owner] = _Watched(proc, core.ring if core is not None else 0)
+        if core.watch is None:
             return
-        proc = self.world.processes.get(owner)
-        core = getattr(proc, "core", None)
-        ring = getattr(core, "ring", None)
-        if ring is None:
-            return
-        version = ring.version
-        seen_ring = self._seen_rings.get(owner, 0)
-        if version != seen_ring:
-            if version < seen_ring:
-                self.violate(f"{owner} went from ring v{seen_ring} back to v{version}")
-            self._seen_rings[owner] = version
-        gate = getattr(core, "gate", None)
+        version = core.watch.ring.version
+        if version != core.ring:
+            if version < core.ring:
+                self.violate(f"{owner} went from ring v{core.ring} back to v{version}")
+            core.ring = version
+        gate = core.gate
         if gate is None:
             return
-        changes = self._clock_changes
+        changes = core.changes
         for setting, policy in gate.policies.items():
-            mark = (owner, setting)
-            if changes.get(mark) == policy.clocks.changes:
+            if changes.get(id(policy)) == policy.clocks.changes:  # (the core keeps its policies)
                 continue
-            changes[mark] = policy.clocks.changes
+            changes[id(policy)] = policy.clocks.changes
             for worker, clock in policy.clocks.clocks().items():
                 k = (owner, setting, worker)
                 seen = self._seen_clocks.get(k, 0)
@@ -552,6 +551,21 @@ class Run:
             for k, v in server.states.items():
                 o.states[k] = o.states.get(k, 0) + v
         return o
+
+
+class _Watched:
+    """A process's core as ``check_step`` reads it: the ring version it last had (the
+    highest so far of its name: a process that comes back keeps the name's record)."""
+
+    __slots__ = ("proc", "watch", "gate", "ring", "changes")
+
+    def __init__(self, proc, ring: int) -> None:
+        core = getattr(proc, "core", None)
+        self.proc = proc
+        self.watch = core if getattr(core, "ring", None) is not None else None
+        self.gate = getattr(core, "gate", None)
+        self.ring = ring
+        self.changes: dict[int, int] = {}  # id of a gate's policy -> its clocks' change count
 
 
 def _decode(value: int) -> tuple[set[int], set[int]]:

@@ -94,24 +94,26 @@ class World:
             self.after(period * (1 + self.rng.uniform(-jitter, jitter)), again, owner)
         self.after(period * self.rng.uniform(0.1, 1.0), again, owner)
 
-    def run(self, until: float, check: Callable[[str | None], None] | None = None) -> None:
-        """Run the events due by ``until``; after each, ``check(owner)`` (the process that
-        acted, or None)."""
+    def run(self, until: float, check: Callable[[str, Process], None] | None = None) -> None:
+        """Run the events due by ``until``; after each that a process acted in,
+        ``check(owner, process)`` (its name, and the process as it was when the event began)."""
         events, processes, stalled = self._events, self.processes, self.stalled_until
         pop = heapq.heappop
         while events and events[0][0] <= until:
             when, _, owner, fn = pop(events)
             self.now = when
-            if owner is not None:
-                proc = processes.get(owner)
-                if proc is None or not proc.alive:
-                    continue
-                if stalled and stalled.get(owner, 0.0) > when:
-                    self._deferred.setdefault(owner, []).append(fn)
-                    continue
+            if owner is None:
+                fn()
+                continue
+            proc = processes.get(owner)
+            if proc is None or not proc.alive:
+                continue
+            if stalled and stalled.get(owner, 0.0) > when:
+                self._deferred.setdefault(owner, []).append(fn)
+                continue
             fn()
             if check is not None:
-                check(owner)
+                check(owner, proc)
         self.now = max(self.now, until)
 
     # -- processes -----------------------------------------------------------------
@@ -160,19 +162,24 @@ class World:
         """Send ``msg`` from ``sender`` on ``conn``. Its arrays are read (copied) when it
         is delivered, as libzmq reads a zero-copy frame later; ``on_delivery`` then runs
         (a lent view's lease is released)."""
-        dest = conn.server if sender == conn.client else conn.client
         # the header is packed when sent (later changes to the Message do not travel:
         # cores change a sent message's fields, never what they hold); the payload is
         # read when delivered (zero-copy). This copy is the world's own until delivered.
-        msg = Message(msg.op, msg.id, msg.sender, msg.table, msg.ring, msg.clock, dict(msg.meta), list(msg.arrays))
-        if (sender, dest) in self.blocked:
-            conn.waiting["up" if sender == conn.client else "down"].append((msg, on_delivery))
+        msg = Message(msg.op, msg.id, msg.sender, msg.table, msg.ring, msg.clock, msg.meta.copy(),
+                      msg.arrays[:] if msg.arrays else [])
+        if sender == conn.client:
+            direction, dest = "up", conn.server
+        else:
+            direction, dest = "down", conn.client
+        if self.blocked and (sender, dest) in self.blocked:
+            conn.waiting[direction].append((msg, on_delivery))
             return
-        self._schedule(conn, "up" if sender == conn.client else "down", dest, msg, on_delivery)
+        self._schedule(conn, direction, dest, msg, on_delivery)
 
     def _schedule(self, conn: Connection, direction: str, dest: str, msg: Message, on_delivery) -> None:
         last = conn.last_delivery
-        when = self.now + self.rng.uniform(*self.latency)
+        lo, hi = self.latency
+        when = self.now + (lo + (hi - lo) * self.rng.random())  # (random.uniform's arithmetic)
         if last[direction] > when:
             when = last[direction]
         last[direction] = when
@@ -245,7 +252,10 @@ _NOT_WORK = frozenset({"heartbeat", "peer_ping", "get_ring", "ok", "error"})
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
-    """A payload as the receiver gets it: a read-only array of its own."""
+    """A payload as the receiver gets it: a read-only array of its own (one that already
+    is, say a forward of what was received, goes as it is: nothing can change it)."""
+    if a.base is None and not a.flags.writeable:
+        return a
     out = a.copy()
     out.flags.writeable = False
     return out

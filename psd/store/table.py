@@ -371,8 +371,8 @@ class Table:
         """The rows of ``keys`` (zeros for keys never pushed). With ``leases``, rows that
         sit in a row in storage may come back as a lent view (see ``_lend``)."""
         m = keys.size
-        if m < self.small_pull and not self._runs.items:
-            return self._hash.pull(keys)  # a few keys: straight to the lookup
+        if (m < self.small_pull or m == 1) and not self._runs.items:
+            return self._hash.pull(keys)  # a few keys (one is never lent): straight to the lookup
         if m and int(keys[-1]) - int(keys[0]) == m - 1:
             return self.pull_span(int(keys[0]), m, leases)
         segs, rest = self._runs.split(keys)
