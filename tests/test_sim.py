@@ -71,6 +71,30 @@ def test_chained_seeds_end_on_chained_rings():
         logging.disable(logging.NOTSET)
 
 
+#: schedules that found two bugs older than chained placement (decision 122): a pull the
+#: gate held across a ring change answered from rows the final ring had dropped (joins
+#: and kills under chained placement; replication 1 under spread), each seed failing
+#: on the old server core
+RING_CHANGE_SEEDS = [
+    (5100, dict(consistency="sequential", placement="chained", faults=("join", "join", "join", "drop", "stall"))),
+    (5059, dict(consistency="sequential", placement="chained", faults=("join", "join", "join", "drop", "stall"))),
+    (5035, dict(consistency="bounded", placement="chained", faults=("join", "join", "join", "drop", "stall"))),
+    (6086, dict(consistency="sequential", placement="chained", servers=4, faults=("kill", "kill", "drop", "stall"))),
+    (5108, dict(consistency="sequential", placement="spread", replication=1,
+                faults=("join", "join", "join", "drop", "stall"))),
+]
+
+
+@pytest.mark.parametrize("seed,settings", RING_CHANGE_SEEDS, ids=[str(s) for s, _ in RING_CHANGE_SEEDS])
+def test_pulls_held_across_ring_changes_keep_every_invariant(seed, settings):
+    logging.disable(logging.CRITICAL)
+    try:
+        outcome = simulate(seed, **settings)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert outcome.ok, outcome.describe()
+
+
 # -- the invariants bite: each switched-off guarantee is found within the suite's seeds --------
 def _finds(monkeypatch, seeds: int, **settings) -> int | None:
     logging.disable(logging.CRITICAL)

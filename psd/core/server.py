@@ -890,7 +890,19 @@ class ServerCore:
 
     def _answer_pull(self, route, msg: Message, table: Table, rows: Rows, now: float,
                      after: Pending | None = None, cost: int = 0, pf: dict | None = None) -> None:
+        version = self.ring.version
+
         def run() -> None:
+            if self.ring.version != version and rows.count and after is None:
+                # held by the gate across a ring change, which may have moved its rows away
+                # (a final ring drops what we no longer hold): answer only if we still lead
+                # them all, else refuse it whole and the worker re-cuts it by the new ring
+                try:
+                    self._check_primary(rows, now)
+                except NotOwnerError as err:
+                    self._unhold(msg.sender, cost)
+                    self.outbox.append(Refuse(route, msg, err))
+                    return
             self.counters["keys_pulled"] += rows.count
             if pf is not None:  # filtered (psd.filters.pull): a copy of the rows, encoded
                 self._unhold(msg.sender, cost)
@@ -1148,6 +1160,14 @@ class ServerCore:
             departed = msg.meta.get("departed", [])
             if not isinstance(departed, list) or not all(isinstance(d, str) for d in departed):
                 raise ProtocolError("install: meta.departed must list senders of this message")
+        if msg.ring != self.ring.version or r not in self.incoming:
+            # not a copy our ring expects: a late one from a source the scheduler gave up on
+            # (every server takes each attempt's joint ring before its copies start, so a
+            # live attempt's source and receiver are at the same version). Taken, it would
+            # replace what a later attempt, or our own forwards since, brought.
+            raise StaleRingError(f"install of {r} from {msg.sender} at ring v{msg.ring}: {self.node_id} is at "
+                                 f"v{self.ring.version} and expects {'no copy of it' if r not in self.incoming else 'it from a newer attempt'}",
+                                 ring=self.ring.version)
         if self._copying_in.get(r, ()) != attempt:
             # a copy of r begins (or begins again): what it brings (rows, and the pushes its
             # source keeps for the clock boundary) replaces what we had of r, kept pushes and
