@@ -19,6 +19,10 @@ kept beside the rows here because every move of a row must move its links too.
 to another row (a delete, a compaction), never on inserts (they append) or growth (rows
 keep their numbers). Row numbers found under one generation hold while it lasts; it is
 drawn from one process-wide counter, so no two HashRows ever share one.
+
+A push leaves the rows of its keys behind (``Recall``): a pull or a find of the same
+keys next (a worker pushes a minibatch's gradients, then pulls the same keys) reads
+those rows instead of looking every key up again, under the same generation check.
 """
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ MAX_LOAD = 0.6
 ROW_GROWTH = 1.25
 _MIN_BITS = 10
 _GENERATIONS = itertools.count(1)
+#: pushes of more keys than this leave no rows behind (``Recall``): its buffers hold
+#: 16 bytes a key, and a push that large is not a minibatch pulled back at once
+RECALL_MAX = 1 << 20
 
 
 def _u64(keys: np.ndarray) -> np.ndarray:
@@ -59,6 +66,51 @@ def rows2d(a: np.ndarray, dtype) -> np.ndarray:
     return np.require(a, dtype, "CA")
 
 
+class Recall:
+    """The keys of the last push and the rows it found them in, under a generation.
+
+    ``rows_of(keys)`` gives those rows back for a request of exactly the same keys
+    while the generation holds, else None. The keys are compared whole (a copy is kept:
+    the caller may reuse its array), so a different list never gets another's rows;
+    a list of another length or other end keys is told apart in O(1)."""
+
+    __slots__ = ("generation", "keys", "rows", "m")
+
+    def __init__(self) -> None:
+        self.generation, self.m = 0, 0
+        self.keys = np.empty(0, np.uint64)
+        self.rows = np.empty(0, np.int64)
+
+    def buffer(self, m: int) -> np.ndarray:
+        """Where a push of ``m`` keys writes its rows: the kept buffer (grown) when the
+        push may be remembered, else a block's scratch. Forgets what was kept."""
+        self.m = 0
+        if m > RECALL_MAX:
+            return np.empty(K.BLOCK, np.int64)
+        if self.rows.size < m:
+            size = max(m, 2 * self.rows.size)
+            self.rows, self.keys = np.empty(size, np.int64), np.empty(size, np.uint64)
+        return self.rows[:m]
+
+    def keep(self, generation: int, keys: np.ndarray, rows: np.ndarray) -> None:
+        """``rows`` (what ``buffer`` gave) now hold the rows of ``keys``."""
+        m = keys.size
+        if m > RECALL_MAX or rows.size != m:
+            return
+        self.keys[:m] = keys
+        self.generation, self.m = generation, m
+
+    def rows_of(self, generation: int, keys: np.ndarray) -> np.ndarray | None:
+        m = self.m
+        if (not m or keys.size != m or generation != self.generation or keys[0] != self.keys[0]
+                or keys[m - 1] != self.keys[m - 1] or not np.array_equal(keys, self.keys[:m])):
+            return None
+        return self.rows[:m]
+
+    def allocated(self) -> int:
+        return self.rows.nbytes + self.keys.nbytes
+
+
 class HashRows:
     def __init__(self, width: int, dtype: np.dtype, fields: int):
         """``fields``: how many state fields the updater keeps beside the values."""
@@ -72,6 +124,7 @@ class HashRows:
         #: a bounded table's LRU list and stamps (psd.store.bounded.Track), else None
         self.track = None
         self.generation = next(_GENERATIONS)
+        self.recall = Recall()
 
     # -- sizes -------------------------------------------------------------------------
     def _limit(self) -> int:
@@ -106,7 +159,7 @@ class HashRows:
         K.rehash(self.index, bits, self.row_keys, self.n)
 
     def allocated(self) -> int:
-        extra = self.track.allocated() if self.track is not None else 0
+        extra = (self.track.allocated() if self.track is not None else 0) + self.recall.allocated()
         return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes + extra
 
     # -- batch operations --------------------------------------------------------------
@@ -128,8 +181,10 @@ class HashRows:
 
     def push(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
         keys, grad = _u64(keys), rows2d(grad, self.dtype)
+        rows = self.recall.buffer(keys.size)
         self._inserting(lambda start: K.hash_push(self.index, self.bits, self._limit(), self.row_keys, self.data,
-                                                  self.n, keys, grad, start, kind, self.width, pt, pf), keys)
+                                                  self.n, keys, grad, start, kind, self.width, pt, pf, rows), keys)
+        self.recall.keep(self.generation, keys, rows)
 
     def touch(self, keys: np.ndarray, now: int) -> None:
         """Stamp the rows of ``keys`` (all stored) with ``now``; led rows go to the
@@ -156,19 +211,35 @@ class HashRows:
                                                     keys, start, rows), keys)
         return rows
 
-    def push_rows(self, rows: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
-        """Fold ``grad`` into the given rows (found under the current generation)."""
+    def push_rows(self, rows: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray,
+                  keys: np.ndarray | None = None) -> None:
+        """Fold ``grad`` into the given rows (found under the current generation); with
+        ``keys`` (theirs), a pull of the same keys next reads these rows."""
         K.rows_push(self.data, rows, rows2d(grad, self.dtype), kind, self.width, pt, pf)
+        if keys is not None:
+            kept = self.recall.buffer(keys.size)
+            if kept.size == keys.size:
+                kept[:] = rows
+                self.recall.keep(self.generation, _u64(keys), kept)
 
     def pull(self, keys: np.ndarray) -> np.ndarray:
+        keys = _u64(keys)
         out = np.empty((keys.size, self.width), self.dtype)
-        K.hash_pull(self.index, self.bits, self.row_keys, self.data, _u64(keys), out, self.width)
+        rows = self.recall.rows_of(self.generation, keys)
+        if rows is not None:
+            K.rows_pull(self.data, rows, out, self.width)
+        else:
+            K.hash_pull(self.index, self.bits, self.row_keys, self.data, keys, out, self.width)
         return out
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, int]:
         """Row of each key (-1: absent) and how many are present."""
+        keys = _u64(keys)
+        rows = self.recall.rows_of(self.generation, keys)
+        if rows is not None:  # (every key a push just found is present)
+            return rows.copy(), keys.size
         rows = np.empty(keys.size, np.int64)
-        return rows, K.hash_find(self.index, self.bits, self.row_keys, _u64(keys), rows)
+        return rows, K.hash_find(self.index, self.bits, self.row_keys, keys, rows)
 
     def row_of(self, key: int) -> int:
         rows, _ = self.find(np.array([key], np.uint64))

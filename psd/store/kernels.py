@@ -323,27 +323,30 @@ def _row(index, b, mask, limit, row_keys, n, k, h, s0):
 
 
 @_cached
-def hash_push(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w, pt, pf):
+def hash_push(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w, pt, pf, rows):
     """Find or insert each key from ``start`` on and fold its gradient row into its data
-    row. Stops before an insert that would pass ``limit`` rows; returns (rows, next i)."""
+    row. Stops before an insert that would pass ``limit`` rows; returns (rows, next i).
+    ``rows``: as long as ``keys`` to be left holding every key's row (``HashRows``
+    remembers them for a pull of the same keys), or ``BLOCK`` long as scratch."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
     flat, cols = data.reshape(-1), data.shape[1]
-    rows = np.empty(BLOCK, np.int64)
+    keep = rows.size >= keys.size
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     m, w2 = keys.size, 2 * w
     i = start
     while i < m:
         end = min(i + BLOCK, m)
+        out = rows[i:] if keep else rows
         _fetch_block(index, b, mask, row_keys, flat, cols, keys, i, end - i, hs, at)
         j = i
         while j < end:
             r, n = _row(index, b, mask, limit, row_keys, n, keys[j], hs[j - i], at[j - i])
             if r < 0:
                 break
-            rows[j - i] = r
+            out[j - i] = r
             j += 1
-        _apply_rows(kind, data, data, w, data, w2, rows, grad, i, j - i, w, pt, pf)
+        _apply_rows(kind, data, data, w, data, w2, out, grad, i, j - i, w, pt, pf)
         if j < end:
             return n, j
         i = end
@@ -490,11 +493,38 @@ def first_nonfinite(v):
     return -1
 
 
+#: rows ahead of the one being used whose memory a by-rows loop asks for (a plain loop
+#: with one prefetch 32 rows ahead ran 1.8x a block-prefetched one, 2x no prefetch)
+AHEAD = 32
+_STEP = 16
+
+
 @_cached
 def rows_push(data, rows, grad, kind, w, pt, pf):
     """Fold gradient row j into hash data row ``rows[j]``: a push whose rows were found
     before (positions kept with a cached key list), so no key is looked up."""
-    _apply_rows(kind, data, data, w, data, 2 * w, rows, grad, 0, rows.size, w, pt, pf)
+    flat, cols, m = data.reshape(-1), data.shape[1], rows.size
+    for j in range(min(AHEAD, m)):
+        _prefetch(flat, rows[j] * cols)
+    for i0 in range(0, m, _STEP):
+        for j in range(i0 + AHEAD, min(i0 + AHEAD + _STEP, m)):
+            _prefetch(flat, rows[j] * cols)
+        _apply_rows(kind, data, data, w, data, 2 * w, rows[i0:], grad, i0, min(_STEP, m - i0), w, pt, pf)
+
+
+@_cached
+def rows_pull(data, rows, out, w):
+    """Gather the value rows ``rows`` into ``out``: a pull of the keys a push just
+    found (``HashRows`` remembers their rows), so no key is looked up."""
+    flat, cols, m = data.reshape(-1), data.shape[1], rows.size
+    for j in range(min(AHEAD, m)):
+        _prefetch(flat, rows[j] * cols)
+    for i in range(m):
+        if i + AHEAD < m:
+            _prefetch(flat, rows[i + AHEAD] * cols)
+        r = rows[i]
+        for c in range(w):
+            out[i, c] = data[r, c]
 
 
 # -- dense runs: one array per field, rows addressed by offset ---------------------------------
@@ -712,7 +742,7 @@ def _signatures() -> dict:
         "scan_range": [i64(a1(u64), i64, u64, u64, a1(i64))],
         "count_range": [i64(a1(u64), i64, u64, u64)],
         "in_ranges": [T.none(a1(u64), i64, a1(u64), a1(u64), a1(b))],
-        "hash_push": [], "hash_pull": [], "run_push": [], "rows_push": [],
+        "hash_push": [], "hash_pull": [], "run_push": [], "rows_push": [], "rows_pull": [],
         "first_nonfinite": [i64(a2(from_dtype(np.dtype(dt)), True)) for dt in (np.float32, np.float64)],
         "lru_victims": [i64(a1(u64), a1(i32), a1(i64), a1(i64), i64, i64, a1(u64))],
         "cms_admit": [i64(a2(u32), a1(u64, True), a1(i64), i64, a1(b))],
@@ -724,10 +754,11 @@ def _signatures() -> dict:
     for dt in DTYPES:
         d = from_dtype(np.dtype(dt))
         sigs["hash_push"].append(T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), a2(d), i64, a1(u64, True),
-                                                     a2(d, True), i64, i64, i64, a1(d), a1(f64)))
+                                                     a2(d, True), i64, i64, i64, a1(d), a1(f64), a1(i64)))
         sigs["hash_pull"].append(i64(a1(u32), i64, a1(u64), a2(d), a1(u64, True), a2(d), i64))
         sigs["run_push"].append(T.none(a2(d), a2(d), a2(d), a1(i64), i64, a2(d, True), i64, i64, a1(d), a1(f64)))
         sigs["rows_push"].append(T.none(a2(d), a1(i64, True), a2(d, True), i64, i64, a1(d), a1(f64)))
+        sigs["rows_pull"].append(T.none(a2(d), a1(i64, True), a2(d), i64))
     return sigs
 
 

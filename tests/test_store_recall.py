@@ -1,0 +1,182 @@
+"""A pull of the keys a push just found reads the rows that push left behind
+(``hashrows.Recall``) instead of looking every key up again, and is exactly the pull by
+lookup: across inserts and growth (rows keep their numbers), and never through rows that
+moved since (deletes of a bounded table, a retain, a dense span taking hash rows: the
+store's generation changed) or for another key list of the same length and ends.
+
+The sequences are checked against the sorted-array reference of ``test_store_hash``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from psd.cluster.ranges import Range
+from psd.store import Table, TableSpec, hashrows, kernels as K
+from psd.store.runs import RUN_MIN
+from tests.test_store_hash import TOP, Reference, _grads, equal
+
+
+class Counted:
+    """Counts calls of a kernel (``rows_pull``: pulls served from a push's rows)."""
+
+    def __init__(self, monkeypatch, name: str):
+        self.n = 0
+        inner = getattr(K, name)
+
+        def call(*a):
+            self.n += 1
+            return inner(*a)
+        monkeypatch.setattr(K, name, call)
+
+
+def _ref_drop(ref: Reference, keys: np.ndarray) -> None:
+    keep = ~np.isin(ref.keys, keys)
+    ref.keys, ref.vals = ref.keys[keep], ref.vals[keep]
+    ref.state = {f: a[keep] for f, a in ref.state.items()}
+
+
+def _ref_install(ref: Reference, keys: np.ndarray, vals: np.ndarray, state: dict) -> None:
+    _ref_drop(ref, keys)
+    at = np.searchsorted(ref.keys, keys)
+    ref.keys = np.insert(ref.keys, at, keys)
+    ref.vals = np.insert(ref.vals, at, vals, axis=0)
+    ref.state = {f: np.insert(a, at, state[f], axis=0) for f, a in ref.state.items()}
+
+
+UPDATERS = [("sum", {}, "float32"), ("sum", {}, "int64"), ("adagrad", {"lr": 0.1, "l1": 0.01}, "float32"),
+            ("ftrl", {"alpha": 0.1, "l1": 0.05}, "float64")]
+#: what may happen between a push and the pull of its keys
+BETWEEN = ["nothing", "grow", "drop", "evict", "retain", "span", "other_push"]
+
+
+@st.composite
+def sequences(draw):
+    updater, options, dtype = draw(st.sampled_from(UPDATERS))
+    bounded = draw(st.booleans())
+    width = draw(st.integers(1, 3))
+    pool = np.unique(np.concatenate([
+        np.array([0, 1, TOP - 1, TOP], np.uint64),
+        np.array(draw(st.lists(st.integers(0, TOP), min_size=4, max_size=60)), np.uint64),
+        np.arange(1000, 1000 + RUN_MIN, 7, dtype=np.uint64),  # (a span over them takes their rows)
+    ]))
+    steps = draw(st.lists(st.tuples(st.sampled_from(BETWEEN), st.booleans()), min_size=1, max_size=8))
+    return updater, options, dtype, bounded, width, pool, steps, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sequences())
+def test_a_pull_after_a_push_reads_what_a_lookup_reads(seq):
+    updater, options, dtype, bounded, width, pool, steps, seed = seq
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    opts = {**options, **({"max_rows": 10**6} if bounded else {})}
+    table = Table(TableSpec("t", width, dtype.name, updater, opts).validate())
+    if bounded:
+        table.lead([Range(0, 2**64)])
+    ref = Reference(updater, options, width, dtype)
+
+    def push(keys):
+        grad = _grads(rng, keys.size, width, dtype, updater)
+        table.push(keys, grad)
+        ref.push(keys, grad)
+
+    for step, through_rows in steps:
+        keys = np.sort(rng.choice(pool, size=int(rng.integers(1, pool.size + 1)), replace=False))
+        if through_rows:  # a cached list's second push goes through the rows the first found
+            grad = _grads(rng, keys.size, width, dtype, updater)
+            at = table.push_at(keys, grad, None)
+            table.push_at(keys, grad, at)
+            ref.push(keys, grad)
+            ref.push(keys, grad)
+        else:
+            push(keys)
+        if step == "grow":  # thousands of new keys installed: the index and the rows grow
+            fresh = np.setdiff1d(rng.integers(0, TOP, 3000, dtype=np.uint64, endpoint=True), ref.keys)
+            vals = _grads(rng, fresh.size, width, dtype, "sum")
+            state = {f: np.zeros_like(vals) for f in ref.state}
+            table.install(fresh, vals, state)
+            _ref_install(ref, fresh, vals, state)
+        elif step == "drop" and bounded:  # a replica deletes what its primary evicted: rows move
+            gone = np.sort(rng.choice(ref.keys, size=max(1, ref.keys.size // 3), replace=False))
+            assert table.drop_keys(gone) == gone.size
+            _ref_drop(ref, gone)
+        elif step == "evict" and bounded:  # the primary's own evictions under a lower cap
+            table.bounded.bounds = dataclasses.replace(table.bounded.bounds, max_rows=max(1, ref.keys.size // 2))
+            _ref_drop(ref, table.evict())
+        elif step == "retain":  # a ring change takes a range away: rows compacted
+            cut = int(rng.choice(ref.keys))
+            table.retain([Range(0, cut)])
+            _ref_drop(ref, ref.keys[ref.keys >= np.uint64(cut)])
+        elif step == "span" and not bounded:  # a dense push takes the hash rows it covers
+            grad = _grads(rng, RUN_MIN, width, dtype, updater)
+            table.push_span(1000, grad)
+            ref.push(np.arange(1000, 1000 + RUN_MIN, dtype=np.uint64), grad)
+        elif step == "other_push":  # the last push was of other keys: nothing to reuse
+            push(np.setdiff1d(pool, keys)[:5])
+        equal(table.pull(keys.copy()), ref.pull(keys))  # (a copy: the same keys, another array)
+        if keys.size > 2:  # the same length and ends, one key swapped: its own lookup
+            other = keys.copy()
+            other[1] = other[1] + np.uint64(1) if other[1] + np.uint64(1) < other[2] else other[1]
+            equal(table.pull(other), ref.pull(other))
+    assert table.num_keys == ref.keys.size
+    equal(table.pull(ref.keys), ref.vals)
+
+
+@pytest.mark.parametrize("updater,options,dtype", UPDATERS)
+def test_a_push_then_a_pull_of_its_keys_skips_the_lookup(monkeypatch, updater, options, dtype):
+    rng = np.random.default_rng(5)
+    table = Table(TableSpec("t", 2, dtype, updater, options).validate())
+    ref = Reference(updater, options, 2, np.dtype(dtype))
+    pulls = Counted(monkeypatch, "rows_pull")
+    finds = Counted(monkeypatch, "hash_find")
+    stored = np.array([0, TOP], np.uint64)
+    for i in range(12):  # 60k keys: the index doubles six times on the way
+        keys = np.unique(np.concatenate([rng.integers(0, TOP, 5000, dtype=np.uint64),
+                                         rng.choice(stored, min(stored.size, 2000), replace=False)]))
+        grad = _grads(rng, keys.size, 2, np.dtype(dtype), updater)
+        table.push(keys, grad)
+        ref.push(keys, grad)
+        stored = ref.keys
+        equal(table.pull(keys), ref.pull(keys))
+        assert table.count_present(keys) == keys.size
+    assert pulls.n == 12 and finds.n == 0  # every pull and count read the push's rows
+    equal(table.pull(ref.keys), ref.vals)  # (another list: looked up)
+    assert pulls.n == 12
+
+
+def test_a_cached_push_then_its_pull_read_the_kept_rows(monkeypatch):
+    """A server's push naming a kept list goes through its rows (``push_at``); the pull
+    of the list after it reads them too."""
+    table = Table(TableSpec("t", 1, "float32", "sum").validate())
+    keys = np.unique(np.random.default_rng(1).integers(0, TOP, 4000, dtype=np.uint64))
+    one = np.ones((keys.size, 1), np.float32)
+    at = table.push_at(keys, one, None)
+    table.push(keys[:10], one[:10])  # another push in between: the list's rows are forgotten
+    pulls = Counted(monkeypatch, "rows_pull")
+    np.testing.assert_array_equal(table.pull(keys)[:12, 0], [2] * 10 + [1] * 2)
+    assert pulls.n == 0
+    at = table.push_at(keys, one, at)
+    pulled = table.pull(keys)
+    assert pulls.n == 1
+    np.testing.assert_array_equal(pulled[:, 0], np.where(np.arange(keys.size) < 10, 3, 2))
+
+
+def test_only_a_pushs_own_keys_are_recalled():
+    """A push larger than ``RECALL_MAX`` keeps nothing (its buffers would cost 16 bytes a
+    key); an empty push forgets what was kept."""
+    h = hashrows.HashRows(1, np.float32, 0)
+    pt, pf = np.zeros(1, np.float32), np.zeros(1)
+    keys = np.arange(0, 3 * 64, 3, dtype=np.uint64)
+    h.push(keys, np.ones((keys.size, 1), np.float32), K.SUM, pt, pf)
+    assert h.recall.rows_of(h.generation, keys) is not None
+    assert h.recall.rows_of(h.generation + 1, keys) is None
+    h.push(keys[:0], np.ones((0, 1), np.float32), K.SUM, pt, pf)
+    assert h.recall.rows_of(h.generation, keys) is None
+    big = np.arange(hashrows.RECALL_MAX + 1, dtype=np.uint64)
+    h.push(big, np.ones((big.size, 1), np.float32), K.SUM, pt, pf)
+    assert h.recall.rows_of(h.generation, big) is None and h.recall.allocated() < 1 << 20
+    np.testing.assert_array_equal(h.pull(keys)[:, 0], 2)
