@@ -49,8 +49,11 @@ def _ref_install(ref: Reference, keys: np.ndarray, vals: np.ndarray, state: dict
 
 UPDATERS = [("sum", {}, "float32"), ("sum", {}, "int64"), ("adagrad", {"lr": 0.1, "l1": 0.01}, "float32"),
             ("ftrl", {"alpha": 0.1, "l1": 0.05}, "float64")]
-#: what may happen between a push and the pull of its keys
-BETWEEN = ["nothing", "grow", "drop", "evict", "retain", "span", "other_push"]
+#: how a step's keys are first met: a push, a cached list's pushes (the second through
+#: the rows the first found), or a pull (some keys absent)
+FIRST = ["push", "push_at", "pull"]
+#: what may happen before the same keys are pulled, pushed and pulled again
+BETWEEN = ["nothing", "grow", "install", "drop", "evict", "retain", "span", "other_push"]
 
 
 @st.composite
@@ -63,13 +66,13 @@ def sequences(draw):
         np.array(draw(st.lists(st.integers(0, TOP), min_size=4, max_size=60)), np.uint64),
         np.arange(1000, 1000 + RUN_MIN, 7, dtype=np.uint64),  # (a span over them takes their rows)
     ]))
-    steps = draw(st.lists(st.tuples(st.sampled_from(BETWEEN), st.booleans()), min_size=1, max_size=8))
+    steps = draw(st.lists(st.tuples(st.sampled_from(FIRST), st.sampled_from(BETWEEN)), min_size=1, max_size=8))
     return updater, options, dtype, bounded, width, pool, steps, draw(st.integers(0, 2**32 - 1))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sequences())
-def test_a_pull_after_a_push_reads_what_a_lookup_reads(seq):
+def test_pushes_and_pulls_of_the_same_keys_match_the_reference(seq):
     updater, options, dtype, bounded, width, pool, steps, seed = seq
     rng = np.random.default_rng(seed)
     dtype = np.dtype(dtype)
@@ -84,40 +87,50 @@ def test_a_pull_after_a_push_reads_what_a_lookup_reads(seq):
         table.push(keys, grad)
         ref.push(keys, grad)
 
-    for step, through_rows in steps:
+    def install(keys):
+        vals = _grads(rng, keys.size, width, dtype, "sum")
+        state = {f: np.zeros_like(vals) for f in ref.state}
+        table.install(keys, vals, state)
+        _ref_install(ref, keys, vals, state)
+
+    for first, between in steps:
         keys = np.sort(rng.choice(pool, size=int(rng.integers(1, pool.size + 1)), replace=False))
-        if through_rows:  # a cached list's second push goes through the rows the first found
+        if first == "push_at":
             grad = _grads(rng, keys.size, width, dtype, updater)
             at = table.push_at(keys, grad, None)
             table.push_at(keys, grad, at)
             ref.push(keys, grad)
             ref.push(keys, grad)
-        else:
+        elif first == "push":
             push(keys)
-        if step == "grow":  # thousands of new keys installed: the index and the rows grow
-            fresh = np.setdiff1d(rng.integers(0, TOP, 3000, dtype=np.uint64, endpoint=True), ref.keys)
-            vals = _grads(rng, fresh.size, width, dtype, "sum")
-            state = {f: np.zeros_like(vals) for f in ref.state}
-            table.install(fresh, vals, state)
-            _ref_install(ref, fresh, vals, state)
-        elif step == "drop" and bounded:  # a replica deletes what its primary evicted: rows move
+        else:
+            equal(table.pull(keys), ref.pull(keys))
+        if between == "grow":  # thousands of new keys installed: the index and the rows grow
+            install(np.setdiff1d(rng.integers(0, TOP, 3000, dtype=np.uint64, endpoint=True), ref.keys))
+        elif between == "install":  # keys a pull found absent arrive from a range copy
+            absent = np.setdiff1d(keys, ref.keys)
+            if absent.size:
+                install(absent)
+        elif between == "drop" and bounded and ref.keys.size:  # a replica deletes what its primary evicted: rows move
             gone = np.sort(rng.choice(ref.keys, size=max(1, ref.keys.size // 3), replace=False))
             assert table.drop_keys(gone) == gone.size
             _ref_drop(ref, gone)
-        elif step == "evict" and bounded:  # the primary's own evictions under a lower cap
+        elif between == "evict" and bounded:  # the primary's own evictions under a lower cap
             table.bounded.bounds = dataclasses.replace(table.bounded.bounds, max_rows=max(1, ref.keys.size // 2))
             _ref_drop(ref, table.evict())
-        elif step == "retain":  # a ring change takes a range away: rows compacted
+        elif between == "retain" and ref.keys.size:  # a ring change takes a range away: rows compacted
             cut = int(rng.choice(ref.keys))
             table.retain([Range(0, cut)])
             _ref_drop(ref, ref.keys[ref.keys >= np.uint64(cut)])
-        elif step == "span" and not bounded:  # a dense push takes the hash rows it covers
+        elif between == "span" and not bounded:  # a dense push takes the hash rows it covers
             grad = _grads(rng, RUN_MIN, width, dtype, updater)
             table.push_span(1000, grad)
             ref.push(np.arange(1000, 1000 + RUN_MIN, dtype=np.uint64), grad)
-        elif step == "other_push":  # the last push was of other keys: nothing to reuse
+        elif between == "other_push":  # the last push was of other keys: nothing to reuse
             push(np.setdiff1d(pool, keys)[:5])
         equal(table.pull(keys.copy()), ref.pull(keys))  # (a copy: the same keys, another array)
+        push(keys)  # through the rows that pull found, when it found every key
+        equal(table.pull(keys), ref.pull(keys))
         if keys.size > 2:  # the same length and ends, one key swapped: its own lookup
             other = keys.copy()
             other[1] = other[1] + np.uint64(1) if other[1] + np.uint64(1) < other[2] else other[1]
@@ -146,6 +159,22 @@ def test_a_push_then_a_pull_of_its_keys_skips_the_lookup(monkeypatch, updater, o
     assert pulls.n == 12 and finds.n == 0  # every pull and count read the push's rows
     equal(table.pull(ref.keys), ref.vals)  # (another list: looked up)
     assert pulls.n == 12
+    # a worker's loop the other way round: pull a minibatch's rows, push its gradients
+    by_rows, by_keys = Counted(monkeypatch, "rows_push"), Counted(monkeypatch, "hash_push")
+    for i in range(3):
+        keys = np.sort(rng.choice(ref.keys, 3000, replace=False))
+        equal(table.pull(keys), ref.pull(keys))
+        grad = _grads(rng, keys.size, 2, np.dtype(dtype), updater)
+        table.push(keys, grad)
+        ref.push(keys, grad)
+    assert by_rows.n == 3 and by_keys.n == 0
+    keys = np.sort(np.append(keys[1:], np.setdiff1d(np.arange(10, dtype=np.uint64), ref.keys)[:1]))  # one absent
+    equal(table.pull(keys), ref.pull(keys))
+    grad = _grads(rng, keys.size, 2, np.dtype(dtype), updater)
+    table.push(keys, grad)  # (an insert: looked up)
+    ref.push(keys, grad)
+    assert by_rows.n == 3 and by_keys.n == 1
+    equal(table.pull(ref.keys), ref.vals)
 
 
 def test_a_cached_push_then_its_pull_read_the_kept_rows(monkeypatch):

@@ -20,9 +20,10 @@ to another row (a delete, a compaction), never on inserts (they append) or growt
 keep their numbers). Row numbers found under one generation hold while it lasts; it is
 drawn from one process-wide counter, so no two HashRows ever share one.
 
-A push leaves the rows of its keys behind (``Recall``): a pull or a find of the same
-keys next (a worker pushes a minibatch's gradients, then pulls the same keys) reads
-those rows instead of looking every key up again, under the same generation check.
+A push or a pull leaves the rows of its keys behind (``Recall``): the next push, pull
+or find of the same keys (a worker pulls a minibatch's weights and pushes its gradients,
+or pushes and then pulls the same keys) uses those rows instead of looking every key up
+again, under the same generation check.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ MAX_LOAD = 0.6
 ROW_GROWTH = 1.25
 _MIN_BITS = 10
 _GENERATIONS = itertools.count(1)
-#: pushes of more keys than this leave no rows behind (``Recall``): its buffers hold
-#: 16 bytes a key, and a push that large is not a minibatch pulled back at once
+#: pushes and pulls of more keys than this leave no rows behind (``Recall``): its
+#: buffers hold 16 bytes a key, and a request that large is not a minibatch
 RECALL_MAX = 1 << 20
 
 
@@ -67,45 +68,53 @@ def rows2d(a: np.ndarray, dtype) -> np.ndarray:
 
 
 class Recall:
-    """The keys of the last push and the rows it found them in, under a generation.
+    """The keys of the last push or pull and the rows they were found in, under a
+    generation.
 
-    ``rows_of(keys)`` gives those rows back for a request of exactly the same keys
-    while the generation holds, else None. The keys are compared whole (a copy is kept:
-    the caller may reuse its array), so a different list never gets another's rows;
-    a list of another length or other end keys is told apart in O(1)."""
+    ``rows_of(generation, keys)`` gives those rows back for a request of exactly the same
+    keys while the generation holds, else None; with ``complete``, only when every key
+    was stored (a push may skip its inserts then). The keys are compared whole against a
+    copy (the caller may reuse its array), so a different list never gets another's
+    rows; a list of another length or other end keys is told apart in O(1)."""
 
-    __slots__ = ("generation", "keys", "rows", "m")
+    __slots__ = ("complete", "generation", "keys", "m", "rows")
 
     def __init__(self) -> None:
-        self.generation, self.m = 0, 0
+        self.generation, self.m, self.complete = 0, 0, False
         self.keys = np.empty(0, np.uint64)
         self.rows = np.empty(0, np.int64)
 
     def buffer(self, m: int) -> np.ndarray:
-        """Where a push of ``m`` keys writes its rows: the kept buffer (grown) when the
-        push may be remembered, else a block's scratch. Forgets what was kept."""
+        """Where a request of ``m`` keys writes its rows: the kept buffer (grown) when it
+        may be remembered, else a block's scratch. Forgets what was kept."""
         self.m = 0
         if m > RECALL_MAX:
             return np.empty(K.BLOCK, np.int64)
         if self.rows.size < m:
-            size = max(m, 2 * self.rows.size)
+            size = min(max(m, 2 * self.rows.size), RECALL_MAX)
             self.rows, self.keys = np.empty(size, np.int64), np.empty(size, np.uint64)
         return self.rows[:m]
 
-    def keep(self, generation: int, keys: np.ndarray, rows: np.ndarray) -> None:
-        """``rows`` (what ``buffer`` gave) now hold the rows of ``keys``."""
+    def keep(self, generation: int, keys: np.ndarray, rows: np.ndarray, complete: bool = True) -> None:
+        """``rows`` (what ``buffer`` gave) now hold the rows of ``keys`` (-1: absent,
+        unless ``complete``)."""
         m = keys.size
         if m > RECALL_MAX or rows.size != m:
             return
         self.keys[:m] = keys
-        self.generation, self.m = generation, m
+        self.generation, self.m, self.complete = generation, m, complete
 
-    def rows_of(self, generation: int, keys: np.ndarray) -> np.ndarray | None:
+    def rows_of(self, generation: int, keys: np.ndarray, complete: bool = False) -> np.ndarray | None:
         m = self.m
-        if (not m or keys.size != m or generation != self.generation or keys[0] != self.keys[0]
-                or keys[m - 1] != self.keys[m - 1] or not np.array_equal(keys, self.keys[:m])):
+        if (not m or keys.size != m or generation != self.generation or (complete and not self.complete)
+                or keys[0] != self.keys[0] or keys[m - 1] != self.keys[m - 1]
+                or not np.array_equal(keys, self.keys[:m])):
             return None
         return self.rows[:m]
+
+    def forget(self) -> None:
+        """Keys were inserted another way (``upsert``): rows kept as absent may be wrong."""
+        self.m = 0
 
     def allocated(self) -> int:
         return self.rows.nbytes + self.keys.nbytes
@@ -181,6 +190,10 @@ class HashRows:
 
     def push(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
         keys, grad = _u64(keys), rows2d(grad, self.dtype)
+        rows = self.recall.rows_of(self.generation, keys, complete=True)
+        if rows is not None:  # the keys the last request found, all stored: no lookup
+            K.rows_push(self.data, rows, grad, kind, self.width, pt, pf)
+            return
         rows = self.recall.buffer(keys.size)
         self._inserting(lambda start: K.hash_push(self.index, self.bits, self._limit(), self.row_keys, self.data,
                                                   self.n, keys, grad, start, kind, self.width, pt, pf, rows), keys)
@@ -207,6 +220,7 @@ class HashRows:
         """Rows of ``keys``, inserting (as zeros) those not stored."""
         keys = _u64(keys)
         rows = np.empty(keys.size, np.int64)
+        self.recall.forget()
         self._inserting(lambda start: K.hash_upsert(self.index, self.bits, self._limit(), self.row_keys, self.n,
                                                     keys, start, rows), keys)
         return rows
@@ -226,17 +240,19 @@ class HashRows:
         keys = _u64(keys)
         out = np.empty((keys.size, self.width), self.dtype)
         rows = self.recall.rows_of(self.generation, keys)
-        if rows is not None:
+        if rows is not None:  # (-1 rows: absent then, absent now, or the generation moved)
             K.rows_pull(self.data, rows, out, self.width)
-        else:
-            K.hash_pull(self.index, self.bits, self.row_keys, self.data, keys, out, self.width)
+            return out
+        rows = self.recall.buffer(keys.size)
+        found = K.hash_pull(self.index, self.bits, self.row_keys, self.data, keys, out, self.width, rows)
+        self.recall.keep(self.generation, keys, rows, complete=found == keys.size)
         return out
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, int]:
         """Row of each key (-1: absent) and how many are present."""
         keys = _u64(keys)
-        rows = self.recall.rows_of(self.generation, keys)
-        if rows is not None:  # (every key a push just found is present)
+        rows = self.recall.rows_of(self.generation, keys, complete=True)
+        if rows is not None:
             return rows.copy(), keys.size
         rows = np.empty(keys.size, np.int64)
         return rows, K.hash_find(self.index, self.bits, self.row_keys, keys, rows)

@@ -373,19 +373,22 @@ def hash_upsert(index, bits, limit, row_keys, n, keys, start, rows):
 
 
 @_cached
-def hash_pull(index, bits, row_keys, data, keys, out, w):
+def hash_pull(index, bits, row_keys, data, keys, out, w, rows):
     """Gather the value rows of ``keys`` into ``out`` (zeros where absent); returns how
-    many were present."""
+    many were present. ``rows``: as in ``hash_push`` (-1 for an absent key)."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
     flat, cols = data.reshape(-1), data.shape[1]
     found, m = 0, keys.size
+    keep = rows.size >= m
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     for i0 in range(0, m, BLOCK):
         end = min(i0 + BLOCK, m)
+        got = rows[i0:] if keep else rows
         _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, end - i0, hs, at)
         for i in range(i0, end):
             _, r, _ = _probe_from(index, b, mask, row_keys, keys[i], hs[i - i0], at[i - i0])
+            got[i - i0] = r
             if r >= 0:
                 found += 1
                 for c in range(w):
@@ -514,17 +517,22 @@ def rows_push(data, rows, grad, kind, w, pt, pf):
 
 @_cached
 def rows_pull(data, rows, out, w):
-    """Gather the value rows ``rows`` into ``out``: a pull of the keys a push just
-    found (``HashRows`` remembers their rows), so no key is looked up."""
+    """Gather the value rows ``rows`` into ``out`` (zeros for row -1: a key absent): a
+    pull of the keys the last push or pull found (``HashRows`` remembers their rows),
+    so no key is looked up."""
     flat, cols, m = data.reshape(-1), data.shape[1], rows.size
     for j in range(min(AHEAD, m)):
-        _prefetch(flat, rows[j] * cols)
+        _prefetch(flat, max(rows[j], 0) * cols)
     for i in range(m):
         if i + AHEAD < m:
-            _prefetch(flat, rows[i + AHEAD] * cols)
+            _prefetch(flat, max(rows[i + AHEAD], 0) * cols)
         r = rows[i]
-        for c in range(w):
-            out[i, c] = data[r, c]
+        if r >= 0:
+            for c in range(w):
+                out[i, c] = data[r, c]
+        else:
+            for c in range(w):
+                out[i, c] = 0
 
 
 # -- dense runs: one array per field, rows addressed by offset ---------------------------------
@@ -755,7 +763,7 @@ def _signatures() -> dict:
         d = from_dtype(np.dtype(dt))
         sigs["hash_push"].append(T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), a2(d), i64, a1(u64, True),
                                                      a2(d, True), i64, i64, i64, a1(d), a1(f64), a1(i64)))
-        sigs["hash_pull"].append(i64(a1(u32), i64, a1(u64), a2(d), a1(u64, True), a2(d), i64))
+        sigs["hash_pull"].append(i64(a1(u32), i64, a1(u64), a2(d), a1(u64, True), a2(d), i64, a1(i64)))
         sigs["run_push"].append(T.none(a2(d), a2(d), a2(d), a1(i64), i64, a2(d, True), i64, i64, a1(d), a1(f64)))
         sigs["rows_push"].append(T.none(a2(d), a1(i64, True), a2(d, True), i64, i64, a1(d), a1(f64)))
         sigs["rows_pull"].append(T.none(a2(d), a1(i64, True), a2(d), i64))
