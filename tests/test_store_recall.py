@@ -207,5 +207,29 @@ def test_only_a_pushs_own_keys_are_recalled():
     assert h.recall.rows_of(h.generation, keys) is None
     big = np.arange(hashrows.RECALL_MAX + 1, dtype=np.uint64)
     h.push(big, np.ones((big.size, 1), np.float32), K.SUM, pt, pf)
-    assert h.recall.rows_of(h.generation, big) is None and h.recall.allocated() < 1 << 20
+    assert h.recall.rows_of(h.generation, big) is None and h.recall.allocated() < 1 << 20  # (in pieces)
     np.testing.assert_array_equal(h.pull(keys)[:, 0], 2)
+    want = np.ones(big.size, np.float32)  # (taken in pieces of PIECE keys, growing on the way)
+    want[keys.astype(np.int64)] = 2
+    np.testing.assert_array_equal(h.pull(big)[:, 0], want)
+    assert h.n == big.size
+
+
+@pytest.mark.parametrize("updater,options,dtype", UPDATERS[:3])
+def test_a_push_of_stored_and_new_runs_of_keys_switches_how_it_inserts(updater, options, dtype):
+    """``hash_push`` probes a block first, or inserts as it goes after a block of mostly
+    new keys; runs of 300 stored then 300 new keys (sorted) make it switch both ways,
+    and the table grows (stops and resumes) inside the push."""
+    rng = np.random.default_rng(11)
+    runs = [np.unique((np.uint64(r) << np.uint64(40)) | rng.integers(0, 1 << 40, 300, dtype=np.uint64))
+            for r in range(24)]
+    stored = np.concatenate(runs[::2])
+    keys = np.concatenate(runs)
+    table = Table(TableSpec("t", 2, dtype, updater, options).validate())
+    ref = Reference(updater, options, 2, np.dtype(dtype))
+    for k in (stored, keys, keys):
+        grad = _grads(rng, k.size, 2, np.dtype(dtype), updater)
+        table.push(k, grad)
+        ref.push(k, grad)
+        equal(table.pull(ref.keys), ref.vals)
+    assert table._hash.n == keys.size

@@ -43,6 +43,8 @@ _GENERATIONS = itertools.count(1)
 #: pushes and pulls of more keys than this leave no rows behind (``Recall``): its
 #: buffers hold 16 bytes a key, and a request that large is not a minibatch
 RECALL_MAX = 1 << 20
+#: keys a push larger than that is applied in at a time (its rows in a temporary array)
+PIECE = 1 << 16
 
 
 def _u64(keys: np.ndarray) -> np.ndarray:
@@ -172,14 +174,15 @@ class HashRows:
         return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes + extra
 
     # -- batch operations --------------------------------------------------------------
-    def _inserting(self, step, keys: np.ndarray) -> None:
+    def _inserting(self, step, keys: np.ndarray, later: int = 0) -> None:
         """Run ``step(start) -> (n, stopped at)`` until every key is done, growing in
-        between; growth is sized from the share of new keys seen so far."""
-        start, m = 0, keys.size
+        between; growth is sized from the share of new keys seen so far, for the keys
+        left and ``later`` more (the rest of a push taken in pieces)."""
+        start, m = 0, keys.size + later
         while True:
             n0 = self.n
             self.n, stop = step(start)
-            if stop >= m:
+            if stop >= keys.size:
                 return
             seen = stop - start
             new_share = (self.n - n0) / seen if seen else 1.0
@@ -194,10 +197,23 @@ class HashRows:
         if rows is not None:  # the keys the last request found, all stored: no lookup
             K.rows_push(self.data, rows, grad, kind, self.width, pt, pf)
             return
-        rows = self.recall.buffer(keys.size)
+        m = keys.size
+        if m <= RECALL_MAX:
+            rows = self.recall.buffer(m)
+            self._push(keys, grad, kind, pt, pf, rows)
+            self.recall.keep(self.generation, keys, rows)
+            return
+        # larger: in pieces, remembered by none (the kernel writes every key's row)
+        self.recall.forget()
+        rows = np.empty(PIECE, np.int64)
+        for a in range(0, m, PIECE):
+            self._push(keys[a:a + PIECE], grad[a:a + PIECE], kind, pt, pf, rows[:min(PIECE, m - a)],
+                       later=max(0, m - a - PIECE))
+
+    def _push(self, keys, grad, kind, pt, pf, rows, later: int = 0) -> None:
         self._inserting(lambda start: K.hash_push(self.index, self.bits, self._limit(), self.row_keys, self.data,
-                                                  self.n, keys, grad, start, kind, self.width, pt, pf, rows), keys)
-        self.recall.keep(self.generation, keys, rows)
+                                                  self.n, keys, grad, start, kind, self.width, pt, pf, rows),
+                        keys, later)
 
     def touch(self, keys: np.ndarray, now: int) -> None:
         """Stamp the rows of ``keys`` (all stored) with ``now``; led rows go to the

@@ -270,6 +270,12 @@ def _float_rows_impl(kind, v, s, c1, s2, c2, rows, g, g0, count, w, pt, pf):
     return impl
 
 
+#: rows ahead of the one being used whose memory a by-rows loop asks for (a plain loop
+#: with one prefetch 32 rows ahead ran 1.8x a block-prefetched one, 2x no prefetch)
+AHEAD = 32
+_STEP = 16
+
+
 # -- the hash rows: index + row arrays (row_keys, data = values then state, per row) --------
 @njit(inline="always")
 def _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, count, hs, at):
@@ -322,34 +328,71 @@ def _row(index, b, mask, limit, row_keys, n, k, h, s0):
     return r, n
 
 
+@njit(inline="always")
+def _apply_ahead(kind, data, rows, grad, lo, hi, w, pt, pf):
+    """Fold gradient rows lo .. hi-1 into data rows ``rows[lo:hi]``, asking for each
+    row's memory ``AHEAD`` rows before it is used."""
+    flat, cols = data.reshape(-1), data.shape[1]
+    for j in range(lo, min(lo + AHEAD, hi)):
+        _prefetch(flat, rows[j] * cols)
+    for i0 in range(lo, hi, _STEP):
+        for j in range(i0 + AHEAD, min(i0 + AHEAD + _STEP, hi)):
+            _prefetch(flat, rows[j] * cols)
+        _apply_rows(kind, data, data, w, data, 2 * w, rows[i0:], grad, i0, min(_STEP, hi - i0), w, pt, pf)
+
+
 @_cached
 def hash_push(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w, pt, pf, rows):
     """Find or insert each key from ``start`` on and fold its gradient row into its data
     row. Stops before an insert that would pass ``limit`` rows; returns (rows, next i).
-    ``rows``: as long as ``keys`` to be left holding every key's row (``HashRows``
-    remembers them for a pull of the same keys), or ``BLOCK`` long as scratch."""
+    Leaves every key's row in ``rows`` (as long as ``keys``; ``HashRows`` remembers them
+    for a request of the same keys).
+
+    Each block's keys are found with no store on the way, then its absent keys are
+    inserted in key order (for stored keys, 1.4x faster than a probe loop that may
+    insert: at 1e7 keys, 4.4-5.1 ms against 6.5-7.7 for 1e5 keys); a block that follows
+    a block of mostly new keys is probed and inserted in one loop instead (a stream of
+    new keys: the extra pass cost 15%). Once every row is known, the gradients are
+    folded in, row memory asked for ahead (``_apply_ahead``)."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
-    flat, cols = data.reshape(-1), data.shape[1]
-    keep = rows.size >= keys.size
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
-    m, w2 = keys.size, 2 * w
-    i = start
-    while i < m:
+    m = keys.size
+    inline = False  # the last block was mostly new keys: insert as each is found
+    pend = start  # rows from here on wait for their gradients
+    for i in range(start, m, BLOCK):
         end = min(i + BLOCK, m)
-        out = rows[i:] if keep else rows
-        _fetch_block(index, b, mask, row_keys, flat, cols, keys, i, end - i, hs, at)
-        j = i
-        while j < end:
-            r, n = _row(index, b, mask, limit, row_keys, n, keys[j], hs[j - i], at[j - i])
-            if r < 0:
-                break
-            out[j - i] = r
-            j += 1
-        _apply_rows(kind, data, data, w, data, w2, out, grad, i, j - i, w, pt, pf)
-        if j < end:
-            return n, j
-        i = end
+        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i, end - i, hs, at)
+        absent = 0
+        if inline:  # (and its block applied at once: new rows are consecutive)
+            _apply_ahead(kind, data, rows, grad, pend, i, w, pt, pf)
+            for j in range(i, end):
+                n0 = n
+                r, n = _row(index, b, mask, limit, row_keys, n, keys[j], hs[j - i], at[j - i])
+                if r < 0:
+                    _apply_ahead(kind, data, rows, grad, i, j, w, pt, pf)
+                    return n, j
+                rows[j] = r
+                absent += n - n0
+            _apply_rows(kind, data, data, w, data, 2 * w, rows[i:], grad, i, end - i, w, pt, pf)
+            pend = end
+        else:
+            for j in range(i, end):
+                s, r, _ = _probe_from(index, b, mask, row_keys, keys[j], hs[j - i], at[j - i])
+                rows[j] = r
+                if r < 0:
+                    at[j - i] = s  # the empty slot it found: the insert starts there
+                    absent += 1
+            if absent:  # (an earlier insert may fill the slot a probe stopped at: it walks on)
+                for j in range(i, end):
+                    if rows[j] < 0:
+                        r, n = _row(index, b, mask, limit, row_keys, n, keys[j], hs[j - i], at[j - i])
+                        if r < 0:
+                            _apply_ahead(kind, data, rows, grad, pend, j, w, pt, pf)
+                            return n, j
+                        rows[j] = r
+        inline = 2 * absent > end - i
+    _apply_ahead(kind, data, rows, grad, pend, m, w, pt, pf)
     return n, m
 
 
@@ -496,23 +539,11 @@ def first_nonfinite(v):
     return -1
 
 
-#: rows ahead of the one being used whose memory a by-rows loop asks for (a plain loop
-#: with one prefetch 32 rows ahead ran 1.8x a block-prefetched one, 2x no prefetch)
-AHEAD = 32
-_STEP = 16
-
-
 @_cached
 def rows_push(data, rows, grad, kind, w, pt, pf):
     """Fold gradient row j into hash data row ``rows[j]``: a push whose rows were found
     before (positions kept with a cached key list), so no key is looked up."""
-    flat, cols, m = data.reshape(-1), data.shape[1], rows.size
-    for j in range(min(AHEAD, m)):
-        _prefetch(flat, rows[j] * cols)
-    for i0 in range(0, m, _STEP):
-        for j in range(i0 + AHEAD, min(i0 + AHEAD + _STEP, m)):
-            _prefetch(flat, rows[j] * cols)
-        _apply_rows(kind, data, data, w, data, 2 * w, rows[i0:], grad, i0, min(_STEP, m - i0), w, pt, pf)
+    _apply_ahead(kind, data, rows, grad, 0, rows.size, w, pt, pf)
 
 
 @_cached
