@@ -233,3 +233,35 @@ def test_a_push_of_stored_and_new_runs_of_keys_switches_how_it_inserts(updater, 
         ref.push(k, grad)
         equal(table.pull(ref.keys), ref.vals)
     assert table._hash.n == keys.size
+
+
+def test_a_server_answers_the_pull_of_a_list_it_just_pushed_from_the_pushs_rows(monkeypatch):
+    """Issue 15's full-path round on the server core: a push sending its keys whole to
+    be kept, then a pull naming them by signature (what the client's key caching sends),
+    then another list of the same length: only the second pull looks keys up."""
+    from psd.codec import Message
+    from psd.codec.signature import key_ref
+    from psd.config import ClusterConfig
+    from psd.core.server import ServerCore
+
+    core = ServerCore(ClusterConfig(security="none"), secure=False)
+    core.node_id = "S0"
+    core._create(TableSpec("t", 1, "float32", "sum"))
+    rng = np.random.default_rng(2)
+    keys = np.unique(rng.integers(0, TOP, 5000, dtype=np.uint64))
+    pulls, lookups = Counted(monkeypatch, "rows_pull"), Counted(monkeypatch, "hash_pull")
+
+    def ask(rid, op, meta, arrays):
+        out = core.handle(None, Message(op, id=rid, sender="W0", table="t", meta={"rid": rid, **meta},
+                                        arrays=arrays), 0.0)
+        assert len(out) == 1 and type(out[0]).__name__ == "Reply", out
+        return out[0].msg
+
+    ask(1, "push", {"kcs": True}, [keys, np.full((keys.size, 1), 2.0, np.float32)])
+    answer = ask(2, "pull", {"kc": key_ref(keys)}, [])
+    np.testing.assert_array_equal(np.asarray(answer.arrays[-1]).ravel(), 2.0)
+    assert pulls.n == 1 and lookups.n == 0
+    other = np.unique(rng.integers(0, TOP, keys.size, dtype=np.uint64))
+    answer = ask(3, "pull", {}, [other])
+    assert not np.asarray(answer.arrays[-1]).any()
+    assert pulls.n == 1 and lookups.n == 1

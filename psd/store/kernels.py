@@ -328,7 +328,7 @@ def _row(index, b, mask, limit, row_keys, n, k, h, s0):
     return r, n
 
 
-@njit(inline="always")
+@njit
 def _apply_ahead(kind, data, rows, grad, lo, hi, w, pt, pf):
     """Fold gradient rows lo .. hi-1 into data rows ``rows[lo:hi]``, asking for each
     row's memory ``AHEAD`` rows before it is used."""
