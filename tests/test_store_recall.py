@@ -265,3 +265,24 @@ def test_a_server_answers_the_pull_of_a_list_it_just_pushed_from_the_pushs_rows(
     answer = ask(3, "pull", {}, [other])
     assert not np.asarray(answer.arrays[-1]).any()
     assert pulls.n == 1 and lookups.n == 1
+
+
+def test_kept_rows_cost_no_more_than_a_sixty_fourth_of_the_table(monkeypatch):
+    """Issue 15's memory target (allocated bytes per key <= 2x the raw row) holds with
+    the kept rows counted: a table of 1e6 keys (sum, float32, width 1) grown by pushes of
+    1e5 keys keeps none of them (16 bytes a key would be 1.6 B per stored key), while a
+    list of 2e4 keys is kept (within the table's 1/64)."""
+    rng = np.random.default_rng(4)
+    table = Table(TableSpec("t", 1, "float32", "sum").validate())
+    for _ in range(10):
+        keys = np.unique(rng.integers(0, TOP, 100_000, dtype=np.uint64))
+        table.push(keys, np.ones((keys.size, 1), np.float32))
+    pulls = Counted(monkeypatch, "rows_pull")
+    table.pull(keys)
+    assert pulls.n == 0 and table._hash.recall.allocated() <= hashrows.RECALL_FLOOR
+    assert table.allocated_bytes / table.num_keys <= 2 * table.row_bytes
+    small = keys[:20_000]
+    table.push(small, np.ones((small.size, 1), np.float32))
+    table.pull(small)
+    assert pulls.n == 1
+    assert table.allocated_bytes / table.num_keys <= 2 * table.row_bytes

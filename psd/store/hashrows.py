@@ -43,6 +43,10 @@ _GENERATIONS = itertools.count(1)
 #: pushes and pulls of more keys than this leave no rows behind (``Recall``): its
 #: buffers hold 16 bytes a key, and a request that large is not a minibatch
 RECALL_MAX = 1 << 20
+#: and the buffers stay within this share of the table's own arrays, or within
+#: ``RECALL_FLOOR`` bytes: memory per stored key stays where it was (decision 120)
+RECALL_SHARE = 1 / 64
+RECALL_FLOOR = 256 << 10
 #: keys a push larger than that is applied in at a time (its rows in a temporary array)
 PIECE = 1 << 16
 
@@ -85,6 +89,11 @@ class Recall:
         self.generation, self.m, self.complete = 0, 0, False
         self.keys = np.empty(0, np.uint64)
         self.rows = np.empty(0, np.int64)
+
+    @staticmethod
+    def fits(m: int, table_bytes: int) -> bool:
+        """Whether a request of ``m`` keys may be kept beside arrays of ``table_bytes``."""
+        return 0 < m <= RECALL_MAX and 16 * m <= max(RECALL_FLOOR, table_bytes * RECALL_SHARE)
 
     def buffer(self, m: int) -> np.ndarray:
         """Where a request of ``m`` keys writes its rows: the kept buffer (grown) when it
@@ -136,6 +145,7 @@ class HashRows:
         self.track = None
         self.generation = next(_GENERATIONS)
         self.recall = Recall()
+        self._scratch = np.empty(K.BLOCK, np.int64)  # (rows of a pull not kept: a block's)
 
     # -- sizes -------------------------------------------------------------------------
     def _limit(self) -> int:
@@ -169,6 +179,9 @@ class HashRows:
         self.index = _index(bits)
         K.rehash(self.index, bits, self.row_keys, self.n)
 
+    def _bytes(self) -> int:
+        return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes
+
     def allocated(self) -> int:
         extra = (self.track.allocated() if self.track is not None else 0) + self.recall.allocated()
         return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes + extra
@@ -198,14 +211,14 @@ class HashRows:
             K.rows_push(self.data, rows, grad, kind, self.width, pt, pf)
             return
         m = keys.size
-        if m <= RECALL_MAX:
+        if self.recall.fits(m, self._bytes()):
             rows = self.recall.buffer(m)
             self._push(keys, grad, kind, pt, pf, rows)
             self.recall.keep(self.generation, keys, rows)
             return
-        # larger: in pieces, remembered by none (the kernel writes every key's row)
+        # else in pieces, remembered by none (the kernel writes every key's row)
         self.recall.forget()
-        rows = np.empty(PIECE, np.int64)
+        rows = np.empty(min(m, PIECE), np.int64)
         for a in range(0, m, PIECE):
             self._push(keys[a:a + PIECE], grad[a:a + PIECE], kind, pt, pf, rows[:min(PIECE, m - a)],
                        later=max(0, m - a - PIECE))
@@ -247,7 +260,7 @@ class HashRows:
         ``keys`` (theirs), a pull of the same keys next reads these rows."""
         K.rows_push(self.data, rows, rows2d(grad, self.dtype), kind, self.width, pt, pf)
         if keys is not None:
-            kept = self.recall.buffer(keys.size)
+            kept = self.recall.buffer(keys.size) if self.recall.fits(keys.size, self._bytes()) else rows[:0]
             if kept.size == keys.size:
                 kept[:] = rows
                 self.recall.keep(self.generation, _u64(keys), kept)
@@ -259,7 +272,7 @@ class HashRows:
         if rows is not None:  # (-1 rows: absent then, absent now, or the generation moved)
             K.rows_pull(self.data, rows, out, self.width)
             return out
-        rows = self.recall.buffer(keys.size)
+        rows = self.recall.buffer(keys.size) if self.recall.fits(keys.size, self._bytes()) else self._scratch
         found = K.hash_pull(self.index, self.bits, self.row_keys, self.data, keys, out, self.width, rows)
         self.recall.keep(self.generation, keys, rows, complete=found == keys.size)
         return out
