@@ -70,7 +70,7 @@ def sequences(draw):
     return updater, options, dtype, bounded, width, pool, steps, draw(st.integers(0, 2**32 - 1))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sequences())
 def test_pushes_and_pulls_of_the_same_keys_match_the_reference(seq):
     updater, options, dtype, bounded, width, pool, steps, seed = seq
