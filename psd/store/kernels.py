@@ -25,9 +25,13 @@ for: every key's index slot is prefetched, then each slot whose fingerprint matc
 (those lines have arrived by then) has its row's key and data prefetched, so the cache
 misses of a hundred keys overlap instead of following one another (2-3x faster than
 prefetching one key ahead at a time, measured at 1e7 keys). Then each key is found (or
-inserted) for real, and the updater folds the block's gradient rows into the rows found
-(a loop per updater: one loop choosing the updater at every key ran 2-3x slower). Each
-key is looked up once and its row written once.
+inserted) for real, and the updater folds the gradient rows into the rows found (a loop
+per updater: one loop choosing the updater at every key ran 2-3x slower); a push folds
+them in once every row of the request is known, each row asked for ``AHEAD`` rows
+before it is used (``hash_push`` says why). Each key is looked up once and its row
+written once. Loops over rows already known (``rows_push``, ``rows_pull``: the rows a
+request found before, kept by ``hashrows``) prefetch a fixed distance ahead instead:
+their reads do not depend on one another.
 
 No function here allocates storage or decides growth: the caller (``hashrows``) passes a
 ``limit`` of rows, and an insert loop stops at it and returns where it stopped.
