@@ -44,9 +44,9 @@ class Spy:
         self.n = 0
         inner = table._hash.push_rows
 
-        def push_rows(*a):
+        def push_rows(*a, **kw):
             self.n += 1
-            return inner(*a)
+            return inner(*a, **kw)
         table._hash.push_rows = push_rows
 
 

@@ -19,6 +19,11 @@ kept beside the rows here because every move of a row must move its links too.
 to another row (a delete, a compaction), never on inserts (they append) or growth (rows
 keep their numbers). Row numbers found under one generation hold while it lasts; it is
 drawn from one process-wide counter, so no two HashRows ever share one.
+
+A push or a pull leaves the rows of its keys behind (``Recall``): the next push, pull
+or find of the same keys (a worker pulls a minibatch's weights and pushes its gradients,
+or pushes and then pulls the same keys) uses those rows instead of looking every key up
+again, under the same generation check.
 """
 from __future__ import annotations
 
@@ -35,6 +40,15 @@ MAX_LOAD = 0.6
 ROW_GROWTH = 1.25
 _MIN_BITS = 10
 _GENERATIONS = itertools.count(1)
+#: pushes and pulls of more keys than this leave no rows behind (``Recall``): its
+#: buffers hold 16 bytes a key, and a request that large is not a minibatch
+RECALL_MAX = 1 << 20
+#: and the buffers stay within this share of the table's own arrays, or within
+#: ``RECALL_FLOOR`` bytes: memory per stored key stays where it was (decision 123)
+RECALL_SHARE = 1 / 64
+RECALL_FLOOR = 256 << 10
+#: keys a push larger than that is applied in at a time (its rows in a temporary array)
+PIECE = 1 << 16
 
 
 def _u64(keys: np.ndarray) -> np.ndarray:
@@ -59,6 +73,64 @@ def rows2d(a: np.ndarray, dtype) -> np.ndarray:
     return np.require(a, dtype, "CA")
 
 
+class Recall:
+    """The keys of the last push or pull and the rows they were found in, under a
+    generation.
+
+    ``rows_of(generation, keys)`` gives those rows back for a request of exactly the same
+    keys while the generation holds, else None; with ``complete``, only when every key
+    was stored (a push may skip its inserts then). The keys are compared whole against a
+    copy (the caller may reuse its array), so a different list never gets another's
+    rows; a list of another length or other end keys is told apart in O(1)."""
+
+    __slots__ = ("complete", "generation", "keys", "m", "rows")
+
+    def __init__(self) -> None:
+        self.generation, self.m, self.complete = 0, 0, False
+        self.keys = np.empty(0, np.uint64)
+        self.rows = np.empty(0, np.int64)
+
+    @staticmethod
+    def fits(m: int, table_bytes: int) -> bool:
+        """Whether a request of ``m`` keys may be kept beside arrays of ``table_bytes``."""
+        return 0 < m <= RECALL_MAX and 16 * m <= max(RECALL_FLOOR, table_bytes * RECALL_SHARE)
+
+    def buffer(self, m: int) -> np.ndarray:
+        """Where a request of ``m`` keys writes its rows: the kept buffer (grown) when it
+        may be remembered, else a block's scratch. Forgets what was kept."""
+        self.m = 0
+        if m > RECALL_MAX:
+            return np.empty(K.BLOCK, np.int64)
+        if self.rows.size < m:
+            size = min(max(m, 2 * self.rows.size), RECALL_MAX)
+            self.rows, self.keys = np.empty(size, np.int64), np.empty(size, np.uint64)
+        return self.rows[:m]
+
+    def keep(self, generation: int, keys: np.ndarray, rows: np.ndarray, complete: bool = True) -> None:
+        """``rows`` (what ``buffer`` gave) now hold the rows of ``keys`` (-1: absent,
+        unless ``complete``)."""
+        m = keys.size
+        if m > RECALL_MAX or rows.size != m:
+            return
+        self.keys[:m] = keys
+        self.generation, self.m, self.complete = generation, m, complete
+
+    def rows_of(self, generation: int, keys: np.ndarray, complete: bool = False) -> np.ndarray | None:
+        m = self.m
+        if (not m or keys.size != m or generation != self.generation or (complete and not self.complete)
+                or keys[0] != self.keys[0] or keys[m - 1] != self.keys[m - 1]
+                or not np.array_equal(keys, self.keys[:m])):
+            return None
+        return self.rows[:m]
+
+    def forget(self) -> None:
+        """Keys were inserted another way (``upsert``): rows kept as absent may be wrong."""
+        self.m = 0
+
+    def allocated(self) -> int:
+        return self.rows.nbytes + self.keys.nbytes
+
+
 class HashRows:
     def __init__(self, width: int, dtype: np.dtype, fields: int):
         """``fields``: how many state fields the updater keeps beside the values."""
@@ -72,6 +144,8 @@ class HashRows:
         #: a bounded table's LRU list and stamps (psd.store.bounded.Track), else None
         self.track = None
         self.generation = next(_GENERATIONS)
+        self.recall = Recall()
+        self._scratch = np.empty(K.BLOCK, np.int64)  # (rows of a pull not kept: a block's)
 
     # -- sizes -------------------------------------------------------------------------
     def _limit(self) -> int:
@@ -105,19 +179,23 @@ class HashRows:
         self.index = _index(bits)
         K.rehash(self.index, bits, self.row_keys, self.n)
 
+    def _bytes(self) -> int:
+        return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes
+
     def allocated(self) -> int:
-        extra = self.track.allocated() if self.track is not None else 0
+        extra = (self.track.allocated() if self.track is not None else 0) + self.recall.allocated()
         return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes + extra
 
     # -- batch operations --------------------------------------------------------------
-    def _inserting(self, step, keys: np.ndarray) -> None:
+    def _inserting(self, step, keys: np.ndarray, later: int = 0) -> None:
         """Run ``step(start) -> (n, stopped at)`` until every key is done, growing in
-        between; growth is sized from the share of new keys seen so far."""
-        start, m = 0, keys.size
+        between; growth is sized from the share of new keys seen so far, for the keys
+        left and ``later`` more (the rest of a push taken in pieces)."""
+        start, m = 0, keys.size + later
         while True:
             n0 = self.n
             self.n, stop = step(start)
-            if stop >= m:
+            if stop >= keys.size:
                 return
             seen = stop - start
             new_share = (self.n - n0) / seen if seen else 1.0
@@ -128,8 +206,27 @@ class HashRows:
 
     def push(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
         keys, grad = _u64(keys), rows2d(grad, self.dtype)
+        rows = self.recall.rows_of(self.generation, keys, complete=True)
+        if rows is not None:  # the keys the last request found, all stored: no lookup
+            K.rows_push(self.data, rows, grad, kind, self.width, pt, pf)
+            return
+        m = keys.size
+        if self.recall.fits(m, self._bytes()):
+            rows = self.recall.buffer(m)
+            self._push(keys, grad, kind, pt, pf, rows)
+            self.recall.keep(self.generation, keys, rows)
+            return
+        # else in pieces, remembered by none (the kernel writes every key's row)
+        self.recall.forget()
+        rows = np.empty(min(m, PIECE), np.int64)
+        for a in range(0, m, PIECE):
+            self._push(keys[a:a + PIECE], grad[a:a + PIECE], kind, pt, pf, rows[:min(PIECE, m - a)],
+                       later=max(0, m - a - PIECE))
+
+    def _push(self, keys, grad, kind, pt, pf, rows, later: int = 0) -> None:
         self._inserting(lambda start: K.hash_push(self.index, self.bits, self._limit(), self.row_keys, self.data,
-                                                  self.n, keys, grad, start, kind, self.width, pt, pf), keys)
+                                                  self.n, keys, grad, start, kind, self.width, pt, pf, rows),
+                        keys, later)
 
     def touch(self, keys: np.ndarray, now: int) -> None:
         """Stamp the rows of ``keys`` (all stored) with ``now``; led rows go to the
@@ -152,23 +249,42 @@ class HashRows:
         """Rows of ``keys``, inserting (as zeros) those not stored."""
         keys = _u64(keys)
         rows = np.empty(keys.size, np.int64)
+        self.recall.forget()
         self._inserting(lambda start: K.hash_upsert(self.index, self.bits, self._limit(), self.row_keys, self.n,
                                                     keys, start, rows), keys)
         return rows
 
-    def push_rows(self, rows: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
-        """Fold ``grad`` into the given rows (found under the current generation)."""
+    def push_rows(self, rows: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray,
+                  keys: np.ndarray | None = None) -> None:
+        """Fold ``grad`` into the given rows (found under the current generation); with
+        ``keys`` (theirs), a pull of the same keys next reads these rows."""
         K.rows_push(self.data, rows, rows2d(grad, self.dtype), kind, self.width, pt, pf)
+        if keys is not None:
+            kept = self.recall.buffer(keys.size) if self.recall.fits(keys.size, self._bytes()) else rows[:0]
+            if kept.size == keys.size:
+                kept[:] = rows
+                self.recall.keep(self.generation, _u64(keys), kept)
 
     def pull(self, keys: np.ndarray) -> np.ndarray:
+        keys = _u64(keys)
         out = np.empty((keys.size, self.width), self.dtype)
-        K.hash_pull(self.index, self.bits, self.row_keys, self.data, _u64(keys), out, self.width)
+        rows = self.recall.rows_of(self.generation, keys)
+        if rows is not None:  # (-1 rows: absent then, absent now, or the generation moved)
+            K.rows_pull(self.data, rows, out, self.width)
+            return out
+        rows = self.recall.buffer(keys.size) if self.recall.fits(keys.size, self._bytes()) else self._scratch
+        found = K.hash_pull(self.index, self.bits, self.row_keys, self.data, keys, out, self.width, rows)
+        self.recall.keep(self.generation, keys, rows, complete=found == keys.size)
         return out
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, int]:
         """Row of each key (-1: absent) and how many are present."""
+        keys = _u64(keys)
+        rows = self.recall.rows_of(self.generation, keys, complete=True)
+        if rows is not None:
+            return rows.copy(), keys.size
         rows = np.empty(keys.size, np.int64)
-        return rows, K.hash_find(self.index, self.bits, self.row_keys, _u64(keys), rows)
+        return rows, K.hash_find(self.index, self.bits, self.row_keys, keys, rows)
 
     def row_of(self, key: int) -> int:
         rows, _ = self.find(np.array([key], np.uint64))

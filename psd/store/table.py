@@ -341,7 +341,7 @@ class Table:
         b = self.bounded
         if b is not None:
             b.pushes += 1
-        self._hash.push_rows(at[1], values, *self._fused)
+        self._hash.push_rows(at[1], values, *self._fused, keys=keys)
         if b is not None and self._hash.track is not None:
             self._hash.touch(keys, b.stamp())
         return at
