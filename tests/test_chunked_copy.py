@@ -179,9 +179,10 @@ def test_copy_ids_in_several_messages_count_for_the_range_only(raw_dealer):
         t.pull(u8(10))  # the table exists on the server
         d = raw_dealer(cluster.servers[0].address, curve=daemon_keys())
         rng = [0, 999]
+        ring = cluster.status()["ring_version"]  # (a copy from an older ring is refused: decision 122)
 
         def install(meta, arrays):
-            return d.request(Message("install", meta={"range": rng, **meta}, arrays=arrays))
+            return d.request(Message("install", ring=ring, meta={"range": rng, **meta}, arrays=arrays))
 
         assert install({"senders": ["Wx"]}, [u8(2), u8(5, 6)]).op == "ok"
         bad = install({"senders": ["Wx"]}, [u8(3), u8(1, 2)])  # counts disagree: refused, nothing noted
@@ -189,7 +190,6 @@ def test_copy_ids_in_several_messages_count_for_the_range_only(raw_dealer):
         assert install({}, []).op == "ok"  # neither rows nor ids: nothing to do
         assert install({"senders": ["Wx", "Wy"], "final": True}, [u8(1, 1), u8(7, 9)]).op == "ok"
 
-        ring = cluster.status()["ring_version"]  # (a forward from an older ring comes from a deposed primary)
 
         def replicate(origin, rid, key):
             msg = Message("replicate", table="cc_ids", ring=ring, meta={"origin": origin, "rid": rid},

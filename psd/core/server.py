@@ -1160,13 +1160,13 @@ class ServerCore:
             departed = msg.meta.get("departed", [])
             if not isinstance(departed, list) or not all(isinstance(d, str) for d in departed):
                 raise ProtocolError("install: meta.departed must list senders of this message")
-        if msg.ring != self.ring.version or r not in self.incoming:
-            # not a copy our ring expects: a late one from a source the scheduler gave up on
-            # (every server takes each attempt's joint ring before its copies start, so a
-            # live attempt's source and receiver are at the same version). Taken, it would
-            # replace what a later attempt, or our own forwards since, brought.
-            raise StaleRingError(f"install of {r} from {msg.sender} at ring v{msg.ring}: {self.node_id} is at "
-                                 f"v{self.ring.version} and expects {'no copy of it' if r not in self.incoming else 'it from a newer attempt'}",
+        if msg.ring < self.ring.version:
+            # a late copy from an attempt the scheduler gave up on (its source stalled, not
+            # dead): every server takes each attempt's joint ring before its copies start,
+            # so a live attempt's source is at our version. Taken, it would replace what a
+            # later attempt, or our own forwards since, brought.
+            raise StaleRingError(f"install of {r} from {msg.sender} was sent at ring v{msg.ring}; {self.node_id} "
+                                 f"is at v{self.ring.version}, where a newer copy attempt (or none) is under way",
                                  ring=self.ring.version)
         if self._copying_in.get(r, ()) != attempt:
             # a copy of r begins (or begins again): what it brings (rows, and the pushes its
