@@ -95,6 +95,25 @@ def test_pulls_held_across_ring_changes_keep_every_invariant(seed, settings):
     assert outcome.ok, outcome.describe()
 
 
+#: a schedule where a forward was lost last on its stream (a dropped connection to a
+#: stalled replica, nothing sent to it after): the push failed, applied on the primary
+#: only, and the copies disagreed for good until a later ping's answer made the primary
+#: probe the stream (decision 125); fails on the old server core
+LOST_FORWARD_SEEDS = [
+    (6024, dict(consistency="sequential", placement="spread", servers=4, faults=("kill", "kill", "drop", "stall"))),
+]
+
+
+@pytest.mark.parametrize("seed,settings", LOST_FORWARD_SEEDS, ids=[str(s) for s, _ in LOST_FORWARD_SEEDS])
+def test_a_forward_lost_last_on_its_stream_is_sent_again(seed, settings):
+    logging.disable(logging.CRITICAL)
+    try:
+        outcome = simulate(seed, **settings)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert outcome.ok, outcome.describe()
+
+
 # -- the invariants bite: each switched-off guarantee is found within the suite's seeds --------
 def _finds(monkeypatch, seeds: int, **settings) -> int | None:
     logging.disable(logging.CRITICAL)

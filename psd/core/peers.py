@@ -4,8 +4,11 @@ Forwards and copies travel on one ordered stream per destination (``psd.core.str
 a replica must apply a primary's forwards in the primary's order, and a range copy must
 arrive after the forwards it already contains. When a destination reports a gap
 (``out_of_order``: a message lost with its connection), every call not yet admitted is
-sent again, in order, on a new epoch. Answers come back by token through
-``answered``; each call's owner gets ``on_answer(call, reply, error, now)``.
+sent again, in order, on a new epoch. A message lost at the end of a stream has no
+later one to reveal its gap: the server probes such a stream (``unanswered_before``, an
+ordered ``peer_ping``) once a later liveness ping to that node was answered. Answers
+come back by token through ``answered``; each call's owner gets
+``on_answer(call, reply, error, now)``.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ OnAnswer = Callable[["Call", Message | None, Exception | None, float], None]
 
 
 class Call:
+    """One request to another server; ``sent_at``: when it was last sent (a resend after
+    a gap moves it)."""
+
     __slots__ = ("token", "node", "address", "msg", "on_answer", "sent_at", "ordered")
 
     def __init__(self, node: str, address: str, msg: Message, on_answer: OnAnswer, sent_at: float,
@@ -80,12 +86,21 @@ class PeerCalls:
                         self._calls.pop(c.token, None)
                         self.outbox.append(Forget(c.node, c.token))
                     self.resent += 1
+                    c.sent_at = now
                     self._send(c)
                 return
             stream = self._streams.get(call.node)
             if stream is not None:
                 stream.admitted(sq)
         call.on_answer(call, reply, error, now)
+
+    def unanswered_before(self, node: str, when: float) -> bool:
+        """Whether a call on ``node``'s stream, last sent before ``when``, waits for its
+        answer. A connection keeps its order both ways and a server answers what its
+        streams admit at once, so when a message sent at ``when`` on it is answered, such
+        a call (or its answer) was lost with the connection."""
+        stream = self._streams.get(node)
+        return stream is not None and any(c.sent_at < when and c.token in self._calls for c in stream.pending())
 
     def drop_node(self, node: str) -> None:
         """``node`` left the ring: its stream starts afresh if it ever comes back."""

@@ -127,7 +127,8 @@ class ServerCore:
         self.schedulers: list[str] = [cfg.scheduler, *cfg.standby]
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
                          "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0, "limit_refusals": 0,
-                         "not_replicated": 0, "out_of_order": 0, "fenced": 0, "busy": 0}
+                         "not_replicated": 0, "out_of_order": 0, "fenced": 0, "busy": 0,
+                         "probes": 0}
         #: bytes of requests each sender has here unanswered (a held pull, a push waiting
         #: for its replicas), bounded by limits.max_inflight_bytes
         self.holding: dict[str, int] = {}
@@ -154,6 +155,8 @@ class ServerCore:
         self._copies: dict[_Copy, None] = {}  # (a dict: iterated in the order made)
         self._checkpoint: _Cut | None = None
         self._pinged: dict[str, tuple[Call, float]] = {}  # peer -> (its ping, sent at)
+        #: peer -> the ordered ping sent to find a message lost at the end of its stream
+        self._probes: dict[str, Call] = {}
         self._next_ping = 0.0
         self._sq: tuple[int, int] | None = None  # the stream place of the request being handled
         self.handlers = {"push": self.on_push, "pull": self.on_pull, "pushpull": self.on_pushpull,
@@ -319,9 +322,38 @@ class ServerCore:
             self.fence.peer_answered(call.node, call.sent_at, now)
         else:
             self.fence.heard(call.node, now)  # it knows a ring without us: no vouching
+        self._probe_if_lost(call.node, call.sent_at, now)
+
+    def _probe_if_lost(self, node: str, since: float, now: float) -> None:
+        """``node`` answered a ping sent at ``since``: a forward (or copy, or eviction
+        record) sent to it before then and still unanswered was lost with a dropped
+        connection, or its answer was. If it was the last of its stream, nothing sent
+        after it shows the gap, and the push it carries would wait request_timeout and
+        fail with the primary holding it and the replica not: copies would differ for
+        good. So send a ping on the stream (``meta.sq``): the replica admits it only if
+        everything before it arrived, else refuses it ``out_of_order`` and the stream
+        sends again, in order, exactly what it did not admit (decision 125)."""
+        probe = self._probes.get(node)
+        if probe is not None and probe.sent_at >= since:
+            return  # one is on its way already
+        if not self.calls.unanswered_before(node, since):
+            return
+        address = self.ring.addresses.get(node)
+        if address is None:
+            return
+        self.counters["probes"] += 1
+        log.info("%s: a request to %s sent before its last ping is unanswered; probing the stream", self.node_id,
+                 node)
+        msg = Message("peer_ping", meta={"ring": self.ring.version})
+        self._probes[node] = self.calls.ask(node, address, msg, self._probe_answered, now)
+
+    def _probe_answered(self, call: Call, reply: Message | None, error: Exception | None, now: float) -> None:
+        if self._probes.get(call.node) is call:
+            del self._probes[call.node]
 
     def on_peer_ping(self, route, msg: Message, now: float) -> None:
         self._daemons_only(msg)
+        self._admit(msg)  # (a probe of the sender's stream carries meta.sq; a liveness ping none)
         self.fence.heard(msg.sender, now)
         self.outbox.append(Reply(route, msg.reply(meta={"ring": self.ring.version,
                                                         "member": msg.sender in self.ring.servers})))
@@ -458,6 +490,7 @@ class ServerCore:
         self.fence.forget(ring.servers)
         for node in gone:
             self.calls.drop_node(node)
+            self._probes.pop(node, None)
         for p in list(self.acks.pending):  # a replica that left: its successor copies from us
             for call in list(p.calls):
                 if call.node not in ring.servers:
