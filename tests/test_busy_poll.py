@@ -57,8 +57,17 @@ def test_a_server_spins_after_answering_only_when_asked_to_and_only_for_a_while(
     assert idle < 0.06 and plain_idle < 0.06, (idle, plain_idle)
 
 
-def _client_cpu_waiting(cluster: psd.LocalCluster, busy_us: int) -> float:
-    """CPU of the calling thread during a pull whose server is frozen for 0.4 s."""
+def _thread_sched() -> tuple[float, float]:
+    """Seconds the calling thread has run and has waited runnable for a core (the
+    kernel's schedstat): a spinning thread is runnable all along, on a core or waiting
+    for one, whatever the load; a sleeping one is neither."""
+    ran, waited = open(f"/proc/self/task/{threading.get_native_id()}/schedstat").read().split()[:2]
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
+def _client_cpu_waiting(cluster: psd.LocalCluster, busy_us: int) -> tuple[float, float]:
+    """CPU the calling thread used during a pull whose server is frozen for 0.4 s, and
+    the time it wanted a core (used it or waited runnable for one)."""
     with psd.connect(cluster, psd.ClusterConfig(busy_poll_us=busy_us, heartbeat_interval=1.0)) as kv:
         t = kv.table("w", width=1, dtype="int64")
         t.pull(KEYS)
@@ -67,9 +76,10 @@ def _client_cpu_waiting(cluster: psd.LocalCluster, busy_us: int) -> float:
         thaw = threading.Timer(0.4, server.proc.send_signal, (signal.SIGCONT,))
         thaw.start()
         try:
-            started = time.thread_time()
+            ran, waited = _thread_sched()
             np.testing.assert_array_equal(t.pull(KEYS).ravel(), np.arange(KEYS.size))
-            return time.thread_time() - started
+            ran2, waited2 = _thread_sched()
+            return ran2 - ran, ran2 - ran + waited2 - waited
         finally:
             thaw.join()
             server.proc.send_signal(signal.SIGCONT)
@@ -80,11 +90,14 @@ def test_a_client_spins_while_it_waits_only_when_asked_to():
         with psd.connect(cluster) as kv:
             t = kv.table("w", width=1, dtype="int64")
             kv.wait(t.push(KEYS, np.arange(KEYS.size, dtype=np.int64).reshape(-1, 1)))
-        spun = _client_cpu_waiting(cluster, 200_000)
-        plain = _client_cpu_waiting(cluster, 0)
-    # each of the two tries (small, then general) spins until its 50 ms retry tick: 0.1 s
-    # alone, less on a loaded machine; a client that sleeps uses a few ms
-    assert spun >= 0.03, f"busy_poll_us=200000: the client used {spun:.3f} s of CPU waiting"
+        _, spun = _client_cpu_waiting(cluster, 200_000)
+        plain, _ = _client_cpu_waiting(cluster, 0)
+    # a try spins until its 50 ms retry tick (one or two tries: 0.055 to 0.11 s measured
+    # alone): the thread wants a core all that time, though under load it runs for only
+    # part of it (its CPU time fell to 0.016 s of 0.1 s beside two busy loops, so CPU
+    # time alone cannot tell a spin from a sleep there); a client that sleeps uses a few
+    # ms of CPU (and wanted a core for under 0.01 s)
+    assert spun >= 0.04, f"busy_poll_us=200000: the client wanted a core for {spun:.3f} s of its wait"
     assert plain < 0.015, f"busy_poll_us=0: the client used {plain:.3f} s of CPU waiting"
 
 
