@@ -36,6 +36,12 @@ import time
 
 _PR_SET_PDEATHSIG = 1
 _MAX_DATAGRAM = 1 << 20
+#: seconds a starting server may take to say it is ready. Its start loads the compiled
+#: store, or compiles it (about 35 s of CPU: no writable numba cache), which a loaded
+#: machine stretches past minutes; a server that dies says so at once (its socket
+#: closes), so the bound only stops one that hangs. Past it the caller starts daemons
+#: the ordinary way for good (each compiling alone), so it must not cut off a slow start
+START_TIMEOUT = 600.0
 #: not ``-m psd.forkserver``: the package imports this module first, and runpy would
 #: then run a second copy of it
 _MAIN = "import sys; from psd.forkserver import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
@@ -105,7 +111,7 @@ class ForkServer:
             [sys.executable, "-c", _MAIN, str(theirs.fileno()), str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env, pass_fds=(theirs.fileno(),))
         theirs.close()
-        ready = self._recv(120.0)
+        ready = self._recv(START_TIMEOUT)
         if ready is None or "ready" not in ready:
             self.close()
             raise OSError(f"the fork server did not start: {ready}")

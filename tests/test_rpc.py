@@ -35,20 +35,22 @@ def _replies(dealer: zmq.Socket, n: int, timeout: float, op: str = "ok") -> int:
 
 
 @pytest.mark.asyncio
-async def test_a_busy_socket_leaves_the_loop_time_for_its_timers():
-    """3000 queued requests at 0.3 ms each are a second of work: the loop's timers (a
-    server's heartbeats) must still run on time meanwhile."""
+@pytest.mark.parametrize("n, cost", [(3000, 0.0003), (300, 0.003)])
+async def test_a_busy_socket_leaves_the_loop_time_for_its_timers(n, cost):
+    """``n`` queued requests at ``cost`` s each are a second of work: the loop's timers
+    (a server's heartbeats) must still run on time meanwhile. A pass of the socket
+    ends after DRAIN_BATCH requests or DRAIN_SECONDS, whichever comes first: 64
+    requests of 3 ms held the loop for 0.2 s a pass, and a timer for up to three."""
     ctx = zmq.asyncio.Context()
     router, dealer = _pair(ctx)
 
     def slow(route, msg):
-        end = time.perf_counter() + 0.0003
+        end = time.perf_counter() + cost
         while time.perf_counter() < end:
             pass
         return msg.reply()
 
     rpc = RpcSocket(router, "S-test", handler=slow, router=True)
-    n = 3000
     try:
         for i in range(n):
             dealer.send_multipart(encode(Message("ping", id=i + 1, sender="W-test")))

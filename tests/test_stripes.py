@@ -329,6 +329,48 @@ def test_a_stripe_that_drops_a_chunk_loses_no_acked_push_and_applies_none_twice(
         kv.close()
 
 
+def test_a_stripe_connection_back_before_its_old_one_is_gone_carries_on(cluster):
+    """A stripe connection that comes back keeps its routing id; the server may see the
+    new connection before the old one's close (a busy machine, a half-open TCP
+    connection). A ROUTER ignores a connection whose routing id it still holds, for
+    good: every chunk on that stripe was lost, each striped push given up after
+    STRIPE_WAIT and sent again into the same hole until its request timed out. The
+    server's ROUTER hands the routing id over to the new connection instead."""
+    from zmq.utils.monitor import recv_monitor_message
+    kv = connect(cluster, 2)
+    try:
+        t = kv.table("handover", updater="sum")
+        v = np.ones((N, 1), np.float32)
+        kv.wait(t.push_span(0, v))
+        rpc = rpc_of(kv)
+        links = rpc.links
+        new = links._context(links.connections - 1).socket(zmq.DEALER)
+        new.setsockopt(zmq.ROUTING_ID, stripe_route(links.token, 1))
+        links._configure(new)
+        watch = new.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        new.connect(links.address)
+        try:  # the new connection is up while the old one still is
+            assert watch.poll(10_000), "the new stripe connection never finished its handshake"
+            recv_monitor_message(watch)
+        finally:
+            new.disable_monitor()
+            watch.close(0)
+        rpc._unwatch_stripes()
+        links.socks[0], old = new, links.socks[0]
+        old.close(0)
+        rpc._watch_stripes()
+        before = server_stripes(cluster)
+        started = time.monotonic()
+        for _ in range(2):
+            kv.wait(t.push_span(0, v))
+        assert time.monotonic() - started < STRIPE_WAIT, "a striped push waited for its lost chunks"
+        after = server_stripes(cluster)
+        assert after["lost"] == before["lost"] and after["assembled"] >= before["assembled"] + 2
+        np.testing.assert_array_equal(t.pull_span(0, N), 3 * v)
+    finally:
+        kv.close()
+
+
 @pytest.mark.parametrize("case", ["no key", "unlisted key"])
 def test_a_peer_without_a_listed_key_cannot_feed_a_stripe(cluster, tmp_path, case):
     kv = connect(cluster, 2)

@@ -200,6 +200,10 @@ def test_a_worker_stalled_past_the_timeout_gives_its_shard_up_and_registers_agai
         for w in workers:
             assert w.proc.wait(30) == 0, w.log_path.read_text()[-3000:]
         workers_known = [n["id"] for n in cluster.status()["nodes"] if n["role"] == "worker"]
-        assert victim_id in workers_known and len(workers_known) == 4  # the three and the victim again
+        # the three and the victim again: each comeback is one id more, and each says so
+        # in its log (a machine loaded past a second of no CPU for another worker gets
+        # that one declared dead too, and back under a new id: 5 ids, rightly)
+        again = sum(w.log_path.read_text().count("was declared dead; registering again") for w in workers)
+        assert victim_id in workers_known and len(workers_known) == 3 + again, (workers_known, again)
         log = victim.log_path.read_text()
         assert "shard 1 was given to another worker" in log

@@ -55,6 +55,10 @@ def bind_router(ctx: zmq.Context, address: str, max_message_bytes: int | None = 
     # a send to a connection that is gone fails at once (EHOSTUNREACH) instead of being
     # dropped: a striped reply then takes another connection (psd/transport/stripes.py)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # a connection with a routing id already held (a stripe connection that came back,
+    # psd/transport/stripes.py, before the old one's close was seen) takes it over: by
+    # default ZeroMQ ignores it for good, and the stripe lost every chunk from then on
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if address.endswith(":0"):
         address = address[:-2] + ":*"
     sock.bind(address)
