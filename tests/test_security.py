@@ -413,7 +413,7 @@ def test_the_server_key_still_may(pair):
     assert reply.op == "ok" and reply.meta["known"] and reply.meta["state"] == "active", reply.meta
     for node, msg in (("S1", Message("replicate", table="roles-scratch", sender="S0", meta={"origin": "W9", "rid": 1},
                                      arrays=[u64(10), np.array([[4]], np.int64)])),
-                      ("S0", Message("install", table="roles-scratch", sender="S1",
+                      ("S0", Message("install", table="roles-scratch", sender="S1", ring=c.status()["ring_version"],
                                      meta={"range": [100, 200], "state_fields": []},
                                      arrays=[u64(150), np.array([[9]], np.int64)]))):
         d = RawDealer(servers[node], curve=daemon)
