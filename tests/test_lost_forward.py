@@ -15,7 +15,7 @@ from psd.cluster.ranges import KEY_SPACE_END, Range
 from psd.codec import Message
 from psd.codec.message import error_reply
 from psd.config import ClusterConfig
-from psd.core.effects import Ask, Refuse, Reply
+from psd.core.effects import Ask, Forget, Refuse, Reply
 from psd.core.server import ServerCore
 from psd.schema import TableSpec
 
@@ -101,3 +101,20 @@ def test_a_forward_whose_answer_was_lost_is_not_applied_again():
     out = _deliver(probes[0], replica, primary, 0.06)  # admitted: nothing was lost on the way there
     assert not [e for e in out if isinstance(e, Ask)]
     assert replica.tables["t"].pull(KEYS).ravel().tolist() == [1, 1]
+
+
+def test_a_probe_lost_as_well_is_forgotten_not_left_waiting():
+    """A probe lost with the connection (a replica that drops every message over its
+    limit drops the resent forward and the probe behind it) must not wait for good: the
+    next answered ping forgets it and sends one fresh probe, and request_timeout ends a
+    probe no ping outlived."""
+    primary, replica = _core("S0"), _core("S1")
+    _push(primary, 1, 1, 0.0)  # lost
+    first = [e for e in _ping_answered(primary, replica, 0.05) if isinstance(e, Ask)]
+    assert [e.msg.op for e in first] == ["peer_ping"]  # the probe, lost too
+    out = _ping_answered(primary, replica, 1.0)
+    assert [e.token for e in out if isinstance(e, Forget)] == [first[0].token]
+    assert [e.msg.op for e in out if isinstance(e, Ask)] == ["peer_ping"]
+    assert primary.counters["probes"] == 2 and len(primary._probes) == 1
+    out = primary.tick(1.0 + primary.config.request_timeout)
+    assert any(isinstance(e, Forget) for e in out) and not primary._probes

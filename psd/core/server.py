@@ -226,6 +226,10 @@ class ServerCore:
                     self.calls.forget(call)
                     self.acks.answered(p, call, (call.node, "timeout",
                                                  f"no answer within {self.config.request_timeout} s", 0))
+        for node, probe in list(self._probes.items()):  # (lost with no ping answered since)
+            if now - probe.sent_at >= self.config.request_timeout:
+                self.calls.forget(probe)
+                del self._probes[node]
         for copy in list(self._copies):
             copy.check(now)
         if self._checkpoint is not None and now >= self._checkpoint.give_up_at:
@@ -334,8 +338,13 @@ class ServerCore:
         everything before it arrived, else refuses it ``out_of_order`` and the stream
         sends again, in order, exactly what it did not admit (decision 125)."""
         probe = self._probes.get(node)
-        if probe is not None and probe.sent_at >= since:
-            return  # one is on its way already
+        if probe is not None:
+            if probe.sent_at >= since:
+                return  # one is on its way already
+            # sent before the ping just answered, and unanswered: lost as well. Forget it
+            # (it would wait for good), and the stream no longer counts it
+            self.calls.forget(probe)
+            del self._probes[node]
         if not self.calls.unanswered_before(node, since):
             return
         address = self.ring.addresses.get(node)
