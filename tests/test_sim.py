@@ -71,47 +71,36 @@ def test_chained_seeds_end_on_chained_rings():
         logging.disable(logging.NOTSET)
 
 
-#: schedules that found two bugs older than chained placement (decision 122): a pull the
-#: gate held across a ring change answered from rows the final ring had dropped (joins
-#: and kills under chained placement; replication 1 under spread), each seed failing
-#: on the old server core
-RING_CHANGE_SEEDS = [
-    (5100, dict(consistency="sequential", placement="chained", faults=("join", "join", "join", "drop", "stall"))),
-    (5059, dict(consistency="sequential", placement="chained", faults=("join", "join", "join", "drop", "stall"))),
-    (5035, dict(consistency="bounded", placement="chained", faults=("join", "join", "join", "drop", "stall"))),
-    (6086, dict(consistency="sequential", placement="chained", servers=4, faults=("kill", "kill", "drop", "stall"))),
-    (5108, dict(consistency="sequential", placement="spread", replication=1,
-                faults=("join", "join", "join", "drop", "stall"))),
+#: schedules that found bugs of the server core, each failing on the core before its fix
+#: ("why": the decision that fixed it)
+FOUND_SEEDS = [
+    # decision 122: a pull the gate held across a ring change answered from rows the
+    # final ring had dropped (joins and kills under chained placement; replication 1)
+    ("held pull", 5100, dict(consistency="sequential", placement="chained",
+                             faults=("join", "join", "join", "drop", "stall"))),
+    ("held pull", 5059, dict(consistency="sequential", placement="chained",
+                             faults=("join", "join", "join", "drop", "stall"))),
+    ("held pull", 5035, dict(consistency="bounded", placement="chained",
+                             faults=("join", "join", "join", "drop", "stall"))),
+    ("held pull", 6086, dict(consistency="sequential", placement="chained", servers=4,
+                             faults=("kill", "kill", "drop", "stall"))),
+    ("held pull", 5108, dict(consistency="sequential", placement="spread", replication=1,
+                             faults=("join", "join", "join", "drop", "stall"))),
+    # decision 125: a forward lost last on its stream (a dropped connection to a stalled
+    # replica, nothing sent after it): applied on the primary only, copies disagreed
+    ("lost forward", 6024, dict(consistency="sequential", placement="spread", servers=4,
+                                faults=("kill", "kill", "drop", "stall"))),
 ]
 
 
-@pytest.mark.parametrize("seed,settings", RING_CHANGE_SEEDS, ids=[str(s) for s, _ in RING_CHANGE_SEEDS])
-def test_pulls_held_across_ring_changes_keep_every_invariant(seed, settings):
+@pytest.mark.parametrize("why,seed,settings", FOUND_SEEDS, ids=[f"{w}-{s}" for w, s, _ in FOUND_SEEDS])
+def test_seeds_that_found_bugs_keep_every_invariant(why, seed, settings):
     logging.disable(logging.CRITICAL)
     try:
         outcome = simulate(seed, **settings)
     finally:
         logging.disable(logging.NOTSET)
-    assert outcome.ok, outcome.describe()
-
-
-#: a schedule where a forward was lost last on its stream (a dropped connection to a
-#: stalled replica, nothing sent to it after): the push failed, applied on the primary
-#: only, and the copies disagreed for good until a later ping's answer made the primary
-#: probe the stream (decision 125); fails on the old server core
-LOST_FORWARD_SEEDS = [
-    (6024, dict(consistency="sequential", placement="spread", servers=4, faults=("kill", "kill", "drop", "stall"))),
-]
-
-
-@pytest.mark.parametrize("seed,settings", LOST_FORWARD_SEEDS, ids=[str(s) for s, _ in LOST_FORWARD_SEEDS])
-def test_a_forward_lost_last_on_its_stream_is_sent_again(seed, settings):
-    logging.disable(logging.CRITICAL)
-    try:
-        outcome = simulate(seed, **settings)
-    finally:
-        logging.disable(logging.NOTSET)
-    assert outcome.ok, outcome.describe()
+    assert outcome.ok, f"({why}) {outcome.describe()}"
 
 
 # -- the invariants bite: each switched-off guarantee is found within the suite's seeds --------
