@@ -118,3 +118,13 @@ def test_a_probe_lost_as_well_is_forgotten_not_left_waiting():
     assert primary.counters["probes"] == 2 and len(primary._probes) == 1
     out = primary.tick(1.0 + primary.config.request_timeout)
     assert any(isinstance(e, Forget) for e in out) and not primary._probes
+
+
+def test_a_probe_to_a_server_that_left_the_ring_is_forgotten():
+    primary, replica = _core("S0"), _core("S1")
+    _push(primary, 1, 1, 0.0)  # lost
+    [probe] = [e for e in _ping_answered(primary, replica, 0.05) if isinstance(e, Ask)]
+    alone = Assignment(version=2, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),), addresses={"S0": "tcp://S0"})
+    out = primary.control(Message("ring", meta={"ring": alone.to_wire(), "final": True}), 0.1)
+    assert probe.token in [e.token for e in out if isinstance(e, Forget)] and not primary._probes
+    assert primary.calls.outstanding() == 0, "nothing may wait for an answer from a server that left"

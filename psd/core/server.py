@@ -228,8 +228,7 @@ class ServerCore:
                                                  f"no answer within {self.config.request_timeout} s", 0))
         for node, probe in list(self._probes.items()):  # (lost with no ping answered since)
             if now - probe.sent_at >= self.config.request_timeout:
-                self.calls.forget(probe)
-                del self._probes[node]
+                self._forget_probe(node)
         for copy in list(self._copies):
             copy.check(now)
         if self._checkpoint is not None and now >= self._checkpoint.give_up_at:
@@ -343,8 +342,7 @@ class ServerCore:
                 return  # one is on its way already
             # sent before the ping just answered, and unanswered: lost as well. Forget it
             # (it would wait for good), and the stream no longer counts it
-            self.calls.forget(probe)
-            del self._probes[node]
+            self._forget_probe(node)
         if not self.calls.unanswered_before(node, since):
             return
         address = self.ring.addresses.get(node)
@@ -359,6 +357,12 @@ class ServerCore:
     def _probe_answered(self, call: Call, reply: Message | None, error: Exception | None, now: float) -> None:
         if self._probes.get(call.node) is call:
             del self._probes[call.node]
+
+    def _forget_probe(self, node: str) -> None:
+        """Stop waiting for ``node``'s probe: lost, timed out, or ``node`` left the ring."""
+        probe = self._probes.pop(node, None)
+        if probe is not None:
+            self.calls.forget(probe)
 
     def on_peer_ping(self, route, msg: Message, now: float) -> None:
         self._daemons_only(msg)
@@ -498,8 +502,8 @@ class ServerCore:
         self.bounds.ring_changed()
         self.fence.forget(ring.servers)
         for node in gone:
+            self._forget_probe(node)
             self.calls.drop_node(node)
-            self._probes.pop(node, None)
         for p in list(self.acks.pending):  # a replica that left: its successor copies from us
             for call in list(p.calls):
                 if call.node not in ring.servers:
