@@ -484,10 +484,14 @@ class SchedulerCore:
             self.outbox.append(DropRoute(node))
         yield from self._to_servers(Message("worker_left", meta={"worker": worker}))
 
+    def _live_clocks(self) -> dict[str, int]:
+        """The clock of every live worker (one that left or died has none)."""
+        workers = set(self.state.live("worker"))
+        return {w: c for w, c in self.state.worker_clocks.items() if w in workers}
+
     def _flag_stragglers(self, now: float) -> None:
         s = self.state
-        workers = set(s.live("worker"))
-        live = {w: c for w, c in s.worker_clocks.items() if w in workers}
+        live = self._live_clocks()
         now_flagged = set(stragglers(live, self.config.straggler_lag))
         for worker in now_flagged - s.flagged:
             lag = sorted(live.values())[len(live) // 2] - live[worker]
@@ -834,8 +838,7 @@ class SchedulerCore:
         live_servers = set(s.live("server"))
         waiting = [{"begin": r.begin, "last": r.end - 1, "waiting_for": list(o)}
                    for r, o in unavailable(s.ring, live_servers)] if live_servers or s.ring.ranges else []
-        workers = set(s.live("worker"))
-        live = {w: c for w, c in s.worker_clocks.items() if w in workers}
+        live = self._live_clocks()
         clocks = {"workers": live, "slowest": min(live.values()) if live else None,
                   "fastest": max(live.values()) if live else None, "stragglers": sorted(s.flagged),
                   "consistency": self.config.consistency, "max_delay": self.config.max_delay}

@@ -184,7 +184,7 @@ class HashRows:
 
     def allocated(self) -> int:
         extra = (self.track.allocated() if self.track is not None else 0) + self.recall.allocated()
-        return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes + extra
+        return self._bytes() + extra
 
     # -- batch operations --------------------------------------------------------------
     def _inserting(self, step, keys: np.ndarray, later: int = 0) -> None:
