@@ -128,3 +128,12 @@ def test_a_probe_to_a_server_that_left_the_ring_is_forgotten():
     out = primary.control(Message("ring", meta={"ring": alone.to_wire(), "final": True}), 0.1)
     assert probe.token in [e.token for e in out if isinstance(e, Forget)] and not primary._probes
     assert primary.calls.outstanding() == 0, "nothing may wait for an answer from a server that left"
+
+
+def test_a_liveness_ping_to_a_server_that_left_the_ring_is_forgotten():
+    primary = _core("S0")
+    [ping] = [e for e in primary.tick(0.05) if isinstance(e, Ask) and e.msg.op == "peer_ping"]  # unanswered
+    alone = Assignment(version=2, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),), addresses={"S0": "tcp://S0"})
+    out = primary.control(Message("ring", meta={"ring": alone.to_wire(), "final": True}), 0.1)
+    assert ping.token in [e.token for e in out if isinstance(e, Forget)]
+    assert primary.calls.outstanding() == 0, "nothing may wait for an answer from a server that left"

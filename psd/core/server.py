@@ -503,6 +503,9 @@ class ServerCore:
         self.fence.forget(ring.servers)
         for node in gone:
             self._forget_probe(node)
+            pinged = self._pinged.pop(node, None)
+            if pinged is not None:  # (its answer may never come: nothing may wait for it)
+                self.calls.forget(pinged[0])
             self.calls.drop_node(node)
         for p in list(self.acks.pending):  # a replica that left: its successor copies from us
             for call in list(p.calls):
