@@ -445,3 +445,44 @@ def test_systemd_analyze_verify(tmp_path):
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "psd-broken@1.service")],
                             capture_output=True, text=True, timeout=SLOW, cwd=tmp_path)
     assert "Failed to parse service type" in result.stderr
+
+
+def test_a_slow_preparation_keeps_the_watchdog_fed_and_is_not_start_up_time(notify_socket):
+    """A server compiling its store on a cold cache (35 s on one core) under a unit with
+    WatchdogSec=30 and startup_timeout 60 was killed by the watchdog, or failed start-up
+    blaming the scheduler: the compile runs beside the loop, and the start-up clock
+    starts after it."""
+    n = notify_socket()
+    prepared = []
+
+    def prepare():
+        time.sleep(1.0)                                  # blocks, as numba's compiler does
+        prepared.append(time.monotonic())
+
+    async def role(stop, ready):
+        ready("tcp://127.0.0.1:1")
+        await asyncio.sleep(0.2)
+
+    n.receive_in_background()
+    code = run_daemon(role, event_loop="asyncio", notify=Notifier(n.address, 100_000),
+                      startup_timeout=0.3, prepare=prepare)
+    n.stop_background()
+    assert code == EXIT_OK, n.got
+    assert prepared
+    texts = [text for _, text in n.got]
+    assert any(t.startswith("STATUS=preparing") for t in texts), texts
+    assert any(t.startswith("EXTEND_TIMEOUT_USEC=") for t in texts), texts
+    beats = [t for t, text in n.got if text == "WATCHDOG=1" and t <= prepared[0]]
+    assert len(beats) >= 6, texts                        # fed every 0.1 s while it compiled
+    assert max(np.diff(beats)) < 0.5, np.diff(beats)
+    assert "READY=1\nSTATUS=ready: tcp://127.0.0.1:1" in texts
+
+
+def test_a_failed_preparation_is_a_start_up_failure():
+    def prepare():
+        raise OSError(28, "No space left on device")
+
+    async def role(stop, ready):
+        raise AssertionError("the role must not start")
+
+    assert run_daemon(role, event_loop="asyncio", prepare=prepare) == EXIT_STARTUP

@@ -266,6 +266,7 @@ def _run_role(args, env: dict[str, str]) -> int:
             "security: none: CurveZMQ is off. Traffic is plaintext and anyone who can reach this %s can "
             "read and change every table; use it only on a trusted test network", args.command)
     notify = Notifier.from_env(env)
+    prepare = None
     if args.command == "scheduler":
         from functools import partial
 
@@ -281,8 +282,9 @@ def _run_role(args, env: dict[str, str]) -> int:
     else:
         hint = f"is the scheduler at {config.scheduler} running and reachable?"
         if args.command == "server":
-            from psd.roles.server import Server
+            from psd.roles.server import Server, prepare_store
             role = Server(config, curve=curve)
+            prepare = prepare_store
         else:
             from psd.apps import APPS
             from psd.jobs.worker import Worker
@@ -300,7 +302,7 @@ def _run_role(args, env: dict[str, str]) -> int:
         _warn_if_not_local(config)
     return run_daemon(role.run, event_loop=config.event_loop, ready_file=args.ready_file,
                       parent_pid=args.parent_pid, notify=notify, startup_timeout=config.startup_timeout,
-                      startup_hint=hint, identity=identity, metrics=endpoint)
+                      startup_hint=hint, identity=identity, metrics=endpoint, prepare=prepare)
 
 
 def _dispatch(args, env: dict[str, str]) -> int:

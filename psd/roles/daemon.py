@@ -296,7 +296,8 @@ def tune_gc() -> None:
 def run_daemon(role_main: RoleMain, *, event_loop: str = "uvloop", ready_file: str | None = None,
                parent_pid: int | None = None, notify: Notifier | None = None,
                startup_timeout: float | None = None, startup_hint: str = "",
-               identity: LogIdentity | None = None, metrics=None) -> int:
+               identity: LogIdentity | None = None, metrics=None,
+               prepare: Callable[[], object] | None = None) -> int:
     """Run ``role_main(stop, ready)`` until it returns or SIGTERM/SIGINT, and return the
     exit code (0 clean, 1 failure after start-up, 2 config, 3 start-up failure).
 
@@ -305,7 +306,11 @@ def run_daemon(role_main: RoleMain, *, event_loop: str = "uvloop", ready_file: s
     READY/STOPPING/WATCHDOG go (systemd). ``identity``: the log identity; a ready
     value that is not an address is the node id (a worker reports its id).
     ``metrics``: a MetricsEndpoint (``psd/roles/metrics.py: attach``), started on the
-    loop before the role and closed after it; a port it cannot bind is a start-up failure."""
+    loop before the role and closed after it; a port it cannot bind is a start-up failure.
+    ``prepare``: blocking work before the role starts (a server compiling its store: up
+    to a minute on a cold cache), run on a thread so that the loop keeps feeding the
+    watchdog; systemd's start timeout is extended meanwhile, and ``startup_timeout``
+    counts from its end (it bounds the wait for the cluster, not the compiler)."""
     install_event_loop(event_loop)
     tune_malloc()
     tune_gc()
@@ -352,6 +357,13 @@ def run_daemon(role_main: RoleMain, *, event_loop: str = "uvloop", ready_file: s
             helpers.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
         if notify.watchdog_interval:
             helpers.append(asyncio.create_task(_feed_watchdog(notify, notify.watchdog_interval)))
+        if prepare is not None:
+            try:
+                await _prepare(prepare, notify)
+            except BaseException:
+                for task in helpers:
+                    await _cancel(task)
+                raise
         role = asyncio.create_task(role_main(stop, on_ready))
         try:
             if startup_timeout is not None:
@@ -387,6 +399,22 @@ def run_daemon(role_main: RoleMain, *, event_loop: str = "uvloop", ready_file: s
         code = EXIT_FAILURE if state["ready"] else EXIT_STARTUP
     log.info("exit %d (%s)", code, EXIT_MEANING[code])
     return code
+
+
+#: how far each notice during ``prepare`` pushes systemd's start timeout (sent 3 times as often)
+PREPARE_EXTEND = 30.0
+
+
+async def _prepare(prepare: Callable[[], object], notify: Notifier) -> None:
+    """Run ``prepare`` on a thread; the loop meanwhile feeds the watchdog (a 30 s
+    WatchdogSec would kill a daemon whose loop a 35 s compile held) and extends systemd's
+    start timeout. A thread, since a compile cannot be awaited."""
+    notify.send("STATUS=preparing: compiling or loading the store's loops")
+    work = asyncio.ensure_future(asyncio.to_thread(prepare))
+    while not work.done():
+        notify.send(f"EXTEND_TIMEOUT_USEC={int(PREPARE_EXTEND * 1e6)}")
+        await asyncio.wait({work}, timeout=PREPARE_EXTEND / 3)
+    work.result()
 
 
 async def _until_ready(role: asyncio.Task, ready: asyncio.Event, stop: asyncio.Event,

@@ -40,6 +40,16 @@ TICK = 0.05
 SHM_TICK = 2.0
 
 
+def prepare_store() -> None:
+    """The store's compiled loops, before the server registers: no request waits for the
+    compiler (loaded from numba's disk cache, or compiled once per machine). The daemon
+    runs this before the role (``run_daemon(prepare=...)``); idempotent."""
+    started = time.monotonic()
+    cache = warm_store()
+    log.info("store ready in %.1f s (compiled loops: %s)", time.monotonic() - started,
+             f"numba cache {cache}" if cache else "no disk cache, compiled in memory")
+
+
 class Server:
     #: where GET /metrics is served (config `metrics`), once bound; announced in stats()
     metrics_address: str | None = None
@@ -77,12 +87,7 @@ class Server:
     # -- lifecycle -----------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready) -> None:
         self.stop_event = stop
-        # the store's compiled loops, before the server registers: no request waits for
-        # the compiler (loaded from numba's disk cache, or compiled once per machine)
-        started = time.monotonic()
-        cache = warm_store()
-        log.info("store ready in %.1f s (compiled loops: %s)", time.monotonic() - started,
-                 f"numba cache {cache}" if cache else "no disk cache, compiled in memory")
+        warm_store()  # (at once: the daemon ran prepare_store before the start-up clock)
         cfg = self.config
         # one I/O thread per stripe a client may open: CurveZMQ then decrypts and encrypts
         # a striped message on several cores (psd/transport/stripes.py)
