@@ -239,6 +239,10 @@ def test_health_rules():
         "1 of 2 key ranges have fewer than 2 live copies", "server S1 suspect (missed heartbeats)",
         "ring change under way (ranges moving)", "straggler W3"]}
     assert health_line(short).startswith("DEGRADED: 1 of 2 key ranges have fewer than 2 live copies; ")
+    stuck = _status({"S0": "active", "S1": "active"}, [["S0", "S1"]], ring_unfinished="S2 died")
+    assert assess(stuck) == {"state": "degraded", "reasons": [
+        "ring change (S2 died) left unfinished: a copy failed, ranges stay in its joint ring until it is tried "
+        "again"]}
 
     lost = _status({"S0": "active", "S1": "dead", "S2": "dead"}, [["S1", "S2"], ["S0", "S1"]])
     verdict = assess(lost)

@@ -46,7 +46,8 @@ def _leader_status(cluster, address: str, timeout: float = 20.0) -> dict:
 
 def _settled_ring(cluster, address: str, timeout: float = 20.0) -> int:
     """The ring version once the new leader's own ring change (after its takeover ring,
-    one that finishes any change the old leader left half done) is out. The takeover
+    one that finishes any change the old leader left half done) is out and finished (a
+    copy that fails leaves the joint ring, tried again on a tick). The takeover
     ring's version comes from the new leader's log: a status read may come after that
     change already."""
     deadline = time.monotonic() + timeout
@@ -56,7 +57,7 @@ def _settled_ring(cluster, address: str, timeout: float = 20.0) -> int:
     takeover = int(found.group(1))
     while True:
         st = admin.call(address, "status")
-        if not st["ring_changing"] and st["ring_version"] > takeover:
+        if not st["ring_changing"] and not st["ring_unfinished"] and st["ring_version"] > takeover:
             return st["ring_version"]
         assert time.monotonic() < deadline, f"the new leader's ring change after v{takeover} did not happen"
         time.sleep(0.1)

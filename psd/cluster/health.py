@@ -114,6 +114,9 @@ def assess(st: dict) -> dict:
                         "it changes no ring until it hears from a majority again")
     if st.get("ring_changing"):
         degraded.append("ring change under way (ranges moving)")
+    elif st.get("ring_unfinished"):
+        degraded.append(f"ring change ({st['ring_unfinished']}) left unfinished: a copy failed, ranges stay "
+                        f"in its joint ring until it is tried again")
     stragglers = list((st.get("clocks") or {}).get("stragglers") or [])
     if stragglers:
         degraded.append(f"straggler{'s' if len(stragglers) > 1 else ''} {_names(stragglers)}")

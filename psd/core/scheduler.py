@@ -845,6 +845,7 @@ class SchedulerCore:
         return {"scheduler": getattr(self, "address", None), "uptime": round(now - self.started, 1),
                 "epoch": s.epoch, "standby": list(self.config.standby),
                 "clocks": clocks, "ring_changing": self.ring_changes.busy,
+                "ring_unfinished": self.ring_changes.unfinished,
                 "isolated": self._isolated, "unavailable": waiting, "restored": self.restored,
                 "checkpoints": self.checkpoints.status(),
                 "replication": self.config.replication, "placement": self.config.placement,
