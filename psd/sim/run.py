@@ -86,6 +86,9 @@ class Settings:
     #: the same replicas, so a death promotes one successor for all of them and the
     #: chains of its neighbours shift (settings_for runs it on some seeds)
     placement: str = "spread"
+    #: half the pushes go as a ``pushpull`` of their keys (the pull part checked as a
+    #: pull issued right after the push). Off by default: it changes the random schedule
+    pushpull: bool = False
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
@@ -218,7 +221,7 @@ class Run:
         if busy < self.s.outstanding:
             roll = self.rng.random()
             if roll < 0.45:
-                self._push(w)
+                self._push(w, pull=self.s.pushpull and self.rng.random() < 0.5)
             elif roll < 0.75:
                 self._pull(w, own=self.rng.random() < 0.5)
             else:
@@ -226,7 +229,9 @@ class Run:
                 self._order += 1
         self.world.after(self.rng.uniform(0.004, 0.05), lambda: self._step(w), worker.name)
 
-    def _push(self, w: int) -> None:
+    def _push(self, w: int, pull: bool = False) -> None:
+        """A push of a few of the worker's keys, each to a fresh slot; ``pull``: as a
+        pushpull, whose pull part counts as a pull issued just after the push."""
         worker = self.workers[w]
         mine = [k for k in self._key_lists[w] if self.slots.get(k, 0) < SLOTS]
         if not mine:
@@ -241,8 +246,15 @@ class Run:
         self._order += 1
         rec = PushRecord(w, keys, slots, worker.core.clock_value, self.world.now, self._order)
         self.pushes.append(rec)
-        ts = worker.issue("push", self.table, Rows(keys=keys, values=values))
-        self._inflight[(w, ts)] = rec
+        if not pull:
+            ts = worker.issue("push", self.table, Rows(keys=keys, values=values))
+            self._inflight[(w, ts)] = rec
+            return
+        self._order += 1
+        back = PullRecord(w, keys, rec.clock, self.world.now, self._order)
+        self.pulls.append(back)
+        ts = worker.issue("pushpull", self.table, Rows(keys=keys, values=values))
+        self._inflight[(w, ts)] = (rec, back)
 
     def _pull(self, w: int, own: bool) -> None:
         worker = self.workers[w]
@@ -256,10 +268,13 @@ class Run:
         ts = worker.issue("pull", self.table, rows)
         self._inflight[(w, ts)] = rec
 
-    def _done(self, w: int, ts: int, result, error) -> None:
-        rec = self._inflight.pop((w, ts), None)
+    def _done(self, w: int, ts: int, result, error, rec=None) -> None:
+        rec = rec if rec is not None else self._inflight.pop((w, ts), None)
         if rec is None:
             return
+        if isinstance(rec, tuple):  # a pushpull: its push, then its pull
+            self._done(w, ts, None, error, rec[0])
+            rec = rec[1]
         if isinstance(rec, PushRecord):
             rec.outcome = "acked" if error is None else "failed"
         else:
