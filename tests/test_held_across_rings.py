@@ -1,5 +1,7 @@
 """What a server decides when a ring changes under requests it has not finished: a pull
-the consistency gate holds, and a range copy from an attempt the scheduler gave up on (sent at an older ring).
+or a pushpull the consistency gate holds, and a range copy from an attempt the scheduler
+gave up on (sent at an older ring); and what the worker does with a pushpull whose pull
+part was refused.
 
 Both were found by the simulation with joins and placement switches under chained
 placement (decision 122); they are older than it. These tests drive a ``ServerCore``
@@ -11,9 +13,12 @@ import numpy as np
 
 from psd.cluster.assignment import Assignment
 from psd.cluster.ranges import KEY_SPACE_END, Range, range_to_wire
+from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
+from psd.core.client import AskRing, ClientCore, Done, Send
 from psd.core.effects import Refuse, Reply
+from psd.core.pushpull import PULL_REFUSED
 from psd.core.server import ServerCore
 from psd.schema import TableSpec
 
@@ -93,3 +98,74 @@ def test_a_late_copy_from_an_abandoned_attempt_is_refused_and_replaces_nothing()
     out = _install(core, 2, "S9.1", [5000, 6000], 1)  # attempt 1's, late
     assert [type(e) for e in out] == [Refuse] and out[0].error.code == "stale_ring"
     assert core.tables["t"].pull(np.array([5000, 6000], np.uint64)).ravel().tolist() == [7, 0]
+
+
+def test_a_pushpull_held_across_a_ring_that_moved_its_rows_acks_the_push_and_refuses_the_pull():
+    """Decision 129: its push was applied (once), so it is acknowledged; its pull part is
+    refused not_owner in the reply's meta, never answered from the rows the final ring dropped."""
+    core = _core("sequential")
+    for w in ("W0", "W1"):
+        _clock(core, w, 0)
+    keys = np.array([10, 20], np.uint64)
+    core.handle(None, Message("push", id=1, sender="W0", table="t", clock=0, meta={"rid": 1},
+                              arrays=[keys, np.full((2, 1), 1, np.int64)]), 0.0)
+    _clock(core, "W0", 1)
+    out = core.handle(None, Message("pushpull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2},
+                                    arrays=[keys, np.full((2, 1), 4, np.int64)]), 0.0)
+    assert out == []  # held: W1 has not finished clock 0
+    _ring(core, 2, (("S1", "S0"), ("S1",)), final=False)
+    _ring(core, 3, (("S1",), ("S1",)), final=True)
+    answers = [e for e in _clock(core, "W1", 1) if isinstance(e, (Reply, Refuse))]
+    assert len(answers) == 1 and isinstance(answers[0], Reply), answers
+    reply = answers[0].msg
+    assert reply.op == "ok" and reply.arrays == [] and reply.meta[PULL_REFUSED]["code"] == "not_owner"
+    assert reply.meta[PULL_REFUSED]["data"] == {"ring": 3}
+    assert core.counters["pull_refused"] == 1
+
+
+# -- the worker's side: the partial answer -------------------------------------------------
+def _client_ring(version: int, owners: tuple) -> Assignment:
+    return Assignment(version=version, ranges=(A, B), owners=owners, addresses=ADDRS)
+
+
+def test_the_worker_counts_the_push_done_and_sends_the_refused_pull_part_again_alone():
+    """A pushpull answered with its push acknowledged and its pull part refused: the pull
+    is re-cut by the new ring and sent as a plain pull (no values, a fresh id); the push is
+    never sent again; the request ends with the new owner's values."""
+    core = ClientCore("W0", 10.0, _client_ring(1, (("S0",), ("S1",))))
+    keys = np.array([10, 20, 5000], np.uint64)
+    ts, effects = core.issue("pushpull", SPEC, Rows(keys=keys, values=np.ones((3, 1), np.int64)), 0.0)
+    sends = {e.server: e.msg for e in effects if isinstance(e, Send)}
+    assert sorted(sends) == ["S0", "S1"] and all(m.op == "pushpull" for m in sends.values())
+    s0, s1 = sends["S0"], sends["S1"]
+    out = core.answered("S1", s1.reply(arrays=[np.array([[7]], np.int64)], ring=1), s1.id, 0.01)
+    assert not [e for e in out if isinstance(e, (Send, Done))]
+    refused = {"code": "not_owner", "message": "S0 does not lead keys in [10, 20] at ring v3", "data": {"ring": 3}}
+    out = core.answered("S0", s0.reply(ring=3, meta={PULL_REFUSED: refused}), s0.id, 0.02)
+    assert not [e for e in out if isinstance(e, (Send, Done))]  # (waits for the ring the refusal names)
+    assert [e for e in out if isinstance(e, AskRing)]
+    out = core.use_ring(_client_ring(3, (("S1",), ("S1",))), 0.03)
+    again = [e for e in out if isinstance(e, Send)]
+    assert len(again) == 1 and again[0].server == "S1", out
+    pull = again[0].msg
+    assert pull.op == "pull" and len(pull.arrays) == 1 and pull.arrays[0].tolist() == [10, 20]
+    assert pull.meta["rid"] not in (s0.meta["rid"], s1.meta["rid"])
+    out = core.answered("S1", pull.reply(arrays=[np.array([[5], [6]], np.int64)], ring=3), pull.id, 0.04)
+    done = [e for e in out if isinstance(e, Done)]
+    assert len(done) == 1 and done[0].ts == ts and done[0].error is None
+    assert done[0].result.ravel().tolist() == [5, 6, 7]
+    assert ts in core.rerouted
+    assert not core.requests and not core.queue and not core.sent
+
+
+def test_a_refused_pull_part_sent_before_the_worker_has_the_new_ring_goes_as_a_pull_to_the_old_owner():
+    """If the queue's pause ends before the ring arrives, the part goes again to the same
+    server, still as a plain pull (that server refuses it not_owner as any misrouted pull)."""
+    core = ClientCore("W0", 10.0, _client_ring(1, (("S0",), ("S1",))))
+    keys = np.array([10], np.uint64)
+    ts, effects = core.issue("pushpull", SPEC, Rows(keys=keys, values=np.ones((1, 1), np.int64)), 0.0)
+    [first] = [e.msg for e in effects if isinstance(e, Send)]
+    refused = {"code": "not_owner", "message": "moved", "data": {"ring": 3}}
+    core.answered("S0", first.reply(ring=3, meta={PULL_REFUSED: refused}), first.id, 0.01)
+    again = [e for e in core.tick(1.0) if isinstance(e, Send)]
+    assert [(e.server, e.msg.op, len(e.msg.arrays)) for e in again] == [("S0", "pull", 1)]

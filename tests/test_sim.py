@@ -90,6 +90,15 @@ FOUND_SEEDS = [
     # replica, nothing sent after it): applied on the primary only, copies disagreed
     ("lost forward", 6024, dict(consistency="sequential", placement="spread", servers=4,
                                 faults=("kill", "kill", "drop", "stall"))),
+    # decision 129: a pushpull the gate held across a ring change answered its pull part
+    # from rows the final ring had dropped (the worker, cut off from the scheduler or slow
+    # to hear the ring, took the answer); half the pushes go as pushpulls
+    ("held pushpull", 5209, dict(consistency="sequential", placement="chained", pushpull=True,
+                                 faults=("join", "join", "join", "drop", "stall"))),
+    ("held pushpull", 5049, dict(consistency="sequential", placement="chained", pushpull=True,
+                                 faults=("join", "join", "cut_worker", "drop"))),
+    ("held pushpull", 5161, dict(consistency="bounded", placement="chained", pushpull=True,
+                                 faults=("join", "join", "cut_worker", "drop"))),
 ]
 
 

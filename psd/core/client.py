@@ -31,6 +31,7 @@ from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.codec.signature import KC_MIN_KEYS, key_ref
 from psd.core.ids import next_rid
+from psd.core.pushpull import pull_refused
 from psd.core.stream import SEQ, Outbound, parse
 from psd.errors import (BusyError, KeysUnknownError, NotOwnerError, NotReplicatedError, OutOfOrderError, PsdError,
                         PsdTimeoutError, UnavailableError, ValuesError, error_from_wire)
@@ -194,12 +195,14 @@ class ClientCore:
         self._flush(now)
         return self._take()
 
-    def _plan(self, req: Request, rows: Rows, slices: Slices, rid, orig) -> list[Part]:
+    def _plan(self, req: Request, rows: Rows, slices: Slices, rid, orig, op: str | None = None) -> list[Part]:
         """One part per primary server of ``rows`` (the request's rows at ``slices``) by
         the current ring (pushes of many keys in pieces: ``_chunked``), or one unplanned
-        part (server "") when the ring has no servers."""
+        part (server "") when the ring has no servers. ``op``: the parts' op, when not
+        the request's (a pushpull's pull part sent again alone: ``_pull_again``)."""
+        op = op or req.op
         if not self.ring.ranges:
-            part = Part(req, "", slices, Message(req.op), rows, (req.issue, len(req.parts)))
+            part = Part(req, "", slices, Message(op), rows, (req.issue, len(req.parts)))
             req.parts.append(part)
             return [part]
         groups = self._by_server(rows)
@@ -212,9 +215,9 @@ class ClientCore:
             meta = {"rid": rid if rid is not None and len(groups) == 1 else next_rid()}
             if orig:
                 meta["orig"] = orig
-            if req.once is not None:
+            if req.once is not None and op != "pull":
                 meta["once"] = req.once
-            msg = sub.to_message(req.op, table=req.spec.name, ring=self.ring.version, clock=req.clock, meta=meta)
+            msg = sub.to_message(op, table=req.spec.name, ring=self.ring.version, clock=req.clock, meta=meta)
             part = Part(req, server, _compose(slices, sub_slices), msg, sub, (req.issue, len(req.parts)))
             req.parts.append(part)
             parts.append(part)
@@ -244,7 +247,7 @@ class ClientCore:
                     return
                 self.queue.pop(0)
                 req.parts.remove(part)
-                self.queue[0:0] = self._plan(req, part.rows, part.slices, None, None)
+                self.queue[0:0] = self._plan(req, part.rows, part.slices, None, None, part.msg.op)
                 continue
             if part.server not in self.ring.addresses:
                 if req is None:  # a clock for a server that left: no longer needed
@@ -362,7 +365,7 @@ class ClientCore:
                     self.rerouted.add(req.ts)
                 req.parts.remove(part)
                 fresh.extend(self._plan(req, part.rows, part.slices, part.msg.meta.get("rid"),
-                                        part.msg.meta.get("orig")))
+                                        part.msg.meta.get("orig"), part.msg.op))
             else:
                 part.msg = Message(part.msg.op, table=part.msg.table, ring=self.ring.version, clock=part.msg.clock,
                                    meta={k: v for k, v in part.msg.meta.items() if k != SEQ},
@@ -475,6 +478,11 @@ class ClientCore:
         if code is not None:
             self._finish(req, None, _error(reply))
             return
+        if part.msg.op == "pushpull":
+            refused = pull_refused(reply)
+            if refused is not None:
+                self._pull_again(part, refused, now)
+                return
         if "pr" in reply.meta:  # a filtered pull answer: rebuilt now, in the order the server sent
             try:
                 part.values = self.pull_copies.decode(part.server, part.msg.table, part.rows.keys,
@@ -497,6 +505,25 @@ class ClientCore:
                 self._finish(req, None, err)
                 return
             self._finish(req, result, None)
+
+    def _pull_again(self, part: Part, err: PsdError, now: float) -> None:
+        """A pushpull part answered with its push acknowledged and its pull part refused
+        (the gate held it while a ring change moved its rows: decision 129). The push is
+        done and is never sent again; the part becomes a plain pull of the same rows, which
+        goes again like any refused pull: in its place in the queue, to the owners by the
+        ring (the one the refusal names, once we have it). Pulled by another server, it may
+        see pushes issued after it (``rerouted``), as any pull sent again after a ring change."""
+        req = part.request
+        if err.code not in RESEND or part.rows is None:
+            self._finish(req, None, err)
+            return
+        rows = part.rows
+        part.rows = Rows(keys=rows.keys, spans=rows.spans, zstd=rows.zstd)
+        part.msg = part.rows.to_message("pull", table=part.msg.table, ring=self.ring.version, clock=part.msg.clock,
+                                        meta={"rid": next_rid()})
+        self.rerouted.add(req.ts)
+        self._hold(part, Message("error", meta={"data": err.data}), err.code, now)
+        self._requeue([part], now)
 
     def _finish(self, req: Request, result, error: PsdError | None) -> None:
         if req.finished:

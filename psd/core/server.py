@@ -42,6 +42,7 @@ from psd.core.fence import Fence
 from psd.core.keycache import KeyCache
 from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
+from psd.core.pushpull import PULL_REFUSED, refusal
 from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
 from psd.core.seen import ONCE, PartlyApplied, Seen
 from psd.core.stream import SEQ, Inbound, parse
@@ -128,7 +129,7 @@ class ServerCore:
         self.counters = {"push": 0, "pull": 0, "pushpull": 0, "errors": 0, "replicated": 0,
                          "duplicates": 0, "keys_pushed": 0, "keys_pulled": 0, "limit_refusals": 0,
                          "not_replicated": 0, "out_of_order": 0, "fenced": 0, "busy": 0,
-                         "probes": 0}
+                         "probes": 0, "pull_refused": 0}
         #: bytes of requests each sender has here unanswered (a held pull, a push waiting
         #: for its replicas), bounded by limits.max_inflight_bytes
         self.holding: dict[str, int] = {}
@@ -942,13 +943,18 @@ class ServerCore:
         version = self.ring.version
 
         def run() -> None:
-            if self.ring.version != version and rows.count and after is None:
+            if self.ring.version != version and rows.count:
                 # held by the gate across a ring change, which may have moved its rows away
                 # (a final ring drops what we no longer hold): answer only if we still lead
                 # them all, else refuse it whole and the worker re-cuts it by the new ring
                 try:
                     self._check_primary(rows, now)
                 except NotOwnerError as err:
+                    if msg.op == "pushpull":  # its push stands (applied, forwarded): refuse the pull part only
+                        self.counters["pull_refused"] += 1
+                        self._answer_when(after, route, msg, msg.reply(ring=self.ring.version, meta={
+                            **(_kept(rows) or {}), PULL_REFUSED: refusal(err)}), cost=cost)
+                        return
                     self._unhold(msg.sender, cost)
                     self.outbox.append(Refuse(route, msg, err))
                     return
