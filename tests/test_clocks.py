@@ -96,6 +96,21 @@ def test_leave_before_the_group_filled_keeps_its_slot_filled():
     assert rc.pull("p", "w0", 1)               # w1's slot is not waited for again
 
 
+def test_a_worker_first_heard_after_a_takeover_with_an_unsynced_clock_holds_the_floor():
+    """After a takeover (resync) a clock sent at an older ring does not vouch for the
+    ranges taken over: the worker's pushes to them went to their old primary. That holds
+    for a worker this server had not heard from yet too (found by the simulation, seed
+    5085 of tests/test_sim.py's FOUND_SEEDS: its clock let a pull pass a push it missed)."""
+    rc = group(2, tau=0, join=1)
+    rc.clock("w0", 1)
+    rc.resync()
+    rc.clock("w0", 1, synced=True)
+    rc.clock("w1", 1, synced=False)  # first heard, at the old ring
+    assert not rc.pull("p", "w0", 1)
+    rc.clock("w1", 1, synced=True)  # again, knowing the new ring
+    assert rc.ready() == ["p"]
+
+
 def test_rejoin_keeps_the_larger_clock():
     rc = group(2, tau=0)
     rc.clock("w1", 4)

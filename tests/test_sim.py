@@ -99,6 +99,10 @@ FOUND_SEEDS = [
                                  faults=("join", "join", "cut_worker", "drop"))),
     ("held pushpull", 5161, dict(consistency="bounded", placement="chained", pushpull=True,
                                  faults=("join", "join", "cut_worker", "drop"))),
+    # decision 130: a worker first heard after a takeover, with a clock sent at the old
+    # ring, vouched for pushes still on their way to the old primary
+    ("unsynced clock", 5085, dict(consistency="bounded", placement="chained", pushpull=True,
+                                  faults=("join", "join", "cut_worker", "drop"))),
 ]
 
 

@@ -130,6 +130,8 @@ class RangeClocks:
         """
         if worker not in self._joined:
             self.join(worker)
+            if not synced:  # (first heard after our takeover, with a clock that cannot vouch for it)
+                self.unsynced.add(worker)
         if synced:
             self.unsynced.discard(worker)
         self.changes += 1
