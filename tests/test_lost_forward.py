@@ -91,16 +91,25 @@ def test_no_probe_while_every_forward_is_answered():
     assert not [e for e in out if isinstance(e, Ask)] and primary.counters["probes"] == 0
 
 
-def test_a_forward_whose_answer_was_lost_is_not_applied_again():
+def test_a_forward_whose_answer_was_lost_is_sent_again_not_applied_again_and_its_push_acked():
+    """The probe is admitted (nothing was lost on the way there), so the forward's answer
+    was: the forward goes again, the replica answers it without applying it again, and
+    the push is acknowledged now instead of failing after request_timeout."""
     primary, replica = _core("S0"), _core("S1")
     fwd = _push(primary, 1, 1, 0.0)
     fwd.msg.sender = "S0"
     replica.handle("S0", fwd.msg, 0.0)  # applied on the replica; its answer is lost
     probes = [e for e in _ping_answered(primary, replica, 0.05) if isinstance(e, Ask)]
     assert [e.msg.op for e in probes] == ["peer_ping"]
-    out = _deliver(probes[0], replica, primary, 0.06)  # admitted: nothing was lost on the way there
-    assert not [e for e in out if isinstance(e, Ask)]
-    assert replica.tables["t"].pull(KEYS).ravel().tolist() == [1, 1]
+    out = _deliver(probes[0], replica, primary, 0.06)
+    assert [e.token for e in out if isinstance(e, Forget)] == [fwd.token]
+    again = [e for e in out if isinstance(e, Ask)]
+    assert [(e.msg.op, e.msg.meta["rid"]) for e in again] == [("replicate", 1)]
+    acks = _acks(_deliver(again[0], replica, primary, 0.07))
+    assert len(acks) == 1 and acks[0].msg.id == 1 and acks[0].msg.op == "ok"
+    for core in (primary, replica):
+        assert core.tables["t"].pull(KEYS).ravel().tolist() == [1, 1]
+    assert primary.calls.outstanding() == 0 and not primary.acks.pending
 
 
 def test_a_probe_lost_as_well_is_forgotten_not_left_waiting():

@@ -102,6 +102,23 @@ class PeerCalls:
         stream = self._streams.get(node)
         return stream is not None and any(c.sent_at < when and c.token in self._calls for c in stream.pending())
 
+    def resend_answer_lost(self, node: str, before: float, now: float, which: Callable[[Call], bool]) -> int:
+        """Send again the calls to ``node`` sent before ``before`` that ``which`` picks,
+        that its stream admitted and that are still unanswered: an ordered message sent at
+        ``before`` was admitted and answered, so each of them arrived and was answered at
+        once, and that answer was lost. Returns how many went again."""
+        stream = self._streams.get(node)
+        waiting = {id(c) for c in stream.pending()} if stream is not None else set()
+        again = [c for c in self._calls.values()
+                 if c.node == node and c.ordered and c.sent_at < before and id(c) not in waiting and which(c)]
+        for c in again:
+            del self._calls[c.token]
+            self.outbox.append(Forget(c.node, c.token))
+            self.resent += 1
+            c.sent_at = now
+            self._send(c)
+        return len(again)
+
     def drop_node(self, node: str) -> None:
         """``node`` left the ring: its stream starts afresh if it ever comes back."""
         self._streams.pop(node, None)

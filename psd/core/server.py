@@ -358,6 +358,12 @@ class ServerCore:
     def _probe_answered(self, call: Call, reply: Message | None, error: Exception | None, now: float) -> None:
         if self._probes.get(call.node) is call:
             del self._probes[call.node]
+        if reply is not None and reply.op == "ok":
+            # admitted: every forward before it arrived and was answered at once, so one still
+            # unanswered lost its answer. Send it again rather than let its push fail after
+            # request_timeout: the replica applies a push once and answers again. (Only
+            # forwards with an id: the replica could not tell a resend of one without.)
+            self.calls.resend_answer_lost(call.node, call.sent_at, now, _resendable)
 
     def _forget_probe(self, node: str) -> None:
         """Stop waiting for ``node``'s probe: lost, timed out, or ``node`` left the ring."""
@@ -1392,6 +1398,11 @@ def _cover(value, rows: Rows) -> list[Range] | None:
         if not ok:
             raise ProtocolError("replicate: meta.cover does not hold every row of the forward")
     return out
+
+
+def _resendable(call: Call) -> bool:
+    """A call whose answer alone was lost that may go again: a forward with a request id."""
+    return call.msg.op == "replicate" and call.msg.meta.get("rid") is not None
 
 
 def _kept(rows: Rows) -> dict | None:
