@@ -1,8 +1,11 @@
 """The sparse part of a table: rows in insertion order, found through a hash index.
 
-Rows live in two growable arrays, ``row_keys`` (uint64) and ``data`` (values then the
-updater's state fields, side by side in one row, so an update touches one cache line).
-Rows past ``n`` are zero: a new key's row starts as zeros, as a never-pushed key reads.
+Rows live in one growable array, ``raw``: each row is its key (8 bytes) then the values
+and the updater's state fields side by side, so that the lookup that reads a row's key
+has brought in the line the update writes (one cache miss a key fewer than keys in an
+array of their own, decision 128). ``row_keys`` (uint64) and ``data`` (the values and
+state) are strided views of it. Rows past ``n`` are zero: a new key's row starts as
+zeros, as a never-pushed key reads.
 An insert appends a row and fills one index entry, so it costs O(1) amortised whatever
 the table's size; the row arrays grow by a quarter and the index doubles before it is
 60% full (a rehash reads the row keys in order; ``kernels`` says why not fuller).
@@ -65,6 +68,18 @@ def _index(bits: int) -> np.ndarray:
     buf = np.zeros((1 << bits) + line, np.uint32)  # calloc: untouched pages cost nothing
     skip = (-buf.ctypes.data % 64) // 4
     return buf[skip:skip + (1 << bits)]
+
+
+def _rows(cap: int, cols: int, dtype: np.dtype) -> np.ndarray:
+    """``cap`` zero rows of a key then ``cols`` values (the key as 8 bytes of ``dtype``).
+    np.zeros is calloc: pages past the rows in use stay untouched until used."""
+    return np.zeros((cap, 8 // dtype.itemsize + cols), dtype)
+
+
+def _key_view(raw: np.ndarray) -> np.ndarray:
+    """The keys of ``raw``'s rows: a uint64 view with the rows' stride (unaligned when a
+    row of a 4-byte dtype is not a multiple of 8 bytes; x86 and numba read it as is)."""
+    return np.ndarray((raw.shape[0],), np.uint64, buffer=raw, strides=(raw.strides[0],))
 
 
 def rows2d(a: np.ndarray, dtype) -> np.ndarray:
@@ -139,13 +154,18 @@ class HashRows:
         self.n = 0
         self.bits = _MIN_BITS
         self.index = _index(self.bits)
-        self.row_keys = np.zeros(0, np.uint64)
-        self.data = np.zeros((0, self.cols), self.dtype)
+        self._use(_rows(0, self.cols, self.dtype))
         #: a bounded table's LRU list and stamps (psd.store.bounded.Track), else None
         self.track = None
         self.generation = next(_GENERATIONS)
         self.recall = Recall()
         self._scratch = np.empty(K.BLOCK, np.int64)  # (rows of a pull not kept: a block's)
+
+    def _use(self, raw: np.ndarray) -> None:
+        """Make ``raw`` the rows (``row_keys`` and ``data`` are views of it)."""
+        self.raw = raw
+        self.row_keys = _key_view(raw)
+        self.data = raw[:, raw.shape[1] - self.cols:]
 
     # -- sizes -------------------------------------------------------------------------
     def _limit(self) -> int:
@@ -157,11 +177,9 @@ class HashRows:
         need = self.n + max(more, 1)
         if need > self.row_keys.size:
             cap = max(need, int(self.row_keys.size * ROW_GROWTH) + 64)
-            keys = np.zeros(cap, np.uint64)  # calloc: pages past n stay untouched until used
-            keys[:self.n] = self.row_keys[:self.n]
-            data = np.zeros((cap, self.cols), self.dtype)
-            data[:self.n] = self.data[:self.n]
-            self.row_keys, self.data = keys, data
+            raw = _rows(cap, self.cols, self.dtype)
+            raw[:self.n] = self.raw[:self.n]
+            self._use(raw)
             if self.track is not None:
                 self.track.grow(cap, self.n)
         if need > MAX_LOAD * (1 << self.bits):
@@ -180,7 +198,7 @@ class HashRows:
         K.rehash(self.index, bits, self.row_keys, self.n)
 
     def _bytes(self) -> int:
-        return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes
+        return self.index.nbytes + self.raw.nbytes
 
     def allocated(self) -> int:
         extra = (self.track.allocated() if self.track is not None else 0) + self.recall.allocated()
@@ -238,9 +256,8 @@ class HashRows:
     def delete(self, keys: np.ndarray) -> int:
         """Delete the rows of ``keys`` (absent keys are skipped); returns how many went."""
         t = self.track
-        data = self.data.view(np.uint8).reshape(self.data.shape[0], -1)
-        self.n, deleted = K.hash_delete(self.index, self.bits, self.row_keys, data, self.n, _u64(keys),
-                                        t.prev, t.nxt, t.stamp, t.meta)
+        self.n, deleted = K.hash_delete(self.index, self.bits, self.row_keys, self.raw.view(np.uint8), self.n,
+                                        _u64(keys), t.prev, t.nxt, t.stamp, t.meta)
         if deleted:  # (the last row moved into each hole)
             self.generation = next(_GENERATIONS)
         return int(deleted)
@@ -328,11 +345,10 @@ class HashRows:
             return 0
         self.generation = next(_GENERATIONS)
         cap = max(kept, 1)
-        keys = np.zeros(cap, np.uint64)
-        keys[:kept] = self.row_keys[:self.n][keep]
-        data = np.zeros((cap, self.cols), self.dtype)
-        data[:kept] = self.data[:self.n][keep]
-        self.row_keys, self.data, self.n = keys, data, kept
+        raw = _rows(cap, self.cols, self.dtype)
+        raw[:kept] = self.raw[:self.n][keep]
+        self._use(raw)
+        self.n = kept
         if self.track is not None:
             self.track.compact(keep, cap, self.row_keys, kept)
         bits = _MIN_BITS

@@ -84,18 +84,31 @@ def _cached(fn):
         return njit(fn)
 
 
+def _prefetch_at(context, builder, aryty, arg, at):
+    """llvm.prefetch of the element of array ``arg`` (type ``aryty``) at indices ``at``."""
+    ary = context.make_array(aryty)(context, builder, arg)
+    ptr = cgutils.get_item_pointer(context, builder, aryty, ary, at, wraparound=False)
+    i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])  # read, keep, data
+    return context.get_dummy_value()
+
+
 @intrinsic
 def _prefetch(typingctx, arr, i):
     """Ask the CPU to start loading ``arr[i]`` into the cache (llvm.prefetch)."""
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]], wraparound=False)
-        i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])  # read, keep, data
-        return context.get_dummy_value()
+        return _prefetch_at(context, builder, sig.args[0], args[0], [args[1]])
     return T.void(arr, i), codegen
+
+
+@intrinsic
+def _prefetch_row(typingctx, arr, r):
+    """``_prefetch`` of ``arr[r, 0]``: the start of a row of a 2-D array of any layout."""
+    def codegen(context, builder, sig, args):
+        return _prefetch_at(context, builder, sig.args[0], args[0], [args[1], context.get_constant(T.intp, 0)])
+    return T.void(arr, r), codegen
 
 
 @njit(inline="always")
@@ -282,11 +295,11 @@ _STEP = 16
 
 # -- the hash rows: index + row arrays (row_keys, data = values then state, per row) --------
 @njit(inline="always")
-def _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, count, hs, at):
+def _fetch_block(index, b, mask, row_keys, keys, i0, count, hs, at):
     """Start loading what keys i0 .. i0+count-1 will touch, in two passes so that the
     cache misses of the whole block overlap: first every key's index slot, then (those
-    lines arrived meanwhile) the slot whose fingerprint matches, and that row's key and
-    data. Leaves each key's hash in ``hs[j]`` and in ``at[j]`` the slot where its probe
+    lines arrived meanwhile) the slot whose fingerprint matches, and that row (its key
+    leads the row's values: one line). Leaves each key's hash in ``hs[j]`` and in ``at[j]`` the slot where its probe
     resumes (``_probe_from``): the first empty or fingerprint-matching one, or the first
     slot of the next cache line when the walk runs off its line (that line is prefetched
     then, so that crossing costs no stall of its own). Inserts of
@@ -307,8 +320,6 @@ def _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, count, hs, at):
             if (e >> b) == fp:
                 r = np.int64(e & mask) - 1
                 _prefetch(row_keys, r)
-                if cols:
-                    _prefetch(flat, r * cols)
                 break
             s = (s + _ONE) & mask
             if s & _LOW == _ZERO:  # off the line: fetch the next one, resume there later
@@ -336,12 +347,11 @@ def _row(index, b, mask, limit, row_keys, n, k, h, s0):
 def _apply_ahead(kind, data, rows, grad, lo, hi, w, pt, pf):
     """Fold gradient rows lo .. hi-1 into data rows ``rows[lo:hi]``, asking for each
     row's memory ``AHEAD`` rows before it is used."""
-    flat, cols = data.reshape(-1), data.shape[1]
     for j in range(lo, min(lo + AHEAD, hi)):
-        _prefetch(flat, rows[j] * cols)
+        _prefetch_row(data, rows[j])
     for i0 in range(lo, hi, _STEP):
         for j in range(i0 + AHEAD, min(i0 + AHEAD + _STEP, hi)):
-            _prefetch(flat, rows[j] * cols)
+            _prefetch_row(data, rows[j])
         _apply_rows(kind, data, data, w, data, 2 * w, rows[i0:], grad, i0, min(_STEP, hi - i0), w, pt, pf)
 
 
@@ -366,7 +376,7 @@ def hash_push(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w,
     pend = start  # rows from here on wait for their gradients
     for i in range(start, m, BLOCK):
         end = min(i + BLOCK, m)
-        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i, end - i, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i, end - i, hs, at)
         absent = 0
         if inline:  # (and its block applied at once: new rows are consecutive)
             _apply_ahead(kind, data, rows, grad, pend, i, w, pt, pf)
@@ -410,7 +420,7 @@ def hash_upsert(index, bits, limit, row_keys, n, keys, start, rows):
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     for i0 in range(start, m, BLOCK):
         end = min(i0 + BLOCK, m)
-        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i0, end - i0, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i0, end - i0, hs, at)
         for i in range(i0, end):
             r, n = _row(index, b, mask, limit, row_keys, n, keys[i], hs[i - i0], at[i - i0])
             if r < 0:
@@ -425,14 +435,13 @@ def hash_pull(index, bits, row_keys, data, keys, out, w, rows):
     many were present. ``rows``: as in ``hash_push`` (-1 for an absent key)."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
-    flat, cols = data.reshape(-1), data.shape[1]
     found, m = 0, keys.size
     keep = rows.size >= m
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     for i0 in range(0, m, BLOCK):
         end = min(i0 + BLOCK, m)
         got = rows[i0:] if keep else rows
-        _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, end - i0, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i0, end - i0, hs, at)
         for i in range(i0, end):
             _, r, _ = _probe_from(index, b, mask, row_keys, keys[i], hs[i - i0], at[i - i0])
             got[i - i0] = r
@@ -455,7 +464,7 @@ def hash_find(index, bits, row_keys, keys, rows):
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     for i0 in range(0, m, BLOCK):
         end = min(i0 + BLOCK, m)
-        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i0, end - i0, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i0, end - i0, hs, at)
         for i in range(i0, end):
             _, r, _ = _probe_from(index, b, mask, row_keys, keys[i], hs[i - i0], at[i - i0])
             rows[i] = r
@@ -555,12 +564,12 @@ def rows_pull(data, rows, out, w):
     """Gather the value rows ``rows`` into ``out`` (zeros for row -1: a key absent): a
     pull of the keys the last push or pull found (``HashRows`` remembers their rows),
     so no key is looked up."""
-    flat, cols, m = data.reshape(-1), data.shape[1], rows.size
+    m = rows.size
     for j in range(min(AHEAD, m)):
-        _prefetch(flat, max(rows[j], 0) * cols)
+        _prefetch_row(data, max(rows[j], 0))
     for i in range(m):
         if i + AHEAD < m:
-            _prefetch(flat, max(rows[i + AHEAD], 0) * cols)
+            _prefetch_row(data, max(rows[i + AHEAD], 0))
         r = rows[i]
         if r >= 0:
             for c in range(w):
@@ -648,7 +657,7 @@ def hash_touch(index, bits, row_keys, keys, prev, nxt, stamp, meta, now, firsts,
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     for i0 in range(0, m, BLOCK):
         end = min(i0 + BLOCK, m)
-        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i0, end - i0, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i0, end - i0, hs, at)
         for i in range(i0, end):
             _, r, _ = _probe_from(index, b, mask, row_keys, keys[i], hs[i - i0], at[i - i0])
             if r >= 0:
@@ -677,8 +686,8 @@ def _unslot(index, b, mask, row_keys, s):
 def hash_delete(index, bits, row_keys, data, n, keys, prev, nxt, stamp, meta):
     """Delete the rows of ``keys`` (absent ones are skipped): the index entry by backward
     shift, the row by moving the last row into its place (rows stay 0 .. n-1, and rows
-    past n zero). ``data``: the rows as bytes (a uint8 view: one compile for every
-    dtype). Returns (rows, how many deleted)."""
+    past n zero). ``data``: the whole rows, keys included, as bytes (a uint8 view: one
+    compile for every dtype). Returns (rows, how many deleted)."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
     deleted = 0
@@ -772,36 +781,41 @@ def cms_admit(sketch, keys, rows, threshold, keep):
 # -- compiling ahead of requests ----------------------------------------------------------
 def _signatures() -> dict:
     """Every signature the store calls, per kernel. Inputs that arrive from the wire may
-    be read-only buffers: typed read-only here, so writable arrays match as well."""
+    be read-only buffers: typed read-only here, so writable arrays match as well. The
+    hash rows' keys and data are strided views of one array of rows (``hashrows``): the
+    keys typed unaligned (a row of a 4-byte dtype may start at 4 bytes past a multiple
+    of 8), so aligned and contiguous arrays match as well."""
     u32, u64, i64, f64, i32 = T.uint32, T.uint64, T.int64, T.float64, T.int32
     a1 = lambda t, ro=False: T.Array(t, 1, "C", readonly=ro)  # noqa: E731
     a2 = lambda t, ro=False: T.Array(t, 2, "C", readonly=ro)  # noqa: E731
+    rk = T.Array(u64, 1, "A", aligned=False)  # the row keys
+    rd = lambda t: T.Array(t, 2, "A")  # noqa: E731  (the rows' data)
     b = T.boolean
     sigs: dict[str, list] = {
-        "hash_upsert": [T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), i64, a1(u64, True), i64, a1(i64))],
-        "hash_find": [i64(a1(u32), i64, a1(u64), a1(u64, True), a1(i64))],
-        "hash_find_span": [i64(a1(u32), i64, a1(u64), u64, i64, a1(i64))],
-        "rehash": [T.none(a1(u32), i64, a1(u64), i64)],
-        "scan_range": [i64(a1(u64), i64, u64, u64, a1(i64))],
-        "count_range": [i64(a1(u64), i64, u64, u64)],
-        "in_ranges": [T.none(a1(u64), i64, a1(u64), a1(u64), a1(b))],
+        "hash_upsert": [T.UniTuple(i64, 2)(a1(u32), i64, i64, rk, i64, a1(u64, True), i64, a1(i64))],
+        "hash_find": [i64(a1(u32), i64, rk, a1(u64, True), a1(i64))],
+        "hash_find_span": [i64(a1(u32), i64, rk, u64, i64, a1(i64))],
+        "rehash": [T.none(a1(u32), i64, rk, i64)],
+        "scan_range": [i64(rk, i64, u64, u64, a1(i64))],
+        "count_range": [i64(rk, i64, u64, u64)],
+        "in_ranges": [T.none(rk, i64, a1(u64), a1(u64), a1(b))],
         "hash_push": [], "hash_pull": [], "run_push": [], "rows_push": [], "rows_pull": [],
         "first_nonfinite": [i64(a2(from_dtype(np.dtype(dt)), True)) for dt in (np.float32, np.float64)],
-        "lru_victims": [i64(a1(u64), a1(i32), a1(i64), a1(i64), i64, i64, a1(u64))],
+        "lru_victims": [i64(rk, a1(i32), a1(i64), a1(i64), i64, i64, a1(u64))],
         "cms_admit": [i64(a2(u32), a1(u64, True), a1(i64), i64, a1(b))],
-        "hash_touch": [T.none(a1(u32), i64, a1(u64), a1(u64, True), a1(i32), a1(i32), a1(i64), a1(i64), i64,
+        "hash_touch": [T.none(a1(u32), i64, rk, a1(u64, True), a1(i32), a1(i32), a1(i64), a1(i64), i64,
                               a1(u64), a1(u64))],
-        "hash_delete": [T.UniTuple(i64, 2)(a1(u32), i64, a1(u64), a2(T.uint8), i64, a1(u64, True),
+        "hash_delete": [T.UniTuple(i64, 2)(a1(u32), i64, rk, a2(T.uint8), i64, a1(u64, True),
                                            a1(i32), a1(i32), a1(i64), a1(i64))],
     }
     for dt in DTYPES:
         d = from_dtype(np.dtype(dt))
-        sigs["hash_push"].append(T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), a2(d), i64, a1(u64, True),
+        sigs["hash_push"].append(T.UniTuple(i64, 2)(a1(u32), i64, i64, rk, rd(d), i64, a1(u64, True),
                                                      a2(d, True), i64, i64, i64, a1(d), a1(f64), a1(i64)))
-        sigs["hash_pull"].append(i64(a1(u32), i64, a1(u64), a2(d), a1(u64, True), a2(d), i64, a1(i64)))
+        sigs["hash_pull"].append(i64(a1(u32), i64, rk, rd(d), a1(u64, True), a2(d), i64, a1(i64)))
         sigs["run_push"].append(T.none(a2(d), a2(d), a2(d), a1(i64), i64, a2(d, True), i64, i64, a1(d), a1(f64)))
-        sigs["rows_push"].append(T.none(a2(d), a1(i64, True), a2(d, True), i64, i64, a1(d), a1(f64)))
-        sigs["rows_pull"].append(T.none(a2(d), a1(i64, True), a2(d), i64))
+        sigs["rows_push"].append(T.none(rd(d), a1(i64, True), a2(d, True), i64, i64, a1(d), a1(f64)))
+        sigs["rows_pull"].append(T.none(rd(d), a1(i64, True), a2(d), i64))
     return sigs
 
 
