@@ -56,6 +56,21 @@ FIRST = ["push", "push_at", "pull"]
 BETWEEN = ["nothing", "grow", "install", "drop", "evict", "retain", "span", "other_push"]
 
 
+def _rows_hold_their_keys(h: hashrows.HashRows) -> None:
+    """The layout of decision 128: each row starts with its key (8 bytes, in ``raw``
+    itself), which leads the index back to that row; rows past ``n`` are zero, keys
+    included; ``row_keys`` and ``data`` are views of the current rows."""
+    n = h.n
+    assert np.shares_memory(h.row_keys, h.raw) and np.shares_memory(h.data, h.raw)
+    assert h.raw.shape[1] * h.raw.itemsize == 8 + h.cols * h.raw.itemsize
+    heads = np.ascontiguousarray(h.raw.view(np.uint8)[:n, :8]).view(np.uint64).reshape(-1)
+    assert np.array_equal(heads, h.row_keys[:n]) and np.unique(heads).size == n
+    rows = np.empty(n, np.int64)
+    assert K.hash_find(h.index, h.bits, h.row_keys, heads, rows) == n
+    assert np.array_equal(rows, np.arange(n))
+    assert not h.raw[n:].any()
+
+
 @st.composite
 def sequences(draw):
     updater, options, dtype = draw(st.sampled_from(UPDATERS))
@@ -128,9 +143,13 @@ def test_pushes_and_pulls_of_the_same_keys_match_the_reference(seq):
             ref.push(np.arange(1000, 1000 + RUN_MIN, dtype=np.uint64), grad)
         elif between == "other_push":  # the last push was of other keys: nothing to reuse
             push(np.setdiff1d(pool, keys)[:5])
-        equal(table.pull(keys.copy()), ref.pull(keys))  # (a copy: the same keys, another array)
+        leases: list = []
+        got = table.pull(keys.copy(), leases)  # (a copy: the same keys, another array)
+        equal(got, ref.pull(keys))
+        assert not np.shares_memory(got, table._hash.raw)  # hash rows are copied out, never lent
         push(keys)  # through the rows that pull found, when it found every key
         equal(table.pull(keys), ref.pull(keys))
+        _rows_hold_their_keys(table._hash)
         if keys.size > 2:  # the same length and ends, one key swapped: its own lookup
             other = keys.copy()
             other[1] = other[1] + np.uint64(1) if other[1] + np.uint64(1) < other[2] else other[1]
