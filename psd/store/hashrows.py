@@ -26,7 +26,7 @@ drawn from one process-wide counter, so no two HashRows ever share one.
 A push or a pull leaves the rows of its keys behind (``Recall``): the next push, pull
 or find of the same keys (a worker pulls a minibatch's weights and pushes its gradients,
 or pushes and then pulls the same keys) uses those rows instead of looking every key up
-again, under the same generation check.
+again, under the same generation check, each row checked against the key it holds.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ ROW_GROWTH = 1.25
 _MIN_BITS = 10
 _GENERATIONS = itertools.count(1)
 #: pushes and pulls of more keys than this leave no rows behind (``Recall``): its
-#: buffers hold 16 bytes a key, and a request that large is not a minibatch
+#: buffer holds 8 bytes a key, and a request that large is not a minibatch
 RECALL_MAX = 1 << 20
 #: and the buffers stay within this share of the table's own arrays, or within
 #: ``RECALL_FLOOR`` bytes: memory per stored key stays where it was (decision 123)
@@ -89,26 +89,26 @@ def rows2d(a: np.ndarray, dtype) -> np.ndarray:
 
 
 class Recall:
-    """The keys of the last push or pull and the rows they were found in, under a
-    generation.
+    """The rows the last push or pull found its keys in, under a generation.
 
-    ``rows_of(generation, keys)`` gives those rows back for a request of exactly the same
-    keys while the generation holds, else None; with ``complete``, only when every key
-    was stored (a push may skip its inserts then). The keys are compared whole against a
-    copy (the caller may reuse its array), so a different list never gets another's
-    rows; a list of another length or other end keys is told apart in O(1)."""
+    ``rows_of(generation, keys)`` gives those rows back for a request of as many keys
+    while the generation holds and the first and last keys are the ones their rows
+    hold, else None; with ``complete``, only when every key was stored (a push may skip
+    its inserts then). No copy of the keys is kept: the caller checks every key against
+    its row's own key (``kernels.rows_pull``, ``rows_match``), which lies on the line the
+    pull or push reads anyway (decision 129), so a different list never gets another's
+    rows, and the caller may reuse its array."""
 
-    __slots__ = ("complete", "generation", "keys", "m", "rows")
+    __slots__ = ("complete", "generation", "m", "rows")
 
     def __init__(self) -> None:
         self.generation, self.m, self.complete = 0, 0, False
-        self.keys = np.empty(0, np.uint64)
         self.rows = np.empty(0, np.int64)
 
     @staticmethod
     def fits(m: int, table_bytes: int) -> bool:
         """Whether a request of ``m`` keys may be kept beside arrays of ``table_bytes``."""
-        return 0 < m <= RECALL_MAX and 16 * m <= max(RECALL_FLOOR, table_bytes * RECALL_SHARE)
+        return 0 < m <= RECALL_MAX and 8 * m <= max(RECALL_FLOOR, table_bytes * RECALL_SHARE)
 
     def buffer(self, m: int) -> np.ndarray:
         """Where a request of ``m`` keys writes its rows: the kept buffer (grown) when it
@@ -117,8 +117,7 @@ class Recall:
         if m > RECALL_MAX:
             return np.empty(K.BLOCK, np.int64)
         if self.rows.size < m:
-            size = min(max(m, 2 * self.rows.size), RECALL_MAX)
-            self.rows, self.keys = np.empty(size, np.int64), np.empty(size, np.uint64)
+            self.rows = np.empty(min(max(m, 2 * self.rows.size), RECALL_MAX), np.int64)
         return self.rows[:m]
 
     def keep(self, generation: int, keys: np.ndarray, rows: np.ndarray, complete: bool = True) -> None:
@@ -127,23 +126,25 @@ class Recall:
         m = keys.size
         if m > RECALL_MAX or rows.size != m:
             return
-        self.keys[:m] = keys
         self.generation, self.m, self.complete = generation, m, complete
 
-    def rows_of(self, generation: int, keys: np.ndarray, complete: bool = False) -> np.ndarray | None:
+    def rows_of(self, generation: int, keys: np.ndarray, row_keys: np.ndarray,
+                complete: bool = False) -> np.ndarray | None:
         m = self.m
-        if (not m or keys.size != m or generation != self.generation or (complete and not self.complete)
-                or keys[0] != self.keys[0] or keys[m - 1] != self.keys[m - 1]
-                or not np.array_equal(keys, self.keys[:m])):
+        if not m or keys.size != m or generation != self.generation or (complete and not self.complete):
             return None
-        return self.rows[:m]
+        rows = self.rows[:m]
+        first, last = rows[0], rows[m - 1]  # (O(1): another list of other ends is told apart here)
+        if (first >= 0 and row_keys[first] != keys[0]) or (last >= 0 and row_keys[last] != keys[m - 1]):
+            return None
+        return rows
 
     def forget(self) -> None:
         """Keys were inserted another way (``upsert``): rows kept as absent may be wrong."""
         self.m = 0
 
     def allocated(self) -> int:
-        return self.rows.nbytes + self.keys.nbytes
+        return self.rows.nbytes
 
 
 class HashRows:
@@ -224,8 +225,8 @@ class HashRows:
 
     def push(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
         keys, grad = _u64(keys), rows2d(grad, self.dtype)
-        rows = self.recall.rows_of(self.generation, keys, complete=True)
-        if rows is not None:  # the keys the last request found, all stored: no lookup
+        rows = self.recall.rows_of(self.generation, keys, self.row_keys, complete=True)
+        if rows is not None and K.rows_match(self.row_keys, rows, keys):  # the last request's keys: no lookup
             K.rows_push(self.data, rows, grad, kind, self.width, pt, pf)
             return
         m = keys.size
@@ -285,10 +286,10 @@ class HashRows:
     def pull(self, keys: np.ndarray) -> np.ndarray:
         keys = _u64(keys)
         out = np.empty((keys.size, self.width), self.dtype)
-        rows = self.recall.rows_of(self.generation, keys)
-        if rows is not None:  # (-1 rows: absent then, absent now, or the generation moved)
-            K.rows_pull(self.data, rows, out, self.width)
-            return out
+        rows = self.recall.rows_of(self.generation, keys, self.row_keys)
+        if rows is not None and K.rows_pull(self.index, self.bits, self.row_keys, self.data, rows, keys, out,
+                                            self.width):
+            return out  # (the rows the last request found, each checked against its key)
         rows = self.recall.buffer(keys.size) if self.recall.fits(keys.size, self._bytes()) else self._scratch
         found = K.hash_pull(self.index, self.bits, self.row_keys, self.data, keys, out, self.width, rows)
         self.recall.keep(self.generation, keys, rows, complete=found == keys.size)
@@ -297,8 +298,8 @@ class HashRows:
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, int]:
         """Row of each key (-1: absent) and how many are present."""
         keys = _u64(keys)
-        rows = self.recall.rows_of(self.generation, keys, complete=True)
-        if rows is not None:
+        rows = self.recall.rows_of(self.generation, keys, self.row_keys, complete=True)
+        if rows is not None and K.rows_match(self.row_keys, rows, keys):
             return rows.copy(), keys.size
         rows = np.empty(keys.size, np.int64)
         return rows, K.hash_find(self.index, self.bits, self.row_keys, keys, rows)

@@ -12,7 +12,9 @@ The index is an open-addressing table (linear probing) of uint32 entries, a powe
 of them. An entry is 0 when empty, else ``fp << bits | (row + 1)``: the row of the key in
 the row arrays and ``32 - bits`` bits of the key's hash (a fingerprint), so a probe
 reads the row's key only when the fingerprints agree. Keys live in the rows, not in the
-index: any uint64, 0 and 2**64-1 included, is a key; emptiness is the entry's.
+index: any uint64, 0 and 2**64-1 included, is a key; emptiness is the entry's. A row is
+its key then its values (``hashrows``): the read that confirms a key brings in the line
+its update writes, so a stored key costs two cache misses, its index slot and its row.
 
 The index doubles before it is 60% full (``hashrows.MAX_LOAD``): an absent key's linear
 probe walks about (1 + 1/(1-load)**2)/2 slots, 3.6 at 0.6 against 8.5 at the 0.745 that
@@ -22,7 +24,7 @@ is seen at once and the next line fetched with the rest of the block (``_fetch_b
 
 A batch is taken in blocks of ``BLOCK`` keys. First the whole block's memory is asked
 for: every key's index slot is prefetched, then each slot whose fingerprint matches
-(those lines have arrived by then) has its row's key and data prefetched, so the cache
+(those lines have arrived by then) has its row prefetched, so the cache
 misses of a hundred keys overlap instead of following one another (2-3x faster than
 prefetching one key ahead at a time, measured at 1e7 keys). Then each key is found (or
 inserted) for real, and the updater folds the gradient rows into the rows found (a loop
@@ -30,8 +32,8 @@ per updater: one loop choosing the updater at every key ran 2-3x slower); a push
 them in once every row of the request is known, each row asked for ``AHEAD`` rows
 before it is used (``hash_push`` says why). Each key is looked up once and its row
 written once. Loops over rows already known (``rows_push``, ``rows_pull``: the rows a
-request found before, kept by ``hashrows``) prefetch a fixed distance ahead instead:
-their reads do not depend on one another.
+request found before, kept by ``hashrows`` and checked against the keys each holds)
+prefetch a fixed distance ahead instead: their reads do not depend on one another.
 
 No function here allocates storage or decides growth: the caller (``hashrows``) passes a
 ``limit`` of rows, and an insert loop stops at it and returns where it stopped.
@@ -560,23 +562,48 @@ def rows_push(data, rows, grad, kind, w, pt, pf):
 
 
 @_cached
-def rows_pull(data, rows, out, w):
-    """Gather the value rows ``rows`` into ``out`` (zeros for row -1: a key absent): a
-    pull of the keys the last push or pull found (``HashRows`` remembers their rows),
-    so no key is looked up."""
+def rows_pull(index, bits, row_keys, data, rows, keys, out, w):
+    """Gather the value rows ``rows`` into ``out``: a pull of the keys the last push or
+    pull found (``HashRows`` remembers their rows), so no stored key is looked up. Each
+    row is checked against its key (on the line the gather reads anyway): returns False
+    at the first row that holds another key (``out`` is then unfinished; the caller
+    looks the keys up). A row -1 (the key was absent) is looked up again: zeros if it
+    still is."""
+    b = np.uint64(bits)
     m = rows.size
     for j in range(min(AHEAD, m)):
-        _prefetch_row(data, max(rows[j], 0))
+        _prefetch(row_keys, max(rows[j], 0))
     for i in range(m):
         if i + AHEAD < m:
-            _prefetch_row(data, max(rows[i + AHEAD], 0))
+            _prefetch(row_keys, max(rows[i + AHEAD], 0))
         r = rows[i]
+        if r < 0:
+            _, r, _ = _probe(index, b, row_keys, keys[i])
+        elif row_keys[r] != keys[i]:
+            return False
         if r >= 0:
             for c in range(w):
                 out[i, c] = data[r, c]
         else:
             for c in range(w):
                 out[i, c] = 0
+    return True
+
+
+@_cached
+def rows_match(row_keys, rows, keys):
+    """Whether row ``rows[i]`` holds key ``keys[i]`` for every i (no row -1): a push of
+    the keys the last request found checks them all before it writes any row."""
+    m = rows.size
+    for j in range(min(AHEAD, m)):
+        _prefetch(row_keys, max(rows[j], 0))
+    for i in range(m):
+        if i + AHEAD < m:
+            _prefetch(row_keys, max(rows[i + AHEAD], 0))
+        r = rows[i]
+        if r < 0 or row_keys[r] != keys[i]:
+            return False
+    return True
 
 
 # -- dense runs: one array per field, rows addressed by offset ---------------------------------
@@ -800,6 +827,7 @@ def _signatures() -> dict:
         "count_range": [i64(rk, i64, u64, u64)],
         "in_ranges": [T.none(rk, i64, a1(u64), a1(u64), a1(b))],
         "hash_push": [], "hash_pull": [], "run_push": [], "rows_push": [], "rows_pull": [],
+        "rows_match": [b(rk, a1(i64, True), a1(u64, True))],
         "first_nonfinite": [i64(a2(from_dtype(np.dtype(dt)), True)) for dt in (np.float32, np.float64)],
         "lru_victims": [i64(rk, a1(i32), a1(i64), a1(i64), i64, i64, a1(u64))],
         "cms_admit": [i64(a2(u32), a1(u64, True), a1(i64), i64, a1(b))],
@@ -815,7 +843,7 @@ def _signatures() -> dict:
         sigs["hash_pull"].append(i64(a1(u32), i64, rk, rd(d), a1(u64, True), a2(d), i64, a1(i64)))
         sigs["run_push"].append(T.none(a2(d), a2(d), a2(d), a1(i64), i64, a2(d, True), i64, i64, a1(d), a1(f64)))
         sigs["rows_push"].append(T.none(rd(d), a1(i64, True), a2(d, True), i64, i64, a1(d), a1(f64)))
-        sigs["rows_pull"].append(T.none(rd(d), a1(i64, True), a2(d), i64))
+        sigs["rows_pull"].append(b(a1(u32), i64, rk, rd(d), a1(i64, True), a1(u64, True), a2(d), i64))
     return sigs
 
 
