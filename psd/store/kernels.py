@@ -86,14 +86,18 @@ def _cached(fn):
         return njit(fn)
 
 
-def _prefetch_at(context, builder, aryty, arg, at):
-    """llvm.prefetch of the element of array ``arg`` (type ``aryty``) at indices ``at``."""
+def _prefetch_at(context, builder, aryty, arg, at, past=0):
+    """llvm.prefetch of the element of array ``arg`` (type ``aryty``) at indices ``at``,
+    or of the byte ``past`` bytes after it."""
     ary = context.make_array(aryty)(context, builder, arg)
     ptr = cgutils.get_item_pointer(context, builder, aryty, ary, at, wraparound=False)
     i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                         "llvm.prefetch.p0")
-    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])  # read, keep, data
+    byte = builder.bitcast(ptr, i8p)
+    if past:
+        byte = builder.gep(byte, [ir.IntType(64)(past)])
+    builder.call(fn, [byte, i32(0), i32(3), i32(1)])  # read, keep, data
     return context.get_dummy_value()
 
 
@@ -103,6 +107,15 @@ def _prefetch(typingctx, arr, i):
     def codegen(context, builder, sig, args):
         return _prefetch_at(context, builder, sig.args[0], args[0], [args[1]])
     return T.void(arr, i), codegen
+
+
+@intrinsic
+def _prefetch_values(typingctx, row_keys, r):
+    """``_prefetch`` of the first value of row r, 8 bytes past its key ``row_keys[r]``:
+    the key's line unless the row straddles two (12-byte rows do at 2 rows in 16)."""
+    def codegen(context, builder, sig, args):
+        return _prefetch_at(context, builder, sig.args[0], args[0], [args[1]], past=8)
+    return T.void(row_keys, r), codegen
 
 
 @intrinsic
@@ -322,6 +335,7 @@ def _fetch_block(index, b, mask, row_keys, keys, i0, count, hs, at):
             if (e >> b) == fp:
                 r = np.int64(e & mask) - 1
                 _prefetch(row_keys, r)
+                _prefetch_values(row_keys, r)
                 break
             s = (s + _ONE) & mask
             if s & _LOW == _ZERO:  # off the line: fetch the next one, resume there later
@@ -368,30 +382,27 @@ def hash_push(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w,
     inserted in key order (for stored keys, 1.4x faster than a probe loop that may
     insert: at 1e7 keys, 4.4-5.1 ms against 6.5-7.7 for 1e5 keys); a block that follows
     a block of mostly new keys is probed and inserted in one loop instead (a stream of
-    new keys: the extra pass cost 15%). Once every row is known, the gradients are
-    folded in, row memory asked for ahead (``_apply_ahead``)."""
+    new keys: the extra pass cost 15%). Then the block's gradients are folded in, while
+    the rows its lookups read (key and values on one line) are still in the nearest
+    caches; folded in after the whole push, they had to come from memory again."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     m = keys.size
     inline = False  # the last block was mostly new keys: insert as each is found
-    pend = start  # rows from here on wait for their gradients
     for i in range(start, m, BLOCK):
         end = min(i + BLOCK, m)
         _fetch_block(index, b, mask, row_keys, keys, i, end - i, hs, at)
         absent = 0
-        if inline:  # (and its block applied at once: new rows are consecutive)
-            _apply_ahead(kind, data, rows, grad, pend, i, w, pt, pf)
+        if inline:
             for j in range(i, end):
                 n0 = n
                 r, n = _row(index, b, mask, limit, row_keys, n, keys[j], hs[j - i], at[j - i])
                 if r < 0:
-                    _apply_ahead(kind, data, rows, grad, i, j, w, pt, pf)
+                    _apply_rows(kind, data, data, w, data, 2 * w, rows[i:], grad, i, j - i, w, pt, pf)
                     return n, j
                 rows[j] = r
                 absent += n - n0
-            _apply_rows(kind, data, data, w, data, 2 * w, rows[i:], grad, i, end - i, w, pt, pf)
-            pend = end
         else:
             for j in range(i, end):
                 s, r, _ = _probe_from(index, b, mask, row_keys, keys[j], hs[j - i], at[j - i])
@@ -403,12 +414,12 @@ def hash_push(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w,
                 for j in range(i, end):
                     if rows[j] < 0:
                         r, n = _row(index, b, mask, limit, row_keys, n, keys[j], hs[j - i], at[j - i])
-                        if r < 0:
-                            _apply_ahead(kind, data, rows, grad, pend, j, w, pt, pf)
+                        if r < 0:  # (the rows of keys i .. j-1 are known: fold them in)
+                            _apply_rows(kind, data, data, w, data, 2 * w, rows[i:], grad, i, j - i, w, pt, pf)
                             return n, j
                         rows[j] = r
+        _apply_rows(kind, data, data, w, data, 2 * w, rows[i:], grad, i, end - i, w, pt, pf)
         inline = 2 * absent > end - i
-    _apply_ahead(kind, data, rows, grad, pend, m, w, pt, pf)
     return n, m
 
 
@@ -573,9 +584,11 @@ def rows_pull(index, bits, row_keys, data, rows, keys, out, w):
     m = rows.size
     for j in range(min(AHEAD, m)):
         _prefetch(row_keys, max(rows[j], 0))
+        _prefetch_values(row_keys, max(rows[j], 0))
     for i in range(m):
         if i + AHEAD < m:
             _prefetch(row_keys, max(rows[i + AHEAD], 0))
+            _prefetch_values(row_keys, max(rows[i + AHEAD], 0))
         r = rows[i]
         if r < 0:
             _, r, _ = _probe(index, b, row_keys, keys[i])
