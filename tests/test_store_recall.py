@@ -61,7 +61,7 @@ def _rows_hold_their_keys(h: hashrows.HashRows) -> None:
     itself), which leads the index back to that row; rows past ``n`` are zero, keys
     included; ``row_keys`` and ``data`` are views of the current rows."""
     n = h.n
-    assert np.shares_memory(h.row_keys, h.raw) and np.shares_memory(h.data, h.raw)
+    assert not h.raw.size or (np.shares_memory(h.row_keys, h.raw) and np.shares_memory(h.data, h.raw))
     assert h.raw.shape[1] * h.raw.itemsize == 8 + h.cols * h.raw.itemsize
     heads = np.ascontiguousarray(h.raw.view(np.uint8)[:n, :8]).view(np.uint64).reshape(-1)
     assert np.array_equal(heads, h.row_keys[:n]) and np.unique(heads).size == n
