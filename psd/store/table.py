@@ -361,8 +361,8 @@ class Table:
             self._hash_apply(_as_keys(lo, count) if keys is None else keys, values)
 
     def pull(self, keys: np.ndarray, leases: list | None = None) -> np.ndarray:
-        """The rows of ``keys`` (zeros for keys never pushed). With ``leases``, rows that
-        sit in a row in storage may come back as a lent view (see ``_lend``)."""
+        """The rows of ``keys`` (zeros for keys never pushed). With ``leases``, the rows
+        of consecutive keys in a dense run may come back as a lent view (see ``_lend``)."""
         m = keys.size
         if (m < self.small_pull or m == 1) and not self._runs.items:
             return self._hash.pull(keys)  # a few keys (one is never lent): straight to the lookup
