@@ -7,7 +7,7 @@ A failing seed is printed with the command that replays it exactly:
 as asked. The mutation tests prove the invariants bite: with exactly-once, replication,
 the consistency gate or the stream order switched off, the suite's seeds find a
 violation. (The lease on lent views is tested in tests/test_lending.py: the simulation's
-random keys live in hash rows, which are never lent, decision 128.)
+random keys live in hash rows, which are never lent, decision 129.)
 """
 from __future__ import annotations
 

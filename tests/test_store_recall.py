@@ -57,7 +57,7 @@ BETWEEN = ["nothing", "grow", "install", "drop", "evict", "retain", "span", "oth
 
 
 def _rows_hold_their_keys(h: hashrows.HashRows) -> None:
-    """The layout of decision 128: each row starts with its key (8 bytes, in ``raw``
+    """The layout of decision 129: each row starts with its key (8 bytes, in ``raw``
     itself), which leads the index back to that row; rows past ``n`` are zero, keys
     included; ``row_keys`` and ``data`` are views of the current rows."""
     n = h.n
@@ -214,7 +214,7 @@ def test_a_cached_push_then_its_pull_read_the_kept_rows(monkeypatch):
 
 
 def test_kept_rows_are_checked_against_every_key():
-    """No copy of the keys is kept (decision 129): a list of the same length and ends as
+    """No copy of the keys is kept (decision 130): a list of the same length and ends as
     the last one, one key inside changed, is checked key by key against the rows' own
     keys; a push of it inserts its new key, a pull reads its own rows, and a key kept as
     absent is looked up again."""

@@ -3,7 +3,7 @@
 Rows live in one growable array, ``raw``: each row is its key (8 bytes) then the values
 and the updater's state fields side by side, so that the lookup that reads a row's key
 has brought in the line the update writes (one cache miss a key fewer than keys in an
-array of their own, decision 128). ``row_keys`` (uint64) and ``data`` (the values and
+array of their own, decision 129). ``row_keys`` (uint64) and ``data`` (the values and
 state) are strided views of it. Rows past ``n`` are zero: a new key's row starts as
 zeros, as a never-pushed key reads.
 An insert appends a row and fills one index entry, so it costs O(1) amortised whatever
@@ -96,7 +96,7 @@ class Recall:
     hold, else None; with ``complete``, only when every key was stored (a push may skip
     its inserts then). No copy of the keys is kept: the caller checks every key against
     its row's own key (``kernels.rows_pull``, ``rows_match``), which lies on the line the
-    pull or push reads anyway (decision 129), so a different list never gets another's
+    pull or push reads anyway (decision 130), so a different list never gets another's
     rows, and the caller may reuse its array."""
 
     __slots__ = ("complete", "generation", "m", "rows")
