@@ -56,6 +56,21 @@ FIRST = ["push", "push_at", "pull"]
 BETWEEN = ["nothing", "grow", "install", "drop", "evict", "retain", "span", "other_push"]
 
 
+def _rows_hold_their_keys(h: hashrows.HashRows) -> None:
+    """The layout of decision 132: each row starts with its key (8 bytes, in ``raw``
+    itself), which leads the index back to that row; rows past ``n`` are zero, keys
+    included; ``row_keys`` and ``data`` are views of the current rows."""
+    n = h.n
+    assert not h.raw.size or (np.shares_memory(h.row_keys, h.raw) and np.shares_memory(h.data, h.raw))
+    assert h.raw.shape[1] * h.raw.itemsize == 8 + h.cols * h.raw.itemsize
+    heads = np.ascontiguousarray(h.raw.view(np.uint8)[:n, :8]).view(np.uint64).reshape(-1)
+    assert np.array_equal(heads, h.row_keys[:n]) and np.unique(heads).size == n
+    rows = np.empty(n, np.int64)
+    assert K.hash_find(h.index, h.bits, h.row_keys, heads, rows) == n
+    assert np.array_equal(rows, np.arange(n))
+    assert not h.raw[n:].any()
+
+
 @st.composite
 def sequences(draw):
     updater, options, dtype = draw(st.sampled_from(UPDATERS))
@@ -128,9 +143,13 @@ def test_pushes_and_pulls_of_the_same_keys_match_the_reference(seq):
             ref.push(np.arange(1000, 1000 + RUN_MIN, dtype=np.uint64), grad)
         elif between == "other_push":  # the last push was of other keys: nothing to reuse
             push(np.setdiff1d(pool, keys)[:5])
-        equal(table.pull(keys.copy()), ref.pull(keys))  # (a copy: the same keys, another array)
+        leases: list = []
+        got = table.pull(keys.copy(), leases)  # (a copy: the same keys, another array)
+        equal(got, ref.pull(keys))
+        assert not np.shares_memory(got, table._hash.raw)  # hash rows are copied out, never lent
         push(keys)  # through the rows that pull found, when it found every key
         equal(table.pull(keys), ref.pull(keys))
+        _rows_hold_their_keys(table._hash)
         if keys.size > 2:  # the same length and ends, one key swapped: its own lookup
             other = keys.copy()
             other[1] = other[1] + np.uint64(1) if other[1] + np.uint64(1) < other[2] else other[1]
@@ -194,20 +213,44 @@ def test_a_cached_push_then_its_pull_read_the_kept_rows(monkeypatch):
     np.testing.assert_array_equal(pulled[:, 0], np.where(np.arange(keys.size) < 10, 3, 2))
 
 
+def test_kept_rows_are_checked_against_every_key():
+    """No copy of the keys is kept (decision 133): a list of the same length and ends as
+    the last one, one key inside changed, is checked key by key against the rows' own
+    keys; a push of it inserts its new key, a pull reads its own rows, and a key kept as
+    absent is looked up again."""
+    h = hashrows.HashRows(1, np.float32, 0)
+    pt, pf = np.zeros(1, np.float32), np.zeros(1)
+    keys = np.arange(0, 3 * 64, 3, dtype=np.uint64)
+    h.push(keys, np.ones((keys.size, 1), np.float32), K.SUM, pt, pf)
+    other = keys.copy()
+    other[5] = 10**12  # (not sorted: the store's kernels do not care, and the ends stay)
+    h.push(other, np.full((keys.size, 1), 5, np.float32), K.SUM, pt, pf)
+    assert h.n == keys.size + 1 and h.pull(keys[5:6])[0, 0] == 1  # keys[5]'s row untouched
+    np.testing.assert_array_equal(h.pull(other)[:, 0], np.where(np.arange(keys.size) == 5, 5, 6))
+    rows, found = h.find(keys)
+    assert found == keys.size and h.row_keys[rows].tolist() == keys.tolist()
+    probe = keys.copy()
+    probe[7] = 2**64 - 1  # absent: its row is kept as -1
+    assert h.pull(probe)[7, 0] == 0 and h.recall.rows_of(h.generation, probe, h.row_keys) is not None
+    again = probe.copy()
+    again[7] = 10**12  # the same length and ends, a stored key where the absent one was
+    assert h.pull(again)[7, 0] == 5
+
+
 def test_only_a_pushs_own_keys_are_recalled():
-    """A push larger than ``RECALL_MAX`` keeps nothing (its buffers would cost 16 bytes a
+    """A push larger than ``RECALL_MAX`` keeps nothing (its buffer would cost 8 bytes a
     key); an empty push forgets what was kept."""
     h = hashrows.HashRows(1, np.float32, 0)
     pt, pf = np.zeros(1, np.float32), np.zeros(1)
     keys = np.arange(0, 3 * 64, 3, dtype=np.uint64)
     h.push(keys, np.ones((keys.size, 1), np.float32), K.SUM, pt, pf)
-    assert h.recall.rows_of(h.generation, keys) is not None
-    assert h.recall.rows_of(h.generation + 1, keys) is None
+    assert h.recall.rows_of(h.generation, keys, h.row_keys) is not None
+    assert h.recall.rows_of(h.generation + 1, keys, h.row_keys) is None
     h.push(keys[:0], np.ones((0, 1), np.float32), K.SUM, pt, pf)
-    assert h.recall.rows_of(h.generation, keys) is None
+    assert h.recall.rows_of(h.generation, keys, h.row_keys) is None
     big = np.arange(hashrows.RECALL_MAX + 1, dtype=np.uint64)
     h.push(big, np.ones((big.size, 1), np.float32), K.SUM, pt, pf)
-    assert h.recall.rows_of(h.generation, big) is None and h.recall.allocated() < 1 << 20  # (in pieces)
+    assert h.recall.rows_of(h.generation, big, h.row_keys) is None and h.recall.allocated() < 1 << 20  # (in pieces)
     np.testing.assert_array_equal(h.pull(keys)[:, 0], 2)
     want = np.ones(big.size, np.float32)  # (taken in pieces of PIECE keys, growing on the way)
     want[keys.astype(np.int64)] = 2
@@ -270,7 +313,7 @@ def test_a_server_answers_the_pull_of_a_list_it_just_pushed_from_the_pushs_rows(
 def test_kept_rows_cost_no_more_than_a_sixty_fourth_of_the_table(monkeypatch):
     """Issue 15's memory target (allocated bytes per key <= 2x the raw row) holds with
     the kept rows counted: a table of 1e6 keys (sum, float32, width 1) grown by pushes of
-    1e5 keys keeps none of them (16 bytes a key would be 1.6 B per stored key), while a
+    1e5 keys keeps none of them (8 bytes a key would be 0.8 B per stored key), while a
     list of 2e4 keys is kept (within the table's 1/64)."""
     rng = np.random.default_rng(4)
     table = Table(TableSpec("t", 1, "float32", "sum").validate())

@@ -1,8 +1,11 @@
 """The sparse part of a table: rows in insertion order, found through a hash index.
 
-Rows live in two growable arrays, ``row_keys`` (uint64) and ``data`` (values then the
-updater's state fields, side by side in one row, so an update touches one cache line).
-Rows past ``n`` are zero: a new key's row starts as zeros, as a never-pushed key reads.
+Rows live in one growable array, ``raw``: each row is its key (8 bytes) then the values
+and the updater's state fields side by side, so that the lookup that reads a row's key
+has brought in the line the update writes (one cache miss a key fewer than keys in an
+array of their own, decision 132). ``row_keys`` (uint64) and ``data`` (the values and
+state) are strided views of it. Rows past ``n`` are zero: a new key's row starts as
+zeros, as a never-pushed key reads.
 An insert appends a row and fills one index entry, so it costs O(1) amortised whatever
 the table's size; the row arrays grow by a quarter and the index doubles before it is
 60% full (a rehash reads the row keys in order; ``kernels`` says why not fuller).
@@ -23,7 +26,7 @@ drawn from one process-wide counter, so no two HashRows ever share one.
 A push or a pull leaves the rows of its keys behind (``Recall``): the next push, pull
 or find of the same keys (a worker pulls a minibatch's weights and pushes its gradients,
 or pushes and then pulls the same keys) uses those rows instead of looking every key up
-again, under the same generation check.
+again, under the same generation check, each row checked against the key it holds.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ ROW_GROWTH = 1.25
 _MIN_BITS = 10
 _GENERATIONS = itertools.count(1)
 #: pushes and pulls of more keys than this leave no rows behind (``Recall``): its
-#: buffers hold 16 bytes a key, and a request that large is not a minibatch
+#: buffer holds 8 bytes a key, and a request that large is not a minibatch
 RECALL_MAX = 1 << 20
 #: and the buffers stay within this share of the table's own arrays, or within
 #: ``RECALL_FLOOR`` bytes: memory per stored key stays where it was (decision 123)
@@ -67,6 +70,18 @@ def _index(bits: int) -> np.ndarray:
     return buf[skip:skip + (1 << bits)]
 
 
+def _rows(cap: int, cols: int, dtype: np.dtype) -> np.ndarray:
+    """``cap`` zero rows of a key then ``cols`` values (the key as 8 bytes of ``dtype``).
+    np.zeros is calloc: pages past the rows in use stay untouched until used."""
+    return np.zeros((cap, 8 // dtype.itemsize + cols), dtype)
+
+
+def _key_view(raw: np.ndarray) -> np.ndarray:
+    """The keys of ``raw``'s rows: a uint64 view with the rows' stride (unaligned when a
+    row of a 4-byte dtype is not a multiple of 8 bytes; x86 and numba read it as is)."""
+    return np.ndarray((raw.shape[0],), np.uint64, buffer=raw, strides=(raw.strides[0],))
+
+
 def rows2d(a: np.ndarray, dtype) -> np.ndarray:
     if a.flags.c_contiguous and a.flags.aligned and a.dtype == dtype:
         return a
@@ -74,26 +89,26 @@ def rows2d(a: np.ndarray, dtype) -> np.ndarray:
 
 
 class Recall:
-    """The keys of the last push or pull and the rows they were found in, under a
-    generation.
+    """The rows the last push or pull found its keys in, under a generation.
 
-    ``rows_of(generation, keys)`` gives those rows back for a request of exactly the same
-    keys while the generation holds, else None; with ``complete``, only when every key
-    was stored (a push may skip its inserts then). The keys are compared whole against a
-    copy (the caller may reuse its array), so a different list never gets another's
-    rows; a list of another length or other end keys is told apart in O(1)."""
+    ``rows_of(generation, keys)`` gives those rows back for a request of as many keys
+    while the generation holds and the first and last keys are the ones their rows
+    hold, else None; with ``complete``, only when every key was stored (a push may skip
+    its inserts then). No copy of the keys is kept: the caller checks every key against
+    its row's own key (``kernels.rows_pull``, ``rows_match``), which lies on the line the
+    pull or push reads anyway (decision 133), so a different list never gets another's
+    rows, and the caller may reuse its array."""
 
-    __slots__ = ("complete", "generation", "keys", "m", "rows")
+    __slots__ = ("complete", "generation", "m", "rows")
 
     def __init__(self) -> None:
         self.generation, self.m, self.complete = 0, 0, False
-        self.keys = np.empty(0, np.uint64)
         self.rows = np.empty(0, np.int64)
 
     @staticmethod
     def fits(m: int, table_bytes: int) -> bool:
         """Whether a request of ``m`` keys may be kept beside arrays of ``table_bytes``."""
-        return 0 < m <= RECALL_MAX and 16 * m <= max(RECALL_FLOOR, table_bytes * RECALL_SHARE)
+        return 0 < m <= RECALL_MAX and 8 * m <= max(RECALL_FLOOR, table_bytes * RECALL_SHARE)
 
     def buffer(self, m: int) -> np.ndarray:
         """Where a request of ``m`` keys writes its rows: the kept buffer (grown) when it
@@ -102,8 +117,7 @@ class Recall:
         if m > RECALL_MAX:
             return np.empty(K.BLOCK, np.int64)
         if self.rows.size < m:
-            size = min(max(m, 2 * self.rows.size), RECALL_MAX)
-            self.rows, self.keys = np.empty(size, np.int64), np.empty(size, np.uint64)
+            self.rows = np.empty(min(max(m, 2 * self.rows.size), RECALL_MAX), np.int64)
         return self.rows[:m]
 
     def keep(self, generation: int, keys: np.ndarray, rows: np.ndarray, complete: bool = True) -> None:
@@ -112,23 +126,25 @@ class Recall:
         m = keys.size
         if m > RECALL_MAX or rows.size != m:
             return
-        self.keys[:m] = keys
         self.generation, self.m, self.complete = generation, m, complete
 
-    def rows_of(self, generation: int, keys: np.ndarray, complete: bool = False) -> np.ndarray | None:
+    def rows_of(self, generation: int, keys: np.ndarray, row_keys: np.ndarray,
+                complete: bool = False) -> np.ndarray | None:
         m = self.m
-        if (not m or keys.size != m or generation != self.generation or (complete and not self.complete)
-                or keys[0] != self.keys[0] or keys[m - 1] != self.keys[m - 1]
-                or not np.array_equal(keys, self.keys[:m])):
+        if not m or keys.size != m or generation != self.generation or (complete and not self.complete):
             return None
-        return self.rows[:m]
+        rows = self.rows[:m]
+        first, last = rows[0], rows[m - 1]  # (O(1): another list of other ends is told apart here)
+        if (first >= 0 and row_keys[first] != keys[0]) or (last >= 0 and row_keys[last] != keys[m - 1]):
+            return None
+        return rows
 
     def forget(self) -> None:
         """Keys were inserted another way (``upsert``): rows kept as absent may be wrong."""
         self.m = 0
 
     def allocated(self) -> int:
-        return self.rows.nbytes + self.keys.nbytes
+        return self.rows.nbytes
 
 
 class HashRows:
@@ -139,13 +155,18 @@ class HashRows:
         self.n = 0
         self.bits = _MIN_BITS
         self.index = _index(self.bits)
-        self.row_keys = np.zeros(0, np.uint64)
-        self.data = np.zeros((0, self.cols), self.dtype)
+        self._use(_rows(0, self.cols, self.dtype))
         #: a bounded table's LRU list and stamps (psd.store.bounded.Track), else None
         self.track = None
         self.generation = next(_GENERATIONS)
         self.recall = Recall()
         self._scratch = np.empty(K.BLOCK, np.int64)  # (rows of a pull not kept: a block's)
+
+    def _use(self, raw: np.ndarray) -> None:
+        """Make ``raw`` the rows (``row_keys`` and ``data`` are views of it)."""
+        self.raw = raw
+        self.row_keys = _key_view(raw)
+        self.data = raw[:, raw.shape[1] - self.cols:]
 
     # -- sizes -------------------------------------------------------------------------
     def _limit(self) -> int:
@@ -157,11 +178,9 @@ class HashRows:
         need = self.n + max(more, 1)
         if need > self.row_keys.size:
             cap = max(need, int(self.row_keys.size * ROW_GROWTH) + 64)
-            keys = np.zeros(cap, np.uint64)  # calloc: pages past n stay untouched until used
-            keys[:self.n] = self.row_keys[:self.n]
-            data = np.zeros((cap, self.cols), self.dtype)
-            data[:self.n] = self.data[:self.n]
-            self.row_keys, self.data = keys, data
+            raw = _rows(cap, self.cols, self.dtype)
+            raw[:self.n] = self.raw[:self.n]
+            self._use(raw)
             if self.track is not None:
                 self.track.grow(cap, self.n)
         if need > MAX_LOAD * (1 << self.bits):
@@ -180,7 +199,7 @@ class HashRows:
         K.rehash(self.index, bits, self.row_keys, self.n)
 
     def _bytes(self) -> int:
-        return self.index.nbytes + self.row_keys.nbytes + self.data.nbytes
+        return self.index.nbytes + self.raw.nbytes
 
     def allocated(self) -> int:
         extra = (self.track.allocated() if self.track is not None else 0) + self.recall.allocated()
@@ -206,8 +225,8 @@ class HashRows:
 
     def push(self, keys: np.ndarray, grad: np.ndarray, kind: int, pt: np.ndarray, pf: np.ndarray) -> None:
         keys, grad = _u64(keys), rows2d(grad, self.dtype)
-        rows = self.recall.rows_of(self.generation, keys, complete=True)
-        if rows is not None:  # the keys the last request found, all stored: no lookup
+        rows = self.recall.rows_of(self.generation, keys, self.row_keys, complete=True)
+        if rows is not None and K.rows_match(self.row_keys, rows, keys):  # the last request's keys: no lookup
             K.rows_push(self.data, rows, grad, kind, self.width, pt, pf)
             return
         m = keys.size
@@ -238,9 +257,8 @@ class HashRows:
     def delete(self, keys: np.ndarray) -> int:
         """Delete the rows of ``keys`` (absent keys are skipped); returns how many went."""
         t = self.track
-        data = self.data.view(np.uint8).reshape(self.data.shape[0], -1)
-        self.n, deleted = K.hash_delete(self.index, self.bits, self.row_keys, data, self.n, _u64(keys),
-                                        t.prev, t.nxt, t.stamp, t.meta)
+        self.n, deleted = K.hash_delete(self.index, self.bits, self.row_keys, self.raw.view(np.uint8), self.n,
+                                        _u64(keys), t.prev, t.nxt, t.stamp, t.meta)
         if deleted:  # (the last row moved into each hole)
             self.generation = next(_GENERATIONS)
         return int(deleted)
@@ -268,10 +286,10 @@ class HashRows:
     def pull(self, keys: np.ndarray) -> np.ndarray:
         keys = _u64(keys)
         out = np.empty((keys.size, self.width), self.dtype)
-        rows = self.recall.rows_of(self.generation, keys)
-        if rows is not None:  # (-1 rows: absent then, absent now, or the generation moved)
-            K.rows_pull(self.data, rows, out, self.width)
-            return out
+        rows = self.recall.rows_of(self.generation, keys, self.row_keys)
+        if rows is not None and K.rows_pull(self.index, self.bits, self.row_keys, self.data, rows, keys, out,
+                                            self.width):
+            return out  # (the rows the last request found, each checked against its key)
         rows = self.recall.buffer(keys.size) if self.recall.fits(keys.size, self._bytes()) else self._scratch
         found = K.hash_pull(self.index, self.bits, self.row_keys, self.data, keys, out, self.width, rows)
         self.recall.keep(self.generation, keys, rows, complete=found == keys.size)
@@ -280,8 +298,8 @@ class HashRows:
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, int]:
         """Row of each key (-1: absent) and how many are present."""
         keys = _u64(keys)
-        rows = self.recall.rows_of(self.generation, keys, complete=True)
-        if rows is not None:
+        rows = self.recall.rows_of(self.generation, keys, self.row_keys, complete=True)
+        if rows is not None and K.rows_match(self.row_keys, rows, keys):
             return rows.copy(), keys.size
         rows = np.empty(keys.size, np.int64)
         return rows, K.hash_find(self.index, self.bits, self.row_keys, keys, rows)
@@ -328,11 +346,10 @@ class HashRows:
             return 0
         self.generation = next(_GENERATIONS)
         cap = max(kept, 1)
-        keys = np.zeros(cap, np.uint64)
-        keys[:kept] = self.row_keys[:self.n][keep]
-        data = np.zeros((cap, self.cols), self.dtype)
-        data[:kept] = self.data[:self.n][keep]
-        self.row_keys, self.data, self.n = keys, data, kept
+        raw = _rows(cap, self.cols, self.dtype)
+        raw[:kept] = self.raw[:self.n][keep]
+        self._use(raw)
+        self.n = kept
         if self.track is not None:
             self.track.compact(keep, cap, self.row_keys, kept)
         bits = _MIN_BITS

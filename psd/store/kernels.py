@@ -12,7 +12,9 @@ The index is an open-addressing table (linear probing) of uint32 entries, a powe
 of them. An entry is 0 when empty, else ``fp << bits | (row + 1)``: the row of the key in
 the row arrays and ``32 - bits`` bits of the key's hash (a fingerprint), so a probe
 reads the row's key only when the fingerprints agree. Keys live in the rows, not in the
-index: any uint64, 0 and 2**64-1 included, is a key; emptiness is the entry's.
+index: any uint64, 0 and 2**64-1 included, is a key; emptiness is the entry's. A row is
+its key then its values (``hashrows``): the read that confirms a key brings in the line
+its update writes, so a stored key costs two cache misses, its index slot and its row.
 
 The index doubles before it is 60% full (``hashrows.MAX_LOAD``): an absent key's linear
 probe walks about (1 + 1/(1-load)**2)/2 slots, 3.6 at 0.6 against 8.5 at the 0.745 that
@@ -22,7 +24,7 @@ is seen at once and the next line fetched with the rest of the block (``_fetch_b
 
 A batch is taken in blocks of ``BLOCK`` keys. First the whole block's memory is asked
 for: every key's index slot is prefetched, then each slot whose fingerprint matches
-(those lines have arrived by then) has its row's key and data prefetched, so the cache
+(those lines have arrived by then) has its row prefetched, so the cache
 misses of a hundred keys overlap instead of following one another (2-3x faster than
 prefetching one key ahead at a time, measured at 1e7 keys). Then each key is found (or
 inserted) for real, and the updater folds the gradient rows into the rows found (a loop
@@ -30,8 +32,8 @@ per updater: one loop choosing the updater at every key ran 2-3x slower); a push
 them in once every row of the request is known, each row asked for ``AHEAD`` rows
 before it is used (``hash_push`` says why). Each key is looked up once and its row
 written once. Loops over rows already known (``rows_push``, ``rows_pull``: the rows a
-request found before, kept by ``hashrows``) prefetch a fixed distance ahead instead:
-their reads do not depend on one another.
+request found before, kept by ``hashrows`` and checked against the keys each holds)
+prefetch a fixed distance ahead instead: their reads do not depend on one another.
 
 No function here allocates storage or decides growth: the caller (``hashrows``) passes a
 ``limit`` of rows, and an insert loop stops at it and returns where it stopped.
@@ -84,18 +86,44 @@ def _cached(fn):
         return njit(fn)
 
 
+def _prefetch_at(context, builder, aryty, arg, at, past=0):
+    """llvm.prefetch of the element of array ``arg`` (type ``aryty``) at indices ``at``,
+    or of the byte ``past`` bytes after it."""
+    ary = context.make_array(aryty)(context, builder, arg)
+    ptr = cgutils.get_item_pointer(context, builder, aryty, ary, at, wraparound=False)
+    i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    byte = builder.bitcast(ptr, i8p)
+    if past:
+        byte = builder.gep(byte, [ir.IntType(64)(past)])
+    builder.call(fn, [byte, i32(0), i32(3), i32(1)])  # read, keep, data
+    return context.get_dummy_value()
+
+
 @intrinsic
 def _prefetch(typingctx, arr, i):
     """Ask the CPU to start loading ``arr[i]`` into the cache (llvm.prefetch)."""
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]], wraparound=False)
-        i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])  # read, keep, data
-        return context.get_dummy_value()
+        return _prefetch_at(context, builder, sig.args[0], args[0], [args[1]])
     return T.void(arr, i), codegen
+
+
+@intrinsic
+def _prefetch_values(typingctx, row_keys, r):
+    """``_prefetch`` of the first value of row r, 8 bytes past its key ``row_keys[r]``:
+    the key's line unless the row straddles two (12-byte rows do at 2 rows in 16)."""
+    def codegen(context, builder, sig, args):
+        return _prefetch_at(context, builder, sig.args[0], args[0], [args[1]], past=8)
+    return T.void(row_keys, r), codegen
+
+
+@intrinsic
+def _prefetch_row(typingctx, arr, r):
+    """``_prefetch`` of ``arr[r, 0]``: the start of a row of a 2-D array of any layout."""
+    def codegen(context, builder, sig, args):
+        return _prefetch_at(context, builder, sig.args[0], args[0], [args[1], context.get_constant(T.intp, 0)])
+    return T.void(arr, r), codegen
 
 
 @njit(inline="always")
@@ -282,11 +310,11 @@ _STEP = 16
 
 # -- the hash rows: index + row arrays (row_keys, data = values then state, per row) --------
 @njit(inline="always")
-def _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, count, hs, at):
+def _fetch_block(index, b, mask, row_keys, keys, i0, count, hs, at):
     """Start loading what keys i0 .. i0+count-1 will touch, in two passes so that the
     cache misses of the whole block overlap: first every key's index slot, then (those
-    lines arrived meanwhile) the slot whose fingerprint matches, and that row's key and
-    data. Leaves each key's hash in ``hs[j]`` and in ``at[j]`` the slot where its probe
+    lines arrived meanwhile) the slot whose fingerprint matches, and that row (its key
+    leads the row's values: one line). Leaves each key's hash in ``hs[j]`` and in ``at[j]`` the slot where its probe
     resumes (``_probe_from``): the first empty or fingerprint-matching one, or the first
     slot of the next cache line when the walk runs off its line (that line is prefetched
     then, so that crossing costs no stall of its own). Inserts of
@@ -307,8 +335,7 @@ def _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, count, hs, at):
             if (e >> b) == fp:
                 r = np.int64(e & mask) - 1
                 _prefetch(row_keys, r)
-                if cols:
-                    _prefetch(flat, r * cols)
+                _prefetch_values(row_keys, r)
                 break
             s = (s + _ONE) & mask
             if s & _LOW == _ZERO:  # off the line: fetch the next one, resume there later
@@ -336,12 +363,11 @@ def _row(index, b, mask, limit, row_keys, n, k, h, s0):
 def _apply_ahead(kind, data, rows, grad, lo, hi, w, pt, pf):
     """Fold gradient rows lo .. hi-1 into data rows ``rows[lo:hi]``, asking for each
     row's memory ``AHEAD`` rows before it is used."""
-    flat, cols = data.reshape(-1), data.shape[1]
     for j in range(lo, min(lo + AHEAD, hi)):
-        _prefetch(flat, rows[j] * cols)
+        _prefetch_row(data, rows[j])
     for i0 in range(lo, hi, _STEP):
         for j in range(i0 + AHEAD, min(i0 + AHEAD + _STEP, hi)):
-            _prefetch(flat, rows[j] * cols)
+            _prefetch_row(data, rows[j])
         _apply_rows(kind, data, data, w, data, 2 * w, rows[i0:], grad, i0, min(_STEP, hi - i0), w, pt, pf)
 
 
@@ -356,30 +382,27 @@ def hash_push(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w,
     inserted in key order (for stored keys, 1.4x faster than a probe loop that may
     insert: at 1e7 keys, 4.4-5.1 ms against 6.5-7.7 for 1e5 keys); a block that follows
     a block of mostly new keys is probed and inserted in one loop instead (a stream of
-    new keys: the extra pass cost 15%). Once every row is known, the gradients are
-    folded in, row memory asked for ahead (``_apply_ahead``)."""
+    new keys: the extra pass cost 15%). Then the block's gradients are folded in, while
+    the rows its lookups read (key and values on one line) are still in the nearest
+    caches; folded in after the whole push, they had to come from memory again."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     m = keys.size
     inline = False  # the last block was mostly new keys: insert as each is found
-    pend = start  # rows from here on wait for their gradients
     for i in range(start, m, BLOCK):
         end = min(i + BLOCK, m)
-        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i, end - i, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i, end - i, hs, at)
         absent = 0
-        if inline:  # (and its block applied at once: new rows are consecutive)
-            _apply_ahead(kind, data, rows, grad, pend, i, w, pt, pf)
+        if inline:
             for j in range(i, end):
                 n0 = n
                 r, n = _row(index, b, mask, limit, row_keys, n, keys[j], hs[j - i], at[j - i])
                 if r < 0:
-                    _apply_ahead(kind, data, rows, grad, i, j, w, pt, pf)
+                    _apply_rows(kind, data, data, w, data, 2 * w, rows[i:], grad, i, j - i, w, pt, pf)
                     return n, j
                 rows[j] = r
                 absent += n - n0
-            _apply_rows(kind, data, data, w, data, 2 * w, rows[i:], grad, i, end - i, w, pt, pf)
-            pend = end
         else:
             for j in range(i, end):
                 s, r, _ = _probe_from(index, b, mask, row_keys, keys[j], hs[j - i], at[j - i])
@@ -391,12 +414,12 @@ def hash_push(index, bits, limit, row_keys, data, n, keys, grad, start, kind, w,
                 for j in range(i, end):
                     if rows[j] < 0:
                         r, n = _row(index, b, mask, limit, row_keys, n, keys[j], hs[j - i], at[j - i])
-                        if r < 0:
-                            _apply_ahead(kind, data, rows, grad, pend, j, w, pt, pf)
+                        if r < 0:  # (the rows of keys i .. j-1 are known: fold them in)
+                            _apply_rows(kind, data, data, w, data, 2 * w, rows[i:], grad, i, j - i, w, pt, pf)
                             return n, j
                         rows[j] = r
+        _apply_rows(kind, data, data, w, data, 2 * w, rows[i:], grad, i, end - i, w, pt, pf)
         inline = 2 * absent > end - i
-    _apply_ahead(kind, data, rows, grad, pend, m, w, pt, pf)
     return n, m
 
 
@@ -410,7 +433,7 @@ def hash_upsert(index, bits, limit, row_keys, n, keys, start, rows):
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     for i0 in range(start, m, BLOCK):
         end = min(i0 + BLOCK, m)
-        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i0, end - i0, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i0, end - i0, hs, at)
         for i in range(i0, end):
             r, n = _row(index, b, mask, limit, row_keys, n, keys[i], hs[i - i0], at[i - i0])
             if r < 0:
@@ -425,14 +448,13 @@ def hash_pull(index, bits, row_keys, data, keys, out, w, rows):
     many were present. ``rows``: as in ``hash_push`` (-1 for an absent key)."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
-    flat, cols = data.reshape(-1), data.shape[1]
     found, m = 0, keys.size
     keep = rows.size >= m
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     for i0 in range(0, m, BLOCK):
         end = min(i0 + BLOCK, m)
         got = rows[i0:] if keep else rows
-        _fetch_block(index, b, mask, row_keys, flat, cols, keys, i0, end - i0, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i0, end - i0, hs, at)
         for i in range(i0, end):
             _, r, _ = _probe_from(index, b, mask, row_keys, keys[i], hs[i - i0], at[i - i0])
             got[i - i0] = r
@@ -455,7 +477,7 @@ def hash_find(index, bits, row_keys, keys, rows):
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     for i0 in range(0, m, BLOCK):
         end = min(i0 + BLOCK, m)
-        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i0, end - i0, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i0, end - i0, hs, at)
         for i in range(i0, end):
             _, r, _ = _probe_from(index, b, mask, row_keys, keys[i], hs[i - i0], at[i - i0])
             rows[i] = r
@@ -551,23 +573,50 @@ def rows_push(data, rows, grad, kind, w, pt, pf):
 
 
 @_cached
-def rows_pull(data, rows, out, w):
-    """Gather the value rows ``rows`` into ``out`` (zeros for row -1: a key absent): a
-    pull of the keys the last push or pull found (``HashRows`` remembers their rows),
-    so no key is looked up."""
-    flat, cols, m = data.reshape(-1), data.shape[1], rows.size
+def rows_pull(index, bits, row_keys, data, rows, keys, out, w):
+    """Gather the value rows ``rows`` into ``out``: a pull of the keys the last push or
+    pull found (``HashRows`` remembers their rows), so no stored key is looked up. Each
+    row is checked against its key (on the line the gather reads anyway): returns False
+    at the first row that holds another key (``out`` is then unfinished; the caller
+    looks the keys up). A row -1 (the key was absent) is looked up again: zeros if it
+    still is."""
+    b = np.uint64(bits)
+    m = rows.size
     for j in range(min(AHEAD, m)):
-        _prefetch(flat, max(rows[j], 0) * cols)
+        _prefetch(row_keys, max(rows[j], 0))
+        _prefetch_values(row_keys, max(rows[j], 0))
     for i in range(m):
         if i + AHEAD < m:
-            _prefetch(flat, max(rows[i + AHEAD], 0) * cols)
+            _prefetch(row_keys, max(rows[i + AHEAD], 0))
+            _prefetch_values(row_keys, max(rows[i + AHEAD], 0))
         r = rows[i]
+        if r < 0:
+            _, r, _ = _probe(index, b, row_keys, keys[i])
+        elif row_keys[r] != keys[i]:
+            return False
         if r >= 0:
             for c in range(w):
                 out[i, c] = data[r, c]
         else:
             for c in range(w):
                 out[i, c] = 0
+    return True
+
+
+@_cached
+def rows_match(row_keys, rows, keys):
+    """Whether row ``rows[i]`` holds key ``keys[i]`` for every i (no row -1): a push of
+    the keys the last request found checks them all before it writes any row."""
+    m = rows.size
+    for j in range(min(AHEAD, m)):
+        _prefetch(row_keys, max(rows[j], 0))
+    for i in range(m):
+        if i + AHEAD < m:
+            _prefetch(row_keys, max(rows[i + AHEAD], 0))
+        r = rows[i]
+        if r < 0 or row_keys[r] != keys[i]:
+            return False
+    return True
 
 
 # -- dense runs: one array per field, rows addressed by offset ---------------------------------
@@ -648,7 +697,7 @@ def hash_touch(index, bits, row_keys, keys, prev, nxt, stamp, meta, now, firsts,
     hs, at = np.empty(BLOCK, np.uint64), np.empty(BLOCK, np.uint64)
     for i0 in range(0, m, BLOCK):
         end = min(i0 + BLOCK, m)
-        _fetch_block(index, b, mask, row_keys, row_keys, 0, keys, i0, end - i0, hs, at)
+        _fetch_block(index, b, mask, row_keys, keys, i0, end - i0, hs, at)
         for i in range(i0, end):
             _, r, _ = _probe_from(index, b, mask, row_keys, keys[i], hs[i - i0], at[i - i0])
             if r >= 0:
@@ -677,8 +726,8 @@ def _unslot(index, b, mask, row_keys, s):
 def hash_delete(index, bits, row_keys, data, n, keys, prev, nxt, stamp, meta):
     """Delete the rows of ``keys`` (absent ones are skipped): the index entry by backward
     shift, the row by moving the last row into its place (rows stay 0 .. n-1, and rows
-    past n zero). ``data``: the rows as bytes (a uint8 view: one compile for every
-    dtype). Returns (rows, how many deleted)."""
+    past n zero). ``data``: the whole rows, keys included, as bytes (a uint8 view: one
+    compile for every dtype). Returns (rows, how many deleted)."""
     b = np.uint64(bits)
     mask = (_ONE << b) - _ONE
     deleted = 0
@@ -772,36 +821,42 @@ def cms_admit(sketch, keys, rows, threshold, keep):
 # -- compiling ahead of requests ----------------------------------------------------------
 def _signatures() -> dict:
     """Every signature the store calls, per kernel. Inputs that arrive from the wire may
-    be read-only buffers: typed read-only here, so writable arrays match as well."""
+    be read-only buffers: typed read-only here, so writable arrays match as well. The
+    hash rows' keys and data are strided views of one array of rows (``hashrows``): the
+    keys typed unaligned (a row of a 4-byte dtype may start at 4 bytes past a multiple
+    of 8), so aligned and contiguous arrays match as well."""
     u32, u64, i64, f64, i32 = T.uint32, T.uint64, T.int64, T.float64, T.int32
     a1 = lambda t, ro=False: T.Array(t, 1, "C", readonly=ro)  # noqa: E731
     a2 = lambda t, ro=False: T.Array(t, 2, "C", readonly=ro)  # noqa: E731
+    rk = T.Array(u64, 1, "A", aligned=False)  # the row keys
+    rd = lambda t: T.Array(t, 2, "A")  # noqa: E731  (the rows' data)
     b = T.boolean
     sigs: dict[str, list] = {
-        "hash_upsert": [T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), i64, a1(u64, True), i64, a1(i64))],
-        "hash_find": [i64(a1(u32), i64, a1(u64), a1(u64, True), a1(i64))],
-        "hash_find_span": [i64(a1(u32), i64, a1(u64), u64, i64, a1(i64))],
-        "rehash": [T.none(a1(u32), i64, a1(u64), i64)],
-        "scan_range": [i64(a1(u64), i64, u64, u64, a1(i64))],
-        "count_range": [i64(a1(u64), i64, u64, u64)],
-        "in_ranges": [T.none(a1(u64), i64, a1(u64), a1(u64), a1(b))],
+        "hash_upsert": [T.UniTuple(i64, 2)(a1(u32), i64, i64, rk, i64, a1(u64, True), i64, a1(i64))],
+        "hash_find": [i64(a1(u32), i64, rk, a1(u64, True), a1(i64))],
+        "hash_find_span": [i64(a1(u32), i64, rk, u64, i64, a1(i64))],
+        "rehash": [T.none(a1(u32), i64, rk, i64)],
+        "scan_range": [i64(rk, i64, u64, u64, a1(i64))],
+        "count_range": [i64(rk, i64, u64, u64)],
+        "in_ranges": [T.none(rk, i64, a1(u64), a1(u64), a1(b))],
         "hash_push": [], "hash_pull": [], "run_push": [], "rows_push": [], "rows_pull": [],
+        "rows_match": [b(rk, a1(i64, True), a1(u64, True))],
         "first_nonfinite": [i64(a2(from_dtype(np.dtype(dt)), True)) for dt in (np.float32, np.float64)],
-        "lru_victims": [i64(a1(u64), a1(i32), a1(i64), a1(i64), i64, i64, a1(u64))],
+        "lru_victims": [i64(rk, a1(i32), a1(i64), a1(i64), i64, i64, a1(u64))],
         "cms_admit": [i64(a2(u32), a1(u64, True), a1(i64), i64, a1(b))],
-        "hash_touch": [T.none(a1(u32), i64, a1(u64), a1(u64, True), a1(i32), a1(i32), a1(i64), a1(i64), i64,
+        "hash_touch": [T.none(a1(u32), i64, rk, a1(u64, True), a1(i32), a1(i32), a1(i64), a1(i64), i64,
                               a1(u64), a1(u64))],
-        "hash_delete": [T.UniTuple(i64, 2)(a1(u32), i64, a1(u64), a2(T.uint8), i64, a1(u64, True),
+        "hash_delete": [T.UniTuple(i64, 2)(a1(u32), i64, rk, a2(T.uint8), i64, a1(u64, True),
                                            a1(i32), a1(i32), a1(i64), a1(i64))],
     }
     for dt in DTYPES:
         d = from_dtype(np.dtype(dt))
-        sigs["hash_push"].append(T.UniTuple(i64, 2)(a1(u32), i64, i64, a1(u64), a2(d), i64, a1(u64, True),
+        sigs["hash_push"].append(T.UniTuple(i64, 2)(a1(u32), i64, i64, rk, rd(d), i64, a1(u64, True),
                                                      a2(d, True), i64, i64, i64, a1(d), a1(f64), a1(i64)))
-        sigs["hash_pull"].append(i64(a1(u32), i64, a1(u64), a2(d), a1(u64, True), a2(d), i64, a1(i64)))
+        sigs["hash_pull"].append(i64(a1(u32), i64, rk, rd(d), a1(u64, True), a2(d), i64, a1(i64)))
         sigs["run_push"].append(T.none(a2(d), a2(d), a2(d), a1(i64), i64, a2(d, True), i64, i64, a1(d), a1(f64)))
-        sigs["rows_push"].append(T.none(a2(d), a1(i64, True), a2(d, True), i64, i64, a1(d), a1(f64)))
-        sigs["rows_pull"].append(T.none(a2(d), a1(i64, True), a2(d), i64))
+        sigs["rows_push"].append(T.none(rd(d), a1(i64, True), a2(d, True), i64, i64, a1(d), a1(f64)))
+        sigs["rows_pull"].append(b(a1(u32), i64, rk, rd(d), a1(i64, True), a1(u64, True), a2(d), i64))
     return sigs
 
 

@@ -10,8 +10,9 @@ Two kinds of storage, every key in exactly one of them:
 Pushes into the hash rows run the updater inside the lookup loop (``kernels``): one
 pass over the keys, each visited once. Range operations (``snapshot``, ``retain``,
 ``count_present_span``) scan the hash rows or probe key by key, whichever is cheaper,
-and return keys sorted. A pull of rows that sit in a row in one array can be lent as a
-view (``lending``); a write into an array with a lease held copies the array first.
+and return keys sorted. A pull of a dense run can be lent as a view (``lending``); a
+write into a run with a lease held copies it first. Hash rows are always copied out:
+their keys lie between their values (``hashrows``), so no view of them is contiguous.
 """
 from __future__ import annotations
 
@@ -167,10 +168,6 @@ class Table:
         if self._leases.held_on(run.vals):
             run.vals = run.vals.copy()
 
-    def _own_hash(self) -> None:
-        if self._leases.held_on(self._hash.data):
-            self._hash.data = self._hash.data.copy()
-
     # -- applying an update ------------------------------------------------------------
     def _run_apply(self, run: Run, off: int, values: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Fold ``values`` into rows off, off+1, ... of ``run`` (or into ``rows``)."""
@@ -191,7 +188,6 @@ class Table:
                        kind, self.width, pt, pf)
 
     def _hash_apply(self, keys: np.ndarray, values: np.ndarray) -> None:
-        self._own_hash()
         if self._fused is not None:
             self._hash.push(keys, values, *self._fused)
             return
@@ -237,7 +233,6 @@ class Table:
         if not k:
             return out[:0]
         keys = np.sort(out[:k])
-        self._own_hash()
         h.delete(keys)
         self._account()
         b.counts["evicted"] += k
@@ -247,7 +242,6 @@ class Table:
         """Delete the rows of ``keys`` that a primary evicted (we replicate them)."""
         if self._hash.track is None or not keys.size or not self._hash.n:
             return 0
-        self._own_hash()
         gone = self._hash.delete(keys)
         self._account()
         self.bounded.counts["evicted_by_primary"] += gone
@@ -337,7 +331,6 @@ class Table:
             self.push(keys, values)
             return self.locate(keys)
         values = self.check_values(values, keys.size)
-        self._own_hash()
         b = self.bounded
         if b is not None:
             b.pushes += 1
@@ -368,8 +361,8 @@ class Table:
             self._hash_apply(_as_keys(lo, count) if keys is None else keys, values)
 
     def pull(self, keys: np.ndarray, leases: list | None = None) -> np.ndarray:
-        """The rows of ``keys`` (zeros for keys never pushed). With ``leases``, rows that
-        sit in a row in storage may come back as a lent view (see ``_lend``)."""
+        """The rows of ``keys`` (zeros for keys never pushed). With ``leases``, the rows
+        of consecutive keys in a dense run may come back as a lent view (see ``_lend``)."""
         m = keys.size
         if (m < self.small_pull or m == 1) and not self._runs.items:
             return self._hash.pull(keys)  # a few keys (one is never lent): straight to the lookup
@@ -377,28 +370,13 @@ class Table:
             return self.pull_span(int(keys[0]), m, leases)
         segs, rest = self._runs.split(keys)
         if rest is None:
-            view = self._hash_view(keys, leases)
-            return view if view is not None else self._hash.pull(keys)
+            return self._hash.pull(keys)
         out = np.empty((m, self.width), self.dtype)
         for run, a, b in segs:
             out[a:b] = run.vals.take((keys[a:b] - np.uint64(run.lo)).astype(np.intp), axis=0)
         if rest.any():
             out[rest] = self._hash.pull(keys[rest])
         return out
-
-    def _hash_view(self, keys: np.ndarray, leases: list | None) -> np.ndarray | None:
-        """A lent view of the hash rows when ``keys`` are stored in consecutive rows in
-        this order (pushed together, pulled together), else None."""
-        m, h = keys.size, self._hash
-        if (leases is None or m < 2 or m * self.width * self.dtype.itemsize < self.lend_min_bytes
-                or h.cols != self.width):
-            return None
-        r0 = h.row_of(int(keys[0]))
-        if r0 < 0 or r0 + m > h.n or h.row_keys[r0 + m - 1] != keys[-1]:
-            return None
-        if not np.array_equal(h.row_keys[r0:r0 + m], keys):
-            return None
-        return self._lend(h.data[r0:r0 + m], leases)
 
     def pull_span(self, lo: int, count: int, leases: list | None = None) -> np.ndarray:
         if not count:
@@ -540,7 +518,6 @@ class Table:
                     arrays[i][at] = s[a:b]
             hashed = np.arange(m) if rest is None else np.flatnonzero(rest)
             if hashed.size:
-                self._own_hash()
                 rows = self._hash.upsert(keys[hashed])
                 if self._hash.track is not None:  # copied rows count as pushed now
                     self._hash.track.stamp[rows] = self.bounded.stamp()
