@@ -16,13 +16,14 @@ import pytest
 import psd
 from psd.store import Table, TableSpec
 
+from keysets import unique
 from test_failover import live_servers, wait_until
 from workerprocs import closing
 
 NKEYS = 3_200_000
 BATCH = 400_000
 ADA = {"lr": 0.2, "eps": 1e-3}
-KEYS = np.unique(np.random.default_rng(5).integers(0, 2**64 - 1, size=NKEYS, dtype=np.uint64, endpoint=True))
+KEYS = unique(np.random.default_rng(5).integers(0, 2**64 - 1, size=NKEYS, dtype=np.uint64, endpoint=True))
 KEYS[0], KEYS[-1] = 0, 2**64 - 1  # both ends of the key space ride along
 
 
