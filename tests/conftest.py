@@ -23,11 +23,18 @@ from psd.transport import security
 RAW_TIMEOUT = 5.0
 
 
-#: the longest modules, started first: the suite runs on two processes, each taking whole
+#: the longest modules, longest first (their summed test durations in one measured run of
+#: the whole suite), started first: the suite runs on two processes, each taking whole
 #: modules (``-n 2 --dist loadfile``, pyproject.toml), and a long module taken last would
-#: keep one process busy while the other has nothing left to do
-LONGEST_FIRST = ("test_sim.py", "test_partitions.py", "test_netcluster.py", "test_failover.py", "test_standby.py",
-                 "test_worker_failure.py", "test_sigterm.py", "test_load.py", "test_fuzz.py", "test_cli_jobs.py")
+#: keep one process busy while the other has nothing left to do. xdist hands modules out
+#: in this order only with ``--no-loadscope-reorder`` (pyproject.toml): by default it
+#: reorders them by their number of tests, which put the five-test real-data module and
+#: the three-test warm module near the end
+LONGEST_FIRST = ("test_sim.py", "test_real_data.py", "test_partitions.py", "test_apps_models.py",
+                 "test_store_warm.py", "test_cli_jobs.py", "test_netcluster.py", "test_security.py",
+                 "test_cms_lda.py", "test_operations.py", "test_fuzz.py", "test_logreg_app.py",
+                 "test_failover.py", "test_worker_failure.py", "test_cleanup.py", "test_consistency.py",
+                 "test_ring.py", "test_codec_ranges.py", "test_standby.py", "test_metrics.py")
 
 
 def pytest_collection_modifyitems(config, items):

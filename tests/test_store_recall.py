@@ -19,6 +19,8 @@ from psd.store import Table, TableSpec, hashrows, kernels as K
 from psd.store.runs import RUN_MIN
 from tests.test_store_hash import TOP, Reference, _grads, equal
 
+from keysets import setdiff, unique
+
 
 class Counted:
     """Counts calls of a kernel (``rows_pull``: pulls served from a push's rows)."""
@@ -121,9 +123,9 @@ def test_pushes_and_pulls_of_the_same_keys_match_the_reference(seq):
         else:
             equal(table.pull(keys), ref.pull(keys))
         if between == "grow":  # thousands of new keys installed: the index and the rows grow
-            install(np.setdiff1d(rng.integers(0, TOP, 3000, dtype=np.uint64, endpoint=True), ref.keys))
+            install(setdiff(rng.integers(0, TOP, 3000, dtype=np.uint64, endpoint=True), ref.keys))
         elif between == "install":  # keys a pull found absent arrive from a range copy
-            absent = np.setdiff1d(keys, ref.keys)
+            absent = setdiff(keys, ref.keys)
             if absent.size:
                 install(absent)
         elif between == "drop" and bounded and ref.keys.size:  # a replica deletes what its primary evicted: rows move
@@ -318,7 +320,7 @@ def test_kept_rows_cost_no_more_than_a_sixty_fourth_of_the_table(monkeypatch):
     rng = np.random.default_rng(4)
     table = Table(TableSpec("t", 1, "float32", "sum").validate())
     for _ in range(10):
-        keys = np.unique(rng.integers(0, TOP, 100_000, dtype=np.uint64))
+        keys = unique(rng.integers(0, TOP, 100_000, dtype=np.uint64))
         table.push(keys, np.ones((keys.size, 1), np.float32))
     pulls = Counted(monkeypatch, "rows_pull")
     table.pull(keys)
