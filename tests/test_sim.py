@@ -17,10 +17,11 @@ import pytest
 
 from psd.sim import settings_for, simulate
 
-#: seeds per consistency model in the suite (each schedule: 1.5 s of workload and its faults,
-#: then up to 4 s to settle, in virtual time); 55 to 90 ms of CPU a seed, of which about 24
-#: are heartbeats, pings and ticks (decisions 113 and 121: scripts/bench_sim.py measures it)
-SEEDS = {"eventual": 400, "bounded": 300, "sequential": 300}
+#: seeds per consistency model in the suite, at the short pace (psd.sim.run.SHORT: the
+#: workload and its faults over 0.75 s of virtual time, then up to 4 s to settle; decision
+#: 128: scripts/bench_sim.py measures the CPU a seed, scripts/sim_coverage.py what the
+#: seeds cover and find)
+SEEDS = {"eventual": 800, "bounded": 600, "sequential": 600}
 
 
 def _run(args: tuple[int, str]) -> str | None:
@@ -59,7 +60,7 @@ def test_chained_seeds_end_on_chained_rings():
     logging.disable(logging.CRITICAL)
     try:
         for seed in (5, 12):  # (a join; a kill at replication 3)
-            run = Run(seed, Settings(**settings_for(seed, "eventual")))
+            run = Run(seed, Settings(**settings_for(seed, "eventual"), pace="long"))
             outcome = run.run()
             assert outcome.ok and outcome.faults, outcome.describe()
             ring = run.scheduler.core.state.stable
@@ -72,23 +73,23 @@ def test_chained_seeds_end_on_chained_rings():
 
 
 #: schedules that found bugs of the server core, each failing on the core before its fix
-#: ("why": the decision that fixed it)
+#: ("why": the decision that fixed it); found at the long pace, which they keep (``LONG``)
 FOUND_SEEDS = [
     # decision 122: a pull the gate held across a ring change answered from rows the
     # final ring had dropped (joins and kills under chained placement; replication 1)
-    ("held pull", 5100, dict(consistency="sequential", placement="chained",
+    ("held pull", 5100, dict(pace="long", consistency="sequential", placement="chained",
                              faults=("join", "join", "join", "drop", "stall"))),
-    ("held pull", 5059, dict(consistency="sequential", placement="chained",
+    ("held pull", 5059, dict(pace="long", consistency="sequential", placement="chained",
                              faults=("join", "join", "join", "drop", "stall"))),
-    ("held pull", 5035, dict(consistency="bounded", placement="chained",
+    ("held pull", 5035, dict(pace="long", consistency="bounded", placement="chained",
                              faults=("join", "join", "join", "drop", "stall"))),
-    ("held pull", 6086, dict(consistency="sequential", placement="chained", servers=4,
+    ("held pull", 6086, dict(pace="long", consistency="sequential", placement="chained", servers=4,
                              faults=("kill", "kill", "drop", "stall"))),
-    ("held pull", 5108, dict(consistency="sequential", placement="spread", replication=1,
+    ("held pull", 5108, dict(pace="long", consistency="sequential", placement="spread", replication=1,
                              faults=("join", "join", "join", "drop", "stall"))),
     # decision 125: a forward lost last on its stream (a dropped connection to a stalled
     # replica, nothing sent after it): applied on the primary only, copies disagreed
-    ("lost forward", 6024, dict(consistency="sequential", placement="spread", servers=4,
+    ("lost forward", 6024, dict(pace="long", consistency="sequential", placement="spread", servers=4,
                                 faults=("kill", "kill", "drop", "stall"))),
 ]
 
@@ -161,7 +162,7 @@ def test_without_leases_a_lent_view_changes_under_the_reply(monkeypatch):
 
 def _run_kc(seed: int) -> tuple[str | None, dict]:
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, key_caching=True, **settings_for(seed, "eventual"))
+    outcome = simulate(seed, key_caching=True, pace="long", **settings_for(seed, "eventual"))
     return (None if outcome.ok else outcome.describe()), outcome.kc
 
 
@@ -183,7 +184,8 @@ def test_key_caching_keeps_every_invariant():
 
 def _run_pf(seed: int) -> tuple[str | None, dict]:
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, pull_filters=True, **settings_for(seed, ("eventual", "bounded", "sequential")[seed % 3]))
+    outcome = simulate(seed, pull_filters=True, pace="long",
+                       **settings_for(seed, ("eventual", "bounded", "sequential")[seed % 3]))
     return (None if outcome.ok else outcome.describe()), outcome.pf
 
 
@@ -203,7 +205,7 @@ def test_pull_filters_keep_every_invariant():
 
 def _run_bounded(seed: int) -> tuple[str | None, int, int]:
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, bounded=True, **settings_for(seed, ("eventual", "bounded")[seed % 2]))
+    outcome = simulate(seed, bounded=True, pace="long", **settings_for(seed, ("eventual", "bounded")[seed % 2]))
     return (None if outcome.ok else outcome.describe()), outcome.evicted, outcome.evicted_by_primary
 
 
@@ -238,7 +240,7 @@ def test_without_clearing_a_range_copied_in_bounded_copies_disagree(monkeypatch)
     monkeypatch.setattr(server.ServerCore, "_drop_rows_in", lambda self, r: None)
     logging.disable(logging.CRITICAL)
     try:
-        assert not simulate(27, bounded=True, **settings_for(27, "bounded")).ok
+        assert not simulate(27, bounded=True, pace="long", **settings_for(27, "bounded")).ok
     finally:
         logging.disable(logging.NOTSET)
 
@@ -254,7 +256,7 @@ ONE_MESSAGE_SEEDS = range(40)
 
 
 def _one_message(seed: int) -> dict:
-    return {**ONE_MESSAGE, "consistency": "bounded" if seed % 3 == 1 else "eventual"}
+    return {**ONE_MESSAGE, "consistency": "bounded" if seed % 3 == 1 else "eventual", "pace": "long"}
 
 
 def _run_one_message(seed: int) -> tuple[str | None, dict]:
