@@ -83,7 +83,7 @@ LONG = Pace(start=0.3, step=(0.004, 0.05), duration=1.5, tail=0.5, faults_from=0
             cut_worker=(0.5, 2.0), restart=(0.5, 1.5), retry=0.2)
 #: the suite's pace (decision 128): the same faults and about as many requests, over
 #: less virtual time, so fewer heartbeats, pings and ticks a seed
-SHORT = Pace(start=0.05, step=(0.002, 0.025), duration=0.8, tail=0.3, faults_from=0.15, stall=(0.05, 0.5),
+SHORT = Pace(start=0.05, step=(0.0025, 0.031), duration=0.8, tail=0.3, faults_from=0.15, stall=(0.05, 0.5),
              stall_long=(0.6, 1.2), stall_scheduler=(0.2, 1.0), cut=(0.3, 1.5), one_way=(0.2, 1.0),
              cut_worker=(0.3, 1.0), restart=(0.3, 0.8), retry=0.05)
 PACES = {"long": LONG, "short": SHORT}
