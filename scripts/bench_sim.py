@@ -18,7 +18,7 @@ shows that it is.
 
 The settings are the suite's (``tests/test_sim.py``): each consistency model with
 ``settings_for``, plus key caching, a bounded table, and one message per server, at
-each tree's default pace (``--pace long``: the schedules before decision 128, which a
+each tree's default pace (``--pace long``: the schedules before decision 129, which a
 change meant only to be faster must keep "same" beside an older tree).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ from psd.sim import Settings, settings_for, simulate
 consistency, extra, first, n, pace = json.loads(sys.argv[1])
 if "faults" in extra:
     extra["faults"] = tuple(extra["faults"])
-if pace and "pace" in Settings.__dataclass_fields__:  # (a tree before decision 128 has the long one only)
+if pace and "pace" in Settings.__dataclass_fields__:  # (a tree before decision 129 has the long one only)
     extra["pace"] = pace
 simulate(first, **{**settings_for(first, consistency), **extra})  # (imports, first tables: not timed)
 messages, outcomes = 0, []
@@ -85,7 +85,7 @@ def main() -> int:
                     help="figure over the rounds (min: the least disturbed round, on a busy machine)")
     ap.add_argument("--only", action="append", choices=sorted(CELLS), help="these cells only (repeatable)")
     ap.add_argument("--pace", help="run every tree at this pace (psd.sim.run.PACES; default: each tree's own "
-                                   "default; a tree before decision 128 runs the long one whatever is asked)")
+                                   "default; a tree before decision 129 runs the long one whatever is asked)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     trees = [Path(t).resolve() for t in args.tree] + [HERE]

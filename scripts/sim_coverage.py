@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What a set of simulation seeds covers, and what it finds per CPU second, for two
-paces or two trees side by side (decision 128).
+paces or two trees side by side (decision 129).
 
     python scripts/sim_coverage.py faults --pace long:eventual=400,bounded=300,sequential=300 \\
                                           --pace short:eventual=800,bounded=600,sequential=600

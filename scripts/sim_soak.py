@@ -4,7 +4,7 @@ print every failing seed with the command that replays it.
 
     python scripts/sim_soak.py --minutes 30            # all three consistency models in turn
     python scripts/sim_soak.py --seed 1234 --consistency bounded -v   # replay one, with its log
-    python scripts/sim_soak.py --minutes 10 --pace long   # the schedules before decision 128
+    python scripts/sim_soak.py --minutes 10 --pace long   # the schedules before decision 129
 
 It uses every core (one process each) and shows progress once a second.
 """

@@ -18,10 +18,10 @@ import pytest
 from psd.sim import settings_for, simulate
 
 #: seeds per consistency model in the suite, at the short pace (psd.sim.run.SHORT: the
-#: workload and its faults over 0.75 s of virtual time, then up to 4 s to settle; decision
-#: 128: scripts/bench_sim.py measures the CPU a seed, scripts/sim_coverage.py what the
-#: seeds cover and find)
-SEEDS = {"eventual": 800, "bounded": 600, "sequential": 600}
+#: workload over about 1 s of virtual time, its faults within [0.15, 0.7] s, then up to 4 s
+#: to settle; decision 129: scripts/bench_sim.py measures the CPU a seed,
+#: scripts/sim_coverage.py what the seeds cover and find)
+SEEDS = {"eventual": 480, "bounded": 360, "sequential": 360}
 
 
 def _run(args: tuple[int, str]) -> str | None:
@@ -297,7 +297,7 @@ def test_with_a_partial_forward_noted_whole_an_acked_push_is_lost(monkeypatch):
     assert found is not None
 
 
-# -- the cores' shortcuts the simulation leans on (decision 128) -----------------------------------
+# -- the cores' shortcuts the simulation leans on (decision 129) -----------------------------------
 def test_leads_anew_answers_what_overlay_does():
     """``ring.leads_anew`` (a server asks it at every ring notice) gives what the overlay
     of the two rings gives, for every node, over rings that change by joins, deaths and
@@ -336,3 +336,9 @@ def test_leads_anew_answers_what_overlay_does():
             assert leads_anew(old, new, node) == want, (old, new, node)
             checked[want] += 1
     assert checked[True] > 500 and checked[False] > 500, checked
+
+
+def test_an_unknown_pace_is_refused_by_name():
+    from psd.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"Settings.pace: expected one of \['long', 'short'\], got 'brisk'"):
+        simulate(1, pace="brisk")

@@ -36,6 +36,7 @@ from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core import ids
+from psd.errors import ConfigError
 from psd.filters.pull import build_pull
 from psd.schema import TableSpec
 from psd.sim.nodes import SCHEDULER, SimScheduler, SimServer, SimWorker
@@ -75,16 +76,18 @@ class Pace:
     retry: float                     # a worker's create_table, refused before every server joined, again after
 
 
-#: the pace of every run until decision 128: 1.5 s of workload from 0.3 s, faults from
+#: the pace of every run until decision 129: 1.5 s of workload from 0.3 s, faults from
 #: 0.45 s, 0.5 s of tail. The seeds that found bugs (tests/test_sim.py FOUND_SEEDS) and
 #: the tests that name seeds of their own replay on it.
 LONG = Pace(start=0.3, step=(0.004, 0.05), duration=1.5, tail=0.5, faults_from=0.45, stall=(0.05, 0.6),
             stall_long=(1.0, 2.5), stall_scheduler=(0.3, 2.0), cut=(0.5, 3.0), one_way=(0.3, 2.0),
             cut_worker=(0.5, 2.0), restart=(0.5, 1.5), retry=0.2)
-#: the suite's pace (decision 128): the same faults and about as many requests, over
+#: the suite's pace (decision 129): the same kinds of fault and about as many steps
+#: (denser, from 0.05 s: the first ring settles by 0.03 s), faults over [0.15, 0.7] s,
+#: shorter stalls, cuts and restarts (a long stall still outlasts the failure timeout):
 #: less virtual time, so fewer heartbeats, pings and ticks a seed
-SHORT = Pace(start=0.05, step=(0.0025, 0.031), duration=0.8, tail=0.3, faults_from=0.15, stall=(0.05, 0.5),
-             stall_long=(0.6, 1.2), stall_scheduler=(0.2, 1.0), cut=(0.3, 1.5), one_way=(0.2, 1.0),
+SHORT = Pace(start=0.05, step=(0.0025, 0.031), duration=0.8, tail=0.3, faults_from=0.15, stall=(0.05, 0.6),
+             stall_long=(0.6, 1.2), stall_scheduler=(0.3, 1.2), cut=(0.3, 1.5), one_way=(0.2, 1.0),
              cut_worker=(0.3, 1.0), restart=(0.3, 0.8), retry=0.05)
 PACES = {"long": LONG, "short": SHORT}
 
@@ -192,7 +195,7 @@ class Run:
         self.seed = seed
         self.s = settings
         if settings.pace not in PACES:
-            raise ValueError(f"Settings.pace: expected one of {sorted(PACES)}, got {settings.pace!r}")
+            raise ConfigError(f"Settings.pace: expected one of {sorted(PACES)}, got {settings.pace!r}")
         self.pace = PACES[settings.pace]
         self.table = BOUNDED_TABLE if settings.bounded else TABLE
         self.world = World(seed)
