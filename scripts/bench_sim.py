@@ -17,7 +17,9 @@ messages, faults and violations, seed by seed), so a change meant only to be fas
 shows that it is.
 
 The settings are the suite's (``tests/test_sim.py``): each consistency model with
-``settings_for``, plus key caching, a bounded table, and one message per server.
+``settings_for``, plus key caching, a bounded table, and one message per server, at
+each tree's default pace (``--pace long``: the schedules before decision 136, which a
+change meant only to be faster must keep "same" beside an older tree).
 """
 from __future__ import annotations
 
@@ -47,10 +49,12 @@ import hashlib, json, logging, sys, time
 logging.disable(logging.CRITICAL)
 import psd.store.kernels as kernels
 kernels.warm()
-from psd.sim import settings_for, simulate
-consistency, extra, first, n = json.loads(sys.argv[1])
+from psd.sim import Settings, settings_for, simulate
+consistency, extra, first, n, pace = json.loads(sys.argv[1])
 if "faults" in extra:
     extra["faults"] = tuple(extra["faults"])
+if pace and "pace" in Settings.__dataclass_fields__:  # (a tree before decision 136 has the long one only)
+    extra["pace"] = pace
 simulate(first, **{**settings_for(first, consistency), **extra})  # (imports, first tables: not timed)
 messages, outcomes = 0, []
 start = time.process_time()
@@ -64,9 +68,9 @@ print(json.dumps({"cpu": cpu, "messages": messages / n, "digest": digest}))
 """
 
 
-def cell(tree: Path, consistency: str, extra: dict, first: int, n: int) -> dict:
+def cell(tree: Path, consistency: str, extra: dict, first: int, n: int, pace: str | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([consistency, extra, first, n])], env=env,
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([consistency, extra, first, n, pace])], env=env,
                          cwd=tree, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -80,6 +84,8 @@ def main() -> int:
     ap.add_argument("--stat", choices=("median", "min"), default="median",
                     help="figure over the rounds (min: the least disturbed round, on a busy machine)")
     ap.add_argument("--only", action="append", choices=sorted(CELLS), help="these cells only (repeatable)")
+    ap.add_argument("--pace", help="run every tree at this pace (psd.sim.run.PACES; default: each tree's own "
+                                   "default; a tree before decision 136 runs the long one whatever is asked)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     trees = [Path(t).resolve() for t in args.tree] + [HERE]
@@ -91,7 +97,7 @@ def main() -> int:
             order = trees if r % 2 == 0 else trees[::-1]
             for tree in order:
                 results.setdefault((label, tree.name), []).append(
-                    cell(tree, consistency, extra, args.first, args.seeds))
+                    cell(tree, consistency, extra, args.first, args.seeds, args.pace))
         print(f"round {r + 1} of {args.rounds} done", file=sys.stderr, flush=True)
     head = f"{'seeds of':14s}" + "".join(f"{n[:18]:>20s} {'msgs':>6s}" for n in names)
     if len(trees) > 1:

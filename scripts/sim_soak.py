@@ -4,6 +4,7 @@ print every failing seed with the command that replays it.
 
     python scripts/sim_soak.py --minutes 30            # all three consistency models in turn
     python scripts/sim_soak.py --seed 1234 --consistency bounded -v   # replay one, with its log
+    python scripts/sim_soak.py --minutes 10 --pace long   # the schedules before decision 136
 
 It uses every core (one process each) and shows progress once a second.
 """
@@ -21,14 +22,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from psd.sim import settings_for, simulate  # noqa: E402
+from psd.sim.run import PACES  # noqa: E402
 
 MODELS = ("eventual", "bounded", "sequential")
 
 
-def one(args: tuple[int, str]) -> tuple[int, str, str | None, int]:
-    seed, consistency = args
+def one(args: tuple[int, str, str]) -> tuple[int, str, str | None, int]:
+    seed, consistency, pace = args
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, **settings_for(seed, consistency))
+    outcome = simulate(seed, pace=pace, **settings_for(seed, consistency))
     return seed, consistency, None if outcome.ok else outcome.describe(), outcome.messages
 
 
@@ -38,6 +40,8 @@ def main() -> int:
     ap.add_argument("--start", type=int, default=100_000, help="first seed (default 100000: past the suite's)")
     ap.add_argument("--consistency", choices=MODELS, help="one model only (default: all three in turn)")
     ap.add_argument("--seed", type=int, help="run this one seed and print its fault log")
+    ap.add_argument("--pace", choices=sorted(PACES), default="short",
+                    help="when things happen in a run (psd.sim.run.PACES; default short, the suite's)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("-v", "--verbose", action="store_true", help="with --seed: the cores' log lines too")
     args = ap.parse_args()
@@ -45,13 +49,13 @@ def main() -> int:
         if args.verbose:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         from psd.sim.run import Run, Settings
-        run = Run(args.seed, Settings(**settings_for(args.seed, args.consistency or "eventual")))
+        run = Run(args.seed, Settings(**settings_for(args.seed, args.consistency or "eventual"), pace=args.pace))
         outcome = run.run()
         print("\n".join(run.world.log))
         print(outcome.describe())
         return 0 if outcome.ok else 1
     models = [args.consistency] if args.consistency else list(MODELS)
-    jobs = ((seed, models[i % len(models)]) for i, seed in enumerate(itertools.count(args.start)))
+    jobs = ((seed, models[i % len(models)], args.pace) for i, seed in enumerate(itertools.count(args.start)))
     end = time.monotonic() + 60 * args.minutes
     done = failed = messages = 0
     last = 0.0
@@ -65,7 +69,7 @@ def main() -> int:
                 if failure:
                     failed += 1
                     print(f"\nFAILED {failure}\n  replay: python scripts/sim_soak.py --seed {seed} "
-                          f"--consistency {consistency} -v", flush=True)
+                          f"--consistency {consistency} --pace {args.pace} -v", flush=True)
                 if time.monotonic() < end:
                     running.add(pool.submit(one, next(jobs)))
             if time.monotonic() - last >= 1.0:

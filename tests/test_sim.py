@@ -18,10 +18,11 @@ import pytest
 
 from psd.sim import settings_for, simulate
 
-#: seeds per consistency model in the suite (each schedule: 1.5 s of workload and its faults,
-#: then up to 4 s to settle, in virtual time); 55 to 90 ms of CPU a seed, of which about 24
-#: are heartbeats, pings and ticks (decisions 113 and 121: scripts/bench_sim.py measures it)
-SEEDS = {"eventual": 400, "bounded": 300, "sequential": 300}
+#: seeds per consistency model in the suite, at the short pace (psd.sim.run.SHORT: the
+#: workload over about 1 s of virtual time, its faults within [0.15, 0.7] s, then up to 4 s
+#: to settle; decision 136: scripts/bench_sim.py measures the CPU a seed,
+#: scripts/sim_coverage.py what the seeds cover and find)
+SEEDS = {"eventual": 480, "bounded": 360, "sequential": 360}
 
 
 def _run(args: tuple[int, str]) -> str | None:
@@ -48,7 +49,7 @@ def test_seeded_schedules_keep_every_invariant(consistency, sim_seed):
 def test_a_seed_replays_exactly():
     a, b = simulate(11, consistency="bounded"), simulate(11, consistency="bounded")
     assert (a.pushes, a.acked, a.pulls, a.messages, a.faults) == (b.pushes, b.acked, b.pulls, b.messages, b.faults)
-    assert a.pushes > 20 and a.pulls > 10, "the workload should be doing something"
+    assert a.pushes > 10 and a.pulls > 5, "the workload should be doing something"
 
 
 def test_chained_seeds_end_on_chained_rings():
@@ -60,7 +61,7 @@ def test_chained_seeds_end_on_chained_rings():
     logging.disable(logging.CRITICAL)
     try:
         for seed in (5, 12):  # (a join; a kill at replication 3)
-            run = Run(seed, Settings(**settings_for(seed, "eventual")))
+            run = Run(seed, Settings(**settings_for(seed, "eventual"), pace="long"))
             outcome = run.run()
             assert outcome.ok and outcome.faults, outcome.describe()
             ring = run.scheduler.core.state.stable
@@ -73,36 +74,36 @@ def test_chained_seeds_end_on_chained_rings():
 
 
 #: schedules that found bugs of the server core, each failing on the core before its fix
-#: ("why": the decision that fixed it)
+#: ("why": the decision that fixed it); found at the long pace, which they keep (``LONG``)
 FOUND_SEEDS = [
     # decision 122: a pull the gate held across a ring change answered from rows the
     # final ring had dropped (joins and kills under chained placement; replication 1)
-    ("held pull", 5100, dict(consistency="sequential", placement="chained",
+    ("held pull", 5100, dict(pace="long", consistency="sequential", placement="chained",
                              faults=("join", "join", "join", "drop", "stall"))),
-    ("held pull", 5059, dict(consistency="sequential", placement="chained",
+    ("held pull", 5059, dict(pace="long", consistency="sequential", placement="chained",
                              faults=("join", "join", "join", "drop", "stall"))),
-    ("held pull", 5035, dict(consistency="bounded", placement="chained",
+    ("held pull", 5035, dict(pace="long", consistency="bounded", placement="chained",
                              faults=("join", "join", "join", "drop", "stall"))),
-    ("held pull", 6086, dict(consistency="sequential", placement="chained", servers=4,
+    ("held pull", 6086, dict(pace="long", consistency="sequential", placement="chained", servers=4,
                              faults=("kill", "kill", "drop", "stall"))),
-    ("held pull", 5108, dict(consistency="sequential", placement="spread", replication=1,
+    ("held pull", 5108, dict(pace="long", consistency="sequential", placement="spread", replication=1,
                              faults=("join", "join", "join", "drop", "stall"))),
     # decision 125: a forward lost last on its stream (a dropped connection to a stalled
     # replica, nothing sent after it): applied on the primary only, copies disagreed
-    ("lost forward", 6024, dict(consistency="sequential", placement="spread", servers=4,
+    ("lost forward", 6024, dict(pace="long", consistency="sequential", placement="spread", servers=4,
                                 faults=("kill", "kill", "drop", "stall"))),
     # decision 129: a pushpull the gate held across a ring change answered its pull part
     # from rows the final ring had dropped (the worker, cut off from the scheduler or slow
     # to hear the ring, took the answer); half the pushes go as pushpulls
-    ("held pushpull", 5209, dict(consistency="sequential", placement="chained", pushpull=True,
+    ("held pushpull", 5209, dict(pace="long", consistency="sequential", placement="chained", pushpull=True,
                                  faults=("join", "join", "join", "drop", "stall"))),
-    ("held pushpull", 5049, dict(consistency="sequential", placement="chained", pushpull=True,
+    ("held pushpull", 5049, dict(pace="long", consistency="sequential", placement="chained", pushpull=True,
                                  faults=("join", "join", "cut_worker", "drop"))),
-    ("held pushpull", 5161, dict(consistency="bounded", placement="chained", pushpull=True,
+    ("held pushpull", 5161, dict(pace="long", consistency="bounded", placement="chained", pushpull=True,
                                  faults=("join", "join", "cut_worker", "drop"))),
     # decision 130: a worker first heard after a takeover, with a clock sent at the old
     # ring, vouched for pushes still on their way to the old primary
-    ("unsynced clock", 5085, dict(consistency="bounded", placement="chained", pushpull=True,
+    ("unsynced clock", 5085, dict(pace="long", consistency="bounded", placement="chained", pushpull=True,
                                   faults=("join", "join", "cut_worker", "drop"))),
 ]
 
@@ -159,7 +160,7 @@ def test_without_the_stream_order_a_pull_overtakes_a_push(monkeypatch):
 
 def _run_kc(seed: int) -> tuple[str | None, dict]:
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, key_caching=True, **settings_for(seed, "eventual"))
+    outcome = simulate(seed, key_caching=True, pace="long", **settings_for(seed, "eventual"))
     return (None if outcome.ok else outcome.describe()), outcome.kc
 
 
@@ -181,7 +182,8 @@ def test_key_caching_keeps_every_invariant():
 
 def _run_pf(seed: int) -> tuple[str | None, dict]:
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, pull_filters=True, **settings_for(seed, ("eventual", "bounded", "sequential")[seed % 3]))
+    outcome = simulate(seed, pull_filters=True, pace="long",
+                       **settings_for(seed, ("eventual", "bounded", "sequential")[seed % 3]))
     return (None if outcome.ok else outcome.describe()), outcome.pf
 
 
@@ -201,7 +203,7 @@ def test_pull_filters_keep_every_invariant():
 
 def _run_bounded(seed: int) -> tuple[str | None, int, int]:
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, bounded=True, **settings_for(seed, ("eventual", "bounded")[seed % 2]))
+    outcome = simulate(seed, bounded=True, pace="long", **settings_for(seed, ("eventual", "bounded")[seed % 2]))
     return (None if outcome.ok else outcome.describe()), outcome.evicted, outcome.evicted_by_primary
 
 
@@ -236,7 +238,7 @@ def test_without_clearing_a_range_copied_in_bounded_copies_disagree(monkeypatch)
     monkeypatch.setattr(server.ServerCore, "_drop_rows_in", lambda self, r: None)
     logging.disable(logging.CRITICAL)
     try:
-        assert not simulate(27, bounded=True, **settings_for(27, "bounded")).ok
+        assert not simulate(27, bounded=True, pace="long", **settings_for(27, "bounded")).ok
     finally:
         logging.disable(logging.NOTSET)
 
@@ -252,7 +254,7 @@ ONE_MESSAGE_SEEDS = range(40)
 
 
 def _one_message(seed: int) -> dict:
-    return {**ONE_MESSAGE, "consistency": "bounded" if seed % 3 == 1 else "eventual"}
+    return {**ONE_MESSAGE, "consistency": "bounded" if seed % 3 == 1 else "eventual", "pace": "long"}
 
 
 def _run_one_message(seed: int) -> tuple[str | None, dict]:
@@ -291,3 +293,50 @@ def test_with_a_partial_forward_noted_whole_an_acked_push_is_lost(monkeypatch):
     finally:
         logging.disable(logging.NOTSET)
     assert found is not None
+
+
+# -- the cores' shortcuts the simulation leans on (decision 136) -----------------------------------
+def test_leads_anew_answers_what_overlay_does():
+    """``ring.leads_anew`` (a server asks it at every ring notice) gives what the overlay
+    of the two rings gives, for every node, over rings that change by joins, deaths and
+    rebalances, joint rings, rings with gaps, and a ring against itself."""
+    import random
+
+    from psd.cluster.assignment import Assignment
+    from psd.cluster.ranges import Range
+    from psd.cluster.ring import consistent_hash, joint, leads_anew, on_server_death, on_server_join, overlay
+
+    def by_overlay(old, new, node):
+        return any(n and n[0] == node and (not o or o[0] != node) for _, o, n in overlay(old, new))
+
+    rng = random.Random(7)
+    rings = [Assignment(version=0)]
+    for trial in range(60):
+        servers = [f"S{i}" for i in range(rng.randint(1, 5))]
+        kw = dict(vnodes=rng.choice((1, 4, 8)), replication=rng.randint(1, 3),
+                  placement=rng.choice(("spread", "chained")))
+        ring = consistent_hash(servers, trial, **kw)
+        joined = on_server_join(ring, "S9", servers, **kw).ring
+        died = on_server_death(ring, servers[0], servers[1:], **kw).ring if len(servers) > 1 else ring
+        rings += [ring, joined, died, joint(ring, joined, servers, trial)]
+        for base in (ring, joined):  # rings that do not cover the key space: some ranges left out
+            kept = sorted(rng.sample(range(len(base.ranges)), rng.randint(1, len(base.ranges))))
+            rings.append(Assignment(version=trial, ranges=tuple(base.ranges[i] for i in kept),
+                                    owners=tuple(base.owners[i] for i in kept)))
+    rings.append(Assignment(version=1, ranges=(Range(10, 20), Range(30, 40)), owners=(("S0",), ("S0", "S1"))))
+    rings.append(Assignment(version=1, ranges=(Range(0, 2**64),), owners=(("S0",),)))
+    pairs = [(a, b) for a in rings for b in rings]
+    pairs = [*rng.sample(pairs, 4000), *((a, a) for a in rings), *zip(rings, rings[1:])]
+    checked = {False: 0, True: 0}
+    for old, new in pairs:
+        for node in ("S0", "S1", "S2", "S9"):
+            want = by_overlay(old, new, node)
+            assert leads_anew(old, new, node) == want, (old, new, node)
+            checked[want] += 1
+    assert checked[True] > 500 and checked[False] > 500, checked
+
+
+def test_an_unknown_pace_is_refused_by_name():
+    from psd.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"Settings.pace: expected one of \['long', 'short'\], got 'brisk'"):
+        simulate(1, pace="brisk")

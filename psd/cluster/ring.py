@@ -45,6 +45,7 @@ dead server's successor, which held every range it led.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
@@ -141,6 +142,27 @@ def overlay(old: Assignment, new: Assignment) -> list[tuple[Range, Owners, Owner
         j = _advance(new, j, begin)
         out.append((Range(begin, end), _owners_at(old, i, begin), _owners_at(new, j, begin)))
     return out
+
+
+def leads_anew(old: Assignment, new: Assignment, node: str) -> bool:
+    """Whether ``node`` leads in ``new`` some key it did not lead in ``old``: the question
+    ``overlay`` answers as ``any(n and n[0] == node and (not o or o[0] != node) for _, o, n
+    in overlay(old, new))``, without building its pieces (a server asks at every ring
+    notice, several times per ring change)."""
+    if old is new:
+        return False
+    starts = [r.begin for r in old.ranges]
+    ranges, owners = old.ranges, old.owners
+    for r, own in zip(new.ranges, new.owners):
+        if not own or own[0] != node:
+            continue
+        key, i = r.begin, bisect_right(starts, r.begin) - 1
+        while key < r.end:  # (the old ranges that cover r, in order, all led by node)
+            if i < 0 or i >= len(ranges) or not ranges[i].begin <= key < ranges[i].end or not owners[i] \
+                    or owners[i][0] != node:
+                return True
+            key, i = ranges[i].end, i + 1
+    return False
 
 
 def _advance(a: Assignment, i: int, key: int) -> int:

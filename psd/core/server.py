@@ -29,7 +29,7 @@ import numpy as np
 
 from psd.cluster.assignment import Assignment
 from psd.cluster.ranges import KEY_SPACE_END, Range, bounds, range_from_wire, range_to_wire
-from psd.cluster.ring import overlay
+from psd.cluster.ring import leads_anew, overlay
 from psd.cluster.rows import Rows
 from psd.cluster.schedulers import lost_after
 from psd.codec import Message
@@ -499,8 +499,7 @@ class ServerCore:
         if ring.version < self.ring.version:
             return
         gone = set(self.ring.servers) - set(ring.servers)
-        if any(new and new[0] == self.node_id and (not old or old[0] != self.node_id)
-               for _piece, old, new in overlay(self.ring, ring)) and self.ring.ranges:
+        if self.ring.ranges and leads_anew(self.ring, ring, self.node_id):
             # we lead keys we did not: a worker's pushes to them may still be on their way to
             # their old primary; its clocks vouch for them here once it knows this ring
             self.sync_version = ring.version

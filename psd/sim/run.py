@@ -36,6 +36,7 @@ from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core import ids
+from psd.errors import ConfigError
 from psd.filters.pull import build_pull
 from psd.schema import TableSpec
 from psd.sim.nodes import SCHEDULER, SimScheduler, SimServer, SimWorker
@@ -53,6 +54,44 @@ FAULTS = ("kill", "stall", "stall_long", "cut_scheduler", "cut_server_from_sched
 SLOTS = 31
 
 
+@dataclass(frozen=True)
+class Pace:
+    """When things happen in a run, in virtual seconds: the workload's span and density,
+    when faults are drawn and how long each lasts. Ranges are (low, high) of a uniform
+    draw; a pace changes only these bounds, never which draws are made, so two paces
+    make the same calls on the seed's generator."""
+
+    start: float                     # the first worker starts (the others 0.05 s apart)
+    step: tuple[float, float]        # a worker's gap between two steps
+    duration: float                  # workload and faults; everything heals at its end
+    tail: float                      # workload after the heal
+    faults_from: float               # faults fall in [faults_from, duration - 0.1]
+    stall: tuple[float, float]
+    stall_long: tuple[float, float]  # past the failure timeout (heartbeat 0.1 s x 4 misses)
+    stall_scheduler: tuple[float, float]
+    cut: tuple[float, float]         # a partition of one process, or of the scheduler, heals after
+    one_way: tuple[float, float]
+    cut_worker: tuple[float, float]
+    restart: tuple[float, float]     # a killed server's successor joins after
+    retry: float                     # a worker's create_table, refused before every server joined, again after
+
+
+#: the pace of every run until decision 136: 1.5 s of workload from 0.3 s, faults from
+#: 0.45 s, 0.5 s of tail. The seeds that found bugs (tests/test_sim.py FOUND_SEEDS) and
+#: the tests that name seeds of their own replay on it.
+LONG = Pace(start=0.3, step=(0.004, 0.05), duration=1.5, tail=0.5, faults_from=0.45, stall=(0.05, 0.6),
+            stall_long=(1.0, 2.5), stall_scheduler=(0.3, 2.0), cut=(0.5, 3.0), one_way=(0.3, 2.0),
+            cut_worker=(0.5, 2.0), restart=(0.5, 1.5), retry=0.2)
+#: the suite's pace (decision 136): the same kinds of fault and about as many steps
+#: (denser, from 0.05 s: the first ring settles by 0.03 s), faults over [0.15, 0.7] s,
+#: shorter stalls, cuts and restarts (a long stall still outlasts the failure timeout):
+#: less virtual time, so fewer heartbeats, pings and ticks a seed
+SHORT = Pace(start=0.05, step=(0.0025, 0.031), duration=0.8, tail=0.3, faults_from=0.15, stall=(0.05, 0.6),
+             stall_long=(0.6, 1.2), stall_scheduler=(0.3, 1.2), cut=(0.3, 1.5), one_way=(0.2, 1.0),
+             cut_worker=(0.3, 1.0), restart=(0.3, 0.8), retry=0.05)
+PACES = {"long": LONG, "short": SHORT}
+
+
 @dataclass
 class Settings:
     servers: int = 3
@@ -60,8 +99,9 @@ class Settings:
     replication: int = 2
     consistency: str = "eventual"
     max_delay: int = 1
-    duration: float = 1.5       # seconds of workload (virtual)
-    settle: float = 4.0         # seconds after it, with every fault healed
+    #: when things happen (PACES: "short", the suite's, or "long", the pace before it)
+    pace: str = "short"
+    settle: float = 4.0         # seconds after the workload, with every fault healed, at most
     keys_per_worker: int = 6
     outstanding: int = 6        # requests a worker keeps in flight at most
     faults: bool | tuple[str, ...] = True  # True: any kind (FAULTS); or only these kinds
@@ -157,6 +197,9 @@ class Run:
         ids.reseed(seed)  # request ids and epochs too: the run replays exactly
         self.seed = seed
         self.s = settings
+        if settings.pace not in PACES:
+            raise ConfigError(f"Settings.pace: expected one of {sorted(PACES)}, got {settings.pace!r}")
+        self.pace = PACES[settings.pace]
         self.table = BOUNDED_TABLE if settings.bounded else TABLE
         self.world = World(seed)
         self.rng = self.world.rng
@@ -192,7 +235,7 @@ class Run:
             self.workers.append(worker)
             worker.on_done = lambda ts, result, error, w=w: self._done(w, ts, result, error)
             worker.on_ready = lambda w=w: self._ready(w)
-            self.world.after(0.3 + 0.05 * w, worker.start, None)
+            self.world.after(self.pace.start + 0.05 * w, worker.start, None)
 
     def add_server(self) -> SimServer:
         server = SimServer(self.world, f"srv-{len(self.servers)}", self.config)
@@ -207,7 +250,7 @@ class Run:
 
         def created(reply: Message) -> None:
             if reply.op != "ok":  # (the servers were not all there yet)
-                self.world.after(0.2, lambda: self._ready(w), worker.name)
+                self.world.after(self.pace.retry, lambda: self._ready(w), worker.name)
                 return
             self.world.after(0.01, lambda: self._step(w), worker.name)
         worker.caller.request(self.world, worker._link(), worker.name,
@@ -227,7 +270,7 @@ class Run:
             else:
                 worker.clock()
                 self._order += 1
-        self.world.after(self.rng.uniform(0.004, 0.05), lambda: self._step(w), worker.name)
+        self.world.after(self.rng.uniform(*self.pace.step), lambda: self._step(w), worker.name)
 
     def _push(self, w: int, pull: bool = False) -> None:
         """A push of a few of the worker's keys, each to a fresh slot; ``pull``: as a
@@ -292,16 +335,16 @@ class Run:
         """A few faults at times the seed picks, healed before the run settles."""
         if not self.s.faults:
             return
-        rng, end = self.rng, self.s.duration
+        rng, end = self.rng, self.pace.duration
         kinds = FAULTS if self.s.faults is True else tuple(self.s.faults)
         for _ in range(rng.randint(1, 3)):
-            at = rng.uniform(0.45, end - 0.1)
+            at = rng.uniform(self.pace.faults_from, end - 0.1)
             kind = rng.choice(kinds)
             self.world.at(at, lambda kind=kind: self._fault(kind), None)
         self.world.at(end, self.world.heal, None)
 
     def _fault(self, kind: str) -> None:
-        w, rng = self.world, self.rng
+        w, rng, pace = self.world, self.rng, self.pace
         live = [s for s in self.servers if s.alive and s.name in w.processes]
         if not live:
             return
@@ -312,7 +355,7 @@ class Run:
                 self.killed += 1
                 w.kill(victim.name)
                 victim.alive = False
-                w.after(rng.uniform(0.5, 1.5), self.add_server, None)
+                w.after(rng.uniform(*pace.restart), self.add_server, None)
         elif kind == "kill_mid_forward":  # (not among FAULTS: only where a test asks for it)
             if self.killed < self.s.replication - 1 and len(live) > 1:
                 self.killed += 1
@@ -321,31 +364,31 @@ class Run:
                     w.kill(victim.name)
                     victim.alive = False
                     self.outcome.faults.append(f"died mid-forward@{w.now:.2f}")
-                    w.after(rng.uniform(0.5, 1.5), self.add_server, None)
+                    w.after(rng.uniform(*pace.restart), self.add_server, None)
                 victim.die_mid_forward = die
         elif kind == "stall":
-            w.stall(victim.name, rng.uniform(0.05, 0.6))
+            w.stall(victim.name, rng.uniform(*pace.stall))
         elif kind == "stall_long":
-            w.stall(victim.name, rng.uniform(1.0, 2.5))
+            w.stall(victim.name, rng.uniform(*pace.stall_long))
         elif kind == "stall_scheduler":
-            w.stall(SCHEDULER, rng.uniform(0.3, 2.0))
+            w.stall(SCHEDULER, rng.uniform(*pace.stall_scheduler))
         elif kind == "cut_scheduler":
             for other in w.processes:
                 if other != SCHEDULER:
                     w.partition(SCHEDULER, other)
-            w.after(rng.uniform(0.5, 3.0), w.heal, None)
+            w.after(rng.uniform(*pace.cut), w.heal, None)
         elif kind == "cut_server_from_scheduler":
             w.partition(victim.name, SCHEDULER)
-            w.after(rng.uniform(0.5, 3.0), w.heal, None)
+            w.after(rng.uniform(*pace.cut), w.heal, None)
         elif kind == "cut_server":
             for other in w.processes:
                 if other != victim.name:
                     w.partition(victim.name, other)
-            w.after(rng.uniform(0.5, 3.0), w.heal, None)
+            w.after(rng.uniform(*pace.cut), w.heal, None)
         elif kind == "one_way":
             other = rng.choice([p for p in w.processes if p != victim.name])
             w.partition(victim.name, other, both=False)
-            w.after(rng.uniform(0.3, 2.0), w.heal, None)
+            w.after(rng.uniform(*pace.one_way), w.heal, None)
         elif kind == "drop":
             conns = [c for c in w.connections.values()]
             if conns:
@@ -355,7 +398,7 @@ class Run:
         elif kind == "cut_worker":
             worker = rng.choice(self.workers)
             w.partition(worker.name, SCHEDULER)
-            w.after(rng.uniform(0.5, 2.0), w.heal, None)
+            w.after(rng.uniform(*pace.cut_worker), w.heal, None)
 
     # -- invariants --------------------------------------------------------------------
     def check_step(self, owner: str, proc) -> None:
@@ -527,7 +570,7 @@ class Run:
     def run(self) -> Outcome:
         self.start()
         self.plan_faults()
-        end = self.s.duration + 0.5
+        end = self.pace.duration + self.pace.tail
         self.world.run(end, self.check_step)
         self.workload_on = False
         self.world.heal()
