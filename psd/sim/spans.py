@@ -32,7 +32,7 @@ from psd.sim.run import PULL_LOSSLESS, SLOTS, PullRecord, PushRecord
 #: whole block makes a dense run on its server when the ring does not cut it
 BLOCK = (256, 320)
 #: the share of a worker's pushes and pulls that go to the region
-SHARE = 0.35
+SHARE = 0.5
 KEY_END = 2**64
 
 
@@ -47,6 +47,7 @@ class Spans:
         self.edges: set[int] = set()  # where span pushes begin and end
         self.pushes: list = []  # PushRecord, keys: the keys pushed, slots: ndarray
         self.pulls: list = []  # PullRecord
+        self.started: set[int] = set()  # workers that pushed to their block
 
     def wants(self) -> bool:
         """Whether the next push or pull goes to the region (draws from the seed)."""
@@ -85,7 +86,10 @@ class Spans:
     def push(self, w: int) -> None:
         run, rng = self.run, self.rng
         self._ready(w)
-        spans = self._spans(self.lo + w * self.block, self.block)
+        lo = self.lo + w * self.block
+        # a worker's first push covers its block: a run from the start (if no range cuts it)
+        spans = self._spans(lo, self.block) if w in self.started else [(lo, self.block)]
+        self.started.add(w)
         keys = _keys(spans)
         at = (keys - np.uint64(self.lo)).astype(np.intp)
         if int(self.slots[at].max()) >= SLOTS:
