@@ -152,6 +152,8 @@ class Outcome:
     def describe(self) -> str:
         head = (f"seed {self.seed}: {len(self.violations)} violation(s); {self.pushes} pushes ({self.acked} acked), "
                 f"{self.pulls} pulls, {self.messages} messages; faults: {', '.join(self.faults) or 'none'}")
+        if self.spans:
+            head += f"; spans: {self.spans['pushes']} pushes ({self.spans['acked']} acked), {self.spans['pulls']} pulls"
         return "\n".join([head, *self.violations[:10]])
 
 
