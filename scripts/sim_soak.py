@@ -4,7 +4,6 @@ print every failing seed with the command that replays it.
 
     python scripts/sim_soak.py --minutes 30            # all three consistency models in turn
     python scripts/sim_soak.py --seed 1234 --consistency bounded -v   # replay one, with its log
-    python scripts/sim_soak.py --minutes 10 --spans    # workers push and pull dense spans too
 
 It uses every core (one process each) and shows progress once a second.
 """
@@ -26,10 +25,10 @@ from psd.sim import settings_for, simulate  # noqa: E402
 MODELS = ("eventual", "bounded", "sequential")
 
 
-def one(args: tuple[int, str, dict]) -> tuple[int, str, str | None, int]:
-    seed, consistency, extra = args
+def one(args: tuple[int, str]) -> tuple[int, str, str | None, int]:
+    seed, consistency = args
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, **settings_for(seed, consistency), **extra)
+    outcome = simulate(seed, **settings_for(seed, consistency))
     return seed, consistency, None if outcome.ok else outcome.describe(), outcome.messages
 
 
@@ -40,21 +39,19 @@ def main() -> int:
     ap.add_argument("--consistency", choices=MODELS, help="one model only (default: all three in turn)")
     ap.add_argument("--seed", type=int, help="run this one seed and print its fault log")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--spans", action="store_true", help="the span workload too (Settings.spans)")
     ap.add_argument("-v", "--verbose", action="store_true", help="with --seed: the cores' log lines too")
     args = ap.parse_args()
-    extra = {"spans": True} if args.spans else {}
     if args.seed is not None:
         if args.verbose:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         from psd.sim.run import Run, Settings
-        run = Run(args.seed, Settings(**settings_for(args.seed, args.consistency or "eventual"), **extra))
+        run = Run(args.seed, Settings(**settings_for(args.seed, args.consistency or "eventual")))
         outcome = run.run()
         print("\n".join(run.world.log))
         print(outcome.describe())
         return 0 if outcome.ok else 1
     models = [args.consistency] if args.consistency else list(MODELS)
-    jobs = ((seed, models[i % len(models)], extra) for i, seed in enumerate(itertools.count(args.start)))
+    jobs = ((seed, models[i % len(models)]) for i, seed in enumerate(itertools.count(args.start)))
     end = time.monotonic() + 60 * args.minutes
     done = failed = messages = 0
     last = 0.0
@@ -68,7 +65,7 @@ def main() -> int:
                 if failure:
                     failed += 1
                     print(f"\nFAILED {failure}\n  replay: python scripts/sim_soak.py --seed {seed} "
-                          f"--consistency {consistency}{' --spans' if extra else ''} -v", flush=True)
+                          f"--consistency {consistency} -v", flush=True)
                 if time.monotonic() < end:
                     running.add(pool.submit(one, next(jobs)))
             if time.monotonic() - last >= 1.0:

@@ -279,6 +279,24 @@ def test_span_seeds_lend_dense_runs_and_keep_every_invariant(monkeypatch):
     assert sum(n > 0 for n in lent) >= 3 * len(lent) // 4 and sum(lent) > 3 * len(lent), lent
 
 
+def test_without_runs_in_range_copies_acked_span_pushes_are_lost(monkeypatch):
+    """Range copies must carry the keys of dense runs: a snapshot that leaves them out
+    is found by the span seeds (and by none of the first 20 seeds without spans)."""
+    import numpy as np
+
+    import psd.store.table as table
+    snapshot = table.Table.snapshot
+
+    def without_runs(self, begin, end):
+        keys, vals, state = snapshot(self, begin, end)
+        keep = np.ones(keys.size, np.bool_)
+        for run in self._runs.items:
+            keep &= (keys < np.uint64(run.lo)) | (keys >= np.uint64(run.end))
+        return keys[keep], vals[keep], {f: a[keep] for f, a in state.items()}
+    monkeypatch.setattr(table.Table, "snapshot", without_runs)
+    assert _finds(monkeypatch, 20, spans=True) is not None
+
+
 def _run_bounded(seed: int) -> tuple[str | None, int, int]:
     logging.disable(logging.CRITICAL)
     outcome = simulate(seed, bounded=True, **settings_for(seed, ("eventual", "bounded")[seed % 2]))
