@@ -234,7 +234,7 @@ def _count_lends(monkeypatch, release: bool) -> dict[str, int]:
     """Wrap ``Table._lend`` to count the views lent of a dense run's array and of any
     other storage; with ``release``, a lent run view's lease is released at once (the
     lending bug, re-introduced for dense runs only: the hash rows keep their leases)."""
-    import psd.store.table as table
+    from psd.store import table
     from psd.store.lending import storage_of
     lend = table.Table._lend
     counts = {"run": 0, "other": 0}
@@ -284,7 +284,7 @@ def test_without_runs_in_range_copies_acked_span_pushes_are_lost(monkeypatch):
     is found by the span seeds (and by none of the first 20 seeds without spans)."""
     import numpy as np
 
-    import psd.store.table as table
+    from psd.store import table
     snapshot = table.Table.snapshot
 
     def without_runs(self, begin, end):
