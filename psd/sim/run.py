@@ -116,6 +116,10 @@ class Settings:
     #: answers are deltas against each worker's copy, tied by tokens that drops, kills and
     #: ring changes break; every pull must still read exactly what the model allows
     pull_filters: bool = False
+    #: workers also push and pull dense spans of a region of consecutive keys, one block
+    #: each (psd/sim/spans.py): the requests that make dense runs, which the store lends
+    #: zero-copy. Off by default, like key_caching (tests/test_sim.py runs seeds of its own)
+    spans: bool = False
     #: keys a push holds at most (drawn from the worker's ``keys_per_worker``): more keys,
     #: more pushes that span several owner groups of one server (decision 97)
     push_keys: int = 3
@@ -173,6 +177,8 @@ class Outcome:
     pulls: int = 0
     messages: int = 0
     faults: list[str] = field(default_factory=list)
+    #: the span workload's counts (``Settings.spans``: Spans.counts)
+    spans: dict = field(default_factory=dict)
     #: the workers' key-caching counts (ClientCore.kc_counters, summed)
     kc: dict = field(default_factory=dict)
     pf: dict = field(default_factory=dict)  # the workers' pull-filter counts (Settings.pull_filters)
@@ -189,6 +195,8 @@ class Outcome:
     def describe(self) -> str:
         head = (f"seed {self.seed}: {len(self.violations)} violation(s); {self.pushes} pushes ({self.acked} acked), "
                 f"{self.pulls} pulls, {self.messages} messages; faults: {', '.join(self.faults) or 'none'}")
+        if self.spans:
+            head += f"; spans: {self.spans['pushes']} pushes ({self.spans['acked']} acked), {self.spans['pulls']} pulls"
         return "\n".join([head, *self.violations[:10]])
 
 
@@ -223,6 +231,10 @@ class Run:
         self.workload_on = True
         self.dead_workers: set[str] = set()
         self.killed = 0
+        self.spans = None
+        if settings.spans:
+            from psd.sim.spans import Spans  # (it builds on this module's records)
+            self.spans = Spans(self)
 
     # -- the cluster -----------------------------------------------------------------
     def start(self) -> None:
@@ -276,6 +288,8 @@ class Run:
         """A push of a few of the worker's keys, each to a fresh slot; ``pull``: as a
         pushpull, whose pull part counts as a pull issued just after the push."""
         worker = self.workers[w]
+        if self.spans is not None and self.spans.wants():
+            return self.spans.push(w)
         mine = [k for k in self._key_lists[w] if self.slots.get(k, 0) < SLOTS]
         if not mine:
             return
@@ -301,6 +315,8 @@ class Run:
 
     def _pull(self, w: int, own: bool) -> None:
         worker = self.workers[w]
+        if self.spans is not None and self.spans.wants():
+            return self.spans.pull(w, own)
         pool = self._key_lists[w] if own else self._all_keys
         n = self.rng.randint(1, min(6, len(pool)))
         keys = np.array(sorted(set(self.rng.sample(pool, n))), dtype=np.uint64)
@@ -468,22 +484,28 @@ class Run:
                     self.violate(f"key {k}: no live owner answered, though acked pushes went to it")
                 continue
             for node, value in copies.items():
-                applied, doubled = _decode(value)
-                if doubled:
-                    self.violate(f"key {k} on {node}: push slot(s) {sorted(doubled)} applied more than once")
-                lost = acked.get(k, set()) - applied
-                if lost and not self.s.bounded:  # (a bounded table evicts acked pushes)
-                    self.violate(f"key {k} on {node}: acked push slot(s) {sorted(lost)} lost "
-                                 f"(owners {owners}, ring v{ring.version})")
-                extra = applied - issued.get(k, set())
-                if extra:
-                    self.violate(f"key {k} on {node}: slot(s) {sorted(extra)} applied but never pushed")
+                self._check_copy(k, node, value, acked.get(k, set()), issued.get(k, set()), owners, ring)
             if len(set(copies.values())) > 1:
                 self.violate(f"key {k}: copies disagree: {copies}")
+        if self.spans is not None:
+            self.spans.check_copies(ring, servers)
         self._check_pulls(dead_workers)
 
+    def _check_copy(self, k: int, node: str, value: int, acked: set[int], issued: set[int], owners, ring) -> None:
+        """One live owner's copy of key ``k`` once settled: each acked push slot in it
+        once, and no slot that was never pushed."""
+        applied, doubled = _decode(value)
+        if doubled:
+            self.violate(f"key {k} on {node}: push slot(s) {sorted(doubled)} applied more than once")
+        lost = acked - applied
+        if lost and not self.s.bounded:  # (a bounded table evicts acked pushes)
+            self.violate(f"key {k} on {node}: acked push slot(s) {sorted(lost)} lost "
+                         f"(owners {owners}, ring v{ring.version})")
+        extra = applied - issued
+        if extra:
+            self.violate(f"key {k} on {node}: slot(s) {sorted(extra)} applied but never pushed")
+
     def _check_pulls(self, dead_workers: set[str]) -> None:
-        cons, tau = self.s.consistency, self.s.max_delay
         worker_id = {i: w.core.node_id for i, w in enumerate(self.workers)}
         # each key's pushes once, as (slot, order, issued, clock, acked): not per pull
         to_key: dict[int, list[tuple[int, int, float, int, bool]]] = {}
@@ -495,33 +517,40 @@ class Run:
             if pull.values is None:
                 continue
             for k, value in zip(pull.keys.tolist(), pull.values.tolist()):
-                applied, doubled = _decode(value)
-                if doubled:
-                    self.violate(f"a pull by worker {pull.worker} saw push slot(s) {sorted(doubled)} of key {k} "
-                                 f"applied more than once")
-                owner = self.owner[k]
-                pushes = to_key.get(k, ())
-                must: set[int] = set()
-                may: set[int] = {s for s, _, issued, _, _ in pushes if issued <= pull.answered}
-                if owner == pull.worker and cons != "sequential":  # (under it, own pushes as everyone's)
-                    before = [x for x in pushes if x[1] < pull.order]
-                    must |= {s for s, _, _, _, acked in before if acked}
-                    if cons == "eventual" and not pull.reread and not pull.rerouted:
-                        may = {x[0] for x in before}
-                if cons in ("bounded", "sequential") and worker_id[owner] not in dead_workers:
-                    bound = pull.clock - (tau if cons == "bounded" else 0)
-                    must |= {s for s, _, _, clock, acked in pushes if clock < bound and acked}
-                    if cons == "sequential" and not pull.rerouted and not pull.reread:
-                        may &= {s for s, _, _, clock, _ in pushes if clock < pull.clock}
-                if self.s.bounded:
-                    must = set()  # (evicted rows read zero)
-                if not must <= applied:
-                    self.violate(f"pull #{pull.order} by worker {pull.worker} at clock {pull.clock} ({cons}) missed "
-                                 f"push slot(s) {sorted(must - applied)} of key {k}: saw {sorted(applied)}")
-                if not applied <= may:
-                    self.violate(f"pull #{pull.order} by worker {pull.worker} at clock {pull.clock} ({cons}) saw "
-                                 f"push slot(s) {sorted(applied - may)} of key {k} it may not see: saw "
-                                 f"{sorted(applied)}, allowed {sorted(may)}")
+                self._check_read(pull, k, value, to_key.get(k, ()), self.owner[k], worker_id, dead_workers)
+        if self.spans is not None:
+            self.spans.check_pulls(worker_id, dead_workers)
+
+    def _check_read(self, pull: PullRecord, k: int, value: int, pushes, owner: int, worker_id: dict,
+                    dead_workers: set[str]) -> None:
+        """What pull ``pull`` read of key ``k`` (``value``) against the model: ``pushes``
+        are the key's (slot, order, issued, clock, acked); ``owner`` the worker pushing it."""
+        cons, tau = self.s.consistency, self.s.max_delay
+        applied, doubled = _decode(value)
+        if doubled:
+            self.violate(f"a pull by worker {pull.worker} saw push slot(s) {sorted(doubled)} of key {k} "
+                         f"applied more than once")
+        must: set[int] = set()
+        may: set[int] = {s for s, _, issued, _, _ in pushes if issued <= pull.answered}
+        if owner == pull.worker and cons != "sequential":  # (under it, own pushes as everyone's)
+            before = [x for x in pushes if x[1] < pull.order]
+            must |= {s for s, _, _, _, acked in before if acked}
+            if cons == "eventual" and not pull.reread and not pull.rerouted:
+                may = {x[0] for x in before}
+        if cons in ("bounded", "sequential") and worker_id[owner] not in dead_workers:
+            bound = pull.clock - (tau if cons == "bounded" else 0)
+            must |= {s for s, _, _, clock, acked in pushes if clock < bound and acked}
+            if cons == "sequential" and not pull.rerouted and not pull.reread:
+                may &= {s for s, _, _, clock, _ in pushes if clock < pull.clock}
+        if self.s.bounded:
+            must = set()  # (evicted rows read zero)
+        if not must <= applied:
+            self.violate(f"pull #{pull.order} by worker {pull.worker} at clock {pull.clock} ({cons}) missed "
+                         f"push slot(s) {sorted(must - applied)} of key {k}: saw {sorted(applied)}")
+        if not applied <= may:
+            self.violate(f"pull #{pull.order} by worker {pull.worker} at clock {pull.clock} ({cons}) saw "
+                         f"push slot(s) {sorted(applied - may)} of key {k} it may not see: saw "
+                         f"{sorted(applied)}, allowed {sorted(may)}")
 
     def quiet(self) -> bool:
         """Nothing left to happen but heartbeats: no ring change running or left to finish,
@@ -595,6 +624,8 @@ class Run:
         o.pushes, o.pulls = len(self.pushes), len(self.pulls)
         o.acked = sum(p.outcome == "acked" for p in self.pushes)
         o.messages = self.world.messages
+        if self.spans is not None:
+            o.spans = self.spans.counts()
         for srv in self.servers:
             table = srv.core.tables.get(self.table.name) if srv.alive else None
             if table is not None and table.bounded is not None:
