@@ -111,6 +111,21 @@ def test_a_worker_first_heard_after_a_takeover_with_an_unsynced_clock_holds_the_
     assert rc.ready() == ["p"]
 
 
+def test_a_clock_sent_at_an_older_ring_unsyncs_a_worker_first_heard_by_a_pull():
+    """Decision 137: a pull joins a worker synced; its clock sent at the old ring after
+    that must still not vouch for the ranges taken over (nor count at once)."""
+    rc = group(2, tau=0, join=1)
+    rc.clock("w0", 1)
+    rc.resync()
+    rc.clock("w0", 1, synced=True)
+    assert rc.pull("p0", "w1", 0)  # w1 first heard here by a pull, at clock 0
+    rc.clock("w1", 1, synced=False)  # then its clock, sent at the old ring
+    assert rc.unsynced == {"w1"}
+    assert not rc.pull("p1", "w0", 1)
+    rc.clock("w1", 1, synced=True)
+    assert rc.ready() == ["p1"]
+
+
 def test_rejoin_keeps_the_larger_clock():
     rc = group(2, tau=0)
     rc.clock("w1", 4)

@@ -169,3 +169,21 @@ def test_a_refused_pull_part_sent_before_the_worker_has_the_new_ring_goes_as_a_p
     core.answered("S0", first.reply(ring=3, meta={PULL_REFUSED: refused}), first.id, 0.01)
     again = [e for e in core.tick(1.0) if isinstance(e, Send)]
     assert [(e.server, e.msg.op, len(e.msg.arrays)) for e in again] == [("S0", "pull", 1)]
+
+
+def test_a_newer_ring_sends_the_worker_s_clock_again_to_every_server_behind_the_resent_parts():
+    """Decision 137: a server that took ranges over counts a worker unsynced (and holds its
+    sequential pulls) until a clock sent at its ring arrives, and a BSP worker waits for its
+    pull before it clocks again; so a newer ring sends the current clock again, to every
+    server of it, behind the parts it re-sends (the same value: idempotent)."""
+    core = ClientCore("W0", 10.0, _client_ring(1, (("S0",), ("S1",))))
+    core.clock(0.0)
+    ts, effects = core.issue("push", SPEC, Rows(keys=np.array([10], np.uint64), values=np.ones((1, 1), np.int64)),
+                             0.01)
+    [push] = [e.msg for e in effects if isinstance(e, Send)]
+    out = core.use_ring(_client_ring(2, (("S1",), ("S1",))), 0.02)
+    sends = [(e.server, e.msg.op, e.msg.ring, e.msg.meta.get("clock")) for e in out if isinstance(e, Send)]
+    assert sends == [("S1", "push", 2, None), ("S0", "clock", 2, 1), ("S1", "clock", 2, 1)], sends
+    assert not [e for e in core.use_ring(_client_ring(2, (("S1",), ("S1",))), 0.03) if isinstance(e, Send)]
+    fresh = ClientCore("W1", 10.0, _client_ring(1, (("S0",), ("S1",))))  # never clocked: nothing to vouch for
+    assert not [e for e in fresh.use_ring(_client_ring(2, (("S1",), ("S1",))), 0.0) if isinstance(e, Send)]

@@ -130,10 +130,12 @@ class RangeClocks:
         """
         if worker not in self._joined:
             self.join(worker)
-            if not synced:  # (first heard after our takeover, with a clock that cannot vouch for it)
-                self.unsynced.add(worker)
         if synced:
             self.unsynced.discard(worker)
+        elif worker in self._live:
+            # sent before it knew our takeover, however it was first heard (a pull joins a
+            # worker synced): its pushes to the ranges we took may still be elsewhere
+            self.unsynced.add(worker)
         self.changes += 1
         for r in self._range_ids(ranges):
             clocks = self._clocks[r]

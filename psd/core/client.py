@@ -188,12 +188,16 @@ class ClientCore:
         """Finish this worker's iteration: tell every server, after the iteration's pushes
         (same streams, so they are admitted first)."""
         self.clock_value += 1
+        self._queue_clock()
+        self._flush(now)
+        return self._take()
+
+    def _queue_clock(self) -> None:
+        """Queue the current clock to every server of the ring, behind everything queued."""
         issue = next(self._issue)
         for i, node in enumerate(self.ring.addresses):
             msg = Message("clock", ring=self.ring.version, clock=self.clock_value, meta={"clock": self.clock_value})
             self.queue.append(Part(None, node, [], msg, None, (issue, i)))
-        self._flush(now)
-        return self._take()
 
     def _plan(self, req: Request, rows: Rows, slices: Slices, rid, orig, op: str | None = None) -> list[Part]:
         """One part per primary server of ``rows`` (the request's rows at ``slices``) by
@@ -564,6 +568,12 @@ class ClientCore:
                 self.queue = [p for p in self.queue if p not in queued]
             if moved or queued:
                 self._requeue(moved + queued, now)
+            if self.clock_value > 0:
+                # the clock again at this ring, behind the parts re-sent for it (the same value:
+                # idempotent): a server that took ranges over counts us unsynced, and holds
+                # every sequential pull, until a clock sent knowing its ring arrives; a BSP
+                # worker waits for its pull before it clocks again (decision 130)
+                self._queue_clock()
             self.hold_until = min(self.hold_until, now)
         elif ring.version == self.ring.version:
             self.hold_until = min(self.hold_until, now)

@@ -133,6 +133,13 @@ class Settings:
     #: half the pushes go as a ``pushpull`` of their keys (the pull part checked as a
     #: pull issued right after the push). Off by default: it changes the random schedule
     pushpull: bool = False
+    #: a BSP workload: each worker pushes, clocks and pulls, and starts its next iteration
+    #: only once both are answered; once the workload stops, each worker still waiting
+    #: ends its iteration (one more clock) when answered. With it, ``check_end`` checks
+    #: liveness: no pull waits more than ``bsp_bound`` seconds past the heal (decision 137).
+    #: Off by default: it changes the random schedule of every seed
+    bsp: bool = False
+    bsp_bound: float = 2.5
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
@@ -273,7 +280,13 @@ class Run:
         if not self.workload_on or not worker.alive:
             return
         busy = sum(1 for (who, _) in self._inflight if who == w)
-        if busy < self.s.outstanding:
+        if self.s.bsp:
+            if busy == 0:  # (the last iteration's push and pull answered: the next one)
+                self._push(w)
+                worker.clock()
+                self._order += 1
+                self._pull(w, own=False)
+        elif busy < self.s.outstanding:
             roll = self.rng.random()
             if roll < 0.45:
                 self._push(w, pull=self.s.pushpull and self.rng.random() < 0.5)
@@ -283,6 +296,18 @@ class Run:
                 worker.clock()
                 self._order += 1
         self.world.after(self.rng.uniform(*self.pace.step), lambda: self._step(w), worker.name)
+
+    def _last_clock(self, w: int) -> None:
+        """BSP, the workload over: the worker ends its iteration once its push and pull
+        are answered (its pull may be what the others' pulls wait for), and stops."""
+        worker = self.workers[w]
+        if not worker.alive:
+            return
+        if any(who == w for (who, _) in self._inflight):
+            self.world.after(0.02, lambda: self._last_clock(w), worker.name)
+            return
+        worker.clock()
+        self._order += 1
 
     def _push(self, w: int, pull: bool = False) -> None:
         """A push of a few of the worker's keys, each to a fresh slot; ``pull``: as a
@@ -453,6 +478,21 @@ class Run:
         if len(self.outcome.violations) < 50:
             self.outcome.violations.append(f"t={self.world.now:.4f}: {what}")
 
+    def check_live(self) -> None:
+        """BSP: every pull of a live worker is answered within ``bsp_bound`` seconds of
+        when it was issued or of the heal, whichever is later (a held pull that nothing
+        will release stalls its worker for good: decision 137)."""
+        for rec in self.pulls:
+            start = max(rec.issued, self.healed_at)
+            took = (rec.answered if rec.answered is not None else self.world.now) - start
+            if (rec.error or "").startswith("connection closed"):
+                self.violate(f"liveness: pull #{rec.order} of worker {rec.worker} at clock {rec.clock} "
+                             f"(issued t={rec.issued:.3f}) was still unanswered when its worker left")
+            elif took > self.s.bsp_bound:
+                self.violate(f"liveness: pull #{rec.order} of worker {rec.worker} at clock {rec.clock} "
+                             f"(issued t={rec.issued:.3f}) waited {took:.2f}s past the heal "
+                             f"({rec.error or ('answered' if rec.answered is not None else 'unanswered')})")
+
     def check_end(self) -> None:
         s = self.scheduler.core.state
         ring = s.ring
@@ -603,6 +643,10 @@ class Run:
         self.world.run(end, self.check_step)
         self.workload_on = False
         self.world.heal()
+        if self.s.bsp:
+            self.healed_at = self.world.now
+            for w in range(len(self.workers)):
+                self._last_clock(w)
         settled = end + self.s.settle
         t = end
         while t < settled:  # (until every request is answered and the ring has settled)
@@ -620,6 +664,8 @@ class Run:
                 self.world.run(min(closing, self.world.now + 0.1), self.check_step)
                 break
         self.check_end()
+        if self.s.bsp:
+            self.check_live()
         o = self.outcome
         o.pushes, o.pulls = len(self.pushes), len(self.pulls)
         o.acked = sum(p.outcome == "acked" for p in self.pushes)
