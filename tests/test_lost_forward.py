@@ -112,6 +112,26 @@ def test_a_forward_whose_answer_was_lost_is_sent_again_not_applied_again_and_its
     assert primary.calls.outstanding() == 0 and not primary.acks.pending
 
 
+def test_a_forward_whose_answer_was_lost_before_a_later_answered_one_is_sent_again_at_once():
+    """Decision 136: a later forward on the stream answered shows the earlier one was
+    admitted and answered at once, its answer lost; it is no longer pending on the stream
+    (no probe would find it), so it goes again now, is applied once, and its push is acked."""
+    primary, replica = _core("S0"), _core("S1")
+    first = _push(primary, 1, 1, 0.0)
+    first.msg.sender = "S0"
+    replica.handle("S0", first.msg, 0.0)  # applied on the replica; its answer is lost
+    out = _deliver(_push(primary, 2, 4, 0.01), replica, primary, 0.01)
+    assert [e.msg.id for e in _acks(out)] == [2]
+    assert [e.token for e in out if isinstance(e, Forget)] == [first.token]
+    again = [e for e in out if isinstance(e, Ask)]
+    assert [(e.msg.op, e.msg.meta["rid"]) for e in again] == [("replicate", 1)]
+    acks = _acks(_deliver(again[0], replica, primary, 0.02))
+    assert len(acks) == 1 and acks[0].msg.id == 1 and acks[0].msg.op == "ok"
+    for core in (primary, replica):
+        assert core.tables["t"].pull(KEYS).ravel().tolist() == [5, 5]
+    assert primary.calls.outstanding() == 0 and not primary.acks.pending
+
+
 def test_a_probe_lost_as_well_is_forgotten_not_left_waiting():
     """A probe lost with the connection (a replica that drops every message over its
     limit drops the resent forward and the probe behind it) must not wait for good: the

@@ -38,8 +38,10 @@ class Call:
 
 
 class PeerCalls:
-    def __init__(self, outbox: list) -> None:
+    def __init__(self, outbox: list, resendable: Callable[[Call], bool] = lambda call: False) -> None:
         self.outbox = outbox
+        #: which calls may go again once found to have lost their answer alone (decision 131)
+        self.resendable = resendable
         self._calls: dict[int, Call] = {}
         self._streams: dict[str, Outbound[Call]] = {}
         self._tokens = itertools.count(1)
@@ -91,7 +93,10 @@ class PeerCalls:
                 return
             stream = self._streams.get(call.node)
             if stream is not None:
-                stream.admitted(sq)
+                # the calls before it on the stream were admitted, and answered at once: any
+                # still unanswered lost its answer alone (not only the last one on a stream)
+                self._resend([c for c in stream.admitted(sq)
+                              if c is not call and c.token in self._calls and self.resendable(c)], now)
         call.on_answer(call, reply, error, now)
 
     def unanswered_before(self, node: str, when: float) -> bool:
@@ -111,13 +116,17 @@ class PeerCalls:
         waiting = {id(c) for c in stream.pending()} if stream is not None else set()
         again = [c for c in self._calls.values()
                  if c.node == node and c.ordered and c.sent_at < before and id(c) not in waiting and which(c)]
-        for c in again:
+        self._resend(again, now)
+        return len(again)
+
+    def _resend(self, calls: list[Call], now: float) -> None:
+        """Send unanswered calls again, in their order, under new tokens and stamps."""
+        for c in calls:
             del self._calls[c.token]
             self.outbox.append(Forget(c.node, c.token))
             self.resent += 1
             c.sent_at = now
             self._send(c)
-        return len(again)
 
     def drop_node(self, node: str) -> None:
         """``node`` left the ring: its stream starts afresh if it ever comes back."""

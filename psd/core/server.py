@@ -118,7 +118,7 @@ class ServerCore:
         self._may: dict[tuple, bool] = {}  # (key role, table) -> may touch (may_touch)
         self.streams = Inbound()
         self.outbox: list = []
-        self.calls = PeerCalls(self.outbox)
+        self.calls = PeerCalls(self.outbox, _resendable)
         self.acks = Acks(lambda: self.node_id)
         cfg = config
         self.fence = Fence((2 * cfg.heartbeat_misses - 1) * cfg.heartbeat_interval)
