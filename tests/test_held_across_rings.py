@@ -123,6 +123,30 @@ def test_a_pushpull_held_across_a_ring_that_moved_its_rows_acks_the_push_and_ref
     assert core.counters["pull_refused"] == 1
 
 
+def test_a_held_pushpull_and_pull_whose_rows_are_being_restored_are_answered_refused():
+    """Decision 138: the recheck after a ring change may fail on rows being restored from
+    a checkpoint (unavailable), not only on rows moved away: the pushpull's push is still
+    acknowledged with its pull part refused, the held pull is refused, nothing held leaks,
+    and the clock that released them is not refused."""
+    core = _core("sequential")
+    for w in ("W0", "W1"):
+        _clock(core, w, 0)
+    keys = np.array([10, 20], np.uint64)
+    _clock(core, "W0", 1)
+    assert core.handle("W0", Message("pushpull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2},
+                                     arrays=[keys, np.full((2, 1), 5, np.int64)]), 0.0) == []
+    assert core.handle("W0", Message("pull", id=3, sender="W0", table="t", clock=1, meta={"rid": 3},
+                                     arrays=[keys]), 0.0) == []
+    _ring(core, 2, (("S0",), ("S1",)), final=True)  # a ring change; S0 still leads A
+    core.restoring.append(A)
+    out = _clock(core, "W1", 1)  # releases both
+    answers = {e.msg.id if isinstance(e, Reply) else e.request.id: e for e in out if isinstance(e, (Reply, Refuse))}
+    assert sorted(answers) == [2, 3], out
+    assert isinstance(answers[2], Reply) and answers[2].msg.meta[PULL_REFUSED]["code"] == "unavailable"
+    assert isinstance(answers[3], Refuse) and answers[3].error.code == "unavailable"
+    assert not core.holding.get("W0"), core.holding
+
+
 # -- the worker's side: the partial answer -------------------------------------------------
 def _client_ring(version: int, owners: tuple) -> Assignment:
     return Assignment(version=version, ranges=(A, B), owners=owners, addresses=ADDRS)

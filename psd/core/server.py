@@ -954,7 +954,7 @@ class ServerCore:
                 # them all, else refuse it whole and the worker re-cuts it by the new ring
                 try:
                     self._check_primary(rows, now)
-                except NotOwnerError as err:
+                except PsdError as err:  # not the owner any more, or its rows being restored
                     if msg.op == "pushpull":  # its push stands (applied, forwarded): refuse the pull part only
                         self.counters["pull_refused"] += 1
                         self._answer_when(after, route, msg, msg.reply(ring=self.ring.version, meta={
