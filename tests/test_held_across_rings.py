@@ -15,11 +15,13 @@ from psd.cluster.assignment import Assignment
 from psd.cluster.ranges import KEY_SPACE_END, Range, range_to_wire
 from psd.cluster.rows import Rows
 from psd.codec import Message
+from psd.codec.message import error_reply
 from psd.config import ClusterConfig
 from psd.core.client import AskRing, ClientCore, Done, Send
 from psd.core.effects import Refuse, Reply
 from psd.core.pushpull import PULL_REFUSED
 from psd.core.server import ServerCore
+from psd.errors import NotOwnerError, NotReplicatedError, PsdTimeoutError
 from psd.schema import TableSpec
 
 SPEC = TableSpec("t", 1, "int64")
@@ -211,3 +213,23 @@ def test_a_newer_ring_sends_the_worker_s_clock_again_to_every_server_behind_the_
     assert not [e for e in core.use_ring(_client_ring(2, (("S1",), ("S1",))), 0.03) if isinstance(e, Send)]
     fresh = ClientCore("W1", 10.0, _client_ring(1, (("S0",), ("S1",))))  # never clocked: nothing to vouch for
     assert not [e for e in fresh.use_ring(_client_ring(2, (("S1",), ("S1",))), 0.0) if isinstance(e, Send)]
+
+
+def test_a_pull_part_sent_again_after_its_push_was_acked_times_out_as_a_pull_not_as_not_replicated():
+    """Decision 138: an earlier try of the pushpull answered not_replicated; the retry is
+    acked with its pull part refused; if the pull sent again then times out, the error
+    is a timeout, not NotReplicatedError for a push that was acknowledged."""
+    core = ClientCore("W0", 10.0, _client_ring(1, (("S0",), ("S1",))))
+    ts, effects = core.issue("pushpull", SPEC, Rows(keys=np.array([10], np.uint64), values=np.ones((1, 1), np.int64)),
+                             0.0)
+    [first] = [e.msg for e in effects if isinstance(e, Send)]
+    core.answered("S0", error_reply(first, NotReplicatedError("S1 refused it"), "S0"), first.id, 0.01)
+    [retry] = [e.msg for e in core.tick(2.0) if isinstance(e, Send)]
+    refused = {"code": "not_owner", "message": "moved", "data": {"ring": 3}}
+    core.answered("S0", retry.reply(ring=3, meta={PULL_REFUSED: refused}), retry.id, 2.01)
+    core.use_ring(_client_ring(3, (("S1",), ("S1",))), 2.02)  # the pull goes to S1, unanswered
+    done = [e for e in core.tick(10.0) if isinstance(e, Done)]
+    assert len(done) == 1 and done[0].ts == ts
+    # (a part re-cut after a not_owner refusal times out as still misrouted)
+    assert isinstance(done[0].error, (PsdTimeoutError, NotOwnerError)), done[0].error
+    assert not isinstance(done[0].error, NotReplicatedError)
