@@ -6,8 +6,10 @@ arrive after the forwards it already contains. When a destination reports a gap
 (``out_of_order``: a message lost with its connection), every call not yet admitted is
 sent again, in order, on a new epoch. A message lost at the end of a stream has no
 later one to reveal its gap: the server probes such a stream (``unanswered_before``, an
-ordered ``peer_ping``) once a later liveness ping to that node was answered. Answers
-come back by token through ``answered``; each call's owner gets
+ordered ``peer_ping``) once a later liveness ping to that node was answered. An answer
+on a stream also shows that the calls before it were admitted and answered at once: any
+of them still unanswered lost its answer, and goes again if ``resendable`` allows it.
+Answers come back by token through ``answered``; each call's owner gets
 ``on_answer(call, reply, error, now)``.
 """
 from __future__ import annotations
