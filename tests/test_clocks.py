@@ -112,7 +112,7 @@ def test_a_worker_first_heard_after_a_takeover_with_an_unsynced_clock_holds_the_
 
 
 def test_a_clock_sent_at_an_older_ring_unsyncs_a_worker_first_heard_by_a_pull():
-    """Decision 137: a pull joins a worker synced; its clock sent at the old ring after
+    """Decision 138: a pull joins a worker synced; its clock sent at the old ring after
     that must still not vouch for the ranges taken over (nor count at once)."""
     rc = group(2, tau=0, join=1)
     rc.clock("w0", 1)

@@ -126,7 +126,7 @@ def test_a_pushpull_held_across_a_ring_that_moved_its_rows_acks_the_push_and_ref
 
 
 def test_a_held_pushpull_and_pull_whose_rows_are_being_restored_are_answered_refused():
-    """Decision 139: the recheck after a ring change may fail on rows being restored from
+    """Decision 140: the recheck after a ring change may fail on rows being restored from
     a checkpoint (unavailable), not only on rows moved away: the pushpull's push is still
     acknowledged with its pull part refused, the held pull is refused, nothing held leaks,
     and the clock that released them is not refused."""
@@ -198,7 +198,7 @@ def test_a_refused_pull_part_sent_before_the_worker_has_the_new_ring_goes_as_a_p
 
 
 def test_a_newer_ring_sends_the_worker_s_clock_again_to_every_server_behind_the_resent_parts():
-    """Decision 137: a server that took ranges over counts a worker unsynced (and holds its
+    """Decision 138: a server that took ranges over counts a worker unsynced (and holds its
     sequential pulls) until a clock sent at its ring arrives, and a BSP worker waits for its
     pull before it clocks again; so a newer ring sends the current clock again, to every
     server of it, behind the parts it re-sends (the same value: idempotent)."""
@@ -216,7 +216,7 @@ def test_a_newer_ring_sends_the_worker_s_clock_again_to_every_server_behind_the_
 
 
 def test_a_pull_part_sent_again_after_its_push_was_acked_times_out_as_a_pull_not_as_not_replicated():
-    """Decision 139: an earlier try of the pushpull answered not_replicated; the retry is
+    """Decision 140: an earlier try of the pushpull answered not_replicated; the retry is
     acked with its pull part refused; if the pull sent again then times out, the error
     is a timeout, not NotReplicatedError for a push that was acknowledged."""
     core = ClientCore("W0", 10.0, _client_ring(1, (("S0",), ("S1",))))

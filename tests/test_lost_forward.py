@@ -113,7 +113,7 @@ def test_a_forward_whose_answer_was_lost_is_sent_again_not_applied_again_and_its
 
 
 def test_a_forward_whose_answer_was_lost_before_a_later_answered_one_is_sent_again_at_once():
-    """Decision 138: a later forward on the stream answered shows the earlier one was
+    """Decision 139: a later forward on the stream answered shows the earlier one was
     admitted and answered at once, its answer lost; it is no longer pending on the stream
     (no probe would find it), so it goes again now, is applied once, and its push is acked."""
     primary, replica = _core("S0"), _core("S1")

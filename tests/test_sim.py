@@ -105,7 +105,7 @@ FOUND_SEEDS = [
     # ring, vouched for pushes still on their way to the old primary
     ("unsynced clock", 5085, dict(pace="long", consistency="bounded", placement="chained", pushpull=True,
                                   faults=("join", "join", "cut_worker", "drop"))),
-    # decision 137: a BSP worker (its pull answered before it clocks again) whose clock was
+    # decision 138: a BSP worker (its pull answered before it clocks again) whose clock was
     # refused stale_ring by a server that took ranges over stayed unsynced there, and every
     # sequential or bounded pull at that server waited for a clock that never came
     ("bsp stall", 8, dict(pace="long", consistency="sequential", placement="spread", bsp=True, faults=("join",))),

@@ -576,7 +576,7 @@ class ClientCore:
                 # the clock again at this ring, behind the parts re-sent for it (the same value:
                 # idempotent): a server that took ranges over counts us unsynced, and holds
                 # every sequential pull, until a clock sent knowing its ring arrives; a BSP
-                # worker waits for its pull before it clocks again (decision 130)
+                # worker waits for its pull before it clocks again (decisions 130, 138)
                 self._queue_clock()
             self.hold_until = min(self.hold_until, now)
         elif ring.version == self.ring.version:

@@ -42,7 +42,7 @@ class Call:
 class PeerCalls:
     def __init__(self, outbox: list, resendable: Callable[[Call], bool] = lambda call: False) -> None:
         self.outbox = outbox
-        #: which calls may go again once found to have lost their answer alone (decision 131)
+        #: which calls may go again once found to have lost their answer alone (decisions 131, 139)
         self.resendable = resendable
         self._calls: dict[int, Call] = {}
         self._streams: dict[str, Outbound[Call]] = {}

@@ -136,7 +136,7 @@ class Settings:
     #: a BSP workload: each worker pushes, clocks and pulls, and starts its next iteration
     #: only once both are answered; once the workload stops, each worker still waiting
     #: ends its iteration (one more clock) when answered. With it, ``check_end`` checks
-    #: liveness: no pull waits more than ``bsp_bound`` seconds past the heal (decision 137).
+    #: liveness: no pull waits more than ``bsp_bound`` seconds past the heal (decision 138).
     #: Off by default: it changes the random schedule of every seed
     bsp: bool = False
     bsp_bound: float = 2.5
@@ -481,7 +481,7 @@ class Run:
     def check_live(self) -> None:
         """BSP: every pull of a live worker is answered within ``bsp_bound`` seconds of
         when it was issued or of the heal, whichever is later (a held pull that nothing
-        will release stalls its worker for good: decision 137)."""
+        will release stalls its worker for good: decision 138)."""
         for rec in self.pulls:
             start = max(rec.issued, self.healed_at)
             took = (rec.answered if rec.answered is not None else self.world.now) - start
