@@ -233,3 +233,20 @@ def test_a_pull_part_sent_again_after_its_push_was_acked_times_out_as_a_pull_not
     # (a part re-cut after a not_owner refusal times out as still misrouted)
     assert isinstance(done[0].error, (PsdTimeoutError, NotOwnerError)), done[0].error
     assert not isinstance(done[0].error, NotReplicatedError)
+
+
+def test_a_push_whose_retry_was_acked_times_out_as_a_timeout_not_as_not_replicated():
+    """A part answered not_replicated and then acknowledged when sent again holds its
+    replicas: if another part of the request then times out, the error says so, not
+    NotReplicatedError for the part that was acknowledged."""
+    core = ClientCore("W0", 10.0, _client_ring(1, (("S0",), ("S1",))))
+    keys = np.array([10, 5000], np.uint64)
+    ts, effects = core.issue("push", SPEC, Rows(keys=keys, values=np.ones((2, 1), np.int64)), 0.0)
+    sends = {e.server: e.msg for e in effects if isinstance(e, Send)}
+    assert sorted(sends) == ["S0", "S1"]
+    core.answered("S0", error_reply(sends["S0"], NotReplicatedError("S1 refused it"), "S0"), sends["S0"].id, 0.01)
+    [retry] = [e.msg for e in core.tick(2.0) if isinstance(e, Send) and e.server == "S0"]
+    core.answered("S0", retry.reply(ring=1), retry.id, 2.01)    # acked; S1's part never is
+    done = [e for e in core.tick(10.0) if isinstance(e, Done)]
+    assert len(done) == 1 and done[0].ts == ts
+    assert isinstance(done[0].error, PsdTimeoutError), done[0].error

@@ -482,6 +482,8 @@ class ClientCore:
         if code is not None:
             self._finish(req, None, _error(reply))
             return
+        if req.not_replicated is not None and not any(p.request is req for _, p in self.retries):
+            req.not_replicated = None  # the part that was not replicated is now: no longer the error
         if part.msg.op == "pushpull":
             refused = pull_refused(reply)
             if refused is not None:
