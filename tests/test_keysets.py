@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from keysets import setdiff, unique
+from psd.keysets import setdiff, unique
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 5000])

@@ -24,7 +24,7 @@ PSD = ROOT / "psd"
 #: bottom to top: (name, packages or modules, why it sits there). A module belongs to the
 #: entry naming the longest prefix of its dotted name; a module in none fails the test.
 LAYERS: list[tuple[str, tuple[str, ...], str]] = [
-    ("base", ("psd.errors", "psd.keyroles", "psd.refusals"),
+    ("base", ("psd.errors", "psd.keyroles", "psd.refusals", "psd.keysets"),
      "the PsdError family, key roles and the refusal log: shared by every layer"),
     ("codec", ("psd.codec",), "Message <-> frames: bytes only, no sockets, no meaning"),
     ("filters", ("psd.filters",), "what a push leaves out or shrinks, and its undoing: pure numpy"),
@@ -53,8 +53,9 @@ ONLY: dict[str, tuple[tuple[str, ...], str]] = {
     "psd.errors": ((), "the root of the error family imports nothing of psd"),
     "psd.keyroles": (("psd.errors",), "a table of who may send what"),
     "psd.refusals": (("psd.errors",), "pure: the caller passes the time"),
+    "psd.keysets": ((), "numpy only: distinct keys by sorting"),
     "psd.config": (("psd.errors", "psd.codec"), "sits beside the bottom layers"),
-    "psd.filters": (("psd.errors",), "pure numpy over keys and values; the client and Rows call it"),
+    "psd.filters": (("psd.errors", "psd.keysets"), "pure numpy over keys and values; the client and Rows call it"),
     "psd.transport": (("psd.codec", "psd.errors", "psd.keyroles", "psd.refusals", "psd.cluster"),
                       "moves bytes; what a message means is decided above it"),
 }

@@ -16,7 +16,7 @@ from psd.store import Table, TableSpec, make_updater
 from psd.store import hashrows
 from psd.store.runs import RUN_MIN
 
-from keysets import setdiff, unique
+from psd.keysets import setdiff, unique
 
 TOP = 2**64 - 1
 

@@ -16,7 +16,7 @@ import pytest
 import psd
 from psd.store import Table, TableSpec
 
-from keysets import unique
+from psd.keysets import unique
 from test_failover import live_servers, wait_until
 from workerprocs import closing
 

@@ -19,7 +19,7 @@ from psd.store import Table, TableSpec, hashrows, kernels as K
 from psd.store.runs import RUN_MIN
 from tests.test_store_hash import TOP, Reference, _grads, equal
 
-from keysets import setdiff, unique
+from psd.keysets import setdiff, unique
 
 
 class Counted:

@@ -61,6 +61,7 @@ from psd.apps.model import SAVE_CHECK, read_model, save_folder, write_model
 from psd.apps.rendezvous import wait_for_ranks
 from psd.errors import ConfigError
 from psd.filters import TableInfo, build_chain
+from psd.keysets import unique
 
 DEFAULTS: dict = {
     "data": {
@@ -478,7 +479,7 @@ async def run(kv, ctx) -> dict:
     heldout = None
     if held.any():   # the held-out documents' halves and the table rows of their words
         observed, target = completion_split(subset(corpus, np.flatnonzero(held)))
-        h_words = np.unique(np.concatenate([observed.words, target.words]))
+        h_words = unique(np.concatenate([observed.words, target.words]))
         h_keys = word_keys(h_words)
         h_order = np.argsort(h_keys)
         heldout = (observed, target, h_words, h_keys, h_order)

@@ -65,6 +65,7 @@ from psd.apps.options import (SPARSE_LOGREG_CHECKS, Check, check_sections, check
 from psd.errors import BadRequestError, ConfigError
 from psd.filters import TableInfo, build_chain, parse_filters
 from psd.filters.pull import build_pull
+from psd.keysets import unique
 from psd.schema import table_bounds
 
 SOLVERS = ("prox", "ftrl", "adagrad")
@@ -500,8 +501,8 @@ class Trainer:
         self.l1, self.l2 = float(self.t["l1"]), float(self.t["l2"])
         self.train_data = train
         self.test_data = test
-        train_keys = np.unique(train.indices)
-        self.keys = np.union1d(train_keys, test.indices) if test is not None else train_keys
+        train_keys = unique(train.indices)
+        self.keys = unique(np.concatenate([train_keys, test.indices])) if test is not None else train_keys
         self.trained = np.isin(self.keys, train_keys, assume_unique=True)  # keys this worker pushes
         self.w = np.zeros(self.keys.size)
         self.train = Design.of(train, self.keys)

@@ -13,6 +13,7 @@ import numpy as np
 from psd.errors import ConfigError
 from psd.filters.lossy import CLASSES, F64
 from psd.filters.spec import parse_filters
+from psd.keysets import unique
 
 #: filters that hold rows back: an updater that waits for every worker's part of a key
 #: (prox_l1 with aggregate) would wait for ever, and ``assign`` is not a sum of pushes
@@ -158,7 +159,7 @@ class FilterChain:
         parts = [(k, v) for k, v in parts if k.size]
         if not parts:
             return np.empty(0, np.uint64), np.zeros((0, self.info.width), self.dtype)
-        keys = np.unique(np.concatenate([k for k, _ in parts]))
+        keys = unique(np.concatenate([k for k, _ in parts]))
         vals = np.zeros((keys.size, self.info.width), F64)
         for k, v in parts:
             vals[np.searchsorted(keys, k)] += v

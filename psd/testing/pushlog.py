@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from psd.keysets import unique
+
 TABLE = "netpush"
 DTYPE = "int64"
 WIDTH = 2
@@ -53,7 +55,7 @@ def own_keys(seed: int) -> np.ndarray:
         raise ValueError(f"seed {seed}: expected 0 to 255 (the low byte of its keys)")
     rng = np.random.default_rng([7919, seed])
     high = rng.integers(0, 2**56, size=KEYS_PER_CLIENT * 2, dtype=np.uint64)
-    keys = np.unique((high << np.uint64(8)) | np.uint64(seed))
+    keys = unique((high << np.uint64(8)) | np.uint64(seed))
     return keys[:KEYS_PER_CLIENT]
 
 
@@ -128,7 +130,7 @@ def read_log(path: str | Path) -> PushLog:
 def expected(logs: list[PushLog]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, low, high): every key the clients own, and per key the sums the
     acknowledged pushes promise (``low``) and at most what could be there (``high``)."""
-    keys = np.unique(np.concatenate([own_keys(log.seed) for log in logs]))
+    keys = unique(np.concatenate([own_keys(log.seed) for log in logs]))
     low = np.zeros((keys.size, WIDTH), dtype=np.int64)
     high = np.zeros_like(low)
     for log in logs:

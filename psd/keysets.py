@@ -1,9 +1,9 @@
 """Sorted distinct keys without numpy's hash path.
 
 numpy 2.3+ answers a plain ``np.unique(a)`` (and ``setdiff1d``/``union1d``, which call
-it) for integers with a node-based hash set: 30-50x slower than sorting on large arrays
-(1M random uint64: 1.9 s against 0.04 s here; numpy issue #31969). Tests that build
-or compare large key sets call this instead; ``np.unique`` with ``return_*`` still sorts.
+it) for integers with a hash set: 30-50x slower than sorting on large arrays (1M random
+uint64 under numpy 2.4.6: 0.89 s against 0.017 s). The apps, filters and tests that
+build key sets call these instead; ``np.unique`` with ``return_*`` still sorts.
 """
 from __future__ import annotations
 
