@@ -178,6 +178,9 @@ class ForkServer:
 
 
 _servers: list[ForkServer] = []
+#: stale servers kept open: their children die with them (PR_SET_PDEATHSIG), so a server
+#: whose psd source changed under it forks nothing more but lives until the caller ends
+_retired: list[ForkServer] = []
 _broken = False
 
 
@@ -194,7 +197,10 @@ def shared(env: dict[str, str]) -> ForkServer | None:
             if server.alive() and not server.stale:
                 return server
             _servers.remove(server)
-            server.close()  # its children live on: they were forked before it went stale
+            if server.alive():  # stale: its running children (a cluster's daemons) need it
+                _retired.append(server)
+            else:
+                server.close()
             break
     if _servers:  # one per caller: another import environment starts the ordinary way
         return None
@@ -225,9 +231,10 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, log_fd: int) -> Forked
 
 @atexit.register
 def _close_servers() -> None:
-    for server in _servers:
+    for server in [*_servers, *_retired]:
         server.close()
     _servers.clear()
+    _retired.clear()
 
 
 # -- the fork server's side ----------------------------------------------------------

@@ -101,6 +101,30 @@ def test_a_fork_server_whose_psd_source_changed_hands_over_to_a_fresh_one(tmp_pa
             proc = forkserver.spawn(["config", "check", "/nonexistent.yaml"], env, str(tmp_path), f.fileno())
         second = forkserver.shared(env)
         assert isinstance(proc, forkserver.ForkedProcess) and proc.wait(60) == 2
-        assert second is not first and second.alive() and not first.alive()
+        assert second is not first and second.alive()
+        assert first.alive() and first in forkserver._retired  # (its children would die with it)
     finally:
         os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_daemons_forked_before_the_source_changed_keep_running(tmp_path):
+    """A stale fork server was closed at the next spawn, and its children, who die with it
+    (PR_SET_PDEATHSIG), were SIGKILLed: a running cluster lost its scheduler when any psd
+    file changed (an upgrade; in the suite, the handover test touching a file while the
+    other pytest process ran a cluster). The stale server now stays until the end."""
+    env = _env()
+    with psd.LocalCluster(servers=1, security="none") as cluster:
+        daemons = [cluster.scheduler_proc.proc, cluster.servers[0].proc]
+        assert all(isinstance(p, forkserver.ForkedProcess) for p in daemons)
+        source = psd.refusals.__file__
+        before = os.stat(source)
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+        try:
+            with open(tmp_path / "child.log", "wb") as f:
+                proc = forkserver.spawn(["config", "check", "/nonexistent.yaml"], env, str(tmp_path), f.fileno())
+            assert isinstance(proc, forkserver.ForkedProcess) and proc.wait(60) == 2
+        finally:
+            os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+        time.sleep(0.5)
+        assert [p.poll() for p in daemons] == [None, None]
+        assert cluster.status()["health"]["state"] == "ok"
