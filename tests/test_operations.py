@@ -478,11 +478,16 @@ def test_a_slow_preparation_keeps_the_watchdog_fed_and_is_not_start_up_time(noti
     assert "READY=1\nSTATUS=ready: tcp://127.0.0.1:1" in texts
 
 
-def test_a_failed_preparation_is_a_start_up_failure():
+def test_a_failed_preparation_is_a_start_up_failure(notify_socket):
+    n = notify_socket()
+
     def prepare():
         raise OSError(28, "No space left on device")
 
     async def role(stop, ready):
         raise AssertionError("the role must not start")
 
-    assert run_daemon(role, event_loop="asyncio", prepare=prepare) == EXIT_STARTUP
+    n.receive_in_background()
+    assert run_daemon(role, event_loop="asyncio", notify=Notifier(n.address), prepare=prepare) == EXIT_STARTUP
+    n.stop_background()
+    assert n.got and n.got[-1][1].startswith("STOPPING=1"), n.got  # systemd is told, as for any end

@@ -357,15 +357,11 @@ def run_daemon(role_main: RoleMain, *, event_loop: str = "uvloop", ready_file: s
             helpers.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
         if notify.watchdog_interval:
             helpers.append(asyncio.create_task(_feed_watchdog(notify, notify.watchdog_interval)))
-        if prepare is not None:
-            try:
-                await _prepare(prepare, notify)
-            except BaseException:
-                for task in helpers:
-                    await _cancel(task)
-                raise
-        role = asyncio.create_task(role_main(stop, on_ready))
+        role = None
         try:
+            if prepare is not None:
+                await _prepare(prepare, notify)
+            role = asyncio.create_task(role_main(stop, on_ready))
             if startup_timeout is not None:
                 await _until_ready(role, ready_event, stop, startup_timeout, startup_hint)
             if not role.cancelled():  # cancelled: stopped before it was ready
@@ -375,7 +371,7 @@ def run_daemon(role_main: RoleMain, *, event_loop: str = "uvloop", ready_file: s
                 await _cancel(task)
             if metrics is not None:
                 await metrics.close()
-            if not role.done():
+            if role is not None and not role.done():
                 await _cancel(role)
             stopping("stopped")
 
