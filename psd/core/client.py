@@ -523,10 +523,6 @@ class ClientCore:
         if err.code not in RESEND or part.rows is None:
             self._finish(req, None, err)
             return
-        if not any(p.request is req for _, p in self.retries):
-            # this part's push is acked now, and no other waits on a replica: a later timeout
-            # of the pull is no push's fault (decision 129)
-            req.not_replicated = None
         rows = part.rows
         part.rows = Rows(keys=rows.keys, spans=rows.spans, zstd=rows.zstd)
         part.msg = part.rows.to_message("pull", table=part.msg.table, ring=self.ring.version, clock=part.msg.clock,
