@@ -49,15 +49,22 @@ def _clock(core: ServerCore, worker: str, clock: int) -> list:
     return core.handle(None, Message("clock", sender=worker, meta={"clock": clock}), 0.0)
 
 
-def test_a_pull_held_across_a_ring_that_moved_its_rows_is_refused_not_answered_empty():
+def _w0_ahead(value: int) -> tuple[ServerCore, np.ndarray, list]:
+    """A sequential core where W0 pushed ``value`` to keys 10 and 20 at clock 0 and
+    moved on to clock 1 while W1 is still at clock 0: W0's next reads are held."""
     core = _core("sequential")
     for w in ("W0", "W1"):
         _clock(core, w, 0)
     keys = np.array([10, 20], np.uint64)
-    out = core.handle(None, Message("push", id=1, sender="W0", table="t", clock=0, meta={"rid": 1},
-                                    arrays=[keys, np.full((2, 1), 5, np.int64)]), 0.0)
-    assert [type(e) for e in out] == [Reply]
+    pushed = core.handle(None, Message("push", id=1, sender="W0", table="t", clock=0, meta={"rid": 1},
+                                       arrays=[keys, np.full((2, 1), value, np.int64)]), 0.0)
     _clock(core, "W0", 1)
+    return core, keys, pushed
+
+
+def test_a_pull_held_across_a_ring_that_moved_its_rows_is_refused_not_answered_empty():
+    core, keys, pushed = _w0_ahead(5)
+    assert [type(e) for e in pushed] == [Reply]
     # W0's pull at clock 1 waits for W1 to finish clock 0 (it must see W1's clock-0 pushes)
     assert core.handle(None, Message("pull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2},
                                      arrays=[keys]), 0.0) == []
@@ -72,13 +79,7 @@ def test_a_pull_held_across_a_ring_that_moved_its_rows_is_refused_not_answered_e
 
 
 def test_a_held_pull_whose_rows_stay_is_answered_after_a_ring_change():
-    core = _core("sequential")
-    for w in ("W0", "W1"):
-        _clock(core, w, 0)
-    keys = np.array([10, 20], np.uint64)
-    core.handle(None, Message("push", id=1, sender="W0", table="t", clock=0, meta={"rid": 1},
-                              arrays=[keys, np.full((2, 1), 5, np.int64)]), 0.0)
-    _clock(core, "W0", 1)
+    core, keys, _ = _w0_ahead(5)
     core.handle(None, Message("pull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2}, arrays=[keys]), 0.0)
     _ring(core, 2, (("S0", "S1"), ("S1",)), final=True)  # S0 still leads A
     answers = [e for e in _clock(core, "W1", 1) if isinstance(e, (Reply, Refuse))]
@@ -105,13 +106,7 @@ def test_a_late_copy_from_an_abandoned_attempt_is_refused_and_replaces_nothing()
 def test_a_pushpull_held_across_a_ring_that_moved_its_rows_acks_the_push_and_refuses_the_pull():
     """Decision 129: its push was applied (once), so it is acknowledged; its pull part is
     refused not_owner in the reply's meta, never answered from the rows the final ring dropped."""
-    core = _core("sequential")
-    for w in ("W0", "W1"):
-        _clock(core, w, 0)
-    keys = np.array([10, 20], np.uint64)
-    core.handle(None, Message("push", id=1, sender="W0", table="t", clock=0, meta={"rid": 1},
-                              arrays=[keys, np.full((2, 1), 1, np.int64)]), 0.0)
-    _clock(core, "W0", 1)
+    core, keys, _ = _w0_ahead(1)
     out = core.handle(None, Message("pushpull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2},
                                     arrays=[keys, np.full((2, 1), 4, np.int64)]), 0.0)
     assert out == []  # held: W1 has not finished clock 0
