@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from psd.cli.ctrl_c import CtrlC
 from psd.client import admin
 from psd.cluster.health import assess
 from psd.errors import PsdTimeoutError
@@ -192,31 +193,46 @@ def show_status(scheduler: str, as_json: bool = False, watch: float | None = Non
               file=sys.stderr)
         return 2
     tty = out.isatty()
-    shown, code = 0, 0
-    try:
-        while True:
-            started = time.monotonic()
-            try:
-                st = admin.call(scheduler, "status", timeout=max(1.0, min(5.0, 2 * interval)), config=config)
-                text = json.dumps(st, sort_keys=True) if as_json else render(st)
-                code = 0
-            except PsdTimeoutError as e:
-                down = {"state": "down", "reasons": [str(e)]}
-                text = json.dumps({"scheduler": scheduler, "health": down}) if as_json else f"DOWN: {e}"
-                code = 1
-            shown += 1
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            if as_json:
-                out.write(text + "\n")
-            elif tty:
-                out.write(f"\x1b[H\x1b[2J{stamp}  psd status every {interval:g} s (Ctrl-C to stop)\n\n{text}\n")
-            else:
-                out.write(("\n" if shown > 1 else "") + f"=== {stamp} psd status ({shown}) ===\n{text}\n")
-            out.flush()
-            if count is not None and shown >= count:
+    with CtrlC() as ctrl_c:
+        try:
+            code = _watch(scheduler, as_json, interval, count, out, config, tty, ctrl_c)
+            if not ctrl_c.pressed:
                 return code
-            time.sleep(max(0.0, interval - (time.monotonic() - started)))
-    except KeyboardInterrupt:
-        if tty:
-            out.write("\n")
-        return 0
+        except KeyboardInterrupt:
+            pass
+    if tty:
+        out.write("\n")
+    return 0
+
+
+def _watch(scheduler: str, as_json: bool, interval: float, count: int | None, out, config, tty: bool,
+           ctrl_c: CtrlC) -> int:
+    """The refreshes, until ``count`` of them (the code of the last one) or Ctrl-C: its
+    KeyboardInterrupt, or, if an extension swallowed that, ``ctrl_c.pressed`` at the next
+    check."""
+    shown, code = 0, 0
+    while not ctrl_c.pressed:
+        started = time.monotonic()
+        try:
+            st = admin.call(scheduler, "status", timeout=max(1.0, min(5.0, 2 * interval)), config=config)
+            text = json.dumps(st, sort_keys=True) if as_json else render(st)
+            code = 0
+        except PsdTimeoutError as e:
+            down = {"state": "down", "reasons": [str(e)]}
+            text = json.dumps({"scheduler": scheduler, "health": down}) if as_json else f"DOWN: {e}"
+            code = 1
+        if ctrl_c.pressed:
+            break
+        shown += 1
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        if as_json:
+            out.write(text + "\n")
+        elif tty:
+            out.write(f"\x1b[H\x1b[2J{stamp}  psd status every {interval:g} s (Ctrl-C to stop)\n\n{text}\n")
+        else:
+            out.write(("\n" if shown > 1 else "") + f"=== {stamp} psd status ({shown}) ===\n{text}\n")
+        out.flush()
+        if count is not None and shown >= count:
+            return code
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    return 0

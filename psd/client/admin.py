@@ -66,12 +66,16 @@ def _call(scheduler: str, op: str, timeout: float, config: ClusterConfig, meta: 
                                       f"is it running? (pass --scheduler ADDR)")
             ready = dict(poller.poll(int(left * 1000) + 1))
             if sock in ready:
-                reply = decode(sock.recv_multipart(copy=False), Limits(max_header_bytes=SCHEDULER_REPLY_HEADER_BYTES))
+                # copied, not zmq.Frame: pyzmq checks for signals while freeing a Frame and
+                # only prints what a handler raises there, so a Ctrl-C would be lost
+                reply = decode(sock.recv_multipart(), Limits(max_header_bytes=SCHEDULER_REPLY_HEADER_BYTES))
                 return raise_if_error(reply).meta
             if watch.monitor in ready:
                 reason = watch.poll(0)
                 if reason:
                     raise refusal_error(reason, scheduler, curve)
     finally:
-        watch.close()
-        sock.close(0)
+        try:
+            watch.close()
+        finally:
+            sock.close(0)

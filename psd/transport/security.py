@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import logging
 import os
 import re
@@ -463,6 +464,7 @@ def authenticator(ctx: zmq.asyncio.Context, curve: Curve) -> Authenticator:
 
 
 # -- the client side: see a refusal instead of a timeout ------------------------------------------
+_watch_ids = itertools.count()
 _WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL |
             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -470,17 +472,29 @@ _WATCHED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 class HandshakeWatch:
     """A socket monitor on one connecting socket, for the first exchange only (the
     scheduler handshake): tells a refusal from a slow peer. Attach before connect;
-    close once the first reply came (nothing is watched on the data path)."""
+    close once the first reply came (nothing is watched on the data path).
+
+    libzmq's I/O thread sends each monitor event with a blocking send: a monitor whose
+    reader is not connected, or already closed, stops that thread for good, and every
+    socket of the context with it. So the reader connects before the monitor starts and
+    closes only after it stopped, even when a Ctrl-C lands in between."""
 
     #: connections dropped during the handshake, with no success, before we call it a refusal
     #: (a wrong server key looks like that; one alone may be a peer restarting)
     DROPS = 2
 
     def __init__(self, sock: zmq.Socket):
-        self.monitor = sock.get_monitor_socket(_WATCHED)
         self._sock = sock
         self.drops = 0
         self.reason: str | None = None
+        self.monitor = sock.context.socket(zmq.PAIR)
+        try:
+            address = f"inproc://psd-handshake-{os.getpid()}-{next(_watch_ids)}"
+            self.monitor.connect(address)  # inproc may connect before the bind below
+            sock.monitor(address, _WATCHED)
+        except BaseException:
+            self.close()
+            raise
 
     def feed(self, frames: list) -> str | None:
         """Take one monitor message; the failure kind once there is one: ``auth`` (the
@@ -519,10 +533,18 @@ class HandshakeWatch:
 
     def close(self) -> None:
         try:
-            self._sock.disable_monitor()
-        except zmq.ZMQError:
+            self._stop()
+        finally:  # a KeyboardInterrupt before the stop took effect: stop again, then close
+            try:
+                self._stop()
+            finally:
+                self.monitor.close(0)
+
+    def _stop(self) -> None:
+        try:
+            self._sock.monitor(None, 0)
+        except zmq.ZMQError:  # the socket is closed already: so is its monitor
             pass
-        self.monitor.close(0)
 
 
 def refusal_error(reason: str, address: str, curve: Curve | None, who: str = "scheduler") -> AuthError:

@@ -95,11 +95,20 @@ def dealer_options(max_message_bytes: int | None, security: Curve | None):
 
 def _dealer(ctx, address, max_message_bytes, security, watch=False):
     sock = ctx.socket(zmq.DEALER)
-    _common(sock, max_message_bytes)
-    if security is not None:
-        apply_client(sock, security)
-    watcher = HandshakeWatch(sock) if watch else None
-    sock.connect(address)
+    watcher = None
+    try:
+        _common(sock, max_message_bytes)
+        if security is not None:
+            apply_client(sock, security)
+        watcher = HandshakeWatch(sock) if watch else None
+        sock.connect(address)
+    except BaseException:  # a bad option, or Ctrl-C: no socket is left open behind
+        try:
+            if watcher is not None:
+                watcher.close()
+        finally:
+            sock.close(0)
+        raise
     return sock, watcher
 
 
