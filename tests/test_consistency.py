@@ -31,7 +31,14 @@ from hypothesis import strategies as st
 
 import psd
 from psd.cli.status import render
+from psd.cluster.assignment import Assignment
+from psd.cluster.ranges import KEY_SPACE_END, Range
+from psd.codec import Message
+from psd.config import ClusterConfig
+from psd.core.effects import Reply
 from psd.core.gate import Gate, Policy, Setting
+from psd.core.server import ServerCore
+from psd.schema import TableSpec
 
 from clockworker import TABLE, spread_keys
 
@@ -314,8 +321,12 @@ def test_sequential_pulls_see_exactly_the_earlier_clocks(tmp_path):
             for ts in stamps:
                 kv.wait(ts)                                 # acked ...
             assert order.pull(key)[0, 0] == 0               # ... but not applied within clock 0
+            # a pushpull's pull part is such a pull: its own push is not in it
+            both = kv.table("both", width=1, dtype="int64", updater="sum")
+            assert both.pushpull(key, np.array([[7]], dtype=np.int64))[0, 0] == 0
             kv.clock()
             assert order.pull(key)[0, 0] == 30              # applied at the boundary, in order
+            assert both.pull(key)[0, 0] == 7
 
 
 # -- a worker dies --------------------------------------------------------------------------
@@ -491,3 +502,31 @@ def test_table_override_made_late_knows_who_left():
     assert not late.pull("q", "w0", 3, lambda: ran.append(3), 0.0)  # needs w0 >= 2 only
     gate.clock("w0", 2, 0.0)
     assert ran == [2, 3]
+
+
+# -- a pushpull under sequential, in the server's core (no I/O) ------------------------------
+def test_sequential_pushpull_answers_the_earlier_clocks_without_its_own_push():
+    """The pull part of a pushpull at clock c reflects exactly the pushes of clocks < c,
+    as a pull issued right after the push would (docs/consistency.md): at clock 0, the
+    table's zeros, although its push is acknowledged in the same answer. The push is
+    kept for the clock boundary, not applied; a pull at clock 1 sees it."""
+    core = ServerCore(ClusterConfig(security="none", consistency="sequential", num_workers=1), secure=False)
+    core.node_id = "S0"
+    core.ring = Assignment(version=1, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),),
+                           addresses={"S0": "tcp://S0"})
+    core._create(TableSpec("t", 1, "int64"))
+    core.fence.confirmed(0.0)
+    keys = np.array([10, 20], np.uint64)
+
+    def ask(op: str, rid: int, clock: int, *arrays) -> np.ndarray:
+        out = core.handle(None, Message(op, id=rid, sender="W0", table="t", clock=clock, meta={"rid": rid},
+                                        arrays=[keys, *arrays]), 0.0)
+        assert [type(e) for e in out] == [Reply], out
+        return out[0].msg.arrays[0]
+
+    assert ask("pushpull", 1, 0, np.full((2, 1), 7, np.int64))[:, 0].tolist() == [0, 0]
+    assert [clock for clock, _ in core.gate.policy(None).kept()] == [0]   # kept, not applied
+    assert ask("pull", 2, 0)[:, 0].tolist() == [0, 0]
+    core.handle(None, Message("clock", sender="W0", meta={"clock": 1}), 0.0)
+    assert ask("pull", 3, 1)[:, 0].tolist() == [7, 7]
+    assert ask("pushpull", 4, 1, np.full((2, 1), 1, np.int64))[:, 0].tolist() == [7, 7]
