@@ -19,7 +19,7 @@ from psd.codec.message import error_reply
 from psd.config import ClusterConfig
 from psd.core.client import AskRing, ClientCore, Done, Send
 from psd.core.effects import Refuse, Reply
-from psd.core.pushpull import PULL_REFUSED
+from psd.core.pushpull import PULL_REFUSABLE, PULL_REFUSED
 from psd.core.server import ServerCore
 from psd.errors import NotOwnerError, NotReplicatedError, PsdTimeoutError
 from psd.schema import TableSpec
@@ -47,6 +47,11 @@ def _ring(core: ServerCore, version: int, owners: tuple, *, final: bool, incomin
 
 def _clock(core: ServerCore, worker: str, clock: int) -> list:
     return core.handle(None, Message("clock", sender=worker, meta={"clock": clock}), 0.0)
+
+
+def _flagged(rid: int) -> dict:
+    """A current client's pushpull meta: it takes a ``pull_refused`` answer."""
+    return {"rid": rid, PULL_REFUSABLE: True}
 
 
 def _w0_ahead(value: int) -> tuple[ServerCore, np.ndarray, list]:
@@ -107,7 +112,7 @@ def test_a_pushpull_held_across_a_ring_that_moved_its_rows_acks_the_push_and_ref
     """Decision 129: its push was applied (once), so it is acknowledged; its pull part is
     refused not_owner in the reply's meta, never answered from the rows the final ring dropped."""
     core, keys, _ = _w0_ahead(1)
-    out = core.handle(None, Message("pushpull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2},
+    out = core.handle(None, Message("pushpull", id=2, sender="W0", table="t", clock=1, meta=_flagged(2),
                                     arrays=[keys, np.full((2, 1), 4, np.int64)]), 0.0)
     assert out == []  # held: W1 has not finished clock 0
     _ring(core, 2, (("S1", "S0"), ("S1",)), final=False)
@@ -120,6 +125,66 @@ def test_a_pushpull_held_across_a_ring_that_moved_its_rows_acks_the_push_and_ref
     assert core.counters["pull_refused"] == 1
 
 
+def test_an_older_client_s_held_pushpull_is_refused_whole_with_nothing_applied():
+    """Decision 143: a pushpull without ``meta.pull_refusable`` (a client older than
+    decision 129, which would fail on ``pull_refused`` although its push stands) is held
+    whole: nothing of it is applied or recorded while held, and once the ring moved its
+    rows it is refused ``not_owner``, so the client's resend is applied once."""
+    core, keys, _ = _w0_ahead(1)
+    pushed = core.counters["keys_pushed"]
+    out = core.handle(None, Message("pushpull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2},
+                                    arrays=[keys, np.full((2, 1), 4, np.int64)]), 0.0)
+    assert out == []  # held: W1 has not finished clock 0
+    assert core.counters["keys_pushed"] == pushed and not core._seen_before(("W0", 2), [])
+    _ring(core, 2, (("S1", "S0"), ("S1",)), final=False)
+    _ring(core, 3, (("S1",), ("S1",)), final=True)
+    answers = [e for e in _clock(core, "W1", 1) if isinstance(e, (Reply, Refuse))]
+    assert len(answers) == 1 and isinstance(answers[0], Refuse), answers
+    assert answers[0].error.code == "not_owner" and answers[0].request.id == 2
+    assert core.counters["keys_pushed"] == pushed and not core._seen_before(("W0", 2), [])
+    assert core.counters["pull_refused"] == 0 and not core.holding.get("W0"), core.holding
+
+
+def test_an_older_client_s_held_pushpull_whose_rows_stay_is_pushed_and_answered_once_released():
+    """Held whole and released at the same ring: its push is applied then (kept for the
+    clock boundary under sequential), and its pull part sees the clock-0 pushes only."""
+    core, keys, _ = _w0_ahead(1)
+    pushed = core.counters["keys_pushed"]
+    assert core.handle(None, Message("pushpull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2},
+                                     arrays=[keys, np.full((2, 1), 4, np.int64)]), 0.0) == []
+    assert core.counters["keys_pushed"] == pushed
+    answers = [e for e in _clock(core, "W1", 1) if isinstance(e, (Reply, Refuse))]
+    assert len(answers) == 1 and isinstance(answers[0], Reply), answers
+    assert answers[0].msg.arrays[0].ravel().tolist() == [1, 1]
+    assert core.counters["keys_pushed"] == pushed + 2 and core._seen_before(("W0", 2), [])
+    for w in ("W0", "W1"):
+        _clock(core, w, 2)
+    pull = core.handle(None, Message("pull", id=3, sender="W0", table="t", clock=2, meta={"rid": 3},
+                                     arrays=[keys]), 0.0)
+    assert pull[0].msg.arrays[0].ravel().tolist() == [5, 5]
+
+
+def test_an_older_client_s_pushpull_released_past_its_clock_stays_out_of_pulls_of_that_clock():
+    """Released when the floor jumps past its clock (the slow worker left), an older
+    client's pushpull pushes only then: the gate keeps that push in its (clock, arrival)
+    place, so a pull of the same clock released after it does not see it, as it would not
+    have had the push arrived with the request; it is applied before the drain ends."""
+    core = _core("sequential")
+    for w in ("W0", "W1"):
+        _clock(core, w, 0)
+    keys = np.array([10, 20], np.uint64)
+    _clock(core, "W0", 1)
+    assert core.handle(None, Message("pushpull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2},
+                                     arrays=[keys, np.full((2, 1), 4, np.int64)]), 0.0) == []
+    assert core.handle(None, Message("pull", id=3, sender="W0", table="t", clock=1, meta={"rid": 3},
+                                     arrays=[keys]), 0.0) == []
+    _clock(core, "W0", 2)
+    out = core.control(Message("worker_left", meta={"worker": "W1"}), 0.0)  # the floor: 0 -> 2
+    answers = {e.msg.id: e.msg.arrays[0].ravel().tolist() for e in out if isinstance(e, Reply) and e.msg.arrays}
+    assert answers == {2: [0, 0], 3: [0, 0]}, out
+    assert core.tables["t"].pull(keys).ravel().tolist() == [4, 4]
+
+
 def test_a_held_pushpull_and_pull_whose_rows_are_being_restored_are_answered_refused():
     """Decision 140: the recheck after a ring change may fail on rows being restored from
     a checkpoint (unavailable), not only on rows moved away: the pushpull's push is still
@@ -130,7 +195,7 @@ def test_a_held_pushpull_and_pull_whose_rows_are_being_restored_are_answered_ref
         _clock(core, w, 0)
     keys = np.array([10, 20], np.uint64)
     _clock(core, "W0", 1)
-    assert core.handle("W0", Message("pushpull", id=2, sender="W0", table="t", clock=1, meta={"rid": 2},
+    assert core.handle("W0", Message("pushpull", id=2, sender="W0", table="t", clock=1, meta=_flagged(2),
                                      arrays=[keys, np.full((2, 1), 5, np.int64)]), 0.0) == []
     assert core.handle("W0", Message("pull", id=3, sender="W0", table="t", clock=1, meta={"rid": 3},
                                      arrays=[keys]), 0.0) == []
@@ -158,6 +223,7 @@ def test_the_worker_counts_the_push_done_and_sends_the_refused_pull_part_again_a
     ts, effects = core.issue("pushpull", SPEC, Rows(keys=keys, values=np.ones((3, 1), np.int64)), 0.0)
     sends = {e.server: e.msg for e in effects if isinstance(e, Send)}
     assert sorted(sends) == ["S0", "S1"] and all(m.op == "pushpull" for m in sends.values())
+    assert all(m.meta[PULL_REFUSABLE] is True for m in sends.values())  # (it takes pull_refused)
     s0, s1 = sends["S0"], sends["S1"]
     out = core.answered("S1", s1.reply(arrays=[np.array([[7]], np.int64)], ring=1), s1.id, 0.01)
     assert not [e for e in out if isinstance(e, (Send, Done))]
@@ -170,7 +236,7 @@ def test_the_worker_counts_the_push_done_and_sends_the_refused_pull_part_again_a
     assert len(again) == 1 and again[0].server == "S1", out
     pull = again[0].msg
     assert pull.op == "pull" and len(pull.arrays) == 1 and pull.arrays[0].tolist() == [10, 20]
-    assert pull.meta["rid"] not in (s0.meta["rid"], s1.meta["rid"])
+    assert pull.meta["rid"] not in (s0.meta["rid"], s1.meta["rid"]) and PULL_REFUSABLE not in pull.meta
     out = core.answered("S1", pull.reply(arrays=[np.array([[5], [6]], np.int64)], ring=3), pull.id, 0.04)
     done = [e for e in out if isinstance(e, Done)]
     assert len(done) == 1 and done[0].ts == ts and done[0].error is None

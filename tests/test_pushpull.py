@@ -199,6 +199,19 @@ def test_pushpull_returns_the_updated_values(cluster3, kv3):
 
 
 # -- updaters --------------------------------------------------------------------------
+def test_a_pushpull_without_the_pull_refusable_flag_is_pushed_and_answered(cluster3, kv3, raw_dealer):
+    """An older client's pushpull (no ``meta.pull_refusable``), raw through a real socket:
+    a gate that does not hold it (eventual) pushes and answers it at once, as before
+    decision 143; held, the server holds it whole (tests/test_held_across_rings.py)."""
+    t = kv3.table("older", width=1, dtype="int64", updater="sum")
+    first = server_ranges(cluster3)[0]
+    keys = u64(first.begin, first.begin + 1)
+    msg = Message("pushpull", table="older", meta={"rid": 1}, arrays=[keys, np.full((2, 1), 3, np.int64)])
+    reply = raw_dealer(first.address).request(msg)
+    assert reply.op == "ok" and reply.arrays[0][:, 0].tolist() == [3, 3], reply.meta
+    assert t.pull(keys)[:, 0].tolist() == [3, 3]
+
+
 def test_pulls_in_flight_see_exactly_the_pushes_before_them(kv3):
     """Servers answer a pull of consecutive keys with a view of the table, sent
     zero-copy; the push right behind it must not change the reply while ZeroMQ is still

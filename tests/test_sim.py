@@ -101,6 +101,15 @@ FOUND_SEEDS = [
                                  faults=("join", "join", "cut_worker", "drop"))),
     ("held pushpull", 5161, dict(pace="long", consistency="bounded", placement="chained", pushpull=True,
                                  faults=("join", "join", "cut_worker", "drop"))),
+    # decision 143: the same schedules with the pushpulls of an older client (no
+    # meta.pull_refusable): held whole, refused whole not_owner after a ring change that
+    # took their rows (6 to 8 each), re-cut and sent again, applied once
+    ("older pushpull", 5209, dict(pace="long", consistency="sequential", placement="chained", pushpull=True,
+                                  older_pushpull=True, faults=("join", "join", "join", "drop", "stall"))),
+    ("older pushpull", 5049, dict(pace="long", consistency="sequential", placement="chained", pushpull=True,
+                                  older_pushpull=True, faults=("join", "join", "cut_worker", "drop"))),
+    ("older pushpull", 5161, dict(pace="long", consistency="bounded", placement="chained", pushpull=True,
+                                  older_pushpull=True, faults=("join", "join", "cut_worker", "drop"))),
     # decision 130: a worker first heard after a takeover, with a clock sent at the old
     # ring, vouched for pushes still on their way to the old primary
     ("unsynced clock", 5085, dict(pace="long", consistency="bounded", placement="chained", pushpull=True,

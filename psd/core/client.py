@@ -31,7 +31,7 @@ from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.codec.signature import KC_MIN_KEYS, key_ref
 from psd.core.ids import next_rid
-from psd.core.pushpull import pull_refused
+from psd.core.pushpull import PULL_REFUSABLE, pull_refused
 from psd.core.stream import SEQ, Outbound, parse
 from psd.errors import (BusyError, KeysUnknownError, NotOwnerError, NotReplicatedError, OutOfOrderError, PsdError,
                         PsdTimeoutError, UnavailableError, ValuesError, error_from_wire)
@@ -164,6 +164,10 @@ class ClientCore:
         #: False: one per owner tuple, as before decision 97 (kept for bench_onemsg.py's
         #: side-by-side cell and to show the message-count test bites)
         self.one_message_per_server = True
+        #: pushpulls say they take a ``pull_refused`` answer (``meta.pull_refusable``);
+        #: False: they go as a client's older than decision 143 did, and a server holds
+        #: them whole (the simulation's ``Settings.older_pushpull``)
+        self.pull_refusable = True
 
     def _take(self) -> list:
         out = self.outbox[:]
@@ -221,6 +225,8 @@ class ClientCore:
                 meta["orig"] = orig
             if req.once is not None and op != "pull":
                 meta["once"] = req.once
+            if op == "pushpull" and self.pull_refusable:
+                meta[PULL_REFUSABLE] = True  # (else a server holds it whole: decision 143)
             msg = sub.to_message(op, table=req.spec.name, ring=self.ring.version, clock=req.clock, meta=meta)
             part = Part(req, server, _compose(slices, sub_slices), msg, sub, (req.issue, len(req.parts)))
             req.parts.append(part)

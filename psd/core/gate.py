@@ -14,6 +14,7 @@ connection, has been answered by then).
 from __future__ import annotations
 
 import logging
+from bisect import insort
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
@@ -45,6 +46,7 @@ class Policy:
     _held: dict = field(default_factory=dict)       # request id -> (run, since, clock)
     _pushes: list = field(default_factory=list)     # (clock, seq, apply) awaiting the clock boundary
     _seq: int = 0                                   # arrival order of kept pushes
+    _draining: bool = False                         # inside _drain: a released request pushes
     _last_clock_at: dict = field(default_factory=dict)
     _tau_since: float = float("-inf")               # when auto last changed tau
     #: a checkpoint in progress: pushes at clocks >= cut wait until the snapshot is written
@@ -103,6 +105,13 @@ class Policy:
             self._past_cut.append((worker, clock, apply, what))
             return False
         if self.buffers_pushes:
+            if self._draining:
+                # a held request released by this drain pushes (an older client's pushpull
+                # held whole: decision 143): kept in its (clock, arrival) place, the drain
+                # applies it after the pulls of its clock, as it would have been on arrival
+                self._seq += 1
+                insort(self._pushes, (clock, self._seq, apply, what), key=lambda p: (p[0], p[1]))
+                return False
             floor = self.clocks.min_clock()
             if floor is not None and clock >= floor:
                 self._seq += 1
@@ -139,6 +148,13 @@ class Policy:
         already taken off the clocks, and a push left in the list after it ran would be
         applied again by the next drain. The drain finishes, then the first error is
         raised for the caller's handler to report."""
+        self._draining = True
+        try:
+            self._drain_now(now)
+        finally:
+            self._draining = False
+
+    def _drain_now(self, now: float) -> None:
         errors: list[Exception] = []
 
         def call(fn: Callable[[], None]) -> None:
@@ -148,24 +164,20 @@ class Policy:
                 errors.append(err)
 
         released = sorted(((self._held[rid][2], i, rid) for i, rid in enumerate(self.clocks.ready())))
-        if self._pushes:
-            self._pushes.sort(key=lambda p: (p[0], p[1]))
-            floor = self.clocks.min_clock()
-            limit = None if floor is None or not self.buffers_pushes else floor
-            done = 0
-            for clock, _i, rid in released:
-                while (done < len(self._pushes) and self._pushes[done][0] < clock
-                       and (limit is None or self._pushes[done][0] < limit)):
-                    call(self._pushes[done][2])
-                    done += 1
-                call(lambda rid=rid: self._run_held(rid, now))
-            while done < len(self._pushes) and (limit is None or self._pushes[done][0] < limit):
+        self._pushes.sort(key=lambda p: (p[0], p[1]))
+        floor = self.clocks.min_clock()
+        limit = None if floor is None or not self.buffers_pushes else floor
+        done = 0
+        for clock, _i, rid in released:
+            while (done < len(self._pushes) and self._pushes[done][0] < clock
+                   and (limit is None or self._pushes[done][0] < limit)):
                 call(self._pushes[done][2])
                 done += 1
-            del self._pushes[:done]
-        else:
-            for _clock, _i, rid in released:
-                call(lambda rid=rid: self._run_held(rid, now))
+            call(lambda rid=rid: self._run_held(rid, now))  # (may keep a push, at or after `done`)
+        while done < len(self._pushes) and (limit is None or self._pushes[done][0] < limit):
+            call(self._pushes[done][2])
+            done += 1
+        del self._pushes[:done]
         if errors:
             raise errors[0]
 

@@ -7,6 +7,13 @@ push, once its replicas hold it, in an ``ok`` reply without frames whose ``meta`
 the refusal of the pull part (``PULL_REFUSED``: code, message and data, as an error
 reply's); the worker counts the push as done and sends the pull again, alone, by the
 new ring (decision 129).
+
+Only a client that says it understands that answer gets it: its pushpulls carry
+``meta.pull_refusable: true`` (``PULL_REFUSABLE``). An older client would fail the
+request with ``bad_values`` although its push stands, and an app that retries on any
+error would apply the push twice; so a pushpull without the flag is held whole by the
+gate instead, its push applied only when its pull part may run, and a ring change
+meanwhile refuses it whole, ``not_owner``, with nothing applied (decision 143).
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ from psd.errors import PsdError, ProtocolError, error_from_wire
 
 #: the reply's ``meta`` field: ``{code, message, data}`` of the pull part's refusal
 PULL_REFUSED = "pull_refused"
+#: the request's ``meta`` flag (``true``): the sender takes a ``PULL_REFUSED`` answer
+PULL_REFUSABLE = "pull_refusable"
 
 
 def refusal(err: PsdError) -> dict:

@@ -42,7 +42,7 @@ from psd.core.fence import Fence
 from psd.core.keycache import KeyCache
 from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
-from psd.core.pushpull import PULL_REFUSED, refusal
+from psd.core.pushpull import PULL_REFUSABLE, PULL_REFUSED, refusal
 from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
 from psd.core.seen import ONCE, PartlyApplied, Seen
 from psd.core.stream import SEQ, Inbound, parse
@@ -944,7 +944,10 @@ class ServerCore:
                                        f"{self.config.limits.max_message_bytes}; pull fewer keys at a time")
 
     def _answer_pull(self, route, msg: Message, table: Table, rows: Rows, now: float,
-                     after: Pending | None = None, cost: int = 0, pf: dict | None = None) -> None:
+                     after: Pending | None = None, cost: int = 0, pf: dict | None = None,
+                     gated: bool = True) -> None:
+        """Answer a pull, or a pushpull's pull part, once the consistency gate lets it run
+        (``gated`` False: it already did, for an older client's pushpull held whole)."""
         version = self.ring.version
 
         def run() -> None:
@@ -994,7 +997,10 @@ class ServerCore:
                 self._answer_when(after, route, msg, msg.reply(arrays=[values], ring=self.ring.version,
                                                                   meta=_kept(rows)), cost=cost)
 
-        self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, now)
+        if gated:
+            self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, now)
+        else:
+            run()
 
     def on_pull(self, route, msg: Message, now: float) -> None:
         self._admit(msg)
@@ -1017,12 +1023,44 @@ class ServerCore:
         rows = self._rows(msg, table, with_values=True)
         self.counters["pushpull"] += 1
         cost = self._hold(msg, rows.count * table.width * table.dtype.itemsize)
+        if msg.meta.get(PULL_REFUSABLE) is not True:
+            self._pushpull_whole(route, msg, table, rows, now, cost)
+            return
         try:
             pending = self._push(msg, table, rows, now)
         except Exception:
             self._unhold(msg.sender, cost)
             raise
         self._answer_pull(route, msg, table, rows, now, after=pending, cost=cost)
+
+    def _pushpull_whole(self, route, msg: Message, table: Table, rows: Rows, now: float, cost: int) -> None:
+        """A pushpull from a client that does not take ``pull_refused`` (no
+        ``meta.pull_refusable``: one older than decision 129): the gate holds it whole, and
+        its push is applied only when its pull part may run. ``_push`` checks the primary
+        then, so a ring change that took its rows meanwhile refuses it whole, ``not_owner``,
+        with nothing applied, and the client re-cuts and sends it again as it always did
+        (decision 143). Not held, it runs at once, as a new client's does."""
+        try:
+            self._check_primary(rows, now)  # misrouted: refused now, not once released
+        except Exception:
+            self._unhold(msg.sender, cost)
+            raise
+        inline = [True]
+
+        def run() -> None:
+            try:
+                pending = self._push(msg, table, rows, now)  # (released: the gate keeps it in order)
+            except Exception as err:
+                self._unhold(msg.sender, cost)
+                if inline[0]:
+                    raise
+                # (released by another request's handler, which must not stop on it)
+                self.outbox.append(Refuse(route, msg, err))
+                return
+            self._answer_pull(route, msg, table, rows, now, after=pending, cost=cost, gated=False)
+
+        self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, now)
+        inline[0] = False
 
     def on_clock(self, route, msg: Message, now: float) -> None:
         """A worker finished an iteration; one-way (no reply), sent after its pushes."""

@@ -133,6 +133,10 @@ class Settings:
     #: half the pushes go as a ``pushpull`` of their keys (the pull part checked as a
     #: pull issued right after the push). Off by default: it changes the random schedule
     pushpull: bool = False
+    #: those pushpulls go as an older client's, without ``meta.pull_refusable``: a server
+    #: holds one whole while its pull part waits, and refuses it whole ``not_owner`` if a
+    #: ring change took its rows meanwhile (decision 143); the worker re-cuts and resends
+    older_pushpull: bool = False
     #: a BSP workload: each worker pushes, clocks and pulls, and starts its next iteration
     #: only once both are answered; once the workload stops, each worker still waiting
     #: ends its iteration (one more clock) when answered. With it, ``check_end`` checks
@@ -251,6 +255,7 @@ class Run:
         for w in range(self.s.workers):
             worker = SimWorker(self.world, f"wrk-{w}", self.config)
             worker.core.key_caching, worker.core.kc_min_keys = self.s.key_caching, 1
+            worker.core.pull_refusable = not self.s.older_pushpull
             self.workers.append(worker)
             worker.on_done = lambda ts, result, error, w=w: self._done(w, ts, result, error)
             worker.on_ready = lambda w=w: self._ready(w)
