@@ -5,13 +5,16 @@ paces or two trees side by side (decision 136).
     python scripts/sim_coverage.py faults --pace long:eventual=400,bounded=300,sequential=300 \\
                                           --pace short:eventual=800,bounded=600,sequential=600
     python scripts/sim_coverage.py mutations --pace long --pace short --seeds 60
+    python scripts/sim_coverage.py faults --pace short:eventual/checkpoints=40,sequential/checkpoints=40
     python scripts/sim_coverage.py mutations --pace short --tree /tmp/old --seeds 60
 
 ``faults`` counts, over each seed set (``settings_for`` settings, as tests/test_sim.py
 runs them), the faults that took effect: kills, restarts, joins, stalls past the
 failure timeout (heartbeat_interval x heartbeat_misses) of servers and of the
 scheduler, partitions of each shape, dropped connections, ring changes after the
-workers started, and the CPU seconds the set took. ``mutations`` switches off each
+workers started, checkpoints (asked, taken with a manifest, failed, servers killed
+mid-cut, failed writes: a model named ``MODEL/checkpoints`` runs its seeds with
+``Settings.checkpoints``), and the CPU seconds the set took. ``mutations`` switches off each
 guarantee the mutation tests of tests/test_sim.py switch off, runs ``--seeds`` seeds of
 that test's settings (every one, not up to the first hit) and prints how many seeds
 found it and the hits per CPU second. Each column runs in a fresh process of its tree
@@ -58,9 +61,13 @@ def faults(seed_sets):
     counts = collections.Counter()
     seeds = 0
     start = time.process_time()
-    for consistency, n in seed_sets.items():
+    for model, n in seed_sets.items():
+        consistency, _, extra = model.partition("/")
         for seed in range(n):
-            run = Run(seed, settings(seed, **settings_for(seed, consistency)))
+            kw = settings_for(seed, consistency)
+            if extra == "checkpoints":  # (Settings.checkpoints)
+                kw["checkpoints"] = True
+            run = Run(seed, settings(seed, **kw))
             first = {}
             when = run.pace.start if PACED else 0.3
             run.world.at(when, lambda: first.setdefault("ring", run.scheduler.core.state.ring.version), None)
@@ -88,7 +95,10 @@ def faults(seed_sets):
             counts["worker cut from scheduler"] += kinds["cut_worker"]
             counts["connection drops"] += kinds["drop"]
             counts["ring changes"] += run.scheduler.core.state.ring.version - first.get("ring", 0)
-            counts["checkpoints"] += kinds["checkpoint"]
+            counts["checkpoints asked by the admin"] += kinds["checkpoint"]
+            for k, v in getattr(out, "checkpoints", {}).items():
+                if k in ("taken", "failed", "killed mid-cut", "write failures"):
+                    counts[f"checkpoints: {k}"] += v
             counts["pushes"] += out.pushes
             counts["pulls"] += out.pulls
             counts["messages"] += out.messages

@@ -26,7 +26,7 @@ from psd.codec import Message
 from psd.core.cluster_state import ClusterState
 from psd.core.procedures import Acquire, Calls, Do, failure
 from psd.core.ring_changes import RING_LOCK
-from psd.errors import BadRequestError
+from psd.errors import BadRequestError, UnavailableError
 from psd.store.checkpoint import checkpoint_dir, write_manifest
 
 log = logging.getLogger("psd.checkpoint")
@@ -62,6 +62,11 @@ class Checkpoints:
         s.next_checkpoint += 1
         folder = checkpoint_dir(self.root, ckpt_id)
         try:
+            absent = sorted({owners[0] for owners in s.ring.owners if owners} - set(servers))
+            if absent:  # (its death's ring change waits for RING_LOCK: its ranges would be left out)
+                raise UnavailableError(f"checkpoint {ckpt_id}: {', '.join(absent)} lead(s) ranges of ring "
+                                       f"v{s.ring.version} but {'is' if len(absent) == 1 else 'are'} not live; "
+                                       f"the ring change that follows runs first: retry shortly")
             yield Do(f"mkdir {folder}", lambda: folder.mkdir(parents=True, exist_ok=True))
             held = yield from _all(servers, lambda: Message("ckpt_hold"), s.config.request_timeout)
             cut = 1 + max([r.meta["max_push_clock"] for r in held] +

@@ -42,14 +42,18 @@ class Policy:
     clocks: RangeClocks = field(init=False)
     auto: AutoDelay | None = field(init=False, default=None)
     waits: WaitHistogram = field(default_factory=WaitHistogram)
-    _held: dict = field(default_factory=dict)       # request id -> (run, since, clock)
+    _held: dict = field(default_factory=dict)       # request id -> (run, since, clock, worker)
     _pushes: list = field(default_factory=list)     # (clock, seq, apply) awaiting the clock boundary
     _seq: int = 0                                   # arrival order of kept pushes
     _last_clock_at: dict = field(default_factory=dict)
     _tau_since: float = float("-inf")               # when auto last changed tau
     #: a checkpoint in progress: pushes at clocks >= cut wait until the snapshot is written
     cut: int | None = None
+    #: in arrival order: pushes the cut holds, (worker, clock, apply, what), and pulls that
+    #: must see one of them, (worker, clock, None, (rid, run, since)): a pull let through
+    #: after the pushes that came before it, and before those that came after it
     _past_cut: list = field(default_factory=list)
+    _now: float = float("-inf")  # the latest event's time (a cut moves with none)
 
     def __post_init__(self):
         s = self.setting
@@ -76,7 +80,13 @@ class Policy:
 
     # -- events ----------------------------------------------------------------
     def pull(self, rid: Hashable, worker: str, clock: int, run: Callable[[], None], now: float) -> bool:
-        """Run ``run`` now if allowed, else hold it; True when it ran now."""
+        """Run ``run`` now if allowed, else hold it; True when it ran now. A pull that
+        must see a push a checkpoint cut holds (its worker's own, or, sequential and
+        bounded, one at a clock it must see) waits until the cut lets the push through."""
+        self._now = max(self._now, now)
+        if self._past_cut and self._sees_held(worker, clock):
+            self._past_cut.append((worker, clock, None, (rid, run, now)))
+            return False
         if self.auto is not None:   # how far ahead of its gate the pull is: the room it uses
             floor = self.clocks.min_clock()
             self.auto.observe_pull(0 if floor is None else clock - floor)
@@ -84,7 +94,7 @@ class Policy:
             self.waits.record(0.0)
             run()
             return True
-        self._held[rid] = (run, now, clock)
+        self._held[rid] = (run, now, clock, worker)
         return False
 
     def kept(self) -> list[tuple[int, object]]:
@@ -92,19 +102,22 @@ class Policy:
         the ones of its range (``what`` is the caller's account of the push)."""
         return [(clock, what) for clock, _seq, _apply, what in self._pushes]
 
-    def push(self, worker: str, clock: int, apply: Callable[[], None], what: object = None) -> bool:
+    def push(self, worker: str, clock: int, apply: Callable[[], None], what: object = None,
+             keep: bool = False) -> bool:
         """Apply now, or keep for the clock boundary (sequential); True when applied now.
 
         With no live worker left (``min_clock()`` is None) nobody can be mid-iteration,
         so pushes are applied at once, and any still kept are applied when the last
         worker leaves: an acknowledged push is never left unapplied. A checkpoint cut
-        in progress holds pushes at clocks >= the cut until the snapshot is written."""
+        in progress holds pushes at clocks >= the cut until the snapshot is written;
+        ``keep``: keep it for the clock boundary even of a closed clock (a cut lets
+        through what it held: ``set_cut`` then drains them in order with the pulls)."""
         if self.cut is not None and clock >= self.cut:
             self._past_cut.append((worker, clock, apply, what))
             return False
         if self.buffers_pushes:
             floor = self.clocks.min_clock()
-            if floor is not None and clock >= floor:
+            if floor is not None and (keep or clock >= floor):
                 self._seq += 1
                 self._pushes.append((clock, self._seq, apply, what))
                 return False
@@ -112,6 +125,7 @@ class Policy:
         return True
 
     def clock(self, worker: str, clock: int, now: float, synced: bool = True) -> None:
+        self._now = max(self._now, now)
         last = self._last_clock_at.get(worker)
         self._last_clock_at[worker] = now
         self.clocks.clock(worker, clock, synced=synced)
@@ -170,19 +184,58 @@ class Policy:
             raise errors[0]
 
     def _run_held(self, rid, now: float) -> None:
-        run, since, _clock = self._held.pop(rid)
+        run, since, clock, worker = self._held.pop(rid)
+        if self._past_cut and self._sees_held(worker, clock):  # (released by clocks past a cut)
+            self._past_cut.append((worker, clock, None, (rid, run, since)))
+            return
         waited = now - since
         self.waits.record(waited)
         if self.auto is not None:   # only the part of the wait under the current tau
             self.auto.observe_wait(now - max(since, self._tau_since))
         run()
 
+    def _sees_held(self, worker: str, clock: int) -> bool:
+        """Whether a pull by ``worker`` at ``clock`` must see a push the cut holds: one at
+        a clock below ``clock - tau``, or (eventual, bounded) its worker's own before it."""
+        tau = self.clocks.tau
+        own = tau != 0
+        return any(apply is not None and ((own and w == worker and c <= clock) or (tau is not None and c < clock - tau))
+                   for w, c, apply, _ in self._past_cut)
+
     def set_cut(self, cut: int | None) -> None:
-        """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead."""
+        """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead,
+        then the pulls that waited for them."""
         self.cut = cut
         waiting, self._past_cut = self._past_cut, []
+        keep = self.buffers_pushes
+        pulls = []
         for worker, clock, apply, what in waiting:
-            self.push(worker, clock, apply, what)
+            if apply is not None:
+                self.push(worker, clock, apply, what, keep=keep)
+            elif self._past_cut and self._sees_held(worker, clock):  # (behind a push still held)
+                self._past_cut.append((worker, clock, apply, what))
+            elif keep:  # sequential: by clock, as _drain runs them (a pull sent again comes late)
+                pulls.append((clock, len(pulls), worker, what))
+            else:  # its worker's pushes before it are applied, those after it are not
+                rid, run, since = what
+                self.pull(rid, worker, clock, run, since)
+        for clock, _i, worker, (rid, run, since) in sorted(pulls):
+            floor = self.clocks.min_clock()  # (the pushes it must see, of closed clocks, first)
+            self._apply_kept(clock if floor is None else min(clock, floor))
+            self.pull(rid, worker, clock, run, since)
+        if keep and waiting:
+            self._drain(self._now)
+
+    def _apply_kept(self, below: int) -> None:
+        """Apply the pushes kept for the clock boundary at clocks below ``below``, in
+        (clock, arrival) order."""
+        self._pushes.sort(key=lambda p: (p[0], p[1]))
+        done = 0
+        while done < len(self._pushes) and self._pushes[done][0] < below:
+            done += 1
+        ready, self._pushes[:done] = self._pushes[:done], []
+        for _clock, _seq, apply, _what in ready:
+            apply()
 
     def stats(self) -> dict:
         clocks = self.clocks.clocks()

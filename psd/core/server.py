@@ -259,6 +259,7 @@ class ServerCore:
             # the new name) before its join's ring change; the rest is dropped then, never
             # served meanwhile (the ring gives it nothing to lead)
             self.streams = Inbound()
+            self._drop_checkpoint()
             if ring.version < self.ring.version:
                 log.error("%s: the scheduler knows an older ring (v%d) than this server (v%d): it lost its "
                           "state; the data is kept until a ring says what this server holds",
@@ -1283,6 +1284,16 @@ class ServerCore:
     def on_ckpt_release(self, msg: Message, now: float) -> None:
         self.gate.release_cut()
         self.outbox.append(Reply(None, msg.reply(), LINK))
+
+    def _drop_checkpoint(self) -> None:
+        """We were removed from the cluster: a checkpoint we held pushes for failed without
+        us (the scheduler's release, sent to our old name, may never come), or went on
+        without us. Let its held pushes through; a cut under way is not written."""
+        if self._checkpoint is not None or any(p.cut is not None for p in self.gate.policies.values()):
+            log.warning("%s lets through the pushes it held for a checkpoint: it was removed from the cluster",
+                        self.node_id)
+        self._checkpoint = None
+        self.gate.release_cut()
 
     def written(self, token: int, result, error: Exception | None, now: float) -> list:
         """A file the core asked for (``Write``) was written, or failed."""

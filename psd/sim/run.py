@@ -140,6 +140,11 @@ class Settings:
     #: Off by default: it changes the random schedule of every seed
     bsp: bool = False
     bsp_bound: float = 2.5
+    #: an admin asks for checkpoints at moments of the workload (and, in half the seeds,
+    #: the scheduler's timer takes them too), written to a folder of the run's own; each
+    #: one with a manifest is checked to be the consistent cut it promises
+    #: (psd/sim/checkpoints.py). Off by default: it changes the random schedule
+    checkpoints: bool = False
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
@@ -194,6 +199,8 @@ class Outcome:
     evicted_by_primary: int = 0
     #: in-flight states the servers met (SimServer.states, summed)
     states: dict = field(default_factory=dict)
+    #: checkpoints asked, taken and failed (``Settings.checkpoints``: Checkpoints.check)
+    checkpoints: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -220,7 +227,13 @@ class Run:
         self.rng = self.world.rng
         self.config = settings.config()
         self.outcome = Outcome(seed, settings)
+        self.checkpoints = None
+        if settings.checkpoints:
+            from psd.sim.checkpoints import Checkpoints  # (it builds on this module)
+            self.checkpoints = Checkpoints(self)
+            self.config = self.checkpoints.configure(self.config)
         self.scheduler = SimScheduler(self.world, self.config)
+        self.scheduler.files = self.checkpoints
         self.servers: list[SimServer] = []
         self.workers: list[SimWorker] = []
         self.pushes: list[PushRecord] = []
@@ -259,6 +272,7 @@ class Run:
     def add_server(self) -> SimServer:
         server = SimServer(self.world, f"srv-{len(self.servers)}", self.config)
         server.count_states = self.s.count_states
+        server.files = self.checkpoints
         self.servers.append(server)
         server.start()
         return server
@@ -602,6 +616,8 @@ class Run:
         if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and not self._held_only() and \
                 (w.now - w.last_work < 1.0 or any(until > w.now for until in w.stalled_until.values())):
             return False
+        if self.checkpoints is not None and self.checkpoints.running():
+            return False
         return self._ring_settled()
 
     def _held_only(self) -> bool:
@@ -637,17 +653,29 @@ class Run:
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> Outcome:
+        try:
+            return self._run()
+        finally:
+            if self.checkpoints is not None:
+                self.checkpoints.close()
+
+    def _run(self) -> Outcome:
         self.start()
         self.plan_faults()
+        if self.checkpoints is not None:
+            self.checkpoints.plan()
         end = self.pace.duration + self.pace.tail
         self.world.run(end, self.check_step)
         self.workload_on = False
         self.world.heal()
+        settle = self.s.settle
+        if self.checkpoints is not None:
+            settle = self.checkpoints.workload_over(settle)
         if self.s.bsp:
             self.healed_at = self.world.now
             for w in range(len(self.workers)):
                 self._last_clock(w)
-        settled = end + self.s.settle
+        settled = end + settle
         t = end
         while t < settled:  # (until every request is answered and the ring has settled)
             t = min(settled, t + 0.05)
@@ -666,6 +694,8 @@ class Run:
         self.check_end()
         if self.s.bsp:
             self.check_live()
+        if self.checkpoints is not None:
+            self.outcome.checkpoints = self.checkpoints.check()
         o = self.outcome
         o.pushes, o.pulls = len(self.pushes), len(self.pulls)
         o.acked = sum(p.outcome == "acked" for p in self.pushes)
