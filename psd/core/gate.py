@@ -54,6 +54,9 @@ class Policy:
     #: after the pushes that came before it, and before those that came after it
     _past_cut: list = field(default_factory=list)
     _now: float = float("-inf")  # the latest event's time (a cut moves with none)
+    #: the workers the cut covers; pushes of any other (one that joined after the
+    #: checkpoint began) count as after the cut, whatever their clock
+    cut_workers: frozenset | None = None
 
     def __post_init__(self):
         s = self.setting
@@ -112,12 +115,13 @@ class Policy:
         in progress holds pushes at clocks >= the cut until the snapshot is written;
         ``keep``: keep it for the clock boundary even of a closed clock (a cut lets
         through what it held: ``set_cut`` then drains them in order with the pulls)."""
-        if self.cut is not None and clock >= self.cut:
+        if self.cut is not None and (clock >= self.cut or (self.cut_workers is not None
+                                                           and worker not in self.cut_workers)):
             self._past_cut.append((worker, clock, apply, what))
             return False
         if self.buffers_pushes:
-            floor = self.clocks.min_clock()
-            if floor is not None and (keep or clock >= floor):
+            limit = self._keep_from(self.clocks.min_clock())
+            if limit is not None and (keep or clock >= limit):
                 self._seq += 1
                 self._pushes.append((clock, self._seq, apply, what))
                 return False
@@ -165,7 +169,7 @@ class Policy:
         if self._pushes:
             self._pushes.sort(key=lambda p: (p[0], p[1]))
             floor = self.clocks.min_clock()
-            limit = None if floor is None or not self.buffers_pushes else floor
+            limit = None if not self.buffers_pushes else self._keep_from(floor)
             done = 0
             for clock, _i, rid in released:
                 while (done < len(self._pushes) and self._pushes[done][0] < clock
@@ -173,6 +177,8 @@ class Policy:
                     call(self._pushes[done][2])
                     done += 1
                 call(lambda rid=rid: self._run_held(rid, now))
+                if self._past_cut and self.buffers_pushes:  # (it may wait for the cut now)
+                    limit = self._keep_from(floor)
             while done < len(self._pushes) and (limit is None or self._pushes[done][0] < limit):
                 call(self._pushes[done][2])
                 done += 1
@@ -182,6 +188,14 @@ class Policy:
                 call(lambda rid=rid: self._run_held(rid, now))
         if errors:
             raise errors[0]
+
+    def _keep_from(self, floor: int | None) -> int | None:
+        """Kept pushes at clocks from this one on wait (sequential): the floor, or lower,
+        the clock of a pull waiting for the cut (it must see none of its clock or later)."""
+        waiting = [c for _w, c, apply, _what in self._past_cut if apply is None]
+        if not waiting:
+            return floor
+        return min(waiting) if floor is None else min(floor, *waiting)
 
     def _run_held(self, rid, now: float) -> None:
         run, since, clock, worker = self._held.pop(rid)
@@ -199,29 +213,30 @@ class Policy:
         a clock below ``clock - tau``, or (eventual, bounded) its worker's own before it."""
         tau = self.clocks.tau
         own = tau != 0
-        return any(apply is not None and ((own and w == worker and c <= clock) or (tau is not None and c < clock - tau))
+        return any(apply is not None and ((own and w == worker and c <= clock)
+                                          or (tau is not None and c < clock - tau))
                    for w, c, apply, _ in self._past_cut)
 
-    def set_cut(self, cut: int | None) -> None:
+    def set_cut(self, cut: int | None, workers: frozenset | None = None) -> None:
         """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead,
         then the pulls that waited for them."""
-        self.cut = cut
+        self.cut, self.cut_workers = cut, workers
         waiting, self._past_cut = self._past_cut, []
         keep = self.buffers_pushes
         pulls = []
         for worker, clock, apply, what in waiting:
             if apply is not None:
                 self.push(worker, clock, apply, what, keep=keep)
-            elif self._past_cut and self._sees_held(worker, clock):  # (behind a push still held)
-                self._past_cut.append((worker, clock, apply, what))
-            elif keep:  # sequential: by clock, as _drain runs them (a pull sent again comes late)
-                pulls.append((clock, len(pulls), worker, what))
-            else:  # its worker's pushes before it are applied, those after it are not
+            elif self.clocks.tau is None:  # eventual: after its worker's pushes before it, not after
                 rid, run, since = what
                 self.pull(rid, worker, clock, run, since)
-        for clock, _i, worker, (rid, run, since) in sorted(pulls):
-            floor = self.clocks.min_clock()  # (the pushes it must see, of closed clocks, first)
-            self._apply_kept(clock if floor is None else min(clock, floor))
+            else:  # after every push (bounded: it may see them, and must see those below its
+                # bound, which may have come after it); sequential: by clock, as _drain runs them
+                pulls.append((clock if keep else 0, len(pulls), worker, clock, what))
+        for _order, _i, worker, clock, (rid, run, since) in sorted(pulls):
+            if keep:  # (what it must see, of closed clocks, first; pull() holds it if a push still is)
+                limit = self._keep_from(self.clocks.min_clock())
+                self._apply_kept(clock if limit is None else min(clock, limit))
             self.pull(rid, worker, clock, run, since)
         if keep and waiting:
             self._drain(self._now)
@@ -271,7 +286,8 @@ class Gate:
                           override.get("num_workers", self.default.num_workers), self.default.auto_bounds)
         if setting not in self.policies:
             self.policies[setting] = self._seeded(Policy(setting))
-            self.policies[setting].cut = self.policies[self.default].cut
+            default = self.policies[self.default]
+            self.policies[setting].cut, self.policies[setting].cut_workers = default.cut, default.cut_workers
         return self.policies[setting]
 
     # -- checkpoint cuts ---------------------------------------------------------
@@ -282,11 +298,13 @@ class Gate:
         return self.max_push_clock
 
     def cut(self, cut: int, workers: set[str], on_ready: Callable[[], None]) -> None:
-        """Phase 2: hold pushes at clocks >= ``cut``; once every listed worker still in
-        the group has clock >= ``cut`` (so all its earlier pushes have arrived), call
+        """Phase 2: hold pushes at clocks >= ``cut``, and every push of a worker not
+        listed (one that joined since the checkpoint began: nobody waits for its clock,
+        so its pushes count as after the cut); once every listed worker still in the
+        group has clock >= ``cut`` (so all its earlier pushes have arrived), call
         ``on_ready`` (the snapshot), then let the held pushes through."""
         for p in self.policies.values():
-            p.set_cut(cut)
+            p.set_cut(cut, frozenset(workers))
         self._cut_wait = (cut, set(workers), on_ready)
         self._check_cut()
 
@@ -299,8 +317,14 @@ class Gate:
         if self._cut_wait is None:
             return
         cut, workers, on_ready = self._cut_wait
-        clocks = self.policies[self.default].clocks.clocks()
-        if all(w in self.left or clocks.get(w, 0) >= cut for w in workers):
+        group = self.policies[self.default].clocks
+        clocks, unsynced = group.clocks(), group.unsynced
+        # (a clock sent at a ring before our last takeover does not vouch for pushes still
+        # on their way to the old owner: ``RangeClocks.unsynced``)
+        if (all(w in self.left or (clocks.get(w, 0) >= cut and w not in unsynced) for w in workers)
+                and not any(c < cut for p in self.policies.values() for c, _seq, _apply, _what in p._pushes)):
+            # (and every push below the cut applied: sequential keeps them until every worker
+            # of the group, one not yet registered too, has passed their clock)
             self._cut_wait = None
             try:
                 on_ready()

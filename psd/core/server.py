@@ -1527,8 +1527,12 @@ class _Cut:
         core, m = self.core, self.request.meta
         core._checkpoint = None
         core.gate.release_cut()
-        clocks = core.gate.policies[core.gate.default].clocks.clocks()
-        lagging = [w for w in m.get("workers", []) if w not in core.gate.left and clocks.get(w, 0) < m["cut"]]
+        group = core.gate.policies[core.gate.default].clocks
+        clocks = group.clocks()
+        lagging = [w for w in m.get("workers", []) if w not in core.gate.left
+                   and (clocks.get(w, 0) < m["cut"] or w in group.unsynced)]
+        if not lagging:  # (sequential: pushes below the cut wait for a worker not yet registered)
+            lagging = [f"the group's slowest (clock {group.min_clock()})"]
         core.outbox.append(Refuse(None, self.request, PsdTimeoutError(
             f"{core.node_id}: worker(s) {', '.join(lagging)} did not reach clock {m['cut']} in time; a checkpoint "
             f"cuts at a clock boundary, so every worker must call kv.clock() after its pushes"), LINK))

@@ -18,7 +18,9 @@ Checked once the run has settled (``check``), for every checkpoint with a manife
 * each workload key's value in it holds exactly the pushes made at worker clocks below
   the cut that were applied: no push at the cut or later, every acked push below it,
   none twice, and none below it that the key's settled copies hold but the checkpoint
-  does not (a push below the cut applied after the file was written);
+  does not (a push below the cut applied after the file was written); a worker that
+  registered after the checkpoint began (not among the manifest's workers) pushes
+  after it; one that was gone (declared dead) is not checked;
 
 and for all of them: the scheduler wrote a manifest for each checkpoint it counted as
 taken and none for one that failed, every admin whose checkpoint succeeded names one
@@ -96,6 +98,8 @@ class Checkpoints:
         self.killed_mid_cut = 0
         self.write_failures = 0
         self._die_at_write: str | None = None  # the process armed to die once its file is written
+        #: checkpoint folder -> the workers registered when it began (its first step)
+        self.known_at_start: dict[str, set[str]] = {}
 
     def configure(self, config: ClusterConfig) -> ClusterConfig:
         """The run's config, with checkpoints into this run's folder (and, in half the
@@ -179,6 +183,8 @@ class Checkpoints:
         after the seed's delay."""
         world = self.world
         result, error = None, None
+        if effect.what.startswith("mkdir "):
+            self.known_at_start[Path(effect.what[6:]).name] = {w.core.node_id for w in self.run.workers if w.ready}
         try:
             result = effect.fn()
         except Exception as err:  # noqa: BLE001 - handed to the procedure, as the daemon does
@@ -262,9 +268,18 @@ class Checkpoints:
         if run.s.bounded:  # (evictions: a row's pushes are not all in its value)
             return
         pushes: dict[int, list] = {}
+        covered = set(manifest.get("workers", ()))
+        known = self.known_at_start.get(folder.name, set())
         for p in run.pushes:
+            worker = run.workers[p.worker].core.node_id
+            if worker in covered:
+                clock = p.clock
+            elif worker not in known:  # (registered after it began: every push after it)
+                clock = cut
+            else:  # (gone when it began: its pushes went through before it, or after)
+                continue
             for k, slot in zip(p.keys.tolist(), p.slots):
-                pushes.setdefault(k, []).append((slot, p.clock, p.outcome))
+                pushes.setdefault(k, []).append((slot, clock, p.outcome))
         for k, made in pushes.items():
             self._keys_checked += 1
             held, doubled = _decode(values.get(k, 0))
