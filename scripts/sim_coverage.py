@@ -14,7 +14,9 @@ failure timeout (heartbeat_interval x heartbeat_misses) of servers and of the
 scheduler, partitions of each shape, dropped connections, ring changes after the
 workers started, checkpoints (asked, taken with a manifest, failed, servers killed
 mid-cut, failed writes: a model named ``MODEL/checkpoints`` runs its seeds with
-``Settings.checkpoints``), and the CPU seconds the set took. ``mutations`` switches off each
+``Settings.checkpoints``; ``MODEL/restore`` with ``Settings.restore`` at replication 1:
+servers lost with the only copy, restores, keys restored, push slots allowed lost),
+and the CPU seconds the set took. ``mutations`` switches off each
 guarantee the mutation tests of tests/test_sim.py switch off, runs ``--seeds`` seeds of
 that test's settings (every one, not up to the first hit) and prints how many seeds
 found it and the hits per CPU second. Each column runs in a fresh process of its tree
@@ -67,6 +69,8 @@ def faults(seed_sets):
             kw = settings_for(seed, consistency)
             if extra == "checkpoints":  # (Settings.checkpoints)
                 kw["checkpoints"] = True
+            elif extra == "restore":  # (Settings.restore: one copy, lost and restored)
+                kw.update(checkpoints=True, restore=True, replication=1)
             run = Run(seed, settings(seed, **kw))
             first = {}
             when = run.pace.start if PACED else 0.3
@@ -97,7 +101,8 @@ def faults(seed_sets):
             counts["ring changes"] += run.scheduler.core.state.ring.version - first.get("ring", 0)
             counts["checkpoints asked by the admin"] += kinds["checkpoint"]
             for k, v in getattr(out, "checkpoints", {}).items():
-                if k in ("taken", "failed", "killed mid-cut", "write failures"):
+                if k in ("taken", "failed", "killed mid-cut", "write failures", "lost", "restores",
+                         "keys restored", "slots allowed lost"):
                     counts[f"checkpoints: {k}"] += v
             counts["pushes"] += out.pushes
             counts["pulls"] += out.pulls

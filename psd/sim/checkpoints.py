@@ -26,7 +26,8 @@ and for all of them: the scheduler wrote a manifest for each checkpoint it count
 taken and none for one that failed, every admin whose checkpoint succeeded names one
 with a manifest, and once the workers have left no server still holds pushes for a cut
 (those held by a failed checkpoint were applied: the run's own invariants then check
-that none was lost or applied twice).
+that none was lost or applied twice). ``Settings.restore`` adds a range that loses its
+only copy and is restored from the newest checkpoint (psd.sim.restore).
 """
 from __future__ import annotations
 
@@ -42,10 +43,13 @@ import zstandard
 
 from psd.cluster.assignment import Assignment
 from psd.codec import Message
+from psd.codec.message import error_reply
 from psd.config import ClusterConfig
 from psd.core.effects import Run as RunStep
 from psd.core.effects import Write
+from psd.errors import PsdError
 from psd.sim.nodes import SCHEDULER, SimScheduler, SimServer, _Caller
+from psd.sim.restore import RESTORE_AFTER, Restore
 from psd.sim.run import _decode
 from psd.sim.world import Connection, Process, World
 from psd.store.checkpoint import read_server_file
@@ -98,8 +102,11 @@ class Checkpoints:
         self.killed_mid_cut = 0
         self.write_failures = 0
         self._die_at_write: str | None = None  # the process armed to die once its file is written
+        #: ``Settings.restore``: a range's only copy lost, then restored (psd.sim.restore)
+        self.restore_check = Restore(run, self) if run.s.restore else None
         #: checkpoint folder -> the workers registered when it began (its first step)
         self.known_at_start: dict[str, set[str]] = {}
+        self.began: dict[str, float] = {}  # checkpoint folder -> when it began
 
     def configure(self, config: ClusterConfig) -> ClusterConfig:
         """The run's config, with checkpoints into this run's folder (and, in half the
@@ -107,7 +114,7 @@ class Checkpoints:
         rng = self.run.rng
         self.interval = rng.choice((0.0, rng.uniform(0.15, 0.4)))
         return dataclasses.replace(config, checkpoint_dir=str(self.root), checkpoint_interval=self.interval,
-                                   restore_unavailable_after=0)
+                                   restore_unavailable_after=RESTORE_AFTER if self.restore_check else 0)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -118,6 +125,8 @@ class Checkpoints:
         (faults may be under way then), each waiting ``wait`` seconds for the workers."""
         rng, pace = self.run.rng, self.run.pace
         self.world.add(self.admin)
+        if self.restore_check is not None:
+            self.restore_check.plan()
         for _ in range(rng.randint(1, 3)):
             at = rng.uniform(pace.start + 0.05, pace.duration)
             wait = rng.uniform(0.2, 2.0)
@@ -153,6 +162,17 @@ class Checkpoints:
         c = self.run.scheduler.core
         return c.state.next_checkpoint - 1 - c.checkpoints.taken - c.checkpoints.failed
 
+    def restore(self, server: SimServer, conn: Connection, msg: Message) -> None:
+        """The scheduler's ``restore``: read the files as the daemon does, then the core
+        loads the ranges it was given."""
+        try:
+            folder = Path(msg.meta["folder"])
+            files = [read_server_file(folder / name) for name in msg.meta["files"]]
+        except Exception as err:  # noqa: BLE001 - answered, as the daemon does
+            self.world.send(conn, server.name, error_reply(msg, PsdError(str(err)), server.core.node_id))
+            return
+        server._execute(server.core.restore(msg, files, self.world.now))
+
     # -- the files port (SimServer.files, SimScheduler.files) ---------------------------------
     def write(self, server: SimServer, effect: Write) -> None:
         """A server's checkpoint file: written now (its content was taken at the cut),
@@ -184,7 +204,9 @@ class Checkpoints:
         world = self.world
         result, error = None, None
         if effect.what.startswith("mkdir "):
-            self.known_at_start[Path(effect.what[6:]).name] = {w.core.node_id for w in self.run.workers if w.ready}
+            name = Path(effect.what[6:]).name
+            self.known_at_start[name] = {w.core.node_id for w in self.run.workers if w.ready}
+            self.began[name] = world.now
         try:
             result = effect.fn()
         except Exception as err:  # noqa: BLE001 - handed to the procedure, as the daemon does
@@ -230,9 +252,17 @@ class Checkpoints:
             self._check_one(ckpt_id, folder, manifest, final)
         if running == 0:  # (the timer may have started one as the run ended)
             self._check_released()
-        return {"asked": self.asked, "taken": taken, "failed": failed, "periodic": int(self.interval > 0),
-                "killed mid-cut": self.killed_mid_cut, "write failures": self.write_failures,
-                "keys checked": self._keys_checked}
+        counts = {"asked": self.asked, "taken": taken, "failed": failed, "periodic": int(self.interval > 0),
+                  "killed mid-cut": self.killed_mid_cut, "write failures": self.write_failures,
+                  "keys checked": self._keys_checked}
+        if self.restore_check is not None:
+            counts.update(self.restore_check.check(final))
+        return counts
+
+    def before_end(self) -> None:
+        """Before the run's own checks: the pushes a lost copy may take with it."""
+        if self.restore_check is not None:
+            self.restore_check.allow_lost()
 
     _keys_checked = 0
 
@@ -292,6 +322,8 @@ class Checkpoints:
                 violate(f"{name}: key {k} holds push slot(s) {sorted(late)} made at clock(s) "
                         f"{sorted({clock_of.get(s, -1) for s in late})}, not below the cut")
             missed = {s for s, clock, outcome in made if clock < cut and outcome == "acked"} - held
+            if self.restore_check is not None and self.began.get(folder.name, 0.0) > self.restore_check.lost_at:
+                missed -= run.lost_ok.get(k, set())
             if missed:
                 violate(f"{name}: key {k} misses acked push slot(s) {sorted(missed)} made at clock(s) "
                         f"{sorted({clock_of[s] for s in missed})}, below the cut")

@@ -152,7 +152,10 @@ class SimServer(Process):
             return
         if conn.client == self.name and conn.server == SCHEDULER:  # the scheduler's request on our link
             if msg.op == "restore":
-                self.world.send(conn, self.name, msg.reply(meta={"keys": 0}))
+                if self.files is not None:  # (the daemon reads the files, then the core loads them)
+                    self.files.restore(self, conn, msg)
+                else:
+                    self.world.send(conn, self.name, msg.reply(meta={"keys": 0}))
                 return
             self._execute(self.core.control(msg, now))
             return

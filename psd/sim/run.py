@@ -145,6 +145,11 @@ class Settings:
     #: one with a manifest is checked to be the consistent cut it promises
     #: (psd/sim/checkpoints.py). Off by default: it changes the random schedule
     checkpoints: bool = False
+    #: with ``checkpoints`` and ``replication=1``: once a checkpoint has a manifest, a
+    #: server dies with the only copy of its ranges; the scheduler gives it up after
+    #: ``restore_unavailable_after`` and restores its ranges from the newest checkpoint
+    #: (the checker then allows exactly the acked pushes only the dead copy held to be lost)
+    restore: bool = False
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
@@ -228,6 +233,10 @@ class Run:
         self.config = settings.config()
         self.outcome = Outcome(seed, settings)
         self.checkpoints = None
+        #: key -> push slots allowed lost (acked, held only by a copy that died; Settings.restore)
+        self.lost_ok: dict[int, set[int]] = {}
+        if settings.restore and (not settings.checkpoints or settings.replication != 1):
+            raise ConfigError("Settings.restore: needs checkpoints=True and replication=1 (a range with no copy left)")
         if settings.checkpoints:
             from psd.sim.checkpoints import Checkpoints  # (it builds on this module)
             self.checkpoints = Checkpoints(self)
@@ -551,7 +560,7 @@ class Run:
         applied, doubled = _decode(value)
         if doubled:
             self.violate(f"key {k} on {node}: push slot(s) {sorted(doubled)} applied more than once")
-        lost = acked - applied
+        lost = acked - applied - self.lost_ok.get(k, set())
         if lost and not self.s.bounded:  # (a bounded table evicts acked pushes)
             self.violate(f"key {k} on {node}: acked push slot(s) {sorted(lost)} lost "
                          f"(owners {owners}, ring v{ring.version})")
@@ -598,6 +607,8 @@ class Run:
                 may &= {s for s, _, _, clock, _ in pushes if clock < pull.clock}
         if self.s.bounded:
             must = set()  # (evicted rows read zero)
+        elif self.lost_ok:
+            must -= self.lost_ok.get(k, set())
         if not must <= applied:
             self.violate(f"pull #{pull.order} by worker {pull.worker} at clock {pull.clock} ({cons}) missed "
                          f"push slot(s) {sorted(must - applied)} of key {k}: saw {sorted(applied)}")
@@ -691,6 +702,8 @@ class Run:
             if self.closed(closing):
                 self.world.run(min(closing, self.world.now + 0.1), self.check_step)
                 break
+        if self.checkpoints is not None:
+            self.checkpoints.before_end()
         self.check_end()
         if self.s.bsp:
             self.check_live()
