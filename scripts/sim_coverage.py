@@ -5,7 +5,7 @@ paces or two trees side by side (decision 136).
     python scripts/sim_coverage.py faults --pace long:eventual=400,bounded=300,sequential=300 \\
                                           --pace short:eventual=800,bounded=600,sequential=600
     python scripts/sim_coverage.py mutations --pace long --pace short --seeds 60
-    python scripts/sim_coverage.py faults --pace short:eventual/checkpoints=40,sequential/checkpoints=40
+    python scripts/sim_coverage.py faults --pace short:any/checkpoints=64@9300,any/restore=30@9400
     python scripts/sim_coverage.py mutations --pace short --tree /tmp/old --seeds 60
 
 ``faults`` counts, over each seed set (``settings_for`` settings, as tests/test_sim.py
@@ -15,8 +15,10 @@ scheduler, partitions of each shape, dropped connections, ring changes after the
 workers started, checkpoints (asked, taken with a manifest, failed, servers killed
 mid-cut, failed writes: a model named ``MODEL/checkpoints`` runs its seeds with
 ``Settings.checkpoints``; ``MODEL/restore`` with ``Settings.restore`` at replication 1:
-servers lost with the only copy, restores, keys restored, push slots allowed lost),
-and the CPU seconds the set took. ``mutations`` switches off each
+servers lost with the only copy, restores, keys restored, push slots allowed lost; a
+model ``any`` takes it by seed % 3, and ``=N@FIRST`` runs seeds FIRST to FIRST + N - 1:
+``any/checkpoints=64@9300`` are tests/test_sim.py's checkpoint seeds), and the CPU
+seconds the set took. ``mutations`` switches off each
 guarantee the mutation tests of tests/test_sim.py switch off, runs ``--seeds`` seeds of
 that test's settings (every one, not up to the first hit) and prints how many seeds
 found it and the hits per CPU second. Each column runs in a fresh process of its tree
@@ -65,8 +67,11 @@ def faults(seed_sets):
     start = time.process_time()
     for model, n in seed_sets.items():
         consistency, _, extra = model.partition("/")
-        for seed in range(n):
-            kw = settings_for(seed, consistency)
+        n, first = n if isinstance(n, list) else (n, 0)
+        for seed in range(first, first + n):
+            # ("any": the model by seed % 3, as tests/test_sim.py's checkpoint seeds run)
+            kw = settings_for(seed, ("eventual", "bounded", "sequential")[seed % 3] if consistency == "any"
+                              else consistency)
             if extra == "checkpoints":  # (Settings.checkpoints)
                 kw["checkpoints"] = True
             elif extra == "restore":  # (Settings.restore: one copy, lost and restored)
@@ -195,11 +200,12 @@ def child(tree: Path, task: str, pace: str, arg) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _seed_sets(text: str) -> dict[str, int]:
+def _seed_sets(text: str) -> dict:
     sets = {}
     for part in text.split(","):
         model, _, n = part.partition("=")
-        sets[model] = int(n)
+        n, _, first = n.partition("@")
+        sets[model] = [int(n), int(first)] if first else int(n)
     return sets
 
 
