@@ -5,13 +5,20 @@ paces or two trees side by side (decision 136).
     python scripts/sim_coverage.py faults --pace long:eventual=400,bounded=300,sequential=300 \\
                                           --pace short:eventual=800,bounded=600,sequential=600
     python scripts/sim_coverage.py mutations --pace long --pace short --seeds 60
+    python scripts/sim_coverage.py faults --pace short:any/checkpoints=64@9300,any/restore=30@9400
     python scripts/sim_coverage.py mutations --pace short --tree /tmp/old --seeds 60
 
 ``faults`` counts, over each seed set (``settings_for`` settings, as tests/test_sim.py
 runs them), the faults that took effect: kills, restarts, joins, stalls past the
 failure timeout (heartbeat_interval x heartbeat_misses) of servers and of the
 scheduler, partitions of each shape, dropped connections, ring changes after the
-workers started, and the CPU seconds the set took. ``mutations`` switches off each
+workers started, checkpoints (asked, taken with a manifest, failed, servers killed
+mid-cut, failed writes: a model named ``MODEL/checkpoints`` runs its seeds with
+``Settings.checkpoints``; ``MODEL/restore`` with ``Settings.restore`` at replication 1:
+servers lost with the only copy, restores, keys restored, push slots allowed lost; a
+model ``any`` takes it by seed % 3, and ``=N@FIRST`` runs seeds FIRST to FIRST + N - 1:
+``any/checkpoints=64@9300`` are tests/test_sim.py's checkpoint seeds), and the CPU
+seconds the set took. ``mutations`` switches off each
 guarantee the mutation tests of tests/test_sim.py switch off, runs ``--seeds`` seeds of
 that test's settings (every one, not up to the first hit) and prints how many seeds
 found it and the hits per CPU second. Each column runs in a fresh process of its tree
@@ -58,9 +65,18 @@ def faults(seed_sets):
     counts = collections.Counter()
     seeds = 0
     start = time.process_time()
-    for consistency, n in seed_sets.items():
-        for seed in range(n):
-            run = Run(seed, settings(seed, **settings_for(seed, consistency)))
+    for model, n in seed_sets.items():
+        consistency, _, extra = model.partition("/")
+        n, first = n if isinstance(n, list) else (n, 0)
+        for seed in range(first, first + n):
+            # ("any": the model by seed % 3, as tests/test_sim.py's checkpoint seeds run)
+            kw = settings_for(seed, ("eventual", "bounded", "sequential")[seed % 3] if consistency == "any"
+                              else consistency)
+            if extra == "checkpoints":  # (Settings.checkpoints)
+                kw["checkpoints"] = True
+            elif extra == "restore":  # (Settings.restore: one copy, lost and restored)
+                kw.update(checkpoints=True, restore=True, replication=1)
+            run = Run(seed, settings(seed, **kw))
             first = {}
             when = run.pace.start if PACED else 0.3
             run.world.at(when, lambda: first.setdefault("ring", run.scheduler.core.state.ring.version), None)
@@ -88,7 +104,11 @@ def faults(seed_sets):
             counts["worker cut from scheduler"] += kinds["cut_worker"]
             counts["connection drops"] += kinds["drop"]
             counts["ring changes"] += run.scheduler.core.state.ring.version - first.get("ring", 0)
-            counts["checkpoints"] += kinds["checkpoint"]
+            counts["checkpoints asked by the admin"] += kinds["checkpoint"]
+            for k, v in getattr(out, "checkpoints", {}).items():
+                if k in ("taken", "failed", "killed mid-cut", "write failures", "lost", "restores",
+                         "keys restored", "slots allowed lost"):
+                    counts[f"checkpoints: {k}"] += v
             counts["pushes"] += out.pushes
             counts["pulls"] += out.pulls
             counts["messages"] += out.messages
@@ -180,11 +200,12 @@ def child(tree: Path, task: str, pace: str, arg) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _seed_sets(text: str) -> dict[str, int]:
+def _seed_sets(text: str) -> dict:
     sets = {}
     for part in text.split(","):
         model, _, n = part.partition("=")
-        sets[model] = int(n)
+        n, _, first = n.partition("@")
+        sets[model] = [int(n), int(first)] if first else int(n)
     return sets
 
 

@@ -46,6 +46,61 @@ def test_a_departed_worker_does_not_block_the_cut():
     assert snapshots == [True]
 
 
+def test_a_pull_after_its_own_held_push_waits_for_the_cut_and_sees_it():
+    """Eventual: a push held by the cut is acked on arrival; its worker's next pull must
+    see it, and must not see the push it sends after the pull."""
+    g = make()
+    table: list[int] = []
+    reads: list[list[int]] = []
+    g.hold_all()
+    g.cut(43, {"W0", "W1", "W2"}, lambda: None)
+    g.policy(None).push("W0", 43, lambda: table.append(1))  # held: at the cut
+    assert not g.policy(None).pull("r1", "W0", 43, lambda: reads.append(list(table)), 0.0)
+    g.policy(None).push("W0", 43, lambda: table.append(2))  # after the pull
+    assert g.policy(None).pull("r2", "W1", 42, lambda: reads.append(list(table)), 0.0)  # needs nothing held
+    assert reads == [[]]
+    g.release_cut()
+    assert reads == [[], [1]] and table == [1, 2]
+
+
+def test_a_sequential_pull_waiting_for_the_cut_sees_exactly_the_clocks_below_it():
+    """Sequential: a pull the clocks release while the hold phase holds a push below its
+    clock waits for it; the push of its own clock, kept for the clock boundary, stays
+    kept while it waits (the floor passing it meanwhile), and goes after the read."""
+    g = Gate(Setting("sequential", 0, 2, (0, 8)))
+    for w in ("W0", "W1"):
+        g.clock(w, 8, 0.0)
+    p = g.policy(None)
+    table: list[str] = []
+    reads: list[list[str]] = []
+    p.push("W1", 9, lambda: table.append("W1@9"))  # kept for the clock boundary
+    assert not p.pull("r", "W1", 9, lambda: reads.append(list(table)), 0.0)
+    g.hold_all()
+    p.push("W0", 8, lambda: table.append("W0@8"))  # held by the hold phase
+    for clock in (9, 10):  # the floor passes 9, then 10: the pull waits for the held push
+        g.clock("W0", clock, 0.0)
+        g.clock("W1", clock, 0.0)
+    assert reads == [] and table == []
+    g.cut(11, {"W0", "W1"}, lambda: None)
+    assert reads == [["W0@8"]] and table == ["W0@8", "W1@9"]
+
+
+def test_the_cut_waits_for_an_unsynced_worker_and_holds_an_unlisted_one():
+    """A clock sent at a ring before our takeover does not vouch for the cut; a worker
+    the cut does not list (it registered later) has every push held until after it."""
+    g = make()
+    snapshots, table = [], []
+    g.hold_all()
+    g.cut(43, {"W0", "W1", "W2"}, lambda: snapshots.append(list(table)))
+    g.policy(None).push("W9", 0, lambda: table.append("W9"))  # unlisted: after the cut
+    g.clock("W0", 43, 0.0)
+    g.clock("W1", 43, 0.0)
+    g.clock("W2", 43, 0.0, synced=False)
+    assert snapshots == []
+    g.clock("W2", 44, 0.0)
+    assert snapshots == [[]] and table == ["W9"]
+
+
 def test_sequential_push_waits_for_the_clock_boundary():
     g = make("sequential")
     applied = []

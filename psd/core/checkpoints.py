@@ -9,7 +9,9 @@ at worker clocks below the cut c, whatever the consistency model. Two phases:
 2. *cut c*: servers apply the held pushes below c, keep holding those at c or later,
    and when every live worker has reached clock c (its earlier pushes have all arrived,
    since clock messages follow pushes on each stream) write the ranges they lead.
-   Then the held pushes go ahead.
+   Then the held pushes go ahead. The workers waited for are those live once every
+   server holds; any other worker's pushes count as after the cut (held, like those at
+   c): one that registers later sends them all after every hold began.
 
 The scheduler writes the manifest last; a checkpoint without one does not exist.
 Ring changes wait while a checkpoint runs (``RING_LOCK``), so each range is written by
@@ -26,7 +28,7 @@ from psd.codec import Message
 from psd.core.cluster_state import ClusterState
 from psd.core.procedures import Acquire, Calls, Do, failure
 from psd.core.ring_changes import RING_LOCK
-from psd.errors import BadRequestError
+from psd.errors import BadRequestError, UnavailableError
 from psd.store.checkpoint import checkpoint_dir, write_manifest
 
 log = logging.getLogger("psd.checkpoint")
@@ -57,13 +59,21 @@ class Checkpoints:
         if self.root is None:
             raise BadRequestError("no checkpoint_dir is configured; set it in the cluster config")
         yield Acquire(RING_LOCK)  # (released when the procedure ends, however it ends)
-        servers, workers = s.live("server"), s.live("worker")
+        servers = s.live("server")
         ckpt_id = s.next_checkpoint
         s.next_checkpoint += 1
         folder = checkpoint_dir(self.root, ckpt_id)
         try:
+            absent = sorted({owners[0] for owners in s.ring.owners if owners} - set(servers))
+            if absent:  # (its death's ring change waits for RING_LOCK: its ranges would be left out)
+                raise UnavailableError(f"checkpoint {ckpt_id}: {', '.join(absent)} lead(s) ranges of ring "
+                                       f"v{s.ring.version} but {'is' if len(absent) == 1 else 'are'} not live; "
+                                       f"the ring change that follows runs first: retry shortly")
             yield Do(f"mkdir {folder}", lambda: folder.mkdir(parents=True, exist_ok=True))
             held = yield from _all(servers, lambda: Message("ckpt_hold"), s.config.request_timeout)
+            # the workers the cut covers, once every server holds: any other registers after
+            # that, so all its pushes reach servers that hold them (after the cut)
+            workers = s.live("worker")
             cut = 1 + max([r.meta["max_push_clock"] for r in held] +
                           [s.worker_clocks.get(w, 0) - 1 for w in workers] + [-1])
             done = yield from _all(servers, lambda: Message("ckpt_cut", meta={
@@ -78,6 +88,7 @@ class Checkpoints:
             "files": [r.meta["file"] for r in done],
             "keys": sum(r.meta["keys"] for r in done), "bytes": sum(r.meta["bytes"] for r in done),
             "consistency": s.config.consistency,
+            "workers": workers,  # (the cut covers these: a worker that joined since counts as after it)
         }
         yield Do(f"manifest of {folder}", lambda: write_manifest(self.root, ckpt_id, manifest))
         self.taken += 1

@@ -43,7 +43,7 @@ class Policy:
     clocks: RangeClocks = field(init=False)
     auto: AutoDelay | None = field(init=False, default=None)
     waits: WaitHistogram = field(default_factory=WaitHistogram)
-    _held: dict = field(default_factory=dict)       # request id -> (run, since, clock)
+    _held: dict = field(default_factory=dict)       # request id -> (run, since, clock, worker)
     _pushes: list = field(default_factory=list)     # (clock, seq, apply) awaiting the clock boundary
     _seq: int = 0                                   # arrival order of kept pushes
     _draining: bool = False                         # inside _drain: a released request pushes
@@ -51,7 +51,14 @@ class Policy:
     _tau_since: float = float("-inf")               # when auto last changed tau
     #: a checkpoint in progress: pushes at clocks >= cut wait until the snapshot is written
     cut: int | None = None
+    #: in arrival order: pushes the cut holds, (worker, clock, apply, what), and pulls that
+    #: must see one of them, (worker, clock, None, (rid, run, since)): a pull let through
+    #: after the pushes that came before it, and before those that came after it
     _past_cut: list = field(default_factory=list)
+    _now: float = float("-inf")  # the latest event's time (a cut moves with none)
+    #: the workers the cut covers; pushes of any other (one that joined after the
+    #: checkpoint began) count as after the cut, whatever their clock
+    cut_workers: frozenset | None = None
 
     def __post_init__(self):
         s = self.setting
@@ -78,7 +85,13 @@ class Policy:
 
     # -- events ----------------------------------------------------------------
     def pull(self, rid: Hashable, worker: str, clock: int, run: Callable[[], None], now: float) -> bool:
-        """Run ``run`` now if allowed, else hold it; True when it ran now."""
+        """Run ``run`` now if allowed, else hold it; True when it ran now. A pull that
+        must see a push a checkpoint cut holds (its worker's own, or, sequential and
+        bounded, one at a clock it must see) waits until the cut lets the push through."""
+        self._now = max(self._now, now)
+        if self._past_cut and self._sees_held(worker, clock):
+            self._past_cut.append((worker, clock, None, (rid, run, now)))
+            return False
         if self.auto is not None:   # how far ahead of its gate the pull is: the room it uses
             floor = self.clocks.min_clock()
             self.auto.observe_pull(0 if floor is None else clock - floor)
@@ -86,7 +99,7 @@ class Policy:
             self.waits.record(0.0)
             run()
             return True
-        self._held[rid] = (run, now, clock)
+        self._held[rid] = (run, now, clock, worker)
         return False
 
     def kept(self) -> list[tuple[int, object]]:
@@ -94,14 +107,18 @@ class Policy:
         the ones of its range (``what`` is the caller's account of the push)."""
         return [(clock, what) for clock, _seq, _apply, what in self._pushes]
 
-    def push(self, worker: str, clock: int, apply: Callable[[], None], what: object = None) -> bool:
+    def push(self, worker: str, clock: int, apply: Callable[[], None], what: object = None,
+             keep: bool = False) -> bool:
         """Apply now, or keep for the clock boundary (sequential); True when applied now.
 
         With no live worker left (``min_clock()`` is None) nobody can be mid-iteration,
         so pushes are applied at once, and any still kept are applied when the last
         worker leaves: an acknowledged push is never left unapplied. A checkpoint cut
-        in progress holds pushes at clocks >= the cut until the snapshot is written."""
-        if self.cut is not None and clock >= self.cut:
+        in progress holds pushes at clocks >= the cut until the snapshot is written;
+        ``keep``: keep it for the clock boundary even of a closed clock (a cut lets
+        through what it held: ``set_cut`` then drains them in order with the pulls)."""
+        if self.cut is not None and (clock >= self.cut or (self.cut_workers is not None
+                                                           and worker not in self.cut_workers)):
             self._past_cut.append((worker, clock, apply, what))
             return False
         if self.buffers_pushes:
@@ -112,8 +129,8 @@ class Policy:
                 self._seq += 1
                 insort(self._pushes, (clock, self._seq, apply, what), key=lambda p: (p[0], p[1]))
                 return False
-            floor = self.clocks.min_clock()
-            if floor is not None and clock >= floor:
+            limit = self._keep_from(self.clocks.min_clock())
+            if limit is not None and (keep or clock >= limit):
                 self._seq += 1
                 self._pushes.append((clock, self._seq, apply, what))
                 return False
@@ -121,6 +138,7 @@ class Policy:
         return True
 
     def clock(self, worker: str, clock: int, now: float, synced: bool = True) -> None:
+        self._now = max(self._now, now)
         last = self._last_clock_at.get(worker)
         self._last_clock_at[worker] = now
         self.clocks.clock(worker, clock, synced=synced)
@@ -166,7 +184,7 @@ class Policy:
         released = sorted(((self._held[rid][2], i, rid) for i, rid in enumerate(self.clocks.ready())))
         self._pushes.sort(key=lambda p: (p[0], p[1]))
         floor = self.clocks.min_clock()
-        limit = None if floor is None or not self.buffers_pushes else floor
+        limit = None if not self.buffers_pushes else self._keep_from(floor)
         done = 0
         for clock, _i, rid in released:
             while (done < len(self._pushes) and self._pushes[done][0] < clock
@@ -174,6 +192,8 @@ class Policy:
                 call(self._pushes[done][2])
                 done += 1
             call(lambda rid=rid: self._run_held(rid, now))  # (may keep a push, at or after `done`)
+            if self._past_cut and self.buffers_pushes:  # (it may wait for the cut now)
+                limit = self._keep_from(floor)
         while done < len(self._pushes) and (limit is None or self._pushes[done][0] < limit):
             call(self._pushes[done][2])
             done += 1
@@ -181,20 +201,68 @@ class Policy:
         if errors:
             raise errors[0]
 
+    def _keep_from(self, floor: int | None) -> int | None:
+        """Kept pushes at clocks from this one on wait (sequential): the floor, or lower,
+        the clock of a pull waiting for the cut (it must see none of its clock or later)."""
+        waiting = [c for _w, c, apply, _what in self._past_cut if apply is None]
+        if not waiting:
+            return floor
+        return min(waiting) if floor is None else min(floor, *waiting)
+
     def _run_held(self, rid, now: float) -> None:
-        run, since, _clock = self._held.pop(rid)
+        run, since, clock, worker = self._held.pop(rid)
+        if self._past_cut and self._sees_held(worker, clock):  # (released by clocks past a cut)
+            self._past_cut.append((worker, clock, None, (rid, run, since)))
+            return
         waited = now - since
         self.waits.record(waited)
         if self.auto is not None:   # only the part of the wait under the current tau
             self.auto.observe_wait(now - max(since, self._tau_since))
         run()
 
-    def set_cut(self, cut: int | None) -> None:
-        """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead."""
-        self.cut = cut
+    def _sees_held(self, worker: str, clock: int) -> bool:
+        """Whether a pull by ``worker`` at ``clock`` must see a push the cut holds: one at
+        a clock below ``clock - tau``, or (eventual, bounded) its worker's own before it."""
+        tau = self.clocks.tau
+        own = tau != 0
+        return any(apply is not None and ((own and w == worker and c <= clock)
+                                          or (tau is not None and c < clock - tau))
+                   for w, c, apply, _ in self._past_cut)
+
+    def set_cut(self, cut: int | None, workers: frozenset | None = None) -> None:
+        """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead,
+        then the pulls that waited for them."""
+        self.cut, self.cut_workers = cut, workers
         waiting, self._past_cut = self._past_cut, []
+        keep = self.buffers_pushes
+        pulls = []
         for worker, clock, apply, what in waiting:
-            self.push(worker, clock, apply, what)
+            if apply is not None:
+                self.push(worker, clock, apply, what, keep=keep)
+            elif self.clocks.tau is None:  # eventual: after its worker's pushes before it, not after
+                rid, run, since = what
+                self.pull(rid, worker, clock, run, since)
+            else:  # after every push (bounded: it may see them, and must see those below its
+                # bound, which may have come after it); sequential: by clock, as _drain runs them
+                pulls.append((clock if keep else 0, len(pulls), worker, clock, what))
+        for _order, _i, worker, clock, (rid, run, since) in sorted(pulls):
+            if keep:  # (what it must see, of closed clocks, first; pull() holds it if a push still is)
+                limit = self._keep_from(self.clocks.min_clock())
+                self._apply_kept(clock if limit is None else min(clock, limit))
+            self.pull(rid, worker, clock, run, since)
+        if keep and waiting:
+            self._drain(self._now)
+
+    def _apply_kept(self, below: int) -> None:
+        """Apply the pushes kept for the clock boundary at clocks below ``below``, in
+        (clock, arrival) order."""
+        self._pushes.sort(key=lambda p: (p[0], p[1]))
+        done = 0
+        while done < len(self._pushes) and self._pushes[done][0] < below:
+            done += 1
+        ready, self._pushes[:done] = self._pushes[:done], []
+        for _clock, _seq, apply, _what in ready:
+            apply()
 
     def stats(self) -> dict:
         clocks = self.clocks.clocks()
@@ -230,7 +298,8 @@ class Gate:
                           override.get("num_workers", self.default.num_workers), self.default.auto_bounds)
         if setting not in self.policies:
             self.policies[setting] = self._seeded(Policy(setting))
-            self.policies[setting].cut = self.policies[self.default].cut
+            default = self.policies[self.default]
+            self.policies[setting].cut, self.policies[setting].cut_workers = default.cut, default.cut_workers
         return self.policies[setting]
 
     # -- checkpoint cuts ---------------------------------------------------------
@@ -241,11 +310,13 @@ class Gate:
         return self.max_push_clock
 
     def cut(self, cut: int, workers: set[str], on_ready: Callable[[], None]) -> None:
-        """Phase 2: hold pushes at clocks >= ``cut``; once every listed worker still in
-        the group has clock >= ``cut`` (so all its earlier pushes have arrived), call
+        """Phase 2: hold pushes at clocks >= ``cut``, and every push of a worker not
+        listed (one that joined since the checkpoint began: nobody waits for its clock,
+        so its pushes count as after the cut); once every listed worker still in the
+        group has clock >= ``cut`` (so all its earlier pushes have arrived), call
         ``on_ready`` (the snapshot), then let the held pushes through."""
         for p in self.policies.values():
-            p.set_cut(cut)
+            p.set_cut(cut, frozenset(workers))
         self._cut_wait = (cut, set(workers), on_ready)
         self._check_cut()
 
@@ -258,8 +329,14 @@ class Gate:
         if self._cut_wait is None:
             return
         cut, workers, on_ready = self._cut_wait
-        clocks = self.policies[self.default].clocks.clocks()
-        if all(w in self.left or clocks.get(w, 0) >= cut for w in workers):
+        group = self.policies[self.default].clocks
+        clocks, unsynced = group.clocks(), group.unsynced
+        # (a clock sent at a ring before our last takeover does not vouch for pushes still
+        # on their way to the old owner: ``RangeClocks.unsynced``)
+        if (all(w in self.left or (clocks.get(w, 0) >= cut and w not in unsynced) for w in workers)
+                and not any(c < cut for p in self.policies.values() for c, _seq, _apply, _what in p._pushes)):
+            # (and every push below the cut applied: sequential keeps them until every worker
+            # of the group, one not yet registered too, has passed their clock)
             self._cut_wait = None
             try:
                 on_ready()

@@ -259,6 +259,7 @@ class ServerCore:
             # the new name) before its join's ring change; the rest is dropped then, never
             # served meanwhile (the ring gives it nothing to lead)
             self.streams = Inbound()
+            self._drop_checkpoint()
             if ring.version < self.ring.version:
                 log.error("%s: the scheduler knows an older ring (v%d) than this server (v%d): it lost its "
                           "state; the data is kept until a ring says what this server holds",
@@ -1322,6 +1323,16 @@ class ServerCore:
         self.gate.release_cut()
         self.outbox.append(Reply(None, msg.reply(), LINK))
 
+    def _drop_checkpoint(self) -> None:
+        """We were removed from the cluster: a checkpoint we held pushes for failed without
+        us (the scheduler's release, sent to our old name, may never come), or went on
+        without us. Let its held pushes through; a cut under way is not written."""
+        if self._checkpoint is not None or any(p.cut is not None for p in self.gate.policies.values()):
+            log.warning("%s lets through the pushes it held for a checkpoint: it was removed from the cluster",
+                        self.node_id)
+        self._checkpoint = None
+        self.gate.release_cut()
+
     def written(self, token: int, result, error: Exception | None, now: float) -> list:
         """A file the core asked for (``Write``) was written, or failed."""
         cut = self._checkpoint
@@ -1554,8 +1565,12 @@ class _Cut:
         core, m = self.core, self.request.meta
         core._checkpoint = None
         core.gate.release_cut()
-        clocks = core.gate.policies[core.gate.default].clocks.clocks()
-        lagging = [w for w in m.get("workers", []) if w not in core.gate.left and clocks.get(w, 0) < m["cut"]]
+        group = core.gate.policies[core.gate.default].clocks
+        clocks = group.clocks()
+        lagging = [w for w in m.get("workers", []) if w not in core.gate.left
+                   and (clocks.get(w, 0) < m["cut"] or w in group.unsynced)]
+        if not lagging:  # (sequential: pushes below the cut wait for a worker not yet registered)
+            lagging = [f"the group's slowest (clock {group.min_clock()})"]
         core.outbox.append(Refuse(None, self.request, PsdTimeoutError(
             f"{core.node_id}: worker(s) {', '.join(lagging)} did not reach clock {m['cut']} in time; a checkpoint "
             f"cuts at a clock boundary, so every worker must call kv.clock() after its pushes"), LINK))

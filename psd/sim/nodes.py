@@ -101,6 +101,9 @@ class SimServer(Process):
         #: armed by the ``kill_mid_forward`` fault: called when this server dies between
         #: the forwards of one push (``_cut_mid_forward``)
         self.die_mid_forward: Callable[[], None] | None = None
+        #: carries out ``Write`` effects (checkpoint files) when the run takes checkpoints
+        #: (psd.sim.checkpoints); None: answered at once as written, nothing stored
+        self.files = None
 
     def start(self) -> None:
         self.world.add(self)
@@ -149,7 +152,10 @@ class SimServer(Process):
             return
         if conn.client == self.name and conn.server == SCHEDULER:  # the scheduler's request on our link
             if msg.op == "restore":
-                self.world.send(conn, self.name, msg.reply(meta={"keys": 0}))
+                if self.files is not None:  # (the daemon reads the files, then the core loads them)
+                    self.files.restore(self, conn, msg)
+                else:
+                    self.world.send(conn, self.name, msg.reply(meta={"keys": 0}))
                 return
             self._execute(self.core.control(msg, now))
             return
@@ -223,7 +229,10 @@ class SimServer(Process):
             elif kind is Tell:
                 world.send(world.connect(self.name, process_of(e.address)), self.name, e.msg)
             elif kind is Write:
-                self._execute(self.core.written(e.token, {"file": "sim", "bytes": 0, "keys": 0}, None, now))
+                if self.files is not None:
+                    self.files.write(self, e)
+                else:
+                    self._execute(self.core.written(e.token, {"file": "sim", "bytes": 0, "keys": 0}, None, now))
             elif kind is Stop:
                 world.kill(self.name)
                 return
@@ -241,6 +250,9 @@ class SimScheduler(Process):
         self.asks: dict[int, int] = {}  # message id -> token
         self.tokens: dict[int, int] = {}
         self.saved: dict | None = saved
+        #: runs ``Run`` steps (a checkpoint's folder and manifest) when the run takes
+        #: checkpoints (psd.sim.checkpoints); None: every step fails, "no files"
+        self.files = None
 
     def start(self) -> None:
         self.world.add(self)
@@ -294,7 +306,10 @@ class SimScheduler(Process):
             elif kind is Save:
                 self.saved = e.state
             elif kind is Run:
-                self._execute(self.core.answered(e.token, None, PsdError("no files in the simulation"), now))
+                if self.files is not None:
+                    self.files.run_step(self, e)
+                else:
+                    self._execute(self.core.answered(e.token, None, PsdError("no files in the simulation"), now))
             elif kind is DropRoute:
                 self.routes.pop(e.node, None)
             else:

@@ -144,6 +144,16 @@ class Settings:
     #: Off by default: it changes the random schedule of every seed
     bsp: bool = False
     bsp_bound: float = 2.5
+    #: an admin asks for checkpoints at moments of the workload (and, in half the seeds,
+    #: the scheduler's timer takes them too), written to a folder of the run's own; each
+    #: one with a manifest is checked to be the consistent cut it promises
+    #: (psd/sim/checkpoints.py). Off by default: it changes the random schedule
+    checkpoints: bool = False
+    #: with ``checkpoints`` and ``replication=1``: once a checkpoint has a manifest, a
+    #: server dies with the only copy of its ranges; the scheduler gives it up after
+    #: ``restore_unavailable_after`` and restores its ranges from the newest checkpoint
+    #: (the checker then allows exactly the acked pushes only the dead copy held to be lost)
+    restore: bool = False
 
     def config(self) -> ClusterConfig:
         return ClusterConfig(security="none", heartbeat_interval=0.1, heartbeat_misses=4, worker_timeout=4.0,
@@ -198,6 +208,8 @@ class Outcome:
     evicted_by_primary: int = 0
     #: in-flight states the servers met (SimServer.states, summed)
     states: dict = field(default_factory=dict)
+    #: checkpoints asked, taken and failed (``Settings.checkpoints``: Checkpoints.check)
+    checkpoints: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -224,7 +236,17 @@ class Run:
         self.rng = self.world.rng
         self.config = settings.config()
         self.outcome = Outcome(seed, settings)
+        self.checkpoints = None
+        #: key -> push slots allowed lost (acked, held only by a copy that died; Settings.restore)
+        self.lost_ok: dict[int, set[int]] = {}
+        if settings.restore and (not settings.checkpoints or settings.replication != 1):
+            raise ConfigError("Settings.restore: needs checkpoints=True and replication=1 (a range with no copy left)")
+        if settings.checkpoints:
+            from psd.sim.checkpoints import Checkpoints  # (it builds on this module)
+            self.checkpoints = Checkpoints(self)
+            self.config = self.checkpoints.configure(self.config)
         self.scheduler = SimScheduler(self.world, self.config)
+        self.scheduler.files = self.checkpoints
         self.servers: list[SimServer] = []
         self.workers: list[SimWorker] = []
         self.pushes: list[PushRecord] = []
@@ -264,6 +286,7 @@ class Run:
     def add_server(self) -> SimServer:
         server = SimServer(self.world, f"srv-{len(self.servers)}", self.config)
         server.count_states = self.s.count_states
+        server.files = self.checkpoints
         self.servers.append(server)
         server.start()
         return server
@@ -542,7 +565,7 @@ class Run:
         applied, doubled = _decode(value)
         if doubled:
             self.violate(f"key {k} on {node}: push slot(s) {sorted(doubled)} applied more than once")
-        lost = acked - applied
+        lost = acked - applied - self.lost_ok.get(k, set())
         if lost and not self.s.bounded:  # (a bounded table evicts acked pushes)
             self.violate(f"key {k} on {node}: acked push slot(s) {sorted(lost)} lost "
                          f"(owners {owners}, ring v{ring.version})")
@@ -589,6 +612,8 @@ class Run:
                 may &= {s for s, _, _, clock, _ in pushes if clock < pull.clock}
         if self.s.bounded:
             must = set()  # (evicted rows read zero)
+        elif self.lost_ok:
+            must -= self.lost_ok.get(k, set())
         if not must <= applied:
             self.violate(f"pull #{pull.order} by worker {pull.worker} at clock {pull.clock} ({cons}) missed "
                          f"push slot(s) {sorted(must - applied)} of key {k}: saw {sorted(applied)}")
@@ -606,6 +631,8 @@ class Run:
         w = self.world
         if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and not self._held_only() and \
                 (w.now - w.last_work < 1.0 or any(until > w.now for until in w.stalled_until.values())):
+            return False
+        if self.checkpoints is not None and self.checkpoints.running():
             return False
         return self._ring_settled()
 
@@ -642,17 +669,29 @@ class Run:
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> Outcome:
+        try:
+            return self._run()
+        finally:
+            if self.checkpoints is not None:
+                self.checkpoints.close()
+
+    def _run(self) -> Outcome:
         self.start()
         self.plan_faults()
+        if self.checkpoints is not None:
+            self.checkpoints.plan()
         end = self.pace.duration + self.pace.tail
         self.world.run(end, self.check_step)
         self.workload_on = False
         self.world.heal()
+        settle = self.s.settle
+        if self.checkpoints is not None:
+            settle = self.checkpoints.workload_over(settle)
         if self.s.bsp:
             self.healed_at = self.world.now
             for w in range(len(self.workers)):
                 self._last_clock(w)
-        settled = end + self.s.settle
+        settled = end + settle
         t = end
         while t < settled:  # (until every request is answered and the ring has settled)
             t = min(settled, t + 0.05)
@@ -668,9 +707,13 @@ class Run:
             if self.closed(closing):
                 self.world.run(min(closing, self.world.now + 0.1), self.check_step)
                 break
+        if self.checkpoints is not None:
+            self.checkpoints.before_end()
         self.check_end()
         if self.s.bsp:
             self.check_live()
+        if self.checkpoints is not None:
+            self.outcome.checkpoints = self.checkpoints.check()
         o = self.outcome
         o.pushes, o.pulls = len(self.pushes), len(self.pulls)
         o.acked = sum(p.outcome == "acked" for p in self.pushes)

@@ -1,0 +1,147 @@
+"""A range that loses its only copy, restored from the newest checkpoint
+(``Settings.restore``, with ``checkpoints`` at replication 1).
+
+Once a checkpoint has a manifest, a server that leads ranges dies; the scheduler gives it
+up after ``restore_unavailable_after`` and restores its ranges from the newest checkpoint,
+which the servers load as the daemon does (``Checkpoints.restore``: the files read, then
+``ServerCore.restore``). The checker knows exactly which acked pushes may be lost: at the
+death it records every (key, push) the dead server had acknowledged, wholly or for its
+part of the push; of those, the ones the dead copy held (applied, or kept by its gate for
+the clock boundary or a cut) and the checkpoint did not. Only they may be missing from
+the settled copies, from later checkpoints and from what pulls must see
+(``Run.lost_ok``). A restored key holds every push its checkpoint held, and none of the
+lost ones comes back.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from psd.sim.nodes import SimServer
+from psd.sim.run import PushRecord, _decode
+from psd.store.checkpoint import read_server_file
+
+#: seconds a range has no copy before the scheduler restores it
+RESTORE_AFTER = 0.5
+
+
+class Restore:
+    def __init__(self, run, checkpoints):
+        self.run, self.ckpt, self.world = run, checkpoints, run.world
+        self.lost: list[SimServer] = []  # servers that died with the only copy of their ranges
+        #: (key, slot) of every push a lost server had acknowledged when it died
+        self.acked_by_lost: set[tuple[int, int]] = set()
+        self.lost_at = float("inf")
+        self.restored_keys = 0
+
+    def plan(self) -> None:
+        rng, pace = self.run.rng, self.run.pace
+        self.world.at(rng.uniform(pace.faults_from, pace.duration - 0.2), self._lose, None)
+
+    def _lose(self) -> None:
+        """``Settings.restore``: once a checkpoint has a manifest, a server that leads
+        ranges dies (replication 1: the only copy of them); its successor joins later."""
+        run, world = self.run, self.world
+        ring = run.scheduler.core.state.ring
+        live = [s for s in run.servers if s.alive and s.name in world.processes and ring.led_by(s.core.node_id)]
+        if not self.ckpt.manifests() or not live:
+            if world.now < run.pace.duration:
+                world.after(0.05, self._lose, None)
+            return
+        victim = run.rng.choice(live)
+        self.acked_by_lost |= self._acked_by(victim.core.node_id)
+        self.lost.append(victim)
+        self.lost_at = min(self.lost_at, world.now)
+        run.outcome.faults.append(f"lost {victim.core.node_id}@{world.now:.2f}")
+        world.kill(victim.name)
+        victim.alive = False
+        world.after(run.rng.uniform(*run.pace.restart), run.add_server, None)
+
+    def _acked_by(self, node: str) -> set[tuple[int, int]]:
+        """(key, slot) of the pushes acknowledged by now wholly, or for their part sent
+        to ``node`` (which its worker will never send again)."""
+        run = self.run
+        out = {(k, slot) for p in run.pushes if p.outcome == "acked" for k, slot in zip(p.keys.tolist(), p.slots)}
+        for w, worker in enumerate(run.workers):
+            for ts, req in worker.core.requests.items():
+                rec = run._inflight.get((w, ts))
+                rec = rec[0] if isinstance(rec, tuple) else rec
+                if not isinstance(rec, PushRecord):
+                    continue
+                slot_of = dict(zip(rec.keys.tolist(), rec.slots))
+                for part in req.parts:
+                    if (part.server == node and part.reply is not None and part.reply.op == "ok"
+                            and part.rows is not None and part.rows.keys is not None):
+                        out |= {(k, slot_of[k]) for k in part.rows.keys.tolist() if k in slot_of}
+        return out
+
+    def allow_lost(self) -> None:
+        """``Settings.restore``: the push slots each restored key may have lost: those its
+        dead copy held beyond the checkpoint it was restored from (``Run.lost_ok``)."""
+        for entry, k, dead, restored in self._restored_keys():
+            lost = {s for s in dead - restored if (k, s) in self.acked_by_lost}
+            if lost:
+                self.run.lost_ok.setdefault(k, set()).update(lost)
+
+    def _restored_keys(self):
+        """(restore entry, key, slots its dead copies held, slots the checkpoint held) of
+        every workload key in a range the scheduler restored."""
+        run = self.run
+        for entry in run.scheduler.core.restored:
+            folder = Path(entry["checkpoint"])
+            values = self._values_of(folder)
+            dead = [s for s in run.servers if s.core.node_id in entry["servers"]]
+            for k in run.owner:
+                if not any(r["begin"] <= k <= r["last"] for r in entry["ranges"]):
+                    continue
+                held: set[int] = set()
+                for srv in dead:
+                    held |= _held_by(srv, run.table.name, k)
+                yield entry, k, held, _decode(values.get(k, 0))[0]
+
+    def _values_of(self, folder: Path) -> dict[int, int]:
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        out: dict[int, int] = {}
+        for file in manifest["files"]:
+            for tname, (_spec, keys, vals, _state) in read_server_file(folder / file).items():
+                if tname == self.run.table.name:
+                    out.update(zip(keys.tolist(), vals[:, 0].tolist()))
+        return out
+
+    def check(self, final: dict[int, int]) -> dict:
+        """Each restored key holds its checkpoint's pushes, and of those its dead copy
+        held beyond them none it had acked (its worker never sends them again)."""
+        for entry, k, dead, restored in self._restored_keys():
+            self.restored_keys += 1
+            settled = final.get(k)
+            if settled is None:
+                continue
+            now = _decode(settled)[0]
+            name = f"key {k} restored from {Path(entry['checkpoint']).name}"
+            if restored - now:
+                self.run.violate(f"{name}: lacks push slot(s) {sorted(restored - now)} the checkpoint held")
+            back = {s for s in (now & dead) - restored if (k, s) in self.acked_by_lost}
+            if back:
+                self.run.violate(f"{name}: holds acked push slot(s) {sorted(back)} that only the lost copy held")
+        return {"lost": len(self.lost), "restores": len(self.run.scheduler.core.restored),
+                "keys restored": self.restored_keys,
+                "slots allowed lost": sum(len(v) for v in self.run.lost_ok.values())}
+
+def _held_by(server: SimServer, table_name: str, k: int) -> set[int]:
+    """The push slots of key ``k`` a (dead) server held: applied to its table, or acked
+    and kept by its gate (for the clock boundary, or a checkpoint's cut)."""
+    table = server.core.tables.get(table_name)
+    held = _decode(int(table.pull(np.array([k], np.uint64))[0, 0]))[0] if table is not None else set()
+    for policy in server.core.gate.policies.values():
+        kept = [what for *_, what in policy._pushes]
+        kept += [what for _w, _c, apply, what in policy._past_cut if apply is not None]
+        for what in kept:
+            rows = getattr(what, "rows", None)
+            if getattr(what, "table", None) != table_name or rows is None or rows.keys is None:
+                continue
+            hit = np.flatnonzero(rows.keys == np.uint64(k))
+            for i in hit.tolist():
+                held |= _decode(int(rows.values[i, 0]))[0]
+    return held
