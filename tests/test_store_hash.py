@@ -233,7 +233,7 @@ def _vma_flags(address: int) -> list[str]:
 def test_large_index_and_rows_get_mappings_of_their_own_with_huge_pages():
     """From ``HUGE_MIN`` bytes on, the index and the rows are each a private anonymous
     mapping asked to use huge pages, never a block calloc found in the heap (whose 4 KiB
-    pages made a table's lookups 1.3x slower by where malloc put it, decision 142); small
+    pages made a table's lookups 1.1-1.3x slower by where malloc put it, decision 142); small
     tables stay on numpy's allocator. Values are kept across the growth that moves them."""
     import mmap
     h = hashrows.HashRows(1, np.float32, 0)

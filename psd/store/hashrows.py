@@ -77,7 +77,7 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     request's temporaries), and pages the heap already mapped stay 4 KiB pages. A
     lookup in a 1e7-key table reads a random page of the index and of the rows: with
     4 KiB pages that is a TLB miss too, and a table's speed depended on where malloc
-    happened to put it (a sum table measured 0.75x an adagrad one for that alone,
+    happened to put it (a sum table measured 0.77-0.9x an adagrad one for that alone,
     decision 142)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
