@@ -17,6 +17,14 @@ compiles it), and both ``HashRows`` run on the same keys, rep by rep alternately
   then a pull of 1e5 stored keys; push+pull counts each key once per round, as
   ``bench_store.py`` does.
 
+``--more`` adds cells through a ``Table`` whose hash rows are each side's: existing keys
+push+pull for the other updaters (assign, sgd, prox_l1, ftrl) at ``--existing`` stored;
+dense ``push_span`` + ``pull_span`` of 1e7 float32 (GB/s, both directions); and the range
+operations of ``bench_store.py`` on a 1e7-key adagrad table (``snapshot`` and
+``count_present_span`` of a third of the key space, ``retain`` of two thirds on a copy),
+as rates (1 / median seconds) so that every ratio reads "higher is better".
+
+The side that goes first alternates from rep to rep.
 ``--cpu`` times with the thread's CPU clock instead of the wall clock: on a machine
 shared with other work a descheduled thread then costs nothing, so ratios between the
 two trees stay readable (caches polluted by the other work still count). Every figure
@@ -25,6 +33,8 @@ is a median.
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import importlib
 import shutil
 import statistics
@@ -38,7 +48,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from psd.schema import TableSpec  # noqa: E402
 from psd.store import hashrows as this_rows, kernels as this_kernels  # noqa: E402
+from psd.store.table import Table  # noqa: E402
 
 BATCH = 100_000
 
@@ -59,6 +71,43 @@ def load_base(tree: str, folder: Path):
     return importlib.import_module("psd_base_store.hashrows"), importlib.import_module("psd_base_store.kernels")
 
 
+def table(rows, updater: str, **options) -> Table:
+    """A float32 width-1 ``Table`` whose hash rows are ``rows.HashRows`` (a side's)."""
+    t = Table(TableSpec("t", 1, "float32", updater, options).validate())
+    t._hash = rows.HashRows(t.width, t.dtype, len(t._fields))
+    return t
+
+
+def huge_share(arrays: list) -> str:
+    """AnonHugePages / Rss of the mappings holding ``arrays`` (/proc/self/smaps; a
+    mapping merged with a neighbour counts whole): whether a table's random reads pay a
+    TLB miss per 4 KiB page or per 2 MiB one (decision 145)."""
+    try:
+        with open("/proc/self/smaps") as f:
+            text = f.read().splitlines()
+    except OSError:
+        return "-"
+    spans = [(a.__array_interface__["data"][0], a.__array_interface__["data"][0] + a.nbytes) for a in arrays]
+    huge = rss = 0
+    hit = False
+    for row in text:
+        head = row.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            hit = any(lo < b and hi > a for a, b in spans)
+        elif hit and head[0] in ("Rss:", "AnonHugePages:"):
+            if head[0] == "Rss:":
+                rss += int(head[1])
+            else:
+                huge += int(head[1])
+    return f"{huge / rss:.0%}" if rss else "-"
+
+
+def sides_in_turn(names: list, rep: int) -> list:
+    """The sides in the order they run at rep ``rep``: the first alternates."""
+    return names if rep % 2 == 0 else names[::-1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base-tree", required=True, help="a checkout whose psd/store is the base")
@@ -66,6 +115,7 @@ def main() -> None:
     ap.add_argument("--existing", type=float, default=1e7, help="table size for the existing-key cells (0: skip)")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--cpu", action="store_true", help="time with the thread's CPU clock")
+    ap.add_argument("--more", action="store_true", help="other updaters, dense spans and range operations too")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     clock = time.thread_time if args.cpu else time.perf_counter
@@ -78,8 +128,8 @@ def main() -> None:
     pt = np.zeros(1, np.float32)
     lines = [f"{'cell (' + ('CPU' if args.cpu else 'wall') + ' time)':<44} {'base':>10} {'this':>10} {'this/base':>9}"]
 
-    def line(what, a, b):
-        lines.append(f"{what:<44} {a / 1e6:>8.2f}M/s {b / 1e6:>8.2f}M/s {b / a:>9.2f}")
+    def line(what, a, b, unit="M/s", scale=1e6):
+        lines.append(f"{what:<44} {a / scale:>8.2f}{unit} {b / scale:>8.2f}{unit} {b / a:>9.2f}")
         print(lines[-1], flush=True)
 
     def timed(fn) -> float:
@@ -99,9 +149,10 @@ def main() -> None:
                 h.push(keys, ones[:keys.size], k.SUM, pt, pt.astype(np.float64))
             stored += keys.size
         times: dict[str, list] = {name: [] for name in tables}
-        for _ in range(args.reps):
+        for rep in range(args.reps):
             keys = np.unique(rng.integers(0, 2**64, BATCH, dtype=np.uint64))
-            for name, (h, k) in tables.items():
+            for name in sides_in_turn(list(tables), rep):
+                h, k = tables[name]
                 times[name].append(timed(lambda: h.push(keys, ones[:keys.size], k.SUM, pt, pt.astype(np.float64))))
             stored += keys.size
         rate = {name: BATCH / statistics.median(ts) for name, ts in times.items()}
@@ -124,14 +175,96 @@ def main() -> None:
             for h, k in tables.values():
                 h.push(keys, np.ones((keys.size, 1), np.float32), kind, pt, pf)
             times = {name: [] for name in tables}
-            for _ in range(args.reps):
+            for rep in range(args.reps):
                 pick = np.sort(rng.choice(keys, BATCH, replace=False))
-                for name, (h, k) in tables.items():
+                for name in sides_in_turn(list(tables), rep):
+                    h, k = tables[name]
                     times[name].append(timed(lambda: (h.push(pick, grad, kind, pt, pf), h.pull(pick))))
             rate = {name: BATCH / statistics.median(ts) for name, ts in times.items()}
             line(f"existing keys push+pull, {updater}, {n:.0e} stored", rate["base"], rate["this"])
+            shares = ", ".join(f"{name} {huge_share([h.index, h.raw])}" for name, (h, _) in tables.items())
+            lines.append(f"  (huge pages in the mappings of its index and rows: {shares})")
+            print(lines[-1], flush=True)
             del tables
+        if args.more:
+            for updater, options in (("assign", {}), ("sgd", {"lr": 0.3}),
+                                     ("prox_l1", {"lr": 0.2, "l1": 0.05, "l2": 0.5}),
+                                     ("ftrl", {"alpha": 0.1, "beta": 1.0, "l1": 0.05, "l2": 0.1})):
+                tables = {name: table(rows, updater, **options) for name, (rows, _) in sides.items()}
+                for t in tables.values():
+                    t.push(keys, np.ones((keys.size, 1), np.float32))
+                times = {name: [] for name in tables}
+                for rep in range(args.reps):
+                    pick = np.sort(rng.choice(keys, BATCH, replace=False))
+                    for name in sides_in_turn(list(tables), rep):
+                        t = tables[name]
+                        times[name].append(timed(lambda t=t, pick=pick: (t.push(pick, grad), t.pull(pick, []))))
+                rate = {name: BATCH / statistics.median(ts) for name, ts in times.items()}
+                line(f"existing keys push+pull, {updater}, {n:.0e} stored", rate["base"], rate["this"])
+                shares = ", ".join(f"{name} {huge_share([t._hash.index, t._hash.raw])}" for name, t in tables.items())
+                lines.append(f"  (huge pages in the mappings of its index and rows: {shares})")
+                print(lines[-1], flush=True)
+                del tables
+        del keys
+    if args.more:
+        more(sides, args.reps, rng, timed, line)
     print(f"({time.perf_counter() - started:.0f} s)")
+
+
+class _Range:
+    def __init__(self, begin: int, end: int):
+        self.begin, self.end = begin, end
+
+
+def more(sides: dict, reps: int, rng, timed, line) -> None:
+    """The dense-span and range-operation cells of ``bench_store.py``, side by side."""
+    size = 10**7
+
+    def alternated(tables: dict, op) -> dict:
+        """Median seconds of ``op(table)`` per side, the sides alternating."""
+        times: dict = {name: [] for name in tables}
+        for rep in range(reps):
+            for name in sides_in_turn(list(tables), rep):
+                times[name].append(timed(lambda t=tables[name]: op(t)))
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+    def span_round(t: Table, vals: np.ndarray) -> None:
+        leases: list = []
+        t.push_span(0, vals)
+        t.pull_span(0, vals.shape[0], leases)
+        for lease in leases:
+            lease.release()
+    vals = np.ones((size, 1), np.float32)
+    tables = {name: table(rows, "sum") for name, (rows, _) in sides.items()}
+    for t in tables.values():
+        t.push_span(0, vals)
+    secs = alternated(tables, lambda t: span_round(t, vals))
+    line("dense push_span+pull_span, 1e7 float32", 2 * vals.nbytes / secs["base"], 2 * vals.nbytes / secs["this"],
+         "GB/s", 1e9)
+    del tables
+    keys = np.unique(rng.integers(0, 2**64, size, dtype=np.uint64))
+    tables = {name: table(rows, "adagrad", lr=0.1) for name, (rows, _) in sides.items()}
+    for t in tables.values():
+        t.push(keys, vals[:keys.size])
+    third = 2**64 // 3
+    keep = [_Range(0, third), _Range(2 * third, 2**64)]
+
+    def retain_copy(t: Table) -> float:
+        victim = copy.deepcopy(t)
+        took = timed(lambda v=victim: v.retain(keep))
+        del victim
+        gc.collect()
+        return took
+    for what, op in (("snapshot of 1/3, 1e7-key adagrad table", lambda t: t.snapshot(third, 2 * third)),
+                     ("count_present_span of 1/3 of it", lambda t: t.count_present_span(third, third))):
+        secs = alternated(tables, op)
+        line(what, 1 / secs["base"], 1 / secs["this"], "/s  ", 1)
+    times: dict = {name: [] for name in tables}
+    for rep in range(reps):
+        for name in sides_in_turn(list(tables), rep):
+            times[name].append(retain_copy(tables[name]))
+    secs = {name: statistics.median(ts) for name, ts in times.items()}
+    line("retain of 2/3 of it (on a copy)", 1 / secs["base"], 1 / secs["this"], "/s  ", 1)
 
 
 if __name__ == "__main__":
