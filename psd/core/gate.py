@@ -209,6 +209,15 @@ class Policy:
             return floor
         return min(waiting) if floor is None else min(floor, *waiting)
 
+    def after_push(self, rid: Hashable, worker: str, clock: int, run: Callable[[], None], now: float) -> None:
+        """The pull part of a request held whole that has just pushed (an older client's
+        pushpull): the clocks let it through already, a checkpoint cut may still hold a
+        push it must see (its own, under eventual and bounded)."""
+        if self._past_cut and self._sees_held(worker, clock):
+            self._past_cut.append((worker, clock, None, (rid, run, now)))
+        else:
+            run()
+
     def _run_held(self, rid, now: float) -> None:
         run, since, clock, worker = self._held.pop(rid)
         if self._past_cut and self._sees_held(worker, clock):  # (released by clocks past a cut)
@@ -233,6 +242,13 @@ class Policy:
         """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead,
         then the pulls that waited for them."""
         self.cut, self.cut_workers = cut, workers
+        self._draining = True  # (a released older client's pushpull keeps its push in order, as in _drain)
+        try:
+            self._set_cut_now()
+        finally:
+            self._draining = False
+
+    def _set_cut_now(self) -> None:
         waiting, self._past_cut = self._past_cut, []
         keep = self.buffers_pushes
         pulls = []
@@ -244,7 +260,7 @@ class Policy:
                 self.pull(rid, worker, clock, run, since)
             else:  # after every push (bounded: it may see them, and must see those below its
                 # bound, which may have come after it); sequential: by clock, as _drain runs them
-                pulls.append((clock if keep else 0, len(pulls), worker, clock, what))
+                pulls.append((clock if keep else what[2], len(pulls), worker, clock, what))  # (bounded: by arrival)
         for _order, _i, worker, clock, (rid, run, since) in sorted(pulls):
             if keep:  # (what it must see, of closed clocks, first; pull() holds it if a push still is)
                 limit = self._keep_from(self.clocks.min_clock())

@@ -1058,7 +1058,8 @@ class ServerCore:
                 # (released by another request's handler, which must not stop on it)
                 self.outbox.append(Refuse(route, msg, err))
                 return
-            self._answer_pull(route, msg, table, rows, now, after=pending, cost=cost, gated=False)
+            self.policy(table).after_push((msg.sender, msg.id), msg.sender, msg.clock, lambda: self._answer_pull(
+                route, msg, table, rows, now, after=pending, cost=cost, gated=False), now)
 
         self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, now)
         inline[0] = False
