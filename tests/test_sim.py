@@ -32,6 +32,26 @@ def _run(args: tuple[int, str]) -> str | None:
     return None if outcome.ok else outcome.describe()
 
 
+def _all_pass(run, seeds, chunksize: int) -> list:
+    """Run ``run`` over ``seeds`` on the pool (the cores are CPU-bound: one per core) and
+    fail with the first three seeds' descriptions if any broke an invariant; ``run``
+    returns its failure text (None if ok), alone or first of a tuple."""
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, seeds, chunksize=chunksize))
+    failures = [text for text in (r[0] if isinstance(r, tuple) else r for r in results) if text]
+    assert not failures, "\n\n".join(failures[:3])
+    return results
+
+
+def _summed(counts) -> dict[str, int]:
+    """Counters of many seeds (dicts of name -> count), added up."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def _replay(seed: int, consistency: str) -> str:
     return f"replay: python -m pytest tests/test_sim.py --sim-seed {seed} --sim-consistency {consistency}"
 
@@ -186,10 +206,7 @@ def test_key_caching_keeps_every_invariant():
     changes included (seed 240 of the eventual model, with key caching, was a pull moved
     to a new owner seeing a later push there: allowed, as for a pull asked again,
     docs/consistency.md; it is in this test's seeds)."""
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_run_kc, [240, *range(9000, 9039)], chunksize=5))
-    failures = [text for text, _ in results if text]
-    assert not failures, "\n\n".join(failures[:3])
+    results = _all_pass(_run_kc, [240, *range(9000, 9039)], chunksize=5)
     refused = sum(kc.get("refused", 0) for _, kc in results)
     by_signature = sum(kc.get("by_signature", 0) for _, kc in results)
     assert refused > 20 and by_signature > 1000, (refused, by_signature)
@@ -207,10 +224,7 @@ def test_pull_filters_keep_every_invariant():
     """Pulls answered as deltas against each worker's copy (the lossless pull filters):
     lost answers, kills and ring changes break token chains, and a pull must still read
     exactly what the model allows, never a row left from an older copy."""
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_run_pf, range(9100, 9120), chunksize=5))
-    failures = [text for text, _ in results if text]
-    assert not failures, "\n\n".join(failures[:3])
+    results = _all_pass(_run_pf, range(9100, 9120), chunksize=5)
     deltas = sum(pf.get("deltas", 0) for _, pf in results)
     replies = sum(pf.get("replies", 0) for _, pf in results)
     assert deltas > 60 and replies > deltas, (deltas, replies)
@@ -232,10 +246,7 @@ def test_spans_keep_every_invariant():
     """Workers also push and pull dense spans of a region, one block each, as spans or
     as key lists (psd/sim/spans.py): every key of a span is checked as a key (pulls see
     what the model allows, acked pushes survive range moves and copies, replicas agree)."""
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_run_spans, SPAN_SEEDS, chunksize=4))
-    failures = [text for text, _ in results if text]
-    assert not failures, "\n\n".join(failures[:3])
+    results = _all_pass(_run_spans, SPAN_SEEDS, chunksize=4)
     acked = sum(c["acked"] for _, c in results)
     keys_pulled = sum(c["keys_pulled"] for _, c in results)
     assert acked > 10 * len(SPAN_SEEDS) and keys_pulled > 1000 * len(SPAN_SEEDS), (acked, keys_pulled)
@@ -363,10 +374,7 @@ def test_bounded_table_copies_agree_through_faults():
     new id with rows its primary had evicted meanwhile, and 137 an eviction applied on a
     replica ahead of forwards it kept: both fixed, both in these seeds; 300 seeds ran
     clean when this test was written)."""
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_run_bounded, [*range(8000, 8016), 27, 36, 38, 137], chunksize=4))
-    failures = [text for text, _, _ in results if text]
-    assert not failures, "\n\n".join(failures[:3])
+    results = _all_pass(_run_bounded, [*range(8000, 8016), 27, 36, 38, 137], chunksize=4)
     assert sum(e for _, e, _ in results) > 300 and sum(f for _, _, f in results) > 300
 
 
@@ -416,14 +424,8 @@ def test_one_message_per_server_keeps_every_invariant_in_its_states():
     """Messages spanning owner groups, forwards holding part of a push, requests coming
     back (a resend, a re-cut piece, its forward from a new primary) to a replica that
     applied part of them: every invariant holds, and the seeds do meet those states."""
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_run_one_message, ONE_MESSAGE_SEEDS, chunksize=5))
-    failures = [text for text, _ in results if text]
-    assert not failures, "\n\n".join(failures[:3])
-    states: dict[str, int] = {}
-    for _, st in results:
-        for k, v in st.items():
-            states[k] = states.get(k, 0) + v
+    results = _all_pass(_run_one_message, ONE_MESSAGE_SEEDS, chunksize=5)
+    states = _summed(c for _, c in results)
     print(states)
     assert states.get("push: several owner groups", 0) > 200 and states.get("replicate: part of a push", 0) > 200
     back = sum(v for k, v in states.items() if k.endswith("back at a server that applied part of it"))
@@ -513,14 +515,8 @@ def test_checkpoints_are_consistent_cuts_through_faults():
     checkpoint with a manifest holds exactly the pushes below its cut, every range once;
     a failed one leaves no manifest, and what it held is applied, once; pulls see what
     their model promises while a cut holds pushes."""
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_run_ckpt, CHECKPOINT_SEEDS, chunksize=4))
-    failures = [text for text, _ in results if text]
-    assert not failures, "\n\n".join(failures[:3])
-    total: dict[str, int] = {}
-    for _, counts in results:
-        for k, v in counts.items():
-            total[k] = total.get(k, 0) + v
+    results = _all_pass(_run_ckpt, CHECKPOINT_SEEDS, chunksize=4)
+    total = _summed(c for _, c in results)
     print(total)
     assert total["taken"] > 50 and total["failed"] > 50 and total["killed mid-cut"] > 10, total
     assert total["keys checked"] > 600, total
@@ -539,9 +535,7 @@ def test_older_clients_pushpulls_held_whole_through_checkpoint_cuts():
     pull part waits for its own push the cut holds, a cut that lets it through keeps its
     push in its (clock, arrival) place, and bounded pulls it let through run in arrival
     order. Before those three, 11 of these 20 seeds failed (a reviewer's scan)."""
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        failures = [text for text in pool.map(_run_ckpt_older, range(9300, 9320), chunksize=2) if text]
-    assert not failures, "\n\n".join(failures[:3])
+    _all_pass(_run_ckpt_older, range(9300, 9320), chunksize=2)
 
 
 #: checkpoint schedules that found bugs, each failing before its fix (decision 144)
@@ -644,14 +638,8 @@ def test_ranges_that_lost_every_copy_come_back_from_the_newest_checkpoint():
     scheduler gives it up and restores them: each restored key holds its checkpoint's
     pushes, the acked pushes lost are exactly ones only the dead copy held (applied or
     kept by its gate), none of those comes back, and every other invariant holds."""
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_run_restore, RESTORE_SEEDS, chunksize=4))
-    failures = [text for text, _ in results if text]
-    assert not failures, "\n\n".join(failures[:3])
-    total: dict[str, int] = {}
-    for _, counts in results:
-        for k, v in counts.items():
-            total[k] = total.get(k, 0) + v
+    results = _all_pass(_run_restore, RESTORE_SEEDS, chunksize=4)
+    total = _summed(c for _, c in results)
     print(total)
     assert total["restores"] >= 10 and total["keys restored"] > 40, total
     assert total["slots allowed lost"] > 20, total
