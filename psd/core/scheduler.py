@@ -374,10 +374,19 @@ class SchedulerCore:
         return msg.reply(meta={"node": node, "ring": (s.ring if role == "server" else self._workers_ring()).to_wire(),
                                **self._leadership(),
                                "tables": [t.to_wire() for t in s.tables.values()],
+                               # (a server declared dead missed the worker_left notices sent
+                               # meanwhile: one registering again stops waiting for these)
+                               **({"gone_workers": self._gone_workers()} if role == "server" else {}),
                                "heartbeat_interval": self.config.heartbeat_interval,
                                "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
                                           "max_keys": self.config.limits.max_keys,
                                           "max_inflight_bytes": self.config.limits.max_inflight_bytes}})
+
+    def _gone_workers(self) -> list[str]:
+        """The workers that left or died, as many as are still listed (KEEP_GONE_WORKERS):
+        gone for good (one that comes back registers under a new id)."""
+        return [p.node for p in self.state.liveness.peers.values()
+                if p.role == "worker" and p.state in (State.DEAD, State.LEFT)]
 
     def _to_servers(self, msg: Message, exclude: str | None = None):
         """A procedure step: ``msg`` to every live server; their answers."""

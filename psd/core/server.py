@@ -266,9 +266,26 @@ class ServerCore:
                           self.node_id, ring.version, self.ring.version)
             self.ring = Assignment(version=0)
             self._set_ring(ring)
+            self._missed_departures(meta.get("gone_workers"), now)
         else:
             self._set_ring(ring)
         return self._take()
+
+    def _missed_departures(self, gone, now: float) -> None:
+        """Registering again: the workers that left or died while we were declared dead
+        were announced (``worker_left``) to the live servers only. Each one our gate still
+        counts leaves it now, or the pushes it keeps for the clock boundary (acked; the
+        ranges only we held come back to us) wait for that worker's clock for ever. (Only
+        the workers the scheduler still lists as gone: a worker that registered since its
+        answer was built may already have reached us, and must not be dropped.)"""
+        if not isinstance(gone, list) or not all(isinstance(w, str) for w in gone):
+            log.warning("%s: the scheduler's register answer lists no departed workers; any that left "
+                        "meanwhile are still waited for", self.node_id)
+            return
+        for worker in sorted(self.gate.live_workers() & set(gone)):
+            log.warning("%s: %s left the worker group while this server was out of it", self.node_id, worker)
+            self.gate.leave(worker, now)
+            self._watch_departed(worker, now)
 
     def heartbeat_stats(self, now: float) -> dict | None:
         """What a heartbeat carries besides liveness: every STATS_EVERY-th one the full
