@@ -1,8 +1,12 @@
-"""What a server keeps when it registers again under a new name (declared dead while
-frozen or cut off): the pushes it acknowledged and keeps for the clock boundary must
-still be applied, though the workers it waits for left while it was out of the cluster
-and their ``worker_left`` went to the live servers only (decision 146; seed 140 of the
-simulation's restore settings). A ``ServerCore`` driven by hand: no sockets, no clock.
+"""A server declared dead while it lived (frozen or cut off): what it acknowledges as it
+wakes, and what it keeps when it registers again under a new name.
+
+The pushes it acknowledged and keeps for the clock boundary must still be applied, though
+the workers it waits for left while it was out of the cluster and their ``worker_left``
+went to the live servers only (decision 146; seed 140 of the simulation's restore
+settings). A range only it holds may be restored elsewhere ``restore_unavailable_after``
+after its death: past its lease plus that long it acknowledges nothing there (decision
+147). A ``ServerCore`` driven by hand: no sockets, no clock.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from psd.cluster.assignment import Assignment
 from psd.cluster.ranges import KEY_SPACE_END, Range
 from psd.codec import Message
 from psd.config import ClusterConfig
-from psd.core.effects import Rejoin, Reply
+from psd.core.effects import Refuse, Rejoin, Reply
 from psd.core.server import ServerCore
 from psd.schema import TableSpec
 
@@ -84,3 +88,49 @@ def test_the_scheduler_lists_the_departed_workers_to_a_registering_server():
     server = answer(Message("register", id=4, meta={"role": "server", "address": "tcp://s:1"}), 0.2)
     assert server.meta["gone_workers"] == ["W0"]
     assert "gone_workers" not in answer(Message("register", id=5, meta={"role": "worker"}), 0.3).meta
+
+
+def _alone(restore_after: float) -> ServerCore:
+    """S0 leads every key alone (replication 1), its lease last confirmed at time 0
+    (lease: (2 x 4 - 1) x 0.1 s = 0.7 s)."""
+    core = ServerCore(ClusterConfig(security="none", replication=1, heartbeat_interval=0.1, heartbeat_misses=4),
+                      secure=False)
+    core.node_id = "S0"
+    core.ring = Assignment(version=1, ranges=(A, B), owners=(("S0",), ("S0",)), addresses=ADDRS)
+    core._create(SPEC)
+    core.fence.confirmed(0.0)
+    core.restore_after = restore_after
+    return core
+
+
+def _push(core: ServerCore, rid: int, now: float) -> list:
+    return core.handle(None, Message("push", id=rid, sender="W0", table="t", meta={"rid": rid},
+                                     arrays=[KEYS, np.full((2, 1), 1, np.int64)]), now)
+
+
+def test_a_range_only_it_holds_is_fenced_once_it_could_have_been_restored_elsewhere():
+    core = _alone(0.5)
+    assert [e.msg.op for e in _push(core, 1, 1.1) if isinstance(e, Reply)] == ["ok"]  # lease lapsed, grace holds
+    out = _push(core, 2, 1.25)  # 0.7 + 0.5 s after its last confirmation: it may have been replaced
+    assert [type(e) for e in out] == [Refuse] and out[0].error.code == "not_owner"
+    assert core.tables["t"].pull(KEYS).ravel().tolist() == [1, 1]  # nothing of the refused one applied
+    core.heartbeat_answered({"known": True, "state": "active"}, 1.3, 1.31)
+    assert [e.msg.op for e in _push(core, 3, 1.32) if isinstance(e, Reply)] == ["ok"]
+
+
+def test_without_restores_a_range_only_it_holds_is_always_served():
+    core = _alone(0)
+    assert [e.msg.op for e in _push(core, 1, 100.0) if isinstance(e, Reply)] == ["ok"]
+
+
+def test_the_scheduler_tells_a_server_how_soon_its_ranges_may_be_restored():
+    from psd.core.scheduler import SchedulerCore
+    with_restores = ClusterConfig(security="none", checkpoint_dir="/nonexistent", restore_unavailable_after=42)
+    for cfg, want in ((ClusterConfig(security="none"), 0), (with_restores, 42)):
+        core = SchedulerCore(cfg, secure=False, now=0.0)
+        out = core.handle(None, Message("register", id=1, meta={"role": "server", "address": "tcp://s:1"}), 0.0)
+        meta = next(e.msg.meta for e in out if isinstance(e, Reply) and e.msg.id == 1)
+        assert meta["restore_after"] == want
+        server = ServerCore(cfg, secure=False)
+        server.registered(meta, 0.0)
+        assert server.restore_after == want

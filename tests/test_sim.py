@@ -684,15 +684,20 @@ RESTORE_FOUND = [
     # push it kept for the clock boundary (sequential), then registered again under a new
     # name; the workers had left meanwhile, told to the live servers only, so its gate
     # waited for their clocks for ever and the kept push was never applied (decision 146)
-    ("kept push after rejoin", 140),
+    ("kept push after rejoin", 140, "short"),
+    # (the checker's own) a server stalled past the failure timeout and
+    # restore_unavailable_after was given up alive and its ranges restored: what it had
+    # acked since the checkpoint is lost as a dead server's is, and was flagged as lost
+    # (nine of seeds 0-299 at the long pace; decision 147)
+    ("given up alive", 38, "long"),
 ]
 
 
-@pytest.mark.parametrize("why,seed", RESTORE_FOUND, ids=[f"{w}-{s}" for w, s in RESTORE_FOUND])
-def test_restore_seeds_that_found_bugs_keep_every_invariant(why, seed):
+@pytest.mark.parametrize("why,seed,pace", RESTORE_FOUND, ids=[f"{w}-{s}" for w, s, _ in RESTORE_FOUND])
+def test_restore_seeds_that_found_bugs_keep_every_invariant(why, seed, pace):
     logging.disable(logging.CRITICAL)
     try:
-        outcome = simulate(seed, **_restore_settings(seed))
+        outcome = simulate(seed, **_restore_settings(seed), pace=pace)
     finally:
         logging.disable(logging.NOTSET)
     assert outcome.ok, f"({why}) {outcome.describe()}"

@@ -146,6 +146,9 @@ class ServerCore:
         self.draining = False
         self.rejoining = False
         self.previous: set[str] = set()  # our names before we registered again
+        #: seconds after our death a range only we hold may be restored elsewhere (the
+        #: scheduler says at registration; until then our own config's): serving_alone
+        self.restore_after = config.restore_unavailable_after if config.checkpoint_dir else 0
         #: the ring at which we last took over ranges: clocks sent before it do not vouch for them
         self.sync_version = 0
         #: ranges a copy of which is arriving, and which copy (a failed one may be tried again)
@@ -246,6 +249,9 @@ class ServerCore:
         """The scheduler's answer to ``register``: our node id, the tables, the ring."""
         rejoin = self.rejoining
         self._heard_leader(meta, now)
+        restore_after = meta.get("restore_after")
+        if isinstance(restore_after, (int, float)) and not isinstance(restore_after, bool) and restore_after >= 0:
+            self.restore_after = restore_after
         if rejoin and self.node_id != meta["node"]:
             self.previous.add(self.node_id)
         self.node_id = meta["node"]
@@ -399,6 +405,16 @@ class ServerCore:
     def serving(self, now: float) -> bool:
         """Whether our lease lets us serve ranges we share with other servers."""
         return self.fence.ok(self.node_id, self.ring.servers, now)
+
+    def serving_alone(self, now: float) -> bool:
+        """Whether we may still serve a range only we hold. Nobody else can serve it until
+        the scheduler, having declared us dead, gives us up and restores it from a
+        checkpoint ``restore_unavailable_after`` later; so the lease runs that much longer
+        for it (0: never restored, always served). Past that, a server that wakes from a
+        long stall would acknowledge pushes, before its heartbeat tells it it is dead, into
+        a copy the cluster replaced and it then drops."""
+        grace = self.restore_after
+        return not grace or self.fence.ok(self.node_id, self.ring.servers, now - grace, note=False)
 
     # -- control plane (from the scheduler) ----------------------------------
     def on_create_table(self, msg: Message, now: float) -> None:
@@ -600,7 +616,8 @@ class ServerCore:
                                     f"v{self.ring.version} ({owners[0]} leads key {rows.key_at(slices[0][0])} of "
                                     f"them); nothing of the {len(groups)} owner group(s) was applied",
                                     ring=self.ring.version)
-        if any(len(owners) > 1 for owners, _ in groups) and not self.serving(now):
+        if groups and not self.serving(now) and (any(len(owners) > 1 for owners, _ in groups)
+                                                 or not self.serving_alone(now)):
             self.counters["fenced"] += 1
             raise NotOwnerError(f"{self.node_id} cannot confirm it is still a member (no answer from the "
                                 f"scheduler or from a majority of the servers lately) and may have been removed "
