@@ -560,6 +560,9 @@ CKPT_FOUND = [
     ("sequential pull behind a cut", 3, "sequential"), ("sequential pull behind a cut", 9356, "sequential"),
     # a bounded pull let through before the held pushes below its bound that came after it
     ("bounded pull behind a cut", 3, "bounded"),
+    # a hold lost with a dropped connection, or a scheduler stalled between hold and cut,
+    # left every server holding every push for request_timeout (decision 148)
+    ("hold with no cut", 29, "sequential"), ("hold with no cut", 208, "bounded"),
 ]
 
 

@@ -158,6 +158,8 @@ class ServerCore:
         #: ranges copies of which we are sending (transfer): each tracked to its end
         self._copies: dict[_Copy, None] = {}  # (a dict: iterated in the order made)
         self._checkpoint: _Cut | None = None
+        #: when the hold of a checkpoint whose cut has not come yet lapses (None: no hold)
+        self._hold_until: float | None = None
         self._pinged: dict[str, tuple[Call, float]] = {}  # peer -> (its ping, sent at)
         #: peer -> the ordered ping sent to find a message lost at the end of its stream
         self._probes: dict[str, Call] = {}
@@ -237,6 +239,8 @@ class ServerCore:
             copy.check(now)
         if self._checkpoint is not None and now >= self._checkpoint.give_up_at:
             self._checkpoint.time_out()
+        if self._hold_until is not None and now >= self._hold_until:
+            self._hold_lapsed(now)
         for worker, (then, at) in list(self.forgetting.items()):
             if now >= at:
                 self._forget_when_quiet(worker, then, now)
@@ -1342,19 +1346,37 @@ class ServerCore:
     # -- checkpoints -------------------------------------------------------------------
     def on_ckpt_hold(self, msg: Message, now: float) -> None:
         """Phase 1: from now on apply nothing new; say the highest clock pushed so far."""
+        within = msg.meta.get("within")
+        bounded = isinstance(within, (int, float)) and not isinstance(within, bool) and within > 0
         highest = self.gate.hold_all()
+        self._hold_until = now + within if bounded else float("inf")  # (an older scheduler's: no bound)
         log.info("%s holds new pushes for a checkpoint (highest push clock so far: %d)", self.node_id, highest)
         self.outbox.append(Reply(None, msg.reply(meta={"max_push_clock": highest}), LINK))
+
+    def _hold_lapsed(self, now: float) -> None:
+        """No cut came within the hold's bound (``meta.within``): a hold or a cut lost with
+        a connection, or a scheduler that died. Every push here has waited since the hold
+        began, acknowledged and unreadable; let them through, and refuse the cut if it
+        comes after all (the checkpoint fails, and is taken again)."""
+        log.warning("%s lets through the pushes it held for a checkpoint: no cut came within the hold's bound",
+                    self.node_id)
+        self._hold_until = None
+        self.gate.release_cut()
 
     def on_ckpt_cut(self, msg: Message, now: float) -> None:
         """Phase 2: write the ranges we lead as of the cut, once every worker's pushes of
         earlier clocks have arrived. Pushes at later clocks wait until the file is written."""
         m = msg.meta
+        if self._hold_until is None:
+            raise UnavailableError(f"{self.node_id} holds no pushes for this checkpoint (its hold lapsed or was "
+                                   f"released before the cut came); take it again")
+        self._hold_until = None
         cut = _Cut(self, msg, now + float(m.get("timeout", 60)))
         self._checkpoint = cut
         self.gate.cut(int(m["cut"]), set(m.get("workers", [])), cut.snapshot)
 
     def on_ckpt_release(self, msg: Message, now: float) -> None:
+        self._hold_until = None
         self.gate.release_cut()
         self.outbox.append(Reply(None, msg.reply(), LINK))
 
@@ -1366,6 +1388,7 @@ class ServerCore:
             log.warning("%s lets through the pushes it held for a checkpoint: it was removed from the cluster",
                         self.node_id)
         self._checkpoint = None
+        self._hold_until = None
         self.gate.release_cut()
 
     def written(self, token: int, result, error: Exception | None, now: float) -> list:
