@@ -5,7 +5,9 @@ at worker clocks below the cut c, whatever the consistency model. Two phases:
 
 1. *hold*: every server stops applying new pushes and reports the highest clock it
    has seen a push for. c = 1 + the highest of those and of the workers' clocks, so no
-   push at a clock >= c has been applied anywhere.
+   push at a clock >= c has been applied anywhere. Bounded: the step waits the
+   failure detector's dead time, and a server lets go by itself if no cut follows
+   within twice that (a hold, cut or release lost with a connection).
 2. *cut c*: servers apply the held pushes below c, keep holding those at c or later,
    and when every live worker has reached clock c (its earlier pushes have all arrived,
    since clock messages follow pushes on each stream) write the ranges they lead.
@@ -70,7 +72,12 @@ class Checkpoints:
                                        f"v{s.ring.version} but {'is' if len(absent) == 1 else 'are'} not live; "
                                        f"the ring change that follows runs first: retry shortly")
             yield Do(f"mkdir {folder}", lambda: folder.mkdir(parents=True, exist_ok=True))
-            held = yield from _all(servers, lambda: Message("ckpt_hold"), s.config.request_timeout)
+            # a live server answers a hold at once: one silent for the failure detector's
+            # dead time is lost (or its hold is), and meanwhile every other server holds
+            # every push, so the step fails then; a server whose cut does not follow
+            # within twice that lets its pushes through by itself (a lost cut, a lost release)
+            step = min(s.config.request_timeout, 2 * s.config.heartbeat_misses * s.config.heartbeat_interval)
+            held = yield from _all(servers, lambda: Message("ckpt_hold", meta={"within": 2 * step}), step)
             # the workers the cut covers, once every server holds: any other registers after
             # that, so all its pushes reach servers that hold them (after the cut)
             workers = s.live("worker")

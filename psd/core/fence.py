@@ -14,9 +14,11 @@ within its lease (shorter than the dead time), it has
 
 So a server cut off from everyone stops serving before its ranges can be moved, and a
 scheduler cut off from every server (which can then declare nothing) does not stop the
-servers, which vouch for each other. A range with a single owner is never moved without
-that owner (there is no replica to promote, and a copy needs its source), so its owner
-serves it whatever its lease says. Lease times are the *send* times of the answered
+servers, which vouch for each other. A range with a single owner has no replica to
+promote: it moves without its owner only when the scheduler gives the owner up and
+restores the range from a checkpoint, ``restore_unavailable_after`` after declaring it
+dead; so its owner serves it while the lease held that long ago (``ServerCore.serving_alone``;
+always, with restores off). Lease times are the *send* times of the answered
 messages, so the lease is never longer than what the other side promised.
 """
 from __future__ import annotations
@@ -62,19 +64,20 @@ class Fence:
             for peer in [p for p in d if p not in keep]:
                 del d[peer]
 
-    def ok(self, me: str, servers: tuple[str, ...], now: float) -> bool:
-        """Whether the lease holds at ``now`` for ranges shared with other servers."""
+    def ok(self, me: str, servers: tuple[str, ...], now: float, note: bool = True) -> bool:
+        """Whether the lease holds at ``now`` for ranges shared with other servers
+        (``note``: log a change; off for the single-owner check at an earlier time)."""
         if self.scheduler_at is not None and now - self.scheduler_at < self.lease:
-            return self._note(True, "the scheduler confirms its membership")
+            return self._note(True, "the scheduler confirms its membership", note)
         vouch = 1 + sum(1 for p in servers if p != me and now - self.peer_at.get(p, float("-inf")) < self.lease)
         n = len(servers) if me in servers else len(servers) + 1
         if vouch >= quorum(n):
-            return self._note(True, f"{vouch - 1} other server(s) answer it")
+            return self._note(True, f"{vouch - 1} other server(s) answer it", note)
         return self._note(False, "neither the scheduler nor a majority of the servers answered it within "
-                                 f"{self.lease:.2f} s")
+                                 f"{self.lease:.2f} s", note)
 
-    def _note(self, serving: bool, why: str) -> bool:
-        if serving != self._serving:
+    def _note(self, serving: bool, why: str, note: bool = True) -> bool:
+        if note and serving != self._serving:
             self._serving = serving
             if serving:
                 log.info("serving again: %s", why)

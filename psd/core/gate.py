@@ -404,5 +404,9 @@ class Gate:
             p.leave(worker, now)
         self._check_cut()
 
+    def live_workers(self) -> set[str]:
+        """The workers some policy still counts as in the group."""
+        return set().union(*(p.clocks.members()[1] for p in self.policies.values()))
+
     def stats(self) -> dict:
         return {f"{s.consistency}/{s.max_delay}": p.stats() for s, p in self.policies.items()}

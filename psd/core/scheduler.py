@@ -374,10 +374,27 @@ class SchedulerCore:
         return msg.reply(meta={"node": node, "ring": (s.ring if role == "server" else self._workers_ring()).to_wire(),
                                **self._leadership(),
                                "tables": [t.to_wire() for t in s.tables.values()],
+                               # (a server declared dead missed the worker_left notices sent
+                               # meanwhile: one registering again stops waiting for these)
+                               **({"gone_workers": self._gone_workers(),
+                                   # (how long after a death a range only the dead one held
+                                   # may be restored elsewhere: psd.core.fence)
+                                   "restore_after": self._restore_after()} if role == "server" else {}),
                                "heartbeat_interval": self.config.heartbeat_interval,
                                "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
                                           "max_keys": self.config.limits.max_keys,
                                           "max_inflight_bytes": self.config.limits.max_inflight_bytes}})
+
+    def _restore_after(self) -> float:
+        """Seconds after a server's death its ranges with no other copy may be restored
+        from a checkpoint (0: never)."""
+        return self.config.restore_unavailable_after if self.config.checkpoint_dir else 0
+
+    def _gone_workers(self) -> list[str]:
+        """The workers that left or died, as many as are still listed (KEEP_GONE_WORKERS):
+        gone for good (one that comes back registers under a new id)."""
+        return [p.node for p in self.state.liveness.peers.values()
+                if p.role == "worker" and p.state in (State.DEAD, State.LEFT)]
 
     def _to_servers(self, msg: Message, exclude: str | None = None):
         """A procedure step: ``msg`` to every live server; their answers."""

@@ -146,6 +146,9 @@ class ServerCore:
         self.draining = False
         self.rejoining = False
         self.previous: set[str] = set()  # our names before we registered again
+        #: seconds after our death a range only we hold may be restored elsewhere (the
+        #: scheduler says at registration; until then our own config's): serving_alone
+        self.restore_after = config.restore_unavailable_after if config.checkpoint_dir else 0
         #: the ring at which we last took over ranges: clocks sent before it do not vouch for them
         self.sync_version = 0
         #: ranges a copy of which is arriving, and which copy (a failed one may be tried again)
@@ -155,6 +158,8 @@ class ServerCore:
         #: ranges copies of which we are sending (transfer): each tracked to its end
         self._copies: dict[_Copy, None] = {}  # (a dict: iterated in the order made)
         self._checkpoint: _Cut | None = None
+        #: when the hold of a checkpoint whose cut has not come yet lapses (None: no hold)
+        self._hold_until: float | None = None
         self._pinged: dict[str, tuple[Call, float]] = {}  # peer -> (its ping, sent at)
         #: peer -> the ordered ping sent to find a message lost at the end of its stream
         self._probes: dict[str, Call] = {}
@@ -234,6 +239,8 @@ class ServerCore:
             copy.check(now)
         if self._checkpoint is not None and now >= self._checkpoint.give_up_at:
             self._checkpoint.time_out()
+        if self._hold_until is not None and now >= self._hold_until:
+            self._hold_lapsed(now)
         for worker, (then, at) in list(self.forgetting.items()):
             if now >= at:
                 self._forget_when_quiet(worker, then, now)
@@ -246,6 +253,9 @@ class ServerCore:
         """The scheduler's answer to ``register``: our node id, the tables, the ring."""
         rejoin = self.rejoining
         self._heard_leader(meta, now)
+        restore_after = meta.get("restore_after")
+        if isinstance(restore_after, (int, float)) and not isinstance(restore_after, bool) and restore_after >= 0:
+            self.restore_after = restore_after
         if rejoin and self.node_id != meta["node"]:
             self.previous.add(self.node_id)
         self.node_id = meta["node"]
@@ -266,9 +276,26 @@ class ServerCore:
                           self.node_id, ring.version, self.ring.version)
             self.ring = Assignment(version=0)
             self._set_ring(ring)
+            self._missed_departures(meta.get("gone_workers"), now)
         else:
             self._set_ring(ring)
         return self._take()
+
+    def _missed_departures(self, gone, now: float) -> None:
+        """Registering again: the workers that left or died while we were declared dead
+        were announced (``worker_left``) to the live servers only. Each one our gate still
+        counts leaves it now, or the pushes it keeps for the clock boundary (acked; the
+        ranges only we held come back to us) wait for that worker's clock for ever. (Only
+        the workers the scheduler still lists as gone: a worker that registered since its
+        answer was built may already have reached us, and must not be dropped.)"""
+        if not isinstance(gone, list) or not all(isinstance(w, str) for w in gone):
+            log.warning("%s: the scheduler's register answer lists no departed workers; any that left "
+                        "meanwhile are still waited for", self.node_id)
+            return
+        for worker in sorted(self.gate.live_workers() & set(gone)):
+            log.warning("%s: %s left the worker group while this server was out of it", self.node_id, worker)
+            self.gate.leave(worker, now)
+            self._watch_departed(worker, now)
 
     def heartbeat_stats(self, now: float) -> dict | None:
         """What a heartbeat carries besides liveness: every STATS_EVERY-th one the full
@@ -382,6 +409,16 @@ class ServerCore:
     def serving(self, now: float) -> bool:
         """Whether our lease lets us serve ranges we share with other servers."""
         return self.fence.ok(self.node_id, self.ring.servers, now)
+
+    def serving_alone(self, now: float) -> bool:
+        """Whether we may still serve a range only we hold. Nobody else can serve it until
+        the scheduler, having declared us dead, gives us up and restores it from a
+        checkpoint ``restore_unavailable_after`` later; so the lease runs that much longer
+        for it (0: never restored, always served). Past that, a server that wakes from a
+        long stall would acknowledge pushes, before its heartbeat tells it it is dead, into
+        a copy the cluster replaced and it then drops."""
+        grace = self.restore_after
+        return not grace or self.fence.ok(self.node_id, self.ring.servers, now - grace, note=False)
 
     # -- control plane (from the scheduler) ----------------------------------
     def on_create_table(self, msg: Message, now: float) -> None:
@@ -583,7 +620,8 @@ class ServerCore:
                                     f"v{self.ring.version} ({owners[0]} leads key {rows.key_at(slices[0][0])} of "
                                     f"them); nothing of the {len(groups)} owner group(s) was applied",
                                     ring=self.ring.version)
-        if any(len(owners) > 1 for owners, _ in groups) and not self.serving(now):
+        if groups and not self.serving(now) and (any(len(owners) > 1 for owners, _ in groups)
+                                                 or not self.serving_alone(now)):
             self.counters["fenced"] += 1
             raise NotOwnerError(f"{self.node_id} cannot confirm it is still a member (no answer from the "
                                 f"scheduler or from a majority of the servers lately) and may have been removed "
@@ -1308,19 +1346,37 @@ class ServerCore:
     # -- checkpoints -------------------------------------------------------------------
     def on_ckpt_hold(self, msg: Message, now: float) -> None:
         """Phase 1: from now on apply nothing new; say the highest clock pushed so far."""
+        within = msg.meta.get("within")
+        bounded = isinstance(within, (int, float)) and not isinstance(within, bool) and within > 0
         highest = self.gate.hold_all()
+        self._hold_until = now + within if bounded else float("inf")  # (an older scheduler's: no bound)
         log.info("%s holds new pushes for a checkpoint (highest push clock so far: %d)", self.node_id, highest)
         self.outbox.append(Reply(None, msg.reply(meta={"max_push_clock": highest}), LINK))
+
+    def _hold_lapsed(self, now: float) -> None:
+        """No cut came within the hold's bound (``meta.within``): a hold or a cut lost with
+        a connection, or a scheduler that died. Every push here has waited since the hold
+        began, acknowledged and unreadable; let them through, and refuse the cut if it
+        comes after all (the checkpoint fails, and is taken again)."""
+        log.warning("%s lets through the pushes it held for a checkpoint: no cut came within the hold's bound",
+                    self.node_id)
+        self._hold_until = None
+        self.gate.release_cut()
 
     def on_ckpt_cut(self, msg: Message, now: float) -> None:
         """Phase 2: write the ranges we lead as of the cut, once every worker's pushes of
         earlier clocks have arrived. Pushes at later clocks wait until the file is written."""
         m = msg.meta
+        if self._hold_until is None:
+            raise UnavailableError(f"{self.node_id} holds no pushes for this checkpoint (its hold lapsed or was "
+                                   f"released before the cut came); take it again")
+        self._hold_until = None
         cut = _Cut(self, msg, now + float(m.get("timeout", 60)))
         self._checkpoint = cut
         self.gate.cut(int(m["cut"]), set(m.get("workers", [])), cut.snapshot)
 
     def on_ckpt_release(self, msg: Message, now: float) -> None:
+        self._hold_until = None
         self.gate.release_cut()
         self.outbox.append(Reply(None, msg.reply(), LINK))
 
@@ -1332,6 +1388,7 @@ class ServerCore:
             log.warning("%s lets through the pushes it held for a checkpoint: it was removed from the cluster",
                         self.node_id)
         self._checkpoint = None
+        self._hold_until = None
         self.gate.release_cut()
 
     def written(self, token: int, result, error: Exception | None, now: float) -> list:

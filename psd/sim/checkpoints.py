@@ -102,6 +102,9 @@ class Checkpoints:
         self.killed_mid_cut = 0
         self.write_failures = 0
         self._die_at_write: str | None = None  # the process armed to die once its file is written
+        #: server process -> (since when it holds every push with no cut, its last step)
+        self._holding: dict[str, tuple[float, float]] = {}
+        self._hold_flagged: set[str] = set()
         #: ``Settings.restore``: a range's only copy lost, then restored (psd.sim.restore)
         self.restore_check = Restore(run, self) if run.s.restore else None
         #: checkpoint folder -> the workers registered when it began (its first step)
@@ -148,6 +151,32 @@ class Checkpoints:
             else:
                 self.answers.append({"ok": False, "error": reply.meta.get("message", reply.meta)})
         self.admin.checkpoint(wait, answered)
+
+    def hold_bound(self) -> float:
+        """How long a server may hold every push for a checkpoint whose cut has not come:
+        the hold's bound (twice the scheduler's hold step, itself the failure detector's
+        dead time at most), plus a tick and a message's way."""
+        c = self.run.config
+        return 2 * min(c.request_timeout, 2 * c.heartbeat_misses * c.heartbeat_interval) + 0.1
+
+    def watch_hold(self, srv: SimServer) -> None:
+        """After each step of a server: pushes stay acknowledged and unreadable for a
+        checkpoint's hold (phase 1, no cut yet) no longer than ``hold_bound``, counting only
+        the time the server ran (a stalled one handles nothing, and lets go when it runs:
+        a gap between its steps longer than three of its 0.05 s ticks is a stall). A hold
+        or a cut lost with a connection used to hold them for ``request_timeout``."""
+        now, core, name = self.world.now, srv.core, srv.name
+        if core._checkpoint is not None or not any(p.cut is not None for p in core.gate.policies.values()):
+            self._holding.pop(name, None)
+            return
+        since, last = self._holding.get(name, (now, now))
+        if now - last > 0.15:
+            since += now - last
+        self._holding[name] = (since, now)
+        if now - since > self.hold_bound() and name not in self._hold_flagged:
+            self._hold_flagged.add(name)
+            self.run.violate(f"{core.node_id} held every push for a checkpoint {now - since:.2f} s with no cut "
+                             f"(bound {self.hold_bound():.2f} s)")
 
     def workload_over(self, settle: float) -> float:
         """The workload stopped: so does the scheduler's timer (its workers no longer

@@ -9,8 +9,9 @@ death it records every (key, push) the dead server had acknowledged, wholly or f
 part of the push; of those, the ones the dead copy held (applied, or kept by its gate for
 the clock boundary or a cut) and the checkpoint did not. Only they may be missing from
 the settled copies, from later checkpoints and from what pulls must see
-(``Run.lost_ok``). A restored key holds every push its checkpoint held, and none of the
-lost ones comes back.
+(``Run.lost_ok``). A server the scheduler gives up while it still lives (stalled or cut
+off that long) counts the same from that moment (``Restore.watch``). A restored key holds
+every push its checkpoint held, and none of the lost ones comes back.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class Restore:
         self.acked_by_lost: set[tuple[int, int]] = set()
         self.lost_at = float("inf")
         self.restored_keys = 0
+        #: per server the scheduler gave up while it lived (stalled or cut off past the
+        #: failure timeout and restore_unavailable_after): key -> push slots it held then
+        self.given_up: dict[str, dict[int, set[int]]] = {}
 
     def plan(self) -> None:
         rng, pace = self.run.rng, self.run.pace
@@ -58,6 +62,24 @@ class Restore:
         world.kill(victim.name)
         victim.alive = False
         world.after(run.rng.uniform(*run.pace.restart), run.add_server, None)
+
+    def watch(self) -> None:
+        """After each step of the scheduler: a server it gave up that still lives (stalled
+        or cut off, not killed) loses, like a dead one, what it acked since the checkpoint
+        (documented: its stale copy is dropped when it registers again). What it held and
+        had acked is recorded now; a push it acks later (waking up) must not be lost: it
+        must refuse it (``ServerCore.serving_alone``)."""
+        run = self.run
+        abandoned = run.scheduler.core.state.abandoned
+        if not abandoned or abandoned <= self.given_up.keys() | {s.core.node_id for s in self.lost}:
+            return
+        for srv in run.servers:
+            node = srv.core.node_id
+            if node in abandoned and node not in self.given_up and srv not in self.lost and srv.alive:
+                self.given_up[node] = {k: _held_by(srv, run.table.name, k) for k in run.owner}
+                self.acked_by_lost |= self._acked_by(node)
+                self.lost_at = min(self.lost_at, self.world.now)
+                run.outcome.faults.append(f"given up {node}@{self.world.now:.2f}")
 
     def _acked_by(self, node: str) -> set[tuple[int, int]]:
         """(key, slot) of the pushes acknowledged by now wholly, or for their part sent
@@ -92,13 +114,17 @@ class Restore:
         for entry in run.scheduler.core.restored:
             folder = Path(entry["checkpoint"])
             values = self._values_of(folder)
-            dead = [s for s in run.servers if s.core.node_id in entry["servers"]]
+            dead = [s for s in run.servers
+                    if s.core.node_id in entry["servers"] and s.core.node_id not in self.given_up]
+            alive = [self.given_up[n] for n in entry["servers"] if n in self.given_up]
             for k in run.owner:
                 if not any(r["begin"] <= k <= r["last"] for r in entry["ranges"]):
                     continue
                 held: set[int] = set()
                 for srv in dead:
                     held |= _held_by(srv, run.table.name, k)
+                for snapshot in alive:
+                    held |= snapshot.get(k, set())
                 yield entry, k, held, _decode(values.get(k, 0))[0]
 
     def _values_of(self, folder: Path) -> dict[int, int]:

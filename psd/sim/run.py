@@ -474,6 +474,12 @@ class Run:
         """What must hold after every step of the process that acted: its ring version and
         the worker clocks it knows never go back. Incremental: a gate's clocks are read
         only when their change count moved, and a process's core is looked up once."""
+        if self.checkpoints is not None:
+            if owner == SCHEDULER:
+                if self.checkpoints.restore_check is not None:
+                    self.checkpoints.restore_check.watch()
+            elif isinstance(proc, SimServer) and proc.alive:
+                self.checkpoints.watch_hold(proc)
         if not proc.alive:  # (killed by the step: gone from the world; or closed, and still in it)
             proc = self.world.processes.get(owner)
         core = self._cores.get(owner)
