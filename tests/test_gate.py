@@ -218,3 +218,34 @@ def test_a_held_pull_that_raises_does_not_stop_the_drain_or_reapply_pushes():
     for w in ("W0", "W1", "W2"):
         g.clock(w, 44, 1.0)
     assert applied == [42], "a push applied before the error must not be applied again"
+
+
+def test_a_callback_that_raises_in_the_cut_s_replay_loses_nothing_the_cut_held():
+    """The cut's replay runs acknowledged pushes and waiting pulls inside another request
+    (the release, a clock message): one that raises (a LimitError from a reindex, say)
+    does not drop the rest of the replay or leave a later policy cut; the first error
+    is raised once every policy let its pushes through."""
+    def boom():
+        raise MemoryError("apply failed")
+    for consistency in ("eventual", "sequential"):
+        g = make(consistency)
+        other = g.policy({"consistency": "bounded", "max_delay": 1})
+        p = g.policy(None)
+        table: list[str] = []
+        reads: list[list[str]] = []
+        g.hold_all()
+        p.push("W0", 42, boom)
+        p.push("W1", 42, lambda: table.append("W1@42"))
+        other.push("W1", 42, lambda: table.append("other"))
+        assert not p.pull("r", "W1", 43, lambda: reads.append(list(table)), 0.0)
+        raised = []
+        for step in [lambda: g.cut(43, {"W0", "W1", "W2"}, lambda: None)] + [
+                lambda w=w: g.clock(w, 43, 0.0) for w in ("W0", "W1", "W2")]:
+            try:  # (sequential: the clock-42 pushes wait for the clock boundary)
+                step()
+            except MemoryError:
+                raised.append(True)
+        assert raised == [True], "the push's error should reach the handler that ran it"
+        assert sorted(table) == ["W1@42", "other"], consistency
+        assert len(reads) == 1 and "W1@42" in reads[0], consistency  # (after the push it must see)
+        assert p.cut is None and other.cut is None and not p._past_cut and not other._past_cut

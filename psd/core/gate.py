@@ -174,30 +174,17 @@ class Policy:
 
     def _drain_now(self, now: float) -> None:
         errors: list[Exception] = []
-
-        def call(fn: Callable[[], None]) -> None:
-            try:
-                fn()
-            except Exception as err:  # noqa: BLE001 - re-raised below, once the drain is whole
-                errors.append(err)
-
+        call = _collecting(errors)
         released = sorted(((self._held[rid][2], i, rid) for i, rid in enumerate(self.clocks.ready())))
         self._pushes.sort(key=lambda p: (p[0], p[1]))
         floor = self.clocks.min_clock()
         limit = None if not self.buffers_pushes else self._keep_from(floor)
-        done = 0
         for clock, _i, rid in released:
-            while (done < len(self._pushes) and self._pushes[done][0] < clock
-                   and (limit is None or self._pushes[done][0] < limit)):
-                call(self._pushes[done][2])
-                done += 1
-            call(lambda rid=rid: self._run_held(rid, now))  # (may keep a push, at or after `done`)
+            self._apply_kept(clock if limit is None else min(clock, limit), call)
+            call(lambda rid=rid: self._run_held(rid, now))  # (may keep a push, in its sorted place)
             if self._past_cut and self.buffers_pushes:  # (it may wait for the cut now)
                 limit = self._keep_from(floor)
-        while done < len(self._pushes) and (limit is None or self._pushes[done][0] < limit):
-            call(self._pushes[done][2])
-            done += 1
-        del self._pushes[:done]
+        self._apply_kept(limit, call)
         if errors:
             raise errors[0]
 
@@ -240,45 +227,50 @@ class Policy:
 
     def set_cut(self, cut: int | None, workers: frozenset | None = None) -> None:
         """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead,
-        then the pulls that waited for them."""
+        then the pulls that waited for them. Like ``_drain``, a callback that raises
+        does not stop it: what it took off ``_past_cut`` is all let through (the pushes
+        were acknowledged), then the first error is raised."""
         self.cut, self.cut_workers = cut, workers
+        errors: list[Exception] = []
         self._draining = True  # (a released older client's pushpull keeps its push in order, as in _drain)
         try:
-            self._set_cut_now()
+            self._set_cut_now(_collecting(errors))
         finally:
             self._draining = False
+        if errors:
+            raise errors[0]
 
-    def _set_cut_now(self) -> None:
+    def _set_cut_now(self, call: Callable[[Callable[[], None]], None]) -> None:
         waiting, self._past_cut = self._past_cut, []
         keep = self.buffers_pushes
         pulls = []
         for worker, clock, apply, what in waiting:
             if apply is not None:
-                self.push(worker, clock, apply, what, keep=keep)
+                call(lambda: self.push(worker, clock, apply, what, keep=keep))
             elif self.clocks.tau is None:  # eventual: after its worker's pushes before it, not after
                 rid, run, since = what
-                self.pull(rid, worker, clock, run, since)
+                call(lambda: self.pull(rid, worker, clock, run, since))
             else:  # after every push (bounded: it may see them, and must see those below its
                 # bound, which may have come after it); sequential: by clock, as _drain runs them
                 pulls.append((clock if keep else what[2], len(pulls), worker, clock, what))  # (bounded: by arrival)
+        self._pushes.sort(key=lambda p: (p[0], p[1]))
         for _order, _i, worker, clock, (rid, run, since) in sorted(pulls):
             if keep:  # (what it must see, of closed clocks, first; pull() holds it if a push still is)
                 limit = self._keep_from(self.clocks.min_clock())
-                self._apply_kept(clock if limit is None else min(clock, limit))
-            self.pull(rid, worker, clock, run, since)
+                self._apply_kept(clock if limit is None else min(clock, limit), call)
+            call(lambda: self.pull(rid, worker, clock, run, since))
         if keep and waiting:
-            self._drain(self._now)
+            call(lambda: self._drain(self._now))
 
-    def _apply_kept(self, below: int) -> None:
-        """Apply the pushes kept for the clock boundary at clocks below ``below``, in
-        (clock, arrival) order."""
-        self._pushes.sort(key=lambda p: (p[0], p[1]))
+    def _apply_kept(self, below: int | None, call: Callable[[Callable[[], None]], None]) -> None:
+        """Apply the pushes kept for the clock boundary at clocks below ``below`` (all when
+        None), in (clock, arrival) order (``_pushes`` is sorted), each through ``call``,
+        which keeps an error for later: a push it ran is never applied again."""
         done = 0
-        while done < len(self._pushes) and self._pushes[done][0] < below:
+        while done < len(self._pushes) and (below is None or self._pushes[done][0] < below):
+            call(self._pushes[done][2])
             done += 1
-        ready, self._pushes[:done] = self._pushes[:done], []
-        for _clock, _seq, apply, _what in ready:
-            apply()
+        del self._pushes[:done]
 
     def stats(self) -> dict:
         clocks = self.clocks.clocks()
@@ -288,6 +280,16 @@ class Policy:
                 "max_clock": max(clocks.values()) if clocks else None,
                 "held_pulls": len(self._held), "buffered_pushes": len(self._pushes),
                 "waits": self.waits.to_dict()}
+
+
+def _collecting(errors: list[Exception]) -> Callable[[Callable[[], None]], None]:
+    """A caller of callbacks that keeps an error in ``errors`` and goes on (``_drain``)."""
+    def call(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - re-raised by the caller, once its work is whole
+            errors.append(err)
+    return call
 
 
 #: a cut below every clock: hold every push until the real cut is known
@@ -321,8 +323,7 @@ class Gate:
     # -- checkpoint cuts ---------------------------------------------------------
     def hold_all(self) -> int:
         """Phase 1 of a cut: apply nothing new; return the highest push clock seen."""
-        for p in self.policies.values():
-            p.set_cut(HOLD_ALL)
+        self._each(lambda p: p.set_cut(HOLD_ALL))
         return self.max_push_clock
 
     def cut(self, cut: int, workers: set[str], on_ready: Callable[[], None]) -> None:
@@ -331,15 +332,12 @@ class Gate:
         so its pushes count as after the cut); once every listed worker still in the
         group has clock >= ``cut`` (so all its earlier pushes have arrived), call
         ``on_ready`` (the snapshot), then let the held pushes through."""
-        for p in self.policies.values():
-            p.set_cut(cut, frozenset(workers))
         self._cut_wait = (cut, set(workers), on_ready)
-        self._check_cut()
+        self._each(lambda p: p.set_cut(cut, frozenset(workers)))
 
     def release_cut(self) -> None:
         self._cut_wait = None
-        for p in self.policies.values():
-            p.set_cut(None)
+        self._each(lambda p: p.set_cut(None))
 
     def _check_cut(self) -> None:
         if self._cut_wait is None:
@@ -388,9 +386,7 @@ class Gate:
 
     def clock(self, worker: str, clock: int, now: float, synced: bool = True) -> None:
         """A worker's clock message; ``synced``: sent knowing the ring of our last takeover."""
-        for p in self.policies.values():
-            p.clock(worker, clock, now, synced)
-        self._check_cut()
+        self._each(lambda p: p.clock(worker, clock, now, synced))
 
     def resync(self) -> None:
         """We took over ranges: workers' clocks vouch for them only once they clock again
@@ -400,9 +396,18 @@ class Gate:
 
     def leave(self, worker: str, now: float) -> None:
         self.left.add(worker)
+        self._each(lambda p: p.leave(worker, now))
+
+    def _each(self, step: Callable[[Policy], None]) -> None:
+        """``step`` on every policy, then the cut checked, even when a released request
+        raised in one (its drain finished; the others and the cut must go on too)."""
+        errors: list[Exception] = []
+        call = _collecting(errors)
         for p in self.policies.values():
-            p.leave(worker, now)
-        self._check_cut()
+            call(lambda p=p: step(p))
+        call(self._check_cut)
+        if errors:
+            raise errors[0]
 
     def live_workers(self) -> set[str]:
         """The workers some policy still counts as in the group."""
