@@ -249,3 +249,31 @@ def test_a_callback_that_raises_in_the_cut_s_replay_loses_nothing_the_cut_held()
         assert sorted(table) == ["W1@42", "other"], consistency
         assert len(reads) == 1 and "W1@42" in reads[0], consistency  # (after the push it must see)
         assert p.cut is None and other.cut is None and not p._past_cut and not other._past_cut
+
+
+def test_the_cut_waits_for_the_push_of_a_request_held_whole():
+    """Sequential, a worker not yet registered holding the floor at 0: an older client's
+    pushpull at clock 1 is held whole (it pushes only when released), as a current
+    client's push would be kept; the cut at 5 is written only once that push is in."""
+    for older in (False, True):
+        g = Gate(Setting("sequential", 0, 3, (0, 8)))
+        for w in ("W0", "W1"):
+            g.clock(w, 1, 0.0)
+        p = g.policy(None)
+        table: list[str] = []
+        snapshots: list[list[str]] = []
+
+        def push():
+            p.push("W0", 1, lambda: table.append("W0@1"))
+        if older:
+            assert not p.pull("pp", "W0", 1, push, 0.0, pushes=True)
+        else:
+            push()
+            assert not p.pull("pp", "W0", 1, lambda: None, 0.0)
+        g.hold_all()
+        for w in ("W0", "W1"):
+            g.clock(w, 5, 0.0)
+        g.cut(5, {"W0", "W1"}, lambda: snapshots.append(list(table)))
+        assert snapshots == [], older  # the clock-1 push, below the cut, is not in yet
+        g.clock("W2", 5, 0.0)  # (it registers and passes the cut: the floor passes clock 1)
+        assert snapshots == [["W0@1"]], older

@@ -59,6 +59,9 @@ class Policy:
     #: the workers the cut covers; pushes of any other (one that joined after the
     #: checkpoint began) count as after the cut, whatever their clock
     cut_workers: frozenset | None = None
+    #: request id -> (clock, worker) of a held or parked request that pushes when it runs
+    #: (an older client's pushpull, held whole): a cut below its clock waits for it
+    _pushing: dict = field(default_factory=dict)
 
     def __post_init__(self):
         s = self.setting
@@ -84,11 +87,21 @@ class Policy:
         return self.cut is not None or bool(self._past_cut) or bool(self._pushes)
 
     # -- events ----------------------------------------------------------------
-    def pull(self, rid: Hashable, worker: str, clock: int, run: Callable[[], None], now: float) -> bool:
+    def pull(self, rid: Hashable, worker: str, clock: int, run: Callable[[], None], now: float,
+             pushes: bool = False) -> bool:
         """Run ``run`` now if allowed, else hold it; True when it ran now. A pull that
         must see a push a checkpoint cut holds (its worker's own, or, sequential and
-        bounded, one at a clock it must see) waits until the cut lets the push through."""
+        bounded, one at a clock it must see) waits until the cut lets the push through.
+        ``pushes``: ``run`` pushes at ``clock`` first (a request held whole): until it
+        runs, a cut above its clock is not written (``pushing_below``)."""
         self._now = max(self._now, now)
+        if pushes:
+            self._pushing[rid] = (clock, worker)
+            inner = run
+
+            def run() -> None:
+                del self._pushing[rid]
+                inner()
         if self._past_cut and self._sees_held(worker, clock):
             self._past_cut.append((worker, clock, None, (rid, run, now)))
             return False
@@ -195,6 +208,10 @@ class Policy:
         if not waiting:
             return floor
         return min(waiting) if floor is None else min(floor, *waiting)
+
+    def pushing_below(self, cut: int, workers: set) -> bool:
+        """Whether a held request of one of ``workers`` will push at a clock below ``cut``."""
+        return any(c < cut and w in workers for c, w in self._pushing.values())
 
     def after_push(self, rid: Hashable, worker: str, clock: int, run: Callable[[], None], now: float) -> None:
         """The pull part of a request held whole that has just pushed (an older client's
@@ -348,9 +365,11 @@ class Gate:
         # (a clock sent at a ring before our last takeover does not vouch for pushes still
         # on their way to the old owner: ``RangeClocks.unsynced``)
         if (all(w in self.left or (clocks.get(w, 0) >= cut and w not in unsynced) for w in workers)
-                and not any(c < cut for p in self.policies.values() for c, _seq, _apply, _what in p._pushes)):
+                and not any(c < cut for p in self.policies.values() for c, _seq, _apply, _what in p._pushes)
+                and not any(p.pushing_below(cut, workers) for p in self.policies.values())):
             # (and every push below the cut applied: sequential keeps them until every worker
-            # of the group, one not yet registered too, has passed their clock)
+            # of the group, one not yet registered too, has passed their clock; a request
+            # held whole, an older client's pushpull, has not even pushed yet)
             self._cut_wait = None
             try:
                 on_ready()

@@ -1099,7 +1099,7 @@ class ServerCore:
             self.policy(table).after_push((msg.sender, msg.id), msg.sender, msg.clock, lambda: self._answer_pull(
                 route, msg, table, rows, now, after=pending, cost=cost, gated=False), now)
 
-        self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, now)
+        self.policy(table).pull((msg.sender, msg.id), msg.sender, msg.clock, run, now, pushes=True)
         inline[0] = False
 
     def on_clock(self, route, msg: Message, now: float) -> None:
