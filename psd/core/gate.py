@@ -55,6 +55,12 @@ class Policy:
     #: must see one of them, (worker, clock, None, (rid, run, since)): a pull let through
     #: after the pushes that came before it, and before those that came after it
     _past_cut: list = field(default_factory=list)
+    #: of ``_past_cut`` (kept as it grows, reset when the cut replays it), so that a pull
+    #: or push asks in O(workers), not by scanning it: the lowest held push clock of each
+    #: worker and of all, and the lowest clock of a waiting pull (None: none)
+    _held_low: dict = field(default_factory=dict)
+    _held_min: int | None = None
+    _wait_low: int | None = None
     _now: float = float("-inf")  # the latest event's time (a cut moves with none)
     #: the workers the cut covers; pushes of any other (one that joined after the
     #: checkpoint began) count as after the cut, whatever their clock
@@ -103,7 +109,7 @@ class Policy:
                 del self._pushing[rid]
                 inner()
         if self._past_cut and self._sees_held(worker, clock):
-            self._past_cut.append((worker, clock, None, (rid, run, now)))
+            self._park_pull(worker, clock, (rid, run, now))
             return False
         if self.auto is not None:   # how far ahead of its gate the pull is: the room it uses
             floor = self.clocks.min_clock()
@@ -133,6 +139,11 @@ class Policy:
         if self.cut is not None and (clock >= self.cut or (self.cut_workers is not None
                                                            and worker not in self.cut_workers)):
             self._past_cut.append((worker, clock, apply, what))
+            low = self._held_low.get(worker)
+            if low is None or clock < low:
+                self._held_low[worker] = clock
+                if self._held_min is None or clock < self._held_min:
+                    self._held_min = clock
             return False
         if self.buffers_pushes:
             if self._draining:
@@ -204,10 +215,10 @@ class Policy:
     def _keep_from(self, floor: int | None) -> int | None:
         """Kept pushes at clocks from this one on wait (sequential): the floor, or lower,
         the clock of a pull waiting for the cut (it must see none of its clock or later)."""
-        waiting = [c for _w, c, apply, _what in self._past_cut if apply is None]
-        if not waiting:
+        waiting = self._wait_low
+        if waiting is None:
             return floor
-        return min(waiting) if floor is None else min(floor, *waiting)
+        return waiting if floor is None else min(floor, waiting)
 
     def pushing_below(self, cut: int, workers: set) -> bool:
         """Whether a held request of one of ``workers`` will push at a clock below ``cut``."""
@@ -218,14 +229,14 @@ class Policy:
         pushpull): the clocks let it through already, a checkpoint cut may still hold a
         push it must see (its own, under eventual and bounded)."""
         if self._past_cut and self._sees_held(worker, clock):
-            self._past_cut.append((worker, clock, None, (rid, run, now)))
+            self._park_pull(worker, clock, (rid, run, now))
         else:
             run()
 
     def _run_held(self, rid, now: float) -> None:
         run, since, clock, worker = self._held.pop(rid)
         if self._past_cut and self._sees_held(worker, clock):  # (released by clocks past a cut)
-            self._past_cut.append((worker, clock, None, (rid, run, since)))
+            self._park_pull(worker, clock, (rid, run, since))
             return
         waited = now - since
         self.waits.record(waited)
@@ -237,10 +248,16 @@ class Policy:
         """Whether a pull by ``worker`` at ``clock`` must see a push the cut holds: one at
         a clock below ``clock - tau``, or (eventual, bounded) its worker's own before it."""
         tau = self.clocks.tau
-        own = tau != 0
-        return any(apply is not None and ((own and w == worker and c <= clock)
-                                          or (tau is not None and c < clock - tau))
-                   for w, c, apply, _ in self._past_cut)
+        own = self._held_low.get(worker) if tau != 0 else None
+        if own is not None and own <= clock:
+            return True
+        return tau is not None and self._held_min is not None and self._held_min < clock - tau
+
+    def _park_pull(self, worker: str, clock: int, what: tuple) -> None:
+        """A pull waits in the cut's queue, after the pushes that came before it."""
+        self._past_cut.append((worker, clock, None, what))
+        if self._wait_low is None or clock < self._wait_low:
+            self._wait_low = clock
 
     def set_cut(self, cut: int | None, workers: frozenset | None = None) -> None:
         """Move the checkpoint cut; pushes now below it (or all, when cleared) go ahead,
@@ -259,6 +276,7 @@ class Policy:
 
     def _set_cut_now(self, call: Callable[[Callable[[], None]], None]) -> None:
         waiting, self._past_cut = self._past_cut, []
+        self._held_low, self._held_min, self._wait_low = {}, None, None
         keep = self.buffers_pushes
         pulls = []
         for worker, clock, apply, what in waiting:
