@@ -37,6 +37,7 @@ from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.effects import Reply
 from psd.core.gate import Gate, Policy, Setting
+from psd.core.pushpull import PULL_REFUSABLE
 from psd.core.server import ServerCore
 from psd.schema import TableSpec
 
@@ -505,11 +506,13 @@ def test_table_override_made_late_knows_who_left():
 
 
 # -- a pushpull under sequential, in the server's core (no I/O) ------------------------------
-def test_sequential_pushpull_answers_the_earlier_clocks_without_its_own_push():
+@pytest.mark.parametrize("refusable", [True, False], ids=["current", "older"])
+def test_sequential_pushpull_answers_the_earlier_clocks_without_its_own_push(refusable):
     """The pull part of a pushpull at clock c reflects exactly the pushes of clocks < c,
     as a pull issued right after the push would (docs/consistency.md): at clock 0, the
     table's zeros, although its push is acknowledged in the same answer. The push is
-    kept for the clock boundary, not applied; a pull at clock 1 sees it."""
+    kept for the clock boundary, not applied; a pull at clock 1 sees it. Both for a
+    current client's pushpull (``pull_refusable``) and an older client's."""
     core = ServerCore(ClusterConfig(security="none", consistency="sequential", num_workers=1), secure=False)
     core.node_id = "S0"
     core.ring = Assignment(version=1, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),),
@@ -519,7 +522,8 @@ def test_sequential_pushpull_answers_the_earlier_clocks_without_its_own_push():
     keys = np.array([10, 20], np.uint64)
 
     def ask(op: str, rid: int, clock: int, *arrays) -> np.ndarray:
-        out = core.handle(None, Message(op, id=rid, sender="W0", table="t", clock=clock, meta={"rid": rid},
+        meta = {"rid": rid, **({PULL_REFUSABLE: True} if refusable and op == "pushpull" else {})}
+        out = core.handle(None, Message(op, id=rid, sender="W0", table="t", clock=clock, meta=meta,
                                         arrays=[keys, *arrays]), 0.0)
         assert [type(e) for e in out] == [Reply], out
         return out[0].msg.arrays[0]
