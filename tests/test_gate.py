@@ -59,8 +59,11 @@ def test_a_pull_after_its_own_held_push_waits_for_the_cut_and_sees_it():
     g.policy(None).push("W0", 43, lambda: table.append(2))  # after the pull
     assert g.policy(None).pull("r2", "W1", 42, lambda: reads.append(list(table)), 0.0)  # needs nothing held
     assert reads == [[]]
+    assert {k: g.policy(None).stats()[k] for k in ("held_pulls", "buffered_pushes")} == {
+        "held_pulls": 1, "buffered_pushes": 2}  # (what the cut holds counts)
     g.release_cut()
     assert reads == [[], [1]] and table == [1, 2]
+    assert g.policy(None).stats()["held_pulls"] == 0 == g.policy(None).stats()["buffered_pushes"]
 
 
 def test_a_sequential_pull_waiting_for_the_cut_sees_exactly_the_clocks_below_it():

@@ -308,12 +308,16 @@ class Policy:
         del self._pushes[:done]
 
     def stats(self) -> dict:
+        """``held_pulls``: held by the clocks or waiting for the cut; ``buffered_pushes``:
+        kept for the clock boundary or held by the cut."""
         clocks = self.clocks.clocks()
+        cut_pulls = sum(1 for _w, _c, apply, _what in self._past_cut if apply is None)
         return {"consistency": self.setting.consistency, "tau": self.tau,
                 "max_delay": self.setting.max_delay, "clocks": clocks,
                 "min_clock": min(clocks.values()) if clocks else None,
                 "max_clock": max(clocks.values()) if clocks else None,
-                "held_pulls": len(self._held), "buffered_pushes": len(self._pushes),
+                "held_pulls": len(self._held) + cut_pulls,
+                "buffered_pushes": len(self._pushes) + len(self._past_cut) - cut_pulls,
                 "waits": self.waits.to_dict()}
 
 

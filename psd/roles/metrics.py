@@ -184,7 +184,8 @@ def server_families(server) -> list[Family]:
 
 
 def _gate(policies: dict) -> list[Family]:
-    held = gauge("psd_server_gate_held_pulls", "Pulls held at the consistency gate, waiting for slower workers")
+    held = gauge("psd_server_gate_held_pulls", "Pulls held at the consistency gate, waiting for slower workers "
+                                                  "or a checkpoint cut")
     buffered = gauge("psd_server_gate_buffered_pushes", "Pushes kept for the clock boundary (sequential) or "
                                                         "past a checkpoint cut")
     tau = gauge("psd_server_gate_tau", "The staleness bound in force (bounded/sequential; auto may move it)")
