@@ -327,3 +327,31 @@ def test_requests_during_a_cut_ask_what_it_holds_without_scanning_it():
         p._past_cut = list.copy(p._past_cut)
         g.release_cut()
         assert not p._past_cut and p._sees_held("W0", 99) is False and p._keep_from(None) is None
+
+
+def test_a_cut_that_times_out_answers_the_scheduler_whatever_its_release_raises():
+    """The server's core: a cut that times out refuses the checkpoint, then lets its held
+    pushes through; one that raises (in the tick, with nobody to answer) is logged, and
+    the refusal still goes out."""
+    from psd.cluster.assignment import Assignment
+    from psd.cluster.ranges import KEY_SPACE_END, Range
+    from psd.codec import Message
+    from psd.config import ClusterConfig
+    from psd.core.effects import Refuse
+    from psd.core.server import ServerCore
+    from psd.errors import PsdTimeoutError
+    core = ServerCore(ClusterConfig(security="none", num_workers=1), secure=False)
+    core.node_id = "S0"
+    core.ring = Assignment(version=1, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),),
+                           addresses={"S0": "tcp://S0"})
+    core.control(Message("ckpt_hold", id=1, sender="H0"), 0.0)
+    applied = []
+
+    def boom():
+        raise MemoryError("apply failed")
+    core.gate.policy(None).push("W0", 1, boom)
+    core.gate.policy(None).push("W0", 1, lambda: applied.append(1))
+    core.control(Message("ckpt_cut", id=2, sender="H0", meta={"cut": 1, "workers": ["W0"], "timeout": 1}), 0.0)
+    out = [e for e in core.tick(5.0) if isinstance(e, Refuse)]
+    assert [type(e.error) for e in out] == [PsdTimeoutError] and out[0].request.id == 2
+    assert applied == [1] and core.gate.policy(None).cut is None
