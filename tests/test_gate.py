@@ -332,7 +332,7 @@ def test_requests_during_a_cut_ask_what_it_holds_without_scanning_it():
 def test_a_cut_that_times_out_answers_the_scheduler_whatever_its_release_raises():
     """The server's core: a cut that times out refuses the checkpoint, then lets its held
     pushes through; one that raises (in the tick, with nobody to answer) is logged, and
-    the refusal still goes out."""
+    the refusal still goes out. A hold that lapses likewise."""
     from psd.cluster.assignment import Assignment
     from psd.cluster.ranges import KEY_SPACE_END, Range
     from psd.codec import Message
@@ -355,3 +355,9 @@ def test_a_cut_that_times_out_answers_the_scheduler_whatever_its_release_raises(
     out = [e for e in core.tick(5.0) if isinstance(e, Refuse)]
     assert [type(e.error) for e in out] == [PsdTimeoutError] and out[0].request.id == 2
     assert applied == [1] and core.gate.policy(None).cut is None
+    # a hold whose cut never comes lapses in the tick the same way
+    core.control(Message("ckpt_hold", id=3, sender="H0", meta={"within": 1}), 10.0)
+    core.gate.policy(None).push("W0", 1, boom)
+    core.gate.policy(None).push("W0", 1, lambda: applied.append(2))
+    core.tick(20.0)
+    assert applied == [1, 2] and core.gate.policy(None).cut is None

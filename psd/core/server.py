@@ -1361,7 +1361,16 @@ class ServerCore:
         log.warning("%s lets through the pushes it held for a checkpoint: no cut came within the hold's bound",
                     self.node_id)
         self._hold_until = None
-        self.gate.release_cut()
+        self._release_cut_logged()
+
+    def _release_cut_logged(self) -> None:
+        """Let what a cut held through where no request is answered (the tick, a
+        registration): a released request's callback that raises is logged; the release
+        itself finished (``Gate.release_cut``)."""
+        try:
+            self.gate.release_cut()
+        except Exception:  # noqa: BLE001 - a failed callback must not stop the timers
+            log.exception("%s: a request the checkpoint cut let through failed", self.node_id)
 
     def on_ckpt_cut(self, msg: Message, now: float) -> None:
         """Phase 2: write the ranges we lead as of the cut, once every worker's pushes of
@@ -1389,7 +1398,7 @@ class ServerCore:
                         self.node_id)
         self._checkpoint = None
         self._hold_until = None
-        self.gate.release_cut()
+        self._release_cut_logged()
 
     def written(self, token: int, result, error: Exception | None, now: float) -> list:
         """A file the core asked for (``Write``) was written, or failed."""
@@ -1631,7 +1640,4 @@ class _Cut:
         core.outbox.append(Refuse(None, self.request, PsdTimeoutError(
             f"{core.node_id}: worker(s) {', '.join(lagging)} did not reach clock {m['cut']} in time; a checkpoint "
             f"cuts at a clock boundary, so every worker must call kv.clock() after its pushes"), LINK))
-        try:  # (after the refusal: a released request's callback that raises must not lose it)
-            core.gate.release_cut()
-        except Exception:  # noqa: BLE001 - in the tick, with no request to answer: logged
-            log.exception("%s: a request the checkpoint cut let through failed", core.node_id)
+        core._release_cut_logged()  # (after the refusal, which a callback's error must not lose)
