@@ -8,7 +8,7 @@ Pure logic, no daemons: a ``Gate`` of 8 workers at clock 10, a cut at 11, and N 
 at clock 11 held by it. It times a pull by a worker that needs none of them (each
 consistency model) and a sequential push below the cut (kept for the clock boundary),
 and prints microseconds per call for each N beside N = 0, and the ratio: about 1 when
-a request's cost does not grow with what the cut holds (decision 146). Repetitions
+a request's cost does not grow with what the cut holds (decision 149). Repetitions
 alternate the sizes; figures are medians.
 """
 from __future__ import annotations
