@@ -64,3 +64,16 @@ def test_a_cut_within_the_bound_is_taken_and_an_unbounded_hold_waits():
     _hold(old, {}, 0.0)  # an older scheduler's hold: no bound
     old.tick(100.0)
     assert old.tables["t"].pull(KEYS).ravel().tolist() == [0, 0]
+
+
+def test_a_malformed_cut_is_refused_and_leaves_the_hold_and_its_bound():
+    """A cut without its clock is refused by name before anything changes: the hold and
+    its bound stay, so the held pushes still go through by themselves at the bound."""
+    core = _core()
+    _hold(core, {"within": 1.0}, 0.0)
+    out = core.control(Message("ckpt_cut", id=3, meta={"workers": ["W0"], "timeout": 1}), 0.2)
+    refused = [e.error for e in out if isinstance(e, Refuse)]
+    assert len(refused) == 1 and refused[0].code == "protocol" and "needs cut" in str(refused[0])
+    core.tick(1.05)
+    assert core.tables["t"].pull(KEYS).ravel().tolist() == [3, 3]
+    assert all(p.cut is None for p in core.gate.policies.values())

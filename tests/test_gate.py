@@ -282,6 +282,34 @@ def test_the_cut_waits_for_the_push_of_a_request_held_whole():
         assert snapshots == [["W0@1"]], older
 
 
+
+def test_a_request_held_whole_is_not_parked_behind_the_cut_that_waits_for_it():
+    """Bounded tau 1, cut at 6: a worker that joined after the hold (unlisted) pushes at
+    clock 0, held by the cut; a listed worker's pushpull held whole at clock 5 must see
+    it, but the cut waits for that pushpull's own push. Parked whole behind the cut, it
+    would wait for a cut that waits for it: it pushes when the clocks allow, the snapshot
+    holds its push, and only its pull part waits for the cut."""
+    g = Gate(Setting("bounded", 1, 0))
+    p = g.policy(None)
+    for w in ("w1", "w2"):
+        g.clock(w, 5, 0.0)
+    g.hold_all()
+    table: list[str] = []
+    snapshots: list[list[str]] = []
+    g.cut(6, {"w1", "w2"}, lambda: snapshots.append(list(table)))
+    p.push("w3", 0, lambda: table.append("w3@0"))
+
+    def pushpull():
+        table.append("w1@5")
+        p.after_push("r1", "w1", 5, lambda: table.append("w1 pulled"), 1.0)
+    p.pull("r1", "w1", 5, pushpull, 1.0, pushes=True)
+    for c in range(1, 5):
+        g.clock("w3", c, 2.0)
+    g.clock("w1", 6, 3.0)
+    g.clock("w2", 6, 3.0)
+    assert snapshots == [["w1@5"]]
+    assert table == ["w1@5", "w3@0", "w1 pulled"]  # (the pull part after the push it must see)
+
 class _NoScan(list):
     """The cut's queue, which a request while the cut holds must not read through."""
 

@@ -61,6 +61,21 @@ def test_a_kept_push_is_applied_when_its_workers_left_while_the_server_was_out()
     assert core.gate.kept() == [] and core.gate.live_workers() == set()
 
 
+
+def test_a_kept_push_that_fails_does_not_leave_the_rejoin_half_done():
+    """The first departed worker's leave releases a kept push whose apply raises: the
+    error is logged, and the rejoin still finishes (both workers left, both watched)."""
+    core = _kept_push()
+    p = core.gate.policy(None)
+    clock, seq, _apply, what = p._pushes[0]
+
+    def fails():
+        raise MemoryError("apply failed")
+    p._pushes[0] = (clock, seq, fails, what)
+    _declared_dead_and_back(core, ["W0", "W1"])
+    assert core.node_id == "S2" and core.gate.live_workers() == set()
+    assert {"W0", "W1"} <= set(core.forgetting)
+
 def test_only_the_workers_listed_as_gone_leave_the_gate():
     core = _kept_push()
     _declared_dead_and_back(core, ["W0"])  # W1 is still in the group: its clock closes clock 0

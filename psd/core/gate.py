@@ -106,9 +106,11 @@ class Policy:
             inner = run
 
             def run() -> None:
-                del self._pushing[rid]
+                self._pushing.pop(rid, None)
                 inner()
-        if self._past_cut and self._sees_held(worker, clock):
+        # (a request that pushes is never parked whole: the cut may wait for its push,
+        # so it runs once the clocks allow it, and after_push parks only its pull part)
+        if rid not in self._pushing and self._past_cut and self._sees_held(worker, clock):
             self._park_pull(worker, clock, (rid, run, now))
             return False
         if self.auto is not None:   # how far ahead of its gate the pull is: the room it uses
@@ -235,7 +237,7 @@ class Policy:
 
     def _run_held(self, rid, now: float) -> None:
         run, since, clock, worker = self._held.pop(rid)
-        if self._past_cut and self._sees_held(worker, clock):  # (released by clocks past a cut)
+        if rid not in self._pushing and self._past_cut and self._sees_held(worker, clock):  # (past a cut)
             self._park_pull(worker, clock, (rid, run, since))
             return
         waited = now - since

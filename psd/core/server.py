@@ -294,7 +294,10 @@ class ServerCore:
             return
         for worker in sorted(self.gate.live_workers() & set(gone)):
             log.warning("%s: %s left the worker group while this server was out of it", self.node_id, worker)
-            self.gate.leave(worker, now)
+            try:  # (the gate finishes the leave whatever a released request raises: go on with the rest)
+                self.gate.leave(worker, now)
+            except Exception:  # noqa: BLE001 - a failed callback must not leave the rejoin half done
+                log.exception("%s: a request released by %s's departure failed", self.node_id, worker)
             self._watch_departed(worker, now)
 
     def heartbeat_stats(self, now: float) -> dict | None:
@@ -1376,13 +1379,18 @@ class ServerCore:
         """Phase 2: write the ranges we lead as of the cut, once every worker's pushes of
         earlier clocks have arrived. Pushes at later clocks wait until the file is written."""
         m = msg.meta
+        try:  # (checked before any state changes: a bad cut leaves the hold and its bound as they were)
+            at, timeout, workers = int(m["cut"]), float(m.get("timeout", 60)), set(m.get("workers", []))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ProtocolError(f"ckpt_cut: bad meta ({type(err).__name__}: {err}); it needs cut (an int), "
+                                f"timeout (seconds) and workers (a list of ids)") from None
         if self._hold_until is None:
             raise UnavailableError(f"{self.node_id} holds no pushes for this checkpoint (its hold lapsed or was "
                                    f"released before the cut came); take it again")
         self._hold_until = None
-        cut = _Cut(self, msg, now + float(m.get("timeout", 60)))
+        cut = _Cut(self, msg, now + timeout)
         self._checkpoint = cut
-        self.gate.cut(int(m["cut"]), set(m.get("workers", [])), cut.snapshot)
+        self.gate.cut(at, workers, cut.snapshot)
 
     def on_ckpt_release(self, msg: Message, now: float) -> None:
         self._hold_until = None
@@ -1631,13 +1639,15 @@ class _Cut:
     def time_out(self) -> None:
         core, m = self.core, self.request.meta
         core._checkpoint = None
-        group = core.gate.policies[core.gate.default].clocks
-        clocks = group.clocks()
-        lagging = [w for w in m.get("workers", []) if w not in core.gate.left
-                   and (clocks.get(w, 0) < m["cut"] or w in group.unsynced)]
-        if not lagging:  # (sequential: pushes below the cut wait for a worker not yet registered)
-            lagging = [f"the group's slowest (clock {group.min_clock()})"]
-        core.outbox.append(Refuse(None, self.request, PsdTimeoutError(
-            f"{core.node_id}: worker(s) {', '.join(lagging)} did not reach clock {m['cut']} in time; a checkpoint "
-            f"cuts at a clock boundary, so every worker must call kv.clock() after its pushes"), LINK))
-        core._release_cut_logged()  # (after the refusal, which a callback's error must not lose)
+        try:
+            group = core.gate.policies[core.gate.default].clocks
+            clocks = group.clocks()
+            lagging = [w for w in m.get("workers", []) if w not in core.gate.left
+                       and (clocks.get(w, 0) < m["cut"] or w in group.unsynced)]
+            if not lagging:  # (sequential: pushes below the cut wait for a worker not yet registered)
+                lagging = [f"the group's slowest (clock {group.min_clock()})"]
+            core.outbox.append(Refuse(None, self.request, PsdTimeoutError(
+                f"{core.node_id}: worker(s) {', '.join(lagging)} did not reach clock {m['cut']} in time; a checkpoint "
+                f"cuts at a clock boundary, so every worker must call kv.clock() after its pushes"), LINK))
+        finally:  # (the refusal first, which a callback's error must not lose; the release whatever happens)
+            core._release_cut_logged()
