@@ -99,7 +99,7 @@ class Policy:
         must see a push a checkpoint cut holds (its worker's own, or, sequential and
         bounded, one at a clock it must see) waits until the cut lets the push through.
         ``pushes``: ``run`` pushes at ``clock`` first (a request held whole): until it
-        runs, a cut above its clock is not written (``pushing_below``)."""
+        runs, a cut above its clock is not written (``pushes_below``)."""
         self._now = max(self._now, now)
         if pushes:
             self._pushing[rid] = (clock, worker)
@@ -222,9 +222,11 @@ class Policy:
             return floor
         return waiting if floor is None else min(floor, waiting)
 
-    def pushing_below(self, cut: int, workers: set) -> bool:
-        """Whether a held request of one of ``workers`` will push at a clock below ``cut``."""
-        return any(c < cut and w in workers for c, w in self._pushing.values())
+    def pushes_below(self, cut: int, workers: set) -> bool:
+        """Whether a push below ``cut`` is still to be applied here: kept for the clock
+        boundary, or to be made by a held request of one of ``workers``."""
+        return (any(c < cut for c, _seq, _apply, _what in self._pushes)
+                or any(c < cut and w in workers for c, w in self._pushing.values()))
 
     def after_push(self, rid: Hashable, worker: str, clock: int, run: Callable[[], None], now: float) -> None:
         """The pull part of a request held whole that has just pushed (an older client's
@@ -384,13 +386,7 @@ class Gate:
         if self._cut_wait is None:
             return
         cut, workers, on_ready = self._cut_wait
-        group = self.policies[self.default].clocks
-        clocks, unsynced = group.clocks(), group.unsynced
-        # (a clock sent at a ring before our last takeover does not vouch for pushes still
-        # on their way to the old owner: ``RangeClocks.unsynced``)
-        if (all(w in self.left or (clocks.get(w, 0) >= cut and w not in unsynced) for w in workers)
-                and not any(c < cut for p in self.policies.values() for c, _seq, _apply, _what in p._pushes)
-                and not any(p.pushing_below(cut, workers) for p in self.policies.values())):
+        if not self.lagging(cut, workers) and not any(p.pushes_below(cut, workers) for p in self.policies.values()):
             # (and every push below the cut applied: sequential keeps them until every worker
             # of the group, one not yet registered too, has passed their clock; a request
             # held whole, an older client's pushpull, has not even pushed yet)
@@ -399,6 +395,14 @@ class Gate:
                 on_ready()
             finally:
                 self.release_cut()
+
+    def lagging(self, cut: int, workers) -> list[str]:
+        """The listed workers still in the group whose clock does not vouch for the cut:
+        below it, or sent at a ring before our last takeover (``RangeClocks.unsynced``:
+        their pushes may still be on their way to the old owner)."""
+        group = self.policies[self.default].clocks
+        clocks, unsynced = group.clocks(), group.unsynced
+        return [w for w in workers if w not in self.left and (clocks.get(w, 0) < cut or w in unsynced)]
 
     def kept(self) -> list[tuple[int, object]]:
         """Every policy's pushes kept for the clock boundary: (clock, what)."""

@@ -1640,12 +1640,9 @@ class _Cut:
         core, m = self.core, self.request.meta
         core._checkpoint = None
         try:
-            group = core.gate.policies[core.gate.default].clocks
-            clocks = group.clocks()
-            lagging = [w for w in m.get("workers", []) if w not in core.gate.left
-                       and (clocks.get(w, 0) < m["cut"] or w in group.unsynced)]
+            lagging = core.gate.lagging(m["cut"], m.get("workers", []))
             if not lagging:  # (sequential: pushes below the cut wait for a worker not yet registered)
-                lagging = [f"the group's slowest (clock {group.min_clock()})"]
+                lagging = [f"the group's slowest (clock {core.gate.policies[core.gate.default].clocks.min_clock()})"]
             core.outbox.append(Refuse(None, self.request, PsdTimeoutError(
                 f"{core.node_id}: worker(s) {', '.join(lagging)} did not reach clock {m['cut']} in time; a checkpoint "
                 f"cuts at a clock boundary, so every worker must call kv.clock() after its pushes"), LINK))
