@@ -26,7 +26,9 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+from psd.cluster.schedulers import lost_after
 from psd.codec import Message
+from psd.config import ClusterConfig
 from psd.core.cluster_state import ClusterState
 from psd.core.procedures import Acquire, Calls, Do, failure
 from psd.core.ring_changes import RING_LOCK
@@ -34,6 +36,12 @@ from psd.errors import BadRequestError, UnavailableError
 from psd.store.checkpoint import checkpoint_dir, write_manifest
 
 log = logging.getLogger("psd.checkpoint")
+
+
+def hold_step(config: ClusterConfig) -> float:
+    """How long the hold step waits for every server (the failure detector's dead time,
+    at most ``request_timeout``); a server holds for twice that at most (``within``)."""
+    return min(config.request_timeout, lost_after(config.heartbeat_interval, config.heartbeat_misses))
 
 
 class Checkpoints:
@@ -76,7 +84,7 @@ class Checkpoints:
             # dead time is lost (or its hold is), and meanwhile every other server holds
             # every push, so the step fails then; a server whose cut does not follow
             # within twice that lets its pushes through by itself (a lost cut, a lost release)
-            step = min(s.config.request_timeout, 2 * s.config.heartbeat_misses * s.config.heartbeat_interval)
+            step = hold_step(s.config)
             held = yield from _all(servers, lambda: Message("ckpt_hold", meta={"within": 2 * step}), step)
             # the workers the cut covers, once every server holds: any other registers after
             # that, so all its pushes reach servers that hold them (after the cut)

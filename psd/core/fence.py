@@ -26,12 +26,20 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
+from psd.config import ClusterConfig
+
 log = logging.getLogger("psd.server")
 
 
 def quorum(servers: int) -> int:
     """A strict majority of the voters: ``servers`` plus the scheduler."""
     return (servers + 1) // 2 + 1
+
+
+def restore_after(config: ClusterConfig) -> float:
+    """Seconds after a server's death its ranges with no other copy may be restored from
+    a checkpoint, so how much longer its lease runs for them (0: never restored)."""
+    return config.restore_unavailable_after if config.checkpoint_dir else 0
 
 
 class Fence:

@@ -31,6 +31,7 @@ from psd.config import ClusterConfig
 from psd.core.checkpoints import Checkpoints
 from psd.core.cluster_state import ID_BLOCK, ClusterState
 from psd.core.effects import Ask, DropRoute, Forget, Notify, Refuse, Reply, Run, Save
+from psd.core.fence import restore_after
 from psd.core.procedures import Calls, Do, Runner, Sleep, failure
 from psd.core.ring_changes import RingChanges, unavailable
 from psd.errors import (BadRequestError, LimitError, ProtocolError, TableMismatchError,
@@ -379,16 +380,11 @@ class SchedulerCore:
                                **({"gone_workers": self._gone_workers(),
                                    # (how long after a death a range only the dead one held
                                    # may be restored elsewhere: psd.core.fence)
-                                   "restore_after": self._restore_after()} if role == "server" else {}),
+                                   "restore_after": restore_after(self.config)} if role == "server" else {}),
                                "heartbeat_interval": self.config.heartbeat_interval,
                                "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
                                           "max_keys": self.config.limits.max_keys,
                                           "max_inflight_bytes": self.config.limits.max_inflight_bytes}})
-
-    def _restore_after(self) -> float:
-        """Seconds after a server's death its ranges with no other copy may be restored
-        from a checkpoint (0: never)."""
-        return self.config.restore_unavailable_after if self.config.checkpoint_dir else 0
 
     def _gone_workers(self) -> list[str]:
         """The workers that left or died, as many as are still listed (KEEP_GONE_WORKERS):

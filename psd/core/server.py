@@ -38,7 +38,7 @@ from psd.core.acks import Acks, Pending
 from psd.core.bounds import Bounds
 from psd.core.effects import LINK, Follow, Refuse, Rejoin, Reply, Stop, Write
 from psd.core.election import Ballot
-from psd.core.fence import Fence
+from psd.core.fence import Fence, restore_after
 from psd.core.keycache import KeyCache
 from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
@@ -148,7 +148,7 @@ class ServerCore:
         self.previous: set[str] = set()  # our names before we registered again
         #: seconds after our death a range only we hold may be restored elsewhere (the
         #: scheduler says at registration; until then our own config's): serving_alone
-        self.restore_after = config.restore_unavailable_after if config.checkpoint_dir else 0
+        self.restore_after = restore_after(config)
         #: the ring at which we last took over ranges: clocks sent before it do not vouch for them
         self.sync_version = 0
         #: ranges a copy of which is arriving, and which copy (a failed one may be tried again)

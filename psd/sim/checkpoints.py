@@ -45,6 +45,7 @@ from psd.cluster.assignment import Assignment
 from psd.codec import Message
 from psd.codec.message import error_reply
 from psd.config import ClusterConfig
+from psd.core.checkpoints import hold_step
 from psd.core.effects import Run as RunStep
 from psd.core.effects import Write
 from psd.errors import PsdError
@@ -156,8 +157,7 @@ class Checkpoints:
         """How long a server may hold every push for a checkpoint whose cut has not come:
         the hold's bound (twice the scheduler's hold step, itself the failure detector's
         dead time at most), plus a tick and a message's way."""
-        c = self.run.config
-        return 2 * min(c.request_timeout, 2 * c.heartbeat_misses * c.heartbeat_interval) + 0.1
+        return 2 * hold_step(self.run.config) + 0.1
 
     def watch_hold(self, srv: SimServer) -> None:
         """After each step of a server: pushes stay acknowledged and unreadable for a
