@@ -85,13 +85,14 @@ class World:
 
     def every(self, period: float, fn: Callable[[], None], owner: str, jitter: float = 0.1) -> None:
         """Call ``fn`` every ``period`` (with a little jitter) while ``owner`` lives."""
-        proc = self.processes.get(owner)
+        proc, processes, random = self.processes.get(owner), self.processes, self.rng.random
+        low, span = -jitter, jitter - -jitter  # (random.uniform(-jitter, jitter)'s arithmetic, inlined)
 
         def again() -> None:
-            if self.processes.get(owner) is not proc or not proc.alive:
+            if processes.get(owner) is not proc or not proc.alive:
                 return
             fn()
-            self.after(period * (1 + self.rng.uniform(-jitter, jitter)), again, owner)
+            self.at(self.now + period * (1 + (low + span * random())), again, owner)
         self.after(period * self.rng.uniform(0.1, 1.0), again, owner)
 
     def run(self, until: float, check: Callable[[str, Process], None] | None = None) -> None:
@@ -257,5 +258,5 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     if a.base is None and not a.flags.writeable:
         return a
     out = a.copy()
-    out.flags.writeable = False
+    out.setflags(write=False)  # (a third of the cost of ``out.flags.writeable = False``)
     return out
