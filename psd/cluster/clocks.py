@@ -23,7 +23,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from psd.errors import ConfigError
 
@@ -53,8 +53,7 @@ def tau_for(consistency: str, max_delay: int | None = None) -> int | None:
 _UNKNOWN = object()
 
 
-@dataclass(frozen=True)
-class _Pull:
+class _Pull(NamedTuple):
     worker: str
     clock: int
     ranges: tuple[Hashable, ...] | None   # None: every range the server holds
@@ -171,10 +170,10 @@ class RangeClocks:
             self.join(worker)
         if self._tau is None:  # eventual: never held
             return True
-        pull = _Pull(worker, clock, None if ranges is None else tuple(ranges))
-        if self._may_run(pull):
+        ranges = None if ranges is None else tuple(ranges)
+        if self._may_run(clock, ranges):
             return True
-        self._held[request_id] = pull
+        self._held[request_id] = _Pull(worker, clock, ranges)
         return False
 
     def cancel(self, request_id: Hashable) -> bool:
@@ -249,15 +248,16 @@ class RangeClocks:
             lows.append(-1)  # below every clock: what it vouches for here is not known yet
         return min(lows, default=None)
 
-    def _may_run(self, pull: _Pull) -> bool:
+    def _may_run(self, clock: int, ranges: tuple[Hashable, ...] | None) -> bool:
+        """Whether a pull at ``clock`` over ``ranges`` may run now."""
         if self._tau is None:
             return True
-        floor = self._floor(pull.ranges)
-        return floor is None or floor >= pull.clock - self._tau
+        floor = self._floor(ranges)
+        return floor is None or floor >= clock - self._tau
 
     def _release(self) -> None:
         for request_id, pull in list(self._held.items()):
-            if self._may_run(pull):
+            if self._may_run(pull.clock, pull.ranges):
                 del self._held[request_id]
                 self._ready.append(request_id)
 
