@@ -265,9 +265,8 @@ class ClientCore:
                     continue
                 self._want_ring(now)  # (a ring without its address: a newer one names it)
                 return
-            cost = _cost(part)
             held = self.inflight.get(part.server, 0)
-            if held and held + cost > self.budget:
+            if held and held + _cost(part) > self.budget:
                 return  # (waits for answers to free the budget: nothing overtakes it)
             self.queue.pop(0)
             self._send(part, now)
@@ -703,7 +702,9 @@ def _chunked(req: Request, rows: Rows, groups: list, pack: bool = True) -> list:
 def _cost(part: Part) -> int:
     """The bytes a part holds on its server until answered: its own payload, and the
     values a pull asks for."""
-    cost = sum(a.nbytes for a in part.msg.arrays)
+    cost = 0
+    for a in part.msg.arrays:  # (a loop: a generator's set-up costs more than the few arrays)
+        cost += a.nbytes
     req = part.request
     if req is not None and req.op != "push" and part.rows is not None:
         cost += part.rows.count * req.spec.width * req.spec.np_dtype.itemsize
