@@ -85,8 +85,10 @@ class Rows:
         return self.spans[0][0], self.spans[-1][0] + self.spans[-1][1] - 1
 
     # -- wire ------------------------------------------------------------------------
-    def to_message(self, op: str, **fields) -> Message:
-        meta = dict(fields.pop("meta", None) or {})
+    def to_message(self, op: str, *, table: str | None = None, ring: int = 0, clock: int = 0,
+                   meta: dict | None = None) -> Message:
+        """A message of these rows (``meta`` copied, with the rows' own fields)."""
+        meta = dict(meta or {})
         if self.meta:
             meta.update(self.meta)
         arrays = []
@@ -96,7 +98,8 @@ class Rows:
             meta["spans"] = [[lo, n] for lo, n in self.spans]
         if self.values is not None:
             arrays.append(self.values)
-        return Message(op, meta=meta, arrays=arrays, zstd=self.zstd, **fields)
+        # (fields by position, in Message's order: keywords would cost a kwargs dict per call)
+        return Message(op, 0, "", table, ring, clock, meta, arrays, None, self.zstd)
 
     @classmethod
     def from_message(cls, msg: Message, limits: Limits, with_values: bool,
