@@ -23,7 +23,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from psd.errors import ConfigError
 
@@ -49,8 +49,11 @@ def tau_for(consistency: str, max_delay: int | None = None) -> int | None:
                       f"{', '.join(CONSISTENCIES)}")
 
 
-@dataclass(frozen=True)
-class _Pull:
+#: not computed since the last change (a floor may be None)
+_UNKNOWN = object()
+
+
+class _Pull(NamedTuple):
     worker: str
     clock: int
     ranges: tuple[Hashable, ...] | None   # None: every range the server holds
@@ -82,11 +85,24 @@ class RangeClocks:
         self._ready: list[Hashable] = []
         #: counts changes of the clocks and the group (a checker reads them only then)
         self.changes = 0
-        #: live workers whose clocks do not vouch for ranges this server took over lately:
-        #: a clock says every push sent *here* before it has arrived, and a worker's pushes
-        #: to a range it thought another server led went there; until it clocks again
-        #: knowing the new ring (its pushes sent again come first), it holds the floor
-        self.unsynced: set[str] = set()
+        #: range set -> its floor, kept until the clocks or the group change: every pull,
+        #: kept push and drain asks for it, far more often than a clock moves
+        self._floors: dict = {}
+        self._unsynced: set[str] = set()
+
+    @property
+    def unsynced(self) -> set[str]:
+        """Live workers whose clocks do not vouch for ranges this server took over lately:
+        a clock says every push sent *here* before it has arrived, and a worker's pushes
+        to a range it thought another server led went there; until it clocks again
+        knowing the new ring (its pushes sent again come first), it holds the floor.
+        Replace it by assignment (the floor is recomputed then), not in place."""
+        return self._unsynced
+
+    @unsynced.setter
+    def unsynced(self, workers: set[str]) -> None:
+        self._unsynced = workers
+        self._floors.clear()
 
     # -- consistency setting ---------------------------------------------------------
     @property
@@ -105,6 +121,7 @@ class RangeClocks:
         self._joined.add(worker)
         self._live.add(worker)
         self.changes += 1
+        self._floors.clear()
         for clocks in self._clocks.values():
             clocks[worker] = max(clocks.get(worker, 0), clock)
 
@@ -116,8 +133,9 @@ class RangeClocks:
         """
         self._joined.add(worker)
         self._live.discard(worker)
-        self.unsynced.discard(worker)
+        self._unsynced.discard(worker)
         self.changes += 1
+        self._floors.clear()
         self._release()
 
     def clock(self, worker: str, clock: int,
@@ -131,12 +149,13 @@ class RangeClocks:
         if worker not in self._joined:
             self.join(worker)
         if synced:
-            self.unsynced.discard(worker)
+            self._unsynced.discard(worker)
         elif worker in self._live:
             # sent before it knew our takeover, however it was first heard (a pull joins a
             # worker synced): its pushes to the ranges we took may still be elsewhere
-            self.unsynced.add(worker)
+            self._unsynced.add(worker)
         self.changes += 1
+        self._floors.clear()
         for r in self._range_ids(ranges):
             clocks = self._clocks[r]
             clocks[worker] = max(clocks.get(worker, 0), clock)
@@ -151,10 +170,10 @@ class RangeClocks:
             self.join(worker)
         if self._tau is None:  # eventual: never held
             return True
-        pull = _Pull(worker, clock, None if ranges is None else tuple(ranges))
-        if self._may_run(pull, {}):
+        ranges = None if ranges is None else tuple(ranges)
+        if self._may_run(clock, ranges):
             return True
-        self._held[request_id] = pull
+        self._held[request_id] = _Pull(worker, clock, ranges)
         return False
 
     def cancel(self, request_id: Hashable) -> bool:
@@ -172,6 +191,7 @@ class RangeClocks:
             workers = set().union(*(c.keys() for c in self._clocks.values()))
             clocks = {w: min(c.get(w, 0) for c in self._clocks.values()) for w in workers}
         self._clocks[range_id] = dict(clocks)
+        self._floors.clear()
 
     def resync(self) -> None:
         """This server took over ranges: every live worker's clock stops vouching for
@@ -181,6 +201,7 @@ class RangeClocks:
 
     def drop_range(self, range_id: Hashable) -> None:
         self._clocks.pop(range_id, None)
+        self._floors.clear()
         self._release()
 
     # -- queries ---------------------------------------------------------------------
@@ -212,27 +233,31 @@ class RangeClocks:
         return [r for r in ranges if r in self._clocks]   # ranges not held here don't bind
 
     def _floor(self, ranges: tuple[Hashable, ...] | None) -> int | None:
+        floor = self._floors.get(ranges, _UNKNOWN)
+        if floor is _UNKNOWN:
+            floor = self._floors[ranges] = self._floor_now(ranges)
+        return floor
+
+    def _floor_now(self, ranges: tuple[Hashable, ...] | None) -> int | None:
         lows = [min((self._clocks[r].get(w, 0) for w in self._live), default=None)
                 for r in self._range_ids(ranges)]
         lows = [x for x in lows if x is not None]
         if len(self._joined) < self.num_workers:
             lows.append(0)
-        if self.unsynced:
+        if self._unsynced:
             lows.append(-1)  # below every clock: what it vouches for here is not known yet
         return min(lows, default=None)
 
-    def _may_run(self, pull: _Pull, floors: dict) -> bool:
+    def _may_run(self, clock: int, ranges: tuple[Hashable, ...] | None) -> bool:
+        """Whether a pull at ``clock`` over ``ranges`` may run now."""
         if self._tau is None:
             return True
-        if pull.ranges not in floors:
-            floors[pull.ranges] = self._floor(pull.ranges)
-        floor = floors[pull.ranges]
-        return floor is None or floor >= pull.clock - self._tau
+        floor = self._floor(ranges)
+        return floor is None or floor >= clock - self._tau
 
     def _release(self) -> None:
-        floors: dict = {}   # one floor per distinct range set, computed once per event
         for request_id, pull in list(self._held.items()):
-            if self._may_run(pull, floors):
+            if self._may_run(pull.clock, pull.ranges):
                 del self._held[request_id]
                 self._ready.append(request_id)
 

@@ -41,12 +41,13 @@ def range_from_wire(w) -> Range:
     return Range(int(w[0]), int(w[1]) + 1)
 
 
-_UINT64 = np.dtype(np.uint64)
+#: the keys' dtype (compared as a dtype: three times cheaper than against the type np.uint64)
+KEY_DTYPE = np.dtype(np.uint64)
 
 
 def as_keys(keys) -> np.ndarray:
     """Coerce user keys to a uint64 array and check they are sorted and unique."""
-    if type(keys) is np.ndarray and keys.dtype is _UINT64 and keys.ndim == 1:  # the usual case
+    if type(keys) is np.ndarray and keys.dtype is KEY_DTYPE and keys.ndim == 1:  # the usual case
         check_sorted_unique(keys)
         return keys
     arr = np.asarray(keys)

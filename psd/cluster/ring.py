@@ -204,9 +204,13 @@ def plan_transfers(old: Assignment, new: Assignment, live: set[str]) -> list[Tra
     by :func:`lost_ranges`. Adjacent pieces with the same (src, dst) are merged. The result
     is sorted by (range, src, dst).
     """
-    live = set(live)
+    return _transfers(overlay(old, new), set(live))
+
+
+def _transfers(pieces: list[tuple[Range, Owners, Owners]], live: set[str]) -> list[Transfer]:
+    """``plan_transfers`` over the pieces of ``overlay(old, new)``."""
     merged: dict[tuple[str, str], list[Range]] = {}
-    for piece, was, now in overlay(old, new):
+    for piece, was, now in pieces:
         src = _source(was, live)
         if src is None:
             continue
@@ -228,9 +232,13 @@ def lost_ranges(old: Assignment, new: Assignment, live: set[str]) -> list[Range]
     member of ``live``. They cannot be recovered (the caller logs them); their new owners
     start them empty. Keys nobody owned in ``old`` (e.g. the very first ring) held no data
     and are not lost. Adjacent pieces are merged."""
-    live = set(live)
+    return _lost(overlay(old, new), set(live))
+
+
+def _lost(pieces: list[tuple[Range, Owners, Owners]], live: set[str]) -> list[Range]:
+    """``lost_ranges`` over the pieces of ``overlay(old, new)``."""
     out: list[Range] = []
-    for piece, was, _now in overlay(old, new):
+    for piece, was, _now in pieces:
         if was and _source(was, live) is None:
             if out and out[-1].end == piece.begin:
                 out[-1] = Range(out[-1].begin, piece.end)
@@ -262,8 +270,8 @@ def rebalance(current: Assignment, servers: Iterable[str], live: Iterable[str], 
                            vnodes=vnodes, replication=replication, addresses=addr,
                            placement=placement)
     live_set = set(live)
-    return RingChange(ring, plan_transfers(current, ring, live_set),
-                      lost_ranges(current, ring, live_set))
+    pieces = overlay(current, ring)  # (one refinement for both)
+    return RingChange(ring, _transfers(pieces, live_set), _lost(pieces, live_set))
 
 
 def on_server_death(current: Assignment, dead: str, live: Iterable[str], *, vnodes: int,

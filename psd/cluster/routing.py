@@ -34,14 +34,15 @@ def group_keys(ring: Assignment, keys: np.ndarray) -> list[tuple[Owners, Slices]
     if n == 0 or not ring.ranges:
         return []
     begins = ring.inner_begin_list
-    first = bisect_right(begins, int(keys[0]))
-    if first == bisect_right(begins, int(keys[-1])):  # all in one range
+    few = keys.tolist() if n <= SMALL_CUT else None  # (one call, cheaper than two numpy scalars)
+    first = bisect_right(begins, few[0] if few else int(keys[0]))
+    if first == bisect_right(begins, few[-1] if few else int(keys[-1])):  # all in one range
         return [(ring.owners[first], [(0, n)])]
     owners = ring.owners
     groups: dict[Owners, Slices] = {}
-    if n <= SMALL_CUT:  # a few keys: a search per key beats numpy's per-call cost
+    if few:  # a few keys: a search per key beats numpy's per-call cost
         j, start = first, 0
-        for i, key in enumerate(keys.tolist()):
+        for i, key in enumerate(few):
             at = bisect_right(begins, key)
             if at != j:
                 groups.setdefault(owners[j], []).append((start, i))
@@ -80,6 +81,9 @@ def by_primary(groups: list[tuple[Owners, Slices]]) -> list[tuple[str, Slices]]:
     """Owner groups merged by their primary: one (server, ascending row slices) per
     server that leads some of the rows, in order of the first row each leads. A request
     touching ranges with different replicas but one primary goes as one message."""
+    if len(groups) == 1:  # (most requests: one owner tuple, its slices ascending already)
+        owners, slices = groups[0]
+        return [(owners[0], list(slices))]
     merged: dict[str, Slices] = {}
     for owners, slices in groups:
         have = merged.get(owners[0])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import KEY_SPACE_END, check_sorted_unique
+from psd.cluster.ranges import KEY_DTYPE, KEY_SPACE_END, check_sorted_unique
 from psd.cluster.routing import Owners, Slices, group_keys, group_spans
 from psd.codec import Limits, Message
 from psd.errors import KeysError, MessageTooLargeError, ProtocolError
@@ -36,7 +36,7 @@ class Rows:
     @property
     def count(self) -> int:
         if self.keys is not None:
-            return int(self.keys.size)
+            return self.keys.size
         spans = self.spans
         if len(spans) == 1:  # (a dense request: asked for several times per request)
             return spans[0][1]
@@ -85,8 +85,10 @@ class Rows:
         return self.spans[0][0], self.spans[-1][0] + self.spans[-1][1] - 1
 
     # -- wire ------------------------------------------------------------------------
-    def to_message(self, op: str, **fields) -> Message:
-        meta = dict(fields.pop("meta", None) or {})
+    def to_message(self, op: str, *, table: str | None = None, ring: int = 0, clock: int = 0,
+                   meta: dict | None = None) -> Message:
+        """A message of these rows (``meta`` copied, with the rows' own fields)."""
+        meta = dict(meta or {})
         if self.meta:
             meta.update(self.meta)
         arrays = []
@@ -96,7 +98,8 @@ class Rows:
             meta["spans"] = [[lo, n] for lo, n in self.spans]
         if self.values is not None:
             arrays.append(self.values)
-        return Message(op, meta=meta, arrays=arrays, zstd=self.zstd, **fields)
+        # (fields by position, in Message's order: keywords would cost a kwargs dict per call)
+        return Message(op, 0, "", table, ring, clock, meta, arrays, None, self.zstd)
 
     @classmethod
     def from_message(cls, msg: Message, limits: Limits, with_values: bool,
@@ -122,7 +125,7 @@ class Rows:
                 raise ProtocolError(f"{msg.op} expects {n_values + 1} payload frame(s) (keys first), "
                                     f"got {len(msg.arrays)}")
             keys = msg.arrays[0]
-            if keys.dtype != np.uint64 or keys.ndim != 1:
+            if keys.dtype != KEY_DTYPE or keys.ndim != 1:
                 raise KeysError(f"keys frame must be 1-d uint64, got {keys.dtype.name} with shape {keys.shape}")
             check_sorted_unique(keys)
             rows = cls(keys=keys)

@@ -42,9 +42,9 @@ class Message:
 
     def reply(self, op: str = "ok", *, sender: str = "", meta: dict | None = None,
               arrays: list[np.ndarray] | None = None, ring: int = 0) -> "Message":
-        """A reply names its request by id and table."""
-        return Message(op=op, id=self.id, sender=sender, table=self.table, ring=ring,
-                       clock=self.clock, meta=meta or {}, arrays=arrays or [])
+        """A reply names its request by id and table. (Fields by position, in their order
+        above: one reply per request, and keywords make the call twice as dear.)"""
+        return Message(op, self.id, sender, self.table, ring, self.clock, meta or {}, arrays or [])
 
     def __repr__(self) -> str:
         arrays = ", ".join(describe_array(a) for a in self.arrays)

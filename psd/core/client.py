@@ -200,8 +200,12 @@ class ClientCore:
         """Queue the current clock to every server of the ring, behind everything queued."""
         issue = next(self._issue)
         for i, node in enumerate(self.ring.addresses):
-            msg = Message("clock", ring=self.ring.version, clock=self.clock_value, meta={"clock": self.clock_value})
-            self.queue.append(Part(None, node, [], msg, None, (issue, i)))
+            self.queue.append(Part(None, node, [], self._clock_message(self.clock_value), None, (issue, i)))
+
+    def _clock_message(self, value: int) -> Message:
+        """Clock ``value`` at our ring. (Fields by position, in Message's order: one per
+        server per clock, and keywords would cost a kwargs dict each.)"""
+        return Message("clock", 0, "", None, self.ring.version, value, {"clock": value})
 
     def _plan(self, req: Request, rows: Rows, slices: Slices, rid, orig, op: str | None = None) -> list[Part]:
         """One part per primary server of ``rows`` (the request's rows at ``slices``) by
@@ -265,9 +269,8 @@ class ClientCore:
                     continue
                 self._want_ring(now)  # (a ring without its address: a newer one names it)
                 return
-            cost = _cost(part)
             held = self.inflight.get(part.server, 0)
-            if held and held + cost > self.budget:
+            if held and held + _cost(part) > self.budget:
                 return  # (waits for answers to free the budget: nothing overtakes it)
             self.queue.pop(0)
             self._send(part, now)
@@ -366,8 +369,7 @@ class ClientCore:
             if req is None:  # a clock: again to the same server, saying the same clock (it
                 # vouches for the pushes before it, and goes again in its place among them)
                 if part.server in self.ring.addresses:
-                    value = part.msg.meta["clock"]
-                    part.msg = Message("clock", ring=self.ring.version, clock=value, meta={"clock": value})
+                    part.msg = self._clock_message(part.msg.meta["clock"])
                     fresh.append(part)
                 continue
             if self._moved(part):
@@ -377,12 +379,15 @@ class ClientCore:
                 fresh.extend(self._plan(req, part.rows, part.slices, part.msg.meta.get("rid"),
                                         part.msg.meta.get("orig"), part.msg.op))
             else:
-                part.msg = Message(part.msg.op, table=part.msg.table, ring=self.ring.version, clock=part.msg.clock,
-                                   meta={k: v for k, v in part.msg.meta.items() if k != SEQ},
-                                   arrays=part.msg.arrays)
+                part.msg = self._again(part.msg)
                 fresh.append(part)
         self.queue.extend(fresh)
         self.queue.sort(key=lambda p: p.order)
+
+    def _again(self, msg: Message) -> Message:
+        """``msg`` to send again as it was, at our ring, its stream place to be stamped anew."""
+        return Message(msg.op, table=msg.table, ring=self.ring.version, clock=msg.clock,
+                       meta={k: v for k, v in msg.meta.items() if k != SEQ}, arrays=msg.arrays)
 
     def _moved(self, part: Part) -> bool:
         """Whether the current ring sends any of the part's rows elsewhere."""
@@ -614,8 +619,7 @@ class ClientCore:
                 if self._moved(part):
                     self._requeue([part], now)  # (to its new owners, in order)
                     continue
-                part.msg = Message(part.msg.op, table=part.msg.table, ring=self.ring.version, clock=part.msg.clock,
-                                   meta={k: v for k, v in part.msg.meta.items() if k != SEQ}, arrays=part.msg.arrays)
+                part.msg = self._again(part.msg)
                 self._send(part, now)
         for req in list(self.requests.values()):
             if now >= req.deadline and not req.finished:
@@ -703,7 +707,9 @@ def _chunked(req: Request, rows: Rows, groups: list, pack: bool = True) -> list:
 def _cost(part: Part) -> int:
     """The bytes a part holds on its server until answered: its own payload, and the
     values a pull asks for."""
-    cost = sum(a.nbytes for a in part.msg.arrays)
+    cost = 0
+    for a in part.msg.arrays:  # (a loop: a generator's set-up costs more than the few arrays)
+        cost += a.nbytes
     req = part.request
     if req is not None and req.op != "push" and part.rows is not None:
         cost += part.rows.count * req.spec.width * req.spec.np_dtype.itemsize

@@ -199,9 +199,12 @@ class Policy:
             self._draining = False
 
     def _drain_now(self, now: float) -> None:
+        ready = self.clocks.ready()
+        if not ready and not self._pushes:
+            return  # (most clocks: nothing held, nothing kept)
         errors: list[Exception] = []
         call = _collecting(errors)
-        released = sorted(((self._held[rid][2], i, rid) for i, rid in enumerate(self.clocks.ready())))
+        released = sorted(((self._held[rid][2], i, rid) for i, rid in enumerate(ready)))
         self._pushes.sort(key=lambda p: (p[0], p[1]))
         floor = self.clocks.min_clock()
         limit = None if not self.buffers_pushes else self._keep_from(floor)

@@ -19,7 +19,7 @@ from typing import Callable
 
 from psd.codec import Message
 from psd.core.effects import Ask, Forget
-from psd.core.stream import SEQ, Outbound, parse
+from psd.core.stream import SEQ, Outbound
 from psd.errors import OutOfOrderError
 
 #: on_answer(call, reply or None, error or None, now)
@@ -28,15 +28,16 @@ OnAnswer = Callable[["Call", Message | None, Exception | None, float], None]
 
 class Call:
     """One request to another server; ``sent_at``: when it was last sent (a resend after
-    a gap moves it)."""
+    a gap moves it); ``sq``: its place on its stream when ordered (its ``meta.sq``)."""
 
-    __slots__ = ("token", "node", "address", "msg", "on_answer", "sent_at", "ordered")
+    __slots__ = ("token", "node", "address", "msg", "on_answer", "sent_at", "ordered", "sq")
 
     def __init__(self, node: str, address: str, msg: Message, on_answer: OnAnswer, sent_at: float,
                  ordered: bool) -> None:
         self.token = 0
         self.node, self.address, self.msg = node, address, msg
         self.on_answer, self.sent_at, self.ordered = on_answer, sent_at, ordered
+        self.sq: list[int] | None = None
 
 
 class PeerCalls:
@@ -62,7 +63,7 @@ class PeerCalls:
             stream = self._streams.get(call.node)
             if stream is None:
                 stream = self._streams[call.node] = Outbound()
-            call.msg.meta[SEQ] = stream.stamp(call)
+            call.sq = call.msg.meta[SEQ] = stream.stamp(call)
         self.outbox.append(Ask(call.node, call.address, call.msg, call.token))
 
     def forget(self, call: Call) -> None:
@@ -77,7 +78,7 @@ class PeerCalls:
         call = self._calls.pop(token, None)
         if call is None:
             return  # forgotten meanwhile
-        sq = parse(call.msg.meta.get(SEQ)) if call.ordered else None
+        sq = call.sq  # (stamped by us: no need to parse it back)
         if sq is not None and reply is not None:
             if reply.op == "error" and reply.meta.get("code") == OutOfOrderError.code:
                 resume = (reply.meta.get("data") or {}).get("from", 0)

@@ -179,6 +179,8 @@ class ServerCore:
 
     # -- driving -------------------------------------------------------------------
     def _take(self) -> list:
+        if not self.outbox:  # (most answers to peers and ticks leave nothing to do)
+            return []
         out = self.outbox[:]
         self.outbox.clear()
         return out
