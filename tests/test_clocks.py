@@ -303,6 +303,37 @@ def test_random_interleavings(n, tau, events, finish):
     assert sorted(released) == sorted(pulls)
 
 
+#: operations on a RangeClocks of ranges "a", "b" and "c" (worker, clock, ranges, synced)
+cache_ops = st.one_of(
+    st.tuples(st.just("join"), st.sampled_from(WORKERS), st.integers(0, 5)),
+    st.tuples(st.just("leave"), st.sampled_from(WORKERS)),
+    st.tuples(st.just("clock"), st.sampled_from(WORKERS), st.integers(0, 8),
+              st.sampled_from([None, ("a",), ("b", "c")]), st.booleans()),
+    st.tuples(st.just("pull"), st.sampled_from(WORKERS), st.integers(0, 8), st.sampled_from([None, ("a",), ("c",)])),
+    st.tuples(st.just("add_range"), st.sampled_from("abcd")),
+    st.tuples(st.just("drop_range"), st.sampled_from("abcd")),
+    st.tuples(st.just("resync")),
+    st.tuples(st.just("unsynced"), st.frozensets(st.sampled_from(WORKERS))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 4), tau=taus, ops=st.lists(cache_ops, max_size=40))
+def test_the_kept_floor_is_always_the_floor_worked_out_afresh(n, tau, ops):
+    """``min_clock`` keeps each range set's floor until the clocks or the group change:
+    after every operation it must equal the floor computed from scratch, for every range
+    set a pull may ask about (a mutator that forgot to drop the kept floors fails here)."""
+    rc = RangeClocks(num_workers=n, tau=tau, ranges=("a", "b", "c"))
+    for i, (op, *args) in enumerate(ops):
+        if op == "pull":
+            rc.pull(i, *args)
+        elif op == "unsynced":
+            rc.unsynced = set(args[0])
+        else:
+            getattr(rc, op)(*args)
+        for ranges in (None, ("a",), ("c",), ("b", "c")):
+            assert rc.min_clock(ranges) == rc._floor_now(ranges), (op, ranges)
+
+
 @settings(max_examples=100, deadline=None)
 @given(n=st.integers(1, 4), tau=st.integers(0, 3),
        steps=st.lists(st.integers(0, 3), min_size=1, max_size=80))

@@ -11,10 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import psd
+from psd.cluster.assignment import Assignment
+from psd.cluster.ranges import KEY_SPACE_END, Range
+from psd.cluster.rows import Rows
 from psd.codec import Message
-from psd.errors import ConfigError, UnknownFilterError
+from psd.codec.message import error_reply
+from psd.core.client import ClientCore, Send
+from psd.errors import ConfigError, NotReplicatedError, UnknownFilterError
 from psd.filters import TableInfo, build_chain, decode_values, parse_filters
 from psd.filters.lossy import dequantize, quantize
+from psd.schema import TableSpec
 
 from conftest import server_ranges
 
@@ -318,6 +324,23 @@ def test_a_tables_zstd_stage_overrides_the_sockets_setting():
     np.testing.assert_array_equal(decode(encode(Message("push", arrays=[small], zstd=(19, 64)))).arrays[0], small)
     chain = build_chain([{"zstd": {"level": 19, "threshold": 64}}], SUM)
     assert chain.zstd == (19, 64) and chain.apply(np.arange(3, dtype=np.uint64), np.ones((3, 2), np.float32))[2] == {}
+
+
+def test_a_part_sent_again_keeps_its_tables_zstd_stage():
+    """A resend (after ``not_replicated``, or on a new connection after a drop) is built
+    anew from the part's message: it must carry the table's zstd stage as the first send
+    did, not fall back to the socket's setting."""
+    ring = Assignment(version=1, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),), addresses={"S0": "tcp://S0"})
+    core = ClientCore("W0", 10.0, ring)
+    rows = Rows(keys=np.array([10, 20], np.uint64), values=np.ones((2, 1), np.float32), zstd=(19, 64))
+    _, effects = core.issue("push", TableSpec("t", 1, "float32"), rows, 0.0)
+    [first] = [e.msg for e in effects if isinstance(e, Send)]
+    assert first.zstd == (19, 64)
+    core.answered("S0", error_reply(first, NotReplicatedError("S1 refused it"), "S0"), first.id, 0.01)
+    [retry] = [e.msg for e in core.tick(2.0) if isinstance(e, Send)]
+    assert retry.zstd == (19, 64)
+    [again] = [e.msg for e in core.connection_lost("S0", 2.1) if isinstance(e, Send)]
+    assert again.id != retry.id and again.zstd == (19, 64)
 
 
 def test_significant_on_an_integer_table_sends_whole_counts_and_loses_none():

@@ -91,17 +91,18 @@ class RangeClocks:
         self._unsynced: set[str] = set()
 
     @property
-    def unsynced(self) -> set[str]:
+    def unsynced(self) -> frozenset[str]:
         """Live workers whose clocks do not vouch for ranges this server took over lately:
         a clock says every push sent *here* before it has arrived, and a worker's pushes
         to a range it thought another server led went there; until it clocks again
         knowing the new ring (its pushes sent again come first), it holds the floor.
-        Replace it by assignment (the floor is recomputed then), not in place."""
-        return self._unsynced
+        Read as a frozen copy and replaced by assignment: the floor is recomputed then,
+        and a change in place would leave it stale."""
+        return frozenset(self._unsynced)
 
     @unsynced.setter
-    def unsynced(self, workers: set[str]) -> None:
-        self._unsynced = workers
+    def unsynced(self, workers: set[str] | frozenset[str]) -> None:
+        self._unsynced = set(workers)
         self._floors.clear()
 
     # -- consistency setting ---------------------------------------------------------
@@ -208,6 +209,12 @@ class RangeClocks:
     def min_clock(self, ranges: Iterable[Hashable] | None = None) -> int | None:
         """The clock every group worker has reached (missing ones count 0); None if empty."""
         return self._floor(None if ranges is None else tuple(ranges))
+
+    def min_clock_now(self) -> int | None:
+        """``min_clock()`` worked out afresh, past the cache: for a reader on another
+        thread (log records), which must never fill the cache with a floor it read while
+        the loop was halfway through a clock."""
+        return self._floor_now(None)
 
     def clocks(self, range_id: Hashable | None = None) -> dict[str, int]:
         """Live workers' clocks in one range, or (default) the minimum over all ranges."""

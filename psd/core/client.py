@@ -385,9 +385,10 @@ class ClientCore:
         self.queue.sort(key=lambda p: p.order)
 
     def _again(self, msg: Message) -> Message:
-        """``msg`` to send again as it was, at our ring, its stream place to be stamped anew."""
+        """``msg`` to send again as it was (its table's zstd stage too), at our ring, its
+        stream place to be stamped anew."""
         return Message(msg.op, table=msg.table, ring=self.ring.version, clock=msg.clock,
-                       meta={k: v for k, v in msg.meta.items() if k != SEQ}, arrays=msg.arrays)
+                       meta={k: v for k, v in msg.meta.items() if k != SEQ}, arrays=msg.arrays, zstd=msg.zstd)
 
     def _moved(self, part: Part) -> bool:
         """Whether the current ring sends any of the part's rows elsewhere."""

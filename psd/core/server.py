@@ -1489,8 +1489,9 @@ class ServerCore:
         }
 
     def log_clock(self) -> int | None:
-        """For log records: the slowest worker clock the consistency gate knows."""
-        return self.gate.policies[self.gate.default].clocks.min_clock()
+        """For log records (read from any thread): the slowest worker clock the
+        consistency gate knows."""
+        return self.gate.policies[self.gate.default].clocks.min_clock_now()
 
 
 def _cover(value, rows: Rows) -> list[Range] | None:
