@@ -5,8 +5,14 @@ print every failing seed with the command that replays it.
     python scripts/sim_soak.py --minutes 30            # all three consistency models in turn
     python scripts/sim_soak.py --seed 1234 --consistency bounded -v   # replay one, with its log
     python scripts/sim_soak.py --minutes 10 --pace long   # the schedules before decision 136
+    python scripts/sim_soak.py --minutes 30 --mix        # workload features mixed per seed
+    python scripts/sim_soak.py --seed 500406 --consistency eventual --mix -v   # replay one of those
 
-It uses every core (one process each) and shows progress once a second.
+It uses every core (one process each) and shows progress once a second. With ``--mix``
+each seed also turns on a mix of the optional workload features (``MIX``: key caching,
+pull filters, spans, pushpulls, older clients' pushpulls, BSP, checkpoints, restore, an
+evicting table), drawn from the seed itself, so ``--seed N --mix`` replays it; the
+suite runs each feature on seeds of its own, never together.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import argparse
 import itertools
 import logging
 import os
+import random
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -25,12 +32,32 @@ from psd.sim import settings_for, simulate  # noqa: E402
 from psd.sim.run import PACES  # noqa: E402
 
 MODELS = ("eventual", "bounded", "sequential")
+#: the optional workload features ``--mix`` draws (psd.sim.run.Settings), each on about
+#: three seeds in ten
+MIX = ("key_caching", "pull_filters", "spans", "pushpull", "older_pushpull", "bsp", "checkpoints", "restore",
+       "bounded")
 
 
-def one(args: tuple[int, str, str]) -> tuple[int, str, str | None, int]:
-    seed, consistency, pace = args
+def settings(seed: int, consistency: str, mix: bool) -> dict:
+    """The suite's settings of ``seed`` and, with ``mix``, the features the seed draws
+    (with what each needs: an older client's pushpulls are pushpulls; a restore needs
+    checkpoints, at replication 1)."""
+    kw = settings_for(seed, consistency)
+    if not mix:
+        return kw
+    rng = random.Random(f"mix {seed}")
+    kw.update({feature: True for feature in MIX if rng.random() < 0.3})
+    if kw.get("older_pushpull"):
+        kw["pushpull"] = True
+    if kw.get("restore"):
+        kw.update(checkpoints=True, replication=1)
+    return kw
+
+
+def one(args: tuple[int, str, str, bool]) -> tuple[int, str, str | None, int]:
+    seed, consistency, pace, mix = args
     logging.disable(logging.CRITICAL)
-    outcome = simulate(seed, pace=pace, **settings_for(seed, consistency))
+    outcome = simulate(seed, pace=pace, **settings(seed, consistency, mix))
     return seed, consistency, None if outcome.ok else outcome.describe(), outcome.messages
 
 
@@ -43,19 +70,20 @@ def main() -> int:
     ap.add_argument("--pace", choices=sorted(PACES), default="short",
                     help="when things happen in a run (psd.sim.run.PACES; default short, the suite's)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--mix", action="store_true", help="each seed also turns on optional workload features (MIX)")
     ap.add_argument("-v", "--verbose", action="store_true", help="with --seed: the cores' log lines too")
     args = ap.parse_args()
     if args.seed is not None:
         if args.verbose:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         from psd.sim.run import Run, Settings
-        run = Run(args.seed, Settings(**settings_for(args.seed, args.consistency or "eventual"), pace=args.pace))
+        run = Run(args.seed, Settings(**settings(args.seed, args.consistency or "eventual", args.mix), pace=args.pace))
         outcome = run.run()
         print("\n".join(run.world.log))
         print(outcome.describe())
         return 0 if outcome.ok else 1
     models = [args.consistency] if args.consistency else list(MODELS)
-    jobs = ((seed, models[i % len(models)], args.pace) for i, seed in enumerate(itertools.count(args.start)))
+    jobs = ((seed, models[i % len(models)], args.pace, args.mix) for i, seed in enumerate(itertools.count(args.start)))
     end = time.monotonic() + 60 * args.minutes
     done = failed = messages = 0
     last = 0.0
@@ -68,8 +96,10 @@ def main() -> int:
                 done, messages = done + 1, messages + sent
                 if failure:
                     failed += 1
+                    mixed = f" --mix -v   # with {', '.join(f for f in MIX if settings(seed, consistency, True).get(f))}" \
+                        if args.mix else " -v"
                     print(f"\nFAILED {failure}\n  replay: python scripts/sim_soak.py --seed {seed} "
-                          f"--consistency {consistency} --pace {args.pace} -v", flush=True)
+                          f"--consistency {consistency} --pace {args.pace}{mixed}", flush=True)
                 if time.monotonic() < end:
                     running.add(pool.submit(one, next(jobs)))
             if time.monotonic() - last >= 1.0:
