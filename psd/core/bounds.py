@@ -9,7 +9,8 @@ makes every copy of a range hold the same rows:
 - **eviction** is decided on the primary, among the rows of ranges it leads, right after
   a push (or at a tick, for a TTL in seconds). The evicted keys go to each replica of
   their range as an ``evict`` record, on the same ordered stream as the forwards, so a
-  replica deletes them at the same point of the push sequence as its primary did; the
+  replica deletes them at the same point of the push sequence as its primary did (one
+  whose gate keeps pushes, for a checkpoint cut, deletes them from those too); the
   push that caused them is acknowledged only once the replicas hold the record too.
 
 Pure, like the rest of ``psd.core``: time comes in as ``now``.
@@ -30,6 +31,8 @@ from psd.store.bounded import Clock
 from psd.store.table import KEY_END, Table
 
 log = logging.getLogger("psd.server")
+
+
 def _keys_of(rows: Rows) -> np.ndarray:
     if rows.keys is not None:
         return rows.keys
