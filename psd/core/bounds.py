@@ -9,7 +9,8 @@ makes every copy of a range hold the same rows:
 - **eviction** is decided on the primary, among the rows of ranges it leads, right after
   a push (or at a tick, for a TTL in seconds). The evicted keys go to each replica of
   their range as an ``evict`` record, on the same ordered stream as the forwards, so a
-  replica deletes them at the same point of the push sequence as its primary did; the
+  replica deletes them at the same point of the push sequence as its primary did (one
+  whose gate keeps pushes, for a checkpoint cut, deletes them from those too); the
   push that caused them is acknowledged only once the replicas hold the record too.
 
 Pure, like the rest of ``psd.core``: time comes in as ``now``.
@@ -30,25 +31,20 @@ from psd.store.bounded import Clock
 from psd.store.table import KEY_END, Table
 
 log = logging.getLogger("psd.server")
-#: the clock an evict record takes in a replica's gate: past any cut, so that it waits
-#: behind every forward the gate keeps, and is applied at once when it keeps none
-AFTER_KEPT = 1 << 62
-
-
-class _Record:
-    """How an evict record kept by the gate shows in ``gate.kept()``: no rows (a range
-    copy carries kept pushes' rows along; a kept eviction has none to carry)."""
-
-    __slots__ = ("table", "rows", "origin")
-
-    def __init__(self, table: str):
-        self.table, self.rows, self.origin = table, None, None
 
 
 def _keys_of(rows: Rows) -> np.ndarray:
     if rows.keys is not None:
         return rows.keys
     return np.concatenate([np.uint64(lo) + np.arange(n, dtype=np.uint64) for lo, n in rows.spans])
+
+
+def _without(rows: Rows, keys: np.ndarray) -> Rows | None:
+    """The rows of ``rows`` whose keys are not in ``keys`` (None: none left)."""
+    keep = ~np.isin(_keys_of(rows), keys)
+    if keep.all():
+        return rows
+    return _take(rows, keep) if keep.any() else None
 
 
 def _take(rows: Rows, keep: np.ndarray) -> Rows:
@@ -174,11 +170,18 @@ class Bounds:
         core._check_forwarder(msg, rows)
         mine = core._replica_rows(rows, msg)
         if mine is not None:
-            # through the gate, behind the forwards it keeps (a checkpoint cut here): the
-            # primary decided with every push before this record applied
-            keys = mine.keys
-            core.policy(table).push(msg.sender, AFTER_KEPT, lambda: table.drop_keys(keys), _Record(table.spec.name))
+            self._drop(table, mine.keys)
         return msg.reply()
+
+    def _drop(self, table: Table, keys: np.ndarray) -> None:
+        """Delete ``keys`` now, and from the pushes our gate still keeps (a checkpoint cut
+        here): the primary decided with every push before this record applied, and a
+        forward after it may be applied before the kept ones. So every order of applying
+        them leaves the rows the primary holds."""
+        table.drop_keys(keys)
+        for kept in self.core.gate.waiting():
+            if kept.table == table.spec.name and kept.rows is not None:
+                kept.rows = _without(kept.rows, keys)
 
     def stats(self, table: Table) -> dict:
         return table.bounded_stats()

@@ -128,6 +128,12 @@ class Policy:
         the ones of its range (``what`` is the caller's account of the push)."""
         return [(clock, what) for clock, _seq, _apply, what in self._pushes]
 
+    def waiting(self) -> list[object]:
+        """``what`` of every push not applied yet: kept for the clock boundary or held by
+        a checkpoint cut, in no particular order."""
+        return [what for _c, _s, _a, what in self._pushes] + [
+            what for _w, _c, apply, what in self._past_cut if apply is not None]
+
     def push(self, worker: str, clock: int, apply: Callable[[], None], what: object = None,
              keep: bool = False) -> bool:
         """Apply now, or keep for the clock boundary (sequential); True when applied now.
@@ -410,6 +416,10 @@ class Gate:
     def kept(self) -> list[tuple[int, object]]:
         """Every policy's pushes kept for the clock boundary: (clock, what)."""
         return [k for p in self.policies.values() for k in p.kept()]
+
+    def waiting(self) -> list[object]:
+        """Every policy's pushes not applied yet (``Policy.waiting``)."""
+        return [w for p in self.policies.values() for w in p.waiting()]
 
     def note_push(self, clock: int) -> None:
         self.max_push_clock = max(self.max_push_clock, clock)

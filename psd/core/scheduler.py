@@ -356,9 +356,12 @@ class SchedulerCore:
             if dead:
                 s.replaced.add(dead[0])
             previous = msg.meta.get("previous")
-            if isinstance(previous, str) and previous in s.ring.servers and previous not in s.live("server"):
+            listed = (*s.ring.servers, *(s.stable.servers if s.stable is not None else ()))
+            if isinstance(previous, str) and previous in listed and previous not in s.live("server"):
                 # a server declared dead registers again: the ranges only it held come back
-                # to it under the new name (the next ring change plans from it)
+                # to it under the new name (the next ring change plans from it). Listed in
+                # the last final ring too: the joint ring that drops it may be out already,
+                # and the copies it plans may fail (their source dies), leaving it the only copy
                 s.rejoined[previous] = node
                 log.warning("%s is %s back", node, previous)
             self.save()

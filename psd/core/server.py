@@ -1539,7 +1539,7 @@ def _kept(rows: Rows) -> dict | None:
 
 class Kept:
     """A push the consistency gate keeps for the clock boundary: the rows still to apply
-    here (narrowed when a range leaves, or a copy of it arrives)."""
+    here (narrowed when a range leaves, a copy of it arrives, or its primary evicts keys)."""
 
     __slots__ = ("table", "rows", "origin")
 
