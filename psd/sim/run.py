@@ -139,7 +139,8 @@ class Settings:
     older_pushpull: bool = False
     #: a BSP workload: each worker pushes, clocks and pulls, and starts its next iteration
     #: only once both are answered; once the workload stops, each worker still waiting
-    #: ends its iteration (one more clock) when answered. With it, ``check_end`` checks
+    #: ends its iteration (one more clock) when answered (with checkpoints, every worker
+    #: clocks on to one final clock: ``Run._final_clock``). With it, ``check_end`` checks
     #: liveness: no pull waits more than ``bsp_bound`` seconds past the heal (decision 138).
     #: Off by default: it changes the random schedule of every seed
     bsp: bool = False
@@ -336,9 +337,7 @@ class Run:
         if any(who == w for (who, _) in self._inflight):
             self.world.after(0.02, lambda: self._last_clock(w, final), worker.name)
             return
-        worker.clock()
-        self._order += 1
-        while worker.core.clock_value < final:
+        for _ in range(max(1, final - worker.core.clock_value)):
             worker.clock()
             self._order += 1
 
