@@ -140,8 +140,13 @@ class Checkpoints:
 
 
 def _all(servers: list[str], make, timeout: float, raise_errors: bool = True):
-    """Ask every server; raise the first error (a refusal, a failure, a timeout)."""
-    results = yield Calls([(n, make()) for n in servers], timeout=timeout)
+    """Ask every server; raise the first error (a refusal, a failure, a timeout), as
+    soon as it comes: a step that fails must not hold ``RING_LOCK`` waiting for the other
+    servers (a cut may wait a minute for a lagging worker), or the ring change of a
+    server that died meanwhile waits too, and pushes its death left on only some of
+    their replicas stay there (the workers' resends go to the dead primary until their
+    requests time out)."""
+    results = yield Calls([(n, make()) for n in servers], timeout=timeout, all_or_nothing=raise_errors)
     errors = [e for e in map(failure, results) if e is not None]
     if errors and raise_errors:
         raise errors[0]

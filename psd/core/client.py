@@ -595,11 +595,16 @@ class ClientCore:
         return self._take()
 
     def connection_lost(self, server: str, now: float) -> list:
-        """The connection to ``server`` dropped: what it had not admitted may be lost;
-        send it again on a new epoch (a push is applied once, whatever arrives twice)."""
+        """The connection to ``server`` dropped: what it had not admitted may be lost, and
+        so may the answers to what it had (a later part's answer confirmed it, its own was
+        on the way); send both again on a new epoch (a push is applied once, whatever
+        arrives twice), or a lost answer would hold its request until request_timeout."""
         stream = self.streams.get(server)
         if stream is not None:
             back = stream.restart()
+            unconfirmed = {id(p) for p in back}
+            back += [p for p in self.sent.values()
+                     if p.server == server and p.request is not None and id(p) not in unconfirmed]
             for p in back:
                 self.sent.pop(p.msg.id, None)
                 self._unsent(p)

@@ -33,11 +33,15 @@ Procedure = Generator[Any, Any, Any]
 class Calls:
     """Ask ``asks`` ((node, message) pairs) and resume with their answers, in order; an
     answer missing after ``timeout`` seconds is a PsdTimeoutError, and so is one whose
-    node (or, with ``watch``, one of the nodes listed for that call) is declared gone."""
+    node (or, with ``watch``, one of the nodes listed for that call) is declared gone.
+    ``all_or_nothing``: resume at the first failure (its answer in its place, those not
+    awaited None), when the others' answers could not change the outcome: a step that
+    fails anyway must not keep waiting (holding a lock) for them."""
 
     asks: list[tuple[str, Message]]
     timeout: float
     watch: list[tuple[str, ...]] | None = None
+    all_or_nothing: bool = False
 
 
 def failure(answer) -> PsdError | None:
@@ -86,6 +90,7 @@ class _Running:
     answers: list = field(default_factory=list)
     nodes: list = field(default_factory=list)
     watched: list = field(default_factory=list)  # per call: the nodes whose loss fails it
+    all_or_nothing: bool = False  # of the current Calls
     doing: int | None = None  # the token of a Do the driver is running
     deadline: float | None = None
     wake_at: float | None = None
@@ -127,6 +132,8 @@ class Runner:
             return True
         i = run.tokens.pop(token)
         run.answers[i] = error if error is not None else reply
+        if run.all_or_nothing and failure(run.answers[i]) is not None:
+            self._stop_waiting(run)
         if not run.tokens:
             self._step(run, run.answers, None, now)
         return True
@@ -144,8 +151,17 @@ class Runner:
                 self._by_token.pop(token, None)
                 self._forget(run.nodes[i], token)
                 run.answers[i] = PsdTimeoutError(f"{node} is gone", node=node)
+            if run.all_or_nothing:
+                self._stop_waiting(run)
             if not run.tokens:
                 self._step(run, run.answers, None, now)
+
+    def _stop_waiting(self, run: _Running) -> None:
+        """Forget the calls ``run`` still waits for (their answers stay None)."""
+        for token, i in run.tokens.items():
+            self._by_token.pop(token, None)
+            self._forget(run.nodes[i], token)
+        run.tokens.clear()
 
     def tick(self, now: float) -> None:
         for run in list(self._running):
@@ -180,9 +196,15 @@ class Runner:
                 run.nodes = [node for node, _ in wait.asks]
                 run.watched = [set(w) for w in wait.watch] if wait.watch else [{n} for n in run.nodes]
                 run.deadline = now + wait.timeout
+                run.all_or_nothing = wait.all_or_nothing
+                gone = [i for i in range(len(run.nodes)) if run.watched[i] & self._gone]
+                for i in gone:
+                    run.answers[i] = PsdTimeoutError(f"{run.nodes[i]} is gone", node=run.nodes[i])
+                if gone and wait.all_or_nothing:
+                    value = run.answers  # (it fails as it starts: nothing asked)
+                    continue
                 for i, (node, msg) in enumerate(wait.asks):
                     if run.watched[i] & self._gone:
-                        run.answers[i] = PsdTimeoutError(f"{node} is gone", node=node)
                         continue
                     token = next(self._tokens)
                     run.tokens[token] = i

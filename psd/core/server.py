@@ -1395,7 +1395,11 @@ class ServerCore:
         self.gate.cut(at, workers, cut.snapshot)
 
     def on_ckpt_release(self, msg: Message, now: float) -> None:
+        """The checkpoint failed (another server's step did, say): let the held pushes
+        through, and drop a cut under way here, whose timeout would otherwise release a
+        later checkpoint's hold."""
         self._hold_until = None
+        self._checkpoint = None
         self.gate.release_cut()
         self.outbox.append(Reply(None, msg.reply(), LINK))
 

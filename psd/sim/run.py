@@ -139,7 +139,8 @@ class Settings:
     older_pushpull: bool = False
     #: a BSP workload: each worker pushes, clocks and pulls, and starts its next iteration
     #: only once both are answered; once the workload stops, each worker still waiting
-    #: ends its iteration (one more clock) when answered. With it, ``check_end`` checks
+    #: ends its iteration (one more clock) when answered (with checkpoints, every worker
+    #: clocks on to one final clock: ``Run._final_clock``). With it, ``check_end`` checks
     #: liveness: no pull waits more than ``bsp_bound`` seconds past the heal (decision 138).
     #: Off by default: it changes the random schedule of every seed
     bsp: bool = False
@@ -325,17 +326,31 @@ class Run:
                 self._order += 1
         self.world.after(self.rng.uniform(*self.pace.step), lambda: self._step(w), worker.name)
 
-    def _last_clock(self, w: int) -> None:
+    def _last_clock(self, w: int, final: int = 0) -> None:
         """BSP, the workload over: the worker ends its iteration once its push and pull
-        are answered (its pull may be what the others' pulls wait for), and stops."""
+        are answered (its pull may be what the others' pulls wait for), and stops; with
+        ``final``, it clocks on to that clock, as a job of a fixed number of iterations
+        ends every worker at one clock (``_final_clock``)."""
         worker = self.workers[w]
         if not worker.alive:
             return
         if any(who == w for (who, _) in self._inflight):
-            self.world.after(0.02, lambda: self._last_clock(w), worker.name)
+            self.world.after(0.02, lambda: self._last_clock(w, final), worker.name)
             return
-        worker.clock()
-        self._order += 1
+        for _ in range(max(1, final - worker.core.clock_value)):
+            worker.clock()
+            self._order += 1
+
+    def _final_clock(self) -> int:
+        """BSP with checkpoints: the clock every worker ends at, one past the furthest.
+        A cut waits for every worker to reach it, and meanwhile holds the pushes at or
+        past it, and the pulls of their workers (decision 20); a workload stopped by
+        time leaves a worker behind the others, idle below a cut one of them pushed
+        past, and the other's pull of its own held push then waits for the cut's
+        timeout. A real job runs every worker to its last iteration."""
+        if self.checkpoints is None:
+            return 0
+        return 1 + max(worker.core.clock_value for worker in self.workers)
 
     def _push(self, w: int, pull: bool = False) -> None:
         """A push of a few of the worker's keys, each to a fresh slot; ``pull``: as a
@@ -695,8 +710,9 @@ class Run:
             settle = self.checkpoints.workload_over(settle)
         if self.s.bsp:
             self.healed_at = self.world.now
+            final = self._final_clock()
             for w in range(len(self.workers)):
-                self._last_clock(w)
+                self._last_clock(w, final)
         settled = end + settle
         t = end
         while t < settled:  # (until every request is answered and the ring has settled)
