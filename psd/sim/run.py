@@ -292,6 +292,10 @@ class Run:
         return server
 
     # -- the workload ---------------------------------------------------------------
+    def workload_keys(self) -> list[int]:
+        """Every key the workload pushes: the random keys, and the span region's."""
+        return list(self.owner) + (self.spans.region() if self.spans is not None else [])
+
     def _ready(self, w: int) -> None:
         worker = self.workers[w]
 

@@ -90,7 +90,7 @@ class Spans:
         # a worker's first push covers its block: a run from the start (if no range cuts it)
         spans = self._spans(lo, self.block) if w in self.started else [(lo, self.block)]
         self.started.add(w)
-        keys = _keys(spans)
+        keys = span_keys(spans)
         at = (keys - np.uint64(self.lo)).astype(np.intp)
         if int(self.slots[at].max()) >= SLOTS:
             return
@@ -111,7 +111,7 @@ class Spans:
         run, rng = self.run, self.rng
         self._ready(w)
         spans = self._spans(self.lo + w * self.block, self.block) if own else self._spans(self.lo, self.hi - self.lo)
-        keys = _keys(spans)
+        keys = span_keys(spans)
         run._order += 1
         worker = run.workers[w]
         rec = PullRecord(w, keys, worker.core.clock_value, run.world.now, run._order)
@@ -139,6 +139,10 @@ class Spans:
             for s, i in zip(seg.tolist(), first.tolist()):
                 hist[s].append((int(p.slots[i]), p.order, p.issued, p.clock, acked))
         return hist
+
+    def region(self) -> list[int]:
+        """The region's keys (none before the first span request placed it)."""
+        return list(range(self.lo, self.hi)) if self.slots is not None else []
 
     def owner_of(self, key: int) -> int:
         return (key - self.lo) // self.block
@@ -212,5 +216,6 @@ class Spans:
                 "keys_pulled": sum(int(p.keys.size) for p in pulls if p.values is not None)}
 
 
-def _keys(spans: list[tuple[int, int]]) -> np.ndarray:
+def span_keys(spans: list[tuple[int, int]]) -> np.ndarray:
+    """The keys of ``spans`` ([(lo, count), ...]), in order."""
     return np.concatenate([np.uint64(lo) + np.arange(n, dtype=np.uint64) for lo, n in spans])
