@@ -85,14 +85,14 @@ class Checkpoints:
             # every push, so the step fails then; a server whose cut does not follow
             # within twice that lets its pushes through by itself (a lost cut, a lost release)
             step = hold_step(s.config)
-            held = yield from _all(servers, lambda: Message("ckpt_hold", meta={"within": 2 * step}), step)
+            held = yield from _all(servers, lambda: Message("ckpt_hold", meta={"within": 2 * step}), step, first=True)
             # the workers the cut covers, once every server holds: any other registers after
             # that, so all its pushes reach servers that hold them (after the cut)
             workers = s.live("worker")
             cut = 1 + max([r.meta["max_push_clock"] for r in held] +
                           [s.worker_clocks.get(w, 0) - 1 for w in workers] + [-1])
             done = yield from _all(servers, lambda: Message("ckpt_cut", meta={
-                "cut": cut, "workers": workers, "folder": str(folder), "timeout": timeout}), timeout + 5)
+                "cut": cut, "workers": workers, "folder": str(folder), "timeout": timeout}), timeout + 5, first=True)
         except Exception:
             self.failed += 1
             yield from _all(servers, lambda: Message("ckpt_release"), s.config.request_timeout, raise_errors=False)
@@ -139,9 +139,12 @@ class Checkpoints:
                 "restored_from": self.restored_from}
 
 
-def _all(servers: list[str], make, timeout: float, raise_errors: bool = True):
-    """Ask every server; raise the first error (a refusal, a failure, a timeout)."""
-    results = yield Calls([(n, make()) for n in servers], timeout=timeout)
+def _all(servers: list[str], make, timeout: float, raise_errors: bool = True, first: bool = False):
+    """Ask every server; raise the first error (a refusal, a failure, a timeout). ``first``:
+    as soon as one fails (a server declared dead fails the checkpoint then, instead of
+    holding the ring lock and every server's pushes while the others wait for the
+    workers' clocks: workers may be waiting for that server's ranges)."""
+    results = yield Calls([(n, make()) for n in servers], timeout=timeout, first_failure=first)
     errors = [e for e in map(failure, results) if e is not None]
     if errors and raise_errors:
         raise errors[0]

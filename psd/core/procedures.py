@@ -38,6 +38,10 @@ class Calls:
     asks: list[tuple[str, Message]]
     timeout: float
     watch: list[tuple[str, ...]] | None = None
+    #: resume at the first failure, the other calls forgotten (their answers None): for
+    #: steps that fail on any failure, so that one dead node does not keep them waiting
+    #: (and what they hold held) for the others
+    first_failure: bool = False
 
 
 def failure(answer) -> PsdError | None:
@@ -89,6 +93,7 @@ class _Running:
     doing: int | None = None  # the token of a Do the driver is running
     deadline: float | None = None
     wake_at: float | None = None
+    first_failure: bool = False  # (of the Calls it waits for)
 
 
 class Runner:
@@ -127,8 +132,8 @@ class Runner:
             return True
         i = run.tokens.pop(token)
         run.answers[i] = error if error is not None else reply
-        if not run.tokens:
-            self._step(run, run.answers, None, now)
+        if not run.tokens or (run.first_failure and failure(run.answers[i]) is not None):
+            self._resume(run, now)
         return True
 
     def node_gone(self, node: str, now: float) -> None:
@@ -144,18 +149,23 @@ class Runner:
                 self._by_token.pop(token, None)
                 self._forget(run.nodes[i], token)
                 run.answers[i] = PsdTimeoutError(f"{node} is gone", node=node)
-            if not run.tokens:
-                self._step(run, run.answers, None, now)
+            if not run.tokens or run.first_failure:
+                self._resume(run, now)
+
+    def _resume(self, run: _Running, now: float) -> None:
+        """Resume ``run`` with its calls' answers, forgetting those still awaited."""
+        for token, i in run.tokens.items():
+            self._by_token.pop(token, None)
+            self._forget(run.nodes[i], token)
+        run.tokens.clear()
+        self._step(run, run.answers, None, now)
 
     def tick(self, now: float) -> None:
         for run in list(self._running):
             if run.tokens and run.deadline is not None and now >= run.deadline:
-                for token, i in list(run.tokens.items()):
-                    self._by_token.pop(token, None)
-                    self._forget(run.nodes[i], token)
+                for i in run.tokens.values():
                     run.answers[i] = PsdTimeoutError(f"{run.nodes[i]} did not answer in time", node=run.nodes[i])
-                run.tokens.clear()
-                self._step(run, run.answers, None, now)
+                self._resume(run, now)
             elif run.wake_at is not None and now >= run.wake_at:
                 run.wake_at = None
                 self._step(run, None, None, now)
@@ -180,16 +190,18 @@ class Runner:
                 run.nodes = [node for node, _ in wait.asks]
                 run.watched = [set(w) for w in wait.watch] if wait.watch else [{n} for n in run.nodes]
                 run.deadline = now + wait.timeout
-                for i, (node, msg) in enumerate(wait.asks):
-                    if run.watched[i] & self._gone:
-                        run.answers[i] = PsdTimeoutError(f"{node} is gone", node=node)
-                        continue
-                    token = next(self._tokens)
-                    run.tokens[token] = i
-                    self._by_token[token] = run
-                if not run.tokens:
+                run.first_failure = wait.first_failure
+                gone = {i for i, watched in enumerate(run.watched) if watched & self._gone}
+                for i in gone:
+                    run.answers[i] = PsdTimeoutError(f"{run.nodes[i]} is gone", node=run.nodes[i])
+                if len(gone) == len(wait.asks) or (gone and run.first_failure):
                     value = run.answers
                     continue
+                for i in range(len(wait.asks)):
+                    if i not in gone:
+                        token = next(self._tokens)
+                        run.tokens[token] = i
+                        self._by_token[token] = run
                 for token, i in list(run.tokens.items()):
                     node, msg = wait.asks[i]
                     self._ask(node, msg, token)

@@ -1395,7 +1395,10 @@ class ServerCore:
         self.gate.cut(at, workers, cut.snapshot)
 
     def on_ckpt_release(self, msg: Message, now: float) -> None:
+        """The checkpoint failed: let its held pushes through; a cut under way is not
+        written (the scheduler may give up at another server's failure, before ours)."""
         self._hold_until = None
+        self._checkpoint = None
         self.gate.release_cut()
         self.outbox.append(Reply(None, msg.reply(), LINK))
 
