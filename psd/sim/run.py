@@ -654,12 +654,17 @@ class Run:
     def _held_only(self) -> bool:
         """What the workers wait for is pulls a server holds: each worker's unanswered
         requests are pulls, it has nothing queued, to retry or to ask, and nothing but
-        heartbeats and answers is in flight, with no process stalled."""
+        heartbeats and answers is in flight, with no process stalled. With
+        ``Settings.restore``, none is sent to a dead server: a range it alone held waits
+        for the restore, and its pull goes again once its worker polls the next ring
+        (``RING_POLL``); without it the schedules stay those of the suite."""
         w = self.world
+        dead = {srv.core.node_id for srv in self.servers if not srv.alive} if self.s.restore else set()
         for wk in self.workers:
             core = wk.core
             if wk.alive and (core.queue or core.retries or core.awaiting_ring or wk.asking_ring
-                             or any(r.op != "pull" for r in core.requests.values())):
+                             or any(r.op != "pull" for r in core.requests.values())
+                             or any(p.server in dead for p in core.sent.values())):
                 return False
         return not any(until > w.now for until in w.stalled_until.values()) and not w.work_in_flight()
 
