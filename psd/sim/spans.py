@@ -129,6 +129,18 @@ class Spans:
         cuts.update(c for c in extra if self.lo < c < self.hi)
         return np.array(sorted(cuts), np.uint64)
 
+    def _loss_edges(self) -> list[int]:
+        """Where the push slots allowed lost (``Run.lost_ok``: ``Settings.restore``) change
+        along the region: a segment's keys must share them, as they share their pushes."""
+        lost, edges, before = self.run.lost_ok, [], None
+        if not lost:
+            return edges
+        for k in range(self.lo, self.hi):
+            if lost.get(k) != before:
+                edges.append(k)
+                before = lost.get(k)
+        return edges
+
     def _history(self, cuts: np.ndarray) -> list[list[tuple[int, int, float, int, bool]]]:
         """Per segment [cuts[i], cuts[i+1]): its pushes as (slot, order, issued, clock,
         acked), the shape ``Run._check_read`` takes for one key."""
@@ -150,7 +162,7 @@ class Spans:
     def check_pulls(self, worker_id: dict, dead_workers: set) -> None:
         if self.slots is None:
             return
-        cuts = self._cuts()
+        cuts = self._cuts(self._loss_edges())
         hist = self._history(cuts)
         for pull in self.pulls:
             if pull.values is None:
@@ -170,7 +182,7 @@ class Spans:
         extra = [r.begin for r in ring.ranges]
         for srv in servers.values():
             extra += [c for r in srv.core.incoming for c in (r.begin, r.end)]
-        cuts = self._cuts(extra)
+        cuts = self._cuts(extra + self._loss_edges())
         hist = self._history(cuts)
         table_name = self.run.table.name
         for s, pushes in enumerate(hist):
