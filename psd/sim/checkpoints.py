@@ -371,7 +371,7 @@ class Checkpoints:
         ring = run.scheduler.core.state.ring
         servers = {s.core.node_id: s for s in run.servers if s.alive and s.name in self.world.processes}
         out = {}
-        for k in run.owner:
+        for k in run.workload_keys():
             for node in ring.owners_at(k):
                 srv = servers.get(node)
                 table = srv.core.tables.get(run.table.name) if srv is not None else None

@@ -22,6 +22,7 @@ import numpy as np
 
 from psd.sim.nodes import SimServer
 from psd.sim.run import PushRecord, _decode
+from psd.sim.spans import span_keys
 from psd.store.checkpoint import read_server_file
 
 #: seconds a range has no copy before the scheduler restores it
@@ -76,7 +77,7 @@ class Restore:
         for srv in run.servers:
             node = srv.core.node_id
             if node in abandoned and node not in self.given_up and srv not in self.lost and srv.alive:
-                self.given_up[node] = {k: _held_by(srv, run.table.name, k) for k in run.owner}
+                self.given_up[node] = _held_by(srv, run.table.name, self.run.workload_keys())
                 self.acked_by_lost |= self._acked_by(node)
                 self.lost_at = min(self.lost_at, self.world.now)
                 run.outcome.faults.append(f"given up {node}@{self.world.now:.2f}")
@@ -85,18 +86,19 @@ class Restore:
         """(key, slot) of the pushes acknowledged by now wholly, or for their part sent
         to ``node`` (which its worker will never send again)."""
         run = self.run
-        out = {(k, slot) for p in run.pushes if p.outcome == "acked" for k, slot in zip(p.keys.tolist(), p.slots)}
+        pushes = run.pushes + (run.spans.pushes if run.spans is not None else [])
+        out = {(k, slot) for p in pushes if p.outcome == "acked" for k, slot in zip(p.keys.tolist(), p.slots)}
         for w, worker in enumerate(run.workers):
             for ts, req in worker.core.requests.items():
                 rec = run._inflight.get((w, ts))
                 rec = rec[0] if isinstance(rec, tuple) else rec
                 if not isinstance(rec, PushRecord):
                     continue
-                slot_of = dict(zip(rec.keys.tolist(), rec.slots))
+                slot_of = dict(zip(rec.keys.tolist(), np.asarray(rec.slots).tolist()))
                 for part in req.parts:
                     if (part.server == node and part.reply is not None and part.reply.op == "ok"
-                            and part.rows is not None and part.rows.keys is not None):
-                        out |= {(k, slot_of[k]) for k in part.rows.keys.tolist() if k in slot_of}
+                            and part.rows is not None):
+                        out |= {(k, slot_of[k]) for k in _keys_of(part.rows).tolist() if k in slot_of}
         return out
 
     def allow_lost(self) -> None:
@@ -114,17 +116,14 @@ class Restore:
         for entry in run.scheduler.core.restored:
             folder = Path(entry["checkpoint"])
             values = self._values_of(folder)
-            dead = [s for s in run.servers
-                    if s.core.node_id in entry["servers"] and s.core.node_id not in self.given_up]
-            alive = [self.given_up[n] for n in entry["servers"] if n in self.given_up]
-            for k in run.owner:
-                if not any(r["begin"] <= k <= r["last"] for r in entry["ranges"]):
-                    continue
+            keys = [k for k in run.workload_keys() if any(r["begin"] <= k <= r["last"] for r in entry["ranges"])]
+            copies = [_held_by(s, run.table.name, keys) for s in run.servers
+                      if s.core.node_id in entry["servers"] and s.core.node_id not in self.given_up]
+            copies += [self.given_up[n] for n in entry["servers"] if n in self.given_up]
+            for k in keys:
                 held: set[int] = set()
-                for srv in dead:
-                    held |= _held_by(srv, run.table.name, k)
-                for snapshot in alive:
-                    held |= snapshot.get(k, set())
+                for copy in copies:
+                    held |= copy.get(k, set())
                 yield entry, k, held, _decode(values.get(k, 0))[0]
 
     def _values_of(self, folder: Path) -> dict[int, int]:
@@ -155,19 +154,28 @@ class Restore:
                 "keys restored": self.restored_keys,
                 "slots allowed lost": sum(len(v) for v in self.run.lost_ok.values())}
 
-def _held_by(server: SimServer, table_name: str, k: int) -> set[int]:
-    """The push slots of key ``k`` a (dead) server held: applied to its table, or acked
-    and kept by its gate (for the clock boundary, or a checkpoint's cut)."""
+def _held_by(server: SimServer, table_name: str, keys: list[int]) -> dict[int, set[int]]:
+    """Per key of ``keys``, the push slots a (dead) server held: applied to its table, or
+    acked and kept by its gate (for the clock boundary, or a checkpoint's cut)."""
     table = server.core.tables.get(table_name)
-    held = _decode(int(table.pull(np.array([k], np.uint64))[0, 0]))[0] if table is not None else set()
+    held: dict[int, set[int]] = {k: set() for k in keys}
+    if table is not None and held:
+        ordered = sorted(held)  # (a table pulls sorted keys)
+        values = table.pull(np.array(ordered, np.uint64))[:, 0].tolist()
+        held = {k: _decode(int(v))[0] for k, v in zip(ordered, values)}
     for policy in server.core.gate.policies.values():
         kept = [what for *_, what in policy._pushes]
         kept += [what for _w, _c, apply, what in policy._past_cut if apply is not None]
         for what in kept:
             rows = getattr(what, "rows", None)
-            if getattr(what, "table", None) != table_name or rows is None or rows.keys is None:
+            if getattr(what, "table", None) != table_name or rows is None:
                 continue
-            hit = np.flatnonzero(rows.keys == np.uint64(k))
-            for i in hit.tolist():
-                held |= _decode(int(rows.values[i, 0]))[0]
+            for k, v in zip(_keys_of(rows).tolist(), rows.values[:, 0].tolist()):
+                if k in held:
+                    held[k] |= _decode(int(v))[0]
     return held
+
+
+def _keys_of(rows) -> np.ndarray:
+    """The keys a request's rows name: its key list, or its spans' keys."""
+    return rows.keys if rows.keys is not None else span_keys(rows.spans)

@@ -36,6 +36,7 @@ from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core import ids
+from psd.core.ring_changes import unavailable
 from psd.errors import ConfigError
 from psd.filters.pull import build_pull
 from psd.schema import TableSpec
@@ -293,6 +294,10 @@ class Run:
         return server
 
     # -- the workload ---------------------------------------------------------------
+    def workload_keys(self) -> list[int]:
+        """Every key the workload pushes: the random keys, and the span region's."""
+        return list(self.owner) + (self.spans.region() if self.spans is not None else [])
+
     def _ready(self, w: int) -> None:
         worker = self.workers[w]
 
@@ -530,10 +535,14 @@ class Run:
     def check_live(self) -> None:
         """BSP: every pull of a live worker is answered within ``bsp_bound`` seconds of
         when it was issued or of the heal, whichever is later (a held pull that nothing
-        will release stalls its worker for good: decision 138)."""
+        will release stalls its worker for good: decision 138). With ``Settings.restore``,
+        or of the last restore before its answer: until then a range had no copy by design,
+        and every worker may wait for one waiting for it."""
+        restores = sorted(entry["time"] for entry in self.scheduler.core.restored)
         for rec in self.pulls:
-            start = max(rec.issued, self.healed_at)
-            took = (rec.answered if rec.answered is not None else self.world.now) - start
+            end = rec.answered if rec.answered is not None else self.world.now
+            start = max([rec.issued, self.healed_at] + [t for t in restores if t <= end])
+            took = end - start
             if (rec.error or "").startswith("connection closed"):
                 self.violate(f"liveness: pull #{rec.order} of worker {rec.worker} at clock {rec.clock} "
                              f"(issued t={rec.issued:.3f}) was still unanswered when its worker left")
@@ -660,20 +669,30 @@ class Run:
     def _held_only(self) -> bool:
         """What the workers wait for is pulls a server holds: each worker's unanswered
         requests are pulls, it has nothing queued, to retry or to ask, and nothing but
-        heartbeats and answers is in flight, with no process stalled."""
+        heartbeats and answers is in flight, with no process stalled. With
+        ``Settings.restore``, none is sent to a dead server: a range it alone held waits
+        for the restore, and its pull goes again once its worker polls the next ring
+        (``RING_POLL``); without it the schedules stay those of the suite."""
         w = self.world
+        dead = {srv.core.node_id for srv in self.servers if not srv.alive} if self.s.restore else set()
         for wk in self.workers:
             core = wk.core
             if wk.alive and (core.queue or core.retries or core.awaiting_ring or wk.asking_ring
-                             or any(r.op != "pull" for r in core.requests.values())):
+                             or any(r.op != "pull" for r in core.requests.values())
+                             or any(p.server in dead for p in core.sent.values())):
                 return False
         return not any(until > w.now for until in w.stalled_until.values()) and not w.work_in_flight()
 
     def _ring_settled(self) -> bool:
+        """No ring change running or left to finish, every live server at the scheduler's
+        ring, and (``Settings.restore``) no range without a live copy: the scheduler will
+        restore it (requests for its keys wait for that)."""
         core = self.scheduler.core
         if core.ring_changes.busy or core.ring_changes.unfinished or not self.scheduler.alive:
             return False
         live = set(core.state.live("server"))
+        if self.s.restore and (core.ring_changes.restoring or unavailable(core.state.ring, live)):
+            return False
         servers = [srv for srv in self.servers if srv.alive and srv.core.node_id in live]
         return len(servers) == len(live) and all(srv.core.ring.version == core.ring.version and not srv.core.incoming
                                                  for srv in servers)

@@ -90,7 +90,7 @@ class Spans:
         # a worker's first push covers its block: a run from the start (if no range cuts it)
         spans = self._spans(lo, self.block) if w in self.started else [(lo, self.block)]
         self.started.add(w)
-        keys = _keys(spans)
+        keys = span_keys(spans)
         at = (keys - np.uint64(self.lo)).astype(np.intp)
         if int(self.slots[at].max()) >= SLOTS:
             return
@@ -111,7 +111,7 @@ class Spans:
         run, rng = self.run, self.rng
         self._ready(w)
         spans = self._spans(self.lo + w * self.block, self.block) if own else self._spans(self.lo, self.hi - self.lo)
-        keys = _keys(spans)
+        keys = span_keys(spans)
         run._order += 1
         worker = run.workers[w]
         rec = PullRecord(w, keys, worker.core.clock_value, run.world.now, run._order)
@@ -129,6 +129,18 @@ class Spans:
         cuts.update(c for c in extra if self.lo < c < self.hi)
         return np.array(sorted(cuts), np.uint64)
 
+    def _loss_edges(self) -> list[int]:
+        """Where the push slots allowed lost (``Run.lost_ok``: ``Settings.restore``) change
+        along the region: a segment's keys must share them, as they share their pushes."""
+        lost, edges, before = self.run.lost_ok, [], None
+        if not lost:
+            return edges
+        for k in range(self.lo, self.hi):
+            if lost.get(k) != before:
+                edges.append(k)
+                before = lost.get(k)
+        return edges
+
     def _history(self, cuts: np.ndarray) -> list[list[tuple[int, int, float, int, bool]]]:
         """Per segment [cuts[i], cuts[i+1]): its pushes as (slot, order, issued, clock,
         acked), the shape ``Run._check_read`` takes for one key."""
@@ -140,13 +152,17 @@ class Spans:
                 hist[s].append((int(p.slots[i]), p.order, p.issued, p.clock, acked))
         return hist
 
+    def region(self) -> list[int]:
+        """The region's keys (none before the first span request placed it)."""
+        return list(range(self.lo, self.hi)) if self.slots is not None else []
+
     def owner_of(self, key: int) -> int:
         return (key - self.lo) // self.block
 
     def check_pulls(self, worker_id: dict, dead_workers: set) -> None:
         if self.slots is None:
             return
-        cuts = self._cuts()
+        cuts = self._cuts(self._loss_edges())
         hist = self._history(cuts)
         for pull in self.pulls:
             if pull.values is None:
@@ -166,7 +182,7 @@ class Spans:
         extra = [r.begin for r in ring.ranges]
         for srv in servers.values():
             extra += [c for r in srv.core.incoming for c in (r.begin, r.end)]
-        cuts = self._cuts(extra)
+        cuts = self._cuts(extra + self._loss_edges())
         hist = self._history(cuts)
         table_name = self.run.table.name
         for s, pushes in enumerate(hist):
@@ -212,5 +228,6 @@ class Spans:
                 "keys_pulled": sum(int(p.keys.size) for p in pulls if p.values is not None)}
 
 
-def _keys(spans: list[tuple[int, int]]) -> np.ndarray:
+def span_keys(spans: list[tuple[int, int]]) -> np.ndarray:
+    """The keys of ``spans`` ([(lo, count), ...]), in order."""
     return np.concatenate([np.uint64(lo) + np.arange(n, dtype=np.uint64) for lo, n in spans])
