@@ -9,7 +9,7 @@ print every failing seed with the command that replays it.
     python scripts/sim_soak.py --seed 500406 --consistency eventual --mix -v   # replay one of those
 
 It uses every core (one process each) and shows progress once a second. With ``--mix``
-each seed also turns on a mix of the optional workload features (``MIX``: key caching,
+each seed also turns on a mix of the optional workload features (``psd.sim.run.MIX``: key caching,
 pull filters, spans, pushpulls, older clients' pushpulls, BSP, checkpoints, restore, an
 evicting table), drawn from the seed itself, so ``--seed N --mix`` replays it; the
 suite runs each feature on seeds of its own, never together.
@@ -20,7 +20,6 @@ import argparse
 import itertools
 import logging
 import os
-import random
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -29,29 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from psd.sim import settings_for, simulate  # noqa: E402
-from psd.sim.run import PACES  # noqa: E402
+from psd.sim.run import MIX, PACES, mixed_settings  # noqa: E402
 
 MODELS = ("eventual", "bounded", "sequential")
-#: the optional workload features ``--mix`` draws (psd.sim.run.Settings), each on about
-#: three seeds in ten
-MIX = ("key_caching", "pull_filters", "spans", "pushpull", "older_pushpull", "bsp", "checkpoints", "restore",
-       "bounded")
 
 
 def settings(seed: int, consistency: str, mix: bool) -> dict:
-    """The suite's settings of ``seed`` and, with ``mix``, the features the seed draws
-    (with what each needs: an older client's pushpulls are pushpulls; a restore needs
-    checkpoints, at replication 1)."""
-    kw = settings_for(seed, consistency)
-    if not mix:
-        return kw
-    rng = random.Random(f"mix {seed}")
-    kw.update({feature: True for feature in MIX if rng.random() < 0.3})
-    if kw.get("older_pushpull"):
-        kw["pushpull"] = True
-    if kw.get("restore"):
-        kw.update(checkpoints=True, replication=1)
-    return kw
+    return mixed_settings(seed, consistency) if mix else settings_for(seed, consistency)
 
 
 def one(args: tuple[int, str, str, bool]) -> tuple[int, str, str | None, int]:

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from psd.sim import settings_for, simulate
+from psd.sim.run import mixed_settings
 
 #: seeds per consistency model in the suite, at the short pace (psd.sim.run.SHORT: the
 #: workload over about 1 s of virtual time, its faults within [0.15, 0.7] s, then up to 4 s
@@ -784,3 +785,29 @@ def test_restore_with_other_features_keeps_every_invariant(why, seed, settings):
     finally:
         logging.disable(logging.NOTSET)
     assert outcome.ok, f"({why}) {outcome.describe()}"
+
+
+#: features the suite mixes on seeds of their own (psd.sim.run.mixed_settings); not yet:
+#: restore, the evicting table and older clients' pushpulls, whose mixes still fail on
+#: known causes (docs/design-decisions.md, decision 152)
+MIXED_FEATURES = ("key_caching", "pull_filters", "spans", "pushpull", "bsp", "checkpoints")
+MIXED_SEEDS = range(9500, 9800)
+
+
+def _run_mixed(seed: int) -> str | None:
+    logging.disable(logging.CRITICAL)
+    consistency = ("eventual", "bounded", "sequential")[seed % 3]
+    settings = mixed_settings(seed, consistency, MIXED_FEATURES)
+    outcome = simulate(seed, **settings)
+    return None if outcome.ok else f"{outcome.describe()}\n(settings: {settings})"
+
+
+@pytest.mark.timeout(300)
+def test_workload_features_mixed_keep_every_invariant():
+    """The features run together, each on about three seeds in ten: every invariant
+    holds (a soak of such mixes found the bugs of MIX_FOUND; ``scripts/sim_soak.py
+    --mix`` runs more, restore and the evicting table included)."""
+    _all_pass(_run_mixed, MIXED_SEEDS, chunksize=4)
+    mixes = [mixed_settings(s, "eventual", MIXED_FEATURES) for s in MIXED_SEEDS]
+    assert all(sum(m.get(f, False) for m in mixes) > 50 for f in MIXED_FEATURES)
+    assert sum(sum(m.get(f, False) for f in MIXED_FEATURES) >= 3 for m in mixes) > 40

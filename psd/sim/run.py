@@ -27,6 +27,8 @@ The same seed gives the same run: a failing seed replays exactly.
 """
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -818,6 +820,26 @@ def settings_for(seed: int, consistency: str) -> dict:
         kw.update(replication=3)
     if seed % 7 == 5:
         kw.update(placement="chained")
+    return kw
+
+
+#: the optional workload features ``mixed_settings`` draws from (Settings fields)
+MIX = ("key_caching", "pull_filters", "spans", "pushpull", "older_pushpull", "bsp", "checkpoints", "restore",
+       "bounded")
+
+
+def mixed_settings(seed: int, consistency: str, features: tuple[str, ...] = MIX) -> dict:
+    """``settings_for`` plus a mix of ``features``, each drawn on about three seeds in
+    ten from the seed itself (so a seed replays with its mix), with what each needs: an
+    older client's pushpulls are pushpulls, a restore needs checkpoints at replication 1.
+    The suite runs each feature on seeds of its own as well; this runs them together."""
+    kw = settings_for(seed, consistency)
+    rng = random.Random(f"mix {seed}")
+    kw.update({feature: True for feature in MIX if rng.random() < 0.3 and feature in features})
+    if kw.get("older_pushpull"):
+        kw["pushpull"] = True
+    if kw.get("restore"):
+        kw.update(checkpoints=True, replication=1)
     return kw
 
 
