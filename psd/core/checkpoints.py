@@ -85,14 +85,15 @@ class Checkpoints:
             # every push, so the step fails then; a server whose cut does not follow
             # within twice that lets its pushes through by itself (a lost cut, a lost release)
             step = hold_step(s.config)
-            held = yield from _all(servers, lambda: Message("ckpt_hold", meta={"within": 2 * step}), step)
+            held = yield from _all(servers, lambda: Message("ckpt_hold", meta={"within": 2 * step}), step,
+                                   fail_fast=True)
             # the workers the cut covers, once every server holds: any other registers after
             # that, so all its pushes reach servers that hold them (after the cut)
             workers = s.live("worker")
             cut = 1 + max([r.meta["max_push_clock"] for r in held] +
                           [s.worker_clocks.get(w, 0) - 1 for w in workers] + [-1])
             done = yield from _all(servers, lambda: Message("ckpt_cut", meta={
-                "cut": cut, "workers": workers, "folder": str(folder), "timeout": timeout}), timeout + 5)
+                "cut": cut, "workers": workers, "folder": str(folder), "timeout": timeout}), timeout + 5, fail_fast=True)
         except Exception:
             self.failed += 1
             yield from _all(servers, lambda: Message("ckpt_release"), s.config.request_timeout, raise_errors=False)
@@ -139,14 +140,14 @@ class Checkpoints:
                 "restored_from": self.restored_from}
 
 
-def _all(servers: list[str], make, timeout: float, raise_errors: bool = True):
-    """Ask every server; raise the first error (a refusal, a failure, a timeout), as
-    soon as it comes: a step that fails must not hold ``RING_LOCK`` waiting for the other
-    servers (a cut may wait a minute for a lagging worker), or the ring change of a
-    server that died meanwhile waits too, and pushes its death left on only some of
-    their replicas stay there (the workers' resends go to the dead primary until their
-    requests time out)."""
-    results = yield Calls([(n, make()) for n in servers], timeout=timeout, all_or_nothing=raise_errors)
+def _all(servers: list[str], make, timeout: float, raise_errors: bool = True, fail_fast: bool = False):
+    """Ask every server; raise the first error (a refusal, a failure, a timeout). With
+    ``fail_fast`` (a checkpoint's hold and cut), as soon as it comes: a step that fails
+    must not hold ``RING_LOCK`` waiting for the other servers (a cut may wait a minute
+    for a lagging worker), or the ring change of a server that died meanwhile waits too,
+    and pushes its death left on only some of their replicas stay there. (Not the
+    restore: workers must not see a ring while any server may still be loading.)"""
+    results = yield Calls([(n, make()) for n in servers], timeout=timeout, all_or_nothing=fail_fast)
     errors = [e for e in map(failure, results) if e is not None]
     if errors and raise_errors:
         raise errors[0]

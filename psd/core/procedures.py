@@ -94,6 +94,7 @@ class _Running:
     doing: int | None = None  # the token of a Do the driver is running
     deadline: float | None = None
     wake_at: float | None = None
+    resume: Any = None  # what the procedure is resumed with at ``wake_at`` (a Calls' answers)
 
 
 class Runner:
@@ -133,8 +134,8 @@ class Runner:
         i = run.tokens.pop(token)
         run.answers[i] = error if error is not None else reply
         if run.all_or_nothing and failure(run.answers[i]) is not None:
-            self._stop_waiting(run)
-        if not run.tokens:
+            self._fail_early(run, now)
+        elif not run.tokens:
             self._step(run, run.answers, None, now)
         return True
 
@@ -152,16 +153,21 @@ class Runner:
                 self._forget(run.nodes[i], token)
                 run.answers[i] = PsdTimeoutError(f"{node} is gone", node=node)
             if run.all_or_nothing:
-                self._stop_waiting(run)
-            if not run.tokens:
+                self._fail_early(run, now)
+            elif not run.tokens:
                 self._step(run, run.answers, None, now)
 
-    def _stop_waiting(self, run: _Running) -> None:
-        """Forget the calls ``run`` still waits for (their answers stay None)."""
+    def _fail_early(self, run: _Running, now: float) -> None:
+        """An ``all_or_nothing`` call failed: forget the calls ``run`` still waits for
+        (their answers stay None) and resume it at the next tick, not from inside this
+        call: a driver may answer an ask synchronously while it still sends the same
+        step's other asks, and what the procedure sends next (a release) must not reach
+        a node before them."""
         for token, i in run.tokens.items():
             self._by_token.pop(token, None)
             self._forget(run.nodes[i], token)
         run.tokens.clear()
+        run.wake_at, run.resume = now, run.answers
 
     def tick(self, now: float) -> None:
         for run in list(self._running):
@@ -173,8 +179,8 @@ class Runner:
                 run.tokens.clear()
                 self._step(run, run.answers, None, now)
             elif run.wake_at is not None and now >= run.wake_at:
-                run.wake_at = None
-                self._step(run, None, None, now)
+                value, run.wake_at, run.resume = run.resume, None, None
+                self._step(run, value, None, now)
 
     def _step(self, run: _Running, value, error: BaseException | None, now: float) -> None:
         while True:

@@ -1350,9 +1350,16 @@ class ServerCore:
 
     # -- checkpoints -------------------------------------------------------------------
     def on_ckpt_hold(self, msg: Message, now: float) -> None:
-        """Phase 1: from now on apply nothing new; say the highest clock pushed so far."""
+        """Phase 1: from now on apply nothing new; say the highest clock pushed so far.
+        A cut still under way here is an earlier checkpoint's, abandoned (its scheduler
+        restarted, or a standby took over): it ends first, or its snapshot or timeout
+        would release this hold later."""
         within = msg.meta.get("within")
         bounded = isinstance(within, (int, float)) and not isinstance(within, bool) and within > 0
+        if self._checkpoint is not None or any(p.cut is not None for p in self.gate.policies.values()):
+            log.warning("%s ends an earlier checkpoint's cut: a new checkpoint begins", self.node_id)
+            self._checkpoint = None
+            self._release_cut_logged()
         highest = self.gate.hold_all()
         self._hold_until = now + within if bounded else float("inf")  # (an older scheduler's: no bound)
         log.info("%s holds new pushes for a checkpoint (highest push clock so far: %d)", self.node_id, highest)
