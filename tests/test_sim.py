@@ -144,14 +144,19 @@ FOUND_SEEDS = [
 ]
 
 
-@pytest.mark.parametrize("why,seed,settings", FOUND_SEEDS, ids=[f"{w}-{s}" for w, s, _ in FOUND_SEEDS])
-def test_seeds_that_found_bugs_keep_every_invariant(why, seed, settings):
+def _keeps_every_invariant(why: str, seed: int, **settings) -> None:
+    """One seed that found a bug, replayed in this process."""
     logging.disable(logging.CRITICAL)
     try:
         outcome = simulate(seed, **settings)
     finally:
         logging.disable(logging.NOTSET)
     assert outcome.ok, f"({why}) {outcome.describe()}"
+
+
+@pytest.mark.parametrize("why,seed,settings", FOUND_SEEDS, ids=[f"{w}-{s}" for w, s, _ in FOUND_SEEDS])
+def test_seeds_that_found_bugs_keep_every_invariant(why, seed, settings):
+    _keeps_every_invariant(why, seed, **settings)
 
 
 # -- the invariants bite: each switched-off guarantee is found within the suite's seeds --------
@@ -743,12 +748,7 @@ MIX_FOUND = [
 @pytest.mark.parametrize("why,seed,settings", BOUNDED_MIXED_FOUND + MIX_FOUND,
                          ids=[f"{w}-{s}" for w, s, _ in BOUNDED_MIXED_FOUND + MIX_FOUND])
 def test_mixed_feature_seeds_that_found_bugs_keep_every_invariant(why, seed, settings):
-    logging.disable(logging.CRITICAL)
-    try:
-        outcome = simulate(seed, **settings)
-    finally:
-        logging.disable(logging.NOTSET)
-    assert outcome.ok, f"({why}) {outcome.describe()}"
+    _keeps_every_invariant(why, seed, **settings)
 
 
 #: restore with other workload features (a soak of random mixes), each failing before
@@ -779,12 +779,7 @@ RESTORE_MIXED_FOUND = [
 
 @pytest.mark.parametrize("why,seed,settings", RESTORE_MIXED_FOUND, ids=[f"{w}-{s}" for w, s, _ in RESTORE_MIXED_FOUND])
 def test_restore_with_other_features_keeps_every_invariant(why, seed, settings):
-    logging.disable(logging.CRITICAL)
-    try:
-        outcome = simulate(seed, **settings, replication=1, checkpoints=True, restore=True)
-    finally:
-        logging.disable(logging.NOTSET)
-    assert outcome.ok, f"({why}) {outcome.describe()}"
+    _keeps_every_invariant(why, seed, **settings, replication=1, checkpoints=True, restore=True)
 
 
 #: features the suite mixes on seeds of their own (psd.sim.run.mixed_settings); not yet:
