@@ -203,14 +203,14 @@ class Runner:
                 run.watched = [set(w) for w in wait.watch] if wait.watch else [{n} for n in run.nodes]
                 run.deadline = now + wait.timeout
                 run.all_or_nothing = wait.all_or_nothing
-                gone = [i for i in range(len(run.nodes)) if run.watched[i] & self._gone]
+                gone = {i for i in range(len(run.nodes)) if run.watched[i] & self._gone}
                 for i in gone:
                     run.answers[i] = PsdTimeoutError(f"{run.nodes[i]} is gone", node=run.nodes[i])
                 if gone and wait.all_or_nothing:
                     value = run.answers  # (it fails as it starts: nothing asked)
                     continue
                 for i, (node, msg) in enumerate(wait.asks):
-                    if run.watched[i] & self._gone:
+                    if i in gone:
                         continue
                     token = next(self._tokens)
                     run.tokens[token] = i

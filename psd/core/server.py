@@ -256,7 +256,7 @@ class ServerCore:
         rejoin = self.rejoining
         self._heard_leader(meta, now)
         restore_after = meta.get("restore_after")
-        if isinstance(restore_after, (int, float)) and not isinstance(restore_after, bool) and restore_after >= 0:
+        if _is_number(restore_after) and restore_after >= 0:
             self.restore_after = restore_after
         if rejoin and self.node_id != meta["node"]:
             self.previous.add(self.node_id)
@@ -1355,8 +1355,8 @@ class ServerCore:
         restarted, or a standby took over): it ends first, or its snapshot or timeout
         would release this hold later."""
         within = msg.meta.get("within")
-        bounded = isinstance(within, (int, float)) and not isinstance(within, bool) and within > 0
-        if self._checkpoint is not None or any(p.cut is not None for p in self.gate.policies.values()):
+        bounded = _is_number(within) and within > 0
+        if self._cut_under_way():
             log.warning("%s ends an earlier checkpoint's cut: a new checkpoint begins", self.node_id)
             self._checkpoint = None
             self._release_cut_logged()
@@ -1414,12 +1414,16 @@ class ServerCore:
         """We were removed from the cluster: a checkpoint we held pushes for failed without
         us (the scheduler's release, sent to our old name, may never come), or went on
         without us. Let its held pushes through; a cut under way is not written."""
-        if self._checkpoint is not None or any(p.cut is not None for p in self.gate.policies.values()):
+        if self._cut_under_way():
             log.warning("%s lets through the pushes it held for a checkpoint: it was removed from the cluster",
                         self.node_id)
         self._checkpoint = None
         self._hold_until = None
         self._release_cut_logged()
+
+    def _cut_under_way(self) -> bool:
+        """A checkpoint's cut waits here (for workers' clocks, or its file)."""
+        return self._checkpoint is not None or any(p.cut is not None for p in self.gate.policies.values())
 
     def written(self, token: int, result, error: Exception | None, now: float) -> list:
         """A file the core asked for (``Write``) was written, or failed."""
@@ -1503,6 +1507,11 @@ class ServerCore:
         """For log records (read from any thread): the slowest worker clock the
         consistency gate knows."""
         return self.gate.policies[self.gate.default].clocks.min_clock_now()
+
+
+def _is_number(value) -> bool:
+    """An int or a float from a message's meta (msgpack's True is an int to isinstance)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _cover(value, rows: Rows) -> list[Range] | None:

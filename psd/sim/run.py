@@ -28,7 +28,6 @@ The same seed gives the same run: a failing seed replays exactly.
 from __future__ import annotations
 
 import random
-
 from dataclasses import dataclass, field
 
 import numpy as np
