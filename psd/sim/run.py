@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -242,6 +243,9 @@ class Run:
         self.checkpoints = None
         #: key -> push slots allowed lost (acked, held only by a copy that died; Settings.restore)
         self.lost_ok: dict[int, set[int]] = {}
+        #: key -> (time, node) of each eviction of its row (``Settings.bounded``): a row
+        #: evicted may lack pushes it held (``Run._recording_evictions``)
+        self.evictions: dict[int, list[tuple[float, str]]] = {}
         if settings.restore and (not settings.checkpoints or settings.replication != 1):
             raise ConfigError("Settings.restore: needs checkpoints=True and replication=1 (a range with no copy left)")
         if settings.checkpoints:
@@ -290,9 +294,25 @@ class Run:
         server = SimServer(self.world, f"srv-{len(self.servers)}", self.config)
         server.count_states = self.s.count_states
         server.files = self.checkpoints
+        if self.s.bounded:
+            server.core.table_factory = partial(self._recording_evictions, server, server.core.table_factory)
         self.servers.append(server)
         server.start()
         return server
+
+    def _recording_evictions(self, server: SimServer, make, spec: TableSpec, usage):
+        """``server``'s table, made by ``make``, whose evictions go to ``Run.evictions``:
+        the only record of which rows a bounded table dropped by its own decision."""
+        table = make(spec, usage)
+        evict = table.evict
+
+        def recorded() -> np.ndarray:
+            keys = evict()
+            for k in keys.tolist():
+                self.evictions.setdefault(k, []).append((self.world.now, server.core.node_id))
+            return keys
+        table.evict = recorded
+        return table
 
     # -- the workload ---------------------------------------------------------------
     def workload_keys(self) -> list[int]:
