@@ -834,6 +834,29 @@ def test_with_an_evicting_table_a_restore_that_loses_a_row_is_found(monkeypatch)
                         for v in outcome.violations), outcome.describe()
 
 
+def test_with_an_evicting_table_a_restored_row_evicted_yet_kept_is_found(monkeypatch):
+    """Once evicted, a restored row holds only pushes applied after: a table whose
+    evictions keep their rows (the keys reported evicted, the rows still there) is found
+    by the restore checker alone."""
+    from psd.store.table import Table
+    evict = Table.evict
+
+    def keeping_rows(table):
+        table._hash.delete = lambda keys: 0
+        try:
+            return evict(table)
+        finally:
+            del table._hash.delete
+    monkeypatch.setattr(Table, "evict", keeping_rows)
+    why, seed, settings = RESTORE_BOUNDED_FOUND[0]
+    logging.disable(logging.CRITICAL)
+    try:
+        outcome = simulate(seed, **settings, replication=1, checkpoints=True, restore=True)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert any("evicted since, yet holds push slot" in v for v in outcome.violations), outcome.describe()
+
+
 #: features the suite mixes on seeds of their own (psd.sim.run.mixed_settings); not yet:
 #: restore, the evicting table and older clients' pushpulls, whose mixes still fail on
 #: known causes (docs/design-decisions.md, decision 152)

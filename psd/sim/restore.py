@@ -12,7 +12,8 @@ the settled copies, from later checkpoints and from what pulls must see
 (``Run.lost_ok``). A server the scheduler gives up while it still lives (stalled or cut
 off that long) counts the same from that moment (``Restore.watch``). A restored key holds
 every push its checkpoint held, and none of the lost ones comes back; with an evicting
-table, a row evicted after its restore (``Run.evictions``) may lack them.
+table, a row evicted after its restore (``Run.evictions``) may lack them, and then holds
+none of them (only pushes applied after the eviction).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Restore:
         #: per server the scheduler gave up while it lived (stalled or cut off past the
         #: failure timeout and restore_unavailable_after): key -> push slots it held then
         self.given_up: dict[str, dict[int, set[int]]] = {}
+        self.given_up_at: dict[str, float] = {}  # (when, by node: its copy is stale after)
 
     def plan(self) -> None:
         rng, pace = self.run.rng, self.run.pace
@@ -79,6 +81,7 @@ class Restore:
             node = srv.core.node_id
             if node in abandoned and node not in self.given_up and srv not in self.lost and srv.alive:
                 self.given_up[node] = _held_by(srv, run.table.name, self.run.workload_keys())
+                self.given_up_at[node] = self.world.now
                 self.acked_by_lost |= self._acked_by(node)
                 self.lost_at = min(self.lost_at, self.world.now)
                 run.outcome.faults.append(f"given up {node}@{self.world.now:.2f}")
@@ -138,30 +141,44 @@ class Restore:
 
     def check(self, final: dict[int, int]) -> dict:
         """Each restored key holds its checkpoint's pushes, and of those its dead copy
-        held beyond them none it had acked (its worker never sends them again)."""
-        for entry, k, dead, restored in self._restored_keys():
+        held beyond them none it had acked (its worker never sends them again); with an
+        evicting table, a row evicted after its newest restore holds none of them."""
+        restored_keys = list(self._restored_keys())
+        newest = {k: entry["time"] for entry, k, _, _ in restored_keys}  # (the list is in order)
+        for entry, k, dead, restored in restored_keys:
             self.restored_keys += 1
             settled = final.get(k)
-            if settled is None:
-                continue
-            now = _decode(settled)[0]
-            name = f"key {k} restored from {Path(entry['checkpoint']).name}"
-            if restored - now and not self._evicted_since(k, entry["time"]):
-                self.run.violate(f"{name}: lacks push slot(s) {sorted(restored - now)} the checkpoint held "
-                                 f"(its row not evicted since)")
-            back = {s for s in (now & dead) - restored if (k, s) in self.acked_by_lost}
-            if back:
-                self.run.violate(f"{name}: holds acked push slot(s) {sorted(back)} that only the lost copy held")
+            if settled is not None:
+                self._check_key(entry, k, dead, restored, _decode(settled)[0], entry["time"] == newest[k])
         return {"lost": len(self.lost), "restores": len(self.run.scheduler.core.restored),
                 "keys restored": self.restored_keys,
                 "slots allowed lost": sum(len(v) for v in self.run.lost_ok.values())}
 
+    def _check_key(self, entry: dict, k: int, dead: set[int], restored: set[int], now: set[int],
+                   newest: bool) -> None:
+        """Key ``k`` restored by ``entry`` with the push slots ``restored``, holding
+        ``now`` at the end. Evicted since, it may lack them; and once evicted it holds only
+        pushes applied after, never one the checkpoint held (unless a later restore
+        brought them back: ``newest`` is False)."""
+        name = f"key {k} restored from {Path(entry['checkpoint']).name}"
+        evicted = self._evicted_since(k, entry["time"])
+        if restored - now and not evicted:
+            self.run.violate(f"{name}: lacks push slot(s) {sorted(restored - now)} the checkpoint held "
+                             f"(its row not evicted since)")
+        if evicted and newest and restored & now:
+            self.run.violate(f"{name}: its row evicted since, yet holds push slot(s) {sorted(restored & now)} "
+                             f"the checkpoint held")
+        back = {s for s in (now & dead) - restored if (k, s) in self.acked_by_lost}
+        if back:
+            self.run.violate(f"{name}: holds acked push slot(s) {sorted(back)} that only the lost copy held")
+
     def _evicted_since(self, k: int, since: float) -> bool:
         """Whether key ``k``'s row was evicted after ``since`` (a restore began) by a
-        server the scheduler had not given up: a row its table evicted may lack what the
-        checkpoint held (pushed again, it holds only the later pushes). A stale copy's
-        evictions say nothing of the restored one."""
-        return any(t > since and node not in self.given_up for t, node in self.run.evictions.get(k, ()))
+        server the scheduler had not given up by then: a row its table evicted may lack
+        what the checkpoint held (pushed again, it holds only the later pushes). A stale
+        copy's evictions say nothing of the restored one."""
+        return any(since < t < self.given_up_at.get(node, float("inf"))
+                   for t, node in self.run.evictions.get(k, ()))
 
 
 def _held_by(server: SimServer, table_name: str, keys: list[int]) -> dict[int, set[int]]:
