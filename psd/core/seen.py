@@ -37,6 +37,16 @@ def ids_of_arrays(senders: list[str], counts: np.ndarray, rids: np.ndarray) -> I
         start += n
 
 
+def arrays_of_ids(ids: list[tuple[str, int]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The frame form (senders, how many ids each, all ids) of ``(sender, rid)`` pairs."""
+    by_sender: dict[str, list[int]] = {}
+    for sender, rid in ids:
+        by_sender.setdefault(sender, []).append(rid)
+    counts = np.array([len(r) for r in by_sender.values()], dtype=np.uint64)
+    rids = np.fromiter((r for rs in by_sender.values() for r in rs), dtype=np.uint64, count=int(counts.sum()))
+    return list(by_sender), counts, rids
+
+
 class Seen:
     def __init__(self, window: int = WINDOW):
         self.window = window
@@ -79,6 +89,10 @@ class Seen:
         if ids is not None and rid in ids:
             ids.move_to_end(rid)
             self.note_activity(sender)
+
+    def ids(self) -> Iterator[tuple[str, int]]:
+        """Every remembered (sender, rid)."""
+        return ((s, r) for s, ids in self._by_sender.items() for r in ids)
 
     def to_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(senders, how many ids each, all ids): the memory as frames, not header, since
@@ -206,6 +220,32 @@ class PartlyApplied:
         for ident in [i for i in self._pieces if i[0] == sender]:
             del self._pieces[ident]
 
+    def by_ranges(self) -> dict[tuple[Range, ...], list[tuple[str, int]]]:
+        """Ids applied here for rows in some ranges only, grouped by those ranges."""
+        out: dict[tuple[Range, ...], list[tuple[str, int]]] = {}
+        for sender, ids in self._copied.items():
+            for rid, ranges in ids.items():
+                out.setdefault(ranges, []).append((sender, rid))
+        return out
+
+    def replace_in(self, r: Range, ranges: list[tuple[Range, ...]], ids: list[list[tuple[str, int]]]) -> None:
+        """``r``'s rows were replaced (restored from a checkpoint): no id kept here counts
+        for them any more, except ``ids[i]``, each for the rows of ``ranges[i]`` inside
+        ``r`` (the pushes the checkpoint holds)."""
+        for sender, kept in self._copied.items():
+            for rid, have in list(kept.items()):
+                if any(c.begin < r.end and r.begin < c.end for c in have):
+                    left = tuple(piece for c in have for piece in _minus(c, r))
+                    if left:
+                        kept[rid] = self._shapes.setdefault(left, left)
+                    else:
+                        del kept[rid]
+        for shape, group in zip(ranges, ids):
+            inside = tuple(Range(max(c.begin, r.begin), min(c.end, r.end)) for c in shape
+                           if c.begin < r.end and r.begin < c.end)
+            for sender, rid in group if inside else ():
+                self.note_ranges(sender, rid, inside)
+
     def copied_into(self, r: Range) -> list[tuple[str, int]]:
         """Ids applied here for rows in some ranges only (copied in with a range, or forwarded
         in part) that overlap ``r``: passed on when we copy ``r`` out."""
@@ -245,3 +285,8 @@ class PartlyApplied:
         edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.astype(np.int8), [0]))))
         slices = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
         return Rows(keys=keys, values=rows.values).take(slices)
+
+
+def _minus(c: Range, r: Range) -> list[Range]:
+    """The parts of ``c`` outside ``r``."""
+    return [x for x in (Range(c.begin, min(c.end, r.begin)), Range(max(c.begin, r.end), c.end)) if x.begin < x.end]
