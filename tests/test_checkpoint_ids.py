@@ -112,3 +112,19 @@ def test_an_older_file_without_ids_still_loads_and_says_exactly_once_is_not_kept
     assert any("without request ids" in r.getMessage() for r in caplog.records)
     _push(core, 1, 0, 1, 1.1)  # as before: applied again
     assert _values(core) == [2, 2]
+
+
+def test_a_restore_replaces_the_ids_of_pushes_the_server_applied_to_those_rows_itself(tmp_path):
+    """The restoring server applied push 2 (after the cut) itself, holding the rows then:
+    once key 10 is restored without it, a resend applies it to key 10, and only there."""
+    from psd.cluster.ranges import range_to_wire
+    path = _checkpoint(tmp_path)
+    core = _core()
+    _push(core, 2, 1, 2, 0.1)
+    core.restore(Message("restore", id=200, meta={"folder": str(tmp_path), "ranges": [range_to_wire(Range(0, 16))]}),
+                 [load_server_file(path)], 1.0)
+    assert _values(core) == [1, 2]
+    _push(core, 2, 1, 2, 1.1)
+    assert _values(core) == [3, 2]
+    _push(core, 2, 1, 2, 1.2)
+    assert _values(core) == [3, 2]

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from psd.cluster.ranges import Range, bounds
+from psd.cluster.ranges import KEY_SPACE_END, Range, bounds
 from psd.cluster.rows import Rows
 
 WINDOW = 1 << 16
@@ -65,6 +65,12 @@ class Seen:
         self.note_activity(sender)
         if len(ids) > self.window:
             ids.popitem(last=False)
+
+    def take_all(self) -> list[tuple[str, int]]:
+        """Every remembered (sender, rid), forgotten here (the senders' activity stays)."""
+        ids = list(self.ids())
+        self._by_sender.clear()
+        return ids
 
     def forget(self, sender: str) -> None:
         """Drop a sender's ids (it left, and has sent nothing here for long enough that
@@ -228,6 +234,15 @@ class PartlyApplied:
                 out.setdefault(ranges, []).append((sender, rid))
         return out
 
+    def except_in(self, seen: Seen, replaced: list[Range]) -> None:
+        """The rows of ``replaced`` were replaced (restored from a checkpoint): the ids
+        ``seen`` holds, applied here for every row, count from now on only for the rows
+        outside them (a push applied here before the restore may be missing from it)."""
+        outside = _outside(replaced)
+        for sender, rid in seen.take_all():
+            if outside:
+                self.note_ranges(sender, rid, outside)
+
     def replace_in(self, r: Range, ranges: list[tuple[Range, ...]], ids: list[list[tuple[str, int]]]) -> None:
         """``r``'s rows were replaced (restored from a checkpoint): no id kept here counts
         for them any more, except ``ids[i]``, each for the rows of ``ranges[i]`` inside
@@ -290,3 +305,15 @@ class PartlyApplied:
 def _minus(c: Range, r: Range) -> list[Range]:
     """The parts of ``c`` outside ``r``."""
     return [x for x in (Range(c.begin, min(c.end, r.begin)), Range(max(c.begin, r.end), c.end)) if x.begin < x.end]
+
+
+def _outside(ranges: list[Range]) -> tuple[Range, ...]:
+    """The key space less ``ranges``."""
+    out, at = [], 0
+    for r in sorted(ranges, key=lambda r: r.begin):
+        if r.begin > at:
+            out.append(Range(at, r.begin))
+        at = max(at, r.end)
+    if at < KEY_SPACE_END:
+        out.append(Range(at, KEY_SPACE_END))
+    return tuple(out)

@@ -1498,9 +1498,9 @@ class ServerCore:
         return self._take()
 
     def _restore_ids(self, held: list[Range], files: list[ServerFile], folder) -> None:
-        """The request ids of the restored rows become the files' (``_checkpoint_ids``).
-        Ids we remember for every row we hold (``seen``) stay: a push applied here is
-        one we held the rows for, and a checkpoint cannot say which of them it holds."""
+        """The request ids of the restored rows become the files' (``_checkpoint_ids``):
+        ours, even those of pushes we applied to these rows while we held them before,
+        count for them no more."""
         if any(f.ids is None for f in files):
             log.warning("%s: checkpoint %s was written without request ids (an older psd): a push it holds "
                         "whose answer was lost is applied again if its worker resends it", self.node_id, folder)
@@ -1508,6 +1508,7 @@ class ServerCore:
         groups = [g for f in files for g in f.ids]
         shapes = [tuple(Range(b, e) for b, e in g.ranges) for g in groups]
         ids = [list(ids_of_arrays(g.senders, g.counts, g.rids)) for g in groups]
+        self.partly.except_in(self.seen, held)
         for r in held:
             self.partly.replace_in(r, shapes, ids)
 
