@@ -35,8 +35,10 @@ def _core() -> ServerCore:
     return core
 
 
-def _push(core: ServerCore, rid: int, clock: int, value: int, now: float) -> list:
-    out = core.handle(None, Message("push", id=rid, sender="W0", table="t", clock=clock, meta={"rid": rid},
+def _push(core: ServerCore, rid: int, clock: int, value: int, now: float, sender: str = "W0",
+          once: list | None = None) -> list:
+    meta = {"rid": rid} if once is None else {"rid": rid, "once": once}
+    out = core.handle(None, Message("push", id=rid, sender=sender, table="t", clock=clock, meta=meta,
                                     arrays=[KEYS, np.full((KEYS.size, 1), value, np.int64)]), now)
     assert [e.msg.op for e in out if isinstance(e, Reply)] == ["ok"]
     return out
@@ -46,14 +48,15 @@ def _values(core: ServerCore) -> list[int]:
     return core.tables["t"].pull(KEYS).ravel().tolist()
 
 
-def _checkpoint(tmp_path: Path) -> Path:
+def _checkpoint(tmp_path: Path, once: bool = False) -> Path:
     """A server's file for a checkpoint cut at clock 1 that holds W0's push 1 (clock 0,
     applied before the hold) and not its push 2 (clock 1: held by the cut, acknowledged
-    before the file was written, applied after it)."""
+    before the file was written, applied after it); ``once``: a job's pushes, steps 1
+    and 2 of shard J/0."""
     core = _core()
-    _push(core, 1, 0, 1, 0.1)
+    _push(core, 1, 0, 1, 0.1, once=["J/0", 1] if once else None)
     core.control(Message("ckpt_hold", id=100, meta={"within": 10.0}), 0.2)
-    _push(core, 2, 1, 2, 0.3)
+    _push(core, 2, 1, 2, 0.3, once=["J/0", 2] if once else None)
     core.control(Message("ckpt_cut", id=101, meta={"cut": 1, "workers": ["W0"], "folder": str(tmp_path),
                                                    "timeout": 5}), 0.4)
     out = core.handle(None, Message("clock", id=102, sender="W0", clock=1, meta={"clock": 1}), 0.5)
@@ -127,4 +130,26 @@ def test_a_restore_replaces_the_ids_of_pushes_the_server_applied_to_those_rows_i
     _push(core, 2, 1, 2, 1.1)
     assert _values(core) == [3, 2]
     _push(core, 2, 1, 2, 1.2)
+    assert _values(core) == [3, 2]
+
+
+def test_a_shard_run_again_after_a_restore_applies_only_the_steps_the_checkpoint_lacks(tmp_path):
+    """A job's pushes carry a sender-free identity (``meta.once``): a shard run again by
+    another worker after the restore applies step 2 (after the cut), not step 1."""
+    core = _restored(_checkpoint(tmp_path, once=True))
+    _push(core, 51, 0, 1, 1.1, sender="W1", once=["J/0", 1])
+    assert _values(core) == [1, 1]
+    _push(core, 52, 1, 2, 1.2, sender="W1", once=["J/0", 2])
+    assert _values(core) == [3, 3]
+
+
+def test_a_restore_replaces_the_steps_the_server_applied_to_those_rows_itself(tmp_path):
+    from psd.cluster.ranges import range_to_wire
+    path = _checkpoint(tmp_path, once=True)
+    core = _core()
+    _push(core, 2, 1, 2, 0.1, once=["J/0", 2])
+    core.restore(Message("restore", id=200, meta={"folder": str(tmp_path), "ranges": [range_to_wire(Range(0, 16))]}),
+                 [load_server_file(path)], 1.0)
+    assert _values(core) == [1, 2]
+    _push(core, 52, 1, 2, 1.1, sender="W1", once=["J/0", 2])  # the shard run again
     assert _values(core) == [3, 2]

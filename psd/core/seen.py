@@ -237,11 +237,19 @@ class PartlyApplied:
     def except_in(self, seen: Seen, replaced: list[Range]) -> None:
         """The rows of ``replaced`` were replaced (restored from a checkpoint): the ids
         ``seen`` holds, applied here for every row, count from now on only for the rows
-        outside them (a push applied here before the restore may be missing from it)."""
+        outside them (a push applied here before the restore may be missing from it), and
+        so do the keys applied under sender-free identities."""
         outside = _outside(replaced)
         for sender, rid in seen.take_all():
             if outside:
                 self.note_ranges(sender, rid, outside)
+        for ident, pieces in list(self._once.items()):
+            left = [k for k in (_keys_outside(k, replaced) for k in pieces) if k.size]
+            self._once_keys -= sum(k.size for k in pieces) - sum(k.size for k in left)
+            if left:
+                self._once[ident] = left
+            else:
+                del self._once[ident]
 
     def replace_in(self, r: Range, ranges: list[tuple[Range, ...]], ids: list[list[tuple[str, int]]]) -> None:
         """``r``'s rows were replaced (restored from a checkpoint): no id kept here counts
@@ -317,3 +325,12 @@ def _outside(ranges: list[Range]) -> tuple[Range, ...]:
     if at < KEY_SPACE_END:
         out.append(Range(at, KEY_SPACE_END))
     return tuple(out)
+
+
+def _keys_outside(keys: np.ndarray, ranges: list[Range]) -> np.ndarray:
+    """The sorted ``keys`` outside every one of ``ranges``."""
+    keep = np.ones(keys.size, dtype=bool)
+    for r in ranges:
+        i0, i1 = bounds(keys, r.begin, r.end)
+        keep[i0:i1] = False
+    return keys if keep.all() else keys[keep]

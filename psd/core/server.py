@@ -720,23 +720,23 @@ class ServerCore:
         return False
 
     def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str, reserve: int = 0,
-                    rid: tuple[str, int] | None = None) -> None:
+                    ids: tuple[tuple[str, int], ...] = ()) -> None:
         """Apply now, or (sequential) at the clock boundary, or after a checkpoint cut.
         ``reserve``: bytes the push may add, counted against the memory limit until it
-        is applied; ``rid``: the request's id."""
+        is applied; ``ids``: those it counts as applied under (``_own_ids``)."""
         self.gate.note_push(msg.clock)
-        self._keep_or_apply(table, rows, origin, msg.clock, reserve, rid)
+        self._keep_or_apply(table, rows, origin, msg.clock, reserve, ids)
         self.counters["keys_pushed"] += rows.count
 
     def _keep_or_apply(self, table: Table, rows: Rows, origin: str, clock: int, reserve: int = 0,
-                       rid: tuple[str, int] | None = None) -> None:
+                       ids: tuple[tuple[str, int], ...] = ()) -> None:
         """Apply now, or have the gate keep the push for the clock boundary. A kept push is
         applied later only to the rows the ring still gives us then (a range copy takes
         the kept pushes of its range along: ``on_transfer``)."""
         if reserve:
             self.reserved += reserve
         ring_then = self.ring.version
-        kept = Kept(table.spec.name, rows, origin, rid)
+        kept = Kept(table.spec.name, rows, origin, ids)
 
         def apply() -> None:
             self.reserved -= reserve
@@ -837,7 +837,7 @@ class ServerCore:
         if todo is not None:
             todo, refused = self.bounds.admit(table, todo)  # (bounded tables: keys not admitted yet)
             reserve = self._check_memory(table, todo, rows, groups)
-            self._apply_push(msg, table, todo, msg.sender, reserve, rid)
+            self._apply_push(msg, table, todo, msg.sender, reserve, _own_ids(rid, cut_from))
         if rid is not None:
             self.seen.add(*rid)
             self.partly.note_piece(rows, cut_from)
@@ -1154,7 +1154,7 @@ class ServerCore:
             # so, and its primaries refuse pushes that add keys to its ranges from then on
             limit = self.config.limits.max_memory_bytes
             self._apply_push(msg, table, mine, origin, 0 if limit is None else mine.count * table.row_bytes,
-                             None if rid is None else (origin, rid))
+                             () if rid is None else _own_ids((origin, rid), cut_from))
         self.outbox.append(Reply(route, msg.reply(meta=self._replica_full())))
 
     def on_evict(self, route, msg: Message, now: float) -> None:
@@ -1450,17 +1450,19 @@ class ServerCore:
         return tables, keys_total
 
     def _checkpoint_ids(self, led: list[Range]) -> list[AppliedIds]:
-        """The ids of exactly the pushes a snapshot of ``led`` holds: those applied here
-        (for every row we hold, or, copied in or forwarded in part, for some ranges),
-        less those of pushes the gate still keeps or holds for the cut (their ids were
-        noted on arrival; they are applied after the snapshot)."""
-        waiting = {k.rid for k in self.gate.waiting() if k.rid is not None}
+        """The ids of exactly the pushes a snapshot of ``led`` holds, as a copy of it
+        would carry them (``_seen_for_copy``): those applied here (for every row we hold;
+        copied in or forwarded in part, for some ranges; sender-free identities, for the
+        ranges they have rows in), less those of pushes the gate still keeps or holds
+        for the cut (noted on arrival, applied after the snapshot)."""
+        waiting = {i for k in self.gate.waiting() for i in k.ids}
         groups = [(tuple(led), list(self.seen.ids()))]
         for shape, ids in self.partly.by_ranges().items():
             inside = tuple(Range(max(c.begin, r.begin), min(c.end, r.end)) for c in shape for r in led
                            if c.begin < r.end and r.begin < c.end)
             if inside:
                 groups.append((inside, ids))
+        groups += [((r,), once) for r in led if (once := self.partly.once_ids_in(r))]
         return [AppliedIds(tuple((r.begin, r.end) for r in ranges), *arrays_of_ids([i for i in ids if i not in waiting]))
                 for ranges, ids in groups]
 
@@ -1597,11 +1599,18 @@ class Kept:
     """A push the consistency gate keeps for the clock boundary: the rows still to apply
     here (narrowed when a range leaves, a copy of it arrives, or its primary evicts keys)."""
 
-    __slots__ = ("table", "rows", "origin", "rid")
+    __slots__ = ("table", "rows", "origin", "ids")
 
-    def __init__(self, table: str, rows: Rows | None, origin: str, rid: tuple[str, int] | None = None):
-        """``rid``: the request's id (None: not known here, as for a push a copy brought)."""
-        self.table, self.rows, self.origin, self.rid = table, rows, origin, rid
+    def __init__(self, table: str, rows: Rows | None, origin: str, ids: tuple[tuple[str, int], ...] = ()):
+        """``ids``: those the push counts as applied under (``_own_ids``; none known for a
+        push a copy brought)."""
+        self.table, self.rows, self.origin, self.ids = table, rows, origin, ids
+
+
+def _own_ids(rid: tuple[str, int] | None, cut_from: list[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """The ids a push counts as applied under once applied here: its own and its
+    sender-free identity (``ONCE``), not those of the requests it was cut from."""
+    return (*(() if rid is None else (rid,)), *(i for i in cut_from if i[0].startswith(ONCE)))
 
 
 def _rows_in(rows: Rows, r: Range, outside: bool = False) -> Rows | None:
