@@ -44,7 +44,7 @@ from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
 from psd.core.pushpull import PULL_REFUSABLE, PULL_REFUSED, refusal
 from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
-from psd.core.seen import ONCE, PartlyApplied, Seen, arrays_of_ids, ids_of_arrays
+from psd.core.seen import ONCE, PartlyApplied, Seen, arrays_of_ids, ids_by_sender
 from psd.core.stream import SEQ, Inbound, parse
 from psd.errors import (BadRequestError, BusyError, KeysUnknownError, LimitError, MessageTooLargeError,
                         NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
@@ -1456,15 +1456,19 @@ class ServerCore:
         ranges they have rows in), less those of pushes the gate still keeps or holds
         for the cut (noted on arrival, applied after the snapshot)."""
         waiting = {i for k in self.gate.waiting() for i in k.ids}
-        groups = [(tuple(led), list(self.seen.ids()))]
-        for shape, ids in self.partly.by_ranges().items():
+        groups = [(tuple(led), self.seen.to_arrays(waiting))]
+        for shape, by_sender in self.partly.by_ranges().items():
             inside = tuple(Range(max(c.begin, r.begin), min(c.end, r.end)) for c in shape for r in led
                            if c.begin < r.end and r.begin < c.end)
             if inside:
-                groups.append((inside, ids))
-        groups += [((r,), once) for r in led if (once := self.partly.once_ids_in(r))]
-        return [AppliedIds(tuple((r.begin, r.end) for r in ranges), *arrays_of_ids([i for i in ids if i not in waiting]))
-                for ranges, ids in groups]
+                groups.append((inside, arrays_of_ids(by_sender, waiting)))
+        for r in led:
+            once: dict[str, list[int]] = {}
+            for sender, step in self.partly.once_ids_in(r):
+                once.setdefault(sender, []).append(step)
+            if once:
+                groups.append(((r,), arrays_of_ids(once, waiting)))
+        return [AppliedIds(tuple((r.begin, r.end) for r in ranges), *arrays) for ranges, arrays in groups]
 
     def restore(self, msg: Message, files: list[ServerFile], now: float) -> list:
         """Load the keys we hold (lead or replicate) from a checkpoint's files (read by
@@ -1503,16 +1507,15 @@ class ServerCore:
         """The request ids of the restored rows become the files' (``_checkpoint_ids``):
         ours, even those of pushes we applied to these rows while we held them before,
         count for them no more."""
+        if not held:
+            return
         if any(f.ids is None for f in files):
             log.warning("%s: checkpoint %s was written without request ids (an older psd): a push it holds "
                         "whose answer was lost is applied again if its worker resends it", self.node_id, folder)
             return
-        groups = [g for f in files for g in f.ids]
-        shapes = [tuple(Range(b, e) for b, e in g.ranges) for g in groups]
-        ids = [list(ids_of_arrays(g.senders, g.counts, g.rids)) for g in groups]
-        self.partly.except_in(self.seen, held)
-        for r in held:
-            self.partly.replace_in(r, shapes, ids)
+        self.partly.replace(self.seen, held, [(tuple(Range(b, e) for b, e in g.ranges),
+                                               ids_by_sender(g.senders, g.counts, g.rids))
+                                              for f in files for g in f.ids])
 
     # -- introspection -------------------------------------------------------------
     def _warn_over_limit(self, why: str) -> None:
