@@ -147,3 +147,37 @@ def test_a_push_resent_across_a_restore_is_applied_once(tmp_path):
             finally:
                 dealer.close()
             assert table.pull(keys).ravel().tolist() == [2, 2]
+
+
+def test_a_push_resent_after_its_range_was_restored_elsewhere_is_applied_once(tmp_path):
+    """The server of a range with no other copy dies; the scheduler gives it up and
+    restores its range on the other server from the checkpoint (decision 154): a resend
+    of the push the checkpoint holds is not applied again there, the one after it is."""
+    from conftest import RawDealer, server_ranges, wait_for
+    with psd.LocalCluster(servers=2, replication=1, security="none", checkpoint_dir=str(tmp_path),
+                          heartbeat_interval=0.1, restore_unavailable_after=0.5) as cluster:
+        ranges = server_ranges(cluster)
+        victim = ranges[-1]
+        keys = np.array([victim.last], np.uint64)
+        with psd.connect(cluster.scheduler) as kv:
+            table = kv.table("t", dtype="int64")
+            dealer = RawDealer(victim.address, curve=None)
+            try:
+                _push_as(dealer, 1, keys)
+                kv.clock()
+                assert admin.call(cluster.scheduler, "checkpoint", timeout=30)["cut"] == 1
+                _push_as(dealer, 2, keys)
+            finally:
+                dealer.close()
+            cluster.kill_server(next(i for i in range(2) if cluster.servers[i].address == victim.address))
+            wait_for(lambda: cluster.status()["restored"], 30, "the restore")
+            heir = next(r for r in server_ranges(cluster) if victim.last in r)
+            assert heir.address != victim.address
+            assert table.pull(keys).ravel().tolist() == [1]  # restored: push 2 was after the cut
+            dealer = RawDealer(heir.address, curve=None)
+            try:
+                for rid in (1, 2, 2):
+                    _push_as(dealer, rid, keys)
+            finally:
+                dealer.close()
+            assert table.pull(keys).ravel().tolist() == [2]
