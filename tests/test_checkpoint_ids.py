@@ -153,3 +153,15 @@ def test_a_restore_replaces_the_steps_the_server_applied_to_those_rows_itself(tm
     assert _values(core) == [1, 2]
     _push(core, 52, 1, 2, 1.1, sender="W1", once=["J/0", 2])  # the shard run again
     assert _values(core) == [3, 2]
+
+
+def test_the_restorers_own_ids_are_the_newest_its_window_keeps():
+    """Each sender keeps ``window`` ids: those the restorer applied itself (likelier to be
+    resent than the older checkpoint's) are kept, for the rows outside the restore."""
+    from psd.core.seen import PartlyApplied, Seen
+    seen, partly = Seen(window=4), PartlyApplied(window=4)
+    for rid in range(10, 14):
+        seen.add("W0", rid)
+    partly.replace(seen, [Range(0, 100)], [((Range(0, KEY_SPACE_END),), [("W0", [1, 2, 3, 4])])])
+    assert [partly.applied_in("W0", rid) for rid in (10, 13)] == [[Range(100, KEY_SPACE_END)]] * 2
+    assert partly.applied_in("W0", 4) == [] and ("W0", 10) not in seen

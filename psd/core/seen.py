@@ -255,10 +255,6 @@ class PartlyApplied:
                     kept[rid] = left
                 else:
                     del kept[rid]
-        if outside:
-            self._note_all(seen.take_all().items(), outside)
-        else:
-            seen.take_all()
         for ident, pieces in list(self._once.items()):
             left = [k for k in (_keys_outside(k, replaced) for k in pieces) if k.size]
             self._once_keys -= sum(k.size for k in pieces) - sum(k.size for k in left)
@@ -270,6 +266,11 @@ class PartlyApplied:
             inside = _intersect(shape, tuple(replaced))
             if inside:
                 self._note_all(by_sender, inside)
+        # (last, so that they are the newest kept: ours are likelier to be resent than the
+        # checkpoint's, and each sender keeps ``window`` ids)
+        ours = seen.take_all()
+        if outside:
+            self._note_all(ours.items(), outside)
 
     def _note_all(self, by_sender: Iterable[tuple[str, Collection[int]]], ranges: tuple[Range, ...]) -> None:
         """``note_ranges`` of many ids for the same ranges (a restore's), in bulk."""

@@ -1455,6 +1455,8 @@ class ServerCore:
         copied in or forwarded in part, for some ranges; sender-free identities, for the
         ranges they have rows in), less those of pushes the gate still keeps or holds
         for the cut (noted on arrival, applied after the snapshot)."""
+        if not led:
+            return []
         waiting = {i for k in self.gate.waiting() for i in k.ids}
         groups = [(tuple(led), self.seen.to_arrays(waiting))]
         for shape, by_sender in self.partly.by_ranges().items():
