@@ -101,3 +101,83 @@ def test_checkpoint_is_a_consistent_cut(tmp_path, consistency):
     assert cut >= 5
     for i in range(3):
         assert got.get(i) == got.get(2**63 + i) == cut, (i, got, cut)
+
+
+def _push_as(dealer, rid: int, keys: np.ndarray):
+    """A push of +1 to ``keys`` under a fixed sender and request id, as a worker whose
+    answer was lost sends it again (and, as a client does, while the server cannot yet
+    confirm its lease: a fresh one waits for its first heartbeat's answer)."""
+    from psd.codec import Message
+    deadline = time.monotonic() + 10
+    while True:
+        reply = dealer.request(Message("push", sender="Wx", table="t", meta={"rid": rid},
+                                       arrays=[keys, np.ones((keys.size, 1), np.int64)]))
+        if reply.op == "ok" or reply.meta.get("code") != "not_owner" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert reply.op == "ok", reply
+
+
+def test_a_push_resent_across_a_restore_is_applied_once(tmp_path):
+    """Pushes whose answers were lost, resent once the cluster restarted from a checkpoint
+    (decision 154): the one the checkpoint holds is not applied again, the one after it
+    (lost with the restore) is applied once, and resending that again changes nothing."""
+    from conftest import RawDealer
+    keys = np.array([7, 2**63 + 7], np.uint64)
+    with psd.LocalCluster(servers=1, security="none", checkpoint_dir=str(tmp_path)) as cluster:
+        with psd.connect(cluster.scheduler) as kv:
+            table = kv.table("t", dtype="int64")
+            dealer = RawDealer(cluster.servers[0].address, curve=None)
+            try:
+                _push_as(dealer, 1, keys)
+                kv.clock()  # (the checkpoint waits for this worker's clock)
+                assert admin.call(cluster.scheduler, "checkpoint", timeout=30)["cut"] == 1
+                _push_as(dealer, 2, keys)
+                assert table.pull(keys).ravel().tolist() == [2, 2]
+            finally:
+                dealer.close()
+    with psd.LocalCluster(servers=1, security="none", checkpoint_dir=str(tmp_path)) as cluster:
+        with psd.connect(cluster.scheduler) as kv:
+            table = kv.table("t", dtype="int64")
+            assert table.pull(keys).ravel().tolist() == [1, 1]  # restored: push 2 was after the cut
+            dealer = RawDealer(cluster.servers[0].address, curve=None)
+            try:
+                for rid in (1, 2, 2):
+                    _push_as(dealer, rid, keys)
+            finally:
+                dealer.close()
+            assert table.pull(keys).ravel().tolist() == [2, 2]
+
+
+def test_a_push_resent_after_its_range_was_restored_elsewhere_is_applied_once(tmp_path):
+    """The server of a range with no other copy dies; the scheduler gives it up and
+    restores its range on the other server from the checkpoint (decision 154): a resend
+    of the push the checkpoint holds is not applied again there, the one after it is."""
+    from conftest import RawDealer, server_ranges, wait_for
+    with psd.LocalCluster(servers=2, replication=1, security="none", checkpoint_dir=str(tmp_path),
+                          heartbeat_interval=0.1, restore_unavailable_after=0.5) as cluster:
+        ranges = server_ranges(cluster)
+        victim = ranges[-1]
+        keys = np.array([victim.last], np.uint64)
+        with psd.connect(cluster.scheduler) as kv:
+            table = kv.table("t", dtype="int64")
+            dealer = RawDealer(victim.address, curve=None)
+            try:
+                _push_as(dealer, 1, keys)
+                kv.clock()
+                assert admin.call(cluster.scheduler, "checkpoint", timeout=30)["cut"] == 1
+                _push_as(dealer, 2, keys)
+            finally:
+                dealer.close()
+            cluster.kill_server(next(i for i in range(2) if cluster.servers[i].address == victim.address))
+            wait_for(lambda: cluster.status()["restored"], 30, "the restore")
+            heir = next(r for r in server_ranges(cluster) if victim.last in r)
+            assert heir.address != victim.address
+            assert table.pull(keys).ravel().tolist() == [1]  # restored: push 2 was after the cut
+            dealer = RawDealer(heir.address, curve=None)
+            try:
+                for rid in (1, 2, 2):
+                    _push_as(dealer, rid, keys)
+            finally:
+                dealer.close()
+            assert table.pull(keys).ravel().tolist() == [2]

@@ -774,6 +774,15 @@ RESTORE_MIXED_FOUND = [
     # (tests/test_ckpt_fail_fast.py)
     ("bsp: a failed checkpoint kept the ring lock", 500038,
      {"consistency": "bounded", "servers": 4, "workers": 3, "key_caching": True, "bsp": True}),
+    # a push the checkpoint held, whose answer was lost, was applied again when its worker
+    # resent it after the restore: the files carried no request ids. They now carry the
+    # ids of exactly the pushes they hold, and the restore installs them (decision 154)
+    ("ids: a resend after the restore", 907406, {"consistency": "sequential", "key_caching": True}),
+    ("ids: a pushpull resent after the restore", 907466, {"consistency": "sequential", "pushpull": True}),
+    ("ids: a span push resent after the restore", 908312,
+     {"consistency": "sequential", "key_caching": True, "spans": True}),
+    ("ids: a resend after the restore, bounded", 909265,
+     {"consistency": "bounded", "servers": 4, "workers": 3, "pushpull": True}),
 ]
 
 

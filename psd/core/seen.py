@@ -10,11 +10,11 @@ only its recent requests. ``PartlyApplied`` holds requests applied here only in 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from typing import Collection, Iterable, Iterator
 
 import numpy as np
 
-from psd.cluster.ranges import Range, bounds
+from psd.cluster.ranges import KEY_SPACE_END, Range, bounds
 from psd.cluster.rows import Rows
 
 WINDOW = 1 << 16
@@ -26,15 +26,35 @@ ONCE = "once:"
 ONCE_KEYS_KEPT = 1 << 24
 
 
-def ids_of_arrays(senders: list[str], counts: np.ndarray, rids: np.ndarray) -> Iterator[tuple[str, int]]:
-    """The (sender, rid) pairs of the frame form :meth:`Seen.to_arrays` writes."""
+def ids_by_sender(senders: list[str], counts: np.ndarray, rids: np.ndarray) -> Iterator[tuple[str, list[int]]]:
+    """(sender, its rids) of the frame form :meth:`Seen.to_arrays` writes."""
     if len(senders) != counts.size or int(counts.sum()) != rids.size:
         raise ValueError("seen memory: sender, count and id arrays disagree")
     start = 0
     for sender, n in zip(senders, counts.tolist()):
-        for rid in rids[start:start + n].tolist():
-            yield sender, rid
+        yield sender, rids[start:start + n].tolist()
         start += n
+
+
+def ids_of_arrays(senders: list[str], counts: np.ndarray, rids: np.ndarray) -> Iterator[tuple[str, int]]:
+    """The (sender, rid) pairs of the frame form :meth:`Seen.to_arrays` writes."""
+    for sender, sent in ids_by_sender(senders, counts, rids):
+        for rid in sent:
+            yield sender, rid
+
+
+def arrays_of_ids(by_sender: dict[str, Collection[int]], without: Collection[tuple[str, int]] = ()
+                  ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The frame form (senders, how many ids each, all ids) of rids per sender, less
+    those ``without`` names (a few)."""
+    skip: dict[str, set[int]] = {}
+    for sender, rid in without:
+        skip.setdefault(sender, set()).add(rid)
+    kept = {s: [r for r in rids if r not in skip[s]] if s in skip else rids for s, rids in by_sender.items()}
+    senders = [s for s, rids in kept.items() if rids]
+    counts = np.array([len(kept[s]) for s in senders], dtype=np.uint64)
+    rids = np.fromiter((r for s in senders for r in kept[s]), dtype=np.uint64, count=int(counts.sum()))
+    return senders, counts, rids
 
 
 class Seen:
@@ -55,6 +75,11 @@ class Seen:
         self.note_activity(sender)
         if len(ids) > self.window:
             ids.popitem(last=False)
+
+    def take_all(self) -> dict[str, Collection[int]]:
+        """Every remembered id, per sender, forgotten here (the senders' activity stays)."""
+        ids, self._by_sender = self._by_sender, {}
+        return ids
 
     def forget(self, sender: str) -> None:
         """Drop a sender's ids (it left, and has sent nothing here for long enough that
@@ -80,14 +105,10 @@ class Seen:
             ids.move_to_end(rid)
             self.note_activity(sender)
 
-    def to_arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def to_arrays(self, without: Collection[tuple[str, int]] = ()) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(senders, how many ids each, all ids): the memory as frames, not header, since
-        it can be far larger than a header may be."""
-        senders = list(self._by_sender)
-        counts = np.array([len(self._by_sender[s]) for s in senders], dtype=np.uint64)
-        rids = np.fromiter((r for s in senders for r in self._by_sender[s]), dtype=np.uint64,
-                           count=int(counts.sum()))
-        return senders, counts, rids
+        it can be far larger than a header may be; less the ids ``without`` names."""
+        return arrays_of_ids(self._by_sender, without)
 
     def merge_arrays(self, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
         for sender, rid in ids_of_arrays(senders, counts, rids):
@@ -206,6 +227,66 @@ class PartlyApplied:
         for ident in [i for i in self._pieces if i[0] == sender]:
             del self._pieces[ident]
 
+    def by_ranges(self) -> dict[tuple[Range, ...], dict[str, list[int]]]:
+        """Ids applied here for rows in some ranges only, per sender, grouped by those ranges."""
+        out: dict[tuple[Range, ...], dict[str, list[int]]] = {}
+        for sender, ids in self._copied.items():
+            for rid, ranges in ids.items():
+                out.setdefault(ranges, {}).setdefault(sender, []).append(rid)
+        return out
+
+    def replace(self, seen: Seen, replaced: list[Range],
+                groups: list[tuple[tuple[Range, ...], Iterable[tuple[str, list[int]]]]]) -> None:
+        """The rows in ``replaced`` were restored from a checkpoint: the ids that count
+        for them are now those of ``groups`` (rids per sender, each group for its ranges'
+        rows inside ``replaced``) and no others. The ids ``seen`` holds (applied here for
+        every row) and those kept here for some ranges count from now on outside
+        ``replaced`` only (a push applied here before the restore may be missing from
+        it), and keys applied under sender-free identities inside it are dropped."""
+        outside = _outside(replaced)
+        narrowed: dict[tuple[Range, ...], tuple[Range, ...]] = {}  # (most ids share a few shapes)
+        for kept in self._copied.values():
+            for rid, have in list(kept.items()):
+                left = narrowed.get(have)
+                if left is None:
+                    cut = _intersect(have, outside)
+                    left = narrowed[have] = self._shapes.setdefault(cut, cut)
+                if left:
+                    kept[rid] = left
+                else:
+                    del kept[rid]
+        for ident, pieces in list(self._once.items()):
+            left = [k for k in (_keys_outside(k, replaced) for k in pieces) if k.size]
+            self._once_keys -= sum(k.size for k in pieces) - sum(k.size for k in left)
+            if left:
+                self._once[ident] = left
+            else:
+                del self._once[ident]
+        for shape, by_sender in groups:
+            inside = _intersect(shape, tuple(replaced))
+            if inside:
+                self._note_all(by_sender, inside)
+        # (last, so that they are the newest kept: ours are likelier to be resent than the
+        # checkpoint's, and each sender keeps ``window`` ids)
+        ours = seen.take_all()
+        if outside:
+            self._note_all(ours.items(), outside)
+
+    def _note_all(self, by_sender: Iterable[tuple[str, Collection[int]]], ranges: tuple[Range, ...]) -> None:
+        """``note_ranges`` of many ids for the same ranges (a restore's), in bulk."""
+        shape = self._shapes.setdefault(ranges, ranges)
+        for sender, rids in by_sender:
+            ids = self._copied.get(sender)
+            if ids is None:
+                ids = self._copied[sender] = OrderedDict()
+            for rid in rids:
+                if rid in ids:
+                    self.note_ranges(sender, rid, ranges)  # (with what it counted for already)
+                else:
+                    ids[rid] = shape
+            while len(ids) > self.window:
+                ids.popitem(last=False)
+
     def copied_into(self, r: Range) -> list[tuple[str, int]]:
         """Ids applied here for rows in some ranges only (copied in with a range, or forwarded
         in part) that overlap ``r``: passed on when we copy ``r`` out."""
@@ -245,3 +326,30 @@ class PartlyApplied:
         edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.astype(np.int8), [0]))))
         slices = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
         return Rows(keys=keys, values=rows.values).take(slices)
+
+
+def _intersect(a: tuple[Range, ...], b: tuple[Range, ...]) -> tuple[Range, ...]:
+    """The keys in both ``a`` and ``b``, as ranges."""
+    return tuple(Range(max(x.begin, y.begin), min(x.end, y.end)) for x in a for y in b
+                 if x.begin < y.end and y.begin < x.end)
+
+
+def _outside(ranges: list[Range]) -> tuple[Range, ...]:
+    """The key space less ``ranges``."""
+    out, at = [], 0
+    for r in sorted(ranges, key=lambda r: r.begin):
+        if r.begin > at:
+            out.append(Range(at, r.begin))
+        at = max(at, r.end)
+    if at < KEY_SPACE_END:
+        out.append(Range(at, KEY_SPACE_END))
+    return tuple(out)
+
+
+def _keys_outside(keys: np.ndarray, ranges: list[Range]) -> np.ndarray:
+    """The sorted ``keys`` outside every one of ``ranges``."""
+    keep = np.ones(keys.size, dtype=bool)
+    for r in ranges:
+        i0, i1 = bounds(keys, r.begin, r.end)
+        keep[i0:i1] = False
+    return keys if keep.all() else keys[keep]

@@ -44,7 +44,7 @@ from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
 from psd.core.pushpull import PULL_REFUSABLE, PULL_REFUSED, refusal
 from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
-from psd.core.seen import ONCE, PartlyApplied, Seen
+from psd.core.seen import ONCE, PartlyApplied, Seen, arrays_of_ids, ids_by_sender
 from psd.core.stream import SEQ, Inbound, parse
 from psd.errors import (BadRequestError, BusyError, KeysUnknownError, LimitError, MessageTooLargeError,
                         NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
@@ -54,7 +54,7 @@ from psd.keyroles import ROLE_SERVER, ROLE_WORKER, forbidden, in_scope, outside_
 from psd.refusals import RefusalLog
 from psd.schema import TableSpec, namespace_of
 from psd.store.table import Table, Usage
-from psd.store.checkpoint import write_server_file
+from psd.store.checkpoint import AppliedIds, ServerFile, write_server_file
 
 log = logging.getLogger("psd.server")
 
@@ -719,22 +719,24 @@ class ServerCore:
                 return True
         return False
 
-    def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str, reserve: int = 0) -> None:
+    def _apply_push(self, msg: Message, table: Table, rows: Rows, origin: str, reserve: int = 0,
+                    ids: tuple[tuple[str, int], ...] = ()) -> None:
         """Apply now, or (sequential) at the clock boundary, or after a checkpoint cut.
         ``reserve``: bytes the push may add, counted against the memory limit until it
-        is applied."""
+        is applied; ``ids``: those it counts as applied under (``_own_ids``)."""
         self.gate.note_push(msg.clock)
-        self._keep_or_apply(table, rows, origin, msg.clock, reserve)
+        self._keep_or_apply(table, rows, origin, msg.clock, reserve, ids)
         self.counters["keys_pushed"] += rows.count
 
-    def _keep_or_apply(self, table: Table, rows: Rows, origin: str, clock: int, reserve: int = 0) -> None:
+    def _keep_or_apply(self, table: Table, rows: Rows, origin: str, clock: int, reserve: int = 0,
+                       ids: tuple[tuple[str, int], ...] = ()) -> None:
         """Apply now, or have the gate keep the push for the clock boundary. A kept push is
         applied later only to the rows the ring still gives us then (a range copy takes
         the kept pushes of its range along: ``on_transfer``)."""
         if reserve:
             self.reserved += reserve
         ring_then = self.ring.version
-        kept = Kept(table.spec.name, rows, origin)
+        kept = Kept(table.spec.name, rows, origin, ids)
 
         def apply() -> None:
             self.reserved -= reserve
@@ -835,7 +837,7 @@ class ServerCore:
         if todo is not None:
             todo, refused = self.bounds.admit(table, todo)  # (bounded tables: keys not admitted yet)
             reserve = self._check_memory(table, todo, rows, groups)
-            self._apply_push(msg, table, todo, msg.sender, reserve)
+            self._apply_push(msg, table, todo, msg.sender, reserve, _own_ids(rid, cut_from))
         if rid is not None:
             self.seen.add(*rid)
             self.partly.note_piece(rows, cut_from)
@@ -1151,7 +1153,8 @@ class ServerCore:
             # a replica never refuses a forward (copies would differ); near its limit it says
             # so, and its primaries refuse pushes that add keys to its ranges from then on
             limit = self.config.limits.max_memory_bytes
-            self._apply_push(msg, table, mine, origin, 0 if limit is None else mine.count * table.row_bytes)
+            self._apply_push(msg, table, mine, origin, 0 if limit is None else mine.count * table.row_bytes,
+                             () if rid is None else _own_ids((origin, rid), cut_from))
         self.outbox.append(Reply(route, msg.reply(meta=self._replica_full())))
 
     def on_evict(self, route, msg: Message, now: float) -> None:
@@ -1446,9 +1449,34 @@ class ServerCore:
             keys_total += int(keys.size)
         return tables, keys_total
 
-    def restore(self, msg: Message, files: list[dict], now: float) -> list:
+    def _checkpoint_ids(self, led: list[Range]) -> list[AppliedIds]:
+        """The ids of exactly the pushes a snapshot of ``led`` holds, as a copy of it
+        would carry them (``_seen_for_copy``): those applied here (for every row we hold;
+        copied in or forwarded in part, for some ranges; sender-free identities, for the
+        ranges they have rows in), less those of pushes the gate still keeps or holds
+        for the cut (noted on arrival, applied after the snapshot)."""
+        if not led:
+            return []
+        waiting = {i for k in self.gate.waiting() for i in k.ids}
+        groups = [(tuple(led), self.seen.to_arrays(waiting))]
+        for shape, by_sender in self.partly.by_ranges().items():
+            inside = tuple(Range(max(c.begin, r.begin), min(c.end, r.end)) for c in shape for r in led
+                           if c.begin < r.end and r.begin < c.end)
+            if inside:
+                groups.append((inside, arrays_of_ids(by_sender, waiting)))
+        for r in led:
+            once: dict[str, list[int]] = {}
+            for sender, step in self.partly.once_ids_in(r):
+                once.setdefault(sender, []).append(step)
+            if once:
+                groups.append(((r,), arrays_of_ids(once, waiting)))
+        return [AppliedIds(tuple((r.begin, r.end) for r in ranges), *arrays) for ranges, arrays in groups]
+
+    def restore(self, msg: Message, files: list[ServerFile], now: float) -> list:
         """Load the keys we hold (lead or replicate) from a checkpoint's files (read by
-        the driver: ``read_server_file`` of each)."""
+        the driver: ``load_server_file`` of each). The files' request ids replace ours for
+        those keys: a push the checkpoint holds is not applied again when resent, one it
+        lacks is."""
         held = self.ring.ranges_of(self.node_id)
         only = msg.meta.get("ranges")
         if only is not None:  # ranges given to us empty: just those pieces of what we hold
@@ -1459,7 +1487,7 @@ class ServerCore:
         self.bounds.at(now)
         try:
             for loaded in files:
-                for tname, (spec, keys, vals, state) in loaded.items():
+                for tname, (spec, keys, vals, state) in loaded.tables.items():
                     self._create(TableSpec.from_wire(spec))
                     table = self.tables[tname]
                     for r in held:
@@ -1469,12 +1497,27 @@ class ServerCore:
         except Exception as err:
             self.outbox.append(Refuse(None, msg, err, LINK))
             return self._take()
+        self._restore_ids(held, files, msg.meta.get("folder"))
         if only is not None:
             self.restoring = [r for r in self.restoring if not any(r.begin < h.end and h.begin < r.end for h in held)]
         log.info("%s restored %d keys from %s", self.node_id, restored, msg.meta.get("folder"))
         self._warn_over_limit(f"restoring {msg.meta.get('folder')}")
         self.outbox.append(Reply(None, msg.reply(meta={"keys": restored}), LINK))
         return self._take()
+
+    def _restore_ids(self, held: list[Range], files: list[ServerFile], folder) -> None:
+        """The request ids of the restored rows become the files' (``_checkpoint_ids``):
+        ours, even those of pushes we applied to these rows while we held them before,
+        count for them no more."""
+        if not held:
+            return
+        if any(f.ids is None for f in files):
+            log.warning("%s: checkpoint %s was written without request ids (an older psd): a push it holds "
+                        "whose answer was lost is applied again if its worker resends it", self.node_id, folder)
+            return
+        self.partly.replace(self.seen, held, [(tuple(Range(b, e) for b, e in g.ranges),
+                                               ids_by_sender(g.senders, g.counts, g.rids))
+                                              for f in files for g in f.ids])
 
     # -- introspection -------------------------------------------------------------
     def _warn_over_limit(self, why: str) -> None:
@@ -1561,10 +1604,18 @@ class Kept:
     """A push the consistency gate keeps for the clock boundary: the rows still to apply
     here (narrowed when a range leaves, a copy of it arrives, or its primary evicts keys)."""
 
-    __slots__ = ("table", "rows", "origin")
+    __slots__ = ("table", "rows", "origin", "ids")
 
-    def __init__(self, table: str, rows: Rows | None, origin: str):
-        self.table, self.rows, self.origin = table, rows, origin
+    def __init__(self, table: str, rows: Rows | None, origin: str, ids: tuple[tuple[str, int], ...] = ()):
+        """``ids``: those the push counts as applied under (``_own_ids``; none known for a
+        push a copy brought)."""
+        self.table, self.rows, self.origin, self.ids = table, rows, origin, ids
+
+
+def _own_ids(rid: tuple[str, int] | None, cut_from: list[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """The ids a push counts as applied under once applied here: its own and its
+    sender-free identity (``ONCE``), not those of the requests it was cut from."""
+    return (*(() if rid is None else (rid,)), *(i for i in cut_from if i[0].startswith(ONCE)))
 
 
 def _rows_in(rows: Rows, r: Range, outside: bool = False) -> Rows | None:
@@ -1641,11 +1692,12 @@ class _Cut:
         core, m = self.core, self.request.meta
         self.give_up_at = float("inf")  # taken: only the write is left
         tables, keys = core._checkpoint_tables()
+        ids = core._checkpoint_ids(core.ring.led_by(core.node_id))
         path = Path(m["folder"]) / f"{core.node_id}.psd"
         node, ring, cut = core.node_id, core.ring.version, m["cut"]
 
         def write(path=path) -> dict:
-            size = write_server_file(path, node, ring, cut, tables)
+            size = write_server_file(path, node, ring, cut, tables, ids)
             log.info("%s wrote checkpoint %s: %d keys, %d bytes (cut at clock %d)", node, path, keys, size, cut)
             return {"file": path.name, "bytes": size, "keys": keys}
 

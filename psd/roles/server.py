@@ -22,7 +22,7 @@ from psd.core.effects import DATA, Ask, Follow, Forget, Refuse, Rejoin, Reply, S
 from psd.core.server import ServerCore
 from psd.roles.fast_pull import FastPull
 from psd.roles.peers import Peers
-from psd.store.checkpoint import read_server_file
+from psd.store.checkpoint import load_server_file
 from psd.store.kernels import warm as warm_store
 from psd.errors import NotLeaderError, PsdError
 from psd.transport import RpcSocket, Route, async_context, bind_router, connect_dealer
@@ -336,7 +336,7 @@ class Server:
         if msg.op == "restore":
             try:
                 folder = Path(msg.meta["folder"])
-                files = [read_server_file(folder / name) for name in msg.meta["files"]]
+                files = [load_server_file(folder / name) for name in msg.meta["files"]]
             except Exception as err:
                 self.link.answer_error(route, msg, err)
                 return None

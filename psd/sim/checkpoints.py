@@ -53,7 +53,7 @@ from psd.sim.nodes import SCHEDULER, SimScheduler, SimServer, _Caller
 from psd.sim.restore import RESTORE_AFTER, Restore
 from psd.sim.run import _decode
 from psd.sim.world import Connection, Process, World
-from psd.store.checkpoint import read_server_file
+from psd.store.checkpoint import load_server_file, read_server_file
 
 #: seconds a write takes before its answer reaches the core (the daemons' writer thread)
 WRITE_TIME = (0.0005, 0.03)
@@ -196,7 +196,7 @@ class Checkpoints:
         loads the ranges it was given."""
         try:
             folder = Path(msg.meta["folder"])
-            files = [read_server_file(folder / name) for name in msg.meta["files"]]
+            files = [load_server_file(folder / name) for name in msg.meta["files"]]
         except Exception as err:  # noqa: BLE001 - answered, as the daemon does
             self.world.send(conn, server.name, error_reply(msg, PsdError(str(err)), server.core.node_id))
             return

@@ -7,13 +7,17 @@ Layout of a checkpoint folder::
     DIR/LATEST                  name of the newest complete checkpoint
 
 A file is a zstd frame holding a msgpack map: format version, node, ring version,
-clock cut, and per table its spec and the raw bytes of keys, values and updater
-state. Nothing is pickled; a file from another psd version is refused by name.
+clock cut, per table its spec and the raw bytes of keys, values and updater state, and
+``ids``: the request ids of exactly the pushes the file holds, each for the key ranges
+its rows count in (a restore installs them, so a push resent after it is applied once).
+A file without ``ids`` (written before they were recorded) still loads. Nothing is
+pickled; a file from another psd version is refused by name.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -25,6 +29,25 @@ from psd.errors import ConfigError
 FORMAT = 1
 
 
+@dataclass(frozen=True)
+class AppliedIds:
+    """Request ids whose pushes a checkpoint file holds for the rows in ``ranges``
+    ((begin, end) pairs): ``senders`` with ``counts`` ids each, then all ``rids`` (the
+    frame form of ``psd.core.seen.Seen.to_arrays``)."""
+    ranges: tuple[tuple[int, int], ...]
+    senders: list[str]
+    counts: np.ndarray
+    rids: np.ndarray
+
+
+@dataclass(frozen=True)
+class ServerFile:
+    """One server's file: name -> (spec, keys, vals, state), and the ids of the pushes
+    it holds (None: a file written before ids were recorded)."""
+    tables: dict
+    ids: list[AppliedIds] | None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -34,9 +57,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_server_file(path: Path, node: str, ring_version: int, cut: int | None, tables: dict) -> int:
-    """``tables``: name -> (spec wire dict, keys, vals, {state field: array}); returns bytes written."""
-    body = {"format": FORMAT, "node": node, "ring": ring_version, "cut": cut, "tables": {}}
+def write_server_file(path: Path, node: str, ring_version: int, cut: int | None, tables: dict,
+                      ids: list[AppliedIds] = ()) -> int:
+    """``tables``: name -> (spec wire dict, keys, vals, {state field: array}); ``ids``:
+    of the pushes those rows hold. Returns bytes written."""
+    body = {"format": FORMAT, "node": node, "ring": ring_version, "cut": cut, "tables": {},
+            # (ranges' ends as last keys: msgpack cannot carry 2**64)
+            "ids": [{"ranges": [[b, e - 1] for b, e in g.ranges], "senders": list(g.senders),
+                     "counts": np.ascontiguousarray(g.counts, dtype="<u8").tobytes(),
+                     "rids": np.ascontiguousarray(g.rids, dtype="<u8").tobytes()} for g in ids]}
     for name, (spec, keys, vals, state) in tables.items():
         body["tables"][name] = {
             "spec": spec, "n": int(keys.size), "dtype": vals.dtype.str, "width": int(vals.shape[1]),
@@ -52,6 +81,11 @@ def write_server_file(path: Path, node: str, ring_version: int, cut: int | None,
 
 def read_server_file(path: Path) -> dict:
     """name -> (spec, keys, vals, state) of one server file."""
+    return load_server_file(path).tables
+
+
+def load_server_file(path: Path) -> ServerFile:
+    """One server file, its tables and the ids of the pushes they hold."""
     try:
         raw = zstandard.ZstdDecompressor().decompress(Path(path).read_bytes())
         body = msgpack.unpackb(raw, raw=False)
@@ -67,7 +101,13 @@ def read_server_file(path: Path) -> dict:
         vals = np.frombuffer(t["vals"], dtype=dtype).reshape(t["n"], t["width"])
         state = {f: np.frombuffer(b, dtype=dtype).reshape(t["n"], t["width"]) for f, b in t["state"].items()}
         out[name] = (t["spec"], keys, vals, state)
-    return out
+    return ServerFile(out, _ids_of(body["ids"]) if "ids" in body else None)
+
+
+def _ids_of(groups: list) -> list[AppliedIds]:
+    return [AppliedIds(tuple((int(b), int(last) + 1) for b, last in g["ranges"]), list(g["senders"]),
+                       np.frombuffer(g["counts"], dtype="<u8"), np.frombuffer(g["rids"], dtype="<u8"))
+            for g in groups]
 
 
 def checkpoint_dir(root: Path, ckpt_id: int) -> Path:

@@ -1,0 +1,167 @@
+"""A checkpoint file carries the request ids of exactly the pushes it holds, and a restore
+installs them with the rows (decision 154): a push the checkpoint holds whose answer was
+lost is not applied again when its worker resends it after the restore; one it lacks is
+applied once. ``ServerCore``s driven by hand: no sockets, no clock.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import zstandard
+
+from psd.cluster.assignment import Assignment
+from psd.cluster.ranges import KEY_SPACE_END, Range
+from psd.codec import Message
+from psd.config import ClusterConfig
+from psd.core.effects import Reply, Write
+from psd.core.server import ServerCore
+from psd.schema import TableSpec
+from psd.store.checkpoint import load_server_file
+
+SPEC = TableSpec("t", 1, "int64")
+KEYS = np.array([10, 20], np.uint64)
+
+
+def _core() -> ServerCore:
+    core = ServerCore(ClusterConfig(security="none", replication=1), secure=False)
+    core.node_id = "S0"
+    core.ring = Assignment(version=1, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),),
+                           addresses={"S0": "tcp://S0"})
+    core._create(SPEC)
+    core.fence.confirmed(0.0)
+    return core
+
+
+def _push(core: ServerCore, rid: int, clock: int, value: int, now: float, sender: str = "W0",
+          once: list | None = None) -> list:
+    meta = {"rid": rid} if once is None else {"rid": rid, "once": once}
+    out = core.handle(None, Message("push", id=rid, sender=sender, table="t", clock=clock, meta=meta,
+                                    arrays=[KEYS, np.full((KEYS.size, 1), value, np.int64)]), now)
+    assert [e.msg.op for e in out if isinstance(e, Reply)] == ["ok"]
+    return out
+
+
+def _values(core: ServerCore) -> list[int]:
+    return core.tables["t"].pull(KEYS).ravel().tolist()
+
+
+def _checkpoint(tmp_path: Path, once: bool = False) -> Path:
+    """A server's file for a checkpoint cut at clock 1 that holds W0's push 1 (clock 0,
+    applied before the hold) and not its push 2 (clock 1: held by the cut, acknowledged
+    before the file was written, applied after it); ``once``: a job's pushes, steps 1
+    and 2 of shard J/0."""
+    core = _core()
+    _push(core, 1, 0, 1, 0.1, once=["J/0", 1] if once else None)
+    core.control(Message("ckpt_hold", id=100, meta={"within": 10.0}), 0.2)
+    _push(core, 2, 1, 2, 0.3, once=["J/0", 2] if once else None)
+    core.control(Message("ckpt_cut", id=101, meta={"cut": 1, "workers": ["W0"], "folder": str(tmp_path),
+                                                   "timeout": 5}), 0.4)
+    out = core.handle(None, Message("clock", id=102, sender="W0", clock=1, meta={"clock": 1}), 0.5)
+    writes = [e for e in out if isinstance(e, Write)]
+    assert len(writes) == 1
+    core.written(writes[0].token, writes[0].write(), None, 0.6)
+    assert _values(core) == [3, 3]  # (the held push went through after the snapshot)
+    return Path(writes[0].path)
+
+
+def _restored(path: Path) -> ServerCore:
+    core = _core()
+    core.restore(Message("restore", id=200, meta={"folder": str(path.parent)}), [load_server_file(path)], 1.0)
+    assert _values(core) == [1, 1]
+    return core
+
+
+def test_a_resent_push_the_checkpoint_holds_is_not_applied_again_and_one_it_lacks_is(tmp_path):
+    core = _restored(_checkpoint(tmp_path))
+    _push(core, 1, 0, 1, 1.1)  # in the checkpoint: its answer was lost, its worker resends it
+    assert _values(core) == [1, 1]
+    _push(core, 2, 1, 2, 1.2)  # acked before the file was written, but not in it
+    assert _values(core) == [3, 3]
+    _push(core, 2, 1, 2, 1.3)  # and from now on a resend of it is one
+    assert _values(core) == [3, 3]
+
+
+def test_the_file_names_the_pushes_it_holds_for_the_ranges_its_server_led(tmp_path):
+    from psd.core.seen import ids_of_arrays
+    ids = load_server_file(_checkpoint(tmp_path)).ids
+    assert [(g.ranges, list(ids_of_arrays(g.senders, g.counts, g.rids))) for g in ids] == [
+        (((0, KEY_SPACE_END),), [("W0", 1)])]
+
+
+def test_a_restore_replaces_the_ids_a_copy_brought_for_its_range(tmp_path):
+    """A copy of the range brought push 2's id (its source had applied it); the restore
+    replaces the range's rows with the checkpoint's, which lack it: its resend applies."""
+    path = _checkpoint(tmp_path)
+    core = _core()
+    core.partly.note_copy(Range(0, KEY_SPACE_END), ["W0"], np.array([1], np.uint64), np.array([2], np.uint64))
+    core.restore(Message("restore", id=200, meta={"folder": str(tmp_path)}), [load_server_file(path)], 1.0)
+    _push(core, 2, 1, 2, 1.1)
+    assert _values(core) == [3, 3]
+    _push(core, 1, 0, 1, 1.2)
+    assert _values(core) == [3, 3]
+
+
+def test_an_older_file_without_ids_still_loads_and_says_exactly_once_is_not_kept(tmp_path, caplog):
+    path = _checkpoint(tmp_path)
+    body = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(path.read_bytes()), raw=False)
+    del body["ids"]  # as psd wrote files before decision 154
+    path.write_bytes(zstandard.ZstdCompressor().compress(msgpack.packb(body, use_bin_type=True)))
+    assert load_server_file(path).ids is None
+    with caplog.at_level(logging.WARNING, logger="psd.server"):
+        core = _restored(path)
+    assert any("without request ids" in r.getMessage() for r in caplog.records)
+    _push(core, 1, 0, 1, 1.1)  # as before: applied again
+    assert _values(core) == [2, 2]
+
+
+def test_a_restore_replaces_the_ids_of_pushes_the_server_applied_to_those_rows_itself(tmp_path):
+    """The restoring server applied push 2 (after the cut) itself, holding the rows then:
+    once key 10 is restored without it, a resend applies it to key 10, and only there."""
+    from psd.cluster.ranges import range_to_wire
+    path = _checkpoint(tmp_path)
+    core = _core()
+    _push(core, 2, 1, 2, 0.1)
+    core.restore(Message("restore", id=200, meta={"folder": str(tmp_path), "ranges": [range_to_wire(Range(0, 16))]}),
+                 [load_server_file(path)], 1.0)
+    assert _values(core) == [1, 2]
+    _push(core, 2, 1, 2, 1.1)
+    assert _values(core) == [3, 2]
+    _push(core, 2, 1, 2, 1.2)
+    assert _values(core) == [3, 2]
+
+
+def test_a_shard_run_again_after_a_restore_applies_only_the_steps_the_checkpoint_lacks(tmp_path):
+    """A job's pushes carry a sender-free identity (``meta.once``): a shard run again by
+    another worker after the restore applies step 2 (after the cut), not step 1."""
+    core = _restored(_checkpoint(tmp_path, once=True))
+    _push(core, 51, 0, 1, 1.1, sender="W1", once=["J/0", 1])
+    assert _values(core) == [1, 1]
+    _push(core, 52, 1, 2, 1.2, sender="W1", once=["J/0", 2])
+    assert _values(core) == [3, 3]
+
+
+def test_a_restore_replaces_the_steps_the_server_applied_to_those_rows_itself(tmp_path):
+    from psd.cluster.ranges import range_to_wire
+    path = _checkpoint(tmp_path, once=True)
+    core = _core()
+    _push(core, 2, 1, 2, 0.1, once=["J/0", 2])
+    core.restore(Message("restore", id=200, meta={"folder": str(tmp_path), "ranges": [range_to_wire(Range(0, 16))]}),
+                 [load_server_file(path)], 1.0)
+    assert _values(core) == [1, 2]
+    _push(core, 52, 1, 2, 1.1, sender="W1", once=["J/0", 2])  # the shard run again
+    assert _values(core) == [3, 2]
+
+
+def test_the_restorers_own_ids_are_the_newest_its_window_keeps():
+    """Each sender keeps ``window`` ids: those the restorer applied itself (likelier to be
+    resent than the older checkpoint's) are kept, for the rows outside the restore."""
+    from psd.core.seen import PartlyApplied, Seen
+    seen, partly = Seen(window=4), PartlyApplied(window=4)
+    for rid in range(10, 14):
+        seen.add("W0", rid)
+    partly.replace(seen, [Range(0, 100)], [((Range(0, KEY_SPACE_END),), [("W0", [1, 2, 3, 4])])])
+    assert [partly.applied_in("W0", rid) for rid in (10, 13)] == [[Range(100, KEY_SPACE_END)]] * 2
+    assert partly.applied_in("W0", 4) == [] and ("W0", 10) not in seen
