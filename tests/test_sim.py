@@ -745,6 +745,46 @@ MIX_FOUND = [
 ]
 
 
+#: copies of an evicting table that came to differ, each failing before decision 153:
+#: (why, seed, settings)
+EVICT_FOUND = [
+    # an evict record lost with its primary, killed after sending it to one replica: the
+    # new primary lacked the row and a replica kept it (and later pushes added to it),
+    # or the new primary kept it and a replica lacked it. The new primary now aligns its
+    # replicas' rows with its own (``align``)
+    ("an evict record lost with its primary", 501462, dict(consistency="eventual", replication=3, bounded=True)),
+    ("an evict record lost with its primary", 501462, dict(consistency="bounded", replication=3, bounded=True)),
+    ("an evict record lost with its primary", 907797, dict(consistency="eventual", replication=3, spans=True,
+                                                           pushpull=True, bounded=True)),
+    # a replica at a newer ring refused the old primary's record: the new primary aligns
+    ("a record refused at a newer ring", 902637, dict(consistency="eventual", replication=3, key_caching=True,
+                                                      checkpoints=True, bounded=True)),
+    ("a record refused at a newer ring", 907387, dict(consistency="bounded", servers=4, workers=3, replication=3,
+                                                      placement="chained", bsp=True, bounded=True)),
+    # ... refused whole, though its sender still led the range of some of its keys (the
+    # others' range had moved): those stayed on the replica. A record from an older ring
+    # now deletes what its sender leads at ours
+    ("a record refused whole at a newer ring", 902622, dict(consistency="eventual", replication=3,
+                                                            key_caching=True, pushpull=True, checkpoints=True,
+                                                            bounded=True)),
+    # a worker's push sent again to the new primary, applied by a replica at another point
+    # of its sequence (before an eviction, or after): the replica's answer now says so,
+    # and the primary evicts the push's keys
+    ("a resend applied at different points", 901107, dict(consistency="eventual", replication=3, pushpull=True,
+                                                          bounded=True)),
+    ("a resend applied at different points", 904452, dict(consistency="eventual", replication=3, pushpull=True,
+                                                          bounded=True)),
+    ("a resend applied at different points", 906907, dict(consistency="bounded", servers=4, workers=3,
+                                                          replication=3, pushpull=True, older_pushpull=True,
+                                                          bounded=True)),
+]
+
+
+@pytest.mark.parametrize("why,seed,settings", EVICT_FOUND, ids=[f"{w}-{s}" for w, s, _ in EVICT_FOUND])
+def test_evicting_table_seeds_that_found_bugs_keep_every_invariant(why, seed, settings):
+    _keeps_every_invariant(why, seed, **settings)
+
+
 @pytest.mark.parametrize("why,seed,settings", BOUNDED_MIXED_FOUND + MIX_FOUND,
                          ids=[f"{w}-{s}" for w, s, _ in BOUNDED_MIXED_FOUND + MIX_FOUND])
 def test_mixed_feature_seeds_that_found_bugs_keep_every_invariant(why, seed, settings):

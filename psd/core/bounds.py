@@ -12,6 +12,12 @@ makes every copy of a range hold the same rows:
   replica deletes them at the same point of the push sequence as its primary did (one
   whose gate keeps pushes, for a checkpoint cut, deletes them from those too); the
   push that caused them is acknowledged only once the replicas hold the record too.
+- **repair**: a record can still miss a copy (its primary dies, or a replica at a newer
+  ring refuses it), and a push resent across a failover can reach two copies at
+  different points of their sequences. A server that leads keys anew aligns each
+  replica's rows with its own (``align``: keys and row digests, on the stream of its
+  forwards), and a replica's answer to a forward says whether it applied the push now
+  or before; the primary evicts the keys found to differ (decision 153).
 
 Pure, like the rest of ``psd.core``: time comes in as ``now``.
 """
@@ -22,15 +28,21 @@ from functools import partial
 
 import numpy as np
 
-from psd.cluster.ranges import Range
+from psd.cluster.assignment import Assignment
+from psd.cluster.ranges import Range, bounds
+from psd.cluster.ring import leads_anew, overlay
 from psd.cluster.rows import Rows
 from psd.codec import Message
 from psd.core.acks import Pending
-from psd.errors import ProtocolError
+from psd.errors import ProtocolError, StaleRingError
 from psd.store.bounded import Clock
 from psd.store.table import KEY_END, Table
 
 log = logging.getLogger("psd.server")
+
+#: ranges one forward or alignment may name (``meta.cover``, a pair each); a forward that
+#: would need more goes as several (a ring of a thousand ranges that one replica shares)
+MAX_COVER = 1024
 
 
 def _keys_of(rows: Rows) -> np.ndarray:
@@ -47,6 +59,36 @@ def _without(rows: Rows, keys: np.ndarray) -> Rows | None:
     return _take(rows, keep) if keep.any() else None
 
 
+def _in_ranges(keys: np.ndarray, ranges: list[Range]) -> np.ndarray:
+    """Which of the sorted ``keys`` lie in one of ``ranges`` (bool, one per key)."""
+    inside = np.zeros(keys.size, np.bool_)
+    for r in ranges:
+        i0, i1 = bounds(keys, r.begin, r.end)
+        inside[i0:i1] = True
+    return inside
+
+
+def _overlap(pieces: list[Range], ranges: list[Range]) -> list[Range]:
+    """The parts of ``pieces`` inside ``ranges``, sorted, adjacent ones joined."""
+    out: list[Range] = []
+    for a, b in sorted((max(p.begin, r.begin), min(p.end, r.end)) for p in pieces for r in ranges):
+        if a >= b:
+            continue
+        if out and a <= out[-1].end:
+            out[-1] = Range(out[-1].begin, max(b, out[-1].end))
+        else:
+            out.append(Range(a, b))
+    return out
+
+
+def _same_rows(ours: np.ndarray, our_digests: np.ndarray, theirs: np.ndarray, their_digests: np.ndarray):
+    """Which of the sorted keys ``theirs`` we hold with the same digest (bool, one each)."""
+    if not ours.size:
+        return np.zeros(theirs.size, np.bool_)
+    at = np.minimum(np.searchsorted(ours, theirs), ours.size - 1)
+    return (ours[at] == theirs) & (our_digests[at] == their_digests)
+
+
 def _take(rows: Rows, keep: np.ndarray) -> Rows:
     """The rows where ``keep`` (bool, one per row), as keys (spans become keys)."""
     keys = _keys_of(rows)
@@ -59,6 +101,9 @@ class Bounds:
         self.core = core
         #: the ``now`` of the step being handled, read by bounded tables for TTL stamps
         self.clock = Clock()
+        #: (replica, table) -> (pieces of ranges we lead anew it replicates, not before):
+        #: alignments to send (``_align``)
+        self._aligns: dict[tuple[str, str], tuple[list[Range], float]] = {}
 
     def at(self, now: float) -> None:
         self.clock.now = now
@@ -69,12 +114,15 @@ class Bounds:
             table.bounded.clock = self.clock
             table.lead(self.core.ring.led_by(self.core.node_id))
 
-    def ring_changed(self) -> None:
+    def ring_changed(self, old: Assignment) -> None:
+        """Tell bounded tables what we lead now; align the replicas of what we lead anew."""
         led = None
         for table in self.core.tables.values():
             if table.bounded is not None:
                 led = led if led is not None else self.core.ring.led_by(self.core.node_id)
                 table.lead(led)
+        if led is not None and old.ranges and leads_anew(old, self.core.ring, self.core.node_id):
+            self._plan_aligns(old)
 
     # -- the primary -----------------------------------------------------------------
     @staticmethod
@@ -116,6 +164,10 @@ class Bounds:
         keys = table.evict()
         if not keys.size:
             return pending
+        return self._record(table, keys, pending, now)
+
+    def _record(self, table: Table, keys: np.ndarray, pending: Pending | None, now: float) -> Pending | None:
+        """Send the replicas of ``keys`` (sorted) the record that we evicted them."""
         core = self.core
         rows = Rows(keys=keys)
         by_replica: dict[str, list] = {}
@@ -137,11 +189,28 @@ class Bounds:
             return None
         return pending
 
+    def evict_differing(self, table: Table, keys: np.ndarray, now: float) -> None:
+        """Evict ``keys`` that a replica's copy may hold otherwise than ours (an
+        alignment, or a push applied at different points of the two sequences): a
+        row no copy holds is one they agree on. Only the keys we still lead; at once,
+        whatever the gate keeps (as on a replica, ``_drop``: they leave the pushes
+        kept here too, so both sides apply the same kept pushes)."""
+        if not keys.size:
+            return
+        led = self.core.ring.led_by(self.core.node_id)
+        keys = np.unique(keys)
+        keys = keys[_in_ranges(keys, led)]
+        if keys.size:
+            self._drop(table, keys, count="evicted")
+            self._record(table, keys, None, now)
+
     def tick(self, now: float) -> None:
         """Rows idle past a TTL in seconds go even when no push comes."""
         self.at(now)
         if not self.core.serving(now):  # (a server cut off may no longer lead what it led)
             return
+        if self._aligns:
+            self._align(now)
         for table in list(self.core.tables.values()):
             if table.bounded is not None and table.bounded.bounds.ttl_seconds is not None:
                 self.evict(table, None, now)
@@ -156,9 +225,142 @@ class Bounds:
                     r.begin, r.end - r.begin):
                 table.retain([x for x in (Range(0, r.begin), Range(r.end, KEY_END)) if x.begin < x.end])
 
+    # -- copies that may differ ------------------------------------------------------------
+    # An evict record can miss a copy: its primary dies after sending it to some replicas,
+    # or a replica at a newer ring refuses it. And a push can reach two copies at different
+    # points of their sequences (a worker's resend to a new primary that one copy had
+    # applied and the other not): with evictions in between, their rows differ. Nothing
+    # resends a record, so two repairs (decision 153). A primary that leads keys anew
+    # compares its rows with each replica's (``align``); and a replica's answer to a
+    # forward says whether it applied the push now or had before, which, unlike ours,
+    # marks the push's keys as differing. Either way the primary evicts the keys found to
+    # differ: a row that no copy holds is one they agree on.
+
+    @staticmethod
+    def applied(table: Table, held: Rows | None, todo: Rows | None) -> dict:
+        """A replica's answer to a forward of an evicting table's push: whether it applied
+        rows of it now, and whether it had applied some of the rows it ``held`` before."""
+        if table.bounded is None or not table.bounded.bounds.evicting:
+            return {}
+        return {"applied": [todo is not None, held is not None and (todo is None or todo.count < held.count)]}
+
+    def watch(self, table: Table, sub: Rows, had: tuple[bool, bool]):
+        """What reads a replica's answer to our forward of ``sub`` (None: nothing to
+        read); ``had`` says the same as ``applied`` of us, the primary."""
+        if table.bounded is None or not table.bounded.bounds.evicting:
+            return None
+        return partial(self._compare, table, sub, had)
+
+    def _compare(self, table: Table, sub: Rows, had: tuple[bool, bool], reply: Message, now: float) -> None:
+        theirs = reply.meta.get("applied")
+        if not isinstance(theirs, list) or len(theirs) != 2:
+            return  # (an older replica: it does not say)
+        if (had[0] and theirs[1]) or (had[1] and theirs[0]):
+            self.evict_differing(table, _keys_of(sub), now)
+
+    def _plan_aligns(self, old: Assignment) -> None:
+        """At a ring where we lead keys we did not: align each replica of them with us."""
+        core, me = self.core, self.core.node_id
+        names = [n for n, t in core.tables.items() if t.bounded is not None and t.bounded.bounds.evicting]
+        for piece, was, now_owners in overlay(old, core.ring):
+            if now_owners and now_owners[0] == me and (not was or was[0] != me):
+                for node in now_owners[1:]:
+                    for name in names:
+                        pieces, _ = self._aligns.get((node, name), ([], 0.0))
+                        self._aligns[(node, name)] = ([*pieces, piece], 0.0)
+        self._align(self.clock.now)
+
+    def _align(self, now: float) -> None:
+        """Send the alignments that are due: our keys, with a digest of each row, in the
+        pieces we lead that the replica holds, on the stream of our forwards, so it
+        compares them at the same point of our push sequence. Not while our gate keeps
+        pushes (our rows are not yet what we forwarded)."""
+        core = self.core
+        for (node, name), (pieces, due) in list(self._aligns.items()):
+            table = core.tables.get(name)
+            if due > now or (table is not None and core.policy(table).holding):
+                continue
+            del self._aligns[(node, name)]
+            address = core.ring.addresses.get(node)
+            ours = [r for r, o in zip(core.ring.ranges, core.ring.owners) if o and o[0] == core.node_id
+                    and node in o[1:]]
+            pieces = _overlap(pieces, ours)
+            if table is None or address is None or not pieces:
+                continue
+            for cover, keys, digests in self._align_messages(table, pieces):
+                msg = Message("align", table=name, ring=core.ring.version, meta={"cover": cover},
+                              arrays=[keys, digests])
+                core.calls.ask(node, address, msg, partial(self._aligned, name, pieces), now)
+
+    def _align_messages(self, table: Table, pieces: list[Range]) -> list[tuple[list, np.ndarray, np.ndarray]]:
+        """(cover, keys, digests) of each message of an alignment: at most ``max_keys``
+        keys and MAX_COVER pairs each (a piece with more keys goes cut at keys)."""
+        limits = self.core.config.limits
+        step = max(1, min(limits.max_keys, limits.max_message_bytes // 32))
+        parts = []  # ([first, last], keys, digests)
+        for p in pieces:
+            keys, digests = table.digests_in(p.begin, p.end)
+            for i in range(0, max(keys.size, 1), step):
+                first = p.begin if i == 0 else int(keys[i])
+                last = p.end - 1 if i + step >= keys.size else int(keys[i + step]) - 1
+                parts.append(([first, last], keys[i:i + step], digests[i:i + step]))
+        out: list[tuple[list, list, list]] = []
+        for pair, keys, digests in parts:
+            if not out or len(out[-1][0]) >= MAX_COVER or sum(k.size for k in out[-1][1]) + keys.size > step:
+                out.append(([], [], []))
+            out[-1][0].append(pair)
+            out[-1][1].append(keys)
+            out[-1][2].append(digests)
+        return [(cover, np.concatenate(k), np.concatenate(d)) for cover, k, d in out]
+
+    def _aligned(self, name: str, pieces: list[Range], call, reply: Message | None, error: Exception | None,
+                 now: float) -> None:
+        """A replica's answer to an alignment: evict the keys it holds otherwise than we
+        do; at an older ring than ours it aligns later (we still lead them then)."""
+        table = self.core.tables.get(name)
+        if error is not None or table is None:
+            return  # (it left, or the table was dropped)
+        if reply.op == "error":
+            if reply.meta.get("code") == StaleRingError.code:
+                again = now + self.core.config.heartbeat_interval
+                have, _ = self._aligns.get((call.node, name), ([], again))
+                self._aligns[(call.node, name)] = ([*have, *pieces], again)
+            else:  # (an older server, say: it does not know alignments)
+                log.info("%s: %s refused to align %r: %s", self.core.node_id, call.node, name,
+                         reply.meta.get("message"))
+            return
+        differ = reply.arrays[0] if reply.arrays else None
+        if isinstance(differ, np.ndarray) and differ.dtype == np.uint64 and differ.ndim == 1:
+            self.evict_differing(table, differ, now)
+
+    def align_here(self, table: Table, sender: str, cover: list[Range], keys: np.ndarray,
+                   digests: np.ndarray) -> np.ndarray:
+        """A primary's alignment, at our ring: delete the rows it does not hold, and
+        return the keys it holds that we lack or hold otherwise (it evicts those). Only
+        in ranges it leads and we hold, not being copied in (a copy replaces them)."""
+        core = self.core
+        differ = []
+        for r, owners in zip(core.ring.ranges, core.ring.owners):
+            if not owners or owners[0] != sender or core.node_id not in owners[1:] or any(
+                    r.begin < x.end and x.begin < r.end for x in core.incoming):
+                continue
+            for c in cover:
+                begin, end = max(r.begin, c.begin), min(r.end, c.end)
+                if begin >= end:
+                    continue
+                ours, our_digests = table.digests_in(begin, end)
+                i0, i1 = bounds(keys, begin, end)
+                theirs, their_digests = keys[i0:i1], digests[i0:i1]
+                table.drop_keys(ours[~np.isin(ours, theirs, assume_unique=True)])
+                differ.append(theirs[~_same_rows(ours, our_digests, theirs, their_digests)])
+        return np.concatenate(differ) if differ else np.empty(0, np.uint64)
+
     # -- a replica ---------------------------------------------------------------------
     def on_evict(self, route, msg: Message, now: float) -> Message:
-        """A primary evicted keys of ranges we replicate: delete them here too."""
+        """A primary evicted keys of ranges we replicate: delete them here too. Sent at an
+        older ring than ours, only those of ranges it still leads at ours: the others'
+        new primary aligns us with itself (``align_here``), and a record refused whole
+        would leave ours undeleted in the ranges it still leads."""
         core = self.core
         core._daemons_only(msg)
         core._admit(msg)
@@ -167,18 +369,21 @@ class Bounds:
         if table.bounded is None or not table.bounded.bounds.evicting:
             raise ProtocolError(f"evict: table {msg.table!r} has no eviction (max_rows, ttl_pushes, ttl_seconds)")
         rows = Rows.from_message(msg, core.config.limits, with_values=False)
-        core._check_forwarder(msg, rows)
+        if msg.ring < core.ring.version and rows.count:
+            led = sorted(s for owners, slices in rows.groups(core.ring) if owners and owners[0] == msg.sender
+                         for s in slices)
+            rows = rows.take(led) if led else Rows(keys=rows.keys[:0])
         mine = core._replica_rows(rows, msg)
         if mine is not None:
             self._drop(table, mine.keys)
         return msg.reply()
 
-    def _drop(self, table: Table, keys: np.ndarray) -> None:
+    def _drop(self, table: Table, keys: np.ndarray, count: str = "evicted_by_primary") -> None:
         """Delete ``keys`` now, and from the pushes our gate still keeps (a checkpoint cut
         here): the primary decided with every push before this record applied, and a
         forward after it may be applied before the kept ones. So every order of applying
         them leaves the rows the primary holds."""
-        table.drop_keys(keys)
+        table.drop_keys(keys, count)
         for kept in self.core.gate.waiting():
             if kept.table == table.spec.name and kept.rows is not None:
                 kept.rows = _without(kept.rows, keys)

@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import KEY_SPACE_END, Range, bounds, range_from_wire, range_to_wire
+from psd.cluster.ranges import KEY_SPACE_END, Range, bounds, check_sorted_unique, range_from_wire, range_to_wire
 from psd.cluster.ring import leads_anew, overlay
 from psd.cluster.rows import Rows
 from psd.cluster.schedulers import lost_after
 from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.acks import Acks, Pending
-from psd.core.bounds import Bounds
+from psd.core.bounds import MAX_COVER, Bounds
 from psd.core.effects import LINK, Follow, Refuse, Rejoin, Reply, Stop, Write
 from psd.core.election import Ballot
 from psd.core.fence import Fence, restore_after
@@ -73,12 +73,10 @@ DAEMON_OPS = {"replicate": "replicate (a primary's copy of a push to its replica
               "install": "install (a range copy from another server)",
               "peer_ping": "peer_ping (a server's liveness ping)",
               "elect": "elect (a standby scheduler asking for this server's vote)",
-              "evict": "evict (a primary's eviction record for its replicas)"}
+              "evict": "evict (a primary's eviction record for its replicas)",
+              "align": "align (a primary's rows, for its replicas to compare)"}
 #: one heartbeat in this many carries the full stats; the others only the peers' ages
 STATS_EVERY = 5
-#: ranges one forward may name (``meta.cover``, a pair each); a forward that would
-#: need more goes as several (a ring of a thousand ranges that one replica shares)
-MAX_COVER = 1024
 #: refusals after which the sender sends the request again: nothing it sent after the
 #: refused request may be admitted before that (the stream breaks there)
 BREAKING = (NotOwnerError, UnavailableError, BusyError, KeysUnknownError)
@@ -168,7 +166,7 @@ class ServerCore:
         self.handlers = {"push": self.on_push, "pull": self.on_pull, "pushpull": self.on_pushpull,
                          "clock": self.on_clock, "replicate": self.on_replicate, "install": self.on_install,
                          "ping": self.on_ping, "peer_ping": self.on_peer_ping, "elect": self.on_elect,
-                         "evict": self.on_evict}
+                         "evict": self.on_evict, "align": self.on_align}
         #: admission and eviction of bounded tables (psd.core.bounds)
         self.bounds = Bounds(self)
         self.control_handlers = {"create_table": self.on_create_table, "ring": self.on_ring,
@@ -547,8 +545,8 @@ class ServerCore:
             # their old primary; its clocks vouch for them here once it knows this ring
             self.sync_version = ring.version
             self.gate.resync()
-        self.ring = ring
-        self.bounds.ring_changed()
+        old, self.ring = self.ring, ring
+        self.bounds.ring_changed(old)
         self.fence.forget(ring.servers)
         for node in gone:
             self._forget_probe(node)
@@ -831,8 +829,9 @@ class ServerCore:
             # applied here before, perhaps as a replica of a primary that died before
             # forwarding to every replica, or refused by one: forward it again (replicas
             # apply it once)
-            return self._forward(msg, table, *self.bounds.resent(table, rows, groups), rid, now)
+            return self._forward(msg, table, *self.bounds.resent(table, rows, groups), rid, now, (False, True))
         todo = self.partly.not_applied(rows, [rid, *cut_from]) if rid is not None else rows
+        had = (todo is not None, todo is None or todo.count < rows.count)  # (applied now, before)
         refused = None
         if todo is not None:
             todo, refused = self.bounds.admit(table, todo)  # (bounded tables: keys not admitted yet)
@@ -841,16 +840,18 @@ class ServerCore:
         if rid is not None:
             self.seen.add(*rid)
             self.partly.note_piece(rows, cut_from)
-        pending = self._forward(msg, table, *self.bounds.forwarded(rows, refused, groups), rid, now)
+        pending = self._forward(msg, table, *self.bounds.forwarded(rows, refused, groups), rid, now, had)
         return self.bounds.evict(table, pending, now)
 
-    def _forward(self, msg: Message, table: Table, rows: Rows, groups, rid, now: float) -> Pending | None:
+    def _forward(self, msg: Message, table: Table, rows: Rows, groups, rid, now: float,
+                 had: tuple[bool, bool]) -> Pending | None:
         """Send the push to every replica of its rows: one message per replica server,
         holding the rows of every owner group it is in. A forward holding only part of
         the request names the ranges of its rows (``meta.cover``: every row of the
         request in them goes to that replica): the replica counts the request's id as
         applied for those rows only, so a piece of the request that reaches it later
-        (re-cut by a newer ring, from another primary) is applied for the rest."""
+        (re-cut by a newer ring, from another primary) is applied for the rest. ``had``:
+        whether we applied rows of it now, and whether some before (``Bounds.watch``)."""
         by_replica: dict[str, list] = {}
         for owners, slices in groups:
             for node in owners[1:]:
@@ -877,7 +878,8 @@ class ServerCore:
                     meta["once"] = msg.meta["once"]
                 fwd = sub.to_message("replicate", table=table.spec.name, ring=self.ring.version, clock=msg.clock,
                                      meta=meta)
-                call = self.calls.ask(node, address, fwd, partial(self._forward_answered, pending), now)
+                check = self.bounds.watch(table, sub, had)
+                call = self.calls.ask(node, address, fwd, partial(self._forward_answered, pending, check=check), now)
                 pending.calls[call] = None
                 self.counters["replicated"] += 1
         if not pending.calls:
@@ -906,7 +908,9 @@ class ServerCore:
         return out
 
     def _forward_answered(self, pending: Pending, call: Call, reply: Message | None, error: Exception | None,
-                          now: float) -> None:
+                          now: float, check=None) -> None:
+        """A replica's answer to a forward or an evict record; ``check(reply, now)`` reads
+        an answer to a forward of an evicting table's push (``Bounds.watch``)."""
         node = call.node
         if error is not None:
             log.warning("%s: forward to %s failed: %s", self.node_id, node, error)
@@ -931,6 +935,8 @@ class ServerCore:
             self.full_replicas[node] = int(reply.meta.get("bytes") or 0)
         else:
             self.full_replicas.pop(node, None)
+        if check is not None:
+            check(reply, now)
         self.acks.answered(pending, call, None)
 
     def _hold(self, msg: Message, reply_bytes: int = 0) -> int:
@@ -1135,11 +1141,11 @@ class ServerCore:
             raise ProtocolError("replicate: meta.origin must name the worker that pushed")
         cover = _cover(msg.meta.get("cover"), rows)
         self._check_forwarder(msg, rows)
-        mine = self._replica_rows(rows, msg)
+        mine = held = self._replica_rows(rows, msg)
         if rid is not None:
             cut_from = self._cut_from(msg, origin)
             if self._seen_before((origin, rid), cut_from):
-                self.outbox.append(Reply(route, msg.reply(meta=self._replica_full())))
+                self._answer_forward(route, msg, table, held, None)
                 return
             if mine is not None:
                 mine = self.partly.not_applied(mine, [(origin, rid), *cut_from])
@@ -1155,11 +1161,42 @@ class ServerCore:
             limit = self.config.limits.max_memory_bytes
             self._apply_push(msg, table, mine, origin, 0 if limit is None else mine.count * table.row_bytes,
                              () if rid is None else _own_ids((origin, rid), cut_from))
-        self.outbox.append(Reply(route, msg.reply(meta=self._replica_full())))
+        self._answer_forward(route, msg, table, held, mine)
+
+    def _answer_forward(self, route, msg: Message, table: Table, held: Rows | None, todo: Rows | None) -> None:
+        """Answer a forward: whether we are full, and for an evicting table whether we
+        applied rows of it now or had before (``Bounds.applied``)."""
+        meta = self._replica_full()
+        if table.bounded is not None:
+            meta = {**meta, **self.bounds.applied(table, held, todo)}
+        self.outbox.append(Reply(route, msg.reply(meta=meta)))
 
     def on_evict(self, route, msg: Message, now: float) -> None:
         """A primary's eviction record (psd.core.bounds)."""
         self.outbox.append(Reply(route, self.bounds.on_evict(route, msg, now)))
+
+    def on_align(self, route, msg: Message, now: float) -> None:
+        """A primary that leads keys anew sends its rows' keys and digests, for us to
+        compare at this point of its forwards (``Bounds.align_here``); only at its ring,
+        so nothing its predecessor sends is applied here after it."""
+        self._daemons_only(msg)
+        self._admit(msg)
+        self.fence.heard(msg.sender, now)
+        table = self._table(msg)
+        if table.bounded is None or not table.bounded.bounds.evicting:
+            raise ProtocolError(f"align: table {msg.table!r} has no eviction (max_rows, ttl_pushes, ttl_seconds)")
+        if len(msg.arrays) != 2 or any(a.dtype != np.uint64 or a.ndim != 1 for a in msg.arrays) \
+                or msg.arrays[0].size != msg.arrays[1].size or msg.arrays[0].size > self.config.limits.max_keys:
+            raise ProtocolError("align: expects two uint64 frames of as many entries (keys, digests), at most "
+                                "limits.max_keys")
+        keys, digests = msg.arrays
+        check_sorted_unique(keys)
+        cover = _cover(msg.meta.get("cover"), Rows(keys=keys), "align")
+        if msg.ring != self.ring.version:
+            raise StaleRingError(f"align from {msg.sender} at ring v{msg.ring}; {self.node_id} is at "
+                                 f"v{self.ring.version}: send it again at our ring", ring=self.ring.version)
+        differ = self.bounds.align_here(table, msg.sender, cover, keys, digests)
+        self.outbox.append(Reply(route, msg.reply(arrays=[differ])))
 
     def _check_forwarder(self, msg: Message, rows: Rows) -> None:
         """Refuse a forward from a server that, at our newer ring, no longer leads its rows:
@@ -1557,20 +1594,21 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _cover(value, rows: Rows) -> list[Range] | None:
-    """``replicate``'s ``meta.cover`` (nil, or ascending disjoint ``[first, last]`` key
-    pairs holding every row of the forward) as ranges; checked whole before anything is
-    applied, since a row outside it would be applied again if the request came back."""
-    if value is None:
+def _cover(value, rows: Rows, op: str = "replicate") -> list[Range] | None:
+    """``replicate``'s (or ``align``'s) ``meta.cover`` (nil, or ascending disjoint
+    ``[first, last]`` key pairs holding every row of the forward) as ranges; checked whole
+    before anything is applied, since a row outside it would be applied again if the
+    request came back."""
+    if value is None and op == "replicate":
         return None
     if not isinstance(value, list) or not 0 < len(value) <= MAX_COVER:
-        raise ProtocolError(f"replicate: meta.cover must be a list of 1 to {MAX_COVER} [first, last] key pairs")
+        raise ProtocolError(f"{op}: meta.cover must be a list of 1 to {MAX_COVER} [first, last] key pairs")
     out: list[Range] = []
     for pair in value:
         if (not isinstance(pair, list) or len(pair) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_RID for v in pair)
                 or pair[0] > pair[1] or (out and pair[0] < out[-1].end)):
-            raise ProtocolError("replicate: meta.cover must hold ascending, disjoint [first, last] pairs of keys "
+            raise ProtocolError(f"{op}: meta.cover must hold ascending, disjoint [first, last] pairs of keys "
                                 f"(uint64, first <= last); got {pair!r:.80}")
         out.append(Range(pair[0], pair[1] + 1))
     if rows.count:  # (the pairs are disjoint: every row is inside iff they hold n rows between them)
@@ -1585,7 +1623,7 @@ def _cover(value, rows: Rows) -> list[Range] | None:
             at = np.searchsorted(los, firsts, side="right") - 1
             ok = not (at < 0).any() and not (lasts > his[np.maximum(at, 0)]).any()
         if not ok:
-            raise ProtocolError("replicate: meta.cover does not hold every row of the forward")
+            raise ProtocolError(f"{op}: meta.cover does not hold every row of the message")
     return out
 
 

@@ -48,6 +48,20 @@ def _as_keys(lo: int, n: int) -> np.ndarray:
     return np.uint64(lo) + np.arange(n, dtype=np.uint64)
 
 
+def _digests(data: np.ndarray) -> np.ndarray:
+    """One 64-bit FNV-style digest per row of ``data`` (2-d), over its bytes: rows whose
+    bytes differ get different digests but for a chance of 2**-64."""
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], data.shape[1] * data.itemsize)
+    if raw.shape[1] % 8:
+        raw = np.pad(raw, ((0, 0), (0, 8 - raw.shape[1] % 8)))
+    words = raw.view(np.uint64)
+    out = np.full(data.shape[0], 0xCBF29CE484222325, np.uint64)
+    for j in range(words.shape[1]):
+        out ^= words[:, j]
+        out *= np.uint64(0x100000001B3)
+    return out
+
+
 class _State(Mapping):
     """``table.state``: the updater's state fields by name. Asking for the names is free
     (range copies check them per message); an array comes in key order, like ``keys``."""
@@ -238,14 +252,22 @@ class Table:
         b.counts["evicted"] += k
         return keys
 
-    def drop_keys(self, keys: np.ndarray) -> int:
-        """Delete the rows of ``keys`` that a primary evicted (we replicate them)."""
+    def drop_keys(self, keys: np.ndarray, count: str = "evicted_by_primary") -> int:
+        """Delete the rows of ``keys`` that a primary evicted (we replicate them), or,
+        ``count="evicted"``, that we evict as the primary (copies found to differ)."""
         if self._hash.track is None or not keys.size or not self._hash.n:
             return 0
         gone = self._hash.delete(keys)
         self._account()
-        self.bounded.counts["evicted_by_primary"] += gone
+        self.bounded.counts[count] += gone
         return gone
+
+    def digests_in(self, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """The keys an evicting table stores in [begin, end), sorted, and a 64-bit digest
+        of each one's row (values and state): two copies compare rows by these."""
+        rows = self._hash.rows_in(begin, end - 1) if begin < end else np.empty(0, np.int64)
+        keys, rows = self._hash.sorted_rows(rows)
+        return keys, _digests(self._hash.data[rows])
 
     def lead(self, ranges) -> None:
         """The ranges this server leads now (sorted ``Range`` list): their rows are the
