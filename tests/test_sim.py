@@ -866,7 +866,7 @@ def test_with_an_evicting_table_a_restore_that_loses_a_row_is_found(monkeypatch)
     def losing_a_row(core, msg, files, now):
         effects = restore(core, msg, files, now)
         pieces = [range_from_wire(w) for w in msg.meta.get("ranges") or ()]
-        loaded = [k for f in files if BOUNDED_TABLE.name in f for k in f[BOUNDED_TABLE.name][1].tolist()
+        loaded = [k for f in files if BOUNDED_TABLE.name in f.tables for k in f.tables[BOUNDED_TABLE.name][1].tolist()
                   if any(k in r for r in pieces) and core.ring.owners_at(k)[:1] == (core.node_id,)]
         if loaded and not lost:
             lost.append(loaded[0])
