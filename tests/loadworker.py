@@ -272,7 +272,7 @@ def run_load(clients: int = 32, seconds: float = 10.0, *, servers: int = 2, keys
             # one push over the whole key space first: each server opens its links to its
             # replicas (several connections each under striped CurveZMQ) before "idle"
             warm = kv.table("warmup", width=1, dtype="int64")
-            spread = np.unique(np.linspace(0, 2**64 - 1, 256, dtype=np.uint64))
+            spread = np.unique(np.linspace(0, 2**64 - 2**11, 256).astype(np.uint64))  # (2**64 - 1 is no float64)
             kv.wait(warm.push(spread, np.ones((spread.size, 1), np.int64)))
         report["ring_version_start"] = cluster.status()["ring_version"]
         snap("idle")

@@ -99,6 +99,14 @@ def test_the_descriptor_check_waits_for_closes_and_still_catches_a_leak():
         assert max(left.values()) <= FD_SLACK, left
 
 
+def test_the_settle_deadline_grows_with_the_load(monkeypatch):
+    import loadworker
+    monkeypatch.setattr(loadworker.os, "cpu_count", lambda: 2)
+    for load, seconds in ((0.3, 5.0), (2.0, 5.0), (14.0, 35.0), (500.0, 60.0)):
+        monkeypatch.setattr(loadworker.os, "getloadavg", lambda: (load, load, load))
+        assert settle_timeout() == seconds
+
+
 # -- regression: a stalled scheduler declared every server dead --------------------------------
 def test_liveness_does_not_count_the_observers_own_stall():
     """The pure core: a tick that comes late because the observer did not run excuses
