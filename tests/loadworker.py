@@ -14,9 +14,10 @@ processes all the same (their own sockets, event loop and heartbeat thread each)
 
 The driver samples every daemon's resident memory and open file descriptors (from
 /proc) with the cluster idle, once the clients are connected, after a warm-up, every
-second of the run, at its end and after the clients have left; checks the final sums
-exactly; and returns a report (latency percentiles, throughput, the samples). Every wait
-is bounded, and every process it starts is stopped when it returns or fails.
+second of the run, at its end and after the clients have left (until their connections
+are closed, up to a deadline scaled by the machine's load: ``Sampler.settle``); checks the
+final sums exactly; and returns a report (latency percentiles, throughput, the samples).
+Every wait is bounded, and every process it starts is stopped when it returns or fails.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ import numpy as np
 TABLE = ("load_i64_w4", "int64", 4)
 TOP = 2**64 - 1
 START_TIMEOUT = 60.0
+#: open file descriptors a daemon may keep above its idle count once the clients left
+FD_SLACK = 2
+#: seconds the daemons get, on an idle machine, to close the connections of clients that
+#: left: ZeroMQ closes them on its I/O thread, asynchronously (scaled: ``settle_timeout``)
+SETTLE = 5.0
 
 
 def key_pool() -> np.ndarray:
@@ -137,6 +143,43 @@ def daemons(cluster) -> dict[str, int]:
     return out
 
 
+def settle_timeout(base: float = SETTLE) -> float:
+    """``base`` scaled by the runnable processes per core (the 1-minute load average),
+    1x to 12x: on an overloaded machine a daemon's I/O thread may not run for seconds
+    (9 descriptors were still open after 5 s with seven CPU-bound processes on 2 cores).
+    Only a leak waits it out: the wait ends once the counts are back."""
+    per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return base * min(12.0, max(1.0, per_core))
+
+
+class Sampler:
+    """Every daemon's memory and descriptors (``sample``), as labelled lists per daemon
+    (``samples``: name -> [(label, sample), ...])."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.samples: dict[str, list[tuple[str, dict]]] = {name: [] for name in pids}
+
+    def snap(self, label: str) -> None:
+        for name, pid in self.pids.items():
+            self.samples[name].append((label, sample(pid)))
+
+    def fds_left(self) -> dict[str, int]:
+        """Per daemon: descriptors open at the last ``left`` sample beyond the ``idle`` one."""
+        return growth(self.samples, "fds", "idle", "left")
+
+    def settle(self, timeout: float) -> dict[str, int]:
+        """Sample ``left`` until every daemon is back within FD_SLACK of its idle count
+        of descriptors, or ``timeout`` seconds have passed; return ``fds_left``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.snap("left")
+            left = self.fds_left()
+            if max(left.values()) <= FD_SLACK or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
+
+
 class Clients:
     """N client processes forked from a forkserver that imported psd and numpy once
     (32 interpreters importing them side by side would take most of a minute on 2
@@ -218,23 +261,18 @@ def run_load(clients: int = 32, seconds: float = 10.0, *, servers: int = 2, keys
 
     log = log or (lambda msg: None)
     t_start = time.monotonic()
-    samples: dict[str, list[tuple[str, dict]]] = {}
     report: dict = {"clients": clients, "seconds": seconds, "servers": servers, "keys_per_request": keys,
                     "think_ms": think_ms, "settings": settings}
     with psd.LocalCluster(servers=servers, **settings) as cluster:
-        pids = daemons(cluster)
-
-        def snap(label: str) -> None:
-            for name, pid in pids.items():
-                samples.setdefault(name, []).append((label, sample(pid)))
-
+        sampler = Sampler(daemons(cluster))
+        snap = sampler.snap
         name, dtype, width = TABLE
         with psd.connect(cluster) as kv:
             kv.table(name, width=width, dtype=dtype, updater="sum")
             # one push over the whole key space first: each server opens its links to its
             # replicas (several connections each under striped CurveZMQ) before "idle"
             warm = kv.table("warmup", width=1, dtype="int64")
-            spread = np.unique(np.linspace(0, 2**64 - 1, 256, dtype=np.uint64))
+            spread = np.unique(np.linspace(0, 2**64 - 2**11, 256).astype(np.uint64))  # (2**64 - 1 is no float64)
             kv.wait(warm.push(spread, np.ones((spread.size, 1), np.int64)))
         report["ring_version_start"] = cluster.status()["ring_version"]
         snap("idle")
@@ -257,14 +295,8 @@ def run_load(clients: int = 32, seconds: float = 10.0, *, servers: int = 2, keys
         finally:
             pool.close()
         # the clients have left: their connections must be gone too (ZeroMQ closes them
-        # asynchronously, so wait a moment for the counts to settle)
-        deadline = time.monotonic() + 5.0
-        while True:
-            snap("left")
-            idle = {n: s[0][1]["fds"] for n, s in samples.items()}
-            if all(samples[n][-1][1]["fds"] <= idle[n] for n in samples) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        # asynchronously, so wait for the counts to settle)
+        report["fds_left"] = sampler.settle(settle_timeout())
         errors = [(r["seed"], e) for r in results for e in r["errors"]]
         counts = {r["seed"]: r["acked"] for r in results}
         status = cluster.status()
@@ -292,7 +324,7 @@ def run_load(clients: int = 32, seconds: float = 10.0, *, servers: int = 2, keys
         "push": percentiles([x for r in results for x in r["push_us"]]),
         "pull": percentiles([x for r in results for x in r["pull_us"]]),
         "per_client_min_ops": min(counts.values()),
-        "samples": {n: [(label, s) for label, s in v] for n, v in samples.items()},
+        "samples": sampler.samples,
         "server_states": {n["id"]: n["state"] for n in status["nodes"] if n["role"] == "server"},
         "ring_version": status["ring_version"],
         "wall_s": time.monotonic() - t_start,
@@ -301,13 +333,13 @@ def run_load(clients: int = 32, seconds: float = 10.0, *, servers: int = 2, keys
     return report
 
 
-def growth(report: dict, key: str, a: str = "warm", b: str = "end") -> dict[str, int]:
-    """Per daemon: the change of ``key`` ("rss" or "fds") from the sample labelled ``a``
-    to the last sample labelled ``b``."""
+def growth(samples: dict, key: str, a: str = "warm", b: str = "end") -> dict[str, int]:
+    """Per daemon: the change of ``key`` ("rss" or "fds") from the first sample labelled
+    ``a`` to the last one labelled ``b`` (``samples``: a report's, or a Sampler's)."""
     out = {}
-    for name, samples in report["samples"].items():
-        first = next(s[key] for label, s in samples if label == a)
-        last = [s[key] for label, s in samples if label == b][-1]
+    for name, series in samples.items():
+        first = next(s[key] for label, s in series if label == a)
+        last = [s[key] for label, s in series if label == b][-1]
         out[name] = last - first
     return out
 

@@ -14,8 +14,14 @@ import psd
 from psd.client import admin
 
 HERE = Path(__file__).parent
+#: bounds for what starts processes (clusters, a CLI, worker interpreters): each wait ends
+#: as soon as its condition holds, so only a failure waits them out. Beside 22 busy loops
+#: the first test took 66 s (this process's fork server, 5 servers, a CLI interpreter)
+#: of the suite's 120 s per-test timeout, and a worker interpreter several seconds to start
+STARTS = 120.0
 
 
+@pytest.mark.timeout(5 * STARTS)
 def test_checkpoint_then_restart_from_folder_restores_every_table(tmp_path):
     rng = np.random.default_rng(5)
     keys = np.unique(rng.integers(0, 2**64, 4000, dtype=np.uint64))
@@ -27,7 +33,7 @@ def test_checkpoint_then_restart_from_folder_restores_every_table(tmp_path):
             kv.wait(kv.table("emb", width=4, dtype="float64", updater="assign").push(keys[:300], emb))
             kv.clock()  # a checkpoint cuts at a clock boundary: end this worker's iteration
             out = subprocess.run([sys.executable, "-m", "psd", "checkpoint", "--scheduler", cluster.scheduler],
-                                 capture_output=True, text=True, timeout=60)
+                                 capture_output=True, text=True, timeout=STARTS)
             assert out.returncode == 0, out.stderr
             assert "checkpoint 1" in out.stdout
             # written after the checkpoint: must not come back
@@ -63,6 +69,7 @@ def test_corrupt_checkpoint_file_is_refused_by_name(tmp_path):
         read_server_file(bad)
 
 
+@pytest.mark.timeout(4 * STARTS)
 @pytest.mark.parametrize("consistency", ["bounded", "eventual", "sequential"])
 def test_checkpoint_is_a_consistent_cut(tmp_path, consistency):
     """Workers push +1 to two keys on different servers per iteration at different
@@ -76,7 +83,7 @@ def test_checkpoint_is_a_consistent_cut(tmp_path, consistency):
                                    str(stop), str(pause)], stdout=subprocess.PIPE, text=True)
                  for i, pause in enumerate([0.0, 0.005, 0.03])]
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + STARTS  # (three interpreters start, connect and clock)
             while min(cluster.status()["clocks"]["workers"].values() or [0]) < 5 or \
                     len(cluster.status()["clocks"]["workers"]) < 3:
                 assert time.monotonic() < deadline, cluster.status()["clocks"]
