@@ -19,7 +19,7 @@ from psd.config import ClusterConfig
 from psd.core.effects import Reply, Write
 from psd.core.server import ServerCore
 from psd.schema import TableSpec
-from psd.store.checkpoint import load_server_file
+from psd.store.checkpoint import load_server_file, write_server_file
 
 SPEC = TableSpec("t", 1, "int64")
 KEYS = np.array([10, 20], np.uint64)
@@ -155,13 +155,42 @@ def test_a_restore_replaces_the_steps_the_server_applied_to_those_rows_itself(tm
     assert _values(core) == [3, 2]
 
 
-def test_the_restorers_own_ids_are_the_newest_its_window_keeps():
-    """Each sender keeps ``window`` ids: those the restorer applied itself (likelier to be
-    resent than the older checkpoint's) are kept, for the rows outside the restore."""
+def test_a_restore_keeps_every_sources_window_of_a_senders_ids():
+    """Each source of a sender's ids (each file's group, the restorer's own) may hold a
+    full window of recent ids: none pushes another's out."""
     from psd.core.seen import PartlyApplied, Seen
     seen, partly = Seen(window=4), PartlyApplied(window=4)
     for rid in range(10, 14):
         seen.add("W0", rid)
-    partly.replace(seen, [Range(0, 100)], [((Range(0, KEY_SPACE_END),), [("W0", [1, 2, 3, 4])])])
+    everywhere = (Range(0, KEY_SPACE_END),)
+    partly.replace(seen, [Range(0, 100)], [(everywhere, [("W0", [5])]), (everywhere, [("W0", [1, 2, 3, 4])])])
+    assert [partly.applied_in("W0", rid) for rid in (5, 1, 4)] == [[Range(0, 100)]] * 3
     assert [partly.applied_in("W0", rid) for rid in (10, 13)] == [[Range(100, KEY_SPACE_END)]] * 2
-    assert partly.applied_in("W0", 4) == [] and ("W0", 10) not in seen
+    assert ("W0", 10) not in seen
+
+
+def test_a_push_in_one_file_is_not_applied_again_when_another_holds_a_full_window(tmp_path):
+    """Two servers' files restored onto one: W0's push 5 in S0's file still counts though
+    S1's file holds a full window of W0's later ids."""
+    mid = 1 << 63
+    two = Assignment(version=1, ranges=(Range(0, mid), Range(mid, KEY_SPACE_END)), owners=(("S0",), ("S1",)),
+                     addresses={"S0": "tcp://S0", "S1": "tcp://S1"})
+    paths = []
+    for name in ("S0", "S1"):
+        core = _core()
+        core.node_id, core.ring = name, two
+        core.seen.window = 4
+        if name == "S0":
+            _push(core, 5, 0, 1, 0.1)
+        else:
+            for rid in range(100, 104):
+                core.seen.add("W0", rid)
+        tables, _ = core._checkpoint_tables()
+        paths.append(tmp_path / f"{name}.psd")
+        write_server_file(paths[-1], name, 1, 1, tables, core._checkpoint_ids(two.led_by(name)))
+    core = _core()
+    core.partly.window = 4
+    core.restore(Message("restore", id=200, meta={"folder": str(tmp_path)}), [load_server_file(p) for p in paths], 1.0)
+    assert _values(core) == [1, 1]
+    _push(core, 5, 0, 1, 1.1)  # its answer was lost: resent
+    assert _values(core) == [1, 1]

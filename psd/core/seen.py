@@ -203,14 +203,17 @@ class PartlyApplied:
         """Request ``(sender, rid)`` was applied here for the rows in ``ranges`` only (a
         range copied in; a forward carrying part of the request)."""
         ids = self._copied.setdefault(sender, OrderedDict())
-        have = ids.get(rid, ())
-        shape = have + tuple(r for r in ranges if r not in have)
-        if len(self._shapes) >= self.SHAPES_KEPT:
-            self._shapes.clear()  # (only sharing is lost)
-        ids[rid] = self._shapes.setdefault(shape, shape)
+        ids[rid] = self._widened(ids.get(rid, ()), ranges)
         ids.move_to_end(rid)
         if len(ids) > self.window:
             ids.popitem(last=False)
+
+    def _widened(self, have: tuple[Range, ...], ranges) -> tuple[Range, ...]:
+        """The shape of an id counting for ``have`` and now for ``ranges`` too."""
+        shape = have + tuple(r for r in ranges if r not in have)
+        if len(self._shapes) >= self.SHAPES_KEPT:
+            self._shapes.clear()  # (only sharing is lost)
+        return self._shapes.setdefault(shape, shape)
 
     def applied_in(self, sender: str, rid: int) -> list[Range]:
         """The ranges for whose rows ``(sender, rid)`` counts as applied here (none: not
@@ -266,26 +269,32 @@ class PartlyApplied:
             inside = _intersect(shape, tuple(replaced))
             if inside:
                 self._note_all(by_sender, inside)
-        # (last, so that they are the newest kept: ours are likelier to be resent than the
-        # checkpoint's, and each sender keeps ``window`` ids)
+        # (last, so that they are the newest: ours are likelier to be resent than the
+        # checkpoint's)
         ours = seen.take_all()
         if outside:
             self._note_all(ours.items(), outside)
+        # Each source (what we kept, each group, ours) may hold a full window of one
+        # sender's ids, all of them recent: trimming to one window as they come in would
+        # drop whichever came first, and its resends would apply twice. A sender keeps
+        # one window per source for now; later ids age the oldest out one by one.
+        bound = self.window * (len(groups) + 2)
+        for ids in self._copied.values():
+            while len(ids) > bound:
+                ids.popitem(last=False)
 
     def _note_all(self, by_sender: Iterable[tuple[str, Collection[int]]], ranges: tuple[Range, ...]) -> None:
-        """``note_ranges`` of many ids for the same ranges (a restore's), in bulk."""
+        """``note_ranges`` of many ids for the same ranges (a restore's), in bulk and
+        untrimmed (``replace`` trims)."""
         shape = self._shapes.setdefault(ranges, ranges)
         for sender, rids in by_sender:
             ids = self._copied.get(sender)
             if ids is None:
                 ids = self._copied[sender] = OrderedDict()
             for rid in rids:
-                if rid in ids:
-                    self.note_ranges(sender, rid, ranges)  # (with what it counted for already)
-                else:
-                    ids[rid] = shape
-            while len(ids) > self.window:
-                ids.popitem(last=False)
+                have = ids.get(rid)
+                ids[rid] = shape if have is None else self._widened(have, ranges)
+                ids.move_to_end(rid)
 
     def copied_into(self, r: Range) -> list[tuple[str, int]]:
         """Ids applied here for rows in some ranges only (copied in with a range, or forwarded
