@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import pytest
 import zstandard
 
 from psd.cluster.assignment import Assignment
@@ -18,6 +19,7 @@ from psd.codec import Message
 from psd.config import ClusterConfig
 from psd.core.effects import Reply, Write
 from psd.core.server import ServerCore
+from psd.errors import ConfigError
 from psd.schema import TableSpec
 from psd.store.checkpoint import load_server_file, write_server_file
 
@@ -194,3 +196,33 @@ def test_a_push_in_one_file_is_not_applied_again_when_another_holds_a_full_windo
     assert _values(core) == [1, 1]
     _push(core, 5, 0, 1, 1.1)  # its answer was lost: resent
     assert _values(core) == [1, 1]
+
+
+def _rewritten(path: Path, change) -> Path:
+    body = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(path.read_bytes()), raw=False)
+    change(body)
+    path.write_bytes(zstandard.ZstdCompressor().compress(msgpack.packb(body, use_bin_type=True)))
+    return path
+
+
+def _set(key: str, value):
+    return lambda body: body["ids"][0].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda body: body["ids"].append({**body["ids"][0], "counts": np.array([3], "<u8").tobytes()}), "counts"),
+    (_set("ranges", [[5, 2]]), "ranges"),
+    (_set("ranges", [[-1, 3]]), "ranges"),
+    (_set("senders", [12345]), "senders"),
+    (_set("rids", b"\0" * 12), "bytes"),
+    (_set("counts", np.array([2], "<u8").tobytes()), "counts"),
+    (lambda body: body["ids"][0].pop("senders"), "map"),
+    (lambda body: body.__setitem__("ids", {}), "list"),
+])
+def test_a_file_with_malformed_ids_is_refused_whole_when_read(tmp_path, change, what):
+    """Checked at load, before a restore installs anything: found while installing the
+    ids, after the rows, it left a restore half done (or, for a sender not a string,
+    broke every later ``drop_tables``)."""
+    path = _rewritten(_checkpoint(tmp_path), change)
+    with pytest.raises(ConfigError, match=f"{path}.*{what}"):
+        load_server_file(path)

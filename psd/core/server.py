@@ -1486,6 +1486,7 @@ class ServerCore:
         restored = 0
         self.bounds.at(now)
         try:
+            ids = self._ids_to_restore(held, files, msg.meta.get("folder"))  # (built whole first)
             for loaded in files:
                 for tname, (spec, keys, vals, state) in loaded.tables.items():
                     self._create(TableSpec.from_wire(spec))
@@ -1497,7 +1498,8 @@ class ServerCore:
         except Exception as err:
             self.outbox.append(Refuse(None, msg, err, LINK))
             return self._take()
-        self._restore_ids(held, files, msg.meta.get("folder"))
+        if ids is not None:
+            self.partly.replace(self.seen, held, ids)
         if only is not None:
             self.restoring = [r for r in self.restoring if not any(r.begin < h.end and h.begin < r.end for h in held)]
         log.info("%s restored %d keys from %s", self.node_id, restored, msg.meta.get("folder"))
@@ -1505,19 +1507,19 @@ class ServerCore:
         self.outbox.append(Reply(None, msg.reply(meta={"keys": restored}), LINK))
         return self._take()
 
-    def _restore_ids(self, held: list[Range], files: list[ServerFile], folder) -> None:
-        """The request ids of the restored rows become the files' (``_checkpoint_ids``):
-        ours, even those of pushes we applied to these rows while we held them before,
-        count for them no more."""
+    def _ids_to_restore(self, held: list[Range], files: list[ServerFile], folder) -> list | None:
+        """The request ids the restored rows get, the files' (``_checkpoint_ids``), as
+        ``PartlyApplied.replace`` takes them: ours, even those of pushes we applied to
+        these rows while we held them before, count for them no more (None: nothing
+        to replace)."""
         if not held:
-            return
+            return None
         if any(f.ids is None for f in files):
             log.warning("%s: checkpoint %s was written without request ids (an older psd): a push it holds "
                         "whose answer was lost is applied again if its worker resends it", self.node_id, folder)
-            return
-        self.partly.replace(self.seen, held, [(tuple(Range(b, e) for b, e in g.ranges),
-                                               ids_by_sender(g.senders, g.counts, g.rids))
-                                              for f in files for g in f.ids])
+            return None
+        return [(tuple(Range(b, e) for b, e in g.ranges), list(ids_by_sender(g.senders, g.counts, g.rids)))
+                for f in files for g in f.ids]
 
     # -- introspection -------------------------------------------------------------
     def _warn_over_limit(self, why: str) -> None:
