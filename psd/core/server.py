@@ -1229,9 +1229,10 @@ class ServerCore:
         for clock, kept in self.gate.kept():
             inside = _rows_in(kept.rows, r) if kept.rows is not None else None
             if inside is not None:
-                sends.append(Message("install", table=kept.table, ring=self.ring.version,
-                                     meta={"range": range_to_wire(r), "copy": attempt, "kept": clock,
-                                           "origin": kept.origin},
+                meta = {"range": range_to_wire(r), "copy": attempt, "kept": clock, "origin": kept.origin}
+                if kept.ids:  # (so that the receiver's snapshots leave them out too: _checkpoint_ids)
+                    meta["ids"] = [list(i) for i in kept.ids]
+                sends.append(Message("install", table=kept.table, ring=self.ring.version, meta=meta,
                                      arrays=[inside.keys, inside.values]))
         # last: the ids the copy carries, the last message marks the range complete
         pieces = id_pieces(*self._seen_for_copy(r), budget, self.config.limits.max_keys)
@@ -1261,10 +1262,13 @@ class ServerCore:
 
     def _checked_kept(self, msg: Message, r: Range) -> tuple | None:
         """A push the copy's source kept for the clock boundary, checked whole: the
-        arguments of ``_keep_or_apply`` (None: its table was dropped here)."""
-        clock, origin = msg.meta.get("kept"), msg.meta.get("origin")
+        arguments of ``_keep_or_apply`` (None: its table was dropped here). ``meta.ids``:
+        those it counts as applied under (``Kept.ids``; none from an older peer)."""
+        clock, origin, ids = msg.meta.get("kept"), msg.meta.get("origin"), msg.meta.get("ids", [])
         if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0 or not isinstance(origin, str):
             raise ProtocolError("install: meta.kept must be a clock (an integer >= 0) and meta.origin a worker")
+        if not isinstance(ids, list) or not all(_is_id(i) for i in ids):
+            raise ProtocolError("install: meta.ids must list [sender, request id] pairs")
         if msg.table not in self.tables and msg.table in self.dropped:
             return None
         table = self._table(msg)
@@ -1272,7 +1276,7 @@ class ServerCore:
         rows.values = table.check_values(rows.values, rows.count)
         if rows.count and (int(rows.keys[0]) < r.begin or int(rows.keys[-1]) >= r.end):
             raise ProtocolError(f"install: kept push rows fall outside the range {r}")
-        return table, rows, origin, clock
+        return table, rows, origin, clock, 0, tuple((s, rid) for s, rid in ids)
 
     def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids a copy of ``r`` carries: every id applied here, and those copied in
@@ -1609,8 +1613,8 @@ class Kept:
     __slots__ = ("table", "rows", "origin", "ids")
 
     def __init__(self, table: str, rows: Rows | None, origin: str, ids: tuple[tuple[str, int], ...] = ()):
-        """``ids``: those the push counts as applied under (``_own_ids``; none known for a
-        push a copy brought)."""
+        """``ids``: those the push counts as applied under (``_own_ids``; a copy brings
+        them along with the push)."""
         self.table, self.rows, self.origin, self.ids = table, rows, origin, ids
 
 
@@ -1618,6 +1622,12 @@ def _own_ids(rid: tuple[str, int] | None, cut_from: list[tuple[str, int]]) -> tu
     """The ids a push counts as applied under once applied here: its own and its
     sender-free identity (``ONCE``), not those of the requests it was cut from."""
     return (*(() if rid is None else (rid,)), *(i for i in cut_from if i[0].startswith(ONCE)))
+
+
+def _is_id(i) -> bool:
+    """A request id on the wire: [sender, rid >= 0]."""
+    return (isinstance(i, list) and len(i) == 2 and isinstance(i[0], str) and isinstance(i[1], int)
+            and not isinstance(i[1], bool) and i[1] >= 0)
 
 
 def _rows_in(rows: Rows, r: Range, outside: bool = False) -> Rows | None:
