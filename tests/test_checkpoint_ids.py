@@ -264,3 +264,32 @@ def _named(groups) -> tuple:
     """Every id of a snapshot's groups, in the frame form."""
     return ([s for g in groups for s in g.senders], np.concatenate([g.counts for g in groups]),
             np.concatenate([g.rids for g in groups]))
+
+
+def test_a_copy_after_a_restore_carries_each_sources_ids_for_its_rows():
+    """A restore keeps each source's ids whole, as arrays for its ranges (a copy or a
+    snapshot then takes them without a step per id): a copy of a range outside the
+    restored one carries the restorer's own ids, one inside the file's."""
+    from psd.core.seen import PartlyApplied, Seen
+    seen, partly = Seen(window=4), PartlyApplied(window=4)
+    for rid in (10, 11):
+        seen.add("W0", rid)
+    partly.note_ranges("W1", 3, (Range(0, 50), Range(200, 300)))
+    partly.replace(seen, [Range(0, 100)], [((Range(0, KEY_SPACE_END),), [("W0", np.array([5, 6], np.uint64))])])
+    core = _core()
+    core.seen, core.partly = seen, partly
+    seen.add("W0", 12)
+    assert list(ids_of_arrays(*core._seen_for_copy(Range(100, 200)))) == [("W0", 12), ("W0", 10), ("W0", 11)]
+    assert list(ids_of_arrays(*core._seen_for_copy(Range(0, 100)))) == [("W0", 12), ("W0", 5), ("W0", 6)]
+    assert list(ids_of_arrays(*core._seen_for_copy(Range(250, 260)))) == [("W0", 12), ("W0", 10), ("W0", 11),
+                                                                         ("W1", 3)]
+
+
+def test_a_senders_restored_ids_are_forgotten_once_it_sent_a_window_of_newer_ones():
+    from psd.core.seen import PartlyApplied, Seen
+    seen, partly = Seen(window=4), PartlyApplied(window=4)
+    partly.replace(seen, [Range(0, 100)], [((Range(0, KEY_SPACE_END),), [("W0", [5]), ("W1", [5])])])
+    for rid in range(10, 14):
+        seen.add("W0", rid)
+    partly.age(seen)
+    assert partly.applied_in("W0", 5) == [] and partly.applied_in("W1", 5) == [Range(0, 100)]

@@ -44,7 +44,7 @@ from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
 from psd.core.pushpull import PULL_REFUSABLE, PULL_REFUSED, refusal
 from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
-from psd.core.seen import ONCE, PartlyApplied, Seen, arrays_of_ids, ids_by_sender
+from psd.core.seen import ONCE, PartlyApplied, Seen, arrays_of_ids, ids_by_sender, union_of_ids
 from psd.core.stream import SEQ, Inbound, parse
 from psd.errors import (BadRequestError, BusyError, KeysUnknownError, LimitError, MessageTooLargeError,
                         NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
@@ -1281,14 +1281,15 @@ class ServerCore:
     def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids a copy of ``r`` carries: every id applied here, and those copied in
         with rows in ``r``."""
+        self.partly.age(self.seen)
         extra = self.partly.copied_into(r) + self.partly.once_ids_in(r)
-        if not extra:
+        bulk = self.partly.bulk_into(r)
+        if not extra and not bulk:
             return self.seen.to_arrays()
-        both = Seen(window=1 << 62)
-        both.merge_arrays(*self.seen.to_arrays())
+        few: dict[str, list[int]] = {}
         for sender, rid in extra:
-            both.add(sender, rid)
-        return both.to_arrays()
+            few.setdefault(sender, []).append(rid)
+        return union_of_ids([self.seen.by_sender(), *bulk, few])
 
     def on_install(self, route, msg: Message, now: float) -> None:
         self._daemons_only(msg)
@@ -1462,8 +1463,9 @@ class ServerCore:
         if not led:
             return []
         waiting = {i for k in self.gate.waiting() for i in k.ids}
+        self.partly.age(self.seen)
         groups = [(tuple(led), self.seen.to_arrays(waiting))]
-        for shape, by_sender in self.partly.by_ranges().items():
+        for shape, by_sender in [*self.partly.by_ranges().items(), *self.partly.bulk()]:
             inside = tuple(Range(max(c.begin, r.begin), min(c.end, r.end)) for c in shape for r in led
                            if c.begin < r.end and r.begin < c.end)
             if inside:
