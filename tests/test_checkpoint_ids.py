@@ -293,3 +293,16 @@ def test_a_senders_restored_ids_are_forgotten_once_it_sent_a_window_of_newer_one
         seen.add("W0", rid)
     partly.age(seen)
     assert partly.applied_in("W0", 5) == [] and partly.applied_in("W1", 5) == [Range(0, 100)]
+
+
+@pytest.mark.parametrize("ids", [[["W0"]], [[7, 1]], [["W0", -1]], "W0/7"])
+def test_a_kept_push_with_malformed_ids_is_refused_whole(ids):
+    from psd.cluster.ranges import range_to_wire
+    from psd.core.effects import Refuse
+    from psd.errors import ProtocolError
+    core = _core()
+    msg = Message("install", id=9, sender="S1", table="t", ring=1,
+                  meta={"range": range_to_wire(Range(0, 1000)), "copy": "S1.1", "kept": 0, "origin": "W0", "ids": ids},
+                  arrays=[np.array([10], np.uint64), np.ones((1, 1), np.int64)])
+    out = core.handle(None, msg, 0.1)
+    assert type(out[-1]) is Refuse and isinstance(out[-1].error, ProtocolError) and "meta.ids" in str(out[-1].error)
