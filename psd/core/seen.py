@@ -26,35 +26,62 @@ ONCE = "once:"
 ONCE_KEYS_KEPT = 1 << 24
 
 
-def ids_by_sender(senders: list[str], counts: np.ndarray, rids: np.ndarray) -> Iterator[tuple[str, list[int]]]:
+def ids_by_sender(senders: list[str], counts: np.ndarray, rids: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
     """(sender, its rids) of the frame form :meth:`Seen.to_arrays` writes."""
     if len(senders) != counts.size or int(counts.sum()) != rids.size:
         raise ValueError("seen memory: sender, count and id arrays disagree")
     start = 0
     for sender, n in zip(senders, counts.tolist()):
-        yield sender, rids[start:start + n].tolist()
+        yield sender, rids[start:start + n]
         start += n
 
 
 def ids_of_arrays(senders: list[str], counts: np.ndarray, rids: np.ndarray) -> Iterator[tuple[str, int]]:
     """The (sender, rid) pairs of the frame form :meth:`Seen.to_arrays` writes."""
     for sender, sent in ids_by_sender(senders, counts, rids):
-        for rid in sent:
+        for rid in sent.tolist():
             yield sender, rid
+
+
+def _array(rids: Collection[int]) -> np.ndarray:
+    return rids if isinstance(rids, np.ndarray) else np.fromiter(rids, dtype=np.uint64, count=len(rids))
 
 
 def arrays_of_ids(by_sender: dict[str, Collection[int]], without: Collection[tuple[str, int]] = ()
                   ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The frame form (senders, how many ids each, all ids) of rids per sender, less
     those ``without`` names (a few)."""
-    skip: dict[str, set[int]] = {}
+    skip: dict[str, list[int]] = {}
     for sender, rid in without:
-        skip.setdefault(sender, set()).add(rid)
-    kept = {s: [r for r in rids if r not in skip[s]] if s in skip else rids for s, rids in by_sender.items()}
-    senders = [s for s, rids in kept.items() if rids]
-    counts = np.array([len(kept[s]) for s in senders], dtype=np.uint64)
-    rids = np.fromiter((r for s in senders for r in kept[s]), dtype=np.uint64, count=int(counts.sum()))
-    return senders, counts, rids
+        skip.setdefault(sender, []).append(rid)
+    senders, parts = [], []
+    for sender, rids in by_sender.items():
+        sent = _array(rids)
+        if sender in skip:
+            sent = sent[~np.isin(sent, np.array(skip[sender], dtype=np.uint64))]
+        if sent.size:
+            senders.append(sender)
+            parts.append(sent)
+    counts = np.array([a.size for a in parts], dtype=np.uint64)
+    return senders, counts, np.concatenate(parts) if parts else np.empty(0, np.uint64)
+
+
+def union_of_ids(sources: Iterable[dict[str, Collection[int]]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The frame form of the ids of all ``sources`` (rids per sender, oldest first),
+    each id once, where it first came."""
+    merged: dict[str, list[np.ndarray]] = {}
+    for source in sources:
+        for sender, rids in source.items():
+            merged.setdefault(sender, []).append(_array(rids))
+    return arrays_of_ids({sender: _first_of_each(parts) for sender, parts in merged.items()})
+
+
+def _first_of_each(parts: list[np.ndarray]) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0]
+    both = np.concatenate(parts)
+    _, first = np.unique(both, return_index=True)
+    return both[np.sort(first)]
 
 
 class Seen:
@@ -75,6 +102,15 @@ class Seen:
         self.note_activity(sender)
         if len(ids) > self.window:
             ids.popitem(last=False)
+
+    def by_sender(self) -> dict[str, Collection[int]]:
+        """Every remembered id, per sender, oldest first (not to be changed)."""
+        return self._by_sender
+
+    def full(self, sender: str) -> bool:
+        """Whether ``sender`` has a window of ids here: any id it sent before them is
+        forgotten (not resent)."""
+        return len(self._by_sender.get(sender, ())) >= self.window
 
     def take_all(self) -> dict[str, Collection[int]]:
         """Every remembered id, per sender, forgotten here (the senders' activity stays)."""
@@ -155,6 +191,13 @@ class PartlyApplied:
         self.window = window
         self._copied: dict[str, OrderedDict[int, tuple[Range, ...]]] = {}
         self._shapes: dict[tuple[Range, ...], tuple[Range, ...]] = {}  # (one copy of each)
+        #: ids a restore noted, each source's for one tuple of ranges, kept whole as
+        #: arrays (per sender: rids oldest first, and sorted to look one up): a restore
+        #: notes up to every id the files and the restorer's ``Seen`` hold, and copies
+        #: and snapshots then take them in bulk too. Each source may hold a full window
+        #: of a sender's recent ids, so none is trimmed to the window: a sender's are
+        #: forgotten once ``Seen`` holds a window of its newer ids (``age``)
+        self._bulk: list[tuple[tuple[Range, ...], dict[str, tuple[np.ndarray, np.ndarray]]]] = []
 
     @staticmethod
     def _row_keys(rows: Rows) -> np.ndarray:
@@ -194,6 +237,7 @@ class PartlyApplied:
             self._once_keys -= sum(k.size for k in self._once.pop(ident))
         for sender in [s for s in self._copied if s.startswith(prefixes)]:
             del self._copied[sender]
+        self._drop_bulk(lambda sender: sender.startswith(prefixes))
 
     def note_copy(self, r: Range, senders: list[str], counts: np.ndarray, rids: np.ndarray) -> None:
         for sender, rid in ids_of_arrays(senders, counts, rids):
@@ -203,14 +247,17 @@ class PartlyApplied:
         """Request ``(sender, rid)`` was applied here for the rows in ``ranges`` only (a
         range copied in; a forward carrying part of the request)."""
         ids = self._copied.setdefault(sender, OrderedDict())
-        have = ids.get(rid, ())
-        shape = have + tuple(r for r in ranges if r not in have)
-        if len(self._shapes) >= self.SHAPES_KEPT:
-            self._shapes.clear()  # (only sharing is lost)
-        ids[rid] = self._shapes.setdefault(shape, shape)
+        ids[rid] = self._widened(ids.get(rid, ()), ranges)
         ids.move_to_end(rid)
         if len(ids) > self.window:
             ids.popitem(last=False)
+
+    def _widened(self, have: tuple[Range, ...], ranges) -> tuple[Range, ...]:
+        """The shape of an id counting for ``have`` and now for ``ranges`` too."""
+        shape = have + tuple(r for r in ranges if r not in have)
+        if len(self._shapes) >= self.SHAPES_KEPT:
+            self._shapes.clear()  # (only sharing is lost)
+        return self._shapes.setdefault(shape, shape)
 
     def applied_in(self, sender: str, rid: int) -> list[Range]:
         """The ranges for whose rows ``(sender, rid)`` counts as applied here (none: not
@@ -219,13 +266,36 @@ class PartlyApplied:
 
     def senders(self) -> set[str]:
         """Senders whose copied-in ids are kept."""
-        return set(self._copied)
+        return set(self._copied).union(*(by_sender for _shape, by_sender in self._bulk))
 
     def forget(self, sender: str) -> None:
         """Drop what is kept for a sender's ids (see ``Seen.forget``)."""
         self._copied.pop(sender, None)
         for ident in [i for i in self._pieces if i[0] == sender]:
             del self._pieces[ident]
+        self._drop_bulk(lambda s: s == sender)
+
+    def age(self, seen: Seen) -> None:
+        """Forget the ids a restore noted of each sender that has sent a window of
+        newer ones (``Seen.full``): it resends none of them."""
+        self._drop_bulk(seen.full)
+
+    def _drop_bulk(self, drop) -> None:
+        """Forget the ids a restore noted of every sender ``drop`` names."""
+        for _shape, by_sender in self._bulk:
+            for sender in [s for s in by_sender if drop(s)]:
+                del by_sender[sender]
+        self._bulk = [(shape, by_sender) for shape, by_sender in self._bulk if by_sender]
+
+    def bulk(self) -> list[tuple[tuple[Range, ...], dict[str, np.ndarray]]]:
+        """The ids a restore noted: per tuple of ranges, rids per sender, oldest first."""
+        return [(shape, {s: ordered for s, (ordered, _sorted) in by_sender.items()})
+                for shape, by_sender in self._bulk]
+
+    def bulk_into(self, r: Range) -> list[dict[str, np.ndarray]]:
+        """Of ``bulk``, the ids that count for rows overlapping ``r``: passed on when we
+        copy ``r`` out (``copied_into``)."""
+        return [ids for shape, ids in self.bulk() if any(c.begin < r.end and r.begin < c.end for c in shape)]
 
     def by_ranges(self) -> dict[tuple[Range, ...], dict[str, list[int]]]:
         """Ids applied here for rows in some ranges only, per sender, grouped by those ranges."""
@@ -262,30 +332,30 @@ class PartlyApplied:
                 self._once[ident] = left
             else:
                 del self._once[ident]
+        self._bulk = [(left, by_sender) for left, by_sender in
+                      ((_intersect(shape, outside), by_sender) for shape, by_sender in self._bulk) if left]
         for shape, by_sender in groups:
-            inside = _intersect(shape, tuple(replaced))
-            if inside:
-                self._note_all(by_sender, inside)
-        # (last, so that they are the newest kept: ours are likelier to be resent than the
-        # checkpoint's, and each sender keeps ``window`` ids)
+            self._note_bulk(_intersect(shape, tuple(replaced)), by_sender)
         ours = seen.take_all()
-        if outside:
-            self._note_all(ours.items(), outside)
+        self._note_bulk(outside, ours.items())
 
-    def _note_all(self, by_sender: Iterable[tuple[str, Collection[int]]], ranges: tuple[Range, ...]) -> None:
-        """``note_ranges`` of many ids for the same ranges (a restore's), in bulk."""
+    def _note_bulk(self, ranges: tuple[Range, ...], by_sender: Iterable[tuple[str, Collection[int]]]) -> None:
+        """Ids of one source of a restore, each counting for the rows in ``ranges``."""
+        if not ranges:
+            return
         shape = self._shapes.setdefault(ranges, ranges)
+        same = next((ids for have, ids in self._bulk if have == shape), None)  # (one group per shape)
+        if same is None:
+            same = {}
+            self._bulk.append((shape, same))
         for sender, rids in by_sender:
-            ids = self._copied.get(sender)
-            if ids is None:
-                ids = self._copied[sender] = OrderedDict()
-            for rid in rids:
-                if rid in ids:
-                    self.note_ranges(sender, rid, ranges)  # (with what it counted for already)
-                else:
-                    ids[rid] = shape
-            while len(ids) > self.window:
-                ids.popitem(last=False)
+            sent = _array(rids)
+            if sender in same:
+                sent = _first_of_each([same[sender][0], sent])
+            if sent.size:
+                same[sender] = (sent, np.sort(sent))
+        if not same:
+            self._bulk.remove((shape, same))
 
     def copied_into(self, r: Range) -> list[tuple[str, int]]:
         """Ids applied here for rows in some ranges only (copied in with a range, or forwarded
@@ -302,8 +372,16 @@ class PartlyApplied:
         return out
 
     def _copies_of(self, ident: tuple[str, int]) -> tuple[Range, ...]:
-        ids = self._copied.get(ident[0])
-        return ids.get(ident[1], ()) if ids is not None else ()
+        sender, rid = ident
+        ids = self._copied.get(sender)
+        out = ids.get(rid, ()) if ids is not None else ()
+        for shape, by_sender in self._bulk:
+            have = by_sender.get(sender)
+            if have is not None:
+                at = int(np.searchsorted(have[1], np.uint64(rid)))
+                if at < have[1].size and int(have[1][at]) == rid:
+                    out += tuple(c for c in shape if c not in out)
+        return out
 
     def not_applied(self, rows: Rows, ids) -> Rows | None:
         """``rows`` minus those already applied here under one of ``ids`` by a piece or

@@ -44,7 +44,7 @@ from psd.core.gate import Gate, Policy, Setting
 from psd.core.peers import Call, PeerCalls
 from psd.core.pushpull import PULL_REFUSABLE, PULL_REFUSED, refusal
 from psd.core.range_copy import copy_ids, copy_range, copy_rows, id_pieces
-from psd.core.seen import ONCE, PartlyApplied, Seen, arrays_of_ids, ids_by_sender
+from psd.core.seen import ONCE, PartlyApplied, Seen, arrays_of_ids, ids_by_sender, union_of_ids
 from psd.core.stream import SEQ, Inbound, parse
 from psd.errors import (BadRequestError, BusyError, KeysUnknownError, LimitError, MessageTooLargeError,
                         NotOwnerError, OutOfOrderError, ProtocolError, PsdError, PsdTimeoutError, StaleRingError,
@@ -1266,9 +1266,10 @@ class ServerCore:
         for clock, kept in self.gate.kept():
             inside = _rows_in(kept.rows, r) if kept.rows is not None else None
             if inside is not None:
-                sends.append(Message("install", table=kept.table, ring=self.ring.version,
-                                     meta={"range": range_to_wire(r), "copy": attempt, "kept": clock,
-                                           "origin": kept.origin},
+                meta = {"range": range_to_wire(r), "copy": attempt, "kept": clock, "origin": kept.origin}
+                if kept.ids:  # (so that the receiver's snapshots leave them out too: _checkpoint_ids)
+                    meta["ids"] = [list(i) for i in kept.ids]
+                sends.append(Message("install", table=kept.table, ring=self.ring.version, meta=meta,
                                      arrays=[inside.keys, inside.values]))
         # last: the ids the copy carries, the last message marks the range complete
         pieces = id_pieces(*self._seen_for_copy(r), budget, self.config.limits.max_keys)
@@ -1298,10 +1299,13 @@ class ServerCore:
 
     def _checked_kept(self, msg: Message, r: Range) -> tuple | None:
         """A push the copy's source kept for the clock boundary, checked whole: the
-        arguments of ``_keep_or_apply`` (None: its table was dropped here)."""
-        clock, origin = msg.meta.get("kept"), msg.meta.get("origin")
+        arguments of ``_keep_or_apply`` (None: its table was dropped here). ``meta.ids``:
+        those it counts as applied under (``Kept.ids``; none from an older peer)."""
+        clock, origin, ids = msg.meta.get("kept"), msg.meta.get("origin"), msg.meta.get("ids", [])
         if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0 or not isinstance(origin, str):
             raise ProtocolError("install: meta.kept must be a clock (an integer >= 0) and meta.origin a worker")
+        if not isinstance(ids, list) or not all(_is_id(i) for i in ids):
+            raise ProtocolError("install: meta.ids must list [sender, request id] pairs")
         if msg.table not in self.tables and msg.table in self.dropped:
             return None
         table = self._table(msg)
@@ -1309,19 +1313,20 @@ class ServerCore:
         rows.values = table.check_values(rows.values, rows.count)
         if rows.count and (int(rows.keys[0]) < r.begin or int(rows.keys[-1]) >= r.end):
             raise ProtocolError(f"install: kept push rows fall outside the range {r}")
-        return table, rows, origin, clock
+        return table, rows, origin, clock, 0, tuple((s, rid) for s, rid in ids)
 
     def _seen_for_copy(self, r: Range) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The ids a copy of ``r`` carries: every id applied here, and those copied in
         with rows in ``r``."""
+        self.partly.age(self.seen)
         extra = self.partly.copied_into(r) + self.partly.once_ids_in(r)
-        if not extra:
+        bulk = self.partly.bulk_into(r)
+        if not extra and not bulk:
             return self.seen.to_arrays()
-        both = Seen(window=1 << 62)
-        both.merge_arrays(*self.seen.to_arrays())
+        few: dict[str, list[int]] = {}
         for sender, rid in extra:
-            both.add(sender, rid)
-        return both.to_arrays()
+            few.setdefault(sender, []).append(rid)
+        return union_of_ids([self.seen.by_sender(), *bulk, few])
 
     def on_install(self, route, msg: Message, now: float) -> None:
         self._daemons_only(msg)
@@ -1495,8 +1500,9 @@ class ServerCore:
         if not led:
             return []
         waiting = {i for k in self.gate.waiting() for i in k.ids}
+        self.partly.age(self.seen)
         groups = [(tuple(led), self.seen.to_arrays(waiting))]
-        for shape, by_sender in self.partly.by_ranges().items():
+        for shape, by_sender in [*self.partly.by_ranges().items(), *self.partly.bulk()]:
             inside = tuple(Range(max(c.begin, r.begin), min(c.end, r.end)) for c in shape for r in led
                            if c.begin < r.end and r.begin < c.end)
             if inside:
@@ -1523,6 +1529,7 @@ class ServerCore:
         restored = 0
         self.bounds.at(now)
         try:
+            ids = self._ids_to_restore(held, files, msg.meta.get("folder"))  # (built whole first)
             for loaded in files:
                 for tname, (spec, keys, vals, state) in loaded.tables.items():
                     self._create(TableSpec.from_wire(spec))
@@ -1534,7 +1541,8 @@ class ServerCore:
         except Exception as err:
             self.outbox.append(Refuse(None, msg, err, LINK))
             return self._take()
-        self._restore_ids(held, files, msg.meta.get("folder"))
+        if ids is not None:
+            self.partly.replace(self.seen, held, ids)
         if only is not None:
             self.restoring = [r for r in self.restoring if not any(r.begin < h.end and h.begin < r.end for h in held)]
         log.info("%s restored %d keys from %s", self.node_id, restored, msg.meta.get("folder"))
@@ -1542,19 +1550,19 @@ class ServerCore:
         self.outbox.append(Reply(None, msg.reply(meta={"keys": restored}), LINK))
         return self._take()
 
-    def _restore_ids(self, held: list[Range], files: list[ServerFile], folder) -> None:
-        """The request ids of the restored rows become the files' (``_checkpoint_ids``):
-        ours, even those of pushes we applied to these rows while we held them before,
-        count for them no more."""
+    def _ids_to_restore(self, held: list[Range], files: list[ServerFile], folder) -> list | None:
+        """The request ids the restored rows get, the files' (``_checkpoint_ids``), as
+        ``PartlyApplied.replace`` takes them: ours, even those of pushes we applied to
+        these rows while we held them before, count for them no more (None: nothing
+        to replace)."""
         if not held:
-            return
+            return None
         if any(f.ids is None for f in files):
             log.warning("%s: checkpoint %s was written without request ids (an older psd): a push it holds "
                         "whose answer was lost is applied again if its worker resends it", self.node_id, folder)
-            return
-        self.partly.replace(self.seen, held, [(tuple(Range(b, e) for b, e in g.ranges),
-                                               ids_by_sender(g.senders, g.counts, g.rids))
-                                              for f in files for g in f.ids])
+            return None
+        return [(tuple(Range(b, e) for b, e in g.ranges), list(ids_by_sender(g.senders, g.counts, g.rids)))
+                for f in files for g in f.ids]
 
     # -- introspection -------------------------------------------------------------
     def _warn_over_limit(self, why: str) -> None:
@@ -1645,8 +1653,8 @@ class Kept:
     __slots__ = ("table", "rows", "origin", "ids")
 
     def __init__(self, table: str, rows: Rows | None, origin: str, ids: tuple[tuple[str, int], ...] = ()):
-        """``ids``: those the push counts as applied under (``_own_ids``; none known for a
-        push a copy brought)."""
+        """``ids``: those the push counts as applied under (``_own_ids``; a copy brings
+        them along with the push)."""
         self.table, self.rows, self.origin, self.ids = table, rows, origin, ids
 
 
@@ -1654,6 +1662,12 @@ def _own_ids(rid: tuple[str, int] | None, cut_from: list[tuple[str, int]]) -> tu
     """The ids a push counts as applied under once applied here: its own and its
     sender-free identity (``ONCE``), not those of the requests it was cut from."""
     return (*(() if rid is None else (rid,)), *(i for i in cut_from if i[0].startswith(ONCE)))
+
+
+def _is_id(i) -> bool:
+    """A request id on the wire: [sender, rid >= 0]."""
+    return (isinstance(i, list) and len(i) == 2 and isinstance(i[0], str) and isinstance(i[1], int)
+            and not isinstance(i[1], bool) and i[1] >= 0)
 
 
 def _rows_in(rows: Rows, r: Range, outside: bool = False) -> Rows | None:

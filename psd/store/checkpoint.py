@@ -101,13 +101,42 @@ def load_server_file(path: Path) -> ServerFile:
         vals = np.frombuffer(t["vals"], dtype=dtype).reshape(t["n"], t["width"])
         state = {f: np.frombuffer(b, dtype=dtype).reshape(t["n"], t["width"]) for f, b in t["state"].items()}
         out[name] = (t["spec"], keys, vals, state)
-    return ServerFile(out, _ids_of(body["ids"]) if "ids" in body else None)
+    return ServerFile(out, _ids_of(path, body["ids"]) if "ids" in body else None)
 
 
-def _ids_of(groups: list) -> list[AppliedIds]:
-    return [AppliedIds(tuple((int(b), int(last) + 1) for b, last in g["ranges"]), list(g["senders"]),
-                       np.frombuffer(g["counts"], dtype="<u8"), np.frombuffer(g["rids"], dtype="<u8"))
-            for g in groups]
+_GROUP_KEYS = {"ranges", "senders", "counts", "rids"}
+
+
+def _ids_of(path: Path, groups) -> list[AppliedIds]:
+    """The file's ids, checked whole here: a restore installs rows and then ids, so a
+    malformed entry found while installing them would leave it half done."""
+    if not isinstance(groups, list):
+        raise ConfigError(f"{path}: ids must be a list of groups")
+    return [_group_of(path, i, g) for i, g in enumerate(groups)]
+
+
+def _group_of(path: Path, i: int, g) -> AppliedIds:
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{path}: ids group {i}: {what}")
+    if not isinstance(g, dict) or set(g) != _GROUP_KEYS:
+        raise bad(f"must be a map of {sorted(_GROUP_KEYS)}")
+    ranges, senders, counts, rids = g["ranges"], g["senders"], g["counts"], g["rids"]
+    if not isinstance(ranges, list) or not all(_is_range(r) for r in ranges):
+        raise bad("ranges must be [begin, last] pairs, 0 <= begin <= last < 2**64")
+    if not isinstance(senders, list) or not all(isinstance(s, str) for s in senders):
+        raise bad("senders must be a list of strings")
+    if not isinstance(counts, bytes) or not isinstance(rids, bytes) or len(counts) % 8 or len(rids) % 8:
+        raise bad("counts and rids must be bytes of uint64s")
+    counts_a, rids_a = np.frombuffer(counts, dtype="<u8"), np.frombuffer(rids, dtype="<u8")
+    if counts_a.size != len(senders) or (counts_a.size and int(counts_a.max()) > rids_a.size) \
+            or int(counts_a.sum(dtype=np.uint64)) != rids_a.size:
+        raise bad(f"{len(senders)} senders, {counts_a.size} counts and {rids_a.size} ids disagree")
+    return AppliedIds(tuple((b, last + 1) for b, last in ranges), senders, counts_a, rids_a)
+
+
+def _is_range(r) -> bool:
+    return (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+            and 0 <= r[0] <= r[1] < 1 << 64)
 
 
 def checkpoint_dir(root: Path, ckpt_id: int) -> Path:
