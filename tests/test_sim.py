@@ -806,3 +806,23 @@ def test_workload_features_mixed_keep_every_invariant():
     mixes = [mixed_settings(s, "eventual", MIXED_FEATURES) for s in MIXED_SEEDS]
     assert all(sum(m.get(f, False) for m in mixes) > 50 for f in MIXED_FEATURES)
     assert sum(sum(m.get(f, False) for f in MIXED_FEATURES) >= 3 for m in mixes) > 40
+
+
+#: BSP liveness (decision 155): seeds whose pull was unanswered when its worker left,
+#: each failing before its fix: (why, seed, settings)
+BSP_FOUND = [
+    # (the checker's own) the workload over, a worker whose push or pull was answered late
+    # (a stalled server) was still to send its last clock, the one the other workers'
+    # held pulls waited for; the run counted as quiet (every unanswered request a pull a
+    # gate holds) in the 20 ms before it, and closed the workers with those pulls held
+    ("bsp: closed before a last clock", 805711, {"consistency": "sequential", "servers": 4, "workers": 3,
+                                                 "bsp": True}),
+    ("bsp: closed before a last clock", 20909, {"consistency": "sequential", "bsp": True}),
+    ("bsp: closed before a last clock, its own pull in flight", 20439,
+     {"consistency": "eventual", "spans": True, "bsp": True, "checkpoints": True}),
+]
+
+
+@pytest.mark.parametrize("why,seed,settings", BSP_FOUND, ids=[f"{w}-{s}" for w, s, _ in BSP_FOUND])
+def test_bsp_seeds_that_found_bugs_keep_every_invariant(why, seed, settings):
+    _keeps_every_invariant(why, seed, **settings)

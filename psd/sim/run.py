@@ -266,6 +266,8 @@ class Run:
         self._seen_clocks: dict[tuple, int] = {}
         self.workload_on = True
         self.dead_workers: set[str] = set()
+        #: BSP, the workload over: the workers whose last clock is still to come
+        self.ending: set[int] = set()
         self.killed = 0
         self.spans = None
         if settings.spans:
@@ -341,8 +343,10 @@ class Run:
         if not worker.alive:
             return
         if any(who == w for (who, _) in self._inflight):
+            self.ending.add(w)
             self.world.after(0.02, lambda: self._last_clock(w, final), worker.name)
             return
+        self.ending.discard(w)
         for _ in range(max(1, final - worker.core.clock_value)):
             worker.clock()
             self._order += 1
@@ -658,8 +662,12 @@ class Run:
         every live server at the scheduler's ring, and every request answered, or only
         pulls held by the gate for clocks that will not come until the workers leave
         (nothing queued or in flight, no process stalled), or nothing but heartbeats for a
-        second with no process stalled (a second is over twice the failure timeout)."""
+        second with no process stalled (a second is over twice the failure timeout).
+        BSP: never while a live worker's last clock is still to come (``_last_clock``):
+        the pulls the others' gates hold may wait for exactly that clock."""
         w = self.world
+        if any(self.workers[i].alive for i in self.ending):
+            return False
         if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and not self._held_only() and \
                 (w.now - w.last_work < 1.0 or any(until > w.now for until in w.stalled_until.values())):
             return False
