@@ -1,6 +1,14 @@
 """The server's consistency gate as plain logic: checkpoint cuts and sequential pushes."""
+import numpy as np
+
+from psd.cluster.assignment import Assignment
 from psd.cluster.clocks import AutoDelay
+from psd.cluster.ranges import KEY_SPACE_END, Range
+from psd.codec import Message
+from psd.config import ClusterConfig
 from psd.core.gate import Gate, Policy, Setting
+from psd.core.server import ServerCore
+from psd.schema import TableSpec
 
 
 def make(consistency="eventual"):
@@ -389,3 +397,33 @@ def test_a_cut_that_times_out_answers_the_scheduler_whatever_its_release_raises(
     core.gate.policy(None).push("W0", 1, lambda: applied.append(2))
     core.tick(20.0)
     assert applied == [1, 2] and core.gate.policy(None).cut is None
+
+
+def _new_server(gone: list[str]):
+    """A server joining a sequential group of two workers for the first time, after W0
+    left (the scheduler's register answer lists it); W1 has clocked 1 to it."""
+    spec = TableSpec("t", 1, "int64")
+    core = ServerCore(ClusterConfig(security="none", consistency="sequential", num_workers=2, replication=1),
+                      secure=False)
+    ring = Assignment(version=4, ranges=(Range(0, KEY_SPACE_END),), owners=(("S3",),),
+                      addresses={"S3": "tcp://s3"})
+    core.registered({"node": "S3", "ring": ring.to_wire(), "tables": [spec.to_wire()], "gone_workers": gone}, 1.0)
+    core.fence.confirmed(1.0)
+    core.handle(None, Message("clock", sender="W1", ring=4, meta={"clock": 1}), 1.1)
+    pull = Message("pull", id=7, sender="W1", table="t", ring=4, clock=1, meta={"rid": 7},
+                   arrays=[np.array([10], np.uint64)])
+    return core, core.handle(None, pull, 1.2)
+
+
+def test_a_new_server_does_not_wait_for_a_worker_that_left_before_it_joined():
+    """``worker_left`` went to the servers live then; a server that joins later learns the
+    departure from its register answer, or it counts W0 as missing (clock 0) for ever
+    and holds every pull past clock 0 (decision 155)."""
+    core, out = _new_server(["W0"])
+    assert [e.msg.op for e in out] == ["ok"]
+    assert core.gate.live_workers() == {"W1"}
+
+
+def test_a_new_server_still_waits_for_a_worker_that_has_not_reached_it():
+    core, out = _new_server([])
+    assert out == [] and core.gate.policy(None).clocks.held() == 1  # W0 may still come

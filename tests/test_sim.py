@@ -820,6 +820,14 @@ BSP_FOUND = [
     ("bsp: closed before a last clock", 20909, {"consistency": "sequential", "bsp": True}),
     ("bsp: closed before a last clock, its own pull in flight", 20439,
      {"consistency": "eventual", "spans": True, "bsp": True, "checkpoints": True}),
+    # a worker left, then a server joined: worker_left went to the servers live then, and
+    # the new one counted the worker as missing (clock 0) for ever, holding the others'
+    # pulls, and as a replica the pushes it kept for the clock boundary (acked, lost on
+    # its copy). A server now leaves every worker its register answer lists as gone
+    ("joined after a worker left, sequential", 5, {"consistency": "sequential", "bsp": True,
+                                                   "faults": ("leave_then_join",)}),
+    ("joined after a worker left, bounded", 5, {"consistency": "bounded", "bsp": True,
+                                                "faults": ("leave_then_join",)}),
 ]
 
 

@@ -268,6 +268,10 @@ class Run:
         self.dead_workers: set[str] = set()
         #: BSP, the workload over: the workers whose last clock is still to come
         self.ending: set[int] = set()
+        #: workers that leave at their next idle step (the ``leave_then_join`` fault), and
+        #: those that left
+        self.leaving: set[int] = set()
+        self.left: set[int] = set()
         self.killed = 0
         self.spans = None
         if settings.spans:
@@ -317,6 +321,11 @@ class Run:
         if not self.workload_on or not worker.alive:
             return
         busy = sum(1 for (who, _) in self._inflight if who == w)
+        if w in self.leaving and busy == 0:  # (a job's worker that is done: it leaves for good)
+            self.leaving.discard(w)
+            self.left.add(w)
+            worker.close()
+            return
         if self.s.bsp:
             if busy == 0:  # (the last iteration's push and pull answered: the next one)
                 self._push(w)
@@ -340,7 +349,7 @@ class Run:
         ``final``, it clocks on to that clock, as a job of a fixed number of iterations
         ends every worker at one clock (``_final_clock``)."""
         worker = self.workers[w]
-        if not worker.alive:
+        if not worker.alive or w in self.left:
             return
         if any(who == w for (who, _) in self._inflight):
             self.ending.add(w)
@@ -460,6 +469,11 @@ class Run:
                     self.outcome.faults.append(f"died mid-forward@{w.now:.2f}")
                     w.after(rng.uniform(*pace.restart), self.add_server, None)
                 victim.die_mid_forward = die
+        elif kind == "leave_then_join":  # (not among FAULTS: only where a test asks for it)
+            # a worker leaves once its iteration is answered; a server joins later, and must
+            # not wait for the worker's clock (the scheduler told only the servers live then)
+            self.leaving.add(rng.randrange(len(self.workers)))
+            w.after(rng.uniform(*pace.restart), self.add_server, None)
         elif kind == "stall":
             w.stall(victim.name, rng.uniform(*pace.stall))
         elif kind == "stall_long":
