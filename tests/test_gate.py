@@ -6,6 +6,7 @@ from psd.cluster.clocks import AutoDelay
 from psd.cluster.ranges import KEY_SPACE_END, Range
 from psd.codec import Message
 from psd.config import ClusterConfig
+from psd.core.effects import Write
 from psd.core.gate import Gate, Policy, Setting
 from psd.core.server import ServerCore
 from psd.schema import TableSpec
@@ -427,3 +428,24 @@ def test_a_new_server_does_not_wait_for_a_worker_that_left_before_it_joined():
 def test_a_new_server_still_waits_for_a_worker_that_has_not_reached_it():
     core, out = _new_server([])
     assert out == [] and core.gate.policy(None).clocks.held() == 1  # W0 may still come
+
+
+def test_a_server_outside_its_ring_writes_its_cut_without_waiting_for_clocks():
+    """S1 joined, and its join's ring change waits for the checkpoint (RING_LOCK): no
+    worker knows it, so none sends it a clock, and waiting for W0's would stall the
+    checkpoint, and every ring change behind it (a death's too), until the cut's
+    timeout (decision 155). It leads nothing: its file is empty, whenever written."""
+    core = ServerCore(ClusterConfig(security="none", num_workers=1), secure=False)
+    core.node_id = "S1"
+    core.ring = Assignment(version=1, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),),
+                           addresses={"S0": "tcp://S0", "S1": "tcp://S1"})
+    core.control(Message("ckpt_hold", id=1, sender="H0"), 0.0)
+    out = core.control(Message("ckpt_cut", id=2, sender="H0", meta={"cut": 3, "workers": ["W0"], "folder": "/x",
+                                                                    "timeout": 60}), 0.1)
+    assert [type(e) for e in out] == [Write]
+    member = ServerCore(ClusterConfig(security="none", num_workers=1), secure=False)
+    member.node_id, member.ring = "S0", core.ring
+    member.control(Message("ckpt_hold", id=1, sender="H0"), 0.0)
+    out = member.control(Message("ckpt_cut", id=2, sender="H0", meta={"cut": 3, "workers": ["W0"], "folder": "/x",
+                                                                      "timeout": 60}), 0.1)
+    assert out == [] and member.gate.lagging(3, ["W0"]) == ["W0"]  # a member waits for W0's clock

@@ -1399,6 +1399,10 @@ class ServerCore:
             raise UnavailableError(f"{self.node_id} holds no pushes for this checkpoint (its hold lapsed or was "
                                    f"released before the cut came); take it again")
         self._hold_until = None
+        if self.node_id not in self.ring.servers:
+            # we hold no range (joined, our join's ring change waiting for this checkpoint):
+            # no worker sends us pushes or clocks, so none is waited for; the file is empty
+            workers = set()
         cut = _Cut(self, msg, now + timeout)
         self._checkpoint = cut
         self.gate.cut(at, workers, cut.snapshot)
