@@ -1,6 +1,15 @@
 """The server's consistency gate as plain logic: checkpoint cuts and sequential pushes."""
+import numpy as np
+
+from psd.cluster.assignment import Assignment
 from psd.cluster.clocks import AutoDelay
+from psd.cluster.ranges import KEY_SPACE_END, Range
+from psd.codec import Message
+from psd.config import ClusterConfig
+from psd.core.effects import Write
 from psd.core.gate import Gate, Policy, Setting
+from psd.core.server import ServerCore
+from psd.schema import TableSpec
 
 
 def make(consistency="eventual"):
@@ -389,3 +398,54 @@ def test_a_cut_that_times_out_answers_the_scheduler_whatever_its_release_raises(
     core.gate.policy(None).push("W0", 1, lambda: applied.append(2))
     core.tick(20.0)
     assert applied == [1, 2] and core.gate.policy(None).cut is None
+
+
+def _new_server(gone: list[str]):
+    """A server joining a sequential group of two workers for the first time, after W0
+    left (the scheduler's register answer lists it); W1 has clocked 1 to it."""
+    spec = TableSpec("t", 1, "int64")
+    core = ServerCore(ClusterConfig(security="none", consistency="sequential", num_workers=2, replication=1),
+                      secure=False)
+    ring = Assignment(version=4, ranges=(Range(0, KEY_SPACE_END),), owners=(("S3",),),
+                      addresses={"S3": "tcp://s3"})
+    core.registered({"node": "S3", "ring": ring.to_wire(), "tables": [spec.to_wire()], "gone_workers": gone}, 1.0)
+    core.fence.confirmed(1.0)
+    core.handle(None, Message("clock", sender="W1", ring=4, meta={"clock": 1}), 1.1)
+    pull = Message("pull", id=7, sender="W1", table="t", ring=4, clock=1, meta={"rid": 7},
+                   arrays=[np.array([10], np.uint64)])
+    return core, core.handle(None, pull, 1.2)
+
+
+def test_a_new_server_does_not_wait_for_a_worker_that_left_before_it_joined():
+    """``worker_left`` went to the servers live then; a server that joins later learns the
+    departure from its register answer, or it counts W0 as missing (clock 0) for ever
+    and holds every pull past clock 0 (decision 155)."""
+    core, out = _new_server(["W0"])
+    assert [e.msg.op for e in out] == ["ok"]
+    assert core.gate.live_workers() == {"W1"}
+
+
+def test_a_new_server_still_waits_for_a_worker_that_has_not_reached_it():
+    core, out = _new_server([])
+    assert out == [] and core.gate.policy(None).clocks.held() == 1  # W0 may still come
+
+
+def test_a_server_outside_its_ring_writes_its_cut_without_waiting_for_clocks():
+    """S1 joined, and its join's ring change waits for the checkpoint (RING_LOCK): no
+    worker knows it, so none sends it a clock, and waiting for W0's would stall the
+    checkpoint, and every ring change behind it (a death's too), until the cut's
+    timeout (decision 155). It leads nothing: its file is empty, whenever written."""
+    core = ServerCore(ClusterConfig(security="none", num_workers=1), secure=False)
+    core.node_id = "S1"
+    core.ring = Assignment(version=1, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),),
+                           addresses={"S0": "tcp://S0", "S1": "tcp://S1"})
+    core.control(Message("ckpt_hold", id=1, sender="H0"), 0.0)
+    out = core.control(Message("ckpt_cut", id=2, sender="H0", meta={"cut": 3, "workers": ["W0"], "folder": "/x",
+                                                                    "timeout": 60}), 0.1)
+    assert [type(e) for e in out] == [Write]
+    member = ServerCore(ClusterConfig(security="none", num_workers=1), secure=False)
+    member.node_id, member.ring = "S0", core.ring
+    member.control(Message("ckpt_hold", id=1, sender="H0"), 0.0)
+    out = member.control(Message("ckpt_cut", id=2, sender="H0", meta={"cut": 3, "workers": ["W0"], "folder": "/x",
+                                                                      "timeout": 60}), 0.1)
+    assert out == [] and member.gate.lagging(3, ["W0"]) == ["W0"]  # a member waits for W0's clock

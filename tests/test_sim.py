@@ -930,3 +930,39 @@ def test_workload_features_mixed_keep_every_invariant():
     mixes = [mixed_settings(s, "eventual", MIXED_FEATURES) for s in MIXED_SEEDS]
     assert all(sum(m.get(f, False) for m in mixes) > 50 for f in MIXED_FEATURES)
     assert sum(sum(m.get(f, False) for f in MIXED_FEATURES) >= 3 for m in mixes) > 40
+
+
+#: BSP liveness (decision 155): seeds whose pull was unanswered when its worker left,
+#: each failing before its fix: (why, seed, settings)
+BSP_FOUND = [
+    # (the checker's own) the workload over, a worker whose push or pull was answered late
+    # (a stalled server) was still to send its last clock, the one the other workers'
+    # held pulls waited for; the run counted as quiet (every unanswered request a pull a
+    # gate holds) in the 20 ms before it, and closed the workers with those pulls held
+    ("bsp: closed before a last clock", 805711, {"consistency": "sequential", "servers": 4, "workers": 3,
+                                                 "bsp": True}),
+    ("bsp: closed before a last clock", 20909, {"consistency": "sequential", "bsp": True}),
+    ("bsp: closed before a last clock, its own pull in flight", 20439,
+     {"consistency": "eventual", "spans": True, "bsp": True, "checkpoints": True}),
+    # a worker left, then a server joined: worker_left went to the servers live then, and
+    # the new one counted the worker as missing (clock 0) for ever, holding the others'
+    # pulls, and as a replica the pushes it kept for the clock boundary (acked, lost on
+    # its copy). A server now leaves every worker its register answer lists as gone
+    ("joined after a worker left, sequential", 5, {"consistency": "sequential", "bsp": True,
+                                                   "faults": ("leave_then_join",)}),
+    ("joined after a worker left, bounded", 5, {"consistency": "bounded", "bsp": True,
+                                                "faults": ("leave_then_join",)}),
+    # a server joined while a checkpoint ran; its join's ring change waited for the
+    # checkpoint, so no worker knew it or sent it a clock, and its cut waited for their
+    # clocks until the cut's timeout: the death of the server with the only copy of some
+    # ranges waited too, and the pulls of them (its restore came after request_timeout).
+    # A server outside its ring now writes its (empty) cut at once
+    ("a cut on a server outside its ring", 820519,
+     {"consistency": "bounded", "servers": 4, "workers": 3, "replication": 1, "pushpull": True, "bsp": True,
+      "checkpoints": True, "restore": True}),
+]
+
+
+@pytest.mark.parametrize("why,seed,settings", BSP_FOUND, ids=[f"{w}-{s}" for w, s, _ in BSP_FOUND])
+def test_bsp_seeds_that_found_bugs_keep_every_invariant(why, seed, settings):
+    _keeps_every_invariant(why, seed, **settings)

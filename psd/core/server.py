@@ -275,25 +275,27 @@ class ServerCore:
                           "state; the data is kept until a ring says what this server holds",
                           self.node_id, ring.version, self.ring.version)
             self.ring = Assignment(version=0)
-            self._set_ring(ring)
-            self._missed_departures(meta.get("gone_workers"), now)
-        else:
-            self._set_ring(ring)
+        self._set_ring(ring)
+        self._missed_departures(meta.get("gone_workers"), now)
         return self._take()
 
     def _missed_departures(self, gone, now: float) -> None:
-        """Registering again: the workers that left or died while we were declared dead
-        were announced (``worker_left``) to the live servers only. Each one our gate still
-        counts leaves it now, or the pushes it keeps for the clock boundary (acked; the
-        ranges only we held come back to us) wait for that worker's clock for ever. (Only
+        """The workers that left or died while we were not in the cluster (declared dead,
+        or not yet joined) were announced (``worker_left``) to the live servers only. Each
+        one our gate does not know as gone leaves it now: one it counts would hold the
+        pushes it keeps for the clock boundary (acked; the ranges only we held come back
+        to us) for ever, and one it never heard of would count as missing (clock 0), so
+        every sequential or bounded pull would wait for it for ever (decision 155). (Only
         the workers the scheduler still lists as gone: a worker that registered since its
         answer was built may already have reached us, and must not be dropped.)"""
         if not isinstance(gone, list) or not all(isinstance(w, str) for w in gone):
             log.warning("%s: the scheduler's register answer lists no departed workers; any that left "
                         "meanwhile are still waited for", self.node_id)
             return
-        for worker in sorted(self.gate.live_workers() & set(gone)):
-            log.warning("%s: %s left the worker group while this server was out of it", self.node_id, worker)
+        live = self.gate.live_workers()
+        for worker in sorted(set(gone) - self.gate.left):
+            if worker in live:
+                log.warning("%s: %s left the worker group while this server was out of it", self.node_id, worker)
             try:  # (the gate finishes the leave whatever a released request raises: go on with the rest)
                 self.gate.leave(worker, now)
             except Exception:  # noqa: BLE001 - a failed callback must not leave the rejoin half done
@@ -1442,6 +1444,10 @@ class ServerCore:
             raise UnavailableError(f"{self.node_id} holds no pushes for this checkpoint (its hold lapsed or was "
                                    f"released before the cut came); take it again")
         self._hold_until = None
+        if self.node_id not in self.ring.servers:
+            # we hold no range (joined, our join's ring change waiting for this checkpoint):
+            # no worker sends us pushes or clocks, so none is waited for; the file is empty
+            workers = set()
         cut = _Cut(self, msg, now + timeout)
         self._checkpoint = cut
         self.gate.cut(at, workers, cut.snapshot)

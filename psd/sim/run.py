@@ -270,6 +270,12 @@ class Run:
         self._seen_clocks: dict[tuple, int] = {}
         self.workload_on = True
         self.dead_workers: set[str] = set()
+        #: BSP, the workload over: the workers whose last clock is still to come
+        self.ending: set[int] = set()
+        #: workers that leave at their next idle step (the ``leave_then_join`` fault), and
+        #: those that left
+        self.leaving: set[int] = set()
+        self.left: set[int] = set()
         self.killed = 0
         self.spans = None
         if settings.spans:
@@ -335,6 +341,11 @@ class Run:
         if not self.workload_on or not worker.alive:
             return
         busy = sum(1 for (who, _) in self._inflight if who == w)
+        if w in self.leaving and busy == 0:  # (a job's worker that is done: it leaves for good)
+            self.leaving.discard(w)
+            self.left.add(w)
+            worker.close()
+            return
         if self.s.bsp:
             if busy == 0:  # (the last iteration's push and pull answered: the next one)
                 self._push(w)
@@ -358,11 +369,13 @@ class Run:
         ``final``, it clocks on to that clock, as a job of a fixed number of iterations
         ends every worker at one clock (``_final_clock``)."""
         worker = self.workers[w]
-        if not worker.alive:
+        if not worker.alive or w in self.left:
             return
         if any(who == w for (who, _) in self._inflight):
+            self.ending.add(w)
             self.world.after(0.02, lambda: self._last_clock(w, final), worker.name)
             return
+        self.ending.discard(w)
         for _ in range(max(1, final - worker.core.clock_value)):
             worker.clock()
             self._order += 1
@@ -476,6 +489,11 @@ class Run:
                     self.outcome.faults.append(f"died mid-forward@{w.now:.2f}")
                     w.after(rng.uniform(*pace.restart), self.add_server, None)
                 victim.die_mid_forward = die
+        elif kind == "leave_then_join":  # (not among FAULTS: only where a test asks for it)
+            # a worker leaves once its iteration is answered; a server joins later, and must
+            # not wait for the worker's clock (the scheduler told only the servers live then)
+            self.leaving.add(rng.randrange(len(self.workers)))
+            w.after(rng.uniform(*pace.restart), self.add_server, None)
         elif kind == "stall":
             w.stall(victim.name, rng.uniform(*pace.stall))
         elif kind == "stall_long":
@@ -678,8 +696,12 @@ class Run:
         every live server at the scheduler's ring, and every request answered, or only
         pulls held by the gate for clocks that will not come until the workers leave
         (nothing queued or in flight, no process stalled), or nothing but heartbeats for a
-        second with no process stalled (a second is over twice the failure timeout)."""
+        second with no process stalled (a second is over twice the failure timeout).
+        BSP: never while a live worker's last clock is still to come (``_last_clock``):
+        the pulls the others' gates hold may wait for exactly that clock."""
         w = self.world
+        if any(self.workers[i].alive for i in self.ending):
+            return False
         if any(wk.core.requests or wk.core.queue for wk in self.workers if wk.alive) and not self._held_only() and \
                 (w.now - w.last_work < 1.0 or any(until > w.now for until in w.stalled_until.values())):
             return False
