@@ -71,14 +71,14 @@ class Restore:
         run.killed = run.s.replication  # (no fault kills any more: the checker knows only these)
 
     def _copies_of_one_range(self, victim: SimServer, ring) -> list[SimServer]:
-        """The victim, and at replication above 1 the other live owners of the first range
-        it leads: all die, so that range has no copy left."""
+        """The victim, and at replication above 1 the other live owners of a range it
+        leads (drawn): all die, so that range has no copy left."""
         if self.run.s.replication == 1:
             return [victim]
         node = victim.core.node_id
         owners = self.run.rng.choice([o for o in ring.owners if o and o[0] == node])
-        return [victim] + [s for s in self.run.servers
-                           if s is not victim and s.core.node_id in owners and s.alive and s.name in self.world.processes]
+        return [victim] + [s for s in self.run.servers if s is not victim and s.core.node_id in owners
+                           and s.alive and s.name in self.world.processes]
 
     def watch(self) -> None:
         """After each step of the scheduler: a server it gave up that still lives (stalled
