@@ -669,10 +669,10 @@ def test_a_restore_that_loads_nothing_is_found(monkeypatch):
     assert found is not None
 
 
-def test_restore_needs_checkpoints_and_one_copy():
+def test_restore_needs_checkpoints():
     from psd.errors import ConfigError
-    with pytest.raises(ConfigError, match=r"Settings.restore: needs checkpoints=True and replication=1"):
-        simulate(1, restore=True, checkpoints=True, replication=2)
+    with pytest.raises(ConfigError, match=r"Settings.restore: needs checkpoints=True"):
+        simulate(1, restore=True, replication=1)
 
 
 #: restore schedules that found bugs, each failing before its fix
