@@ -130,3 +130,31 @@ def test_a_server_that_missed_the_open_is_asked_again():
     pause = steps.send(_answer(opening, "S1"))
     again = next(steps) if not isinstance(pause, Calls) else pause
     assert [n for n, _ in again.asks] == ["S1"] and again.asks[0][1].meta["open"]
+
+
+def test_real_daemons_restore_a_range_onto_two_copies_and_serve_it(tmp_path):
+    """Both servers of a range die; the scheduler restores it onto two others, in the
+    two steps, and serves it: the checkpoint's push, not the one after, then new ones."""
+    import psd
+    from psd.client import admin
+    from conftest import wait_for
+    with psd.LocalCluster(servers=4, replication=2, security="none", checkpoint_dir=str(tmp_path),
+                          heartbeat_interval=0.1, restore_unavailable_after=0.5) as cluster:
+        first = cluster.status()["ranges"][0]
+        keys = np.array([first["last"]], np.uint64)
+        with psd.connect(cluster.scheduler) as kv:
+            table = kv.table("t", dtype="int64")
+            table.push(keys, np.ones((1, 1), np.int64))
+            kv.clock()
+            assert admin.call(cluster.scheduler, "checkpoint", timeout=30)["cut"] == 1
+            table.push(keys, np.full((1, 1), 2, np.int64))  # lost with both copies
+            table.pull(keys)
+            victims = [cluster.server(node) for node in first["owners"]]
+            for child in victims:
+                child.proc.kill()
+            wait_for(lambda: cluster.status()["restored"], 30, "the restore")
+            assert table.pull(keys).ravel().tolist() == [1]
+            table.push(keys, np.full((1, 1), 4, np.int64))
+            assert table.pull(keys).ravel().tolist() == [5]
+            owners = next(r["owners"] for r in cluster.status()["ranges"] if r["begin"] <= keys[0] <= r["last"])
+            assert len(owners) == 2 and not set(owners) & set(first["owners"])
