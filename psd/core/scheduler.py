@@ -32,8 +32,8 @@ from psd.core.checkpoints import Checkpoints
 from psd.core.cluster_state import ID_BLOCK, ClusterState
 from psd.core.effects import Ask, DropRoute, Forget, Notify, Refuse, Reply, Run, Save
 from psd.core.fence import restore_after
-from psd.core.procedures import Calls, Do, Runner, Sleep, failure
-from psd.core.ring_changes import RingChanges, unavailable
+from psd.core.procedures import Acquire, Calls, Do, Runner, Sleep, failure
+from psd.core.ring_changes import RING_LOCK, RingChanges, unavailable
 from psd.errors import (BadRequestError, LimitError, ProtocolError, TableMismatchError,
                         UnknownTableError, describe)
 from psd.keyroles import OPERATOR, ROLE_SERVER, ROLE_WORKER, forbidden, in_scope, outside_scope, scope_of
@@ -105,6 +105,7 @@ class SchedulerCore:
         self._orphaned_since: dict[tuple[int, int], float] = {}
         self._orphans_of: tuple | None = None
         self._restoring_orphans = False
+        self._restore_again_at = 0.0  # (pieces a restore left refused: ring_changes.restoring)
         self._no_checkpoint_until = 0.0
         #: ranges restored from a checkpoint after their servers were given up (status)
         self.restored: list[dict] = []
@@ -257,11 +258,15 @@ class SchedulerCore:
                 or self.ring_changes.busy or now < self._no_checkpoint_until):
             return
         due = [(r, o) for r, o in orphans if now - since[(r.begin, r.end)] >= wait]
-        if due:
+        again = bool(self.ring_changes.restoring) and now >= self._restore_again_at
+        if due or again:
             self._restoring_orphans = True
+            self._restore_again_at = now + wait  # (a failed restore is tried again this much later)
             self._background(self._restore_orphans(due, now), now)
 
     def _restore_orphans(self, due: list, now: float):
+        """Give up the servers of the ranges ``due`` and restore what they alone held (and
+        what an earlier restore left refused) from the newest checkpoint."""
         s = self.state
         try:
             found = yield Do("find the newest checkpoint", lambda: latest(Path(self.config.checkpoint_dir)))
@@ -273,33 +278,64 @@ class SchedulerCore:
                 return
             folder, manifest = found
             gone = sorted({x for _, o in due for x in o})
-            s.abandoned.update(gone)
-            s.dirty = True
-            log.error("giving up on %s after %.0f s: restoring the %d key range(s) only %s held from checkpoint %s; "
-                      "pushes to those keys since it are lost", ", ".join(gone), self.config.restore_unavailable_after,
-                      len(due), "they" if len(gone) > 1 else "it", folder)
-            yield from self.ring_changes.rebalance(f"restoring the ranges of {', '.join(gone)} from {folder.name}")
-            pieces = list(self.ring_changes.restoring)
-            if not pieces:
-                return
-            wire = [range_to_wire(r) for r in pieces]
-            servers = s.live("server")
-            results = yield Calls([(n, Message("restore", meta={"folder": str(folder), "files": manifest["files"],
-                                                                "ranges": wire})) for n in servers],
-                                  timeout=self.config.request_timeout)
-            errors = [e for e in map(failure, results) if e is not None]
-            if errors:
-                log.error("restoring from %s failed on some servers (%s); tried again later", folder, errors[0])
-                return
-            self.ring_changes.restoring = [r for r in self.ring_changes.restoring if r not in pieces]
-            keys = sum(r.meta.get("keys", 0) for r in results)
-            self.restored.append({"ranges": [{"begin": r.begin, "last": r.end - 1} for r in pieces],
-                                  "checkpoint": str(folder), "servers": gone, "keys": keys,
-                                  "time": self.wall(now)})
-            del self.restored[:-16]
-            log.error("restored %d key range(s) (%d keys) from %s", len(pieces), keys, folder)
+            if gone:
+                s.abandoned.update(gone)
+                s.dirty = True
+                log.error("giving up on %s after %.0f s: restoring the %d key range(s) only %s held from checkpoint "
+                          "%s; pushes to those keys since it are lost", ", ".join(gone),
+                          self.config.restore_unavailable_after, len(due), "they" if len(gone) > 1 else "it", folder)
+                yield from self.ring_changes.rebalance(f"restoring the ranges of {', '.join(gone)} from {folder.name}")
+            else:  # (an earlier restore failed: no ring change may move its pieces meanwhile)
+                yield Acquire(RING_LOCK)
+            yield from self._restore_pieces(folder, manifest, gone, now)
         finally:
             self._restoring_orphans = False
+
+    def _restore_pieces(self, folder: Path, manifest: dict, gone: list[str], now: float):
+        """Restore the pieces every ring names refused, in two steps, so that no copy of
+        one serves before each of its copies holds the checkpoint's rows (decision 156):
+        every live server loads its part and keeps refusing it (``meta.hold``); only once
+        all have answered are the pieces opened everywhere (``meta.open``). A failed load
+        is tried again later on every server (none has served the pieces yet, so loading
+        again loses nothing); a piece once opened is never loaded again."""
+        s = self.state
+        pieces = list(self.ring_changes.restoring)
+        if not pieces:
+            return
+        wire = [range_to_wire(r) for r in pieces]
+        servers = s.live("server")
+        results = yield Calls([(n, Message("restore", meta={"folder": str(folder), "files": manifest["files"],
+                                                            "ranges": wire, "hold": True})) for n in servers],
+                              timeout=self.config.request_timeout)
+        errors = [e for e in map(failure, results) if e is not None]
+        if errors:
+            log.error("restoring from %s failed on some servers (%s); tried again later on every server",
+                      folder, errors[0])
+            return
+        self.ring_changes.restoring = [r for r in self.ring_changes.restoring if r not in pieces]
+        yield from self._open_restored(folder, wire)
+        keys = sum(r.meta.get("keys", 0) for r in results)
+        self.restored.append({"ranges": [{"begin": r.begin, "last": r.end - 1} for r in pieces],
+                              "checkpoint": str(folder), "servers": gone, "keys": keys,
+                              "time": self.wall(now)})
+        del self.restored[:-16]
+        log.error("restored %d key range(s) (%d keys) from %s", len(pieces), keys, folder)
+
+    def _open_restored(self, folder: Path, wire: list):
+        """The restore's second step: every server serves the pieces. One that does not
+        answer is asked again while it lives (it refuses them until then; one that stops
+        answering heartbeats too is declared dead). The message is
+        a ``restore`` without files, so a server older than decision 156 (which ignores
+        ``meta.hold`` and opened them on its load) loads nothing and answers."""
+        msg = Message("restore", meta={"folder": str(folder), "files": [], "ranges": wire, "open": True})
+        pending = self.state.live("server")
+        while pending:
+            results = yield Calls([(n, msg) for n in pending], timeout=self.config.request_timeout)
+            live = self.state.live("server")
+            pending = [n for n, r in zip(pending, results) if failure(r) is not None and n in live]
+            if pending:
+                log.warning("%s did not open the ranges restored from %s; asked again", ", ".join(pending), folder)
+                yield Sleep(self.config.heartbeat_interval)
 
     def _periodic_checkpoint(self, now: float):
         try:

@@ -1525,13 +1525,20 @@ class ServerCore:
         """Load the keys we hold (lead or replicate) from a checkpoint's files (read by
         the driver: ``load_server_file`` of each). The files' request ids replace ours for
         those keys: a push the checkpoint holds is not applied again when resent, one it
-        lacks is."""
+        lacks is. Ranges given to us empty (``meta.ranges``) are refused until served:
+        with ``meta.hold`` (the scheduler's first step) they stay refused once loaded, and
+        a ``meta.open`` without files (its second, once every copy loaded) serves them;
+        without either (an older scheduler), they are served once loaded (decision 156)."""
         held = self.ring.ranges_of(self.node_id)
         only = msg.meta.get("ranges")
         if only is not None:  # ranges given to us empty: just those pieces of what we hold
             pieces = [range_from_wire(w) for w in only]
             held = [Range(max(h.begin, p.begin), min(h.end, p.end)) for h in held for p in pieces
                     if h.begin < p.end and p.begin < h.end]
+        if only is not None and msg.meta.get("open"):
+            self._serve_restored(held)
+            self.outbox.append(Reply(None, msg.reply(meta={"keys": 0}), LINK))
+            return self._take()
         restored = 0
         self.bounds.at(now)
         try:
@@ -1549,12 +1556,16 @@ class ServerCore:
             return self._take()
         if ids is not None:
             self.partly.replace(self.seen, held, ids)
-        if only is not None:
-            self.restoring = [r for r in self.restoring if not any(r.begin < h.end and h.begin < r.end for h in held)]
+        if only is not None and not msg.meta.get("hold"):
+            self._serve_restored(held)
         log.info("%s restored %d keys from %s", self.node_id, restored, msg.meta.get("folder"))
         self._warn_over_limit(f"restoring {msg.meta.get('folder')}")
         self.outbox.append(Reply(None, msg.reply(meta={"keys": restored}), LINK))
         return self._take()
+
+    def _serve_restored(self, held: list[Range]) -> None:
+        """Stop refusing the restored ranges that overlap ``held``."""
+        self.restoring = [r for r in self.restoring if not any(r.begin < h.end and h.begin < r.end for h in held)]
 
     def _ids_to_restore(self, held: list[Range], files: list[ServerFile], folder) -> list | None:
         """The request ids the restored rows get, the files' (``_checkpoint_ids``), as

@@ -1,5 +1,5 @@
-"""A range that loses its only copy, restored from the newest checkpoint
-(``Settings.restore``, with ``checkpoints`` at replication 1).
+"""A range that loses every copy, restored from the newest checkpoint
+(``Settings.restore``, with ``checkpoints``; at replication 1 its only copy).
 
 Once a checkpoint has a manifest, a server that leads ranges dies; the scheduler gives it
 up after ``restore_unavailable_after`` and restores its ranges from the newest checkpoint,
@@ -50,7 +50,8 @@ class Restore:
 
     def _lose(self) -> None:
         """``Settings.restore``: once a checkpoint has a manifest, a server that leads
-        ranges dies (replication 1: the only copy of them); its successor joins later."""
+        ranges dies (replication 1: the only copy of them), and with it the other owners
+        of one range it leads; their successors join later."""
         run, world = self.run, self.world
         ring = run.scheduler.core.state.ring
         live = [s for s in run.servers if s.alive and s.name in world.processes and ring.led_by(s.core.node_id)]
@@ -59,13 +60,25 @@ class Restore:
                 world.after(0.05, self._lose, None)
             return
         victim = run.rng.choice(live)
-        self.acked_by_lost |= self._acked_by(victim.core.node_id)
-        self.lost.append(victim)
-        self.lost_at = min(self.lost_at, world.now)
-        run.outcome.faults.append(f"lost {victim.core.node_id}@{world.now:.2f}")
-        world.kill(victim.name)
-        victim.alive = False
-        world.after(run.rng.uniform(*run.pace.restart), run.add_server, None)
+        for srv in self._copies_of_one_range(victim, ring):
+            self.acked_by_lost |= self._acked_by(srv.core.node_id)
+            self.lost.append(srv)
+            self.lost_at = min(self.lost_at, world.now)
+            run.outcome.faults.append(f"lost {srv.core.node_id}@{world.now:.2f}")
+            world.kill(srv.name)
+            srv.alive = False
+            world.after(run.rng.uniform(*run.pace.restart), run.add_server, None)
+        run.killed = run.s.replication  # (no fault kills any more: the checker knows only these)
+
+    def _copies_of_one_range(self, victim: SimServer, ring) -> list[SimServer]:
+        """The victim, and at replication above 1 the other live owners of a range it
+        leads (drawn): all die, so that range has no copy left."""
+        if self.run.s.replication == 1:
+            return [victim]
+        node = victim.core.node_id
+        owners = self.run.rng.choice([o for o in ring.owners if o and o[0] == node])
+        return [victim] + [s for s in self.run.servers if s is not victim and s.core.node_id in owners
+                           and s.alive and s.name in self.world.processes]
 
     def watch(self) -> None:
         """After each step of the scheduler: a server it gave up that still lives (stalled

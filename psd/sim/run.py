@@ -153,8 +153,9 @@ class Settings:
     #: one with a manifest is checked to be the consistent cut it promises
     #: (psd/sim/checkpoints.py). Off by default: it changes the random schedule
     checkpoints: bool = False
-    #: with ``checkpoints`` and ``replication=1``: once a checkpoint has a manifest, a
-    #: server dies with the only copy of its ranges; the scheduler gives it up after
+    #: with ``checkpoints``: once a checkpoint has a manifest, a server dies, and with it
+    #: (at replication above 1) the other owners of one range it leads; at replication 1
+    #: the mix's, it dies with the only copy of its ranges. The scheduler gives them up after
     #: ``restore_unavailable_after`` and restores its ranges from the newest checkpoint
     #: (the checker then allows exactly the acked pushes only the dead copy held to be lost)
     restore: bool = False
@@ -246,8 +247,8 @@ class Run:
         #: key -> (time, node) of each eviction of its row (``Settings.bounded``): a row
         #: evicted may lack pushes it held (``Run._recording_evictions``)
         self.evictions: dict[int, list[tuple[float, str]]] = {}
-        if settings.restore and (not settings.checkpoints or settings.replication != 1):
-            raise ConfigError("Settings.restore: needs checkpoints=True and replication=1 (a range with no copy left)")
+        if settings.restore and not settings.checkpoints:
+            raise ConfigError("Settings.restore: needs checkpoints=True")
         if settings.checkpoints:
             from psd.sim.checkpoints import Checkpoints  # (it builds on this module)
             self.checkpoints = Checkpoints(self)
