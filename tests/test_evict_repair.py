@@ -63,6 +63,14 @@ class Cluster:
         ring = self.ring(version, owners_a, owners_b)
         out = self.take(node, self.cores[node].control(Message("ring", meta={"ring": ring.to_wire()}), self.now))
         assert not [e for e in out if isinstance(e, Refuse)], out
+        self.tick(node)  # (alignments go from ticks, not from the ring change)
+
+    def tick(self, node: str) -> None:
+        """The bounds' part of a tick (what it sends, without the liveness pings)."""
+        core = self.cores[node]
+        core.fence.confirmed(self.now)
+        core.bounds.tick(self.now)
+        self.take(node, core._take())
 
     def deliver(self, op: str | None = None, to: str | None = None, drop: bool = False) -> int:
         """Deliver (or ``drop``) the queued asks of ``op`` to ``to`` (None: any), in order,
@@ -125,6 +133,30 @@ def test_a_new_primary_that_missed_the_record_evicts_what_its_replica_lacks():
     c.push("S1", 9, [1], value=4)
     c.settle()
     assert c.rows("S1") == c.rows("S2")
+
+
+def test_an_alignment_goes_from_ticks_a_bounded_part_at_a_time(monkeypatch):
+    """The ring change only plans it (digesting millions of rows there froze the event
+    loop for seconds); each tick sends ALIGN_KEYS keys, over disjoint sub-ranges."""
+    monkeypatch.setattr("psd.core.bounds.ALIGN_KEYS", 1)
+    c = Cluster(("S0", "S1", "S2"))
+    for rid, key in enumerate((5, 6, 7), 1):
+        c.push("S0", rid, [key])
+    c.settle()
+    c.cores["S2"].tables["b"].push(np.array([6, 9], np.uint64), np.array([[7], [1]], np.int64))  # (rows that differ)
+    c.set_ring("S2", 2, ("S1", "S2"))
+    s1 = c.cores["S1"]
+    s1.control(Message("ring", meta={"ring": c.ring(2, ("S1", "S2"), ("S0",)).to_wire()}), c.now)
+    assert not [e for e in s1._take() if isinstance(e, Ask) and e.msg.op == "align"]
+    covers = []
+    for _ in range(5):
+        c.tick("S1")
+        sent = [a for _, a in c.asks if a.msg.op == "align"]
+        assert len(sent) <= 1 and all(a.msg.arrays[0].size <= 1 for a in sent)
+        covers += [pair for a in sent for pair in a.msg.meta["cover"]]
+        c.settle()
+    assert covers == [[0, 5], [6, 6], [7, 7], [8, 999]]
+    assert c.rows("S1") == c.rows("S2") == {5: 1, 7: 1}
 
 
 def test_an_alignment_compares_values_and_waits_for_the_replicas_ring():

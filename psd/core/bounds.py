@@ -43,6 +43,10 @@ log = logging.getLogger("psd.server")
 #: ranges one forward or alignment may name (``meta.cover``, a pair each); a forward that
 #: would need more goes as several (a ring of a thousand ranges that one replica shares)
 MAX_COVER = 1024
+#: keys one tick aligns at most, over all replicas and tables: a leadership change over
+#: millions of rows is aligned a part a tick, not in one stall of the event loop (its
+#: lease runs out in less than a second)
+ALIGN_KEYS = 100_000
 
 
 def _keys_of(rows: Rows) -> np.ndarray:
@@ -93,6 +97,30 @@ def _take(rows: Rows, keep: np.ndarray) -> Rows:
     """The rows where ``keep`` (bool, one per row), as keys (spans become keys)."""
     keys = _keys_of(rows)
     return Rows(keys=keys[keep], values=None if rows.values is None else rows.values[keep])
+
+
+def _next_part(table: Table, pieces: list[Range], limit: int):
+    """(cover, keys, digests, rest) of the next alignment message over the sorted
+    ``pieces``: at most ``limit`` keys (the smallest) and MAX_COVER ranges; a piece with
+    more keys is cut after the last one sent, the rest of it left for later."""
+    cover: list[Range] = []
+    keys: list[np.ndarray] = []
+    digests: list[np.ndarray] = []
+    n = 0
+    for i, p in enumerate(pieces):
+        if n >= limit or len(cover) >= MAX_COVER:
+            return cover, np.concatenate(keys), np.concatenate(digests), pieces[i:]
+        want = limit - n
+        k, d = table.digests_in(p.begin, p.end, want)
+        keys.append(k)
+        digests.append(d)
+        n += k.size
+        if k.size == want and int(k[-1]) + 1 < p.end:  # (perhaps more: the rest goes later)
+            cut = int(k[-1]) + 1
+            cover.append(Range(p.begin, cut))
+            return cover, np.concatenate(keys), np.concatenate(digests), [Range(cut, p.end), *pieces[i + 1:]]
+        cover.append(p)
+    return cover, np.concatenate(keys), np.concatenate(digests), []
 
 
 class Bounds:
@@ -268,16 +296,22 @@ class Bounds:
                     for name in names:
                         pieces, _ = self._aligns.get((node, name), ([], 0.0))
                         self._aligns[(node, name)] = ([*pieces, piece], 0.0)
-        self._align(self.clock.now)
+        # (sent from ``tick``, a bounded part at a time: not here, inside the ring change)
 
     def _align(self, now: float) -> None:
-        """Send the alignments that are due: our keys, with a digest of each row, in the
-        pieces we lead that the replica holds, on the stream of our forwards, so it
-        compares them at the same point of our push sequence. Not while our gate keeps
+        """Send a part of the alignments that are due (ALIGN_KEYS keys a tick): our keys,
+        with a digest of each row, in the pieces we lead that the replica holds, on the
+        stream of our forwards, so it compares them at the same point of our push
+        sequence; the rest stays planned, for the next ticks. Each message covers a
+        sub-range of its own, compared whole at its point. Not while our gate keeps
         pushes (our rows are not yet what we forwarded)."""
         core = self.core
+        step = max(1, min(core.config.limits.max_keys, core.config.limits.max_message_bytes // 32))
+        budget = ALIGN_KEYS
         for (node, name), (pieces, due) in list(self._aligns.items()):
             table = core.tables.get(name)
+            if budget <= 0:
+                break
             if due > now or (table is not None and core.policy(table).holding):
                 continue
             del self._aligns[(node, name)]
@@ -287,31 +321,13 @@ class Bounds:
             pieces = _overlap(pieces, ours)
             if table is None or address is None or not pieces:
                 continue
-            for cover, keys, digests in self._align_messages(table, pieces):
-                msg = Message("align", table=name, ring=core.ring.version, meta={"cover": cover},
-                              arrays=[keys, digests])
-                core.calls.ask(node, address, msg, partial(self._aligned, name, pieces), now)
-
-    def _align_messages(self, table: Table, pieces: list[Range]) -> list[tuple[list, np.ndarray, np.ndarray]]:
-        """(cover, keys, digests) of each message of an alignment: at most ``max_keys``
-        keys and MAX_COVER pairs each (a piece with more keys goes cut at keys)."""
-        limits = self.core.config.limits
-        step = max(1, min(limits.max_keys, limits.max_message_bytes // 32))
-        parts = []  # ([first, last], keys, digests)
-        for p in pieces:
-            keys, digests = table.digests_in(p.begin, p.end)
-            for i in range(0, max(keys.size, 1), step):
-                first = p.begin if i == 0 else int(keys[i])
-                last = p.end - 1 if i + step >= keys.size else int(keys[i + step]) - 1
-                parts.append(([first, last], keys[i:i + step], digests[i:i + step]))
-        out: list[tuple[list, list, list]] = []
-        for pair, keys, digests in parts:
-            if not out or len(out[-1][0]) >= MAX_COVER or sum(k.size for k in out[-1][1]) + keys.size > step:
-                out.append(([], [], []))
-            out[-1][0].append(pair)
-            out[-1][1].append(keys)
-            out[-1][2].append(digests)
-        return [(cover, np.concatenate(k), np.concatenate(d)) for cover, k, d in out]
+            cover, keys, digests, rest = _next_part(table, pieces, min(budget, step))
+            budget -= max(keys.size, len(cover))
+            if rest:
+                self._aligns[(node, name)] = (rest, now)
+            msg = Message("align", table=name, ring=core.ring.version,
+                          meta={"cover": [[r.begin, r.end - 1] for r in cover]}, arrays=[keys, digests])
+            core.calls.ask(node, address, msg, partial(self._aligned, name, cover), now)
 
     def _aligned(self, name: str, pieces: list[Range], call, reply: Message | None, error: Exception | None,
                  now: float) -> None:

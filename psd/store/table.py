@@ -262,10 +262,13 @@ class Table:
         self.bounded.counts[count] += gone
         return gone
 
-    def digests_in(self, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    def digests_in(self, begin: int, end: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The keys an evicting table stores in [begin, end), sorted, and a 64-bit digest
-        of each one's row (values and state): two copies compare rows by these."""
+        of each one's row (values and state): two copies compare rows by these. Only the
+        ``limit`` smallest keys, if given: an alignment goes a bounded part at a time."""
         rows = self._hash.rows_in(begin, end - 1) if begin < end else np.empty(0, np.int64)
+        if limit is not None and rows.size > limit:
+            rows = rows[np.argpartition(self._hash.row_keys[rows], limit - 1)[:limit]]
         keys, rows = self._hash.sorted_rows(rows)
         return keys, _digests(self._hash.data[rows])
 
