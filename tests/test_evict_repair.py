@@ -192,6 +192,28 @@ def test_an_alignment_skips_ranges_being_copied_in_and_is_not_sent_while_the_gat
     assert c.rows("S2") == {5: 1, 6: 1}
 
 
+def test_an_alignment_waits_for_the_primarys_restore_and_skips_what_the_replica_restores():
+    """A checkpoint replaces the rows of a range being restored: aligning them meanwhile
+    evicted restored rows on one copy and not the other (the primary defers those pieces;
+    the replica skips them, as it does a range being copied in)."""
+    c = Cluster(("S0", "S1", "S2"))
+    c.push("S0", 1, [5])
+    c.settle()
+    s1, s2 = c.cores["S1"], c.cores["S2"]
+    c.set_ring("S2", 2, ("S1", "S2"))
+    s1.restoring = [A]
+    c.set_ring("S1", 2, ("S1", "S2"))
+    c.tick("S1")
+    assert c.deliver("align") == 0 and s1.bounds._aligns  # (deferred, not dropped)
+    s1.restoring = []  # (its restore is done; S2's is not)
+    s2.restoring = [A]
+    s2.tables["b"].push(np.array([6], np.uint64), np.array([[1]], np.int64))  # (restored there already)
+    c.tick("S1")
+    assert c.deliver("align") == 1
+    c.settle()
+    assert c.rows("S1") == {5: 1} and c.rows("S2") == {5: 1, 6: 1}
+
+
 def test_a_push_applied_anew_by_the_primary_but_before_by_a_replica_is_evicted():
     """S2 applied W0's push from S0, which died before S1 got it; W0 sends it again to
     S1, which applies it now: S2 applied it at another point of the sequence (before

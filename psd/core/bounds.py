@@ -85,6 +85,16 @@ def _overlap(pieces: list[Range], ranges: list[Range]) -> list[Range]:
     return out
 
 
+def _outside(ranges: list[Range]) -> list[Range]:
+    """The key space but the sorted, disjoint ``ranges``."""
+    out, begin = [], 0
+    for r in ranges:
+        if begin < r.begin:
+            out.append(Range(begin, r.begin))
+        begin = max(begin, r.end)
+    return [*out, Range(begin, KEY_END)] if begin < KEY_END else out
+
+
 def _same_rows(ours: np.ndarray, our_digests: np.ndarray, theirs: np.ndarray, their_digests: np.ndarray):
     """Which of the sorted keys ``theirs`` we hold with the same digest (bool, one each)."""
     if not ours.size:
@@ -319,12 +329,17 @@ class Bounds:
             ours = [r for r, o in zip(core.ring.ranges, core.ring.owners) if o and o[0] == core.node_id
                     and node in o[1:]]
             pieces = _overlap(pieces, ours)
-            if table is None or address is None or not pieces:
+            later = _overlap(pieces, core.restoring)  # (a restore replaces their rows: after it)
+            pieces = _overlap(pieces, _outside(core.restoring))
+            if table is None or address is None or not (pieces or later):
+                continue
+            if not pieces:
+                self._aligns[(node, name)] = (later, now)
                 continue
             cover, keys, digests, rest = _next_part(table, pieces, min(budget, step))
             budget -= max(keys.size, len(cover))
-            if rest:
-                self._aligns[(node, name)] = (rest, now)
+            if rest or later:
+                self._aligns[(node, name)] = ([*rest, *later], now)
             msg = Message("align", table=name, ring=core.ring.version,
                           meta={"cover": [[r.begin, r.end - 1] for r in cover]}, arrays=[keys, digests])
             core.calls.ask(node, address, msg, partial(self._aligned, name, cover), now)
@@ -353,12 +368,13 @@ class Bounds:
                    digests: np.ndarray) -> np.ndarray:
         """A primary's alignment, at our ring: delete the rows it does not hold, and
         return the keys it holds that we lack or hold otherwise (it evicts those). Only
-        in ranges it leads and we hold, not being copied in (a copy replaces them)."""
+        in ranges it leads and we hold, not being copied in or restored (a copy or a
+        checkpoint replaces them; its primary aligns after its own restore)."""
         core = self.core
         differ = []
         for r, owners in zip(core.ring.ranges, core.ring.owners):
             if not owners or owners[0] != sender or core.node_id not in owners[1:] or any(
-                    r.begin < x.end and x.begin < r.end for x in core.incoming):
+                    r.begin < x.end and x.begin < r.end for x in (*core.incoming, *core.restoring)):
                 continue
             for c in cover:
                 begin, end = max(r.begin, c.begin), min(r.end, c.end)
