@@ -244,6 +244,24 @@ def test_a_push_resent_by_the_primary_and_applied_anew_by_a_replica_is_evicted()
     assert c.rows("S1") == c.rows("S2") == {}
 
 
+def test_a_forward_sent_again_for_a_lost_answer_evicts_nothing():
+    """S2 applies a forward whose answer is lost; the next forward's answer shows it, and
+    S0 sends it again: S2 answers from its seen ids that it applied it before. That is
+    the first send, not a different point of the sequence: the acknowledged push stays."""
+    c = Cluster(("S0", "S1", "S2"))
+    c.push("S0", 1, [7], value=5)
+    (src, ask), = [(s, a) for s, a in c.asks if a.msg.op == "replicate" and a.node == "S2"]
+    c.asks.remove((src, ask))
+    ask.msg.sender = src
+    c.take("S2", c.cores["S2"].handle(None, ask.msg, c.now))  # (applied; its answer lost)
+    c.deliver("replicate", to="S1")
+    c.push("S0", 2, [8], value=1)
+    c.settle()
+    s0 = c.cores["S0"]
+    assert s0.calls.resent == 1 and s0.tables["b"].bounded.counts["evicted"] == 0
+    assert c.rows("S0") == c.rows("S1") == c.rows("S2") == {7: 5, 8: 1}
+
+
 def test_forwards_both_copies_apply_at_the_same_point_evict_nothing():
     c = Cluster(("S0", "S1", "S2"))
     for rid in (1, 2):

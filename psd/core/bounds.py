@@ -289,10 +289,12 @@ class Bounds:
             return None
         return partial(self._compare, table, sub, had)
 
-    def _compare(self, table: Table, sub: Rows, had: tuple[bool, bool], reply: Message, now: float) -> None:
+    def _compare(self, table: Table, sub: Rows, had: tuple[bool, bool], call, reply: Message, now: float) -> None:
         theirs = reply.meta.get("applied")
-        if not isinstance(theirs, list) or len(theirs) != 2:
+        if theirs is None:
             return  # (an older replica: it does not say)
+        if call.again and theirs == [False, True]:
+            return  # (the answer to our first send was lost: it applied the push then)
         if (had[0] and theirs[1]) or (had[1] and theirs[0]):
             self.evict_differing(table, _keys_of(sub), now)
 
