@@ -159,6 +159,26 @@ def test_an_alignment_goes_from_ticks_a_bounded_part_at_a_time(monkeypatch):
     assert c.rows("S1") == c.rows("S2") == {5: 1, 7: 1}
 
 
+def test_an_alignment_whose_answer_is_lost_goes_again_after_request_timeout():
+    """Nothing resends an align whose answer was lost with its connection: its call is
+    given up after request_timeout (freeing it) and the alignment planned again."""
+    c = Cluster(("S0", "S1", "S2"))
+    c.cores["S1"].tables["b"].push(np.array([5], np.uint64), np.array([[1]], np.int64))  # (S2 lacks it)
+    c.set_ring("S2", 2, ("S1", "S2"))
+    c.set_ring("S1", 2, ("S1", "S2"))
+    (src, ask), = [(s, a) for s, a in c.asks if a.msg.op == "align"]
+    c.asks.remove((src, ask))
+    ask.msg.sender = src
+    c.take("S2", c.cores["S2"].handle(None, ask.msg, c.now))  # (its answer lost)
+    s1 = c.cores["S1"]
+    c.now += s1.config.request_timeout
+    c.tick("S1")  # (gives up on it and sends it again)
+    assert c.deliver("align") == 1
+    c.settle()
+    assert not s1.calls.outstanding() and not s1.bounds._asked
+    assert c.rows("S1") == c.rows("S2") == {}
+
+
 def test_an_alignment_compares_values_and_waits_for_the_replicas_ring():
     c = Cluster(("S0", "S1", "S2"))
     c.push("S0", 1, [5])

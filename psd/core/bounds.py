@@ -142,6 +142,9 @@ class Bounds:
         #: (replica, table) -> (pieces of ranges we lead anew it replicates, not before):
         #: alignments to send (``_align``)
         self._aligns: dict[tuple[str, str], tuple[list[Range], float]] = {}
+        #: alignments sent, not answered: call -> (table, its cover, when we give up on it
+        #: and plan it again; an answer lost with its connection is not sent again)
+        self._asked: dict = {}
 
     def at(self, now: float) -> None:
         self.clock.now = now
@@ -245,6 +248,11 @@ class Bounds:
     def tick(self, now: float) -> None:
         """Rows idle past a TTL in seconds go even when no push comes."""
         self.at(now)
+        for call, (name, cover, give_up_at) in list(self._asked.items()):
+            if now >= give_up_at:
+                del self._asked[call]
+                self.core.calls.forget(call)
+                self._again(call.node, name, cover, now)
         if not self.core.serving(now):  # (a server cut off may no longer lead what it led)
             return
         if self._aligns:
@@ -344,20 +352,29 @@ class Bounds:
                 self._aligns[(node, name)] = ([*rest, *later], now)
             msg = Message("align", table=name, ring=core.ring.version,
                           meta={"cover": [[r.begin, r.end - 1] for r in cover]}, arrays=[keys, digests])
-            core.calls.ask(node, address, msg, partial(self._aligned, name, cover), now)
+            call = core.calls.ask(node, address, msg, partial(self._aligned, name, cover), now)
+            self._asked[call] = (name, cover, now + core.config.request_timeout)
+
+    def _again(self, node: str, name: str, pieces: list[Range], due: float) -> None:
+        """Plan the alignment of ``pieces`` again, from ``due`` on."""
+        have, _ = self._aligns.get((node, name), ([], due))
+        self._aligns[(node, name)] = ([*have, *pieces], due)
 
     def _aligned(self, name: str, pieces: list[Range], call, reply: Message | None, error: Exception | None,
                  now: float) -> None:
         """A replica's answer to an alignment: evict the keys it holds otherwise than we
-        do; at an older ring than ours it aligns later (we still lead them then)."""
+        do; at an older ring than ours, on an error, or with no answer in time (``tick``)
+        it aligns later (if we still lead them then)."""
+        self._asked.pop(call, None)
         table = self.core.tables.get(name)
-        if error is not None or table is None:
-            return  # (it left, or the table was dropped)
+        if table is None:
+            return  # (the table was dropped)
+        if error is not None:  # (if it left the ring, the next try finds nothing to align)
+            self._again(call.node, name, pieces, now + self.core.config.heartbeat_interval)
+            return
         if reply.op == "error":
             if reply.meta.get("code") == StaleRingError.code:
-                again = now + self.core.config.heartbeat_interval
-                have, _ = self._aligns.get((call.node, name), ([], again))
-                self._aligns[(call.node, name)] = ([*have, *pieces], again)
+                self._again(call.node, name, pieces, now + self.core.config.heartbeat_interval)
             else:  # (an older server, say: it does not know alignments)
                 log.info("%s: %s refused to align %r: %s", self.core.node_id, call.node, name,
                          reply.meta.get("message"))
