@@ -358,5 +358,8 @@ def test_row_digests_tell_rows_apart():
     rows = np.array([[1, 2], [1, 2], [2, 1], [0, 0], [0, -1 << 62]], np.int64)
     d = _digests(rows)
     assert d[0] == d[1] and len(set(d.tolist())) == 4
+    # (rows and their negations collided: a multiply alone carries a difference only upward)
+    signs = np.array([[1.5, 2.5], [-1.5, -2.5], [3.0, -7.0], [-3.0, 7.0]])
+    assert len(set(_digests(signs).tolist())) == 4
     odd = np.arange(6, dtype=np.float32).reshape(2, 3)  # (12 bytes a row: padded)
     assert _digests(odd).shape == (2,) and _digests(odd)[0] != _digests(odd)[1]
