@@ -340,6 +340,28 @@ def test_an_evict_record_from_an_older_ring_deletes_what_its_sender_still_leads(
     assert c.rows("S1") == {2000: 1}
 
 
+def test_answers_are_trusted_only_for_what_was_asked():
+    """An alignment's answer evicts only keys inside the pieces aligned, and a forward's
+    answer whose meta.applied is not two booleans changes nothing."""
+    c = Cluster(("S0", "S1", "S2"), ("S1", "S2"))
+    s1 = c.cores["S1"]
+    s1.tables["b"].push(np.array([5, 2000], np.uint64), np.array([[1], [1]], np.int64))
+    c.cores["S2"].tables["b"].push(np.array([5, 2000], np.uint64), np.array([[1], [1]], np.int64))
+    c.set_ring("S2", 2, ("S1", "S2"), ("S1", "S2"))
+    c.set_ring("S1", 2, ("S1", "S2"), ("S1", "S2"))  # (it leads A anew: aligns A only)
+    (src, ask), = [(s, a) for s, a in c.asks if a.msg.op == "align"]
+    c.asks.remove((src, ask))
+    lying = ask.msg.reply(arrays=[np.array([2000], np.uint64)])  # (a key of B, which it led already)
+    c.take("S1", s1.answered(ask.token, lying, None, c.now))
+    assert c.rows("S1") == {5: 1, 2000: 1}
+    c.push("S1", 1, [6])
+    (src, ask), = [(s, a) for s, a in c.asks if a.msg.op == "replicate"]
+    c.asks.remove((src, ask))
+    odd = ask.msg.reply(meta={"applied": [1, "yes"]})
+    c.take("S1", s1.answered(ask.token, odd, None, c.now))
+    assert c.rows("S1") == {5: 1, 6: 1, 2000: 1} and s1.tables["b"].bounded.counts["evicted"] == 0
+
+
 def test_an_alignment_is_checked_whole():
     c = Cluster(("S1", "S2"))
     s2 = c.cores["S2"]

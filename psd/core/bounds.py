@@ -301,6 +301,10 @@ class Bounds:
         theirs = reply.meta.get("applied")
         if theirs is None:
             return  # (an older replica: it does not say)
+        if not (isinstance(theirs, list) and len(theirs) == 2 and all(isinstance(x, bool) for x in theirs)):
+            log.warning("%s: %s answered a forward with meta.applied %r (not two booleans): ignored",
+                        self.core.node_id, call.node, theirs)
+            return
         if call.again and theirs == [False, True]:
             return  # (the answer to our first send was lost: it applied the push then)
         if (had[0] and theirs[1]) or (had[1] and theirs[0]):
@@ -381,7 +385,8 @@ class Bounds:
             return
         differ = reply.arrays[0] if reply.arrays else None
         if isinstance(differ, np.ndarray) and differ.dtype == np.uint64 and differ.ndim == 1:
-            self.evict_differing(table, differ, now)
+            differ = np.unique(differ)  # (only keys of what we asked it to align)
+            self.evict_differing(table, differ[_in_ranges(differ, pieces)], now)
 
     def align_here(self, table: Table, sender: str, cover: list[Range], keys: np.ndarray,
                    digests: np.ndarray) -> np.ndarray:
