@@ -120,15 +120,13 @@ def _next_part(table: Table, pieces: list[Range], limit: int):
     for i, p in enumerate(pieces):
         if n >= limit or len(cover) >= MAX_COVER:
             return cover, np.concatenate(keys), np.concatenate(digests), pieces[i:]
-        want = limit - n
-        k, d = table.digests_in(p.begin, p.end, want)
+        k, d, upto = table.digests_from(p.begin, p.end, limit - n)
         keys.append(k)
         digests.append(d)
         n += k.size
-        if k.size == want and int(k[-1]) + 1 < p.end:  # (perhaps more: the rest goes later)
-            cut = int(k[-1]) + 1
-            cover.append(Range(p.begin, cut))
-            return cover, np.concatenate(keys), np.concatenate(digests), [Range(cut, p.end), *pieces[i + 1:]]
+        if upto < p.end:  # (the rest of the piece goes later)
+            cover.append(Range(p.begin, upto))
+            return cover, np.concatenate(keys), np.concatenate(digests), [Range(upto, p.end), *pieces[i + 1:]]
         cover.append(p)
     return cover, np.concatenate(keys), np.concatenate(digests), []
 
