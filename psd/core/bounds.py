@@ -244,7 +244,9 @@ class Bounds:
             self._record(table, keys, None, now)
 
     def tick(self, now: float) -> None:
-        """Rows idle past a TTL in seconds go even when no push comes."""
+        """Alignments: give up on those unanswered past request_timeout (planned again),
+        send a part of those due. Rows idle past a TTL in seconds go even when no push
+        comes."""
         self.at(now)
         for call, (name, cover, give_up_at) in list(self._asked.items()):
             if now >= give_up_at:
