@@ -63,6 +63,14 @@ class Cluster:
         ring = self.ring(version, owners_a, owners_b)
         out = self.take(node, self.cores[node].control(Message("ring", meta={"ring": ring.to_wire()}), self.now))
         assert not [e for e in out if isinstance(e, Refuse)], out
+        self.tick(node)  # (alignments go from ticks, not from the ring change)
+
+    def tick(self, node: str) -> None:
+        """The bounds' part of a tick (what it sends, without the liveness pings)."""
+        core = self.cores[node]
+        core.fence.confirmed(self.now)
+        core.bounds.tick(self.now)
+        self.take(node, core._take())
 
     def deliver(self, op: str | None = None, to: str | None = None, drop: bool = False) -> int:
         """Deliver (or ``drop``) the queued asks of ``op`` to ``to`` (None: any), in order,
@@ -127,6 +135,50 @@ def test_a_new_primary_that_missed_the_record_evicts_what_its_replica_lacks():
     assert c.rows("S1") == c.rows("S2")
 
 
+def test_an_alignment_goes_from_ticks_a_bounded_part_at_a_time(monkeypatch):
+    """The ring change only plans it (digesting millions of rows there froze the event
+    loop for seconds); each tick sends ALIGN_KEYS keys, over disjoint sub-ranges."""
+    monkeypatch.setattr("psd.core.bounds.ALIGN_KEYS", 1)
+    c = Cluster(("S0", "S1", "S2"))
+    for rid, key in enumerate((5, 6, 7), 1):
+        c.push("S0", rid, [key])
+    c.settle()
+    c.cores["S2"].tables["b"].push(np.array([6, 9], np.uint64), np.array([[7], [1]], np.int64))  # (rows that differ)
+    c.set_ring("S2", 2, ("S1", "S2"))
+    s1 = c.cores["S1"]
+    s1.control(Message("ring", meta={"ring": c.ring(2, ("S1", "S2"), ("S0",)).to_wire()}), c.now)
+    assert not [e for e in s1._take() if isinstance(e, Ask) and e.msg.op == "align"]
+    covers = []
+    for _ in range(5):
+        c.tick("S1")
+        sent = [a for _, a in c.asks if a.msg.op == "align"]
+        assert len(sent) <= 1 and all(a.msg.arrays[0].size <= 1 for a in sent)
+        covers += [pair for a in sent for pair in a.msg.meta["cover"]]
+        c.settle()
+    assert covers == [[0, 5], [6, 6], [7, 999]]
+    assert c.rows("S1") == c.rows("S2") == {5: 1, 7: 1}
+
+
+def test_an_alignment_whose_answer_is_lost_goes_again_after_request_timeout():
+    """Nothing resends an align whose answer was lost with its connection: its call is
+    given up after request_timeout (freeing it) and the alignment planned again."""
+    c = Cluster(("S0", "S1", "S2"))
+    c.cores["S1"].tables["b"].push(np.array([5], np.uint64), np.array([[1]], np.int64))  # (S2 lacks it)
+    c.set_ring("S2", 2, ("S1", "S2"))
+    c.set_ring("S1", 2, ("S1", "S2"))
+    (src, ask), = [(s, a) for s, a in c.asks if a.msg.op == "align"]
+    c.asks.remove((src, ask))
+    ask.msg.sender = src
+    c.take("S2", c.cores["S2"].handle(None, ask.msg, c.now))  # (its answer lost)
+    s1 = c.cores["S1"]
+    c.now += s1.config.request_timeout
+    c.tick("S1")  # (gives up on it and sends it again)
+    assert c.deliver("align") == 1
+    c.settle()
+    assert not s1.calls.outstanding() and not s1.bounds._asked
+    assert c.rows("S1") == c.rows("S2") == {}
+
+
 def test_an_alignment_compares_values_and_waits_for_the_replicas_ring():
     c = Cluster(("S0", "S1", "S2"))
     c.push("S0", 1, [5])
@@ -160,6 +212,28 @@ def test_an_alignment_skips_ranges_being_copied_in_and_is_not_sent_while_the_gat
     assert c.rows("S2") == {5: 1, 6: 1}
 
 
+def test_an_alignment_waits_for_the_primarys_restore_and_skips_what_the_replica_restores():
+    """A checkpoint replaces the rows of a range being restored: aligning them meanwhile
+    evicted restored rows on one copy and not the other (the primary defers those pieces;
+    the replica skips them, as it does a range being copied in)."""
+    c = Cluster(("S0", "S1", "S2"))
+    c.push("S0", 1, [5])
+    c.settle()
+    s1, s2 = c.cores["S1"], c.cores["S2"]
+    c.set_ring("S2", 2, ("S1", "S2"))
+    s1.restoring = [A]
+    c.set_ring("S1", 2, ("S1", "S2"))
+    c.tick("S1")
+    assert c.deliver("align") == 0 and s1.bounds._aligns  # (deferred, not dropped)
+    s1.restoring = []  # (its restore is done; S2's is not)
+    s2.restoring = [A]
+    s2.tables["b"].push(np.array([6], np.uint64), np.array([[1]], np.int64))  # (restored there already)
+    c.tick("S1")
+    assert c.deliver("align") == 1
+    c.settle()
+    assert c.rows("S1") == {5: 1} and c.rows("S2") == {5: 1, 6: 1}
+
+
 def test_a_push_applied_anew_by_the_primary_but_before_by_a_replica_is_evicted():
     """S2 applied W0's push from S0, which died before S1 got it; W0 sends it again to
     S1, which applies it now: S2 applied it at another point of the sequence (before
@@ -188,6 +262,24 @@ def test_a_push_resent_by_the_primary_and_applied_anew_by_a_replica_is_evicted()
     c.push("S1", 1, [7], value=2)  # S1 applied it before: it forwards it again, S2 applies it now
     c.settle()
     assert c.rows("S1") == c.rows("S2") == {}
+
+
+def test_a_forward_sent_again_for_a_lost_answer_evicts_nothing():
+    """S2 applies a forward whose answer is lost; the next forward's answer shows it, and
+    S0 sends it again: S2 answers from its seen ids that it applied it before. That is
+    the first send, not a different point of the sequence: the acknowledged push stays."""
+    c = Cluster(("S0", "S1", "S2"))
+    c.push("S0", 1, [7], value=5)
+    (src, ask), = [(s, a) for s, a in c.asks if a.msg.op == "replicate" and a.node == "S2"]
+    c.asks.remove((src, ask))
+    ask.msg.sender = src
+    c.take("S2", c.cores["S2"].handle(None, ask.msg, c.now))  # (applied; its answer lost)
+    c.deliver("replicate", to="S1")
+    c.push("S0", 2, [8], value=1)
+    c.settle()
+    s0 = c.cores["S0"]
+    assert s0.calls.resent == 1 and s0.tables["b"].bounded.counts["evicted"] == 0
+    assert c.rows("S0") == c.rows("S1") == c.rows("S2") == {7: 5, 8: 1}
 
 
 def test_forwards_both_copies_apply_at_the_same_point_evict_nothing():
@@ -248,6 +340,28 @@ def test_an_evict_record_from_an_older_ring_deletes_what_its_sender_still_leads(
     assert c.rows("S1") == {2000: 1}
 
 
+def test_answers_are_trusted_only_for_what_was_asked():
+    """An alignment's answer evicts only keys inside the pieces aligned, and a forward's
+    answer whose meta.applied is not two booleans changes nothing."""
+    c = Cluster(("S0", "S1", "S2"), ("S1", "S2"))
+    s1 = c.cores["S1"]
+    s1.tables["b"].push(np.array([5, 2000], np.uint64), np.array([[1], [1]], np.int64))
+    c.cores["S2"].tables["b"].push(np.array([5, 2000], np.uint64), np.array([[1], [1]], np.int64))
+    c.set_ring("S2", 2, ("S1", "S2"), ("S1", "S2"))
+    c.set_ring("S1", 2, ("S1", "S2"), ("S1", "S2"))  # (it leads A anew: aligns A only)
+    (src, ask), = [(s, a) for s, a in c.asks if a.msg.op == "align"]
+    c.asks.remove((src, ask))
+    lying = ask.msg.reply(arrays=[np.array([2000], np.uint64)])  # (a key of B, which it led already)
+    c.take("S1", s1.answered(ask.token, lying, None, c.now))
+    assert c.rows("S1") == {5: 1, 2000: 1}
+    c.push("S1", 1, [6])
+    (src, ask), = [(s, a) for s, a in c.asks if a.msg.op == "replicate"]
+    c.asks.remove((src, ask))
+    odd = ask.msg.reply(meta={"applied": [1, "yes"]})
+    c.take("S1", s1.answered(ask.token, odd, None, c.now))
+    assert c.rows("S1") == {5: 1, 6: 1, 2000: 1} and s1.tables["b"].bounded.counts["evicted"] == 0
+
+
 def test_an_alignment_is_checked_whole():
     c = Cluster(("S1", "S2"))
     s2 = c.cores["S2"]
@@ -266,5 +380,8 @@ def test_row_digests_tell_rows_apart():
     rows = np.array([[1, 2], [1, 2], [2, 1], [0, 0], [0, -1 << 62]], np.int64)
     d = _digests(rows)
     assert d[0] == d[1] and len(set(d.tolist())) == 4
+    # (rows and their negations collided: a multiply alone carries a difference only upward)
+    signs = np.array([[1.5, 2.5], [-1.5, -2.5], [3.0, -7.0], [-3.0, 7.0]])
+    assert len(set(_digests(signs).tolist())) == 4
     odd = np.arange(6, dtype=np.float32).reshape(2, 3)  # (12 bytes a row: padded)
     assert _digests(odd).shape == (2,) and _digests(odd)[0] != _digests(odd)[1]

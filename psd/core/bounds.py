@@ -43,6 +43,10 @@ log = logging.getLogger("psd.server")
 #: ranges one forward or alignment may name (``meta.cover``, a pair each); a forward that
 #: would need more goes as several (a ring of a thousand ranges that one replica shares)
 MAX_COVER = 1024
+#: keys one tick aligns at most, over all replicas and tables: a leadership change over
+#: millions of rows is aligned a part a tick, not in one stall of the event loop (its
+#: lease runs out in less than a second)
+ALIGN_KEYS = 100_000
 
 
 def _keys_of(rows: Rows) -> np.ndarray:
@@ -81,6 +85,16 @@ def _overlap(pieces: list[Range], ranges: list[Range]) -> list[Range]:
     return out
 
 
+def _outside(ranges: list[Range]) -> list[Range]:
+    """The key space but the sorted, disjoint ``ranges``."""
+    out, begin = [], 0
+    for r in ranges:
+        if begin < r.begin:
+            out.append(Range(begin, r.begin))
+        begin = max(begin, r.end)
+    return [*out, Range(begin, KEY_END)] if begin < KEY_END else out
+
+
 def _same_rows(ours: np.ndarray, our_digests: np.ndarray, theirs: np.ndarray, their_digests: np.ndarray):
     """Which of the sorted keys ``theirs`` we hold with the same digest (bool, one each)."""
     if not ours.size:
@@ -95,6 +109,28 @@ def _take(rows: Rows, keep: np.ndarray) -> Rows:
     return Rows(keys=keys[keep], values=None if rows.values is None else rows.values[keep])
 
 
+def _next_part(table: Table, pieces: list[Range], limit: int):
+    """(cover, keys, digests, rest) of the next alignment message over the sorted
+    ``pieces``: at most ``limit`` keys (the smallest) and MAX_COVER ranges; a piece with
+    more keys is cut after the last one sent, the rest of it left for later."""
+    cover: list[Range] = []
+    keys: list[np.ndarray] = []
+    digests: list[np.ndarray] = []
+    n = 0
+    for i, p in enumerate(pieces):
+        if n >= limit or len(cover) >= MAX_COVER:
+            return cover, np.concatenate(keys), np.concatenate(digests), pieces[i:]
+        k, d, upto = table.digests_from(p.begin, p.end, limit - n)
+        keys.append(k)
+        digests.append(d)
+        n += k.size
+        if upto < p.end:  # (the rest of the piece goes later)
+            cover.append(Range(p.begin, upto))
+            return cover, np.concatenate(keys), np.concatenate(digests), [Range(upto, p.end), *pieces[i + 1:]]
+        cover.append(p)
+    return cover, np.concatenate(keys), np.concatenate(digests), []
+
+
 class Bounds:
     def __init__(self, core):
         """``core``: the ServerCore (its ring, tables, peer calls, acks)."""
@@ -104,6 +140,9 @@ class Bounds:
         #: (replica, table) -> (pieces of ranges we lead anew it replicates, not before):
         #: alignments to send (``_align``)
         self._aligns: dict[tuple[str, str], tuple[list[Range], float]] = {}
+        #: alignments sent, not answered: call -> (table, its cover, when we give up on it
+        #: and plan it again; an answer lost with its connection is not sent again)
+        self._asked: dict = {}
 
     def at(self, now: float) -> None:
         self.clock.now = now
@@ -205,8 +244,15 @@ class Bounds:
             self._record(table, keys, None, now)
 
     def tick(self, now: float) -> None:
-        """Rows idle past a TTL in seconds go even when no push comes."""
+        """Alignments: give up on those unanswered past request_timeout (planned again),
+        send a part of those due. Rows idle past a TTL in seconds go even when no push
+        comes."""
         self.at(now)
+        for call, (name, cover, give_up_at) in list(self._asked.items()):
+            if now >= give_up_at:
+                del self._asked[call]
+                self.core.calls.forget(call)
+                self._again(call.node, name, cover, now)
         if not self.core.serving(now):  # (a server cut off may no longer lead what it led)
             return
         if self._aligns:
@@ -251,10 +297,16 @@ class Bounds:
             return None
         return partial(self._compare, table, sub, had)
 
-    def _compare(self, table: Table, sub: Rows, had: tuple[bool, bool], reply: Message, now: float) -> None:
+    def _compare(self, table: Table, sub: Rows, had: tuple[bool, bool], call, reply: Message, now: float) -> None:
         theirs = reply.meta.get("applied")
-        if not isinstance(theirs, list) or len(theirs) != 2:
+        if theirs is None:
             return  # (an older replica: it does not say)
+        if not (isinstance(theirs, list) and len(theirs) == 2 and all(isinstance(x, bool) for x in theirs)):
+            log.warning("%s: %s answered a forward with meta.applied %r (not two booleans): ignored",
+                        self.core.node_id, call.node, theirs)
+            return
+        if call.again and theirs == [False, True]:
+            return  # (the answer to our first send was lost: it applied the push then)
         if (had[0] and theirs[1]) or (had[1] and theirs[0]):
             self.evict_differing(table, _keys_of(sub), now)
 
@@ -268,16 +320,22 @@ class Bounds:
                     for name in names:
                         pieces, _ = self._aligns.get((node, name), ([], 0.0))
                         self._aligns[(node, name)] = ([*pieces, piece], 0.0)
-        self._align(self.clock.now)
+        # (sent from ``tick``, a bounded part at a time: not here, inside the ring change)
 
     def _align(self, now: float) -> None:
-        """Send the alignments that are due: our keys, with a digest of each row, in the
-        pieces we lead that the replica holds, on the stream of our forwards, so it
-        compares them at the same point of our push sequence. Not while our gate keeps
+        """Send a part of the alignments that are due (ALIGN_KEYS keys a tick): our keys,
+        with a digest of each row, in the pieces we lead that the replica holds, on the
+        stream of our forwards, so it compares them at the same point of our push
+        sequence; the rest stays planned, for the next ticks. Each message covers a
+        sub-range of its own, compared whole at its point. Not while our gate keeps
         pushes (our rows are not yet what we forwarded)."""
         core = self.core
+        step = max(1, min(core.config.limits.max_keys, core.config.limits.max_message_bytes // 32))
+        budget = ALIGN_KEYS
         for (node, name), (pieces, due) in list(self._aligns.items()):
             table = core.tables.get(name)
+            if budget <= 0:
+                break
             if due > now or (table is not None and core.policy(table).holding):
                 continue
             del self._aligns[(node, name)]
@@ -285,64 +343,62 @@ class Bounds:
             ours = [r for r, o in zip(core.ring.ranges, core.ring.owners) if o and o[0] == core.node_id
                     and node in o[1:]]
             pieces = _overlap(pieces, ours)
-            if table is None or address is None or not pieces:
+            later = _overlap(pieces, core.restoring)  # (a restore replaces their rows: after it)
+            pieces = _overlap(pieces, _outside(core.restoring))
+            if table is None or address is None or not (pieces or later):
                 continue
-            for cover, keys, digests in self._align_messages(table, pieces):
-                msg = Message("align", table=name, ring=core.ring.version, meta={"cover": cover},
-                              arrays=[keys, digests])
-                core.calls.ask(node, address, msg, partial(self._aligned, name, pieces), now)
+            if not pieces:
+                self._aligns[(node, name)] = (later, now)
+                continue
+            cover, keys, digests, rest = _next_part(table, pieces, min(budget, step))
+            budget -= max(keys.size, len(cover))
+            if rest or later:
+                self._aligns[(node, name)] = ([*rest, *later], now)
+            msg = Message("align", table=name, ring=core.ring.version,
+                          meta={"cover": [[r.begin, r.end - 1] for r in cover]}, arrays=[keys, digests])
+            call = core.calls.ask(node, address, msg, partial(self._aligned, name, cover), now)
+            self._asked[call] = (name, cover, now + core.config.request_timeout)
 
-    def _align_messages(self, table: Table, pieces: list[Range]) -> list[tuple[list, np.ndarray, np.ndarray]]:
-        """(cover, keys, digests) of each message of an alignment: at most ``max_keys``
-        keys and MAX_COVER pairs each (a piece with more keys goes cut at keys)."""
-        limits = self.core.config.limits
-        step = max(1, min(limits.max_keys, limits.max_message_bytes // 32))
-        parts = []  # ([first, last], keys, digests)
-        for p in pieces:
-            keys, digests = table.digests_in(p.begin, p.end)
-            for i in range(0, max(keys.size, 1), step):
-                first = p.begin if i == 0 else int(keys[i])
-                last = p.end - 1 if i + step >= keys.size else int(keys[i + step]) - 1
-                parts.append(([first, last], keys[i:i + step], digests[i:i + step]))
-        out: list[tuple[list, list, list]] = []
-        for pair, keys, digests in parts:
-            if not out or len(out[-1][0]) >= MAX_COVER or sum(k.size for k in out[-1][1]) + keys.size > step:
-                out.append(([], [], []))
-            out[-1][0].append(pair)
-            out[-1][1].append(keys)
-            out[-1][2].append(digests)
-        return [(cover, np.concatenate(k), np.concatenate(d)) for cover, k, d in out]
+    def _again(self, node: str, name: str, pieces: list[Range], due: float) -> None:
+        """Plan the alignment of ``pieces`` again, from ``due`` on."""
+        have, _ = self._aligns.get((node, name), ([], due))
+        self._aligns[(node, name)] = ([*have, *pieces], due)
 
     def _aligned(self, name: str, pieces: list[Range], call, reply: Message | None, error: Exception | None,
                  now: float) -> None:
         """A replica's answer to an alignment: evict the keys it holds otherwise than we
-        do; at an older ring than ours it aligns later (we still lead them then)."""
+        do; at an older ring than ours, on an error, or with no answer in time (``tick``)
+        it aligns later (if we still lead them then)."""
+        self._asked.pop(call, None)
         table = self.core.tables.get(name)
-        if error is not None or table is None:
-            return  # (it left, or the table was dropped)
+        if table is None:
+            return  # (the table was dropped)
+        if error is not None:  # (if it left the ring, the next try finds nothing to align)
+            self._again(call.node, name, pieces, now + self.core.config.heartbeat_interval)
+            return
         if reply.op == "error":
             if reply.meta.get("code") == StaleRingError.code:
-                again = now + self.core.config.heartbeat_interval
-                have, _ = self._aligns.get((call.node, name), ([], again))
-                self._aligns[(call.node, name)] = ([*have, *pieces], again)
+                self._again(call.node, name, pieces, now + self.core.config.heartbeat_interval)
             else:  # (an older server, say: it does not know alignments)
                 log.info("%s: %s refused to align %r: %s", self.core.node_id, call.node, name,
                          reply.meta.get("message"))
             return
         differ = reply.arrays[0] if reply.arrays else None
         if isinstance(differ, np.ndarray) and differ.dtype == np.uint64 and differ.ndim == 1:
-            self.evict_differing(table, differ, now)
+            differ = np.unique(differ)  # (only keys of what we asked it to align)
+            self.evict_differing(table, differ[_in_ranges(differ, pieces)], now)
 
     def align_here(self, table: Table, sender: str, cover: list[Range], keys: np.ndarray,
                    digests: np.ndarray) -> np.ndarray:
         """A primary's alignment, at our ring: delete the rows it does not hold, and
         return the keys it holds that we lack or hold otherwise (it evicts those). Only
-        in ranges it leads and we hold, not being copied in (a copy replaces them)."""
+        in ranges it leads and we hold, not being copied in or restored (a copy or a
+        checkpoint replaces them; its primary aligns after its own restore)."""
         core = self.core
         differ = []
         for r, owners in zip(core.ring.ranges, core.ring.owners):
             if not owners or owners[0] != sender or core.node_id not in owners[1:] or any(
-                    r.begin < x.end and x.begin < r.end for x in core.incoming):
+                    r.begin < x.end and x.begin < r.end for x in (*core.incoming, *core.restoring)):
                 continue
             for c in cover:
                 begin, end = max(r.begin, c.begin), min(r.end, c.end)

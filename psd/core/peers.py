@@ -28,9 +28,11 @@ OnAnswer = Callable[["Call", Message | None, Exception | None, float], None]
 
 class Call:
     """One request to another server; ``sent_at``: when it was last sent (a resend after
-    a gap moves it); ``sq``: its place on its stream when ordered (its ``meta.sq``)."""
+    a gap moves it); ``sq``: its place on its stream when ordered (its ``meta.sq``);
+    ``again``: sent again because its answer alone was lost (so the answer that comes is
+    to a request the receiver had already handled)."""
 
-    __slots__ = ("token", "node", "address", "msg", "on_answer", "sent_at", "ordered", "sq")
+    __slots__ = ("token", "node", "address", "msg", "on_answer", "sent_at", "ordered", "sq", "again")
 
     def __init__(self, node: str, address: str, msg: Message, on_answer: OnAnswer, sent_at: float,
                  ordered: bool) -> None:
@@ -38,6 +40,7 @@ class Call:
         self.node, self.address, self.msg = node, address, msg
         self.on_answer, self.sent_at, self.ordered = on_answer, sent_at, ordered
         self.sq: list[int] | None = None
+        self.again = False
 
 
 class PeerCalls:
@@ -128,6 +131,7 @@ class PeerCalls:
             del self._calls[c.token]
             self.outbox.append(Forget(c.node, c.token))
             self.resent += 1
+            c.again = True
             c.sent_at = now
             self._send(c)
 

@@ -911,8 +911,8 @@ class ServerCore:
 
     def _forward_answered(self, pending: Pending, call: Call, reply: Message | None, error: Exception | None,
                           now: float, check=None) -> None:
-        """A replica's answer to a forward or an evict record; ``check(reply, now)`` reads
-        an answer to a forward of an evicting table's push (``Bounds.watch``)."""
+        """A replica's answer to a forward or an evict record; ``check(call, reply, now)``
+        reads an answer to a forward of an evicting table's push (``Bounds.watch``)."""
         node = call.node
         if error is not None:
             log.warning("%s: forward to %s failed: %s", self.node_id, node, error)
@@ -938,7 +938,7 @@ class ServerCore:
         else:
             self.full_replicas.pop(node, None)
         if check is not None:
-            check(reply, now)
+            check(call, reply, now)
         self.acks.answered(pending, call, None)
 
     def _hold(self, msg: Message, reply_bytes: int = 0) -> int:
