@@ -144,7 +144,7 @@ def test_real_daemons_restore_a_range_onto_two_copies_and_serve_it(tmp_path):
         keys = np.array([first["last"]], np.uint64)
         with psd.connect(cluster.scheduler) as kv:
             table = kv.table("t", dtype="int64")
-            table.push(keys, np.ones((1, 1), np.int64))
+            kv.wait(table.push(keys, np.ones((1, 1), np.int64)))  # (applied: the cut counts it)
             kv.clock()
             assert admin.call(cluster.scheduler, "checkpoint", timeout=30)["cut"] == 1
             table.push(keys, np.full((1, 1), 2, np.int64))  # lost with both copies
