@@ -907,9 +907,9 @@ def test_with_an_evicting_table_a_restored_row_evicted_yet_kept_is_found(monkeyp
 
 
 #: features the suite mixes on seeds of their own (psd.sim.run.mixed_settings); not yet:
-#: restore, the evicting table and older clients' pushpulls, whose mixes still fail on
-#: known causes (docs/design-decisions.md, decision 152)
-MIXED_FEATURES = ("key_caching", "pull_filters", "spans", "pushpull", "bsp", "checkpoints")
+#: older clients' pushpulls, whose mixes still fail on a known cause (decision 143's
+#: residual). Restore and the evicting table joined once decisions 153-156 fixed theirs
+MIXED_FEATURES = ("key_caching", "pull_filters", "spans", "pushpull", "bsp", "checkpoints", "restore", "bounded")
 MIXED_SEEDS = range(9500, 9800)
 
 
@@ -925,7 +925,7 @@ def _run_mixed(seed: int) -> str | None:
 def test_workload_features_mixed_keep_every_invariant():
     """The features run together, each on about three seeds in ten: every invariant
     holds (a soak of such mixes found the bugs of MIX_FOUND; ``scripts/sim_soak.py
-    --mix`` runs more, restore and the evicting table included)."""
+    --mix`` runs more, older clients' pushpulls included)."""
     _all_pass(_run_mixed, MIXED_SEEDS, chunksize=4)
     mixes = [mixed_settings(s, "eventual", MIXED_FEATURES) for s in MIXED_SEEDS]
     assert all(sum(m.get(f, False) for m in mixes) > 50 for f in MIXED_FEATURES)
