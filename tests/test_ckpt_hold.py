@@ -6,26 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import KEY_SPACE_END, Range
 from psd.codec import Message
-from psd.config import ClusterConfig
 from psd.core.effects import Refuse, Reply
 from psd.core.server import ServerCore
 from psd.schema import TableSpec
+
+from servercores import lone_server
 
 SPEC = TableSpec("t", 1, "int64")
 KEYS = np.array([10, 20], np.uint64)
 
 
 def _core() -> ServerCore:
-    core = ServerCore(ClusterConfig(security="none", replication=1), secure=False)
-    core.node_id = "S0"
-    core.ring = Assignment(version=1, ranges=(Range(0, KEY_SPACE_END),), owners=(("S0",),),
-                           addresses={"S0": "tcp://S0"})
-    core._create(SPEC)
-    core.fence.confirmed(0.0)
-    return core
+    return lone_server(SPEC)
 
 
 def _hold(core: ServerCore, meta: dict, now: float) -> None:

@@ -234,11 +234,9 @@ def test_an_alignment_waits_for_the_primarys_restore_and_skips_what_the_replica_
     assert c.rows("S1") == {5: 1} and c.rows("S2") == {5: 1, 6: 1}
 
 
-def test_a_push_applied_anew_by_the_primary_but_before_by_a_replica_is_evicted():
-    """S2 applied W0's push from S0, which died before S1 got it; W0 sends it again to
-    S1, which applies it now: S2 applied it at another point of the sequence (before
-    evictions S1 made since), so the two rows may differ. S1 evicts its keys."""
-    c = Cluster(("S0", "S1", "S2"))
+def _resent_to_the_new_primary(c: Cluster) -> None:
+    """W0's push reaches S2 from S0, which dies before S1 gets it; S1 leads next, and W0
+    sends the push again to it."""
     c.push("S0", 1, [7], value=2)
     c.deliver("replicate", to="S2")
     c.deliver("replicate", to="S1", drop=True)
@@ -247,6 +245,14 @@ def test_a_push_applied_anew_by_the_primary_but_before_by_a_replica_is_evicted()
     c.settle()
     c.push("S1", 1, [7], value=2)
     c.settle()
+
+
+def test_a_push_applied_anew_by_the_primary_but_before_by_a_replica_is_evicted():
+    """S2 applied W0's push from S0, which died before S1 got it; W0 sends it again to
+    S1, which applies it now: S2 applied it at another point of the sequence (before
+    evictions S1 made since), so the two rows may differ. S1 evicts its keys."""
+    c = Cluster(("S0", "S1", "S2"))
+    _resent_to_the_new_primary(c)
     assert c.rows("S1") == c.rows("S2") == {}
     assert c.cores["S1"].tables["b"].bounded.counts["evicted"] == 1
 
@@ -297,14 +303,7 @@ def test_an_older_replica_that_says_nothing_of_what_it_applied_is_taken_at_its_w
     c = Cluster(("S0", "S1", "S2"))
     c.older.add("S2")  # (a replica older than decision 153: no meta.applied in its answers,
     c.cores["S2"].handlers.pop("align")  # and no alignments)
-    c.push("S0", 1, [7], value=2)
-    c.deliver("replicate", to="S2")
-    c.deliver("replicate", to="S1", drop=True)
-    for node in ("S2", "S1"):
-        c.set_ring(node, 2, ("S1", "S2"))
-    c.settle()
-    c.push("S1", 1, [7], value=2)
-    c.settle()
+    _resent_to_the_new_primary(c)
     assert c.rows("S1") == c.rows("S2") == {7: 2}
     assert c.cores["S1"].tables["b"].bounded.counts["evicted"] == 0
 

@@ -852,6 +852,16 @@ def test_restore_with_an_evicting_table_keeps_every_invariant(why, seed, setting
     _keeps_every_invariant(why, seed, **settings, replication=1, checkpoints=True, restore=True)
 
 
+def _first_restore_bounded_seed():
+    """The first of RESTORE_BOUNDED_FOUND, run quietly (under a test's mutation)."""
+    why, seed, settings = RESTORE_BOUNDED_FOUND[0]
+    logging.disable(logging.CRITICAL)
+    try:
+        return simulate(seed, **settings, replication=1, checkpoints=True, restore=True)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def test_with_an_evicting_table_a_restore_that_loses_a_row_is_found(monkeypatch):
     """The restore checker lets a restored row lack its checkpoint's pushes only if its
     table evicted it since: a restore that loses one row it loaded (not evicted) is found,
@@ -873,12 +883,7 @@ def test_with_an_evicting_table_a_restore_that_loses_a_row_is_found(monkeypatch)
             core.tables[BOUNDED_TABLE.name].drop_keys(np.array(lost, np.uint64))
         return effects
     monkeypatch.setattr(ServerCore, "restore", losing_a_row)
-    why, seed, settings = RESTORE_BOUNDED_FOUND[0]
-    logging.disable(logging.CRITICAL)
-    try:
-        outcome = simulate(seed, **settings, replication=1, checkpoints=True, restore=True)
-    finally:
-        logging.disable(logging.NOTSET)
+    outcome = _first_restore_bounded_seed()
     assert lost and any(f"key {lost[0]} restored from" in v and "lacks push slot" in v
                         for v in outcome.violations), outcome.describe()
 
@@ -897,12 +902,7 @@ def test_with_an_evicting_table_a_restored_row_evicted_yet_kept_is_found(monkeyp
         finally:
             del table._hash.delete
     monkeypatch.setattr(Table, "evict", keeping_rows)
-    why, seed, settings = RESTORE_BOUNDED_FOUND[0]
-    logging.disable(logging.CRITICAL)
-    try:
-        outcome = simulate(seed, **settings, replication=1, checkpoints=True, restore=True)
-    finally:
-        logging.disable(logging.NOTSET)
+    outcome = _first_restore_bounded_seed()
     assert any("evicted since, yet holds push slot" in v for v in outcome.violations), outcome.describe()
 
 
