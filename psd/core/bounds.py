@@ -412,18 +412,26 @@ class Bounds:
         return np.concatenate(differ) if differ else np.empty(0, np.uint64)
 
     # -- a replica ---------------------------------------------------------------------
-    def on_evict(self, route, msg: Message, now: float) -> Message:
-        """A primary evicted keys of ranges we replicate: delete them here too. Sent at an
-        older ring than ours, only those of ranges it still leads at ours: the others'
-        new primary aligns us with itself (``align_here``), and a record refused whole
-        would leave ours undeleted in the ranges it still leads."""
+    def peers_table(self, msg: Message, now: float) -> Table:
+        """The evicting table a primary's ``evict`` or ``align`` names, the sender a
+        server we now know is alive (it refuses one of a table without eviction)."""
         core = self.core
         core._daemons_only(msg)
         core._admit(msg)
         core.fence.heard(msg.sender, now)
         table = core._table(msg)
         if table.bounded is None or not table.bounded.bounds.evicting:
-            raise ProtocolError(f"evict: table {msg.table!r} has no eviction (max_rows, ttl_pushes, ttl_seconds)")
+            raise ProtocolError(f"{msg.op}: table {msg.table!r} has no eviction (max_rows, ttl_pushes, "
+                                f"ttl_seconds)")
+        return table
+
+    def on_evict(self, route, msg: Message, now: float) -> Message:
+        """A primary evicted keys of ranges we replicate: delete them here too. Sent at an
+        older ring than ours, only those of ranges it still leads at ours: the others'
+        new primary aligns us with itself (``align_here``), and a record refused whole
+        would leave ours undeleted in the ranges it still leads."""
+        core = self.core
+        table = self.peers_table(msg, now)
         rows = Rows.from_message(msg, core.config.limits, with_values=False)
         if msg.ring < core.ring.version and rows.count:
             led = sorted(s for owners, slices in rows.groups(core.ring) if owners and owners[0] == msg.sender

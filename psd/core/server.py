@@ -1181,12 +1181,7 @@ class ServerCore:
         """A primary that leads keys anew sends its rows' keys and digests, for us to
         compare at this point of its forwards (``Bounds.align_here``); only at its ring,
         so nothing its predecessor sends is applied here after it."""
-        self._daemons_only(msg)
-        self._admit(msg)
-        self.fence.heard(msg.sender, now)
-        table = self._table(msg)
-        if table.bounded is None or not table.bounded.bounds.evicting:
-            raise ProtocolError(f"align: table {msg.table!r} has no eviction (max_rows, ttl_pushes, ttl_seconds)")
+        table = self.bounds.peers_table(msg, now)
         if len(msg.arrays) != 2 or any(a.dtype != np.uint64 or a.ndim != 1 for a in msg.arrays) \
                 or msg.arrays[0].size != msg.arrays[1].size or msg.arrays[0].size > self.config.limits.max_keys:
             raise ProtocolError("align: expects two uint64 frames of as many entries (keys, digests), at most "
