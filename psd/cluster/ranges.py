@@ -129,6 +129,27 @@ def bounds(keys: np.ndarray, begin: int, end: int) -> tuple[int, int]:
     return i0, i1
 
 
+
+def outside(ranges: Sequence[Range]) -> tuple[Range, ...]:
+    """The key space less ``ranges``, sorted."""
+    out, at = [], 0
+    for r in sorted(ranges, key=lambda r: r.begin):
+        if r.begin > at:
+            out.append(Range(at, r.begin))
+        at = max(at, r.end)
+    if at < KEY_SPACE_END:
+        out.append(Range(at, KEY_SPACE_END))
+    return tuple(out)
+
+
+def in_ranges(keys: np.ndarray, ranges: Sequence[Range]) -> np.ndarray:
+    """Which of the sorted ``keys`` lie in one of ``ranges`` (bool, one per key)."""
+    inside = np.zeros(keys.size, np.bool_)
+    for r in ranges:
+        i0, i1 = bounds(keys, r.begin, r.end)
+        inside[i0:i1] = True
+    return inside
+
 def split_span(lo: int, n: int, ranges: Sequence[Range]) -> list[tuple[int, int]]:
     """For the dense key span [lo, lo+n), the (offset, count) inside each range."""
     hi = lo + n

@@ -29,7 +29,7 @@ from functools import partial
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import Range, bounds
+from psd.cluster.ranges import Range, bounds, in_ranges, outside
 from psd.cluster.ring import leads_anew, overlay
 from psd.cluster.rows import Rows
 from psd.codec import Message
@@ -63,15 +63,6 @@ def _without(rows: Rows, keys: np.ndarray) -> Rows | None:
     return _take(rows, keep) if keep.any() else None
 
 
-def _in_ranges(keys: np.ndarray, ranges: list[Range]) -> np.ndarray:
-    """Which of the sorted ``keys`` lie in one of ``ranges`` (bool, one per key)."""
-    inside = np.zeros(keys.size, np.bool_)
-    for r in ranges:
-        i0, i1 = bounds(keys, r.begin, r.end)
-        inside[i0:i1] = True
-    return inside
-
-
 def _overlap(pieces: list[Range], ranges: list[Range]) -> list[Range]:
     """The parts of ``pieces`` inside ``ranges``, sorted, adjacent ones joined."""
     out: list[Range] = []
@@ -83,16 +74,6 @@ def _overlap(pieces: list[Range], ranges: list[Range]) -> list[Range]:
         else:
             out.append(Range(a, b))
     return out
-
-
-def _outside(ranges: list[Range]) -> list[Range]:
-    """The key space but the sorted, disjoint ``ranges``."""
-    out, begin = [], 0
-    for r in ranges:
-        if begin < r.begin:
-            out.append(Range(begin, r.begin))
-        begin = max(begin, r.end)
-    return [*out, Range(begin, KEY_END)] if begin < KEY_END else out
 
 
 def _same_rows(ours: np.ndarray, our_digests: np.ndarray, theirs: np.ndarray, their_digests: np.ndarray):
@@ -238,7 +219,7 @@ class Bounds:
             return
         led = self.core.ring.led_by(self.core.node_id)
         keys = np.unique(keys)
-        keys = keys[_in_ranges(keys, led)]
+        keys = keys[in_ranges(keys, led)]
         if keys.size:
             self._drop(table, keys, count="evicted")
             self._record(table, keys, None, now)
@@ -344,7 +325,7 @@ class Bounds:
                     and node in o[1:]]
             pieces = _overlap(pieces, ours)
             later = _overlap(pieces, core.restoring)  # (a restore replaces their rows: after it)
-            pieces = _overlap(pieces, _outside(core.restoring))
+            pieces = _overlap(pieces, outside(core.restoring))
             if table is None or address is None or not (pieces or later):
                 continue
             if not pieces:
@@ -386,7 +367,7 @@ class Bounds:
         differ = reply.arrays[0] if reply.arrays else None
         if isinstance(differ, np.ndarray) and differ.dtype == np.uint64 and differ.ndim == 1:
             differ = np.unique(differ)  # (only keys of what we asked it to align)
-            self.evict_differing(table, differ[_in_ranges(differ, pieces)], now)
+            self.evict_differing(table, differ[in_ranges(differ, pieces)], now)
 
     def align_here(self, table: Table, sender: str, cover: list[Range], keys: np.ndarray,
                    digests: np.ndarray) -> np.ndarray:

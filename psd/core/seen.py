@@ -14,7 +14,7 @@ from typing import Collection, Iterable, Iterator
 
 import numpy as np
 
-from psd.cluster.ranges import KEY_SPACE_END, Range, bounds
+from psd.cluster.ranges import Range, bounds, in_ranges, outside as outside_of
 from psd.cluster.rows import Rows
 
 WINDOW = 1 << 16
@@ -313,7 +313,7 @@ class PartlyApplied:
         every row) and those kept here for some ranges count from now on outside
         ``replaced`` only (a push applied here before the restore may be missing from
         it), and keys applied under sender-free identities inside it are dropped."""
-        outside = _outside(replaced)
+        outside = outside_of(replaced)
         narrowed: dict[tuple[Range, ...], tuple[Range, ...]] = {}  # (most ids share a few shapes)
         for kept in self._copied.values():
             for rid, have in list(kept.items()):
@@ -326,7 +326,7 @@ class PartlyApplied:
                 else:
                     del kept[rid]
         for ident, pieces in list(self._once.items()):
-            left = [k for k in (_keys_outside(k, replaced) for k in pieces) if k.size]
+            left = [k for k in (k[~in_ranges(k, replaced)] for k in pieces) if k.size]
             self._once_keys -= sum(k.size for k in pieces) - sum(k.size for k in left)
             if left:
                 self._once[ident] = left
@@ -410,24 +410,3 @@ def _intersect(a: tuple[Range, ...], b: tuple[Range, ...]) -> tuple[Range, ...]:
     """The keys in both ``a`` and ``b``, as ranges."""
     return tuple(Range(max(x.begin, y.begin), min(x.end, y.end)) for x in a for y in b
                  if x.begin < y.end and y.begin < x.end)
-
-
-def _outside(ranges: list[Range]) -> tuple[Range, ...]:
-    """The key space less ``ranges``."""
-    out, at = [], 0
-    for r in sorted(ranges, key=lambda r: r.begin):
-        if r.begin > at:
-            out.append(Range(at, r.begin))
-        at = max(at, r.end)
-    if at < KEY_SPACE_END:
-        out.append(Range(at, KEY_SPACE_END))
-    return tuple(out)
-
-
-def _keys_outside(keys: np.ndarray, ranges: list[Range]) -> np.ndarray:
-    """The sorted ``keys`` outside every one of ``ranges``."""
-    keep = np.ones(keys.size, dtype=bool)
-    for r in ranges:
-        i0, i1 = bounds(keys, r.begin, r.end)
-        keep[i0:i1] = False
-    return keys if keep.all() else keys[keep]
