@@ -130,6 +130,11 @@ def bounds(keys: np.ndarray, begin: int, end: int) -> tuple[int, int]:
 
 
 
+def intersect(a: Sequence[Range], b: Sequence[Range]) -> tuple[Range, ...]:
+    """The keys in both ``a`` and ``b``, as ranges (one per overlapping pair)."""
+    return tuple(Range(max(x.begin, y.begin), min(x.end, y.end)) for x in a for y in b
+                 if x.begin < y.end and y.begin < x.end)
+
 def outside(ranges: Sequence[Range]) -> tuple[Range, ...]:
     """The key space less ``ranges``, sorted."""
     out, at = [], 0

@@ -14,7 +14,7 @@ from typing import Collection, Iterable, Iterator
 
 import numpy as np
 
-from psd.cluster.ranges import Range, bounds, in_ranges, outside as outside_of
+from psd.cluster.ranges import Range, bounds, in_ranges, intersect, outside as outside_of
 from psd.cluster.rows import Rows
 
 WINDOW = 1 << 16
@@ -319,7 +319,7 @@ class PartlyApplied:
             for rid, have in list(kept.items()):
                 left = narrowed.get(have)
                 if left is None:
-                    cut = _intersect(have, outside)
+                    cut = intersect(have, outside)
                     left = narrowed[have] = self._shapes.setdefault(cut, cut)
                 if left:
                     kept[rid] = left
@@ -333,9 +333,9 @@ class PartlyApplied:
             else:
                 del self._once[ident]
         self._bulk = [(left, by_sender) for left, by_sender in
-                      ((_intersect(shape, outside), by_sender) for shape, by_sender in self._bulk) if left]
+                      ((intersect(shape, outside), by_sender) for shape, by_sender in self._bulk) if left]
         for shape, by_sender in groups:
-            self._note_bulk(_intersect(shape, tuple(replaced)), by_sender)
+            self._note_bulk(intersect(shape, tuple(replaced)), by_sender)
         ours = seen.take_all()
         self._note_bulk(outside, ours.items())
 
@@ -404,9 +404,3 @@ class PartlyApplied:
         edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.astype(np.int8), [0]))))
         slices = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
         return Rows(keys=keys, values=rows.values).take(slices)
-
-
-def _intersect(a: tuple[Range, ...], b: tuple[Range, ...]) -> tuple[Range, ...]:
-    """The keys in both ``a`` and ``b``, as ranges."""
-    return tuple(Range(max(x.begin, y.begin), min(x.end, y.end)) for x in a for y in b
-                 if x.begin < y.end and y.begin < x.end)

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from psd.cluster.assignment import Assignment
-from psd.cluster.ranges import KEY_SPACE_END, Range, bounds, check_sorted_unique, range_from_wire, range_to_wire
+from psd.cluster.ranges import (KEY_SPACE_END, Range, bounds, check_sorted_unique, intersect, range_from_wire,
+                               range_to_wire)
 from psd.cluster.ring import leads_anew, overlay
 from psd.cluster.rows import Rows
 from psd.cluster.schedulers import lost_after
@@ -1504,8 +1505,7 @@ class ServerCore:
         self.partly.age(self.seen)
         groups = [(tuple(led), self.seen.to_arrays(waiting))]
         for shape, by_sender in [*self.partly.by_ranges().items(), *self.partly.bulk()]:
-            inside = tuple(Range(max(c.begin, r.begin), min(c.end, r.end)) for c in shape for r in led
-                           if c.begin < r.end and r.begin < c.end)
+            inside = intersect(shape, led)
             if inside:
                 groups.append((inside, arrays_of_ids(by_sender, waiting)))
         for r in led:
@@ -1528,8 +1528,7 @@ class ServerCore:
         only = msg.meta.get("ranges")
         if only is not None:  # ranges given to us empty: just those pieces of what we hold
             pieces = [range_from_wire(w) for w in only]
-            held = [Range(max(h.begin, p.begin), min(h.end, p.end)) for h in held for p in pieces
-                    if h.begin < p.end and p.begin < h.end]
+            held = list(intersect(held, pieces))
         if only is not None and msg.meta.get("open"):
             self._serve_restored(held)
             self.outbox.append(Reply(None, msg.reply(meta={"keys": 0}), LINK))
