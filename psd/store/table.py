@@ -287,8 +287,8 @@ class Table:
     def digests_in(self, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """The keys an evicting table stores in [begin, end), sorted, and a 64-bit digest
         of each one's row (values and state): two copies compare rows by these."""
-        rows = self._hash.rows_in(begin, end - 1) if begin < end else np.empty(0, np.int64)
-        return self._digested(rows)
+        keys, digests, _ = self.digests_from(begin, end, KEY_END)  # (no limit)
+        return keys, digests
 
     def digests_from(self, begin: int, end: int, limit: int) -> tuple[np.ndarray, np.ndarray, int]:
         """``digests_in`` of [begin, upto), a first part of [begin, end) with at most
@@ -299,11 +299,8 @@ class Table:
             keys = self._hash.row_keys[rows]
             upto = _cut(keys, limit)
             rows = rows[keys < np.uint64(upto)]
-        return (*self._digested(rows), upto)
-
-    def _digested(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keys, rows = self._hash.sorted_rows(rows)
-        return keys, _digests(self._hash.data[rows])
+        return keys, _digests(self._hash.data[rows]), upto
 
     def lead(self, ranges) -> None:
         """The ranges this server leads now (sorted ``Range`` list): their rows are the
